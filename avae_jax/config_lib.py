@@ -1,0 +1,113 @@
+"""The four model variants as settings of one code path, and config validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import ml_collections
+
+VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
+RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+TC_ESTIMATORS = ('mws', 'mss')
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+  """What a variant switches on: the compound loss, the TC term, the adversarial phase."""
+  compound_loss: bool
+  total_correlation: bool
+  adversarial: bool
+
+
+_SPECS = {
+    'vae': VariantSpec(compound_loss=False, total_correlation=False, adversarial=False),
+    'avae': VariantSpec(compound_loss=False, total_correlation=False, adversarial=True),
+    'vae_s': VariantSpec(compound_loss=True, total_correlation=True, adversarial=False),
+    'avae_s': VariantSpec(compound_loss=True, total_correlation=True, adversarial=True),
+}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; raised before anything is compiled."""
+
+
+def variant_spec(variant: str) -> VariantSpec:
+  """Returns the switches of `variant`, or raises ConfigError naming the valid ones."""
+  if variant not in _SPECS:
+    raise ConfigError(f'unknown variant {variant!r}; choose one of {", ".join(VARIANTS)}')
+  return _SPECS[variant]
+
+
+def reconstruction_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The λ's of Eq. 5 that the config's variant uses (MSE alone for vae/avae)."""
+  if not variant_spec(config.variant).compound_loss:
+    return {'mse': 1.0}
+  return {k: float(config.loss.weights[k]) for k in RECONSTRUCTION_TERMS
+          if float(config.loss.weights.get(k, 0.0)) != 0.0}
+
+
+def tc_weight(config: ml_collections.ConfigDict) -> float:
+  """The total-correlation weight, zero for variants without the TC term."""
+  return float(config.loss.tc_weight) if variant_spec(config.variant).total_correlation else 0.0
+
+
+def adversarial_steps(config: ml_collections.ConfigDict) -> int:
+  """Steps of adversarial fine-tuning; the paper's VAE and VAE-S have none."""
+  return int(config.adversarial_steps) if variant_spec(config.variant).adversarial else 0
+
+
+def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> int:
+  """Returns the bottleneck side image_size / 2**len(widths), or raises ConfigError."""
+  if not widths:
+    raise ConfigError('model.widths must name at least one stage')
+  factor = 2 ** len(widths)
+  if image_size <= 0 or image_size % factor:
+    raise ConfigError(
+        f'image_size {image_size} is not divisible by 2**len(model.widths) = {factor} '
+        f'(widths {tuple(widths)}): choose widths so that image_size / {factor} is whole')
+  return image_size // factor
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
+  variant_spec(config.variant)
+  ds = str(config.dataset)
+  if not (ds in TFDS_DATASETS or ds == 'shapes' or ds.startswith('folder:')
+          or ds.startswith('arrays:')):
+    raise ConfigError(
+        f'unknown dataset {ds!r}; choose one of {", ".join(TFDS_DATASETS)}, shapes, '
+        'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')
+  check_image_size(int(config.image_size), tuple(config.model.widths))
+  if config.channels not in (1, 3):
+    raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
+  for name, value in dict(config.loss.weights).items():
+    if name not in RECONSTRUCTION_TERMS:
+      raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '
+                        f'terms are {", ".join(RECONSTRUCTION_TERMS)}')
+    if value < 0:
+      raise ConfigError(f'loss.weights.{name} = {value} is negative; weights must be >= 0')
+  for name in ('kl_weight', 'tc_weight', 'adversarial_weight', 'reconstruction_scale'):
+    if config.loss[name] < 0:
+      raise ConfigError(f'loss.{name} = {config.loss[name]} is negative; it must be >= 0')
+  if config.loss.tc_estimator not in TC_ESTIMATORS:
+    raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
+                      f'got {config.loss.tc_estimator!r}')
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
+                      f'{num_devices} devices in use; the batch is split evenly across them')
+  if config.pretrain_steps < 0 or config.adversarial_steps < 0:
+    raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
+  if config.parallel not in ('pmap', 'shard_map'):
+    raise ConfigError(f"parallel must be 'pmap' or 'shard_map', got {config.parallel!r}")
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  g = config.gating
+  if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
+    raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')
+
+
+def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
+  """A plain dict copy of a weights mapping (ConfigDicts are not hashable)."""
+  return {str(k): float(v) for k, v in weights.items()}
