@@ -1,0 +1,8 @@
+"""Test setup: four forced CPU devices, so pmap, shard_map and cross-device BatchNorm run for real."""
+
+import os
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
