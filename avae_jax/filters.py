@@ -1,0 +1,68 @@
+"""Fixed kernels as numpy constants: Gaussian window, Sobel, Gabor bank, Laplacian.
+
+All kernels are meant for cross-correlation (what `jax.lax.conv_general_dilated`
+computes): element [r, c] multiplies the pixel at offset (r - size // 2, c - size // 2)
+from the output position, rows going down and columns going right.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+# ITU-R BT.601 luma, the weights of DESIGN.md §3 (identity for one channel).
+LUMA = (0.299, 0.587, 0.114)
+
+
+def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """Normalised 1-D Gaussian (size,), centred on size // 2; the SSIM window's factor."""
+  if size < 1 or sigma <= 0:
+    raise ValueError(f'need size >= 1 and sigma > 0, got size={size}, sigma={sigma}')
+  r = np.arange(size, dtype=np.float64) - size // 2
+  g = np.exp(-r ** 2 / (2.0 * sigma ** 2))
+  return g / g.sum()
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """Normalised 2-D Gaussian window (size, size) that sums to 1 (SSIM's weights)."""
+  g = gaussian_kernel_1d(size, sigma)
+  return np.outer(g, g)
+
+
+def sobel_kernels() -> np.ndarray:
+  """Sobel kernels (2, 3, 3): x (right minus left) then y (down minus up)."""
+  sx = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+  return np.stack([sx, sx.T])
+
+
+def gabor_bank(size: int = 11, sigma: float = 2.5,
+               wavelengths: Sequence[float] = (4.0, 8.0),
+               orientations: int = 4) -> np.ndarray:
+  """Real (cosine) Gabor bank (len(wavelengths) * orientations, size, size), zero-mean.
+
+  Kernels are ordered wavelength-major; orientation k is the angle pi * k / orientations.
+  Each kernel has its mean subtracted so that it does not respond to flat regions
+  (a texture filter, not a brightness filter).
+  """
+  if size < 1 or size % 2 == 0:
+    raise ValueError(f'Gabor size must be odd and positive, got {size}')
+  if sigma <= 0 or orientations < 1 or not wavelengths:
+    raise ValueError('need sigma > 0, orientations >= 1 and at least one wavelength')
+  r = np.arange(size, dtype=np.float64) - size // 2
+  y, x = np.meshgrid(r, r, indexing='ij')
+  kernels = []
+  for lam in wavelengths:
+    for k in range(orientations):
+      t = math.pi * k / orientations
+      xr = x * math.cos(t) + y * math.sin(t)
+      yr = -x * math.sin(t) + y * math.cos(t)
+      g = np.exp(-(xr ** 2 + yr ** 2) / (2.0 * sigma ** 2)) * np.cos(2.0 * math.pi * xr / lam)
+      kernels.append(g - g.mean())
+  return np.stack(kernels)
+
+
+def laplacian_kernel() -> np.ndarray:
+  """The 4-neighbour Laplacian (3, 3) [[0,1,0],[1,-4,1],[0,1,0]] used for sharpness."""
+  return np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

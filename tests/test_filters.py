@@ -1,0 +1,119 @@
+"""Tests of avae_jax.filters against scipy / scikit-image and hand derivations."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.signal import windows
+from skimage.filters import gabor_kernel
+
+from avae_jax import filters
+
+
+def test_luma_weights():
+  assert filters.LUMA == (0.299, 0.587, 0.114)
+
+
+@pytest.mark.parametrize('size,sigma', [(11, 1.5), (7, 1.0), (5, 2.0)])
+def test_gaussian_window_matches_scipy(size, sigma):
+  w = filters.gaussian_window(size, sigma)
+  assert w.shape == (size, size)
+  np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
+  # Reference 1: scipy's sampled Gaussian, normalised, outer product.
+  g = windows.gaussian(size, sigma)
+  np.testing.assert_allclose(w, np.outer(g, g) / np.outer(g, g).sum(), rtol=1e-12)
+  # Reference 2: the impulse response of scipy.ndimage.gaussian_filter truncated at the
+  # same radius (what scikit-image's SSIM with gaussian_weights uses).
+  delta = np.zeros((size, size))
+  delta[size // 2, size // 2] = 1.0
+  radius = size // 2
+  ref = ndimage.gaussian_filter(delta, sigma, mode='constant', truncate=radius / sigma)
+  np.testing.assert_allclose(w, ref, rtol=1e-10, atol=1e-15)
+  np.testing.assert_allclose(np.outer(filters.gaussian_kernel_1d(size, sigma),
+                                      filters.gaussian_kernel_1d(size, sigma)), w)
+
+
+def test_gaussian_window_rejects_bad_sigma():
+  with pytest.raises(ValueError):
+    filters.gaussian_window(11, 0.0)
+
+
+def _image(seed=0, shape=(12, 15)):
+  return np.random.default_rng(seed).random(shape)
+
+
+def test_sobel_kernels_match_scipy_sobel():
+  k = filters.sobel_kernels()
+  assert k.shape == (2, 3, 3)
+  img = _image()
+  # scipy.ndimage.sobel(axis=1) is the derivative along columns (x), axis=0 along rows (y),
+  # both cross-correlations; our kernels are used with cross-correlation too.
+  np.testing.assert_allclose(ndimage.correlate(img, k[0], mode='constant'),
+                             ndimage.sobel(img, axis=1, mode='constant'), atol=1e-12)
+  np.testing.assert_allclose(ndimage.correlate(img, k[1], mode='constant'),
+                             ndimage.sobel(img, axis=0, mode='constant'), atol=1e-12)
+
+
+def test_sobel_sign_convention_on_ramps():
+  k = filters.sobel_kernels()
+  r = np.arange(9.0)
+  ramp_right = np.tile(r, (9, 1))  # increases to the right (x)
+  ramp_down = ramp_right.T         # increases downwards (y)
+  inner = (slice(2, -2), slice(2, -2))
+  np.testing.assert_allclose(ndimage.correlate(ramp_right, k[0])[inner], 8.0)
+  np.testing.assert_allclose(ndimage.correlate(ramp_right, k[1])[inner], 0.0)
+  np.testing.assert_allclose(ndimage.correlate(ramp_down, k[1])[inner], 8.0)
+
+
+def test_laplacian_matches_scipy_laplace():
+  lap = filters.laplacian_kernel()
+  np.testing.assert_array_equal(lap, [[0, 1, 0], [1, -4, 1], [0, 1, 0]])
+  img = _image(1)
+  np.testing.assert_allclose(ndimage.correlate(img, lap, mode='constant'),
+                             ndimage.laplace(img, mode='constant'), atol=1e-12)
+
+
+def test_gabor_bank_matches_skimage_real_part():
+  size, sigma, wavelengths, orientations = 11, 2.5, (4.0, 8.0), 4
+  bank = filters.gabor_bank(size, sigma, wavelengths, orientations)
+  assert bank.shape == (8, 11, 11)
+  i = 0
+  for lam in wavelengths:  # wavelength-major order
+    for k in range(orientations):
+      theta = math.pi * k / orientations
+      # skimage's kernel is centred and at least 13x13 with n_stds=3: crop the centre.
+      ref = gabor_kernel(1.0 / lam, theta=theta, sigma_x=sigma, sigma_y=sigma, n_stds=3)
+      cy, cx = ref.shape[0] // 2, ref.shape[1] // 2
+      ref = ref.real[cy - 5:cy + 6, cx - 5:cx + 6] * (2 * math.pi * sigma ** 2)
+      np.testing.assert_allclose(bank[i], ref - ref.mean(), atol=1e-12)
+      i += 1
+
+
+def test_gabor_bank_is_zero_mean_and_ignores_flat_images():
+  bank = filters.gabor_bank(9, 2.0, (3.0, 5.0, 7.0), 6)
+  assert bank.shape == (18, 9, 9)
+  np.testing.assert_allclose(bank.sum(axis=(1, 2)), 0.0, atol=1e-12)
+  flat = np.full((20, 20), 0.37)
+  for k in bank:
+    np.testing.assert_allclose(ndimage.correlate(flat, k, mode='nearest'), 0.0, atol=1e-12)
+
+
+def test_gabor_kernels_are_tuned_to_their_grating():
+  wavelengths, orientations = (4.0, 8.0), 4
+  bank = filters.gabor_bank(11, 2.5, wavelengths, orientations)
+  yy, xx = np.mgrid[0:48, 0:48].astype(np.float64)
+  i = 0
+  for lam in wavelengths:
+    for k in range(orientations):
+      t = math.pi * k / orientations
+      grating = np.cos(2 * math.pi * (xx * math.cos(t) + yy * math.sin(t)) / lam)
+      energy = [np.mean(ndimage.correlate(grating, b, mode='wrap')[8:-8, 8:-8] ** 2)
+                for b in bank]
+      assert int(np.argmax(energy)) == i
+      i += 1
+
+
+def test_gabor_bank_rejects_even_size():
+  with pytest.raises(ValueError):
+    filters.gabor_bank(size=10)
