@@ -1,0 +1,181 @@
+"""Procedural dSprites-like dataset: anti-aliased shapes drawn in numpy, with ground truth.
+
+Each image shows one shape on a black background. Six factors, each a few discrete
+values, are drawn independently and uniformly:
+
+  shape     square, ellipse, triangle, heart
+  scale     4 sizes (radius 0.55 .. 1.0 of MAX_RADIUS times the image side)
+  rotation  5 angles in [0, 90) degrees (within one period of the square, so every
+            angle gives a different picture for every shape)
+  x, y      8 positions of the shape centre, 0.28 .. 0.72 of the image side
+            (x to the right, y downwards, like array columns and rows)
+  colour    6 colours with distinct luma, so the factor survives grayscale
+
+Images are rendered by supersampling: `supersample`**2 point samples per pixel (an
+n-rooks lattice, see `sample_offsets`), each tested against the shape's implicit
+inside-test, averaged to a coverage in [0, 1], times the colour.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+FACTOR_NAMES = ('shape', 'scale', 'rotation', 'x', 'y', 'colour')
+SHAPE_NAMES = ('square', 'ellipse', 'triangle', 'heart')
+COLOUR_NAMES = ('white', 'red', 'green', 'blue', 'yellow', 'cyan')
+COLOURS = np.array(
+    [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+     [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=np.float32)
+# Largest shape radius as a fraction of the image side; with the position grid below a
+# shape of scale 1 at an extreme position still fits inside the image.
+MAX_RADIUS = 0.2
+SCALES = np.array([0.55, 0.7, 0.85, 1.0], dtype=np.float32)
+ROTATIONS = (np.arange(5) * (np.pi / 2 / 5)).astype(np.float32)
+POSITIONS = np.linspace(0.28, 0.72, 8).astype(np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# Split codes folded into the seed so that train and eval draw from disjoint streams.
+_SPLIT_CODES = {'train': 0, 'eval': 1}
+
+
+def factor_values() -> tuple[np.ndarray, ...]:
+  """The value grid of every factor, in FACTOR_NAMES order; factors index into these."""
+  return (np.arange(len(SHAPE_NAMES)), SCALES.copy(), ROTATIONS.copy(),
+          POSITIONS.copy(), POSITIONS.copy(), COLOURS.copy())
+
+
+def factor_sizes() -> tuple[int, ...]:
+  """How many values each factor takes, in FACTOR_NAMES order."""
+  return tuple(len(v) for v in factor_values())
+
+
+def sample_factors(seed: int, split: str, num: int) -> np.ndarray:
+  """(num, 6) int32 factor indices, independent and uniform, determined by (seed, split)."""
+  if split not in _SPLIT_CODES:
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODES[split]]))
+  cols = [rng.integers(0, n, size=num) for n in factor_sizes()]
+  return np.stack(cols, axis=1).astype(np.int32) if num else np.zeros((0, 6), np.int32)
+
+
+def _inside(shape: int, u: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """Inside-test of one shape in its unit frame (u right, w up), radius about 1."""
+  if shape == 0:  # square, half-side 0.7 (corners at radius 0.99)
+    return np.maximum(np.abs(u), np.abs(w)) <= 0.7
+  if shape == 1:  # ellipse with semi-axes 1.0 and 0.6
+    return u * u + (w * w) * (1.0 / 0.36) <= 1.0
+  if shape == 2:  # equilateral triangle pointing up, circumradius 1.05, centroid at 0
+    half_in = 0.525  # inradius = circumradius / 2
+    c, s = np.float32(np.sqrt(3.0) / 2), np.float32(0.5)
+    return ((-w <= half_in) & (c * u + s * w <= half_in) & (-c * u + s * w <= half_in))
+  if shape == 3:  # heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, scaled to fit radius 1
+    x = u * np.float32(1.3)
+    y = w * np.float32(1.3) + np.float32(0.2)
+    q = x * x + y * y - 1.0
+    return q * q * q <= x * x * y * y * y
+  raise ValueError(f'unknown shape index {shape}')
+
+
+# Largest distance from the centre to the boundary, over the shapes, in the unit frame
+# (the triangle's vertices); it bounds the window that rendering has to sample, and
+# with POSITIONS and MAX_RADIUS keeps every shape inside the image.
+EXTENT = 1.05
+
+
+def sample_offsets(supersample: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sub-pixel sample positions (x, y) in [0, 1): an n-rooks lattice of supersample**2.
+
+  Every sample has its own row and column (x_k = (k + 1/2) / n, y_k = (g k mod n + 1/2) / n
+  with the generator g that spreads the points furthest apart), so an axis-aligned edge
+  is resolved to 1/n of a pixel instead of the 1/supersample of a regular grid.
+  """
+  n = int(supersample) ** 2
+  k = np.arange(n)
+  best, best_g = -1.0, 1
+  for g in range(1, n):
+    if np.gcd(g, n) != 1:
+      continue
+    pts = np.stack([k, (g * k) % n], 1) / n
+    d = np.abs(pts[:, None] - pts[None])
+    d = np.minimum(d, 1 - d)  # toroidal: the pattern tiles the image
+    dist = np.sqrt((d ** 2).sum(-1)) + np.eye(n) * 9
+    if dist.min() > best + 1e-9:
+      best, best_g = dist.min(), g
+  return ((k + 0.5) / n).astype(np.float32), (((best_g * k) % n + 0.5) / n).astype(np.float32)
+
+
+def coverage(factors: np.ndarray, image_size: int, supersample: int = 4,
+             chunk: int = 256) -> np.ndarray:
+  """(N, S, S) float32 fraction of each pixel covered by the shape of each factor row."""
+  factors = np.asarray(factors)
+  if factors.ndim != 2 or factors.shape[1] != len(FACTOR_NAMES):
+    raise ValueError(f'factors must be (N, {len(FACTOR_NAMES)}), got {factors.shape}')
+  sizes = np.array(factor_sizes())
+  if factors.size and (factors.min() < 0 or np.any(factors.max(axis=0) >= sizes)):
+    raise ValueError(f'factor indices out of range; sizes are {tuple(sizes)}')
+  n, size = len(factors), int(image_size)
+  off_x, off_y = sample_offsets(supersample)
+  out = np.zeros((n, size, size), np.float32)
+  for scale in range(len(SCALES)):
+    radius = np.float32(MAX_RADIUS * SCALES[scale])
+    # Only a window around the shape is sampled: the same side for all images of this
+    # scale, so that the window renders as one array; +2 pixels for partial coverage.
+    win = min(size, int(np.ceil(2 * EXTENT * radius * size)) + 2)
+    r = np.arange(win, dtype=np.float32)
+    # Sample positions within the window, in pixels: (win, samples) for x and for y.
+    sx = r[:, None] + off_x[None, :]
+    sy = r[:, None] + off_y[None, :]
+    rows_of_scale = np.flatnonzero(factors[:, 1] == scale)
+    for start in range(0, len(rows_of_scale), chunk):
+      rows = rows_of_scale[start:start + chunk]
+      f = factors[rows]
+      cx, cy = POSITIONS[f[:, 3]] * size, POSITIONS[f[:, 4]] * size  # centres, pixels
+      ox = np.clip(np.floor(cx - win / 2).astype(np.int64), 0, size - win)
+      oy = np.clip(np.floor(cy - win / 2).astype(np.int64), 0, size - win)
+      inv = np.float32(1.0 / (radius * size))
+      # (m, 1, win, samples) and (m, win, 1, samples): broadcast to every sample.
+      dx = (((ox - cx).astype(np.float32)[:, None, None] + sx[None]) * inv)[:, None]
+      dy = (((oy - cy).astype(np.float32)[:, None, None] + sy[None]) * inv)[:, :, None]
+      theta = ROTATIONS[f[:, 2]][:, None, None, None]
+      cos, sin = np.cos(theta), np.sin(theta)
+      cov = np.empty((len(rows), win, win), np.float32)
+      for shape in range(len(SHAPE_NAMES)):
+        sel = np.flatnonzero(f[:, 0] == shape)
+        if not sel.size:
+          continue
+        # Rotate the image frame into the shape frame; w points up (image y points down).
+        u = dx[sel] * cos[sel] + dy[sel] * sin[sel]
+        w = dx[sel] * sin[sel] - dy[sel] * cos[sel]
+        inside = _inside(shape, u, w)
+        cov[sel] = inside.sum(axis=-1, dtype=np.int32) * np.float32(1.0 / len(off_x))
+      out[rows[:, None, None], (oy[:, None, None] + np.arange(win)[None, :, None]),
+          (ox[:, None, None] + np.arange(win)[None, None, :])] = cov
+  return out
+
+
+def render(factors: np.ndarray, image_size: int, channels: int = 3,
+           supersample: int = 4) -> np.ndarray:
+  """(N, S, S, channels) float32 images in [0, 1] for the given factor indices."""
+  if channels not in (1, 3):
+    raise ValueError(f'channels must be 1 or 3, got {channels}')
+  factors = np.asarray(factors)
+  cov = coverage(factors, image_size, supersample)
+  colour = COLOURS[factors[:, 5]] if len(factors) else np.zeros((0, 3), np.float32)
+  if channels == 1:
+    colour = (colour @ LUMA)[:, None]
+  return cov[..., None] * colour[:, None, None, :]
+
+
+def render_uint8(factors: np.ndarray, image_size: int, channels: int = 3,
+                 supersample: int = 4) -> np.ndarray:
+  """render() quantised to uint8 (4x less memory for a whole dataset)."""
+  return np.round(render(factors, image_size, channels, supersample) * 255).astype(np.uint8)
+
+
+def describe(factors: Sequence[int]) -> str:
+  """A readable name for one factor row, e.g. 'heart scale=0.85 rot=36deg x=0.32 ...'."""
+  s, sc, r, x, y, c = (int(v) for v in factors)
+  return (f'{SHAPE_NAMES[s]} scale={SCALES[sc]:.2f} rot={np.degrees(ROTATIONS[r]):.0f}deg '
+          f'x={POSITIONS[x]:.2f} y={POSITIONS[y]:.2f} {COLOUR_NAMES[c]}')

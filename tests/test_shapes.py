@@ -1,0 +1,145 @@
+"""Tests of the procedural shapes dataset: determinism, factor coverage, and geometry
+checked against hand-derived moments, areas and colours."""
+
+import numpy as np
+import pytest
+
+from avae_jax import data
+from avae_jax import shapes
+from configs import default
+
+SIZE = 32
+# Expected colours written out independently of shapes.COLOURS.
+EXPECTED_RGB = {'white': (1, 1, 1), 'red': (1, 0, 0), 'green': (0, 1, 0), 'blue': (0, 0, 1),
+                'yellow': (1, 1, 0), 'cyan': (0, 1, 1)}
+
+
+def _moments(cov):
+  """Total mass, centroid (x, y) in pixel-index units and 2x2 covariance of one image."""
+  rows, cols = np.meshgrid(np.arange(cov.shape[0]), np.arange(cov.shape[1]), indexing='ij')
+  mass = cov.sum()
+  mx, my = (cov * cols).sum() / mass, (cov * rows).sum() / mass
+  cxx = (cov * (cols - mx) ** 2).sum() / mass
+  cyy = (cov * (rows - my) ** 2).sum() / mass
+  cxy = (cov * (cols - mx) * (rows - my)).sum() / mass
+  return mass, mx, my, np.array([[cxx, cxy], [cxy, cyy]])
+
+
+def _config(**kw):
+  c = default.get_config()
+  c.shapes.num_train, c.shapes.num_eval = 600, 200
+  c.image_size = SIZE
+  c.update(kw)
+  return c
+
+
+def test_load_deterministic_and_splits_differ():
+  a = data.load(_config(seed=3), 'train')
+  b = data.load(_config(seed=3), 'train')
+  ev = data.load(_config(seed=3), 'eval')
+  other = data.load(_config(seed=4), 'train')
+  idx = np.arange(50)
+  np.testing.assert_array_equal(a.get(idx), b.get(idx))
+  np.testing.assert_array_equal(a.factors, b.factors)
+  assert a.num_examples == 600 and ev.num_examples == 200
+  assert not np.array_equal(a.factors[:200], ev.factors)
+  assert not np.array_equal(a.get(idx), ev.get(idx))
+  assert not np.array_equal(a.factors, other.factors)
+
+
+def test_source_fields_and_range():
+  src = data.load(_config(), 'train')
+  assert src.image_shape == (SIZE, SIZE, 3)
+  assert src.factor_names == ('shape', 'scale', 'rotation', 'x', 'y', 'colour')
+  assert src.factors.shape == (600, 6) and np.issubdtype(src.factors.dtype, np.integer)
+  x = src.get(np.arange(64))
+  assert x.dtype == np.float32 and x.shape == (64, SIZE, SIZE, 3)
+  assert x.min() == 0.0 and 0.9 < x.max() <= 1.0
+  # The grids index the factors: every factor's values grid is as long as its range.
+  assert [len(v) for v in src.factor_values] == [4, 4, 5, 8, 8, 6]
+
+
+def test_factors_cover_their_ranges():
+  f = shapes.sample_factors(0, 'train', 2000)
+  for k, n in enumerate((4, 4, 5, 8, 8, 6)):
+    np.testing.assert_array_equal(np.unique(f[:, k]), np.arange(n))
+
+
+def test_centroid_moves_with_position_factors():
+  for shape in range(4):
+    fx = np.array([[shape, 3, 0, i, 3, 0] for i in range(8)])
+    fy = np.array([[shape, 3, 0, 3, i, 0] for i in range(8)])
+    cx = np.array([_moments(c)[1] for c in shapes.coverage(fx, SIZE)])
+    cy_fixed = np.array([_moments(c)[2] for c in shapes.coverage(fx, SIZE)])
+    cy = np.array([_moments(c)[2] for c in shapes.coverage(fy, SIZE)])
+    # Centres 0.28 .. 0.72 of the side in 8 equal steps, in pixels.
+    step = 0.44 / 7 * SIZE
+    np.testing.assert_allclose(np.diff(cx), step, atol=0.06)
+    np.testing.assert_allclose(np.diff(cy), step, atol=0.06)
+    np.testing.assert_allclose(cy_fixed, cy_fixed[0], atol=0.05)
+    if shape < 3:  # symmetric shapes: the centroid is the centre (index = pos * S - 0.5)
+      np.testing.assert_allclose(cx, np.linspace(0.28, 0.72, 8) * SIZE - 0.5, atol=0.05)
+
+
+def test_scale_grows_area_as_radius_squared():
+  radius_px = 0.2 * SIZE  # MAX_RADIUS of the side at scale 1
+  scales = np.array([0.55, 0.7, 0.85, 1.0])
+  for shape in range(4):
+    f = np.array([[shape, s, 0, 4, 4, 0] for s in range(4)])
+    area = shapes.coverage(f, SIZE).sum(axis=(1, 2))
+    assert np.all(np.diff(area) > 0)
+    np.testing.assert_allclose(area / area[-1], (scales / scales[-1]) ** 2, rtol=0.03)
+  # Absolute areas from the shape definitions: square half-side 0.7 r, ellipse semi-axes
+  # (r, 0.6 r), equilateral triangle of circumradius 1.05 r.
+  f = np.array([[0, 3, 0, 4, 4, 0], [1, 3, 0, 4, 4, 0], [2, 3, 0, 4, 4, 0]])
+  area = shapes.coverage(f, SIZE).sum(axis=(1, 2))
+  r = radius_px
+  expected = [(1.4 * r) ** 2, np.pi * 0.6 * r * r, 3 * np.sqrt(3) / 4 * (1.05 * r) ** 2]
+  np.testing.assert_allclose(area, expected, rtol=0.02)
+
+
+def test_rotation_turns_the_ellipse_major_axis():
+  f = np.array([[1, 3, k, 4, 4, 0] for k in range(5)])
+  for k, cov in enumerate(shapes.coverage(f, SIZE)):
+    c = _moments(cov)[3]
+    # Orientation of the major axis, x right / y down (clockwise on screen).
+    angle = 0.5 * np.degrees(np.arctan2(2 * c[0, 1], c[0, 0] - c[1, 1]))
+    assert abs(angle - 18.0 * k) < 1.0, (k, angle)
+
+
+def test_colour_factor_sets_the_colour():
+  names = ('white', 'red', 'green', 'blue', 'yellow', 'cyan')
+  f = np.array([[0, 3, 0, 4, 4, c] for c in range(6)])
+  rgb = shapes.render(f, SIZE, channels=3)
+  c = int((0.28 + 0.44 / 7 * 4) * SIZE)  # a pixel inside the square centred at index 4
+  centre = rgb[:, c, c]
+  np.testing.assert_allclose(centre, [EXPECTED_RGB[n] for n in names], atol=1e-6)
+  gray = shapes.render(f, SIZE, channels=1)
+  luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+  np.testing.assert_allclose(gray[..., 0], luma, atol=1e-6)
+  assert len(np.unique(np.round(luma.max(axis=(1, 2)), 4))) == 6  # colours survive gray
+
+
+def test_antialiased_edges_and_inside_the_image():
+  f = shapes.sample_factors(1, 'train', 500)
+  # Extreme positions and the largest scale must still fit.
+  f[:100, 1] = 3
+  f[:50, 3:5] = 0
+  f[50:100, 3:5] = 7
+  cov = shapes.coverage(f, SIZE)
+  assert cov[:, 0, :].max() == 0 and cov[:, -1, :].max() == 0
+  assert cov[:, :, 0].max() == 0 and cov[:, :, -1].max() == 0
+  partial = (cov > 0) & (cov < 1)
+  assert partial.sum(axis=(1, 2)).min() > 0  # supersampling leaves fractional edge pixels
+
+
+def test_grayscale_load():
+  src = data.load(_config(channels=1), 'eval')
+  assert src.get(np.arange(3)).shape == (3, SIZE, SIZE, 1)
+
+
+def test_bad_factors_raise():
+  with pytest.raises(ValueError):
+    shapes.coverage(np.array([[4, 0, 0, 0, 0, 0]]), SIZE)
+  with pytest.raises(ValueError):
+    shapes.sample_factors(0, 'test', 3)
