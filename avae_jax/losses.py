@@ -1,0 +1,322 @@
+"""Pure loss functions of AVAE-S (DESIGN.md §3, paper Eq. 5-10).
+
+Images are float32 NHWC batches in [0, 1]. Every per-image loss returns shape (B,); the
+caller reduces over the batch (and over devices). All convolutions go through
+`jax.lax.conv_general_dilated` (cross-correlation, as in the kernels of `filters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterable, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from avae_jax import filters
+
+Array = jax.Array
+
+# The terms of Eq. 5, in the order they are summed and reported.
+RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+TC_ESTIMATORS = ('mws', 'mss')
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# Full float32 convolutions: on TPU/GPU the default precision may use bf16/TF32 passes,
+# which is too coarse for SSIM's E[x^2] - E[x]^2 and costs little to avoid here.
+_PRECISION = jax.lax.Precision.HIGHEST
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+@dataclasses.dataclass(frozen=True)
+class GaborSpec:
+  """The Gabor bank of L_Gabor (hashable, so it can be a static jit argument)."""
+  size: int = 11
+  sigma: float = 2.5
+  wavelengths: tuple[float, ...] = (4.0, 8.0)
+  orientations: int = 4
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'GaborSpec':
+    """Builds the spec from a config block with size, sigma, wavelengths, orientations."""
+    return cls(size=int(config.size), sigma=float(config.sigma),
+               wavelengths=tuple(float(w) for w in config.wavelengths),
+               orientations=int(config.orientations))
+
+  def bank(self) -> np.ndarray:
+    """The kernels (n, size, size) of this spec (see filters.gabor_bank)."""
+    return filters.gabor_bank(self.size, self.sigma, self.wavelengths, self.orientations)
+
+
+def _as_images(x: Array) -> Array:
+  chex.assert_rank(x, 4)
+  return jnp.asarray(x, jnp.float32)
+
+
+def to_gray(x: Array) -> Array:
+  """Luma 0.299 R + 0.587 G + 0.114 B of (B, H, W, 3) images; identity for 1 channel."""
+  x = _as_images(x)
+  channels = x.shape[-1]
+  if channels == 1:
+    return x
+  if channels != 3:
+    raise ValueError(f'to_gray needs 1 or 3 channels, got {channels}')
+  luma = jnp.asarray(filters.LUMA, jnp.float32)
+  return jnp.sum(x * luma, axis=-1, keepdims=True)
+
+
+def mae(x: Array, y: Array) -> Array:
+  """Per-image mean absolute difference (B,)."""
+  x, y = _as_images(x), _as_images(y)
+  chex.assert_equal_shape([x, y])
+  d = x - y
+  # jnp.abs has derivative +1 at 0; use the minimum-norm subgradient 0 instead (as
+  # torch's abs does), so an exact match exerts no pull on the reconstruction.
+  return jnp.mean(jnp.where(d == 0.0, 0.0, jnp.abs(d)), axis=(1, 2, 3))
+
+
+def mse(x: Array, y: Array) -> Array:
+  """Per-image mean squared difference (B,)."""
+  x, y = _as_images(x), _as_images(y)
+  chex.assert_equal_shape([x, y])
+  return jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
+
+
+def _depthwise(x: Array, kernel: np.ndarray) -> Array:
+  """Valid cross-correlation of every channel of x with one 2-D kernel."""
+  c = x.shape[-1]
+  k = jnp.broadcast_to(jnp.asarray(kernel, jnp.float32)[:, :, None, None],
+                       kernel.shape + (1, c))
+  return jax.lax.conv_general_dilated(
+      x, k, window_strides=(1, 1), padding='VALID', dimension_numbers=_DIMS,
+      feature_group_count=c, precision=_PRECISION)
+
+
+def ssim(x: Array, y: Array, *, max_val: float = 1.0, filter_size: int = 11,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Array:
+  """Mean SSIM per image (B,): Gaussian window, valid padding, per channel then averaged.
+
+  The Wang et al. (2004) index with alpha = beta = gamma = 1 and population
+  (co)variances, as dm_pix.ssim and skimage's structural_similarity(gaussian_weights=True,
+  use_sample_covariance=False) compute it.
+  """
+  x, y = _as_images(x), _as_images(y)
+  chex.assert_equal_shape([x, y])
+  _, h, w, _ = x.shape
+  if h < filter_size or w < filter_size:
+    raise ValueError(f'SSIM with an {filter_size}x{filter_size} window needs images at '
+                     f'least that large, got {h}x{w}')
+  # The window is the outer product of a 1-D Gaussian, so two depthwise passes
+  # (filter_size x 1, then 1 x filter_size) give the same result as the 2-D window with
+  # 2 * filter_size instead of filter_size**2 multiplies per pixel. All five local
+  # moments of all channels go through the same two convolutions.
+  g = filters.gaussian_kernel_1d(filter_size, sigma)
+  moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+  blurred = _depthwise(_depthwise(moments, g[:, None]), g[None, :])
+  mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blurred, 5, axis=-1)
+  # Variances are clipped at zero: float32 cancellation in E[x^2] - E[x]^2 can give tiny
+  # negative values on flat patches, which would only push the denominator below C1*C2.
+  var_x = jnp.maximum(e_xx - mu_x * mu_x, 0.0)
+  var_y = jnp.maximum(e_yy - mu_y * mu_y, 0.0)
+  cov_xy = e_xy - mu_x * mu_y
+  c1 = (k1 * max_val) ** 2
+  c2 = (k2 * max_val) ** 2
+  # Both denominator factors are >= C1 > 0 and >= C2 > 0: no division by zero, and the
+  # gradient is finite on flat images and when x == y.
+  num = (2.0 * mu_x * mu_y + c1) * (2.0 * cov_xy + c2)
+  den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+  return jnp.mean(num / den, axis=(1, 2, 3))
+
+
+def dssim(x: Array, y: Array) -> Array:
+  """Structural dissimilarity 1 - SSIM per image (B,), with the paper's SSIM settings."""
+  return 1.0 - ssim(x, y)
+
+
+def _check_bank(bank: Any) -> np.ndarray:
+  bank = np.asarray(bank)
+  if bank.ndim != 3 or bank.shape[1] != bank.shape[2] or bank.shape[1] % 2 == 0:
+    raise ValueError(f'a filter bank is (n, k, k) with k odd, got shape {bank.shape}')
+  return bank
+
+
+def _responses(gray: Array, bank: np.ndarray) -> Array:
+  """Zero-padded 'same' cross-correlation of (B, H, W, 1) with a bank -> (B, H, W, n)."""
+  k = bank.shape[-1]
+  pad = k // 2
+  kernel = jnp.asarray(np.transpose(bank, (1, 2, 0))[:, :, None, :], jnp.float32)
+  return jax.lax.conv_general_dilated(
+      gray, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+      dimension_numbers=_DIMS, precision=_PRECISION)
+
+
+def _response_loss(x: Array, y: Array, bank: np.ndarray) -> Array:
+  """Mean squared difference of the bank's responses to the luma of x (target) and y."""
+  x, y = _as_images(x), _as_images(y)
+  chex.assert_equal_shape([x, y])
+  target = jax.lax.stop_gradient(_responses(to_gray(x), bank))
+  return jnp.mean(jnp.square(_responses(to_gray(y), bank) - target), axis=(1, 2, 3))
+
+
+def sobel_loss(x: Array, y: Array) -> Array:
+  """Mean squared difference of Sobel x/y responses on luma (B,); x is the target."""
+  return _response_loss(x, y, filters.sobel_kernels())
+
+
+def gabor_loss(x: Array, y: Array, bank: Any) -> Array:
+  """Mean squared difference of Gabor-bank responses on luma (B,); x is the target."""
+  return _response_loss(x, y, _check_bank(bank))
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_bank(sobel: bool, gabor: GaborSpec | None) -> tuple[np.ndarray, int]:
+  """One (n, k, k) bank holding Sobel x/y (if asked) then the Gabor kernels (if asked).
+
+  The 3x3 Sobel kernels are embedded in the centre of the k x k grid; with zero 'same'
+  padding their responses are exactly those of the 3x3 kernels. Returns the bank and
+  the number of leading Sobel kernels.
+  """
+  parts = []
+  size = 3
+  if gabor is not None:
+    gabor_kernels = gabor.bank()
+    size = max(size, gabor_kernels.shape[-1])
+  if sobel:
+    sob = np.zeros((2, size, size))
+    c = size // 2
+    sob[:, c - 1:c + 2, c - 1:c + 2] = filters.sobel_kernels()
+    parts.append(sob)
+  if gabor is not None:
+    pad = (size - gabor_kernels.shape[-1]) // 2
+    parts.append(np.pad(gabor_kernels, ((0, 0), (pad, pad), (pad, pad))))
+  bank = np.concatenate(parts).astype(np.float32)
+  bank.setflags(write=False)
+  return bank, 2 if sobel else 0
+
+
+def reconstruction_loss(x: Array, x_rec: Array,
+                        weights: Mapping[str, float] | Iterable[tuple[str, float]],
+                        gabor: GaborSpec | None = None) -> tuple[Array, dict[str, Array]]:
+  """L_REC of Eq. 5 per image: (total (B,), {term: (B,)}) for the terms with nonzero weight.
+
+  weights maps terms of RECONSTRUCTION_TERMS to Python floats (static); absent or zero
+  terms are neither computed nor returned. x is the target, x_rec the reconstruction.
+  Sobel and Gabor share one convolution per image; `gabor` defaults to GaborSpec().
+  """
+  x, x_rec = _as_images(x), _as_images(x_rec)
+  chex.assert_equal_shape([x, x_rec])
+  active = {}
+  # dict() also accepts a tuple of (name, weight) pairs, the hashable form of a mapping.
+  for name, w in dict(weights).items():
+    if name not in RECONSTRUCTION_TERMS:
+      raise ValueError(f'unknown reconstruction term {name!r}; terms are '
+                       f'{", ".join(RECONSTRUCTION_TERMS)}')
+    if float(w) != 0.0:
+      active[name] = float(w)
+  terms = {}
+  if 'mae' in active:
+    terms['mae'] = mae(x, x_rec)
+  if 'mse' in active:
+    terms['mse'] = mse(x, x_rec)
+  if 'dssim' in active:
+    terms['dssim'] = dssim(x, x_rec)
+  if 'sobel' in active or 'gabor' in active:
+    spec = (gabor or GaborSpec()) if 'gabor' in active else None
+    bank, n_sobel = _shared_bank('sobel' in active, spec)
+    target = jax.lax.stop_gradient(_responses(to_gray(x), bank))
+    sq = jnp.square(_responses(to_gray(x_rec), bank) - target)
+    if 'sobel' in active:
+      terms['sobel'] = jnp.mean(sq[..., :n_sobel], axis=(1, 2, 3))
+    if 'gabor' in active:
+      terms['gabor'] = jnp.mean(sq[..., n_sobel:], axis=(1, 2, 3))
+  terms = {k: terms[k] for k in RECONSTRUCTION_TERMS if k in terms}
+  total = jnp.zeros((x.shape[0],), jnp.float32)
+  for name, value in terms.items():
+    total = total + active[name] * value
+  return total, terms
+
+
+def kl_divergence(mu: Array, logvar: Array) -> Array:
+  """Analytic KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims (B,)."""
+  chex.assert_rank([mu, logvar], 2)
+  chex.assert_equal_shape([mu, logvar])
+  return 0.5 * jnp.sum(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+
+
+def mss_log_weights(batch_size: int, dataset_size: int, *, row_offset: Any = 0,
+                    num_rows: int | None = None) -> Array:
+  """Log importance weights of minibatch stratified sampling, rows row_offset.. (rows, M).
+
+  Row i holds the weights of sample i (drawn from posterior i) over the M posteriors of
+  the batch; exp(row) sums to 1. Defaults to the full (M, M) matrix. row_offset may be
+  traced (e.g. lax.axis_index * rows).
+
+  Derivation (Chen et al. 2018, appendix "minibatch stratified sampling"): the aggregate
+  posterior is q(z) = sum_n p(n) q(z|n) with p(n) = 1/N over the dataset. Sample i was
+  drawn from q(z|n_i), so n_i is one stratum of one point (mass 1/N). The other N - 1
+  points are split into K = M - 1 strata, one per other batch member: K - 1 strata of
+  N/K points and one of N/K - 1 points (the stratum n_i was taken from). Each batch member
+  stands for its stratum, so q(z_i) ~= sum_j w_ij q(z_i|n_j) with w_ij = |stratum_j| / N:
+      w_ii = 1/N,  w_i,s(i) = (N - K) / (N K),  w_ij = 1/K for the K - 1 others.
+  The stratum sizes add up to N (1 + (K-1) N/K + N/K - 1 = N), so N * w_i. sums to N and
+  w_i. sums to 1: each row is a proper distribution over the batch, the stratified
+  stand-in for p(n). The smaller stratum goes to s(i) = (i + 1) mod M (any fixed choice
+  works, the batch order is random). The widely copied reference code writes these
+  weights into the flattened matrix with a stride of the batch size, which walks down
+  columns 0 and 1 instead of along the diagonal: every sample gives 1/N to posterior 0
+  instead of its own, and one row does not sum to 1.
+  """
+  m, n = int(batch_size), float(dataset_size)
+  if m < 2:
+    raise ValueError(f'minibatch stratified sampling needs a batch of at least 2, got {m}')
+  if n < m:
+    raise ValueError(f'dataset_size {dataset_size} is smaller than the batch {m}')
+  k = m - 1
+  rows = num_rows if num_rows is not None else m
+  i = jnp.arange(rows)[:, None] + row_offset
+  j = jnp.arange(m)[None, :]
+  # N >= M > K, so every weight is positive and finite.
+  log_own, log_strat, log_other = -math.log(n), math.log((n - k) / (n * k)), -math.log(k)
+  logw = jnp.where(j == i, log_own, jnp.where(j == (i + 1) % m, log_strat, log_other))
+  return logw.astype(jnp.float32)
+
+
+def _log_normal(z: Array, mu: Array, logvar: Array) -> Array:
+  """Elementwise log N(z; mu, exp(logvar))."""
+  # Scaling (z - mu) by exp(-logvar / 2) before squaring overflows only for
+  # logvar < -176 in float32 (exp(-logvar) itself overflows below -88).
+  return -0.5 * (_LOG_2PI + logvar + jnp.square((z - mu) * jnp.exp(-0.5 * logvar)))
+
+
+def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
+                      estimator: str = 'mws', *, row_offset: Any = 0) -> Array:
+  """Minibatch estimate of TC = KL(q(z) || prod_j q(z_j)) (Chen et al. 2018), a scalar.
+
+  z: (m, D) samples with z[i] drawn from posterior row_offset + i of mu/logvar (M, D), the
+  posteriors of the whole minibatch. Returns the mean over the m rows of
+  log q(z_i) - sum_d log q(z_id). estimator 'mws' (minibatch-weighted sampling) weighs
+  every posterior by 1/(N M), as the paper (and the PyTorch twin) does; these weights sum
+  to 1/N per row, so the value equals the estimate with weights 1/M plus the constant
+  (D - 1) log N (no effect on gradients, but not near zero for independent latents).
+  'mss' (minibatch-stratified sampling) uses mss_log_weights, rows that sum to 1.
+  dataset_size N is a static Python number.
+  """
+  chex.assert_rank([z, mu, logvar], 2)
+  chex.assert_equal_shape([mu, logvar])
+  chex.assert_equal_shape_suffix([z, mu], 1)
+  m, big_m = z.shape[0], mu.shape[0]
+  # log q(z_i[d] | n_j[d]) for every sample i, posterior j, latent dim d: (m, M, D).
+  log_q = _log_normal(z[:, None, :], mu[None], logvar[None])
+  if estimator == 'mws':
+    logw = jnp.full((m, big_m), -math.log(float(dataset_size) * big_m), jnp.float32)
+  elif estimator == 'mss':
+    logw = mss_log_weights(big_m, dataset_size, row_offset=row_offset, num_rows=m)
+  else:
+    raise ValueError(f'unknown TC estimator {estimator!r}; choose one of {TC_ESTIMATORS}')
+  log_qz = jax.nn.logsumexp(jnp.sum(log_q, axis=-1) + logw, axis=1)
+  log_prod = jnp.sum(jax.nn.logsumexp(log_q + logw[:, :, None], axis=1), axis=-1)
+  return jnp.mean(log_qz - log_prod)
