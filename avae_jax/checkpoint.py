@@ -1,0 +1,410 @@
+"""Checkpoints: a thin wrapper on orbax-checkpoint's CheckpointManager.
+
+One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
+
+  state/     the arrays (StandardSave: tensorstore/OCDBT), stored as a nested
+             dict whose keys are the pytree path of each leaf, so any pytree
+             (dicts, optax namedtuples, flax dataclasses) restores into the
+             structure of the template it is given;
+  meta/      the caller's JSON (phase, data position, PRNG state, config hash);
+  manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
+             every leaf, checked on restore.
+
+What is relied on from orbax (0.12.x, local or network file systems):
+
+* A step is written into `<step>.orbax-checkpoint-tmp` and renamed to `<step>`
+  only once every item is complete (`AtomicRenameTemporaryPath`; on gs:// orbax
+  writes a `commit_success.txt` instead). Step discovery ignores the tmp
+  names, so a save cut short by a crash (even SIGKILL) is never listed or
+  loaded; leftover tmp directories are removed when a writable manager starts.
+* orbax does not checksum array data: a flipped byte inside a compressed chunk
+  restores silently as wrong numbers. Hence the manifest: a checkpoint whose
+  files are missing, truncated or whose data does not match its CRC-32 is
+  reported with a warning and the previous checkpoint is used.
+
+Multi-process: every process calls `save` and `restore` with the same host
+arrays. Arrays go to orbax as globally replicated `jax.Array`s (one device per
+process, `PartitionSpec()`), so orbax writes each array once, from the primary
+process, and every process reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+_STATE, _META, _MANIFEST = 'state', 'meta', 'manifest'
+_MANIFEST_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's data does not match its manifest."""
+
+
+def _key_name(key: Any) -> str:
+  """Returns the path component of one pytree key as a string."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def _flatten(tree: PyTree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
+  """Returns (leaf paths as string tuples, leaves, treedef) of `tree`."""
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = [tuple(_key_name(k) for k in path) for path, _ in with_path]
+  if any(not n for n in names):
+    raise ValueError('The checkpointed state must be a container (dict, tuple, '
+                     'dataclass) of arrays, not a bare array.')
+  if len(set(names)) != len(names):
+    raise ValueError('Two leaves of the state have the same path as strings; '
+                     'rename the keys.')
+  return names, [leaf for _, leaf in with_path], treedef
+
+
+def _nest(names: Sequence[tuple[str, ...]], values: Sequence[Any]) -> dict:
+  """Builds the nested dict {path[0]: {path[1]: ... value}} orbax stores."""
+  root: dict = {}
+  for name, value in zip(names, values):
+    node = root
+    for part in name[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ValueError(f'State path {"/".join(name)} clashes with a leaf.')
+    if name[-1] in node:
+      raise ValueError(f'State path {"/".join(name)} clashes with a subtree.')
+    node[name[-1]] = value
+  return root
+
+
+def _lookup(tree: Mapping, name: tuple[str, ...]) -> Any:
+  """Returns the value at path `name` of a nested dict."""
+  node = tree
+  for part in name:
+    node = node[part]
+  return node
+
+
+def _canonical_dtype(dtype: Any) -> np.dtype:
+  """Returns the dtype JAX stores for `dtype` (int64 -> int32 without x64)."""
+  return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def _to_host(leaf: Any) -> np.ndarray:
+  """Returns a leaf as a host numpy array of its canonical JAX dtype."""
+  array = np.asarray(jax.device_get(leaf))
+  dtype = _canonical_dtype(array.dtype)
+  return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _crc32(array: np.ndarray) -> int:
+  """Returns the CRC-32 of an array's bytes in C order."""
+  flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+  return zlib.crc32(flat) & 0xFFFFFFFF
+
+
+def _spec(leaf: Any) -> tuple[tuple[int, ...], str]:
+  """Returns (shape, canonical dtype name) of a template leaf."""
+  if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+    shape, dtype = tuple(int(d) for d in leaf.shape), leaf.dtype
+  else:  # Python scalars.
+    array = np.asarray(leaf)
+    shape, dtype = array.shape, array.dtype
+  return shape, _canonical_dtype(dtype).name
+
+
+def _replicated_sharding() -> NamedSharding:
+  """Returns a sharding that replicates over one device of every process."""
+  # One device per process (not every device) keeps the temporary copy to one
+  # accelerator per host while still being a global array orbax can save.
+  first: dict[int, jax.Device] = {}
+  for device in jax.devices():
+    known = first.get(device.process_index)
+    if known is None or device.id < known.id:
+      first[device.process_index] = device
+  devices = [first[p] for p in sorted(first)]
+  return NamedSharding(Mesh(np.array(devices), ('process',)), PartitionSpec())
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """Returns True iff `ok` holds on every process (collective when multi-process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.array(int(ok), np.int32))
+  return bool(np.all(flags))
+
+
+def _describe(error: BaseException) -> str:
+  """Returns a one-line description of an exception."""
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
+
+
+class Checkpointer:
+  """Saves and restores (state, meta) by step in one directory, keeping the last `keep`."""
+
+  def __init__(self, directory: str | os.PathLike, keep: int | None,
+               *, async_save: bool = True, read_only: bool = False):
+    """Opens (and, unless read_only, creates) the checkpoint directory.
+
+    Args:
+      directory: local path or a path orbax understands (gs://...).
+      keep: number of most recent checkpoints kept; None or 0 keeps all.
+      async_save: write in a background thread; `wait()` blocks until done.
+      read_only: for evaluators: never write, delete or clean up anything
+        (safe next to a running trainer).
+    """
+    directory = os.fspath(directory)
+    if '://' not in directory:
+      directory = os.path.abspath(directory)  # tensorstore wants absolute paths.
+    self.directory = directory
+    self.read_only = read_only
+    policy = ocp.checkpoint_managers.LatestN(keep) if keep else None
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        create=not read_only,
+        read_only=read_only,
+        # A previous run killed mid-save leaves `<step>.orbax-checkpoint-tmp`.
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=async_save,
+    )
+    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._sharding = _replicated_sharding()
+    self._bad_steps: set[int] = set()
+    self._closed = False
+
+  def all_steps(self) -> list[int]:
+    """Returns the steps of all committed checkpoints, ascending."""
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Returns the latest committed step, or None."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: PyTree, meta: Mapping[str, Any],
+           force: bool = False) -> bool:
+    """Saves `state` (pytree of arrays) and `meta` (JSON) as checkpoint `step`.
+
+    Returns False, saving nothing, if a checkpoint for `step` exists, unless
+    `force`, which replaces it. Checkpoints that `restore` found unreadable are
+    deleted first. Newer checkpoints than `step` (another run's future) make
+    this raise ValueError, unless `force`, which deletes them. With async_save
+    the write continues in the background: call `wait()` or `close()` before
+    the process exits.
+    """
+    if self.read_only:
+      raise ValueError(f'Checkpointer for {self.directory} is read-only.')
+    step = int(step)
+    meta = dict(meta)
+    try:
+      json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f'Checkpoint meta must be JSON (ints, floats, str, lists, '
+                      f'dicts): {e}') from e
+    # A previous async save must be on disk before steps are listed/deleted.
+    self._manager.wait_until_finished()
+    existing = self.all_steps()
+    for bad in sorted(self._bad_steps & set(existing)):
+      logging.warning('Deleting unreadable checkpoint %d in %s.', bad,
+                      self.directory)
+      self._manager.delete(bad)
+    self._bad_steps.clear()
+    existing = self.all_steps()
+    newer = [s for s in existing if s > step]
+    if newer:
+      if not force:
+        raise ValueError(
+            f'{self.directory} holds checkpoints {newer} newer than step {step}'
+            ' (from another run?). Use a fresh directory, delete them, or pass '
+            'force=True to delete them.')
+      for s in newer:
+        logging.warning('Deleting newer checkpoint %d in %s.', s, self.directory)
+        self._manager.delete(s)
+    if step in existing:
+      if not force:
+        logging.info('Checkpoint %d exists in %s; not saving.', step,
+                     self.directory)
+        return False
+      logging.info('Replacing checkpoint %d in %s.', step, self.directory)
+      self._manager.delete(step)
+
+    names, leaves, _ = _flatten(state)
+    host = [_to_host(leaf) for leaf in leaves]
+    manifest = {
+        'version': _MANIFEST_VERSION,
+        'leaves': [{'path': list(name), 'shape': list(a.shape),
+                    'dtype': a.dtype.name, 'crc32': _crc32(a)}
+                   for name, a in zip(names, host)],
+    }
+    arrays = [
+        jax.make_array_from_callback(
+            a.shape, self._sharding, lambda index, a=a: np.asarray(a[index]))
+        for a in host]
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(_nest(names, arrays)),
+            _META: ocp.args.JsonSave(meta),
+            _MANIFEST: ocp.args.JsonSave(manifest),
+        }),
+        force=True,  # The caller decides when to save; no orbax interval.
+    )
+    return bool(saved)
+
+  def restore(self, template: PyTree, step: int | None = None
+             ) -> tuple[int, PyTree, dict] | None:
+    """Returns (step, state, meta) of checkpoint `step` (default: latest readable).
+
+    `template` is a pytree like the saved state (arrays or ShapeDtypeStruct);
+    the state comes back in its structure as host numpy arrays. Returns None if
+    there is no checkpoint. With step=None an unreadable checkpoint is logged
+    as a warning and the previous one is tried; CheckpointError if none can be
+    read. ValueError if the template does not match the checkpoint's layout.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        return None
+      candidates = steps[::-1]
+    else:
+      step = int(step)
+      if step not in steps:
+        raise FileNotFoundError(
+            f'No checkpoint for step {step} in {self.directory} '
+            f'(steps: {steps}).')
+      candidates = [step]
+    names, leaves, treedef = _flatten(template)
+    specs = [_spec(leaf) for leaf in leaves]
+
+    unreadable: list[int] = []
+    last_error: BaseException | None = None
+    for s in candidates:
+      error: BaseException | None = None
+      try:
+        state_leaves, meta = self._restore_step(s, names, specs)
+      except _TemplateMismatch as e:
+        raise ValueError(str(e)) from None
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e
+      if not _all_processes_agree(error is None) and error is None:
+        error = CheckpointError('another process could not read it')
+      if error is None:
+        if unreadable:
+          logging.warning('Restored checkpoint %d from %s instead of the '
+                          'unreadable newer %s.', s, self.directory, unreadable)
+        else:
+          logging.info('Restored checkpoint %d from %s.', s, self.directory)
+        return s, jax.tree_util.tree_unflatten(treedef, state_leaves), meta
+      logging.warning('Checkpoint %d in %s is unreadable (%s)%s', s,
+                      self.directory, _describe(error),
+                      '' if step is not None else '; trying the previous one.')
+      if step is not None:
+        raise CheckpointError(
+            f'Checkpoint {s} in {self.directory} is unreadable.') from error
+      unreadable.append(s)
+      self._bad_steps.add(s)
+      last_error = error
+    raise CheckpointError(
+        f'None of the checkpoints {unreadable} in {self.directory} can be '
+        'read.') from last_error
+
+  def _restore_step(self, step: int, names: list[tuple[str, ...]],
+                    specs: list[tuple[tuple[int, ...], str]]
+                    ) -> tuple[list[np.ndarray], dict]:
+    """Reads and verifies one checkpoint; returns (leaves in `names` order, meta)."""
+    small = self._manager.restore(step, args=ocp.args.Composite(**{
+        _META: ocp.args.JsonRestore(), _MANIFEST: ocp.args.JsonRestore()}))
+    meta, manifest = small[_META], small[_MANIFEST]
+    if not isinstance(meta, dict):
+      raise CorruptCheckpointError(f'meta is {type(meta).__name__}, not a dict')
+    try:
+      entries = {tuple(e['path']): e for e in manifest['leaves']}
+    except (TypeError, KeyError) as e:
+      raise CorruptCheckpointError('malformed manifest') from e
+    self._check_template(step, entries, names, specs)
+
+    abstract = _nest(names, [
+        jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self._sharding)
+        for shape, dtype in specs])
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    leaves = []
+    for name, (shape, dtype) in zip(names, specs):
+      value = _lookup(restored, name)
+      array = np.asarray(value.addressable_data(0))
+      if array.shape != shape or array.dtype.name != dtype:
+        raise CorruptCheckpointError(
+            f'{"/".join(name)} restored as {array.shape} {array.dtype.name}')
+      if _crc32(array) != entries[name]['crc32']:
+        raise CorruptCheckpointError(
+            f'{"/".join(name)} does not match its checksum')
+      leaves.append(array)
+    return leaves, meta
+
+  def _check_template(self, step: int, entries: Mapping[tuple[str, ...], Any],
+                      names: list[tuple[str, ...]],
+                      specs: list[tuple[tuple[int, ...], str]]) -> None:
+    """Raises _TemplateMismatch if the template's paths/shapes/dtypes differ."""
+    problems = []
+    missing = [n for n in names if n not in entries]
+    extra = [n for n in entries if n not in set(names)]
+    problems += [f'{"/".join(n)} not in the checkpoint' for n in missing]
+    problems += [f'{"/".join(n)} not in the template' for n in extra]
+    for name, (shape, dtype) in zip(names, specs):
+      entry = entries.get(name)
+      if entry is None:
+        continue
+      saved = (tuple(entry['shape']), entry['dtype'])
+      if saved != (shape, dtype):
+        problems.append(f'{"/".join(name)}: checkpoint {saved[0]} {saved[1]}, '
+                        f'template {shape} {dtype}')
+    if problems:
+      shown = '; '.join(problems[:5])
+      more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
+      raise _TemplateMismatch(
+          f'Checkpoint {step} in {self.directory} does not match the template '
+          f'(changed config?): {shown}{more}')
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's resources (idempotent)."""
+    if not self._closed:
+      self._closed = True
+      self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+class _TemplateMismatch(Exception):
+  """The template given to restore does not describe the checkpoint."""

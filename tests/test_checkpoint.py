@@ -1,0 +1,402 @@
+"""Tests for avae_jax.checkpoint: round trip, retention, crash safety, corruption."""
+
+import gc
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+from avae_jax import checkpoint
+
+# When one array read of a damaged checkpoint fails, orbax abandons the other
+# pending reads and Python reports those coroutines as unraisable whenever they
+# are garbage collected. That is orbax's cleanup, not an error of this module:
+# collect them inside each test, where this filter applies.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+@pytest.fixture(autouse=True)
+def _collect_abandoned_reads():
+  yield
+  gc.collect()
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for uncommitted saves
+
+
+def make_state(seed: int) -> dict:
+  """A state shaped like the trainer's: two train states with optax states."""
+  rng = np.random.default_rng(seed)
+  params = {'Conv_0': {'kernel': rng.standard_normal((3, 3, 1, 4)).astype(np.float32),
+                       'bias': rng.standard_normal(4).astype(np.float32)},
+            'Dense_0': {'kernel': jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)}}
+  opt_state = optax.adam(1e-3).init(params)
+  opt_state = jax.tree.map(lambda x: x + seed, opt_state)
+  return {
+      'vae': {'params': params,
+              'batch_stats': {'BatchNorm_0': {
+                  'mean': rng.standard_normal(4).astype(np.float32),
+                  'var': rng.random(4).astype(ml_dtypes.bfloat16)}},
+              'opt_state': opt_state,
+              'step': np.array(seed, np.int32)},
+      'disc': {'params': {'w': rng.integers(0, 255, (5,), dtype=np.uint8)},
+               'step': jnp.array(seed + 1, jnp.int32)},
+  }
+
+
+def assert_trees_equal(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    e = np.asarray(e)
+    assert isinstance(a, np.ndarray)
+    assert a.dtype == e.dtype and a.shape == e.shape
+    np.testing.assert_array_equal(a, e)
+
+
+META = {'phase': 'pretrain', 'data_position': 123, 'config_hash': 'abc123',
+        'rng': [4294967295, 17], 'nested': {'x': [1.5, None, True]}}
+
+
+def test_round_trip_values_dtypes_and_meta(tmp_path):
+  state = make_state(3)
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3) as ckpt:
+    assert ckpt.restore(state) is None
+    assert ckpt.latest_step() is None
+    assert ckpt.save(10, state, META)
+    ckpt.wait()
+    step, restored, meta = ckpt.restore(state)
+  assert step == 10
+  assert meta == META
+  assert_trees_equal(restored, state)
+  # A template of ShapeDtypeStructs works as well, in a fresh process-like manager.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3, read_only=True) as ckpt:
+    step, restored, meta = ckpt.restore(abstract)
+  assert step == 10 and meta == META
+  assert_trees_equal(restored, state)
+
+
+def test_keep_last_k_and_restore_latest(tmp_path):
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=2) as ckpt:
+    for step in range(1, 6):
+      assert ckpt.save(step, make_state(step), {'step': step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 5]
+    assert ckpt.latest_step() == 5
+  on_disk = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  assert on_disk == [4, 5]
+  with checkpoint.Checkpointer(directory, keep=2) as ckpt:
+    step, state, meta = ckpt.restore(make_state(0))
+    assert (step, meta) == (5, {'step': 5})
+    assert_trees_equal(state, make_state(5))
+    step, state, meta = ckpt.restore(make_state(0), step=4)
+    assert (step, meta) == (4, {'step': 4})
+    assert_trees_equal(state, make_state(4))
+    with pytest.raises(FileNotFoundError):
+      ckpt.restore(make_state(0), step=3)
+
+
+def test_existing_and_newer_steps(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None) as ckpt:
+    assert ckpt.save(2, make_state(2), {'v': 'a'})
+    assert not ckpt.save(2, make_state(7), {'v': 'b'})  # exists: skipped
+    assert ckpt.restore(make_state(0))[2] == {'v': 'a'}
+    assert ckpt.save(2, make_state(7), {'v': 'b'}, force=True)  # replaced
+    step, state, meta = ckpt.restore(make_state(0))
+    assert (step, meta) == (2, {'v': 'b'})
+    assert_trees_equal(state, make_state(7))
+    # Saving behind the latest checkpoint would mix two runs' histories.
+    with pytest.raises(ValueError, match='newer'):
+      ckpt.save(1, make_state(1), {})
+    assert ckpt.save(1, make_state(1), {}, force=True)
+    ckpt.wait()
+    assert ckpt.all_steps() == [1]
+
+
+def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3) as ckpt:
+    ckpt.save(1, make_state(1), {})
+    ckpt.save(2, make_state(2), {})
+    template = make_state(0)
+    template['vae']['params']['Conv_0']['bias'] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match='Conv_0/bias'):
+      ckpt.restore(template)
+    del template['vae']['params']['Conv_0']
+    with pytest.raises(ValueError, match='not in the template'):
+      ckpt.restore(template)
+
+
+def test_meta_must_be_json(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3) as ckpt:
+    with pytest.raises(TypeError, match='JSON'):
+      ckpt.save(1, make_state(1), {'key': np.zeros(2)})
+    assert ckpt.all_steps() == []
+
+
+def _largest_file(directory: pathlib.Path) -> pathlib.Path:
+  files = [p for p in directory.rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _corrupt(step_dir: pathlib.Path, how: str) -> None:
+  """Damages one checkpoint on disk the way a bad disk or a careless rm would."""
+  if how in ('flip', 'truncate', 'delete'):
+    target = _largest_file(step_dir / 'state')  # the array data file
+    data = bytearray(target.read_bytes())
+    assert len(data) > 10_000
+    if how == 'flip':
+      middle = len(data) // 2
+      data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+      target.write_bytes(bytes(data))
+    elif how == 'truncate':
+      target.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+      target.unlink()
+  elif how == 'meta':
+    (step_dir / 'meta' / 'metadata').write_text('{"phase": "pre')
+  elif how == 'manifest':
+    for p in sorted((step_dir / 'manifest').rglob('*'), reverse=True):
+      p.unlink() if p.is_file() else p.rmdir()
+    (step_dir / 'manifest').rmdir()
+  else:
+    raise ValueError(how)
+
+
+def big_state(step: int) -> dict:
+  rng = np.random.default_rng(100 + step)
+  return {'params': {'w': rng.standard_normal((64, 64)).astype(np.float32)},
+          'step': np.array(step, np.int32)}
+
+
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'delete', 'meta', 'manifest'])
+def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=3) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, big_state(step), {'step': step})
+  _corrupt(directory / '2', how)
+  with checkpoint.Checkpointer(directory, keep=3) as ckpt:
+    with caplog.at_level(logging.WARNING, logger='absl'):
+      step, state, meta = ckpt.restore(big_state(0))
+    assert (step, meta) == (1, {'step': 1})
+    assert_trees_equal(state, big_state(1))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any('Checkpoint 2' in w and 'unreadable' in w for w in warnings), warnings
+    if how == 'flip':
+      # orbax/tensorstore read the damaged chunk without complaint; only the
+      # manifest's CRC notices.
+      assert any('checksum' in w for w in warnings), warnings
+    # An explicit request for the broken step is an error, not a silent fallback.
+    with pytest.raises(checkpoint.CheckpointError):
+      ckpt.restore(big_state(0), step=2)
+    # Training resumes from 1; the next save replaces the unreadable step.
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(2, big_state(22), {'step': 22})
+    ckpt.wait()
+    step, state, meta = ckpt.restore(big_state(0))
+  assert (step, meta) == (2, {'step': 22})
+  assert_trees_equal(state, big_state(22))
+
+
+def test_no_readable_checkpoint_raises(tmp_path):
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=3) as ckpt:
+    ckpt.save(1, big_state(1), {})
+  _corrupt(directory / '1', 'truncate')
+  with checkpoint.Checkpointer(directory, keep=3) as ckpt:
+    with pytest.raises(checkpoint.CheckpointError, match='None of the checkpoints'):
+      ckpt.restore(big_state(0))
+
+
+# A child that saves step 1, then starts saving step 2 and is frozen inside
+# orbax's commit (the atomic rename of the tmp directory) until it is killed:
+# every byte of step 2 is written, nothing is committed.
+_CHILD_FROZEN_BEFORE_COMMIT = textwrap.dedent('''
+    import pathlib, sys, time
+    import numpy as np
+    from orbax.checkpoint._src.path import atomicity
+    from avae_jax import checkpoint
+
+    directory, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+    ckpt = checkpoint.Checkpointer(directory, keep=3)
+    state = lambda s: {'w': np.full((512, 512), s, np.float32), 's': np.int32(s)}
+    ckpt.save(1, state(1), {'step': 1})
+    ckpt.wait()
+
+    async def frozen_finalize(self):
+      marker.write_text(str(self.get()))
+      time.sleep(300)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = frozen_finalize
+    ckpt.save(2, state(2), {'step': 2})
+    ckpt.wait()
+''')
+
+# A child that saves step after step of a 16 MB array until it is killed.
+_CHILD_SAVING_LOOP = textwrap.dedent('''
+    import pathlib, sys
+    import numpy as np
+    from avae_jax import checkpoint
+
+    directory, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+    base = np.random.default_rng(0).standard_normal(4_000_000).astype(np.float32)
+    ckpt = checkpoint.Checkpointer(directory, keep=2)
+    ckpt.save(1, {'w': base + 1}, {'step': 1})
+    ckpt.wait()
+    marker.write_text('ready')
+    for step in range(2, 10_000):
+      ckpt.save(step, {'w': base + step}, {'step': step})
+''')
+
+
+def _start_child(tmp_path, source):
+  script = tmp_path / 'child.py'
+  script.write_text(source)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  marker = tmp_path / 'marker'
+  proc = subprocess.Popen(
+      [sys.executable, str(script), str(tmp_path / 'ckpt'), str(marker)],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  return proc, marker
+
+
+def _wait_for(predicate, proc, timeout=120.0, interval=0.05):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f'child exited early: {proc.stderr.read().decode()[-3000:]}')
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError('child timed out')
+    time.sleep(interval)
+
+
+def test_checkpoint_killed_before_commit_is_never_loaded(tmp_path):
+  proc, marker = _start_child(tmp_path, _CHILD_FROZEN_BEFORE_COMMIT)
+  try:
+    _wait_for(marker.exists, proc)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  directory = tmp_path / 'ckpt'
+  names = sorted(p.name for p in directory.iterdir())
+  assert '2' + TMP_SUFFIX in names and '2' not in names, names
+  assert any((directory / ('2' + TMP_SUFFIX)).rglob('*')), 'step 2 was being written'
+
+  template = {'w': np.zeros((512, 512), np.float32), 's': np.int32(0)}
+  with checkpoint.Checkpointer(directory, keep=3, read_only=True) as reader:
+    assert reader.all_steps() == [1]
+    step, state, meta = reader.restore(template)
+  assert (step, meta) == (1, {'step': 1})
+  np.testing.assert_array_equal(state['w'], np.ones((512, 512), np.float32))
+  # A writer cleans the leftover up and can save that step again.
+  with checkpoint.Checkpointer(directory, keep=3) as writer:
+    assert writer.save(2, {'w': np.full((512, 512), 2, np.float32), 's': np.int32(2)},
+                       {'step': 2})
+    writer.wait()
+    assert writer.restore(template)[0] == 2
+  assert not [p for p in directory.iterdir() if TMP_SUFFIX in p.name]
+
+
+def test_sigkill_mid_save_leaves_only_complete_checkpoints(tmp_path):
+  proc, marker = _start_child(tmp_path, _CHILD_SAVING_LOOP)
+  directory = tmp_path / 'ckpt'
+
+  def saving():
+    return any(TMP_SUFFIX in entry.name for entry in os.scandir(directory))
+
+  try:
+    _wait_for(marker.exists, proc)
+    _wait_for(saving, proc, interval=0.001)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  base = np.random.default_rng(0).standard_normal(4_000_000).astype(np.float32)
+  template = {'w': base}
+  with checkpoint.Checkpointer(directory, keep=2, read_only=True) as reader:
+    steps = reader.all_steps()
+    assert steps and all(step >= 1 for step in steps)
+    for step in steps:  # every listed checkpoint is complete and correct
+      restored_step, state, meta = reader.restore(template, step=step)
+      assert meta == {'step': step}
+      np.testing.assert_array_equal(state['w'], base + step)
+    assert reader.restore(template)[0] == steps[-1]
+
+
+# One of two JAX processes (jax.distributed on CPU, gloo collectives), each
+# with two local devices: both save, process 0 then damages the latest step
+# while process 1 waits at a barrier, and both must fall back to step 1.
+_CHILD_MULTIPROCESS = textwrap.dedent('''
+    import json, os, pathlib, sys
+    process_id, port, directory, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    import jax
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f'localhost:{port}',
+                               num_processes=2, process_id=process_id)
+    from jax.experimental import multihost_utils
+    import numpy as np
+    from avae_jax import checkpoint
+
+    assert jax.process_count() == 2 and len(jax.devices()) == 4
+    state = lambda s: {'w': np.random.default_rng(s).standard_normal((64, 64)).astype(np.float32),
+                       'step': np.int32(s)}
+    ckpt = checkpoint.Checkpointer(directory, keep=3)
+    for step in (1, 2):
+      assert ckpt.save(step, state(step), {'step': step})
+    ckpt.wait()
+    latest = ckpt.restore(state(0))
+    multihost_utils.sync_global_devices('saved')
+    if process_id == 0:
+      data = max((p for p in pathlib.Path(directory, '2', 'state').rglob('*') if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+      data.write_bytes(data.read_bytes()[:100])
+    multihost_utils.sync_global_devices('corrupted')
+    fallback = ckpt.restore(state(0))
+    ckpt.close()
+    result = {'steps': [latest[0], fallback[0]], 'metas': [latest[2], fallback[2]],
+              'ok': [bool(np.array_equal(latest[1]['w'], state(2)['w'])),
+                     bool(np.array_equal(fallback[1]['w'], state(1)['w'])),
+                     int(fallback[1]['step']) == 1]}
+    pathlib.Path(out).write_text(json.dumps(result))
+''')
+
+
+def test_two_processes_save_and_restore_replicated_state(tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'child.py'
+  script.write_text(_CHILD_MULTIPROCESS)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), str(i), str(port), str(tmp_path / 'ckpt'),
+       str(tmp_path / f'out{i}.json')],
+      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=180)[1].decode() for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errors):
+    assert p.returncode == 0, err[-3000:]
+  for i in range(2):
+    result = json.loads((tmp_path / f'out{i}.json').read_text())
+    assert result == {'steps': [2, 1], 'metas': [{'step': 2}, {'step': 1}],
+                      'ok': [True, True, True]}
