@@ -1,0 +1,979 @@
+"""Input pipeline: tfds / image folder / array files / procedural shapes -> device batches.
+
+`load(config, split)` returns a `Source`: random access to float32 [0, 1] NHWC images of
+side `config.image_size` with `config.channels` channels. `batches` turns a Source into a
+deterministic, resumable stream of (num_local_devices, per_device, H, W, C) numpy batches,
+and `prefetch_to_devices` moves them onto the devices from a background thread.
+
+Datasets (`config.dataset`):
+
+* `shapes`: the procedural dataset of `avae_jax.shapes`, rendered once at load time
+  (config.shapes.num_train / num_eval images, determined by (config.seed, split)).
+* `mnist`, `fashion_mnist`, `celeb_a`, `dsprites`: tensorflow_datasets, read from
+  `config.data_dir`. Downloads happen only with `config.download=True`. The split is
+  decoded once, cropped/resized, and cached as a uint8 .npy (see `cache_dirs`); later
+  runs memory-map the cache and need neither tfds nor TensorFlow to read it.
+  'eval' is `config.eval_split`; a dataset without that split (dsprites has only
+  'train') holds out a fixed random `eval_fraction` of `config.train_split` instead
+  (row choice seeded with 0, independent of config.seed), and 'train' is the rest.
+* `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, sorted by
+  relative path), decoded with PIL at each `get`. 'eval' is the last `eval_fraction`
+  of the sorted files, 'train' the files before them.
+* `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
+  Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
+  `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). File names containing 'label'
+  are skipped in directories/globs. A file belongs to 'eval' when its name, split at
+  non-alphanumerics, has a token among test, t10k, eval, val, valid, validation;
+  every other file is 'train'. Several files of one split are concatenated in sorted
+  name order. Without any eval file, 'eval' is the last `eval_fraction` of the train
+  images and 'train' the rest. Inside a .npz the image array is 'image', 'images',
+  'imgs' or 'x'; or split keys 'x_train'/'x_test', 'train_images'/'test_images' (same
+  token rule); or its only array. Arrays are (N, H, W) or (N, H, W, C) with C in (1, 3);
+  uint8 is divided by 255, bool becomes 0/1, floats are kept and must lie in [0, 1].
+  The dSprites .npz ('imgs' with 'latents_classes') has 0/1 pixels: they are scaled to
+  [0, 1] white and its latent classes become `factors`.
+  Fashion-MNIST on Debian: `apt-get install dataset-fashion-mnist`, then
+  `arrays:/usr/share/datasets/fashion-mnist/` (train-images-idx3-ubyte.gz -> train,
+  t10k-images-idx3-ubyte.gz -> eval).
+
+Geometry (tfds images, folders, arrays): a centred square crop of side
+`config.crop_size` (0: the largest centred square, so that nothing is stretched;
+top = (H - side) // 2, left = (W - side) // 2), then an antialiased resize to
+`image_size` (PIL bilinear: a triangle filter widened by the downscale factor, so no
+aliasing and no overshoot beyond [0, 1]), then channel conversion (RGB -> luma
+0.299 R + 0.587 G + 0.114 B, or gray repeated to RGB).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import glob as glob_lib
+import gzip
+import os
+import queue
+import re
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from avae_jax import shapes as shapes_lib
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+EVAL_TOKENS = frozenset({'test', 't10k', 'eval', 'val', 'valid', 'validation'})
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
+# Splits of the supported tfds datasets, for when the builder's info does not list them
+# (not prepared yet, or mocked in tests).
+_TFDS_SPLITS = {
+    'mnist': ('train', 'test'),
+    'fashion_mnist': ('train', 'test'),
+    'celeb_a': ('train', 'validation', 'test'),
+    'dsprites': ('train',),
+}
+_DSPRITES_FACTORS = ('shape', 'scale', 'orientation', 'x_position', 'y_position')
+_CACHE_FORMAT = 'v1'
+# idx header dtype codes (http://yann.lecun.com/exdb/mnist/): big-endian payload.
+_IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+
+
+class DataError(ValueError):
+  """Data that cannot be read as configured; the message says how to provide it."""
+
+
+# ----------------------------------------------------------------------------- Source
+
+
+class Source:
+  """Random access to a dataset split: float32 [0, 1] images (n, H, W, C) by index."""
+
+  def __init__(self, read: Callable[[np.ndarray], np.ndarray], num_examples: int,
+               image_shape: tuple[int, int, int], *, name: str = '',
+               factors: np.ndarray | None = None, factor_names: Sequence[str] = (),
+               factor_values: Sequence[np.ndarray] | None = None):
+    self._read = read
+    self.num_examples = int(num_examples)
+    self.image_shape = tuple(int(d) for d in image_shape)
+    self.name = name
+    self.factors = factors
+    self.factor_names = tuple(factor_names)
+    self.factor_values = tuple(factor_values) if factor_values is not None else None
+    self.files: list[str] | None = None  # folder sources: the file behind each index
+
+  def __len__(self) -> int:
+    """The number of examples."""
+    return self.num_examples
+
+  def __repr__(self) -> str:
+    return (f'Source({self.name!r}, num_examples={self.num_examples}, '
+            f'image_shape={self.image_shape}, factors={self.factor_names or None})')
+
+  def get(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Images at `indices` (any order, repeats allowed): float32 (n, H, W, C) in [0, 1]."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
+      raise IndexError(f'indices out of range [0, {self.num_examples}) for {self.name!r}')
+    if not idx.size:
+      return np.zeros((0,) + self.image_shape, np.float32)
+    out = np.asarray(self._read(idx), dtype=np.float32)
+    if out.shape != (idx.size,) + self.image_shape:
+      raise DataError(f'{self.name}: read {out.shape}, expected {(idx.size,) + self.image_shape}')
+    return out
+
+  def subset(self, rows: np.ndarray, name: str | None = None) -> 'Source':
+    """A Source of the given rows of this one, in that order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
+                  name=name or self.name,
+                  factors=None if self.factors is None else self.factors[rows],
+                  factor_names=self.factor_names, factor_values=self.factor_values)
+
+
+def _array_reader(images: np.ndarray, scale: float,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+  """A `read` for an (N, h, w, c) array: gather rows, scale to [0, 1], then transform."""
+  def read(idx: np.ndarray) -> np.ndarray:
+    # Memory-mapped arrays read fastest in ascending order; restore the order after.
+    order = np.argsort(idx, kind='stable')
+    rows = np.empty((len(idx),) + images.shape[1:], images.dtype)
+    rows[order] = images[idx[order]]
+    x = rows.astype(np.float32)
+    if scale != 1.0:
+      x *= np.float32(scale)
+    return transform(x) if transform is not None else x
+  return read
+
+
+# ------------------------------------------------------------------ image geometry
+
+
+def _check_channels(channels: int) -> int:
+  """Returns channels if it is 1 or 3, else raises DataError."""
+  if int(channels) not in (1, 3):
+    raise DataError(f'config.channels must be 1 (grayscale) or 3 (RGB), got {channels}')
+  return int(channels)
+
+
+def crop_box(height: int, width: int, crop_size: int) -> tuple[int, int, int]:
+  """(top, left, side) of the centred square crop; crop_size 0 = the largest square."""
+  side = min(height, width) if crop_size <= 0 else int(crop_size)
+  if side > min(height, width):
+    raise DataError(f'crop_size {crop_size} is larger than the image ({height}x{width}); '
+                    'choose crop_size <= the shorter side, or 0 for the largest square')
+  return (height - side) // 2, (width - side) // 2, side
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Antialiased bilinear resize of one (h, w, c) image to (size, size, c), same dtype."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w, c = image.shape
+  if (h, w) == (size, size):
+    return image
+  box = (size, size)
+  if image.dtype == np.uint8 and c in (1, 3):
+    pil = Image.fromarray(image[..., 0] if c == 1 else image, 'L' if c == 1 else 'RGB')
+    out = np.asarray(pil.resize(box, Image.BILINEAR))
+    return out[..., None] if c == 1 else out
+  # Floats (and odd channel counts): one 32-bit float plane at a time.
+  planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., k], np.float32), 'F')
+                       .resize(box, Image.BILINEAR)) for k in range(c)]
+  return np.stack(planes, axis=-1).astype(image.dtype if image.dtype.kind == 'f' else np.float32)
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+  """(..., c) float images to `channels`: RGB -> luma, gray -> RGB repeat, else unchanged."""
+  c = images.shape[-1]
+  if c == channels:
+    return images
+  if c == 3 and channels == 1:
+    return (images @ LUMA)[..., None].astype(np.float32)
+  if c == 1 and channels == 3:
+    return np.repeat(images, 3, axis=-1)
+  raise DataError(f'cannot convert {c}-channel images to {channels} channels; '
+                  'images must have 1 (gray) or 3 (RGB) channels')
+
+
+def preprocess(image: np.ndarray, *, image_size: int, crop_size: int, channels: int,
+               scale: float | None = None) -> np.ndarray:
+  """One (h, w, c) image -> centre crop, antialiased resize, channels: float32 [0, 1]."""
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise DataError(f'bad image channels: shape {image.shape}; images must be (H, W), '
+                    '(H, W, 1) or (H, W, 3)')
+  top, left, side = crop_box(image.shape[0], image.shape[1], crop_size)
+  image = resize(image[top:top + side, left:left + side], image_size)
+  if scale is None:
+    scale = 1.0 / 255.0 if image.dtype == np.uint8 else 1.0
+  x = image.astype(np.float32) * np.float32(scale)
+  return convert_channels(x, channels)
+
+
+def _preprocess_many(images: Sequence[np.ndarray], pool: concurrent.futures.Executor | None,
+                     **kwargs: Any) -> np.ndarray:
+  """preprocess() over a list of images (PIL releases the GIL, so threads help)."""
+  fn = lambda im: preprocess(im, **kwargs)
+  out = list(pool.map(fn, images)) if pool is not None and len(images) > 4 else \
+      [fn(im) for im in images]
+  return np.stack(out)
+
+
+def _geometry(config: Any) -> dict[str, int]:
+  """The preprocess() keyword arguments from the config."""
+  return dict(image_size=int(config.image_size), crop_size=int(config.get('crop_size', 0) or 0),
+              channels=_check_channels(config.channels))
+
+
+def _num_eval(num: int, fraction: float, what: str) -> int:
+  """Size of the held-out tail/subset: round(num * fraction), at least 1, less than num."""
+  if fraction <= 0:
+    return 0
+  k = max(1, int(round(num * float(fraction))))
+  if k >= num:
+    raise DataError(f'{what}: {num} examples are too few to hold out eval_fraction='
+                    f'{fraction} for evaluation')
+  return k
+
+
+def _holdout_rows(num: int, split: str, fraction: float, what: str,
+                  shuffled: bool = False) -> np.ndarray:
+  """Rows of `split` when eval is held out of one array of `num` examples.
+
+  Eval is the last round(num * fraction) rows (at least 1), or with `shuffled` a fixed
+  random subset of that size (seed 0, independent of config.seed), for data stored in
+  factor order such as dSprites; train is the other rows, in index order.
+  """
+  k = _num_eval(num, fraction, what)
+  if split == 'eval' and not k:
+    raise DataError(f'{what} has no eval split and eval_fraction is 0; set '
+                    'config.eval_fraction > 0')
+  if not shuffled:
+    return np.arange(num - k, num) if split == 'eval' else np.arange(num - k)
+  perm = np.random.default_rng(0).permutation(num)
+  return np.sort(perm[:k]) if split == 'eval' else np.sort(perm[k:])
+
+
+# ------------------------------------------------------------------------ load
+
+
+def load(config: Any, split: str = 'train') -> Source:
+  """The configured dataset split ('train' or 'eval') as a Source; DataError if missing."""
+  if split not in ('train', 'eval'):
+    raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+  name = str(config.dataset)
+  _check_channels(config.channels)
+  if name == 'shapes':
+    return _load_shapes(config, split)
+  if name in TFDS_DATASETS:
+    return _load_tfds(config, split)
+  if name.startswith('folder:'):
+    return _load_folder(config, os.path.expanduser(name[len('folder:'):]), split)
+  if name.startswith('arrays:'):
+    return _load_arrays(config, os.path.expanduser(name[len('arrays:'):]), split)
+  raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(TFDS_DATASETS)}, '
+                  'shapes, folder:PATH (a folder of images) or arrays:PATH '
+                  '(.npy, .npz, idx, idx.gz)')
+
+
+# ------------------------------------------------------------------------ shapes
+
+
+def _load_shapes(config: Any, split: str) -> Source:
+  """The procedural shapes split, rendered now (uint8 in memory)."""
+  num = int(config.shapes.num_train if split == 'train' else config.shapes.num_eval)
+  if num <= 0:
+    raise DataError(f'config.shapes.num_{split} must be > 0, got {num}')
+  factors = shapes_lib.sample_factors(int(config.seed), split, num)
+  size, channels = int(config.image_size), int(config.channels)
+  images = shapes_lib.render_uint8(factors, size, channels)
+  return Source(_array_reader(images, 1.0 / 255.0), num, (size, size, channels),
+                name=f'shapes/{split}', factors=factors,
+                factor_names=shapes_lib.FACTOR_NAMES,
+                factor_values=shapes_lib.factor_values())
+
+
+# ------------------------------------------------------------------------ tfds
+
+
+def cache_dirs(config: Any) -> list[str]:
+  """Where decoded tfds splits are cached, in lookup order.
+
+  $AVAE_JAX_CACHE if set; else `<data_dir>/avae_jax_cache` when data_dir is a local
+  folder; then ~/.cache/avae_jax (used as well when the first is not writable).
+  """
+  dirs = []
+  if os.environ.get('AVAE_JAX_CACHE'):
+    dirs.append(os.path.expanduser(os.environ['AVAE_JAX_CACHE']))
+  else:
+    data_dir = config.get('data_dir', None)
+    if data_dir and '://' not in str(data_dir):
+      dirs.append(os.path.join(os.path.expanduser(str(data_dir)), 'avae_jax_cache'))
+    dirs.append(os.path.join(os.path.expanduser('~'), '.cache', 'avae_jax'))
+  return dirs
+
+
+def _not_prepared_message(name: str, data_dir: Any, detail: str) -> str:
+  """How to provide a tfds dataset that is not prepared."""
+  where = data_dir or '~/tensorflow_datasets (tfds default)'
+  local = {
+      'celeb_a': "dataset='folder:/path/to/img_align_celeba' (the aligned JPEGs from "
+                 'img_align_celeba.zip)',
+      'fashion_mnist': "dataset='arrays:/usr/share/datasets/fashion-mnist/' (Debian: "
+                       'apt-get install dataset-fashion-mnist)',
+      'mnist': "dataset='arrays:/path/to/mnist/' (train-images-idx3-ubyte.gz and "
+               't10k-images-idx3-ubyte.gz, or a .npz with x_train/x_test)',
+      'dsprites': "dataset='arrays:/path/to/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz'",
+  }[name]
+  return (
+      f'tfds dataset {name!r} is not prepared in data_dir={where} ({detail}). Provide it '
+      'in one of these ways:\n'
+      f'  1. set config.data_dir to a folder or gs:// bucket that holds prepared tfds data '
+      f'({name}/<version>/dataset_info.json and its record files);\n'
+      f'  2. prepare it on a machine with network (`tfds build {name} --data_dir=DIR`) and '
+      'copy DIR here, then set config.data_dir=DIR;\n'
+      f'  3. manual download: fetch the files by hand and read them directly with {local}; '
+      'any folder:PATH (images) or arrays:PATH (.npy/.npz/idx) works;\n'
+      '  4. set config.download=True to let tfds download and prepare it here (needs '
+      'network).')
+
+
+def _split_base(split: str) -> str:
+  """'train[:90%]' -> 'train'."""
+  return re.split(r'[\[+(]', split, maxsplit=1)[0].strip()
+
+
+def _tfds_builder(config: Any, name: str):
+  """The tfds builder for `name` under config.data_dir; never touches the network."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f'tensorflow_datasets is needed for dataset {name!r} '
+                    f'(pip install tensorflow-datasets tensorflow-cpu): {e}') from e
+  try:
+    return tfds.builder(name, data_dir=config.get('data_dir', None), try_gcs=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(_not_prepared_message(name, config.get('data_dir', None),
+                                          f'{type(e).__name__}: {e}')) from e
+
+
+def _load_tfds(config: Any, split: str) -> Source:
+  """A tfds split, decoded and preprocessed once into a memory-mapped uint8 cache."""
+  name = str(config.dataset)
+  builder = _tfds_builder(config, name)
+  try:
+    listed = tuple(builder.info.splits.keys())
+  except Exception:  # pylint: disable=broad-except
+    listed = ()
+  available = listed or _TFDS_SPLITS[name]
+  train_split, eval_split = str(config.train_split), str(config.eval_split)
+  holdout = _split_base(eval_split) not in available
+  tfds_split = eval_split if (split == 'eval' and not holdout) else train_split
+  fraction = float(config.get('eval_fraction', 0.05))
+  if holdout and fraction <= 0:
+    raise DataError(f'{name} has no split {eval_split!r} (it has {", ".join(available)}) '
+                    'and eval_fraction is 0; set config.eval_split or eval_fraction > 0')
+
+  geometry = _geometry(config)
+  images, factors, grids = _tfds_cached(config, builder, name, tfds_split, geometry)
+  size, channels = geometry['image_size'], geometry['channels']
+  source = Source(_array_reader(images, 1.0 / 255.0), len(images), (size, size, channels),
+                  name=f'{name}/{tfds_split}', factors=factors,
+                  factor_names=_DSPRITES_FACTORS if factors is not None else (),
+                  factor_values=grids)
+  if not holdout:
+    return source
+  # dSprites is stored in factor order, so a tail would be one corner of factor space.
+  rows = _holdout_rows(len(images), split, fraction, name, shuffled=True)
+  return source.subset(rows, name=f'{name}/{tfds_split}:{split}')
+
+
+def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -> str:
+  """File stem of a cached split: dataset, version, split and geometry."""
+  safe_split = re.sub(r'[^A-Za-z0-9_.%-]+', '_', split)
+  return (f'{name}-{builder.version}-{safe_split}-{geometry["image_size"]}px-'
+          f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-{_CACHE_FORMAT}')
+
+
+def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dict[str, int]
+                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...] | None]:
+  """(images uint8 memmap, factors, factor grids) from the cache, building it if absent."""
+  stem = _cache_name(builder, name, split, geometry)
+  for d in cache_dirs(config):
+    path = os.path.join(d, stem + '.npy')
+    if os.path.exists(path):
+      images = np.load(path, mmap_mode='r')
+      factors, grids = None, None
+      if name == 'dsprites':
+        with np.load(os.path.join(d, stem + '-factors.npz')) as z:
+          factors = z['factors']
+          grids = tuple(z[f'values_{k}'] for k in range(len(_DSPRITES_FACTORS)))
+      return images, factors, grids
+
+  dataset = _tfds_dataset(config, builder, name, split)
+  try:
+    expected = int(builder.info.splits[split].num_examples) or None
+  except Exception:  # pylint: disable=broad-except
+    expected = None
+  last_error = None
+  for d in cache_dirs(config):
+    try:
+      os.makedirs(d, exist_ok=True)
+      return _write_cache(dataset, d, stem, name, builder, geometry, expected)
+    except OSError as e:  # not writable: try the next place
+      last_error = e
+  raise DataError(f'cannot write the decoded {name} cache to any of {cache_dirs(config)}: '
+                  f'{last_error}')
+
+
+def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
+  """tf.data.Dataset of the split's features we use; DataError (fast) if not prepared."""
+  data_dir = config.get('data_dir', None)
+  if config.get('download', False):
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(_not_prepared_message(
+          name, data_dir, f'download_and_prepare failed: {type(e).__name__}: {e}')) from e
+  try:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+  except AssertionError as e:  # tfds' "could not find data in ..."
+    raise DataError(_not_prepared_message(name, data_dir, 'no prepared files found')) from e
+  except (KeyError, ValueError) as e:
+    raise DataError(f'{name}: cannot read split {split!r}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(_not_prepared_message(name, data_dir, f'{type(e).__name__}: {e}')) from e
+  keys = ['image']
+  if name == 'dsprites':
+    keys += [f'label_{f}' for f in _DSPRITES_FACTORS] + [f'value_{f}' for f in _DSPRITES_FACTORS]
+  return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
+
+
+def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: Any,
+                 geometry: dict[str, int], expected: int | None
+                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...] | None]:
+  """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  size, channels = geometry['image_size'], geometry['channels']
+  path = os.path.join(directory, stem + '.npy')
+  # A unique temporary name, then an atomic rename: concurrent processes never see a
+  # half-written cache.
+  tmp = f'{path}.tmp{os.getpid()}.{threading.get_ident()}.npy'
+  # dSprites pixels are 0/1; everything else is 0..255.
+  scale = 1.0 if name == 'dsprites' else 1.0 / 255.0
+  chunks, labels, values = [], [], []
+  out = None
+  count = 0
+  try:
+    if expected:
+      out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
+                                      shape=(expected, size, size, channels))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+      for batch in tfds.as_numpy(dataset):
+        x = _preprocess_many(list(batch['image']), pool, scale=scale, **geometry)
+        x = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if out is not None:
+          if count + len(x) > expected:
+            raise DataError(f'{name}: split has more than the {expected} listed examples')
+          out[count:count + len(x)] = x
+        else:
+          chunks.append(x)
+        count += len(x)
+        if name == 'dsprites':
+          labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
+          values.append(np.stack([batch[f'value_{f}'] for f in _DSPRITES_FACTORS], 1))
+    if out is not None:
+      if count != expected:
+        raise DataError(f'{name}: read {count} examples, the split lists {expected}')
+      out.flush()
+      del out
+    else:
+      np.save(tmp, np.concatenate(chunks) if chunks else
+              np.zeros((0, size, size, channels), np.uint8))
+    if count == 0:
+      raise DataError(f'{name}: the split is empty')
+    if name == 'dsprites':
+      factors = np.concatenate(labels).astype(np.int32)
+      vals = np.concatenate(values).astype(np.float32)
+      grids = {}
+      for k, f in enumerate(_DSPRITES_FACTORS):
+        n_k = int(builder.info.features[f'label_{f}'].num_classes)
+        grid = np.full(n_k, np.nan, np.float32)
+        grid[factors[:, k]] = vals[:, k]
+        grids[f'values_{k}'] = grid
+      ftmp = f'{tmp[:-4]}-factors.npz'
+      np.savez(ftmp, factors=factors, **grids)
+      os.replace(ftmp, os.path.join(directory, stem + '-factors.npz'))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  images = np.load(path, mmap_mode='r')
+  if name != 'dsprites':
+    return images, None, None
+  with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
+    return images, z['factors'], tuple(z[f'values_{k}'] for k in range(len(_DSPRITES_FACTORS)))
+
+
+# ------------------------------------------------------------------------ folder
+
+
+def _list_images(root: str) -> list[str]:
+  """Image files below root (recursive), sorted by relative path."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    for f in filenames:
+      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'):
+        found.append(os.path.relpath(os.path.join(dirpath, f), root))
+  return [os.path.join(root, f) for f in sorted(found)]
+
+
+def read_image(path: str) -> np.ndarray:
+  """One image file as uint8 (H, W, 1) for gray or (H, W, 3) otherwise; DataError if bad."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      im.load()
+      mode = im.mode
+      if mode == 'L':
+        return np.asarray(im)[..., None]
+      if mode in ('1', 'P', 'RGB', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'RGBX', 'PA', 'La'):
+        return np.asarray(im.convert('RGB'))
+      if mode.startswith('I;16'):  # 16-bit gray PNG
+        x = np.asarray(im, dtype=np.float32) / 65535.0
+        return np.round(x * 255.0).astype(np.uint8)[..., None]
+  except (OSError, ValueError) as e:
+    raise DataError(f'cannot read image {path}: {e}') from e
+  raise DataError(f'bad image channels: {path} has PIL mode {mode!r}; use gray (L) or RGB images')
+
+
+def _load_folder(config: Any, root: str, split: str) -> Source:
+  """A folder of images, decoded lazily at each get()."""
+  if not root:
+    raise DataError("folder: needs a path, e.g. dataset='folder:/data/celeba/img_align_celeba'")
+  if not os.path.isdir(root):
+    raise DataError(f'image folder {root!r} does not exist (dataset=folder:PATH); for CelebA '
+                    'download img_align_celeba.zip by hand, unzip it and point folder: at '
+                    'the img_align_celeba/ directory')
+  files = _list_images(root)
+  if not files:
+    raise DataError(f'image folder {root!r} holds no {"/".join(IMAGE_EXTENSIONS)} files '
+                    '(searched recursively)')
+  geometry = _geometry(config)
+  read_image(files[0])  # fail now, not at the first batch, if the images are unreadable
+  rows = _holdout_rows(len(files), split, float(config.get('eval_fraction', 0.05)),
+                       f'folder {root}')
+  chosen = [files[i] for i in rows]
+  pool: list[concurrent.futures.ThreadPoolExecutor] = []
+  read_one = lambda path: preprocess(read_image(path), **geometry)
+
+  def read(idx: np.ndarray) -> np.ndarray:
+    if not pool:  # created on first use, so that an unused Source holds no threads
+      pool.append(concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))))
+    paths = [chosen[i] for i in idx]
+    # Decoding releases the GIL: threads overlap the file reads and JPEG decodes.
+    return np.stack(list(pool[0].map(read_one, paths)) if len(paths) > 4
+                    else [read_one(p) for p in paths])
+
+  size, channels = geometry['image_size'], geometry['channels']
+  source = Source(read, len(chosen), (size, size, channels), name=f'folder:{root}:{split}')
+  source.files = chosen
+  return source
+
+
+# ------------------------------------------------------------------------ arrays
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An MNIST idx file (raw or gzipped), parsed from its header; DataError if malformed."""
+  try:
+    with open(path, 'rb') as f:
+      gz = f.read(2) == b'\x1f\x8b'
+    opener = gzip.open if gz else open
+    with opener(path, 'rb') as f:
+      header = f.read(4)
+      if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES:
+        raise DataError(f'{path} is not an idx file (bad magic {header.hex()}): expected '
+                        '0x0000 then a dtype code (08 ubyte, 09 byte, 0B short, 0C int, '
+                        '0D float, 0E double) and the number of dimensions')
+      dtype = np.dtype(_IDX_DTYPES[header[2]])
+      ndim = header[3]
+      dims_raw = f.read(4 * ndim)
+      if len(dims_raw) < 4 * ndim:
+        raise DataError(f'{path}: idx header truncated')
+      dims = tuple(int(d) for d in np.frombuffer(dims_raw, '>u4'))
+      nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+      offset = 4 + 4 * ndim
+      if not gz:
+        size = os.path.getsize(path)
+        if size < offset + nbytes:
+          raise DataError(f'{path}: idx payload truncated ({size - offset} of {nbytes} bytes)')
+        arr = np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=dims)
+        return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder('='))
+      payload = f.read(nbytes)
+      if len(payload) < nbytes:
+        raise DataError(f'{path}: idx payload truncated ({len(payload)} of {nbytes} bytes)')
+      return np.frombuffer(payload, dtype).reshape(dims).astype(dtype.newbyteorder('='))
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise DataError(f'cannot read idx file {path}: {e}') from e
+
+
+def _tokens(name: str) -> set[str]:
+  """Lower-case alphanumeric tokens of a file or key name."""
+  return set(t for t in re.split(r'[^a-z0-9]+', name.lower()) if t)
+
+
+def _is_eval_name(name: str) -> bool:
+  """Whether a file or key name marks the eval split (see module docstring)."""
+  return bool(_tokens(name) & EVAL_TOKENS)
+
+
+def _is_array_file(name: str) -> bool:
+  """Whether a file name is one of the supported array formats."""
+  low = name.lower()
+  if low.endswith(('.npy', '.npz')):
+    return True
+  stem = low[:-3] if low.endswith('.gz') else low
+  return bool(re.search(r'(\.idx\d*|[.\-_]idx\d+([.\-_]ubyte)?)$', stem))
+
+
+def _is_idx(path: str) -> bool:
+  """Whether a path names an idx file (not .npy/.npz)."""
+  return not path.lower().endswith(('.npy', '.npz'))
+
+
+def _array_files(spec: str) -> list[str]:
+  """The array files that `arrays:PATH` names (file, directory or glob), sorted."""
+  if os.path.isfile(spec):
+    return [spec]
+  if os.path.isdir(spec):
+    files = [os.path.join(spec, f) for f in sorted(os.listdir(spec))
+             if os.path.isfile(os.path.join(spec, f))]
+  elif any(ch in spec for ch in '*?['):
+    files = sorted(f for f in glob_lib.glob(spec) if os.path.isfile(f))
+  else:
+    raise DataError(f'arrays path {spec!r} does not exist (dataset=arrays:PATH with PATH a '
+                    '.npy/.npz/idx/idx.gz file, a directory of them, or a glob)')
+  files = [f for f in files if _is_array_file(os.path.basename(f))
+           and 'label' not in os.path.basename(f).lower()]
+  if not files:
+    raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
+  return files
+
+
+_NPZ_IMAGE_KEYS = ('image', 'images', 'imgs', 'x')
+_NPZ_SPLIT_WORDS = frozenset({'x', 'image', 'images', 'imgs'})
+
+
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """{'all'|'train'|'eval': images} and optional factors from one .npz (see docstring)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      keys = list(z.keys())
+      for k in _NPZ_IMAGE_KEYS:
+        if k in keys:
+          x = z[k]
+          factors = None
+          if k == 'imgs' and 'latents_classes' in keys:  # the dSprites release file
+            factors = z['latents_classes'][:, 1:].astype(np.int32)
+            x = x.astype(np.uint8) * np.uint8(255)
+          return {'all': x}, factors
+      split_keys = [k for k in keys if _tokens(k) & _NPZ_SPLIT_WORDS
+                    and (_tokens(k) & EVAL_TOKENS or 'train' in _tokens(k))]
+      if split_keys:
+        out: dict[str, list[np.ndarray]] = {}
+        for k in sorted(split_keys):
+          out.setdefault('eval' if _is_eval_name(k) else 'train', []).append(z[k])
+        return {s: np.concatenate(v) if len(v) > 1 else v[0] for s, v in out.items()}, None
+      if len(keys) == 1:
+        return {'all': z[keys[0]]}, None
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'cannot read arrays file {path}: {type(e).__name__}: {e}') from e
+  raise DataError(f'{path}: no image array; name it one of {", ".join(_NPZ_IMAGE_KEYS)} '
+                  f'(or x_train/x_test), found keys {keys}')
+
+
+def _read_array_file(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """{'all'|'train'|'eval': images} and optional factors from one array file."""
+  if path.lower().endswith('.npz'):
+    return _read_npz(path)
+  if path.lower().endswith('.npy'):
+    try:
+      return {'all': np.load(path, mmap_mode='r', allow_pickle=False)}, None
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'cannot read arrays file {path}: {type(e).__name__}: {e}') from e
+  return {'all': read_idx(path)}, None
+
+
+def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
+  """(N, H, W, C) view of an image array and the scale to [0, 1]; DataError if not images."""
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise DataError(f'{what}: shape {x.shape} is not (N, H, W) or (N, H, W, C) images')
+  if x.shape[-1] not in (1, 3):
+    hint = (' (it looks channels-first: transpose to (N, H, W, C))'
+            if x.shape[1] in (1, 3) else '')
+    raise DataError(f'bad image channels: {what} has shape {x.shape}; the last axis must be '
+                    f'1 (gray) or 3 (RGB){hint}')
+  if x.dtype == np.uint8:
+    return x, 1.0 / 255.0
+  if x.dtype == np.bool_:
+    return x, 1.0
+  if x.dtype.kind == 'f':
+    sample = np.asarray(x[:256], dtype=np.float32)
+    if sample.size and (sample.min() < -1e-6 or sample.max() > 1.0 + 1e-6):
+      raise DataError(f'{what}: float images must lie in [0, 1], found values in '
+                      f'[{sample.min():g}, {sample.max():g}] (divide by 255?)')
+    return x, 1.0
+  raise DataError(f'{what}: dtype {x.dtype} is not supported; use uint8 (0..255) or '
+                  'float in [0, 1]')
+
+
+def _load_arrays(config: Any, spec: str, split: str) -> Source:
+  """Images from .npy/.npz/idx files; split by file names or a held-out tail."""
+  files = _array_files(spec)
+  parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
+  factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
+  for path in files:
+    arrays, factors = _read_array_file(path)
+    for key, x in arrays.items():
+      dest = key if key in ('train', 'eval') else (
+          'eval' if _is_eval_name(os.path.basename(path)) else 'train')
+      x, _ = _check_images(x, path)
+      parts[dest].append(x)
+      factor_parts[dest].append(factors)
+  if not parts['train'] and not parts['eval']:
+    raise DataError(f'no images in {files}')
+
+  def join(xs: list[np.ndarray]) -> np.ndarray:
+    if len(xs) == 1:
+      return xs[0]
+    if len({(x.shape[1:], x.dtype) for x in xs}) > 1:
+      raise DataError(f'array files at {spec!r} differ in image shape or dtype: '
+                      f'{[(x.shape, str(x.dtype)) for x in xs]}')
+    return np.concatenate(xs)
+
+  both = bool(parts['eval'] and parts['train'])
+  part = split if both else ('train' if parts['train'] else 'eval')
+  images = join(parts[part])
+  # Factors only come with a single dSprites file.
+  factors = factor_parts[part][0] if len(factor_parts[part]) == 1 else None
+  rows = None if both else _holdout_rows(
+      len(images), split, float(config.get('eval_fraction', 0.05)), f'arrays:{spec}',
+      shuffled=factors is not None)
+  images, scale = _check_images(images, spec)
+  geometry = _geometry(config)
+  transform = None
+  if images.shape[1:] != (geometry['image_size'],) * 2 + (geometry['channels'],) or \
+      geometry['crop_size']:
+    transform = lambda x: np.stack(
+        [preprocess(im, scale=1.0, **geometry) for im in x])
+  size, channels = geometry['image_size'], geometry['channels']
+  names = _DSPRITES_FACTORS if factors is not None else ()
+  source = Source(_array_reader(images, scale, transform), len(images),
+                  (size, size, channels), name=f'arrays:{spec}:{split}',
+                  factors=factors, factor_names=names)
+  return source if rows is None else source.subset(rows)
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def _permutation(seed: int, epoch: int, num: int) -> np.ndarray:
+  """The example order of one epoch, a function of (seed, epoch, num) only."""
+  rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
+  return rng.permutation(num)
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Indices of global batch `step`: slice t of permutation(seed, epoch), remainder dropped."""
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise DataError(f'batch_size {batch_size} is larger than the {num_examples} examples')
+  epoch, t = divmod(int(step), steps_per_epoch)
+  return _permutation(seed, epoch, num_examples)[t * batch_size:(t + 1) * batch_size]
+
+
+def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
+            process_index: int = 0, process_count: int = 1,
+            num_local_devices: int = 1) -> Iterator[np.ndarray]:
+  """Endless (num_local_devices, per_device, H, W, C) batches from global step start_step.
+
+  Global batch t of epoch e is the t-th batch_size slice of a permutation seeded by
+  (seed, e); the last partial batch of each epoch is dropped. The schedule depends only
+  on (seed, num_examples, batch_size, step), so every process computes the same global
+  batch and takes its contiguous 1/process_count slice of it; resuming at start_step
+  computes that step's indices directly.
+  """
+  if batch_size <= 0:
+    raise DataError(f'batch_size must be > 0, got {batch_size}')
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} is not in [0, {process_count})')
+  if batch_size % process_count:
+    raise DataError(f'global batch_size {batch_size} is not divisible by the '
+                    f'{process_count} processes')
+  local = batch_size // process_count
+  if num_local_devices <= 0 or local % num_local_devices:
+    raise DataError(f'the per-process batch {local} (= {batch_size} / {process_count} '
+                    f'processes) is not divisible by the {num_local_devices} local devices')
+  if start_step < 0:
+    raise DataError(f'start_step must be >= 0, got {start_step}')
+  num = source.num_examples
+  steps_per_epoch = num // batch_size
+  if steps_per_epoch == 0:
+    raise DataError(f'batch_size {batch_size} is larger than the {num} examples of '
+                    f'{source.name or "the dataset"}')
+  per_device = local // num_local_devices
+  lo, hi = process_index * local, (process_index + 1) * local
+  return _batch_iterator(source, batch_size, seed, int(start_step), steps_per_epoch,
+                         lo, hi, num_local_devices, per_device)
+
+
+def _batch_iterator(source: Source, batch_size: int, seed: int, step: int,
+                    steps_per_epoch: int, lo: int, hi: int, devices: int,
+                    per_device: int) -> Iterator[np.ndarray]:
+  """The generator behind batches() (arguments already validated)."""
+  epoch, perm = -1, None
+  while True:
+    e, t = divmod(step, steps_per_epoch)
+    if e != epoch:
+      epoch, perm = e, _permutation(seed, e, source.num_examples)
+    idx = perm[t * batch_size:(t + 1) * batch_size][lo:hi]
+    yield source.get(idx).reshape((devices, per_device) + source.image_shape)
+    step += 1
+
+
+def eval_batches(source: Source, batch_size: int, num_images: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(images, mask) over the first min(num_images, N) examples in index order.
+
+  Every batch has exactly batch_size rows (static shapes, one compilation); the last is
+  padded with zero images whose mask entries are False. num_images None or <= 0 = all.
+  """
+  if batch_size <= 0:
+    raise DataError(f'batch_size must be > 0, got {batch_size}')
+  n = source.num_examples if not num_images or num_images <= 0 else \
+      min(int(num_images), source.num_examples)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    images = source.get(idx)
+    mask = np.zeros(batch_size, bool)
+    mask[:len(idx)] = True
+    if len(idx) < batch_size:
+      pad = np.zeros((batch_size - len(idx),) + source.image_shape, np.float32)
+      images = np.concatenate([images, pad])
+    yield images, mask
+
+
+# ------------------------------------------------------------------------ prefetch
+
+
+_ITEM, _END, _ERROR = 0, 1, 2
+
+
+class DevicePrefetcher:
+  """Iterator of device arrays filled by a background thread; see prefetch_to_devices."""
+
+  def __init__(self, iterator: Iterator[Any], devices: Sequence[Any], size: int = 2,
+               axis_name: str = 'batch'):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax import sharding  # pylint: disable=g-import-not-at-top
+    self._devices = list(devices)
+    if not self._devices:
+      raise ValueError('prefetch_to_devices needs at least one device')
+    mesh = sharding.Mesh(np.array(self._devices), (axis_name,))
+    self._sharding = sharding.NamedSharding(mesh, sharding.PartitionSpec(axis_name))
+    self._jax = jax
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(size)))
+    self._stop = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(target=self._produce, args=(iter(iterator),),
+                                    name='prefetch_to_devices', daemon=True)
+    self._thread.start()
+
+  def _put(self, item: tuple[int, Any]) -> bool:
+    """Queue an item unless stopped; False once the consumer has stopped us."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _to_devices(self, x: Any) -> Any:
+    """Shards the leading axis of x over the devices (one slice per device)."""
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] != len(self._devices):
+      raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
+                       f'{x.shape[:1]}, expected {len(self._devices)} (one row per device)')
+    return self._jax.device_put(x, self._sharding)
+
+  def _produce(self, iterator: Iterator[Any]) -> None:
+    try:
+      for batch in iterator:
+        if self._stop.is_set():
+          return
+        arrays = self._jax.tree.map(self._to_devices, batch)
+        if not self._put((_ITEM, arrays)):
+          return
+      self._put((_END, None))
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put((_ERROR, e))
+
+  def __iter__(self) -> 'DevicePrefetcher':
+    return self
+
+  def __next__(self) -> Any:
+    if self._done:
+      raise StopIteration
+    kind, value = self._queue.get()
+    if kind == _ITEM:
+      return value
+    self.close()
+    if kind == _ERROR:
+      raise value
+    raise StopIteration
+
+  def close(self, timeout: float = 5.0) -> None:
+    """Stops the producer thread and drops queued batches."""
+    self._done = True
+    self._stop.set()
+    try:
+      while True:
+        self._queue.get_nowait()
+    except queue.Empty:
+      pass
+    if self._thread.is_alive() and threading.current_thread() is not self._thread:
+      self._thread.join(timeout)
+
+  def __enter__(self) -> 'DevicePrefetcher':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+  def __del__(self) -> None:
+    try:
+      self._done = True
+      self._stop.set()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def prefetch_to_devices(iterator: Iterator[Any], devices: Sequence[Any], size: int = 2,
+                        axis_name: str = 'batch') -> DevicePrefetcher:
+  """Background-thread device_put of batches whose leading axis has one row per device.
+
+  Each leaf (len(devices), ...) becomes a jax.Array sharded over a 1-D mesh of `devices`
+  (NamedSharding(Mesh(devices, (axis_name,)), P(axis_name)), what jax.device_put_sharded
+  became), accepted without copies by pmap and by shard_map over that mesh. At most `size`
+  batches wait on the devices. An exception in the producer is re-raised by next();
+  close() (or leaving a `with` block) stops the thread.
+  """
+  return DevicePrefetcher(iterator, devices, size=size, axis_name=axis_name)

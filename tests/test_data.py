@@ -1,0 +1,510 @@
+"""Tests of avae_jax.data: image geometry, folder/arrays/tfds sources, batching, prefetch.
+
+Reference values come from numpy slicing, hand-derived resampling of linear ramps, and
+numpy's own seeded permutations; tfds is exercised through tfds.testing.mock_data.
+"""
+
+import gzip
+import os
+import socket
+import struct
+import threading
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from avae_jax import data
+from configs import default
+
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _close(actual, expected):
+  """Equal up to float32 rounding (x / 255 and x * (1 / 255) differ in the last bit)."""
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+def _config(**kw):
+  c = default.get_config()
+  c.image_size, c.channels, c.crop_size = 16, 3, 0
+  c.update(kw)
+  return c
+
+
+@pytest.fixture(autouse=True)
+def _no_env_cache(monkeypatch):
+  # Keep the tfds cache inside each test's data_dir.
+  monkeypatch.delenv('AVAE_JAX_CACHE', raising=False)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_crop_box_is_centred():
+  assert data.crop_box(218, 178, 140) == (39, 19, 140)
+  assert data.crop_box(218, 178, 0) == (20, 0, 178)
+  with pytest.raises(data.DataError, match='crop_size'):
+    data.crop_box(28, 28, 30)
+
+
+def test_resize_keeps_linear_ramps():
+  # A triangle filter is symmetric and sums to one, so a linear ramp is reproduced
+  # exactly away from the borders: out[j] = ramp at input x = (j + 0.5) * in / out - 0.5.
+  for n_in, n_out in ((64, 32), (28, 32), (48, 16)):
+    x = np.arange(n_in, dtype=np.float32) / (n_in - 1)
+    img = np.broadcast_to(x[None, :, None], (n_in, n_in, 1)).copy()
+    out = data.resize(img, n_out)
+    assert out.shape == (n_out, n_out, 1) and out.dtype == np.float32
+    j = np.arange(n_out)
+    expected = ((j + 0.5) * n_in / n_out - 0.5) / (n_in - 1)
+    inner = slice(3, n_out - 3)
+    np.testing.assert_allclose(out[5, inner, 0], expected[inner], atol=1e-5)
+    out8 = data.resize(np.round(img * 255).astype(np.uint8), n_out)
+    assert out8.dtype == np.uint8
+    np.testing.assert_allclose(out8[5, inner, 0] / 255.0, expected[inner], atol=1.5 / 255)
+
+
+def test_resize_is_antialiased():
+  # One-pixel stripes shrunk 4x: an antialiased filter averages them to 1/2; point
+  # sampling (aliasing) would give 0 or 1.
+  stripes = np.tile(np.array([0.0, 1.0], np.float32), 32)[None, :, None]
+  img = np.broadcast_to(stripes, (64, 64, 1)).copy()
+  out = data.resize(img, 16)
+  np.testing.assert_allclose(out[4:-4, 4:-4], 0.5, atol=0.02)
+
+
+def test_convert_channels():
+  rgb = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_allclose(data.convert_channels(rgb, 1)[..., 0], rgb @ LUMA, atol=1e-6)
+  gray = rgb[..., :1]
+  np.testing.assert_array_equal(data.convert_channels(gray, 3), np.repeat(gray, 3, -1))
+  with pytest.raises(data.DataError, match='channels'):
+    data.convert_channels(np.zeros((1, 4, 4, 2), np.float32), 3)
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def _write_png(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def test_folder_constant_colours_sorted_and_split(tmp_path):
+  colours = [(10 * i, 255 - 20 * i, 7 * i) for i in range(10)]
+  for i, c in enumerate(colours):
+    # Different sizes and aspect ratios; the names sort in index order.
+    img = np.broadcast_to(np.array(c, np.uint8), (40 + i, 30 + 2 * i, 3))
+    _write_png(str(tmp_path / 'faces' / f'{i:03d}.png'), np.ascontiguousarray(img))
+  (tmp_path / 'faces' / 'notes.txt').write_text('not an image')
+  cfg = _config(dataset=f'folder:{tmp_path / "faces"}', eval_fraction=0.2)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert train.num_examples == 8 and ev.num_examples == 2
+  x = train.get(np.arange(8))
+  assert x.shape == (8, 16, 16, 3) and x.dtype == np.float32
+  np.testing.assert_allclose(x, np.array(colours[:8])[:, None, None, :] / 255.0
+                             * np.ones((8, 16, 16, 3)), atol=1e-6)
+  np.testing.assert_allclose(ev.get([1, 0])[:, 0, 0], np.array(colours[:7:-1]) / 255.0,
+                             atol=1e-6)
+
+
+def test_folder_centre_crop_pattern_and_recursion(tmp_path):
+  rows, cols = np.meshgrid(np.arange(30), np.arange(50), indexing='ij')
+  pattern = np.stack([rows * 8, cols * 5, (rows + cols) % 256], -1).astype(np.uint8)
+  _write_png(str(tmp_path / 'imgs' / 'b' / 'x.png'), pattern)
+  _write_png(str(tmp_path / 'imgs' / 'a.png'), pattern[::-1].copy())
+  cfg = _config(dataset=f'folder:{tmp_path / "imgs"}', eval_fraction=0.0,
+                crop_size=20, image_size=20)
+  src = data.load(cfg)
+  assert src.num_examples == 2  # a.png, then b/x.png
+  got = src.get([1, 0])
+  _close(got[0], pattern[5:25, 15:35] / np.float32(255))
+  _close(got[1], pattern[::-1][5:25, 15:35] / np.float32(255))
+  # crop_size 0: the largest centred square (30 x 30, columns 10..39).
+  src = data.load(_config(dataset=cfg.dataset, eval_fraction=0.0, image_size=30))
+  _close(src.get([1])[0], pattern[:, 10:40] / np.float32(255))
+
+
+def test_folder_channel_conversion(tmp_path):
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+  gray = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+  _write_png(str(tmp_path / 'd' / '0.png'), rgb)
+  _write_png(str(tmp_path / 'd' / '1.png'), gray)
+  spec = f'folder:{tmp_path / "d"}'
+  one = data.load(_config(dataset=spec, channels=1, eval_fraction=0.0)).get([0, 1])
+  np.testing.assert_allclose(one[0, ..., 0], (rgb / 255.0) @ LUMA, atol=1e-6)
+  np.testing.assert_allclose(one[1, ..., 0], gray / 255.0, atol=1e-6)
+  three = data.load(_config(dataset=spec, channels=3, eval_fraction=0.0)).get([1])
+  np.testing.assert_allclose(three[0], np.repeat(gray[..., None], 3, -1) / 255.0, atol=1e-6)
+
+
+def test_folder_errors(tmp_path):
+  with pytest.raises(data.DataError, match='does not exist'):
+    data.load(_config(dataset=f'folder:{tmp_path / "missing"}'))
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'readme.txt').write_text('x')
+  with pytest.raises(data.DataError, match='no .*files'):
+    data.load(_config(dataset=f'folder:{tmp_path / "empty"}'))
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'broken.png').write_bytes(b'not a png at all')
+  with pytest.raises(data.DataError, match='cannot read image'):
+    data.load(_config(dataset=f'folder:{tmp_path / "bad"}'))
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _idx_bytes(array, code):
+  """An idx file written by hand: 0, 0, dtype code, ndim, big-endian dims, payload."""
+  dtype = {0x08: '>u1', 0x0D: '>f4'}[code]
+  header = struct.pack('>BBBB', 0, 0, code, array.ndim)
+  header += struct.pack('>' + 'I' * array.ndim, *array.shape)
+  return header + array.astype(dtype).tobytes()
+
+
+def test_arrays_npy_tail_split(tmp_path):
+  x = np.random.default_rng(0).integers(0, 256, (20, 16, 16)).astype(np.uint8)
+  np.save(tmp_path / 'digits.npy', x)
+  cfg = _config(dataset=f'arrays:{tmp_path / "digits.npy"}', channels=1, eval_fraction=0.25)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert (train.num_examples, ev.num_examples) == (15, 5)
+  _close(train.get(np.arange(15))[..., 0], x[:15] / np.float32(255))
+  _close(ev.get([4, 0])[..., 0], x[[19, 15]] / np.float32(255))
+
+
+def test_arrays_npz_keys(tmp_path):
+  rng = np.random.default_rng(1)
+  floats = rng.random((6, 16, 16, 3)).astype(np.float32)
+  np.savez(tmp_path / 'a.npz', images=floats, labels=np.arange(6))
+  src = data.load(_config(dataset=f'arrays:{tmp_path / "a.npz"}', eval_fraction=0.0))
+  np.testing.assert_array_equal(src.get(np.arange(6)), floats)  # floats are kept
+  xtr = rng.integers(0, 256, (5, 16, 16)).astype(np.uint8)
+  xte = rng.integers(0, 256, (3, 16, 16)).astype(np.uint8)
+  np.savez(tmp_path / 'mnist.npz', x_train=xtr, y_train=np.arange(5), x_test=xte,
+           y_test=np.arange(3))
+  cfg = _config(dataset=f'arrays:{tmp_path / "mnist.npz"}', channels=1)
+  assert data.load(cfg, 'train').num_examples == 5
+  _close(data.load(cfg, 'eval').get([2])[0, ..., 0], xte[2] / np.float32(255))
+
+
+def test_arrays_idx_files_and_name_mapping(tmp_path):
+  rng = np.random.default_rng(2)
+  tr = rng.integers(0, 256, (7, 28, 28)).astype(np.uint8)
+  te = rng.integers(0, 256, (4, 28, 28)).astype(np.uint8)
+  d = tmp_path / 'fashion'
+  d.mkdir()
+  with gzip.open(d / 'train-images-idx3-ubyte.gz', 'wb') as f:
+    f.write(_idx_bytes(tr, 0x08))
+  (d / 't10k-images-idx3-ubyte').write_bytes(_idx_bytes(te, 0x08))  # raw idx
+  with gzip.open(d / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+    f.write(_idx_bytes(np.arange(7, dtype=np.uint8), 0x08))
+  cfg = _config(dataset=f'arrays:{d}', channels=1, image_size=28)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert (train.num_examples, ev.num_examples) == (7, 4)
+  _close(train.get(np.arange(7))[..., 0], tr / np.float32(255))
+  _close(ev.get(np.arange(4))[..., 0], te / np.float32(255))
+  # 28 -> 32 RGB: shapes, and gray repeated over channels.
+  up = data.load(_config(dataset=f'arrays:{d}', channels=3, image_size=32), 'eval')
+  x = up.get([0, 1])
+  assert x.shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])
+  assert 0.0 <= x.min() and x.max() <= 1.0
+  # A glob naming the same files gives the same split.
+  globbed = data.load(_config(dataset=f'arrays:{d}/*-images-*', channels=1, image_size=28),
+                      'eval')
+  np.testing.assert_array_equal(globbed.get([3]), ev.get([3]))
+
+
+def test_arrays_idx_float_big_endian(tmp_path):
+  x = np.random.default_rng(3).random((3, 16, 16)).astype(np.float32)
+  with gzip.open(tmp_path / 'images.idx.gz', 'wb') as f:
+    f.write(_idx_bytes(x, 0x0D))
+  assert data.read_idx(str(tmp_path / 'images.idx.gz')).dtype.isnative
+  np.testing.assert_array_equal(data.read_idx(str(tmp_path / 'images.idx.gz')), x)
+  src = data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1,
+                          eval_fraction=0.0))
+  np.testing.assert_array_equal(src.get([0, 1, 2])[..., 0], x)
+
+
+def test_arrays_errors(tmp_path):
+  with pytest.raises(data.DataError, match='does not exist'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "nothing.npy"}'))
+  (tmp_path / 'junk.npy').write_bytes(b'\x00garbage')
+  with pytest.raises(data.DataError, match='cannot read arrays file'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "junk.npy"}'))
+  np.save(tmp_path / 'two.npy', np.zeros((4, 8, 8, 2), np.uint8))
+  with pytest.raises(data.DataError, match='bad image channels'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "two.npy"}'))
+  np.save(tmp_path / 'big.npy', np.full((4, 8, 8), 200.0, np.float32))
+  with pytest.raises(data.DataError, match=r'\[0, 1\]'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "big.npy"}'))
+  (tmp_path / 'x.idx').write_bytes(b'\x01\x02\x08\x03' + b'\x00' * 12)
+  with pytest.raises(data.DataError, match='not an idx file'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "x.idx"}'))
+  (tmp_path / 'short.idx').write_bytes(_idx_bytes(np.zeros((2, 4, 4), np.uint8), 0x08)[:-5])
+  with pytest.raises(data.DataError, match='truncated'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "short.idx"}'))
+  (tmp_path / 'emptydir').mkdir()
+  with pytest.raises(data.DataError, match='no array files'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "emptydir"}'))
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/'
+                                       'train-images-idx3-ubyte.gz'),
+                    reason='Debian dataset-fashion-mnist not installed')
+def test_debian_fashion_mnist_files():
+  cfg = _config(dataset='arrays:/usr/share/datasets/fashion-mnist/', channels=1,
+                image_size=28)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert (train.num_examples, ev.num_examples) == (60000, 10000)
+  x = ev.get(np.arange(8))
+  assert x.shape == (8, 28, 28, 1) and x.min() == 0.0 and x.max() == 1.0
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def _tfds():
+  return pytest.importorskip('tensorflow_datasets')
+
+
+def test_tfds_mnist_exact_and_cached(tmp_path):
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1)
+  with tfds.testing.mock_data(num_examples=12):
+    src = data.load(cfg, 'train')
+    raw = np.stack([ex['image'] for ex in tfds.as_numpy(
+        tfds.load('mnist', split='train', data_dir=str(tmp_path)))])
+  assert src.num_examples == 12 and src.image_shape == (28, 28, 1)
+  _close(src.get(np.arange(12)), raw / np.float32(255))
+  cached = os.listdir(tmp_path / 'avae_jax_cache')
+  assert any(f.startswith('mnist-') and f.endswith('.npy') for f in cached)
+  # Outside the mock the dataset is not prepared: the cache alone serves it.
+  again = data.load(cfg, 'train')
+  np.testing.assert_array_equal(again.get([3, 1]), src.get([3, 1]))
+
+
+@pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])
+def test_tfds_gray_to_rgb_resized(tmp_path, name):
+  tfds = _tfds()
+  cfg = _config(dataset=name, data_dir=str(tmp_path), image_size=32, channels=3)
+  with tfds.testing.mock_data(num_examples=6):
+    train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  x = ev.get(np.arange(6))
+  assert train.num_examples == 6 and x.shape == (6, 32, 32, 3) and x.dtype == np.float32
+  assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
+  np.testing.assert_array_equal(x[..., 0], x[..., 1])
+
+
+def test_tfds_celeb_a_crop_and_resize(tmp_path):
+  tfds = _tfds()
+  with tfds.testing.mock_data(num_examples=4):
+    small = data.load(_config(dataset='celeb_a', data_dir=str(tmp_path), image_size=32,
+                              crop_size=140), 'train')
+    full = data.load(_config(dataset='celeb_a', data_dir=str(tmp_path), image_size=140,
+                             crop_size=140), 'train')
+    raw = np.stack([ex['image'] for ex in tfds.as_numpy(
+        tfds.load('celeb_a', split='train', data_dir=str(tmp_path)))])
+  x = small.get(np.arange(4))
+  assert small.name == 'celeb_a/train'
+  assert raw.shape[1:] == (218, 178, 3)
+  assert x.shape == (4, 32, 32, 3) and 0.0 <= x.min() and x.max() <= 1.0
+  # Without resizing the crop is exactly rows 39..178, columns 19..158.
+  _close(full.get(np.arange(4)), raw[:, 39:179, 19:159] / np.float32(255))
+
+
+def test_tfds_dsprites_factors_and_held_out_eval(tmp_path):
+  tfds = _tfds()
+  cfg = _config(dataset='dsprites', data_dir=str(tmp_path), image_size=64, channels=1,
+                eval_fraction=0.25)
+  with tfds.testing.mock_data(num_examples=20, max_value=2):  # dSprites pixels are 0/1
+    train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+    raw = list(tfds.as_numpy(tfds.load('dsprites', split='train', data_dir=str(tmp_path))))
+  assert (train.num_examples, ev.num_examples) == (15, 5)
+  assert train.factor_names == ('shape', 'scale', 'orientation', 'x_position', 'y_position')
+  labels = np.array([[ex[f'label_{k}'] for k in train.factor_names] for ex in raw])
+  images = np.stack([ex['image'] for ex in raw]).astype(np.float32)  # 0/1 -> black/white
+  all_factors = np.concatenate([train.factors, ev.factors])
+  all_images = np.concatenate([train.get(np.arange(15)), ev.get(np.arange(5))])
+  # Train and eval partition the split: match every served image to its raw row.
+  matched = sorted(int(np.flatnonzero((labels == f).all(1) & (images == im).all((1, 2, 3)))[0])
+                   for f, im in zip(all_factors, all_images))
+  assert matched == list(range(20))
+
+
+def test_tfds_not_prepared_fails_fast_without_network(tmp_path, monkeypatch):
+  tfds = _tfds()
+  calls = []
+
+  def no_network(*args, **kwargs):
+    raise OSError('network access attempted in a test')
+
+  def fake_download(self, *args, **kwargs):
+    calls.append(self.name)  # records the request, prepares nothing
+  monkeypatch.setattr(socket.socket, 'connect', no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', fake_download)
+  empty = tmp_path / 'tfds'
+  empty.mkdir()
+  for name in ('celeb_a', 'fashion_mnist'):
+    with pytest.raises(data.DataError) as err:
+      data.load(_config(dataset=name, data_dir=str(empty), download=False))
+    msg = str(err.value)
+    assert 'not prepared' in msg and 'download' in msg and 'data_dir' in msg
+    assert 'folder:' in msg and 'arrays:' in msg and 'manual' in msg
+  assert calls == []  # download=False never asks tfds to download
+  with pytest.raises(data.DataError, match='not prepared'):
+    data.load(_config(dataset='mnist', data_dir=str(empty), download=True))
+  assert calls == ['mnist']
+
+
+def test_tfds_cache_writer_with_known_split_size(tmp_path):
+  tf = pytest.importorskip('tensorflow')
+  images = np.random.default_rng(4).integers(0, 256, (10, 20, 20, 1)).astype(np.uint8)
+  ds = tf.data.Dataset.from_tensor_slices({'image': images}).batch(4)
+  geometry = dict(image_size=20, crop_size=0, channels=1)
+  # A known size writes straight into a memory-mapped .npy; None collects in memory.
+  known, _, _ = data._write_cache(ds, str(tmp_path), 'known', 'mnist', None, geometry, 10)
+  unknown, _, _ = data._write_cache(ds, str(tmp_path), 'unknown', 'mnist', None, geometry,
+                                    None)
+  np.testing.assert_array_equal(known, images)
+  np.testing.assert_array_equal(unknown, images)
+  with pytest.raises(data.DataError, match='lists 12'):
+    data._write_cache(ds, str(tmp_path), 'short', 'mnist', None, geometry, 12)
+  assert sorted(os.listdir(tmp_path)) == ['known.npy', 'unknown.npy']  # no partial files
+
+
+def test_unknown_dataset_and_bad_channels():
+  with pytest.raises(data.DataError, match='unknown dataset'):
+    data.load(_config(dataset='imagenet'))
+  with pytest.raises(data.DataError, match='channels'):
+    data.load(_config(channels=2))
+  with pytest.raises(data.DataError, match='split'):
+    data.load(_config(), 'test')
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _index_source(n, size=2):
+  """A Source whose image i is the constant i / 1000, so batches reveal their indices."""
+  def read(idx):
+    return np.broadcast_to((idx / 1000.0).astype(np.float32)[:, None, None, None],
+                           (len(idx), size, size, 1))
+  return data.Source(read, n, (size, size, 1), name='index')
+
+
+def _ids(batch):
+  return np.round(batch.reshape(-1, batch.shape[-3] * batch.shape[-2])[:, 0] * 1000).astype(int)
+
+
+def _take(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def test_batches_follow_the_documented_schedule():
+  src = _index_source(50)
+  got = _take(data.batches(src, batch_size=8, seed=5), 13)  # 6 per epoch: into epoch 2
+  for t, b in enumerate(got):
+    epoch, i = divmod(t, 6)
+    perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, epoch]))).permutation(50)
+    np.testing.assert_array_equal(_ids(b), perm[i * 8:(i + 1) * 8])
+
+
+def test_batches_deterministic_and_reshuffled_per_epoch():
+  src = _index_source(50)
+  a = [_ids(b) for b in _take(data.batches(src, batch_size=8, seed=1), 12)]
+  b = [_ids(b) for b in _take(data.batches(src, batch_size=8, seed=1), 12)]
+  c = [_ids(b) for b in _take(data.batches(src, batch_size=8, seed=2), 12)]
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+  epoch0, epoch1 = np.concatenate(a[:6]), np.concatenate(a[6:])
+  # Each epoch: 48 distinct examples (the remainder of 2 dropped), in a new order.
+  assert len(set(epoch0)) == 48 and len(set(epoch1)) == 48
+  assert not np.array_equal(epoch0, epoch1)
+
+
+def test_batches_resume_equals_continuation():
+  src = _index_source(50)
+  full = _take(data.batches(src, batch_size=8, seed=3), 16)
+  resumed = _take(data.batches(src, batch_size=8, seed=3, start_step=5), 11)
+  for x, y in zip(full[5:], resumed):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_batches_process_slices_union_is_the_global_batch():
+  src = _index_source(64, size=3)
+  whole = _take(data.batches(src, batch_size=16, seed=0, num_local_devices=4), 6)
+  parts = [_take(data.batches(src, batch_size=16, seed=0, process_index=p, process_count=2,
+                              num_local_devices=2), 6) for p in range(2)]
+  for t in range(6):
+    assert whole[t].shape == (4, 4, 3, 3, 1) and parts[0][t].shape == (2, 4, 3, 3, 1)
+    np.testing.assert_array_equal(np.concatenate([_ids(parts[0][t]), _ids(parts[1][t])]),
+                                  _ids(whole[t]))
+
+
+def test_batches_validate_sizes():
+  src = _index_source(20)
+  with pytest.raises(data.DataError, match='processes'):
+    data.batches(src, batch_size=9, seed=0, process_count=2)
+  with pytest.raises(data.DataError, match='local devices'):
+    data.batches(src, batch_size=8, seed=0, num_local_devices=3)
+  with pytest.raises(data.DataError, match='larger than'):
+    data.batches(src, batch_size=32, seed=0)
+
+
+def test_eval_batches_pad_and_mask():
+  src = _index_source(10)
+  out = list(data.eval_batches(src, 4, 10))
+  assert [m.tolist() for _, m in out] == [[True] * 4, [True] * 4, [True, True, False, False]]
+  ids = np.concatenate([_ids(x)[m] for x, m in out])
+  np.testing.assert_array_equal(ids, np.arange(10))
+  assert np.all(out[-1][0][2:] == 0) and out[-1][0].shape == (4, 2, 2, 1)
+  assert len(list(data.eval_batches(src, 4, 6))) == 2
+  assert sum(m.sum() for _, m in data.eval_batches(src, 4, 0)) == 10
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_puts_one_row_per_device():
+  devices = jax.devices()[:4]
+  batches = [np.random.default_rng(i).random((len(devices), 2, 3)).astype(np.float32)
+             for i in range(5)]
+  with data.prefetch_to_devices(iter(batches), devices, size=2) as it:
+    got = list(it)
+  assert len(got) == 5
+  for x, y in zip(got, batches):
+    np.testing.assert_array_equal(np.asarray(x), y)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start)
+    assert [s.device for s in shards] == devices
+    for i, s in enumerate(shards):
+      np.testing.assert_array_equal(np.asarray(s.data)[0], y[i])
+
+
+def test_prefetch_propagates_producer_errors():
+  def producer():
+    yield np.zeros((1, 2), np.float32)
+    raise RuntimeError('broken input')
+  it = data.prefetch_to_devices(producer(), jax.devices()[:1])
+  np.testing.assert_array_equal(np.asarray(next(it)), np.zeros((1, 2)))
+  with pytest.raises(RuntimeError, match='broken input'):
+    next(it)
+  bad = data.prefetch_to_devices(iter([np.zeros((3, 2))]), jax.devices()[:2])
+  with pytest.raises(ValueError, match='leading axis'):
+    next(bad)
+
+
+def test_prefetch_close_stops_the_thread():
+  src = _index_source(40)
+  it = data.prefetch_to_devices(data.batches(src, batch_size=4, seed=0, num_local_devices=2),
+                                jax.devices()[:2], size=2)
+  first = next(it)
+  assert first.shape == (2, 2, 2, 2, 1)
+  it.close()
+  names = [t.name for t in threading.enumerate() if t.is_alive()]
+  assert 'prefetch_to_devices' not in names
+  with pytest.raises(StopIteration):
+    next(it)
