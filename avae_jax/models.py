@@ -1,0 +1,218 @@
+"""Encoder, decoder, discriminator and VAE of Table I (flax.linen), sized by the config.
+
+Every convolution or dense layer that feeds a BatchNorm has no bias: the BatchNorm's
+mean subtraction cancels it, and its own shift plays that role. BatchNorm takes an
+`axis_name`, so inside `pmap`/`shard_map` its batch statistics are those of the global
+batch. With `dtype=bfloat16` the layers compute in bfloat16 while the parameters (and the
+BatchNorm reductions) stay float32; the model outputs are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from avae_jax import config_lib
+
+Dtype = Any
+
+
+def _dtype(name: str | Dtype) -> Dtype:
+  """The jnp dtype for a config string such as 'bfloat16'."""
+  return jnp.dtype(name)
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+  """Nearest-neighbour upsampling of an NHWC batch by an integer factor."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, h * factor, w * factor, c)
+
+
+class ConvBNReLU(nn.Module):
+  """Convolution (no bias) + BatchNorm + ReLU, the repeated unit of Table I."""
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the unit; 'same' padding, so the side shrinks only by the stride."""
+    # Padding 1 on each side for both the 3x3 (stride 1) and the 4x4 (stride 2)
+    # convolutions, as in the paper's Keras/PyTorch models: side -> side / stride.
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     axis_name=self.axis_name, dtype=self.dtype)(x)
+    return nn.relu(x)
+
+
+class DenseBNTanh(nn.Module):
+  """Fully connected (no bias) + BatchNorm + tanh, the dense unit of Table I."""
+  features: int
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the unit to a (B, F) batch."""
+    x = nn.Dense(self.features, use_bias=False, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     axis_name=self.axis_name, dtype=self.dtype)(x)
+    return jnp.tanh(x)
+
+
+def _check_input(x: jax.Array, widths: Sequence[int]) -> None:
+  """Rank-4 NHWC input whose sides the downsampling stages divide (else ConfigError)."""
+  chex.assert_rank(x, 4)
+  config_lib.check_image_size(x.shape[1], tuple(widths))
+  config_lib.check_image_size(x.shape[2], tuple(widths))
+
+
+class Encoder(nn.Module):
+  """Table I encoder: per width conv3x3 s1 + conv4x4 s2 (BN, ReLU); FC + BN + tanh; mu, logvar."""
+  widths: Sequence[int]
+  latent_dim: int
+  hidden_dim: int = 48
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """Maps (B, H, W, C) images to float32 (mu, logvar), each (B, latent_dim)."""
+    _check_input(x, self.widths)
+    kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    h = x.astype(self.dtype)
+    for w in self.widths:
+      h = ConvBNReLU(w, kernel=3, stride=1, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=4, stride=2, **kw)(h, train)
+    h = h.reshape((h.shape[0], -1))
+    h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
+    # The heads run in float32: exp(logvar) amplifies any rounding of logvar.
+    h = h.astype(jnp.float32)
+    mu = nn.Dense(self.latent_dim, dtype=jnp.float32, name='mu')(h)
+    logvar = nn.Dense(self.latent_dim, dtype=jnp.float32, name='logvar')(h)
+    chex.assert_shape([mu, logvar], (x.shape[0], self.latent_dim))
+    return mu, logvar
+
+
+class Decoder(nn.Module):
+  """Table I decoder: FC + BN + tanh; FC to s*s*w_last; per width (reversed) conv, x2, conv; 1x1."""
+  widths: Sequence[int]
+  image_size: int
+  channels: int
+  hidden_dim: int = 48
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    """Maps (B, latent) codes to float32 images (B, H, W, C) in (0, 1)."""
+    chex.assert_rank(z, 2)
+    s = config_lib.check_image_size(self.image_size, tuple(self.widths))
+    kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    h = DenseBNTanh(self.hidden_dim, **kw)(z.astype(self.dtype), train)
+    h = DenseBNTanh(s * s * self.widths[-1], **kw)(h, train)
+    h = h.reshape((h.shape[0], s, s, self.widths[-1]))
+    for w in reversed(self.widths):
+      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = upsample_nearest(h, 2)
+      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+    # Table I's "conv_transpose 1x1" is a 1x1 convolution (with bias: no BN follows).
+    # It and the sigmoid run in float32 so that outputs and losses keep full precision.
+    logits = nn.Conv(self.channels, (1, 1), dtype=jnp.float32, name='to_image')(
+        h.astype(jnp.float32))
+    x_rec = nn.sigmoid(logits)
+    chex.assert_shape(x_rec, (z.shape[0], self.image_size, self.image_size, self.channels))
+    return x_rec
+
+
+class Discriminator(nn.Module):
+  """The encoder with 2x2 max-pooling instead of the stride-2 conv; one logit per image."""
+  widths: Sequence[int]
+  hidden_dim: int = 48
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Maps (B, H, W, C) images to float32 logits (B,) (positive = judged real)."""
+    _check_input(x, self.widths)
+    kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    h = x.astype(self.dtype)
+    for w in self.widths:
+      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = h.reshape((h.shape[0], -1))
+    h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
+    logit = nn.Dense(1, dtype=jnp.float32, name='logit')(h.astype(jnp.float32))[:, 0]
+    chex.assert_shape(logit, (x.shape[0],))
+    return logit
+
+
+class VAE(nn.Module):
+  """Encoder + reparameterised sample + decoder; the noise is an input (pure function)."""
+  widths: Sequence[int]
+  image_size: int
+  channels: int
+  latent_dim: int
+  hidden_dim: int = 48
+  bn_momentum: float = 0.9
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    """Builds the two halves with the shared settings."""
+    kw = dict(hidden_dim=self.hidden_dim, bn_momentum=self.bn_momentum,
+              axis_name=self.axis_name, dtype=self.dtype)
+    self.encoder = Encoder(self.widths, self.latent_dim, **kw)
+    self.decoder = Decoder(self.widths, self.image_size, self.channels, **kw)
+
+  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """(mu, logvar) of q(z|x), each (B, latent_dim) float32."""
+    chex.assert_shape(x, (None, self.image_size, self.image_size, self.channels))
+    return self.encoder(x, train)
+
+  def decode(self, z: jax.Array, train: bool) -> jax.Array:
+    """Images (B, H, W, C) float32 in (0, 1) for codes z (B, latent_dim)."""
+    chex.assert_shape(z, (None, self.latent_dim))
+    return self.decoder(z, train)
+
+  def __call__(self, x: jax.Array, eps: jax.Array,
+               train: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(x_rec, z, mu, logvar) with z = mu + exp(logvar / 2) * eps."""
+    mu, logvar = self.encode(x, train)
+    chex.assert_equal_shape([mu, eps])
+    z = mu + jnp.exp(0.5 * logvar) * eps.astype(jnp.float32)
+    return self.decode(z, train), z, mu, logvar
+
+
+def create_models(config: ml_collections.ConfigDict,
+                  axis_name: str | None = None) -> tuple[VAE, Discriminator]:
+  """The VAE and discriminator of `config.model`; ConfigError if the image size does not fit."""
+  widths = tuple(int(w) for w in config.model.widths)
+  config_lib.check_image_size(int(config.image_size), widths)
+  dtype = str(config.model.dtype)
+  if dtype not in ('float32', 'bfloat16'):
+    raise config_lib.ConfigError(
+        f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  common = dict(hidden_dim=int(config.model.hidden_dim),
+                bn_momentum=float(config.model.bn_momentum),
+                axis_name=axis_name, dtype=_dtype(dtype))
+  vae = VAE(widths, int(config.image_size), int(config.channels),
+            int(config.model.latent_dim), **common)
+  disc = Discriminator(widths, **common)
+  return vae, disc

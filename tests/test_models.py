@@ -1,0 +1,226 @@
+"""Tests for avae_jax.models: shapes, dtypes, ranges, BatchNorm behaviour, Table I sizes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avae_jax import config_lib
+from avae_jax import models
+from configs import default
+
+
+def tiny_config(image_size=16, channels=3, widths=(4, 8), dtype='float32'):
+  c = default.get_config()
+  c.image_size = image_size
+  c.channels = channels
+  c.model.widths = widths
+  c.model.latent_dim = 4
+  c.model.hidden_dim = 8
+  c.model.dtype = dtype
+  return c
+
+
+def _init(config, batch=6, seed=0):
+  """Models, variables and inputs for `config`. The rbg PRNG keeps the init compile short."""
+  vae, disc = models.create_models(config)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(batch, config.image_size, config.image_size, config.channels))
+  x = jnp.asarray(x, jnp.float32)
+  eps = jnp.asarray(rng.normal(size=(batch, config.model.latent_dim)), jnp.float32)
+
+  @jax.jit
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return vae.init(k1, x, eps, False), disc.init(k2, x, False)
+
+  v_vars, d_vars = init(jax.random.key(seed, impl='rbg'))
+  return vae, disc, v_vars, d_vars, x, eps
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _outputs(vae, disc, v_vars, d_vars, x, eps):
+  """Every output of both models in both modes, in one compiled program."""
+  out = {}
+  out['eval'] = vae.apply(v_vars, x, eps, False)
+  out['train'], out['vae_stats'] = vae.apply(v_vars, x, eps, True, mutable=['batch_stats'])
+  out['eval_stats'] = vae.apply(v_vars, x, eps, False, mutable=['batch_stats'])[1]
+  out['encode'] = vae.apply(v_vars, x, False, method='encode')
+  out['decode'] = vae.apply(v_vars, out['eval'][1], False, method='decode')
+  out['logits_eval'] = disc.apply(d_vars, x, False)
+  out['logits_train'], out['disc_stats'] = disc.apply(d_vars, x, True, mutable=['batch_stats'])
+  # Eval mode is per-sample; train mode normalises with the statistics of the batch.
+  out['eval_first'] = vae.apply(v_vars, x[:1], eps[:1], False)[0]
+  out['train_first_two'] = vae.apply(v_vars, x[:2], eps[:2], True, mutable=['batch_stats'])[0][0]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(image_size, channels, widths, dtype='float32'):
+  vae, disc, v_vars, d_vars, x, eps = _init(tiny_config(image_size, channels, widths, dtype))
+  out = jax.tree.map(np.asarray, _outputs(vae, disc, v_vars, d_vars, x, eps))
+  return vae, disc, v_vars, d_vars, x, eps, out
+
+
+@pytest.mark.parametrize('image_size,channels', [(16, 3), (28, 1)])
+def test_output_shapes_dtypes_ranges(image_size, channels):
+  *_, x, eps, out = _setup(image_size, channels, (4, 8))
+  b = x.shape[0]
+  for mode in ('eval', 'train'):
+    x_rec, z, mu, logvar = out[mode]
+    logits = out['logits_' + mode]
+    assert x_rec.shape == (b, image_size, image_size, channels)
+    assert mu.shape == logvar.shape == z.shape == (b, 4)
+    assert logits.shape == (b,)
+    for a in (x_rec, z, mu, logvar, logits):
+      assert a.dtype == np.float32
+      assert np.all(np.isfinite(a))
+    assert np.all(x_rec > 0) and np.all(x_rec < 1)
+    # Reparameterisation, checked in numpy.
+    np.testing.assert_allclose(z, mu + np.exp(0.5 * logvar) * np.asarray(eps), rtol=1e-6,
+                               atol=1e-6)
+  # encode / decode methods agree with the full call (eval mode is per-sample).
+  x_rec, z, mu, logvar = out['eval']
+  np.testing.assert_array_equal(mu, out['encode'][0])
+  np.testing.assert_array_equal(logvar, out['encode'][1])
+  np.testing.assert_allclose(x_rec, out['decode'], atol=1e-6)
+
+
+def test_three_stage_sizes():
+  config = tiny_config(32, 3, (2, 4, 4))
+  vae, disc = models.create_models(config)
+  x = jnp.zeros((2, 32, 32, 3))
+  eps = jnp.zeros((2, 4))
+
+  def run(key):
+    v_vars, d_vars = vae.init(key, x, eps, False), disc.init(key, x, False)
+    return v_vars, vae.apply(v_vars, x, eps, False)[0], disc.apply(d_vars, x, False)
+
+  v_vars, x_rec, logits = jax.eval_shape(run, jax.random.key(0))
+  assert x_rec.shape == (2, 32, 32, 3)
+  assert logits.shape == (2,)
+  # Bottleneck side 32 / 2**3 = 4: the decoder's dense layer has 4*4*4 units.
+  kernel = v_vars['params']['decoder']['DenseBNTanh_1']['Dense_0']['kernel']
+  assert kernel.shape == (8, 4 * 4 * 4)
+
+
+def test_bfloat16_compute_float32_params_and_outputs():
+  vae16, disc16, v_vars16, d_vars16, x, eps, _ = _setup(16, 3, (4, 8), 'bfloat16')
+  vae32, disc32, *_ = _setup(16, 3, (4, 8), 'float32')
+  for leaf in jax.tree.leaves((v_vars16, d_vars16)):
+    assert leaf.dtype == jnp.float32
+  # The same float32 parameters through both models: close, not equal (bf16 compute).
+  out16 = jax.tree.map(np.asarray, _outputs(vae16, disc16, v_vars16, d_vars16, x, eps))
+  out32 = jax.tree.map(np.asarray, _outputs(vae32, disc32, v_vars16, d_vars16, x, eps))
+  for a, b in zip(out16['train'] + (out16['logits_train'],),
+                  out32['train'] + (out32['logits_train'],)):
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=0.1, rtol=0.1)
+  assert not np.array_equal(out16['train'][0], out32['train'][0])
+  # The convolutions really run in bfloat16.
+  jaxpr = str(jax.make_jaxpr(lambda v: vae16.apply(v, x, eps, False))(v_vars16))
+  conv_lines = [l for l in jaxpr.splitlines() if 'conv_general_dilated' in l]
+  assert conv_lines and all('bf16' in l for l in conv_lines[:-1])
+
+
+@pytest.mark.parametrize('image_size,widths', [(18, (4, 8)), (28, (4, 8, 16)), (20, (4, 8, 16))])
+def test_bad_image_size_is_a_clear_config_error(image_size, widths):
+  with pytest.raises(config_lib.ConfigError, match='not divisible by 2\\*\\*len'):
+    models.create_models(tiny_config(image_size, 3, widths))
+
+
+def test_encoder_rejects_input_of_wrong_size():
+  enc = models.Encoder((4, 8), latent_dim=4, hidden_dim=8)
+  with pytest.raises(config_lib.ConfigError, match='image_size 18'):
+    jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((2, 18, 18, 3)), False))
+
+
+def test_vae_rejects_wrong_channels():
+  vae, _, v_vars, _, x, eps, _ = _setup(16, 3, (4, 8))
+  with pytest.raises(AssertionError):
+    jax.eval_shape(lambda: vae.apply(v_vars, x[..., :1], eps, False))
+
+
+def _conv3x3_same(x, k):
+  """Reference 3x3 'same' cross-correlation in numpy: x (B,H,W,C), k (3,3,C,O)."""
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  out = np.zeros(x.shape[:3] + (k.shape[-1],))
+  for di in range(3):
+    for dj in range(3):
+      out += np.einsum('bhwc,co->bhwo', xp[:, di:di + h, dj:dj + w], k[di, dj])
+  return out
+
+
+def test_batchnorm_running_stats_update_in_train_mode_only():
+  _, _, v_vars, d_vars, x, _, out = _setup(16, 3, (4, 8))
+  old = jax.tree.leaves(v_vars['batch_stats'])
+  # Eval mode: nothing changes, even when the collection is mutable.
+  for a, b in zip(jax.tree.leaves(out['eval_stats']['batch_stats']), old):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  # Train mode: every running statistic moves.
+  for a, b in zip(jax.tree.leaves(out['vae_stats']['batch_stats']), old):
+    assert not np.allclose(a, np.asarray(b))
+  for a, b in zip(jax.tree.leaves(out['disc_stats']['batch_stats']),
+                  jax.tree.leaves(d_vars['batch_stats'])):
+    assert not np.allclose(a, np.asarray(b))
+  # The first encoder BatchNorm: running = momentum * init + (1 - momentum) * batch stat
+  # of the first convolution's output (computed here in numpy), momentum 0.9, init 0 / 1.
+  kernel = np.asarray(v_vars['params']['encoder']['ConvBNReLU_0']['Conv_0']['kernel'])
+  h = _conv3x3_same(np.asarray(x, np.float64), kernel.astype(np.float64))
+  stats = out['vae_stats']['batch_stats']['encoder']['ConvBNReLU_0']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-4)
+  # Eval mode is per-sample (running stats); train mode depends on the other samples.
+  np.testing.assert_allclose(out['eval_first'], out['eval'][0][:1], atol=1e-6)
+  assert not np.allclose(out['train_first_two'], out['train'][0][0], atol=1e-4)
+
+
+def test_parameter_count_celeba_table_one():
+  c = default.get_config()
+  c.image_size, c.channels = 96, 3
+  c.model.widths, c.model.latent_dim, c.model.hidden_dim = (24, 48, 96, 192), 32, 48
+  vae, disc = models.create_models(c)
+  x = jax.ShapeDtypeStruct((2, 96, 96, 3), jnp.float32)
+  eps = jax.ShapeDtypeStruct((2, 32), jnp.float32)
+  v_shapes = jax.eval_shape(functools.partial(vae.init, train=False), jax.random.key(0), x, eps)
+  d_shapes = jax.eval_shape(functools.partial(disc.init, train=False), jax.random.key(0), x)
+  count = lambda tree: sum(int(np.prod(l.shape)) for l in jax.tree.leaves(tree))
+
+  # Table I, row by row. A layer followed by bnorm has no bias (bnorm's shift replaces it)
+  # and its bnorm adds a scale and a shift per unit (2 * out). k: kernel side.
+  def conv_bn(k, cin, cout):
+    return k * k * cin * cout + 2 * cout
+
+  def fc_bn(fin, fout):
+    return fin * fout + 2 * fout
+
+  encoder = (conv_bn(3, 3, 24) + conv_bn(4, 24, 24)        # 24 conv 3x3 s1, 24 conv 4x4 s2
+             + conv_bn(3, 24, 48) + conv_bn(4, 48, 48)     # 48 ...
+             + conv_bn(3, 48, 96) + conv_bn(4, 96, 96)     # 96 ...
+             + conv_bn(3, 96, 192) + conv_bn(4, 192, 192)  # 192 ...
+             + fc_bn(6 * 6 * 192, 48)                      # 48 fully connected on 6x6x192
+             + 2 * (48 * 32 + 32))                         # z_mean, z_sigma: 32 each (bias)
+  decoder = (fc_bn(32, 48)                                 # 48 fully connected
+             + fc_bn(48, 6 * 6 * 192)                      # 6x6x192 fully connected
+             + conv_bn(3, 192, 192) + conv_bn(3, 192, 192)
+             + conv_bn(3, 192, 96) + conv_bn(3, 96, 96)
+             + conv_bn(3, 96, 48) + conv_bn(3, 48, 48)
+             + conv_bn(3, 48, 24) + conv_bn(3, 24, 24)
+             + (1 * 1 * 24 * 3 + 3))                       # 3 conv_transpose 1x1 (bias)
+  # Discriminator: the encoder with the 4x4 stride-2 conv replaced by a 3x3 conv and a
+  # 2x2 max-pool (no parameters); one logit (with bias).
+  discriminator = (conv_bn(3, 3, 24) + conv_bn(3, 24, 24)
+                   + conv_bn(3, 24, 48) + conv_bn(3, 48, 48)
+                   + conv_bn(3, 48, 96) + conv_bn(3, 96, 96)
+                   + conv_bn(3, 96, 192) + conv_bn(3, 192, 192)
+                   + fc_bn(6 * 6 * 192, 48) + (48 + 1))
+  assert count(v_shapes['params']['encoder']) == encoder
+  assert count(v_shapes['params']['decoder']) == decoder
+  assert count(v_shapes['params']) == encoder + decoder
+  assert count(d_shapes['params']) == discriminator
+  # BatchNorm running mean and variance: two per normalised unit.
+  bn_units_vae = (2 * (24 + 48 + 96 + 192) + 48) + (48 + 6 * 6 * 192 + 2 * (192 + 96 + 48 + 24))
+  assert count(v_shapes['batch_stats']) == 2 * bn_units_vae
