@@ -1,0 +1,201 @@
+"""Training summaries: TensorBoard event files, metrics.jsonl and a progress line.
+
+TensorBoard events are written with tensorboard's own event writer (protobuf,
+no TensorFlow graph or eager machinery). It goes through TensorFlow's gfile
+when TensorFlow is installed, so gs:// workdirs work; otherwise local paths.
+Scalars are also appended to `<workdir>/metrics.jsonl`, one JSON object per
+call: {"step": 100, "loss": 1.25, ...}; NaN and infinities are written as
+Python's json writes them (NaN, Infinity). After a resume, steps replayed
+since the last checkpoint appear twice; the later line is the one that counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import event_file_writer
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def to_uint8_image(image: Any) -> np.ndarray:
+  """Returns an image (H,W), (H,W,C) uint8, or float in [0,1], as uint8 (H,W,C), C in 1,3,4."""
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'Expected an (H, W, C) image with C in 1, 3, 4; got {array.shape}.')
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+    raise ValueError(f'Expected a uint8 or float image; got {array.dtype}.')
+  array = np.nan_to_num(array.astype(np.float32), nan=0.0)
+  return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def encode_png(image: Any) -> bytes:
+  """Returns the PNG encoding of an image accepted by `to_uint8_image`."""
+  array = to_uint8_image(image)
+  pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+  buffer = io.BytesIO()
+  pil.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _scalar(name: str, value: Any) -> float:
+  """Returns a metric value (Python, numpy or jax scalar) as a float."""
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f'Metric {name!r} is not a scalar: shape {array.shape}.')
+  return float(array.reshape(()))
+
+
+class SummaryWriter:
+  """Writes scalars, images and text to TensorBoard and scalars to metrics.jsonl."""
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               *, flush_secs: float = 30.0):
+    """Opens the writers; with enabled=False (non-zero processes) does nothing at all."""
+    self.workdir = os.fspath(workdir)
+    self.enabled = enabled
+    self._events = None
+    self._jsonl = None
+    if not enabled:
+      return
+    self._events = event_file_writer.EventFileWriter(
+        self.workdir, max_queue_size=100, flush_secs=flush_secs)
+    if '://' in self.workdir:
+      # Object stores cannot append; TensorBoard events still hold everything.
+      logging.warning('Not writing %s for the non-local workdir %s.',
+                      METRICS_FILE, self.workdir)
+    else:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), 'a',
+                         encoding='utf-8')
+
+  def _write(self, step: int, summary: summary_pb2.Summary) -> None:
+    """Queues one summary event."""
+    self._events.add_event(
+        event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    """Writes scalar metrics (Python/numpy/jax scalars) for `step`."""
+    if not self.enabled:
+      return
+    if 'step' in values:
+      raise ValueError("'step' is reserved for the step number.")
+    floats = {str(k): _scalar(k, v) for k, v in values.items()}
+    self._write(step, summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=v)
+        for k, v in floats.items()]))
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({'step': int(step), **floats}) + '\n')
+      self._jsonl.flush()  # A crashed run still has its metrics.
+
+  def image(self, step: int, name: str, image: Any) -> None:
+    """Writes one image ((H,W,C) uint8, or float in [0,1]) for `step`."""
+    if not self.enabled:
+      return
+    array = to_uint8_image(image)
+    proto = summary_pb2.Summary.Image(
+        height=array.shape[0], width=array.shape[1],
+        colorspace=array.shape[2], encoded_image_string=encode_png(array))
+    self._write(step, summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=name, image=proto)]))
+
+  def text(self, step: int, name: str, text: str) -> None:
+    """Writes a (markdown) text, e.g. the config, for `step`."""
+    if not self.enabled:
+      return
+    self._write(step, text_summary.text_pb(name, text))
+
+  def flush(self) -> None:
+    """Writes everything queued to disk."""
+    if self._events is not None:
+      self._events.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the files (idempotent)."""
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    self.enabled = False
+
+  def __enter__(self) -> SummaryWriter:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def format_duration(seconds: float) -> str:
+  """Returns seconds as 'H:MM:SS' ('Dd H:MM:SS' past a day; '?' if unknown)."""
+  if not math.isfinite(seconds) or seconds < 0:
+    return '?'
+  seconds = int(round(seconds))
+  days, seconds = divmod(seconds, 86400)
+  hours, seconds = divmod(seconds, 3600)
+  minutes, seconds = divmod(seconds, 60)
+  clock = f'{hours}:{minutes:02d}:{seconds:02d}'
+  return f'{days}d {clock}' if days else clock
+
+
+class ProgressLogger:
+  """Logs 'step s/N (p%) | r steps/s | ETA | elapsed | metrics' every `every` steps."""
+
+  def __init__(self, total_steps: int, every: int, *, start_step: int = 0,
+               enabled: bool = True,
+               clock: Callable[[], float] = time.monotonic,
+               log: Callable[[str], None] = logging.info):
+    """Starts the clock; `start_step` is where a resumed run begins."""
+    self.total_steps = int(total_steps)
+    self.every = int(every)
+    self.enabled = enabled
+    self._clock = clock
+    self._log = log
+    self._start_time = self._last_time = clock()
+    self._last_step = int(start_step)
+
+  def __call__(self, step: int, metrics: Mapping[str, Any] | None = None
+               ) -> str | None:
+    """Logs and returns the progress line if `step` is due (every, or the last); else None."""
+    step = int(step)
+    if not self.enabled or self.every <= 0:
+      return None
+    if step % self.every and step != self.total_steps:
+      return None
+    now = self._clock()
+    # Rate over the last interval: it tracks the current speed, and the first
+    # interval (which includes compilation) stops mattering after one report.
+    steps, seconds = step - self._last_step, now - self._last_time
+    rate = steps / seconds if steps > 0 and seconds > 0 else float('nan')
+    eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
+    percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
+    rate_text = f'{rate:.2f}' if math.isfinite(rate) else '?'
+    parts = [f'step {step}/{self.total_steps} ({percent:.1f}%)',
+             f'{rate_text} steps/s',
+             f'ETA {format_duration(eta)}',
+             f'elapsed {format_duration(now - self._start_time)}']
+    if metrics:
+      parts.append(' '.join(f'{k} {_scalar(k, v):.4g}' for k, v in metrics.items()))
+    line = ' | '.join(parts)
+    self._log(line)
+    self._last_step, self._last_time = step, now
+    return line
