@@ -1,0 +1,150 @@
+"""Image grids for the paper's figures (reconstructions, samples, interpolations,
+latent traversals) and the latent-space helpers that feed the decoder.
+
+numpy + PIL only. Images are float in [0, 1], NHWC, with 1 or 3 channels; grids
+come back as uint8 (H', W', C) ready for PNG or TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  """Maps float [0, 1] (clipped) to uint8 by rounding; uint8 passes through."""
+  if x.dtype == np.uint8:
+    return x
+  x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0)
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
+  """Returns `images` as an array after checking rank and channel count."""
+  images = np.asarray(images)
+  if images.ndim != ndim or images.shape[-1] not in (1, 3):
+    raise ValueError(f'{what} must have {ndim} axes ending in 1 or 3 channels; '
+                     f'got shape {images.shape}.')
+  return images
+
+
+def grid(images: np.ndarray, ncol: int, pad: int = 1,
+         pad_value: float = 1.0) -> np.ndarray:
+  """Tiles (N, H, W, C) images row-major into a uint8 (H', W', C) grid.
+
+  Cells are separated and surrounded by `pad` pixels of `pad_value`; cells past
+  the last image are left at `pad_value`. With R = ceil(N / ncol) rows,
+  H' = R * (H + pad) + pad and W' = ncol * (W + pad) + pad; image k has its
+  top-left pixel at (pad + (k // ncol) * (H + pad), pad + (k % ncol) * (W + pad)).
+  """
+  images = _check_images(images, 4, 'images')
+  n, h, w, c = images.shape
+  if ncol < 1 or pad < 0:
+    raise ValueError(f'Need ncol >= 1 and pad >= 0; got {ncol}, {pad}.')
+  nrow = max(1, math.ceil(n / ncol))
+  fill = _to_uint8(np.asarray(pad_value, np.float32))
+  out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
+  tiles = _to_uint8(images)
+  for k in range(n):
+    top = pad + (k // ncol) * (h + pad)
+    left = pad + (k % ncol) * (w + pad)
+    out[top:top + h, left:left + w] = tiles[k]
+  return out
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG, creating parent dirs."""
+  array = np.asarray(image)
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'Expected (H, W, C) with C in 1, 3, 4; got {array.shape}.')
+  array = _to_uint8(array)
+  path = os.fspath(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
+  """Grids (R, S, H, W, C) with one row of S images per leading index."""
+  r, s = rows.shape[:2]
+  return grid(rows.reshape((r * s,) + rows.shape[2:]), s, pad, pad_value)
+
+
+def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None = None,
+                    pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+  """Ground truth above reconstruction (paper Fig. 3a) for the first `n` images.
+
+  With ncol < n the figure is several pairs of rows: inputs 0..ncol-1, their
+  reconstructions, inputs ncol..2*ncol-1, their reconstructions, ... Unused
+  cells of the last pair are left blank. ncol defaults to n (one pair).
+  """
+  x = _check_images(x, 4, 'x')
+  x_rec = _check_images(x_rec, 4, 'x_rec')
+  if x.shape[1:] != x_rec.shape[1:]:
+    raise ValueError(f'x {x.shape} and x_rec {x_rec.shape} differ in image shape.')
+  n = min(n, len(x), len(x_rec))
+  ncol = n if ncol is None else ncol
+  pairs = max(1, math.ceil(n / ncol))
+  blank = np.full(x.shape[1:], pad_value, np.float32)
+  cells = np.broadcast_to(blank, (pairs, 2, ncol) + x.shape[1:]).copy()
+  for k in range(n):
+    cells[k // ncol, 0, k % ncol] = x[k]
+    cells[k // ncol, 1, k % ncol] = x_rec[k]
+  return grid(cells.reshape((-1,) + x.shape[1:]), ncol, pad, pad_value)
+
+
+def samples(images: np.ndarray, ncol: int, pad: int = 1,
+            pad_value: float = 1.0) -> np.ndarray:
+  """Grid of generated images (decoder outputs of z ~ N(0, I))."""
+  return grid(images, ncol, pad, pad_value)
+
+
+def interpolations(rows: np.ndarray, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+  """(P, S, H, W, C) interpolated images: one row of S steps per pair."""
+  return _rows_to_grid(_check_images(rows, 5, 'rows'), pad, pad_value)
+
+
+def traversals(images: np.ndarray, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+  """(D, S, H, W, C) traversal images: one row of S values per latent dimension."""
+  return _rows_to_grid(_check_images(images, 5, 'images'), pad, pad_value)
+
+
+def _latent(z: np.ndarray, name: str) -> np.ndarray:
+  """Returns a latent code (D,) or (1, D) as a float (D,) array."""
+  z = np.asarray(z)
+  if z.ndim == 2 and z.shape[0] == 1:
+    z = z[0]
+  if z.ndim != 1:
+    raise ValueError(f'{name} must be one latent code (D,); got {z.shape}.')
+  return z if np.issubdtype(z.dtype, np.floating) else z.astype(np.float32)
+
+
+def latent_interpolation(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
+  """(steps, D) codes on the segment z0 -> z1, endpoints exactly z0 and z1."""
+  z0, z1 = _latent(z0, 'z0'), _latent(z1, 'z1')
+  if z0.shape != z1.shape or steps < 2:
+    raise ValueError(f'Need equal shapes and steps >= 2; got {z0.shape}, '
+                     f'{z1.shape}, {steps}.')
+  t = np.linspace(0.0, 1.0, steps)[:, None]
+  # (1 - t) z0 + t z1 (not z0 + t (z1 - z0)) is exact at both ends.
+  return ((1.0 - t) * z0 + t * z1).astype(np.result_type(z0, z1))
+
+
+def latent_traversal(z: np.ndarray, dims: Sequence[int],
+                     values: Sequence[float]) -> np.ndarray:
+  """(len(dims), len(values), D) copies of z with z[dims[i]] set to values[j]."""
+  z = _latent(z, 'z')
+  dims = [int(d) for d in dims]
+  if any(not -len(z) <= d < len(z) for d in dims):
+    raise ValueError(f'dims {dims} out of range for latent size {len(z)}.')
+  values = np.asarray(values, z.dtype)
+  out = np.broadcast_to(z, (len(dims), len(values), len(z))).copy()
+  for i, d in enumerate(dims):
+    out[i, :, d] = values
+  return out

@@ -1,0 +1,118 @@
+"""Tests for avae_jax.visualize: exact grid layout, figure order, latent helpers."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avae_jax import visualize
+
+
+def constant_images(values, h=2, w=2, c=1):
+  """Images where image k is filled with values[k] (floats in [0, 1])."""
+  return np.stack([np.full((h, w, c), v, np.float32) for v in values])
+
+
+def cell(grid, row, col, h, w, pad=1):
+  """The (h, w) tile at (row, col) of a grid with `pad` borders."""
+  top, left = pad + row * (h + pad), pad + col * (w + pad)
+  return grid[top:top + h, left:left + w]
+
+
+def test_grid_exact_pixels():
+  # Three 2x2 grayscale images, values 1/255, 2/255, 3/255 -> uint8 1, 2, 3.
+  images = constant_images([1 / 255, 2 / 255, 3 / 255])
+  out = visualize.grid(images, ncol=2, pad=1, pad_value=0.0)
+  expected = np.array([
+      [0, 0, 0, 0, 0, 0, 0],
+      [0, 1, 1, 0, 2, 2, 0],
+      [0, 1, 1, 0, 2, 2, 0],
+      [0, 0, 0, 0, 0, 0, 0],
+      [0, 3, 3, 0, 0, 0, 0],
+      [0, 3, 3, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0, 0, 0],
+  ], np.uint8)[..., None]
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_grid_rgb_padding_and_values():
+  rng = np.random.default_rng(0)
+  images = rng.random((5, 3, 4, 3)).astype(np.float32)
+  out = visualize.grid(images, ncol=3, pad=2, pad_value=1.0)
+  assert out.shape == (2 * (3 + 2) + 2, 3 * (4 + 2) + 2, 3)
+  for k in range(5):
+    np.testing.assert_array_equal(cell(out, k // 3, k % 3, 3, 4, pad=2),
+                                  np.round(images[k] * 255).astype(np.uint8))
+  # Borders and the empty sixth cell are white.
+  mask = np.ones(out.shape[:2], bool)
+  for k in range(5):
+    top, left = 2 + (k // 3) * 5, 2 + (k % 3) * 6
+    mask[top:top + 3, left:left + 4] = False
+  assert (out[mask] == 255).all()
+  with pytest.raises(ValueError):
+    visualize.grid(images[..., :2], ncol=3)
+
+
+def test_reconstructions_ground_truth_on_top():
+  x = constant_images([k / 255 for k in range(10, 15)])        # 10..14
+  x_rec = constant_images([k / 255 for k in range(20, 25)])    # 20..24
+  out = visualize.reconstructions(x, x_rec, n=5, ncol=3, pad_value=0.0)
+  expected_rows = [[10, 11, 12], [20, 21, 22], [13, 14, 0], [23, 24, 0]]
+  assert out.shape == (4 * 3 + 1, 3 * 3 + 1, 1)
+  for r, row in enumerate(expected_rows):
+    for c, value in enumerate(row):
+      assert (cell(out, r, c, 2, 2) == value).all(), (r, c)
+  # Default: one pair of rows with the first n images.
+  single = visualize.reconstructions(x, x_rec, n=4)
+  assert single.shape == (2 * 3 + 1, 4 * 3 + 1, 1)
+  assert (cell(single, 0, 3, 2, 2) == 13).all() and (cell(single, 1, 3, 2, 2) == 23).all()
+
+
+def test_interpolation_and_traversal_rows():
+  rows = np.stack([constant_images([(10 * p + s) / 255 for s in range(4)])
+                   for p in range(3)])  # (3, 4, 2, 2, 1)
+  for figure in (visualize.interpolations(rows), visualize.traversals(rows)):
+    assert figure.shape == (3 * 3 + 1, 4 * 3 + 1, 1)
+    for p in range(3):
+      for s in range(4):
+        assert (cell(figure, p, s, 2, 2) == 10 * p + s).all()
+  samples = visualize.samples(rows[0], ncol=2)
+  assert samples.shape == (2 * 3 + 1, 2 * 3 + 1, 1)
+
+
+def test_save_png_round_trip(tmp_path):
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+  path = tmp_path / 'figs' / 'a.png'
+  visualize.save_png(path, image)
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+  gray = visualize.grid(constant_images([0.5]), ncol=1)
+  visualize.save_png(tmp_path / 'g.png', gray)
+  assert np.asarray(Image.open(tmp_path / 'g.png')).shape == (4, 4)
+
+
+def test_latent_interpolation():
+  rng = np.random.default_rng(2)
+  z0, z1 = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+  path = visualize.latent_interpolation(z0, z1, 7)
+  assert path.shape == (7, 6) and path.dtype == np.float32
+  np.testing.assert_array_equal(path[0], z0)
+  np.testing.assert_array_equal(path[-1], z1)
+  np.testing.assert_allclose(path, np.linspace(z0, z1, 7), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(path[3], (z0 + z1) / 2, rtol=1e-6, atol=1e-6)
+  # A (1, D) code, as the encoder returns it, works the same.
+  np.testing.assert_array_equal(visualize.latent_interpolation(z0[None], z1[None], 7), path)
+
+
+def test_latent_traversal_changes_only_chosen_dims():
+  rng = np.random.default_rng(3)
+  z = rng.standard_normal(5).astype(np.float32)
+  values = [-2.0, 0.0, 2.0]
+  out = visualize.latent_traversal(z, dims=[1, 4], values=values)
+  assert out.shape == (2, 3, 5) and out.dtype == np.float32
+  for i, d in enumerate([1, 4]):
+    np.testing.assert_array_equal(out[i, :, d], np.asarray(values, np.float32))
+    others = [j for j in range(5) if j != d]
+    np.testing.assert_array_equal(out[i][:, others], np.tile(z[others], (3, 1)))
+  with pytest.raises(ValueError):
+    visualize.latent_traversal(z, dims=[5], values=values)
