@@ -411,6 +411,7 @@ def test_batches_follow_the_documented_schedule():
     epoch, i = divmod(t, 6)
     perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, epoch]))).permutation(50)
     np.testing.assert_array_equal(_ids(b), perm[i * 8:(i + 1) * 8])
+    np.testing.assert_array_equal(data.batch_indices(50, 8, 5, t), perm[i * 8:(i + 1) * 8])
 
 
 def test_batches_deterministic_and_reshuffled_per_epoch():
