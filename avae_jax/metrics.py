@@ -1,0 +1,166 @@
+"""Evaluation metrics: sharpness, per-image MSE / cosine similarity, Frechet distance, MIG.
+
+All functions take numpy or jax arrays and compute on the host in float64 (evaluation runs
+once over a few thousand images, so accuracy matters more than speed here).
+"""
+
+from typing import Any
+
+import numpy as np
+
+# Same constants as avae_jax.filters (LUMA, laplacian_kernel), kept here so evaluation does
+# not depend on the training-loss modules.
+LUMA = (0.299, 0.587, 0.114)
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
+
+# Images per chunk in sharpness: bounds the float64 temporaries for large batches.
+_CHUNK = 256
+
+
+def _luma(images: np.ndarray) -> np.ndarray:
+  """(B, H, W, C) with C in {1, 3} -> (B, H, W) float64 luma."""
+  x = np.asarray(images, np.float64)
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f'expected NHWC images with 1 or 3 channels, got shape {x.shape}')
+  if x.shape[-1] == 1:
+    return x[..., 0]
+  return x @ np.asarray(LUMA, np.float64)
+
+
+def sharpness(images: Any) -> np.ndarray:
+  """(B,) variance of the valid 3x3 Laplacian response of each image's luma."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[1] < 3 or images.shape[2] < 3:
+    raise ValueError(f'expected NHWC images of at least 3x3 pixels, got {images.shape}')
+  out = np.empty(images.shape[0], np.float64)
+  for start in range(0, images.shape[0], _CHUNK):
+    g = _luma(images[start:start + _CHUNK])
+    # Laplacian [[0,1,0],[1,-4,1],[0,1,0]] with valid padding, written as shifted sums.
+    lap = (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:]
+           - 4.0 * g[:, 1:-1, 1:-1])
+    out[start:start + _CHUNK] = lap.reshape(lap.shape[0], -1).var(axis=1)
+  return out
+
+
+def _flat_pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+  x = np.asarray(x, np.float64)
+  y = np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim < 1:
+    raise ValueError(f'shape mismatch: {x.shape} vs {y.shape}')
+  return x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+
+
+def mse(x: Any, y: Any) -> np.ndarray:
+  """(B,) mean squared error per image (flattened)."""
+  x, y = _flat_pair(x, y)
+  return np.mean((x - y) ** 2, axis=1)
+
+
+def cosine_similarity(x: Any, y: Any) -> np.ndarray:
+  """(B,) cosine similarity of the flattened images; 0 where either image is all zeros."""
+  x, y = _flat_pair(x, y)
+  norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+  dots = np.sum(x * y, axis=1)
+  return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def gaussian_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(mean (d,), covariance (d, d)) of (N, d) features, float64, unbiased covariance."""
+  f = np.asarray(features, np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f'expected (N >= 2, d) features, got shape {f.shape}')
+  mu = f.mean(axis=0)
+  centred = f - mu
+  sigma = centred.T @ centred / (f.shape[0] - 1)
+  return mu, sigma
+
+
+def _psd_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Eigen-decomposition of a symmetric PSD matrix with rounding noise set to zero."""
+  w, v = np.linalg.eigh((a + a.T) / 2)
+  # Eigenvalues below this are indistinguishable from 0 in float64 (the rank tolerance of
+  # numpy.linalg.matrix_rank); keeping them would add sqrt(noise) terms per null direction.
+  tol = np.max(np.abs(w), initial=0.0) * a.shape[0] * np.finfo(np.float64).eps
+  return np.where(w > tol, w, 0.0), v
+
+
+def trace_sqrt_product(sigma1: Any, sigma2: Any) -> float:
+  """tr(sqrt(sigma1 @ sigma2)) for PSD matrices, as tr sqrt(sqrt(s1) s2 sqrt(s1)), real."""
+  s1 = np.asarray(sigma1, np.float64)
+  s2 = np.asarray(sigma2, np.float64)
+  w1, v1 = _psd_eigh(s1)
+  root1 = (v1 * np.sqrt(w1)) @ v1.T
+  w, _ = _psd_eigh(root1 @ s2 @ root1)
+  return float(np.sum(np.sqrt(w)))
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, never complex."""
+  mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+  mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  d = mu1.shape[0]
+  if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    raise ValueError(f'inconsistent shapes: {mu1.shape} {sigma1.shape} {mu2.shape} '
+                     f'{sigma2.shape}')
+  if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, sigma1, sigma2)):
+    raise ValueError('statistics contain NaN or inf')
+  if np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2):
+    return 0.0
+  diff = mu1 - mu2
+  value = (diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+           - 2.0 * trace_sqrt_product(sigma1, sigma2))
+  # The distance is >= 0; a tiny negative value is rounding.
+  return float(max(value, 0.0))
+
+
+def _discretize(codes: np.ndarray, num_bins: int) -> np.ndarray:
+  """Histogram-bins each column into num_bins equal-width bins over its range."""
+  out = np.empty(codes.shape, np.int64)
+  for j in range(codes.shape[1]):
+    edges = np.histogram_bin_edges(codes[:, j], bins=num_bins)
+    # Interior edges only, so the maximum falls in the last bin: indices 0 .. num_bins-1.
+    out[:, j] = np.digitize(codes[:, j], edges[1:-1])
+  return out
+
+
+def _entropy(labels: np.ndarray) -> float:
+  p = np.bincount(labels) / labels.shape[0]
+  p = p[p > 0]
+  return float(-np.sum(p * np.log(p)))
+
+
+def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+  """Plug-in mutual information (nats) of two non-negative integer label arrays."""
+  na, nb = a.max() + 1, b.max() + 1
+  joint = np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb) / a.shape[0]
+  pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+  nz = joint > 0
+  return float(np.sum(joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])))
+
+
+def mig(codes: Any, factors: Any, num_bins: int = 20) -> float:
+  """Mutual Information Gap (Chen et al. 2018) of (N, D) codes vs (N, K) discrete factors."""
+  codes = np.asarray(codes, np.float64)
+  factors = np.asarray(factors)
+  if codes.ndim == 1:
+    codes = codes[:, None]
+  if factors.ndim == 1:
+    factors = factors[:, None]
+  if codes.ndim != 2 or factors.ndim != 2 or codes.shape[0] != factors.shape[0]:
+    raise ValueError(f'expected (N, D) codes and (N, K) factors, got {codes.shape}, '
+                     f'{factors.shape}')
+  binned = _discretize(codes, num_bins)
+  gaps = []
+  for k in range(factors.shape[1]):
+    labels = np.unique(factors[:, k], return_inverse=True)[1].ravel()
+    h = _entropy(labels)
+    if h <= 0:  # A constant factor carries no information to normalise by.
+      continue
+    mi = np.sort([_mutual_information(binned[:, j], labels) for j in range(codes.shape[1])])
+    second = mi[-2] if mi.shape[0] > 1 else 0.0
+    gaps.append((mi[-1] - second) / h)
+  if not gaps:
+    raise ValueError('all factors are constant: MIG is undefined')
+  return float(np.mean(gaps))
