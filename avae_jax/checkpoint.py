@@ -82,6 +82,11 @@ def _flatten(tree: PyTree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
   return names, [leaf for _, leaf in with_path], treedef
 
 
+def _path_str(name: tuple[str, ...]) -> str:
+  """Returns a leaf path for messages, e.g. 'vae/params/Conv_0/kernel'."""
+  return '/'.join(name)
+
+
 def _nest(names: Sequence[tuple[str, ...]], values: Sequence[Any]) -> dict:
   """Builds the nested dict {path[0]: {path[1]: ... value}} orbax stores."""
   root: dict = {}
@@ -90,9 +95,9 @@ def _nest(names: Sequence[tuple[str, ...]], values: Sequence[Any]) -> dict:
     for part in name[:-1]:
       node = node.setdefault(part, {})
       if not isinstance(node, dict):
-        raise ValueError(f'State path {"/".join(name)} clashes with a leaf.')
+        raise ValueError(f'State path {_path_str(name)} clashes with a leaf.')
     if name[-1] in node:
-      raise ValueError(f'State path {"/".join(name)} clashes with a subtree.')
+      raise ValueError(f'State path {_path_str(name)} clashes with a subtree.')
     node[name[-1]] = value
   return root
 
@@ -358,10 +363,10 @@ class Checkpointer:
       array = np.asarray(value.addressable_data(0))
       if array.shape != shape or array.dtype.name != dtype:
         raise CorruptCheckpointError(
-            f'{"/".join(name)} restored as {array.shape} {array.dtype.name}')
+            f'{_path_str(name)} restored as {array.shape} {array.dtype.name}')
       if _crc32(array) != entries[name]['crc32']:
         raise CorruptCheckpointError(
-            f'{"/".join(name)} does not match its checksum')
+            f'{_path_str(name)} does not match its checksum')
       leaves.append(array)
     return leaves, meta
 
@@ -372,15 +377,15 @@ class Checkpointer:
     problems = []
     missing = [n for n in names if n not in entries]
     extra = [n for n in entries if n not in set(names)]
-    problems += [f'{"/".join(n)} not in the checkpoint' for n in missing]
-    problems += [f'{"/".join(n)} not in the template' for n in extra]
+    problems += [f'{_path_str(n)} not in the checkpoint' for n in missing]
+    problems += [f'{_path_str(n)} not in the template' for n in extra]
     for name, (shape, dtype) in zip(names, specs):
       entry = entries.get(name)
       if entry is None:
         continue
       saved = (tuple(entry['shape']), entry['dtype'])
       if saved != (shape, dtype):
-        problems.append(f'{"/".join(name)}: checkpoint {saved[0]} {saved[1]}, '
+        problems.append(f'{_path_str(name)}: checkpoint {saved[0]} {saved[1]}, '
                         f'template {shape} {dtype}')
     if problems:
       shown = '; '.join(problems[:5])
@@ -400,9 +405,11 @@ class Checkpointer:
       self._manager.close()
 
   def __enter__(self) -> Checkpointer:
+    """Returns self; `with` closes (and so waits for) the checkpointer."""
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
+    """Closes the checkpointer, waiting for pending saves."""
     self.close()
 
 

@@ -127,6 +127,23 @@ def test_existing_and_newer_steps(tmp_path):
     assert ckpt.all_steps() == [1]
 
 
+def test_synchronous_and_read_only(tmp_path):
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=1, read_only=True) as reader:
+    assert reader.restore(make_state(0)) is None and reader.all_steps() == []
+    with pytest.raises(ValueError, match='read-only'):
+      reader.save(1, make_state(1), {})
+  assert not directory.exists()
+  with checkpoint.Checkpointer(directory, keep=1, async_save=False) as ckpt:
+    assert ckpt.save(1, make_state(1), {'a': 1})
+    assert ckpt.save(2, make_state(2), {'a': 2})
+    assert ckpt.all_steps() == [2]
+  with checkpoint.Checkpointer(directory, keep=1, read_only=True) as reader:
+    step, state, meta = reader.restore(make_state(0))
+  assert (step, meta) == (2, {'a': 2})
+  assert_trees_equal(state, make_state(2))
+
+
 def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
   with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3) as ckpt:
     ckpt.save(1, make_state(1), {})
