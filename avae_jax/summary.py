@@ -139,9 +139,11 @@ class SummaryWriter:
     self.enabled = False
 
   def __enter__(self) -> SummaryWriter:
+    """Returns self; `with` closes the writer."""
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
+    """Flushes and closes the writer."""
     self.close()
 
 
@@ -173,8 +175,8 @@ class ProgressLogger:
     self._start_time = self._last_time = clock()
     self._last_step = int(start_step)
 
-  def __call__(self, step: int, metrics: Mapping[str, Any] | None = None
-               ) -> str | None:
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None
+             ) -> str | None:
     """Logs and returns the progress line if `step` is due (every, or the last); else None."""
     step = int(step)
     if not self.enabled or self.every <= 0:
@@ -199,3 +201,5 @@ class ProgressLogger:
     self._log(line)
     self._last_step, self._last_time = step, now
     return line
+
+  __call__ = update

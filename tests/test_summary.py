@@ -127,7 +127,7 @@ def test_progress_logger_rate_and_eta():
   assert line == ('step 100/950 (10.5%) | 10.00 steps/s | ETA 0:01:25 | '
                   'elapsed 0:00:10 | loss 1.25')
   # The rate is that of the last interval: 100 steps in 5 s.
-  assert progress(200) == ('step 200/950 (21.1%) | 20.00 steps/s | ETA 0:00:38 | '
+  assert progress.update(200) == ('step 200/950 (21.1%) | 20.00 steps/s | ETA 0:00:38 | '
                            'elapsed 0:00:15')
   # The last step is always reported, even off the interval.
   assert progress(950).startswith('step 950/950 (100.0%) | 750.00 steps/s | ETA 0:00:00')
