@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging as std_logging
 import math
 import os
+
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -203,3 +205,23 @@ class ProgressLogger:
     return line
 
   __call__ = update
+
+
+class _DropLibraryInfo(std_logging.Filter):
+  """Drops INFO records from chatty libraries (orbax logs every save step by step)."""
+
+  def __init__(self, fragments: tuple[str, ...]):
+    super().__init__()
+    self._fragments = fragments
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(f in record.pathname for f in self._fragments)
+
+
+def quiet_library_logs(fragments: tuple[str, ...] = ('/orbax/',)) -> None:
+  """Keeps absl INFO logging for this project while silencing libraries' INFO chatter."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropLibraryInfo) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropLibraryInfo(fragments))

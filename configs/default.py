@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Loss-weight calibration (paper §III): probe each term over K batches first.
   c.calibrate = ml_collections.ConfigDict()
-  c.calibrate.enabled = False
+  c.calibrate.enabled = True
   c.calibrate.batches = 20
 
   # Logging and checkpoints (steps are global: pre-training then adversarial).

@@ -1,0 +1,328 @@
+"""The training loop: pre-training, adversarial fine-tuning, checkpoints, summaries, evaluation.
+
+`train_and_evaluate(config, workdir)` is the one function that knows every other module.
+A run is a function of (config, seed): the batch of step t and the PRNG key of step t are
+derived from (seed, t), so a resumed run continues exactly where the stopped one was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from avae_jax import checkpoint
+from avae_jax import config_lib
+from avae_jax import data
+from avae_jax import losses
+from avae_jax import parallel
+from avae_jax import steps
+from avae_jax import summary
+from avae_jax import visualize
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs that is derived from the config, before the first step."""
+  config: ml_collections.ConfigDict
+  devices: list[Any]
+  train_source: Any
+  eval_source: Any
+  step_config: steps.StepConfig
+  total_steps: int
+
+
+def local_devices(config: ml_collections.ConfigDict) -> list[Any]:
+  """The local devices a run uses: config.num_devices of them, or all."""
+  devs = jax.local_devices()
+  n = int(config.num_devices) or len(devs)
+  if n > len(devs):
+    raise config_lib.ConfigError(
+        f'num_devices={n} but only {len(devs)} local devices exist')
+  return devs[:n]
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates the config and opens the data; fails fast before anything is compiled."""
+  devices = local_devices(config)
+  config_lib.validate(config, num_devices=len(devices) * jax.process_count())
+  train_source = data.load(config, 'train')
+  eval_source = data.load(config, 'eval')
+  step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
+  total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
+  return Setup(config, devices, train_source, eval_source, step_config, total)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+  """JSON encoding for numpy scalars and tuples inside configs."""
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f'not JSON serialisable: {type(o)}')
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short fingerprint of the settings that make checkpoints compatible."""
+  import hashlib
+  keys = dict(variant=config.variant, image_size=config.image_size, channels=config.channels,
+              model=config.model.to_dict())
+  return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loss-weight calibration (paper §III): measure each term's scale, equalise them.
+
+
+def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
+                      source: Any, devices: list[Any], key: jax.Array) -> dict[str, float]:
+  """Probes each reconstruction term over K training batches and returns equalising λ's.
+
+  The paper probed the terms for one epoch of training and weighted them so that all share
+  one scale ("if L1 was 30 and L2 about 900, λ_L1 = 30"). Here a throwaway copy of the
+  initial VAE trains for config.calibrate.batches steps with every term at weight 1; each
+  λ_i is then mean(L_MSE) / mean(L_i) over those steps (λ_MSE = 1). The real run starts
+  from the untouched initial state.
+  """
+  k = int(config.calibrate.batches)
+  probe_cfg = steps.StepConfig.from_config(config, dataset_size=source.num_examples)
+  probe_cfg = dataclasses.replace(
+      probe_cfg, recon_weights=tuple((t, 1.0) for t in config_lib.RECONSTRUCTION_TERMS),
+      gabor=losses.GaborSpec.from_config(config.gabor))
+  probe = parallel.make_steps(probe_cfg, devices, method=config.parallel).pretrain
+  state = parallel.replicate(vae_state, devices)
+  it = data.batches(source, batch_size=int(config.batch_size), seed=int(config.seed) + 7919,
+                    start_step=0, process_index=jax.process_index(),
+                    process_count=jax.process_count(), num_local_devices=len(devices))
+  history = []
+  for i in range(k):
+    state, m = probe(state, next(it), jax.random.fold_in(key, i))
+    history.append((i, m))
+  fetched = [(i, jax.device_get(m)) for i, m in history]
+  _check_finite(fetched)
+  means = _mean_metrics(fetched)
+  ref = means['mse']
+  weights = {t: (ref / means[t] if means[t] > 0 else 1.0)
+             for t in config_lib.RECONSTRUCTION_TERMS}
+  logging.info('calibration over %d batches: term means %s -> weights %s', k, means, weights)
+  return weights
+
+
+def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
+                       vae_state: steps.TrainState, key: jax.Array) -> Setup:
+  """Runs the calibration once per workdir, records it, and rebuilds the step config."""
+  path = os.path.join(workdir, 'calibration.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      weights = json.load(f)['weights']
+  else:
+    weights = calibrate_weights(config, vae_state, setup_.train_source, setup_.devices, key)
+    if jax.process_index() == 0:
+      _write_json(path, {'batches': int(config.calibrate.batches), 'weights': weights})
+  print('calibrated reconstruction weights: ' +
+        ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
+  with config.unlocked():
+    for t, v in weights.items():
+      config.loss.weights[t] = float(v)
+  step_config = steps.StepConfig.from_config(config, dataset_size=setup_.train_source.num_examples)
+  return dataclasses.replace(setup_, config=config, step_config=step_config)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics bookkeeping.
+
+
+def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+  """Raises NonFiniteLossError naming the first step and term that is NaN or Inf."""
+  for step, m in history:
+    for name, v in m.items():
+      if not np.all(np.isfinite(v)):
+        raise NonFiniteLossError(
+            f'non-finite {name} = {float(v)} at step {step}; the run stops here and the '
+            'last checkpoint (written before this step) is kept. Lower the learning rate '
+            'or check the loss weights.')
+
+
+def _mean_metrics(history: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, float]:
+  """Averages the metrics of several steps (keys may differ between phases)."""
+  out: dict[str, list[float]] = {}
+  for _, m in history:
+    for k, v in m.items():
+      out.setdefault(k, []).append(float(v))
+  return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+def _state_tree(vae_state: steps.TrainState, disc_state: steps.TrainState) -> dict[str, Any]:
+  """The arrays of both train states, as one checkpointable tree."""
+  def arrays(s):
+    return {'step': s.step, 'params': s.params, 'batch_stats': s.batch_stats,
+            'opt_state': s.opt_state}
+  return {'vae': arrays(vae_state), 'disc': arrays(disc_state)}
+
+
+def _from_tree(vae_state: steps.TrainState, disc_state: steps.TrainState,
+               tree: dict[str, Any]) -> tuple[steps.TrainState, steps.TrainState]:
+  """Puts restored arrays back into the train states."""
+  def put(s, t):
+    return s.replace(step=t['step'], params=t['params'], batch_stats=t['batch_stats'],
+                     opt_state=t['opt_state'])
+  return put(vae_state, tree['vae']), put(disc_state, tree['disc'])
+
+
+def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
+             eval_source: Any, key: jax.Array) -> dict[str, np.ndarray]:
+  """Reconstruction and random-sample grids from the current (unreplicated) VAE."""
+  n = int(config.eval.grid_size)
+  x = eval_source.get(np.arange(min(n, eval_source.num_examples)))
+  variables = {'params': vae_state.params, 'batch_stats': vae_state.batch_stats}
+  eps = jnp.zeros((x.shape[0], config.model.latent_dim))
+  x_rec = vae_state.apply_fn(variables, x, eps, False)[0]
+  z = jax.random.normal(key, (n * n // 2 if n > 1 else 1, config.model.latent_dim))
+  samples = vae_state.apply_fn(variables, z, False, method='decode')
+  return {
+      'reconstructions': visualize.reconstructions(np.asarray(x), np.asarray(x_rec), n),
+      'samples': visualize.samples(np.asarray(samples), n),
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (pre-training, then adversarial fine-tuning) and evaluates; returns final metrics."""
+  config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+  setup_ = setup(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  rng = jax.random.PRNGKey(int(config.seed))
+  init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
+  image_shape = setup_.train_source.image_shape
+  vae_state, disc_state = steps.create_train_states(config, init_key, image_shape)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 keep=int(config.keep_checkpoints))
+  restored = ckpt.restore(_state_tree(vae_state, disc_state))
+  start_step = 0
+  if restored is not None:
+    start_step, tree, meta = restored
+    if meta.get('config_hash') not in (None, config_hash(config)):
+      raise config_lib.ConfigError(
+          f'the checkpoints in {workdir} were written by another model '
+          f'(variant/image size/widths differ); use a new workdir')
+    vae_state, disc_state = _from_tree(vae_state, disc_state, tree)
+    logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
+    print(f'resuming from checkpoint at step {start_step}', flush=True)
+
+  if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
+    setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key)
+  if is_main:
+    _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+  total = setup_.total_steps
+  pre = int(config.pretrain_steps)
+  writer = summary.SummaryWriter(workdir, enabled=is_main)
+  fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
+  r_vae = parallel.replicate(vae_state, setup_.devices)
+  r_disc = parallel.replicate(disc_state, setup_.devices)
+
+  def save(step: int) -> None:
+    tree = _state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
+    meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
+            'data_position': step, 'seed': int(config.seed),
+            'config_hash': config_hash(config)}
+    ckpt.save(step, jax.device_get(tree), meta)
+
+  batches = data.prefetch_to_devices(
+      data.batches(setup_.train_source, batch_size=int(config.batch_size),
+                   seed=int(config.seed), start_step=start_step,
+                   process_index=jax.process_index(), process_count=jax.process_count(),
+                   num_local_devices=len(setup_.devices)),
+      setup_.devices)
+  progress = summary.ProgressLogger(total_steps=total, every=int(config.log_every),
+                                    start_step=start_step, enabled=is_main)
+  history: list[tuple[int, dict[str, Any]]] = []
+  t_last, n_last = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < total:
+      batch = next(batches)
+      key = jax.random.fold_in(train_key, step)
+      if step < pre:
+        r_vae, m = fns.pretrain(r_vae, batch, key)
+      else:
+        r_vae, r_disc, m = fns.adversarial(r_vae, r_disc, batch, key)
+      history.append((step, m))
+      step += 1
+      n_last += 1
+      at_phase_end = step == pre or step == total
+      if step % int(config.log_every) == 0 or at_phase_end:
+        fetched = [(s, jax.device_get(mm)) for s, mm in history]
+        _check_finite(fetched)
+        scalars = _mean_metrics(fetched)
+        dt = time.perf_counter() - t_last
+        scalars['steps_per_s'] = n_last / max(dt, 1e-9)
+        scalars['learning_rate'] = float(config.optimizer.learning_rate)
+        if step > pre:
+          scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)
+        writer.scalars(step, scalars)
+        progress.update(step, scalars)
+        history, t_last, n_last = [], time.perf_counter(), 0
+      if is_main and (step % int(config.image_every) == 0 or step == total):
+        figs = _figures(config, parallel.unreplicate(r_vae), setup_.eval_source,
+                        jax.random.fold_in(fig_key, step))
+        for name, img in figs.items():
+          writer.image(step, name, img)
+          visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
+      if step % int(config.checkpoint_every) == 0 or at_phase_end:
+        # Never checkpoint a state whose losses were not checked.
+        if history:
+          _check_finite([(s, jax.device_get(mm)) for s, mm in history])
+        save(step)
+    ckpt.wait()
+  finally:
+    writer.flush()
+    ckpt.close()
+
+  vae_final = parallel.unreplicate(r_vae)
+  results = final_evaluation(config, workdir, vae_final, setup_)
+  writer.scalars(total, {f'final/{k}': v for k, v in results.items()
+                         if isinstance(v, (int, float))})
+  writer.close()
+  return results
+
+
+def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
+                     vae_state: steps.TrainState, setup_: Setup) -> dict[str, float]:
+  """The end-of-training evaluation: the evaluation program's metrics on the eval split."""
+  from avae_jax import evaluation  # pylint: disable=g-import-not-at-top
+  results = evaluation.evaluate(config, vae_state, setup_.eval_source,
+                                out_dir=os.path.join(workdir, 'eval'),
+                                devices=setup_.devices)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'final_metrics.json'), results)
+    print('final metrics: ' + ', '.join(
+        f'{k}={v:.5g}' for k, v in results.items() if isinstance(v, float)), flush=True)
+  return results

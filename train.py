@@ -1,0 +1,34 @@
+"""Trains an AVAE-S model (or VAE / AVAE / VAE-S) and evaluates it.
+
+  python train.py --config=configs/default.py --workdir=/tmp/avae
+  python train.py --config=configs/celeba.py --workdir=gs://bucket/run --config.batch_size=256
+
+Running again on a workdir that has checkpoints resumes from the latest one.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from avae_jax import distributed
+from avae_jax import summary
+from avae_jax import trainer
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and figures.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  """Entry point: initialise the distributed runtime if asked, then train and evaluate."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  summary.quiet_library_logs()
+  distributed.initialize()
+  trainer.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
