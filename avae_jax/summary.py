@@ -16,7 +16,6 @@ import json
 import logging as std_logging
 import math
 import os
-
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
