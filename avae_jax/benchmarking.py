@@ -1,0 +1,323 @@
+"""Step-throughput benchmark of the training steps (used by benchmark.py).
+
+Each case compiles one mapped training step ahead of time (`lower(...).compile()`, so
+compile time is measured apart from run time), runs it `warmup` times, then times
+`steps` calls, each synchronised with `jax.block_until_ready`. The batches are placed on
+the devices before timing: the input pipeline is not part of a step's time.
+
+Cases:
+  pretrain_step           the VAE step on L_VAE (compound loss + KL + TC for avae_s)
+  adversarial_step_both   the adversarial step with both updates taken
+                          (StepConfig.force_accuracy=0.6), the step's worst case and what
+                          the PyTorch twin times
+  adversarial_step_gated  the adversarial step with the real gating on the config's data
+                          (the procedural shapes in the benchmark configs)
+  vae_mse_pretrain_step   the pretrain step of the plain 'vae' variant (MSE + KL): what the
+                          compound loss and the TC term add
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+CASES = ('pretrain_step', 'adversarial_step_both', 'adversarial_step_gated',
+         'vae_mse_pretrain_step')
+# The accuracy that StepConfig.force_accuracy pins for the 'both' case: below
+# train_disc_below (0.7) and above train_vae_above (0.5) with the default gating.
+BOTH_UPDATES_ACCURACY = 0.6
+# Every JSON line carries these fields (tests/test_benchmark.py checks them).
+FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
+          'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
+          'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
+          'channels', 'batch_size', 'steps', 'backend', 'device_kind', 'variant',
+          'disc_updated_fraction', 'vae_updated_fraction', 'twin_median_step_s',
+          'twin_ratio')
+# Dataset size N for the total-correlation term when the data do not say; it only shifts
+# constants, never the work done.
+DEFAULT_DATASET_SIZE = 200_000
+# The twin's step names for our cases (the twin times only these two).
+TWIN_STEPS = {'pretrain_step': 'pretrain_step', 'adversarial_step_both': 'adversarial_step'}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: Any = None) -> float:
+  """Measured float32 matmul rate (FLOP/s) of one (n, n) @ (n, n) jnp.dot, best of repeats."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  b = jax.device_put(jnp.full((n, n), 0.5, jnp.float32), device)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, b))
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(dot(a, b))
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def structured_batches(num: int, batch_size: int, image_size: int, channels: int,
+                       seed: int = 0) -> np.ndarray:
+  """(num, batch, H, W, C) float32 images of random filled rectangles and discs on black.
+
+  A stand-in for real data when avae_jax.data is unavailable: images with edges and flat
+  regions, so that the discriminator's accuracy (and with it the gating) moves as on
+  real data, unlike on uniform noise.
+  """
+  rng = np.random.default_rng(seed)
+  n = num * batch_size
+  yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
+  out = np.zeros((n, image_size, image_size, channels), np.float32)
+  for i in range(n):
+    for _ in range(rng.integers(1, 4)):
+      cy, cx = rng.uniform(0, image_size, 2)
+      r = rng.uniform(0.08, 0.3) * image_size
+      colour = rng.uniform(0.3, 1.0, channels).astype(np.float32)
+      if rng.random() < 0.5:
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+      else:
+        mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= 0.6 * r)
+      out[i][mask] = colour
+  return out.reshape((num, batch_size, image_size, image_size, channels))
+
+
+def load_batches(config: ml_collections.ConfigDict, num: int) -> tuple[np.ndarray, int, str]:
+  """(batches (num, batch, H, W, C), dataset_size, description) from the config's data.
+
+  Uses avae_jax.data (the benchmark configs name the procedural shapes, which need no
+  download); falls back to structured_batches when that module or dataset is unavailable.
+  """
+  b, size, channels = int(config.batch_size), int(config.image_size), int(config.channels)
+  try:
+    from avae_jax import data  # pylint: disable=g-import-not-at-top
+    source = data.load(config, 'train')
+    rows = np.arange(num * b) % source.num_examples
+    images = source.get(rows).astype(np.float32)
+    return images.reshape((num, b, size, size, channels)), int(source.num_examples), \
+        str(config.dataset)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'benchmark: data unavailable ({type(e).__name__}: {e}); using synthetic '
+          'structured images', file=sys.stderr)
+    return structured_batches(num, b, size, channels), DEFAULT_DATASET_SIZE, 'synthetic'
+
+
+def _percentile(times: Sequence[float], q: float) -> float:
+  return float(np.percentile(np.asarray(times), q))
+
+
+def _cost_flops(compiled: Any) -> float | None:
+  """Total 'flops' of XLA's cost analysis of a compiled step (None where unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def _peak_memory(devices: Sequence[Any]) -> int | None:
+  """The largest peak_bytes_in_use over the devices' memory_stats(), or None (CPU)."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == 'darwin' else rss * 1024)
+
+
+def _time_calls(call: Callable[[int], Any], steps: int, warmup: int) -> list[float]:
+  """Seconds of `steps` synchronised calls call(i), after `warmup` untimed ones."""
+  for i in range(warmup):
+    jax.block_until_ready(call(i))
+  times = []
+  for i in range(warmup, warmup + steps):
+    t = time.perf_counter()
+    jax.block_until_ready(call(i))
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def case_config(config: ml_collections.ConfigDict, case: str) -> ml_collections.ConfigDict:
+  """The config a case runs: the MSE-only case switches the variant to 'vae'."""
+  config = copy.deepcopy(config)
+  if case == 'vae_mse_pretrain_step':
+    with config.unlocked():
+      config.variant = 'vae'
+  return config
+
+
+def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
+             devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
+             matmul_peak: float | None) -> dict[str, Any]:
+  """Compiles and times one case; returns its result row (the FIELDS of one JSON line)."""
+  from avae_jax import parallel  # pylint: disable=g-import-not-at-top
+  from avae_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  if case not in CASES:
+    raise ValueError(f'unknown case {case!r}; cases are {", ".join(CASES)}')
+  config = case_config(config, case)
+  n = len(devices)
+  b = int(config.batch_size)
+  if b % n:
+    raise ValueError(f'batch_size {b} is not divisible by the {n} devices')
+  overrides = {}
+  if case == 'adversarial_step_both':
+    overrides['force_accuracy'] = BOTH_UPDATES_ACCURACY
+  cfg = steps_lib.StepConfig.from_config(config, dataset_size, **overrides)
+  mapped = parallel.make_steps(cfg, devices, method=str(config.parallel))
+  image_shape = batches.shape[2:]
+  vae_state, disc_state = steps_lib.create_train_states(
+      config, jax.random.PRNGKey(int(config.seed)), image_shape)
+  vae_state = parallel.replicate(vae_state, devices, cfg.axis_name)
+  disc_state = parallel.replicate(disc_state, devices, cfg.axis_name)
+  # The device batches, laid out as the mapped steps take them (the trainer's layout).
+  per_device = b // n
+  sharding = NamedSharding(Mesh(np.asarray(devices), (cfg.axis_name,)), P(cfg.axis_name))
+  dev_batches = [jax.device_put(x.reshape((n, per_device) + tuple(image_shape)), sharding)
+                 for x in batches]
+  base_key = jax.random.PRNGKey(int(config.seed) + 1)
+  keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps)]
+  adversarial = case.startswith('adversarial')
+
+  t0 = time.perf_counter()
+  if adversarial:
+    compiled = mapped.adversarial.lower(vae_state, disc_state, dev_batches[0],
+                                        keys[0]).compile()
+  else:
+    compiled = mapped.pretrain.lower(vae_state, dev_batches[0], keys[0]).compile()
+  compile_s = time.perf_counter() - t0
+
+  states = {'vae': vae_state, 'disc': disc_state}
+  gating = []
+
+  def call(i: int) -> Any:
+    x = dev_batches[i % len(dev_batches)]
+    if adversarial:
+      states['vae'], states['disc'], metrics = compiled(states['vae'], states['disc'], x,
+                                                        keys[i])
+      gating.append(metrics)
+      return states['vae'], states['disc'], metrics
+    states['vae'], metrics = compiled(states['vae'], x, keys[i])
+    return states['vae'], metrics
+
+  times = _time_calls(call, steps, warmup)
+  disc_frac = vae_frac = None
+  if adversarial:
+    timed = gating[warmup:]
+    disc_frac = float(np.mean([float(m['disc_updated']) for m in timed]))
+    vae_frac = float(np.mean([float(m['vae_updated']) for m in timed]))
+  median = float(np.median(times))
+  flops = _cost_flops(compiled)
+  flops_per_s = flops / median if flops else None
+  return dict(
+      step=case,
+      median_step_s=median,
+      p10_step_s=_percentile(times, 10),
+      p90_step_s=_percentile(times, 90),
+      images_per_s=b / median,
+      compile_s=compile_s,
+      flops=flops,
+      flops_per_s=flops_per_s,
+      peak_fraction=(flops_per_s / matmul_peak) if flops_per_s and matmul_peak else None,
+      matmul_peak_flops_per_s=matmul_peak,
+      peak_memory_bytes=_peak_memory(devices),
+      peak_rss_bytes=peak_rss_bytes(),
+      devices=n,
+      dtype=str(config.model.dtype),
+      image_size=int(config.image_size),
+      channels=int(config.channels),
+      batch_size=b,
+      steps=int(steps),
+      backend=jax.default_backend(),
+      device_kind=devices[0].device_kind,
+      variant=str(config.variant),
+      disc_updated_fraction=disc_frac,
+      vae_updated_fraction=vae_frac,
+      twin_median_step_s=None,
+      twin_ratio=None,
+  )
+
+
+def twin_command(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
+                 warmup: int) -> list[str]:
+  """The command line that runs the PyTorch twin at the config's sizes."""
+  widths = ','.join(str(int(w)) for w in config.model.widths)
+  return [python, script, '--image-size', str(int(config.image_size)), '--channels',
+          str(int(config.channels)), '--widths', widths, '--batch', str(int(config.batch_size)),
+          '--steps', str(int(steps)), '--warmup', str(int(warmup))]
+
+
+def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
+             warmup: int) -> dict[str, Any]:
+  """Runs the twin as a subprocess and returns its JSON result."""
+  cmd = twin_command(python, script, config, steps, warmup)
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  lines = [l for l in out.stdout.splitlines() if l.strip().startswith('{')]
+  if not lines:
+    raise RuntimeError(f'the twin printed no JSON line: {out.stdout!r} {out.stderr!r}')
+  return json.loads(lines[-1])
+
+
+def add_twin(row: dict[str, Any], twin: dict[str, Any] | None) -> dict[str, Any]:
+  """Fills twin_median_step_s and twin_ratio (twin time / avae_jax time) where comparable."""
+  if twin and row['step'] in TWIN_STEPS:
+    t = twin.get(TWIN_STEPS[row['step']] + '_s')
+    if t:
+      row['twin_median_step_s'] = float(t)
+      row['twin_ratio'] = float(t) / row['median_step_s']
+  return row
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
+  if value is None:
+    return '-'
+  return f'{value * scale:.{digits}f}'
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+  """A fixed-width table of the result rows, for people."""
+  header = ('step', 'median s', 'p10 s', 'p90 s', 'img/s', 'compile s', 'GFLOP',
+            'GFLOP/s', 'of peak', 'twin s', 'twin/ours')
+  lines = []
+  for r in rows:
+    lines.append((r['step'], _fmt(r['median_step_s']), _fmt(r['p10_step_s']),
+                  _fmt(r['p90_step_s']), _fmt(r['images_per_s'], digits=1),
+                  _fmt(r['compile_s'], digits=1), _fmt(r['flops'], 1e-9, 1),
+                  _fmt(r['flops_per_s'], 1e-9, 1), _fmt(r['peak_fraction'], 100, 0) + '%'
+                  if r['peak_fraction'] is not None else '-',
+                  _fmt(r['twin_median_step_s']), _fmt(r['twin_ratio'], digits=2)))
+  widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+  fmt = lambda cells: '  '.join(c.rjust(w) if i else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths)))
+  out = [fmt(header), fmt(['-' * w for w in widths])] + [fmt(l) for l in lines]
+  if rows:
+    r = rows[0]
+    out.append(f"{r['backend']} ({r['device_kind']}) x{r['devices']}, {r['image_size']}x"
+               f"{r['image_size']}x{r['channels']}, batch {r['batch_size']}, {r['dtype']}, "
+               f"{r['steps']} timed steps; matmul peak "
+               f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s")
+  return '\n'.join(out)

@@ -1,0 +1,91 @@
+"""Times the training steps: one JSON line per case on stdout, then a table on stderr.
+
+  python benchmark.py --config=configs/bench_celeba.py
+  python benchmark.py --config=configs/bench_mnist.py --config.batch_size=128 --steps=20
+  python benchmark.py --config=configs/bench_celeba.py --cases=pretrain_step,adversarial_step_both
+
+Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_both (both
+updates taken, StepConfig.force_accuracy=0.6), adversarial_step_gated (the real gating on
+the config's data), vae_mse_pretrain_step (the MSE-only 'vae' variant). Each JSON line has
+median/p10/p90 step seconds, images/s, compile seconds, XLA's FLOP count of the compiled
+step, FLOP/s and its fraction of the float32 matmul rate measured at startup, peak device
+memory (null on CPU) and the process's peak RSS.
+
+The PyTorch twin (torch_twin.py, the same model in PyTorch) runs at the same sizes with
+--twin_python and --twin_script; its step times and the ratio twin / avae_jax (above 1:
+avae_jax is faster) are then added to the pretrain and adversarial_step_both lines:
+
+  python3 -m venv /tmp/twin-bench && /tmp/twin-bench/bin/pip install torch==2.13.0 numpy
+  python benchmark.py --config=configs/bench_celeba.py \\
+    --twin_python=/tmp/twin-bench/bin/python --twin_script=/path/to/torch_twin.py
+
+or run the twin alone with the same sizes (see docs/benchmarks.md):
+
+  /tmp/twin-bench/bin/python torch_twin.py --image-size 96 --channels 3 \\
+    --widths 24,48,96,192 --batch 64 --steps 10
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from avae_jax import benchmarking
+
+config_flags.DEFINE_config_file('config', 'configs/bench_celeba.py',
+                                'Configuration file (image size, widths, batch, variant).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per case (median, p10, p90 over them).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compilation.')
+_CASES = flags.DEFINE_list('cases', list(benchmarking.CASES),
+                           f'Cases to run, from {", ".join(benchmarking.CASES)}.')
+_PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
+                               'Side of the square float32 matmul timed for the peak rate '
+                               '(0 skips it; peak_fraction is then null).')
+_TWIN_PYTHON = flags.DEFINE_string('twin_python', '',
+                                   'Python of a venv with torch: also run the PyTorch twin.')
+_TWIN_SCRIPT = flags.DEFINE_string('twin_script', '', 'Path of torch_twin.py.')
+
+
+def main(argv: list[str]) -> None:
+  """Runs the selected cases and prints their results."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
+  if unknown:
+    raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError('--steps must be >= 1 and --warmup >= 0')
+  devices = jax.local_devices()
+  if int(config.num_devices):
+    devices = devices[:int(config.num_devices)]
+
+  twin = None
+  if _TWIN_PYTHON.value:
+    if not _TWIN_SCRIPT.value:
+      raise app.UsageError('--twin_python needs --twin_script (the path of torch_twin.py)')
+    # Run before our cases, never beside them: both use every core.
+    twin = benchmarking.run_twin(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
+                                 _STEPS.value, _WARMUP.value)
+    print(f'twin: {json.dumps(twin)}', file=sys.stderr)
+
+  peak = benchmarking.matmul_peak_flops(_PEAK_N.value, device=devices[0]) \
+      if _PEAK_N.value > 0 else None
+  # Enough distinct batches that the gated case sees a varied stream.
+  batches, dataset_size, _ = benchmarking.load_batches(config, num=8)
+  rows = []
+  for case in _CASES.value:
+    row = benchmarking.run_case(config, case, steps=_STEPS.value, warmup=_WARMUP.value,
+                                devices=devices, batches=batches, dataset_size=dataset_size,
+                                matmul_peak=peak)
+    row = benchmarking.add_twin(row, twin)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  print(benchmarking.format_table(rows), file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,128 @@
+"""benchmark.py end to end on a tiny config, and the benchmark helpers."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from avae_jax import benchmarking
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/default.py', '--config.image_size=16',
+        '--config.model.widths=(4,8)', '--config.batch_size=8',
+        '--config.shapes.num_train=64', '--config.shapes.num_eval=8', '--steps=2',
+        '--warmup=1', '--matmul_peak_n=128']
+
+
+def _run(args, devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return subprocess.run([sys.executable, 'benchmark.py'] + args, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+      and x > 0
+
+
+@pytest.fixture(scope='module')
+def tiny_rows():
+  out = _run(TINY)
+  assert out.returncode == 0, out.stderr[-4000:]
+  lines = [l for l in out.stdout.splitlines() if l.strip()]
+  return [json.loads(l) for l in lines], out.stderr
+
+
+def test_every_line_is_json_with_every_field(tiny_rows):
+  rows, _ = tiny_rows
+  assert [r['step'] for r in rows] == list(benchmarking.CASES)
+  for r in rows:
+    assert set(benchmarking.FIELDS) <= set(r), set(benchmarking.FIELDS) - set(r)
+
+
+def test_field_types_are_sane(tiny_rows):
+  rows, _ = tiny_rows
+  for r in rows:
+    for k in ('median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
+              'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
+              'peak_rss_bytes'):
+      assert _positive(r[k]), (r['step'], k, r[k])
+    assert r['p10_step_s'] <= r['median_step_s'] <= r['p90_step_s']
+    assert r['images_per_s'] == pytest.approx(8 / r['median_step_s'])
+    assert r['flops_per_s'] == pytest.approx(r['flops'] / r['median_step_s'])
+    assert r['peak_memory_bytes'] is None or _positive(r['peak_memory_bytes'])
+    assert (r['devices'], r['image_size'], r['channels'], r['batch_size'], r['steps']) == \
+        (1, 16, 3, 8, 2)
+    assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
+    assert isinstance(r['device_kind'], str) and r['device_kind']
+    assert r['twin_median_step_s'] is None and r['twin_ratio'] is None
+
+
+def test_case_semantics(tiny_rows):
+  rows = {r['step']: r for r in tiny_rows[0]}
+  assert rows['vae_mse_pretrain_step']['variant'] == 'vae'
+  assert rows['pretrain_step']['variant'] == 'avae_s'
+  # force_accuracy=0.6 takes both updates on every step.
+  both = rows['adversarial_step_both']
+  assert both['disc_updated_fraction'] == 1.0 and both['vae_updated_fraction'] == 1.0
+  gated = rows['adversarial_step_gated']
+  for k in ('disc_updated_fraction', 'vae_updated_fraction'):
+    assert 0.0 <= gated[k] <= 1.0
+  assert rows['pretrain_step']['disc_updated_fraction'] is None
+  # The compound loss and the TC term add work to the MSE-only step.
+  assert rows['pretrain_step']['flops'] > rows['vae_mse_pretrain_step']['flops']
+
+
+def test_table_on_stderr(tiny_rows):
+  _, stderr = tiny_rows
+  for case in benchmarking.CASES:
+    assert case in stderr
+  assert 'matmul peak' in stderr
+
+
+def test_unknown_case_is_a_usage_error():
+  out = _run(TINY + ['--cases=pretrain_step,nope'])
+  assert out.returncode != 0
+  assert 'nope' in out.stderr and not out.stdout.strip()
+
+
+def test_two_devices_one_case():
+  out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'], devices=2)
+  assert out.returncode == 0, out.stderr[-4000:]
+  (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
+  assert row['devices'] == 2 and row['batch_size'] == 8
+
+
+def test_structured_batches_have_flat_and_edge_regions():
+  x = benchmarking.structured_batches(2, 3, 24, 3, seed=1)
+  assert x.shape == (2, 3, 24, 24, 3) and x.dtype == np.float32
+  assert x.min() == 0.0 and 0.3 <= x.max() <= 1.0
+  # Every image has background and at least one shape.
+  flat = x.reshape(6, -1)
+  assert np.all((flat == 0).any(axis=1)) and np.all((flat > 0).any(axis=1))
+
+
+def test_twin_command_matches_the_config():
+  from configs import default
+  c = default.get_config()
+  c.image_size, c.channels, c.model.widths, c.batch_size = 28, 1, (32, 64), 64
+  cmd = benchmarking.twin_command('py', 'twin.py', c, steps=7, warmup=2)
+  assert cmd == ['py', 'twin.py', '--image-size', '28', '--channels', '1', '--widths',
+                 '32,64', '--batch', '64', '--steps', '7', '--warmup', '2']
+
+
+def test_add_twin_ratio():
+  row = {'step': 'pretrain_step', 'median_step_s': 0.5, 'twin_median_step_s': None,
+         'twin_ratio': None}
+  benchmarking.add_twin(row, {'pretrain_step_s': 1.5, 'adversarial_step_s': 3.0})
+  assert row['twin_median_step_s'] == 1.5 and row['twin_ratio'] == pytest.approx(3.0)
+  gated = {'step': 'adversarial_step_gated', 'median_step_s': 0.5,
+           'twin_median_step_s': None, 'twin_ratio': None}
+  benchmarking.add_twin(gated, {'adversarial_step_s': 3.0})
+  assert gated['twin_ratio'] is None  # the twin times only the both-updates case
