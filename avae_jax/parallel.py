@@ -1,0 +1,103 @@
+"""The one place that maps the per-device steps over devices: jax.pmap or jax.shard_map.
+
+Both methods have the same calling convention: train states carry a leading device axis
+(see `replicate`), the batch is (num_devices, per_device, H, W, C), the key is one PRNG
+key shared by all devices, and the metrics come back as scalars (already averaged over
+devices, so no device axis). Both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from avae_jax import distributed
+from avae_jax import steps
+
+Steps = collections.namedtuple('Steps', ['pretrain', 'adversarial'])
+METHODS = ('pmap', 'shard_map')
+
+
+def _mesh(devices: Sequence[Any], axis_name: str) -> Mesh:
+  return Mesh(np.asarray(devices), (axis_name,))
+
+
+def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> Any:
+  """Copies of every array leaf on each device, stacked on a new leading axis.
+
+  The arrays are sharded over Mesh(devices, (axis_name,)), the layout that the mapped
+  steps take and return (axis_name = StepConfig.axis_name), so no step recompiles or
+  copies them.
+  """
+  sharding = NamedSharding(_mesh(devices, axis_name), P(axis_name))
+  n = len(devices)
+
+  def put(leaf):
+    leaf = np.asarray(jax.device_get(leaf))
+    return jax.device_put(np.broadcast_to(leaf[None], (n,) + leaf.shape), sharding)
+
+  return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a replicated tree (drops the leading axis)."""
+  return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
+def _squeeze(tree: Any) -> Any:
+  return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
+def _expand(tree: Any) -> Any:
+  return jax.tree.map(lambda leaf: leaf[None], tree)
+
+
+def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pmap') -> Steps:
+  """The pretrain and adversarial steps mapped over `devices` with pmap or shard_map.
+
+  pretrain(vae_state, batch, key) -> (vae_state, metrics) and
+  adversarial(vae_state, disc_state, batch, key) -> (vae_state, disc_state, metrics).
+  The state arguments are donated: do not use them after the call.
+  """
+  # Multi-process: map over the same devices of every process, not only ours.
+  devices = distributed.global_devices(devices)
+  pre = functools.partial(steps.pretrain_step, cfg=cfg)
+  adv = functools.partial(steps.adversarial_step, cfg=cfg)
+  axis = cfg.axis_name
+  if method == 'pmap':
+    # Metrics are pmean-ed inside, hence equal on all devices: out_axes=None returns one.
+    pretrain = jax.pmap(pre, axis_name=axis, in_axes=(0, 0, None), out_axes=(0, None),
+                        devices=devices, donate_argnums=(0,))
+    adversarial = jax.pmap(adv, axis_name=axis, in_axes=(0, 0, 0, None),
+                           out_axes=(0, 0, None), devices=devices, donate_argnums=(0, 1))
+  elif method == 'shard_map':
+    mesh = _mesh(devices, axis)
+
+    # Each device sees its (1, ...) block of the stacked states and batch.
+    def pre_block(vae_state, batch, key):
+      vae_state, metrics = pre(_squeeze(vae_state), batch[0], key)
+      return _expand(vae_state), metrics
+
+    def adv_block(vae_state, disc_state, batch, key):
+      vae_state, disc_state, metrics = adv(_squeeze(vae_state), _squeeze(disc_state),
+                                           batch[0], key)
+      return _expand(vae_state), _expand(disc_state), metrics
+
+    pretrain = jax.jit(
+        jax.shard_map(pre_block, mesh=mesh, in_specs=(P(axis), P(axis), P()),
+                      out_specs=(P(axis), P())),
+        donate_argnums=(0,))
+    adversarial = jax.jit(
+        jax.shard_map(adv_block, mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P()),
+                      out_specs=(P(axis), P(axis), P())),
+        donate_argnums=(0, 1))
+  else:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  return Steps(pretrain=pretrain, adversarial=adversarial)

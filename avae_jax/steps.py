@@ -1,0 +1,281 @@
+"""Train states and the two per-device training steps (DESIGN.md §3, Algorithm 1).
+
+`pretrain_step` and `adversarial_step` are per-device functions: the batch is the device's
+share, and gradients, metrics, the discriminator accuracy that drives the gating and the
+BatchNorm statistics are all reduced over `cfg.axis_name`. `parallel.py` maps them over
+devices (pmap or shard_map); on one device they run the same way (an axis of size 1).
+
+Results do not depend on the device count: the latent noise of the whole global batch is
+drawn from the step key and each device takes its rows, BatchNorm uses global-batch
+statistics, and the total-correlation estimate sees the posteriors of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+from flax import struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from avae_jax import config_lib
+from avae_jax import losses
+from avae_jax import models
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+class TrainState(struct.PyTreeNode):
+  """Parameters, BatchNorm statistics and optimizer state of one network.
+
+  `apply_fn` is the module's apply without a device axis (usable anywhere, e.g. for
+  evaluation); the steps re-bind `module` to their axis name so that BatchNorm averages
+  its batch statistics across devices.
+  """
+  step: Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  module: nn.Module = struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, *, module: nn.Module, params: Any, batch_stats: Any,
+             tx: optax.GradientTransformation) -> 'TrainState':
+    """A fresh state at step 0."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+               opt_state=tx.init(params), apply_fn=module.apply, tx=tx, module=module)
+
+  def apply_gradients(self, *, grads: Any, batch_stats: Any) -> 'TrainState':
+    """One optimizer update; also stores the BatchNorm statistics of the forward pass."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+  def mapped_apply(self, axis_name: str | None) -> Callable[..., Any]:
+    """The module's apply with BatchNorm statistics averaged over `axis_name`."""
+    return self.module.clone(axis_name=axis_name).apply
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Every number the steps use; frozen and hashable, so it is a static argument."""
+  recon_weights: tuple[tuple[str, float], ...]
+  gabor: losses.GaborSpec | None
+  kl_weight: float
+  tc_weight: float
+  tc_estimator: str
+  dataset_size: int
+  reconstruction_scale: float
+  adversarial_weight: float
+  train_disc_below: float
+  train_vae_above: float
+  latent_dim: int
+  axis_name: str = 'batch'
+  force_accuracy: float | None = None
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, dataset_size: int,
+                  **overrides: Any) -> 'StepConfig':
+    """The step settings of `config` (variant switches applied, scale resolved)."""
+    weights = config_lib.reconstruction_weights(config)
+    scale = float(config.loss.reconstruction_scale)
+    if scale == 0.0:
+      # Per-image terms are pixel means; H*W*C turns them into sums, the scale at which
+      # they weigh against the KL summed over latent dims.
+      scale = float(int(config.image_size) ** 2 * int(config.channels))
+    values = dict(
+        recon_weights=tuple(sorted(weights.items())),
+        gabor=losses.GaborSpec.from_config(config.gabor) if 'gabor' in weights else None,
+        kl_weight=float(config.loss.kl_weight),
+        tc_weight=config_lib.tc_weight(config),
+        tc_estimator=str(config.loss.tc_estimator),
+        dataset_size=int(dataset_size),
+        reconstruction_scale=scale,
+        adversarial_weight=float(config.loss.adversarial_weight),
+        train_disc_below=float(config.gating.train_disc_below),
+        train_vae_above=float(config.gating.train_vae_above),
+        latent_dim=int(config.model.latent_dim))
+    values.update(overrides)
+    return cls(**values)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _init_variables(vae: models.VAE, disc: models.Discriminator, image_shape: tuple[int, ...],
+                    latent_dim: int, key: Array) -> tuple[Any, Any]:
+  """Initial variables of both models; jitted once per architecture (modules hash)."""
+  x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  eps = jnp.zeros((2, latent_dim), jnp.float32)
+  k_vae, k_disc = jax.random.split(key)
+  return vae.init(k_vae, x, eps, False), disc.init(k_disc, x, False)
+
+
+def create_train_states(config: ml_collections.ConfigDict, key: Array,
+                        image_shape: tuple[int, int, int]) -> tuple[TrainState, TrainState]:
+  """Initialised (vae_state, disc_state), unreplicated, with Adam from config.optimizer."""
+  expected = (int(config.image_size), int(config.image_size), int(config.channels))
+  if tuple(image_shape) != expected:
+    raise config_lib.ConfigError(
+        f'the data has images of shape {tuple(image_shape)} but the config asks for '
+        f'{expected} (image_size, image_size, channels)')
+  vae, disc = models.create_models(config, axis_name=None)
+  v_vars, d_vars = _init_variables(vae, disc, expected, int(config.model.latent_dim), key)
+  opt = config.optimizer
+  vae_tx = optax.adam(float(opt.learning_rate), b1=float(opt.b1), b2=float(opt.b2))
+  disc_tx = optax.adam(float(opt.disc_learning_rate), b1=float(opt.b1), b2=float(opt.b2))
+  vae_state = TrainState.create(module=vae, params=v_vars['params'],
+                                batch_stats=v_vars['batch_stats'], tx=vae_tx)
+  disc_state = TrainState.create(module=disc, params=d_vars['params'],
+                                 batch_stats=d_vars['batch_stats'], tx=disc_tx)
+  return vae_state, disc_state
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces shared by both steps.
+
+
+def _device_noise(key: Array, per_device: int, cfg: StepConfig) -> Array:
+  """This device's rows of the global batch's latent noise (independent of device count)."""
+  num_devices = jax.lax.axis_size(cfg.axis_name)
+  index = jax.lax.axis_index(cfg.axis_name)
+  eps = jax.random.normal(key, (num_devices * per_device, cfg.latent_dim), jnp.float32)
+  return jax.lax.dynamic_slice_in_dim(eps, index * per_device, per_device, axis=0)
+
+
+def _vae_loss(params: Any, state: TrainState, x: Array, eps: Array,
+              cfg: StepConfig) -> tuple[tuple[Array, Array], tuple[Any, Metrics]]:
+  """((L_VAE, x_rec), (new batch_stats, metrics)) for this device's batch.
+
+  L_VAE = mean_i(scale * L_REC_i + kl_weight * KL_i) + tc_weight * TC. Its gradient,
+  pmean-ed over devices, is the gradient of the global-batch loss.
+  """
+  apply = state.mapped_apply(cfg.axis_name)
+  (x_rec, z, mu, logvar), new_vars = apply(
+      {'params': params, 'batch_stats': state.batch_stats}, x, eps, True,
+      mutable=['batch_stats'])
+  rec, terms = losses.reconstruction_loss(x, x_rec, cfg.recon_weights, cfg.gabor)
+  kl = losses.kl_divergence(mu, logvar)
+  loss = jnp.mean(cfg.reconstruction_scale * rec + cfg.kl_weight * kl)
+  metrics = {'rec': jnp.mean(rec), **{k: jnp.mean(v) for k, v in terms.items()},
+             'kl': jnp.mean(kl)}
+  if cfg.tc_weight:
+    # q(z) is estimated from the posteriors of the whole global batch; this device's
+    # samples are rows index * m ... of it.
+    m = x.shape[0]
+    mu_all = jax.lax.all_gather(mu, cfg.axis_name, tiled=True)
+    logvar_all = jax.lax.all_gather(logvar, cfg.axis_name, tiled=True)
+    tc = losses.total_correlation(z, mu_all, logvar_all, cfg.dataset_size, cfg.tc_estimator,
+                                  row_offset=jax.lax.axis_index(cfg.axis_name) * m)
+    loss = loss + cfg.tc_weight * tc
+    metrics['tc'] = tc
+  metrics['loss'] = loss
+  return (loss, x_rec), (new_vars['batch_stats'], metrics)
+
+
+def _pmean(tree: Any, cfg: StepConfig) -> Any:
+  return jax.lax.pmean(tree, cfg.axis_name)
+
+
+# ---------------------------------------------------------------------------------------
+# The steps.
+
+
+def pretrain_step(vae_state: TrainState, batch: Array, key: Array, *,
+                  cfg: StepConfig) -> tuple[TrainState, Metrics]:
+  """One VAE update on L_VAE (Algorithm 1, first loop); metrics pmean-ed over devices."""
+  eps = _device_noise(key, batch.shape[0], cfg)
+
+  def loss_fn(params):
+    (loss, _), aux = _vae_loss(params, vae_state, batch, eps, cfg)
+    return loss, aux
+
+  (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      vae_state.params)
+  vae_state = vae_state.apply_gradients(grads=_pmean(grads, cfg), batch_stats=batch_stats)
+  return vae_state, _pmean(metrics, cfg)
+
+
+def _disc_losses(logit_real: Array, logit_fake: Array) -> Array:
+  """Discriminator BCE: real labelled 1, fake 0 (mean over the batch of each)."""
+  return jnp.mean(jax.nn.softplus(-logit_real)) + jnp.mean(jax.nn.softplus(logit_fake))
+
+
+def _generator_loss(logit_fake: Array) -> Array:
+  """Non-saturating generator loss -log D(x_rec) = softplus(-logit), batch mean."""
+  return jnp.mean(jax.nn.softplus(-logit_fake))
+
+
+def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array, key: Array,
+                     *, cfg: StepConfig) -> tuple[TrainState, TrainState, Metrics]:
+  """One gated adversarial step (Algorithm 1, second loop).
+
+  The discriminator's accuracy on this batch (real = x, fake = x_rec, threshold 0.5) is
+  measured with the current parameters and pmean-ed, so every device takes the same
+  branch. If it is below train_disc_below the discriminator takes a BCE step (the fake
+  under stop_gradient); if it is above train_vae_above the VAE takes a step on
+  L_VAE + adversarial_weight * (-log D(x_rec)) with the discriminator as it was before
+  its update. A state that is not updated is returned unchanged (step counter and
+  BatchNorm statistics included). Forward passes are shared: the VAE and discriminator
+  run once each on the batch, and each update only runs its backward pass.
+  """
+  x = batch
+  eps = _device_noise(key, x.shape[0], cfg)
+
+  # VAE forward, keeping the linearisation for the VAE update.
+  (vae_loss, x_rec), vae_vjp, (vae_stats, metrics) = jax.vjp(
+      lambda p: _vae_loss(p, vae_state, x, eps, cfg), vae_state.params, has_aux=True)
+
+  # Discriminator forwards on the real and the fake batch (separate BatchNorm batches,
+  # as in the twin). The fake pass is linearised in both the discriminator parameters
+  # (for its BCE step; x_rec is then a constant, i.e. under stop_gradient) and in x_rec
+  # (for the generator loss, through the discriminator as it is now).
+  disc_apply = disc_state.mapped_apply(cfg.axis_name)
+
+  def disc_forward(params, batch_stats, images):
+    logits, new_vars = disc_apply({'params': params, 'batch_stats': batch_stats}, images,
+                                  True, mutable=['batch_stats'])
+    return logits, new_vars['batch_stats']
+
+  logit_real, real_vjp, stats_after_real = jax.vjp(
+      lambda p: disc_forward(p, disc_state.batch_stats, x), disc_state.params, has_aux=True)
+  logit_fake, fake_vjp, disc_stats = jax.vjp(
+      lambda p, images: disc_forward(p, stats_after_real, images), disc_state.params, x_rec,
+      has_aux=True)
+
+  correct = 0.5 * (jnp.mean((logit_real > 0).astype(jnp.float32))
+                   + jnp.mean((logit_fake < 0).astype(jnp.float32)))
+  accuracy = _pmean(correct, cfg)
+  gate = accuracy if cfg.force_accuracy is None else jnp.float32(cfg.force_accuracy)
+  update_disc = gate < cfg.train_disc_below
+  update_vae = gate > cfg.train_vae_above
+
+  disc_loss, (ct_real, ct_fake) = jax.value_and_grad(_disc_losses, argnums=(0, 1))(
+      logit_real, logit_fake)
+  gen_loss, ct_gen = jax.value_and_grad(_generator_loss)(logit_fake)
+
+  def disc_update(state):
+    (g_real,) = real_vjp(ct_real)
+    g_fake, _ = fake_vjp(ct_fake)
+    grads = jax.tree.map(jnp.add, g_real, g_fake)
+    return state.apply_gradients(grads=_pmean(grads, cfg), batch_stats=disc_stats)
+
+  def vae_update(state):
+    _, ct_x_rec = fake_vjp(ct_gen)
+    (grads,) = vae_vjp((jnp.ones_like(vae_loss), cfg.adversarial_weight * ct_x_rec))
+    return state.apply_gradients(grads=_pmean(grads, cfg), batch_stats=vae_stats)
+
+  new_disc = jax.lax.cond(update_disc, disc_update, lambda s: s, disc_state)
+  new_vae = jax.lax.cond(update_vae, vae_update, lambda s: s, vae_state)
+
+  metrics = dict(metrics, disc_loss=disc_loss, gen_loss=gen_loss)
+  metrics = _pmean(metrics, cfg)
+  metrics.update(disc_accuracy=accuracy, disc_updated=update_disc.astype(jnp.float32),
+                 vae_updated=update_vae.astype(jnp.float32))
+  return new_vae, new_disc, metrics

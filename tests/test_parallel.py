@@ -1,0 +1,138 @@
+"""Tests for avae_jax.parallel: device-count independence, pmap == shard_map, replication."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from avae_jax import parallel
+from avae_jax import steps
+from configs import default
+
+BATCH = 8
+
+
+def tiny_config():
+  c = default.get_config()
+  c.variant = 'avae_s'  # every loss term, TC across devices
+  c.image_size = 16
+  c.channels = 3
+  c.model.widths = (4, 8)
+  c.model.latent_dim = 4
+  c.model.hidden_dim = 8
+  c.batch_size = BATCH
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def setup():
+  config = tiny_config()
+  vae_state, disc_state = steps.create_train_states(config, jax.random.key(0, impl='rbg'),
+                                                    (16, 16, 3))
+  x = np.random.default_rng(0).uniform(size=(BATCH, 16, 16, 3)).astype(np.float32)
+  return config, vae_state, disc_state, x
+
+
+def step_config(kind):
+  """The full AVAE-S loss for pre-training. The adversarial step takes both updates and
+  keeps the terms that cross devices (BatchNorm, TC) but only MSE among the per-image
+  reconstruction terms, which are per-device functions and slow to compile."""
+  config = setup()[0]
+  cfg = steps.StepConfig.from_config(config, dataset_size=1000)
+  if kind == 'adversarial':
+    cfg = dataclasses.replace(cfg, recon_weights=(('mse', 1.0),), gabor=None,
+                              force_accuracy=0.6)
+  return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def run(kind, method, num_devices):
+  """Host copies of (states, metrics) after one step of `kind` with `method` on n devices."""
+  _, vae_state, disc_state, x = setup()
+  devs = jax.devices()[:num_devices]
+  fns = parallel.make_steps(step_config(kind), devs, method)
+  batch = x.reshape((num_devices, -1) + x.shape[1:])
+  key = jax.random.key(7)
+  r_vae = parallel.replicate(vae_state, devs)
+  if kind == 'pretrain':
+    r_vae, metrics = fns.pretrain(r_vae, batch, key)
+    states = (r_vae,)
+  else:
+    r_vae, r_disc, metrics = fns.adversarial(r_vae, parallel.replicate(disc_state, devs),
+                                             batch, key)
+    states = (r_vae, r_disc)
+  for v in metrics.values():
+    assert v.shape == ()  # averaged over devices: no device axis
+  # Every device holds the same state.
+  for leaf in jax.tree.leaves(states):
+    assert leaf.shape[0] == num_devices
+    host = np.asarray(leaf)
+    for d in range(1, num_devices):
+      np.testing.assert_array_equal(host[d], host[0])
+  return (jax.device_get(parallel.unreplicate(states)),
+          {k: float(v) for k, v in metrics.items()})
+
+
+def assert_same(a, b, tol):
+  """Equal up to float32 rounding: |a - b| <= tol * max(|b|, 1) leaf by leaf.
+
+  The tolerance of a leaf scales with its largest entry: a different summation order
+  changes a sum by a multiple of the magnitude of its terms, not of the result.
+  """
+  (states_a, metrics_a), (states_b, metrics_b) = a, b
+  assert set(metrics_a) == set(metrics_b)
+  for k in metrics_a:
+    np.testing.assert_allclose(metrics_a[k], metrics_b[k], rtol=tol, atol=tol, err_msg=k)
+  leaves_a, leaves_b = jax.tree.leaves(states_a), jax.tree.leaves(states_b)
+  assert len(leaves_a) == len(leaves_b)
+  for u, v in zip(leaves_a, leaves_b):
+    u, v = np.asarray(u), np.asarray(v)
+    assert u.shape == v.shape and u.dtype == v.dtype
+    np.testing.assert_allclose(u, v, rtol=0, atol=tol * max(float(np.max(np.abs(v))), 1.0))
+
+
+def test_pretrain_one_device_equals_four_devices():
+  # Same global batch and key: BatchNorm statistics, noise and TC are global-batch ones.
+  one, four = run('pretrain', 'pmap', 1), run('pretrain', 'pmap', 4)
+  assert_same(one, four, tol=1e-5)
+  assert one[1]['tc'] != 0.0
+  assert int(one[0][0].step) == 1
+
+
+def test_adversarial_one_device_equals_four_devices():
+  one, four = run('adversarial', 'pmap', 1), run('adversarial', 'pmap', 4)
+  assert one[1]['vae_updated'] == one[1]['disc_updated'] == 1.0
+  assert_same(one, four, tol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['pretrain', 'adversarial'])
+def test_pmap_equals_shard_map(kind):
+  assert_same(run(kind, 'pmap', 4), run(kind, 'shard_map', 4), tol=1e-5)
+
+
+def test_the_step_changes_the_state():
+  # Guards the comparisons above against steps that do nothing.
+  _, vae_state, disc_state, _ = setup()
+  (vae1, disc1), _ = run('adversarial', 'pmap', 4)
+  assert int(vae1.step) == int(disc1.step) == 1
+  for old, new in ((vae_state, vae1), (disc_state, disc1)):
+    for u, v in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params)):
+      assert not np.array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_replicate_unreplicate_round_trip():
+  devs = jax.devices()[:4]
+  tree = {'a': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.int32(5)}
+  rep = parallel.replicate(tree, devs)
+  assert rep['a'].shape == (4, 2, 3) and rep['b'].shape == (4,)
+  assert {s.device for s in rep['a'].addressable_shards} == set(devs)
+  back = parallel.unreplicate(rep)
+  np.testing.assert_array_equal(np.asarray(back['a']), tree['a'])
+  assert int(back['b']) == 5
+
+
+def test_unknown_method_is_an_error():
+  with pytest.raises(ValueError, match='shard_map'):
+    parallel.make_steps(step_config('pretrain'), jax.devices()[:1], 'vmap')

@@ -1,0 +1,251 @@
+"""Tests for avae_jax.steps: gating, loss signs, metrics, and that training learns.
+
+The steps run mapped over the 4 forced CPU devices (parallel.make_steps, pmap). Compiled
+steps are cached per StepConfig, because compiling dominates the run time.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+
+from avae_jax import config_lib
+from avae_jax import parallel
+from avae_jax import steps
+from configs import default
+
+NUM_DEVICES = 4
+BATCH = 8
+
+
+def tiny_config(variant='avae_s', lr=1e-3):
+  c = default.get_config()
+  c.variant = variant
+  c.image_size = 16
+  c.channels = 3
+  c.model.widths = (4, 8)
+  c.model.latent_dim = 4
+  c.model.hidden_dim = 8
+  c.batch_size = BATCH
+  c.optimizer.learning_rate = lr
+  c.optimizer.disc_learning_rate = lr
+  return c
+
+
+def real_images(n=BATCH, size=16):
+  """n real RGB patches (64x64 crops of scikit-image's photos, 4x4 block-averaged)."""
+  photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+            skimage.data.rocket()]
+  patches = []
+  for i in range(n):
+    img = photos[i % len(photos)]
+    top, left = 100 + 40 * (i // len(photos)), 150 + 30 * (i // len(photos))
+    crop = img[top:top + 4 * size, left:left + 4 * size].astype(np.float64) / 255.0
+    patches.append(crop.reshape(size, 4, size, 4, 3).mean(axis=(1, 3)))
+  return np.stack(patches).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def initial_states(variant, lr):
+  config = tiny_config(variant, lr)
+  return config, steps.create_train_states(config, jax.random.key(0, impl='rbg'), (16, 16, 3))
+
+
+@functools.lru_cache(maxsize=None)
+def mapped(cfg, num_devices=NUM_DEVICES):
+  return parallel.make_steps(cfg, jax.devices()[:num_devices], 'pmap')
+
+
+def split(batch, num_devices=NUM_DEVICES):
+  return batch.reshape((num_devices, -1) + batch.shape[1:])
+
+
+def host(tree):
+  """A host (numpy) copy, taken before the device buffers are donated to a step."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def run_adversarial(cfg, vae_state, disc_state, batch, key):
+  devs = jax.devices()[:NUM_DEVICES]
+  rv, rd = parallel.replicate(vae_state, devs), parallel.replicate(disc_state, devs)
+  rv, rd, metrics = mapped(cfg).adversarial(rv, rd, split(batch), key)
+  return (parallel.unreplicate(rv), parallel.unreplicate(rd),
+          {k: float(v) for k, v in metrics.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Adversarial step: gating, loss signs, metric values.
+
+# The VAE objective is the adversarial term alone (no reconstruction or KL), and the
+# learning rate small, so one step moves each loss in its first-order direction.
+GATE_LR = 1e-4
+
+
+def gate_cfg(force):
+  config, _ = initial_states('avae', GATE_LR)
+  cfg = steps.StepConfig.from_config(config, dataset_size=1000)
+  return dataclasses.replace(cfg, reconstruction_scale=0.0, kl_weight=0.0,
+                             force_accuracy=force)
+
+
+@functools.lru_cache(maxsize=None)
+def gated_run(force):
+  """(states before, states after, metrics) of one adversarial step with forced accuracy."""
+  _, (vae_state, disc_state) = initial_states('avae', GATE_LR)
+  x = real_images()
+  key = jax.random.key(3)
+  before = host((vae_state, disc_state))
+  vae_new, disc_new, metrics = run_adversarial(gate_cfg(force), vae_state, disc_state, x, key)
+  return before, host((vae_new, disc_new)), metrics, (vae_new, disc_new)
+
+
+def _identical(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return all(np.array_equal(u, v) and u.dtype == v.dtype for u, v in zip(la, lb))
+
+
+def _all_changed(old, new):
+  """Every parameter array, the step and the BatchNorm statistics moved."""
+  assert int(new.step) == int(old.step) + 1
+  for part in ('params', 'batch_stats'):
+    for u, v in zip(jax.tree.leaves(getattr(old, part)), jax.tree.leaves(getattr(new, part))):
+      if np.array_equal(u, v):
+        return False
+  return True
+
+
+@pytest.mark.parametrize('force,vae_updates,disc_updates',
+                         [(1.0, True, False), (0.6, True, True), (0.0, False, True)])
+def test_gating_updates_the_right_side_and_leaves_the_other_bit_identical(
+    force, vae_updates, disc_updates):
+  (vae_old, disc_old), (vae_new, disc_new), metrics, _ = gated_run(force)
+  assert metrics['vae_updated'] == float(vae_updates)
+  assert metrics['disc_updated'] == float(disc_updates)
+  for old, new, updated in ((vae_old, vae_new, vae_updates), (disc_old, disc_new, disc_updates)):
+    if updated:
+      assert _all_changed(old, new)
+    else:
+      assert _identical(old, new)  # params, batch_stats, opt_state and step
+
+
+def _independent_logits(vae_state, disc_state, x, key):
+  """D's logits on x and x_rec, computed with the plain (single-device) modules."""
+  eps = jax.random.normal(key, (x.shape[0], 4), jnp.float32)
+  (x_rec, *_), _ = vae_state.apply_fn(
+      {'params': vae_state.params, 'batch_stats': vae_state.batch_stats}, x, eps, True,
+      mutable=['batch_stats'])
+  d_vars = {'params': disc_state.params, 'batch_stats': disc_state.batch_stats}
+  real, _ = disc_state.apply_fn(d_vars, x, True, mutable=['batch_stats'])
+  fake, _ = disc_state.apply_fn(d_vars, x_rec, True, mutable=['batch_stats'])
+  return np.asarray(real, np.float64), np.asarray(fake, np.float64)
+
+
+def test_adversarial_metrics_match_numpy_from_the_logits():
+  _, (vae_state, disc_state) = initial_states('avae', GATE_LR)
+  _, _, metrics, _ = gated_run(0.6)
+  real, fake = _independent_logits(vae_state, disc_state, real_images(), jax.random.key(3))
+  # BCE with labels real 1 / fake 0, and the non-saturating -log D(x_rec), in numpy.
+  bce = np.mean(np.logaddexp(0, -real)) + np.mean(np.logaddexp(0, fake))
+  gen = np.mean(np.logaddexp(0, -fake))
+  acc = 0.5 * (np.mean(real > 0) + np.mean(fake < 0))
+  assert metrics['disc_loss'] == pytest.approx(bce, rel=1e-4)
+  assert metrics['gen_loss'] == pytest.approx(gen, rel=1e-4)
+  assert metrics['disc_accuracy'] == pytest.approx(acc)
+  # The forced value drives the gate; the measured one is reported.
+  assert metrics['disc_accuracy'] in {k / 16 for k in range(17)}
+
+
+def test_metric_keys_of_the_adversarial_step():
+  _, _, metrics, _ = gated_run(0.6)
+  assert set(metrics) == {'loss', 'rec', 'mse', 'kl', 'disc_loss', 'gen_loss',
+                          'disc_accuracy', 'disc_updated', 'vae_updated'}
+  # The VAE objective of this test config is the adversarial term alone.
+  assert metrics['loss'] == 0.0
+
+
+def test_discriminator_step_lowers_its_bce_on_the_same_batch():
+  _, _, m0, (vae1, disc1) = gated_run(0.0)          # D only
+  _, _, m1 = run_adversarial(gate_cfg(0.0), vae1, disc1, real_images(), jax.random.key(3))
+  assert m1['disc_loss'] < m0['disc_loss']
+
+
+def test_vae_step_raises_the_fake_logit():
+  _, (vae0, disc0) = initial_states('avae', GATE_LR)
+  _, _, m0, (vae1, disc1) = gated_run(1.0)          # VAE only, on -log D(x_rec)
+  x, key = real_images(), jax.random.key(3)
+  _, fake0 = _independent_logits(vae0, disc0, x, key)
+  _, fake1 = _independent_logits(vae1, disc1, x, key)
+  assert fake1.mean() > fake0.mean()
+  _, _, m1 = run_adversarial(gate_cfg(1.0), vae1, disc1, x, key)
+  assert m1['gen_loss'] < m0['gen_loss']
+
+
+# ---------------------------------------------------------------------------------------
+# Pre-training step: variants, metric keys, learning.
+
+
+def _pretrain_metric_keys(variant):
+  config = tiny_config(variant)
+  cfg = steps.StepConfig.from_config(config, dataset_size=1000)
+  # Tracing is enough to know the keys: abstract states, nothing is compiled or run.
+  vae_state, _ = jax.eval_shape(
+      lambda key: steps.create_train_states(config, key, (16, 16, 3)), jax.random.key(0))
+  stacked = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct((NUM_DEVICES,) + s.shape, s.dtype), vae_state)
+  batch = jax.ShapeDtypeStruct((NUM_DEVICES, 2, 16, 16, 3), jnp.float32)
+  _, metrics = jax.eval_shape(mapped(cfg).pretrain, stacked, batch, jax.random.key(0))
+  for v in metrics.values():
+    assert v.shape == () and v.dtype == jnp.float32
+  return set(metrics)
+
+
+def test_variants_compute_their_terms():
+  assert _pretrain_metric_keys('vae') == {'loss', 'rec', 'mse', 'kl'}
+  assert _pretrain_metric_keys('avae_s') == {'loss', 'rec', 'mae', 'mse', 'dssim', 'sobel',
+                                             'gabor', 'kl', 'tc'}
+
+
+def test_step_config_from_config():
+  config = tiny_config('avae_s')
+  cfg = steps.StepConfig.from_config(config, dataset_size=1234)
+  assert dict(cfg.recon_weights) == {t: 1.0 for t in ('mae', 'mse', 'dssim', 'sobel', 'gabor')}
+  assert cfg.reconstruction_scale == 16 * 16 * 3  # 0 in the config means H*W*C
+  assert cfg.tc_weight == 1.0 and cfg.dataset_size == 1234 and cfg.gabor is not None
+  assert cfg.force_accuracy is None and cfg.axis_name == 'batch'
+  hash(cfg)
+  vae_cfg = steps.StepConfig.from_config(tiny_config('vae'), dataset_size=1234)
+  assert dict(vae_cfg.recon_weights) == {'mse': 1.0}
+  assert vae_cfg.tc_weight == 0.0 and vae_cfg.gabor is None
+  config.loss.reconstruction_scale = 2.5
+  assert steps.StepConfig.from_config(config, 10).reconstruction_scale == 2.5
+
+
+def test_create_train_states_rejects_mismatched_images():
+  config = tiny_config()
+  with pytest.raises(config_lib.ConfigError, match='shape \\(28, 28, 1\\)'):
+    steps.create_train_states(config, jax.random.key(0), (28, 28, 1))
+
+
+def test_pretraining_lowers_the_reconstruction_loss_on_real_images():
+  config, (vae_state, _) = initial_states('vae', 3e-3)
+  cfg = steps.StepConfig.from_config(config, dataset_size=1000)
+  devs = jax.devices()[:NUM_DEVICES]
+  fn = mapped(cfg).pretrain
+  x = real_images()
+  r_vae = parallel.replicate(vae_state, devs)
+  history = []
+  for t in range(200):
+    r_vae, metrics = fn(r_vae, split(x), jax.random.fold_in(jax.random.key(1), t))
+    history.append(metrics['mse'])
+  mse = np.asarray(jax.device_get(history))
+  assert np.all(np.isfinite(mse))
+  assert int(parallel.unreplicate(r_vae).step) == 200
+  # Clearly better than at the start, and better than the best constant image (the
+  # per-pixel mean of the batch), so the codes carry information about each image.
+  assert mse[-10:].mean() < 0.5 * mse[:5].mean()
+  assert mse[-10:].mean() < np.mean(np.var(x, axis=0))
