@@ -106,6 +106,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')
+  # The values below otherwise fail only after compilation (a modulo by zero in the loop,
+  # a model without units) or, worse, after the whole training (evaluation).
+  for name in ('log_every', 'checkpoint_every', 'image_every'):
+    if config[name] < 1:
+      raise ConfigError(f'{name} = {config[name]} must be >= 1 (a number of steps)')
+  if config.keep_checkpoints < 0:
+    raise ConfigError(f'keep_checkpoints = {config.keep_checkpoints} is negative; '
+                      'use 0 to keep every checkpoint')
+  for name in ('latent_dim', 'hidden_dim'):
+    if config.model[name] < 1:
+      raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
+  if any(w < 1 for w in config.model.widths):
+    raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be >= 1')
+  for name in ('learning_rate', 'disc_learning_rate'):
+    if config.optimizer[name] < 0:
+      raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative')
+  if config.crop_size < 0:
+    raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means no crop')
+  if config.calibrate.enabled and config.calibrate.batches < 1:
+    raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
+                      'when calibrate.enabled (or disable the calibration)')
+  if config.eval.num_images == 1:
+    raise ConfigError('eval.num_images = 1: the evaluation needs at least 2 images '
+                      '(0 = the whole eval split)')
 
 
 def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
