@@ -1,0 +1,214 @@
+"""Config files and validation: every config loads the way train.py loads it, and every
+invalid value stops with a ConfigError that names the field, before anything is traced."""
+
+import os
+
+from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+from avae_jax import config_lib
+from avae_jax import trainer
+from configs import celeba
+from configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET_CONFIGS = ('mnist', 'fashion_mnist', 'celeba')
+
+
+def load_config_file(spec: str, *overrides: str) -> ml_collections.ConfigDict:
+  """Loads `configs/<spec>` exactly as train.py's --config flag does (':variant' included)."""
+  argv = ['train.py', f'--config={os.path.join(ROOT, "configs", spec)}', *overrides]
+  values = flags.FlagValues()
+  # The override flags are read from sys_argv (sys.argv by default), as in train.py.
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+  """config.a.b = value for path 'a.b'."""
+  *parents, leaf = path.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+# ------------------------------------------------------------------ the config files
+
+
+def test_default_config_validates_and_is_offline():
+  c = load_config_file('default.py')
+  config_lib.validate(c, num_devices=1)
+  assert c.dataset == 'shapes' and c.variant == 'avae_s' and c.download is False
+  assert config_lib.check_image_size(c.image_size, c.model.widths) == 32 // 8
+
+
+@pytest.mark.parametrize('name', DATASET_CONFIGS)
+@pytest.mark.parametrize('variant', [None, 'vae', 'avae', 'vae_s', 'avae_s'])
+def test_dataset_configs_load_and_validate(name, variant):
+  spec = f'{name}.py' if variant is None else f'{name}.py:{variant}'
+  c = load_config_file(spec)
+  assert c.variant == (variant or 'avae_s')
+  # The global batch must split over common device counts (1 GPU ... 8 TPU cores).
+  for n in (1, 2, 4, 8):
+    config_lib.validate(c, num_devices=n)
+  if c.variant in ('vae', 'vae_s'):
+    assert config_lib.adversarial_steps(c) == 0 < c.adversarial_steps
+  else:
+    assert config_lib.adversarial_steps(c) == c.adversarial_steps > 0
+
+
+def test_config_file_overrides_apply_on_top_of_the_variant():
+  c = load_config_file('mnist.py:vae', '--config.batch_size=32', '--config.model.widths=(8,16)')
+  assert (c.variant, c.batch_size, tuple(c.model.widths)) == ('vae', 32, (8, 16))
+  config_lib.validate(c, num_devices=4)
+
+
+def test_celeba_is_the_papers_setup():
+  c = load_config_file('celeba.py')
+  assert (c.dataset, c.image_size, c.channels) == ('celeb_a', 96, 3)
+  # Table I: four stages 24-48-96-192 down to 6x6x192, 48 hidden units, 32 latent dims.
+  assert tuple(c.model.widths) == (24, 48, 96, 192)
+  assert config_lib.check_image_size(c.image_size, c.model.widths) == 6
+  assert (c.model.hidden_dim, c.model.latent_dim) == (48, 32)
+  # 100 epochs of pre-training over CelebA's 162,770 training images, in whole steps.
+  assert 0 <= 100 * 162_770 - c.pretrain_steps * c.batch_size < c.batch_size
+  assert celeba.TRAIN_EXAMPLES == 162_770
+  assert c.calibrate.enabled
+
+
+def test_mnist_configs_are_28x28_gray_with_two_stages():
+  for name, dataset in (('mnist.py', 'mnist'), ('fashion_mnist.py', 'fashion_mnist')):
+    c = load_config_file(name)
+    assert (c.dataset, c.image_size, c.channels) == (dataset, 28, 1)
+    assert config_lib.check_image_size(c.image_size, c.model.widths) == 7
+
+
+def test_unknown_variant_in_the_config_argument_fails_validation():
+  c = load_config_file('mnist.py:vea')
+  with pytest.raises(config_lib.ConfigError, match=r"unknown variant 'vea'.*avae_s"):
+    config_lib.validate(c, num_devices=1)
+
+
+# ------------------------------------------------------------------ variant switches
+
+
+@pytest.mark.parametrize('variant, compound, tc, adversarial', [
+    ('vae', False, False, False),
+    ('avae', False, False, True),
+    ('vae_s', True, True, False),
+    ('avae_s', True, True, True),
+])
+def test_variant_switches(variant, compound, tc, adversarial):
+  c = default.get_config()
+  c.variant = variant
+  c.loss.weights.sobel = 0.0
+  c.loss.tc_weight = 0.25
+  spec = config_lib.variant_spec(variant)
+  assert (spec.compound_loss, spec.total_correlation, spec.adversarial) == (
+      compound, tc, adversarial)
+  weights = config_lib.reconstruction_weights(c)
+  if compound:  # zero weights are dropped (the term is not even computed)
+    assert weights == {'mae': 1.0, 'mse': 1.0, 'dssim': 1.0, 'gabor': 1.0}
+  else:  # the vanilla VAE's MSE alone, whatever the config's compound weights say
+    assert weights == {'mse': 1.0}
+  assert config_lib.tc_weight(c) == (0.25 if tc else 0.0)
+  assert config_lib.adversarial_steps(c) == (c.adversarial_steps if adversarial else 0)
+
+
+def test_check_image_size_returns_the_bottleneck_side():
+  assert config_lib.check_image_size(96, (24, 48, 96, 192)) == 6
+  assert config_lib.check_image_size(28, (4, 8)) == 7
+  assert config_lib.check_image_size(16, (4,)) == 8
+  for size, widths in ((28, (4, 8, 16)), (18, (4, 8)), (0, (4,)), (16, ())):
+    with pytest.raises(config_lib.ConfigError, match='widths'):
+      config_lib.check_image_size(size, widths)
+
+
+# ------------------------------------------------------------------ validation errors
+
+
+INVALID = [
+    # (field, value, message pattern)
+    ('variant', 'gan', r"unknown variant 'gan'; choose one of vae, avae, vae_s, avae_s"),
+    ('dataset', 'imagenet', r"unknown dataset 'imagenet'.*shapes.*folder:PATH.*arrays:PATH"),
+    ('loss.weights.mae', -1.0, r'loss\.weights\.mae = -1\.0 is negative'),
+    ('loss.weights.gabor', -0.5, r'loss\.weights\.gabor = -0\.5 is negative'),
+    ('loss.kl_weight', -1.0, r'loss\.kl_weight = -1\.0 is negative'),
+    ('loss.tc_weight', -2.0, r'loss\.tc_weight = -2\.0 is negative'),
+    ('loss.adversarial_weight', -1.0, r'loss\.adversarial_weight = -1\.0 is negative'),
+    ('loss.reconstruction_scale', -3.0, r'loss\.reconstruction_scale = -3\.0 is negative'),
+    ('loss.tc_estimator', 'kde', r'tc_estimator must be one of'),
+    ('image_size', 30, r'image_size 30 is not divisible by 2\*\*len\(model.widths\) = 8'),
+    ('model.widths', (), r'model\.widths must name at least one stage'),
+    ('channels', 2, r'channels must be 1 or 3'),
+    ('batch_size', 6, r'batch_size 6 is not divisible by the 4 devices'),
+    ('batch_size', 0, r'batch_size 0'),
+    ('pretrain_steps', -1, r'pretrain_steps and adversarial_steps must be >= 0'),
+    ('adversarial_steps', -5, r'pretrain_steps and adversarial_steps must be >= 0'),
+    ('parallel', 'vmap', r"parallel must be 'pmap' or 'shard_map'"),
+    ('model.dtype', 'float16', r"model\.dtype must be 'float32' or 'bfloat16'"),
+    ('gating.train_disc_below', 1.5, r'gating thresholds'),
+    ('gating.train_vae_above', -0.1, r'gating thresholds'),
+    # Values that used to fail only after compiling (modulo by zero in the loop, a model
+    # without units) or after the whole training (the evaluation).
+    ('log_every', 0, r'log_every = 0 must be >= 1'),
+    ('checkpoint_every', 0, r'checkpoint_every = 0 must be >= 1'),
+    ('image_every', -1, r'image_every = -1 must be >= 1'),
+    ('keep_checkpoints', -1, r'keep_checkpoints = -1 is negative'),
+    ('model.latent_dim', 0, r'model\.latent_dim = 0 must be >= 1'),
+    ('model.hidden_dim', 0, r'model\.hidden_dim = 0 must be >= 1'),
+    ('model.widths', (4, 0), r'model\.widths \(4, 0\) must all be >= 1'),
+    ('optimizer.learning_rate', -1e-3, r'optimizer\.learning_rate = -0\.001 is negative'),
+    ('optimizer.disc_learning_rate', -1.0, r'optimizer\.disc_learning_rate = -1\.0 is negative'),
+    ('crop_size', -2, r'crop_size = -2 is negative'),
+    ('calibrate.batches', 0, r'calibrate\.batches = 0 must be >= 1'),
+    ('eval.num_images', 1, r'eval\.num_images = 1.*at least 2'),
+]
+
+
+@pytest.mark.parametrize('field, value, pattern', INVALID, ids=[f'{f}={v}' for f, v, _ in INVALID])
+def test_validate_rejects_with_a_clear_message(field, value, pattern):
+  c = default.get_config()
+  set_path(c, field, value)
+  with pytest.raises(config_lib.ConfigError, match=pattern):
+    config_lib.validate(c, num_devices=4)
+
+
+def test_calibration_batches_only_matter_when_enabled():
+  c = default.get_config()
+  c.calibrate.enabled, c.calibrate.batches = False, 0
+  config_lib.validate(c, num_devices=1)
+
+
+def test_unknown_reconstruction_term_is_rejected():
+  c = default.get_config()
+  c.loss.weights.l3 = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r'loss\.weights\.l3 is not a reconstruction'):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_valid_edge_values_pass():
+  c = default.get_config()
+  c.loss.weights.mae = 0.0      # a term switched off
+  c.loss.kl_weight = 0.0
+  c.adversarial_steps = 0
+  c.gating.train_disc_below, c.gating.train_vae_above = 1.0, 0.0
+  c.batch_size = 12
+  config_lib.validate(c, num_devices=3)
+  config_lib.validate(c, num_devices=4)
+
+
+def test_local_devices_follows_num_devices():
+  c = default.get_config()
+  assert trainer.local_devices(c) == jax.local_devices()
+  c.num_devices = 1
+  assert trainer.local_devices(c) == jax.local_devices()[:1]
+  c.num_devices = len(jax.local_devices()) + 1
+  with pytest.raises(config_lib.ConfigError, match='local devices exist'):
+    trainer.local_devices(c)
