@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Data (DESIGN.md §5). `dataset` is a tfds name ('mnist', 'fashion_mnist',
   # 'celeb_a', 'dsprites'), 'shapes', 'folder:PATH' or 'arrays:PATH'.
   c.dataset = 'shapes'
-  c.data_dir = None        # tfds data_dir (local folder or gs:// bucket)
+  # tfds data_dir (local folder or gs:// bucket); None = tfds' default. A typed
+  # placeholder, so that --config.data_dir=DIR can override it (a plain None cannot be).
+  c.data_dir = ml_collections.config_dict.placeholder(str)
   c.download = False       # tfds may download only when this is True
   c.image_size = 32
   c.channels = 3
