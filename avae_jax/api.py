@@ -1,0 +1,264 @@
+"""Using a trained model: load it from a workdir, then encode, decode, sample, interpolate.
+
+  from avae_jax import api
+  model = api.TrainedModel.load('/tmp/avae')          # latest checkpoint, config.json
+  mu, logvar = model.encode(images)                     # images: (B, H, W, C) in [0, 1]
+  x_rec = model.reconstruct(images)                     # decode(mu): the posterior mean
+  x_gen = model.sample(jax.random.PRNGKey(0), 16)       # decode(z), z ~ N(0, I)
+  rows = model.interpolate(x0, x1, steps=8)             # (8, H, W, C)
+  grid = model.traverse(x0, dims=[0, 3], values=np.linspace(-2.5, 2.5, 7))
+
+Every method runs jitted with BatchNorm in inference mode (running statistics) and returns
+jax arrays (np.asarray makes them numpy). Batches whose size divides the number of devices
+are split over the devices; other batches run replicated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from etils import epath
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from avae_jax import checkpoint
+from avae_jax import models
+from avae_jax import steps
+from avae_jax import trainer
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class WorkdirError(ValueError):
+  """A workdir from which no model can be loaded; the message says why and what to do."""
+
+
+class NoCheckpointError(WorkdirError):
+  """The workdir holds no checkpoint (or not the requested step)."""
+
+
+class IncompatibleCheckpointError(WorkdirError):
+  """The checkpoint was written by another model (variant, image size, widths, ...)."""
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a training run wrote to WORKDIR/config.json, or None if there is none."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise WorkdirError(f'{path} is not a readable config (JSON): {e}') from e
+
+
+def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings that decide the checkpoint layout, flattened for messages."""
+  out = {'variant': config.variant, 'image_size': config.image_size,
+         'channels': config.channels}
+  for k, v in config.model.to_dict().items():
+    out[f'model.{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str:
+  """'name: workdir X, config Y' for each model setting that differs."""
+  a, b = _model_fields(saved), _model_fields(config)
+  diffs = [f'{k}: workdir {a.get(k)!r}, config {b.get(k)!r}'
+           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return '; '.join(diffs) or 'settings differ'
+
+
+def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Shapes and dtypes of the tree the trainer checkpoints, without initialising anything."""
+  shape = (int(config.image_size), int(config.image_size), int(config.channels))
+  vae_state, disc_state = jax.eval_shape(
+      lambda: steps.create_train_states(config, jax.random.PRNGKey(0), shape))
+  return trainer._state_tree(vae_state, disc_state)  # pylint: disable=protected-access
+
+
+class TrainedModel:
+  """A VAE with its trained parameters and BatchNorm statistics, ready for inference."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_stats: Any, *,
+               step: int | None = None, devices: Sequence[Any] | None = None):
+    """Builds the VAE of `config` around the given variables (see load / from_state)."""
+    self.config = config
+    self.step = None if step is None else int(step)
+    self.module, _ = models.create_models(config, axis_name=None)
+    self.image_shape = (int(config.image_size), int(config.image_size), int(config.channels))
+    self.latent_dim = int(config.model.latent_dim)
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    mesh = Mesh(np.asarray(self.devices), ('batch',))
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+    self._split = NamedSharding(mesh, PartitionSpec('batch'))
+    self.variables = jax.device_put({'params': params, 'batch_stats': batch_stats},
+                                    self._replicated)
+    module = self.module
+
+    def encode(variables, x):
+      return module.apply(variables, x, False, method='encode')
+
+    def decode(variables, z):
+      return module.apply(variables, z, False, method='decode')
+
+    def reconstruct(variables, x):
+      mu, _ = encode(variables, x)
+      return decode(variables, mu)
+
+    def interpolate(variables, x0, x1, t):
+      z0, _ = encode(variables, x0)
+      z1, _ = encode(variables, x1)
+      # (1 - t) z0 + t z1 is exactly z0 at t = 0 and z1 at t = 1.
+      z = (1.0 - t)[None, :, None] * z0[:, None] + t[None, :, None] * z1[:, None]
+      p, s = z.shape[:2]
+      return decode(variables, z.reshape(p * s, -1)).reshape((p, s) + x0.shape[1:])
+
+    def traverse(variables, x, dims, values):
+      mu, _ = encode(variables, x)
+      codes = jnp.broadcast_to(mu, (dims.shape[0], values.shape[0], mu.shape[-1]))
+      hit = jnp.arange(mu.shape[-1])[None, None, :] == dims[:, None, None]
+      codes = jnp.where(hit, values[None, :, None], codes)
+      images = decode(variables, codes.reshape(-1, mu.shape[-1]))
+      return images.reshape((dims.shape[0], values.shape[0]) + x.shape[1:])
+
+    self._encode = jax.jit(encode)
+    self._decode = jax.jit(decode)
+    self._reconstruct = jax.jit(reconstruct)
+    self._interpolate = jax.jit(interpolate)
+    self._traverse = jax.jit(traverse)
+
+  # ------------------------------------------------------------------------- construction
+
+  @classmethod
+  def from_state(cls, config: ml_collections.ConfigDict, vae_state: Any, *,
+                 devices: Sequence[Any] | None = None) -> 'TrainedModel':
+    """Wraps an (unreplicated) VAE TrainState, e.g. inside the trainer."""
+    step = vae_state.step
+    step = int(np.asarray(jax.device_get(step))) if step is not None else None
+    return cls(config, vae_state.params, vae_state.batch_stats, step=step, devices=devices)
+
+  @classmethod
+  def load(cls, workdir: str, step: int | None = None,
+           config: ml_collections.ConfigDict | None = None, *,
+           devices: Sequence[Any] | None = None) -> 'TrainedModel':
+    """Restores the VAE of WORKDIR/checkpoints (latest, or `step`) as a TrainedModel.
+
+    The model is built from WORKDIR/config.json unless `config` is given; a given config
+    must describe the same model (variant, image size, channels, model.*) as the workdir.
+    Raises NoCheckpointError or IncompatibleCheckpointError with the reason.
+    """
+    workdir = str(workdir)
+    ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      raise NoCheckpointError(
+          f'no checkpoint in {ckpt_dir}: train a model there first '
+          f'(python train.py --config=... --workdir={workdir})')
+    saved = read_config(workdir)
+    if config is None:
+      if saved is None:
+        raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
+      config = saved
+    elif saved is not None and trainer.config_hash(saved) != trainer.config_hash(config):
+      raise IncompatibleCheckpointError(
+          f'{workdir} holds another model than the config describes '
+          f'({_differences(saved, config)}); use the config the model was trained with')
+    template = _state_template(config)
+    ckpt = checkpoint.Checkpointer(str(ckpt_dir), keep=None, async_save=False, read_only=True)
+    try:
+      restored = ckpt.restore(template, step=step)
+    except FileNotFoundError as e:
+      raise NoCheckpointError(str(e)) from None
+    except ValueError as e:  # the checkpoint's arrays do not fit this config's model
+      raise IncompatibleCheckpointError(
+          f'the checkpoint in {ckpt_dir} does not fit the model of the config '
+          f'(variant {config.variant}, image_size {config.image_size}, channels '
+          f'{config.channels}, widths {tuple(config.model.widths)}, latent_dim '
+          f'{config.model.latent_dim}): {e}') from None
+    finally:
+      ckpt.close()
+    if restored is None:
+      raise NoCheckpointError(f'no readable checkpoint in {ckpt_dir}')
+    got_step, tree, meta = restored
+    if meta.get('config_hash') not in (None, trainer.config_hash(config)):
+      raise IncompatibleCheckpointError(
+          f'checkpoint {got_step} in {ckpt_dir} was written for another model than the '
+          f'config describes (variant {config.variant}, image_size {config.image_size}); '
+          'use the config the model was trained with')
+    vae = tree['vae']
+    return cls(config, vae['params'], vae['batch_stats'], step=got_step, devices=devices)
+
+  # ------------------------------------------------------------------------- helpers
+
+  def _put(self, x: jax.Array | np.ndarray) -> jax.Array:
+    """Splits a batch over the devices when its size allows, else replicates it."""
+    n = len(self.devices)
+    sharding = self._split if x.shape[0] % n == 0 and x.shape[0] else self._replicated
+    return jax.device_put(x, sharding)
+
+  def _images(self, images: Any, what: str = 'images') -> jax.Array:
+    """Checks (B, H, W, C) images of the model's shape; returns them float32 on device."""
+    x = (images if isinstance(images, jax.Array) else np.asarray(images)).astype(np.float32)
+    if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+      raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
+                       f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')
+    return self._put(x)
+
+  def _pair_images(self, x: Any, what: str) -> tuple[jax.Array, bool]:
+    """One image (H, W, C) or a batch; returns the batch and whether it was one image."""
+    single = np.ndim(x) == 3
+    return self._images(x[None] if single else x, what), single
+
+  # ------------------------------------------------------------------------- public
+
+  def encode(self, images: Any) -> tuple[jax.Array, jax.Array]:
+    """(mu, logvar), each (B, latent_dim), of q(z|x) for (B, H, W, C) images."""
+    return self._encode(self.variables, self._images(images))
+
+  def decode(self, z: Any) -> jax.Array:
+    """Images (B, H, W, C) in (0, 1) for latent codes z (B, latent_dim)."""
+    z = (z if isinstance(z, jax.Array) else np.asarray(z)).astype(np.float32)
+    if z.ndim != 2 or z.shape[1] != self.latent_dim:
+      raise ValueError(f'z must be (B, {self.latent_dim}); got shape {tuple(z.shape)}')
+    return self._decode(self.variables, self._put(z))
+
+  def reconstruct(self, images: Any) -> jax.Array:
+    """decode(mu): reconstructions from the posterior mean, (B, H, W, C)."""
+    return self._reconstruct(self.variables, self._images(images))
+
+  def sample(self, key: jax.Array, n: int) -> jax.Array:
+    """n images decoded from z ~ N(0, I) drawn with `key`."""
+    z = jax.random.normal(key, (int(n), self.latent_dim), jnp.float32)
+    return self.decode(z)
+
+  def interpolate(self, x0: Any, x1: Any, steps: int) -> jax.Array:
+    """Decodes `steps` codes on the line between the posterior means of x0 and x1.
+
+    x0, x1: one image each (H, W, C) -> (steps, H, W, C), or P pairs (P, H, W, C) ->
+    (P, steps, H, W, C). The first and last images are decode(mu(x0)) and decode(mu(x1)).
+    """
+    if int(steps) < 2:
+      raise ValueError(f'steps must be >= 2, got {steps}')
+    a, single = self._pair_images(x0, 'x0')
+    b, _ = self._pair_images(x1, 'x1')
+    if a.shape != b.shape:
+      raise ValueError(f'x0 {a.shape} and x1 {b.shape} differ in shape')
+    t = jnp.linspace(0.0, 1.0, int(steps), dtype=jnp.float32)
+    out = self._interpolate(self.variables, a, b, t)
+    return out[0] if single else out
+
+  def traverse(self, image: Any, dims: Sequence[int], values: Sequence[float]) -> jax.Array:
+    """(len(dims), len(values), H, W, C): row i decodes mu(image) with z[dims[i]] = values[j]."""
+    x, single = self._pair_images(image, 'image')
+    if not single and x.shape[0] != 1:
+      raise ValueError(f'traverse takes one image, got a batch of {x.shape[0]}')
+    dims = np.asarray(dims, np.int32).reshape(-1)
+    if dims.size and (dims.min() < 0 or dims.max() >= self.latent_dim):
+      raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {self.latent_dim}')
+    values = np.asarray(values, np.float32).reshape(-1)
+    return self._traverse(self.variables, x, dims, values)

@@ -1,0 +1,216 @@
+"""Tests for avae_jax.api: loading a trained workdir, encode/decode/sample/interpolate/traverse.
+
+The workdir comes from a tiny real training run (trainer.train_and_evaluate), made once per
+test session and shared with test_evaluation.py and test_eval_cli.py through
+`trained_workdir`.
+"""
+
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from avae_jax import api
+from avae_jax import data
+from avae_jax import steps
+from avae_jax import trainer
+from configs import default
+
+# The tiny model every evaluation test uses, as config overrides (also passed to eval.py).
+TINY = {
+    'variant': 'vae',
+    'image_size': 16,
+    'model.widths': (4, 8),
+    'model.latent_dim': 4,
+    'model.hidden_dim': 8,
+    'shapes.num_train': 64,
+    'shapes.num_eval': 16,
+    'batch_size': 8,
+    'pretrain_steps': 2,
+    'adversarial_steps': 0,
+    'log_every': 1,
+    'image_every': 1000,
+    'checkpoint_every': 1,
+    'eval.num_images': 6,
+    'eval.batch_size': 8,
+    'eval.grid_size': 4,
+    'eval.traversal_dims': 2,
+    'eval.fid': False,
+}
+TRAINED_STEPS = 2
+
+
+def tiny_config(**changes):
+  """The default config with TINY (and `changes`, dotted names) applied."""
+  config = default.get_config()
+  for name, value in {**TINY, **changes}.items():
+    node = config
+    *parents, leaf = name.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_flags(**changes):
+  """TINY (and `changes`) as --config.NAME=VALUE flags for train.py / eval.py."""
+  def text(v):
+    return '(' + ','.join(map(str, v)) + ',)' if isinstance(v, tuple) else str(v)
+  return [f'--config.{k}={text(v)}' for k, v in {**TINY, **changes}.items()]
+
+
+def trained_workdir(base: pathlib.Path) -> str:
+  """A workdir of a finished tiny training run under `base`, trained on first use."""
+  workdir = base / 'avae_tiny_run'
+  if not (workdir / 'final_metrics.json').exists():
+    trainer.train_and_evaluate(tiny_config(), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return trained_workdir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope='module')
+def model(workdir):
+  return api.TrainedModel.load(workdir)
+
+
+@pytest.fixture(scope='module')
+def images():
+  return data.load(tiny_config(), 'eval').get(np.arange(8))
+
+
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def test_load_restores_the_trained_weights(model):
+  assert model.step == TRAINED_STEPS
+  assert model.config.variant == 'vae'
+  assert model.image_shape == (16, 16, 3) and model.latent_dim == 4
+  fresh, _ = steps.create_train_states(tiny_config(), jax.random.PRNGKey(0), (16, 16, 3))
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  assert shapes(model.variables['params']) == shapes(fresh.params)
+  # BatchNorm statistics start at mean 0 / var 1 whatever the key; training moved them, so
+  # these came from the checkpoint. (test_evaluation checks the restored model reproduces
+  # the trainer's own final metrics, and test_load_chosen_step that steps differ.)
+  stats = zip(jax.tree.leaves(model.variables['batch_stats']),
+              jax.tree.leaves(fresh.batch_stats))
+  assert all(not np.allclose(a, b) for a, b in stats)
+
+
+def test_load_chosen_step(workdir, model, images):
+  earlier = api.TrainedModel.load(workdir, step=1)
+  assert earlier.step == 1
+  assert not np.allclose(_np(earlier.encode(images)[0]), _np(model.encode(images)[0]))
+
+
+def test_encode_decode_shapes(model, images):
+  mu, logvar = model.encode(images)
+  assert mu.shape == (8, 4) and logvar.shape == (8, 4)
+  assert np.all(np.isfinite(_np(mu))) and np.all(np.isfinite(_np(logvar)))
+  x = _np(model.decode(mu))
+  assert x.shape == (8, 16, 16, 3)
+  assert np.all((x > 0) & (x < 1))
+  # A batch that does not split over the 4 devices runs replicated, with the same numbers.
+  odd = _np(model.decode(mu[:3]))
+  np.testing.assert_allclose(odd, x[:3], atol=1e-5)
+
+
+def test_reconstruct_is_decode_of_posterior_mean(model, images):
+  mu, _ = model.encode(images)
+  np.testing.assert_allclose(_np(model.reconstruct(images)), _np(model.decode(mu)), atol=1e-5)
+
+
+def test_sample_decodes_standard_normal_codes(model):
+  key = jax.random.PRNGKey(3)
+  x = _np(model.sample(key, 4))
+  assert x.shape == (4, 16, 16, 3)
+  z = np.asarray(jax.random.normal(key, (4, 4)))
+  np.testing.assert_allclose(x, _np(model.decode(z)), atol=1e-5)
+  assert not np.allclose(x, _np(model.sample(jax.random.PRNGKey(4), 4)))
+
+
+def test_interpolation_endpoints_and_midpoint(model, images):
+  mu = _np(model.encode(images[:2])[0])
+  rows = _np(model.interpolate(images[0], images[1], 5))
+  assert rows.shape == (5, 16, 16, 3)
+  expected = _np(model.decode(np.stack([mu[0], mu[1], 0.5 * (mu[0] + mu[1])])))
+  np.testing.assert_allclose(rows[0], expected[0], atol=1e-5)
+  np.testing.assert_allclose(rows[-1], expected[1], atol=1e-5)
+  np.testing.assert_allclose(rows[2], expected[2], atol=1e-5)
+  # Several pairs at once: one row per pair, the same rows.
+  batched = _np(model.interpolate(images[:4:2], images[1:4:2], 5))
+  assert batched.shape == (2, 5, 16, 16, 3)
+  np.testing.assert_allclose(batched[0], rows, atol=1e-5)
+
+
+def test_traversal_changes_only_the_chosen_dims(model, images):
+  mu = _np(model.encode(images[:1])[0])[0]
+  dims, values = [2, 0], [-1.5, float(mu[2]), 2.0]
+  out = _np(model.traverse(images[0], dims, values))
+  assert out.shape == (2, 3, 16, 16, 3)
+  for i, d in enumerate(dims):
+    for j, v in enumerate(values):
+      z = mu.copy()
+      z[d] = v  # every other dimension stays at the posterior mean
+      np.testing.assert_allclose(out[i, j], _np(model.decode(z[None]))[0], atol=1e-5)
+  # Setting dim 2 to its own posterior mean gives back the reconstruction.
+  np.testing.assert_allclose(out[0, 1], _np(model.reconstruct(images[:1]))[0], atol=1e-5)
+  assert not np.allclose(out[0, 0], out[0, 2])
+
+
+def test_bad_inputs_are_rejected(model, images):
+  with pytest.raises(ValueError, match=r'\(B, 16, 16, 3\)'):
+    model.encode(images[:, :8, :8])
+  with pytest.raises(ValueError, match=r'\(B, 4\)'):
+    model.decode(np.zeros((2, 5), np.float32))
+  with pytest.raises(ValueError, match='out of range'):
+    model.traverse(images[0], [4], [0.0])
+
+
+def test_from_state(images):
+  config = tiny_config()
+  vae_state, _ = steps.create_train_states(config, jax.random.PRNGKey(1), (16, 16, 3))
+  m = api.TrainedModel.from_state(config, vae_state, devices=jax.devices()[:1])
+  assert m.step == 0
+  mu, logvar = m.encode(images)
+  assert mu.shape == (8, 4) and logvar.shape == (8, 4)
+  assert _np(m.reconstruct(images)).shape == (8, 16, 16, 3)
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path, workdir):
+  with pytest.raises(api.NoCheckpointError, match='no checkpoint in'):
+    api.TrainedModel.load(str(tmp_path))
+  with pytest.raises(api.NoCheckpointError, match='step 7'):
+    api.TrainedModel.load(workdir, step=7)
+
+
+@pytest.mark.parametrize('change, named', [
+    ({'image_size': 32}, 'image_size'),
+    ({'variant': 'vae_s'}, 'variant'),
+    ({'model.widths': (4, 16)}, 'model.widths'),
+])
+def test_config_of_another_model_is_a_clear_error(workdir, change, named):
+  with pytest.raises(api.IncompatibleCheckpointError, match=named):
+    api.TrainedModel.load(workdir, config=tiny_config(**change))
+
+
+def test_checkpoint_of_another_model_without_config_json(tmp_path, workdir):
+  # No config.json to compare with: the checkpoint itself must reject the config.
+  bare = tmp_path / 'bare'
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), bare / 'checkpoints')
+  assert api.TrainedModel.load(str(bare), config=tiny_config()).step == TRAINED_STEPS
+  # Another image size: the arrays do not fit.
+  with pytest.raises(api.IncompatibleCheckpointError, match='does not fit'):
+    api.TrainedModel.load(str(bare), config=tiny_config(image_size=32))
+  # Another variant with the same arrays: the config hash in the checkpoint's meta differs.
+  with pytest.raises(api.IncompatibleCheckpointError, match='another model'):
+    api.TrainedModel.load(str(bare), config=tiny_config(variant='vae_s'))
+  with pytest.raises(api.WorkdirError, match='config.json'):
+    api.TrainedModel.load(str(bare))
