@@ -1,0 +1,351 @@
+"""The evaluation program: the paper's Table III metrics, FID at four taps, MIG, figures.
+
+`evaluate` runs over the first config.eval.num_images images of the eval split (the same
+images for every model compared, since FID is biased by sample size):
+
+  * sharpness (variance of the Laplacian of the luma) of the images, of their
+    reconstructions decode(mu) and of as many random samples decode(z), z ~ N(0, I)
+    drawn from a key fixed by config.seed;
+  * MSE and cosine similarity between images and reconstructions;
+  * FID of the reconstructions and of the random samples against the images, at the
+    Inception taps 64, 192, 768 and 2048 (skipped, with the reason in the results, when
+    config.eval.fid is False or the weights are missing);
+  * MIG of the posterior means on datasets with ground-truth factors (shapes, dsprites);
+
+and writes out_dir/metrics.json, out_dir/table.md (laid out like Table III) and the PNG
+figures of Figures 2-3: reconstructions (ground truth on top), random samples, linear
+interpolations between encoded images (the two images at the ends of each row), and
+latent traversals of the dimensions with the largest average KL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+
+from avae_jax import api
+from avae_jax import data
+from avae_jax import inception
+from avae_jax import metrics as metrics_lib
+from avae_jax import summary
+from avae_jax import visualize
+
+TAPS = inception.TAPS
+METRICS_FILE = 'metrics.json'
+TABLE_FILE = 'table.md'
+FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
+# Column names of Table III.
+VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
+TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
+             2048: 'final average pooling'}
+# Folded into PRNGKey(config.seed) for the random samples, so they do not reuse the
+# training keys derived from the same seed.
+_SAMPLE_KEY = 0x5A3B1E
+
+
+def metric_keys(with_fid: bool = True, with_mig: bool = False) -> list[str]:
+  """The keys `evaluate` returns (besides 'fid_skipped' / 'mig_skipped' when skipped)."""
+  keys = ['step', 'num_images', 'num_samples',
+          'gt_sharpness_mean', 'gt_sharpness_std',
+          'rec_sharpness_mean', 'rec_sharpness_std',
+          'rec_mse', 'rec_mse_std', 'rec_cosine_similarity', 'rec_cosine_similarity_std',
+          'sample_sharpness_mean', 'sample_sharpness_std', 'kl_mean']
+  if with_fid:
+    keys += ['fid_num_images']
+    keys += [f'fid_rec_{d}' for d in TAPS] + [f'fid_sample_{d}' for d in TAPS]
+  if with_mig:
+    keys += ['mig', 'mig_num_images']
+  return keys
+
+
+class _Progress:
+  """Prints 'eval: <what> done/total images | rate | ETA' now and then (process 0)."""
+
+  def __init__(self, what: str, total: int, enabled: bool, every_s: float = 10.0):
+    self.what, self.total, self.enabled, self.every_s = what, int(total), enabled, every_s
+    self.start = self.last = time.monotonic()
+    self.done = 0
+
+  def update(self, n: int) -> None:
+    """Counts n more images; prints on the first batch, every every_s seconds and at the end."""
+    first = self.done == 0
+    self.done += int(n)
+    now = time.monotonic()
+    if not self.enabled or not (first or self.done >= self.total
+                                or now - self.last >= self.every_s):
+      return
+    self.last = now
+    elapsed = now - self.start
+    rate = self.done / elapsed if elapsed > 0 else float('nan')
+    eta = (self.total - self.done) / rate if rate > 0 else float('nan')
+    line = (f'eval: {self.what} {self.done}/{self.total} images '
+            f'({100.0 * self.done / max(self.total, 1):.0f}%) | {rate:.1f} images/s | '
+            f'ETA {summary.format_duration(eta)} | elapsed {summary.format_duration(elapsed)}')
+    print(line, flush=True)
+
+
+def _inception_params(config: ml_collections.ConfigDict, override: Any,
+                      devices: Sequence[Any]) -> tuple[Any, str | None]:
+  """(params placed on the devices, None) or (None, the reason FID is skipped)."""
+  if override is not None:
+    params = override
+  elif not bool(config.eval.fid):
+    return None, 'config.eval.fid is False'
+  else:
+    path = str(config.eval.get('inception_weights', '') or '') or None
+    try:
+      params = inception.load_params(path)
+    except (OSError, ValueError) as e:
+      # A finished training run must not lose its evaluation over missing weights.
+      how = '' if inception.HOW_TO_GET_WEIGHTS in str(e) else f'\n{inception.HOW_TO_GET_WEIGHTS}'
+      return None, f'FID Inception weights unavailable: {e}{how}'
+  # The replicated layout inception.features uses, so that it does not copy them per batch.
+  mesh = Mesh(np.asarray(devices), ('batch',))
+  return jax.device_put(params, NamedSharding(mesh, PartitionSpec())), None
+
+
+class _Features:
+  """Accumulates the four Inception taps of image batches (only the valid rows)."""
+
+  def __init__(self, params: Any, batch_size: int, devices: Sequence[Any]):
+    self.params, self.batch_size, self.devices = params, batch_size, devices
+    self.taps: dict[int, list[np.ndarray]] = {d: [] for d in TAPS}
+
+  def add(self, images: np.ndarray, count: int) -> None:
+    """Adds the taps of images[:count]; the batch is passed whole (one compilation)."""
+    if self.params is None:
+      return
+    f = inception.features(self.params, images, batch_size=self.batch_size,
+                           devices=self.devices)
+    for d in TAPS:
+      self.taps[d].append(np.asarray(f[d][:count], np.float64))
+
+  def stats(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Mean and covariance per tap."""
+    return {d: metrics_lib.gaussian_stats(np.concatenate(v)) for d, v in self.taps.items()}
+
+
+def _kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+  """KL(q(z_j|x) || N(0, 1)) per latent dimension, averaged over the images."""
+  mu, logvar = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
+  return np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1.0 - logvar), axis=0)
+
+
+def _mean_std(values: list[np.ndarray]) -> tuple[float, float]:
+  v = np.concatenate(values)
+  return float(np.mean(v)), float(np.std(v))
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _fmt(value: Any, std: Any = None) -> str:
+  if value is None:
+    return '-'
+  text = f'{value:.6g}' if isinstance(value, float) else str(value)
+  return text if std is None else f'{text} ± {std:.4g}'
+
+
+def format_table(results: dict[str, Any], config: ml_collections.ConfigDict,
+                 source_name: str = '') -> str:
+  """Markdown table laid out like the paper's Table III, plus samples' rows and MIG."""
+  r = results.get
+  model = VARIANT_NAMES.get(str(config.variant), str(config.variant))
+  fid_note = 'skipped' if 'fid_skipped' in results else '-'
+  rows = [
+      ('Sharpness (Laplace)', _fmt(r('gt_sharpness_mean'), r('gt_sharpness_std')),
+       _fmt(r('rec_sharpness_mean'), r('rec_sharpness_std'))),
+      ('Cosine similarity', '1', _fmt(r('rec_cosine_similarity'))),
+      ('Mean Squared Error', '0', _fmt(r('rec_mse'))),
+  ]
+  for d in TAPS:
+    rows.append((f'FID - {TAP_NAMES[d]} (d={d})', '-',
+                 _fmt(r(f'fid_rec_{d}')) if f'fid_rec_{d}' in results else fid_note))
+  rows.append(('Sharpness of random samples (Laplace)', '-',
+               _fmt(r('sample_sharpness_mean'), r('sample_sharpness_std'))))
+  for d in TAPS:
+    rows.append((f'FID of random samples - {TAP_NAMES[d]} (d={d})', '-',
+                 _fmt(r(f'fid_sample_{d}')) if f'fid_sample_{d}' in results else fid_note))
+  rows.append(('MIG (posterior means vs ground-truth factors)', '-',
+               _fmt(r('mig')) if 'mig' in results else '-'))
+  lines = [f'# Evaluation: {model}, step {r("step")}', '',
+           f'| Metric | Ground Truth | {model} |', '|---|---|---|']
+  lines += [f'| {a} | {b} | {c} |' for a, b, c in rows]
+  split = f' of {source_name}' if source_name else ''
+  lines += ['',
+            f'Reconstructions (decoded posterior means) of the first {r("num_images")} '
+            f'images{split}; {r("num_samples")} random samples, z ~ N(0, I) with seed '
+            f'{int(config.seed)}. Sharpness: mean ± std over images.']
+  if 'fid_skipped' in results:
+    lines.append(f'FID skipped: {results["fid_skipped"]}')
+  else:
+    lines.append(f'FID: {r("fid_num_images")} real images against as many reconstructions '
+                 'and as many samples (FID is biased by sample size: compare equal counts).')
+  if 'mig' in results:
+    lines.append(f'MIG over {r("mig_num_images")} images.')
+  elif 'mig_skipped' in results:
+    lines.append(f'MIG skipped: {results["mig_skipped"]}')
+  return '\n'.join(lines) + '\n'
+
+
+def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: data.Source,
+             out_dir: str, devices: Sequence[Any] | None = None,
+             writer: summary.SummaryWriter | None = None, *,
+             inception_params: Any = None) -> dict[str, Any]:
+  """Computes the metrics, writes metrics.json, table.md and the figures; returns the metrics.
+
+  vae_state: the unreplicated VAE TrainState, or an api.TrainedModel.
+  devices: local devices for the model and the Inception network (default: all local).
+  writer: if given, the figures, the table and the scalars also go to TensorBoard.
+  inception_params: Inception weights to use instead of loading config.eval's (tests).
+  Values are floats and ints, plus 'fid_skipped' / 'mig_skipped' (str) when skipped.
+  Only process 0 writes files.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  is_main = jax.process_index() == 0
+  if isinstance(vae_state, api.TrainedModel):
+    model = vae_state
+  else:
+    model = api.TrainedModel.from_state(config, vae_state, devices=devices)
+  ev = config.eval
+  n = min(int(ev.num_images), eval_source.num_examples) if int(ev.num_images) > 0 else \
+      eval_source.num_examples
+  if n < 2:
+    raise data.DataError(f'evaluation needs at least 2 images; {eval_source.name!r} has '
+                         f'{eval_source.num_examples} and eval.num_images={ev.num_images}')
+  n_dev = len(devices)
+  # Every batch has the same size and splits evenly over the devices: one compilation.
+  batch = max(n_dev, math.ceil(int(ev.batch_size) / n_dev) * n_dev)
+  g = max(1, int(ev.grid_size))
+  started = time.monotonic()
+
+  params, fid_skipped = _inception_params(config, inception_params, devices)
+  if fid_skipped:
+    logging.warning('FID skipped: %s', fid_skipped)
+    if is_main:
+      print(f'eval: FID skipped: {fid_skipped}', flush=True)
+
+  # Images and reconstructions.
+  real_f = _Features(params, batch, devices)
+  rec_f = _Features(params, batch, devices)
+  gt_sharp, rec_sharp, mse, cos, mus, logvars = [], [], [], [], [], []
+  shown_x, shown_rec = [], []
+  progress = _Progress('images and reconstructions', n, is_main)
+  for x, mask in data.eval_batches(eval_source, batch, n):
+    k = int(mask.sum())
+    mu, logvar = model.encode(x)
+    x_rec = np.asarray(model.decode(mu))
+    mus.append(np.asarray(mu)[:k])
+    logvars.append(np.asarray(logvar)[:k])
+    gt_sharp.append(metrics_lib.sharpness(x[:k]))
+    rec_sharp.append(metrics_lib.sharpness(x_rec[:k]))
+    mse.append(metrics_lib.mse(x[:k], x_rec[:k]))
+    cos.append(metrics_lib.cosine_similarity(x[:k], x_rec[:k]))
+    if sum(len(s) for s in shown_x) < g * g:
+      shown_x.append(x[:k])
+      shown_rec.append(x_rec[:k])
+    real_f.add(x, k)
+    rec_f.add(x_rec, k)
+    progress.update(k)
+  mu_all, logvar_all = np.concatenate(mus), np.concatenate(logvars)
+  shown_x, shown_rec = np.concatenate(shown_x), np.concatenate(shown_rec)
+
+  # Random samples: n for the metrics, at least g * g for the figure.
+  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_KEY)
+  sample_f = _Features(params, batch, devices)
+  sample_sharp, shown_samples = [], []
+  num_draw = max(n, g * g)
+  progress = _Progress('random samples', n, is_main)
+  for i, start in enumerate(range(0, num_draw, batch)):
+    samples = np.asarray(model.sample(jax.random.fold_in(key, i), batch))
+    k = max(0, min(batch, n - start))
+    if len(shown_samples) * batch < g * g:
+      shown_samples.append(samples)
+    if k:
+      sample_sharp.append(metrics_lib.sharpness(samples[:k]))
+      sample_f.add(samples, k)
+      progress.update(k)
+  shown_samples = np.concatenate(shown_samples)[:g * g]
+
+  results: dict[str, Any] = {'step': int(model.step or 0), 'num_images': n, 'num_samples': n}
+  results['gt_sharpness_mean'], results['gt_sharpness_std'] = _mean_std(gt_sharp)
+  results['rec_sharpness_mean'], results['rec_sharpness_std'] = _mean_std(rec_sharp)
+  results['rec_mse'], results['rec_mse_std'] = _mean_std(mse)
+  results['rec_cosine_similarity'], results['rec_cosine_similarity_std'] = _mean_std(cos)
+  results['sample_sharpness_mean'], results['sample_sharpness_std'] = _mean_std(sample_sharp)
+  kl = _kl_per_dim(mu_all, logvar_all)
+  results['kl_mean'] = float(np.sum(kl))
+
+  if fid_skipped:
+    results['fid_skipped'] = fid_skipped
+  else:
+    real, rec, smp = real_f.stats(), rec_f.stats(), sample_f.stats()
+    results['fid_num_images'] = n
+    for d in TAPS:
+      results[f'fid_rec_{d}'] = metrics_lib.frechet_distance(*real[d], *rec[d])
+      results[f'fid_sample_{d}'] = metrics_lib.frechet_distance(*real[d], *smp[d])
+
+  if eval_source.factors is not None:
+    try:
+      results['mig'] = metrics_lib.mig(mu_all, np.asarray(eval_source.factors)[:n])
+      results['mig_num_images'] = n
+    except ValueError as e:
+      results['mig_skipped'] = str(e)
+      logging.warning('MIG skipped: %s', e)
+
+  # Figures (Figure 3 a-c, Figure 2).
+  traversal_dims = [int(d) for d in np.argsort(-kl, kind='stable')[:int(ev.traversal_dims)]]
+  figures = {
+      'reconstructions': visualize.reconstructions(shown_x, shown_rec,
+                                                   min(len(shown_x), g * max(1, g // 2)),
+                                                   ncol=g),
+      'samples': visualize.samples(shown_samples, g),
+  }
+  pairs = min(g, len(shown_x) // 2)
+  if pairs:
+    x0, x1 = shown_x[0:2 * pairs:2], shown_x[1:2 * pairs:2]
+    rows = np.asarray(model.interpolate(x0, x1, g))
+    rows = np.concatenate([x0[:, None], rows, x1[:, None]], axis=1)
+    figures['interpolations'] = visualize.interpolations(rows)
+  if traversal_dims:
+    r = float(ev.traversal_range)
+    figures['traversals'] = visualize.traversals(np.asarray(
+        model.traverse(shown_x[0], traversal_dims, np.linspace(-r, r, g))))
+
+  table = format_table(results, config, eval_source.name)
+  table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
+            f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
+  if is_main:
+    os.makedirs(out_dir, exist_ok=True)
+    for name, image in figures.items():
+      visualize.save_png(os.path.join(out_dir, f'{name}.png'), image)
+    _write_json(os.path.join(out_dir, METRICS_FILE), results)
+    with open(os.path.join(out_dir, TABLE_FILE), 'w') as f:
+      f.write(table)
+    if writer is not None:
+      step = results['step']
+      for name, image in figures.items():
+        writer.image(step, f'eval/{name}', image)
+      writer.text(step, 'eval/table', table)
+      writer.scalars(step, {f'eval/{k}': v for k, v in results.items()
+                            if isinstance(v, (int, float)) and k != 'step'})
+      writer.flush()
+    print(table, flush=True)
+    print(f'eval: wrote {METRICS_FILE}, {TABLE_FILE} and {len(figures)} figures to {out_dir} '
+          f'in {summary.format_duration(time.monotonic() - started)}', flush=True)
+  return results

@@ -1,0 +1,239 @@
+"""Tests for avae_jax.evaluation on the tiny trained workdir of test_api.
+
+FID runs with random Inception weights (injected through `inception_params`), so these
+tests need neither the real weights nor the network; the real-weights port is tested in
+test_inception.py. Reference values are recomputed here with scipy / numpy.
+"""
+
+import json
+import os
+import re
+
+from PIL import Image
+import jax
+import numpy as np
+import pytest
+from scipy import ndimage
+from tensorboard.backend.event_processing import event_accumulator
+
+from avae_jax import api
+from avae_jax import data
+from avae_jax import evaluation
+from avae_jax import inception
+from avae_jax import metrics
+from avae_jax import summary
+from tests import test_api
+
+N = test_api.TINY['eval.num_images']  # 6: not a multiple of the batch (8), so padding is used
+GRID = test_api.TINY['eval.grid_size']  # 4
+SIDE = 16
+TAPS = (64, 192, 768, 2048)
+# Every key evaluate returns for a dataset with ground-truth factors, FID enabled.
+ALL_KEYS = {
+    'step', 'num_images', 'num_samples',
+    'gt_sharpness_mean', 'gt_sharpness_std',
+    'rec_sharpness_mean', 'rec_sharpness_std',
+    'rec_mse', 'rec_mse_std', 'rec_cosine_similarity', 'rec_cosine_similarity_std',
+    'sample_sharpness_mean', 'sample_sharpness_std', 'kl_mean',
+    'fid_num_images',
+    'fid_rec_64', 'fid_rec_192', 'fid_rec_768', 'fid_rec_2048',
+    'fid_sample_64', 'fid_sample_192', 'fid_sample_768', 'fid_sample_2048',
+    'mig', 'mig_num_images',
+}
+FID_KEYS = {k for k in ALL_KEYS if k.startswith('fid_')}
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return test_api.trained_workdir(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope='module')
+def config():
+  return test_api.tiny_config()
+
+
+@pytest.fixture(scope='module')
+def model(workdir):
+  return api.TrainedModel.load(workdir)
+
+
+@pytest.fixture(scope='module')
+def source(config):
+  return data.load(config, 'eval')
+
+
+@pytest.fixture(scope='module')
+def inception_params():
+  return inception.random_params(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope='module')
+def evaluated(tmp_path_factory, config, model, source, inception_params):
+  """One full evaluation with FID (random Inception weights); (results, out_dir)."""
+  out_dir = str(tmp_path_factory.mktemp('eval'))
+  results = evaluation.evaluate(config, model, source, out_dir=out_dir,
+                                devices=jax.devices(), inception_params=inception_params)
+  return results, out_dir
+
+
+def _laplacian_variance(images):
+  """Independent sharpness: scipy's Laplacian of the luma, valid part, variance per image."""
+  luma = np.asarray(images, np.float64) @ np.array([0.299, 0.587, 0.114])
+  out = []
+  for g in luma:
+    lap = ndimage.convolve(g, np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64),
+                           mode='constant')
+    out.append(lap[1:-1, 1:-1].var())
+  return np.array(out)
+
+
+def _fid_via_svd(f1, f2):
+  """FID from the centred features: tr sqrt(S1 S2) is the nuclear norm of A1 A2^T / (n - 1)."""
+  f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+  a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+  n = len(f1)
+  cross = np.linalg.svd(a1 @ a2.T / (n - 1), compute_uv=False).sum()
+  return (np.sum((f1.mean(0) - f2.mean(0)) ** 2) + np.sum(a1 ** 2) / (n - 1)
+          + np.sum(a2 ** 2) / (n - 1) - 2 * cross)
+
+
+def test_every_key_is_returned_and_finite(evaluated):
+  results, _ = evaluated
+  assert set(results) == ALL_KEYS
+  for k, v in results.items():
+    assert isinstance(v, (int, float)) and np.isfinite(v), (k, v)
+  assert results['step'] == test_api.TRAINED_STEPS
+  for k in ('num_images', 'num_samples', 'fid_num_images', 'mig_num_images'):
+    assert results[k] == N
+  assert 0.0 <= results['mig'] <= 1.0
+  assert results['kl_mean'] > 0
+  for d in TAPS:
+    assert results[f'fid_rec_{d}'] > 0 and results[f'fid_sample_{d}'] > 0
+
+
+def test_metrics_json_matches_results(evaluated):
+  results, out_dir = evaluated
+  with open(os.path.join(out_dir, 'metrics.json')) as f:
+    assert json.load(f) == results
+
+
+def test_image_metrics_against_independent_computation(evaluated, model, source):
+  results, _ = evaluated
+  x = source.get(np.arange(N))
+  x_rec = np.asarray(model.decode(model.encode(x)[0]), np.float64)
+  gt, rec = _laplacian_variance(x), _laplacian_variance(x_rec)
+  np.testing.assert_allclose(results['gt_sharpness_mean'], gt.mean(), rtol=1e-6)
+  np.testing.assert_allclose(results['gt_sharpness_std'], gt.std(), rtol=1e-6)
+  np.testing.assert_allclose(results['rec_sharpness_mean'], rec.mean(), rtol=1e-4)
+  flat_x, flat_r = x.reshape(N, -1).astype(np.float64), x_rec.reshape(N, -1)
+  mse = ((flat_x - flat_r) ** 2).mean(1)
+  cos = (flat_x * flat_r).sum(1) / np.linalg.norm(flat_x, axis=1) / np.linalg.norm(flat_r, axis=1)
+  np.testing.assert_allclose(results['rec_mse'], mse.mean(), rtol=1e-4)
+  np.testing.assert_allclose(results['rec_cosine_similarity'], cos.mean(), rtol=1e-4)
+  assert results['sample_sharpness_mean'] > 0
+
+
+def test_fid_of_reconstructions_against_independent_computation(evaluated, model, source,
+                                                                 inception_params):
+  results, _ = evaluated
+  pad = np.zeros((8 - N, SIDE, SIDE, 3), np.float32)  # the batch size the evaluation used
+  x = source.get(np.arange(N))
+  x_rec = np.asarray(model.decode(model.encode(x)[0]))
+  fx = inception.features(inception_params, np.concatenate([x, pad]), batch_size=8)
+  fr = inception.features(inception_params, np.concatenate([x_rec, pad]), batch_size=8)
+  for d in TAPS:
+    expected = _fid_via_svd(fx[d][:N], fr[d][:N])
+    np.testing.assert_allclose(results[f'fid_rec_{d}'], expected, rtol=2e-3, atol=1e-6)
+
+
+def test_mig_and_traversal_dims_use_the_posterior_means(evaluated, model, source):
+  results, out_dir = evaluated
+  x = source.get(np.arange(N))
+  mu, logvar = (np.asarray(a, np.float64) for a in model.encode(x))
+  # The MIG estimator itself is tested in test_metrics.py; this checks what it is given.
+  assert results['mig'] == pytest.approx(metrics.mig(mu, source.factors[:N]), abs=1e-9)
+  kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar), axis=0)
+  np.testing.assert_allclose(results['kl_mean'], kl.sum(), rtol=1e-4)
+  with open(os.path.join(out_dir, 'table.md')) as f:
+    table = f.read()
+  shown = re.search(r'latent dimensions \[([\d, ]+)\]', table).group(1)
+  assert [int(d) for d in shown.split(',')] == list(np.argsort(-kl)[:2])
+
+
+def _png_size(path):
+  with Image.open(path) as im:
+    return im.size[1], im.size[0]  # (height, width)
+
+
+def test_figures_have_the_expected_grids(evaluated):
+  _, out_dir = evaluated
+  cell = SIDE + 1  # one pixel of padding between and around the cells
+
+  def side(cells):
+    return cells * cell + 1
+  # Reconstructions: the 6 images in rows of GRID, each row of inputs above its
+  # reconstructions: 2 pairs of rows.
+  assert _png_size(os.path.join(out_dir, 'reconstructions.png')) == (side(4), side(GRID))
+  assert _png_size(os.path.join(out_dir, 'samples.png')) == (side(GRID), side(GRID))
+  # Interpolations: 3 pairs of images, GRID steps plus the two images at the ends.
+  assert _png_size(os.path.join(out_dir, 'interpolations.png')) == (side(3), side(GRID + 2))
+  # Traversals: eval.traversal_dims = 2 rows of GRID values.
+  assert _png_size(os.path.join(out_dir, 'traversals.png')) == (side(2), side(GRID))
+
+
+def test_table_is_laid_out_like_table_iii(evaluated):
+  results, out_dir = evaluated
+  with open(os.path.join(out_dir, 'table.md')) as f:
+    table = f.read()
+  assert '| Metric | Ground Truth | VAE |' in table
+  rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:4]]
+          for line in table.splitlines() if line.startswith('| ') and '---' not in line}
+  assert rows['Cosine similarity'] == ['1', f'{results["rec_cosine_similarity"]:.6g}']
+  assert rows['Mean Squared Error'] == ['0', f'{results["rec_mse"]:.6g}']
+  assert rows['Sharpness (Laplace)'][1].startswith(f'{results["rec_sharpness_mean"]:.6g} ± ')
+  for d, name in [(64, 'first max pooling'), (192, 'second max pooling'),
+                  (768, 'pre-aux classifier'), (2048, 'final average pooling')]:
+    assert rows[f'FID - {name} (d={d})'] == ['-', f'{results[f"fid_rec_{d}"]:.6g}']
+    assert rows[f'FID of random samples - {name} (d={d})'][1] == \
+        f'{results[f"fid_sample_{d}"]:.6g}'
+  assert 'MIG (posterior means vs ground-truth factors)' in rows
+  assert f'FID: {N} real images' in table
+
+
+@pytest.mark.parametrize('change, reason', [
+    ({'eval.inception_weights': '/nonexistent/inception_fid.npz'},
+     'python -m avae_jax.inception fetch'),
+    ({'eval.fid': False}, 'config.eval.fid is False'),
+])
+def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason):
+  config = test_api.tiny_config(**{'eval.fid': True, **change})
+  writer = summary.SummaryWriter(str(tmp_path / 'tb'))
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
+                                devices=jax.devices(), writer=writer)
+  writer.close()
+  assert reason in results['fid_skipped']
+  assert set(results) == (ALL_KEYS - FID_KEYS) | {'fid_skipped'}
+  with open(tmp_path / 'eval' / 'table.md') as f:
+    table = f.read()
+  assert '| FID - final average pooling (d=2048) | - | skipped |' in table
+  assert reason in table
+  # The figures, the table and the scalars also went to TensorBoard.
+  acc = event_accumulator.EventAccumulator(str(tmp_path / 'tb'), size_guidance={'images': 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert {f'eval/{name}' for name in evaluation.FIGURES} <= set(tags['images'])
+  assert 'eval/rec_mse' in tags['scalars']
+  assert acc.Scalars('eval/rec_mse')[0].step == test_api.TRAINED_STEPS
+
+
+def test_training_run_wrote_the_same_final_metrics(workdir, model, source):
+  # The trainer evaluated its in-memory state; the restored checkpoint must agree.
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  assert set(final) == (ALL_KEYS - FID_KEYS) | {'fid_skipped'}
+  for name in evaluation.FIGURES:
+    assert os.path.exists(os.path.join(workdir, 'eval', f'{name}.png'))
+  x = source.get(np.arange(N))
+  x_rec = np.asarray(model.reconstruct(x), np.float64)
+  np.testing.assert_allclose(final['rec_mse'], ((x - x_rec) ** 2).mean(), rtol=1e-4)
