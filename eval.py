@@ -1,0 +1,65 @@
+"""Evaluates a trained model: Table III metrics, FID at four Inception taps, MIG, figures.
+
+  python eval.py --config=configs/default.py --workdir=/tmp/avae
+  python eval.py --config=configs/celeba.py --workdir=/tmp/celeba --step=20000
+
+Pass the config (and overrides) the model was trained with. Restores the latest (or
+--step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md and the PNG
+figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
+`python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from avae_jax import api
+from avae_jax import checkpoint
+from avae_jax import config_lib
+from avae_jax import data
+from avae_jax import distributed
+from avae_jax import evaluation
+from avae_jax import summary
+from avae_jax import trainer
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
+config_flags.DEFINE_config_file('config', None, 'The training configuration file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.initialize()
+  config = flags.FLAGS.config
+  workdir = _WORKDIR.value
+  out_dir = os.path.join(workdir, 'eval')
+  try:
+    devices = trainer.local_devices(config)
+    model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
+    print(f'eval: restored step {model.step} from {workdir}', flush=True)
+    source = data.load(config, 'eval')
+    writer = summary.SummaryWriter(out_dir, enabled=jax.process_index() == 0)
+    try:
+      evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,
+                          writer=writer)
+    finally:
+      writer.close()
+  except (api.WorkdirError, config_lib.ConfigError, data.DataError,
+          checkpoint.CheckpointError) as e:
+    # One message, no traceback: these errors say what is wrong and what to do.
+    sys.exit(f'eval.py: {e}')
+
+
+if __name__ == '__main__':
+  # Warnings only: orbax and XLA log every restore at INFO; progress lines are printed.
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

@@ -1,0 +1,67 @@
+"""eval.py end to end, as a subprocess, on the tiny trained workdir of test_api."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from avae_jax import evaluation
+from tests import test_api
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return test_api.trained_workdir(tmp_path_factory.getbasetemp())
+
+
+def _eval(workdir, *extra):
+  """Runs eval.py with the tiny model's overrides; returns the CompletedProcess."""
+  cmd = [sys.executable, 'eval.py', '--config=configs/default.py', f'--workdir={workdir}',
+         *test_api.cli_flags(), *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
+  # A copy, so that the trainer's own WORKDIR/eval does not stand in for eval.py's output.
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  proc = _eval(run, '--step=1')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = run / 'eval'
+  with open(out / 'metrics.json') as f:
+    results = json.load(f)
+  assert results['step'] == 1
+  assert results['num_images'] == test_api.TINY['eval.num_images']
+  assert results['fid_skipped'] == 'config.eval.fid is False'
+  assert 'mig' in results and 'rec_mse' in results and 'sample_sharpness_mean' in results
+  for name in evaluation.FIGURES:
+    assert (out / f'{name}.png').stat().st_size > 0
+  assert '| Metric | Ground Truth | VAE |' in (out / 'table.md').read_text()
+  assert 'eval: restored step 1' in proc.stdout
+  assert 'images and reconstructions' in proc.stdout  # progress lines
+
+
+def _assert_clean_failure(proc, *phrases):
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  message = proc.stderr.strip().splitlines()[-1]
+  assert message.startswith('eval.py: ')
+  for phrase in phrases:
+    assert phrase in message, message
+
+
+def test_empty_workdir_stops_with_a_clear_message(tmp_path):
+  proc = _eval(tmp_path)
+  _assert_clean_failure(proc, 'no checkpoint in', 'train.py')
+  assert not (tmp_path / 'eval').exists()
+
+
+def test_workdir_of_another_image_size_stops_with_a_clear_message(workdir):
+  proc = _eval(workdir, '--config.image_size=32')
+  _assert_clean_failure(proc, 'image_size: workdir 16, config 32')
