@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -26,6 +26,7 @@ METHODS = ('pmap', 'shard_map')
 
 
 def _mesh(devices: Sequence[Any], axis_name: str) -> Mesh:
+  """The 1-D mesh of `devices` (the one pmap uses internally, for the same axis name)."""
   return Mesh(np.asarray(devices), (axis_name,))
 
 
@@ -34,8 +35,11 @@ def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> An
 
   The arrays are sharded over Mesh(devices, (axis_name,)), the layout that the mapped
   steps take and return (axis_name = StepConfig.axis_name), so no step recompiles or
-  copies them.
+  copies them. In a multi-process run `devices` are this process's and the mesh spans the
+  corresponding devices of all processes, as in make_steps (every process passes the same
+  tree).
   """
+  devices = distributed.global_devices(devices)
   sharding = NamedSharding(_mesh(devices, axis_name), P(axis_name))
   n = len(devices)
 
@@ -47,15 +51,26 @@ def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> An
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated tree (drops the leading axis)."""
-  return jax.tree.map(lambda leaf: leaf[0], tree)
+  """One device's copy of a replicated tree (drops the leading axis).
+
+  Reads this process's first shard, so it also works for arrays that span the devices of
+  several processes; all copies are equal.
+  """
+  def first(leaf):
+    if isinstance(leaf, jax.Array):
+      return leaf.addressable_shards[0].data[0]
+    return leaf[0]
+
+  return jax.tree.map(first, tree)
 
 
 def _squeeze(tree: Any) -> Any:
+  """Drops the leading block axis of size 1 (shard_map's per-device view)."""
   return jax.tree.map(lambda leaf: leaf[0], tree)
 
 
 def _expand(tree: Any) -> Any:
+  """Adds it back."""
   return jax.tree.map(lambda leaf: leaf[None], tree)
 
 

@@ -180,6 +180,7 @@ def _vae_loss(params: Any, state: TrainState, x: Array, eps: Array,
 
 
 def _pmean(tree: Any, cfg: StepConfig) -> Any:
+  """Mean over the devices of the step's axis."""
   return jax.lax.pmean(tree, cfg.axis_name)
 
 
@@ -189,7 +190,12 @@ def _pmean(tree: Any, cfg: StepConfig) -> Any:
 
 def pretrain_step(vae_state: TrainState, batch: Array, key: Array, *,
                   cfg: StepConfig) -> tuple[TrainState, Metrics]:
-  """One VAE update on L_VAE (Algorithm 1, first loop); metrics pmean-ed over devices."""
+  """One VAE update on L_VAE (Algorithm 1, first loop).
+
+  Metrics (pmean-ed over devices): 'loss' (L_VAE), 'rec' (sum of the weighted
+  reconstruction terms, pixel means, before reconstruction_scale), each active term by
+  name (unweighted), 'kl', and 'tc' when the variant has the TC term.
+  """
   eps = _device_noise(key, batch.shape[0], cfg)
 
   def loss_fn(params):
@@ -224,6 +230,10 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
   its update. A state that is not updated is returned unchanged (step counter and
   BatchNorm statistics included). Forward passes are shared: the VAE and discriminator
   run once each on the batch, and each update only runs its backward pass.
+
+  Metrics (pmean-ed): those of pretrain_step ('loss' is L_VAE, without the adversarial
+  term), 'disc_loss' (BCE), 'gen_loss' (-log D(x_rec)), 'disc_accuracy' (measured, also
+  when cfg.force_accuracy drives the gate), 'disc_updated' and 'vae_updated' (0 or 1).
   """
   x = batch
   eps = _device_noise(key, x.shape[0], cfg)

@@ -133,7 +133,8 @@ def test_gating_updates_the_right_side_and_leaves_the_other_bit_identical(
       assert _identical(old, new)  # params, batch_stats, opt_state and step
 
 
-def _independent_logits(vae_state, disc_state, x, key):
+@jax.jit
+def _logits(vae_state, disc_state, x, key):
   """D's logits on x and x_rec, computed with the plain (single-device) modules."""
   eps = jax.random.normal(key, (x.shape[0], 4), jnp.float32)
   (x_rec, *_), _ = vae_state.apply_fn(
@@ -142,6 +143,11 @@ def _independent_logits(vae_state, disc_state, x, key):
   d_vars = {'params': disc_state.params, 'batch_stats': disc_state.batch_stats}
   real, _ = disc_state.apply_fn(d_vars, x, True, mutable=['batch_stats'])
   fake, _ = disc_state.apply_fn(d_vars, x_rec, True, mutable=['batch_stats'])
+  return real, fake
+
+
+def _independent_logits(vae_state, disc_state, x, key):
+  real, fake = _logits(vae_state, disc_state, x, key)
   return np.asarray(real, np.float64), np.asarray(fake, np.float64)
 
 
@@ -249,3 +255,23 @@ def test_pretraining_lowers_the_reconstruction_loss_on_real_images():
   # per-pixel mean of the batch), so the codes carry information about each image.
   assert mse[-10:].mean() < 0.5 * mse[:5].mean()
   assert mse[-10:].mean() < np.mean(np.var(x, axis=0))
+
+
+def test_bfloat16_model_keeps_float32_states():
+  config = tiny_config('avae_s')
+  config.model.dtype = 'bfloat16'
+  cfg = dataclasses.replace(steps.StepConfig.from_config(config, dataset_size=1000),
+                            force_accuracy=0.6)
+  # Tracing (no compile) checks the dtypes, including both branches of each lax.cond.
+  states = jax.eval_shape(
+      lambda key: steps.create_train_states(config, key, (16, 16, 3)), jax.random.key(0))
+  stacked = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct((NUM_DEVICES,) + s.shape, s.dtype), states)
+  batch = jax.ShapeDtypeStruct((NUM_DEVICES, 2, 16, 16, 3), jnp.float32)
+  out = jax.eval_shape(mapped(cfg).adversarial, *stacked, batch, jax.random.key(0))
+  assert jax.tree.structure(out[:2]) == jax.tree.structure(stacked)
+  for before, after in zip(jax.tree.leaves(stacked), jax.tree.leaves(out[:2])):
+    assert before.shape == after.shape and before.dtype == after.dtype
+  assert {leaf.dtype for leaf in jax.tree.leaves(states[0].params)} == {jnp.dtype('float32')}
+  for v in out[2].values():
+    assert v.dtype == jnp.float32
