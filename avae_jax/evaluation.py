@@ -12,7 +12,14 @@ images for every model compared, since FID is biased by sample size):
     config.eval.fid is False or the weights are missing);
   * MIG of the posterior means on datasets with ground-truth factors (shapes, dsprites);
 
-and writes out_dir/metrics.json, out_dir/table.md (laid out like Table III) and the PNG
+Keys of the results (and metrics.json): step; num_images, num_samples, fid_num_images,
+mig_num_images (how many images each metric used); gt_/rec_/sample_sharpness_mean/_std;
+rec_mse(_std), rec_cosine_similarity(_std) (per-image values, mean and std over images);
+kl_mean (KL(q(z|x) || N(0, I)) summed over the latent dims, mean over images);
+fid_rec_{64,192,768,2048}, fid_sample_{...}; mig; and 'fid_skipped' / 'mig_skipped'
+(the reason, a string) in place of the FID / MIG keys when those were not computed.
+
+`evaluate` writes out_dir/metrics.json, out_dir/table.md (laid out like Table III) and the PNG
 figures of Figures 2-3: reconstructions (ground truth on top), random samples, linear
 interpolations between encoded images (the two images at the ends of each row), and
 latent traversals of the dimensions with the largest average KL.
@@ -127,7 +134,7 @@ class _Features:
     f = inception.features(self.params, images, batch_size=self.batch_size,
                            devices=self.devices)
     for d in TAPS:
-      self.taps[d].append(np.asarray(f[d][:count], np.float64))
+      self.taps[d].append(np.asarray(f[d][:count]))  # float32; the stats use float64
 
   def stats(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Mean and covariance per tap."""
