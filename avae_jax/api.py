@@ -26,9 +26,9 @@ import ml_collections
 import numpy as np
 
 from avae_jax import checkpoint
+from avae_jax import config_lib
 from avae_jax import models
 from avae_jax import steps
-from avae_jax import trainer
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -79,7 +79,7 @@ def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
   shape = (int(config.image_size), int(config.image_size), int(config.channels))
   vae_state, disc_state = jax.eval_shape(
       lambda: steps.create_train_states(config, jax.random.PRNGKey(0), shape))
-  return trainer._state_tree(vae_state, disc_state)  # pylint: disable=protected-access
+  return steps.state_tree(vae_state, disc_state)
 
 
 class TrainedModel:
@@ -164,7 +164,7 @@ class TrainedModel:
       if saved is None:
         raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
       config = saved
-    elif saved is not None and trainer.config_hash(saved) != trainer.config_hash(config):
+    elif saved is not None and config_lib.config_hash(saved) != config_lib.config_hash(config):
       raise IncompatibleCheckpointError(
           f'{workdir} holds another model than the config describes '
           f'({_differences(saved, config)}); use the config the model was trained with')
@@ -185,7 +185,7 @@ class TrainedModel:
     if restored is None:
       raise NoCheckpointError(f'no readable checkpoint in {ckpt_dir}')
     got_step, tree, meta = restored
-    if meta.get('config_hash') not in (None, trainer.config_hash(config)):
+    if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
       raise IncompatibleCheckpointError(
           f'checkpoint {got_step} in {ckpt_dir} was written for another model than the '
           f'config describes (variant {config.variant}, image_size {config.image_size}); '

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Mapping
 
 import ml_collections
@@ -135,3 +137,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
   """A plain dict copy of a weights mapping (ConfigDicts are not hashable)."""
   return {str(k): float(v) for k, v in weights.items()}
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short fingerprint of the settings a checkpoint's arrays depend on (and the variant)."""
+  m = config.model
+  keys = dict(variant=config.variant, image_size=int(config.image_size),
+              channels=int(config.channels), widths=[int(w) for w in m.widths],
+              latent_dim=int(m.latent_dim), hidden_dim=int(m.hidden_dim))
+  return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

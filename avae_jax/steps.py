@@ -289,3 +289,20 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
   metrics.update(disc_accuracy=accuracy, disc_updated=update_disc.astype(jnp.float32),
                  vae_updated=update_vae.astype(jnp.float32))
   return new_vae, new_disc, metrics
+
+
+def state_tree(vae_state: TrainState, disc_state: TrainState) -> dict[str, Any]:
+  """The arrays of both train states as one tree: what a checkpoint holds."""
+  def arrays(s):
+    return {'step': s.step, 'params': s.params, 'batch_stats': s.batch_stats,
+            'opt_state': s.opt_state}
+  return {'vae': arrays(vae_state), 'disc': arrays(disc_state)}
+
+
+def from_state_tree(vae_state: TrainState, disc_state: TrainState,
+                    tree: dict[str, Any]) -> tuple[TrainState, TrainState]:
+  """Puts the arrays of a `state_tree` (e.g. restored) back into the train states."""
+  def put(s, t):
+    return s.replace(step=t['step'], params=t['params'], batch_stats=t['batch_stats'],
+                     opt_state=t['opt_state'])
+  return put(vae_state, tree['vae']), put(disc_state, tree['disc'])
