@@ -23,6 +23,7 @@ import numpy as np
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
+from avae_jax import evaluation
 from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import steps
@@ -61,6 +62,15 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   config_lib.validate(config, num_devices=len(devices) * jax.process_count())
   train_source = data.load(config, 'train')
   eval_source = data.load(config, 'eval')
+  # Checked here, not where the batches and the evaluation would fail: after compiling.
+  if int(config.batch_size) > train_source.num_examples:
+    raise config_lib.ConfigError(
+        f'batch_size {config.batch_size} is larger than the {train_source.num_examples} '
+        f'training examples of {train_source.name or config.dataset}')
+  if eval_source.num_examples < 2:
+    raise config_lib.ConfigError(
+        f'the eval split of {config.dataset} has {eval_source.num_examples} example(s); '
+        'the evaluation needs at least 2')
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
   total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
   return Setup(config, devices, train_source, eval_source, step_config, total)
@@ -81,14 +91,6 @@ def _json_default(o: Any) -> Any:
   if isinstance(o, np.ndarray):
     return o.tolist()
   raise TypeError(f'not JSON serialisable: {type(o)}')
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short fingerprint of the settings that make checkpoints compatible."""
-  import hashlib
-  keys = dict(variant=config.variant, image_size=config.image_size, channels=config.channels,
-              model=config.model.to_dict())
-  return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,23 +179,6 @@ def _mean_metrics(history: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str,
 # The loop.
 
 
-def _state_tree(vae_state: steps.TrainState, disc_state: steps.TrainState) -> dict[str, Any]:
-  """The arrays of both train states, as one checkpointable tree."""
-  def arrays(s):
-    return {'step': s.step, 'params': s.params, 'batch_stats': s.batch_stats,
-            'opt_state': s.opt_state}
-  return {'vae': arrays(vae_state), 'disc': arrays(disc_state)}
-
-
-def _from_tree(vae_state: steps.TrainState, disc_state: steps.TrainState,
-               tree: dict[str, Any]) -> tuple[steps.TrainState, steps.TrainState]:
-  """Puts restored arrays back into the train states."""
-  def put(s, t):
-    return s.replace(step=t['step'], params=t['params'], batch_stats=t['batch_stats'],
-                     opt_state=t['opt_state'])
-  return put(vae_state, tree['vae']), put(disc_state, tree['disc'])
-
-
 def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
              eval_source: Any, key: jax.Array) -> dict[str, np.ndarray]:
   """Reconstruction and random-sample grids from the current (unreplicated) VAE."""
@@ -224,15 +209,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  keep=int(config.keep_checkpoints))
-  restored = ckpt.restore(_state_tree(vae_state, disc_state))
+  restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
   start_step = 0
   if restored is not None:
     start_step, tree, meta = restored
-    if meta.get('config_hash') not in (None, config_hash(config)):
+    if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
       raise config_lib.ConfigError(
           f'the checkpoints in {workdir} were written by another model '
           f'(variant/image size/widths differ); use a new workdir')
-    vae_state, disc_state = _from_tree(vae_state, disc_state, tree)
+    vae_state, disc_state = steps.from_state_tree(vae_state, disc_state, tree)
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     print(f'resuming from checkpoint at step {start_step}', flush=True)
 
@@ -249,10 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   r_disc = parallel.replicate(disc_state, setup_.devices)
 
   def save(step: int) -> None:
-    tree = _state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
+    tree = steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
-            'config_hash': config_hash(config)}
+            'config_hash': config_lib.config_hash(config)}
     ckpt.save(step, jax.device_get(tree), meta)
 
   batches = data.prefetch_to_devices(
@@ -307,20 +292,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
 
   vae_final = parallel.unreplicate(r_vae)
-  results = final_evaluation(config, workdir, vae_final, setup_)
-  writer.scalars(total, {f'final/{k}': v for k, v in results.items()
-                         if isinstance(v, (int, float))})
+  results = final_evaluation(config, workdir, vae_final, setup_, writer)
   writer.close()
   return results
 
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
-                     vae_state: steps.TrainState, setup_: Setup) -> dict[str, float]:
+                     vae_state: steps.TrainState, setup_: Setup,
+                     writer: summary.SummaryWriter | None = None) -> dict[str, float]:
   """The end-of-training evaluation: the evaluation program's metrics on the eval split."""
-  from avae_jax import evaluation  # pylint: disable=g-import-not-at-top
   results = evaluation.evaluate(config, vae_state, setup_.eval_source,
                                 out_dir=os.path.join(workdir, 'eval'),
-                                devices=setup_.devices)
+                                devices=setup_.devices, writer=writer)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'final_metrics.json'), results)
     print('final metrics: ' + ', '.join(
