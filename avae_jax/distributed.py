@@ -1,50 +1,209 @@
-"""Multi-process start-up: jax.distributed when the environment asks for it, nothing otherwise."""
+"""Multi-process start-up: jax.distributed when the environment asks for it, nothing otherwise.
+
+One JAX process runs per host (TPU pod slice, several GPU hosts, or launch.py's local
+processes); each sees its local devices and all of them together run one program. What
+asks for it, first match wins:
+
+* flags --coordinator_address, --num_processes, --process_id (train.py and eval.py
+  define them through this module), or the variables AVAE_COORDINATOR_ADDRESS,
+  AVAE_NUM_PROCESSES, AVAE_PROCESS_ID (launch.py sets these);
+* a TPU VM of a pod slice (TPU_WORKER_HOSTNAMES lists several workers): JAX finds the
+  coordinator, count and id itself;
+* --distributed_auto or AVAE_DISTRIBUTED_AUTO=1: JAX's own detection of Slurm and Open MPI.
+
+--distributed_timeout_s / AVAE_DISTRIBUTED_TIMEOUT_S bounds how long a process waits for
+its peers to start and how long a silent (dead) peer goes unnoticed: the JAX runtime then
+aborts the surviving processes with a message naming the dead one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import traceback
+from typing import Any, Iterator, Sequence
 
+from absl import flags
 from absl import logging
 import jax
 
-# Environment variables a launcher (launch.py, a cluster script) sets for non-TPU clusters.
 ENV_COORDINATOR = 'AVAE_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'AVAE_NUM_PROCESSES'
 ENV_PROCESS_ID = 'AVAE_PROCESS_ID'
 ENV_TIMEOUT = 'AVAE_DISTRIBUTED_TIMEOUT_S'
 ENV_AUTO = 'AVAE_DISTRIBUTED_AUTO'
 
+# A process that finished waits this long at exit for the others (process 0 writes the
+# figures and final metrics after the last step); never shorter than the timeout.
+_MIN_SHUTDOWN_TIMEOUT_S = 300
 
-def _on_multihost_tpu() -> bool:
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    f'host:port of process 0 for a multi-process run (or ${ENV_COORDINATOR}).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, f'Number of processes of a multi-process run (or ${ENV_NUM_PROCESSES}).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, f'This process, 0 .. num_processes - 1 (or ${ENV_PROCESS_ID}).')
+_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout_s', None,
+    'Seconds a process waits for its peers to start, and after which a peer that stopped '
+    f'answering counts as dead (or ${ENV_TIMEOUT}; default: JAX\'s, 300 and 100).')
+_AUTO = flags.DEFINE_bool(
+    'distributed_auto', False,
+    f'Let JAX detect a Slurm or Open MPI cluster (or ${ENV_AUTO}=1).')
+
+
+class DistributedConfigError(ValueError):
+  """The multi-process settings are incomplete or inconsistent."""
+
+
+def _flag(holder: flags.FlagHolder) -> Any:
+  """A flag's value, or None where flags were not parsed (library use, tests)."""
+  try:
+    return holder.value
+  except flags.UnparsedFlagAccessError:
+    return None
+
+
+def _first(*values: Any) -> Any:
+  """The first value that is not None or ''."""
+  for v in values:
+    if v is not None and v != '':
+      return v
+  return None
+
+
+def _int(value: Any, what: str) -> int | None:
+  """int(value), or None; a clear error for text that is not a number."""
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise DistributedConfigError(f'{what} must be an integer, got {value!r}') from None
+
+
+def on_multihost_tpu() -> bool:
   """True on a TPU VM that belongs to a pod slice (several workers)."""
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return len([h for h in hosts.split(',') if h]) > 1
 
 
-def initialize() -> None:
-  """Starts jax.distributed for multi-process runs; a no-op for a single process.
+def _is_loopback(address: str) -> bool:
+  """True for 127.x.x.x:port / localhost:port, where the coordinator needs no other interface."""
+  host = address.rsplit(':', 1)[0].strip('[]')
+  return host == 'localhost' or host.startswith('127.') or host == '::1'
 
-  TPU pod slices are detected by JAX itself. Other clusters set AVAE_COORDINATOR_ADDRESS,
-  AVAE_NUM_PROCESSES and AVAE_PROCESS_ID (launch.py does); AVAE_DISTRIBUTED_AUTO=1 asks
-  JAX to detect a Slurm or Open MPI cluster. AVAE_DISTRIBUTED_TIMEOUT_S bounds how long
-  a process waits for a peer that died.
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int | None = None,
+               auto: bool | None = None) -> bool:
+  """Starts jax.distributed for a multi-process run; returns whether it did.
+
+  Arguments override the flags, which override the AVAE_* variables (module docstring).
+  With none of them, off a pod slice, this is a no-op and the run is single-process.
+  Call it before anything touches a JAX device. Idempotent.
   """
-  timeout = int(os.environ.get(ENV_TIMEOUT, '100'))
-  if os.environ.get(ENV_COORDINATOR):
-    num = int(os.environ[ENV_NUM_PROCESSES])
-    pid = int(os.environ[ENV_PROCESS_ID])
-    if jax.config.jax_platforms in (None, '', 'cpu') and num > 1:
-      # CPU collectives across processes need gloo; harmless where GPUs/TPUs do the work.
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-        coordinator_address=os.environ[ENV_COORDINATOR], num_processes=num,
-        process_id=pid, initialization_timeout=timeout,
-        heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
-  elif _on_multihost_tpu() or os.environ.get(ENV_AUTO) == '1':
-    jax.distributed.initialize(initialization_timeout=timeout,
-                               heartbeat_timeout_seconds=timeout)
+  if jax.distributed.is_initialized():
+    return True
+  address = _first(coordinator_address, _flag(_COORDINATOR), os.environ.get(ENV_COORDINATOR))
+  num = _int(_first(num_processes, _flag(_NUM_PROCESSES), os.environ.get(ENV_NUM_PROCESSES)),
+             'the number of processes')
+  pid = _int(_first(process_id, _flag(_PROCESS_ID), os.environ.get(ENV_PROCESS_ID)),
+             'the process id')
+  timeout = _int(_first(timeout_s, _flag(_TIMEOUT), os.environ.get(ENV_TIMEOUT)),
+                 'the distributed timeout')
+  auto = bool(_first(auto, _flag(_AUTO) or None, os.environ.get(ENV_AUTO) == '1' or None))
+
+  timeouts: dict[str, int] = {}
+  if timeout is not None:
+    if timeout <= 0:
+      raise DistributedConfigError(f'the distributed timeout must be > 0 s, got {timeout}')
+    timeouts = dict(initialization_timeout=timeout, heartbeat_timeout_seconds=timeout,
+                    shutdown_timeout_seconds=max(timeout, _MIN_SHUTDOWN_TIMEOUT_S))
+
+  if address is not None:
+    if num is None or pid is None:
+      raise DistributedConfigError(
+          f'a coordinator address ({address}) needs the number of processes and this '
+          f'process id too: --num_processes/--process_id or ${ENV_NUM_PROCESSES}/'
+          f'${ENV_PROCESS_ID}')
+    if num < 1 or not 0 <= pid < num:
+      raise DistributedConfigError(
+          f'process id {pid} is not in [0, {num}) (number of processes {num})')
+    if num == 1:
+      return False
+    # The CPU backend needs gloo for collectives across processes (JAX's default today;
+    # set so that it stays so). GPUs and TPUs use their own and ignore it.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    kwargs: dict[str, Any] = dict(coordinator_address=address, num_processes=num,
+                                  process_id=pid, **timeouts)
+    if _is_loopback(address):
+      # A local run: the coordinator listens on loopback only, not on every interface.
+      kwargs['coordinator_bind_address'] = address
+    jax.distributed.initialize(**kwargs)
+  elif on_multihost_tpu() or auto:
+    jax.distributed.initialize(**timeouts)
   else:
-    return
+    if num is not None and num > 1:
+      raise DistributedConfigError(
+          f'{num} processes were asked for but no coordinator address: set '
+          f'--coordinator_address or ${ENV_COORDINATOR} (host:port of process 0)')
+    return False
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  return True
+
+
+def global_devices(local: Sequence[Any]) -> list[Any]:
+  """The devices of every process that correspond to this process's `local` devices.
+
+  A run uses the same local devices (by position) on every process. jax.pmap and a
+  shard_map mesh must name the devices of all processes, otherwise each process runs a
+  program of its own and the collectives (gradients, metrics, the gating accuracy) only
+  average over its local devices. Ordered by process, then by local position, so that
+  device k of the global axis holds rows k*per_device... of the global batch, the rows that
+  data.batches() gives it. On one process this returns `local` unchanged.
+  """
+  local = list(local)
+  if jax.process_count() == 1:
+    return local
+  mine = jax.local_devices()
+  try:
+    positions = [mine.index(d) for d in local]
+  except ValueError:
+    raise ValueError(f'{local} are not all local devices of process {jax.process_index()}'
+                     ) from None
+  out = []
+  for p in range(jax.process_count()):
+    theirs = jax.local_devices(process_index=p)
+    if len(theirs) != len(mine):
+      raise ValueError(f'process {p} has {len(theirs)} devices and process '
+                       f'{jax.process_index()} has {len(mine)}; give every process the same')
+    out.extend(theirs[i] for i in positions)
+  return out
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+  """In a multi-process run, an exception ends this process at once (exit status 1).
+
+  A process that leaves normally waits at exit for all others (JAX's shutdown barrier),
+  while they wait in a collective for it: both would hang until the shutdown timeout.
+  Ending at once makes the peers fail within the heartbeat timeout instead. On one
+  process the exception propagates as usual.
+  """
+  try:
+    yield
+  except BaseException as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1 or isinstance(e, SystemExit) and not e.code:
+      raise
+    traceback.print_exc()
+    sys.stderr.write(f'process {jax.process_index()} of {jax.process_count()} failed; '
+                     'exiting now so that the other processes stop too\n')
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
