@@ -58,9 +58,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from avae_jax import filters
 from avae_jax import shapes as shapes_lib
 
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = np.array(filters.LUMA, dtype=np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 EVAL_TOKENS = frozenset({'test', 't10k', 'eval', 'val', 'valid', 'validation'})
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
@@ -886,8 +887,12 @@ class DevicePrefetcher:
     self._devices = list(devices)
     if not self._devices:
       raise ValueError('prefetch_to_devices needs at least one device')
-    mesh = sharding.Mesh(np.array(self._devices), (axis_name,))
+    from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+    # Multi-process: one global array over the same devices of every process (the mesh
+    # that parallel.make_steps maps over), assembled from each process's own rows.
+    mesh = sharding.Mesh(np.array(distributed.global_devices(self._devices)), (axis_name,))
     self._sharding = sharding.NamedSharding(mesh, sharding.PartitionSpec(axis_name))
+    self._multiprocess = jax.process_count() > 1
     self._jax = jax
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(size)))
     self._stop = threading.Event()
@@ -912,6 +917,8 @@ class DevicePrefetcher:
     if x.ndim == 0 or x.shape[0] != len(self._devices):
       raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
                        f'{x.shape[:1]}, expected {len(self._devices)} (one row per device)')
+    if self._multiprocess:
+      return self._jax.make_array_from_process_local_data(self._sharding, x)
     return self._jax.device_put(x, self._sharding)
 
   def _produce(self, iterator: Iterator[Any]) -> None:

@@ -8,10 +8,7 @@ from typing import Any
 
 import numpy as np
 
-# Same constants as avae_jax.filters (LUMA, laplacian_kernel), kept here so evaluation does
-# not depend on the training-loss modules.
-LUMA = (0.299, 0.587, 0.114)
-LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
+from avae_jax.filters import LUMA
 
 # Images per chunk in sharpness: bounds the float64 temporaries for large batches.
 _CHUNK = 256

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from avae_jax import filters
+
 FACTOR_NAMES = ('shape', 'scale', 'rotation', 'x', 'y', 'colour')
 SHAPE_NAMES = ('square', 'ellipse', 'triangle', 'heart')
 COLOUR_NAMES = ('white', 'red', 'green', 'blue', 'yellow', 'cyan')
@@ -34,7 +36,7 @@ MAX_RADIUS = 0.2
 SCALES = np.array([0.55, 0.7, 0.85, 1.0], dtype=np.float32)
 ROTATIONS = (np.arange(5) * (np.pi / 2 / 5)).astype(np.float32)
 POSITIONS = np.linspace(0.28, 0.72, 8).astype(np.float32)
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA = np.array(filters.LUMA, dtype=np.float32)
 
 # Split codes folded into the seed so that train and eval draw from disjoint streams.
 _SPLIT_CODES = {'train': 0, 'eval': 1}
