@@ -56,6 +56,12 @@ def unreplicate(tree: Any) -> Any:
   Reads this process's first shard, so it also works for arrays that span the devices of
   several processes; all copies are equal.
   """
+  # Wait for the step that made the tree before slicing it: each slice is a computation,
+  # and ~100 of them queued behind a multi-device step can starve XLA:CPU's small thread
+  # pool (two processes under load deadlocked so when the slices were taken from the
+  # multi-device arrays; single-device slices have not, and waiting costs nothing here).
+  jax.block_until_ready(tree)
+
   def first(leaf):
     if isinstance(leaf, jax.Array):
       return leaf.addressable_shards[0].data[0]
