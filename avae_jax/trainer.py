@@ -209,11 +209,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  keep=int(config.keep_checkpoints))
-  restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
+  try:
+    restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
+  except ValueError as e:  # the arrays' shapes differ from this config's model
+    ckpt.close()
+    raise config_lib.ConfigError(
+        f'the checkpoints in {workdir} were written by another model '
+        f'(variant/image size/widths differ); use a new workdir ({e})') from None
   start_step = 0
   if restored is not None:
     start_step, tree, meta = restored
     if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
+      ckpt.close()
       raise config_lib.ConfigError(
           f'the checkpoints in {workdir} were written by another model '
           f'(variant/image size/widths differ); use a new workdir')
