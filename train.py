@@ -6,11 +6,15 @@
 Running again on a workdir that has checkpoints resumes from the latest one.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from avae_jax import config_lib
+from avae_jax import data
 from avae_jax import distributed
 from avae_jax import summary
 from avae_jax import trainer
@@ -26,7 +30,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   summary.quiet_library_logs()
   distributed.initialize()
-  trainer.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  except (config_lib.ConfigError, data.DataError, trainer.NonFiniteLossError) as e:
+    # A wrong setting, missing data or a diverged loss: the message says what to do; a
+    # traceback through the trainer would only bury it.
+    print(f'train.py: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
