@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
@@ -299,15 +300,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
 
   vae_final = parallel.unreplicate(r_vae)
-  results = final_evaluation(config, workdir, vae_final, setup_, writer)
+  results = final_evaluation(config, workdir, vae_final, setup_, writer, step=step)
   writer.close()
   return results
 
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                      vae_state: steps.TrainState, setup_: Setup,
-                     writer: summary.SummaryWriter | None = None) -> dict[str, float]:
-  """The end-of-training evaluation: the evaluation program's metrics on the eval split."""
+                     writer: summary.SummaryWriter | None = None,
+                     step: int | None = None) -> dict[str, float]:
+  """The end-of-training evaluation: the evaluation program's metrics on the eval split.
+
+  step: the run's global step, which labels the results (as eval.py labels a checkpoint);
+  the VAE's own update counter lags behind it once gated adversarial steps skip updates.
+  """
+  if step is not None:
+    vae_state = api.TrainedModel(config, vae_state.params, vae_state.batch_stats,
+                                 step=step, devices=setup_.devices)
   results = evaluation.evaluate(config, vae_state, setup_.eval_source,
                                 out_dir=os.path.join(workdir, 'eval'),
                                 devices=setup_.devices, writer=writer)
