@@ -1,0 +1,333 @@
+"""train.py as a user runs it: end to end, killed with SIGKILL and resumed, invalid settings.
+
+Every run is a subprocess on the default config shrunk by --config overrides (16x16
+images, widths (4, 8), batch 8). The compiled steps go to a per-session JAX compilation
+cache, so only the first run of a configuration pays for XLA compilation; tracing, the
+data, the checkpoints and the results are those of a fresh process every time.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from avae_jax import checkpoint
+from avae_jax import steps
+from configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The default config shrunk to seconds; the same run as test_trainer.BASE.
+TINY = {
+    'image_size': 16, 'model.widths': (4, 8), 'model.latent_dim': 4, 'model.hidden_dim': 8,
+    'batch_size': 8, 'shapes.num_train': 256, 'shapes.num_eval': 32,
+    'eval.num_images': 32, 'eval.fid': False, 'calibrate.enabled': False,
+}
+BASE = dict(TINY, **{'pretrain_steps': 12, 'adversarial_steps': 8, 'log_every': 1,
+                     'checkpoint_every': 4, 'image_every': 10})
+TOTAL = 20
+RUN_TIMEOUT = 600   # a bound for a whole training subprocess, not a speed requirement
+FAIL_TIMEOUT = 60   # a bound for a run that must stop at validation (nothing compiled)
+
+
+def make_config(overrides):
+  """The in-process ConfigDict that the CLI builds from configs/default.py and overrides."""
+  c = default.get_config()
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def cli_args(workdir, overrides, config='configs/default.py'):
+  """argv of `python train.py --config=... --workdir=... --config.X=V ...`."""
+  args = [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config}',
+          f'--workdir={workdir}']
+  for path, value in overrides.items():
+    text = '(' + ','.join(map(str, value)) + ')' if isinstance(value, tuple) else str(value)
+    args.append(f'--config.{path}={text}')
+  return args
+
+
+@pytest.fixture(scope='session')
+def cli_env(tmp_path_factory):
+  """Environment of the subprocesses: a session-wide compilation cache, compile logging."""
+  cache = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
+  cache.mkdir(exist_ok=True)
+  env = dict(os.environ)  # conftest's four forced CPU devices included
+  env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+             # Logs every trace and compilation: how the tests see that a bad config
+             # stopped before anything was compiled.
+             JAX_LOG_COMPILES='1')
+  return env
+
+
+def run_cli(env, workdir, overrides, *, config='configs/default.py', timeout=RUN_TIMEOUT):
+  """Runs train.py to completion; returns the CompletedProcess (text output)."""
+  return subprocess.run(cli_args(workdir, overrides, config), env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+COMPILE_MARKERS = ('Compiling ', 'Finished tracing')
+
+
+def compiled_something(stderr):
+  """Whether jax logged a trace or a compilation (JAX_LOG_COMPILES=1)."""
+  return any(m in stderr for m in COMPILE_MARKERS)
+
+
+_TEMPLATES = {}
+
+
+def restore(workdir, step=None):
+  """(step, {'vae': ..., 'disc': ...} host arrays, meta) of a workdir's checkpoint."""
+  if 'base' not in _TEMPLATES:
+    # Shapes and dtypes only (jax.eval_shape): nothing is compiled for the template.
+    _TEMPLATES['base'] = jax.eval_shape(lambda key: steps.state_tree(
+        *steps.create_train_states(make_config(BASE), key, (16, 16, 3))),
+        jax.random.PRNGKey(0))
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
+                               read_only=True) as ckpt:
+    return ckpt.restore(_TEMPLATES['base'], step=step)
+
+
+def committed_steps(workdir):
+  """The step directories orbax has committed (renamed from their tmp names)."""
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def tmp_dirs(workdir):
+  """The step directories orbax is still writing (or was, when the process died)."""
+  d = os.path.join(workdir, 'checkpoints')
+  return [n for n in os.listdir(d) if '.orbax-checkpoint-tmp' in n] if os.path.isdir(d) else []
+
+
+def assert_trees_equal(a, b):
+  """Bit-identical leaves, same structure."""
+  la, ta = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.structure(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)[0], jax.tree.structure(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+def read_jsonl(path):
+  """The JSON objects of a .jsonl file."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope='module')
+def e2e(cli_env, tmp_path_factory):
+  """One uninterrupted train.py run of BASE, evaluation included."""
+  workdir = tmp_path_factory.mktemp('e2e')
+  proc = run_cli(cli_env, workdir, BASE)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return workdir, proc
+
+
+def test_end_to_end_exits_0_and_writes_everything(e2e):
+  workdir, proc = e2e
+  assert compiled_something(proc.stderr)  # the detector used by the failure tests works
+
+  # Checkpoints every 4 steps and at the phase ends, the last keep_checkpoints=3 kept.
+  assert committed_steps(workdir) == [12, 16, 20]
+  assert not tmp_dirs(workdir)
+  step, tree, meta = restore(workdir)
+  assert step == TOTAL and meta['phase'] == 'adversarial' and meta['data_position'] == TOTAL
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+  assert restore(workdir, step=12)[2]['phase'] == 'pretrain'
+
+  # The resolved config, overrides applied.
+  with open(workdir / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['image_size'] == 16 and saved['model']['widths'] == [4, 8]
+  assert (saved['pretrain_steps'], saved['adversarial_steps']) == (12, 8)
+  assert saved['variant'] == 'avae_s' and saved['calibrate']['enabled'] is False
+
+  # Scalars of every step: every loss term, KL, TC; the discriminator's in phase two.
+  lines = read_jsonl(workdir / 'metrics.jsonl')
+  by_step = {m['step']: m for m in lines if 'loss' in m}
+  assert sorted(by_step) == list(range(1, TOTAL + 1))
+  for s, m in by_step.items():
+    for k in ('loss', 'rec', 'mae', 'mse', 'dssim', 'sobel', 'gabor', 'kl', 'tc',
+              'learning_rate', 'steps_per_s'):
+      assert np.isfinite(m[k]), (s, k)
+    adversarial = {'disc_loss', 'gen_loss', 'disc_accuracy', 'disc_updated', 'vae_updated'}
+    assert adversarial <= set(m) if s > 12 else not adversarial & set(m), s
+    if s > 12:
+      assert m['disc_updated'] in (0.0, 1.0) and m['vae_updated'] in (0.0, 1.0)
+
+  # TensorBoard: the same scalars and the image grids, read back with tensorboard.
+  from tensorboard.backend.event_processing import event_accumulator
+  events = [n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]
+  assert events
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={'scalars': 0,
+                                                                        'images': 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert {'loss', 'kl', 'tc', 'disc_accuracy'} <= set(tags['scalars'])
+  assert [e.step for e in acc.Scalars('loss')] == list(range(1, TOTAL + 1))
+  assert np.isclose(acc.Scalars('loss')[-1].value, by_step[TOTAL]['loss'], rtol=1e-6)
+  assert {'reconstructions', 'samples'} <= set(tags['images'])
+
+  # PNG grids at image_every and at the end.
+  for name in ('reconstructions', 'samples'):
+    for s in (10, 20):
+      png = Image.open(workdir / 'images' / f'{name}_{s:07d}.png')
+      png.load()
+      assert png.size[0] >= 16 and png.size[1] >= 16
+
+  # The final evaluation: metrics file, eval/ folder, the printed line.
+  with open(workdir / 'final_metrics.json') as f:
+    final = json.load(f)
+  assert 0.0 < final['rec_mse'] < 1.0 and np.isfinite(final['rec_sharpness_mean'])
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    assert json.load(f) == final
+  # Labelled with the run's step (the VAE's own update counter lags behind it once the
+  # gate skips updates), in the results and in the summaries.
+  assert final['step'] == TOTAL
+  assert {m['step'] for m in lines if any(k.startswith('eval/') for k in m)} == {TOTAL}
+  assert 'final metrics: ' in proc.stdout
+  assert f'step {TOTAL}/{TOTAL} (100.0%)' in proc.stderr and 'ETA' in proc.stderr
+
+
+# ------------------------------------------------------------------ SIGKILL and resume
+
+
+def _kill_when(env, workdir, ready):
+  """Starts BASE on workdir and SIGKILLs it as soon as ready(workdir) holds.
+
+  Returns True if the kill landed, False if the run ended first.
+  """
+  with open(workdir / 'killed.out', 'a') as out, open(workdir / 'killed.err', 'a') as err:
+    proc = subprocess.Popen(cli_args(workdir, BASE), env=env, cwd=ROOT, stdout=out, stderr=err)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+      while proc.poll() is None and time.monotonic() < deadline:
+        if ready(workdir):
+          proc.send_signal(signal.SIGKILL)
+          break
+        time.sleep(0.001)
+      proc.wait(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_in_a_checkpoint_save_and_in_training_resumes_exactly(e2e, cli_env, tmp_path):
+  # 1. Killed while a later checkpoint is being written and an earlier one is complete.
+  #    The write is caught only if it is still unfinished when the process dies; the
+  #    window is short (a few files), so a miss is retried on a fresh workdir.
+  def saving(w):  # the save of step 8 or 12, so that training goes on after the resume
+    return bool(committed_steps(w)) and any(
+        int(n.split('.')[0]) in (8, 12) for n in tmp_dirs(w))
+  for attempt in range(5):
+    workdir = tmp_path / f'attempt{attempt}'
+    workdir.mkdir()
+    if _kill_when(cli_env, workdir, saving) and tmp_dirs(workdir):
+      break
+  else:
+    pytest.fail('no SIGKILL landed inside a checkpoint save in 5 attempts')
+  complete = committed_steps(workdir)
+  assert int(tmp_dirs(workdir)[0].split('.')[0]) > complete[-1]
+
+  # 2. Resumes from the last complete checkpoint; killed again in the middle of training
+  #    as soon as it has committed a checkpoint of its own.
+  def progressed(w):
+    return committed_steps(w)[-1] > complete[-1]
+  assert _kill_when(cli_env, workdir, progressed)
+  with open(workdir / 'killed.out') as f:
+    assert f'resuming from checkpoint at step {complete[-1]}\n' in f.read()
+  assert not tmp_dirs(workdir) or int(tmp_dirs(workdir)[0].split('.')[0]) > complete[-1]
+  last = committed_steps(workdir)[-1]
+  assert complete[-1] < last < TOTAL
+
+  # 3. Resumes from there and finishes with the parameters of the run never interrupted.
+  proc = run_cli(cli_env, workdir, BASE)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert f'resuming from checkpoint at step {last}\n' in proc.stdout
+  assert not tmp_dirs(workdir)  # a half-written save is removed, never loaded
+  step, tree, _ = restore(workdir)
+  ref_step, ref_tree, _ = restore(e2e[0])
+  assert step == ref_step == TOTAL
+  assert_trees_equal(tree, ref_tree)
+
+
+# ------------------------------------------------------------------ failures
+
+
+def _empty_dir(tmp_path, name):
+  d = tmp_path / name
+  d.mkdir()
+  return str(d)
+
+
+INVALID = [
+    # (id, overrides on TINY, config file, message on stderr)
+    ('unknown variant', {'variant': 'gan'}, 'configs/default.py', "unknown variant 'gan'"),
+    ('unknown dataset', {'dataset': 'imagenet'}, 'configs/default.py',
+     "unknown dataset 'imagenet'"),
+    ('negative weight', {'loss.weights.mae': -1.0}, 'configs/default.py',
+     'loss.weights.mae = -1.0 is negative'),
+    ('image size vs widths', {'image_size': 18}, 'configs/default.py',
+     'image_size 18 is not divisible by 2**len(model.widths) = 4'),
+    ('batch vs devices', {'batch_size': 6}, 'configs/default.py',
+     'batch_size 6 is not divisible by the 4 devices'),
+    ('missing folder', {'dataset': 'folder:/nonexistent/img_align_celeba'}, 'configs/default.py',
+     "image folder '/nonexistent/img_align_celeba' does not exist"),
+    ('missing tfds, config file with variant', {'data_dir': 'EMPTY'}, 'configs/mnist.py:vae',
+     "tfds dataset 'mnist' is not prepared"),
+]
+
+
+@pytest.mark.parametrize('overrides, config, message', [c[1:] for c in INVALID],
+                         ids=[c[0] for c in INVALID])
+def test_invalid_settings_stop_with_one_message_before_compiling(
+    cli_env, tmp_path, overrides, config, message):
+  overrides = {k: (_empty_dir(tmp_path, 'tfds') if v == 'EMPTY' else v)
+               for k, v in overrides.items()}
+  env = dict(cli_env, AVAE_JAX_CACHE=_empty_dir(tmp_path, 'decoded'))  # no cached copy
+  base = TINY if config == 'configs/default.py' else {}
+  proc = run_cli(env, tmp_path / 'w', dict(base, **overrides), config=config,
+                 timeout=FAIL_TIMEOUT)
+  assert proc.returncode != 0
+  assert f'train.py: error: {message}' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not compiled_something(proc.stderr)
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_non_finite_loss_stops_naming_step_and_term(cli_env, tmp_path):
+  # Adam's first step moves every weight by ~1e30; the next forward pass overflows.
+  overrides = dict(TINY, **{'optimizer.learning_rate': 1e30, 'pretrain_steps': 6,
+                            'adversarial_steps': 0, 'checkpoint_every': 1, 'log_every': 100})
+  proc = run_cli(cli_env, tmp_path, overrides)
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr
+  line = [s for s in proc.stderr.splitlines() if s.startswith('train.py: error:')]
+  assert len(line) == 1
+  assert 'non-finite ' in line[0] and ' at step 1;' in line[0]
+  term = line[0].split('non-finite ')[1].split(' = ')[0]
+  assert term in ('loss', 'rec', 'mae', 'mse', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
+  assert committed_steps(tmp_path) == [1]  # written before the step that overflowed

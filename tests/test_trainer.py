@@ -1,0 +1,453 @@
+"""trainer.train_and_evaluate in process: reproducibility, resuming in both phases, device
+counts and mappings, the NaN stop, the loss-weight calibration, the variants, and invalid
+settings that must fail before anything is compiled.
+
+All runs use the default config shrunk to 16x16 images, widths (4, 8) and batch 8. A
+module-wide JAX compilation cache makes runs that share a step configuration compile once.
+Except where a test says so, the final evaluation (tested with train.py end to end) is
+replaced by a no-op.
+"""
+
+import itertools
+import json
+import os
+import shutil
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import pytest
+
+from avae_jax import checkpoint
+from avae_jax import config_lib
+from avae_jax import data
+from avae_jax import parallel
+from avae_jax import steps
+from avae_jax import trainer
+from configs import default
+
+TINY = {
+    'image_size': 16, 'model.widths': (4, 8), 'model.latent_dim': 4, 'model.hidden_dim': 8,
+    'batch_size': 8, 'shapes.num_train': 256, 'shapes.num_eval': 32,
+    'eval.num_images': 32, 'eval.fid': False, 'calibrate.enabled': False,
+}
+# Pre-training 12 steps, adversarial 8; checkpoints every 4 and at the phase ends.
+BASE = dict(TINY, **{'pretrain_steps': 12, 'adversarial_steps': 8, 'log_every': 1,
+                     'checkpoint_every': 4, 'image_every': 10})
+TOTAL = 20
+LOSS_KEYS = ('loss', 'rec', 'mae', 'mse', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
+DISC_KEYS = ('disc_loss', 'gen_loss', 'disc_accuracy', 'disc_updated', 'vae_updated')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module (shared with test_train_cli's runs)."""
+  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
+  path.mkdir(exist_ok=True)
+  settings = {'jax_compilation_cache_dir': str(path),
+              'jax_persistent_cache_min_compile_time_secs': 0.0,
+              'jax_persistent_cache_min_entry_size_bytes': -1}
+  old = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def make_config(overrides):
+  """configs/default.py with dotted-path overrides."""
+  c = default.get_config()
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def train(overrides, workdir, *, evaluate=False):
+  """train_and_evaluate on make_config(overrides); the final evaluation stubbed unless asked."""
+  config = make_config(overrides)
+  with pytest.MonkeyPatch.context() as mp:
+    if not evaluate:
+      mp.setattr(trainer, 'final_evaluation', lambda *args, **kwargs: {})
+    return trainer.train_and_evaluate(config, str(workdir))
+
+
+_TEMPLATES = {}
+
+
+def restore(workdir, overrides=BASE, step=None):
+  """(step, {'vae': ..., 'disc': ...} host arrays, meta) of a workdir's checkpoint."""
+  config = make_config(overrides)
+  shape = (config.image_size, config.image_size, config.channels)
+  key = (shape, tuple(config.model.widths), config.model.latent_dim, config.model.hidden_dim)
+  if key not in _TEMPLATES:
+    # Shapes and dtypes only (jax.eval_shape): nothing is compiled for the template.
+    _TEMPLATES[key] = jax.eval_shape(
+        lambda k: steps.state_tree(*steps.create_train_states(config, k, shape)),
+        jax.random.PRNGKey(0))
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
+                               read_only=True) as ckpt:
+    return ckpt.restore(_TEMPLATES[key], step=step)
+
+
+def committed_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def read_metrics(workdir):
+  """{step: scalars} from metrics.jsonl; a step logged twice (replayed) keeps its last line."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  return {m['step']: m for m in lines if 'loss' in m}
+
+
+def assert_trees_equal(a, b):
+  """Same structure and bit-identical leaves."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                               jax.tree_util.tree_flatten_with_path(b)[0]):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One uninterrupted run of BASE: (workdir, final checkpoint tree, metrics by step)."""
+  workdir = tmp_path_factory.mktemp('reference')
+  train(BASE, workdir)
+  step, tree, _ = restore(workdir)
+  assert step == TOTAL
+  return workdir, tree, read_metrics(workdir)
+
+
+# ------------------------------------------------------------------ reproducibility
+
+
+def test_same_seed_gives_bit_identical_parameters(reference, tmp_path):
+  train(BASE, tmp_path / 'again')
+  assert_trees_equal(restore(tmp_path / 'again')[1], reference[1])
+  # The comparison can fail: another seed gives other parameters.
+  train(dict(BASE, seed=1), tmp_path / 'seed1')
+  other = restore(tmp_path / 'seed1')[1]
+  assert not np.array_equal(other['vae']['params']['decoder']['to_image']['kernel'],
+                            reference[1]['vae']['params']['decoder']['to_image']['kernel'])
+
+
+def test_gated_update_counters_match_the_logged_gates(reference):
+  _, tree, metrics = reference
+  adversarial = [metrics[s] for s in range(13, TOTAL + 1)]
+  assert int(tree['vae']['step']) == 12 + sum(int(m['vae_updated']) for m in adversarial)
+  assert int(tree['disc']['step']) == sum(int(m['disc_updated']) for m in adversarial)
+
+
+def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_path, capsys):
+  ref_dir, ref_tree, ref_metrics = reference
+  workdir = tmp_path / 'w'
+  # 1. Stops in pre-training at step 5 (not a multiple of checkpoint_every).
+  train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
+  step, _, meta = restore(workdir)
+  assert (step, meta['phase'], meta['data_position']) == (5, 'pretrain', 5)
+  # 2. Resumes in pre-training, stops 3 steps into the adversarial phase.
+  train(dict(BASE, adversarial_steps=3), workdir)
+  out = capsys.readouterr().out
+  assert 'resuming from checkpoint at step 5\n' in out
+  step, _, meta = restore(workdir)
+  assert (step, meta['phase'], meta['data_position']) == (15, 'adversarial', 15)
+  # 3. Resumes in the adversarial phase and finishes.
+  train(BASE, workdir)
+  assert 'resuming from checkpoint at step 15\n' in capsys.readouterr().out
+  step, tree, _ = restore(workdir)
+  assert step == TOTAL
+  assert_trees_equal(tree, ref_tree)
+  # An intermediate checkpoint after the resume is the uninterrupted run's, too.
+  assert_trees_equal(restore(workdir, step=16)[1], restore(ref_dir, step=16)[1])
+  # And so are the logged losses of every step, before and after each resume.
+  metrics = read_metrics(workdir)
+  assert sorted(metrics) == list(range(1, TOTAL + 1))
+  for s in metrics:
+    for k in LOSS_KEYS + (DISC_KEYS if s > 12 else ()):
+      assert metrics[s][k] == ref_metrics[s][k], (s, k)
+
+
+def test_running_a_finished_workdir_again_continues_with_more_steps(reference, tmp_path,
+                                                                   capsys):
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference[0], workdir)
+  train(dict(BASE, adversarial_steps=10), workdir)
+  assert f'resuming from checkpoint at step {TOTAL}\n' in capsys.readouterr().out
+  assert committed_steps(workdir)[-1] == TOTAL + 2
+  assert read_metrics(workdir)[TOTAL + 2]['loss'] > 0
+  # Unchanged step counts: nothing to train, the checkpoints stay as they were.
+  shutil.copytree(reference[0], tmp_path / 'w2')
+  train(BASE, tmp_path / 'w2')
+  assert committed_steps(tmp_path / 'w2') == [12, 16, 20]
+  assert_trees_equal(restore(tmp_path / 'w2')[1], reference[1])
+
+
+def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
+  # Another variant: same array shapes, told apart by the config fingerprint.
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference[0], workdir)
+  with pytest.raises(config_lib.ConfigError, match='written by another model'):
+    train(dict(BASE, variant='vae_s'), workdir)
+  assert committed_steps(workdir) == [12, 16, 20]
+  # Another width: a checkpoint of hidden_dim 16 (zeros of its shapes, saved directly).
+  wider = dict(BASE, **{'model.hidden_dim': 16})
+  config = make_config(wider)
+  shapes = jax.eval_shape(lambda k: steps.state_tree(*steps.create_train_states(
+      config, k, (16, 16, 3))), jax.random.PRNGKey(0))
+  with checkpoint.Checkpointer(tmp_path / 'other' / 'checkpoints', keep=None) as ckpt:
+    ckpt.save(4, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes),
+              {'step': 4, 'phase': 'pretrain', 'data_position': 4, 'seed': 0,
+               'config_hash': config_lib.config_hash(config)})
+  with pytest.raises(config_lib.ConfigError, match='written by another model'):
+    train(BASE, tmp_path / 'other')
+  assert committed_steps(tmp_path / 'other') == [4]
+
+
+# ------------------------------------------------------------------ devices
+
+
+@pytest.mark.parametrize('overrides', [{'num_devices': 1}, {'parallel': 'shard_map'}],
+                         ids=['1 device pmap', '4 devices shard_map'])
+def test_device_count_and_mapping_give_the_same_losses(reference, tmp_path, overrides):
+  assert len(jax.local_devices()) == 4  # the reference ran on 4 (conftest)
+  train(dict(BASE, **overrides), tmp_path)
+  ref, got = reference[2], read_metrics(tmp_path)
+  assert sorted(got) == sorted(ref) == list(range(1, TOTAL + 1))
+  for s in ref:
+    for k in LOSS_KEYS + (DISC_KEYS if s > 12 else ()):
+      np.testing.assert_allclose(got[s][k], ref[s][k], rtol=1e-4, atol=1e-6,
+                                 err_msg=f'{k} at step {s}')
+
+
+# ------------------------------------------------------------------ NaN
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  overrides = dict(TINY, **{'optimizer.learning_rate': 1e30, 'pretrain_steps': 6,
+                            'adversarial_steps': 0, 'checkpoint_every': 1, 'log_every': 1})
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'non-finite (\w+) = (nan|inf|-inf) at step 1;') as err:
+    train(overrides, tmp_path)
+  term = str(err.value).split('non-finite ')[1].split(' = ')[0]
+  assert term in LOSS_KEYS
+  # Step 0's losses were finite and logged; the state after it was checkpointed, intact.
+  metrics = read_metrics(tmp_path)
+  assert sorted(metrics) == [1] and all(np.isfinite(metrics[1][k]) for k in LOSS_KEYS)
+  assert committed_steps(tmp_path) == [1]
+  step, tree, meta = restore(tmp_path, overrides)
+  assert step == 1 and meta['phase'] == 'pretrain'
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------ calibration
+
+
+CALIBRATE = dict(TINY, **{'variant': 'vae_s', 'pretrain_steps': 2, 'adversarial_steps': 0,
+                          'calibrate.enabled': True, 'calibrate.batches': 3,
+                          'log_every': 1, 'checkpoint_every': 2, 'image_every': 10})
+
+
+def _spy_on_steps(monkeypatch):
+  """Records every make_steps call: [(StepConfig, [metrics of each pretrain call])]."""
+  calls = []
+  real = parallel.make_steps
+
+  def spy(cfg, devices, method='pmap'):
+    fns = real(cfg, devices, method)
+    record = []
+    calls.append((cfg, record))
+
+    def pretrain(state, batch, key):
+      state, metrics = fns.pretrain(state, batch, key)
+      record.append(jax.device_get(metrics))
+      return state, metrics
+    return fns._replace(pretrain=pretrain)
+  monkeypatch.setattr(parallel, 'make_steps', spy)
+  return calls
+
+
+def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
+  calls = _spy_on_steps(monkeypatch)
+  train(CALIBRATE, tmp_path)
+  out = capsys.readouterr().out
+  (probe_cfg, probed), (train_cfg, _) = calls
+  terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+  # The probe: every term at weight 1, calibrate.batches steps.
+  assert dict(probe_cfg.recon_weights) == {t: 1.0 for t in terms}
+  assert len(probed) == 3
+  means = {t: np.mean([float(m[t]) for m in probed]) for t in terms}
+
+  with open(tmp_path / 'calibration.json') as f:
+    saved = json.load(f)
+  weights = saved['weights']
+  assert saved['batches'] == 3 and sorted(weights) == sorted(terms)
+  assert weights['mse'] == 1.0 and all(w > 0 for w in weights.values())
+  # Every weighted term has MSE's mean over the probe (the paper's "same scale").
+  for t in terms:
+    np.testing.assert_allclose(weights[t] * means[t], means['mse'], rtol=1e-6)
+  # The training uses them; config.json records them; the line says them.
+  assert dict(train_cfg.recon_weights) == weights
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['loss']['weights'] == weights
+  line = [s for s in out.splitlines() if s.startswith('calibrated reconstruction weights: ')]
+  assert len(line) == 1
+  for t in terms:
+    assert f'{t}={weights[t]:.4g}' in line[0]
+
+  # The run is the run with those weights set by hand: the probe left the initial
+  # state, the data order and the keys untouched.
+  by_hand = {f'loss.weights.{t}': weights[t] for t in terms}
+  train(dict(CALIBRATE, **by_hand, **{'calibrate.enabled': False}), tmp_path / 'by_hand')
+  assert_trees_equal(restore(tmp_path / 'by_hand', CALIBRATE)[1],
+                     restore(tmp_path, CALIBRATE)[1])
+
+  # Resuming reuses calibration.json instead of probing again.
+  del calls[:]
+  train(dict(CALIBRATE, pretrain_steps=3), tmp_path)
+  assert len(calls) == 1 and dict(calls[0][0].recon_weights) == weights
+  assert 'calibrated reconstruction weights: ' in capsys.readouterr().out
+
+
+def test_calibration_is_skipped_for_the_mse_only_variants(tmp_path, monkeypatch):
+  calls = _spy_on_steps(monkeypatch)
+  train(dict(CALIBRATE, variant='vae', pretrain_steps=1), tmp_path)
+  assert not os.path.exists(tmp_path / 'calibration.json')
+  assert [dict(c.recon_weights) for c, _ in calls] == [{'mse': 1.0}]
+
+
+# ------------------------------------------------------------------ variants
+
+
+# 'vae' and 'avae' pre-train with the same step (MSE alone, no TC): one compilation.
+MSE_ONLY = dict(TINY, **{'log_every': 1, 'checkpoint_every': 5})
+
+
+def test_vae_has_no_adversarial_phase(tmp_path):
+  overrides = dict(MSE_ONLY, variant='vae', pretrain_steps=3, adversarial_steps=5)
+  train(overrides, tmp_path)
+  metrics = read_metrics(tmp_path)
+  assert sorted(metrics) == [1, 2, 3]  # adversarial_steps is ignored
+  for m in metrics.values():
+    assert not set(DISC_KEYS) & set(m)
+    assert not {'mae', 'dssim', 'sobel', 'gabor', 'tc'} & set(m)  # MSE alone, no TC
+    assert np.isfinite(m['mse']) and np.isfinite(m['kl'])
+  step, tree, meta = restore(tmp_path, overrides)
+  assert (step, meta['phase']) == (3, 'pretrain')
+  assert int(tree['vae']['step']) == 3 and int(tree['disc']['step']) == 0
+
+
+def test_avae_on_mock_tfds_mnist_logs_the_discriminator(tmp_path, monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'decoded'))  # decoded here, not ~
+  # tfds 'mnist' through the real pipeline (decode, gray to RGB, resize 28 -> 16).
+  overrides = dict(MSE_ONLY, variant='avae', dataset='mnist', data_dir=str(tmp_path),
+                   pretrain_steps=2, adversarial_steps=3)
+  with tfds.testing.mock_data(num_examples=256):
+    train(overrides, tmp_path / 'w')
+  with open(tmp_path / 'w' / 'config.json') as f:
+    assert json.load(f)['dataset'] == 'mnist'
+  metrics = read_metrics(tmp_path / 'w')
+  assert sorted(metrics) == [1, 2, 3, 4, 5]
+  for s, m in metrics.items():
+    assert set(DISC_KEYS) <= set(m) if s > 2 else not set(DISC_KEYS) & set(m)
+    assert 'mse' in m and not {'mae', 'dssim', 'sobel', 'gabor', 'tc'} & set(m)
+  assert 0.0 <= metrics[5]['disc_accuracy'] <= 1.0
+  step, tree, meta = restore(tmp_path / 'w', overrides)
+  assert (step, meta['phase']) == (5, 'adversarial')
+  assert int(tree['disc']['step']) == sum(int(metrics[s]['disc_updated']) for s in (3, 4, 5))
+
+
+# ------------------------------------------------------------------ invalid settings
+
+
+_fresh_shapes = itertools.count(1000)
+
+
+@pytest.fixture
+def nothing_compiled(monkeypatch):
+  """Fails the test if the trainer gets as far as building states or steps, or if jax
+  traces or compiles anything; yields a check that the event listener works."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event.startswith('/jax/core/compile/'):
+      events.append(event)
+
+  def reached(*args, **kwargs):
+    raise AssertionError('the trainer reached model/step construction')
+  monkeypatch.setattr(steps, 'create_train_states', reached)
+  monkeypatch.setattr(parallel, 'make_steps', reached)
+  monkeypatch.setattr(trainer, 'calibrate_weights', reached)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not events, events[:5]
+
+
+def _listener_sees_a_fresh_jit(events):
+  """The listener is live: a jit of a never-seen shape is reported (then forgotten)."""
+  assert not events, events[:5]
+  n = next(_fresh_shapes)
+  jax.jit(lambda x: x + 1)(np.zeros(n, np.float32))
+  seen = bool(events)
+  del events[:]
+  return seen
+
+
+INVALID = [
+    ('unknown dataset', {'dataset': 'imagenet'}, config_lib.ConfigError,
+     "unknown dataset 'imagenet'"),
+    ('unknown variant', {'variant': 'gan'}, config_lib.ConfigError, "unknown variant 'gan'"),
+    ('negative weight', {'loss.weights.sobel': -0.1}, config_lib.ConfigError,
+     r'loss\.weights\.sobel = -0\.1 is negative'),
+    ('image size vs widths', {'image_size': 20, 'model.widths': (4, 8, 16)},
+     config_lib.ConfigError, r'image_size 20 is not divisible by 2\*\*len\(model\.widths\) = 8'),
+    ('batch vs devices', {'batch_size': 10}, config_lib.ConfigError,
+     'batch_size 10 is not divisible by the 4 devices'),
+    ('batch vs chosen devices', {'batch_size': 9, 'num_devices': 2}, config_lib.ConfigError,
+     'batch_size 9 is not divisible by the 2 devices'),
+    ('too many devices', {'num_devices': 5}, config_lib.ConfigError,
+     'num_devices=5 but only 4 local devices exist'),
+    ('zero interval', {'log_every': 0}, config_lib.ConfigError, 'log_every = 0 must be >= 1'),
+    ('batch larger than the data', {'shapes.num_train': 4}, config_lib.ConfigError,
+     'batch_size 8 is larger than the 4 training examples'),
+    ('eval split of one image', {'shapes.num_eval': 1}, config_lib.ConfigError,
+     'the evaluation needs at least 2'),
+    ('missing tfds dataset', {'dataset': 'mnist', 'data_dir': 'EMPTY'}, data.DataError,
+     r"tfds dataset 'mnist' is not prepared(.|\n)*folder:(.|\n)*arrays:"),
+    ('missing folder', {'dataset': 'folder:/nonexistent/celeba'}, data.DataError,
+     r"image folder '/nonexistent/celeba' does not exist"),
+    ('missing arrays', {'dataset': 'arrays:/nonexistent/x.npz'}, data.DataError,
+     r"arrays path '/nonexistent/x\.npz' does not exist"),
+]
+
+
+@pytest.mark.parametrize('overrides, error, pattern', [c[1:] for c in INVALID],
+                         ids=[c[0] for c in INVALID])
+def test_invalid_settings_fail_in_setup_before_anything_compiles(
+    tmp_path, monkeypatch, nothing_compiled, overrides, error, pattern):
+  monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'decoded'))  # no decoded copy anywhere
+  empty = tmp_path / 'tfds'
+  empty.mkdir()
+  overrides = {k: str(empty) if v == 'EMPTY' else v for k, v in overrides.items()}
+  config = make_config(dict(BASE, **overrides))
+  with pytest.raises(error, match=pattern):
+    trainer.setup(config)
+  workdir = tmp_path / 'w'
+  with pytest.raises(error, match=pattern):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()  # stopped before the workdir was even created
+  assert _listener_sees_a_fresh_jit(nothing_compiled)
