@@ -200,10 +200,17 @@ def exit_on_error() -> Iterator[None]:
   except BaseException as e:  # pylint: disable=broad-except
     if jax.process_count() == 1 or isinstance(e, SystemExit) and not e.code:
       raise
-    traceback.print_exc()
+    code = 1
+    if isinstance(e, SystemExit):  # sys.exit(message or status): already reported
+      if isinstance(e.code, int):
+        code = e.code
+      else:
+        sys.stderr.write(f'{e.code}\n')
+    else:
+      traceback.print_exc()
     sys.stderr.write(f'process {jax.process_index()} of {jax.process_count()} failed; '
                      'exiting now so that the other processes stop too\n')
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(code)  # pylint: disable=protected-access

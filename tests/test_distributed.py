@@ -1,0 +1,452 @@
+"""Multi-process training for real: several JAX processes on loopback, gloo collectives.
+
+launch.py starts the processes (each with forced CPU devices); they find each other through
+jax.distributed (avae_jax.distributed) and run one pmapped program over all their devices.
+The runs are tiny, share a persistent compilation cache (the 2-process runs compile their
+programs once) and compile with XLA's cheapest CPU settings; both sides of every comparison
+use the same settings.
+
+Run as a script (under launch.py), this file is the worker of the gating test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, 'launch.py')
+
+# The tiny model and schedule of every run here: 2 pre-training steps, then 2 adversarial
+# (gated) steps; metrics logged and checkpoints written every other step.
+OVERRIDES: dict[str, Any] = {
+    'image_size': 16,
+    'model.widths': (4, 8),
+    'model.latent_dim': 4,
+    'model.hidden_dim': 8,
+    'batch_size': 8,
+    'pretrain_steps': 2,
+    'adversarial_steps': 2,
+    'log_every': 1,
+    'checkpoint_every': 2,
+    'image_every': 1000,
+    'calibrate.enabled': False,
+    'shapes.num_train': 64,
+    'shapes.num_eval': 16,
+    'eval.fid': False,
+    'eval.num_images': 16,
+    'eval.batch_size': 8,
+    'eval.grid_size': 2,
+}
+TOTAL_STEPS = 4
+# Seconds a process waits for a peer to start / to answer heartbeats. Generous for the
+# runs that must succeed on a loaded machine; small for the one where a process dies.
+TIMEOUT_S = 120
+KILL_TIMEOUT_S = 10
+# Wall-clock limits of one launcher call: only there so that a hang fails the test.
+RUN_LIMIT_S = 420
+
+
+def _cli(overrides: dict[str, Any]) -> list[str]:
+  """--config=... and --config.key=value flags for train.py / eval.py."""
+  args = [f'--config={os.path.join(REPO, "configs", "default.py")}']
+  for key, value in overrides.items():
+    if isinstance(value, tuple):
+      value = '(' + ','.join(str(v) for v in value) + ')'
+    args.append(f'--config.{key}={value}')
+  return args
+
+
+def _config(overrides: dict[str, Any]):
+  """The ml_collections config that the same overrides give train.py."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory) -> dict[str, str]:
+  """The launcher's environment: a shared compilation cache and quick CPU compilation."""
+  e = dict(os.environ)
+  e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+  e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  # launch.py replaces the device count and keeps the rest.
+  e['XLA_FLAGS'] = (e.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+                    ' --xla_llvm_disable_expensive_passes=true')
+  e['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return e
+
+
+def _launch_args(num_processes: int, devices: int, program: list[str], *,
+                 timeout_s: int = TIMEOUT_S, grace_s: float | None = None) -> list[str]:
+  args = [sys.executable, LAUNCH, f'--num_processes={num_processes}',
+          f'--devices_per_process={devices}', f'--timeout_s={timeout_s}']
+  if grace_s is not None:
+    args.append(f'--grace_s={grace_s}')
+  return args + ['--'] + program
+
+
+def _launch(env_: dict[str, str], num_processes: int, devices: int, program: list[str],
+            **kwargs: Any) -> subprocess.CompletedProcess:
+  """Runs launch.py to the end; stdout and stderr merged, as text."""
+  return subprocess.run(_launch_args(num_processes, devices, program, **kwargs), cwd=REPO,
+                        env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=RUN_LIMIT_S, check=False)
+
+
+def _start_training(env_: dict[str, str], workdir: str, num_processes: int,
+                    devices: int) -> subprocess.Popen:
+  """Starts a train.py run under the launcher; stdout and stderr merged, as text."""
+  return subprocess.Popen(
+      _launch_args(num_processes, devices,
+                   ['train.py', *_cli(OVERRIDES), f'--workdir={workdir}']),
+      cwd=REPO, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+  """Waits for a run that must succeed; returns its output."""
+  try:
+    output, _ = proc.communicate(timeout=RUN_LIMIT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, output[-6000:]
+  return output
+
+
+def _train(env_: dict[str, str], workdir: str, num_processes: int, devices: int) -> str:
+  """A train.py run under the launcher that must succeed; returns its output."""
+  return _finish(_start_training(env_, workdir, num_processes, devices))
+
+
+def _metrics(workdir: str) -> dict[int, dict[str, float]]:
+  """Training rows of metrics.jsonl as {step: metrics}; a step logged twice (a resumed run)
+  keeps the last. The final evaluation's row (eval/* keys, at the last step) is left out."""
+  rows = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      step = int(row.pop('step'))
+      if all(k.startswith('eval/') for k in row):
+        continue
+      rows[step] = row
+  return rows
+
+
+def _restore(workdir: str, step: int) -> dict[str, Any]:
+  """The checkpointed train states of `step`, read in this (single) process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from avae_jax import steps  # pylint: disable=g-import-not-at-top
+  config = _config(OVERRIDES)
+  image_shape = (config.image_size, config.image_size, config.channels)
+  # Shapes and dtypes only: nothing to compile.
+  template = jax.eval_shape(
+      lambda key: steps.state_tree(*steps.create_train_states(config, key, image_shape)),
+      jax.random.PRNGKey(0))
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
+                               read_only=True) as ckpt:
+    got_step, tree, _ = ckpt.restore(template, step=step)
+  assert got_step == step
+  return tree
+
+
+def _leaves(tree: Any) -> dict[str, np.ndarray]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_same_states(got: dict[str, Any], want: dict[str, Any], rel: float) -> None:
+  """Every leaf equal up to `rel` times the leaf's largest magnitude.
+
+  Sums over devices are ordered differently in one process and across processes, so
+  entries near zero differ by a few float32 roundings of the leaf's scale.
+  """
+  a, b = _leaves(want), _leaves(got)
+  assert a.keys() == b.keys()
+  for name in a:
+    scale = max(float(np.max(np.abs(a[name]), initial=0.0)), 1e-3)
+    np.testing.assert_allclose(b[name], a[name], rtol=0, atol=rel * scale, err_msg=name)
+
+
+def _pids(output: str) -> dict[int, int]:
+  """{process: pid} from the launcher's "[launch] process p: pid N" lines."""
+  return {int(p): int(pid) for p, pid in re.findall(r'\[launch\] process (\d+): pid (\d+)',
+                                                    output)}
+
+
+@pytest.fixture(scope='module')
+def runs(env, tmp_path_factory) -> dict[str, tuple[str, str]]:
+  """The same config and seed on 1 process x 4 devices and on 2 processes x 2 devices.
+
+  {'one': (workdir, output), 'two': (workdir, output)}; both run at once (they share no
+  compiled program, and their processes wait on each other part of the time).
+  """
+  workdirs = {k: str(tmp_path_factory.mktemp(k)) for k in ('one', 'two')}
+  procs = {'one': _start_training(env, workdirs['one'], 1, 4),
+           'two': _start_training(env, workdirs['two'], 2, 2)}
+  try:
+    return {k: (workdirs[k], _finish(proc)) for k, proc in procs.items()}
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope='module')
+def one_process_run(runs) -> str:
+  """1 process x 4 devices: the reference's workdir."""
+  return runs['one'][0]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(runs) -> tuple[str, str]:
+  """2 processes x 2 devices: (workdir, launcher output)."""
+  return runs['two']
+
+
+# ---------------------------------------------------------------------------------------
+# The launcher and the start-up settings, without JAX programs.
+
+
+_PROGRAM = '''
+import os, sys, time
+p = int(os.environ['AVAE_PROCESS_ID'])
+print('hello', p, os.environ['AVAE_NUM_PROCESSES'], os.environ['AVAE_COORDINATOR_ADDRESS'],
+      os.environ['XLA_FLAGS'], os.environ['AVAE_DISTRIBUTED_TIMEOUT_S'], flush=True)
+print('to stderr', p, file=sys.stderr, flush=True)
+mode = sys.argv[1]
+if mode == 'fail' and p == 1:
+  sys.exit(3)
+if mode == 'fail':
+  time.sleep(600)  # a peer that would hang: the launcher must end it
+'''
+
+
+def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
+  script = tmp_path / 'program.py'
+  script.write_text(_PROGRAM)
+  env_ = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=7 --foo')
+
+  ok = subprocess.run(_launch_args(3, 2, [str(script), 'ok'], timeout_s=17), env=env_,
+                      capture_output=True, text=True, timeout=60, check=False)
+  assert ok.returncode == 0, ok.stderr
+  lines = ok.stdout.splitlines()
+  for p in range(3):
+    (line,) = [l for l in lines if l.startswith(f'[p{p}] hello {p} ')]
+    _, _, _, num, address, *flags, timeout = line.split()
+    assert num == '3' and timeout == '17'
+    assert re.fullmatch(r'127\.0\.0\.1:\d+', address)
+    # The forced device count is replaced, other flags are kept.
+    assert sorted(flags) == ['--foo', '--xla_force_host_platform_device_count=2']
+    assert f'[p{p}] to stderr {p}' in ok.stderr.splitlines()
+
+  failed = subprocess.run(_launch_args(2, 1, [str(script), 'fail'], grace_s=1), env=env_,
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert failed.returncode == 3
+  assert '[launch] process 1 exited with code 3' in failed.stderr
+  # Process 0 slept on; the launcher ended it after the grace period.
+  assert 'terminating processes [0]' in failed.stderr
+  assert re.search(r'\[launch\] process 0 was killed by SIG(TERM|KILL)', failed.stderr)
+
+
+def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+               distributed.ENV_PROCESS_ID, distributed.ENV_AUTO, 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
+  # One process named explicitly: nothing to start either.
+  assert distributed.initialize('127.0.0.1:1234', num_processes=1, process_id=0) is False
+  with pytest.raises(distributed.DistributedConfigError, match='number of processes'):
+    distributed.initialize('127.0.0.1:1234')
+  with pytest.raises(distributed.DistributedConfigError, match='not in'):
+    distributed.initialize('127.0.0.1:1234', num_processes=2, process_id=2)
+  monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, '2')
+  with pytest.raises(distributed.DistributedConfigError, match='no coordinator'):
+    distributed.initialize()
+  monkeypatch.setenv(distributed.ENV_COORDINATOR, '127.0.0.1:1234')
+  monkeypatch.setenv(distributed.ENV_PROCESS_ID, 'x')
+  with pytest.raises(distributed.DistributedConfigError, match='integer'):
+    distributed.initialize()
+  assert not jax.distributed.is_initialized()
+  # One process: the devices are the local ones, unchanged.
+  local = jax.local_devices()[1:3]
+  assert distributed.global_devices(local) == local
+
+
+# ---------------------------------------------------------------------------------------
+# Training across processes.
+
+
+def test_two_processes_train_like_one_process(one_process_run, two_process_run):
+  workdir, output = two_process_run
+  one, two = _metrics(one_process_run), _metrics(workdir)
+  assert sorted(one) == sorted(two) == list(range(1, TOTAL_STEPS + 1))
+  for step in one:
+    assert set(one[step]) == set(two[step])
+    for name, value in one[step].items():
+      if name == 'steps_per_s':
+        continue
+      np.testing.assert_allclose(two[step][name], value, rtol=1e-4, atol=1e-6,
+                                 err_msg=f'{name} at step {step}')
+  # The adversarial steps ran, with the same gating decisions.
+  assert 'disc_updated' in one[TOTAL_STEPS]
+
+  _assert_same_states(_restore(workdir, TOTAL_STEPS), _restore(one_process_run, TOTAL_STEPS),
+                      rel=1e-4)
+
+  # Only process 0 writes summaries: one TensorBoard event file, made by its pid.
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert len(events) == 1, events
+  assert events[0].split('.')[-2] == str(_pids(output)[0])
+  assert os.path.exists(os.path.join(workdir, 'final_metrics.json'))
+
+
+def _gating_worker() -> None:
+  """Under launch.py: the steps over all processes' devices, with pmap and shard_map.
+
+  Each process prints the metrics it received for each step, the pmean-ed discriminator
+  accuracy and the two gating decisions among them.
+  """
+  sys.path.insert(0, REPO)
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
+  from avae_jax import parallel  # pylint: disable=g-import-not-at-top
+  from avae_jax import steps  # pylint: disable=g-import-not-at-top
+
+  config = _config(OVERRIDES)
+  source = data.load(config, 'train')
+  cfg = steps.StepConfig.from_config(config, dataset_size=source.num_examples)
+  devices = jax.local_devices()
+  for method in ('pmap', 'shard_map'):
+    fns = parallel.make_steps(cfg, devices, method=method)
+    vae, disc = steps.create_train_states(config, jax.random.PRNGKey(0), source.image_shape)
+    r_vae, r_disc = parallel.replicate(vae, devices), parallel.replicate(disc, devices)
+    batches = data.prefetch_to_devices(
+        data.batches(source, batch_size=config.batch_size, seed=config.seed,
+                     process_index=jax.process_index(), process_count=jax.process_count(),
+                     num_local_devices=len(devices)), devices)
+    rows = []
+    for step in range(6):  # adversarial steps from the initial states
+      key = jax.random.fold_in(jax.random.PRNGKey(1), step)
+      r_vae, r_disc, m = fns.adversarial(r_vae, r_disc, next(batches), key)
+      rows.append({k: float(v) for k, v in jax.device_get(m).items()})
+    batches.close()
+    print('GATING ' + json.dumps({'method': method, 'rows': rows}), flush=True)
+
+
+def test_every_process_takes_the_same_gating_decision(env, two_process_run):
+  del two_process_run  # only for its compiled programs in the cache
+  result = _launch(env, 2, 2, [os.path.abspath(__file__), '--gating-worker'])
+  assert result.returncode == 0, result.stdout[-6000:]
+  got: dict[tuple[int, str], list[dict[str, float]]] = {}
+  for p, payload in re.findall(r'^\[p(\d)\] GATING (.*)$', result.stdout, re.M):
+    out = json.loads(payload)
+    got[int(p), out['method']] = out['rows']
+  assert sorted(got) == [(0, 'pmap'), (0, 'shard_map'), (1, 'pmap'), (1, 'shard_map')]
+  for method in ('pmap', 'shard_map'):
+    rows0, rows1 = got[0, method], got[1, method]
+    assert len(rows0) == 6 and all('disc_accuracy' in r for r in rows0)
+    # Each process's own copy of the metrics: identical, decisions included. A mean over
+    # one process's devices only would give each process its own accuracy.
+    assert rows0 == rows1, method
+  # Both mappings run the same steps.
+  for r_pmap, r_shard in zip(got[0, 'pmap'], got[0, 'shard_map']):
+    assert r_pmap.keys() == r_shard.keys()
+    for name in ('disc_updated', 'vae_updated'):
+      assert r_pmap.get(name) == r_shard.get(name)
+    for name, value in r_pmap.items():
+      np.testing.assert_allclose(r_shard[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_process_run,
+                                                                tmp_path):
+  reference, _ = two_process_run
+  workdir = str(tmp_path / 'run')
+  # A long run that checkpoints only at the end of pre-training (step 2), so that the
+  # relaunch below resumes there whenever the kill lands.
+  long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
+  proc = subprocess.Popen(
+      _launch_args(2, 2, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
+                   timeout_s=KILL_TIMEOUT_S, grace_s=10 * RUN_LIMIT_S),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: list[str] = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
+                            daemon=True)
+  reader.start()
+  try:
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '2')):
+      assert proc.poll() is None, ''.join(lines)[-6000:]
+      assert time.monotonic() < deadline, 'no checkpoint at step 2'
+      time.sleep(0.05)
+    victim = _pids(''.join(lines))[1]
+    os.kill(victim, signal.SIGKILL)
+    # Process 0 must notice and fail by itself: the launcher's grace period is longer than
+    # this wait, so it does not terminate it.
+    returncode = proc.wait(timeout=RUN_LIMIT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    reader.join(timeout=10)
+  output = ''.join(lines)
+  assert returncode != 0, output[-6000:]
+  assert '[launch] process 1 was killed by SIGKILL' in output
+  assert re.search(r'\[launch\] process 0 (exited with code [1-9]|was killed by SIGABRT)',
+                   output), output[-6000:]
+  assert 'terminating processes' not in output
+
+  # The same command (with the reference's length) resumes from the last checkpoint and
+  # ends where the run that was never stopped ended.
+  resumed = _train(env, workdir, 2, 2)
+  assert 'resuming from checkpoint at step 2' in resumed
+  want, got = _metrics(reference), _metrics(workdir)
+  for step in range(1, TOTAL_STEPS + 1):
+    assert set(got[step]) == set(want[step]), (step, got[step], want[step])
+    for name, value in want[step].items():
+      if name != 'steps_per_s':
+        np.testing.assert_allclose(got[step][name], value, rtol=1e-6, atol=1e-7,
+                                   err_msg=f'{name} at step {step}')
+  _assert_same_states(_restore(workdir, TOTAL_STEPS), _restore(reference, TOTAL_STEPS),
+                      rel=1e-6)
+
+
+def test_eval_runs_under_the_launcher(env, two_process_run):
+  workdir, _ = two_process_run
+  result = _launch(env, 2, 2, ['eval.py', *_cli(OVERRIDES), f'--workdir={workdir}'])
+  assert result.returncode == 0, result.stdout[-6000:]
+  assert re.search(rf'^\[p0\] eval: restored step {TOTAL_STEPS} ', result.stdout, re.M)
+  # Only process 0 writes the results.
+  writes = re.findall(r'^\[p(\d)\] eval: wrote', result.stdout, re.M)
+  assert writes == ['0'], result.stdout[-6000:]
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    assert json.load(f)
+
+
+if __name__ == '__main__':
+  if sys.argv[1:] == ['--gating-worker']:
+    _gating_worker()
+  else:
+    sys.exit(f'usage: {sys.argv[0]} --gating-worker (under launch.py)')
