@@ -1,0 +1,1030 @@
+"""The reproduction study's report: Table III per dataset, orderings, diagnostics, figures.
+
+`write_report(out, settings)` reads every run of a study directory (written by study.py:
+OUT/<dataset>/<variant>/seed<k>/ with final_metrics.json, metrics.jsonl, config.json) and
+writes OUT/results.md with its figures in OUT/results/:
+
+  * per dataset, a table laid out like the paper's Table III (mean ± standard deviation
+    over seeds), the same numbers per seed, and the paper's orderings checked on paired
+    seeds (run k of AVAE is run k of VAE fine-tuned);
+  * the checks one makes before believing a failed claim: how often each gated update
+    ran, the size of each loss term, KL per latent dimension (posterior collapse), and
+    whether the pre-training of the adversarial models equals that of their base model;
+  * the figures of each model (seed 0) and training curves from metrics.jsonl;
+  * the λ's and how they were calibrated, and every setting.
+
+`publish(out, docs)` copies the report to docs/results.md and docs/results/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
+NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
+DATASET_NAMES = {'shapes': 'shapes (procedural, 32×32 RGB)',
+                 'fashion_mnist': 'Fashion-MNIST (Debian dataset-fashion-mnist, 28×28)'}
+TAPS = (64, 192, 768, 2048)
+TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
+             2048: 'final average pooling'}
+FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
+REPORT = 'results.md'
+FIGURE_DIR = 'results'
+POSTERIOR_FILE = 'study_posterior.json'
+# A latent dimension is "active" (Burda et al. 2016) when Var_x(E[z_j|x]) > 0.01.
+ACTIVE_THRESHOLD = 0.01
+
+# The paper's Table III (CelebA 96×96), the reference for the relative changes.
+PAPER = {
+    'rec_sharpness_mean': {'gt': 0.112015, 'vae': 0.026969, 'avae': 0.031597,
+                           'vae_s': 0.038958, 'avae_s': 0.045204},
+    'rec_cosine_similarity': {'vae': 0.978226, 'avae': 0.978675, 'vae_s': 0.979577,
+                              'avae_s': 0.980018},
+    'rec_mse': {'vae': 0.010207, 'avae': 0.009804, 'vae_s': 0.009412, 'avae_s': 0.009189},
+    'fid_64': {'vae': 0.6911, 'avae': 0.6370, 'vae_s': 0.5650, 'avae_s': 0.5224},
+    'fid_192': {'vae': 11.2447, 'avae': 10.1863, 'vae_s': 8.9121, 'avae_s': 8.2571},
+    'fid_768': {'vae': 1.0433, 'avae': 1.0433, 'vae_s': 1.0367, 'avae_s': 1.0521},
+    'fid_2048': {'vae': 45.4467, 'avae': 44.3741, 'vae_s': 40.3900, 'avae_s': 38.4775},
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading runs.
+
+
+@dataclasses.dataclass
+class Run:
+  """One (dataset, variant, seed) workdir and what it holds."""
+  dataset: str
+  variant: str
+  seed: int
+  workdir: str
+  metrics: dict[str, Any] | None
+  config: dict[str, Any] | None
+  history: list[dict[str, float]]
+  info: dict[str, Any]
+
+  @property
+  def finished(self) -> bool:
+    """The trainer wrote final_metrics.json."""
+    return self.metrics is not None
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_history(path: str) -> list[dict[str, float]]:
+  """metrics.jsonl training rows, one per step (later values win: a resumed run re-logs some)."""
+  rows: dict[int, dict[str, float]] = {}
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue  # a line cut by a crash
+      step = int(row['step'])
+      # The evaluation's scalars (eval/..., final/...) share step numbers with training rows.
+      row = {k: v for k, v in row.items() if not k.startswith(('eval/', 'final/'))}
+      if len(row) > 1:
+        rows.setdefault(step, {}).update(row)
+  return [rows[s] for s in sorted(rows)]
+
+
+def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
+              seeds: int) -> list[Run]:
+  """Every run the study asks for, finished or not."""
+  runs = []
+  for dataset in datasets:
+    for variant in variants:
+      for seed in range(seeds):
+        wd = os.path.join(out, dataset, variant, f'seed{seed}')
+        runs.append(Run(dataset, variant, seed, wd,
+                        _read_json(os.path.join(wd, 'final_metrics.json')),
+                        _read_json(os.path.join(wd, 'config.json')),
+                        read_history(os.path.join(wd, 'metrics.jsonl')),
+                        _read_json(os.path.join(wd, 'study_run.json')) or {}))
+  return runs
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics.
+
+
+def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
+  """Mean, sample standard deviation (ddof=1; 0 for one value) and count of finite values."""
+  v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+  if v.size == 0:
+    return float('nan'), float('nan'), 0
+  sd = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+  return float(np.mean(v)), sd, int(v.size)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+  """A number with `digits` significant digits, '-' for missing."""
+  if x is None or (isinstance(x, float) and not np.isfinite(x)):
+    return '-'
+  if x == 0:
+    return '0'
+  return f'{x:.{digits}g}'
+
+
+def fmt_ms(values: Iterable[float], digits: int = 4) -> str:
+  """'mean ± sd' over seeds (just the value for one seed), '-' when nothing finished."""
+  m, s, n = mean_sd(values)
+  if n == 0:
+    return '-'
+  return fmt(m, digits) if n == 1 else f'{fmt(m, digits)} ± {fmt(s, 2)}'
+
+
+def _metric(run: Run, key: str) -> float | None:
+  if run.metrics is None or key not in run.metrics:
+    return None
+  v = run.metrics[key]
+  return float(v) if isinstance(v, (int, float)) else None
+
+
+def _by(runs: Sequence[Run], dataset: str, variant: str) -> list[Run]:
+  return sorted((r for r in runs if r.dataset == dataset and r.variant == variant),
+                key=lambda r: r.seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Table III.
+
+
+def _table_rows(has_fid: bool, has_mig: bool) -> list[tuple[str, str | None, str | None]]:
+  """(row label, metric key, ground-truth key or literal) in Table III's order."""
+  rows = [('Sharpness (Laplace) of reconstructions', 'rec_sharpness_mean', 'gt_sharpness_mean'),
+          ('  its spread over images (std, as Table II\'s ±)', 'rec_sharpness_std',
+           'gt_sharpness_std'),
+          ('Cosine similarity', 'rec_cosine_similarity', '=1'),
+          ('Mean Squared Error', 'rec_mse', '=0')]
+  for d in TAPS:
+    rows.append((f'FID - {TAP_NAMES[d]} (d={d}), reconstructions',
+                 f'fid_rec_{d}' if has_fid else None, '=-'))
+  rows.append(('Sharpness (Laplace) of random samples', 'sample_sharpness_mean',
+               'gt_sharpness_mean'))
+  rows.append(('  its spread over images (std)', 'sample_sharpness_std', 'gt_sharpness_std'))
+  for d in TAPS:
+    rows.append((f'FID - {TAP_NAMES[d]} (d={d}), random samples',
+                 f'fid_sample_{d}' if has_fid else None, '=-'))
+  if has_mig:
+    rows.append(('MIG (posterior means vs the 6 ground-truth factors)', 'mig', '=-'))
+  rows.append(('KL to the prior (nats, summed over latent dims)', 'kl_mean', '=-'))
+  return rows
+
+
+def table_iii(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -> str:
+  """Markdown table like Table III: one column per model, mean ± sd over seeds."""
+  done = [r for r in runs if r.dataset == dataset and r.finished]
+  has_fid = any('fid_rec_2048' in r.metrics for r in done)
+  has_mig = any('mig' in r.metrics for r in done)
+  head = ['Metric', 'Ground Truth'] + [NAMES[v] for v in variants]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for label, key, gt in _table_rows(has_fid, has_mig):
+    if gt and gt.startswith('='):
+      gt_cell = gt[1:]
+    else:
+      gt_cell = fmt_ms([_metric(r, gt) for r in done]) if gt else '-'
+      # The ground truth is the same images for every run: show one value.
+      vals = [_metric(r, gt) for r in done if _metric(r, gt) is not None]
+      gt_cell = fmt(vals[0]) if vals else '-'
+    cells = []
+    for v in variants:
+      rs = [r for r in _by(runs, dataset, v) if r.finished]
+      if key is None:
+        cells.append('skipped' if rs else '-')
+      else:
+        cells.append(fmt_ms([_metric(r, key) for r in rs]))
+    lines.append(f'| {label} | {gt_cell} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def per_seed_table(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -> str:
+  """Every finished run's main numbers, one row per run."""
+  cols = [('rec. sharpness', 'rec_sharpness_mean'), ('sample sharpness', 'sample_sharpness_mean'),
+          ('MSE', 'rec_mse'), ('cosine', 'rec_cosine_similarity'),
+          ('FID rec. 2048', 'fid_rec_2048'), ('FID samples 2048', 'fid_sample_2048'),
+          ('MIG', 'mig'), ('KL', 'kl_mean')]
+  head = ['model', 'seed', 'status'] + [c for c, _ in cols] + ['wall time']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for v in variants:
+    for r in _by(runs, dataset, v):
+      status = 'done' if r.finished else (r.info.get('status') or 'not run')
+      wall = r.info.get('wall_s')
+      cells = [fmt(_metric(r, k)) for _, k in cols]
+      lines.append(f'| {NAMES[v]} | {r.seed} | {status.splitlines()[0][:60]} | '
+                   + ' | '.join(cells) + f' | {_duration(wall) if wall else "-"} |')
+  return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's orderings, on paired seeds.
+
+
+@dataclasses.dataclass
+class Claim:
+  """'a is better than b in metric key' (higher or lower is better)."""
+  text: str
+  key: str
+  better: str  # 'higher' or 'lower'
+  a: str
+  b: str
+  paper_key: str | None = None
+  or_equal: bool = False
+  datasets: tuple[str, ...] | None = None  # None: every dataset
+
+
+def claims() -> list[Claim]:
+  """The orderings the paper states (Tables II-III, Figure 2), as checkable claims."""
+  out = []
+  pairs = (('vae_s', 'vae', 'the compound loss sharpens'),
+           ('avae', 'vae', 'adversarial fine-tuning sharpens'),
+           ('avae_s', 'vae_s', 'adversarial fine-tuning sharpens'))
+  for a, b, why in pairs:
+    out.append(Claim(f'{NAMES[a]} reconstructions sharper than {NAMES[b]} ({why})',
+                     'rec_sharpness_mean', 'higher', a, b, 'rec_sharpness_mean'))
+  for a, b, why in pairs:
+    out.append(Claim(f'{NAMES[a]} samples sharper than {NAMES[b]} ({why})',
+                     'sample_sharpness_mean', 'higher', a, b, 'rec_sharpness_mean'))
+  for a, b, _ in pairs:
+    out.append(Claim(f'{NAMES[a]} MSE equal or lower than {NAMES[b]}', 'rec_mse', 'lower',
+                     a, b, 'rec_mse', or_equal=True))
+  for a, b, _ in pairs:
+    out.append(Claim(f'{NAMES[a]} cosine similarity equal or higher than {NAMES[b]}',
+                     'rec_cosine_similarity', 'higher', a, b, 'rec_cosine_similarity',
+                     or_equal=True))
+  for a, b, _ in pairs:
+    out.append(Claim(f'{NAMES[a]} FID (d=2048) of samples lower than {NAMES[b]}',
+                     'fid_sample_2048', 'lower', a, b, 'fid_2048'))
+  for a, b, _ in pairs:
+    out.append(Claim(f'{NAMES[a]} FID (d=2048) of reconstructions lower than {NAMES[b]}',
+                     'fid_rec_2048', 'lower', a, b, 'fid_2048'))
+  for d in (64, 192, 768):
+    out.append(Claim(f'AVAE-S FID (d={d}) of reconstructions lower than VAE',
+                     f'fid_rec_{d}', 'lower', 'avae_s', 'vae', f'fid_{d}'))
+  out.append(Claim('VAE-S MIG higher than VAE (the TC term disentangles)', 'mig', 'higher',
+                   'vae_s', 'vae', None, datasets=('shapes',)))
+  out.append(Claim('AVAE-S MIG higher than AVAE (the TC term disentangles)', 'mig', 'higher',
+                   'avae_s', 'avae', None, datasets=('shapes',)))
+  return out
+
+
+# Below this relative difference an "equal or better" claim counts as equal.
+EQUAL_TOLERANCE = 0.01
+
+
+def check_claim(runs: Sequence[Run], dataset: str, claim: Claim) -> dict[str, Any]:
+  """Paired per-seed differences a - b, signed so that > 0 means the claim's direction."""
+  a = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.a) if r.finished}
+  b = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.b) if r.finished}
+  seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+  sign = 1.0 if claim.better == 'higher' else -1.0
+  res: dict[str, Any] = {'n': len(seeds)}
+  if claim.paper_key and claim.paper_key in PAPER:
+    p = PAPER[claim.paper_key]
+    if claim.a in p and claim.b in p:
+      res['paper_rel'] = p[claim.a] / p[claim.b] - 1.0
+  if not seeds:
+    res['verdict'] = 'not measured'
+    return res
+  va = np.array([a[s] for s in seeds])
+  vb = np.array([b[s] for s in seeds])
+  d = sign * (va - vb)
+  res.update(a_mean=float(va.mean()), b_mean=float(vb.mean()),
+             diff_mean=float((va - vb).mean()),
+             diff_sd=float(np.std(va - vb, ddof=1)) if len(seeds) > 1 else 0.0,
+             wins=int(np.sum(d > 0)))
+  rel = float(va.mean() / vb.mean() - 1.0) if vb.mean() != 0 else float('nan')
+  res['rel'] = rel
+  n, wins = len(seeds), res['wins']
+  if wins == n:
+    verdict = 'holds (every seed)' if n > 1 else 'holds (1 seed)'
+  elif claim.or_equal and np.isfinite(rel) and abs(rel) < EQUAL_TOLERANCE:
+    verdict = f'holds: equal within {EQUAL_TOLERANCE:.0%}'
+  elif wins == 0:
+    verdict = 'does not hold (every seed)' if n > 1 else 'does not hold (1 seed)'
+  elif np.mean(d) > 0:
+    verdict = f'holds on average ({wins}/{n} seeds)'
+  else:
+    verdict = f'does not hold on average ({wins}/{n} seeds)'
+  res['verdict'] = verdict
+  return res
+
+
+def claims_table(runs: Sequence[Run], dataset: str) -> tuple[str, list[tuple[Claim, dict]]]:
+  """Markdown table of the orderings on `dataset`, and the raw results."""
+  lines = ['| claim (paper) | paper, CelebA | here: mean a vs b | paired Δ (a − b) ± sd | '
+           'relative | verdict |', '|---|---|---|---|---|---|']
+  results = []
+  for c in claims():
+    if c.datasets is not None and dataset not in c.datasets:
+      continue
+    r = check_claim(runs, dataset, c)
+    results.append((c, r))
+    if r['n'] == 0:
+      lines.append(f'| {c.text} | {_paper_cell(r)} | - | - | - | {r["verdict"]} |')
+      continue
+    lines.append(
+        f'| {c.text} | {_paper_cell(r)} | {fmt(r["a_mean"])} vs {fmt(r["b_mean"])} | '
+        f'{fmt(r["diff_mean"], 3)} ± {fmt(r["diff_sd"], 2)} (n={r["n"]}) | '
+        f'{_pct(r["rel"])} | {r["verdict"]} |')
+  return '\n'.join(lines) + '\n', results
+
+
+def _pct(x: float | None) -> str:
+  if x is None or not np.isfinite(x):
+    return '-'
+  return f'{100 * x:+.1f}%'
+
+
+def _paper_cell(r: dict[str, Any]) -> str:
+  return _pct(r['paper_rel']) if 'paper_rel' in r else 'qualitative (Fig. 2)'
+
+
+# ---------------------------------------------------------------------------------------
+# Diagnostics: the defects to rule out before believing a failed claim.
+
+
+def _phase_rows(run: Run) -> tuple[list[dict], list[dict]]:
+  """metrics.jsonl rows of the pre-training and of the adversarial phase."""
+  pre = int((run.config or {}).get('pretrain_steps', 0))
+  return ([h for h in run.history if h['step'] <= pre],
+          [h for h in run.history if h['step'] > pre])
+
+
+def _weighted(rows: list[dict], key: str, start: int) -> float | None:
+  """Step-weighted mean of a windowed metric (each row averages the steps since the last)."""
+  total, weight, prev = 0.0, 0, start
+  for h in rows:
+    n = int(h['step']) - prev
+    prev = int(h['step'])
+    if key in h and n > 0:
+      total += h[key] * n
+      weight += n
+  return total / weight if weight else None
+
+
+def gating_stats(run: Run) -> dict[str, Any]:
+  """How often each gated update ran, and the discriminator's accuracy, in the adversarial phase."""
+  pre = int((run.config or {}).get('pretrain_steps', 0))
+  _, adv = _phase_rows(run)
+  if not adv:
+    return {}
+  return {
+      'steps': int(adv[-1]['step']) - pre,
+      'disc_updated': _weighted(adv, 'disc_updated', pre),
+      'vae_updated': _weighted(adv, 'vae_updated', pre),
+      'acc_first': adv[0].get('disc_accuracy'),
+      'acc_last': adv[-1].get('disc_accuracy'),
+      'acc_mean': _weighted(adv, 'disc_accuracy', pre),
+      'gen_loss_last': adv[-1].get('gen_loss'),
+      'disc_loss_last': adv[-1].get('disc_loss'),
+  }
+
+
+def loss_scales(run: Run) -> dict[str, Any]:
+  """Each term of the objective as it enters the loss, in the last logged window of each phase."""
+  cfg = run.config or {}
+  scale = float(cfg.get('loss', {}).get('reconstruction_scale') or 0.0)
+  if not scale:
+    scale = float(cfg.get('image_size', 0)) ** 2 * float(cfg.get('channels', 0))
+  out = {}
+  for phase, rows in zip(('pretrain', 'adversarial'), _phase_rows(run)):
+    if not rows:
+      continue
+    h = rows[-1]
+    row = {'scaled_rec': scale * h.get('rec', float('nan')),
+           'scaled_mse': scale * h.get('mse', float('nan')),
+           'kl': h.get('kl'), 'loss': h.get('loss')}
+    if 'tc' in h:
+      row['tc'] = float(cfg.get('loss', {}).get('tc_weight', 1.0)) * h['tc']
+    if 'gen_loss' in h:
+      row['adv'] = float(cfg.get('loss', {}).get('adversarial_weight', 1.0)) * h['gen_loss']
+    out[phase] = row
+  return out
+
+
+def posterior_stats(run: Run) -> dict[str, Any] | None:
+  """KL per latent dimension and active dimensions on the evaluation images (cached)."""
+  if not run.finished:
+    return None
+  path = os.path.join(run.workdir, POSTERIOR_FILE)
+  cached = _read_json(path)
+  if cached is not None:
+    return cached
+  try:
+    # Imported here: reading a finished study's numbers needs no jax.
+    from avae_jax import api  # pylint: disable=g-import-not-at-top
+    from avae_jax import data  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    model = api.TrainedModel.load(run.workdir, devices=jax.local_devices()[:1])
+    config = model.config
+    source = data.load(config, 'eval')
+    n = min(int(config.eval.num_images), source.num_examples)
+    mus, logvars = [], []
+    for x, mask in data.eval_batches(source, min(128, n), n):
+      mu, logvar = model.encode(x)
+      k = int(mask.sum())
+      mus.append(np.asarray(mu, np.float64)[:k])
+      logvars.append(np.asarray(logvar, np.float64)[:k])
+  except Exception as e:  # pylint: disable=broad-except
+    return {'error': f'{type(e).__name__}: {e}'}
+  mu, logvar = np.concatenate(mus), np.concatenate(logvars)
+  kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1.0 - logvar), axis=0)
+  var_mu = np.var(mu, axis=0)
+  stats = {'kl_per_dim': [float(v) for v in kl], 'var_mu': [float(v) for v in var_mu],
+           'active': int(np.sum(var_mu > ACTIVE_THRESHOLD)), 'latent_dim': int(mu.shape[1]),
+           'num_images': int(mu.shape[0])}
+  with open(path, 'w') as f:
+    json.dump(stats, f, indent=1)
+  return stats
+
+
+def pretraining_identity(runs: Sequence[Run], dataset: str, base: str, adv: str
+                         ) -> list[tuple[int, float | None]]:
+  """Per seed: max |difference| of the logged pre-training metrics of `adv` and `base`.
+
+  The adversarial models are their base model plus fine-tuning; with the same seed their
+  pre-training must be the very same computation. 0.0 means the logs agree exactly.
+  """
+  out = []
+  for rb in _by(runs, dataset, base):
+    ra = [r for r in _by(runs, dataset, adv) if r.seed == rb.seed]
+    if not ra or not rb.history or not ra[0].history:
+      continue
+    pb, _ = _phase_rows(rb)
+    pa, _ = _phase_rows(ra[0])
+    byb = {h['step']: h for h in pb}
+    diffs = []
+    for h in pa:
+      g = byb.get(h['step'])
+      if g is None:
+        continue
+      for k in ('loss', 'rec', 'kl', 'mse', 'tc'):
+        if k in h and k in g:
+          diffs.append(abs(h[k] - g[k]))
+    out.append((rb.seed, max(diffs) if diffs else None))
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# Figures.
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+COLORS = {'vae': '#1f77b4', 'avae': '#ff7f0e', 'vae_s': '#2ca02c', 'avae_s': '#d62728'}
+
+
+def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+  rows = [h for h in run.history if key in h]
+  return (np.array([h['step'] for h in rows], np.float64),
+          np.array([h[key] for h in rows], np.float64))
+
+
+def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path: str) -> bool:
+  """Loss components against steps, one line per run (seed 0 thick), one colour per model."""
+  keys = [k for k in ('loss', 'rec', 'mse', 'mae', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
+          if any(any(k in h for h in r.history) for r in runs if r.dataset == dataset)]
+  if not keys:
+    return False
+  plt = _plt()
+  ncol = 3
+  nrow = math.ceil(len(keys) / ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
+  pre = None
+  for ax, key in zip(axes.flat, keys):
+    for v in variants:
+      for r in _by(runs, dataset, v):
+        x, y = _series(r, key)
+        if x.size == 0:
+          continue
+        pre = pre or int((r.config or {}).get('pretrain_steps', 0))
+        # Dashed for the adversarial models: their pre-training lies on their base model's.
+        ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == 0 else 0.6,
+                ls='--' if v.startswith('avae') else '-',
+                alpha=1.0 if r.seed == 0 else 0.5, label=NAMES[v] if r.seed == 0 else None)
+    if pre:
+      ax.axvline(pre, color='0.5', ls=':', lw=0.8)
+    ax.set_title(key if key != 'rec' else 'rec (weighted L_REC per pixel)', fontsize=9)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
+    ys = [h[key] for r in runs if r.dataset == dataset for h in r.history if key in h]
+    if ys and min(ys) > 0 and max(ys) > 10 * min(ys):
+      ax.set_yscale('log')
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis('off')
+  if axes.flat[0].get_legend_handles_labels()[0]:
+    axes.flat[0].legend(fontsize=7)
+  fig.suptitle(f'{dataset}: loss components per logged window (thick: seed 0; dashed: '
+               'AVAE/AVAE-S; dotted line: end of pre-training)', fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 0.96))
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
+                     path: str) -> bool:
+  """Discriminator accuracy, gated update rates and adversarial losses of the fine-tuning."""
+  adv_vs = [v for v in variants if v.startswith('avae')]
+  keys = ('disc_accuracy', 'disc_updated', 'vae_updated', 'disc_loss', 'gen_loss')
+  if not any(any('disc_accuracy' in h for h in r.history)
+             for r in runs if r.dataset == dataset and r.variant in adv_vs):
+    return False
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+  titles = {'disc_accuracy': 'discriminator accuracy (gates at 0.5, 0.7)',
+            'disc_updated': 'share of steps D was updated',
+            'vae_updated': 'share of steps the VAE was updated',
+            'disc_loss': 'discriminator BCE', 'gen_loss': '−log D(x̃)'}
+  for ax, key in zip(axes.flat, keys):
+    for v in adv_vs:
+      for r in _by(runs, dataset, v):
+        x, y = _series(r, key)
+        if x.size:
+          ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == 0 else 0.6,
+                  alpha=1.0 if r.seed == 0 else 0.5, label=NAMES[v] if r.seed == 0 else None)
+    if key == 'disc_accuracy':
+      for t in (0.5, 0.7):
+        ax.axhline(t, color='0.5', ls=':', lw=0.8)
+    if key in ('disc_accuracy', 'disc_updated', 'vae_updated'):
+      ax.set_ylim(-0.05, 1.05)
+    ax.set_title(titles[key], fontsize=8)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  if handles:
+    axes.flat[0].legend(fontsize=7)
+  fig.suptitle(f'{dataset}: adversarial fine-tuning (per logged window; thick: seed 0)',
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 0.92))
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str],
+                       fig_dir: str) -> dict[tuple[str, str], str]:
+  """Copies the evaluation figures of each model's lowest finished seed; returns their paths."""
+  out = {}
+  for v in variants:
+    done = [r for r in _by(runs, dataset, v) if r.finished]
+    if not done:
+      continue
+    r = done[0]
+    for name in FIGURES:
+      src = os.path.join(r.workdir, 'eval', f'{name}.png')
+      if os.path.exists(src):
+        rel = os.path.join(FIGURE_DIR, dataset, f'{v}_{name}.png')
+        os.makedirs(os.path.dirname(os.path.join(fig_dir, rel)), exist_ok=True)
+        shutil.copyfile(src, os.path.join(fig_dir, rel))
+        out[(v, name)] = rel
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# The report.
+
+
+def _duration(seconds: float | None) -> str:
+  if seconds is None:
+    return '-'
+  seconds = float(seconds)
+  h, rem = divmod(int(round(seconds)), 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+def _settings_table(settings: Any, datasets: Sequence[str]) -> str:
+  fields = [('dataset', 'dataset'), ('image size × channels', None), ('model.widths', 'widths'),
+            ('latent dims', 'latent_dim'), ('FC width (Table I: 48)', 'hidden_dim'),
+            ('training images', None), ('batch size', 'batch_size'),
+            ('pre-training steps (all four models)', 'pretrain_steps'),
+            ('adversarial steps (AVAE, AVAE-S)', 'adversarial_steps'),
+            ('evaluation images (every metric and FID)', 'eval_num_images'),
+            ('calibration batches', 'calibrate_batches'), ('FID', 'fid')]
+  lines = ['| setting | ' + ' | '.join(datasets) + ' |', '|---|' + '---|' * len(datasets)]
+  for label, key in fields:
+    cells = []
+    for d in datasets:
+      s = settings[d]
+      if label.startswith('image size'):
+        cells.append(f'{s.image_size}×{s.image_size}×{s.channels}')
+      elif label == 'training images':
+        cells.append(str(s.num_train) if s.dataset == 'shapes' else '60000')
+      else:
+        val = s[key]
+        cells.append(str(tuple(val)) if isinstance(val, (list, tuple)) else str(val))
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _epochs(settings: Any, dataset: str) -> float:
+  s = settings[dataset]
+  n = s.num_train if s.dataset == 'shapes' else 60000
+  return s.pretrain_steps * s.batch_size / n
+
+
+def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
+  if r['n'] == 0:
+    return f'- {c.text}: not measured.'
+  paper = f' (paper: {_pct(r["paper_rel"])})' if 'paper_rel' in r else ''
+  return (f'- {c.text}: **{r["verdict"]}**; {fmt(r["a_mean"])} vs {fmt(r["b_mean"])}, '
+          f'{_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)} ± '
+          f'{fmt(r["diff_sd"], 2)} over {r["n"]} seed(s).')
+
+
+def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
+                 settings: Any) -> tuple[str, list[str]]:
+  """The diagnostics section of one dataset, and the warnings it raised."""
+  warnings = []
+  lines = []
+  # Gating.
+  adv_vs = [v for v in variants if v.startswith('avae')]
+  if adv_vs:
+    lines += ['**Gating (Algorithm 1).** Share of adversarial steps in which each update ran; '
+              'D is updated when its accuracy < 0.7, the VAE when it is > 0.5.', '',
+              '| model | seed | adv. steps | D updated | VAE updated | D accuracy: first window '
+              '→ last (mean) | −log D(x̃) last | D BCE last |', '|---|---|---|---|---|---|---|---|']
+    for v in adv_vs:
+      for r in _by(runs, dataset, v):
+        g = gating_stats(r)
+        if not g:
+          continue
+        lines.append(
+            f'| {NAMES[v]} | {r.seed} | {g["steps"]} | {_pct100(g["disc_updated"])} | '
+            f'{_pct100(g["vae_updated"])} | {fmt(g["acc_first"], 3)} → {fmt(g["acc_last"], 3)} '
+            f'({fmt(g["acc_mean"], 3)}) | {fmt(g["gen_loss_last"], 3)} | '
+            f'{fmt(g["disc_loss_last"], 3)} |')
+        for side in ('disc_updated', 'vae_updated'):
+          if g[side] is not None and g[side] < 0.05:
+            warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
+                            f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
+    lines.append('')
+  # Loss scales.
+  lines += ['**Size of each term** as it enters the objective (last logged window of each '
+            'phase, seed 0): L_REC is multiplied by H·W·C; the adversarial term is '
+            'λ_adv·(−log D(x̃)) with λ_adv = 1.', '',
+            '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | λ_adv·(−log D) | '
+            'adv. share of the VAE objective |', '|---|---|---|---|---|---|---|---|']
+  for v in variants:
+    rs = _by(runs, dataset, v)
+    if not rs:
+      continue
+    sc = loss_scales(rs[0])
+    for phase, row in sc.items():
+      share = None
+      if 'adv' in row:
+        base = abs(row['scaled_rec']) + abs(row.get('kl') or 0) + abs(row.get('tc') or 0)
+        share = row['adv'] / (base + row['adv'])
+      lines.append(f'| {NAMES[v]} | {phase} | {fmt(row["scaled_rec"])} | '
+                   f'{fmt(row["scaled_mse"])} | {fmt(row.get("kl"))} | '
+                   f'{fmt(row.get("tc")) if "tc" in row else "-"} | '
+                   f'{fmt(row.get("adv")) if "adv" in row else "-"} | '
+                   f'{_pct100(share) if share is not None else "-"} |')
+  lines.append('')
+  # Posterior.
+  lines += [f'**Posterior.** KL per latent dimension on the evaluation images; a dimension '
+            f'is active when Var_x(E[z_j|x]) > {ACTIVE_THRESHOLD} (Burda et al. 2016). '
+            'Few active dimensions would mean posterior collapse.', '',
+            '| model | active dims (per seed) | KL total (nats) | largest KL per dim (seed 0) |',
+            '|---|---|---|---|']
+  for v in variants:
+    stats = [(r, posterior_stats(r)) for r in _by(runs, dataset, v) if r.finished]
+    stats = [(r, s) for r, s in stats if s and 'active' in s]
+    if not stats:
+      continue
+    act = ', '.join(f'{s["active"]}/{s["latent_dim"]}' for _, s in stats)
+    kls = [float(np.sum(s['kl_per_dim'])) for _, s in stats]
+    top = sorted(stats[0][1]['kl_per_dim'], reverse=True)[:6]
+    lines.append(f'| {NAMES[v]} | {act} | {fmt_ms(kls)} | '
+                 + ', '.join(f'{x:.2f}' for x in top) + ' |')
+    for r, s in stats:
+      if s['active'] <= 1:
+        warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {s["active"]} active latent '
+                        'dimension(s): posterior collapse')
+  lines.append('')
+  # Pre-training identity.
+  ident = []
+  for base, adv in (('vae', 'avae'), ('vae_s', 'avae_s')):
+    if base in variants and adv in variants:
+      for seed, diff in pretraining_identity(runs, dataset, base, adv):
+        ident.append(f'{NAMES[adv]} vs {NAMES[base]} seed {seed}: '
+                     + ('identical logs' if diff == 0.0 else f'max |Δ| = {fmt(diff, 3)}'
+                        if diff is not None else 'no overlap'))
+        if diff:
+          warnings.append(f'{dataset}: pre-training of {NAMES[adv]} seed {seed} differs from '
+                          f'{NAMES[base]} (max |Δ| {fmt(diff, 3)})')
+  if ident:
+    lines += ['**Pre-training shared?** The adversarial models are trained in their own '
+              'workdirs; with the same seed their pre-training is the same computation as '
+              'their base model\'s, so the logged pre-training losses must agree: '
+              + '; '.join(ident) + '.', '']
+  # Sharpness against the data.
+  gt = [_metric(r, 'gt_sharpness_mean') for r in runs if r.dataset == dataset and r.finished]
+  gt = [g for g in gt if g is not None]
+  if gt:
+    over = []
+    for v in variants:
+      m, _, n = mean_sd(_metric(r, 'rec_sharpness_mean') for r in _by(runs, dataset, v))
+      if n and m > gt[0]:
+        over.append(NAMES[v])
+    lines.append('**Sharpness against the data.** Ground-truth sharpness '
+                 f'{fmt(gt[0])}; ' + (f'reconstructions sharper than the data: '
+                                      f'{", ".join(over)} (high-frequency artefacts, not '
+                                      'detail).' if over else
+                                      'no model\'s reconstructions are sharper than the data, '
+                                      'so "sharper" here means closer to the data.'))
+    lines.append('')
+  return '\n'.join(lines), warnings
+
+
+def _pct100(x: float | None) -> str:
+  """A share as a percentage; small shares keep two significant digits."""
+  if x is None or not np.isfinite(x):
+    return '-'
+  p = 100 * x
+  return f'{p:.0f}%' if abs(p) >= 10 or p == 0 else f'{p:.2g}%'
+
+
+def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], settings: Any,
+             results: list[tuple[Claim, dict]]) -> list[str]:
+  """Likely reasons, each backed by a number from the diagnostics."""
+  out = []
+  s = settings[dataset]
+  out.append(f'Budget: {s.pretrain_steps} pre-training steps ({_epochs(settings, dataset):.2f} '
+             f'epochs) and {s.adversarial_steps} adversarial steps at batch {s.batch_size}; '
+             'the paper pre-trained 100 epochs of CelebA (96×96) and fine-tuned 10.')
+  for v in ('avae', 'avae_s'):
+    rs = [r for r in _by(runs, dataset, v) if r.finished]
+    if not rs:
+      continue
+    sc = loss_scales(rs[0]).get('adversarial')
+    g = gating_stats(rs[0])
+    if sc and 'adv' in sc:
+      base = abs(sc['scaled_rec']) + abs(sc.get('kl') or 0) + abs(sc.get('tc') or 0)
+      out.append(f'{NAMES[v]}: the adversarial term λ_adv·(−log D) = {fmt(sc["adv"], 3)} '
+                 f'is {_pct100(sc["adv"] / (base + sc["adv"]))} of the objective next to '
+                 f'scale·L_REC + KL = {fmt(base, 4)} (λ_adv = 1, L_REC summed over pixels); '
+                 f'the VAE was updated in {_pct100(g.get("vae_updated"))} and D in '
+                 f'{_pct100(g.get("disc_updated"))} of the adversarial steps.')
+  rs_s = [r for r in _by(runs, dataset, 'vae_s') if r.finished]
+  rs_v = [r for r in _by(runs, dataset, 'vae') if r.finished]
+  if rs_s:
+    sc = loss_scales(rs_s[0]).get('pretrain')
+    if sc and sc.get('scaled_mse'):
+      k = sc['scaled_rec'] / sc['scaled_mse']
+      kl_s = mean_sd(_metric(r, 'kl_mean') for r in rs_s)[0]
+      kl_v = mean_sd(_metric(r, 'kl_mean') for r in rs_v)[0] if rs_v else float('nan')
+      out.append(f'VAE-S: its calibrated L_REC is {k:.1f}× its own MSE term at the end of '
+                 'pre-training (five terms, each brought to the MSE\'s scale), so against the '
+                 f'KL it acts like a VAE with β ≈ 1/{k:.1f}: KL {fmt(kl_s)} nats vs '
+                 f'{fmt(kl_v)} for VAE. Part of any VAE-S gain may come from this weaker '
+                 'KL rather than from the structure-aware terms themselves.')
+  return out
+
+
+def write_report(out: str, settings: Any, notes_path: str | None = None,
+                 host: dict[str, Any] | None = None) -> str:
+  """Writes OUT/results.md and OUT/results/*.png from the study's runs; returns the path."""
+  datasets = [d for d in str(settings.datasets).split(',') if d]
+  variants = [v for v in str(settings.variants).split(',') if v]
+  seeds = int(settings.seeds)
+  runs = load_runs(out, datasets, variants, seeds)
+  fig_root = os.path.join(out, FIGURE_DIR)
+  if os.path.isdir(fig_root):
+    shutil.rmtree(fig_root)
+  os.makedirs(fig_root, exist_ok=True)
+  study = _read_json(os.path.join(out, 'study.json')) or {}
+  finished = [r for r in runs if r.finished]
+  train_s = sum(float(r.info.get('wall_s') or 0.0) for r in runs)
+  calib_s = 0.0
+  calib = {}
+  for d in datasets:
+    c = _read_json(os.path.join(out, d, 'calibration.json'))
+    if c:
+      calib[d] = c
+      calib_s += float(c.get('wall_s') or 0.0)
+
+  L = []
+  L.append('# Reproduction study: VAE, AVAE, VAE-S and AVAE-S')
+  L.append('')
+  cmd = study.get('command') or f'python study.py --out=DIR --budget={settings.budget}'
+  L.append(f'Generated by `{cmd}` (budget `{settings.budget}`, configs/study.py) on '
+           f'{datetime.date.today().isoformat()}. {len(finished)} of {len(runs)} runs '
+           f'finished ({len(datasets)} dataset(s) × {len(variants)} models × {seeds} seed(s)); '
+           f'training and evaluation took {_duration(train_s)} in total, calibration '
+           f'{_duration(calib_s)}.')
+  if host:
+    L.append(f'Host: {host.get("cpu_count")} CPU cores, {host.get("backend")} backend, '
+             f'devices {", ".join(host.get("devices", []))}, jax {host.get("jax")}, '
+             f'Python {host.get("python")}.')
+  L.append('')
+  missing = [r for r in runs if not r.finished]
+  if missing:
+    L.append('**Incomplete study.** Runs without final metrics: ' + ', '.join(
+        f'{r.dataset}/{r.variant}/seed{r.seed} ({(r.info.get("status") or "not run").splitlines()[0][:80]})'
+        for r in missing) + '. Means below are over the seeds that finished.')
+    L.append('')
+
+  all_results: dict[str, list[tuple[Claim, dict]]] = {}
+  all_warnings: list[str] = []
+  sections: list[str] = []
+  for d in datasets:
+    S = []
+    S.append(f'## {DATASET_NAMES.get(d, d)}')
+    S.append('')
+    n_done = {v: sum(r.finished for r in _by(runs, d, v)) for v in variants}
+    S.append('### Table III on ' + d)
+    S.append('')
+    S.append('Mean ± standard deviation over seeds (seeds per model: ' + ', '.join(
+        f'{NAMES[v]} {n_done[v]}' for v in variants) + '). Reconstructions are decode(μ) of '
+        'the first evaluation images, samples decode(z) with z ~ N(0, I); sharpness is the '
+        'variance of the Laplacian of the luma (higher = sharper); FID against the same '
+        'real images, the same count for every model.')
+    S.append('')
+    S.append(table_iii(runs, d, variants))
+    fm = [r.metrics for r in runs if r.dataset == d and r.finished]
+    if fm:
+      m0 = fm[0]
+      note = (f'Images per metric: {m0.get("num_images")}; ' +
+              (f'FID over {m0.get("fid_num_images")} real images against as many '
+               'reconstructions and as many samples.' if 'fid_num_images' in m0 else
+               f'FID skipped: {m0.get("fid_skipped", "not computed")}.'))
+      if 'mig' in m0:
+        note += f' MIG over {m0.get("mig_num_images")} images (20 bins).'
+      S.append(note)
+      S.append('')
+    S.append('### The paper\'s orderings on ' + d)
+    S.append('')
+    S.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares '
+             'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
+             'change in the paper\'s Table III. A claim "holds (every seed)" when every '
+             'seed\'s difference points the paper\'s way.')
+    S.append('')
+    table, results = claims_table(runs, d)
+    all_results[d] = results
+    S.append(table)
+    S.append('### Checks before believing a failed claim (' + d + ')')
+    S.append('')
+    diag, warns = _diagnostics(runs, d, variants, settings)
+    all_warnings += warns
+    S.append(diag)
+    S.append('### Likely reasons, with the numbers behind them (' + d + ')')
+    S.append('')
+    S += ['- ' + x for x in _reasons(runs, d, variants, settings, results)]
+    S.append('')
+    # Figures.
+    figs = copy_model_figures(runs, d, variants, out)
+    S.append(f'### Figures ({d}, seed 0 of each model)')
+    S.append('')
+    S.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
+             'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
+             'images at the row ends). Traversals: one latent dimension per row (largest KL '
+             'first), from −2.5 to 2.5 around the first image\'s code.')
+    S.append('')
+    S.append('| | ' + ' | '.join(NAMES[v] for v in variants) + ' |')
+    S.append('|---|' + '---|' * len(variants))
+    for name in FIGURES:
+      cells = [f'![{NAMES[v]} {name}]({figs[(v, name)]})' if (v, name) in figs else '-'
+               for v in variants]
+      S.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    S.append('')
+    curves = os.path.join(FIGURE_DIR, d, 'training_losses.png')
+    os.makedirs(os.path.join(out, FIGURE_DIR, d), exist_ok=True)
+    S.append(f'### Training curves ({d})')
+    S.append('')
+    if plot_losses(runs, d, variants, os.path.join(out, curves)):
+      S.append(f'![{d} loss components]({curves})')
+      S.append('')
+    adv = os.path.join(FIGURE_DIR, d, 'training_adversarial.png')
+    if plot_adversarial(runs, d, variants, os.path.join(out, adv)):
+      S.append(f'![{d} adversarial fine-tuning]({adv})')
+      S.append('')
+    S.append(f'### Every run ({d})')
+    S.append('')
+    S.append(per_seed_table(runs, d, variants))
+    sections.append('\n'.join(S))
+
+  # Findings first.
+  L.append('## Findings')
+  L.append('')
+  for d in datasets:
+    L.append(f'**{d}**')
+    L.append('')
+    L += [_claim_sentence(c, r) for c, r in all_results[d]]
+    L.append('')
+  if all_warnings:
+    L.append('**Defect checks that fired:** ' + '; '.join(all_warnings) + '.')
+  else:
+    L.append('**Defect checks:** no gating stuck on one side (each gated update ran in ≥ 5% '
+             'of the adversarial steps), no posterior collapse (> 1 active latent dimension), '
+             'pre-training of AVAE/AVAE-S identical to VAE/VAE-S (see the checks per dataset).')
+  L.append('')
+  if notes_path and os.path.exists(notes_path):
+    with open(notes_path) as f:
+      L.append('## Discussion')
+      L.append('')
+      L.append(f.read().strip())
+      L.append('')
+  L += sections
+  L.append('## λ\'s and their calibration')
+  L.append('')
+  L.append('The paper: "we did not tune the hyper-parameters … the only thing we did was to '
+           'make all loss components to be in the same scale … We probed the loss components '
+           'for 1 epoch and determined the weights and used those weights in all the '
+           'experiments thereafter." Here, once per dataset, a throwaway copy of seed 0\'s '
+           'initial VAE-S trains for K batches with every reconstruction term at weight 1 '
+           '(trainer.calibrate_weights, the trainer\'s own calibration); λ_i = mean(L_MSE) / '
+           'mean(L_i) over those batches (λ_MSE = 1). Every seed of VAE-S and AVAE-S then uses '
+           'these λ\'s (calibrate.enabled=False in each run, weights in its config.json). '
+           'VAE and AVAE use the MSE alone. β (KL) = 1, γ (TC) = 1, λ_adv = 1; '
+           'L_REC is multiplied by H·W·C (a sum over pixels).')
+  L.append('')
+  if calib:
+    terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+    L.append('| dataset | K batches (batch size) | ' + ' | '.join(f'λ {t}' for t in terms) + ' |')
+    L.append('|---|---|' + '---|' * len(terms))
+    for d, c in calib.items():
+      w = c['weights']
+      L.append(f'| {d} | {c.get("batches")} ({c.get("batch_size")}) | '
+               + ' | '.join(fmt(w.get(t), 4) for t in terms) + ' |')
+    L.append('')
+  L.append('## Settings')
+  L.append('')
+  L.append('Identical for the four models of a dataset (only `variant` differs, and `seed` '
+           'between seeds). The adversarial models train their pre-training steps and then '
+           'their adversarial steps, in their own workdirs.')
+  L.append('')
+  L.append(_settings_table(settings, datasets))
+  for d in datasets:
+    cfgs = [r for r in runs if r.dataset == d and r.config]
+    cfg = next((r for r in cfgs if r.variant == 'avae_s'), cfgs[0] if cfgs else None)
+    if cfg is None:
+      continue
+    L.append(f'<details><summary>Full trainer config of {d} / {NAMES[cfg.variant]} / seed '
+             f'{cfg.seed} (config.json)</summary>')
+    L.append('')
+    L.append('```json')
+    L.append(json.dumps(cfg.config, indent=1, sort_keys=True))
+    L.append('```')
+    L.append('')
+    L.append('</details>')
+    L.append('')
+  L.append('Rerun: `python study.py --out=DIR --budget=' + str(settings.budget) + '` (add '
+           '`--seeds`, `--datasets` as above); rerunning on the same DIR skips finished runs '
+           'and resumes the others. `--report_only` rewrites this report from DIR.')
+  L.append('')
+  path = os.path.join(out, REPORT)
+  with open(path + '.tmp', 'w') as f:
+    f.write('\n'.join(L))
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def publish(out: str, docs: str, notes_path: str | None = None) -> str:
+  """Copies OUT/results.md to DOCS/results.md and OUT/results/ to DOCS/results/.
+
+  The discussion file, if any, is kept beside the figures as DOCS/results/discussion.md,
+  so the published report can be regenerated with --notes=docs/results/discussion.md.
+  """
+  notes = None
+  if notes_path and os.path.exists(notes_path):
+    with open(notes_path) as f:
+      notes = f.read()
+  os.makedirs(docs, exist_ok=True)
+  dest_figs = os.path.join(docs, FIGURE_DIR)
+  if os.path.isdir(dest_figs):
+    shutil.rmtree(dest_figs)
+  shutil.copytree(os.path.join(out, FIGURE_DIR), dest_figs)
+  if notes is not None:
+    with open(os.path.join(dest_figs, 'discussion.md'), 'w') as f:
+      f.write(notes)
+  dest = os.path.join(docs, REPORT)
+  shutil.copyfile(os.path.join(out, REPORT), dest)
+  return dest

@@ -1,0 +1,262 @@
+"""The reproduction study: VAE, AVAE, VAE-S and AVAE-S side by side, then the report.
+
+  python study.py --out=studies/cpu                        # the CPU budget (about 2 h, 2 cores)
+  python study.py --out=studies/gpu --budget=accelerator   # one GPU / TPU host
+  python study.py --out=/tmp/s --budget=test               # tiny, about a minute
+
+Trains every (dataset, model, seed) of configs/study.py in its own workdir
+OUT/<dataset>/<variant>/seed<k>/ (seed 0 of every model first, then seed 1, ...), then
+writes OUT/results.md with its figures in OUT/results/. With --publish (the default for the
+'cpu' and 'accelerator' budgets) the report is also copied to docs/results.md and
+docs/results/.
+
+Rerunning the command on the same OUT skips finished runs (they have final_metrics.json)
+and resumes unfinished ones from their checkpoints. The λ's of the compound loss are
+calibrated once per dataset (the paper's procedure) and shared by every seed of VAE-S and
+AVAE-S; OUT/<dataset>/calibration.json records them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_REPO = os.path.dirname(os.path.abspath(__file__))
+
+_OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, and the report.')
+_BUDGET = flags.DEFINE_enum('budget', 'cpu', ['cpu', 'accelerator', 'test'],
+                            'Budget of configs/study.py.')
+_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the budget\'s, 3).')
+_DATASETS = flags.DEFINE_list('datasets', None,
+                              'Datasets, from shapes,fashion_mnist (default: both).')
+_VARIANTS = flags.DEFINE_list('variants', None,
+                              'Models, from vae,avae,vae_s,avae_s (default: all four).')
+_PUBLISH = flags.DEFINE_boolean(
+    'publish', None, 'Copy the report to docs/results.md and docs/results/ (default: on for '
+    'the cpu and accelerator budgets, off for test).')
+_PUBLISH_DIR = flags.DEFINE_string('publish_dir', os.path.join(_REPO, 'docs'),
+                                   'Where --publish copies results.md and results/.')
+_NOTES = flags.DEFINE_string(
+    'notes', None, 'A markdown file with the discussion of this run\'s numbers, included in '
+    'the report (default: OUT/discussion.md if it exists).')
+_REPORT_ONLY = flags.DEFINE_boolean('report_only', False,
+                                    'Do not train; write the report from the runs there are.')
+_MAX_HOURS = flags.DEFINE_float(
+    'max_hours', 0.0, 'Stop starting new runs after this many hours (0: no limit); the '
+    'report then says which runs are missing. Rerun to continue.')
+
+STUDY_FILE = 'study.json'
+RUN_FILE = 'study_run.json'
+CALIBRATION_FILE = 'calibration.json'
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def settings_from_flags() -> Any:
+  """The study's settings: configs/study.py at --budget with --seeds/--datasets applied."""
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  s = study_config.get_config(_BUDGET.value)
+  if _SEEDS.value is not None:
+    if _SEEDS.value < 1:
+      raise app.UsageError('--seeds must be >= 1')
+    s.seeds = int(_SEEDS.value)
+  for flag, field, valid in ((_DATASETS, 'datasets', study_config.DATASETS),
+                             (_VARIANTS, 'variants', study_config.VARIANTS)):
+    if flag.value is not None:
+      bad = [v for v in flag.value if v not in valid]
+      if bad or not flag.value:
+        raise app.UsageError(f'--{field} takes names from {",".join(valid)}; got {bad}')
+      s[field] = ','.join(v for v in valid if v in flag.value)  # canonical order
+  return s
+
+
+def check_study_file(out: str, settings: Any) -> None:
+  """Records the budget in OUT/study.json; refuses an OUT written at another budget.
+
+  The trainer would happily continue a finished run with more steps, so mixing budgets
+  in one directory would silently give models different budgets.
+  """
+  path = os.path.join(out, STUDY_FILE)
+  budget = {d: settings[d].to_dict() for d in ('shapes', 'fashion_mnist')}
+  if os.path.exists(path):
+    saved = _read_json(path)
+    if json.loads(json.dumps(saved['per_dataset'], default=str)) != \
+        json.loads(json.dumps(budget, default=str)):
+      raise app.UsageError(
+          f'{out} holds a study run at another budget ({saved.get("budget")}); use another '
+          '--out (every model of a study must get the same budget)')
+    saved.update(seeds=max(int(saved['seeds']), int(settings.seeds)))
+    record = saved
+  else:
+    record = {'budget': settings.budget, 'per_dataset': budget, 'seeds': int(settings.seeds),
+              'num_devices': int(settings.num_devices), 'created': time.time()}
+  record['command'] = ' '.join(['python'] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+  _write_json(path, record)
+
+
+def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
+  """The workdir of one run."""
+  return os.path.join(out, dataset, variant, f'seed{seed}')
+
+
+def is_finished(workdir: str) -> bool:
+  """A run is finished when the trainer wrote its final metrics."""
+  return os.path.exists(os.path.join(workdir, 'final_metrics.json'))
+
+
+def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
+  """The λ's of `dataset`, calibrated once (seed 0's initial VAE-S) and then reused.
+
+  The paper probed the loss terms once and used the weights "in all the experiments
+  thereafter"; calibrating per seed would make the λ's a source of seed-to-seed spread.
+  This is trainer.calibrate_weights applied to seed 0's initial state with seed 0's key,
+  i.e. the weights seed 0's run would compute with calibrate.enabled=True.
+  """
+  path = os.path.join(out, dataset, CALIBRATION_FILE)
+  if os.path.exists(path):
+    return _read_json(path)['weights']
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import data, steps, trainer  # pylint: disable=g-import-not-at-top
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  config = study_config.run_config(settings, dataset, 'vae_s', 0)
+  started = time.monotonic()
+  source = data.load(config, 'train')
+  init_key, _, calib_key, _ = jax.random.split(jax.random.PRNGKey(int(config.seed)), 4)
+  vae_state, _ = steps.create_train_states(config, init_key, source.image_shape)
+  devices = trainer.local_devices(config)
+  weights = trainer.calibrate_weights(config, vae_state, source, devices, calib_key)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write_json(path, {'weights': weights, 'batches': int(config.calibrate.batches),
+                     'batch_size': int(config.batch_size), 'seed': int(config.seed),
+                     'wall_s': time.monotonic() - started})
+  print(f'[study] {dataset}: calibrated λ\'s over {config.calibrate.batches} batches: ' +
+        ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
+  return weights
+
+
+def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
+              weights: dict[str, float] | None) -> str:
+  """Trains and evaluates one run (resuming it if it has checkpoints); returns its status."""
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  workdir = run_dir(out, dataset, variant, seed)
+  if is_finished(workdir):
+    return 'done'
+  os.makedirs(workdir, exist_ok=True)
+  info_path = os.path.join(workdir, RUN_FILE)
+  info = _read_json(info_path) if os.path.exists(info_path) else {'wall_s': 0.0, 'sessions': 0}
+  info['sessions'] += 1
+  config = study_config.run_config(settings, dataset, variant, seed,
+                                   weights if variant.endswith('_s') else None)
+  print(f'[study] {dataset} {variant} seed {seed}: training in {workdir}'
+        + (' (resuming)' if info['sessions'] > 1 else ''), flush=True)
+  started = time.monotonic()
+  status = 'done'
+  try:
+    trainer.train_and_evaluate(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
+    status = f'failed: {type(e).__name__}: {e}'
+    info['error'] = traceback.format_exc()
+    print(f'[study] {dataset} {variant} seed {seed} FAILED: {e}', flush=True)
+  elapsed = time.monotonic() - started
+  info['wall_s'] += elapsed
+  info['status'] = status
+  print(f'[study] {dataset} {variant} seed {seed}: {status} in {elapsed:.0f} s', flush=True)
+  info['finished'] = time.time()
+  _write_json(info_path, info)
+  return status
+
+
+def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str, str, int, str]]:
+  """Trains every missing run, seed-major so that early seeds complete first."""
+  datasets = settings.datasets.split(',')
+  variants = settings.variants.split(',')
+  started = time.monotonic()
+  statuses = []
+  for seed in range(int(settings.seeds)):
+    for dataset in datasets:
+      weights = None
+      if any(v.endswith('_s') for v in variants):
+        weights = calibrate(out, settings, dataset)
+      for variant in variants:
+        if max_hours and (time.monotonic() - started) > max_hours * 3600 and \
+            not is_finished(run_dir(out, dataset, variant, seed)):
+          statuses.append((dataset, variant, seed, 'skipped: --max_hours reached'))
+          continue
+        statuses.append((dataset, variant, seed,
+                         train_one(out, settings, dataset, variant, seed, weights)))
+  return statuses
+
+
+def _enable_compilation_cache(out: str) -> None:
+  """Persistent XLA cache: runs that share a program (seeds, vae/avae pre-training) compile once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def main(argv: list[str]) -> None:
+  """Runs the study (or only its report) and publishes the report if asked."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from avae_jax import study_report  # pylint: disable=g-import-not-at-top
+  from avae_jax import summary  # pylint: disable=g-import-not-at-top
+  summary.quiet_library_logs()
+  out = os.path.abspath(_OUT.value)
+  settings = settings_from_flags()
+  os.makedirs(out, exist_ok=True)
+  check_study_file(out, settings)
+  if not _REPORT_ONLY.value:
+    _enable_compilation_cache(out)
+    t0 = time.monotonic()
+    statuses = run_study(out, settings, _MAX_HOURS.value)
+    failed = [s for s in statuses if s[3] != 'done']
+    print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
+          f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)
+  notes = _NOTES.value
+  if notes is None and os.path.exists(os.path.join(out, 'discussion.md')):
+    notes = os.path.join(out, 'discussion.md')
+  report = study_report.write_report(out, settings, notes_path=notes, host=_host())
+  print(f'[study] wrote {report}', flush=True)
+  publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
+  if publish:
+    dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
+    print(f'[study] published to {dest}', flush=True)
+
+
+def _host() -> dict[str, Any]:
+  """The machine the study ran on, for the report."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {'platform': platform.platform(), 'python': platform.python_version(),
+          'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+          'devices': [str(d) for d in jax.local_devices()],
+          'backend': jax.default_backend()}
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['out'])
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

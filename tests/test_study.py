@@ -1,0 +1,233 @@
+"""The study command end to end on the tiny 'test' budget, and the report's arithmetic."""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from avae_jax import study_report
+from configs import study as study_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = '/usr/share/datasets/fashion-mnist'
+VARIANT_COLUMNS = ('VAE', 'AVAE', 'VAE-S', 'AVAE-S')
+
+
+def _study(*args, check=True):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, os.path.join(REPO, 'study.py'), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'study.py {args} failed ({proc.returncode}):\n'
+                         f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+  return proc
+
+
+def _table_rows(text, heading):
+  """The rows (lists of cells) of the first markdown table after `heading`."""
+  start = text.index(heading)
+  rows = []
+  for line in text[start:].splitlines()[1:]:
+    if line.startswith('|'):
+      rows.append([c.strip() for c in line.strip().strip('|').split('|')])
+    elif rows:
+      break
+  return rows
+
+
+def _is_number(cell):
+  """'0.123', '1.2e-05' or '0.12 ± 0.01'."""
+  return re.fullmatch(r'-?[0-9.]+(e[-+][0-9]+)?( ± [0-9.]+(e[-+][0-9]+)?)?', cell) is not None
+
+
+@pytest.fixture(scope='module')
+def study_dir(tmp_path_factory):
+  """One tiny study of both datasets, all four models, one seed (run once per module)."""
+  if not os.path.isdir(FMNIST):
+    pytest.skip(f'{FMNIST} missing: apt-get install dataset-fashion-mnist')
+  out = str(tmp_path_factory.mktemp('study'))
+  proc = _study(f'--out={out}', '--budget=test')
+  return out, proc
+
+
+def test_report_has_every_table(study_dir):
+  out, proc = study_dir
+  text = open(os.path.join(out, 'results.md')).read()
+  assert '8/8 runs finished' in proc.stdout
+  for ds, has_mig in (('shapes', True), ('fashion_mnist', False)):
+    rows = _table_rows(text, f'### Table III on {ds}')
+    assert rows[0] == ['Metric', 'Ground Truth', *VARIANT_COLUMNS]
+    by_label = {r[0]: r for r in rows[2:]}
+    numeric = ['Sharpness (Laplace) of reconstructions', 'Cosine similarity',
+               'Mean Squared Error', 'Sharpness (Laplace) of random samples',
+               'KL to the prior (nats, summed over latent dims)']
+    if has_mig:
+      numeric.append('MIG (posterior means vs the 6 ground-truth factors)')
+    for label in numeric:
+      assert all(_is_number(c) for c in by_label[label][2:]), by_label[label]
+    assert _is_number(by_label['Sharpness (Laplace) of reconstructions'][1])
+    for d in (64, 192, 768, 2048):
+      for what in ('reconstructions', 'random samples'):
+        label = [k for k in by_label if f'(d={d}), {what}' in k]
+        assert len(label) == 1
+        # FID is off in the test budget: the row is there and says so.
+        assert by_label[label[0]][2:] == ['skipped'] * 4
+    assert any(k.startswith('MIG') for k in by_label) == has_mig
+    claims = _table_rows(text, f"### The paper's orderings on {ds}")
+    texts = [r[0] for r in claims[2:]]
+    assert 'VAE-S reconstructions sharper than VAE (the compound loss sharpens)' in texts
+    assert 'AVAE-S MSE equal or lower than VAE-S' in texts
+    assert any('MIG' in t for t in texts) == has_mig
+    gating = _table_rows(text, f'### Checks before believing a failed claim ({ds})')
+    assert [r[0] for r in gating[2:]] == ['AVAE', 'AVAE-S']
+    # Every adversarial step either updated D, the VAE, or both: rates are shares.
+    for r in gating[2:]:
+      assert r[2] == '4'
+      for cell in r[3:5]:
+        assert 0 <= float(cell.rstrip('%')) <= 100
+  # The λ table: both datasets, five λ's, λ_mse = 1.
+  lam = _table_rows(text, "## λ's and their calibration")
+  assert [r[0] for r in lam[2:]] == ['shapes', 'fashion_mnist']
+  for r in lam[2:]:
+    assert r[3] == '1' and all(_is_number(c) for c in r[2:])
+  assert 'identical logs' in text  # AVAE's pre-training is VAE's
+
+
+def test_report_has_every_figure(study_dir):
+  out, _ = study_dir
+  text = open(os.path.join(out, 'results.md')).read()
+  from PIL import Image
+  for ds in ('shapes', 'fashion_mnist'):
+    for v in ('vae', 'avae', 'vae_s', 'avae_s'):
+      for fig in ('reconstructions', 'samples', 'interpolations', 'traversals'):
+        rel = f'results/{ds}/{v}_{fig}.png'
+        assert f']({rel})' in text
+        with Image.open(os.path.join(out, rel)) as im:
+          assert im.size[0] > 8 and im.size[1] > 8
+    for curves in ('training_losses', 'training_adversarial'):
+      rel = f'results/{ds}/{curves}.png'
+      assert f']({rel})' in text
+      with Image.open(os.path.join(out, rel)) as im:
+        assert im.size[0] > 200
+
+
+def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
+  out, _ = study_dir
+  victim = os.path.join(out, 'shapes', 'avae', 'seed0')
+  os.remove(os.path.join(victim, 'final_metrics.json'))
+  docs = tmp_path / 'docs'
+  proc = _study(f'--out={out}', '--budget=test', '--datasets=shapes', '--publish',
+                f'--publish_dir={docs}')
+  trained = re.findall(r'\[study\] (\S+ \S+ seed \d+): training', proc.stdout)
+  assert trained == ['shapes avae seed 0']
+  assert 'resuming from checkpoint' in proc.stdout
+  assert os.path.exists(os.path.join(victim, 'final_metrics.json'))
+  info = json.load(open(os.path.join(victim, 'study_run.json')))
+  assert info['sessions'] == 2 and info['status'] == 'done'
+  # Published: the report and its figures, with the same relative links.
+  assert (docs / 'results.md').exists()
+  assert (docs / 'results' / 'shapes' / 'avae_s_traversals.png').exists()
+
+
+def test_refuses_a_directory_of_another_budget(study_dir):
+  out, _ = study_dir
+  proc = _study(f'--out={out}', '--budget=cpu', '--report_only', '--nopublish', check=False)
+  assert proc.returncode != 0
+  assert 'another budget' in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------------ arithmetic
+
+
+def _run(variant, seed, **metrics):
+  return study_report.Run('shapes', variant, seed, '', metrics, {}, [], {})
+
+
+def test_mean_sd_matches_statistics():
+  values = [0.3, 0.1, 0.7, None, float('nan')]
+  m, s, n = study_report.mean_sd(values)
+  assert n == 3
+  assert m == pytest.approx(statistics.mean([0.3, 0.1, 0.7]))
+  assert s == pytest.approx(statistics.stdev([0.3, 0.1, 0.7]))
+  assert study_report.mean_sd([2.0]) == (2.0, 0.0, 1)
+
+
+def test_check_claim_pairs_seeds():
+  # higher is better: differences a - b per seed = +1, +1, -1 (seed 3 has no partner).
+  runs = [_run('vae_s', 0, x=1.0), _run('vae_s', 1, x=2.0), _run('vae_s', 2, x=3.0),
+          _run('vae', 0, x=0.0), _run('vae', 1, x=1.0), _run('vae', 2, x=4.0),
+          _run('vae_s', 3, x=9.0)]
+  claim = study_report.Claim('t', 'x', 'higher', 'vae_s', 'vae')
+  r = study_report.check_claim(runs, 'shapes', claim)
+  assert r['n'] == 3 and r['wins'] == 2
+  assert r['diff_mean'] == pytest.approx(1 / 3)
+  assert r['diff_sd'] == pytest.approx(statistics.stdev([1.0, 1.0, -1.0]))
+  assert r['rel'] == pytest.approx(2.0 / (5 / 3) - 1)
+  assert r['verdict'] == 'holds on average (2/3 seeds)'
+  lower = study_report.Claim('t', 'x', 'lower', 'vae_s', 'vae')
+  assert study_report.check_claim(runs, 'shapes', lower)['verdict'] == \
+      'does not hold on average (1/3 seeds)'
+  # "Equal or lower" with a 0.5% increase on every seed counts as equal.
+  runs = [_run('avae', s, m=1.005) for s in range(2)] + [_run('vae', s, m=1.0) for s in range(2)]
+  eq = study_report.Claim('t', 'm', 'lower', 'avae', 'vae', or_equal=True)
+  assert study_report.check_claim(runs, 'shapes', eq)['verdict'].startswith('holds: equal')
+  strict = study_report.Claim('t', 'm', 'lower', 'avae', 'vae')
+  assert study_report.check_claim(runs, 'shapes', strict)['verdict'] == \
+      'does not hold (every seed)'
+
+
+def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
+          {'step': 2, 'loss': 3.5},  # re-logged after a resume: the later value wins
+          {'step': 3, 'loss': 3.0, 'kl': 1.0},
+          {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'final/rec_mse': 0.1}]
+  path.write_text('\n'.join(json.dumps(r) for r in rows) + '\n{"step": 4, "lo')
+  h = study_report.read_history(str(path))
+  assert [r['step'] for r in h] == [1, 2, 3]
+  assert h[1]['loss'] == 3.5
+  assert h[2] == {'step': 3, 'loss': 3.0, 'kl': 1.0}
+
+
+def test_gating_rates_weight_windows_by_steps():
+  # Pre-training 10 steps; windows of 5 and 15 adversarial steps with rates 1.0 and 0.2.
+  history = [{'step': 10, 'loss': 1.0},
+             {'step': 15, 'disc_updated': 1.0, 'vae_updated': 0.0, 'disc_accuracy': 0.6},
+             {'step': 30, 'disc_updated': 0.2, 'vae_updated': 1.0, 'disc_accuracy': 0.8}]
+  run = study_report.Run('shapes', 'avae', 0, '', None, {'pretrain_steps': 10}, history, {})
+  g = study_report.gating_stats(run)
+  assert g['steps'] == 20
+  assert g['disc_updated'] == pytest.approx((5 * 1.0 + 15 * 0.2) / 20)
+  assert g['vae_updated'] == pytest.approx(15 / 20)
+  assert g['acc_first'] == 0.6 and g['acc_last'] == 0.8
+
+
+def test_pretraining_identity_finds_differences():
+  base = [{'step': 5, 'loss': 2.0, 'kl': 1.0}, {'step': 10, 'loss': 1.0, 'kl': 0.5}]
+  adv = [dict(r) for r in base] + [{'step': 15, 'loss': 0.1, 'disc_accuracy': 0.5}]
+  cfg = {'pretrain_steps': 10}
+  runs = [study_report.Run('shapes', 'vae', 0, '', None, cfg, base, {}),
+          study_report.Run('shapes', 'avae', 0, '', None, cfg, adv, {})]
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.0)]
+  adv[1]['kl'] = 0.75
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.25)]
+
+
+def test_budgets_are_identical_across_models():
+  for budget in study_config.BUDGETS:
+    s = study_config.get_config(budget)
+    for ds in study_config.DATASETS:
+      cfgs = [study_config.run_config(s, ds, v, 1, {'mse': 1.0, 'mae': 2.0})
+              for v in study_config.VARIANTS]
+      flat = [c.to_dict() for c in cfgs]
+      for f in flat:
+        f.pop('variant')
+      assert all(f == flat[0] for f in flat[1:])
+      assert cfgs[0].seed == 1 and not cfgs[0].calibrate.enabled
+      assert cfgs[0].loss.weights.mae == 2.0
+  assert study_config.get_config('cpu').seeds >= 3
