@@ -1,8 +1,10 @@
 """Pure loss functions of AVAE-S (DESIGN.md §3, paper Eq. 5-10).
 
 Images are float32 NHWC batches in [0, 1]. Every per-image loss returns shape (B,); the
-caller reduces over the batch (and over devices). All convolutions go through
-`jax.lax.conv_general_dilated` (cross-correlation, as in the kernels of `filters`).
+caller reduces over the batch (and over devices). The Sobel/Gabor convolutions go through
+`jax.lax.conv_general_dilated` (cross-correlation, as in the kernels of `filters`); SSIM's
+separable Gaussian window is applied as two banded-matrix products (the same valid
+cross-correlation, see `_separable_blur`).
 """
 
 from __future__ import annotations
@@ -86,14 +88,29 @@ def mse(x: Array, y: Array) -> Array:
   return jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
 
 
-def _depthwise(x: Array, kernel: np.ndarray) -> Array:
-  """Valid cross-correlation of every channel of x with one 2-D kernel."""
-  c = x.shape[-1]
-  k = jnp.broadcast_to(jnp.asarray(kernel, jnp.float32)[:, :, None, None],
-                       kernel.shape + (1, c))
-  return jax.lax.conv_general_dilated(
-      x, k, window_strides=(1, 1), padding='VALID', dimension_numbers=_DIMS,
-      feature_group_count=c, precision=_PRECISION)
+def _band_matrix(n: int, taps: np.ndarray) -> np.ndarray:
+  """(n - k + 1, n) matrix whose row i holds the k taps at columns i .. i + k - 1."""
+  k = taps.shape[0]
+  m = np.zeros((n - k + 1, n), np.float32)
+  for i in range(n - k + 1):
+    m[i, i:i + k] = taps
+  return m
+
+
+def _separable_blur(x: Array, taps: np.ndarray) -> Array:
+  """Valid cross-correlation of every channel of x with the 2-D kernel outer(taps, taps).
+
+  Written as two banded-matrix products (rows, then columns) rather than as depthwise
+  convolutions: XLA:CPU runs depthwise (feature-grouped) convolutions and their gradients
+  on a slow generic path, and the matrix products were 15x faster for the forward and
+  backward pass at 96x96 (docs/benchmarks.md). The extra multiplies by zero cost little
+  at the image sizes of this project, and matrix products suit TPU/GPU too.
+  """
+  _, h, w, _ = x.shape
+  rows = jnp.asarray(_band_matrix(h, taps))
+  cols = jnp.asarray(_band_matrix(w, taps))
+  x = jnp.einsum('ih,bhwc->biwc', rows, x, precision=_PRECISION)
+  return jnp.einsum('jw,biwc->bijc', cols, x, precision=_PRECISION)
 
 
 def ssim(x: Array, y: Array, *, max_val: float = 1.0, filter_size: int = 11,
@@ -110,13 +127,11 @@ def ssim(x: Array, y: Array, *, max_val: float = 1.0, filter_size: int = 11,
   if h < filter_size or w < filter_size:
     raise ValueError(f'SSIM with an {filter_size}x{filter_size} window needs images at '
                      f'least that large, got {h}x{w}')
-  # The window is the outer product of a 1-D Gaussian, so two depthwise passes
-  # (filter_size x 1, then 1 x filter_size) give the same result as the 2-D window with
-  # 2 * filter_size instead of filter_size**2 multiplies per pixel. All five local
-  # moments of all channels go through the same two convolutions.
+  # The window is the outer product of a 1-D Gaussian, so it is applied as two 1-D
+  # passes. All five local moments of all channels go through the same two passes.
   g = filters.gaussian_kernel_1d(filter_size, sigma)
   moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-  blurred = _depthwise(_depthwise(moments, g[:, None]), g[None, :])
+  blurred = _separable_blur(moments, g)
   mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blurred, 5, axis=-1)
   # Variances are clipped at zero: float32 cancellation in E[x^2] - E[x]^2 can give tiny
   # negative values on flat patches, which would only push the denominator below C1*C2.
