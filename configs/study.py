@@ -2,8 +2,10 @@
 
 `get_config(budget)` returns the study's settings for one budget:
 
-  * 'cpu': the whole study (2 datasets x 4 models x 3 seeds) in about two hours on two
-    CPU cores; the step counts were sized from measured step times (docs/results.md).
+  * 'cpu': the whole study (2 datasets x 4 models x 3 seeds) in about 90 minutes on two
+    CPU cores, sized from the measured step times (docs/benchmarks.md: 0.22 s / 0.41 s per
+    pre-training / adversarial step on shapes, 0.27 s / 0.52 s on Fashion-MNIST) and about
+    50 s of evaluation per run (the Inception network dominates it on a CPU).
   * 'accelerator': the same design at a budget for one GPU/TPU (Fashion-MNIST 20 + 5
     epochs as in configs/fashion_mnist.py, shapes 8x larger, full evaluation sets).
   * 'test': a tiny budget that runs end to end in about a minute (tests/test_study.py).
@@ -49,15 +51,15 @@ def get_config(budget: str = 'cpu') -> ml_collections.ConfigDict:
   shapes = _dataset(
       dataset='shapes', image_size=32, channels=3, widths=(16, 32, 64), latent_dim=10,
       hidden_dim=48, num_train=8192, num_eval=1024,
-      batch_size=64, pretrain_steps=1000, adversarial_steps=300,
-      eval_num_images=500, calibrate_batches=128, fid=True, grid_size=8)
+      batch_size=64, pretrain_steps=500, adversarial_steps=150,
+      eval_num_images=200, calibrate_batches=32, fid=True, grid_size=8)
   # Fashion-MNIST at its native 28x28: no resampling, so the ground-truth sharpness is
   # the data's own; two stages (28/4 = 7), latent 32 as in Table I.
   fmnist = _dataset(
       dataset=FASHION_MNIST_ARRAYS, image_size=28, channels=1, widths=(32, 64),
       latent_dim=32, hidden_dim=48, num_train=0, num_eval=0,
-      batch_size=64, pretrain_steps=1000, adversarial_steps=300,
-      eval_num_images=500, calibrate_batches=128, fid=True, grid_size=8)
+      batch_size=64, pretrain_steps=500, adversarial_steps=150,
+      eval_num_images=200, calibrate_batches=32, fid=True, grid_size=8)
 
   if budget == 'accelerator':
     s.num_devices = 0
