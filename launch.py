@@ -15,7 +15,7 @@ them, and exits non-zero. Running the same command again on the same workdir res
 from the last checkpoint.
 
 This is for trying multi-process runs on one host (and for the tests); clusters start one
-process per host with their own tools, see docs/multihost.md.
+process per host with their own tools, see the README's "Several hosts" section.
 """
 
 from __future__ import annotations

@@ -126,3 +126,17 @@ def test_add_twin_ratio():
            'twin_median_step_s': None, 'twin_ratio': None}
   benchmarking.add_twin(gated, {'adversarial_step_s': 3.0})
   assert gated['twin_ratio'] is None  # the twin times only the both-updates case
+
+
+def test_op_timings_script_times_every_operation():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join('scripts', 'op_timings.py'),
+                        '--batch=1', '--repeats=1'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  lines = out.stdout.splitlines()[1:]
+  # 2 SSIM windows, 2 poolings, 4 resolutions x (forward, input and weight gradient).
+  assert len(lines) == 2 + 2 + 4 * 3
+  for line in lines:
+    assert float(line.split()[-2]) > 0 and line.endswith(' ms')

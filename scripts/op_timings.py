@@ -1,0 +1,116 @@
+"""Times single operations of the training step, forward + backward, at CelebA shapes.
+
+  python scripts/op_timings.py [--batch=64] [--repeats=5]
+
+The measurements behind docs/benchmarks.md's performance notes: each line is the median
+wall time of one jitted function (synchronised), so alternatives of one operation can be
+compared on the machine at hand:
+
+* SSIM's separable 11-tap Gaussian window on the five moment maps: depthwise convolutions
+  (feature_group_count = channels) against two banded-matrix products (what losses.ssim
+  uses);
+* 2x2 max pooling: flax's reduce_window against reshape + max (models.max_pool_2x2);
+* a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
+  input gradient and weight gradient separately.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from avae_jax import filters  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avae_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per operation (median).')
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def median_ms(fn: Callable[..., Any], *args: Any) -> float:
+  """Median milliseconds of a jitted call after one compiling call."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def _depthwise_blur(x: jax.Array, taps: np.ndarray) -> jax.Array:
+  """The separable window as two depthwise convolutions (the alternative measured)."""
+  c = x.shape[-1]
+  for kernel in (taps[:, None], taps[None, :]):
+    k = jnp.broadcast_to(jnp.asarray(kernel, jnp.float32)[:, :, None, None],
+                         kernel.shape + (1, c))
+    x = jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=_DIMS,
+                                     feature_group_count=c,
+                                     precision=jax.lax.Precision.HIGHEST)
+  return x
+
+
+def _grad_of_sum_of_squares(f: Callable[[jax.Array], jax.Array]) -> Callable:
+  """x -> d/dx sum(f(x)^2): a forward and a backward pass of f."""
+  return jax.grad(lambda x: jnp.sum(jnp.square(f(x))))
+
+
+def main(argv: list[str]) -> None:
+  """Prints one line per operation."""
+  del argv
+  b = _BATCH.value
+  key = jax.random.PRNGKey(0)
+  rows = []
+
+  taps = filters.gaussian_kernel_1d(11, 1.5)
+  moments = jax.random.uniform(key, (b, 96, 96, 15))
+  rows.append(('SSIM window, depthwise convolutions', median_ms(
+      _grad_of_sum_of_squares(lambda m: _depthwise_blur(m, taps)), moments)))
+  rows.append(('SSIM window, banded matrix products', median_ms(
+      _grad_of_sum_of_squares(lambda m: losses._separable_blur(m, taps)),  # pylint: disable=protected-access
+      moments)))
+
+  h = jax.random.normal(key, (b, 96, 96, 24))
+  rows.append(('max pool 2x2, reduce_window', median_ms(
+      _grad_of_sum_of_squares(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))), h)))
+  rows.append(('max pool 2x2, reshape + max', median_ms(
+      _grad_of_sum_of_squares(models.max_pool_2x2), h)))
+
+  for side, width in ((96, 24), (48, 48), (24, 96), (12, 192)):
+    x = jax.random.normal(key, (b, side, side, width))
+    w = 0.1 * jax.random.normal(key, (3, 3, width, width))
+
+    def conv(x, w):
+      return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=_DIMS)
+    y, vjp = jax.vjp(conv, x, w)
+    ct = jnp.ones_like(y)
+    flops = 2 * b * side * side * 9 * width * width
+    for what, fn, arg in (('forward', lambda v: conv(v, w), x),
+                          ('input gradient', lambda c: vjp(c)[0], ct),
+                          ('weight gradient', lambda c: vjp(c)[1], ct)):
+      ms = median_ms(fn, arg)
+      rows.append((f'conv 3x3 {side}x{side}x{width}, {what} '
+                   f'({flops / ms / 1e6:.0f} GFLOP/s)', ms))
+
+  width = max(len(name) for name, _ in rows)
+  print(f'{jax.default_backend()} x{jax.device_count()}, batch {b}, median of '
+        f'{_REPEATS.value}')
+  for name, ms in rows:
+    print(f'{name:<{width}}  {ms:9.1f} ms')
+
+
+if __name__ == '__main__':
+  app.run(main)
