@@ -2,7 +2,7 @@
 
 `get_config(budget)` returns the study's settings for one budget:
 
-  * 'cpu': the whole study (2 datasets x 4 models x 3 seeds) in about 90 minutes on two
+  * 'cpu': the whole study (2 datasets x 4 models x 3 seeds) in about 75 minutes on two
     CPU cores, sized from the measured step times (docs/benchmarks.md: 0.22 s / 0.41 s per
     pre-training / adversarial step on shapes, 0.27 s / 0.52 s on Fashion-MNIST) and about
     80 s of evaluation per run over 100 images (the Inception network at 299x299
@@ -52,14 +52,14 @@ def get_config(budget: str = 'cpu') -> ml_collections.ConfigDict:
   shapes = _dataset(
       dataset='shapes', image_size=32, channels=3, widths=(16, 32, 64), latent_dim=10,
       hidden_dim=48, num_train=8192, num_eval=1024,
-      batch_size=64, pretrain_steps=500, adversarial_steps=150,
+      batch_size=64, pretrain_steps=300, adversarial_steps=100,
       eval_num_images=100, calibrate_batches=32, fid=True, grid_size=8)
   # Fashion-MNIST at its native 28x28: no resampling, so the ground-truth sharpness is
   # the data's own; two stages (28/4 = 7), latent 32 as in Table I.
   fmnist = _dataset(
       dataset=FASHION_MNIST_ARRAYS, image_size=28, channels=1, widths=(32, 64),
       latent_dim=32, hidden_dim=48, num_train=0, num_eval=0,
-      batch_size=64, pretrain_steps=500, adversarial_steps=150,
+      batch_size=64, pretrain_steps=300, adversarial_steps=100,
       eval_num_images=100, calibrate_batches=32, fid=True, grid_size=8)
 
   if budget == 'accelerator':

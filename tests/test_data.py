@@ -504,7 +504,7 @@ def test_prefetch_close_stops_the_thread():
                                 jax.devices()[:2], size=2)
   first = next(it)
   assert first.shape == (2, 2, 2, 2, 1)
-  it.close()
+  it.close(timeout=120)  # generous: the producer may be mid-batch on a loaded machine
   names = [t.name for t in threading.enumerate() if t.is_alive()]
   assert 'prefetch_to_devices' not in names
   with pytest.raises(StopIteration):

@@ -225,15 +225,3 @@ def test_parameter_count_celeba_table_one():
   bn_units_vae = (2 * (24 + 48 + 96 + 192) + 48) + (48 + 6 * 6 * 192 + 2 * (192 + 96 + 48 + 24))
   assert count(v_shapes['batch_stats']) == 2 * bn_units_vae
 
-
-def test_max_pool_2x2_matches_a_numpy_window_maximum():
-  x = np.random.default_rng(0).normal(size=(2, 6, 8, 3)).astype(np.float32)
-  expected = np.empty((2, 3, 4, 3), np.float32)
-  for i in range(3):
-    for j in range(4):
-      expected[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2))
-  np.testing.assert_array_equal(np.asarray(models.max_pool_2x2(jnp.asarray(x))), expected)
-  # The gradient reaches exactly the maximum of each window (no ties in random data).
-  grad = np.asarray(jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v)))(jnp.asarray(x)))
-  np.testing.assert_array_equal(grad, (x == np.repeat(np.repeat(expected, 2, 1), 2, 2))
-                                .astype(np.float32))
