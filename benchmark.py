@@ -68,8 +68,10 @@ def main(argv: list[str]) -> None:
     if not _TWIN_SCRIPT.value:
       raise app.UsageError('--twin_python needs --twin_script (the path of torch_twin.py)')
     # Run before our cases, never beside them: both use every core.
+    # The twin runs on the same kind of device: CUDA when JAX's backend is a GPU.
     twin = benchmarking.run_twin(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
-                                 _STEPS.value, _WARMUP.value)
+                                 _STEPS.value, _WARMUP.value,
+                                 'cuda' if jax.default_backend() == 'gpu' else 'cpu')
     print(f'twin: {json.dumps(twin)}', file=sys.stderr)
 
   peak = benchmarking.matmul_peak_flops(_PEAK_N.value, device=devices[0]) \

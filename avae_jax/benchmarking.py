@@ -263,18 +263,19 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
 
 
 def twin_command(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
-                 warmup: int) -> list[str]:
-  """The command line that runs the PyTorch twin at the config's sizes."""
+                 warmup: int, device: str = 'cpu') -> list[str]:
+  """The command line that runs the PyTorch twin at the config's sizes on `device`."""
   widths = ','.join(str(int(w)) for w in config.model.widths)
-  return [python, script, '--image-size', str(int(config.image_size)), '--channels',
-          str(int(config.channels)), '--widths', widths, '--batch', str(int(config.batch_size)),
-          '--steps', str(int(steps)), '--warmup', str(int(warmup))]
+  cmd = [python, script, '--image-size', str(int(config.image_size)), '--channels',
+         str(int(config.channels)), '--widths', widths, '--batch', str(int(config.batch_size)),
+         '--steps', str(int(steps)), '--warmup', str(int(warmup))]
+  return cmd if device == 'cpu' else cmd + ['--device', device]
 
 
 def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
-             warmup: int) -> dict[str, Any]:
-  """Runs the twin as a subprocess and returns its JSON result."""
-  cmd = twin_command(python, script, config, steps, warmup)
+             warmup: int, device: str = 'cpu') -> dict[str, Any]:
+  """Runs the twin as a subprocess (on torch's `device`) and returns its JSON result."""
+  cmd = twin_command(python, script, config, steps, warmup, device)
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   lines = [l for l in out.stdout.splitlines() if l.strip().startswith('{')]
   if not lines:

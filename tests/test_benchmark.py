@@ -115,6 +115,8 @@ def test_twin_command_matches_the_config():
   cmd = benchmarking.twin_command('py', 'twin.py', c, steps=7, warmup=2)
   assert cmd == ['py', 'twin.py', '--image-size', '28', '--channels', '1', '--widths',
                  '32,64', '--batch', '64', '--steps', '7', '--warmup', '2']
+  assert benchmarking.twin_command('py', 'twin.py', c, 7, 2, device='cuda')[-2:] == \
+      ['--device', 'cuda']
 
 
 def test_add_twin_ratio():
