@@ -129,6 +129,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.calibrate.enabled and config.calibrate.batches < 1:
     raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
                       'when calibrate.enabled (or disable the calibration)')
+  if config.eval.get('inception_batch_size', 1) < 1:
+    raise ConfigError(f'eval.inception_batch_size = {config.eval.inception_batch_size} '
+                      'must be >= 1')
   if config.eval.num_images == 1:
     raise ConfigError('eval.num_images = 1: the evaluation needs at least 2 images '
                       '(0 = the whole eval split)')

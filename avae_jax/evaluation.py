@@ -248,8 +248,11 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
       print(f'eval: FID skipped: {fid_skipped}', flush=True)
 
   # Images and reconstructions.
-  real_f = _Features(params, batch, devices)
-  rec_f = _Features(params, batch, devices)
+  # The Inception network runs in chunks of its own: its 299x299 activations dominate the
+  # evaluation's memory (config.eval.get: configs saved before the field existed).
+  inception_batch = int(ev.get('inception_batch_size', 32)) * n_dev
+  real_f = _Features(params, inception_batch, devices)
+  rec_f = _Features(params, inception_batch, devices)
   gt_sharp, rec_sharp, mse, cos, mus, logvars = [], [], [], [], [], []
   shown_x, shown_rec = [], []
   progress = _Progress('images and reconstructions', n, is_main)
@@ -274,7 +277,7 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
 
   # Random samples: n for the metrics, at least g * g for the figure.
   key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_KEY)
-  sample_f = _Features(params, batch, devices)
+  sample_f = _Features(params, inception_batch, devices)
   sample_sharp, shown_samples = [], []
   num_draw = max(n, g * g)
   progress = _Progress('random samples', n, is_main)

@@ -178,6 +178,7 @@ INVALID = [
     ('crop_size', -2, r'crop_size = -2 is negative'),
     ('calibrate.batches', 0, r'calibrate\.batches = 0 must be >= 1'),
     ('eval.num_images', 1, r'eval\.num_images = 1.*at least 2'),
+    ('eval.inception_batch_size', 0, r'eval\.inception_batch_size = 0 must be >= 1'),
 ]
 
 
