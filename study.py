@@ -61,8 +61,8 @@ CALIBRATION_FILE = 'calibration.json'
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically."""
-  tmp = path + '.tmp'
+  """Writes JSON atomically (a temporary file per process: several may share OUT)."""
+  tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
     f.write('\n')
