@@ -224,4 +224,3 @@ def test_parameter_count_celeba_table_one():
   # BatchNorm running mean and variance: two per normalised unit.
   bn_units_vae = (2 * (24 + 48 + 96 + 192) + 48) + (48 + 6 * 6 * 192 + 2 * (192 + 96 + 48 + 24))
   assert count(v_shapes['batch_stats']) == 2 * bn_units_vae
-
