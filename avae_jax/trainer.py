@@ -296,6 +296,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         save(step)
     ckpt.wait()
   finally:
+    # The producer thread holds the prefetcher, so it would outlive the run unclosed.
+    batches.close()
     writer.flush()
     ckpt.close()
 

@@ -498,14 +498,19 @@ def test_prefetch_propagates_producer_errors():
     next(bad)
 
 
+def _prefetch_threads():
+  return {t for t in threading.enumerate() if t.name == 'prefetch_to_devices' and t.is_alive()}
+
+
 def test_prefetch_close_stops_the_thread():
   src = _index_source(40)
+  before = _prefetch_threads()  # other tests' prefetchers, if any are still winding down
   it = data.prefetch_to_devices(data.batches(src, batch_size=4, seed=0, num_local_devices=2),
                                 jax.devices()[:2], size=2)
   first = next(it)
   assert first.shape == (2, 2, 2, 2, 1)
+  assert len(_prefetch_threads() - before) == 1
   it.close(timeout=120)  # generous: the producer may be mid-batch on a loaded machine
-  names = [t.name for t in threading.enumerate() if t.is_alive()]
-  assert 'prefetch_to_devices' not in names
+  assert not _prefetch_threads() - before
   with pytest.raises(StopIteration):
     next(it)

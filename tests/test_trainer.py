@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import threading
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -129,6 +130,13 @@ def reference(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ reproducibility
+
+
+def test_a_finished_run_leaves_no_producer_thread(tmp_path):
+  before = {t for t in threading.enumerate() if t.is_alive()}
+  train(dict(BASE, pretrain_steps=2, adversarial_steps=2, checkpoint_every=2), tmp_path / 'run')
+  left = {t for t in threading.enumerate() if t.is_alive()} - before
+  assert not [t.name for t in left if t.name == 'prefetch_to_devices']
 
 
 def test_same_seed_gives_bit_identical_parameters(reference, tmp_path):
