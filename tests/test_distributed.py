@@ -69,15 +69,8 @@ def _cli(overrides: dict[str, Any]) -> list[str]:
 
 def _config(overrides: dict[str, Any]):
   """The ml_collections config that the same overrides give train.py."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from tests import test_trainer  # pylint: disable=g-import-not-at-top
+  return test_trainer.make_config(overrides)
 
 
 @pytest.fixture(scope='module')
