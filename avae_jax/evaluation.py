@@ -250,7 +250,7 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   # Images and reconstructions.
   # The Inception network runs in chunks of its own: its 299x299 activations dominate the
   # evaluation's memory (config.eval.get: configs saved before the field existed).
-  inception_batch = int(ev.get('inception_batch_size', 32)) * n_dev
+  inception_batch = int(ev.get('inception_batch_size', 8)) * n_dev
   real_f = _Features(params, inception_batch, devices)
   rec_f = _Features(params, inception_batch, devices)
   gt_sharp, rec_sharp, mse, cos, mus, logvars = [], [], [], [], [], []
