@@ -9,6 +9,9 @@ compared on the machine at hand:
 * SSIM's separable 11-tap Gaussian window on the five moment maps: depthwise convolutions
   (feature_group_count = channels) against two banded-matrix products (what losses.ssim
   uses);
+* the Sobel + Gabor bank of the compound loss (10 kernels, 11x11) on a one-channel image
+  at 96x96 and 28x28: one 'same' convolution against the sums of separable
+  banded-matrix products (what losses.reconstruction_loss uses);
 * 2x2 max pooling: flax's reduce_window against reshape + max (measured, not adopted:
   see docs/benchmarks.md);
 * a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
@@ -87,6 +90,18 @@ def main(argv: list[str]) -> None:
   rows.append(('SSIM window, banded matrix products', median_ms(
       _grad_of_sum_of_squares(lambda m: losses._separable_blur(m, taps)),  # pylint: disable=protected-access
       moments)))
+
+  bank, _ = losses._shared_bank(True, losses.GaborSpec())  # pylint: disable=protected-access
+  kernel = jnp.asarray(np.transpose(bank, (1, 2, 0))[:, :, None, :])
+  for side in (96, 28):
+    gray = jax.random.uniform(key, (b, side, side, 1))
+    rows.append((f'Sobel + Gabor bank {side}x{side}, 11x11 convolution', median_ms(
+        _grad_of_sum_of_squares(lambda g: jax.lax.conv_general_dilated(
+            g, kernel, (1, 1), ((5, 5), (5, 5)), dimension_numbers=_DIMS,
+            precision=jax.lax.Precision.HIGHEST)), gray)))
+    rows.append((f'Sobel + Gabor bank {side}x{side}, separable products', median_ms(
+        _grad_of_sum_of_squares(lambda g: losses._responses(g, bank)),  # pylint: disable=protected-access
+        gray)))
 
   h = jax.random.normal(key, (b, 96, 96, 24))
   rows.append(('max pool 2x2, reduce_window', median_ms(
