@@ -34,6 +34,48 @@ def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
   return x.reshape(b, h * factor, w * factor, c)
 
 
+def _quadrants(x: jax.Array) -> tuple[jax.Array, ...]:
+  """The four elements of every 2x2 window of an NHWC batch, in row-major window order."""
+  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2, of an NHWC batch with even sides (nn.max_pool's values).
+
+  The gradient goes to the first maximum of each window in row-major order, as with
+  nn.max_pool (reduce_window), but through elementwise selects instead of XLA's
+  select-and-scatter, which XLA:CPU runs slowly (docs/benchmarks.md). Ties are not
+  split: splitting them (jnp.max's rule) made the discriminator's gradients depend on
+  the device layout.
+  """
+  a, b, c, d = _quadrants(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_2x2_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return max_pool_2x2(x), x
+
+
+def _max_pool_2x2_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  a, b, c, d = _quadrants(x)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  zero = jnp.zeros_like(g)
+  take_a = a == m
+  take_b = (b == m) & ~take_a
+  take_c = (c == m) & ~(take_a | take_b)
+  take_d = ~(take_a | take_b | take_c)
+  ga, gb, gc, gd = (jnp.where(t, g, zero) for t in (take_a, take_b, take_c, take_d))
+  # Interleave the four quadrants back into (B, H, W, C): rows (a b / c d) per window.
+  top = jnp.stack([ga, gb], axis=3)
+  bottom = jnp.stack([gc, gd], axis=3)
+  n, h2, w2, ch = g.shape
+  return (jnp.stack([top, bottom], axis=2).reshape(n, 2 * h2, 2 * w2, ch),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
 class ConvBNReLU(nn.Module):
   """Convolution (no bias) + BatchNorm + ReLU, the repeated unit of Table I."""
   features: int
@@ -155,7 +197,7 @@ class Discriminator(nn.Module):
     for w in self.widths:
       h = ConvBNReLU(w, kernel=3, **kw)(h, train)
       h = ConvBNReLU(w, kernel=3, **kw)(h, train)
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = max_pool_2x2(h)
     h = h.reshape((h.shape[0], -1))
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
     logit = nn.Dense(1, dtype=jnp.float32, name='logit')(h.astype(jnp.float32))[:, 0]

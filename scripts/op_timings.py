@@ -12,8 +12,8 @@ compared on the machine at hand:
 * the Sobel + Gabor bank of the compound loss (10 kernels, 11x11) on a one-channel image
   at 96x96 and 28x28: one 'same' convolution against the sums of separable
   banded-matrix products (what losses.reconstruction_loss uses);
-* 2x2 max pooling: flax's reduce_window against reshape + max (measured, not adopted:
-  see docs/benchmarks.md);
+* 2x2 max pooling: flax's reduce_window, reshape + max (its gradient splits ties; not
+  adopted, see docs/benchmarks.md) and models.max_pool_2x2 (what the discriminator uses);
 * a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
   input gradient and weight gradient separately.
 """
@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avae_jax import filters  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avae_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per operation (median).')
@@ -108,6 +109,8 @@ def main(argv: list[str]) -> None:
       _grad_of_sum_of_squares(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))), h)))
   rows.append(('max pool 2x2, reshape + max', median_ms(
       _grad_of_sum_of_squares(_reshape_max_pool), h)))
+  rows.append(('max pool 2x2, elementwise selects (models)', median_ms(
+      _grad_of_sum_of_squares(models.max_pool_2x2), h)))
 
   for side, width in ((96, 24), (48, 48), (24, 96), (12, 192)):
     x = jax.random.normal(key, (b, side, side, width))

@@ -224,3 +224,33 @@ def test_parameter_count_celeba_table_one():
   # BatchNorm running mean and variance: two per normalised unit.
   bn_units_vae = (2 * (24 + 48 + 96 + 192) + 48) + (48 + 6 * 6 * 192 + 2 * (192 + 96 + 48 + 24))
   assert count(v_shapes['batch_stats']) == 2 * bn_units_vae
+
+
+def _max_pool_np(x, g):
+  """2x2 max pooling and its gradient to the first maximum of each window (row-major)."""
+  n, h, w, c = x.shape
+  y = np.zeros((n, h // 2, w // 2, c), x.dtype)
+  dx = np.zeros_like(x)
+  for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+    window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k].reshape(-1)
+    first = int(np.argmax(window))  # numpy's argmax returns the first maximum
+    y[b, i, j, k] = window[first]
+    dx[b, 2 * i + first // 2, 2 * j + first % 2, k] = g[b, i, j, k]
+  return y, dx
+
+
+def test_max_pool_2x2_values_and_gradient_with_ties():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  # Small integers: most windows hold tied maxima (as ReLU zeros and flat image regions
+  # do), where the gradient must go to one element, the first, and not be split.
+  x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)
+  g = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+  y, vjp = jax.vjp(models.max_pool_2x2, jnp.asarray(x))
+  ref_y, ref_dx = _max_pool_np(x, g)
+  np.testing.assert_array_equal(y, ref_y)
+  np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], ref_dx)
+  # The same values and gradient as flax's reduce_window pooling.
+  flax_y, flax_vjp = jax.vjp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)), jnp.asarray(x))
+  np.testing.assert_array_equal(y, flax_y)
+  np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], flax_vjp(jnp.asarray(g))[0])
