@@ -193,8 +193,8 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
 
   Each kernel is expanded into its separable terms (`_rank_one_terms`), and every term
   is a banded-matrix product over rows then one over columns, summed per kernel. On
-  XLA:CPU this ran 1.8x (96x96) and 2.2x (28x28) faster than the 11x11 convolution with
-  one input channel, forward and backward (docs/benchmarks.md). The dense bands multiply by
+  XLA:CPU this ran 1.5-1.8x (96x96) and 2-6x (28x28) faster than the 11x11 convolution
+  with one input channel, forward and backward (docs/benchmarks.md). The dense bands multiply by
   zeros too, which grows with the side: the products cost ~H/11 times the taps, fine up
   to this project's 96x96 but worth re-measuring for much larger images.
   """
