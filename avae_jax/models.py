@@ -46,8 +46,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   The gradient goes to the first maximum of each window in row-major order, as with
   nn.max_pool (reduce_window), but through elementwise selects instead of XLA's
   select-and-scatter, which XLA:CPU runs slowly (docs/benchmarks.md). Ties are not
-  split: splitting them (jnp.max's rule) made the discriminator's gradients depend on
-  the device layout.
+  split: with jnp.max's gradient, which splits them, the discriminator's gradients
+  differed between device layouts (tests/test_distributed.py).
   """
   a, b, c, d = _quadrants(x)
   return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
