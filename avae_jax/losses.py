@@ -231,7 +231,7 @@ def sobel_loss(x: Array, y: Array) -> Array:
 
 def gabor_loss(x: Array, y: Array, bank: Any) -> Array:
   """Mean squared difference of Gabor-bank responses on luma (B,); x is the target."""
-  return jnp.mean(_response_loss(x, y, _check_bank(bank)), axis=(1, 2, 3))
+  return jnp.mean(_response_loss(x, y, bank), axis=(1, 2, 3))
 
 
 @functools.lru_cache(maxsize=32)

@@ -53,13 +53,15 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
-def _max_pool_2x2_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return max_pool_2x2(x), x
+def _max_pool_2x2_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  m = max_pool_2x2(x)
+  return m, (x, m)
 
 
-def _max_pool_2x2_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def _max_pool_2x2_bwd(residuals: tuple[jax.Array, jax.Array],
+                      g: jax.Array) -> tuple[jax.Array]:
+  x, m = residuals
   a, b, c, d = _quadrants(x)
-  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
   zero = jnp.zeros_like(g)
   take_a = a == m
   take_b = (b == m) & ~take_a
