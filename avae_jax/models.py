@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from avae_jax import config_lib
+from avae_jax import conv
 
 Dtype = Any
 
@@ -86,6 +87,7 @@ class ConvBNReLU(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_backward: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -93,7 +95,8 @@ class ConvBNReLU(nn.Module):
     # Padding 1 on each side for both the 3x3 (stride 1) and the 4x4 (stride 2)
     # convolutions, as in the paper's Keras/PyTorch models: side -> side / stride.
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
+                padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                conv_general_dilated=conv.conv_general_dilated(self.conv_backward))(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      axis_name=self.axis_name, dtype=self.dtype)(x)
     return nn.relu(x)
@@ -130,16 +133,18 @@ class Encoder(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_backward: str = 'auto'  # conv.BACKWARDS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """Maps (B, H, W, C) images to float32 (mu, logvar), each (B, latent_dim)."""
     _check_input(x, self.widths)
     kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    conv_kw = dict(kw, conv_backward=self.conv_backward)
     h = x.astype(self.dtype)
     for w in self.widths:
-      h = ConvBNReLU(w, kernel=3, stride=1, **kw)(h, train)
-      h = ConvBNReLU(w, kernel=4, stride=2, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, stride=1, **conv_kw)(h, train)
+      h = ConvBNReLU(w, kernel=4, stride=2, **conv_kw)(h, train)
     h = h.reshape((h.shape[0], -1))
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
     # The heads run in float32: exp(logvar) amplifies any rounding of logvar.
@@ -159,6 +164,7 @@ class Decoder(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_backward: str = 'auto'  # conv.BACKWARDS
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -166,13 +172,14 @@ class Decoder(nn.Module):
     chex.assert_rank(z, 2)
     s = config_lib.check_image_size(self.image_size, tuple(self.widths))
     kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    conv_kw = dict(kw, conv_backward=self.conv_backward)
     h = DenseBNTanh(self.hidden_dim, **kw)(z.astype(self.dtype), train)
     h = DenseBNTanh(s * s * self.widths[-1], **kw)(h, train)
     h = h.reshape((h.shape[0], s, s, self.widths[-1]))
     for w in reversed(self.widths):
-      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
       h = upsample_nearest(h, 2)
-      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
     # Table I's "conv_transpose 1x1" is a 1x1 convolution (with bias: no BN follows).
     # It and the sigmoid run in float32 so that outputs and losses keep full precision.
     logits = nn.Conv(self.channels, (1, 1), dtype=jnp.float32, name='to_image')(
@@ -189,16 +196,18 @@ class Discriminator(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_backward: str = 'auto'  # conv.BACKWARDS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Maps (B, H, W, C) images to float32 logits (B,) (positive = judged real)."""
     _check_input(x, self.widths)
     kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    conv_kw = dict(kw, conv_backward=self.conv_backward)
     h = x.astype(self.dtype)
     for w in self.widths:
-      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
-      h = ConvBNReLU(w, kernel=3, **kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
+      h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
       h = max_pool_2x2(h)
     h = h.reshape((h.shape[0], -1))
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
@@ -217,11 +226,13 @@ class VAE(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_backward: str = 'auto'  # conv.BACKWARDS
 
   def setup(self):
     """Builds the two halves with the shared settings."""
     kw = dict(hidden_dim=self.hidden_dim, bn_momentum=self.bn_momentum,
-              axis_name=self.axis_name, dtype=self.dtype)
+              axis_name=self.axis_name, dtype=self.dtype,
+              conv_backward=self.conv_backward)
     self.encoder = Encoder(self.widths, self.latent_dim, **kw)
     self.decoder = Decoder(self.widths, self.image_size, self.channels, **kw)
 
@@ -253,9 +264,13 @@ def create_models(config: ml_collections.ConfigDict,
   if dtype not in ('float32', 'bfloat16'):
     raise config_lib.ConfigError(
         f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  backward = str(config.model.get('conv_backward', 'auto'))
+  if backward not in conv.BACKWARDS:
+    raise config_lib.ConfigError(
+        f'model.conv_backward must be one of {conv.BACKWARDS}, got {backward!r}')
   common = dict(hidden_dim=int(config.model.hidden_dim),
                 bn_momentum=float(config.model.bn_momentum),
-                axis_name=axis_name, dtype=_dtype(dtype))
+                axis_name=axis_name, dtype=_dtype(dtype), conv_backward=backward)
   vae = VAE(widths, int(config.image_size), int(config.channels),
             int(config.model.latent_dim), **common)
   disc = Discriminator(widths, **common)

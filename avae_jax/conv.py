@@ -1,0 +1,187 @@
+"""The models' 2-D convolution, with a faster weight gradient on the CPU.
+
+XLA:CPU computes the weight gradient of a convolution as another convolution whose
+"kernel" is the whole output gradient; at the models' high-resolution, few-channel layers
+it runs at a few GFLOP/s, most of a training step (docs/benchmarks.md). `conv2d` is
+`lax.conv_general_dilated` with the same forward pass and input gradient, and a weight
+gradient that, on the CPU, runs over the batch a few images at a time: the images'
+patches (im2col, a few MiB, so they stay in cache) times their output gradient, one
+matrix product per chunk, summed in a `lax.scan`. Other backends keep XLA's weight
+gradient (cuDNN and TPU kernels compute it well). `weight_grad='xla'` or `'patches'`
+chooses explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The im2col patches of one chunk stay under this many bytes (measured best at 2-16 MiB
+# on a 32 MiB L3: chunks of 1-4 images at 96x96).
+PATCH_BYTES = 4 * 2**20
+BACKWARDS = ('auto', 'xla', 'custom')
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _forward(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+             padding: Padding) -> jax.Array:
+  """The plain NHWC/HWIO convolution."""
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def chunk_size(batch: int, patch_bytes_per_image: int, budget: int | None = None) -> int:
+  """The largest divisor of `batch` whose chunk's patches fit `budget` bytes (at least 1)."""
+  budget = PATCH_BYTES if budget is None else budget
+  best = 1
+  for c in range(1, batch + 1):
+    if batch % c == 0 and c * patch_bytes_per_image <= budget:
+      best = c
+  return best
+
+
+def _patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
+             out_hw: tuple[int, int]) -> jax.Array:
+  """(N, Ho, Wo, kh*kw*C) patches of a padded NHWC batch, in HWIO's (kh, kw, C) order."""
+  (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out_hw
+  n, c = x.shape[0], x.shape[3]
+  cols = [lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def weight_grad_patches(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
+                        strides: tuple[int, int], padding: Padding,
+                        chunk: int | None = None) -> jax.Array:
+  """dL/dw (kh, kw, C, F) from inputs x (N, H, W, C) and output gradients g (N, Ho, Wo, F)."""
+  n, ho, wo, f = g.shape
+  c = x.shape[3]
+  k = kernel[0] * kernel[1] * c
+  if chunk is None:
+    chunk = chunk_size(n, ho * wo * k * x.dtype.itemsize)
+  if n % chunk:
+    raise ValueError(f'chunk {chunk} does not divide the batch {n}')
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  xs = xp.reshape((n // chunk, chunk) + xp.shape[1:])
+  gs = g.reshape((n // chunk, chunk, ho * wo, f))
+
+  def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
+    p = _patches(xc, kernel, strides, (ho, wo)).reshape(chunk * ho * wo, k)
+    return lax.dot_general(p, gc.reshape(chunk * ho * wo, f), (((0,), (0,)), ((), ())),
+                           precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+  # The first chunk starts the sum, so that the carry has the data's type (inside
+  # shard_map, varying over the mapped axis) without a cast.
+  # Chunks are read in place by index (slicing off the first would copy the rest).
+  at = lambda i: chunk_grad(lax.dynamic_index_in_dim(xs, i, keepdims=False),
+                            lax.dynamic_index_in_dim(gs, i, keepdims=False))
+  acc = lax.fori_loop(1, n // chunk, lambda i, a: a + at(i), at(0))
+  return acc.reshape(kernel + (c, f))
+
+
+def _phase_taps(k: int, s: int, pad: int, phase: int) -> list[int]:
+  """Kernel taps that reach input rows r = s*m + phase: those with a = s*t + phase + pad."""
+  return [a for a in range(k) if (a - phase - pad) % s == 0]
+
+
+def input_grad_subpixel(g: jax.Array, w: jax.Array, strides: tuple[int, int],
+                        padding: Padding, in_hw: tuple[int, int]) -> jax.Array:
+  """dL/dx (N, H, W, C) of a strided convolution, one stride-1 convolution per phase.
+
+  Row r = s*m + phase of the input is reached by the taps a = s*t + phase + pad from output
+  row m - t, so each phase of dx is a small stride-1 correlation of g with those taps
+  (flipped, input and output channels swapped), and the s*s phases interleave into dx.
+  XLA instead correlates a zero-dilated g with the whole kernel: s*s times the work.
+  Needs H and W divisible by their strides.
+  """
+  (sh, sw), (h, wd) = strides, in_hw
+  if h % sh or wd % sw:
+    raise ValueError(f'input {in_hw} is not divisible by the strides {strides}')
+  n, ho, wo, _ = g.shape
+  c = w.shape[2]
+  rows = []
+  for ph in range(sh):
+    cols = []
+    for pw in range(sw):
+      ta = _phase_taps(w.shape[0], sh, padding[0][0], ph)
+      tb = _phase_taps(w.shape[1], sw, padding[1][0], pw)
+      if not ta or not tb:
+        cols.append(jnp.zeros((n, h // sh, wd // sw, c), g.dtype))
+        continue
+      # Offsets t = (a - phase - pad) / s rise with a; g[m - t] pairs the flipped taps.
+      kernel = jnp.flip(w[jnp.asarray(ta)][:, jnp.asarray(tb)], (0, 1)).swapaxes(2, 3)
+      t_a = [(a - ph - padding[0][0]) // sh for a in ta]
+      t_b = [(b - pw - padding[1][0]) // sw for b in tb]
+      pad_a = (max(t_a), h // sh - ho - min(t_a))
+      pad_b = (max(t_b), wd // sw - wo - min(t_b))
+      cols.append(lax.conv_general_dilated(g, kernel, (1, 1), (pad_a, pad_b),
+                                           dimension_numbers=_NHWC))
+    rows.append(jnp.stack(cols, axis=3))  # (N, H/sh, W/sw, sw, C)
+  return jnp.stack(rows, axis=2).reshape(n, h, wd, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_custom(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                 padding: Padding) -> jax.Array:
+  """The convolution, with the backward pass of `conv_general_dilated('custom')`."""
+  return _forward(x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+  return _forward(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+  x, w = residuals
+  if strides != (1, 1) and x.shape[1] % strides[0] == 0 and x.shape[2] % strides[1] == 0:
+    dx = input_grad_subpixel(g, w, strides, padding, x.shape[1:3])
+  else:
+    _, vjp_x = jax.vjp(lambda x_: _forward(x_, w, strides, padding), x)
+    (dx,) = vjp_x(g)
+  dw = weight_grad_patches(x, g, w.shape[:2], strides, padding)
+  return dx, dw.astype(w.dtype)
+
+
+_conv_custom.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _nhwc_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+  """flax's dimension numbers for NHWC inputs and HWIO kernels."""
+  return lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, _NHWC)
+
+
+def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
+  """A drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`)."""
+  if backward not in BACKWARDS:
+    raise ValueError(f'backward must be one of {BACKWARDS}, got {backward!r}')
+
+  def conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+           padding: Any, lhs_dilation: Sequence[int] | None = None,
+           rhs_dilation: Sequence[int] | None = None,
+           dimension_numbers: Any = None, feature_group_count: int = 1,
+           precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """2-D NHWC convolution with explicit padding; anything else goes to lax unchanged."""
+    custom = backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
+    plain = (custom and lhs.ndim == 4 and not isinstance(padding, str)
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and feature_group_count == 1 and precision is None
+             and preferred_element_type is None
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == _nhwc_numbers(4))
+    if not plain:
+      return lax.conv_general_dilated(
+          lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, precision=precision,
+          preferred_element_type=preferred_element_type)
+    pad = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_custom(lhs, rhs, tuple(int(s) for s in window_strides), pad)
+
+  return conv

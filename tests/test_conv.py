@@ -1,0 +1,191 @@
+"""Tests for avae_jax.conv: the patch-based weight gradient against numpy, the drop-in."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avae_jax import config_lib
+from avae_jax import conv
+from avae_jax import models
+from configs import default
+
+
+def _numpy_weight_grad(x, g, kernel, stride, pad):
+  """dL/dw of y[n,i,j,f] = sum x_pad[n, s*i+a, s*j+b, c] w[a,b,c,f], in float64 loops."""
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), pad[0], pad[1], (0, 0)))
+  g = np.asarray(g, np.float64)
+  _, ho, wo, _ = g.shape
+  dw = np.zeros(kernel + (x.shape[3], g.shape[3]))
+  for a in range(kernel[0]):
+    for b in range(kernel[1]):
+      window = x[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride]
+      dw[a, b] = np.einsum('nijc,nijf->cf', window, g)
+  return dw
+
+
+@pytest.mark.parametrize('kernel,stride,side,chunk', [
+    ((3, 3), 1, 10, 1), ((3, 3), 1, 10, 2), ((3, 3), 1, 10, None),
+    ((4, 4), 2, 12, 3), ((1, 1), 1, 8, None), ((3, 2), 1, 9, 6)])
+def test_weight_grad_patches_matches_numpy(kernel, stride, side, chunk):
+  rng = np.random.default_rng(0)
+  pad = ((1, 1), (1, 1)) if kernel[0] > 1 else ((0, 0), (0, 0))
+  x = rng.standard_normal((6, side, side, 3)).astype(np.float32)
+  ho = (side + sum(pad[0]) - kernel[0]) // stride + 1
+  wo = (side + sum(pad[1]) - kernel[1]) // stride + 1
+  g = rng.standard_normal((6, ho, wo, 5)).astype(np.float32)
+  got = conv.weight_grad_patches(jnp.asarray(x), jnp.asarray(g), kernel, (stride, stride),
+                                 pad, chunk=chunk)
+  np.testing.assert_allclose(np.asarray(got), _numpy_weight_grad(x, g, kernel, stride, pad),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _numpy_input_grad(g, w, stride, pad, in_hw):
+  """dL/dx: each output position adds g * w back onto the input window it read."""
+  g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+  n, ho, wo, _ = g.shape
+  k = w.shape[0]
+  dx = np.zeros((n, in_hw[0] + 2 * pad, in_hw[1] + 2 * pad, w.shape[2]))
+  for i in range(ho):
+    for j in range(wo):
+      dx[:, stride * i:stride * i + k, stride * j:stride * j + k] += np.einsum(
+          'nf,abcf->nabc', g[:, i, j], w)
+  return dx[:, pad:pad + in_hw[0], pad:pad + in_hw[1]]
+
+
+@pytest.mark.parametrize('kernel,stride,pad,side', [
+    (4, 2, 1, 12), (3, 2, 1, 10), (4, 2, 0, 8), (5, 3, 2, 9), (2, 2, 0, 6), (1, 2, 0, 6)])
+def test_input_grad_subpixel_matches_numpy(kernel, stride, pad, side):
+  rng = np.random.default_rng(4)
+  ho = (side + 2 * pad - kernel) // stride + 1
+  g = rng.standard_normal((3, ho, ho, 5)).astype(np.float32)
+  w = rng.standard_normal((kernel, kernel, 4, 5)).astype(np.float32)
+  got = conv.input_grad_subpixel(jnp.asarray(g), jnp.asarray(w), (stride, stride),
+                                 ((pad, pad), (pad, pad)), (side, side))
+  np.testing.assert_allclose(np.asarray(got), _numpy_input_grad(g, w, stride, pad, (side, side)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_input_grad_subpixel_needs_divisible_sides():
+  with pytest.raises(ValueError, match='not divisible'):
+    conv.input_grad_subpixel(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), (2, 2),
+                             ((1, 1), (1, 1)), (9, 9))
+
+
+def test_weight_grad_patches_rejects_chunk_not_dividing_batch():
+  x, g = jnp.zeros((6, 8, 8, 2)), jnp.zeros((6, 8, 8, 2))
+  with pytest.raises(ValueError, match='does not divide'):
+    conv.weight_grad_patches(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)), chunk=4)
+
+
+def test_chunk_size_is_largest_divisor_within_budget():
+  assert conv.chunk_size(64, 2**20, budget=4 * 2**20) == 4
+  assert conv.chunk_size(64, 3 * 2**20, budget=4 * 2**20) == 1
+  assert conv.chunk_size(64, 8 * 2**20, budget=4 * 2**20) == 1  # never below one image
+  assert conv.chunk_size(6, 1, budget=4) == 3
+  assert conv.chunk_size(7, 1, budget=100) == 7
+
+
+def _conv_module(backward, features=5, kernel=3, stride=1, **kw):
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((1, 1), (1, 1)),
+                 use_bias=False, conv_general_dilated=conv.conv_general_dilated(backward),
+                 **kw)
+
+
+@pytest.mark.parametrize('kernel,stride', [(3, 1), (4, 2), (3, 2)])
+def test_drop_in_values_and_gradients_match_lax(kernel, stride):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((4, 12, 12, 3)), jnp.float32)
+  t = jnp.asarray(rng.standard_normal((4, 12 // stride, 12 // stride, 5)), jnp.float32)
+  ours, ref = _conv_module('custom', kernel=kernel, stride=stride), nn.Conv(
+      5, (kernel, kernel), strides=stride, padding=((1, 1), (1, 1)), use_bias=False)
+  params = ref.init(jax.random.key(0), x)
+  # Same parameter tree: checkpoints do not depend on the weight-gradient choice.
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+
+  def loss(module, p, x):
+    return jnp.sum(module.apply(p, x) * t)
+
+  np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
+  got = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
+  want = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_give_bfloat16_kernel_gradient():
+  x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
+  w = jnp.full((3, 3, 3, 4), 0.5, jnp.bfloat16)
+  f = conv.conv_general_dilated('custom')
+  dw = jax.grad(lambda w: jnp.sum(f(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                  .astype(jnp.float32)))(w)
+  assert dw.dtype == jnp.bfloat16
+  # Each weight sees every output position whose window covers a real (unpadded) pixel:
+  # 2 images x 8 x 7 positions for a border tap, 2 x 8 x 8 for the centre.
+  assert float(dw[1, 1, 0, 0]) == 128.0 and float(dw[0, 1, 0, 0]) == 112.0
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(padding='SAME'), dict(padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
+    dict(padding=((1, 1), (1, 1)), feature_group_count=3)])
+def test_other_convolutions_go_to_lax_unchanged(kwargs):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+  groups = kwargs.get('feature_group_count', 1)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3 // groups, 6)), jnp.float32)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  f = conv.conv_general_dilated('custom')
+  g = lambda w: jnp.sum(jnp.sin(f(x, w, (1, 1), dimension_numbers=dn, **kwargs)))
+  g_ref = lambda w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, w, (1, 1), dimension_numbers=dn, **kwargs)))
+  # No custom rule is involved: the jaxprs of the gradients are the same.
+  assert str(jax.make_jaxpr(jax.grad(g))(w)) == str(jax.make_jaxpr(jax.grad(g_ref))(w))
+
+
+def test_choice_of_backward_pass_shows_in_the_program():
+  # Only traced: large enough that a chunk of patches holds one image (a scan over 4).
+  x = jnp.ones((4, 128, 128, 8))
+  w = jnp.ones((3, 3, 8, 4))
+
+  def grad_jaxpr(choice):
+    f = conv.conv_general_dilated(choice)
+    return str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
+        f(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(w))
+
+  assert 'scan' in grad_jaxpr('custom')
+  assert 'scan' not in grad_jaxpr('xla')
+  # The tests run on the CPU, where 'auto' means custom.
+  assert 'scan' in grad_jaxpr('auto')
+
+
+def test_bad_choice_is_an_error():
+  with pytest.raises(ValueError, match='backward'):
+    conv.conv_general_dilated('im2col')
+  c = default.get_config()
+  c.model.conv_backward = 'im2col'
+  with pytest.raises(config_lib.ConfigError, match='conv_backward'):
+    models.create_models(c)
+
+
+def test_vae_gradients_agree_between_backward_passes():
+  c = default.get_config()
+  c.image_size, c.model.widths, c.model.latent_dim, c.model.hidden_dim = 16, (4, 8), 4, 8
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.uniform(size=(4, 16, 16, 3)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)
+  grads = {}
+  for choice in ('xla', 'custom'):
+    c.model.conv_backward = choice
+    vae, _ = models.create_models(c)
+    variables = vae.init(jax.random.key(0), x, eps, False)
+
+    def loss(params):
+      (x_rec, *_), _ = vae.apply({**variables, 'params': params}, x, eps, True,
+                                 mutable=['batch_stats'])
+      return jnp.mean((x_rec - x) ** 2)
+
+    grads[choice] = jax.jit(jax.grad(loss))(variables['params'])
+  for a, b in zip(jax.tree.leaves(grads['xla']), jax.tree.leaves(grads['custom'])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
