@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from avae_jax import benchmarking
+from avae_jax import xla_flags
 
 config_flags.DEFINE_config_file('config', 'configs/bench_celeba.py',
                                 'Configuration file (image size, widths, batch, variant).')
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> None:
   """Runs the selected cases and prints their results."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.apply()
   import jax  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   unknown = [c for c in _CASES.value if c not in benchmarking.CASES]

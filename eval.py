@@ -26,6 +26,7 @@ from avae_jax import distributed
 from avae_jax import evaluation
 from avae_jax import summary
 from avae_jax import trainer
+from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.apply()
   distributed.initialize()
   config = flags.FLAGS.config
   workdir = _WORKDIR.value

@@ -18,6 +18,7 @@ from avae_jax import data
 from avae_jax import distributed
 from avae_jax import summary
 from avae_jax import trainer
+from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and figures.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
   """Entry point: initialise the distributed runtime if asked, then train and evaluate."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.apply()
   summary.quiet_library_logs()
   distributed.initialize()
   try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -45,8 +46,8 @@ FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', '
           'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
           'channels', 'batch_size', 'steps', 'backend', 'device_kind', 'variant',
-          'disc_updated_fraction', 'vae_updated_fraction', 'twin_median_step_s',
-          'twin_ratio')
+          'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
+          'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
 DEFAULT_DATASET_SIZE = 200_000
@@ -257,6 +258,8 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
       variant=str(config.variant),
       disc_updated_fraction=disc_frac,
       vae_updated_fraction=vae_frac,
+      conv_backward=str(config.model.get('conv_backward', 'auto')),
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
       twin_median_step_s=None,
       twin_ratio=None,
   )

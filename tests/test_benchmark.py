@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from avae_jax import benchmarking
+from avae_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/default.py', '--config.image_size=16',
@@ -62,6 +63,11 @@ def test_field_types_are_sane(tiny_rows):
     assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
     assert isinstance(r['device_kind'], str) and r['device_kind']
     assert r['twin_median_step_s'] is None and r['twin_ratio'] is None
+    # What the step ran with: the config's convolution backward pass and the XLA flags
+    # (the test's own plus those benchmark.py adds, avae_jax.xla_flags).
+    assert r['conv_backward'] == 'auto'
+    assert r['xla_flags'].split()[0] == '--xla_force_host_platform_device_count=1'
+    assert all(f'--{k}=' in r['xla_flags'] for k in xla_flags.CPU_FLAGS)
 
 
 def test_case_semantics(tiny_rows):

@@ -1,0 +1,57 @@
+"""Tests for avae_jax.xla_flags: which flags are added, and that XLA:CPU takes them."""
+
+import os
+import subprocess
+import sys
+
+from avae_jax import xla_flags
+
+_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+
+
+def test_flags_are_added_to_the_users_flags():
+  got = xla_flags.with_cpu_flags('--xla_force_host_platform_device_count=4', '0.10.2')
+  assert got.split() == ['--xla_force_host_platform_device_count=4',
+                         f'--{_FLAG}={xla_flags.CPU_FLAGS[_FLAG]}']
+  assert xla_flags.with_cpu_flags('', '0.10.2') == f'--{_FLAG}={xla_flags.CPU_FLAGS[_FLAG]}'
+
+
+def test_users_value_of_a_flag_wins():
+  mine = f'--{_FLAG}=+individual_dot --xla_cpu_enable_fast_math=false'
+  assert xla_flags.with_cpu_flags(mine, '0.10.2') == mine
+
+
+def test_no_flags_for_an_unmeasured_jaxlib():
+  assert xla_flags.with_cpu_flags('--a=1', '0.11.0') == '--a=1'
+  assert xla_flags.with_cpu_flags('', '') == ''
+
+
+_PROBE = """
+import os, sys
+from avae_jax import xla_flags
+os.environ.pop('XLA_FLAGS', None)
+if sys.argv[1] == 'apply':
+  xla_flags.apply()
+import jax, jax.numpy as jnp
+conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+x = jax.ShapeDtypeStruct((64, 28, 28, 32), jnp.float32)
+w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+hlo = jax.jit(conv).lower(x, w).compile().as_text()
+print('ynn_fusion' in hlo)
+"""
+
+
+def _convolution_uses_ynnpack(mode: str) -> bool:
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', _PROBE, mode], env=env, check=True,
+                       capture_output=True, text=True, cwd=root)
+  return out.stdout.strip().splitlines()[-1] == 'True'
+
+
+def test_apply_takes_the_convolution_away_from_ynnpack():
+  # Without the flag this jaxlib compiles the (MNIST-sized) convolution into a YNNPACK
+  # call; with it, into XLA's own.
+  assert _convolution_uses_ynnpack('plain')
+  assert not _convolution_uses_ynnpack('apply')
