@@ -9,6 +9,7 @@ BatchNorm reductions) stay float32; the model outputs are always float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import chex
@@ -28,11 +29,29 @@ def _dtype(name: str | Dtype) -> Dtype:
   return jnp.dtype(name)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
-  """Nearest-neighbour upsampling of an NHWC batch by an integer factor."""
+  """Nearest-neighbour upsampling of an NHWC batch by an integer factor.
+
+  The gradient, each pixel's sum over its factor x factor block, is computed as the sum
+  of the block's strided slices: XLA's reduction of the reshaped gradient (the transpose
+  of broadcast + reshape) ran several times slower on XLA:CPU (docs/benchmarks.md).
+  """
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
   return x.reshape(b, h * factor, w * factor, c)
+
+
+def _upsample_nearest_fwd(x: jax.Array, factor: int) -> tuple[jax.Array, None]:
+  return upsample_nearest(x, factor), None
+
+
+def _upsample_nearest_bwd(factor: int, _: None, g: jax.Array) -> tuple[jax.Array]:
+  blocks = [g[:, i::factor, j::factor] for i in range(factor) for j in range(factor)]
+  return (functools.reduce(jnp.add, blocks),)
+
+
+upsample_nearest.defvjp(_upsample_nearest_fwd, _upsample_nearest_bwd)
 
 
 def _quadrants(x: jax.Array) -> tuple[jax.Array, ...]:

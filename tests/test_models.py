@@ -254,3 +254,16 @@ def test_max_pool_2x2_values_and_gradient_with_ties():
   flax_y, flax_vjp = jax.vjp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)), jnp.asarray(x))
   np.testing.assert_array_equal(y, flax_y)
   np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], flax_vjp(jnp.asarray(g))[0])
+
+
+@pytest.mark.parametrize('factor', [2, 3])
+def test_upsample_nearest_values_and_gradient(factor):
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+  g = rng.standard_normal((2, 3 * factor, 4 * factor, 5)).astype(np.float32)
+  want = np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
+  np.testing.assert_array_equal(models.upsample_nearest(jnp.asarray(x), factor), want)
+  # Each input pixel's gradient: the sum of g over the factor x factor block it fills.
+  block_sums = g.reshape(2, 3, factor, 4, factor, 5).sum(axis=(2, 4))
+  _, vjp = jax.vjp(lambda x: models.upsample_nearest(x, factor), jnp.asarray(x))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], block_sums, rtol=1e-6, atol=1e-6)
