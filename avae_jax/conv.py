@@ -1,14 +1,21 @@
-"""The models' 2-D convolution, with a faster weight gradient on the CPU.
+"""The models' 2-D convolution, with a faster backward pass on the CPU.
 
 XLA:CPU computes the weight gradient of a convolution as another convolution whose
-"kernel" is the whole output gradient; at the models' high-resolution, few-channel layers
-it runs at a few GFLOP/s, most of a training step (docs/benchmarks.md). `conv2d` is
-`lax.conv_general_dilated` with the same forward pass and input gradient, and a weight
-gradient that, on the CPU, runs over the batch a few images at a time: the images'
-patches (im2col, a few MiB, so they stay in cache) times their output gradient, one
-matrix product per chunk, summed in a `lax.scan`. Other backends keep XLA's weight
-gradient (cuDNN and TPU kernels compute it well). `weight_grad='xla'` or `'patches'`
-chooses explicitly.
+"kernel" is the whole output gradient, and the input gradient of a strided convolution
+as a correlation of the zero-dilated output gradient with the whole kernel; at the
+models' high-resolution, few-channel layers both run far below the forward pass's rate
+(docs/benchmarks.md, item 6). `conv_general_dilated('custom')` keeps XLA's forward pass
+and stride-1 input gradient and replaces the rest through a custom VJP:
+
+* weight gradients run over the batch a few images at a time: the chunk's im2col
+  patches (a few MiB, so they stay in cache) times its output gradient, one matrix
+  product per chunk, summed in a loop (`weight_grad_patches`);
+* the input gradient of a strided convolution is one small stride-1 correlation per
+  output phase, interleaved (`input_grad_subpixel`).
+
+'auto' (the models' default) means 'custom' on the CPU and XLA's gradients elsewhere
+(cuDNN and the TPU compute them well); 'xla' always uses XLA's. The parameters are the
+same either way.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The im2col patches of one chunk stay under this many bytes (measured best at 2-16 MiB
-# on a 32 MiB L3: chunks of 1-4 images at 96x96).
+# The im2col patches of one chunk stay under this many bytes (0.5, 4 and 16 MiB timed the
+# same within noise on a 32 MiB L3; 4 MiB is 1-4 images at 96x96).
 PATCH_BYTES = 4 * 2**20
 BACKWARDS = ('auto', 'xla', 'custom')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -135,10 +142,12 @@ def _conv_custom(x: jax.Array, w: jax.Array, strides: tuple[int, int],
 
 
 def _conv_fwd(x, w, strides, padding):
+  """Forward pass; the residuals are the operands."""
   return _forward(x, w, strides, padding), (x, w)
 
 
 def _conv_bwd(strides, padding, residuals, g):
+  """Input gradient (by phase when strided) and weight gradient (by patches)."""
   x, w = residuals
   if strides != (1, 1) and x.shape[1] % strides[0] == 0 and x.shape[2] % strides[1] == 0:
     dx = input_grad_subpixel(g, w, strides, padding, x.shape[1:3])
@@ -169,14 +178,14 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """2-D NHWC convolution with explicit padding; anything else goes to lax unchanged."""
     custom = backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
-    plain = (custom and lhs.ndim == 4 and not isinstance(padding, str)
+    supported = (custom and lhs.ndim == 4 and not isinstance(padding, str)
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and feature_group_count == 1 and precision is None
              and preferred_element_type is None
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == _nhwc_numbers(4))
-    if not plain:
+    if not supported:
       return lax.conv_general_dilated(
           lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, precision=precision,

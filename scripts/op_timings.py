@@ -15,7 +15,12 @@ compared on the machine at hand:
 * 2x2 max pooling: flax's reduce_window, reshape + max (its gradient splits ties; not
   adopted, see docs/benchmarks.md) and models.max_pool_2x2 (what the discriminator uses);
 * a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
-  input gradient and weight gradient separately.
+  input gradient and weight gradient separately, and the weight gradient from image
+  patches (conv.weight_grad_patches, what the models use on the CPU);
+* the 4x4 stride-2 convolution at 96x96 and 48x48: XLA's input gradient against the
+  one by phase (conv.input_grad_subpixel, what the models use on the CPU).
+
+The XLA:CPU flags of avae_jax.xla_flags are set first, as in train.py.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from avae_jax import conv as conv_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import filters  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per operation (median).')
@@ -80,6 +87,7 @@ def _grad_of_sum_of_squares(f: Callable[[jax.Array], jax.Array]) -> Callable:
 def main(argv: list[str]) -> None:
   """Prints one line per operation."""
   del argv
+  xla_flags.apply()
   b = _BATCH.value
   key = jax.random.PRNGKey(0)
   rows = []
@@ -128,6 +136,22 @@ def main(argv: list[str]) -> None:
       ms = median_ms(fn, arg)
       rows.append((f'conv 3x3 {side}x{side}x{width}, {what} '
                    f'({flops / ms / 1e6:.0f} GFLOP/s)', ms))
+    ms = median_ms(lambda c: conv_lib.weight_grad_patches(x, c, (3, 3), (1, 1),
+                                                          ((1, 1), (1, 1))), ct)
+    rows.append((f'conv 3x3 {side}x{side}x{width}, weight gradient by patches '
+                 f'({flops / ms / 1e6:.0f} GFLOP/s)', ms))
+
+  for side, width in ((96, 24), (48, 48)):
+    x = jax.random.normal(key, (b, side, side, width))
+    w = 0.1 * jax.random.normal(key, (4, 4, width, width))
+    _, vjp = jax.vjp(lambda v: jax.lax.conv_general_dilated(
+        v, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DIMS), x)
+    ct = jnp.ones((b, side // 2, side // 2, width))
+    rows.append((f'conv 4x4 stride 2 {side}x{side}x{width}, input gradient (XLA)',
+                 median_ms(lambda c: vjp(c)[0], ct)))
+    rows.append((f'conv 4x4 stride 2 {side}x{side}x{width}, input gradient by phase',
+                 median_ms(lambda c: conv_lib.input_grad_subpixel(
+                     c, w, (2, 2), ((1, 1), (1, 1)), (side, side)), ct)))
 
   width = max(len(name) for name, _ in rows)
   print(f'{jax.default_backend()} x{jax.device_count()}, batch {b}, median of '

@@ -144,8 +144,8 @@ def test_op_timings_script_times_every_operation():
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   lines = out.stdout.splitlines()[1:]
-  # 2 SSIM windows, 2 x 2 filter banks, 3 poolings, 4 resolutions x (forward, input and
-  # weight gradient).
-  assert len(lines) == 2 + 4 + 3 + 4 * 3
+  # 2 SSIM windows, 2 x 2 filter banks, 3 poolings, 4 resolutions x (forward, input
+  # gradient, XLA's and the patches' weight gradient), 2 strided input gradients x 2.
+  assert len(lines) == 2 + 4 + 3 + 4 * 4 + 2 * 2
   for line in lines:
     assert float(line.split()[-2]) > 0 and line.endswith(' ms')
