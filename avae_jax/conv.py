@@ -32,6 +32,8 @@ from jax import lax
 PATCH_BYTES = 4 * 2**20
 BACKWARDS = ('auto', 'xla', 'custom')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+# The same as flax's dimension numbers for 2-D NHWC inputs and HWIO kernels.
+_NHWC_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -85,8 +87,8 @@ def weight_grad_patches(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
                            preferred_element_type=jnp.float32)
 
   # The first chunk starts the sum, so that the carry has the data's type (inside
-  # shard_map, varying over the mapped axis) without a cast.
-  # Chunks are read in place by index (slicing off the first would copy the rest).
+  # shard_map, varying over the mapped axis) without a cast; the chunks are read in place
+  # by index, since slicing the first off would copy the rest.
   at = lambda i: chunk_grad(lax.dynamic_index_in_dim(xs, i, keepdims=False),
                             lax.dynamic_index_in_dim(gs, i, keepdims=False))
   acc = lax.fori_loop(1, n // chunk, lambda i, a: a + at(i), at(0))
@@ -161,11 +163,6 @@ def _conv_bwd(strides, padding, residuals, g):
 _conv_custom.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _nhwc_numbers(ndim: int) -> lax.ConvDimensionNumbers:
-  """flax's dimension numbers for NHWC inputs and HWIO kernels."""
-  return lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, _NHWC)
-
-
 def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`)."""
   if backward not in BACKWARDS:
@@ -179,12 +176,12 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
     """2-D NHWC convolution with explicit padding; anything else goes to lax unchanged."""
     custom = backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
     supported = (custom and lhs.ndim == 4 and not isinstance(padding, str)
-             and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1)))
-             and feature_group_count == 1 and precision is None
-             and preferred_element_type is None
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == _nhwc_numbers(4))
+                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                 and all(d == 1 for d in (rhs_dilation or (1, 1)))
+                 and feature_group_count == 1 and precision is None
+                 and preferred_element_type is None
+                 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                 == _NHWC_NUMBERS)
     if not supported:
       return lax.conv_general_dilated(
           lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
