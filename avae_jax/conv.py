@@ -91,7 +91,8 @@ def weight_grad_patches(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
   # by index, since slicing the first off would copy the rest.
   at = lambda i: chunk_grad(lax.dynamic_index_in_dim(xs, i, keepdims=False),
                             lax.dynamic_index_in_dim(gs, i, keepdims=False))
-  acc = lax.fori_loop(1, n // chunk, lambda i, a: a + at(i), at(0))
+  # One chunk needs no loop (a loop is more for XLA to compile).
+  acc = at(0) if n == chunk else lax.fori_loop(1, n // chunk, lambda i, a: a + at(i), at(0))
   return acc.reshape(kernel + (c, f))
 
 
@@ -163,10 +164,16 @@ def _conv_bwd(strides, padding, residuals, g):
 _conv_custom.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
-  """A drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`)."""
+def uses_custom(backward: str) -> bool:
+  """Whether `backward` means the custom backward pass on the current default backend."""
   if backward not in BACKWARDS:
     raise ValueError(f'backward must be one of {BACKWARDS}, got {backward!r}')
+  return backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
+
+
+def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
+  """A drop-in for `lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)`)."""
+  uses_custom(backward)  # validates `backward` now rather than at the first call
 
   def conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
            padding: Any, lhs_dilation: Sequence[int] | None = None,
@@ -174,8 +181,7 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
            dimension_numbers: Any = None, feature_group_count: int = 1,
            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """2-D NHWC convolution with explicit padding; anything else goes to lax unchanged."""
-    custom = backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
-    supported = (custom and lhs.ndim == 4 and not isinstance(padding, str)
+    supported = (uses_custom(backward) and lhs.ndim == 4 and not isinstance(padding, str)
                  and all(d == 1 for d in (lhs_dilation or (1, 1)))
                  and all(d == 1 for d in (rhs_dilation or (1, 1)))
                  and feature_group_count == 1 and precision is None

@@ -85,6 +85,27 @@ def test_case_semantics(tiny_rows):
   assert rows['pretrain_step']['flops'] > rows['vae_mse_pretrain_step']['flops']
 
 
+def test_flops_count_every_chunk_of_the_custom_backward_pass(monkeypatch):
+  """A loop body counts once in XLA's cost analysis; the FLOPs must not depend on that."""
+  import jax
+  from avae_jax import conv
+  from configs import default
+  # One image per chunk: the custom weight gradients loop 8 times per convolution.
+  monkeypatch.setattr(conv, 'PATCH_BYTES', 1)
+  config = default.get_config()
+  config.image_size, config.model.widths, config.batch_size = 16, (4, 8), 8
+  batches = benchmarking.structured_batches(1, 8, 16, 3)
+  flops = {}
+  for backward in ('custom', 'xla'):
+    config.model.conv_backward = backward
+    row = benchmarking.run_case(config, 'pretrain_step', steps=1, warmup=0,
+                                devices=jax.devices()[:1], batches=batches,
+                                dataset_size=64, matmul_peak=None)
+    assert row['conv_backward'] == backward
+    flops[backward] = row['flops']
+  assert _positive(flops['xla']) and flops['custom'] == flops['xla']
+
+
 def test_table_on_stderr(tiny_rows):
   _, stderr = tiny_rows
   for case in benchmarking.CASES:
