@@ -119,10 +119,10 @@ def _percentile(times: Sequence[float], q: float) -> float:
   return float(np.percentile(np.asarray(times), q))
 
 
-def _cost_flops(lowered: Any) -> float | None:
-  """Total 'flops' of XLA's cost analysis of a lowered step (None where unavailable)."""
+def _cost_flops(compiled: Any) -> float | None:
+  """Total 'flops' of XLA's cost analysis of a compiled step (None where unavailable)."""
   try:
-    cost = lowered.cost_analysis()
+    cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
@@ -130,24 +130,6 @@ def _cost_flops(lowered: Any) -> float | None:
   if not cost or 'flops' not in cost:
     return None
   return float(cost['flops'])
-
-
-def _with_conv_backward(state: Any, backward: str) -> Any:
-  """`state` whose module (and apply_fn) compute convolution gradients by `backward`."""
-  module = state.module.clone(conv_backward=backward)
-  return state.replace(module=module, apply_fn=module.apply)
-
-
-def _step_flops(lower: Callable[..., Any], vae_state: Any, disc_state: Any) -> float | None:
-  """The step's FLOPs by XLA's cost analysis, counted as if XLA computed every gradient.
-
-  The analysis counts a loop body once, so the custom backward pass's per-chunk weight
-  gradients (conv.weight_grad_patches) would count one chunk only; the count therefore
-  comes from the same step lowered with XLA's own gradients (the same arithmetic, no
-  loops; lowered, not compiled), whichever backward pass runs.
-  """
-  return _cost_flops(lower(_with_conv_backward(vae_state, 'xla'),
-                           _with_conv_backward(disc_state, 'xla')))
 
 
 def _peak_memory(devices: Sequence[Any]) -> int | None:
@@ -222,14 +204,12 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
   keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps)]
   adversarial = case.startswith('adversarial')
 
-  def lower(vae: Any, disc: Any) -> Any:
-    """The step lowered for these states (the modules are static: they pick the program)."""
-    if adversarial:
-      return mapped.adversarial.lower(vae, disc, dev_batches[0], keys[0])
-    return mapped.pretrain.lower(vae, dev_batches[0], keys[0])
-
   t0 = time.perf_counter()
-  compiled = lower(vae_state, disc_state).compile()
+  if adversarial:
+    compiled = mapped.adversarial.lower(vae_state, disc_state, dev_batches[0],
+                                        keys[0]).compile()
+  else:
+    compiled = mapped.pretrain.lower(vae_state, dev_batches[0], keys[0]).compile()
   compile_s = time.perf_counter() - t0
 
   states = {'vae': vae_state, 'disc': disc_state}
@@ -252,8 +232,7 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
     disc_frac = float(np.mean([float(m['disc_updated']) for m in timed]))
     vae_frac = float(np.mean([float(m['vae_updated']) for m in timed]))
   median = float(np.median(times))
-  backward = str(config.model.get('conv_backward', 'auto'))
-  flops = _step_flops(lower, vae_state, disc_state)
+  flops = _cost_flops(compiled)
   flops_per_s = flops / median if flops else None
   return dict(
       step=case,
@@ -279,7 +258,7 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
       variant=str(config.variant),
       disc_updated_fraction=disc_frac,
       vae_updated_fraction=vae_frac,
-      conv_backward=backward,
+      conv_backward=str(config.model.get('conv_backward', 'auto')),
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       twin_median_step_s=None,
       twin_ratio=None,

@@ -1,17 +1,12 @@
-"""The models' 2-D convolution, with a faster backward pass on the CPU.
+"""The models' 2-D convolution, with a faster strided input gradient on the CPU.
 
-XLA:CPU computes the weight gradient of a convolution as another convolution whose
-"kernel" is the whole output gradient, and the input gradient of a strided convolution
-as a correlation of the zero-dilated output gradient with the whole kernel; at the
-models' high-resolution, few-channel layers both run far below the forward pass's rate
-(docs/benchmarks.md, item 6). `conv_general_dilated('custom')` keeps XLA's forward pass
-and stride-1 input gradient and replaces the rest through a custom VJP:
-
-* weight gradients run over the batch a few images at a time: the chunk's im2col
-  patches (a few MiB, so they stay in cache) times its output gradient, one matrix
-  product per chunk, summed in a loop (`weight_grad_patches`);
-* the input gradient of a strided convolution is one small stride-1 correlation per
-  output phase, interleaved (`input_grad_subpixel`).
+XLA:CPU computes the input gradient of a strided convolution as a correlation of the
+zero-dilated output gradient with the whole kernel: s*s times the work, most of it
+multiplying zeros, and far below the forward pass's rate at the models' high-resolution,
+few-channel layers (docs/benchmarks.md, item 6). `conv_general_dilated('custom')` keeps
+XLA's forward pass, weight gradient and stride-1 input gradient and, through a custom VJP,
+computes the input gradient of a strided convolution as one small stride-1 correlation
+per output phase, interleaved (`input_grad_subpixel`).
 
 'auto' (the models' default) means 'custom' on the CPU and XLA's gradients elsewhere
 (cuDNN and the TPU compute them well); 'xla' always uses XLA's. The parameters are the
@@ -27,9 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The im2col patches of one chunk stay under this many bytes (0.5, 4 and 16 MiB timed the
-# same within noise on a 32 MiB L3; 4 MiB is 1-4 images at 96x96).
-PATCH_BYTES = 4 * 2**20
 BACKWARDS = ('auto', 'xla', 'custom')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # The same as flax's dimension numbers for 2-D NHWC inputs and HWIO kernels.
@@ -42,58 +34,6 @@ def _forward(x: jax.Array, w: jax.Array, strides: tuple[int, int],
              padding: Padding) -> jax.Array:
   """The plain NHWC/HWIO convolution."""
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
-
-
-def chunk_size(batch: int, patch_bytes_per_image: int, budget: int | None = None) -> int:
-  """The largest divisor of `batch` whose chunk's patches fit `budget` bytes (at least 1)."""
-  budget = PATCH_BYTES if budget is None else budget
-  best = 1
-  for c in range(1, batch + 1):
-    if batch % c == 0 and c * patch_bytes_per_image <= budget:
-      best = c
-  return best
-
-
-def _patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
-             out_hw: tuple[int, int]) -> jax.Array:
-  """(N, Ho, Wo, kh*kw*C) patches of a padded NHWC batch, in HWIO's (kh, kw, C) order."""
-  (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out_hw
-  n, c = x.shape[0], x.shape[3]
-  cols = [lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-  return jnp.concatenate(cols, axis=-1)
-
-
-def weight_grad_patches(x: jax.Array, g: jax.Array, kernel: tuple[int, int],
-                        strides: tuple[int, int], padding: Padding,
-                        chunk: int | None = None) -> jax.Array:
-  """dL/dw (kh, kw, C, F) from inputs x (N, H, W, C) and output gradients g (N, Ho, Wo, F)."""
-  n, ho, wo, f = g.shape
-  c = x.shape[3]
-  k = kernel[0] * kernel[1] * c
-  if chunk is None:
-    chunk = chunk_size(n, ho * wo * k * x.dtype.itemsize)
-  if n % chunk:
-    raise ValueError(f'chunk {chunk} does not divide the batch {n}')
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  xs = xp.reshape((n // chunk, chunk) + xp.shape[1:])
-  gs = g.reshape((n // chunk, chunk, ho * wo, f))
-
-  def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
-    p = _patches(xc, kernel, strides, (ho, wo)).reshape(chunk * ho * wo, k)
-    return lax.dot_general(p, gc.reshape(chunk * ho * wo, f), (((0,), (0,)), ((), ())),
-                           precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
-
-  # The first chunk starts the sum, so that the carry has the data's type (inside
-  # shard_map, varying over the mapped axis) without a cast; the chunks are read in place
-  # by index, since slicing the first off would copy the rest.
-  at = lambda i: chunk_grad(lax.dynamic_index_in_dim(xs, i, keepdims=False),
-                            lax.dynamic_index_in_dim(gs, i, keepdims=False))
-  # One chunk needs no loop (a loop is more for XLA to compile).
-  acc = at(0) if n == chunk else lax.fori_loop(1, n // chunk, lambda i, a: a + at(i), at(0))
-  return acc.reshape(kernel + (c, f))
 
 
 def _phase_taps(k: int, s: int, pad: int, phase: int) -> list[int]:
@@ -150,15 +90,14 @@ def _conv_fwd(x, w, strides, padding):
 
 
 def _conv_bwd(strides, padding, residuals, g):
-  """Input gradient (by phase when strided) and weight gradient (by patches)."""
+  """XLA's gradients, except the input gradient of a strided convolution (by phase)."""
   x, w = residuals
   if strides != (1, 1) and x.shape[1] % strides[0] == 0 and x.shape[2] % strides[1] == 0:
-    dx = input_grad_subpixel(g, w, strides, padding, x.shape[1:3])
-  else:
-    _, vjp_x = jax.vjp(lambda x_: _forward(x_, w, strides, padding), x)
-    (dx,) = vjp_x(g)
-  dw = weight_grad_patches(x, g, w.shape[:2], strides, padding)
-  return dx, dw.astype(w.dtype)
+    _, vjp_w = jax.vjp(lambda w_: _forward(x, w_, strides, padding), w)
+    (dw,) = vjp_w(g)
+    return input_grad_subpixel(g, w, strides, padding, x.shape[1:3]), dw
+  _, vjp = jax.vjp(lambda x_, w_: _forward(x_, w_, strides, padding), x, w)
+  return vjp(g)
 
 
 _conv_custom.defvjp(_conv_fwd, _conv_bwd)

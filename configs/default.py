@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.hidden_dim = 48
   c.model.bn_momentum = 0.9
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' for TPU/GPU (params stay float32)
-  # Convolutions' backward pass: 'custom' (weight gradients from image patches, strided
-  # input gradients by phase; avae_jax/conv.py), 'xla', or 'auto' (custom on the CPU only).
+  # Convolutions' backward pass: 'custom' (strided input gradients by phase;
+  # avae_jax/conv.py), 'xla', or 'auto' (custom on the CPU only).
   c.model.conv_backward = 'auto'
 
   # Loss (DESIGN.md §3). The reconstruction weights are used by 'vae_s'/'avae_s';

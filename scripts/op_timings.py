@@ -15,8 +15,7 @@ compared on the machine at hand:
 * 2x2 max pooling: flax's reduce_window, reshape + max (its gradient splits ties; not
   adopted, see docs/benchmarks.md) and models.max_pool_2x2 (what the discriminator uses);
 * a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
-  input gradient and weight gradient separately, and the weight gradient from image
-  patches (conv.weight_grad_patches, what the models use on the CPU);
+  input gradient and weight gradient separately;
 * the 4x4 stride-2 convolution at 96x96 and 48x48: XLA's input gradient against the
   one by phase (conv.input_grad_subpixel, what the models use on the CPU).
 
@@ -136,10 +135,6 @@ def main(argv: list[str]) -> None:
       ms = median_ms(fn, arg)
       rows.append((f'conv 3x3 {side}x{side}x{width}, {what} '
                    f'({flops / ms / 1e6:.0f} GFLOP/s)', ms))
-    ms = median_ms(lambda c: conv_lib.weight_grad_patches(x, c, (3, 3), (1, 1),
-                                                          ((1, 1), (1, 1))), ct)
-    rows.append((f'conv 3x3 {side}x{side}x{width}, weight gradient by patches '
-                 f'({flops / ms / 1e6:.0f} GFLOP/s)', ms))
 
   for side, width in ((96, 24), (48, 48)):
     x = jax.random.normal(key, (b, side, side, width))

@@ -1,4 +1,4 @@
-"""Tests for avae_jax.conv: the patch-based weight gradient against numpy, the drop-in."""
+"""Tests for avae_jax.conv: the input gradient by phase against numpy, the drop-in."""
 
 import flax.linen as nn
 import jax
@@ -10,35 +10,6 @@ from avae_jax import config_lib
 from avae_jax import conv
 from avae_jax import models
 from configs import default
-
-
-def _numpy_weight_grad(x, g, kernel, stride, pad):
-  """dL/dw of y[n,i,j,f] = sum x_pad[n, s*i+a, s*j+b, c] w[a,b,c,f], in float64 loops."""
-  x = np.pad(np.asarray(x, np.float64), ((0, 0), pad[0], pad[1], (0, 0)))
-  g = np.asarray(g, np.float64)
-  _, ho, wo, _ = g.shape
-  dw = np.zeros(kernel + (x.shape[3], g.shape[3]))
-  for a in range(kernel[0]):
-    for b in range(kernel[1]):
-      window = x[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride]
-      dw[a, b] = np.einsum('nijc,nijf->cf', window, g)
-  return dw
-
-
-@pytest.mark.parametrize('kernel,stride,side,chunk', [
-    ((3, 3), 1, 10, 1), ((3, 3), 1, 10, 2), ((3, 3), 1, 10, None),
-    ((4, 4), 2, 12, 3), ((1, 1), 1, 8, None), ((3, 2), 1, 9, 6)])
-def test_weight_grad_patches_matches_numpy(kernel, stride, side, chunk):
-  rng = np.random.default_rng(0)
-  pad = ((1, 1), (1, 1)) if kernel[0] > 1 else ((0, 0), (0, 0))
-  x = rng.standard_normal((6, side, side, 3)).astype(np.float32)
-  ho = (side + sum(pad[0]) - kernel[0]) // stride + 1
-  wo = (side + sum(pad[1]) - kernel[1]) // stride + 1
-  g = rng.standard_normal((6, ho, wo, 5)).astype(np.float32)
-  got = conv.weight_grad_patches(jnp.asarray(x), jnp.asarray(g), kernel, (stride, stride),
-                                 pad, chunk=chunk)
-  np.testing.assert_allclose(np.asarray(got), _numpy_weight_grad(x, g, kernel, stride, pad),
-                             rtol=1e-5, atol=1e-5)
 
 
 def _numpy_input_grad(g, w, stride, pad, in_hw):
@@ -71,20 +42,6 @@ def test_input_grad_subpixel_needs_divisible_sides():
   with pytest.raises(ValueError, match='not divisible'):
     conv.input_grad_subpixel(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), (2, 2),
                              ((1, 1), (1, 1)), (9, 9))
-
-
-def test_weight_grad_patches_rejects_chunk_not_dividing_batch():
-  x, g = jnp.zeros((6, 8, 8, 2)), jnp.zeros((6, 8, 8, 2))
-  with pytest.raises(ValueError, match='does not divide'):
-    conv.weight_grad_patches(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)), chunk=4)
-
-
-def test_chunk_size_is_largest_divisor_within_budget():
-  assert conv.chunk_size(64, 2**20, budget=4 * 2**20) == 4
-  assert conv.chunk_size(64, 3 * 2**20, budget=4 * 2**20) == 1
-  assert conv.chunk_size(64, 8 * 2**20, budget=4 * 2**20) == 1  # never below one image
-  assert conv.chunk_size(6, 1, budget=4) == 3
-  assert conv.chunk_size(7, 1, budget=100) == 7
 
 
 def _conv_module(backward, features=5, kernel=3, stride=1, **kw):
@@ -145,19 +102,20 @@ def test_other_convolutions_go_to_lax_unchanged(kwargs):
 
 
 def test_choice_of_backward_pass_shows_in_the_program():
-  # Only traced: large enough that a chunk of patches holds one image (a scan over 4).
-  x = jnp.ones((4, 128, 128, 8))
-  w = jnp.ones((3, 3, 8, 4))
+  # Only traced. XLA's input gradient of a strided convolution dilates the output
+  # gradient (lhs_dilation); the custom one correlates it undilated, phase by phase.
+  x = jnp.ones((2, 16, 16, 8))
+  w = jnp.ones((4, 4, 8, 4))
 
   def grad_jaxpr(choice):
     f = conv.conv_general_dilated(choice)
-    return str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(
-        f(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(w))
+    return str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(
+        f(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(x))
 
-  assert 'scan' in grad_jaxpr('custom')
-  assert 'scan' not in grad_jaxpr('xla')
+  assert 'lhs_dilation=(2, 2)' not in grad_jaxpr('custom')
+  assert 'lhs_dilation=(2, 2)' in grad_jaxpr('xla')
   # The tests run on the CPU, where 'auto' means custom.
-  assert 'scan' in grad_jaxpr('auto')
+  assert 'lhs_dilation=(2, 2)' not in grad_jaxpr('auto')
 
 
 def test_bad_choice_is_an_error():
