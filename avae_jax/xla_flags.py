@@ -3,8 +3,9 @@
 jaxlib 0.10 runs each convolution on the CPU through YNNPACK by default. For the models'
 convolutions XLA's own kernels are faster: with YNNPACK's convolutions switched off, the
 CelebA-shaped pre-training step took 3.99 s instead of 4.57 s and the adversarial step
-8.44 s instead of 11.17 s (docs/benchmarks.md, item 7). YNNPACK still computes the
-matrix products (the patch-based weight gradients of avae_jax/conv.py run faster with it).
+8.44 s instead of 11.17 s (docs/benchmarks.md, item 7). YNNPACK still computes matrix
+products and reductions (switching those off too was not faster for the MNIST-shaped
+steps).
 
 `apply()` adds the flags to XLA_FLAGS; train.py, eval.py, study.py, benchmark.py and the
 tests call it first thing. A flag that XLA_FLAGS already sets keeps the user's value. The
