@@ -90,14 +90,11 @@ def _conv_fwd(x, w, strides, padding):
 
 
 def _conv_bwd(strides, padding, residuals, g):
-  """XLA's gradients, except the input gradient of a strided convolution (by phase)."""
+  """The input gradient by phase; XLA's weight gradient."""
   x, w = residuals
-  if strides != (1, 1) and x.shape[1] % strides[0] == 0 and x.shape[2] % strides[1] == 0:
-    _, vjp_w = jax.vjp(lambda w_: _forward(x, w_, strides, padding), w)
-    (dw,) = vjp_w(g)
-    return input_grad_subpixel(g, w, strides, padding, x.shape[1:3]), dw
-  _, vjp = jax.vjp(lambda x_, w_: _forward(x_, w_, strides, padding), x, w)
-  return vjp(g)
+  _, vjp_w = jax.vjp(lambda w_: _forward(x, w_, strides, padding), w)
+  (dw,) = vjp_w(g)
+  return input_grad_subpixel(g, w, strides, padding, x.shape[1:3]), dw
 
 
 _conv_custom.defvjp(_conv_fwd, _conv_bwd)
@@ -119,8 +116,13 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
            rhs_dilation: Sequence[int] | None = None,
            dimension_numbers: Any = None, feature_group_count: int = 1,
            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-    """2-D NHWC convolution with explicit padding; anything else goes to lax unchanged."""
+    """Strided 2-D NHWC convolution with explicit padding; anything else goes to lax."""
+    # Only a strided convolution over sides its strides divide has a custom gradient;
+    # every other convolution is XLA's, forward and backward.
+    strides = tuple(int(s) for s in window_strides)
     supported = (uses_custom(backward) and lhs.ndim == 4 and not isinstance(padding, str)
+                 and strides != (1, 1) and lhs.shape[1] % strides[0] == 0
+                 and lhs.shape[2] % strides[1] == 0
                  and all(d == 1 for d in (lhs_dilation or (1, 1)))
                  and all(d == 1 for d in (rhs_dilation or (1, 1)))
                  and feature_group_count == 1 and precision is None
@@ -133,6 +135,6 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
           feature_group_count, precision=precision,
           preferred_element_type=preferred_element_type)
     pad = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv_custom(lhs, rhs, tuple(int(s) for s in window_strides), pad)
+    return _conv_custom(lhs, rhs, strides, pad)
 
   return conv
