@@ -2,9 +2,9 @@
 
 Images are float32 NHWC batches in [0, 1]. Every per-image loss returns shape (B,); the
 caller reduces over the batch (and over devices). The fixed filters run as banded-matrix
-products rather than convolutions: SSIM's Gaussian window is separable, and every
-Sobel and (cosine) Gabor kernel is a sum of at most three separable ones, so each is a
-few row and column products (see `_separable_blur` and `_responses`). Both compute the
+products rather than convolutions: SSIM's Gaussian window is separable, and the Sobel
+and (cosine) Gabor kernels are mixtures of eleven separable terms, each a row and a
+column product (see `_separable_blur` and `_responses`). Both compute the
 cross-correlation with the kernels of `filters`.
 """
 
@@ -168,51 +168,111 @@ def _check_bank(bank: Any) -> np.ndarray:
   return bank
 
 
-def _rank_one_terms(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Exact separable expansion of a bank (n, k, k): kernel i = sum of outer(u_r, v_r).
+def _svd_terms(kernel: np.ndarray,
+               scale: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(u (r, k), s (r,), vt (r, k)): the SVD of a kernel without its negligible terms.
 
-  Returns u (R, k), v (R, k) and owner (R,), the kernel each term belongs to, from the
-  SVD of every kernel. A Sobel kernel has rank 1; a cosine Gabor kernel has rank 2
-  (cos(a + b) = cos a cos b - sin a sin b of its rotated coordinate, times a separable
-  Gaussian) and 3 with its mean removed. Terms under 1e-6 of a kernel's largest singular
-  value are dropped: they are the float32 rounding of the kernel's entries (about 1e-8
-  here), and keeping them would more than double the work for nothing.
+  Terms under 1e-6 of `scale` (default: the largest singular value) are dropped: they
+  are the float32 rounding of the kernel's entries (about 1e-8 here), and keeping them
+  would add work for nothing.
   """
-  us, vs, owner = [], [], []
+  u, s, vt = np.linalg.svd(kernel)
+  r = np.flatnonzero(s > 1e-6 * max(s[0] if scale is None else scale, 1e-300))
+  return u[:, r].T, s[r], vt[r]
+
+
+def _without_constant(kernel: np.ndarray) -> tuple[float, np.ndarray]:
+  """(c, kernel - c J), J the all-ones kernel, for the c that lowers the rank; else (0, kernel).
+
+  A kernel with its mean removed (every Gabor kernel of the bank) is a low-rank kernel
+  minus a constant one. With the kernel's SVD U S V^T and 1 = U a = V b (the ones vector
+  in both its column and row spaces), kernel - c 1 1^T = U (S - c a b^T) V^T, singular
+  exactly when c = 1 / (b^T S^-1 a). The split is kept only if the rest has fewer terms
+  at the kernel's own tolerance, so it is exact wherever it is used.
+  """
+  u, s, vt = _svd_terms(kernel)
+  if len(s) < 2:
+    return 0.0, kernel
+  ones = np.ones(kernel.shape[0])
+  den = float((vt @ ones) @ ((u @ ones) / s))
+  if abs(den) < 1e-12:
+    return 0.0, kernel
+  c = 1.0 / den
+  rest = kernel - c * np.outer(ones, ones)
+  if len(_svd_terms(rest, scale=s[0])[1]) >= len(s):
+    return 0.0, kernel
+  return c, rest
+
+
+def _separable_terms(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Few separable terms that mix into every kernel of a bank (n, k, k) exactly.
+
+  Returns u (R, k), v (R, k) and mix (R, n) with bank[i] = sum_r mix[r, i] outer(u_r, v_r).
+  Three steps keep R small (22 -> 11 for the default Sobel + Gabor bank):
+  - the constant part of a zero-mean kernel is split off (`_without_constant`): it is one
+    box filter, outer(1, 1), shared by every kernel;
+  - the rest of each kernel is expanded by its SVD. A Sobel kernel has rank 1, a cosine
+    Gabor kernel rank 1 along the axes and 2 otherwise (cos(a + b) = cos a cos b -
+    sin a sin b of its rotated coordinate, times a separable Gaussian);
+  - terms parallel to an earlier one are merged into it: the Gabor kernels at angles t
+    and pi - t are mirror images made of the same two terms, with opposite signs on one.
+  """
+  us: list[np.ndarray] = []
+  vs: list[np.ndarray] = []
+  mix: list[np.ndarray] = []
+  n, k = bank.shape[0], bank.shape[-1]
+
+  def add(u: np.ndarray, v: np.ndarray, kernel: int, coef: float) -> None:
+    # Unit vectors whose first sizeable entry is positive, so that parallel terms
+    # compare equal (the largest entry is no guide: an odd vector has two).
+    su, sv = np.linalg.norm(u), np.linalg.norm(v)
+    su *= np.sign(u[np.flatnonzero(np.abs(u) > 0.5 * np.abs(u).max())[0]])
+    sv *= np.sign(v[np.flatnonzero(np.abs(v) > 0.5 * np.abs(v).max())[0]])
+    u, v, coef = u / su, v / sv, coef * su * sv
+    for r in range(len(us)):
+      if np.allclose(us[r], u, atol=1e-9) and np.allclose(vs[r], v, atol=1e-9):
+        mix[r][kernel] += coef
+        return
+    us.append(u)
+    vs.append(v)
+    mix.append(np.zeros(n))
+    mix[-1][kernel] = coef
+
   for i, kernel in enumerate(np.asarray(bank, np.float64)):
-    u, s, vt = np.linalg.svd(kernel)
-    for r in np.flatnonzero(s > 1e-6 * max(s[0], 1e-300)):
-      us.append(u[:, r] * s[r])
-      vs.append(vt[r])
-      owner.append(i)
-  return np.array(us), np.array(vs), np.array(owner)
+    c, rest = _without_constant(kernel)
+    if c:
+      add(np.ones(k), np.ones(k), i, c)
+    u, s, vt = _svd_terms(rest, scale=np.linalg.norm(kernel, 2))
+    for r in range(len(s)):
+      add(u[r], vt[r], i, s[r])
+  return np.array(us), np.array(vs), np.array(mix)
 
 
 def _responses(gray: Array, bank: np.ndarray) -> Array:
-  """Zero-padded 'same' cross-correlation of (B, H, W, 1) with a bank -> (B, H, W, n).
+  """Zero-padded 'same' cross-correlation of (B, H, W, 1) with a bank -> (n, B, H, W).
 
-  Each kernel is expanded into its separable terms (`_rank_one_terms`), and every term
-  is a banded-matrix product over rows then one over columns, summed per kernel. On
-  XLA:CPU this ran 1.5-1.8x (96x96) and 2-6x (28x28) faster than the 11x11 convolution
-  with one input channel, forward and backward (docs/benchmarks.md). The dense bands multiply by
-  zeros too, which grows with the side: the products cost ~H/11 times the taps, fine up
-  to this project's 96x96 but worth re-measuring for much larger images.
+  The kernels are mixtures of a few separable terms (`_separable_terms`); every term is a
+  banded-matrix product over rows then one over columns, and one small matrix product
+  mixes the terms into the kernels' responses. On XLA:CPU this ran 1.5-1.8x (96x96) and
+  2-6x (28x28) faster than the 11x11 convolution with one input channel, forward and
+  backward (docs/benchmarks.md). The dense bands multiply by zeros too, which grows with
+  the side: the products cost ~H/11 times the taps, fine up to this project's 96x96 but
+  worth re-measuring for much larger images. The output is kernel-major, so that a group
+  of kernels (Sobel's, Gabor's) is a contiguous slice.
   """
   bank = _check_bank(bank)
   pad = bank.shape[-1] // 2
-  u, v, owner = _rank_one_terms(bank)
+  u, v, mix = _separable_terms(bank)
   _, h, w, _ = gray.shape
   rows = jnp.asarray(_band_matrices(h, u, pad))
   cols = jnp.asarray(_band_matrices(w, v, pad))
-  mix = np.zeros((len(owner), bank.shape[0]), np.float32)
-  mix[np.arange(len(owner)), owner] = 1.0
   t = jnp.einsum('rih,bhw->rbiw', rows, gray[..., 0], precision=_PRECISION)
   t = jnp.einsum('rjw,rbiw->rbij', cols, t, precision=_PRECISION)
-  return jnp.einsum('rbij,rk->bijk', t, jnp.asarray(mix), precision=_PRECISION)
+  return jnp.einsum('rbij,rk->kbij', t, jnp.asarray(mix, jnp.float32), precision=_PRECISION)
 
 
 def _response_loss(x: Array, y: Array, bank: np.ndarray) -> Array:
-  """Squared differences of the bank's responses to the luma of x (target) and y (B, H, W, n).
+  """Squared differences of the bank's responses to the luma of x (target) and y (n, B, H, W).
 
   The filters are linear, so the difference of the responses is the response to the
   difference of the images: one filtering instead of two, and the target (under
@@ -226,12 +286,12 @@ def _response_loss(x: Array, y: Array, bank: np.ndarray) -> Array:
 
 def sobel_loss(x: Array, y: Array) -> Array:
   """Mean squared difference of Sobel x/y responses on luma (B,); x is the target."""
-  return jnp.mean(_response_loss(x, y, filters.sobel_kernels()), axis=(1, 2, 3))
+  return jnp.mean(_response_loss(x, y, filters.sobel_kernels()), axis=(0, 2, 3))
 
 
 def gabor_loss(x: Array, y: Array, bank: Any) -> Array:
   """Mean squared difference of Gabor-bank responses on luma (B,); x is the target."""
-  return jnp.mean(_response_loss(x, y, bank), axis=(1, 2, 3))
+  return jnp.mean(_response_loss(x, y, bank), axis=(0, 2, 3))
 
 
 @functools.lru_cache(maxsize=32)
@@ -291,9 +351,9 @@ def reconstruction_loss(x: Array, x_rec: Array,
     bank, n_sobel = _shared_bank('sobel' in active, spec)
     sq = _response_loss(x, x_rec, bank)
     if 'sobel' in active:
-      terms['sobel'] = jnp.mean(sq[..., :n_sobel], axis=(1, 2, 3))
+      terms['sobel'] = jnp.mean(sq[:n_sobel], axis=(0, 2, 3))
     if 'gabor' in active:
-      terms['gabor'] = jnp.mean(sq[..., n_sobel:], axis=(1, 2, 3))
+      terms['gabor'] = jnp.mean(sq[n_sobel:], axis=(0, 2, 3))
   terms = {k: terms[k] for k in RECONSTRUCTION_TERMS if k in terms}
   total = jnp.zeros((x.shape[0],), jnp.float32)
   for name, value in terms.items():

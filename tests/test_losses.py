@@ -156,6 +156,19 @@ def test_response_losses_match_scipy_for_any_bank():
     np.testing.assert_allclose(gab, _response_loss_np(x, y, bank), rtol=1e-4)
 
 
+def test_default_bank_needs_eleven_separable_terms():
+  # Sobel x and y: one term each. Per wavelength, the Gabor kernels at 0 and 90 degrees
+  # are one term each and the 45/135 degree pair shares two (cos(a +- b) = cos a cos b
+  # -+ sin a sin b), once the mean removal, one box filter shared by all eight kernels,
+  # is split off: 2 + 2 * 4 + 1 instead of the 22 terms of each kernel's own SVD.
+  bank, _ = losses._shared_bank(True, losses.GaborSpec())
+  u, v, mix = losses._separable_terms(bank)
+  assert u.shape == v.shape == (11, 11) and mix.shape == (11, 10)
+  np.testing.assert_allclose(np.einsum('ri,rj,rk->kij', u, v, mix), bank, atol=1e-6)
+  box = [r for r in range(11) if np.ptp(u[r]) == 0 and np.ptp(v[r]) == 0]
+  assert len(box) == 1 and np.all(mix[box[0], :2] == 0) and np.all(mix[box[0], 2:] != 0)
+
+
 def test_shared_bank_responses_match_scipy_correlate():
   # The one filtering of reconstruction_loss: Sobel 3x3 embedded in the 11x11 grid
   # followed by the Gabor bank, cross-correlation with zero 'same' padding. (Convolution
@@ -168,9 +181,9 @@ def test_shared_bank_responses_match_scipy_correlate():
   refs = list(filters.sobel_kernels()) + list(spec.bank())
   for c, k in enumerate(refs):
     ref = ndimage.correlate(gray, k, mode='constant', cval=0.0)
-    np.testing.assert_allclose(resp[0, :, :, c], ref, atol=1e-5)
+    np.testing.assert_allclose(resp[c, 0], ref, atol=1e-5)
   flipped = ndimage.convolve(gray, filters.sobel_kernels()[0], mode='constant')
-  np.testing.assert_allclose(resp[0, :, :, 0], -flipped, atol=1e-5)
+  np.testing.assert_allclose(resp[0, 0], -flipped, atol=1e-5)
 
 
 def test_targets_get_no_gradient():
