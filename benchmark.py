@@ -3,6 +3,7 @@
   python benchmark.py --config=configs/bench_celeba.py
   python benchmark.py --config=configs/bench_mnist.py --config.batch_size=128 --steps=20
   python benchmark.py --config=configs/bench_celeba.py --cases=pretrain_step,adversarial_step_both
+  python benchmark.py --config=configs/bench_mnist.py --steps=12 --rounds=4
 
 Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_both (both
 updates taken, StepConfig.force_accuracy=0.6), adversarial_step_gated (the real gating on
@@ -10,6 +11,12 @@ the config's data), vae_mse_pretrain_step (the MSE-only 'vae' variant). Each JSO
 median/p10/p90 step seconds, images/s, compile seconds, XLA's FLOP count of the compiled
 step, FLOP/s and its fraction of the float32 matmul rate measured at startup, peak device
 memory (null on CPU) and the process's peak RSS.
+
+--rounds=1 (the default) compiles and times the cases one after the other. With
+--rounds=R > 1 every case is compiled first, then the cases take turns, R rounds of
+about steps / R steps each (the order rotating between rounds): on a machine whose speed
+drifts, comparisons between cases (the compound loss's cost, adversarial against
+pre-training) are only fair that way.
 
 The PyTorch twin (torch_twin.py, the same model in PyTorch) runs at the same sizes with
 --twin_python and --twin_script; its step times and the ratio twin / avae_jax (above 1:
@@ -39,6 +46,9 @@ config_flags.DEFINE_config_file('config', 'configs/bench_celeba.py',
                                 'Configuration file (image size, widths, batch, variant).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per case (median, p10, p90 over them).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compilation.')
+_ROUNDS = flags.DEFINE_integer('rounds', 1,
+                               'Rounds the timed steps are split into, the cases taking '
+                               'turns in each (1: each case timed in one block).')
 _CASES = flags.DEFINE_list('cases', list(benchmarking.CASES),
                            f'Cases to run, from {", ".join(benchmarking.CASES)}.')
 _PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
@@ -61,6 +71,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError('--steps must be >= 1 and --warmup >= 0')
+  if not 1 <= _ROUNDS.value <= _STEPS.value:
+    raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
+                         f'got {_ROUNDS.value}')
   devices = jax.local_devices()
   if int(config.num_devices):
     devices = devices[:int(config.num_devices)]
@@ -80,14 +93,22 @@ def main(argv: list[str]) -> None:
       if _PEAK_N.value > 0 else None
   # Enough distinct batches that the gated case sees a varied stream.
   batches, dataset_size, _ = benchmarking.load_batches(config, num=8)
+  common = dict(steps=_STEPS.value, warmup=_WARMUP.value, devices=devices, batches=batches,
+                dataset_size=dataset_size, matmul_peak=peak)
   rows = []
-  for case in _CASES.value:
-    row = benchmarking.run_case(config, case, steps=_STEPS.value, warmup=_WARMUP.value,
-                                devices=devices, batches=batches, dataset_size=dataset_size,
-                                matmul_peak=peak)
-    row = benchmarking.add_twin(row, twin)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+  if _ROUNDS.value == 1:
+    for case in _CASES.value:
+      rows.append(benchmarking.add_twin(benchmarking.run_case(config, case, **common), twin))
+      print(json.dumps(rows[-1]), flush=True)
+  else:
+    def compiled(prepared: benchmarking.PreparedCase) -> None:
+      print(f'{prepared.name}: compiled in {prepared.compile_s:.1f} s', file=sys.stderr,
+            flush=True)
+
+    rows = benchmarking.run_interleaved(config, _CASES.value, rounds=_ROUNDS.value,
+                                        on_compiled=compiled, **common)
+    for row in rows:
+      print(json.dumps(benchmarking.add_twin(row, twin)), flush=True)
   print(benchmarking.format_table(rows), file=sys.stderr)
 
 

@@ -3,7 +3,10 @@
 Each case compiles one mapped training step ahead of time (`lower(...).compile()`, so
 compile time is measured apart from run time), runs it `warmup` times, then times
 `steps` calls, each synchronised with `jax.block_until_ready`. The batches are placed on
-the devices before timing: the input pipeline is not part of a step's time.
+the devices before timing: the input pipeline is not part of a step's time. With one
+round (`run_case`) the cases are compiled and timed one after the other; with several
+(`run_interleaved`) all are compiled first and their steps are timed in turns, so that
+a drift of the machine's speed affects every case alike.
 
 Cases:
   pretrain_step           the VAE step on L_VAE (compound loss + KL + TC for avae_s)
@@ -19,6 +22,7 @@ Cases:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +49,7 @@ BOTH_UPDATES_ACCURACY = 0.6
 FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
           'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
-          'channels', 'batch_size', 'steps', 'backend', 'device_kind', 'variant',
+          'channels', 'batch_size', 'steps', 'rounds', 'backend', 'device_kind', 'variant',
           'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
           'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
@@ -151,18 +155,6 @@ def peak_rss_bytes() -> int:
   return int(rss if sys.platform == 'darwin' else rss * 1024)
 
 
-def _time_calls(call: Callable[[int], Any], steps: int, warmup: int) -> list[float]:
-  """Seconds of `steps` synchronised calls call(i), after `warmup` untimed ones."""
-  for i in range(warmup):
-    jax.block_until_ready(call(i))
-  times = []
-  for i in range(warmup, warmup + steps):
-    t = time.perf_counter()
-    jax.block_until_ready(call(i))
-    times.append(time.perf_counter() - t)
-  return times
-
-
 def case_config(config: ml_collections.ConfigDict, case: str) -> ml_collections.ConfigDict:
   """The config a case runs: the MSE-only case switches the variant to 'vae'."""
   config = copy.deepcopy(config)
@@ -172,10 +164,34 @@ def case_config(config: ml_collections.ConfigDict, case: str) -> ml_collections.
   return config
 
 
-def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
-             devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
-             matmul_peak: float | None) -> dict[str, Any]:
-  """Compiles and times one case; returns its result row (the FIELDS of one JSON line)."""
+@dataclasses.dataclass
+class PreparedCase:
+  """One case compiled and warmed up: `call(i)` runs its step on batch and key i."""
+  name: str
+  config: ml_collections.ConfigDict
+  devices: Sequence[Any]
+  compiled: Any
+  compile_s: float
+  call: Callable[[int], Any]
+  warmup: int
+  metrics: list[Any]
+  calls: int = 0
+
+  def time_steps(self, steps: int) -> list[float]:
+    """Seconds of the next `steps` synchronised calls."""
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      jax.block_until_ready(self.call(self.calls))
+      times.append(time.perf_counter() - t)
+      self.calls += 1
+    return times
+
+
+def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
+                 devices: Sequence[Any], batches: np.ndarray,
+                 dataset_size: int) -> PreparedCase:
+  """Compiles one case ahead of time and runs its `warmup` untimed steps (of warmup + steps)."""
   from avae_jax import parallel  # pylint: disable=g-import-not-at-top
   from avae_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   if case not in CASES:
@@ -200,6 +216,7 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
   sharding = NamedSharding(Mesh(np.asarray(devices), (cfg.axis_name,)), P(cfg.axis_name))
   dev_batches = [jax.device_put(x.reshape((n, per_device) + tuple(image_shape)), sharding)
                  for x in batches]
+  # The keys are made before timing: each would otherwise add a dispatch to its step.
   base_key = jax.random.PRNGKey(int(config.seed) + 1)
   keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps)]
   adversarial = case.startswith('adversarial')
@@ -213,46 +230,57 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
   compile_s = time.perf_counter() - t0
 
   states = {'vae': vae_state, 'disc': disc_state}
-  gating = []
+  metrics_seen = []
 
   def call(i: int) -> Any:
     x = dev_batches[i % len(dev_batches)]
     if adversarial:
       states['vae'], states['disc'], metrics = compiled(states['vae'], states['disc'], x,
                                                         keys[i])
-      gating.append(metrics)
-      return states['vae'], states['disc'], metrics
-    states['vae'], metrics = compiled(states['vae'], x, keys[i])
+    else:
+      states['vae'], metrics = compiled(states['vae'], x, keys[i])
+    metrics_seen.append(metrics)
     return states['vae'], metrics
 
-  times = _time_calls(call, steps, warmup)
+  prepared = PreparedCase(case, config, devices, compiled, compile_s, call, warmup,
+                          metrics_seen)
+  prepared.time_steps(warmup)
+  return prepared
+
+
+def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
+             matmul_peak: float | None) -> dict[str, Any]:
+  """The result row of a timed case (the FIELDS of one JSON line)."""
+  config, devices = prepared.config, prepared.devices
+  b = int(config.batch_size)
   disc_frac = vae_frac = None
-  if adversarial:
-    timed = gating[warmup:]
+  if prepared.name.startswith('adversarial'):
+    timed = prepared.metrics[prepared.warmup:]
     disc_frac = float(np.mean([float(m['disc_updated']) for m in timed]))
     vae_frac = float(np.mean([float(m['vae_updated']) for m in timed]))
   median = float(np.median(times))
-  flops = _cost_flops(compiled)
+  flops = _cost_flops(prepared.compiled)
   flops_per_s = flops / median if flops else None
   return dict(
-      step=case,
+      step=prepared.name,
       median_step_s=median,
       p10_step_s=_percentile(times, 10),
       p90_step_s=_percentile(times, 90),
       images_per_s=b / median,
-      compile_s=compile_s,
+      compile_s=prepared.compile_s,
       flops=flops,
       flops_per_s=flops_per_s,
       peak_fraction=(flops_per_s / matmul_peak) if flops_per_s and matmul_peak else None,
       matmul_peak_flops_per_s=matmul_peak,
       peak_memory_bytes=_peak_memory(devices),
       peak_rss_bytes=peak_rss_bytes(),
-      devices=n,
+      devices=len(devices),
       dtype=str(config.model.dtype),
       image_size=int(config.image_size),
       channels=int(config.channels),
       batch_size=b,
-      steps=int(steps),
+      steps=len(times),
+      rounds=int(rounds),
       backend=jax.default_backend(),
       device_kind=devices[0].device_kind,
       variant=str(config.variant),
@@ -263,6 +291,50 @@ def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup
       twin_median_step_s=None,
       twin_ratio=None,
   )
+
+
+def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
+             devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
+             matmul_peak: float | None) -> dict[str, Any]:
+  """Compiles and times one case in one block of steps; returns its result row."""
+  prepared = prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
+                          batches=batches, dataset_size=dataset_size)
+  return case_row(prepared, prepared.time_steps(steps), rounds=1, matmul_peak=matmul_peak)
+
+
+def round_sizes(steps: int, rounds: int) -> list[int]:
+  """`steps` split over `rounds` rounds as evenly as possible (earlier rounds get more)."""
+  if rounds < 1 or steps < rounds:
+    raise ValueError(f'need 1 <= rounds <= steps, got {rounds} rounds of {steps} steps')
+  return [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+
+
+def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, steps: int,
+                    warmup: int, rounds: int, devices: Sequence[Any], batches: np.ndarray,
+                    dataset_size: int, matmul_peak: float | None,
+                    on_compiled: Callable[[PreparedCase], None] | None = None,
+                    ) -> list[dict[str, Any]]:
+  """Compiles every case, then times them in rounds: each case's share, in turn.
+
+  A shared machine's speed drifts over minutes; timed in blocks one after the other,
+  two cases can differ by more than the effect under study (docs/benchmarks.md).
+  Interleaved, every case sees the same drift. The order rotates from round to round,
+  so that no case always follows the same one.
+  """
+  sizes = round_sizes(steps, rounds)
+  prepared = []
+  for case in cases:
+    prepared.append(prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
+                                 batches=batches, dataset_size=dataset_size))
+    if on_compiled:
+      on_compiled(prepared[-1])
+  times: dict[str, list[float]] = {p.name: [] for p in prepared}
+  for r, size in enumerate(sizes):
+    for k in range(len(prepared)):
+      p = prepared[(r + k) % len(prepared)]
+      times[p.name] += p.time_steps(size)
+  return [case_row(p, times[p.name], rounds=rounds, matmul_peak=matmul_peak)
+          for p in prepared]
 
 
 def twin_command(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
@@ -322,6 +394,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     r = rows[0]
     out.append(f"{r['backend']} ({r['device_kind']}) x{r['devices']}, {r['image_size']}x"
                f"{r['image_size']}x{r['channels']}, batch {r['batch_size']}, {r['dtype']}, "
-               f"{r['steps']} timed steps; matmul peak "
+               f"{r['steps']} timed steps"
+               + (f" in {r['rounds']} interleaved rounds" if r.get('rounds', 1) > 1 else '')
+               + "; matmul peak "
                f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s")
   return '\n'.join(out)

@@ -15,7 +15,7 @@ from avae_jax import xla_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/default.py', '--config.image_size=16',
         '--config.model.widths=(4,8)', '--config.batch_size=8',
-        '--config.shapes.num_train=64', '--config.shapes.num_eval=8', '--steps=2',
+        '--config.shapes.num_train=64', '--config.shapes.num_eval=8', '--steps=3',
         '--warmup=1', '--matmul_peak_n=128']
 
 
@@ -34,7 +34,8 @@ def _positive(x):
 
 @pytest.fixture(scope='module')
 def tiny_rows():
-  out = _run(TINY)
+  # Interleaved: every case compiled first, then 3 steps each in 2 rounds (2 + 1).
+  out = _run(TINY + ['--rounds=2'])
   assert out.returncode == 0, out.stderr[-4000:]
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   return [json.loads(l) for l in lines], out.stderr
@@ -59,7 +60,8 @@ def test_field_types_are_sane(tiny_rows):
     assert r['flops_per_s'] == pytest.approx(r['flops'] / r['median_step_s'])
     assert r['peak_memory_bytes'] is None or _positive(r['peak_memory_bytes'])
     assert (r['devices'], r['image_size'], r['channels'], r['batch_size'], r['steps']) == \
-        (1, 16, 3, 8, 2)
+        (1, 16, 3, 8, 3)
+    assert r['rounds'] == 2
     assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
     assert isinstance(r['device_kind'], str) and r['device_kind']
     assert r['twin_median_step_s'] is None and r['twin_ratio'] is None
@@ -88,21 +90,35 @@ def test_case_semantics(tiny_rows):
 def test_table_on_stderr(tiny_rows):
   _, stderr = tiny_rows
   for case in benchmarking.CASES:
-    assert case in stderr
-  assert 'matmul peak' in stderr
+    assert f'{case}: compiled in ' in stderr
+    assert case in stderr.split('twin/ours')[-1]
+  assert 'matmul peak' in stderr and '3 timed steps in 2 interleaved rounds' in stderr
 
 
-def test_unknown_case_is_a_usage_error():
+def test_unknown_case_and_bad_rounds_are_usage_errors():
   out = _run(TINY + ['--cases=pretrain_step,nope'])
   assert out.returncode != 0
   assert 'nope' in out.stderr and not out.stdout.strip()
+  out = _run(TINY + ['--rounds=4'])
+  assert out.returncode != 0
+  assert '--rounds' in out.stderr and not out.stdout.strip()
+
+
+def test_round_sizes_split_the_steps():
+  assert benchmarking.round_sizes(10, 3) == [4, 3, 3]
+  assert benchmarking.round_sizes(3, 3) == [1, 1, 1]
+  assert benchmarking.round_sizes(5, 1) == [5]
+  with pytest.raises(ValueError):
+    benchmarking.round_sizes(2, 3)
 
 
 def test_two_devices_one_case():
+  # One round: the case is compiled and timed in one block.
   out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'], devices=2)
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
+  assert row['rounds'] == 1 and row['steps'] == 3
 
 
 def test_structured_batches_have_flat_and_edge_regions():
