@@ -137,11 +137,14 @@ def ssim(x: Array, y: Array, *, max_val: float = 1.0, filter_size: int = 11,
     raise ValueError(f'SSIM with an {filter_size}x{filter_size} window needs images at '
                      f'least that large, got {h}x{w}')
   # The window is the outer product of a 1-D Gaussian, so it is applied as two 1-D
-  # passes. All five local moments of all channels go through the same two passes.
+  # passes. The local moments go through them in two groups: those of x alone and those
+  # that involve y. In training x is the data, a constant, so the first group needs no
+  # backward pass (blurred together with the rest, all five had one): SSIM's value and
+  # gradient took 2/3 of the time at 96x96x3 (docs/benchmarks.md, item 12).
   g = filters.gaussian_kernel_1d(filter_size, sigma)
-  moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-  blurred = _separable_blur(moments, g)
-  mu_x, mu_y, e_xx, e_yy, e_xy = jnp.split(blurred, 5, axis=-1)
+  mu_x, e_xx = jnp.split(_separable_blur(jnp.concatenate([x, x * x], axis=-1), g), 2, axis=-1)
+  mu_y, e_yy, e_xy = jnp.split(
+      _separable_blur(jnp.concatenate([y, y * y, x * y], axis=-1), g), 3, axis=-1)
   # Variances are clipped at zero: float32 cancellation in E[x^2] - E[x]^2 can give tiny
   # negative values on flat patches, which would only push the denominator below C1*C2.
   var_x = jnp.maximum(e_xx - mu_x * mu_x, 0.0)
