@@ -259,9 +259,10 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
   mixes the terms into the kernels' responses. On XLA:CPU this ran 1.5-1.8x (96x96) and
   2-6x (28x28) faster than the 11x11 convolution with one input channel, forward and
   backward (docs/benchmarks.md). The dense bands multiply by zeros too, which grows with
-  the side: the products cost ~H/11 times the taps, fine up to this project's 96x96 but
-  worth re-measuring for much larger images. The output is kernel-major, so that a group
-  of kernels (Sobel's, Gabor's) is a contiguous slice.
+  the side: the products cost ~H/11 times the taps, fine up to this project's 96x96 (bands
+  over blocks of rows, with fewer zeros, were slower there) but worth re-measuring for
+  much larger images. The output is kernel-major, so that a group of kernels (Sobel's,
+  Gabor's) is a contiguous slice.
   """
   bank = _check_bank(bank)
   pad = bank.shape[-1] // 2
