@@ -16,7 +16,9 @@ memory (null on CPU) and the process's peak RSS.
 --rounds=R > 1 every case is compiled first, then the cases take turns, R rounds of
 about steps / R steps each (the order rotating between rounds): on a machine whose speed
 drifts, comparisons between cases (the compound loss's cost, adversarial against
-pre-training) are only fair that way.
+pre-training) are only fair that way. The twin, if asked for, then runs at the start of
+every round (a fresh process each time, with its own warm-up), and its step times are
+the medians over its rounds.
 
 The PyTorch twin (torch_twin.py, the same model in PyTorch) runs at the same sizes with
 --twin_python and --twin_script; its step times and the ratio twin / avae_jax (above 1:
@@ -78,16 +80,21 @@ def main(argv: list[str]) -> None:
   if int(config.num_devices):
     devices = devices[:int(config.num_devices)]
 
-  twin = None
-  if _TWIN_PYTHON.value:
-    if not _TWIN_SCRIPT.value:
-      raise app.UsageError('--twin_python needs --twin_script (the path of torch_twin.py)')
-    # Run before our cases, never beside them: both use every core.
-    # The twin runs on the same kind of device: CUDA when JAX's backend is a GPU.
-    twin = benchmarking.run_twin(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
-                                 _STEPS.value, _WARMUP.value,
-                                 'cuda' if jax.default_backend() == 'gpu' else 'cpu')
-    print(f'twin: {json.dumps(twin)}', file=sys.stderr)
+  if _TWIN_PYTHON.value and not _TWIN_SCRIPT.value:
+    raise app.UsageError('--twin_python needs --twin_script (the path of torch_twin.py)')
+  twin_runs = []
+
+  def run_twin(steps: int) -> None:
+    # Never beside our cases: both use every core. The twin runs on the same kind of
+    # device: CUDA when JAX's backend is a GPU.
+    twin_runs.append(benchmarking.run_twin(
+        _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value,
+        'cuda' if jax.default_backend() == 'gpu' else 'cpu'))
+    print(f'twin: {json.dumps(twin_runs[-1])}', file=sys.stderr, flush=True)
+
+  twin_in_rounds = bool(_TWIN_PYTHON.value) and _ROUNDS.value > 1
+  if _TWIN_PYTHON.value and not twin_in_rounds:
+    run_twin(_STEPS.value)
 
   peak = benchmarking.matmul_peak_flops(_PEAK_N.value, device=devices[0]) \
       if _PEAK_N.value > 0 else None
@@ -97,6 +104,7 @@ def main(argv: list[str]) -> None:
                 dataset_size=dataset_size, matmul_peak=peak)
   rows = []
   if _ROUNDS.value == 1:
+    twin = benchmarking.merge_twin_runs(twin_runs) if twin_runs else None
     for case in _CASES.value:
       rows.append(benchmarking.add_twin(benchmarking.run_case(config, case, **common), twin))
       print(json.dumps(rows[-1]), flush=True)
@@ -105,8 +113,13 @@ def main(argv: list[str]) -> None:
       print(f'{prepared.name}: compiled in {prepared.compile_s:.1f} s', file=sys.stderr,
             flush=True)
 
+    # The twin takes its turn in every round too, so that the ratio twin / ours is
+    # measured under the same drift as the cases' comparisons with each other.
     rows = benchmarking.run_interleaved(config, _CASES.value, rounds=_ROUNDS.value,
-                                        on_compiled=compiled, **common)
+                                        on_compiled=compiled,
+                                        on_round=run_twin if twin_in_rounds else None,
+                                        **common)
+    twin = benchmarking.merge_twin_runs(twin_runs) if twin_runs else None
     for row in rows:
       print(json.dumps(benchmarking.add_twin(row, twin)), flush=True)
   print(benchmarking.format_table(rows), file=sys.stderr)

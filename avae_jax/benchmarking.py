@@ -313,13 +313,15 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
                     warmup: int, rounds: int, devices: Sequence[Any], batches: np.ndarray,
                     dataset_size: int, matmul_peak: float | None,
                     on_compiled: Callable[[PreparedCase], None] | None = None,
+                    on_round: Callable[[int], None] | None = None,
                     ) -> list[dict[str, Any]]:
   """Compiles every case, then times them in rounds: each case's share, in turn.
 
   A shared machine's speed drifts over minutes; timed in blocks one after the other,
   two cases can differ by more than the effect under study (docs/benchmarks.md).
   Interleaved, every case sees the same drift. The order rotates from round to round,
-  so that no case always follows the same one.
+  so that no case always follows the same one. `on_round(steps)` runs first in every
+  round (benchmark.py runs the twin's share there).
   """
   sizes = round_sizes(steps, rounds)
   prepared = []
@@ -330,6 +332,8 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
       on_compiled(prepared[-1])
   times: dict[str, list[float]] = {p.name: [] for p in prepared}
   for r, size in enumerate(sizes):
+    if on_round:
+      on_round(size)
     for k in range(len(prepared)):
       p = prepared[(r + k) % len(prepared)]
       times[p.name] += p.time_steps(size)
@@ -356,6 +360,20 @@ def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps:
   if not lines:
     raise RuntimeError(f'the twin printed no JSON line: {out.stdout!r} {out.stderr!r}')
   return json.loads(lines[-1])
+
+
+def merge_twin_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One twin result from its per-round runs: each step time the median over the runs."""
+  if not runs:
+    raise ValueError('no twin runs to merge')
+  merged = dict(runs[-1])
+  for name in TWIN_STEPS.values():
+    key = name + '_s'
+    values = [float(r[key]) for r in runs if r.get(key)]
+    if values:
+      merged[key] = float(np.median(values))
+  merged['runs'] = len(runs)
+  return merged
 
 
 def add_twin(row: dict[str, Any], twin: dict[str, Any] | None) -> dict[str, Any]:

@@ -17,6 +17,10 @@ TINY = ['--config=configs/default.py', '--config.image_size=16',
         '--config.model.widths=(4,8)', '--config.batch_size=8',
         '--config.shapes.num_train=64', '--config.shapes.num_eval=8', '--steps=3',
         '--warmup=1', '--matmul_peak_n=128']
+# A stand-in for the PyTorch twin (no torch here): it reports 0.1 s per pre-training
+# and 0.2 s per adversarial step it was asked to run.
+FAKE_TWIN = [f'--twin_python={sys.executable}',
+             '--twin_script=' + os.path.join('tests', 'fixtures', 'fake_twin.py')]
 
 
 def _run(args, devices=1):
@@ -34,8 +38,9 @@ def _positive(x):
 
 @pytest.fixture(scope='module')
 def tiny_rows():
-  # Interleaved: every case compiled first, then 3 steps each in 2 rounds (2 + 1).
-  out = _run(TINY + ['--rounds=2'])
+  # Interleaved: every case compiled first, then 3 steps each in 2 rounds (2 + 1), the
+  # twin running at the start of each round.
+  out = _run(TINY + ['--rounds=2'] + FAKE_TWIN)
   assert out.returncode == 0, out.stderr[-4000:]
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   return [json.loads(l) for l in lines], out.stderr
@@ -64,7 +69,6 @@ def test_field_types_are_sane(tiny_rows):
     assert r['rounds'] == 2
     assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
     assert isinstance(r['device_kind'], str) and r['device_kind']
-    assert r['twin_median_step_s'] is None and r['twin_ratio'] is None
     # What the step ran with: the config's convolution backward pass and the XLA flags
     # (the test's own plus those benchmark.py adds, avae_jax.xla_flags).
     assert r['conv_backward'] == 'auto'
@@ -85,6 +89,24 @@ def test_case_semantics(tiny_rows):
   assert rows['pretrain_step']['disc_updated_fraction'] is None
   # The compound loss and the TC term add work to the MSE-only step.
   assert rows['pretrain_step']['flops'] > rows['vae_mse_pretrain_step']['flops']
+
+
+def test_twin_runs_in_every_round_and_its_medians_give_the_ratio(tiny_rows):
+  rows, stderr = tiny_rows
+  twins = [json.loads(l.split('twin: ', 1)[1]) for l in stderr.splitlines()
+           if l.startswith('twin: ')]
+  # One run per round, with that round's steps and the config's sizes.
+  assert [t['steps'] for t in twins] == [2, 1]
+  for t in twins:
+    assert (t['image_size'], t['channels'], t['widths'], t['batch']) == (16, 3, [4, 8], 8)
+  # The medians over the rounds: pre-training 0.2 and 0.1 s, adversarial 0.4 and 0.2 s.
+  want = {'pretrain_step': 0.15, 'adversarial_step_both': 0.3}
+  for r in rows:
+    if r['step'] in want:
+      assert r['twin_median_step_s'] == pytest.approx(want[r['step']])
+      assert r['twin_ratio'] == pytest.approx(want[r['step']] / r['median_step_s'])
+    else:
+      assert r['twin_median_step_s'] is None and r['twin_ratio'] is None
 
 
 def test_table_on_stderr(tiny_rows):
@@ -113,12 +135,15 @@ def test_round_sizes_split_the_steps():
 
 
 def test_two_devices_one_case():
-  # One round: the case is compiled and timed in one block.
-  out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'], devices=2)
+  # One round: the case is compiled and timed in one block, the twin once before it.
+  out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'] + FAKE_TWIN,
+             devices=2)
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
   assert row['rounds'] == 1 and row['steps'] == 3
+  assert out.stderr.count('twin: ') == 1
+  assert row['twin_median_step_s'] == pytest.approx(0.3)
 
 
 def test_structured_batches_have_flat_and_edge_regions():
@@ -139,6 +164,17 @@ def test_twin_command_matches_the_config():
                  '32,64', '--batch', '64', '--steps', '7', '--warmup', '2']
   assert benchmarking.twin_command('py', 'twin.py', c, 7, 2, device='cuda')[-2:] == \
       ['--device', 'cuda']
+
+
+def test_merge_twin_runs_takes_medians():
+  runs = [{'pretrain_step_s': 1.0, 'adversarial_step_s': 2.0, 'device': 'cpu'},
+          {'pretrain_step_s': 3.0, 'adversarial_step_s': 2.5, 'device': 'cpu'},
+          {'pretrain_step_s': 2.0, 'adversarial_step_s': 9.0, 'device': 'cpu'}]
+  merged = benchmarking.merge_twin_runs(runs)
+  assert merged['pretrain_step_s'] == 2.0 and merged['adversarial_step_s'] == 2.5
+  assert merged['runs'] == 3 and merged['device'] == 'cpu'
+  with pytest.raises(ValueError):
+    benchmarking.merge_twin_runs([])
 
 
 def test_add_twin_ratio():
