@@ -184,26 +184,28 @@ def _svd_terms(kernel: np.ndarray,
   return u[:, r].T, s[r], vt[r]
 
 
-def _without_constant(kernel: np.ndarray) -> tuple[float, np.ndarray]:
-  """(c, kernel - c J), J the all-ones kernel, for the c that lowers the rank; else (0, kernel).
+def _without_constant(kernel: np.ndarray) -> tuple[float, tuple[np.ndarray, ...]]:
+  """(c, SVD terms of kernel - c J), J the all-ones kernel, c lowering the rank; else c = 0.
 
   A kernel with its mean removed (every Gabor kernel of the bank) is a low-rank kernel
   minus a constant one. With the kernel's SVD U S V^T and 1 = U a = V b (the ones vector
   in both its column and row spaces), kernel - c 1 1^T = U (S - c a b^T) V^T, singular
   exactly when c = 1 / (b^T S^-1 a). The split is kept only if the rest has fewer terms
-  at the kernel's own tolerance, so it is exact wherever it is used.
+  at the kernel's own tolerance, so it is exact wherever it is used. The terms are
+  `_svd_terms`' (u, s, vt) of the rest, or of the kernel when c = 0.
   """
-  u, s, vt = _svd_terms(kernel)
+  terms = _svd_terms(kernel)
+  u, s, vt = terms
   if len(s) < 2:
-    return 0.0, kernel
+    return 0.0, terms
   ones = np.ones(kernel.shape[0])
   den = float((vt @ ones) @ ((u @ ones) / s))
   if abs(den) < 1e-12:
-    return 0.0, kernel
+    return 0.0, terms
   c = 1.0 / den
-  rest = kernel - c * np.outer(ones, ones)
-  if len(_svd_terms(rest, scale=s[0])[1]) >= len(s):
-    return 0.0, kernel
+  rest = _svd_terms(kernel - c * np.outer(ones, ones), scale=s[0])
+  if len(rest[1]) >= len(s):
+    return 0.0, terms
   return c, rest
 
 
@@ -242,10 +244,9 @@ def _separable_terms(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     mix[-1][kernel] = coef
 
   for i, kernel in enumerate(np.asarray(bank, np.float64)):
-    c, rest = _without_constant(kernel)
+    c, (u, s, vt) = _without_constant(kernel)
     if c:
       add(np.ones(k), np.ones(k), i, c)
-    u, s, vt = _svd_terms(rest, scale=np.linalg.norm(kernel, 2))
     for r in range(len(s)):
       add(u[r], vt[r], i, s[r])
   return np.array(us), np.array(vs), np.array(mix)
