@@ -42,6 +42,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from avae_jax import benchmarking
+from avae_jax import hugepages
 from avae_jax import xla_flags
 
 config_flags.DEFINE_config_file('config', 'configs/bench_celeba.py',
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
   """Runs the selected cases and prints their results."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  hugepages.reexec()  # first: a restart repeats everything before it
   xla_flags.apply()
   import jax  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config

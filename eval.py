@@ -24,6 +24,7 @@ from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
 from avae_jax import evaluation
+from avae_jax import hugepages
 from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  hugepages.reexec()  # first: a restart repeats everything before it
   xla_flags.apply()
   distributed.initialize()
   config = flags.FLAGS.config

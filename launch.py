@@ -32,6 +32,8 @@ import threading
 import time
 from typing import IO, Sequence
 
+from avae_jax import hugepages
+
 _LOOPBACK = '127.0.0.1'
 _PR_SET_PDEATHSIG = 1
 
@@ -245,6 +247,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str]) -> int:
   """Entry point; returns the exit status."""
   args, program = parse_args(argv)
+  # The processes inherit the tunable, so none of them restarts on its own.
+  hugepages.reexec()
   launcher = Launcher(program, num_processes=args.num_processes,
                       devices_per_process=args.devices_per_process,
                       timeout_s=args.timeout_s, grace_s=args.grace_s, port=args.port)

@@ -222,6 +222,8 @@ def main(argv: list[str]) -> None:
   """Runs the study (or only its report) and publishes the report if asked."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec()  # first: a restart repeats everything before it
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.apply()
   from avae_jax import study_report  # pylint: disable=g-import-not-at-top

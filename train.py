@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
+from avae_jax import hugepages
 from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> None:
   """Entry point: initialise the distributed runtime if asked, then train and evaluate."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  hugepages.reexec()  # first: a restart repeats everything before it
   xla_flags.apply()
   summary.quiet_library_logs()
   distributed.initialize()

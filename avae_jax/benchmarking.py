@@ -51,7 +51,7 @@ FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', '
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
           'channels', 'batch_size', 'steps', 'rounds', 'backend', 'device_kind', 'variant',
           'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
-          'twin_median_step_s', 'twin_ratio')
+          'glibc_tunables', 'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
 DEFAULT_DATASET_SIZE = 200_000
@@ -288,6 +288,8 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       vae_updated_fraction=vae_frac,
       conv_backward=str(config.model.get('conv_backward', 'auto')),
       xla_flags=os.environ.get('XLA_FLAGS', ''),
+      # Huge pages for malloc or not (avae_jax.hugepages) change the step times.
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
       twin_median_step_s=None,
       twin_ratio=None,
   )
@@ -415,5 +417,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                f"{r['steps']} timed steps"
                + (f" in {r['rounds']} interleaved rounds" if r.get('rounds', 1) > 1 else '')
                + "; matmul peak "
-               f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s")
+               f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s"
+               + (f"; GLIBC_TUNABLES={r['glibc_tunables']}" if r.get('glibc_tunables') else ''))
   return '\n'.join(out)

@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from avae_jax import conv as conv_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import filters  # pylint: disable=g-import-not-at-top,wrong-import-position
+from avae_jax import hugepages  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -86,6 +87,7 @@ def _grad_of_sum_of_squares(f: Callable[[jax.Array], jax.Array]) -> Callable:
 def main(argv: list[str]) -> None:
   """Prints one line per operation."""
   del argv
+  hugepages.reexec()  # first: a restart repeats everything before it
   xla_flags.apply()
   b = _BATCH.value
   key = jax.random.PRNGKey(0)

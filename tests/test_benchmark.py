@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from avae_jax import benchmarking
+from avae_jax import hugepages
 from avae_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,12 @@ def test_field_types_are_sane(tiny_rows):
     assert r['conv_backward'] == 'auto'
     assert r['xla_flags'].split()[0] == '--xla_force_host_platform_device_count=1'
     assert all(f'--{k}=' in r['xla_flags'] for k in xla_flags.CPU_FLAGS)
+    # benchmark.py restarts itself with huge pages for malloc where that works.
+    given = os.environ.get('GLIBC_TUNABLES', '')
+    if hugepages.should_reexec(os.environ, hugepages.glibc_version(), hugepages.thp_mode()):
+      assert r['glibc_tunables'] == hugepages.with_tunable(given)
+    else:
+      assert r['glibc_tunables'] == given
 
 
 def test_case_semantics(tiny_rows):

@@ -1,0 +1,114 @@
+"""Tests for avae_jax.hugepages: the tunable's value, when to restart, and its effect."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from avae_jax import hugepages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ON = f'{hugepages.TUNABLE}=1'
+
+
+def _can_restart() -> bool:
+  return hugepages.should_reexec({}, hugepages.glibc_version(), hugepages.thp_mode())
+
+
+def test_with_tunable_adds_it_once_and_keeps_the_rest():
+  assert hugepages.with_tunable('') == _ON
+  assert hugepages.with_tunable('glibc.malloc.arena_max=2') == f'glibc.malloc.arena_max=2:{_ON}'
+  assert hugepages.with_tunable('glibc.malloc.arena_max=2:') == f'glibc.malloc.arena_max=2:{_ON}'
+  # The user's own setting wins, whatever its value.
+  off = f'glibc.malloc.arena_max=2:{hugepages.TUNABLE}=0'
+  assert hugepages.with_tunable(off) == off
+  assert hugepages.with_tunable(_ON) == _ON
+
+
+def test_should_reexec():
+  assert hugepages.should_reexec({}, (2, 36), 'madvise')
+  assert hugepages.should_reexec({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, (2, 35),
+                                 'always')
+  assert not hugepages.should_reexec({'GLIBC_TUNABLES': _ON}, (2, 36), 'madvise')
+  assert not hugepages.should_reexec({'GLIBC_TUNABLES': f'{hugepages.TUNABLE}=0'}, (2, 36),
+                                     'madvise')
+  assert not hugepages.should_reexec({}, (2, 34), 'madvise')  # glibc would ignore it
+  assert not hugepages.should_reexec({}, (3, 0), 'never')
+  assert not hugepages.should_reexec({}, (2, 36), '')
+  assert not hugepages.should_reexec({}, None, 'madvise')
+
+
+def test_thp_mode_reads_the_bracketed_mode(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert hugepages.thp_mode(str(path)) == 'madvise'
+  path.write_text('[always] madvise never\n')
+  assert hugepages.thp_mode(str(path)) == 'always'
+  assert hugepages.thp_mode(str(tmp_path / 'missing')) == ''
+
+
+def test_glibc_version_matches_platform():
+  name, version = platform.libc_ver()
+  if name != 'glibc':
+    assert hugepages.glibc_version() is None
+    return
+  assert hugepages.glibc_version() == tuple(int(v) for v in version.split('.')[:2])
+
+
+def _run(code: str, *args: str, tunables: str | None) -> list[str]:
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  if tunables is not None:
+    env['GLIBC_TUNABLES'] = tunables
+  out = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60, check=True)
+  return out.stdout.split('\n')[:-1]
+
+
+_RESTART = """
+  import os, sys
+  from avae_jax import hugepages
+  print('start', os.getpid(), flush=True)
+  hugepages.reexec()
+  print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])
+"""
+
+
+def test_reexec_restarts_once_with_the_tunable_and_the_same_arguments():
+  if not _can_restart():
+    pytest.skip('no restart here: glibc < 2.35, another C library, or no THP')
+  lines = _run(_RESTART, 'a b', '--c=d', tunables=None)
+  assert len(lines) == 3, lines
+  pid = lines[0].split()[1]
+  assert lines == [f'start {pid}', f'start {pid}', f"after {pid} {_ON} ['a b', '--c=d']"]
+
+
+def test_reexec_keeps_a_given_setting():
+  lines = _run(_RESTART, 'x', tunables=f'{hugepages.TUNABLE}=0')
+  assert len(lines) == 2 and lines[1].endswith(f"{hugepages.TUNABLE}=0 ['x']"), lines
+
+
+_MALLOC = """
+  import ctypes, re
+  def anon_huge_kb():
+    with open('/proc/self/smaps_rollup') as f:
+      return int(re.search(r'AnonHugePages:\\s+(\\d+) kB', f.read()).group(1))
+  libc = ctypes.CDLL(None)
+  libc.malloc.restype = ctypes.c_void_p
+  before = anon_huge_kb()
+  n = 64 << 20
+  ctypes.memset(libc.malloc(n), 1, n)  # touch every page
+  print(anon_huge_kb() - before)
+"""
+
+
+def test_the_tunable_gives_malloc_huge_pages():
+  if not _can_restart() or not os.path.exists('/proc/self/smaps_rollup'):
+    pytest.skip('needs glibc >= 2.35, transparent huge pages and /proc/self/smaps_rollup')
+  on = int(_run(_MALLOC, tunables=_ON)[0])
+  assert on >= 32 * 1024, on  # most of the 64 MiB in 2 MiB pages
+  if hugepages.thp_mode() == 'madvise':  # with 'always' every mapping may get them
+    off = int(_run(_MALLOC, tunables=f'{hugepages.TUNABLE}=0')[0])
+    assert off < 8 * 1024, off
