@@ -3,9 +3,10 @@
 Images are float32 NHWC batches in [0, 1]. Every per-image loss returns shape (B,); the
 caller reduces over the batch (and over devices). The fixed filters run as banded-matrix
 products rather than convolutions: SSIM's Gaussian window is separable, and the Sobel
-and (cosine) Gabor kernels are mixtures of eleven separable terms, each a row and a
-column product (see `_separable_blur` and `_responses`). Both compute the
-cross-correlation with the kernels of `filters`.
+and (cosine) Gabor losses, means of squared filter responses, are quadratic forms whose
+operator is a sum of a few products of banded matrices (see `_separable_blur` and
+`_response_energies`). Both compute the cross-correlation with the kernels of `filters`,
+with zero padding for Sobel and Gabor.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import chex
 import jax
@@ -257,13 +258,9 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
 
   The kernels are mixtures of a few separable terms (`_separable_terms`); every term is a
   banded-matrix product over rows then one over columns, and one small matrix product
-  mixes the terms into the kernels' responses. On XLA:CPU this ran 1.5-1.8x (96x96) and
-  2-6x (28x28) faster than the 11x11 convolution with one input channel, forward and
-  backward (docs/benchmarks.md). The dense bands multiply by zeros too, which grows with
-  the side: the products cost ~H/11 times the taps, fine up to this project's 96x96 (bands
-  over blocks of rows, with fewer zeros, were slower there) but worth re-measuring for
-  much larger images. The output is kernel-major, so that a group of kernels (Sobel's,
-  Gabor's) is a contiguous slice.
+  mixes the terms into the kernels' responses. The losses do not filter this way any
+  more (`_gram_terms`); it is kept as the direct form of the same filtering, which the
+  tests check against scipy and scripts/op_timings.py times.
   """
   bank = _check_bank(bank)
   pad = bank.shape[-1] // 2
@@ -276,53 +273,100 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
   return jnp.einsum('rbij,rk->kbij', t, jnp.asarray(mix, jnp.float32), precision=_PRECISION)
 
 
-def _response_loss(x: Array, y: Array, bank: np.ndarray) -> Array:
-  """Squared differences of the bank's responses to the luma of x (target) and y (n, B, H, W).
+def _gram_terms(bank: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  """(P (T, h, h), Q (T, w, w)): sum_k R_k^T R_k = sum_t Q_t (x) P_t, with T small.
+
+  R_k is the zero-padded 'same' cross-correlation of h x w images with kernel k, as a
+  linear map; sum_k |R_k d|^2 = <d, G d> with G = sum_k R_k^T R_k, and G d = sum_t P_t d
+  Q_t^T. With the separable terms of the bank, R_k = sum_r mix[r, k] A_r (x) B_r (A_r, B_r
+  the row and column band matrices), so G = sum_{r, s} M[r, s] (A_r^T A_s) (x) (B_r^T B_s)
+  with M = mix mix^T, exactly, the borders included. Those R^2 products are compressed
+  to the fewest Kronecker terms by an SVD of G's rearrangement (Van Loan and Pitsianis:
+  A (x) B -> vec(A) vec(B)^T), computed in float64 from QR factors of the two sides:
+  Sobel's two kernels give 2 terms, the default Gabor bank's eight 13.
+  """
+  bank = _check_bank(bank)
+  pad = bank.shape[-1] // 2
+  u, v, mix = _separable_terms(bank)
+  rows = _band_matrices(h, u, pad).astype(np.float64)
+  cols = _band_matrices(w, v, pad).astype(np.float64)
+  m = mix @ mix.T
+  pairs = [(r, s) for r in range(len(u)) for s in range(len(u)) if m[r, s] != 0.0]
+  left = np.stack([(rows[r].T @ rows[s]).ravel() for r, s in pairs], axis=1)
+  right = np.stack([(cols[r].T @ cols[s]).ravel() for r, s in pairs], axis=1)
+  q_left, r_left = np.linalg.qr(left)
+  q_right, r_right = np.linalg.qr(right)
+  core = r_left @ (np.array([m[r, s] for r, s in pairs])[:, None] * r_right.T)
+  uc, sc, vct = np.linalg.svd(core)
+  # As in _svd_terms: what is below 1e-9 of the largest term is float64 rounding.
+  keep = np.flatnonzero(sc > 1e-9 * max(sc[0], 1e-300))
+  scale = np.sqrt(sc[keep])
+  p = ((q_left @ uc[:, keep]) * scale).T.reshape(len(keep), h, h)
+  q = ((q_right @ vct[keep].T) * scale).T.reshape(len(keep), w, w)
+  return p.astype(np.float32), q.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_gram_terms(bank_bytes: bytes, shape: tuple[int, ...], h: int,
+                       w: int) -> tuple[np.ndarray, np.ndarray]:
+  """`_gram_terms` of a float64 bank given by its bytes (a hashable cache key)."""
+  bank = np.frombuffer(bank_bytes, np.float64).reshape(shape)
+  return _gram_terms(bank, h, w)
+
+
+def _response_energies(x: Array, y: Array, banks: Sequence[Any]) -> list[Array]:
+  """For each bank, the mean over its kernels and the pixels of the squared differences
+  of its responses to the luma of y and of x (target): a (B,) value per bank.
 
   The filters are linear, so the difference of the responses is the response to the
-  difference of the images: one filtering instead of two, and the target (under
-  stop_gradient) needs no pass of its own.
+  difference d of the images, and the mean of the squares is <d, G d> / (n H W) with the
+  Gram operator G of `_gram_terms`: one application of G per bank gives the value, and
+  the gradient, 2 G d / (n H W), needs no backward pass through the filters (a custom
+  VJP). Applying G is a row product for each of its few terms, then one product that
+  contracts the terms and the columns together: 3.2x faster at 28x28 and 96x96 than the
+  responses' forward and backward passes (docs/benchmarks.md, item 16). The target gets
+  no gradient.
   """
   x, y = _as_images(x), _as_images(y)
   chex.assert_equal_shape([x, y])
-  diff = to_gray(y) - jax.lax.stop_gradient(to_gray(x))
-  return jnp.square(_responses(diff, bank))
+  _, h, w, _ = x.shape
+  terms = []
+  for bank in banks:
+    bank = np.asarray(_check_bank(bank), np.float64)
+    p, q = _cached_gram_terms(bank.tobytes(), bank.shape, h, w)
+    # 1 / (n H W) goes into Q, so that G d comes out as the gradient's scale needs it.
+    terms.append((jnp.asarray(p), jnp.asarray(q / (bank.shape[0] * h * w))))
+
+  def apply_grams(d: Array) -> list[Array]:
+    return [jnp.einsum('tjw,tbiw->bij', q, jnp.einsum('tih,bhw->tbiw', p, d,
+                                                      precision=_PRECISION),
+                       precision=_PRECISION) for p, q in terms]
+
+  @jax.custom_vjp
+  def energies(d: Array) -> list[Array]:
+    return [jnp.sum(d * gd, axis=(1, 2)) for gd in apply_grams(d)]
+
+  def energies_fwd(d: Array) -> tuple[list[Array], list[Array]]:
+    gds = apply_grams(d)
+    return [jnp.sum(d * gd, axis=(1, 2)) for gd in gds], gds
+
+  def energies_bwd(gds: list[Array], cts: list[Array]) -> tuple[Array]:
+    # G is symmetric: the gradient of <d, G d> is 2 G d.
+    return (sum(2.0 * ct[:, None, None] * gd for ct, gd in zip(cts, gds)),)
+
+  energies.defvjp(energies_fwd, energies_bwd)
+  d = to_gray(y)[..., 0] - jax.lax.stop_gradient(to_gray(x)[..., 0])
+  return energies(d)
 
 
 def sobel_loss(x: Array, y: Array) -> Array:
   """Mean squared difference of Sobel x/y responses on luma (B,); x is the target."""
-  return jnp.mean(_response_loss(x, y, filters.sobel_kernels()), axis=(0, 2, 3))
+  return _response_energies(x, y, [filters.sobel_kernels()])[0]
 
 
 def gabor_loss(x: Array, y: Array, bank: Any) -> Array:
   """Mean squared difference of Gabor-bank responses on luma (B,); x is the target."""
-  return jnp.mean(_response_loss(x, y, bank), axis=(0, 2, 3))
-
-
-@functools.lru_cache(maxsize=32)
-def _shared_bank(sobel: bool, gabor: GaborSpec | None) -> tuple[np.ndarray, int]:
-  """One (n, k, k) bank holding Sobel x/y (if asked) then the Gabor kernels (if asked).
-
-  The 3x3 Sobel kernels are embedded in the centre of the k x k grid; with zero 'same'
-  padding their responses are exactly those of the 3x3 kernels. Returns the bank and
-  the number of leading Sobel kernels.
-  """
-  parts = []
-  size = 3
-  if gabor is not None:
-    gabor_kernels = gabor.bank()
-    size = max(size, gabor_kernels.shape[-1])
-  if sobel:
-    sob = np.zeros((2, size, size))
-    c = size // 2
-    sob[:, c - 1:c + 2, c - 1:c + 2] = filters.sobel_kernels()
-    parts.append(sob)
-  if gabor is not None:
-    pad = (size - gabor_kernels.shape[-1]) // 2
-    parts.append(np.pad(gabor_kernels, ((0, 0), (pad, pad), (pad, pad))))
-  bank = np.concatenate(parts).astype(np.float32)
-  bank.setflags(write=False)
-  return bank, 2 if sobel else 0
+  return _response_energies(x, y, [bank])[0]
 
 
 def reconstruction_loss(x: Array, x_rec: Array,
@@ -332,7 +376,7 @@ def reconstruction_loss(x: Array, x_rec: Array,
 
   weights maps terms of RECONSTRUCTION_TERMS to Python floats (static); absent or zero
   terms are neither computed nor returned. x is the target, x_rec the reconstruction.
-  Sobel and Gabor share one filtering of the difference; `gabor` defaults to GaborSpec().
+  Sobel and Gabor filter the difference of the images; `gabor` defaults to GaborSpec().
   """
   x, x_rec = _as_images(x), _as_images(x_rec)
   chex.assert_equal_shape([x, x_rec])
@@ -351,14 +395,13 @@ def reconstruction_loss(x: Array, x_rec: Array,
     terms['mse'] = mse(x, x_rec)
   if 'dssim' in active:
     terms['dssim'] = dssim(x, x_rec)
-  if 'sobel' in active or 'gabor' in active:
-    spec = (gabor or GaborSpec()) if 'gabor' in active else None
-    bank, n_sobel = _shared_bank('sobel' in active, spec)
-    sq = _response_loss(x, x_rec, bank)
-    if 'sobel' in active:
-      terms['sobel'] = jnp.mean(sq[:n_sobel], axis=(0, 2, 3))
-    if 'gabor' in active:
-      terms['gabor'] = jnp.mean(sq[n_sobel:], axis=(0, 2, 3))
+  banks = {}
+  if 'sobel' in active:
+    banks['sobel'] = filters.sobel_kernels()
+  if 'gabor' in active:
+    banks['gabor'] = (gabor or GaborSpec()).bank()
+  if banks:
+    terms.update(zip(banks, _response_energies(x, x_rec, list(banks.values()))))
   terms = {k: terms[k] for k in RECONSTRUCTION_TERMS if k in terms}
   total = jnp.zeros((x.shape[0],), jnp.float32)
   for name, value in terms.items():

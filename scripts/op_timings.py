@@ -11,7 +11,8 @@ compared on the machine at hand:
   uses);
 * the Sobel + Gabor bank of the compound loss (10 kernels, 11x11) on a one-channel image
   at 96x96 and 28x28: one 'same' convolution against the sums of separable
-  banded-matrix products (what losses.reconstruction_loss uses);
+  banded-matrix products, and the value and gradient of the Sobel and Gabor losses as
+  quadratic forms with the banks' Gram operators (what losses.reconstruction_loss uses);
 * 2x2 max pooling: flax's reduce_window, reshape + max (its gradient splits ties; not
   adopted, see docs/benchmarks.md) and models.max_pool_2x2 (what the discriminator uses);
 * a 3x3 convolution of every resolution of the CelebA model (Table I widths): forward,
@@ -101,7 +102,9 @@ def main(argv: list[str]) -> None:
       _grad_of_sum_of_squares(lambda m: losses._separable_blur(m, taps)),  # pylint: disable=protected-access
       moments)))
 
-  bank, _ = losses._shared_bank(True, losses.GaborSpec())  # pylint: disable=protected-access
+  # Sobel's 3x3 kernels in the middle of the Gabor kernels' 11x11 grid: one bank of ten.
+  gabor = losses.GaborSpec().bank()
+  bank = np.concatenate([np.pad(filters.sobel_kernels(), ((0, 0), (4, 4), (4, 4))), gabor])
   kernel = jnp.asarray(np.transpose(bank, (1, 2, 0))[:, :, None, :])
   for side in (96, 28):
     gray = jax.random.uniform(key, (b, side, side, 1))
@@ -112,6 +115,12 @@ def main(argv: list[str]) -> None:
     rows.append((f'Sobel + Gabor bank {side}x{side}, separable products', median_ms(
         _grad_of_sum_of_squares(lambda g: losses._responses(g, bank)),  # pylint: disable=protected-access
         gray)))
+    # What the losses compute instead: the mean squared responses as quadratic forms
+    # (value and gradient of the Sobel and the Gabor loss, the target all zeros).
+    zeros = jnp.zeros_like(gray)
+    rows.append((f'Sobel + Gabor losses {side}x{side}, Gram products (losses.py)', median_ms(
+        jax.grad(lambda g: sum(jnp.sum(e) for e in losses._response_energies(  # pylint: disable=protected-access
+            zeros, g, [filters.sobel_kernels(), gabor]))), gray)))
 
   h = jax.random.normal(key, (b, 96, 96, 24))
   rows.append(('max pool 2x2, reduce_window', median_ms(

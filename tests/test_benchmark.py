@@ -203,8 +203,8 @@ def test_op_timings_script_times_every_operation():
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   lines = out.stdout.splitlines()[1:]
-  # 2 SSIM windows, 2 x 2 filter banks, 3 poolings, 4 resolutions x (forward, input
-  # gradient, weight gradient), 2 strided input gradients x 2.
-  assert len(lines) == 2 + 4 + 3 + 4 * 3 + 2 * 2
+  # 2 SSIM windows, 2 sides x 3 forms of the filter bank, 3 poolings, 4 resolutions x
+  # (forward, input gradient, weight gradient), 2 strided input gradients x 2.
+  assert len(lines) == 2 + 2 * 3 + 3 + 4 * 3 + 2 * 2
   for line in lines:
     assert float(line.split()[-2]) > 0 and line.endswith(' ms')

@@ -156,32 +156,80 @@ def test_response_losses_match_scipy_for_any_bank():
     np.testing.assert_allclose(gab, _response_loss_np(x, y, bank), rtol=1e-4)
 
 
-def test_default_bank_needs_eleven_separable_terms():
-  # Sobel x and y: one term each. Per wavelength, the Gabor kernels at 0 and 90 degrees
-  # are one term each and the 45/135 degree pair shares two (cos(a +- b) = cos a cos b
-  # -+ sin a sin b), once the mean removal, one box filter shared by all eight kernels,
-  # is split off: 2 + 2 * 4 + 1 instead of the 22 terms of each kernel's own SVD.
-  bank, _ = losses._shared_bank(True, losses.GaborSpec())
-  u, v, mix = losses._separable_terms(bank)
-  assert u.shape == v.shape == (11, 11) and mix.shape == (11, 10)
-  np.testing.assert_allclose(np.einsum('ri,rj,rk->kij', u, v, mix), bank, atol=1e-6)
-  box = [r for r in range(11) if np.ptp(u[r]) == 0 and np.ptp(v[r]) == 0]
-  assert len(box) == 1 and np.all(mix[box[0], :2] == 0) and np.all(mix[box[0], 2:] != 0)
+def test_default_banks_need_few_separable_and_gram_terms():
+  # Sobel x and y: one separable term each. Per wavelength, the Gabor kernels at 0 and 90
+  # degrees are one term each and the 45/135 degree pair shares two (cos(a +- b) =
+  # cos a cos b -+ sin a sin b), once the mean removal, one box filter shared by all eight
+  # kernels, is split off: 2 * 4 + 1 instead of the 20 terms of each kernel's own SVD.
+  gabor = losses.GaborSpec().bank()
+  u, v, mix = losses._separable_terms(gabor)
+  assert u.shape == v.shape == (9, 11) and mix.shape == (9, 8)
+  np.testing.assert_allclose(np.einsum('ri,rj,rk->kij', u, v, mix), gabor, atol=1e-6)
+  box = [r for r in range(9) if np.ptp(u[r]) == 0 and np.ptp(v[r]) == 0]
+  assert len(box) == 1 and np.all(mix[box[0]] != 0)
+  assert losses._separable_terms(filters.sobel_kernels())[0].shape == (2, 3)
+  # The Gram operators, sum_k R_k^T R_k, in Kronecker terms (documented counts).
+  assert losses._gram_terms(filters.sobel_kernels(), 96, 96)[0].shape == (2, 96, 96)
+  assert losses._gram_terms(gabor, 96, 96)[0].shape == (13, 96, 96)
 
 
-def test_shared_bank_responses_match_scipy_correlate():
-  # The one filtering of reconstruction_loss: Sobel 3x3 embedded in the 11x11 grid
-  # followed by the Gabor bank, cross-correlation with zero 'same' padding. (Convolution
-  # would equal correlation with the kernel flipped: for Sobel that flips the sign.)
-  spec = losses.GaborSpec()
-  bank, n_sobel = losses._shared_bank(True, spec)
-  assert n_sobel == 2 and bank.shape == (10, 11, 11)
+def _correlation_matrix(kernel, h, w):
+  """The (h w, h w) matrix of scipy's zero-padded correlation with kernel on h x w images."""
+  cols = []
+  for i in range(h * w):
+    e = np.zeros(h * w)
+    e[i] = 1.0
+    cols.append(ndimage.correlate(e.reshape(h, w), kernel, mode='constant').ravel())
+  return np.stack(cols, axis=1)
+
+
+@pytest.mark.parametrize('which', ['sobel', 'gabor', 'random'])
+def test_gram_terms_are_the_sum_of_the_filters_normal_matrices(which):
+  # G = sum_k R_k^T R_k with R_k built column by column from scipy; a side shorter than
+  # the 11x11 kernels and a non-square image exercise the borders.
+  bank = {'sobel': filters.sobel_kernels(), 'gabor': filters.gabor_bank(),
+          'random': np.random.default_rng(5).normal(size=(3, 5, 5))}[which]
+  h, w = 9, 13
+  ref = sum(r.T @ r for r in (_correlation_matrix(k, h, w) for k in bank))
+  p, q = losses._gram_terms(bank, h, w)
+  got = sum(np.kron(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(p, q))
+  np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_response_loss_gradients_match_scipy_adjoint():
+  # d/dy of mean_k,pixels (R_k d)^2 with d = luma(y) - luma(x) is
+  # luma weights * 2 / (n H W) * sum_k R_k^T R_k d, and R_k^T (the adjoint of zero-padded
+  # correlation) is zero-padded convolution with the same kernel.
+  img = _natural('astronaut')[:24, 8:36]
+  x = np.stack([img, _distorted(img, 'blur')])
+  y = np.stack([_distorted(img, 'noise'), img])
+  d = _luma_np(y) - _luma_np(x)
+  gabor = filters.gabor_bank()
+  for bank, fn in ((filters.sobel_kernels(), losses.sobel_loss),
+                   (gabor, lambda a, b: losses.gabor_loss(a, b, gabor))):
+    ct = np.array([0.7, -1.3])
+    grad = jax.grad(lambda b: jnp.sum(fn(jnp.asarray(x, jnp.float32), b) * ct))(
+        jnp.asarray(y, jnp.float32))
+    scale = 2.0 / (len(bank) * d.shape[1] * d.shape[2])
+    for i in range(2):
+      back = sum(ndimage.convolve(ndimage.correlate(d[i], k, mode='constant'), k,
+                                  mode='constant') for k in bank)
+      ref = ct[i] * scale * back[..., None] * np.asarray(filters.LUMA)
+      np.testing.assert_allclose(np.asarray(grad[i]), ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_responses_match_scipy_correlate():
+  # The banks' responses in their direct form (`_responses`), cross-correlation with zero
+  # 'same' padding. (Convolution would equal correlation with the kernel flipped: for
+  # Sobel that flips the sign.)
   gray = _luma_np(_natural('astronaut')[None, 8:40, 8:40])[0]
-  resp = np.asarray(losses._responses(jnp.asarray(gray[None, :, :, None], jnp.float32), bank))
-  refs = list(filters.sobel_kernels()) + list(spec.bank())
-  for c, k in enumerate(refs):
-    ref = ndimage.correlate(gray, k, mode='constant', cval=0.0)
-    np.testing.assert_allclose(resp[c, 0], ref, atol=1e-5)
+  g = jnp.asarray(gray[None, :, :, None], jnp.float32)
+  for bank in (filters.sobel_kernels(), losses.GaborSpec().bank()):
+    resp = np.asarray(losses._responses(g, bank))
+    for c, k in enumerate(bank):
+      ref = ndimage.correlate(gray, k, mode='constant', cval=0.0)
+      np.testing.assert_allclose(resp[c, 0], ref, atol=1e-5)
+  resp = np.asarray(losses._responses(g, filters.sobel_kernels()))
   flipped = ndimage.convolve(gray, filters.sobel_kernels()[0], mode='constant')
   np.testing.assert_allclose(resp[0, 0], -flipped, atol=1e-5)
 
@@ -430,7 +478,7 @@ def test_reconstruction_loss_computes_only_weighted_terms():
   assert terms == {} and total.shape == (2,)
   np.testing.assert_array_equal(total, 0.0)
   # What is traced: no convolution at all; SSIM's window and the Sobel/Gabor bank run as
-  # banded-matrix products (test_shared_bank_responses_match_scipy_correlate checks them).
+  # banded-matrix products (test_gram_terms_are_the_sum_of_the_filters_normal_matrices).
   for weights in ({'mae': 1.0, 'mse': 1.0}, {'dssim': 1.0}, {'sobel': 1.0, 'gabor': 1.0},
                   {'gabor': 1.0}, ALL_TERMS):
     assert _conv_count(weights) == 0
