@@ -274,7 +274,7 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
 
 
 def _gram_terms(bank: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-  """(P (T, h, h), Q (T, w, w)): sum_k R_k^T R_k = sum_t Q_t (x) P_t, with T small.
+  """(P (T, h, h), Q (T, w, w)), T small: sum_k R_k^T R_k = sum_t P_t (x) Q_t (row-major).
 
   R_k is the zero-padded 'same' cross-correlation of h x w images with kernel k, as a
   linear map; sum_k |R_k d|^2 = <d, G d> with G = sum_k R_k^T R_k, and G d = sum_t P_t d
@@ -288,10 +288,12 @@ def _gram_terms(bank: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarra
   bank = _check_bank(bank)
   pad = bank.shape[-1] // 2
   u, v, mix = _separable_terms(bank)
-  rows = _band_matrices(h, u, pad).astype(np.float64)
-  cols = _band_matrices(w, v, pad).astype(np.float64)
   m = mix @ mix.T
   pairs = [(r, s) for r in range(len(u)) for s in range(len(u)) if m[r, s] != 0.0]
+  if not pairs:  # an all-zero bank: G = 0
+    return np.zeros((0, h, h), np.float32), np.zeros((0, w, w), np.float32)
+  rows = _band_matrices(h, u, pad).astype(np.float64)
+  cols = _band_matrices(w, v, pad).astype(np.float64)
   left = np.stack([(rows[r].T @ rows[s]).ravel() for r, s in pairs], axis=1)
   right = np.stack([(cols[r].T @ cols[s]).ravel() for r, s in pairs], axis=1)
   q_left, r_left = np.linalg.qr(left)
@@ -315,10 +317,9 @@ def _cached_gram_terms(bank_bytes: bytes, shape: tuple[int, ...], h: int,
 
 
 def _response_energies(x: Array, y: Array, banks: Sequence[Any]) -> list[Array]:
-  """For each bank, the mean over its kernels and the pixels of the squared differences
-  of its responses to the luma of y and of x (target): a (B,) value per bank.
+  """Per bank, the mean squared difference of its responses to luma y and luma x (B,).
 
-  The filters are linear, so the difference of the responses is the response to the
+  The mean is over the bank's kernels and the pixels; x is the target. The filters are linear, so the difference of the responses is the response to the
   difference d of the images, and the mean of the squares is <d, G d> / (n H W) with the
   Gram operator G of `_gram_terms`: one application of G per bank gives the value, and
   the gradient, 2 G d / (n H W), needs no backward pass through the filters (a custom
