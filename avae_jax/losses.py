@@ -319,14 +319,14 @@ def _cached_gram_terms(bank_bytes: bytes, shape: tuple[int, ...], h: int,
 def _response_energies(x: Array, y: Array, banks: Sequence[Any]) -> list[Array]:
   """Per bank, the mean squared difference of its responses to luma y and luma x (B,).
 
-  The mean is over the bank's kernels and the pixels; x is the target. The filters are linear, so the difference of the responses is the response to the
-  difference d of the images, and the mean of the squares is <d, G d> / (n H W) with the
-  Gram operator G of `_gram_terms`: one application of G per bank gives the value, and
-  the gradient, 2 G d / (n H W), needs no backward pass through the filters (a custom
-  VJP). Applying G is a row product for each of its few terms, then one product that
-  contracts the terms and the columns together: 3.2x faster at 28x28 and 96x96 than the
-  responses' forward and backward passes (docs/benchmarks.md, item 16). The target gets
-  no gradient.
+  The mean is over the bank's kernels and the pixels; x is the target and gets no
+  gradient. The filters are linear, so the difference of the responses is the response
+  to the difference d of the images, and the mean of the squares is <d, G d> / (n H W)
+  with the Gram operator G of `_gram_terms`: one application of G per bank gives the
+  value, and the gradient, 2 G d / (n H W), needs no backward pass through the filters
+  (a custom VJP). Applying G is a row product for each of its few terms, then one
+  product that contracts the terms and the columns together: 3.2x faster at 28x28 and
+  96x96 than the responses' forward and backward passes (docs/benchmarks.md, item 16).
   """
   x, y = _as_images(x), _as_images(y)
   chex.assert_equal_shape([x, y])
@@ -343,13 +343,13 @@ def _response_energies(x: Array, y: Array, banks: Sequence[Any]) -> list[Array]:
                                                       precision=_PRECISION),
                        precision=_PRECISION) for p, q in terms]
 
-  @jax.custom_vjp
-  def energies(d: Array) -> list[Array]:
-    return [jnp.sum(d * gd, axis=(1, 2)) for gd in apply_grams(d)]
-
   def energies_fwd(d: Array) -> tuple[list[Array], list[Array]]:
     gds = apply_grams(d)
     return [jnp.sum(d * gd, axis=(1, 2)) for gd in gds], gds
+
+  @jax.custom_vjp
+  def energies(d: Array) -> list[Array]:
+    return energies_fwd(d)[0]
 
   def energies_bwd(gds: list[Array], cts: list[Array]) -> tuple[Array]:
     # G is symmetric: the gradient of <d, G d> is 2 G d.

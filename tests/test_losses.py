@@ -224,14 +224,15 @@ def test_responses_match_scipy_correlate():
   # Sobel that flips the sign.)
   gray = _luma_np(_natural('astronaut')[None, 8:40, 8:40])[0]
   g = jnp.asarray(gray[None, :, :, None], jnp.float32)
-  for bank in (filters.sobel_kernels(), losses.GaborSpec().bank()):
-    resp = np.asarray(losses._responses(g, bank))
+  sobel = filters.sobel_kernels()
+  resps = {}
+  for name, bank in (('sobel', sobel), ('gabor', losses.GaborSpec().bank())):
+    resps[name] = np.asarray(losses._responses(g, bank))
     for c, k in enumerate(bank):
       ref = ndimage.correlate(gray, k, mode='constant', cval=0.0)
-      np.testing.assert_allclose(resp[c, 0], ref, atol=1e-5)
-  resp = np.asarray(losses._responses(g, filters.sobel_kernels()))
-  flipped = ndimage.convolve(gray, filters.sobel_kernels()[0], mode='constant')
-  np.testing.assert_allclose(resp[0, 0], -flipped, atol=1e-5)
+      np.testing.assert_allclose(resps[name][c, 0], ref, atol=1e-5)
+  flipped = ndimage.convolve(gray, sobel[0], mode='constant')
+  np.testing.assert_allclose(resps['sobel'][0, 0], -flipped, atol=1e-5)
 
 
 def test_targets_get_no_gradient():
