@@ -16,9 +16,10 @@ memory (null on CPU) and the process's peak RSS.
 --rounds=R > 1 every case is compiled first, then the cases take turns, R rounds of
 about steps / R steps each (the order rotating between rounds): on a machine whose speed
 drifts, comparisons between cases (the compound loss's cost, adversarial against
-pre-training) are only fair that way. The twin, if asked for, then runs at the start of
-every round (a fresh process each time, with its own warm-up), and its step times are
-the medians over its rounds.
+pre-training) are only fair that way. Each turn of a case starts with --rewarm untimed
+steps (default 1): the first step after other work can be much slower than the steady
+state. The twin, if asked for, then runs at the start of every round (a fresh process
+each time, with its own warm-up), and its step times are the medians over its rounds.
 
 The PyTorch twin (torch_twin.py, the same model in PyTorch) runs at the same sizes with
 --twin_python and --twin_script; its step times and the ratio twin / avae_jax (above 1:
@@ -52,6 +53,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compil
 _ROUNDS = flags.DEFINE_integer('rounds', 1,
                                'Rounds the timed steps are split into, the cases taking '
                                'turns in each (1: each case timed in one block).')
+_REWARM = flags.DEFINE_integer('rewarm', 1,
+                               'With --rounds > 1: untimed steps of a case at the start of '
+                               'each of its turns, so that only steady-state steps are timed.')
 _CASES = flags.DEFINE_list('cases', list(benchmarking.CASES),
                            f'Cases to run, from {", ".join(benchmarking.CASES)}.')
 _PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
@@ -73,8 +77,8 @@ def main(argv: list[str]) -> None:
   unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
   if unknown:
     raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
-  if _STEPS.value < 1 or _WARMUP.value < 0:
-    raise app.UsageError('--steps must be >= 1 and --warmup >= 0')
+  if _STEPS.value < 1 or _WARMUP.value < 0 or _REWARM.value < 0:
+    raise app.UsageError('--steps must be >= 1, --warmup and --rewarm >= 0')
   if not 1 <= _ROUNDS.value <= _STEPS.value:
     raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
                          f'got {_ROUNDS.value}')
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> None:
     # The twin takes its turn in every round too, so that the ratio twin / ours is
     # measured under the same drift as the cases' comparisons with each other.
     rows = benchmarking.run_interleaved(config, _CASES.value, rounds=_ROUNDS.value,
-                                        on_compiled=compiled,
+                                        rewarm=_REWARM.value, on_compiled=compiled,
                                         on_round=run_twin if twin_in_rounds else None,
                                         **common)
     twin = benchmarking.merge_twin_runs(twin_runs) if twin_runs else None

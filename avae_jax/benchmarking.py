@@ -49,8 +49,8 @@ BOTH_UPDATES_ACCURACY = 0.6
 FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
           'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
-          'channels', 'batch_size', 'steps', 'rounds', 'backend', 'device_kind', 'variant',
-          'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
+          'channels', 'batch_size', 'steps', 'rounds', 'rewarm_steps', 'backend', 'device_kind',
+          'variant', 'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
           'glibc_tunables', 'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
@@ -173,25 +173,34 @@ class PreparedCase:
   compiled: Any
   compile_s: float
   call: Callable[[int], Any]
-  warmup: int
-  metrics: list[Any]
+  metrics: list[Any] = dataclasses.field(default_factory=list)  # of the timed steps
   calls: int = 0
 
+  def run_untimed(self, steps: int) -> None:
+    """Runs the next `steps` calls without timing them (warm-up)."""
+    for _ in range(steps):
+      jax.block_until_ready(self.call(self.calls))
+      self.calls += 1
+
   def time_steps(self, steps: int) -> list[float]:
-    """Seconds of the next `steps` synchronised calls."""
+    """Seconds of the next `steps` synchronised calls; their metrics are kept."""
     times = []
     for _ in range(steps):
       t = time.perf_counter()
-      jax.block_until_ready(self.call(self.calls))
+      _, metrics = jax.block_until_ready(self.call(self.calls))
       times.append(time.perf_counter() - t)
+      self.metrics.append(metrics)
       self.calls += 1
     return times
 
 
 def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
-                 devices: Sequence[Any], batches: np.ndarray,
-                 dataset_size: int) -> PreparedCase:
-  """Compiles one case ahead of time and runs its `warmup` untimed steps (of warmup + steps)."""
+                 devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
+                 untimed: int = 0) -> PreparedCase:
+  """Compiles one case ahead of time and runs its `warmup` untimed steps.
+
+  Keys are made for warmup + steps + `untimed` calls (those run untimed later on).
+  """
   from avae_jax import parallel  # pylint: disable=g-import-not-at-top
   from avae_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   if case not in CASES:
@@ -218,7 +227,7 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
                  for x in batches]
   # The keys are made before timing: each would otherwise add a dispatch to its step.
   base_key = jax.random.PRNGKey(int(config.seed) + 1)
-  keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps)]
+  keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps + untimed)]
   adversarial = case.startswith('adversarial')
 
   t0 = time.perf_counter()
@@ -230,7 +239,6 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
   compile_s = time.perf_counter() - t0
 
   states = {'vae': vae_state, 'disc': disc_state}
-  metrics_seen = []
 
   def call(i: int) -> Any:
     x = dev_batches[i % len(dev_batches)]
@@ -239,25 +247,22 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
                                                         keys[i])
     else:
       states['vae'], metrics = compiled(states['vae'], x, keys[i])
-    metrics_seen.append(metrics)
     return states['vae'], metrics
 
-  prepared = PreparedCase(case, config, devices, compiled, compile_s, call, warmup,
-                          metrics_seen)
-  prepared.time_steps(warmup)
+  prepared = PreparedCase(case, config, devices, compiled, compile_s, call)
+  prepared.run_untimed(warmup)
   return prepared
 
 
 def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
-             matmul_peak: float | None) -> dict[str, Any]:
+             matmul_peak: float | None, rewarm: int = 0) -> dict[str, Any]:
   """The result row of a timed case (the FIELDS of one JSON line)."""
   config, devices = prepared.config, prepared.devices
   b = int(config.batch_size)
   disc_frac = vae_frac = None
   if prepared.name.startswith('adversarial'):
-    timed = prepared.metrics[prepared.warmup:]
-    disc_frac = float(np.mean([float(m['disc_updated']) for m in timed]))
-    vae_frac = float(np.mean([float(m['vae_updated']) for m in timed]))
+    disc_frac = float(np.mean([float(m['disc_updated']) for m in prepared.metrics]))
+    vae_frac = float(np.mean([float(m['vae_updated']) for m in prepared.metrics]))
   median = float(np.median(times))
   flops = _cost_flops(prepared.compiled)
   flops_per_s = flops / median if flops else None
@@ -281,6 +286,7 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       batch_size=b,
       steps=len(times),
       rounds=int(rounds),
+      rewarm_steps=int(rewarm),
       backend=jax.default_backend(),
       device_kind=devices[0].device_kind,
       variant=str(config.variant),
@@ -313,7 +319,7 @@ def round_sizes(steps: int, rounds: int) -> list[int]:
 
 def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, steps: int,
                     warmup: int, rounds: int, devices: Sequence[Any], batches: np.ndarray,
-                    dataset_size: int, matmul_peak: float | None,
+                    dataset_size: int, matmul_peak: float | None, rewarm: int = 1,
                     on_compiled: Callable[[PreparedCase], None] | None = None,
                     on_round: Callable[[int], None] | None = None,
                     ) -> list[dict[str, Any]]:
@@ -322,14 +328,21 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
   A shared machine's speed drifts over minutes; timed in blocks one after the other,
   two cases can differ by more than the effect under study (docs/benchmarks.md).
   Interleaved, every case sees the same drift. The order rotates from round to round,
-  so that no case always follows the same one. `on_round(steps)` runs first in every
-  round (benchmark.py runs the twin's share there).
+  so that no case always follows the same one. Each turn starts with `rewarm` untimed
+  steps: the first step after other work can be far slower than the steady state (on
+  the project's CPU machine the adversarial step's first step after a turn of another
+  case took up to 1 s longer, in the kernel, refaulting memory that had been handed
+  back; docs/benchmarks.md, item 17). `on_round(steps)` runs first in every round
+  (benchmark.py runs the twin's share there).
   """
+  if rewarm < 0:
+    raise ValueError(f'rewarm must be >= 0, got {rewarm}')
   sizes = round_sizes(steps, rounds)
   prepared = []
   for case in cases:
     prepared.append(prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
-                                 batches=batches, dataset_size=dataset_size))
+                                 batches=batches, dataset_size=dataset_size,
+                                 untimed=rounds * rewarm))
     if on_compiled:
       on_compiled(prepared[-1])
   times: dict[str, list[float]] = {p.name: [] for p in prepared}
@@ -338,8 +351,9 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
       on_round(size)
     for k in range(len(prepared)):
       p = prepared[(r + k) % len(prepared)]
+      p.run_untimed(rewarm)
       times[p.name] += p.time_steps(size)
-  return [case_row(p, times[p.name], rounds=rounds, matmul_peak=matmul_peak)
+  return [case_row(p, times[p.name], rounds=rounds, matmul_peak=matmul_peak, rewarm=rewarm)
           for p in prepared]
 
 
@@ -415,7 +429,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     out.append(f"{r['backend']} ({r['device_kind']}) x{r['devices']}, {r['image_size']}x"
                f"{r['image_size']}x{r['channels']}, batch {r['batch_size']}, {r['dtype']}, "
                f"{r['steps']} timed steps"
-               + (f" in {r['rounds']} interleaved rounds" if r.get('rounds', 1) > 1 else '')
+               + (f" in {r['rounds']} interleaved rounds, each turn after "
+                  f"{r.get('rewarm_steps', 0)} untimed" if r.get('rounds', 1) > 1 else '')
                + "; matmul peak "
                f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s"
                + (f"; GLIBC_TUNABLES={r['glibc_tunables']}" if r.get('glibc_tunables') else ''))

@@ -67,7 +67,7 @@ def test_field_types_are_sane(tiny_rows):
     assert r['peak_memory_bytes'] is None or _positive(r['peak_memory_bytes'])
     assert (r['devices'], r['image_size'], r['channels'], r['batch_size'], r['steps']) == \
         (1, 16, 3, 8, 3)
-    assert r['rounds'] == 2
+    assert r['rounds'] == 2 and r['rewarm_steps'] == 1
     assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
     assert isinstance(r['device_kind'], str) and r['device_kind']
     # What the step ran with: the config's convolution backward pass and the XLA flags
@@ -121,7 +121,8 @@ def test_table_on_stderr(tiny_rows):
   for case in benchmarking.CASES:
     assert f'{case}: compiled in ' in stderr
     assert case in stderr.split('twin/ours')[-1]
-  assert 'matmul peak' in stderr and '3 timed steps in 2 interleaved rounds' in stderr
+  assert 'matmul peak' in stderr
+  assert '3 timed steps in 2 interleaved rounds, each turn after 1 untimed' in stderr
 
 
 def test_unknown_case_and_bad_rounds_are_usage_errors():
@@ -131,6 +132,9 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
   out = _run(TINY + ['--rounds=4'])
   assert out.returncode != 0
   assert '--rounds' in out.stderr and not out.stdout.strip()
+  out = _run(TINY + ['--rewarm=-1'])
+  assert out.returncode != 0
+  assert '--rewarm' in out.stderr and not out.stdout.strip()
 
 
 def test_round_sizes_split_the_steps():
@@ -141,6 +145,55 @@ def test_round_sizes_split_the_steps():
     benchmarking.round_sizes(2, 3)
 
 
+def _logging_case(name, log):
+  """A PreparedCase whose step only logs its call index and returns it as its metrics."""
+  def call(i):
+    log.append((name, i))
+    return None, {'call': i}
+  return benchmarking.PreparedCase(name, None, [], None, 0.0, call)
+
+
+def test_prepared_case_keeps_the_metrics_of_timed_steps_only():
+  log = []
+  case = _logging_case('a', log)
+  case.run_untimed(2)
+  times = case.time_steps(3)
+  case.run_untimed(1)
+  assert len(times) == 3 and all(t >= 0 for t in times)
+  assert log == [('a', i) for i in range(6)] and case.calls == 6
+  assert [m['call'] for m in case.metrics] == [2, 3, 4]
+
+
+def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
+  log = []
+  made = {}
+
+  def fake_prepare(config, case, *, steps, warmup, untimed, **_):
+    # Keys for every call: warm-up, timed steps and the turns' untimed steps.
+    made[case] = warmup + steps + untimed
+    prepared = _logging_case(case, log)
+    prepared.run_untimed(warmup)
+    return prepared
+
+  monkeypatch.setattr(benchmarking, 'prepare_case', fake_prepare)
+  monkeypatch.setattr(benchmarking, 'case_row',
+                      lambda p, times, **kw: (p.name, len(times), p.metrics, kw['rewarm']))
+  rows = benchmarking.run_interleaved(None, ['a', 'b'], steps=3, warmup=1, rounds=2,
+                                      rewarm=1, devices=[], batches=None, dataset_size=1,
+                                      matmul_peak=None)
+  assert made == {'a': 6, 'b': 6}
+  # Warm-ups, then round 0 (a, b: one untimed and two timed calls each), round 1 in the
+  # rotated order (b, a: one untimed, one timed).
+  order = [name for name, _ in log]
+  assert order == ['a', 'b'] + ['a'] * 3 + ['b'] * 3 + ['b'] * 2 + ['a'] * 2
+  # Each case's timed calls: 2, 3 (round 0) and 5 (round 1); 0, 1 and 4 ran untimed.
+  assert [(n, k, [m['call'] for m in ms], r) for n, k, ms, r in rows] == \
+      [('a', 3, [2, 3, 5], 1), ('b', 3, [2, 3, 5], 1)]
+  with pytest.raises(ValueError):
+    benchmarking.run_interleaved(None, ['a'], steps=2, warmup=0, rounds=1, rewarm=-1,
+                                 devices=[], batches=None, dataset_size=1, matmul_peak=None)
+
+
 def test_two_devices_one_case():
   # One round: the case is compiled and timed in one block, the twin once before it.
   out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'] + FAKE_TWIN,
@@ -148,7 +201,7 @@ def test_two_devices_one_case():
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
-  assert row['rounds'] == 1 and row['steps'] == 3
+  assert row['rounds'] == 1 and row['steps'] == 3 and row['rewarm_steps'] == 0
   assert out.stderr.count('twin: ') == 1
   assert row['twin_median_step_s'] == pytest.approx(0.3)
 
