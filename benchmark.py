@@ -43,6 +43,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from avae_jax import benchmarking
+from avae_jax import config_lib
 from avae_jax import hugepages
 from avae_jax import xla_flags
 
@@ -71,9 +72,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
-  xla_flags.apply()
-  import jax  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
+  try:
+    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from e
+  import jax  # pylint: disable=g-import-not-at-top
   unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
   if unknown:
     raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')

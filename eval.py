@@ -41,12 +41,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
-  xla_flags.apply()
-  distributed.initialize()
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   out_dir = os.path.join(workdir, 'eval')
   try:
+    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+    distributed.initialize()
     devices = trainer.local_devices(config)
     model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
     print(f'eval: restored step {model.step} from {workdir}', flush=True)

@@ -31,11 +31,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
-  xla_flags.apply()
-  summary.quiet_library_logs()
-  distributed.initialize()
+  config = flags.FLAGS.config
   try:
-    trainer.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+    summary.quiet_library_logs()
+    distributed.initialize()
+    trainer.train_and_evaluate(config, _WORKDIR.value)
   except (config_lib.ConfigError, data.DataError, trainer.NonFiniteLossError) as e:
     # A wrong setting, missing data or a diverged loss: the message says what to do; a
     # traceback through the trainer would only bury it.

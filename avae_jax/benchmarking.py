@@ -124,7 +124,7 @@ def _percentile(times: Sequence[float], q: float) -> float:
 
 
 def _cost_flops(compiled: Any) -> float | None:
-  """Total 'flops' of XLA's cost analysis of a compiled step (None where unavailable)."""
+  """'flops' of XLA's cost analysis of one device's compiled step (None where unavailable)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -265,6 +265,9 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
     vae_frac = float(np.mean([float(m['vae_updated']) for m in prepared.metrics]))
   median = float(np.median(times))
   flops = _cost_flops(prepared.compiled)
+  if flops:
+    # XLA's cost analysis counts the program of one device; every device runs it.
+    flops *= len(devices)
   flops_per_s = flops / median if flops else None
   return dict(
       step=prepared.name,

@@ -60,6 +60,14 @@ def adversarial_steps(config: ml_collections.ConfigDict) -> int:
   return int(config.adversarial_steps) if variant_spec(config.variant).adversarial else 0
 
 
+def cpu_devices(config: ml_collections.ConfigDict) -> int:
+  """config.cpu_devices (0 when the config has none), or ConfigError if it is negative."""
+  n = int(config.get('cpu_devices', 0))
+  if n < 0:
+    raise ConfigError(f'cpu_devices = {n} is negative; 0 keeps one CPU device')
+  return n
+
+
 def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> int:
   """Returns the bottleneck side image_size / 2**len(widths), or raises ConfigError."""
   if not widths:

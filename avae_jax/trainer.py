@@ -246,6 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pre = int(config.pretrain_steps)
   writer = summary.SummaryWriter(workdir, enabled=is_main)
   fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
+  if is_main:
+    n, processes = len(setup_.devices), jax.process_count()
+    print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
+          f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
+          'device and step', flush=True)
   r_vae = parallel.replicate(vae_state, setup_.devices)
   r_disc = parallel.replicate(disc_state, setup_.devices)
 

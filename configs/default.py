@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices: 0 = all local devices. 'pmap' or 'shard_map'.
   c.num_devices = 0
   c.parallel = 'pmap'
+  # CPU backend only: split the host into this many devices (0: one). One per core made
+  # 96x96 steps faster on a 2-core CPU, small images slower (docs/benchmarks.md, item 20).
+  c.cpu_devices = 0
 
   # Loss-weight calibration (paper §III): probe each term over K batches first.
   c.calibrate = ml_collections.ConfigDict()

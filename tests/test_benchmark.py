@@ -25,8 +25,10 @@ FAKE_TWIN = [f'--twin_python={sys.executable}',
 
 
 def _run(args, devices=1):
+  """benchmark.py with ARGS, XLA_FLAGS forcing DEVICES CPU devices (None: no count)."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = '' if devices is None else \
+      f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, 'benchmark.py'] + args, cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
@@ -194,13 +196,18 @@ def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
                                  devices=[], batches=None, dataset_size=1, matmul_peak=None)
 
 
-def test_two_devices_one_case():
-  # One round: the case is compiled and timed in one block, the twin once before it.
-  out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2'] + FAKE_TWIN,
-             devices=2)
+def test_two_devices_one_case(tiny_rows):
+  # One round: the case is compiled and timed in one block, the twin once before it. The
+  # config splits the CPU into the two devices (no device count in XLA_FLAGS).
+  out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2',
+                     '--config.cpu_devices=2'] + FAKE_TWIN, devices=None)
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
+  # The FLOPs of the whole step: each device's half of the batch, plus the work every
+  # device repeats (the optimizer update), so a little more than on one device.
+  (one,) = [r for r in tiny_rows[0] if r['step'] == 'pretrain_step']
+  assert 1.0 <= row['flops'] / one['flops'] < 1.25
   assert row['rounds'] == 1 and row['steps'] == 3 and row['rewarm_steps'] == 0
   assert out.stderr.count('twin: ') == 1
   assert row['twin_median_step_s'] == pytest.approx(0.3)

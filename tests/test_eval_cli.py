@@ -65,3 +65,8 @@ def test_empty_workdir_stops_with_a_clear_message(tmp_path):
 def test_workdir_of_another_image_size_stops_with_a_clear_message(workdir):
   proc = _eval(workdir, '--config.image_size=32')
   _assert_clean_failure(proc, 'image_size: workdir 16, config 32')
+
+
+def test_negative_cpu_devices_stops_with_a_clear_message(tmp_path):
+  proc = _eval(tmp_path, '--config.cpu_devices=-1')
+  _assert_clean_failure(proc, 'cpu_devices = -1 is negative')

@@ -156,6 +156,9 @@ def test_end_to_end_exits_0_and_writes_everything(e2e):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
   assert restore(workdir, step=12)[2]['phase'] == 'pretrain'
 
+  # The devices the run says it uses: conftest's four, the batch of 8 split between them.
+  assert 'devices: 4 cpu x 1 process(es), pmap, 2 images per device and step' in proc.stdout
+
   # The resolved config, overrides applied.
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
@@ -294,6 +297,8 @@ INVALID = [
      'image_size 18 is not divisible by 2**len(model.widths) = 4'),
     ('batch vs devices', {'batch_size': 6}, 'configs/default.py',
      'batch_size 6 is not divisible by the 4 devices'),
+    ('negative cpu_devices', {'cpu_devices': -2}, 'configs/default.py',
+     'cpu_devices = -2 is negative'),
     ('missing folder', {'dataset': 'folder:/nonexistent/img_align_celeba'}, 'configs/default.py',
      "image folder '/nonexistent/img_align_celeba' does not exist"),
     ('missing tfds, config file with variant', {'data_dir': 'EMPTY'}, 'configs/mnist.py:vae',
@@ -316,6 +321,20 @@ def test_invalid_settings_stop_with_one_message_before_compiling(
   assert 'Traceback' not in proc.stderr
   assert not compiled_something(proc.stderr)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_cpu_devices_splits_the_host_unless_xla_flags_sets_a_count(cli_env, tmp_path):
+  # A batch of 10 fits neither device count here, so validation stops each run before anything
+  # compiles, naming the number of devices train.py started with.
+  own_count = ' '.join(w for w in cli_env.get('XLA_FLAGS', '').split()
+                       if not w.startswith('--xla_force_host_platform_device_count'))
+  overrides = dict(TINY, batch_size=10, cpu_devices=3)
+  proc = run_cli(dict(cli_env, XLA_FLAGS=own_count), tmp_path / 'a', overrides,
+                 timeout=FAIL_TIMEOUT)
+  assert 'batch_size 10 is not divisible by the 3 devices' in proc.stderr, proc.stderr[-2000:]
+  # A count in the user's XLA_FLAGS (conftest's four) wins over the config's.
+  proc = run_cli(cli_env, tmp_path / 'b', overrides, timeout=FAIL_TIMEOUT)
+  assert 'batch_size 10 is not divisible by the 4 devices' in proc.stderr, proc.stderr[-2000:]
 
 
 def test_non_finite_loss_stops_naming_step_and_term(cli_env, tmp_path):

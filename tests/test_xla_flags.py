@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from avae_jax import xla_flags
 
 _FLAG = 'xla_cpu_experimental_ynn_fusion_type'
@@ -19,6 +21,17 @@ def test_flags_are_added_to_the_users_flags():
 def test_users_value_of_a_flag_wins():
   mine = f'--{_FLAG}=+individual_dot --xla_cpu_enable_fast_math=false'
   assert xla_flags.with_cpu_flags(mine, '0.10.2') == mine
+
+
+def test_cpu_devices_adds_the_device_count_unless_the_user_sets_one():
+  count = '--xla_force_host_platform_device_count'
+  assert xla_flags.with_cpu_flags('', '0.11.0', cpu_devices=2) == f'{count}=2'
+  got = xla_flags.with_cpu_flags('--a=1', '0.10.2', cpu_devices=3).split()
+  assert got[0] == '--a=1' and f'{count}=3' in got and len(got) == 3
+  assert xla_flags.with_cpu_flags(f'{count}=4', '0.11.0', cpu_devices=2) == f'{count}=4'
+  assert xla_flags.with_cpu_flags('', '0.11.0', cpu_devices=0) == ''
+  with pytest.raises(ValueError, match='cpu_devices must be >= 0'):
+    xla_flags.with_cpu_flags('', '0.10.2', cpu_devices=-1)
 
 
 def test_no_flags_for_an_unmeasured_jaxlib():
