@@ -324,8 +324,8 @@ def test_invalid_settings_stop_with_one_message_before_compiling(
 
 
 def test_cpu_devices_splits_the_host_unless_xla_flags_sets_a_count(cli_env, tmp_path):
-  # A batch of 10 fits neither device count here, so validation stops each run before anything
-  # compiles, naming the number of devices train.py started with.
+  # A batch of 10 fits neither device count here, so validation stops each run before
+  # anything compiles, naming the number of devices train.py started with.
   own_count = ' '.join(w for w in cli_env.get('XLA_FLAGS', '').split()
                        if not w.startswith('--xla_force_host_platform_device_count'))
   overrides = dict(TINY, batch_size=10, cpu_devices=3)
