@@ -33,6 +33,7 @@ import time
 from typing import IO, Sequence
 
 from avae_jax import hugepages
+from avae_jax import xla_flags
 
 _LOOPBACK = '127.0.0.1'
 _PR_SET_PDEATHSIG = 1
@@ -51,9 +52,9 @@ def child_env(base: dict[str, str], *, process_id: int, num_processes: int,
   """The environment of process `process_id`: CPU devices, gloo, and the AVAE_* variables."""
   env = dict(base)
   # Replace (not duplicate) a device count the caller's XLA_FLAGS may already force.
-  flags = re.sub(r'--xla_force_host_platform_device_count=\S*', '', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = ' '.join(
-      flags.split() + [f'--xla_force_host_platform_device_count={devices_per_process}'])
+  count = f'--{xla_flags.DEVICE_COUNT_FLAG}'
+  flags = re.sub(re.escape(count) + r'=\S*', '', env.get('XLA_FLAGS', ''))
+  env['XLA_FLAGS'] = ' '.join(flags.split() + [f'{count}={devices_per_process}'])
   env['JAX_PLATFORMS'] = 'cpu'
   env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] = 'gloo'
   env['PYTHONUNBUFFERED'] = '1'  # lines arrive when printed, not when a buffer fills
