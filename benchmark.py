@@ -40,15 +40,14 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from avae_jax import benchmarking
 from avae_jax import config_lib
 from avae_jax import hugepages
 from avae_jax import xla_flags
 
-config_flags.DEFINE_config_file('config', 'configs/bench_celeba.py',
-                                'Configuration file (image size, widths, batch, variant).')
+config_lib.define_config_file('config', 'configs/bench_celeba.py',
+                              'Configuration file (image size, widths, batch, variant).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per case (median, p10, p90 over them).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1,
@@ -136,4 +135,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -16,7 +16,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from avae_jax import api
 from avae_jax import checkpoint
@@ -31,8 +30,8 @@ from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
-config_flags.DEFINE_config_file('config', None, 'The training configuration file.',
-                                lock_config=True)
+config_lib.define_config_file('config', None, 'The training configuration file.',
+                              lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -66,4 +65,4 @@ def main(argv: list[str]) -> None:
 if __name__ == '__main__':
   # Warnings only: orbax and XLA log every restore at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -11,7 +11,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from avae_jax import config_lib
 from avae_jax import data
@@ -22,7 +21,7 @@ from avae_jax import trainer
 from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and figures.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+config_lib.define_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,4 +45,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Mapping
+import sys
+from typing import Any, Mapping, Sequence
 
+from absl import app
 import ml_collections
+from ml_collections import config_flags
 
 VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
@@ -66,6 +69,60 @@ def cpu_devices(config: ml_collections.ConfigDict) -> int:
   if n < 0:
     raise ConfigError(f'cpu_devices = {n} is negative; 0 keeps one CPU device')
   return n
+
+
+def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
+  """The one-line message for ml_collections' error on an unknown override, else None."""
+  # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...?")).
+  missing = error.args[0] if error.args else None
+  if not isinstance(missing, KeyError) or not missing.args:
+    return None
+  field, _, hint = str(missing.args[0]).partition('\n')
+  field = field.strip("'")
+  overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+  named = [o for o in overrides if field in o.split('.')[1:]]
+  if not named:
+    return None
+  message = f"{named[0]}: the config has no field '{field}'"
+  return f'{message}. {hint}' if hint else message
+
+
+def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
+  """Exits with absl's one-line usage error if `error` is an unknown config override."""
+  message = _unknown_field(error, argv)
+  if message is not None:
+    sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                     'Pass --helpshort or --helpfull to see help on flags.\n')
+    sys.exit(1)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing (app.run's flags_parser), with an unknown config field as a usage error.
+
+  For an override such as --config.batchsize=3, ml_collections raises an AttributeError
+  that absl would print as a 40-line traceback; this stops with one line instead, as
+  absl does for a value that does not parse.
+  """
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except AttributeError as e:
+    _stop_on_unknown_field(e, argv)
+    raise
+
+
+def define_config_file(name: str, default: str | None, help_string: str,
+                       **kwargs: Any) -> None:
+  """config_flags.DEFINE_config_file, with an unknown config field as a usage error.
+
+  A flag with a default file reads that file, and the overrides on sys.argv, when it is
+  defined (at import) rather than when the flags are parsed, so parse_flags is too late
+  for it.
+  """
+  try:
+    config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  except AttributeError as e:
+    _stop_on_unknown_field(e, sys.argv)
+    raise
 
 
 def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> int:

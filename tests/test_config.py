@@ -2,6 +2,8 @@
 invalid value stops with a ConfigError that names the field, before anything is traced."""
 
 import os
+import subprocess
+import sys
 
 from absl import flags
 import jax
@@ -76,6 +78,26 @@ def test_data_dir_can_be_set_from_the_command_line(spec):
   c = load_config_file(spec, '--config.data_dir=gs://bucket/tfds')
   assert c.data_dir == 'gs://bucket/tfds'
   config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize('program, args', [
+    ('train.py', ['--config=configs/default.py', '--workdir=WORKDIR']),
+    ('eval.py', ['--config=configs/default.py', '--workdir=WORKDIR']),
+    # benchmark.py's --config has a default file, read when the flag is defined.
+    ('benchmark.py', []),
+])
+def test_a_misspelt_override_stops_with_one_line(tmp_path, program, args):
+  args = [a.replace('WORKDIR', str(tmp_path / 'w')) for a in args]
+  for override, message in [
+      ('--config.batchsize=3', "--config.batchsize: the config has no field 'batchsize'. "
+                               'Did you mean "batch_size" instead of "batchsize"?'),
+      ('--config.eval.nope=2', "--config.eval.nope: the config has no field 'nope'\n")]:
+    proc = subprocess.run([sys.executable, program, *args, override], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert f'FATAL Flags parsing error: {message}' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and not proc.stdout
+  assert not os.path.exists(tmp_path / 'w')
 
 
 def test_celeba_is_the_papers_setup():
