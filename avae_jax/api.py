@@ -15,7 +15,7 @@ are split over the devices; other batches run replicated.
 
 from __future__ import annotations
 
-import json
+import os
 from typing import Any, Sequence
 
 from etils import epath
@@ -27,6 +27,7 @@ import numpy as np
 
 from avae_jax import checkpoint
 from avae_jax import config_lib
+from avae_jax import files
 from avae_jax import models
 from avae_jax import steps
 
@@ -48,11 +49,11 @@ class IncompatibleCheckpointError(WorkdirError):
 
 def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   """The config a training run wrote to WORKDIR/config.json, or None if there is none."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not files.exists(path):
     return None
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(files.read_json(path))
   except (ValueError, TypeError) as e:
     raise WorkdirError(f'{path} is not a readable config (JSON): {e}') from e
 

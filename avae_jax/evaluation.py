@@ -27,7 +27,6 @@ latent traversals of the dimensions with the largest average KL.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -41,6 +40,7 @@ import numpy as np
 
 from avae_jax import api
 from avae_jax import data
+from avae_jax import files
 from avae_jax import inception
 from avae_jax import metrics as metrics_lib
 from avae_jax import summary
@@ -150,15 +150,6 @@ def _kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 def _mean_std(values: list[np.ndarray]) -> tuple[float, float]:
   v = np.concatenate(values)
   return float(np.mean(v)), float(np.std(v))
-
-
-def _write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename)."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
 
 
 def _fmt(value: Any, std: Any = None) -> str:
@@ -341,12 +332,11 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
             f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
   if is_main:
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     for name, image in figures.items():
       visualize.save_png(os.path.join(out_dir, f'{name}.png'), image)
-    _write_json(os.path.join(out_dir, METRICS_FILE), results)
-    with open(os.path.join(out_dir, TABLE_FILE), 'w') as f:
-      f.write(table)
+    files.write_json(os.path.join(out_dir, METRICS_FILE), results)
+    files.write_text(os.path.join(out_dir, TABLE_FILE), table)
     if writer is not None:
       step = results['step']
       for name, image in figures.items():

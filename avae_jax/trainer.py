@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -25,6 +24,7 @@ from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import evaluation
+from avae_jax import files
 from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import steps
@@ -75,14 +75,6 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
   total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
   return Setup(config, devices, train_source, eval_source, step_config, total)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
 
 
 def _json_default(o: Any) -> Any:
@@ -136,13 +128,12 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
                        vae_state: steps.TrainState, key: jax.Array) -> Setup:
   """Runs the calibration once per workdir, records it, and rebuilds the step config."""
   path = os.path.join(workdir, 'calibration.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      weights = json.load(f)['weights']
+  if files.exists(path):
+    weights = files.read_json(path)['weights']
   else:
     weights = calibrate_weights(config, vae_state, setup_.train_source, setup_.devices, key)
     if jax.process_index() == 0:
-      _write_json(path, {'batches': int(config.calibrate.batches), 'weights': weights})
+      files.write_json(path, {'batches': int(config.calibrate.batches), 'weights': weights})
   print('calibrated reconstruction weights: ' +
         ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
   with config.unlocked():
@@ -209,7 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   setup_ = setup(config)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    files.makedirs(workdir)
+  except OSError as e:  # a file of that name, no permission, an unknown bucket
+    raise config_lib.ConfigError(f'cannot create the workdir {workdir}: {e}') from None
 
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
@@ -240,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key)
   if is_main:
-    _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+    files.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), _json_default)
 
   total = setup_.total_steps
   pre = int(config.pretrain_steps)
@@ -336,7 +330,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                                 out_dir=os.path.join(workdir, 'eval'),
                                 devices=setup_.devices, writer=writer)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'final_metrics.json'), results)
+    files.write_json(os.path.join(workdir, 'final_metrics.json'), results, _json_default)
     print('final metrics: ' + ', '.join(
         f'{k}={v:.5g}' for k, v in results.items() if isinstance(v, float)), flush=True)
   return results

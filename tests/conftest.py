@@ -11,3 +11,44 @@ from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-impo
 
 # The XLA:CPU flags that the programs use (train.py and the others call the same).
 xla_flags.apply()
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+  """gs:// paths opened through etils.epath land in tmp_path/'gcs' (no network is used).
+
+  Yields that local folder; gs://b/x is tmp_path/gcs/b/x. The working directory is an
+  empty tmp_path/'cwd', so that a file written with plain `open` to a gs:// path (into a
+  local folder named 'gs:') would show there.
+  """
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'gcs'
+  root.mkdir()
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+
+  def local(path):
+    path = os.fspath(path)
+    return str(root / path[len('gs://'):]) if path.startswith('gs://') else path
+
+  def one(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
+
+  def two(fn, path, dst, *args, **kwargs):
+    return fn(local(path), local(dst), *args, **kwargs)
+
+  # With TensorFlow installed epath picks tf.io.gfile for gs:// (and asks GCS whether the
+  # bucket is zonal) before any mocked backend; claiming it is absent keeps all local.
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  mocks = {name: one for name in ('open', 'exists', 'glob', 'isdir', 'listdir', 'makedirs',
+                                  'mkdir', 'remove', 'rmtree', 'stat', 'walk')}
+  mocks.update(copy=two, rename=two, replace=two)
+  with epath_testing.mock_epath(**mocks):
+    # A path whose backend is not the mock would reach the network: stop before that.
+    probe = gpath.PosixGPath('gs://probe/x')._backend  # pylint: disable=protected-access
+    assert type(probe).__name__ == '_MockBackend', type(probe)
+    yield root

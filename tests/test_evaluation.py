@@ -228,6 +228,18 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason)
   assert acc.Scalars('eval/rec_mse')[0].step == test_api.TRAINED_STEPS
 
 
+def test_a_gs_out_dir_gets_every_file(fake_bucket, model, source):
+  # eval.py on a gs:// workdir writes its outputs there, none to the local disk.
+  config = test_api.tiny_config(**{'eval.fid': False})
+  evaluation.evaluate(config, model, source, out_dir='gs://bucket/run/eval',
+                      devices=jax.devices())
+  out = fake_bucket / 'bucket' / 'run' / 'eval'
+  assert sorted(os.listdir(out)) == sorted(
+      ['metrics.json', 'table.md'] + [f'{name}.png' for name in evaluation.FIGURES])
+  assert json.loads((out / 'metrics.json').read_text())['step'] == test_api.TRAINED_STEPS
+  assert os.listdir('.') == []
+
+
 def test_training_run_wrote_the_same_final_metrics(workdir, model, source):
   # The trainer evaluated its in-memory state; the restored checkpoint must agree.
   with open(os.path.join(workdir, 'final_metrics.json')) as f:

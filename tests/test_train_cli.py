@@ -323,6 +323,15 @@ def test_invalid_settings_stop_with_one_message_before_compiling(
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
 
+def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
+  (tmp_path / 'w').write_text('not a directory')
+  proc = run_cli(cli_env, tmp_path / 'w', TINY, timeout=FAIL_TIMEOUT)
+  assert proc.returncode == 1
+  assert f'train.py: error: cannot create the workdir {tmp_path / "w"}: ' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not compiled_something(proc.stderr)
+
+
 def test_cpu_devices_splits_the_host_unless_xla_flags_sets_a_count(cli_env, tmp_path):
   # A batch of 10 fits neither device count here, so validation stops each run before
   # anything compiles, naming the number of devices train.py started with.

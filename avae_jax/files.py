@@ -1,0 +1,58 @@
+"""Workdir files (JSON, text, PNG) on a local disk or an object store (gs://...).
+
+Checkpoints reach any path orbax understands; the workdir's other files (config.json,
+calibration.json, final_metrics.json, the figures, eval/) go through etils.epath here
+so that they land next to them. With Python's `open`, a run with --workdir=gs://b/run
+wrote them into a local folder named `gs:`, and eval.py on another machine found no
+config.json. JSON is written under a temporary name and then renamed, so that a crash
+never leaves half a file (on an object store the rename is a copy and a delete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates the directory `path` and its parents (nothing if it exists)."""
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def exists(path: PathLike) -> bool:
+  """Whether `path` exists."""
+  return epath.Path(path).exists()
+
+
+def read_json(path: PathLike) -> Any:
+  """Parses the JSON file at `path`."""
+  return json.loads(epath.Path(path).read_text())
+
+
+def write_json(path: PathLike, obj: Any,
+               default: Callable[[Any], Any] | None = None) -> None:
+  """Writes `obj` as indented JSON, atomically, creating parent directories."""
+  text = json.dumps(obj, indent=2, sort_keys=True, default=default) + '\n'
+  target = epath.Path(path)
+  tmp = target.parent / (target.name + '.tmp')
+  write_text(tmp, text)
+  tmp.replace(target)
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path`, creating parent directories."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(text, encoding='utf-8')
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path`, creating parent directories."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(data)

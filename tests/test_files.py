@@ -1,0 +1,62 @@
+"""avae_jax.files: the workdir's JSON, text and PNG files, locally and on gs:// (faked)."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from avae_jax import api
+from avae_jax import files
+from avae_jax import visualize
+
+
+def _tree(folder):
+  """Every file under `folder`, as paths relative to it."""
+  return sorted(os.path.relpath(os.path.join(d, f), folder)
+                for d, _, names in os.walk(folder) for f in names)
+
+
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_json_text_and_bytes_round_trip(tmp_path, fake_bucket, where):
+  base = str(tmp_path / 'run') if where == 'local' else 'gs://bucket/run'
+  disk = tmp_path / 'run' if where == 'local' else fake_bucket / 'bucket' / 'run'
+  files.makedirs(base)
+  files.makedirs(base)  # existing: nothing happens
+  obj = {'b': [1, 2.5], 'a': 'x', 'c': np.float32(0.25)}
+  files.write_json(os.path.join(base, 'deep', 'o.json'), obj, lambda o: o.item())
+  files.write_text(os.path.join(base, 'table.md'), 'λ | 1\n')
+  files.write_bytes(os.path.join(base, 'img', 'b.bin'), b'\x00\xff')
+  assert _tree(disk) == ['deep/o.json', 'img/b.bin', 'table.md']  # no .tmp left
+  with open(disk / 'deep' / 'o.json') as f:
+    text = f.read()
+  assert json.loads(text) == {'a': 'x', 'b': [1, 2.5], 'c': 0.25}
+  assert text.endswith('}\n') and text.index('"a"') < text.index('"b"')
+  assert (disk / 'table.md').read_text(encoding='utf-8') == 'λ | 1\n'
+  assert (disk / 'img' / 'b.bin').read_bytes() == b'\x00\xff'
+  assert files.exists(os.path.join(base, 'table.md'))
+  assert not files.exists(os.path.join(base, 'missing.json'))
+  assert files.read_json(os.path.join(base, 'deep', 'o.json'))['c'] == 0.25
+  assert os.listdir('.') == []  # nothing went to a local folder named 'gs:'
+
+
+def test_write_json_replaces_a_file_whole(fake_bucket):
+  path = 'gs://bucket/w/final.json'
+  files.write_json(path, {'step': 1, 'long': list(range(50))})
+  files.write_json(path, {'step': 2})
+  assert json.loads((fake_bucket / 'bucket' / 'w' / 'final.json').read_text()) == {'step': 2}
+
+
+def test_png_and_config_on_gs(fake_bucket):
+  image = np.linspace(0, 1, 5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+  visualize.save_png('gs://bucket/run/images/a.png', image)
+  with Image.open(fake_bucket / 'bucket' / 'run' / 'images' / 'a.png') as png:
+    decoded = np.asarray(png)
+  np.testing.assert_array_equal(decoded, np.round(image * 255).astype(np.uint8))
+  # eval.py finds the training config of a gs:// workdir.
+  assert api.read_config('gs://bucket/run') is None
+  (fake_bucket / 'bucket' / 'run' / 'config.json').write_text('{"seed": 3, "model": {"widths": [8]}}')
+  config = api.read_config('gs://bucket/run')
+  assert (config.seed, list(config.model.widths)) == (3, [8])
+  assert os.listdir('.') == []
