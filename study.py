@@ -222,6 +222,9 @@ def main(argv: list[str]) -> None:
   """Runs the study (or only its report) and publishes the report if asked."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if '://' in _OUT.value:
+    # The report reads every run's metrics.jsonl, which object stores cannot append to.
+    raise app.UsageError(f'--out={_OUT.value}: the study needs a local directory')
   from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec()  # first: a restart repeats everything before it
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top

@@ -45,6 +45,13 @@ def _is_number(cell):
   return re.fullmatch(r'-?[0-9.]+(e[-+][0-9]+)?( ± [0-9.]+(e[-+][0-9]+)?)?', cell) is not None
 
 
+def test_a_bucket_as_out_is_a_usage_error():
+  proc = _study('--out=gs://bucket/study', '--budget=test', check=False)
+  assert proc.returncode == 1
+  assert '--out=gs://bucket/study: the study needs a local directory' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 @pytest.fixture(scope='module')
 def study_dir(tmp_path_factory):
   """One tiny study of both datasets, all four models, one seed (run once per module)."""
