@@ -11,8 +11,10 @@ process count and the process id. Their stdout and stderr are forwarded line by 
 a "[p0] " ... prefix. The launcher exits with 0 when every process does; when one fails it
 reports how, gives the others --grace_s seconds to stop on their own (JAX's distributed
 runtime aborts them once it notices a dead peer, within --timeout_s), then terminates
-them, and exits non-zero. Running the same command again on the same workdir resumes
-from the last checkpoint.
+them, and exits non-zero. Ctrl-C (or SIGTERM) to the launcher passes SIGTERM on and
+gives the processes --grace_s seconds to end (train.py checkpoints the step in progress
+first); a second Ctrl-C kills them at once. Running the same command again on the same
+workdir resumes from the last checkpoint.
 
 This is for trying multi-process runs on one host (and for the tests); clusters start one
 process per host with their own tools, see the README's "Several hosts" section.
@@ -161,12 +163,18 @@ class Launcher:
     running = [p for p, proc in enumerate(self._procs) if proc.poll() is None]
     if not running:
       return
-    self.say(f'terminating processes {running}: {reason}')
+    self.say(f'terminating processes {running}: {reason} (SIGTERM, SIGKILL after '
+             f'{kill_after_s:g} s)')
     self._signal_all(signal.SIGTERM)
     deadline = time.monotonic() + kill_after_s
     while time.monotonic() < deadline and any(p.poll() is None for p in self._procs):
       time.sleep(0.05)
     self._signal_all(signal.SIGKILL)
+
+  def _join_forwarders(self) -> None:
+    """Waits (a while) for the ended processes' last lines to be forwarded."""
+    for t in self._threads:
+      t.join(timeout=5.0)
 
   def wait(self) -> int:
     """Watches the processes until all have ended; returns the launcher's exit status."""
@@ -191,8 +199,7 @@ class Launcher:
         self.terminate(f'process {first_failure[0]} failed {self.grace_s:g} s ago')
         terminated = True
       time.sleep(0.05)
-    for t in self._threads:
-      t.join(timeout=5.0)
+    self._join_forwarders()
     if first_failure is None:
       return 0
     code = first_failure[1]
@@ -207,7 +214,14 @@ class Launcher:
       self.start()
       return self.wait()
     except KeyboardInterrupt:
-      self.terminate('the launcher was interrupted')
+      # train.py checkpoints the step in progress on SIGTERM: give it --grace_s for that.
+      try:
+        self.terminate('the launcher was interrupted; Ctrl-C again kills them now',
+                       kill_after_s=self.grace_s)
+      except KeyboardInterrupt:
+        self.say('interrupted again: killing the processes')
+        self._signal_all(signal.SIGKILL)
+      self._join_forwarders()
       return 130
     finally:
       signal.signal(signal.SIGTERM, previous)
@@ -234,7 +248,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                            'heartbeats before it gives up (AVAE_DISTRIBUTED_TIMEOUT_S)')
   parser.add_argument('--grace_s', type=float, default=None,
                       help='after a process fails, how long the others may take to stop on '
-                           'their own before they are terminated (default: timeout_s + 10)')
+                           'their own before they are terminated, and after Ctrl-C, how '
+                           'long they may take to end (default: timeout_s + 10)')
   parser.add_argument('--port', type=int, default=0,
                       help='coordinator port on 127.0.0.1 (default: a free one)')
   args = parser.parse_args(own)

@@ -3,7 +3,8 @@
   python train.py --config=configs/default.py --workdir=/tmp/avae
   python train.py --config=configs/celeba.py --workdir=gs://bucket/run --config.batch_size=256
 
-Running again on a workdir that has checkpoints resumes from the latest one.
+Running again on a workdir that has checkpoints resumes from the latest one. SIGTERM or
+Ctrl-C during training checkpoints the step in progress, then stops.
 """
 
 import sys
@@ -36,6 +37,9 @@ def main(argv: list[str]) -> None:
     summary.quiet_library_logs()
     distributed.initialize()
     trainer.train_and_evaluate(config, _WORKDIR.value)
+  except trainer.TrainingInterrupted as e:
+    print(f'train.py: {e}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)  # the shell's status for death by that signal
   except (config_lib.ConfigError, data.DataError, trainer.NonFiniteLossError) as e:
     # A wrong setting, missing data or a diverged loss: the message says what to do; a
     # traceback through the trainer would only bury it.

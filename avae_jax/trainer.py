@@ -11,11 +11,15 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -34,6 +38,63 @@ from avae_jax import visualize
 
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM or SIGINT stopped training after a step, whose checkpoint was then saved."""
+
+  def __init__(self, signum: int, step: int):
+    """Records the signal and the step whose checkpoint was saved."""
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by {signal.Signals(signum).name} at step {step}, whose '
+                     'checkpoint is saved; run the same command again to resume')
+
+
+class _StopSignals:
+  """Turns SIGTERM and SIGINT during training into a request to stop after the step.
+
+  A preempted VM (SIGTERM) or Ctrl-C then loses no step: the loop checkpoints the step it
+  finished and stops. A second SIGINT interrupts at once. Handlers are installed only
+  from the main thread (Python allows no other), and restored after the loop.
+  """
+
+  def __init__(self):
+    """No signal yet."""
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def install(self) -> None:
+    """Installs the handlers."""
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+
+  def restore(self) -> None:
+    """Restores the previous handlers."""
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+    """Records the signal (a repeated SIGINT raises KeyboardInterrupt)."""
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint '
+          '(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
+
+  def agreed(self, at_sync_point: bool) -> int | None:
+    """The signal to stop for now, the same in every process, or None.
+
+    One process decides at every step. Several decide together, at steps that they all
+    reach (sync points: the logging steps), so that all save the same checkpoint.
+    """
+    if jax.process_count() == 1:
+      return self.signum
+    if not at_sync_point:
+      return None
+    signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    return int(np.max(signums)) or None
 
 
 @dataclasses.dataclass
@@ -196,7 +257,11 @@ def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (pre-training, then adversarial fine-tuning) and evaluates; returns final metrics."""
+  """Trains (pre-training, then adversarial fine-tuning) and evaluates; returns final metrics.
+
+  SIGTERM or SIGINT during training (from the main thread's point of view) checkpoints the
+  step in progress and raises TrainingInterrupted; calling again resumes from there.
+  """
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   setup_ = setup(config)
   is_main = jax.process_index() == 0
@@ -266,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history: list[tuple[int, dict[str, Any]]] = []
   t_last, n_last = time.perf_counter(), 0
   step = start_step
+  stop = _StopSignals()
+  stop.install()
   try:
     while step < total:
       batch = next(batches)
@@ -278,7 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       n_last += 1
       at_phase_end = step == pre or step == total
-      if step % int(config.log_every) == 0 or at_phase_end:
+      logged = step % int(config.log_every) == 0 or at_phase_end
+      if logged:
         fetched = [(s, jax.device_get(mm)) for s, mm in history]
         _check_finite(fetched)
         scalars = _mean_metrics(fetched)
@@ -296,13 +364,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for name, img in figs.items():
           writer.image(step, name, img)
           visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
-      if step % int(config.checkpoint_every) == 0 or at_phase_end:
+      signum = stop.agreed(at_sync_point=logged)
+      if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         # Never checkpoint a state whose losses were not checked.
         if history:
           _check_finite([(s, jax.device_get(mm)) for s, mm in history])
         save(step)
+      if signum:
+        ckpt.wait()
+        raise TrainingInterrupted(signum, step)
     ckpt.wait()
   finally:
+    stop.restore()
     # The producer thread holds the prefetcher, so it would outlive the run unclosed.
     batches.close()
     writer.flush()

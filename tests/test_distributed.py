@@ -221,7 +221,7 @@ def two_process_run(runs) -> tuple[str, str]:
 
 
 _PROGRAM = '''
-import os, sys, time
+import os, signal, sys, time
 p = int(os.environ['AVAE_PROCESS_ID'])
 print('hello', p, os.environ['AVAE_NUM_PROCESSES'], os.environ['AVAE_COORDINATOR_ADDRESS'],
       os.environ['XLA_FLAGS'], os.environ['AVAE_DISTRIBUTED_TIMEOUT_S'], flush=True)
@@ -231,6 +231,14 @@ if mode == 'fail' and p == 1:
   sys.exit(3)
 if mode == 'fail':
   time.sleep(600)  # a peer that would hang: the launcher must end it
+if mode == 'term':
+  def on_term(signum, frame):
+    time.sleep(6)  # a checkpoint that takes longer than the SIGKILL of a failure (5 s)
+    print('checkpointed', p, flush=True)
+    sys.exit(128 + signum)
+  signal.signal(signal.SIGTERM, on_term)
+  print('ready', p, flush=True)
+  time.sleep(600)
 '''
 
 
@@ -259,6 +267,29 @@ def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
   # Process 0 slept on; the launcher ended it after the grace period.
   assert 'terminating processes [0]' in failed.stderr
   assert re.search(r'\[launch\] process 0 was killed by SIG(TERM|KILL)', failed.stderr)
+
+
+def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
+  script = tmp_path / 'program.py'
+  script.write_text(_PROGRAM)
+  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    ready = set()
+    while len(ready) < 2:
+      line = launcher.stdout.readline()
+      assert line, 'the launcher ended before its processes were ready'
+      if ' ready ' in line:
+        ready.add(line.split()[0])
+    launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=60)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 130, err
+  assert 'terminating processes [0, 1]: the launcher was interrupted' in err
+  assert 'SIGKILL after 30 s' in err
+  assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), (out, err)
 
 
 def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):

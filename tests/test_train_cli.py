@@ -216,18 +216,19 @@ def test_end_to_end_exits_0_and_writes_everything(e2e):
 # ------------------------------------------------------------------ SIGKILL and resume
 
 
-def _kill_when(env, workdir, ready):
-  """Starts BASE on workdir and SIGKILLs it as soon as ready(workdir) holds.
+def _signal_when(env, workdir, ready, sig, overrides=None):
+  """Starts BASE (or overrides) on workdir, sends `sig` as soon as ready(workdir) holds.
 
-  Returns True if the kill landed, False if the run ended first.
+  Returns the exit status (-sig if the signal killed the process).
   """
+  args = cli_args(workdir, BASE if overrides is None else overrides)
   with open(workdir / 'killed.out', 'a') as out, open(workdir / 'killed.err', 'a') as err:
-    proc = subprocess.Popen(cli_args(workdir, BASE), env=env, cwd=ROOT, stdout=out, stderr=err)
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=err)
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
       while proc.poll() is None and time.monotonic() < deadline:
         if ready(workdir):
-          proc.send_signal(signal.SIGKILL)
+          proc.send_signal(sig)
           break
         time.sleep(0.001)
       proc.wait(timeout=60)
@@ -235,7 +236,12 @@ def _kill_when(env, workdir, ready):
       if proc.poll() is None:
         proc.kill()
         proc.wait()
-  return proc.returncode == -signal.SIGKILL
+  return proc.returncode
+
+
+def _kill_when(env, workdir, ready):
+  """SIGKILLs BASE on workdir as soon as ready(workdir) holds; False if the run ended first."""
+  return _signal_when(env, workdir, ready, signal.SIGKILL) == -signal.SIGKILL
 
 
 def test_sigkill_in_a_checkpoint_save_and_in_training_resumes_exactly(e2e, cli_env, tmp_path):
@@ -275,6 +281,41 @@ def test_sigkill_in_a_checkpoint_save_and_in_training_resumes_exactly(e2e, cli_e
   ref_step, ref_tree, _ = restore(e2e[0])
   assert step == ref_step == TOTAL
   assert_trees_equal(tree, ref_tree)
+
+
+def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_env, tmp_path):
+  # Regular checkpoints only at the phase ends (12, 20), so the one at the step where
+  # SIGTERM stops the run is written because of the signal.
+  overrides = dict(BASE, checkpoint_every=100)
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+
+  def training(w):  # two steps logged: the loop runs with the handlers installed
+    path = w / 'metrics.jsonl'
+    return path.exists() and len(path.read_text().splitlines()) >= 2
+  code = _signal_when(cli_env, workdir, training, signal.SIGTERM, overrides)
+  err = (workdir / 'killed.err').read_text()
+  assert code == 128 + signal.SIGTERM, err[-3000:]
+  assert 'SIGTERM: stopping after this step with a checkpoint' in err
+  line = [s for s in err.splitlines() if s.startswith('train.py: stopped by SIGTERM')]
+  assert len(line) == 1 and 'Traceback' not in err
+  stopped = int(line[0].split(' at step ')[1].split(',')[0])
+  assert 2 <= stopped <= TOTAL
+  assert committed_steps(workdir)[-1] == stopped and not tmp_dirs(workdir)
+  step, _, meta = restore(workdir)
+  assert step == meta['data_position'] == stopped
+  # Every step up to the stop was logged, none after it.
+  assert max(m['step'] for m in read_jsonl(workdir / 'metrics.jsonl')) == stopped
+  assert not (workdir / 'final_metrics.json').exists()
+
+  proc = run_cli(cli_env, workdir, overrides)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert f'resuming from checkpoint at step {stopped}\n' in proc.stdout
+  step, tree, _ = restore(workdir)
+  ref_step, ref_tree, _ = restore(e2e[0])
+  assert step == ref_step == TOTAL
+  assert_trees_equal(tree, ref_tree)
+  assert (workdir / 'final_metrics.json').exists()
 
 
 # ------------------------------------------------------------------ failures

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import threading
 
 import jax
@@ -459,3 +460,18 @@ def test_invalid_settings_fail_in_setup_before_anything_compiles(
     trainer.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()  # stopped before the workdir was even created
   assert _listener_sees_a_fresh_jit(nothing_compiled)
+
+
+def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  stop = trainer._StopSignals()  # pylint: disable=protected-access
+  stop.install()
+  try:
+    assert stop.agreed(at_sync_point=False) is None
+    os.kill(os.getpid(), signal.SIGTERM)  # handled before os.kill returns (main thread)
+    assert stop.agreed(at_sync_point=False) == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    stop.restore()
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
