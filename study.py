@@ -174,8 +174,11 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
         + (' (resuming)' if info['sessions'] > 1 else ''), flush=True)
   started = time.monotonic()
   status = 'done'
+  interrupted = None
   try:
     trainer.train_and_evaluate(config, workdir)
+  except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
+    status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
     # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
     status = f'failed: {type(e).__name__}: {e}'
@@ -187,6 +190,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   print(f'[study] {dataset} {variant} seed {seed}: {status} in {elapsed:.0f} s', flush=True)
   info['finished'] = time.time()
   _write_json(info_path, info)
+  if interrupted is not None:
+    raise interrupted
   return status
 
 
@@ -239,7 +244,13 @@ def main(argv: list[str]) -> None:
   if not _REPORT_ONLY.value:
     _enable_compilation_cache(out)
     t0 = time.monotonic()
-    statuses = run_study(out, settings, _MAX_HOURS.value)
+    from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+    try:
+      statuses = run_study(out, settings, _MAX_HOURS.value)
+    except trainer.TrainingInterrupted as e:
+      print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
+            flush=True)
+      sys.exit(128 + e.signum)
     failed = [s for s in statuses if s[3] != 'done']
     print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
           f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)

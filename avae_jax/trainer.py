@@ -40,8 +40,12 @@ class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
-class TrainingInterrupted(Exception):
-  """SIGTERM or SIGINT stopped training after a step, whose checkpoint was then saved."""
+class TrainingInterrupted(BaseException):
+  """SIGTERM or SIGINT stopped training after a step, whose checkpoint was then saved.
+
+  A BaseException, like KeyboardInterrupt, so that `except Exception` (a caller that goes
+  on after a failed run) does not take a request to stop for a failure.
+  """
 
   def __init__(self, signum: int, step: int):
     """Records the signal and the step whose checkpoint was saved."""

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -238,3 +239,21 @@ def test_budgets_are_identical_across_models():
       assert cfgs[0].seed == 1 and not cfgs[0].calibrate.enabled
       assert cfgs[0].loss.weights.mae == 2.0
   assert study_config.get_config('cpu').seeds >= 3
+
+
+def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def stopped(config, workdir):  # what train_and_evaluate raises after SIGTERM's checkpoint
+    del config, workdir
+    raise trainer.TrainingInterrupted(signal.SIGTERM, 7)
+  monkeypatch.setattr(trainer, 'train_and_evaluate', stopped)
+  settings = study_config.get_config('test')
+  dataset, variant = study_config.DATASETS[0], study_config.VARIANTS[0]
+  with pytest.raises(trainer.TrainingInterrupted):
+    study.train_one(str(tmp_path), settings, dataset, variant, 0, None)
+  with open(tmp_path / dataset / variant / 'seed0' / 'study_run.json') as f:
+    info = json.load(f)
+  assert info['status'].startswith('interrupted: stopped by SIGTERM at step 7')
+  assert info['sessions'] == 1 and 'error' not in info
