@@ -3,8 +3,11 @@
   python eval.py --config=configs/default.py --workdir=/tmp/avae
   python eval.py --config=configs/celeba.py --workdir=/tmp/celeba --step=20000
 
-Pass the config (and overrides) the model was trained with. Restores the latest (or
---step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md and the PNG
+  python eval.py --workdir=/tmp/avae
+
+Without --config, the config train.py saved in WORKDIR/config.json is used; with it, it
+must describe the model the workdir holds (its eval.* fields may differ). Restores the
+latest (or --step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md and the PNG
 figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
 `python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
 """
@@ -30,9 +33,9 @@ from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
-config_lib.define_config_file('config', None, 'The training configuration file.',
-                              lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+config_lib.define_config_file('config', None, 'The training configuration file (default: '
+                              "the one train.py saved in WORKDIR).", lock_config=True)
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv: list[str]) -> None:
@@ -44,6 +47,11 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   out_dir = os.path.join(workdir, 'eval')
   try:
+    if config is None:
+      config = api.read_config(workdir)
+      if config is None:
+        raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
+                               'pass the training config with --config=...')
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
     distributed.initialize()
     devices = trainer.local_devices(config)

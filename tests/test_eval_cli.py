@@ -47,6 +47,26 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   assert 'images and reconstructions' in proc.stdout  # progress lines
 
 
+def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(run / 'eval' / 'metrics.json') as f:
+    results = json.load(f)
+  # The tiny model's settings came from WORKDIR/config.json (default.py says 256 images).
+  assert results['num_images'] == test_api.TINY['eval.num_images']
+  assert results['step'] == test_api.TRAINED_STEPS
+  assert f'eval: restored step {test_api.TRAINED_STEPS}' in proc.stdout
+
+
+def test_without_config_an_empty_workdir_stops_with_a_clear_message(tmp_path):
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, 'has no config.json', '--config=')
+
+
 def _assert_clean_failure(proc, *phrases):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
