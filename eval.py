@@ -7,8 +7,8 @@
 
 Without --config, the config train.py saved in WORKDIR/config.json is used; with it, it
 must describe the model the workdir holds (its eval.* fields may differ). Restores the
-latest (or --step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md and the PNG
-figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
+latest (or --step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md
+and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
 `python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
 """
 
