@@ -9,6 +9,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from absl import app
+from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
@@ -87,13 +88,18 @@ def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
   return f'{message}. {hint}' if hint else message
 
 
+def _usage_error(message: str) -> None:
+  """Exits as absl does for a flag that does not parse."""
+  sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                   'Pass --helpshort or --helpfull to see help on flags.\n')
+  sys.exit(1)
+
+
 def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
   """Exits with absl's one-line usage error if `error` is an unknown config override."""
   message = _unknown_field(error, argv)
   if message is not None:
-    sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
-                     'Pass --helpshort or --helpfull to see help on flags.\n')
-    sys.exit(1)
+    _usage_error(message)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -101,8 +107,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
   For an override such as --config.batchsize=3, ml_collections raises an AttributeError
   that absl would print as a 40-line traceback; this stops with one line instead, as
-  absl does for a value that does not parse.
+  absl does for a value that does not parse. So does an override given without the
+  config file it would apply to.
   """
+  overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+  given = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
+  no_default = 'config' in flags.FLAGS and flags.FLAGS['config'].default is None
+  if overrides and not given and no_default:
+    # absl would only say "Unknown command line flag 'config.batch_size'".
+    _usage_error(f'{overrides[0]} overrides a field of the config file: give the file with '
+                 '--config=FILE')
   try:
     return app.parse_flags_with_usage(list(argv))
   except AttributeError as e:

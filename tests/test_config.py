@@ -100,6 +100,17 @@ def test_a_misspelt_override_stops_with_one_line(tmp_path, program, args):
   assert not os.path.exists(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('program', ['train.py', 'eval.py'])
+def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, program):
+  proc = subprocess.run([sys.executable, program, f'--workdir={tmp_path / "w"}',
+                         '--config.batch_size=3'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 1
+  assert ('FATAL Flags parsing error: --config.batch_size overrides a field of the config '
+          'file: give the file with --config=FILE') in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
+
+
 def test_celeba_is_the_papers_setup():
   c = load_config_file('celeba.py')
   assert (c.dataset, c.image_size, c.channels) == ('celeb_a', 96, 3)

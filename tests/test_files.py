@@ -56,7 +56,8 @@ def test_png_and_config_on_gs(fake_bucket):
   np.testing.assert_array_equal(decoded, np.round(image * 255).astype(np.uint8))
   # eval.py finds the training config of a gs:// workdir.
   assert api.read_config('gs://bucket/run') is None
-  (fake_bucket / 'bucket' / 'run' / 'config.json').write_text('{"seed": 3, "model": {"widths": [8]}}')
+  saved = fake_bucket / 'bucket' / 'run' / 'config.json'
+  saved.write_text('{"seed": 3, "model": {"widths": [8]}}')
   config = api.read_config('gs://bucket/run')
   assert (config.seed, list(config.model.widths)) == (3, [8])
   assert os.listdir('.') == []
