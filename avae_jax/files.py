@@ -10,13 +10,21 @@ never leaves half a file (on an object store the rename is a copy and a delete).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from typing import Any, Callable
+import socket
+from typing import Any, Callable, Iterator
 
 from etils import epath
 
 PathLike = str | os.PathLike
+LOCK_FILE = 'train.lock'
+
+
+class LockedError(RuntimeError):
+  """Another process holds the directory's lock."""
 
 
 def makedirs(path: PathLike) -> None:
@@ -56,3 +64,33 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   target.write_bytes(data)
+
+
+@contextlib.contextmanager
+def exclusive(directory: PathLike, holder: str) -> Iterator[None]:
+  """Holds an advisory lock on DIRECTORY/train.lock inside the block (LockedError if taken).
+
+  `holder` (e.g. 'train.py') is written into the file with the pid and host, for the
+  message another process gets. The kernel drops the lock when the process ends, even on
+  SIGKILL, so a crash never leaves a stale lock. Only local (and NFS) directories are
+  locked: object stores (gs://...) have no locks, and nothing is held there.
+  """
+  path = os.fspath(directory)
+  if '://' in path:
+    yield
+    return
+  with open(os.path.join(path, LOCK_FILE), 'a+', encoding='utf-8') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise LockedError(f'{path} is in use by {f.read().strip() or "another process"}'
+                        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'{holder} (pid {os.getpid()} on {socket.gethostname()})\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ derived from (seed, t), so a resumed run continues exactly where the stopped one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -273,7 +274,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     files.makedirs(workdir)
   except OSError as e:  # a file of that name, no permission, an unknown bucket
     raise config_lib.ConfigError(f'cannot create the workdir {workdir}: {e}') from None
+  # Two runs on one workdir would write the same checkpoints: the second one stops here.
+  try:
+    with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
+      return _train_and_evaluate(config, workdir, setup_)
+  except files.LockedError as e:
+    raise config_lib.ConfigError(f'{e}; wait for that run to end, stop it, or use another '
+                                 'workdir') from None
 
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        setup_: Setup) -> dict[str, float]:
+  """train_and_evaluate's work, in a workdir that exists and that this run holds."""
+  is_main = jax.process_index() == 0
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
   image_shape = setup_.train_source.image_shape

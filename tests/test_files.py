@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -10,6 +12,8 @@ import pytest
 from avae_jax import api
 from avae_jax import files
 from avae_jax import visualize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tree(folder):
@@ -61,3 +65,37 @@ def test_png_and_config_on_gs(fake_bucket):
   config = api.read_config('gs://bucket/run')
   assert (config.seed, list(config.model.widths)) == (3, [8])
   assert os.listdir('.') == []
+
+
+def test_exclusive_admits_one_holder_at_a_time(tmp_path):
+  with files.exclusive(tmp_path, 'first'):
+    with pytest.raises(files.LockedError, match=r'is in use by first \(pid \d+ on '):
+      with files.exclusive(tmp_path, 'second'):
+        pass
+  with files.exclusive(tmp_path, 'third'):  # released on exit
+    assert (tmp_path / files.LOCK_FILE).read_text().startswith(f'third (pid {os.getpid()} ')
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from avae_jax import files\n'
+       f'with files.exclusive({str(tmp_path)!r}, "holder"):\n'
+       '  print("held", flush=True); time.sleep(600)'],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    with pytest.raises(files.LockedError, match=f'in use by holder \\(pid {holder.pid} '):
+      with files.exclusive(tmp_path, 'me'):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with files.exclusive(tmp_path, 'me'):
+    pass
+
+
+def test_exclusive_holds_nothing_on_an_object_store(fake_bucket):
+  files.makedirs('gs://bucket/run')
+  with files.exclusive('gs://bucket/run', 'a'), files.exclusive('gs://bucket/run', 'b'):
+    pass
+  assert _tree(fake_bucket) == []

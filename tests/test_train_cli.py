@@ -9,6 +9,7 @@ data, the checkpoints and the results are those of a fresh process every time.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from PIL import Image
 import pytest
 
 from avae_jax import checkpoint
+from avae_jax import files
 from avae_jax import steps
 from configs import default
 
@@ -371,6 +373,20 @@ def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
   assert f'train.py: error: cannot create the workdir {tmp_path / "w"}: ' in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not compiled_something(proc.stderr)
+
+
+def test_a_workdir_in_use_by_another_run_stops_with_one_message(cli_env, tmp_path):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  with files.exclusive(workdir, 'train.py'):  # as a run still training there holds it
+    proc = run_cli(cli_env, workdir, TINY, timeout=FAIL_TIMEOUT)
+  assert proc.returncode == 1
+  line = [s for s in proc.stderr.splitlines() if s.startswith('train.py: error:')]
+  assert line == [f'train.py: error: {workdir} is in use by train.py (pid {os.getpid()} on '
+                  f'{socket.gethostname()}); wait for that run to end, stop it, or use '
+                  'another workdir'], proc.stderr[-3000:]
+  assert not compiled_something(proc.stderr)
+  assert not (workdir / 'checkpoints').exists()
 
 
 def test_cpu_devices_splits_the_host_unless_xla_flags_sets_a_count(cli_env, tmp_path):
