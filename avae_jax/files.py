@@ -6,6 +6,7 @@ so that they land next to them. With Python's `open`, a run with --workdir=gs://
 wrote them into a local folder named `gs:`, and eval.py on another machine found no
 config.json. JSON is written under a temporary name and then renamed, so that a crash
 never leaves half a file (on an object store the rename is a copy and a delete).
+`exclusive` is the lock that keeps a second training run out of a local workdir.
 """
 
 from __future__ import annotations
