@@ -72,6 +72,11 @@ def cpu_devices(config: ml_collections.ConfigDict) -> int:
   return n
 
 
+def _overrides(argv: Sequence[str]) -> list[str]:
+  """The --config.FIELD overrides on a command line, as given (without their values)."""
+  return [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+
+
 def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
   """The one-line message for ml_collections' error on an unknown override, else None."""
   # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...?")).
@@ -80,8 +85,7 @@ def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
     return None
   field, _, hint = str(missing.args[0]).partition('\n')
   field = field.strip("'")
-  overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
-  named = [o for o in overrides if field in o.split('.')[1:]]
+  named = [o for o in _overrides(argv) if field in o.split('.')[1:]]
   if not named:
     return None
   message = f"{named[0]}: the config has no field '{field}'"
@@ -110,7 +114,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   absl does for a value that does not parse. So does an override given without the
   config file it would apply to.
   """
-  overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+  overrides = _overrides(argv)
   given = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
   no_default = 'config' in flags.FLAGS and flags.FLAGS['config'].default is None
   if overrides and not given and no_default:
