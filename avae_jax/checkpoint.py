@@ -42,6 +42,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import orbax.checkpoint as ocp
 
+from avae_jax import files
+
 PyTree = Any
 
 _STATE, _META, _MANIFEST = 'state', 'meta', 'manifest'
@@ -181,7 +183,7 @@ class Checkpointer:
         (safe next to a running trainer).
     """
     directory = os.fspath(directory)
-    if '://' not in directory:
+    if not files.is_remote(directory):
       directory = os.path.abspath(directory)  # tensorstore wants absolute paths.
     self.directory = directory
     self.read_only = read_only

@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from avae_jax import files
 from avae_jax import filters
 from avae_jax import shapes as shapes_lib
 
@@ -309,7 +310,7 @@ def cache_dirs(config: Any) -> list[str]:
     dirs.append(os.path.expanduser(os.environ['AVAE_JAX_CACHE']))
   else:
     data_dir = config.get('data_dir', None)
-    if data_dir and '://' not in str(data_dir):
+    if data_dir and not files.is_remote(str(data_dir)):
       dirs.append(os.path.join(os.path.expanduser(str(data_dir)), 'avae_jax_cache'))
     dirs.append(os.path.join(os.path.expanduser('~'), '.cache', 'avae_jax'))
   return dirs

@@ -28,6 +28,11 @@ class LockedError(RuntimeError):
   """Another process holds the directory's lock."""
 
 
+def is_remote(path: PathLike) -> bool:
+  """Whether `path` is a URI (gs://...) rather than a local or mounted path."""
+  return '://' in os.fspath(path)
+
+
 def makedirs(path: PathLike) -> None:
   """Creates the directory `path` and its parents (nothing if it exists)."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,7 @@ def exclusive(directory: PathLike, holder: str) -> Iterator[None]:
   locked: object stores (gs://...) have no locks, and nothing is held there.
   """
   path = os.fspath(directory)
-  if '://' in path:
+  if is_remote(path):
     yield
     return
   with open(os.path.join(path, LOCK_FILE), 'a+', encoding='utf-8') as f:

@@ -33,6 +33,8 @@ from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer import record_writer
 
+from avae_jax import files
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -108,7 +110,7 @@ class SummaryWriter:
     self._jsonl = None
     if not enabled:
       return
-    if '://' in self.workdir:
+    if files.is_remote(self.workdir):
       self._events = event_file_writer.EventFileWriter(
           self.workdir, max_queue_size=100, flush_secs=flush_secs)
       # Object stores cannot append; TensorBoard events still hold everything.
