@@ -332,7 +332,6 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
             f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
   if is_main:
-    files.makedirs(out_dir)
     for name, image in figures.items():
       visualize.save_png(os.path.join(out_dir, f'{name}.png'), image)
     files.write_json(os.path.join(out_dir, METRICS_FILE), results)

@@ -1,21 +1,21 @@
 """Image grids for the paper's figures (reconstructions, samples, interpolations,
 latent traversals) and the latent-space helpers that feed the decoder.
 
-numpy and PIL (PNG files through avae_jax.files). Images are float in [0, 1], NHWC, with
-1 or 3 channels; grids come back as uint8 (H', W', C) ready for PNG or TensorBoard.
+numpy; PNG files are summary.encode_png's, written through avae_jax.files. Images are
+float in [0, 1], NHWC, with 1 or 3 channels; grids come back as uint8 (H', W', C) ready
+for PNG or TensorBoard.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
 from avae_jax import files
+from avae_jax import summary
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -61,15 +61,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
-  array = np.asarray(image)
-  if array.ndim == 2:
-    array = array[..., None]
-  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-    raise ValueError(f'Expected (H, W, C) with C in 1, 3, 4; got {array.shape}.')
-  array = _to_uint8(array)
-  buffer = io.BytesIO()
-  Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format='PNG')
-  files.write_bytes(path, buffer.getvalue())
+  files.write_bytes(path, summary.encode_png(image))
 
 
 def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
