@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -202,8 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ('latent_dim', 'hidden_dim'):
     if config.model[name] < 1:
       raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
-  if any(w < 1 for w in config.model.widths):
-    raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be >= 1')
+  if any(not _is_int(w) or w < 1 for w in config.model.widths):
+    raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be whole '
+                      'numbers >= 1 (channels of the stages)')
   for name in ('learning_rate', 'disc_learning_rate'):
     if config.optimizer[name] < 0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative')
@@ -215,9 +217,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.eval.get('inception_batch_size', 1) < 1:
     raise ConfigError(f'eval.inception_batch_size = {config.eval.inception_batch_size} '
                       'must be >= 1')
-  if config.eval.num_images == 1:
-    raise ConfigError('eval.num_images = 1: the evaluation needs at least 2 images '
-                      '(0 = the whole eval split)')
+  if config.eval.num_images == 1 or config.eval.num_images < 0:
+    raise ConfigError(f'eval.num_images = {config.eval.num_images}: the evaluation needs at '
+                      'least 2 images (0 = the whole eval split)')
+  if config.eval.batch_size < 1:
+    raise ConfigError(f'eval.batch_size = {config.eval.batch_size} must be >= 1')
+  # The figures: an interpolation row needs both ends, a traversal at least two values.
+  if config.eval.grid_size < 2:
+    raise ConfigError(f'eval.grid_size = {config.eval.grid_size} must be >= 2 (images per '
+                      'row of the figures)')
+  if config.eval.traversal_dims < 0 or config.eval.traversal_range <= 0:
+    raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0, got '
+                      f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
+  _validate_gabor(config.gabor)
+
+
+def _is_int(value: Any) -> bool:
+  """Whether value is a whole number of an integer type (not a float, not a bool)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
+  """Checks the Gabor bank's settings (filters.gabor_bank would fail after start-up)."""
+  if not _is_int(gabor.size) or gabor.size < 1 or gabor.size % 2 == 0:
+    raise ConfigError(f'gabor.size = {gabor.size} must be an odd number >= 1 (the kernel '
+                      'has a centre pixel)')
+  if gabor.sigma <= 0:
+    raise ConfigError(f'gabor.sigma = {gabor.sigma} must be > 0')
+  if not _is_int(gabor.orientations) or gabor.orientations < 1:
+    raise ConfigError(f'gabor.orientations = {gabor.orientations} must be a whole number '
+                      '>= 1')
+  if not gabor.wavelengths or any(w <= 0 for w in gabor.wavelengths):
+    raise ConfigError(f'gabor.wavelengths = {tuple(gabor.wavelengths)} must name at least '
+                      'one wavelength, each > 0 (pixels)')
 
 
 def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
