@@ -210,7 +210,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.optimizer[name] < 0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative')
   if config.crop_size < 0:
-    raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means no crop')
+    raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means the largest '
+                      'centred square')
   if config.calibrate.enabled and config.calibrate.batches < 1:
     raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
                       'when calibrate.enabled (or disable the calibration)')

@@ -3,12 +3,13 @@
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Returns the offline default configuration; every other config starts from it."""
+def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
+  """The offline default configuration for `variant`; every other config starts from it."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Which of the paper's four models: 'vae', 'avae', 'vae_s' or 'avae_s'.
-  c.variant = 'avae_s'
+  # Which of the paper's four models: 'vae', 'avae', 'vae_s' or 'avae_s'
+  # (`--config=configs/default.py:vae`).
+  c.variant = variant
 
   # Data (DESIGN.md §5). `dataset` is a tfds name ('mnist', 'fashion_mnist',
   # 'celeb_a', 'dsprites'), 'shapes', 'folder:PATH' or 'arrays:PATH'.
@@ -19,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.download = False       # tfds may download only when this is True
   c.image_size = 32
   c.channels = 3
-  c.crop_size = 0          # centre crop (pixels) before resizing; 0 = none
+  c.crop_size = 0          # centre square crop (pixels) before resizing; 0 = the largest
   c.train_split = 'train'
   c.eval_split = 'test'
   c.eval_fraction = 0.05   # held-out share for folder:/arrays: data without splits

@@ -17,7 +17,7 @@ from configs import celeba
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASET_CONFIGS = ('mnist', 'fashion_mnist', 'celeba')
+DATASET_CONFIGS = ('default', 'mnist', 'fashion_mnist', 'celeba')
 
 
 def load_config_file(spec: str, *overrides: str) -> ml_collections.ConfigDict:
