@@ -59,19 +59,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
 
 
 def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The settings that decide the checkpoint layout, flattened for messages."""
-  out = {'variant': config.variant, 'image_size': config.image_size,
-         'channels': config.channels}
-  for k, v in config.model.to_dict().items():
-    out[f'model.{k}'] = tuple(v) if isinstance(v, list) else v
-  return out
+  """The settings that decide the checkpoint layout."""
+  return {'variant': config.variant, 'image_size': config.image_size,
+          'channels': config.channels, 'model': config.model.to_dict()}
 
 
 def _differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str:
   """'name: workdir X, config Y' for each model setting that differs."""
-  a, b = _model_fields(saved), _model_fields(config)
-  diffs = [f'{k}: workdir {a.get(k)!r}, config {b.get(k)!r}'
-           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  diffs = [f'{k}: workdir {a!r}, config {b!r}' for k, a, b in
+           config_lib.differences(_model_fields(saved), _model_fields(config))]
   return '; '.join(diffs) or 'settings differ'
 
 

@@ -253,6 +253,23 @@ def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
                       'one wavelength, each > 0 (pixels)')
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} for a nested mapping such as config.to_dict(); lists become tuples."""
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """(field, old value, new value) for each field of two nested mappings that differs."""
+  a, b = flatten(old), flatten(new)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
   """A plain dict copy of a weights mapping (ConfigDicts are not hashable)."""
   return {str(k): float(v) for k, v in weights.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -163,8 +164,9 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
   The paper probed the terms for one epoch of training and weighted them so that all share
   one scale ("if L1 was 30 and L2 about 900, λ_L1 = 30"). Here a throwaway copy of the
   initial VAE trains for config.calibrate.batches steps with every term at weight 1; each
-  λ_i is then mean(L_MSE) / mean(L_i) over those steps (λ_MSE = 1). The real run starts
-  from the untouched initial state.
+  λ_i is then w_i * mean(L_MSE) / mean(L_i) over those steps, w_i being the configured
+  loss.weights (1 in the configs: the paper's equal scales, λ_MSE = 1; 0 keeps a term
+  off). The real run starts from the untouched initial state.
   """
   k = int(config.calibrate.batches)
   probe_cfg = steps.StepConfig.from_config(config, dataset_size=source.num_examples)
@@ -184,7 +186,8 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
   _check_finite(fetched)
   means = _mean_metrics(fetched)
   ref = means['mse']
-  weights = {t: (ref / means[t] if means[t] > 0 else 1.0)
+  configured = config_lib.as_dict(config.loss.weights)
+  weights = {t: configured[t] * (ref / means[t] if means[t] > 0 else 1.0)
              for t in config_lib.RECONSTRUCTION_TERMS}
   logging.info('calibration over %d batches: term means %s -> weights %s', k, means, weights)
   return weights
@@ -207,6 +210,24 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
       config.loss.weights[t] = float(v)
   step_config = steps.StepConfig.from_config(config, dataset_size=setup_.train_source.num_examples)
   return dataclasses.replace(setup_, config=config, step_config=step_config)
+
+
+def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Names the settings of a resumed run that differ from WORKDIR/config.json's.
+
+  Changing a setting on resume is allowed (more steps, other evaluation settings), but a
+  changed loss (weights, calibration switched off) silently changes the objective mid-run.
+  """
+  path = os.path.join(workdir, 'config.json')
+  try:
+    saved = files.read_json(path)
+  except (OSError, ValueError):  # no config.json (an older workdir) or an unreadable one
+    return
+  resolved = json.loads(json.dumps(config.to_dict(), default=_json_default))
+  changes = [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(saved, resolved)]
+  if changes:
+    print(f'resuming with settings changed since {path} was written: ' + '; '.join(changes),
+          flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,6 +337,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key)
   if is_main:
+    if restored is not None:
+      _print_changed_settings(workdir, config)
     files.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), _json_default)
 
   total = setup_.total_steps

@@ -320,11 +320,32 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   assert_trees_equal(restore(tmp_path / 'by_hand', CALIBRATE)[1],
                      restore(tmp_path, CALIBRATE)[1])
 
-  # Resuming reuses calibration.json instead of probing again.
+  # Resuming reuses calibration.json instead of probing again, and names what changed.
   del calls[:]
   train(dict(CALIBRATE, pretrain_steps=3), tmp_path)
   assert len(calls) == 1 and dict(calls[0][0].recon_weights) == weights
-  assert 'calibrated reconstruction weights: ' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'calibrated reconstruction weights: ' in out
+  changed = [s for s in out.splitlines() if s.startswith('resuming with settings changed')]
+  assert len(changed) == 1 and changed[0].endswith(': pretrain_steps 2 -> 3')
+  # Switching the calibration off on resume changes the objective: said, not silent.
+  train(dict(CALIBRATE, pretrain_steps=4, **{'calibrate.enabled': False}), tmp_path)
+  changed = [s for s in capsys.readouterr().out.splitlines()
+             if s.startswith('resuming with settings changed')]
+  assert len(changed) == 1
+  assert 'calibrate.enabled True -> False' in changed[0]
+  assert f"loss.weights.sobel {weights['sobel']!r} -> 1.0" in changed[0]
+
+  # The configured weights multiply the calibrated ones (0 keeps a term off). The probe
+  # starts from the same state and data, so it measures the same means.
+  multiplied = {'loss.weights.sobel': 2.0, 'loss.weights.gabor': 0.0, 'pretrain_steps': 0}
+  train(dict(CALIBRATE, **multiplied), tmp_path / 'multiplied')
+  with open(tmp_path / 'multiplied' / 'calibration.json') as f:
+    scaled = json.load(f)['weights']
+  assert scaled['gabor'] == 0.0
+  np.testing.assert_allclose(scaled['sobel'], 2.0 * weights['sobel'], rtol=1e-6)
+  for t in ('mae', 'mse', 'dssim'):
+    np.testing.assert_allclose(scaled[t], weights[t], rtol=1e-6)
 
 
 def test_calibration_is_skipped_for_the_mse_only_variants(tmp_path, monkeypatch):
