@@ -132,9 +132,20 @@ class Source:
                   factor_names=self.factor_names, factor_values=self.factor_values)
 
 
+# Float image files are checked to lie in [0, 1] row by row up to this size at load time.
+_RANGE_SCAN_BYTES = 1 << 30
+
+
+def _check_range(x: np.ndarray, what: str) -> None:
+  """DataError unless the float images x lie in [0, 1] (up to float rounding)."""
+  if x.size and (x.min() < -1e-6 or x.max() > 1.0 + 1e-6):
+    raise DataError(f'{what}: float images must lie in [0, 1], found values in '
+                    f'[{x.min():g}, {x.max():g}] (divide by 255?)')
+
+
 def _array_reader(images: np.ndarray, scale: float,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None
-                  ) -> Callable[[np.ndarray], np.ndarray]:
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  what: str = 'the images') -> Callable[[np.ndarray], np.ndarray]:
   """A `read` for an (N, h, w, c) array: gather rows, scale to [0, 1], then transform."""
   def read(idx: np.ndarray) -> np.ndarray:
     # Memory-mapped arrays read fastest in ascending order; restore the order after.
@@ -144,6 +155,8 @@ def _array_reader(images: np.ndarray, scale: float,
     x = rows.astype(np.float32)
     if scale != 1.0:
       x *= np.float32(scale)
+    elif images.dtype.kind == 'f' and images.nbytes > _RANGE_SCAN_BYTES:
+      _check_range(x, what)  # rows that the load-time check may not have read
     return transform(x) if transform is not None else x
   return read
 
@@ -727,10 +740,14 @@ def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
   if x.dtype == np.bool_:
     return x, 1.0
   if x.dtype.kind == 'f':
-    sample = np.asarray(x[:256], dtype=np.float32)
-    if sample.size and (sample.min() < -1e-6 or sample.max() > 1.0 + 1e-6):
-      raise DataError(f'{what}: float images must lie in [0, 1], found values in '
-                      f'[{sample.min():g}, {sample.max():g}] (divide by 255?)')
+    # Every row, in chunks (memory-mapped files are read once, not loaded whole); past
+    # _RANGE_SCAN_BYTES evenly spaced rows, and _array_reader checks each batch it reads.
+    index = np.arange(len(x))
+    if x.nbytes > _RANGE_SCAN_BYTES:
+      rows = max(1, int(len(x) * _RANGE_SCAN_BYTES / x.nbytes))
+      index = np.unique(np.linspace(0, len(x) - 1, rows).round().astype(np.int64))
+    for start in range(0, len(index), 4096):
+      _check_range(np.asarray(x[index[start:start + 4096]]), what)
     return x, 1.0
   raise DataError(f'{what}: dtype {x.dtype} is not supported; use uint8 (0..255) or '
                   'float in [0, 1]')
@@ -777,7 +794,7 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
         [preprocess(im, scale=1.0, **geometry) for im in x])
   size, channels = geometry['image_size'], geometry['channels']
   names = _DSPRITES_FACTORS if factors is not None else ()
-  source = Source(_array_reader(images, scale, transform), len(images),
+  source = Source(_array_reader(images, scale, transform, spec), len(images),
                   (size, size, channels), name=f'arrays:{spec}:{split}',
                   factors=factors, factor_names=names)
   return source if rows is None else source.subset(rows)

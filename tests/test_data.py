@@ -267,6 +267,22 @@ def test_debian_fashion_mnist_files():
 # --------------------------------------------------------------------------- tfds
 
 
+def test_float_arrays_are_range_checked_beyond_their_first_rows(tmp_path, monkeypatch):
+  x = np.random.default_rng(0).random((300, 8, 8), dtype=np.float32)
+  x[290] *= 255.0  # one image in [0, 255] among images in [0, 1]
+  np.save(tmp_path / 'mixed.npy', x)
+  spec = f'arrays:{tmp_path / "mixed.npy"}'
+  with pytest.raises(data.DataError, match=r'float images must lie in \[0, 1\]'):
+    data.load(_config(dataset=spec, eval_fraction=0.0))
+  # Files too large to scan whole at load time (here: 2 rows' worth) are sampled there,
+  # and every batch read is checked.
+  monkeypatch.setattr(data, '_RANGE_SCAN_BYTES', 2 * 8 * 8 * 4)
+  source = data.load(_config(dataset=spec, eval_fraction=0.0))
+  assert source.get(np.arange(280)).max() <= 1.0
+  with pytest.raises(data.DataError, match=r'mixed\.npy: float images must lie in \[0, 1\]'):
+    source.get([3, 290])
+
+
 def _tfds():
   return pytest.importorskip('tensorflow_datasets')
 
