@@ -137,6 +137,21 @@ def test_frechet_singular_covariances_real_and_accurate(n1, n2, d):
       _trace_sqrt_from_samples(x1, x2), rel=1e-10)
 
 
+def test_frechet_accurate_for_a_spread_out_spectrum():
+  # Features whose variances fall over eight decades (as Inception features' do), and a
+  # close second set: the small eigenvalues of sqrt(s1) s2 sqrt(s1) are real and count.
+  rng = np.random.default_rng(6)
+  n, d = 1000, 256
+  mixing = rng.standard_normal((d, d)) * np.logspace(0, -4, d)
+  x1 = np.maximum(rng.standard_normal((n, d)) @ mixing, 0.0)
+  x2 = x1 + 0.01 * np.maximum(rng.standard_normal((n, d)) @ mixing, 0.0)
+  mu1, s1 = metrics.gaussian_stats(x1)
+  mu2, s2 = metrics.gaussian_stats(x2)
+  want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+          - 2 * _trace_sqrt_from_samples(x1, x2))
+  assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-6)
+
+
 def test_frechet_identical_and_near_identical_stats():
   rng = np.random.default_rng(5)
   x = rng.standard_normal((10, 32))  # Singular covariance.
