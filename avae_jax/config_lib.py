@@ -18,6 +18,7 @@ VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 TC_ESTIMATORS = ('mws', 'mss')
+SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (DESIGN.md §3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'unknown dataset {ds!r}; choose one of {", ".join(TFDS_DATASETS)}, shapes, '
         'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')
   check_image_size(int(config.image_size), tuple(config.model.widths))
+  # SSIM's window must fit in the image; the calibration probes every term, SSIM too.
+  probes_ssim = variant_spec(config.variant).compound_loss and (
+      config.calibrate.enabled or config.loss.weights.get('dssim', 0.0) > 0)
+  if probes_ssim and config.image_size < SSIM_WINDOW:
+    raise ConfigError(
+        f'image_size {config.image_size} is smaller than the SSIM term\'s '
+        f'{SSIM_WINDOW}x{SSIM_WINDOW} window: use images of at least {SSIM_WINDOW} pixels, '
+        'or switch the term off (loss.weights.dssim=0 and calibrate.enabled=False)')
   if config.channels not in (1, 3):
     raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
   for name, value in dict(config.loss.weights).items():

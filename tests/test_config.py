@@ -236,6 +236,20 @@ def test_validate_rejects_with_a_clear_message(field, value, pattern):
     config_lib.validate(c, num_devices=4)
 
 
+def test_images_smaller_than_the_ssim_window_need_the_term_off():
+  c = default.get_config()
+  c.image_size, c.model.widths = 8, (8,)
+  with pytest.raises(config_lib.ConfigError, match=r'image_size 8 is smaller than the SSIM'):
+    config_lib.validate(c, num_devices=1)
+  c.loss.weights.dssim = 0.0  # still probed by the calibration
+  with pytest.raises(config_lib.ConfigError, match=r'calibrate\.enabled=False'):
+    config_lib.validate(c, num_devices=1)
+  c.calibrate.enabled = False
+  config_lib.validate(c, num_devices=1)
+  c.loss.weights.dssim, c.variant = 1.0, 'avae'  # MSE alone
+  config_lib.validate(c, num_devices=1)
+
+
 def test_calibration_batches_only_matter_when_enabled():
   c = default.get_config()
   c.calibrate.enabled, c.calibrate.batches = False, 0
