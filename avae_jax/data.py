@@ -56,6 +56,7 @@ import re
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging
 import numpy as np
 
 from avae_jax import files
@@ -758,16 +759,27 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
   files = _array_files(spec)
   parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
+  sources: dict[str, list[str]] = {'train': [], 'eval': []}
+  scale = 1.0
   for path in files:
     arrays, factors = _read_array_file(path)
     for key, x in arrays.items():
       dest = key if key in ('train', 'eval') else (
           'eval' if _is_eval_name(os.path.basename(path)) else 'train')
-      x, _ = _check_images(x, path)
+      x, scale = _check_images(x, path)
       parts[dest].append(x)
       factor_parts[dest].append(factors)
+      sources[dest].append(os.path.basename(path) + ('' if key == 'all' else f'[{key}]'))
   if not parts['train'] and not parts['eval']:
     raise DataError(f'no images in {files}')
+  if split == 'train':  # once per run: which file went where is easy to get wrong
+    if parts['train'] and parts['eval']:
+      logging.info('arrays:%s: train split from %s, eval split from %s', spec,
+                   ', '.join(sources['train']), ', '.join(sources['eval']))
+    else:
+      logging.info('arrays:%s: no file is named as an eval split (a word %s of its name), '
+                   'so eval is held out of %s (eval_fraction)', spec,
+                   '/'.join(sorted(EVAL_TOKENS)), ', '.join(sources['train'] or sources['eval']))
 
   def join(xs: list[np.ndarray]) -> np.ndarray:
     if len(xs) == 1:
@@ -785,7 +797,6 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
   rows = None if both else _holdout_rows(
       len(images), split, float(config.get('eval_fraction', 0.05)), f'arrays:{spec}',
       shuffled=factors is not None)
-  images, scale = _check_images(images, spec)
   geometry = _geometry(config)
   transform = None
   if images.shape[1:] != (geometry['image_size'],) * 2 + (geometry['channels'],) or \

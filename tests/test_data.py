@@ -5,6 +5,7 @@ numpy's own seeded permutations; tfds is exercised through tfds.testing.mock_dat
 """
 
 import gzip
+import logging
 import os
 import socket
 import struct
@@ -173,6 +174,24 @@ def test_arrays_npy_tail_split(tmp_path):
   assert (train.num_examples, ev.num_examples) == (15, 5)
   _close(train.get(np.arange(15))[..., 0], x[:15] / np.float32(255))
   _close(ev.get([4, 0])[..., 0], x[[19, 15]] / np.float32(255))
+
+
+def test_arrays_log_which_file_went_to_which_split(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  np.save(tmp_path / 'x_train.npy', np.zeros((12, 16, 16), np.uint8))
+  np.save(tmp_path / 'xtest.npy', np.zeros((4, 16, 16), np.uint8))  # 'xtest' is no word
+  cfg = _config(dataset=f'arrays:{tmp_path}', channels=1, eval_fraction=0.25)
+  assert data.load(cfg, 'eval').num_examples == 4  # the last quarter of both files
+  assert not caplog.messages  # said once per run, when the train split is loaded
+  assert data.load(cfg, 'train').num_examples == 12
+  (message,) = caplog.messages
+  assert 'no file is named as an eval split' in message
+  assert message.endswith('held out of x_train.npy, xtest.npy (eval_fraction)')
+  caplog.clear()
+  (tmp_path / 'xtest.npy').rename(tmp_path / 'x_test.npy')
+  assert data.load(cfg, 'train').num_examples == 12
+  assert caplog.messages == [f'arrays:{tmp_path}: train split from x_train.npy, eval split '
+                             'from x_test.npy']
 
 
 def test_arrays_npz_keys(tmp_path):
