@@ -47,13 +47,20 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   out_dir = os.path.join(workdir, 'eval')
   try:
-    if config is None:
+    saved = config is None
+    if saved:
       config = api.read_config(workdir)
       if config is None:
         raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                'pass the training config with --config=...')
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
     distributed.initialize()
+    available = len(jax.local_devices())
+    if saved and int(config.num_devices) > available:
+      # The saved count is the training machine's; the evaluation runs on any count.
+      print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
+            f'machine has {available}: using all {available}', flush=True)
+      config.num_devices = 0
     devices = trainer.local_devices(config)
     model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
     print(f'eval: restored step {model.step} from {workdir}', flush=True)

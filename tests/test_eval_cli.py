@@ -50,9 +50,14 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
 def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   run = tmp_path / 'run'
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  # Trained on a machine with more devices than this one: evaluated on this one's.
+  saved = json.loads((run / 'config.json').read_text())
+  saved['num_devices'] = 512
+  (run / 'config.json').write_text(json.dumps(saved))
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}'], cwd=REPO,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'eval: config.json asks for num_devices=512, this machine has ' in proc.stdout
   with open(run / 'eval' / 'metrics.json') as f:
     results = json.load(f)
   # The tiny model's settings came from WORKDIR/config.json (default.py says 256 images).
