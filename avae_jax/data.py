@@ -760,13 +760,13 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
   parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
   sources: dict[str, list[str]] = {'train': [], 'eval': []}
-  scale = 1.0
+  scales: dict[str, float] = {}
   for path in files:
     arrays, factors = _read_array_file(path)
     for key, x in arrays.items():
       dest = key if key in ('train', 'eval') else (
           'eval' if _is_eval_name(os.path.basename(path)) else 'train')
-      x, scale = _check_images(x, path)
+      x, scales[dest] = _check_images(x, path)
       parts[dest].append(x)
       factor_parts[dest].append(factors)
       sources[dest].append(os.path.basename(path) + ('' if key == 'all' else f'[{key}]'))
@@ -805,7 +805,7 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
         [preprocess(im, scale=1.0, **geometry) for im in x])
   size, channels = geometry['image_size'], geometry['channels']
   names = _DSPRITES_FACTORS if factors is not None else ()
-  source = Source(_array_reader(images, scale, transform, spec), len(images),
+  source = Source(_array_reader(images, scales[part], transform, spec), len(images),
                   (size, size, channels), name=f'arrays:{spec}:{split}',
                   factors=factors, factor_names=names)
   return source if rows is None else source.subset(rows)

@@ -188,10 +188,14 @@ def test_arrays_log_which_file_went_to_which_split(tmp_path, caplog):
   assert 'no file is named as an eval split' in message
   assert message.endswith('held out of x_train.npy, xtest.npy (eval_fraction)')
   caplog.clear()
-  (tmp_path / 'xtest.npy').rename(tmp_path / 'x_test.npy')
+  # Split by name, each split scaled by its own dtype: uint8 train, float eval.
+  (tmp_path / 'xtest.npy').unlink()
+  floats = np.random.default_rng(3).random((4, 16, 16), dtype=np.float32)
+  np.save(tmp_path / 'x_test.npy', floats)
   assert data.load(cfg, 'train').num_examples == 12
   assert caplog.messages == [f'arrays:{tmp_path}: train split from x_train.npy, eval split '
                              'from x_test.npy']
+  np.testing.assert_array_equal(data.load(cfg, 'eval').get(np.arange(4))[..., 0], floats)
 
 
 def test_arrays_npz_keys(tmp_path):
