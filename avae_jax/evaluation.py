@@ -266,14 +266,18 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   mu_all, logvar_all = np.concatenate(mus), np.concatenate(logvars)
   shown_x, shown_rec = np.concatenate(shown_x), np.concatenate(shown_rec)
 
-  # Random samples: n for the metrics, at least g * g for the figure.
+  # Random samples: n for the metrics, at least g * g for the figure. All codes are
+  # drawn at once, so that they do not depend on the batch size or the device count;
+  # the last batch is padded with zero codes (one compiled decoder) and the padding dropped.
   key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_KEY)
   sample_f = _Features(params, inception_batch, devices)
   sample_sharp, shown_samples = [], []
   num_draw = max(n, g * g)
+  codes = np.asarray(jax.random.normal(key, (num_draw, model.latent_dim), np.float32))
+  codes = np.pad(codes, ((0, -num_draw % batch), (0, 0)))
   progress = _Progress('random samples', n, is_main)
-  for i, start in enumerate(range(0, num_draw, batch)):
-    samples = np.asarray(model.sample(jax.random.fold_in(key, i), batch))
+  for start in range(0, num_draw, batch):
+    samples = np.asarray(model.decode(codes[start:start + batch]))
     k = max(0, min(batch, n - start))
     if len(shown_samples) * batch < g * g:
       shown_samples.append(samples)

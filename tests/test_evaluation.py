@@ -132,7 +132,26 @@ def test_image_metrics_against_independent_computation(evaluated, model, source)
   cos = (flat_x * flat_r).sum(1) / np.linalg.norm(flat_x, axis=1) / np.linalg.norm(flat_r, axis=1)
   np.testing.assert_allclose(results['rec_mse'], mse.mean(), rtol=1e-4)
   np.testing.assert_allclose(results['rec_cosine_similarity'], cos.mean(), rtol=1e-4)
-  assert results['sample_sharpness_mean'] > 0
+  # The samples decode the first N of max(N, GRID**2) codes drawn at once from the
+  # evaluation's key.
+  key = jax.random.fold_in(jax.random.PRNGKey(0), evaluation._SAMPLE_KEY)  # seed 0
+  z = jax.random.normal(key, (max(N, GRID * GRID), model.latent_dim), np.float32)[:N]
+  samples = _laplacian_variance(model.decode(z))
+  np.testing.assert_allclose(results['sample_sharpness_mean'], samples.mean(), rtol=1e-4)
+  np.testing.assert_allclose(results['sample_sharpness_std'], samples.std(), rtol=1e-4)
+
+
+def test_samples_do_not_depend_on_the_batch_size_or_device_count(tmp_path, evaluated, model,
+                                                                  source):
+  results, out_dir = evaluated  # 4 devices, batches of 8
+  config = test_api.tiny_config(**{'eval.fid': False, 'eval.batch_size': 3})
+  other = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                              devices=jax.devices()[:1])
+  for k in ('sample_sharpness_mean', 'sample_sharpness_std'):
+    np.testing.assert_allclose(other[k], results[k], rtol=1e-5)
+  with Image.open(os.path.join(out_dir, 'samples.png')) as a, \
+      Image.open(tmp_path / 'samples.png') as b:
+    np.testing.assert_allclose(np.asarray(a, np.int16), np.asarray(b, np.int16), atol=1)
 
 
 def test_fid_of_reconstructions_against_independent_computation(evaluated, model, source,
