@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
       if config is None:
         raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                'pass the training config with --config=...')
+    config_lib.validate_eval(config)
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
     distributed.initialize()
     available = len(jax.local_devices())

@@ -224,6 +224,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.calibrate.enabled and config.calibrate.batches < 1:
     raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
                       'when calibrate.enabled (or disable the calibration)')
+  validate_eval(config)
+  _validate_gabor(config.gabor)
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks the eval.* settings (eval.py's own check; validate includes it)."""
   if config.eval.get('inception_batch_size', 1) < 1:
     raise ConfigError(f'eval.inception_batch_size = {config.eval.inception_batch_size} '
                       'must be >= 1')
@@ -239,7 +245,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.eval.traversal_dims < 0 or config.eval.traversal_range <= 0:
     raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0, got '
                       f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
-  _validate_gabor(config.gabor)
 
 
 def _is_int(value: Any) -> bool:

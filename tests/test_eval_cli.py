@@ -95,3 +95,10 @@ def test_workdir_of_another_image_size_stops_with_a_clear_message(workdir):
 def test_negative_cpu_devices_stops_with_a_clear_message(tmp_path):
   proc = _eval(tmp_path, '--config.cpu_devices=-1')
   _assert_clean_failure(proc, 'cpu_devices = -1 is negative')
+
+
+def test_invalid_eval_setting_stops_before_the_evaluation(workdir):
+  # Checked before the model is restored; the figures would fail after every metric.
+  proc = _eval(workdir, '--config.eval.grid_size=1')
+  _assert_clean_failure(proc, 'eval.grid_size = 1 must be >= 2')
+  assert 'eval: restored' not in proc.stdout
