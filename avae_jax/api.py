@@ -3,6 +3,7 @@
   from avae_jax import api
   model = api.TrainedModel.load('/tmp/avae')          # latest checkpoint, config.json
   mu, logvar = model.encode(images)                     # images: (B, H, W, C) in [0, 1]
+                                                        # (or uint8, scaled from 0..255)
   x_rec = model.reconstruct(images)                     # decode(mu): the posterior mean
   x_gen = model.sample(jax.random.PRNGKey(0), 16)       # decode(z), z ~ N(0, I)
   rows = model.interpolate(x0, x1, steps=8)             # (8, H, W, C)
@@ -199,8 +200,18 @@ class TrainedModel:
     return jax.device_put(x, sharding)
 
   def _images(self, images: Any, what: str = 'images') -> jax.Array:
-    """Checks (B, H, W, C) images of the model's shape; returns them float32 on device."""
-    x = (images if isinstance(images, jax.Array) else np.asarray(images)).astype(np.float32)
+    """Checks (B, H, W, C) images of the model's shape; returns them float32 on device.
+
+    Float images are taken to lie in [0, 1]; uint8 images (as PIL and image files give
+    them) are scaled from 0..255, as the data pipeline does.
+    """
+    x = images if isinstance(images, jax.Array) else np.asarray(images)
+    if x.dtype == np.uint8:
+      x = x.astype(np.float32) * np.float32(1.0 / 255.0)
+    elif not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{what} must be float images in [0, 1] or uint8 images in 0..255; '
+                       f'got dtype {x.dtype}')
+    x = x.astype(np.float32)
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
                        f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')

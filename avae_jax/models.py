@@ -10,6 +10,7 @@ BatchNorm reductions) stay float32; the model outputs are always float32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import chex
@@ -164,7 +165,7 @@ class Encoder(nn.Module):
     for w in self.widths:
       h = ConvBNReLU(w, kernel=3, stride=1, **conv_kw)(h, train)
       h = ConvBNReLU(w, kernel=4, stride=2, **conv_kw)(h, train)
-    h = h.reshape((h.shape[0], -1))
+    h = h.reshape((h.shape[0], math.prod(h.shape[1:])))  # -1 fails for an empty batch
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
     # The heads run in float32: exp(logvar) amplifies any rounding of logvar.
     h = h.astype(jnp.float32)
@@ -228,7 +229,7 @@ class Discriminator(nn.Module):
       h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
       h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
       h = max_pool_2x2(h)
-    h = h.reshape((h.shape[0], -1))
+    h = h.reshape((h.shape[0], math.prod(h.shape[1:])))  # -1 fails for an empty batch
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
     logit = nn.Dense(1, dtype=jnp.float32, name='logit')(h.astype(jnp.float32))[:, 0]
     chex.assert_shape(logit, (x.shape[0],))

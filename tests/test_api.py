@@ -165,9 +165,20 @@ def test_traversal_changes_only_the_chosen_dims(model, images):
   assert not np.allclose(out[0, 0], out[0, 2])
 
 
+def test_uint8_images_are_scaled_and_empty_batches_allowed(model, images):
+  as_bytes = np.round(images * 255).astype(np.uint8)
+  np.testing.assert_allclose(_np(model.encode(as_bytes)[0]),
+                             _np(model.encode(as_bytes / np.float32(255))[0]), atol=1e-6)
+  mu, logvar = model.encode(images[:0])
+  assert mu.shape == logvar.shape == (0, 4)
+  assert model.reconstruct(images[:0]).shape == (0, 16, 16, 3)
+
+
 def test_bad_inputs_are_rejected(model, images):
   with pytest.raises(ValueError, match=r'\(B, 16, 16, 3\)'):
     model.encode(images[:, :8, :8])
+  with pytest.raises(ValueError, match='float images in .0, 1. or uint8.*got dtype int64'):
+    model.encode(np.zeros((2, 16, 16, 3), np.int64))
   with pytest.raises(ValueError, match=r'\(B, 4\)'):
     model.decode(np.zeros((2, 5), np.float32))
   with pytest.raises(ValueError, match='out of range'):
