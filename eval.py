@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 
 from avae_jax import api
 from avae_jax import checkpoint
@@ -38,6 +39,11 @@ config_lib.define_config_file('config', None, 'The training configuration file (
 flags.mark_flags_as_required(['workdir'])
 
 
+# Errors that say what is wrong and what to do: one message, no traceback.
+_EXPLAINED = (api.WorkdirError, config_lib.ConfigError, distributed.DistributedConfigError,
+              data.DataError, checkpoint.CheckpointError)
+
+
 def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
@@ -45,7 +51,6 @@ def main(argv: list[str]) -> None:
   hugepages.reexec()  # first: a restart repeats everything before it
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
-  out_dir = os.path.join(workdir, 'eval')
   try:
     saved = config is None
     if saved:
@@ -56,26 +61,35 @@ def main(argv: list[str]) -> None:
     config_lib.validate_eval(config)
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
     distributed.initialize()
-    available = len(jax.local_devices())
-    if saved and int(config.num_devices) > available:
-      # The saved count is the training machine's; the evaluation runs on any count.
-      print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
-            f'machine has {available}: using all {available}', flush=True)
-      config.num_devices = 0
-    devices = trainer.local_devices(config)
-    model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
-    print(f'eval: restored step {model.step} from {workdir}', flush=True)
-    source = data.load(config, 'eval')
-    writer = summary.SummaryWriter(out_dir, enabled=jax.process_index() == 0)
-    try:
-      evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,
-                          writer=writer)
-    finally:
-      writer.close()
-  except (api.WorkdirError, config_lib.ConfigError, data.DataError,
-          checkpoint.CheckpointError) as e:
-    # One message, no traceback: these errors say what is wrong and what to do.
+    # With several processes, one that fails alone ends at once (see train.py).
+    with distributed.exit_on_error():
+      try:
+        _evaluate(config, workdir, saved)
+      except _EXPLAINED as e:
+        sys.exit(f'eval.py: {e}')
+  except _EXPLAINED as e:
     sys.exit(f'eval.py: {e}')
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:
+  """main's work once the config is known and the distributed runtime is up."""
+  available = len(jax.local_devices())
+  if saved and int(config.num_devices) > available:
+    # The saved count is the training machine's; the evaluation runs on any count.
+    print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
+          f'machine has {available}: using all {available}', flush=True)
+    config.num_devices = 0
+  devices = trainer.local_devices(config)
+  model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
+  print(f'eval: restored step {model.step} from {workdir}', flush=True)
+  source = data.load(config, 'eval')
+  out_dir = os.path.join(workdir, 'eval')
+  writer = summary.SummaryWriter(out_dir, enabled=jax.process_index() == 0)
+  try:
+    evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,
+                        writer=writer)
+  finally:
+    writer.close()
 
 
 if __name__ == '__main__':

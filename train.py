@@ -26,6 +26,12 @@ config_lib.define_config_file('config', None, 'Training configuration file.', lo
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# A wrong setting, missing data or a diverged loss: the message says what to do; a
+# traceback through the trainer would only bury it.
+_EXPLAINED = (config_lib.ConfigError, distributed.DistributedConfigError, data.DataError,
+              trainer.NonFiniteLossError)
+
+
 def main(argv: list[str]) -> None:
   """Entry point: initialise the distributed runtime if asked, then train and evaluate."""
   if len(argv) > 1:
@@ -36,15 +42,25 @@ def main(argv: list[str]) -> None:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
     summary.quiet_library_logs()
     distributed.initialize()
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    # With several processes, one that fails alone ends at once, so that the others stop
+    # within the distributed timeout instead of waiting for it at exit. A stop by signal
+    # happens in every process at the same step.
+    with distributed.exit_on_error(together=(trainer.TrainingInterrupted,)):
+      try:
+        trainer.train_and_evaluate(config, _WORKDIR.value)
+      except _EXPLAINED as e:
+        _fail(e)
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
-  except (config_lib.ConfigError, data.DataError, trainer.NonFiniteLossError) as e:
-    # A wrong setting, missing data or a diverged loss: the message says what to do; a
-    # traceback through the trainer would only bury it.
-    print(f'train.py: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+  except _EXPLAINED as e:
+    _fail(e)
+
+
+def _fail(error: Exception) -> None:
+  """Prints one line for an error that explains itself and exits with status 1."""
+  print(f'train.py: error: {error}', file=sys.stderr, flush=True)
+  sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -187,18 +187,20 @@ def global_devices(local: Sequence[Any]) -> list[Any]:
 
 
 @contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
+def exit_on_error(together: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
   """In a multi-process run, an exception ends this process at once (exit status 1).
 
   A process that leaves normally waits at exit for all others (JAX's shutdown barrier),
   while they wait in a collective for it: both would hang until the shutdown timeout.
   Ending at once makes the peers fail within the heartbeat timeout instead. On one
-  process the exception propagates as usual.
+  process the exception propagates as usual, and so do the `together` exceptions, which
+  every process raises at the same point (e.g. a stop agreed on by all).
   """
   try:
     yield
   except BaseException as e:  # pylint: disable=broad-except
-    if jax.process_count() == 1 or isinstance(e, SystemExit) and not e.code:
+    if (jax.process_count() == 1 or isinstance(e, SystemExit) and not e.code
+        or isinstance(e, together)):
       raise
     code = 1
     if isinstance(e, SystemExit):  # sys.exit(message or status): already reported

@@ -457,6 +457,76 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_proces
                       rel=1e-6)
 
 
+# train.py with a read error injected into process 1's data at its third batch.
+_FAILING_TRAIN = '''
+import os, runpy, sys
+sys.path.insert(0, {repo!r})
+from avae_jax import data
+real = data.batches
+
+def batches(source, **kwargs):
+  it = real(source, **kwargs)
+  if kwargs.get('process_index') != 1:
+    return it
+  def failing():
+    for i, batch in enumerate(it):
+      if i == 2:
+        raise OSError('a read error injected into process 1')
+      yield batch
+  return failing()
+
+data.batches = batches
+runpy.run_path(os.path.join({repo!r}, 'train.py'), run_name='__main__')
+'''
+
+
+def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
+  # Left to end normally, it would wait in JAX's shutdown barrier for its peer (300 s)
+  # while the peer waits for it in a collective: the launcher would see neither end.
+  script = tmp_path / 'train_failing.py'
+  script.write_text(_FAILING_TRAIN.format(repo=REPO))
+  result = _launch(env, 2, 1, [str(script), *_cli(OVERRIDES), f'--workdir={tmp_path / "run"}'],
+                   timeout_s=KILL_TIMEOUT_S)
+  assert result.returncode != 0
+  assert 'OSError: a read error injected into process 1' in result.stdout
+  assert '[p1] process 1 of 2 failed; exiting now' in result.stdout
+  assert '[launch] process 1 exited with code 1' in result.stdout, result.stdout[-6000:]
+
+
+def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
+  workdir = str(tmp_path / 'run')
+  long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
+  proc = subprocess.Popen(
+      _launch_args(2, 1, ['train.py', *_cli(long_run), f'--workdir={workdir}']),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: list[str] = []
+  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
+                            daemon=True)
+  reader.start()
+  try:
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '2')):
+      assert proc.poll() is None, ''.join(lines)[-6000:]
+      assert time.monotonic() < deadline, 'no checkpoint at step 2'
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C to the launcher
+    returncode = proc.wait(timeout=RUN_LIMIT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    reader.join(timeout=10)
+  output = ''.join(lines)
+  # The launcher ends its processes with SIGTERM; each checkpoints and stops with the
+  # signal's message and status (not a traceback and status 1), at one agreed step.
+  stops = re.findall(r'^\[p(\d)\] train\.py: stopped by SIGTERM at step (\d+), whose '
+                     'checkpoint is saved', output, re.M)
+  assert sorted(p for p, _ in stops) == ['0', '1'], output[-6000:]
+  (step,) = {int(s) for _, s in stops}
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
+  assert 'Traceback' not in output and 'failed; exiting now' not in output, output[-6000:]
+  assert returncode == 130, output[-6000:]
+
+
 def test_eval_runs_under_the_launcher(env, two_process_run):
   workdir, _ = two_process_run
   result = _launch(env, 2, 2, ['eval.py', *_cli(OVERRIDES), f'--workdir={workdir}'])
