@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
@@ -29,7 +30,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # A wrong setting, missing data or a diverged loss: the message says what to do; a
 # traceback through the trainer would only bury it.
 _EXPLAINED = (config_lib.ConfigError, distributed.DistributedConfigError, data.DataError,
-              trainer.NonFiniteLossError)
+              trainer.NonFiniteLossError, checkpoint.CheckpointError)
 
 
 def main(argv: list[str]) -> None:

@@ -7,8 +7,10 @@ local workdir gets them from a plain file (`_LocalEventFile`); only a remote one
 costs about 0.5 GiB of resident memory and seconds of start-up.)
 Scalars are also appended to `<workdir>/metrics.jsonl`, one JSON object per
 call: {"step": 100, "loss": 1.25, ...}; NaN and infinities are written as
-Python's json writes them (NaN, Infinity). After a resume, steps replayed
-since the last checkpoint appear twice; the later line is the one that counts.
+Python's json writes them (NaN, Infinity). A run that resumes at step S
+(`start_step`) first drops the lines of steps after S, written by the run that
+stopped, and a half-written last line; its event file starts with a SessionLog
+START at S + 1, which makes TensorBoard drop the older files' points from there.
 """
 
 from __future__ import annotations
@@ -73,6 +75,25 @@ def _scalar(name: str, value: Any) -> float:
 _FILE_IDS = itertools.count()
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without the lines of steps after `step` and broken lines."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().split('\n')
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:  # '' after the last newline, or a line cut short by a crash
+      continue
+    if isinstance(record, dict) and record.get('step', 0) <= step:
+      kept.append(line + '\n')
+  if len(kept) != len(lines) - 1 or lines[-1]:
+    files.write_text(path + '.tmp', ''.join(kept))
+    os.replace(path + '.tmp', path)
+
+
 class _LocalEventFile:
   """A TensorBoard event file on the local filesystem, each event flushed as written."""
 
@@ -102,8 +123,13 @@ class SummaryWriter:
   """Writes scalars, images and text to TensorBoard and scalars to metrics.jsonl."""
 
   def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
-               *, flush_secs: float = 30.0):
-    """Opens the writers; with enabled=False (non-zero processes) does nothing at all."""
+               *, flush_secs: float = 30.0, start_step: int | None = None):
+    """Opens the writers; with enabled=False (non-zero processes) does nothing at all.
+
+    start_step: where a training run starts (0, or the checkpoint it resumes from).
+    Everything the workdir holds for later steps came from a run that stopped after
+    that checkpoint and is replayed now: it is dropped (module docstring).
+    """
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._events = None
@@ -118,8 +144,14 @@ class SummaryWriter:
                       METRICS_FILE, self.workdir)
     else:
       self._events = _LocalEventFile(self.workdir)
-      self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), 'a',
-                         encoding='utf-8')
+      path = os.path.join(self.workdir, METRICS_FILE)
+      if start_step is not None:
+        _drop_lines_after(path, int(start_step))
+      self._jsonl = open(path, 'a', encoding='utf-8')
+    if start_step is not None:
+      self._events.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(start_step) + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def _write(self, step: int, summary: summary_pb2.Summary) -> None:
     """Queues one summary event."""

@@ -295,6 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     files.makedirs(workdir)
   except OSError as e:  # a file of that name, no permission, an unknown bucket
     raise config_lib.ConfigError(f'cannot create the workdir {workdir}: {e}') from None
+  if not files.is_remote(workdir) and not os.access(workdir, os.W_OK):
+    raise config_lib.ConfigError(f'cannot write to the workdir {workdir} (a read-only file '
+                                 'system or no permission)')
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
@@ -343,7 +346,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   total = setup_.total_steps
   pre = int(config.pretrain_steps)
-  writer = summary.SummaryWriter(workdir, enabled=is_main)
+  writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
   if is_main:
     n, processes = len(setup_.devices), jax.process_count()
@@ -386,7 +389,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       n_last += 1
       at_phase_end = step == pre or step == total
       logged = step % int(config.log_every) == 0 or at_phase_end
-      if logged:
+      signum = stop.agreed(at_sync_point=logged)
+      if logged or signum:
+        # A stop logs the steps since the last log too: nothing logged is lost.
         fetched = [(s, jax.device_get(mm)) for s, mm in history]
         _check_finite(fetched)
         scalars = _mean_metrics(fetched)
@@ -404,7 +409,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for name, img in figs.items():
           writer.image(step, name, img)
           visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
-      signum = stop.agreed(at_sync_point=logged)
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         # Never checkpoint a state whose losses were not checked.
         if history:
@@ -414,12 +418,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.wait()
         raise TrainingInterrupted(signum, step)
     ckpt.wait()
+    # A signal during the last save: the run stops before the evaluation, as promised.
+    signum = stop.agreed(at_sync_point=True)
+    if signum:
+      raise TrainingInterrupted(signum, step)
   finally:
     stop.restore()
     # The producer thread holds the prefetcher, so it would outlive the run unclosed.
     batches.close()
-    writer.flush()
-    ckpt.close()
+    try:
+      writer.flush()
+    finally:
+      ckpt.close()  # waits for a save in flight, also when the flush fails (disk full)
 
   vae_final = parallel.unreplicate(r_vae)
   results = final_evaluation(config, workdir, vae_final, setup_, writer, step=step)

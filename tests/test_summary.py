@@ -41,6 +41,26 @@ def test_metrics_jsonl(tmp_path):
   assert len(lines) == 3
 
 
+def test_a_resumed_run_replaces_what_the_stopped_run_logged_after_its_checkpoint(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  with summary.SummaryWriter(tmp_path, start_step=0) as writer:
+    for step in range(1, 5):
+      writer.scalars(step, {'loss': float(step)})
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 5, "loss": 5.')  # cut short by a crash (a full disk, say)
+  # Resumed from the checkpoint of step 2: steps 3 and 4 are trained and logged again.
+  with summary.SummaryWriter(tmp_path, start_step=2) as writer:
+    for step in (3, 4):
+      writer.scalars(step, {'loss': 10.0 * step})
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert lines == [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 2.0},
+                   {'step': 3, 'loss': 30.0}, {'step': 4, 'loss': 40.0}]
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars('loss')] == [
+      (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_event_file_read_back_with_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   image_u8 = _write_run(tmp_path)

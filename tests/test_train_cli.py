@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from avae_jax import checkpoint
 from avae_jax import files
@@ -283,16 +284,24 @@ def test_sigkill_in_a_checkpoint_save_and_in_training_resumes_exactly(e2e, cli_e
   ref_step, ref_tree, _ = restore(e2e[0])
   assert step == ref_step == TOTAL
   assert_trees_equal(tree, ref_tree)
+  # The steps replayed after each resume are logged once, in metrics.jsonl and in
+  # TensorBoard (each resumed event file starts with a SessionLog START).
+  expected = list(range(1, TOTAL + 1))
+  assert [m['step'] for m in read_jsonl(workdir / 'metrics.jsonl') if 'loss' in m] == expected
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  assert [e.step for e in events.Scalars('loss')] == expected
 
 
 def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_env, tmp_path):
   # Regular checkpoints only at the phase ends (12, 20), so the one at the step where
-  # SIGTERM stops the run is written because of the signal.
-  overrides = dict(BASE, checkpoint_every=100)
+  # SIGTERM stops the run is written because of the signal; logs every 3 steps, so the
+  # stop also logs the steps since the last log (unless it lands on a multiple of 3).
+  overrides = dict(BASE, checkpoint_every=100, log_every=3)
   workdir = tmp_path / 'w'
   workdir.mkdir()
 
-  def training(w):  # two steps logged: the loop runs with the handlers installed
+  def training(w):  # two logs written: the loop runs with the handlers installed
     path = w / 'metrics.jsonl'
     return path.exists() and len(path.read_text().splitlines()) >= 2
   code = _signal_when(cli_env, workdir, training, signal.SIGTERM, overrides)
@@ -318,6 +327,8 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   assert step == ref_step == TOTAL
   assert_trees_equal(tree, ref_tree)
   assert (workdir / 'final_metrics.json').exists()
+  logged = [m['step'] for m in read_jsonl(workdir / 'metrics.jsonl') if 'loss' in m]
+  assert logged == sorted(set(logged)) and stopped in logged and logged[-1] == TOTAL
 
 
 # ------------------------------------------------------------------ failures

@@ -201,6 +201,19 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
   assert_trees_equal(restore(tmp_path / 'w2')[1], reference[1])
 
 
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+  # As on a read-only file system (root ignores permission bits, so the test stands in
+  # for the kernel's answer); the lock file would fail with a traceback.
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  real = os.access
+  monkeypatch.setattr(trainer.os, 'access',
+                      lambda p, mode: False if os.fspath(p) == str(workdir) else real(p, mode))
+  with pytest.raises(config_lib.ConfigError, match='cannot write to the workdir .*read-only'):
+    train(BASE, workdir)
+  assert os.listdir(workdir) == []
+
+
 def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
   # Another variant: same array shapes, told apart by the config fingerprint.
   workdir = tmp_path / 'w'
