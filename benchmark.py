@@ -80,25 +80,38 @@ def main(argv: list[str]) -> None:
   unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
   if unknown:
     raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
+  if not _CASES.value or len(set(_CASES.value)) != len(_CASES.value):
+    raise app.UsageError(f'--cases must name each case once, got {_CASES.value}')
   if _STEPS.value < 1 or _WARMUP.value < 0 or _REWARM.value < 0:
     raise app.UsageError('--steps must be >= 1, --warmup and --rewarm >= 0')
   if not 1 <= _ROUNDS.value <= _STEPS.value:
     raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
                          f'got {_ROUNDS.value}')
   devices = jax.local_devices()
+  if int(config.num_devices) > len(devices):
+    raise app.UsageError(f'--config.num_devices={config.num_devices} but only '
+                         f'{len(devices)} local devices exist')
   if int(config.num_devices):
     devices = devices[:int(config.num_devices)]
 
-  if _TWIN_PYTHON.value and not _TWIN_SCRIPT.value:
-    raise app.UsageError('--twin_python needs --twin_script (the path of torch_twin.py)')
+  if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
+    raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
+                         'and the path of torch_twin.py)')
+  if _TWIN_PYTHON.value:
+    problem = benchmarking.twin_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config)
+    if problem:
+      raise app.UsageError(problem)
   twin_runs = []
 
   def run_twin(steps: int) -> None:
     # Never beside our cases: both use every core. The twin runs on the same kind of
     # device: CUDA when JAX's backend is a GPU.
-    twin_runs.append(benchmarking.run_twin(
-        _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value,
-        'cuda' if jax.default_backend() == 'gpu' else 'cpu'))
+    try:
+      twin_runs.append(benchmarking.run_twin(
+          _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value,
+          'cuda' if jax.default_backend() == 'gpu' else 'cpu'))
+    except RuntimeError as e:  # the twin's own error, not a traceback of ours
+      sys.exit(f'benchmark.py: {e}')
     print(f'twin: {json.dumps(twin_runs[-1])}', file=sys.stderr, flush=True)
 
   twin_in_rounds = bool(_TWIN_PYTHON.value) and _ROUNDS.value > 1

@@ -40,6 +40,8 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from avae_jax import config_lib
+
 CASES = ('pretrain_step', 'adversarial_step_both', 'adversarial_step_gated',
          'vae_mse_pretrain_step')
 # The accuracy that StepConfig.force_accuracy pins for the 'both' case: below
@@ -360,6 +362,26 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
           for p in prepared]
 
 
+# The model the twin always builds; its command line sets only the sizes.
+TWIN_MODEL = {'variant': 'avae_s', 'model.latent_dim': 32, 'model.hidden_dim': 48,
+              'loss.tc_estimator': 'mws', 'model.dtype': 'float32'}
+
+
+def twin_problem(python: str, script: str, config: ml_collections.ConfigDict) -> str | None:
+  """Why the twin cannot run, or would time another model than `config`'s; else None."""
+  if not os.path.isfile(python) or not os.access(python, os.X_OK):
+    return f'--twin_python={python} is not an executable file'
+  if not os.path.isfile(script):
+    return f'--twin_script={script} does not exist'
+  flat = config_lib.flatten(config.to_dict())
+  differ = [f'{k}={flat.get(k)!r} (the twin: {v!r})' for k, v in TWIN_MODEL.items()
+            if flat.get(k) != v]
+  if differ:
+    return ('the PyTorch twin builds one model; twin_ratio would compare another: '
+            + ', '.join(differ) + ' (configs/bench_*.py match it)')
+  return None
+
+
 def twin_command(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
                  warmup: int, device: str = 'cpu') -> list[str]:
   """The command line that runs the PyTorch twin at the config's sizes on `device`."""
@@ -374,7 +396,10 @@ def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps:
              warmup: int, device: str = 'cpu') -> dict[str, Any]:
   """Runs the twin as a subprocess (on torch's `device`) and returns its JSON result."""
   cmd = twin_command(python, script, config, steps, warmup, device)
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+  out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f'the twin ({" ".join(cmd)}) exited with status {out.returncode}:\n'
+                       f'{out.stderr[-3000:]}')
   lines = [l for l in out.stdout.splitlines() if l.strip().startswith('{')]
   if not lines:
     raise RuntimeError(f'the twin printed no JSON line: {out.stdout!r} {out.stderr!r}')

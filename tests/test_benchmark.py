@@ -12,12 +12,14 @@ import pytest
 from avae_jax import benchmarking
 from avae_jax import hugepages
 from avae_jax import xla_flags
+from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/default.py', '--config.image_size=16',
         '--config.model.widths=(4,8)', '--config.batch_size=8',
         '--config.shapes.num_train=64', '--config.shapes.num_eval=8', '--steps=3',
-        '--warmup=1', '--matmul_peak_n=128']
+        '--warmup=1', '--matmul_peak_n=128',
+        '--config.loss.tc_estimator=mws']  # the twin's estimator, so that it may run
 # A stand-in for the PyTorch twin (no torch here): it reports 0.1 s per pre-training
 # and 0.2 s per adversarial step it was asked to run.
 FAKE_TWIN = [f'--twin_python={sys.executable}',
@@ -137,6 +139,28 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
   out = _run(TINY + ['--rewarm=-1'])
   assert out.returncode != 0
   assert '--rewarm' in out.stderr and not out.stdout.strip()
+  out = _run(TINY + ['--cases=pretrain_step,pretrain_step'])
+  assert out.returncode != 0
+  assert '--cases must name each case once' in out.stderr and not out.stdout.strip()
+
+
+def test_a_twin_that_cannot_run_is_a_usage_error_before_compiling():
+  out = _run(TINY + [f'--twin_python={sys.executable}', '--twin_script=/nonexistent/twin.py'])
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert '--twin_script=/nonexistent/twin.py does not exist' in out.stderr
+  assert ': compiled in' not in out.stderr and not out.stdout.strip()
+
+
+def test_twin_problem_names_what_the_twin_cannot_compare():
+  c = default.get_config()
+  c.loss.tc_estimator = 'mws'
+  script = os.path.join(ROOT, 'tests', 'fixtures', 'fake_twin.py')
+  assert benchmarking.twin_problem(sys.executable, script, c) is None
+  c.model.latent_dim, c.variant = 4, 'vae'
+  problem = benchmarking.twin_problem(sys.executable, script, c)
+  assert "variant='vae' (the twin: 'avae_s')" in problem
+  assert 'model.latent_dim=4 (the twin: 32)' in problem
+  assert 'not an executable' in benchmarking.twin_problem('/nonexistent/python', script, c)
 
 
 def test_round_sizes_split_the_steps():
