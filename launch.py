@@ -255,6 +255,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   args = parser.parse_args(own)
   if not program:
     parser.error('give the program after --, e.g. -- train.py --config=... --workdir=...')
+  if args.num_processes < 1 or args.devices_per_process < 1:
+    parser.error('--num_processes and --devices_per_process must be >= 1')
   if args.grace_s is None:
     args.grace_s = args.timeout_s + 10.0
   return args, program

@@ -269,6 +269,17 @@ def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
   assert re.search(r'\[launch\] process 0 was killed by SIG(TERM|KILL)', failed.stderr)
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--num_processes=0', '--', 'train.py'], '--num_processes and --devices_per_process'),
+    (['--num_processes=2'], 'give the program after --'),
+])
+def test_launcher_usage_errors(flags, message):
+  proc = subprocess.run([sys.executable, LAUNCH, *flags], capture_output=True, text=True,
+                        timeout=60, check=False)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert f'launch.py: error: {message}' in proc.stderr
+
+
 def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
