@@ -280,11 +280,20 @@ def test_launcher_usage_errors(flags, message):
   assert f'launch.py: error: {message}' in proc.stderr
 
 
+def _default_sigint() -> None:
+  """In the launcher's process: Ctrl-C acts, even when pytest runs as a background job.
+
+  A shell starts background jobs with SIGINT ignored, and the launcher would inherit that.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
   launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_default_sigint)
   try:
     ready = set()
     while len(ready) < 2:
@@ -496,8 +505,9 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
   # while the peer waits for it in a collective: the launcher would see neither end.
   script = tmp_path / 'train_failing.py'
   script.write_text(_FAILING_TRAIN.format(repo=REPO))
+  # The launcher then ends process 0 after a short grace period.
   result = _launch(env, 2, 1, [str(script), *_cli(OVERRIDES), f'--workdir={tmp_path / "run"}'],
-                   timeout_s=KILL_TIMEOUT_S)
+                   timeout_s=KILL_TIMEOUT_S, grace_s=1)
   assert result.returncode != 0
   assert 'OSError: a read error injected into process 1' in result.stdout
   assert '[p1] process 1 of 2 failed; exiting now' in result.stdout
@@ -509,7 +519,8 @@ def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_p
   long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
   proc = subprocess.Popen(
       _launch_args(2, 1, ['train.py', *_cli(long_run), f'--workdir={workdir}']),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      preexec_fn=_default_sigint)
   lines: list[str] = []
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
                             daemon=True)
