@@ -280,20 +280,25 @@ def test_launcher_usage_errors(flags, message):
   assert f'launch.py: error: {message}' in proc.stderr
 
 
-def _default_sigint() -> None:
-  """In the launcher's process: Ctrl-C acts, even when pytest runs as a background job.
+def _popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
+  """Popen whose process gets Ctrl-C even when pytest runs as a background job.
 
-  A shell starts background jobs with SIGINT ignored, and the launcher would inherit that.
+  A shell starts background jobs with SIGINT ignored, which a child inherits; a handler
+  is not inherited (exec resets it to the default). No preexec_fn: forking a process
+  that runs JAX's threads is unsafe.
   """
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(*args, **kwargs)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
-  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=_default_sigint)
+  launcher = _popen_with_sigint(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     ready = set()
     while len(ready) < 2:
@@ -517,10 +522,9 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
 def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
   workdir = str(tmp_path / 'run')
   long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
-  proc = subprocess.Popen(
+  proc = _popen_with_sigint(
       _launch_args(2, 1, ['train.py', *_cli(long_run), f'--workdir={workdir}']),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      preexec_fn=_default_sigint)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines: list[str] = []
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
                             daemon=True)
