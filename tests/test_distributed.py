@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -430,17 +430,19 @@ def test_every_process_takes_the_same_gating_decision(env, two_process_run):
       np.testing.assert_allclose(r_shard[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_process_run,
-                                                                tmp_path):
-  reference, _ = two_process_run
-  workdir = str(tmp_path / 'run')
-  # A long run that checkpoints only at the end of pre-training (step 2), so that the
-  # relaunch below resumes there whenever the kill lands.
+def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
+                        interrupt: Callable[[subprocess.Popen, str], None],
+                        **launch_kwargs: Any) -> tuple[int, str]:
+  """Starts 2 processes on a run that checkpoints only at step 2 and trains on and on.
+
+  Calls interrupt(launcher, output so far) once checkpoint 2 is written; returns the
+  launcher's status and its whole output (stdout and stderr merged).
+  """
   long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
-  proc = subprocess.Popen(
-      _launch_args(2, 2, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
-                   timeout_s=KILL_TIMEOUT_S, grace_s=10 * RUN_LIMIT_S),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = _popen_with_sigint(
+      _launch_args(2, devices, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
+                   **launch_kwargs),
+      cwd=REPO, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines: list[str] = []
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
                             daemon=True)
@@ -451,16 +453,26 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_proces
       assert proc.poll() is None, ''.join(lines)[-6000:]
       assert time.monotonic() < deadline, 'no checkpoint at step 2'
       time.sleep(0.05)
-    victim = _pids(''.join(lines))[1]
-    os.kill(victim, signal.SIGKILL)
-    # Process 0 must notice and fail by itself: the launcher's grace period is longer than
-    # this wait, so it does not terminate it.
+    interrupt(proc, ''.join(lines))
     returncode = proc.wait(timeout=RUN_LIMIT_S)
   finally:
     if proc.poll() is None:
       proc.kill()
     reader.join(timeout=10)
-  output = ''.join(lines)
+  return returncode, ''.join(lines)
+
+
+def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_process_run,
+                                                                tmp_path):
+  reference, _ = two_process_run
+  workdir = str(tmp_path / 'run')
+  # A long run that checkpoints only at the end of pre-training (step 2), so that the
+  # relaunch below resumes there whenever the kill lands. Process 0 must notice and fail
+  # by itself: the launcher's grace period is longer than the run's limit, so it does not
+  # terminate it.
+  returncode, output = _interrupt_long_run(
+      env, workdir, 2, lambda proc, out: os.kill(_pids(out)[1], signal.SIGKILL),
+      timeout_s=KILL_TIMEOUT_S, grace_s=10 * RUN_LIMIT_S)
   assert returncode != 0, output[-6000:]
   assert '[launch] process 1 was killed by SIGKILL' in output
   assert re.search(r'\[launch\] process 0 (exited with code [1-9]|was killed by SIGABRT)',
@@ -521,27 +533,8 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
 
 def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
   workdir = str(tmp_path / 'run')
-  long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
-  proc = _popen_with_sigint(
-      _launch_args(2, 1, ['train.py', *_cli(long_run), f'--workdir={workdir}']),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  lines: list[str] = []
-  reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
-                            daemon=True)
-  reader.start()
-  try:
-    deadline = time.monotonic() + RUN_LIMIT_S
-    while not os.path.isdir(os.path.join(workdir, 'checkpoints', '2')):
-      assert proc.poll() is None, ''.join(lines)[-6000:]
-      assert time.monotonic() < deadline, 'no checkpoint at step 2'
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C to the launcher
-    returncode = proc.wait(timeout=RUN_LIMIT_S)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    reader.join(timeout=10)
-  output = ''.join(lines)
+  returncode, output = _interrupt_long_run(
+      env, workdir, 1, lambda proc, out: proc.send_signal(signal.SIGINT))  # Ctrl-C
   # The launcher ends its processes with SIGTERM; each checkpoints and stops with the
   # signal's message and status (not a traceback and status 1), at one agreed step.
   stops = re.findall(r'^\[p(\d)\] train\.py: stopped by SIGTERM at step (\d+), whose '
