@@ -4,8 +4,8 @@ Checkpoints reach any path orbax understands; the workdir's other files (config.
 calibration.json, final_metrics.json, the figures, eval/) go through etils.epath here
 so that they land next to them. With Python's `open`, a run with --workdir=gs://b/run
 wrote them into a local folder named `gs:`, and eval.py on another machine found no
-config.json. JSON is written under a temporary name and then renamed, so that a crash
-never leaves half a file (on an object store the rename is a copy and a delete).
+config.json. JSON and text are written under a temporary name and then renamed, so that a
+crash never leaves half a file (on an object store the rename is a copy and a delete).
 `exclusive` is the lock that keeps a second training run out of a local workdir.
 """
 
@@ -51,18 +51,16 @@ def read_json(path: PathLike) -> Any:
 def write_json(path: PathLike, obj: Any,
                default: Callable[[Any], Any] | None = None) -> None:
   """Writes `obj` as indented JSON, atomically, creating parent directories."""
-  text = json.dumps(obj, indent=2, sort_keys=True, default=default) + '\n'
-  target = epath.Path(path)
-  tmp = target.parent / (target.name + '.tmp')
-  write_text(tmp, text)
-  tmp.replace(target)
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + '\n')
 
 
 def write_text(path: PathLike, text: str) -> None:
-  """Writes `text` (UTF-8) to `path`, creating parent directories."""
+  """Writes `text` (UTF-8) to `path` atomically (a temporary name, then a rename)."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_text(text, encoding='utf-8')
+  tmp = target.parent / (target.name + '.tmp')
+  tmp.write_text(text, encoding='utf-8')
+  tmp.replace(target)
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -90,8 +90,7 @@ def _drop_lines_after(path: str, step: int) -> None:
     if isinstance(record, dict) and record.get('step', 0) <= step:
       kept.append(line + '\n')
   if len(kept) != len(lines) - 1 or lines[-1]:
-    files.write_text(path + '.tmp', ''.join(kept))
-    os.replace(path + '.tmp', path)
+    files.write_text(path, ''.join(kept))
 
 
 class _LocalEventFile:
