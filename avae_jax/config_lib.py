@@ -168,8 +168,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')
   check_image_size(int(config.image_size), tuple(config.model.widths))
   # SSIM's window must fit in the image; the calibration probes every term, SSIM too.
-  probes_ssim = variant_spec(config.variant).compound_loss and (
-      config.calibrate.enabled or config.loss.weights.get('dssim', 0.0) > 0)
+  probes_ssim = 'dssim' in reconstruction_weights(config) or (
+      variant_spec(config.variant).compound_loss and config.calibrate.enabled)
   if probes_ssim and config.image_size < SSIM_WINDOW:
     raise ConfigError(
         f'image_size {config.image_size} is smaller than the SSIM term\'s '
