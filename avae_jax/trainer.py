@@ -218,14 +218,17 @@ def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> 
   Changing a setting on resume is allowed (more steps, other evaluation settings), but a
   changed loss (weights, calibration switched off) silently changes the objective mid-run.
   """
-  path = os.path.join(workdir, 'config.json')
   try:
-    saved = files.read_json(path)
-  except (OSError, ValueError):  # no config.json (an older workdir) or an unreadable one
+    saved = api.read_config(workdir)
+  except api.WorkdirError:  # an unreadable config.json is rewritten below
+    return
+  if saved is None:  # a workdir of an older version
     return
   resolved = json.loads(json.dumps(config.to_dict(), default=_json_default))
-  changes = [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(saved, resolved)]
+  changes = [f'{k} {a!r} -> {b!r}'
+             for k, a, b in config_lib.differences(saved.to_dict(), resolved)]
   if changes:
+    path = os.path.join(workdir, api.CONFIG_FILE)
     print(f'resuming with settings changed since {path} was written: ' + '; '.join(changes),
           flush=True)
 
@@ -342,7 +345,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     if restored is not None:
       _print_changed_settings(workdir, config)
-    files.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), _json_default)
+    files.write_json(os.path.join(workdir, api.CONFIG_FILE), config.to_dict(), _json_default)
 
   total = setup_.total_steps
   pre = int(config.pretrain_steps)
