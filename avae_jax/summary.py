@@ -40,6 +40,15 @@ from avae_jax import files
 METRICS_FILE = 'metrics.jsonl'
 
 
+def to_uint8(x: Any) -> np.ndarray:
+  """Maps floats in [0, 1] (clipped, NaN as 0) to uint8 by rounding; uint8 passes through."""
+  x = np.asarray(x)
+  if x.dtype == np.uint8:
+    return x
+  x = np.nan_to_num(x.astype(np.float32), nan=0.0)
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def to_uint8_image(image: Any) -> np.ndarray:
   """Returns an image (H,W), (H,W,C) uint8, or float in [0,1], as uint8 (H,W,C), C in 1,3,4."""
   array = np.asarray(image)
@@ -47,12 +56,10 @@ def to_uint8_image(image: Any) -> np.ndarray:
     array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
     raise ValueError(f'Expected an (H, W, C) image with C in 1, 3, 4; got {array.shape}.')
-  if array.dtype == np.uint8:
-    return array
-  if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+  if array.dtype != np.uint8 and (array.dtype == bool
+                                  or not np.issubdtype(array.dtype, np.number)):
     raise ValueError(f'Expected a uint8 or float image; got {array.dtype}.')
-  array = np.nan_to_num(array.astype(np.float32), nan=0.0)
-  return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return to_uint8(array)
 
 
 def encode_png(image: Any) -> bytes:

@@ -18,14 +18,6 @@ from avae_jax import files
 from avae_jax import summary
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  """Maps float [0, 1] (clipped) to uint8 by rounding; uint8 passes through."""
-  if x.dtype == np.uint8:
-    return x
-  x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0)
-  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
   """Returns `images` as an array after checking rank and channel count."""
   images = np.asarray(images)
@@ -49,9 +41,9 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
   if ncol < 1 or pad < 0:
     raise ValueError(f'Need ncol >= 1 and pad >= 0; got {ncol}, {pad}.')
   nrow = max(1, math.ceil(n / ncol))
-  fill = _to_uint8(np.asarray(pad_value, np.float32))
+  fill = summary.to_uint8(np.asarray(pad_value, np.float32))
   out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
-  tiles = _to_uint8(images)
+  tiles = summary.to_uint8(images)
   for k in range(n):
     top = pad + (k // ncol) * (h + pad)
     left = pad + (k % ncol) * (w + pad)
