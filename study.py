@@ -2,7 +2,7 @@
 
   python study.py --out=studies/cpu                        # the CPU budget (about 2 h, 2 cores)
   python study.py --out=studies/gpu --budget=accelerator   # one GPU / TPU host
-  python study.py --out=/tmp/s --budget=test               # tiny, about a minute
+  python study.py --out=/tmp/s --budget=test               # tiny, about two minutes
 
 Trains every (dataset, model, seed) of configs/study.py in its own workdir
 OUT/<dataset>/<variant>/seed<k>/ (seed 0 of every model first, then seed 1, ...), then

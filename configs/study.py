@@ -9,7 +9,8 @@
     dominates it on a CPU: about 0.25 s per image and pass, three passes per image).
   * 'accelerator': the same design at a budget for one GPU/TPU (Fashion-MNIST 20 + 5
     epochs as in configs/fashion_mnist.py, shapes 8x larger, full evaluation sets).
-  * 'test': a tiny budget that runs end to end in about a minute (tests/test_study.py).
+  * 'test': a tiny budget that runs end to end in about two minutes on 2 cores
+    (tests/test_study.py).
 
 Every model of a dataset gets the same steps, batch, evaluation images and seeds; the
 models differ only in `variant`. `run_config` turns (settings, dataset, variant, seed)
