@@ -192,6 +192,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
                       f'{num_devices} devices in use; the batch is split evenly across them')
+  # MSS splits the dataset into one stratum per other member of the (global) batch.
+  if tc_weight(config) and config.loss.tc_estimator == 'mss' and config.batch_size < 2:
+    raise ConfigError(f'batch_size {config.batch_size}: the minibatch-stratified TC '
+                      'estimator needs a batch of at least 2 (or loss.tc_estimator=mws)')
   if config.pretrain_steps < 0 or config.adversarial_steps < 0:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
   if config.parallel not in ('pmap', 'shard_map'):

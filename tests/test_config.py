@@ -282,3 +282,15 @@ def test_local_devices_follows_num_devices():
   c.num_devices = len(jax.local_devices()) + 1
   with pytest.raises(config_lib.ConfigError, match='local devices exist'):
     trainer.local_devices(c)
+
+
+def test_a_batch_of_one_needs_a_tc_estimator_other_than_mss():
+  c = default.get_config()
+  c.batch_size, c.loss.tc_estimator = 1, 'mss'
+  with pytest.raises(config_lib.ConfigError, match=r'batch_size 1: the minibatch-stratified'):
+    config_lib.validate(c, num_devices=1)
+  for field, value in (('loss.tc_estimator', 'mws'), ('loss.tc_weight', 0.0),
+                       ('variant', 'avae')):
+    d = c.copy_and_resolve_references()
+    d.update_from_flattened_dict({field: value})
+    config_lib.validate(d, num_devices=1)
