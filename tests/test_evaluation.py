@@ -26,6 +26,7 @@ from tests import test_api
 
 N = test_api.TINY['eval.num_images']  # 6: not a multiple of the batch (8), so padding is used
 GRID = test_api.TINY['eval.grid_size']  # 4
+TINY_EVAL_SPLIT = test_api.TINY['shapes.num_eval']  # 16
 SIDE = 16
 TAPS = (64, 192, 768, 2048)
 # Every key evaluate returns for a dataset with ground-truth factors, FID enabled.
@@ -245,6 +246,19 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason)
   assert {f'eval/{name}' for name in evaluation.FIGURES} <= set(tags['images'])
   assert 'eval/rec_mse' in tags['scalars']
   assert acc.Scalars('eval/rec_mse')[0].step == test_api.TRAINED_STEPS
+
+
+@pytest.mark.parametrize('num_images', [0, 40])
+def test_num_images_0_or_more_than_the_split_takes_the_whole_split(tmp_path, model, source,
+                                                                   num_images):
+  config = test_api.tiny_config(**{'eval.num_images': num_images})
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                                devices=jax.devices())
+  assert results['num_images'] == source.num_examples == TINY_EVAL_SPLIT
+  x = source.get(np.arange(TINY_EVAL_SPLIT))
+  mse = np.mean((np.asarray(model.decode(model.encode(x)[0]), np.float64) - x) ** 2,
+                axis=(1, 2, 3))
+  np.testing.assert_allclose(results['rec_mse'], mse.mean(), rtol=1e-4)
 
 
 def test_a_gs_out_dir_gets_every_file(fake_bucket, model, source):
