@@ -239,6 +239,10 @@ def main(argv: list[str]) -> None:
   summary.quiet_library_logs()
   out = os.path.abspath(_OUT.value)
   settings = settings_from_flags()
+  if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, STUDY_FILE)):
+    # A mistyped --out would otherwise give an empty report, published over docs/.
+    raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '
+                         '--report_only reports on the runs of an existing study')
   os.makedirs(out, exist_ok=True)
   check_study_file(out, settings)
   if not _REPORT_ONLY.value:
@@ -260,7 +264,11 @@ def main(argv: list[str]) -> None:
   report = study_report.write_report(out, settings, notes_path=notes, host=_host())
   print(f'[study] wrote {report}', flush=True)
   publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
-  if publish:
+  if publish and not any(r.finished for r in study_report.load_runs(
+      out, settings.datasets.split(','), settings.variants.split(','), int(settings.seeds))):
+    print(f'[study] not published: no run has finished, so {_PUBLISH_DIR.value} keeps the '
+          'report it has', file=sys.stderr, flush=True)
+  elif publish:
     dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
     print(f'[study] published to {dest}', flush=True)
 

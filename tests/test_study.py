@@ -149,6 +149,28 @@ def test_refuses_a_directory_of_another_budget(study_dir):
   assert 'another budget' in proc.stderr + proc.stdout
 
 
+def test_report_only_needs_an_existing_study(tmp_path):
+  out = tmp_path / 'typo'
+  proc = _study(f'--out={out}', '--budget=test', '--report_only', '--publish',
+                f'--publish_dir={tmp_path / "docs"}', check=False)
+  assert proc.returncode == 1
+  assert 'holds no study (no study.json)' in proc.stderr
+  assert not out.exists() and not (tmp_path / 'docs').exists()
+
+
+def test_a_study_with_no_finished_run_is_not_published(tmp_path):
+  docs = tmp_path / 'docs'
+  (docs / 'results').mkdir(parents=True)
+  (docs / 'results.md').write_text('the published study\n')
+  # The calibration outlasts --max_hours, so the one run is skipped, not trained.
+  proc = _study(f'--out={tmp_path / "study"}', '--budget=test', '--datasets=shapes',
+                '--variants=vae_s', '--max_hours=1e-9', '--publish', f'--publish_dir={docs}')
+  assert '0/1 runs finished' in proc.stdout
+  assert 'not published: no run has finished' in proc.stderr
+  assert (docs / 'results.md').read_text() == 'the published study\n'
+  assert (tmp_path / 'study' / 'results.md').exists()
+
+
 # ------------------------------------------------------------------------ arithmetic
 
 
