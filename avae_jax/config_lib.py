@@ -66,6 +66,19 @@ def adversarial_steps(config: ml_collections.ConfigDict) -> int:
   return int(config.adversarial_steps) if variant_spec(config.variant).adversarial else 0
 
 
+def gating_dead_band(config: ml_collections.ConfigDict) -> tuple[float, float] | None:
+  """The accuracies [lo, hi] at which neither gated update runs, or None if there are none.
+
+  The discriminator updates below gating.train_disc_below, the VAE above
+  gating.train_vae_above; with the first at or under the second, an accuracy between them
+  updates neither model, so the adversarial phase can stall there.
+  """
+  below, above = float(config.gating.train_disc_below), float(config.gating.train_vae_above)
+  if adversarial_steps(config) and below <= above:
+    return below, above
+  return None
+
+
 def cpu_devices(config: ml_collections.ConfigDict) -> int:
   """config.cpu_devices (0 when the config has none), or ConfigError if it is negative."""
   n = int(config.get('cpu_devices', 0))

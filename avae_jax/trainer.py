@@ -356,6 +356,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
           f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
           'device and step', flush=True)
+    band = config_lib.gating_dead_band(config)
+    if band is not None:
+      print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
+            'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
+            'adversarial phase can stall there', file=sys.stderr, flush=True)
   r_vae = parallel.replicate(vae_state, setup_.devices)
   r_disc = parallel.replicate(disc_state, setup_.devices)
 

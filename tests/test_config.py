@@ -294,3 +294,16 @@ def test_a_batch_of_one_needs_a_tc_estimator_other_than_mss():
     d = c.copy_and_resolve_references()
     d.update_from_flattened_dict({field: value})
     config_lib.validate(d, num_devices=1)
+
+
+@pytest.mark.parametrize('changes, band', [
+    ({}, None),                                          # the paper's 0.7 > 0.5
+    ({'gating.train_disc_below': 0.4, 'gating.train_vae_above': 0.6}, (0.4, 0.6)),
+    ({'gating.train_disc_below': 0.5}, (0.5, 0.5)),      # accuracy exactly 0.5
+    ({'gating.train_disc_below': 0.4, 'variant': 'vae_s'}, None),   # no adversarial phase
+    ({'gating.train_disc_below': 0.4, 'adversarial_steps': 0}, None),
+])
+def test_gating_dead_band(changes, band):
+  c = default.get_config()
+  c.update_from_flattened_dict(changes)
+  assert config_lib.gating_dead_band(c) == band

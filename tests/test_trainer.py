@@ -201,6 +201,18 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
   assert_trees_equal(restore(tmp_path / 'w2')[1], reference[1])
 
 
+def test_gating_thresholds_with_a_dead_band_are_warned_about(reference, tmp_path, capsys):
+  # A finished workdir: the run only sets up, so no step is compiled.
+  for name, gating, warned in (('paper', {}, False),
+                               ('band', {'gating.train_disc_below': 0.4,
+                                         'gating.train_vae_above': 0.6}, True)):
+    shutil.copytree(reference[0], tmp_path / name)
+    train(dict(BASE, **gating), tmp_path / name)
+    err = capsys.readouterr().err
+    assert ('warning: at a discriminator accuracy in [0.4, 0.6] neither gated update runs'
+            in err) == warned, err
+
+
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
   # As on a read-only file system (root ignores permission bits, so the test stands in
   # for the kernel's answer); the lock file would fail with a traceback.
