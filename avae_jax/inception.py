@@ -808,11 +808,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   p_conv.add_argument('src')
   p_conv.add_argument('dst')
   args = parser.parse_args(argv)
-  if args.command == 'fetch':
-    print(fetch(args.cache, force=args.force))
-  else:
-    save_npz(load_params(args.src), args.dst)
-    print(args.dst)
+  try:
+    if args.command == 'fetch':
+      print(fetch(args.cache, force=args.force))
+    else:
+      save_npz(load_params(args.src), args.dst)
+      print(args.dst)
+  except (OSError, ValueError, FetchError, zipfile.BadZipFile) as e:
+    # A missing or damaged file, or no network: the message says what to do, no traceback.
+    parser.exit(1, f'{parser.prog}: error: {e}\n')
 
 
 if __name__ == '__main__':

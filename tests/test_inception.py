@@ -115,6 +115,21 @@ def test_missing_weights_message(tmp_path):
     inception.load_params(str(tmp_path / 'nope.npz'))
 
 
+@pytest.mark.parametrize('content', [None, b'not weights'])
+def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsys, content):
+  src = tmp_path / 'weights.pth'
+  if content is not None:
+    src.write_bytes(content)
+  with pytest.raises(SystemExit) as stop:
+    inception.main(['convert', str(src), str(tmp_path / 'out.npz')])
+  assert stop.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith('python -m avae_jax.inception: error: ')
+  assert ('python -m avae_jax.inception fetch' if content is None else
+          'neither a zip archive nor a torch.save file') in err
+  assert 'Traceback' not in err and not (tmp_path / 'out.npz').exists()
+
+
 def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):
   src = str(tmp_path / 'a.npz')
   dst = str(tmp_path / 'b.npz')
