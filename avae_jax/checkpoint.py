@@ -31,6 +31,7 @@ process, and every process reads it back.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import zlib
 from collections.abc import Mapping, Sequence
@@ -168,6 +169,17 @@ def _describe(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
+class _DropMessage(std_logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self._prefix)
+
+
 class Checkpointer:
   """Saves and restores (state, meta) by step in one directory, keeping the last `keep`."""
 
@@ -195,8 +207,16 @@ class Checkpointer:
         # A previous run killed mid-save leaves `<step>.orbax-checkpoint-tmp`.
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
+        # Read-only: 0, as orbax would set it itself (with a warning).
+        save_interval_steps=0 if read_only else 1,
     )
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    # orbax warns on every read-only open; for an evaluator that is the intent, not news.
+    read_only_notice = _DropMessage('Given directory is read only')
+    logging.get_absl_logger().addFilter(read_only_notice)
+    try:
+      self._manager = ocp.CheckpointManager(directory, options=options)
+    finally:
+      logging.get_absl_logger().removeFilter(read_only_notice)
     self._sharding = _replicated_sharding()
     self._bad_steps: set[int] = set()
     self._closed = False

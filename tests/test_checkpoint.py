@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -142,6 +143,19 @@ def test_synchronous_and_read_only(tmp_path):
     step, state, meta = reader.restore(make_state(0))
   assert (step, meta) == (2, {'a': 2})
   assert_trees_equal(state, make_state(2))
+
+
+def test_a_read_only_open_logs_no_warning(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=1, async_save=False) as ckpt:
+    ckpt.save(1, make_state(1), {})
+  with caplog.at_level(logging.WARNING):
+    with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=1, read_only=True) as reader:
+      assert reader.restore(make_state(0))[0] == 1
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+  # Other records still pass: the filter is gone once the manager is open.
+  with caplog.at_level(logging.WARNING):
+    absl_logging.warning('Given directory is read only, said someone else')
+  assert 'said someone else' in caplog.text
 
 
 def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
