@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU comparison of docs/benchmarks.md in one run: both benchmark shapes against the
+# PyTorch twin in float32, then the bfloat16 compute option (the twin builds float32 only).
+#
+#   bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]
+#
+# Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, orbax and
+# ml_collections, and one with torch for the twin ($TWIN_PYTHON, default the same; the
+# twin runs on CUDA when JAX's backend is a GPU). TWIN_SCRIPT
+# defaults to ../shared/bench/torch_twin.py. Writes OUT_DIR/machine.txt (GPU, driver,
+# versions) and, per run, NAME.jsonl (benchmark.py's JSON lines) and NAME.log (its table
+# and progress). STEPS and ROUNDS (defaults 50 and 5) size the runs; any other argument
+# of benchmark.py can follow in BENCH_ARGS.
+set -euo pipefail
+out=${1:?usage: bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]}
+twin=${2:-../shared/bench/torch_twin.py}
+py=${PYTHON:-python3}
+twin_py=${TWIN_PYTHON:-$py}
+steps=${STEPS:-50}
+rounds=${ROUNDS:-5}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+[ -f "$twin" ] || { echo "gpu_benchmark.sh: no twin at $twin" >&2; exit 2; }
+# JAX takes 75% of the GPU's memory at start-up by default; the twin, a process of its
+# own on the same GPU, needs some of it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+export PYTHONUNBUFFERED=1
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  "$py" -c 'import platform, jax; print("python", platform.python_version(), "| jax",
+      jax.__version__, jax.devices())' || true
+  "$twin_py" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name()
+      if torch.cuda.is_available() else "without CUDA")' || true
+  lscpu | grep -E '^(Model name|CPU\(s\))' || true
+} > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+run() {  # NAME ARGS...: one benchmark.py invocation, its JSON lines and its log.
+  local name=$1; shift
+  echo "== $name: benchmark.py $*"
+  "$py" benchmark.py --steps="$steps" --rounds="$rounds" "$@" ${BENCH_ARGS:-} \
+    > "$out/$name.jsonl" 2> "$out/$name.log" || { tail -20 "$out/$name.log"; return 1; }
+  grep -A8 '^step ' "$out/$name.log"
+}
+
+for shape in celeba mnist; do
+  run "$shape-float32" --config="configs/bench_$shape.py" \
+    --twin_python="$(command -v "$twin_py")" --twin_script="$twin"
+  run "$shape-bfloat16" --config="configs/bench_$shape.py" --config.model.dtype=bfloat16 \
+    --cases=pretrain_step,adversarial_step_both
+done
