@@ -13,6 +13,7 @@ and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Ince
 """
 
 import os
+import signal
 import sys
 
 from absl import app
@@ -69,6 +70,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f'eval.py: {e}')
   except _EXPLAINED as e:
     sys.exit(f'eval.py: {e}')
+  except KeyboardInterrupt:
+    distributed.exit_now(128 + signal.SIGINT, 'eval.py: interrupted by Ctrl-C')
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -255,6 +256,10 @@ def main(argv: list[str]) -> None:
       print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
             flush=True)
       sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # outside a run's training loop (calibration, evaluation)
+      from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+      distributed.exit_now(128 + signal.SIGINT, '[study] interrupted by Ctrl-C; the same '
+                           'study.py command resumes the study')
     failed = [s for s in statuses if s[3] != 'done']
     print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
           f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)

@@ -7,6 +7,7 @@ Running again on a workdir that has checkpoints resumes from the latest one. SIG
 Ctrl-C during training checkpoints the step in progress, then stops.
 """
 
+import signal
 import sys
 
 from absl import app
@@ -54,6 +55,12 @@ def main(argv: list[str]) -> None:
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training loop (start-up, calibration, evaluation), or a second
+    # one inside it: nothing to checkpoint then, and a traceback would tell nothing.
+    distributed.exit_now(128 + signal.SIGINT,
+                         'train.py: interrupted by Ctrl-C; the checkpoints saved so far are '
+                         'kept, and the same command resumes from the latest one')
   except _EXPLAINED as e:
     _fail(e)
 

@@ -210,9 +210,20 @@ def exit_on_error(together: tuple[type[BaseException], ...] = ()) -> Iterator[No
         sys.stderr.write(f'{e.code}\n')
     else:
       traceback.print_exc()
-    sys.stderr.write(f'process {jax.process_index()} of {jax.process_count()} failed; '
-                     'exiting now so that the other processes stop too\n')
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # pylint: disable=protected-access
+    exit_now(code, f'process {jax.process_index()} of {jax.process_count()} failed; '
+             'exiting now so that the other processes stop too')
+
+
+def exit_now(code: int, message: str) -> None:
+  """Prints `message` to stderr, flushes the logs and ends the process without clean-up.
+
+  For a process that must not wait at exit (exit_on_error), and for Ctrl-C outside the
+  training loop: an interrupt that lands in an XLA compilation can leave the runtime in
+  a state in which the interpreter's clean-up crashes (a segmentation fault after the
+  message). The entry points close their checkpoints and summaries before getting here.
+  """
+  sys.stderr.write(f'{message}\n')
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -331,6 +331,21 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   assert logged == sorted(set(logged)) and stopped in logged and logged[-1] == TOTAL
 
 
+def test_ctrl_c_before_training_starts_stops_with_one_line(cli_env, tmp_path):
+  # A long calibration (a compound-loss variant probes its terms before the first step):
+  # the run holds its workdir lock but has not reached the training loop's handlers.
+  overrides = dict(BASE, **{'calibrate.enabled': True, 'calibrate.batches': 100_000})
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  code = _signal_when(cli_env, workdir, lambda w: (w / 'train.lock').exists(),
+                      signal.SIGINT, overrides)
+  err = (workdir / 'killed.err').read_text()
+  assert code == 128 + signal.SIGINT, err[-3000:]
+  assert 'train.py: interrupted by Ctrl-C; the checkpoints saved so far are kept' in err
+  assert 'Traceback' not in err
+  assert committed_steps(workdir) == []
+
+
 # ------------------------------------------------------------------ failures
 
 
