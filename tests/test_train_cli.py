@@ -23,7 +23,6 @@ from tensorboard.backend.event_processing import event_accumulator
 from avae_jax import checkpoint
 from avae_jax import files
 from avae_jax import steps
-from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,18 +37,6 @@ BASE = dict(TINY, **{'pretrain_steps': 12, 'adversarial_steps': 8, 'log_every': 
 TOTAL = 20
 RUN_TIMEOUT = 600   # a bound for a whole training subprocess, not a speed requirement
 FAIL_TIMEOUT = 60   # a bound for a run that must stop at validation (nothing compiled)
-
-
-def make_config(overrides):
-  """The in-process ConfigDict that the CLI builds from configs/default.py and overrides."""
-  c = default.get_config()
-  for path, value in overrides.items():
-    *parents, leaf = path.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def cli_args(workdir, overrides, config='configs/default.py'):
@@ -97,9 +84,10 @@ _TEMPLATES = {}
 def restore(workdir, step=None):
   """(step, {'vae': ..., 'disc': ...} host arrays, meta) of a workdir's checkpoint."""
   if 'base' not in _TEMPLATES:
+    from tests import test_trainer  # pylint: disable=g-import-not-at-top
     # Shapes and dtypes only (jax.eval_shape): nothing is compiled for the template.
     _TEMPLATES['base'] = jax.eval_shape(lambda key: steps.state_tree(
-        *steps.create_train_states(make_config(BASE), key, (16, 16, 3))),
+        *steps.create_train_states(test_trainer.make_config(BASE), key, (16, 16, 3))),
         jax.random.PRNGKey(0))
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
                                read_only=True) as ckpt:
