@@ -235,6 +235,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ('learning_rate', 'disc_learning_rate'):
     if config.optimizer[name] < 0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative')
+  for name in ('b1', 'b2'):
+    # Adam's moment decays; at 1 or above its bias correction divides by 1 - b**t <= 0.
+    if not 0.0 <= config.optimizer[name] < 1.0:
+      raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} must lie in [0, 1) '
+                        "(Adam's decay rate)")
   if config.crop_size < 0:
     raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means the largest '
                       'centred square')
