@@ -257,8 +257,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.error('give the program after --, e.g. -- train.py --config=... --workdir=...')
   if args.num_processes < 1 or args.devices_per_process < 1:
     parser.error('--num_processes and --devices_per_process must be >= 1')
+  if args.timeout_s < 1:
+    parser.error(f'--timeout_s must be >= 1 (seconds), got {args.timeout_s}')
   if args.grace_s is None:
     args.grace_s = args.timeout_s + 10.0
+  if args.grace_s < 0:
+    parser.error(f'--grace_s must be >= 0 (seconds), got {args.grace_s:g}')
   return args, program
 
 

@@ -272,6 +272,8 @@ def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
 @pytest.mark.parametrize('flags, message', [
     (['--num_processes=0', '--', 'train.py'], '--num_processes and --devices_per_process'),
     (['--num_processes=2'], 'give the program after --'),
+    (['--timeout_s=0', '--', 'train.py'], '--timeout_s must be >= 1'),
+    (['--grace_s=-1', '--', 'train.py'], '--grace_s must be >= 0'),
 ])
 def test_launcher_usage_errors(flags, message):
   proc = subprocess.run([sys.executable, LAUNCH, *flags], capture_output=True, text=True,
