@@ -650,8 +650,13 @@ def _convert_state_dict(sd: Mapping[str, np.ndarray], source: str) -> dict[str, 
 
 
 def _load_npz(path: str) -> dict[str, Any]:
-  with np.load(path) as data:
-    flat = {k: np.asarray(data[k], np.float32) for k in data.files}
+  """The params of a .npz written by save_npz; ValueError naming the file otherwise."""
+  try:
+    with np.load(path) as data:
+      flat = {k: np.asarray(data[k], np.float32) for k in data.files}
+  except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    # numpy's own message names neither the file nor what it should have held.
+    raise ValueError(f'{path}: not an .npz of FID Inception weights ({e})') from None
   _check_params(flat, path)
   return traverse_util.unflatten_dict(flat, sep='/')
 

@@ -115,9 +115,14 @@ def test_missing_weights_message(tmp_path):
     inception.load_params(str(tmp_path / 'nope.npz'))
 
 
-@pytest.mark.parametrize('content', [None, b'not weights'])
-def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsys, content):
-  src = tmp_path / 'weights.pth'
+@pytest.mark.parametrize('name, content, message', [
+    ('weights.pth', None, 'python -m avae_jax.inception fetch'),
+    ('weights.pth', b'not weights', 'neither a zip archive nor a torch.save file'),
+    ('weights.npz', b'not weights', 'weights.npz: not an .npz of FID Inception weights'),
+])
+def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsys, name,
+                                                                 content, message):
+  src = tmp_path / name
   if content is not None:
     src.write_bytes(content)
   with pytest.raises(SystemExit) as stop:
@@ -125,8 +130,7 @@ def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsy
   assert stop.value.code == 1
   err = capsys.readouterr().err
   assert err.startswith('python -m avae_jax.inception: error: ')
-  assert ('python -m avae_jax.inception fetch' if content is None else
-          'neither a zip archive nor a torch.save file') in err
+  assert message in err
   assert 'Traceback' not in err and not (tmp_path / 'out.npz').exists()
 
 
