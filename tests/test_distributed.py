@@ -282,7 +282,7 @@ def test_launcher_usage_errors(flags, message):
   assert f'launch.py: error: {message}' in proc.stderr
 
 
-def _popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
+def popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
   """Popen whose process gets Ctrl-C even when pytest runs as a background job.
 
   A shell starts background jobs with SIGINT ignored, which a child inherits; a handler
@@ -299,7 +299,7 @@ def _popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
 def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
-  launcher = _popen_with_sigint(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
+  launcher = popen_with_sigint(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     ready = set()
@@ -441,7 +441,7 @@ def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
   launcher's status and its whole output (stdout and stderr merged).
   """
   long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
-  proc = _popen_with_sigint(
+  proc = popen_with_sigint(
       _launch_args(2, devices, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
                    **launch_kwargs),
       cwd=REPO, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -212,9 +212,12 @@ def _signal_when(env, workdir, ready, sig, overrides=None):
 
   Returns the exit status (-sig if the signal killed the process).
   """
+  from tests import test_distributed  # pylint: disable=g-import-not-at-top
   args = cli_args(workdir, BASE if overrides is None else overrides)
   with open(workdir / 'killed.out', 'a') as out, open(workdir / 'killed.err', 'a') as err:
-    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=err)
+    # SIGINT reaches the run even when pytest itself runs as a background job.
+    proc = test_distributed.popen_with_sigint(args, env=env, cwd=ROOT, stdout=out,
+                                              stderr=err)
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
       while proc.poll() is None and time.monotonic() < deadline:
