@@ -6,21 +6,25 @@
 #
 # Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, orbax and
 # ml_collections, and one with torch for the twin ($TWIN_PYTHON, default the same; the
-# twin runs on CUDA when JAX's backend is a GPU). TWIN_SCRIPT
-# defaults to ../shared/bench/torch_twin.py. Writes OUT_DIR/machine.txt (GPU, driver,
-# versions) and, per run, NAME.jsonl (benchmark.py's JSON lines) and NAME.log (its table
-# and progress). STEPS and ROUNDS (defaults 50 and 5) size the runs; any other argument
-# of benchmark.py can follow in BENCH_ARGS.
+# twin runs on CUDA when JAX's backend is a GPU). TWIN_SCRIPT defaults to
+# ../shared/bench/torch_twin.py beside the repository. Writes OUT_DIR/machine.txt (GPU,
+# driver, versions) and, per run, NAME.jsonl (benchmark.py's JSON lines) and NAME.log (its
+# table and progress). STEPS and ROUNDS (defaults 50 and 5) size the runs; any other
+# argument of benchmark.py can follow in BENCH_ARGS.
 set -euo pipefail
 out=${1:?usage: bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]}
-twin=${2:-../shared/bench/torch_twin.py}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+twin=${2:-$repo/../shared/bench/torch_twin.py}
 py=${PYTHON:-python3}
 twin_py=${TWIN_PYTHON:-$py}
 steps=${STEPS:-50}
 rounds=${ROUNDS:-5}
-cd "$(dirname "$0")/.."
-mkdir -p "$out"
 [ -f "$twin" ] || { echo "gpu_benchmark.sh: no twin at $twin" >&2; exit 2; }
+# Paths as given from here; the runs start in the repository.
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+twin=$(cd "$(dirname "$twin")" && pwd)/$(basename "$twin")
+cd "$repo"
 # JAX takes 75% of the GPU's memory at start-up by default; the twin, a process of its
 # own on the same GPU, needs some of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
