@@ -269,8 +269,10 @@ def main(argv: list[str]) -> None:
   report = study_report.write_report(out, settings, notes_path=notes, host=_host())
   print(f'[study] wrote {report}', flush=True)
   publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
-  if publish and not any(r.finished for r in study_report.load_runs(
-      out, settings.datasets.split(','), settings.variants.split(','), int(settings.seeds))):
+  if publish and not any(is_finished(run_dir(out, d, v, seed))
+                         for d in settings.datasets.split(',')
+                         for v in settings.variants.split(',')
+                         for seed in range(int(settings.seeds))):
     print(f'[study] not published: no run has finished, so {_PUBLISH_DIR.value} keeps the '
           'report it has', file=sys.stderr, flush=True)
   elif publish:
