@@ -313,18 +313,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         setup_: Setup) -> dict[str, float]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
+  # Closed on every way out (a study or a notebook goes on in this process after a
+  # failed run); the loop closes it before the evaluation already, closing twice is fine.
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                               keep=int(config.keep_checkpoints)) as ckpt:
+    return _train_and_evaluate_with(config, workdir, setup_, ckpt)
+
+
+def _train_and_evaluate_with(config: ml_collections.ConfigDict, workdir: str,
+                             setup_: Setup, ckpt: checkpoint.Checkpointer) -> dict[str, float]:
+  """_train_and_evaluate with the workdir's checkpointer open."""
   is_main = jax.process_index() == 0
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
   image_shape = setup_.train_source.image_shape
   vae_state, disc_state = steps.create_train_states(config, init_key, image_shape)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 keep=int(config.keep_checkpoints))
   try:
     restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
   except ValueError as e:  # the arrays' shapes differ from this config's model
-    ckpt.close()
     raise config_lib.ConfigError(
         f'the checkpoints in {workdir} were written by another model '
         f'(variant/image size/widths differ); use a new workdir ({e})') from None
@@ -332,7 +339,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     start_step, tree, meta = restored
     if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
-      ckpt.close()
       raise config_lib.ConfigError(
           f'the checkpoints in {workdir} were written by another model '
           f'(variant/image size/widths differ); use a new workdir')
@@ -349,7 +355,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   total = setup_.total_steps
   pre = int(config.pretrain_steps)
-  writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
   if is_main:
     n, processes = len(setup_.devices), jax.process_count()
@@ -382,6 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   history: list[tuple[int, dict[str, Any]]] = []
   t_last, n_last = time.perf_counter(), 0
   step = start_step
+  writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   stop = _StopSignals()
   stop.install()
   try:
@@ -430,6 +436,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     signum = stop.agreed(at_sync_point=True)
     if signum:
       raise TrainingInterrupted(signum, step)
+  except BaseException:
+    # No evaluation follows: let go of the summary files now (a study runs on in this
+    # process after a failed or interrupted run).
+    writer.close()
+    raise
   finally:
     stop.restore()
     # The producer thread holds the prefetcher, so it would outlive the run unclosed.
@@ -439,10 +450,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     finally:
       ckpt.close()  # waits for a save in flight, also when the flush fails (disk full)
 
-  vae_final = parallel.unreplicate(r_vae)
-  results = final_evaluation(config, workdir, vae_final, setup_, writer, step=step)
-  writer.close()
-  return results
+  with writer:  # closed also when the evaluation fails
+    return final_evaluation(config, workdir, parallel.unreplicate(r_vae), setup_, writer,
+                            step=step)
 
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,

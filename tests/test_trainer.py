@@ -266,6 +266,20 @@ def test_device_count_and_mapping_give_the_same_losses(reference, tmp_path, over
 # ------------------------------------------------------------------ NaN
 
 
+def open_files_under(directory) -> list[str]:
+  """The files under `directory` that this process holds open (from /proc/self/fd)."""
+  prefix = os.path.realpath(directory) + os.sep
+  held = []
+  for fd in os.listdir('/proc/self/fd'):
+    try:
+      target = os.readlink(os.path.join('/proc/self/fd', fd))
+    except OSError:  # the descriptor listing the directory itself, closed by now
+      continue
+    if target.startswith(prefix):
+      held.append(target)
+  return held
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   overrides = dict(TINY, **{'optimizer.learning_rate': 1e30, 'pretrain_steps': 6,
                             'adversarial_steps': 0, 'checkpoint_every': 1, 'log_every': 1})
@@ -274,6 +288,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train(overrides, tmp_path)
   term = str(err.value).split('non-finite ')[1].split(' = ')[0]
   assert term in LOSS_KEYS
+  # The run let go of its files (metrics.jsonl, the event file, the checkpoints').
+  assert not open_files_under(tmp_path)
   # Step 0's losses were finite and logged; the state after it was checkpointed, intact.
   metrics = read_metrics(tmp_path)
   assert sorted(metrics) == [1] and all(np.isfinite(metrics[1][k]) for k in LOSS_KEYS)
@@ -281,6 +297,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   step, tree, meta = restore(tmp_path, overrides)
   assert step == 1 and meta['phase'] == 'pretrain'
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+def test_a_run_failing_before_its_first_step_closes_its_checkpointer(tmp_path, monkeypatch):
+  closed = []
+  real_close = checkpoint.Checkpointer.close
+
+  def close(self):
+    closed.append(self)
+    real_close(self)
+
+  def make_steps(*args, **kwargs):
+    raise RuntimeError('no steps today')
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'close', close)
+  monkeypatch.setattr(parallel, 'make_steps', make_steps)
+  with pytest.raises(RuntimeError, match='no steps today'):
+    train(TINY, tmp_path)
+  assert closed, 'the checkpointer was left open'
+  assert not open_files_under(tmp_path)
 
 
 # ------------------------------------------------------------------ calibration
