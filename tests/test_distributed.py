@@ -461,6 +461,7 @@ def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
     if proc.poll() is None:
       proc.kill()
     reader.join(timeout=10)
+    proc.stdout.close()
   return returncode, ''.join(lines)
 
 
