@@ -45,6 +45,9 @@ _EXPLAINED = (api.WorkdirError, config_lib.ConfigError, distributed.DistributedC
               data.DataError, checkpoint.CheckpointError)
 
 
+_INTERRUPTED = 'eval.py: interrupted by Ctrl-C'
+
+
 def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
@@ -53,25 +56,28 @@ def main(argv: list[str]) -> None:
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   try:
-    saved = config is None
-    if saved:
-      config = api.read_config(workdir)
-      if config is None:
-        raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
-                               'pass the training config with --config=...')
-    config_lib.validate_eval(config)
-    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
-    distributed.initialize()
-    # With several processes, one that fails alone ends at once (see train.py).
-    with distributed.exit_on_error():
-      try:
-        _evaluate(config, workdir, saved)
-      except _EXPLAINED as e:
-        sys.exit(f'eval.py: {e}')
+    # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
+    # distributed.exit_on_interrupt).
+    with distributed.exit_on_interrupt(_INTERRUPTED):
+      saved = config is None
+      if saved:
+        config = api.read_config(workdir)
+        if config is None:
+          raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
+                                 'pass the training config with --config=...')
+      config_lib.validate_eval(config)
+      xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+      distributed.initialize()
+      # With several processes, one that fails alone ends at once (see train.py).
+      with distributed.exit_on_error():
+        try:
+          _evaluate(config, workdir, saved)
+        except _EXPLAINED as e:
+          sys.exit(f'eval.py: {e}')
   except _EXPLAINED as e:
     sys.exit(f'eval.py: {e}')
-  except KeyboardInterrupt:
-    distributed.exit_now(128 + signal.SIGINT, 'eval.py: interrupted by Ctrl-C')
+  except KeyboardInterrupt:  # when Ctrl-C was not left to exit_on_interrupt
+    distributed.exit_now(128 + signal.SIGINT, _INTERRUPTED)
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:

@@ -34,6 +34,10 @@ _EXPLAINED = (config_lib.ConfigError, distributed.DistributedConfigError, data.D
               trainer.NonFiniteLossError, checkpoint.CheckpointError)
 
 
+_INTERRUPTED = ('train.py: interrupted by Ctrl-C; the checkpoints saved so far are kept, and '
+                'the same command resumes from the latest one')
+
+
 def main(argv: list[str]) -> None:
   """Entry point: initialise the distributed runtime if asked, then train and evaluate."""
   if len(argv) > 1:
@@ -41,26 +45,26 @@ def main(argv: list[str]) -> None:
   hugepages.reexec()  # first: a restart repeats everything before it
   config = flags.FLAGS.config
   try:
-    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
-    summary.quiet_library_logs()
-    distributed.initialize()
-    # With several processes, one that fails alone ends at once, so that the others stop
-    # within the distributed timeout instead of waiting for it at exit. A stop by signal
-    # happens in every process at the same step.
-    with distributed.exit_on_error(together=(trainer.TrainingInterrupted,)):
-      try:
-        trainer.train_and_evaluate(config, _WORKDIR.value)
-      except _EXPLAINED as e:
-        _fail(e)
+    # Ctrl-C outside the training loop (start-up, calibration, evaluation), or a second
+    # one inside it, ends the run at once: nothing to checkpoint then, and a traceback
+    # would tell nothing.
+    with distributed.exit_on_interrupt(_INTERRUPTED):
+      xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+      summary.quiet_library_logs()
+      distributed.initialize()
+      # With several processes, one that fails alone ends at once, so that the others
+      # stop within the distributed timeout instead of waiting for it at exit. A stop by
+      # signal happens in every process at the same step.
+      with distributed.exit_on_error(together=(trainer.TrainingInterrupted,)):
+        try:
+          trainer.train_and_evaluate(config, _WORKDIR.value)
+        except _EXPLAINED as e:
+          _fail(e)
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
-  except KeyboardInterrupt:
-    # Ctrl-C outside the training loop (start-up, calibration, evaluation), or a second
-    # one inside it: nothing to checkpoint then, and a traceback would tell nothing.
-    distributed.exit_now(128 + signal.SIGINT,
-                         'train.py: interrupted by Ctrl-C; the checkpoints saved so far are '
-                         'kept, and the same command resumes from the latest one')
+  except KeyboardInterrupt:  # when Ctrl-C was not left to exit_on_interrupt
+    distributed.exit_now(128 + signal.SIGINT, _INTERRUPTED)
   except _EXPLAINED as e:
     _fail(e)
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Iterator, Sequence
 
@@ -227,3 +229,28 @@ def exit_now(code: int, message: str) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(message: str) -> Iterator[None]:
+  """Inside the block, Ctrl-C ends the process at once: `message` on stderr, status 130.
+
+  A KeyboardInterrupt is not reliable in these programs: one raised while the
+  interpreter runs a garbage-collection callback (jaxlib registers one) is printed as
+  "Exception ignored" and dropped, and the run went on calibrating. The training loop
+  installs its own handler (a checkpointed stop) and restores this one after the loop.
+  Only a SIGINT at Python's default handler is taken over: a shell starts background
+  jobs with Ctrl-C ignored, and they stay so.
+  """
+  def handle(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+    exit_now(128 + signal.SIGINT, message)
+
+  take_over = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+  if take_over:
+    signal.signal(signal.SIGINT, handle)
+  try:
+    yield
+  finally:
+    if take_over:
+      signal.signal(signal.SIGINT, signal.default_int_handler)

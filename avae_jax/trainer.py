@@ -81,9 +81,12 @@ class _StopSignals:
       signal.signal(s, handler)
     self._previous = {}
 
-  def _handle(self, signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
-    """Records the signal (a repeated SIGINT raises KeyboardInterrupt)."""
+  def _handle(self, signum: int, frame: Any) -> None:
+    """Records the signal; a repeated SIGINT goes to the handler from before the loop."""
     if self.signum is not None and signum == signal.SIGINT:
+      previous = self._previous.get(signal.SIGINT)
+      if callable(previous):  # e.g. the CLI's exit at once (distributed.exit_on_interrupt)
+        previous(signum, frame)
       raise KeyboardInterrupt
     self.signum = signum
     print(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint '

@@ -319,6 +319,44 @@ def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path)
   assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), (out, err)
 
 
+# Spends its time in a garbage-collection callback, where a KeyboardInterrupt is printed
+# as "Exception ignored" and dropped (jaxlib registers such a callback).
+_GC_PROGRAM = """
+import contextlib, gc, sys, time
+from avae_jax import distributed
+gc.callbacks.append(lambda phase, info: time.sleep(0.2) if phase == 'start' else None)
+guard = (distributed.exit_on_interrupt('interrupted, exiting') if sys.argv[1] == 'exit'
+         else contextlib.nullcontext())
+with guard:
+  print('ready', flush=True)
+  for _ in range(25):  # 5 s
+    gc.collect()
+print('not interrupted', flush=True)
+"""
+
+
+@pytest.mark.parametrize('mode', ['exit', 'plain'])
+def test_ctrl_c_during_a_gc_callback_ends_the_program(tmp_path, mode):
+  script = tmp_path / 'program.py'
+  script.write_text(_GC_PROGRAM)
+  proc = popen_with_sigint([sys.executable, str(script), mode], cwd=REPO,
+                           env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == 'ready\n'
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  if mode == 'exit':
+    assert (proc.returncode, out, err) == (130, '', 'interrupted, exiting\n')
+  else:  # why: Python's own KeyboardInterrupt is lost there and the program runs on
+    assert proc.returncode == 0 and 'not interrupted' in out, (out, err)
+    assert 'Exception ignored' in err and 'KeyboardInterrupt' in err
+
+
 def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top

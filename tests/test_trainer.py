@@ -556,3 +556,23 @@ def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   finally:
     stop.restore()
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_second_ctrl_c_goes_to_the_handler_from_before_the_loop():
+  calls = []
+  before = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+  try:
+    stop = trainer._StopSignals()  # pylint: disable=protected-access
+    stop.install()
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.agreed(at_sync_point=False) == signal.SIGINT and not calls
+      # The CLIs' handler ends the process (distributed.exit_on_interrupt); this one
+      # returns, and then the loop is interrupted all the same.
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+      assert calls == [signal.SIGINT]
+    finally:
+      stop.restore()
+  finally:
+    signal.signal(signal.SIGINT, before)
