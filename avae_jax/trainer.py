@@ -307,25 +307,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
-      return _train_and_evaluate(config, workdir, setup_)
+      # Closed on every way out, failures too (a study or a notebook goes on in this
+      # process); the loop closes it before the evaluation, and closing twice is harmless.
+      with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                   keep=int(config.keep_checkpoints)) as ckpt:
+        return _train_and_evaluate(config, workdir, setup_, ckpt)
   except files.LockedError as e:
     raise config_lib.ConfigError(f'{e}; wait for that run to end, stop it, or use another '
                                  'workdir') from None
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        setup_: Setup) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
+                        ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
-  # Closed on every way out (a study or a notebook goes on in this process after a
-  # failed run); the loop closes it before the evaluation already, closing twice is fine.
-  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                               keep=int(config.keep_checkpoints)) as ckpt:
-    return _train_and_evaluate_with(config, workdir, setup_, ckpt)
-
-
-def _train_and_evaluate_with(config: ml_collections.ConfigDict, workdir: str,
-                             setup_: Setup, ckpt: checkpoint.Checkpointer) -> dict[str, float]:
-  """_train_and_evaluate with the workdir's checkpointer open."""
   is_main = jax.process_index() == 0
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
