@@ -13,7 +13,6 @@ and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Ince
 """
 
 import os
-import signal
 import sys
 
 from absl import app
@@ -45,9 +44,6 @@ _EXPLAINED = (api.WorkdirError, config_lib.ConfigError, distributed.DistributedC
               data.DataError, checkpoint.CheckpointError)
 
 
-_INTERRUPTED = 'eval.py: interrupted by Ctrl-C'
-
-
 def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
@@ -58,7 +54,7 @@ def main(argv: list[str]) -> None:
   try:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
-    with distributed.exit_on_interrupt(_INTERRUPTED):
+    with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
       saved = config is None
       if saved:
         config = api.read_config(workdir)
@@ -76,8 +72,6 @@ def main(argv: list[str]) -> None:
           sys.exit(f'eval.py: {e}')
   except _EXPLAINED as e:
     sys.exit(f'eval.py: {e}')
-  except KeyboardInterrupt:  # when Ctrl-C was not left to exit_on_interrupt
-    distributed.exit_now(128 + signal.SIGINT, _INTERRUPTED)
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import time
 import traceback
@@ -251,18 +250,16 @@ def main(argv: list[str]) -> None:
     t0 = time.monotonic()
     from avae_jax import distributed  # pylint: disable=g-import-not-at-top
     from avae_jax import trainer  # pylint: disable=g-import-not-at-top
-    interrupted = '[study] interrupted by Ctrl-C; the same study.py command resumes the study'
     try:
       # Ctrl-C outside a run's training loop (calibration, evaluation) ends the study at
       # once; inside it, the run checkpoints its step first (TrainingInterrupted).
-      with distributed.exit_on_interrupt(interrupted):
+      with distributed.exit_on_interrupt('[study] interrupted by Ctrl-C; the same study.py '
+                                         'command resumes the study'):
         statuses = run_study(out, settings, _MAX_HOURS.value)
     except trainer.TrainingInterrupted as e:
       print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
             flush=True)
       sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # when Ctrl-C was not left to exit_on_interrupt
-      distributed.exit_now(128 + signal.SIGINT, interrupted)
     failed = [s for s in statuses if s[3] != 'done']
     print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
           f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)

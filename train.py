@@ -7,7 +7,6 @@ Running again on a workdir that has checkpoints resumes from the latest one. SIG
 Ctrl-C during training checkpoints the step in progress, then stops.
 """
 
-import signal
 import sys
 
 from absl import app
@@ -63,8 +62,6 @@ def main(argv: list[str]) -> None:
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
-  except KeyboardInterrupt:  # when Ctrl-C was not left to exit_on_interrupt
-    distributed.exit_now(128 + signal.SIGINT, _INTERRUPTED)
   except _EXPLAINED as e:
     _fail(e)
 

@@ -237,10 +237,12 @@ def exit_on_interrupt(message: str) -> Iterator[None]:
 
   A KeyboardInterrupt is not reliable in these programs: one raised while the
   interpreter runs a garbage-collection callback (jaxlib registers one) is printed as
-  "Exception ignored" and dropped, and the run went on calibrating. The training loop
-  installs its own handler (a checkpointed stop) and restores this one after the loop.
-  Only a SIGINT at Python's default handler is taken over: a shell starts background
-  jobs with Ctrl-C ignored, and they stay so.
+  "Exception ignored" and dropped, and the run went on calibrating. So the SIGINT
+  handler ends the process itself. The training loop installs its own handler (a
+  checkpointed stop) and restores this one after the loop. Only a SIGINT at Python's
+  default handler is taken over: a shell starts background jobs with Ctrl-C ignored,
+  and they stay so. A KeyboardInterrupt that reaches the block's end all the same (a
+  second Ctrl-C in the loop of such a job) ends the process likewise.
   """
   def handle(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
     exit_now(128 + signal.SIGINT, message)
@@ -251,6 +253,8 @@ def exit_on_interrupt(message: str) -> Iterator[None]:
     signal.signal(signal.SIGINT, handle)
   try:
     yield
+  except KeyboardInterrupt:
+    exit_now(128 + signal.SIGINT, message)
   finally:
     if take_over:
       signal.signal(signal.SIGINT, signal.default_int_handler)

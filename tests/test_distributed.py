@@ -357,6 +357,17 @@ def test_ctrl_c_during_a_gc_callback_ends_the_program(tmp_path, mode):
     assert 'Exception ignored' in err and 'KeyboardInterrupt' in err
 
 
+def test_a_keyboard_interrupt_that_reaches_the_guard_ends_the_program_too(tmp_path):
+  # E.g. a second Ctrl-C in the training loop of a background job (SIGINT ignored there).
+  program = ('from avae_jax import distributed\n'
+             'with distributed.exit_on_interrupt("interrupted, exiting"):\n'
+             '  raise KeyboardInterrupt\n'
+             'print("not reached")\n')
+  proc = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True,
+                        text=True, timeout=60, check=False)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (130, '', 'interrupted, exiting\n')
+
+
 def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top
