@@ -16,6 +16,7 @@ are split over the devices; other batches run replicated.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -80,6 +81,53 @@ def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return steps.state_tree(vae_state, disc_state)
 
 
+# The inference programs, jitted once per process with the (hashable) module as a static
+# argument: every TrainedModel of the same architecture shares their compiled programs,
+# e.g. the final evaluations of the runs of a study.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(module: Any, variables: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Posterior means and log-variances of images x."""
+  return module.apply(variables, x, False, method='encode')
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(module: Any, variables: Any, z: jax.Array) -> jax.Array:
+  """Decoded images of codes z."""
+  return module.apply(variables, z, False, method='decode')
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(module: Any, variables: Any, x: jax.Array) -> jax.Array:
+  """Decoded posterior means of x."""
+  return _decode(module, variables, _encode(module, variables, x)[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _interpolate(module: Any, variables: Any, x0: jax.Array, x1: jax.Array,
+                 t: jax.Array) -> jax.Array:
+  """Decoded codes on the lines from x0 to x1 at fractions t: (pairs, len(t), H, W, C)."""
+  z0, _ = _encode(module, variables, x0)
+  z1, _ = _encode(module, variables, x1)
+  # (1 - t) z0 + t z1 is exactly z0 at t = 0 and z1 at t = 1.
+  z = (1.0 - t)[None, :, None] * z0[:, None] + t[None, :, None] * z1[:, None]
+  p, s = z.shape[:2]
+  return _decode(module, variables, z.reshape(p * s, -1)).reshape((p, s) + x0.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _traverse(module: Any, variables: Any, x: jax.Array, dims: jax.Array,
+              values: jax.Array) -> jax.Array:
+  """Decoded codes of x with dimension dims[i] set to each value: (dims, values, H, W, C)."""
+  mu, _ = _encode(module, variables, x)
+  codes = jnp.broadcast_to(mu, (dims.shape[0], values.shape[0], mu.shape[-1]))
+  hit = jnp.arange(mu.shape[-1])[None, None, :] == dims[:, None, None]
+  codes = jnp.where(hit, values[None, :, None], codes)
+  images = _decode(module, variables, codes.reshape(-1, mu.shape[-1]))
+  return images.reshape((dims.shape[0], values.shape[0]) + x.shape[1:])
+
+
 class TrainedModel:
   """A VAE with its trained parameters and BatchNorm statistics, ready for inference."""
 
@@ -97,39 +145,6 @@ class TrainedModel:
     self._split = NamedSharding(mesh, PartitionSpec('batch'))
     self.variables = jax.device_put({'params': params, 'batch_stats': batch_stats},
                                     self._replicated)
-    module = self.module
-
-    def encode(variables, x):
-      return module.apply(variables, x, False, method='encode')
-
-    def decode(variables, z):
-      return module.apply(variables, z, False, method='decode')
-
-    def reconstruct(variables, x):
-      mu, _ = encode(variables, x)
-      return decode(variables, mu)
-
-    def interpolate(variables, x0, x1, t):
-      z0, _ = encode(variables, x0)
-      z1, _ = encode(variables, x1)
-      # (1 - t) z0 + t z1 is exactly z0 at t = 0 and z1 at t = 1.
-      z = (1.0 - t)[None, :, None] * z0[:, None] + t[None, :, None] * z1[:, None]
-      p, s = z.shape[:2]
-      return decode(variables, z.reshape(p * s, -1)).reshape((p, s) + x0.shape[1:])
-
-    def traverse(variables, x, dims, values):
-      mu, _ = encode(variables, x)
-      codes = jnp.broadcast_to(mu, (dims.shape[0], values.shape[0], mu.shape[-1]))
-      hit = jnp.arange(mu.shape[-1])[None, None, :] == dims[:, None, None]
-      codes = jnp.where(hit, values[None, :, None], codes)
-      images = decode(variables, codes.reshape(-1, mu.shape[-1]))
-      return images.reshape((dims.shape[0], values.shape[0]) + x.shape[1:])
-
-    self._encode = jax.jit(encode)
-    self._decode = jax.jit(decode)
-    self._reconstruct = jax.jit(reconstruct)
-    self._interpolate = jax.jit(interpolate)
-    self._traverse = jax.jit(traverse)
 
   # ------------------------------------------------------------------------- construction
 
@@ -226,18 +241,18 @@ class TrainedModel:
 
   def encode(self, images: Any) -> tuple[jax.Array, jax.Array]:
     """(mu, logvar), each (B, latent_dim), of q(z|x) for (B, H, W, C) images."""
-    return self._encode(self.variables, self._images(images))
+    return _encode(self.module, self.variables, self._images(images))
 
   def decode(self, z: Any) -> jax.Array:
     """Images (B, H, W, C) in (0, 1) for latent codes z (B, latent_dim)."""
     z = (z if isinstance(z, jax.Array) else np.asarray(z)).astype(np.float32)
     if z.ndim != 2 or z.shape[1] != self.latent_dim:
       raise ValueError(f'z must be (B, {self.latent_dim}); got shape {tuple(z.shape)}')
-    return self._decode(self.variables, self._put(z))
+    return _decode(self.module, self.variables, self._put(z))
 
   def reconstruct(self, images: Any) -> jax.Array:
     """decode(mu): reconstructions from the posterior mean, (B, H, W, C)."""
-    return self._reconstruct(self.variables, self._images(images))
+    return _reconstruct(self.module, self.variables, self._images(images))
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
     """n images decoded from z ~ N(0, I) drawn with `key`."""
@@ -257,7 +272,7 @@ class TrainedModel:
     if a.shape != b.shape:
       raise ValueError(f'x0 {a.shape} and x1 {b.shape} differ in shape')
     t = jnp.linspace(0.0, 1.0, int(steps), dtype=jnp.float32)
-    out = self._interpolate(self.variables, a, b, t)
+    out = _interpolate(self.module, self.variables, a, b, t)
     return out[0] if single else out
 
   def traverse(self, image: Any, dims: Sequence[int], values: Sequence[float]) -> jax.Array:
@@ -269,4 +284,4 @@ class TrainedModel:
     if dims.size and (dims.min() < 0 or dims.max() >= self.latent_dim):
       raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {self.latent_dim}')
     values = np.asarray(values, np.float32).reshape(-1)
-    return self._traverse(self.variables, x, dims, values)
+    return _traverse(self.module, self.variables, x, dims, values)
