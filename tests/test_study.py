@@ -29,6 +29,11 @@ def _study(*args, check=True):
   return proc
 
 
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
 def _table_rows(text, heading):
   """The rows (lists of cells) of the first markdown table after `heading`."""
   start = text.index(heading)
@@ -55,18 +60,38 @@ def test_a_bucket_as_out_is_a_usage_error():
 
 @pytest.fixture(scope='module')
 def study_dir(tmp_path_factory):
-  """One tiny study of both datasets, all four models, one seed (run once per module)."""
+  """One tiny study of both datasets, all four models, one seed (run once per module).
+
+  As the README runs a study on two cores: one study.py process per dataset on the same
+  OUT at once, then --report_only (this also halves the fixture's time).
+  """
   if not os.path.isdir(FMNIST):
     pytest.skip(f'{FMNIST} missing: apt-get install dataset-fashion-mnist')
   out = str(tmp_path_factory.mktemp('study'))
-  proc = _study(f'--out={out}', '--budget=test')
-  return out, proc
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  procs = {ds: subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'study.py'), f'--out={out}', '--budget=test',
+       f'--datasets={ds}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for ds in ('shapes', 'fashion_mnist')}
+  try:
+    for ds, proc in procs.items():
+      stdout, stderr = proc.communicate(timeout=900)
+      if proc.returncode != 0:
+        raise AssertionError(f'study.py --datasets={ds} failed ({proc.returncode}):\n'
+                             f'{stdout[-3000:]}\n{stderr[-5000:]}')
+      assert '4/4 runs finished' in stdout, stdout[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  return out, _study(f'--out={out}', '--budget=test', '--report_only')
 
 
 def test_report_has_every_table(study_dir):
-  out, proc = study_dir
-  text = open(os.path.join(out, 'results.md')).read()
-  assert '8/8 runs finished' in proc.stdout
+  out, _ = study_dir
+  text = _read(os.path.join(out, 'results.md'))
+  assert '8 of 8 runs finished (2 dataset(s) × 4 models × 1 seed(s))' in text
   for ds, has_mig in (('shapes', True), ('fashion_mnist', False)):
     rows = _table_rows(text, f'### Table III on {ds}')
     assert rows[0] == ['Metric', 'Ground Truth', *VARIANT_COLUMNS]
@@ -108,7 +133,7 @@ def test_report_has_every_table(study_dir):
 
 def test_report_has_every_figure(study_dir):
   out, _ = study_dir
-  text = open(os.path.join(out, 'results.md')).read()
+  text = _read(os.path.join(out, 'results.md'))
   from PIL import Image
   for ds in ('shapes', 'fashion_mnist'):
     for v in ('vae', 'avae', 'vae_s', 'avae_s'):
@@ -135,7 +160,7 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   assert trained == ['shapes avae seed 0']
   assert 'resuming from checkpoint' in proc.stdout
   assert os.path.exists(os.path.join(victim, 'final_metrics.json'))
-  info = json.load(open(os.path.join(victim, 'study_run.json')))
+  info = json.loads(_read(os.path.join(victim, 'study_run.json')))
   assert info['sessions'] == 2 and info['status'] == 'done'
   # Published: the report and its figures, with the same relative links.
   assert (docs / 'results.md').exists()
