@@ -43,7 +43,8 @@ DISC_KEYS = ('disc_loss', 'gen_loss', 'disc_accuracy', 'disc_updated', 'vae_upda
 
 @pytest.fixture(scope='module', autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module (shared with test_train_cli's runs)."""
+  """A persistent compilation cache for this module, shared with test_train_cli's runs in
+  the same pytest process (or pytest-xdist worker)."""
   path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
   path.mkdir(exist_ok=True)
   settings = {'jax_compilation_cache_dir': str(path),
