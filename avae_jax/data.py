@@ -47,7 +47,6 @@ aliasing and no overshoot beyond [0, 1]), then channel conversion (RGB -> luma
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import glob as glob_lib
 import gzip
 import os

@@ -11,13 +11,12 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax

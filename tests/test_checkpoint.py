@@ -322,7 +322,7 @@ def test_checkpoint_killed_before_commit_is_never_loaded(tmp_path):
     _wait_for(marker.exists, proc)
   finally:
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # waits, and closes its stderr pipe
   directory = tmp_path / 'ckpt'
   names = sorted(p.name for p in directory.iterdir())
   assert '2' + TMP_SUFFIX in names and '2' not in names, names
@@ -348,14 +348,15 @@ def test_sigkill_mid_save_leaves_only_complete_checkpoints(tmp_path):
   directory = tmp_path / 'ckpt'
 
   def saving():
-    return any(TMP_SUFFIX in entry.name for entry in os.scandir(directory))
+    with os.scandir(directory) as entries:
+      return any(TMP_SUFFIX in entry.name for entry in entries)
 
   try:
     _wait_for(marker.exists, proc)
     _wait_for(saving, proc, interval=0.001)
   finally:
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # waits, and closes its stderr pipe
   assert proc.returncode == -signal.SIGKILL
   base = np.random.default_rng(0).standard_normal(4_000_000).astype(np.float32)
   template = {'w': base}
@@ -425,6 +426,8 @@ def test_two_processes_save_and_restore_replicated_state(tmp_path):
   finally:
     for p in procs:
       p.kill()
+      p.wait()
+      p.stderr.close()
   for p, err in zip(procs, errors):
     assert p.returncode == 0, err[-3000:]
   for i in range(2):

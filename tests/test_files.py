@@ -89,7 +89,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         pass
   finally:
     holder.kill()
-    holder.wait()
+    holder.communicate()  # waits, and closes its stdout pipe
   with files.exclusive(tmp_path, 'me'):
     pass
 

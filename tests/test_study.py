@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from avae_jax import study_report
