@@ -55,6 +55,7 @@ _MAX_HOURS = flags.DEFINE_float(
     'report then says which runs are missing. Rerun to continue.')
 
 STUDY_FILE = 'study.json'
+REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
 RUN_FILE = 'study_run.json'
 CALIBRATION_FILE = 'calibration.json'
 
@@ -113,6 +114,14 @@ def check_study_file(out: str, settings: Any) -> None:
               'num_devices': int(settings.num_devices), 'created': time.time()}
   record['command'] = ' '.join(['python'] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
   _write_json(path, record)
+
+
+def _shared_files_lock(out: str) -> Any:
+  """Held while writing study.json, the report or its figures: several study.py
+  processes may share OUT (one per dataset, see the README), and a report rewrites
+  OUT/results/ as a whole."""
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  return files.exclusive(out, 'study.py', wait=True, lock_file=REPORT_LOCK)
 
 
 def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
@@ -243,7 +252,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '
                          '--report_only reports on the runs of an existing study')
   os.makedirs(out, exist_ok=True)
-  check_study_file(out, settings)
+  with _shared_files_lock(out):
+    check_study_file(out, settings)
   if not _REPORT_ONLY.value:
     _enable_compilation_cache(out)
     t0 = time.monotonic()
@@ -265,18 +275,19 @@ def main(argv: list[str]) -> None:
   notes = _NOTES.value
   if notes is None and os.path.exists(os.path.join(out, 'discussion.md')):
     notes = os.path.join(out, 'discussion.md')
-  report = study_report.write_report(out, settings, notes_path=notes, host=_host())
-  print(f'[study] wrote {report}', flush=True)
-  publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
-  if publish and not any(is_finished(run_dir(out, d, v, seed))
-                         for d in settings.datasets.split(',')
-                         for v in settings.variants.split(',')
-                         for seed in range(int(settings.seeds))):
-    print(f'[study] not published: no run has finished, so {_PUBLISH_DIR.value} keeps the '
-          'report it has', file=sys.stderr, flush=True)
-  elif publish:
-    dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
-    print(f'[study] published to {dest}', flush=True)
+  with _shared_files_lock(out):
+    report = study_report.write_report(out, settings, notes_path=notes, host=_host())
+    print(f'[study] wrote {report}', flush=True)
+    publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
+    if publish and not any(is_finished(run_dir(out, d, v, seed))
+                           for d in settings.datasets.split(',')
+                           for v in settings.variants.split(',')
+                           for seed in range(int(settings.seeds))):
+      print(f'[study] not published: no run has finished, so {_PUBLISH_DIR.value} keeps the '
+            'report it has', file=sys.stderr, flush=True)
+    elif publish:
+      dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
+      print(f'[study] published to {dest}', flush=True)
 
 
 def _host() -> dict[str, Any]:

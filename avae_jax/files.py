@@ -71,21 +71,24 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(directory: PathLike, holder: str) -> Iterator[None]:
+def exclusive(directory: PathLike, holder: str, *, wait: bool = False,
+              lock_file: str = LOCK_FILE) -> Iterator[None]:
   """Holds an advisory lock on DIRECTORY/train.lock inside the block (LockedError if taken).
 
   `holder` (e.g. 'train.py') is written into the file with the pid and host, for the
   message another process gets. The kernel drops the lock when the process ends, even on
   SIGKILL, so a crash never leaves a stale lock. Only local (and NFS) directories are
-  locked: object stores (gs://...) have no locks, and nothing is held there.
+  locked: object stores (gs://...) have no locks, and nothing is held there. `wait`: block
+  until the lock is free instead of raising; `lock_file`: another file name than
+  train.lock, for a lock of another purpose.
   """
   path = os.fspath(directory)
   if is_remote(path):
     yield
     return
-  with open(os.path.join(path, LOCK_FILE), 'a+', encoding='utf-8') as f:
+  with open(os.path.join(path, lock_file), 'a+', encoding='utf-8') as f:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
       f.seek(0)
       raise LockedError(f'{path} is in use by {f.read().strip() or "another process"}'

@@ -94,6 +94,30 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     pass
 
 
+def test_waiting_for_a_lock_of_another_name(tmp_path):
+  # The holder releases report.lock 1 s after saying so, writing 'released' just before.
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import pathlib, time; from avae_jax import files\n'
+       f'd = pathlib.Path({str(tmp_path)!r})\n'
+       'with files.exclusive(d, "holder", lock_file="report.lock"):\n'
+       '  print("held", flush=True); time.sleep(1); (d / "released").touch()\n'
+       'time.sleep(600)'],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    with files.exclusive(tmp_path, 'me'):  # train.lock is another lock
+      pass
+    with pytest.raises(files.LockedError, match='in use by holder'):
+      with files.exclusive(tmp_path, 'me', lock_file='report.lock'):
+        pass
+    with files.exclusive(tmp_path, 'me', wait=True, lock_file='report.lock'):
+      assert (tmp_path / 'released').exists()
+      assert holder.poll() is None  # released by the block's end, not by the process's
+  finally:
+    holder.kill()
+    holder.communicate()
+
+
 def test_exclusive_holds_nothing_on_an_object_store(fake_bucket):
   files.makedirs('gs://bucket/run')
   with files.exclusive('gs://bucket/run', 'a'), files.exclusive('gs://bucket/run', 'b'):

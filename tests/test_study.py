@@ -7,9 +7,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
+from avae_jax import files
 from avae_jax import study_report
 from configs import study as study_config
 
@@ -164,6 +166,39 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   # Published: the report and its figures, with the same relative links.
   assert (docs / 'results.md').exists()
   assert (docs / 'results' / 'shapes' / 'avae_s_traversals.png').exists()
+
+
+def _blocked_on_a_lock(pid):
+  """Whether process `pid` waits for a file lock (a '->' line of /proc/locks)."""
+  with open('/proc/locks') as f:
+    return any(line.split()[1] == '->' and str(pid) in line.split()[2:] for line in f)
+
+
+def test_a_report_waits_while_another_process_writes_one(study_dir):
+  out, _ = study_dir
+  report = os.path.join(out, 'results.md')
+  before = os.stat(report).st_mtime_ns
+  # What a study.py process holds while writing study.json or the report (its REPORT_LOCK).
+  with files.exclusive(out, 'the test', lock_file='report.lock'):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'study.py'), f'--out={out}', '--budget=test',
+         '--report_only'], cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+      deadline = time.monotonic() + 120
+      while not _blocked_on_a_lock(proc.pid):
+        assert proc.poll() is None, 'study.py did not wait for the lock'
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+      assert os.stat(report).st_mtime_ns == before
+    except BaseException:
+      proc.kill()
+      proc.communicate()
+      raise
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert '[study] wrote' in stdout
+  assert os.stat(report).st_mtime_ns > before
 
 
 def test_refuses_a_directory_of_another_budget(study_dir):
