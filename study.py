@@ -225,9 +225,13 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
 
 
 def _enable_compilation_cache(out: str) -> None:
-  """Persistent XLA cache: runs that share a program (seeds, vae/avae pre-training) compile once."""
+  """Persistent XLA cache: runs that share a program (seeds, vae/avae pre-training) compile once.
+
+  In OUT/.jax_cache, unless JAX_COMPILATION_CACHE_DIR names a cache of the user's.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.jax_cache'))
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 

@@ -69,7 +69,8 @@ def study_dir(tmp_path_factory):
   if not os.path.isdir(FMNIST):
     pytest.skip(f'{FMNIST} missing: apt-get install dataset-fashion-mnist')
   out = str(tmp_path_factory.mktemp('study'))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_COMPILATION_CACHE_DIR=cache)
   procs = {ds: subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'study.py'), f'--out={out}', '--budget=test',
        f'--datasets={ds}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -81,6 +82,8 @@ def study_dir(tmp_path_factory):
         raise AssertionError(f'study.py --datasets={ds} failed ({proc.returncode}):\n'
                              f'{stdout[-3000:]}\n{stderr[-5000:]}')
       assert '4/4 runs finished' in stdout, stdout[-3000:]
+    # The user's compilation cache is used instead of OUT's own.
+    assert os.listdir(cache) and not os.path.exists(os.path.join(out, '.jax_cache'))
   finally:
     for proc in procs.values():
       if proc.poll() is None:
