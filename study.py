@@ -18,6 +18,7 @@ AVAE-S; OUT/<dataset>/calibration.json records them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -116,10 +117,12 @@ def check_study_file(out: str, settings: Any) -> None:
   _write_json(path, record)
 
 
-def _shared_files_lock(out: str) -> Any:
-  """Held while writing study.json, the report or its figures: several study.py
-  processes may share OUT (one per dataset, see the README), and a report rewrites
-  OUT/results/ as a whole."""
+def _shared_files_lock(out: str) -> contextlib.AbstractContextManager[None]:
+  """The lock (OUT/report.lock) held while writing study.json, the report or its figures.
+
+  Several study.py processes may share OUT (one per dataset, see the README), and a report
+  rewrites OUT/results/ as a whole: they take turns.
+  """
   from avae_jax import files  # pylint: disable=g-import-not-at-top
   return files.exclusive(out, 'study.py', wait=True, lock_file=REPORT_LOCK)
 

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 from typing import Any, Callable, Iterator
 
 from etils import epath
@@ -73,14 +74,14 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 @contextlib.contextmanager
 def exclusive(directory: PathLike, holder: str, *, wait: bool = False,
               lock_file: str = LOCK_FILE) -> Iterator[None]:
-  """Holds an advisory lock on DIRECTORY/train.lock inside the block (LockedError if taken).
+  """Holds an advisory lock on DIRECTORY/`lock_file` inside the block (LockedError if taken).
 
   `holder` (e.g. 'train.py') is written into the file with the pid and host, for the
   message another process gets. The kernel drops the lock when the process ends, even on
   SIGKILL, so a crash never leaves a stale lock. Only local (and NFS) directories are
-  locked: object stores (gs://...) have no locks, and nothing is held there. `wait`: block
-  until the lock is free instead of raising; `lock_file`: another file name than
-  train.lock, for a lock of another purpose.
+  locked: object stores (gs://...) have no locks, and nothing is held there. `wait`:
+  instead of raising, say on stderr who holds the lock and wait until it is free.
+  `lock_file`: a lock of another purpose than a training run's (train.lock).
   """
   path = os.fspath(directory)
   if is_remote(path):
@@ -88,11 +89,14 @@ def exclusive(directory: PathLike, holder: str, *, wait: bool = False,
     return
   with open(os.path.join(path, lock_file), 'a+', encoding='utf-8') as f:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      raise LockedError(f'{path} is in use by {f.read().strip() or "another process"}'
-                        ) from None
+      message = f'{path} is in use by {f.read().strip() or "another process"}'
+      if not wait:
+        raise LockedError(message) from None
+      print(f'{message}; waiting for it', file=sys.stderr, flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
     f.seek(0)
     f.truncate()
     f.write(f'{holder} (pid {os.getpid()} on {socket.gethostname()})\n')

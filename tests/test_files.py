@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,7 +95,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     pass
 
 
-def test_waiting_for_a_lock_of_another_name(tmp_path):
+def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
   # The holder releases report.lock 1 s after saying so, writing 'released' just before.
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import pathlib, time; from avae_jax import files\n'
@@ -113,6 +114,8 @@ def test_waiting_for_a_lock_of_another_name(tmp_path):
     with files.exclusive(tmp_path, 'me', wait=True, lock_file='report.lock'):
       assert (tmp_path / 'released').exists()
       assert holder.poll() is None  # released by the block's end, not by the process's
+    assert re.fullmatch(rf'{re.escape(str(tmp_path))} is in use by holder \(pid {holder.pid} '
+                        r'on .*\); waiting for it\n', capsys.readouterr().err)
   finally:
     holder.kill()
     holder.communicate()

@@ -201,6 +201,7 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
   assert '[study] wrote' in stdout
+  assert f'{out} is in use by the test (pid {os.getpid()} ' in stderr
   assert os.stat(report).st_mtime_ns > before
 
 
