@@ -5,6 +5,7 @@ test session and shared with test_evaluation.py and test_eval_cli.py through
 `trained_workdir`.
 """
 
+import logging
 import os
 import pathlib
 import shutil
@@ -108,6 +109,20 @@ def test_load_chosen_step(workdir, model, images):
   earlier = api.TrainedModel.load(workdir, step=1)
   assert earlier.step == 1
   assert not np.allclose(_np(earlier.encode(images)[0]), _np(model.encode(images)[0]))
+
+
+def test_models_of_one_architecture_share_compiled_programs(workdir, model, images, caplog):
+  model.encode(images)
+  model.interpolate(images[:2], images[2:4], steps=3)
+  earlier = api.TrainedModel.load(workdir, step=1)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    earlier.encode(images)
+    earlier.interpolate(images[:2], images[2:4], steps=3)
+    compiled = [r.getMessage() for r in caplog.records if 'XLA compilation of' in r.getMessage()]
+    assert not compiled, compiled
+    # The check can fail: another input shape is another program.
+    earlier.encode(images[:4])
+    assert any('XLA compilation of jit(_encode)' in r.getMessage() for r in caplog.records)
 
 
 def test_encode_decode_shapes(model, images):
