@@ -20,14 +20,29 @@ FMNIST = '/usr/share/datasets/fashion-mnist'
 VARIANT_COLUMNS = ('VAE', 'AVAE', 'VAE-S', 'AVAE-S')
 
 
-def _study(*args, check=True):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run([sys.executable, os.path.join(REPO, 'study.py'), *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def _start_study(*args, **env):
+  """`python study.py ARGS` in the background, text pipes; `env`: extra variables."""
+  return subprocess.Popen([sys.executable, os.path.join(REPO, 'study.py'), *args], cwd=REPO,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, check=True, timeout=900):
+  """Waits for a study.py process; its CompletedProcess (AssertionError on failure if `check`)."""
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
   if check and proc.returncode != 0:
-    raise AssertionError(f'study.py {args} failed ({proc.returncode}):\n'
-                         f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-  return proc
+    raise AssertionError(f'study.py {proc.args[2:]} failed ({proc.returncode}):\n'
+                         f'{stdout[-3000:]}\n{stderr[-5000:]}')
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _study(*args, check=True):
+  return _finish(_start_study(*args), check)
 
 
 def _read(path):
@@ -70,22 +85,16 @@ def study_dir(tmp_path_factory):
     pytest.skip(f'{FMNIST} missing: apt-get install dataset-fashion-mnist')
   out = str(tmp_path_factory.mktemp('study'))
   cache = str(tmp_path_factory.mktemp('jax_cache'))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_COMPILATION_CACHE_DIR=cache)
-  procs = {ds: subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'study.py'), f'--out={out}', '--budget=test',
-       f'--datasets={ds}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for ds in ('shapes', 'fashion_mnist')}
+  procs = [_start_study(f'--out={out}', '--budget=test', f'--datasets={ds}',
+                        JAX_COMPILATION_CACHE_DIR=cache) for ds in ('shapes', 'fashion_mnist')]
   try:
-    for ds, proc in procs.items():
-      stdout, stderr = proc.communicate(timeout=900)
-      if proc.returncode != 0:
-        raise AssertionError(f'study.py --datasets={ds} failed ({proc.returncode}):\n'
-                             f'{stdout[-3000:]}\n{stderr[-5000:]}')
+    for proc in procs:
+      stdout = _finish(proc).stdout
       assert '4/4 runs finished' in stdout, stdout[-3000:]
     # The user's compilation cache is used instead of OUT's own.
     assert os.listdir(cache) and not os.path.exists(os.path.join(out, '.jax_cache'))
   finally:
-    for proc in procs.values():
+    for proc in procs:
       if proc.poll() is None:
         proc.kill()
         proc.communicate()
@@ -183,10 +192,7 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
   before = os.stat(report).st_mtime_ns
   # What a study.py process holds while writing study.json or the report (its REPORT_LOCK).
   with files.exclusive(out, 'the test', lock_file='report.lock'):
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, 'study.py'), f'--out={out}', '--budget=test',
-         '--report_only'], cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_study(f'--out={out}', '--budget=test', '--report_only')
     try:
       deadline = time.monotonic() + 120
       while not _blocked_on_a_lock(proc.pid):
@@ -198,10 +204,9 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
       proc.kill()
       proc.communicate()
       raise
-  stdout, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
-  assert '[study] wrote' in stdout
-  assert f'{out} is in use by the test (pid {os.getpid()} ' in stderr
+  result = _finish(proc, timeout=300)
+  assert '[study] wrote' in result.stdout
+  assert f'{out} is in use by the test (pid {os.getpid()} ' in result.stderr
   assert os.stat(report).st_mtime_ns > before
 
 
