@@ -177,13 +177,17 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
       gabor=losses.GaborSpec.from_config(config.gabor))
   probe = parallel.make_steps(probe_cfg, devices, method=config.parallel).pretrain
   state = parallel.replicate(vae_state, devices)
-  it = data.batches(source, batch_size=int(config.batch_size), seed=int(config.seed) + 7919,
-                    start_step=0, process_index=jax.process_index(),
-                    process_count=jax.process_count(), num_local_devices=len(devices))
+  # Device arrays as in the training loop: shard_map's step (a jit over all processes'
+  # devices) reads a host array as the global batch, and one process holds only its part.
+  batches = data.batches(source, batch_size=int(config.batch_size),
+                         seed=int(config.seed) + 7919, start_step=0,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count(), num_local_devices=len(devices))
   history = []
-  for i in range(k):
-    state, m = probe(state, next(it), jax.random.fold_in(key, i))
-    history.append((i, m))
+  with data.prefetch_to_devices(batches, devices) as it:
+    for i in range(k):
+      state, m = probe(state, next(it), jax.random.fold_in(key, i))
+      history.append((i, m))
   fetched = [(i, jax.device_get(m)) for i, m in history]
   _check_finite(fetched)
   means = _mean_metrics(fetched)

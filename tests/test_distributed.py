@@ -435,6 +435,7 @@ def _gating_worker() -> None:
   from avae_jax import data  # pylint: disable=g-import-not-at-top
   from avae_jax import parallel  # pylint: disable=g-import-not-at-top
   from avae_jax import steps  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
 
   config = _config(OVERRIDES)
   source = data.load(config, 'train')
@@ -454,7 +455,12 @@ def _gating_worker() -> None:
       r_vae, r_disc, m = fns.adversarial(r_vae, r_disc, next(batches), key)
       rows.append({k: float(v) for k, v in jax.device_get(m).items()})
     batches.close()
-    print('GATING ' + json.dumps({'method': method, 'rows': rows}), flush=True)
+    # The loss-weight calibration's probe steps, fed like the training loop's.
+    weights = trainer.calibrate_weights(
+        _config(dict(OVERRIDES, parallel=method, **{'calibrate.batches': 2})), vae, source,
+        devices, jax.random.PRNGKey(2))
+    print('GATING ' + json.dumps({'method': method, 'rows': rows, 'weights': weights}),
+          flush=True)
 
 
 def test_every_process_takes_the_same_gating_decision(env, two_process_run):
@@ -462,9 +468,11 @@ def test_every_process_takes_the_same_gating_decision(env, two_process_run):
   result = _launch(env, 2, 2, [os.path.abspath(__file__), '--gating-worker'])
   assert result.returncode == 0, result.stdout[-6000:]
   got: dict[tuple[int, str], list[dict[str, float]]] = {}
+  weights: dict[tuple[int, str], dict[str, float]] = {}
   for p, payload in re.findall(r'^\[p(\d)\] GATING (.*)$', result.stdout, re.M):
     out = json.loads(payload)
     got[int(p), out['method']] = out['rows']
+    weights[int(p), out['method']] = out['weights']
   assert sorted(got) == [(0, 'pmap'), (0, 'shard_map'), (1, 'pmap'), (1, 'shard_map')]
   for method in ('pmap', 'shard_map'):
     rows0, rows1 = got[0, method], got[1, method]
@@ -479,6 +487,12 @@ def test_every_process_takes_the_same_gating_decision(env, two_process_run):
       assert r_pmap.get(name) == r_shard.get(name)
     for name, value in r_pmap.items():
       np.testing.assert_allclose(r_shard[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+  # The calibration runs with either mapping over both processes and agrees.
+  assert weights[0, 'pmap'] == weights[1, 'pmap']
+  assert weights[0, 'shard_map'] == weights[1, 'shard_map']
+  assert weights[0, 'pmap'].keys() == weights[0, 'shard_map'].keys()
+  for name, value in weights[0, 'pmap'].items():
+    np.testing.assert_allclose(weights[0, 'shard_map'][name], value, rtol=1e-4, err_msg=name)
 
 
 def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
