@@ -75,7 +75,9 @@ _TFDS_SPLITS = {
     'dsprites': ('train',),
 }
 _DSPRITES_FACTORS = ('shape', 'scale', 'orientation', 'x_position', 'y_position')
-_CACHE_FORMAT = 'v1'
+# Version of the decoded caches' contents, per dataset (a new version means a new file):
+# dSprites' v1 caches resized its 0/1 pixels without anti-aliasing.
+_CACHE_FORMAT = {'dsprites': 'v2'}
 # idx header dtype codes (http://yann.lecun.com/exdb/mnist/): big-endian payload.
 _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
@@ -257,8 +259,8 @@ def _holdout_rows(num: int, split: str, fraction: float, what: str,
   """Rows of `split` when eval is held out of one array of `num` examples.
 
   Eval is the last round(num * fraction) rows (at least 1), or with `shuffled` a fixed
-  random subset of that size (seed 0, independent of config.seed), for data stored in
-  factor order such as dSprites; train is the other rows, in index order.
+  random subset of that size (seed 0, independent of config.seed) in random order, for
+  data stored in factor order such as dSprites; train is the other rows, in index order.
   """
   k = _num_eval(num, fraction, what)
   if split == 'eval' and not k:
@@ -267,7 +269,9 @@ def _holdout_rows(num: int, split: str, fraction: float, what: str,
   if not shuffled:
     return np.arange(num - k, num) if split == 'eval' else np.arange(num - k)
   perm = np.random.default_rng(0).permutation(num)
-  return np.sort(perm[:k]) if split == 'eval' else np.sort(perm[k:])
+  # Eval stays shuffled: the evaluation reads its first eval.num_images rows, which in
+  # index order would all come from one corner of factor space (dSprites' first shape).
+  return perm[:k] if split == 'eval' else np.sort(perm[k:])
 
 
 # ------------------------------------------------------------------------ load
@@ -408,7 +412,8 @@ def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -
   """File stem of a cached split: dataset, version, split and geometry."""
   safe_split = re.sub(r'[^A-Za-z0-9_.%-]+', '_', split)
   return (f'{name}-{builder.version}-{safe_split}-{geometry["image_size"]}px-'
-          f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-{_CACHE_FORMAT}')
+          f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-'
+          f'{_CACHE_FORMAT.get(name, "v1")}')
 
 
 def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dict[str, int]
@@ -475,8 +480,9 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
   # A unique temporary name, then an atomic rename: concurrent processes never see a
   # half-written cache.
   tmp = f'{path}.tmp{os.getpid()}.{threading.get_ident()}.npy'
-  # dSprites pixels are 0/1; everything else is 0..255.
-  scale = 1.0 if name == 'dsprites' else 1.0 / 255.0
+  # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
+  # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
+  stretch = 255 if name == 'dsprites' else 1
   chunks, labels, values = [], [], []
   out = None
   count = 0
@@ -486,7 +492,8 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
                                       shape=(expected, size, size, channels))
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
       for batch in tfds.as_numpy(dataset):
-        x = _preprocess_many(list(batch['image']), pool, scale=scale, **geometry)
+        raw = batch['image'] if stretch == 1 else batch['image'] * np.uint8(stretch)
+        x = _preprocess_many(list(raw), pool, **geometry)
         x = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         if out is not None:
           if count + len(x) > expected:

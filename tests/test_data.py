@@ -374,6 +374,39 @@ def test_tfds_dsprites_factors_and_held_out_eval(tmp_path):
   assert matched == list(range(20))
 
 
+
+def _half_size_bilinear(image):
+  """PIL's bilinear 2x reduction derived by hand: per axis, output i weighs inputs
+  2i-1, 2i, 2i+1, 2i+2 by 1, 3, 3, 1 (a triangle of radius 2 input pixels sampled at
+  distances 1.5, 0.5, 0.5, 1.5), renormalised where the window leaves the image."""
+  def axis(x, ax):
+    n = x.shape[ax] // 2
+    out = []
+    for i in range(n):
+      idx = [j for j in (2 * i - 1, 2 * i, 2 * i + 1, 2 * i + 2) if 0 <= j < x.shape[ax]]
+      w = np.array([{0: 1, 1: 3, 2: 3, 3: 1}[j - 2 * i + 1] for j in idx], np.float64)
+      out.append(np.tensordot(w / w.sum(), np.take(x, idx, axis=ax), axes=(0, ax)))
+    return np.stack(out, axis=ax)
+  return axis(axis(image.astype(np.float64), 0), 1)
+
+
+def test_tfds_dsprites_resized_keeps_anti_aliased_edges(tmp_path):
+  tfds = _tfds()
+  cfg = _config(dataset='dsprites', data_dir=str(tmp_path), image_size=32, channels=1,
+                eval_fraction=0.25)
+  with tfds.testing.mock_data(num_examples=8, max_value=2):  # 0/1 pixels at 64x64
+    train = data.load(cfg, 'train')
+    raw = list(tfds.as_numpy(tfds.load('dsprites', split='train', data_dir=str(tmp_path))))
+  x = train.get(np.arange(train.num_examples))
+  by_factors = {tuple(int(ex[f'label_{k}']) for k in train.factor_names): ex['image']
+                for ex in raw}
+  want = np.stack([_half_size_bilinear(by_factors[tuple(f)][..., 0])[..., None]
+                   for f in train.factors])
+  # Grey edge pixels as in the reduction of the 0/1 image (within the 8-bit cache's
+  # rounding), not a 0/1 image again.
+  np.testing.assert_allclose(x, want, rtol=0, atol=1.5 / 255)
+  assert len(np.unique(x)) > 5
+
 def test_tfds_not_prepared_fails_fast_without_network(tmp_path, monkeypatch):
   tfds = _tfds()
   calls = []
@@ -452,6 +485,34 @@ def test_batches_follow_the_documented_schedule():
     np.testing.assert_array_equal(_ids(b), perm[i * 8:(i + 1) * 8])
     np.testing.assert_array_equal(data.batch_indices(50, 8, 5, t), perm[i * 8:(i + 1) * 8])
 
+
+
+def test_dsprites_npz_factors_and_a_shuffled_eval_subset(tmp_path):
+  # The release file's layout: 'imgs' (N, H, W) of 0/1 and 'latents_classes' (N, 6)
+  # (colour, shape, scale, orientation, x, y), stored in factor order (y fastest).
+  grid = np.stack(np.meshgrid(np.zeros(1), np.arange(3), np.zeros(1), np.zeros(1),
+                              np.arange(8), np.arange(8), indexing='ij'), -1).reshape(-1, 6)
+  grid = grid.astype(np.int64)
+  n = len(grid)
+  imgs = np.zeros((n, 16, 16), np.uint8)
+  imgs[np.arange(n), grid[:, 4] * 2, grid[:, 5] * 2] = 1  # a dot at (2x, 2y)
+  imgs[np.arange(n), 15, grid[:, 1]] = 1  # the shape's index as a dot on the last row
+  np.savez(tmp_path / 'dsprites.npz', imgs=imgs, latents_classes=grid)
+  cfg = _config(dataset=f'arrays:{tmp_path / "dsprites.npz"}', channels=1,
+                eval_fraction=0.25)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert (train.num_examples, ev.num_examples) == (n - n // 4, n // 4)
+  rows = {tuple(f): i for i, f in enumerate(grid[:, 1:].tolist())}
+  eval_rows = [rows[tuple(f)] for f in ev.factors.tolist()]
+  train_rows = [rows[tuple(f)] for f in train.factors.tolist()]
+  assert sorted(eval_rows + train_rows) == list(range(n))
+  # Each image is its row's, its pixels 0/1 -> black/white.
+  np.testing.assert_array_equal(ev.get(np.arange(ev.num_examples))[..., 0],
+                                imgs[eval_rows].astype(np.float32))
+  # The evaluation reads the first eval rows: a random sample, not the first shape's
+  # corner of factor space (in index order the first 16 of 48 would all be shape 0).
+  assert sorted(set(ev.factors[:16, 0].tolist())) == [0, 1, 2]
+  assert eval_rows != sorted(eval_rows) and train_rows == sorted(train_rows)
 
 def test_batches_deterministic_and_reshuffled_per_epoch():
   src = _index_source(50)
