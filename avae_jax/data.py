@@ -8,7 +8,8 @@ and `prefetch_to_devices` moves them onto the devices from a background thread.
 Datasets (`config.dataset`):
 
 * `shapes`: the procedural dataset of `avae_jax.shapes`, rendered once at load time
-  (config.shapes.num_train / num_eval images, determined by (config.seed, split)).
+  (config.shapes.num_train / num_eval images, determined by config.seed; eval images are
+  distinct and none is also a training image).
 * `mnist`, `fashion_mnist`, `celeb_a`, `dsprites`: tensorflow_datasets, read from
   `config.data_dir`. Downloads happen only with `config.download=True`. The split is
   decoded once, cropped/resized, and cached as a uint8 .npy (see `cache_dirs`); later
@@ -301,10 +302,16 @@ def load(config: Any, split: str = 'train') -> Source:
 
 def _load_shapes(config: Any, split: str) -> Source:
   """The procedural shapes split, rendered now (uint8 in memory)."""
-  num = int(config.shapes.num_train if split == 'train' else config.shapes.num_eval)
+  num_train, num_eval = int(config.shapes.num_train), int(config.shapes.num_eval)
+  num = num_train if split == 'train' else num_eval
   if num <= 0:
     raise DataError(f'config.shapes.num_{split} must be > 0, got {num}')
-  factors = shapes_lib.sample_factors(int(config.seed), split, num)
+  # Train leaves out the eval images, so both splits need num_eval.
+  total = shapes_lib.num_combinations()
+  if not 0 < num_eval <= total // 2:
+    raise DataError(f'config.shapes.num_eval must be in 1..{total // 2}: eval holds out '
+                    f'distinct images (of the {total}), got {num_eval}')
+  factors = shapes_lib.sample_factors(int(config.seed), split, num_train, num_eval)
   size, channels = int(config.image_size), int(config.channels)
   images = shapes_lib.render_uint8(factors, size, channels)
   return Source(_array_reader(images, 1.0 / 255.0), num, (size, size, channels),

@@ -47,6 +47,38 @@ def test_load_deterministic_and_splits_differ():
   assert not np.array_equal(a.factors, other.factors)
 
 
+def _rows(factors):
+  """The factor rows as a set of tuples."""
+  return {tuple(f) for f in factors.tolist()}
+
+
+def test_eval_images_are_distinct_and_never_training_images():
+  src_train = data.load(_config(seed=5), 'train')
+  src_eval = data.load(_config(seed=5), 'eval')
+  assert len(_rows(src_eval.factors)) == 200
+  assert not _rows(src_train.factors) & _rows(src_eval.factors)
+  # Pixel for pixel too: no eval image appears among the training images.
+  train_images = {im.tobytes() for im in src_train.get(np.arange(600))}
+  assert not any(im.tobytes() in train_images for im in src_eval.get(np.arange(200)))
+  # A training set that covers most of the 30,720 combinations still leaves eval out,
+  # and draws every other combination (those in `seen`), each about equally often.
+  sizes = (4, 4, 5, 8, 8, 6)
+  ev = shapes.sample_factors(1, 'eval', 60000, 4096)
+  tr = shapes.sample_factors(1, 'train', 60000, 4096)
+  assert len(_rows(ev)) == 4096 and not _rows(tr) & _rows(ev)
+  counts = np.bincount(np.ravel_multi_index(tr.T, sizes), minlength=30720)
+  held_out = np.zeros(30720, bool)
+  held_out[np.ravel_multi_index(ev.T, sizes)] = True
+  assert counts[held_out].sum() == 0
+  seen = counts[~held_out]
+  # 60000 draws over 26,624 combinations: Poisson(2.25) counts, 10.5% of them zero.
+  assert abs(seen.mean() - 60000 / 26624) < 1e-9
+  assert 0.08 < np.mean(seen == 0) < 0.13 and seen.var() < 1.2 * seen.mean()
+  # Eval's factors: a uniform sample without replacement, every value of every factor.
+  for k, n in enumerate(sizes):
+    np.testing.assert_array_equal(np.unique(ev[:, k]), np.arange(n))
+
+
 def test_source_fields_and_range():
   src = data.load(_config(), 'train')
   assert src.image_shape == (SIZE, SIZE, 3)
@@ -60,7 +92,7 @@ def test_source_fields_and_range():
 
 
 def test_factors_cover_their_ranges():
-  f = shapes.sample_factors(0, 'train', 2000)
+  f = shapes.sample_factors(0, 'train', 2000, 100)
   for k, n in enumerate((4, 4, 5, 8, 8, 6)):
     np.testing.assert_array_equal(np.unique(f[:, k]), np.arange(n))
 
@@ -121,7 +153,7 @@ def test_colour_factor_sets_the_colour():
 
 
 def test_antialiased_edges_and_inside_the_image():
-  f = shapes.sample_factors(1, 'train', 500)
+  f = shapes.sample_factors(1, 'train', 500, 100)
   # Extreme positions and the largest scale must still fit.
   f[:100, 1] = 3
   f[:50, 3:5] = 0
@@ -142,4 +174,10 @@ def test_bad_factors_raise():
   with pytest.raises(ValueError):
     shapes.coverage(np.array([[4, 0, 0, 0, 0, 0]]), SIZE)
   with pytest.raises(ValueError):
-    shapes.sample_factors(0, 'test', 3)
+    shapes.sample_factors(0, 'test', 3, 3)
+  with pytest.raises(ValueError):
+    shapes.sample_factors(0, 'eval', 3, 30720 // 2 + 1)
+  no_eval = _config()
+  no_eval.shapes.num_eval = 0
+  with pytest.raises(data.DataError, match='num_eval must be in 1..15360'):
+    data.load(no_eval, 'train')
