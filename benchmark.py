@@ -88,6 +88,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
                          f'got {_ROUNDS.value}')
   devices = jax.local_devices()
+  if int(config.num_devices) < 0:
+    raise app.UsageError(f'--config.num_devices={config.num_devices} is negative; use 0 '
+                         'for all local devices')
   if int(config.num_devices) > len(devices):
     raise app.UsageError(f'--config.num_devices={config.num_devices} but only '
                          f'{len(devices)} local devices exist')

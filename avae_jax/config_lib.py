@@ -194,11 +194,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if name not in RECONSTRUCTION_TERMS:
       raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '
                         f'terms are {", ".join(RECONSTRUCTION_TERMS)}')
-    if value < 0:
-      raise ConfigError(f'loss.weights.{name} = {value} is negative; weights must be >= 0')
+    if not value >= 0:  # NaN too: it would only fail after compilation
+      raise ConfigError(f'loss.weights.{name} = {value} is negative or NaN; weights must be '
+                        '>= 0')
+  if variant_spec(config.variant).compound_loss and not reconstruction_weights(config):
+    raise ConfigError(f'variant {config.variant!r} with every loss.weights.* at 0 has no '
+                      'reconstruction term; give at least one term a positive weight')
   for name in ('kl_weight', 'tc_weight', 'adversarial_weight', 'reconstruction_scale'):
-    if config.loss[name] < 0:
-      raise ConfigError(f'loss.{name} = {config.loss[name]} is negative; it must be >= 0')
+    if not config.loss[name] >= 0:
+      raise ConfigError(f'loss.{name} = {config.loss[name]} is negative or NaN; it must be '
+                        '>= 0')
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
@@ -233,8 +238,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be whole '
                       'numbers >= 1 (channels of the stages)')
   for name in ('learning_rate', 'disc_learning_rate'):
-    if config.optimizer[name] < 0:
-      raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative')
+    if not config.optimizer[name] >= 0:
+      raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative or NaN')
   for name in ('b1', 'b2'):
     # Adam's moment decays; at 1 or above its bias correction divides by 1 - b**t <= 0.
     if not 0.0 <= config.optimizer[name] < 1.0:

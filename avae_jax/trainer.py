@@ -119,6 +119,9 @@ class Setup:
 def local_devices(config: ml_collections.ConfigDict) -> list[Any]:
   """The local devices a run uses: config.num_devices of them, or all."""
   devs = jax.local_devices()
+  if int(config.num_devices) < 0:
+    raise config_lib.ConfigError(f'num_devices = {config.num_devices} is negative; use 0 '
+                                 'for all local devices')
   n = int(config.num_devices) or len(devs)
   if n > len(devs):
     raise config_lib.ConfigError(

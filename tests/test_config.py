@@ -185,6 +185,10 @@ INVALID = [
     ('loss.tc_weight', -2.0, r'loss\.tc_weight = -2\.0 is negative'),
     ('loss.adversarial_weight', -1.0, r'loss\.adversarial_weight = -1\.0 is negative'),
     ('loss.reconstruction_scale', -3.0, r'loss\.reconstruction_scale = -3\.0 is negative'),
+    # NaN passes "< 0" and would only fail as a non-finite loss after compiling.
+    ('loss.weights.sobel', float('nan'), r'loss\.weights\.sobel = nan is negative or NaN'),
+    ('loss.kl_weight', float('nan'), r'loss\.kl_weight = nan is negative or NaN'),
+    ('optimizer.learning_rate', float('nan'), r'optimizer\.learning_rate = nan'),
     ('loss.tc_estimator', 'kde', r'tc_estimator must be one of'),
     ('image_size', 30, r'image_size 30 is not divisible by 2\*\*len\(model.widths\) = 8'),
     ('model.widths', (), r'model\.widths must name at least one stage'),
@@ -266,6 +270,19 @@ def test_unknown_reconstruction_term_is_rejected():
     config_lib.validate(c, num_devices=1)
 
 
+def test_a_compound_loss_needs_a_reconstruction_term():
+  c = default.get_config()
+  for term in config_lib.RECONSTRUCTION_TERMS:
+    c.loss.weights[term] = 0.0
+  with pytest.raises(config_lib.ConfigError, match=r"'avae_s' with every loss\.weights\.\* "
+                     'at 0 has no reconstruction term'):
+    config_lib.validate(c, num_devices=1)
+  c.loss.weights.gabor = 0.5
+  config_lib.validate(c, num_devices=1)
+  c.loss.weights.gabor, c.variant = 0.0, 'avae'  # MSE alone, whatever the weights say
+  config_lib.validate(c, num_devices=1)
+
+
 def test_valid_edge_values_pass():
   c = default.get_config()
   c.loss.weights.mae = 0.0      # a term switched off
@@ -284,6 +301,9 @@ def test_local_devices_follows_num_devices():
   assert trainer.local_devices(c) == jax.local_devices()[:1]
   c.num_devices = len(jax.local_devices()) + 1
   with pytest.raises(config_lib.ConfigError, match='local devices exist'):
+    trainer.local_devices(c)
+  c.num_devices = -1  # would otherwise slice off the last device
+  with pytest.raises(config_lib.ConfigError, match=r'num_devices = -1 is negative; use 0'):
     trainer.local_devices(c)
 
 
