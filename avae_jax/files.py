@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 from etils import epath
@@ -59,9 +60,15 @@ def write_text(path: PathLike, text: str) -> None:
   """Writes `text` (UTF-8) to `path` atomically (a temporary name, then a rename)."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / (target.name + '.tmp')
-  tmp.write_text(text, encoding='utf-8')
-  tmp.replace(target)
+  # A name of this process and thread: two writers of one file (eval.py beside the
+  # trainer's evaluation) must not rename each other's half-written temporary.
+  tmp = target.parent / f'{target.name}.tmp{os.getpid()}.{threading.get_ident()}'
+  try:
+    tmp.write_text(text, encoding='utf-8')
+    tmp.replace(target)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from PIL import Image
@@ -51,6 +52,30 @@ def test_write_json_replaces_a_file_whole(fake_bucket):
   files.write_json(path, {'step': 1, 'long': list(range(50))})
   files.write_json(path, {'step': 2})
   assert json.loads((fake_bucket / 'bucket' / 'w' / 'final.json').read_text()) == {'step': 2}
+
+
+def test_concurrent_writers_of_one_file_leave_one_whole_file(tmp_path):
+  # eval.py may write WORKDIR/eval/metrics.json while the trainer's evaluation does.
+  path = str(tmp_path / 'eval' / 'metrics.json')
+  texts = ['a' * 20000, 'b' * 30000]
+  errors = []
+
+  def write(text):
+    try:
+      for _ in range(300):
+        files.write_text(path, text)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  with open(path) as f:
+    assert f.read() in texts
+  assert os.listdir(tmp_path / 'eval') == ['metrics.json']
 
 
 def test_png_and_config_on_gs(fake_bucket):
