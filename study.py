@@ -93,11 +93,13 @@ def settings_from_flags() -> Any:
   return s
 
 
-def check_study_file(out: str, settings: Any) -> None:
+def check_study_file(out: str, settings: Any, report_only: bool = False) -> None:
   """Records the budget in OUT/study.json; refuses an OUT written at another budget.
 
   The trainer would happily continue a finished run with more steps, so mixing budgets
-  in one directory would silently give models different budgets.
+  in one directory would silently give models different budgets. The commands that ran
+  the study are kept ('commands', in order, e.g. one per dataset), and the one that wrote
+  the report last ('report_command'), for the report's first line.
   """
   path = os.path.join(out, STUDY_FILE)
   budget = {d: settings[d].to_dict() for d in ('shapes', 'fashion_mnist')}
@@ -113,7 +115,12 @@ def check_study_file(out: str, settings: Any) -> None:
   else:
     record = {'budget': settings.budget, 'per_dataset': budget, 'seeds': int(settings.seeds),
               'num_devices': int(settings.num_devices), 'created': time.time()}
-  record['command'] = ' '.join(['python'] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+  command = ' '.join(['python'] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
+  commands = record.get('commands') or ([record['command']] if record.get('command') else [])
+  record.pop('command', None)
+  if not report_only and command not in commands:
+    commands.append(command)
+  record.update(commands=commands, report_command=command)
   _write_json(path, record)
 
 
@@ -206,6 +213,25 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   return status
 
 
+def check_datasets(settings: Any) -> None:
+  """Opens both splits of each of the study's datasets; UsageError names one that cannot be.
+
+  Before any run: a missing dataset (Fashion-MNIST without Debian's package) would
+  otherwise fail its runs one by one, or stop the study at its calibration, hours in.
+  """
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  for dataset in settings.datasets.split(','):
+    config = study_config.run_config(settings, dataset, 'vae', 0)
+    try:
+      for split in ('train', 'eval'):
+        data.load(config, split)
+    except data.DataError as e:
+      hint = ('; on Debian: apt-get install dataset-fashion-mnist'
+              if dataset == 'fashion_mnist' else '')
+      raise app.UsageError(f'dataset {dataset}: {e}{hint}') from None
+
+
 def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str, str, int, str]]:
   """Trains every missing run, seed-major so that early seeds complete first."""
   datasets = settings.datasets.split(',')
@@ -260,8 +286,9 @@ def main(argv: list[str]) -> None:
                          '--report_only reports on the runs of an existing study')
   os.makedirs(out, exist_ok=True)
   with _shared_files_lock(out):
-    check_study_file(out, settings)
+    check_study_file(out, settings, report_only=_REPORT_ONLY.value)
   if not _REPORT_ONLY.value:
+    check_datasets(settings)
     _enable_compilation_cache(out)
     t0 = time.monotonic()
     from avae_jax import distributed  # pylint: disable=g-import-not-at-top
