@@ -205,6 +205,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   elapsed = time.monotonic() - started
   info['wall_s'] += elapsed
   info['status'] = status
+  if status == 'done':
+    info.pop('error', None)  # an earlier session's failure, which this one made good
   print(f'[study] {dataset} {variant} seed {seed}: {status} in {elapsed:.0f} s', flush=True)
   info['finished'] = time.time()
   _write_json(info_path, info)
