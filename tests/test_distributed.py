@@ -412,8 +412,10 @@ def test_two_processes_train_like_one_process(one_process_run, two_process_run):
   # The adversarial steps ran, with the same gating decisions.
   assert 'disc_updated' in one[TOTAL_STEPS]
 
+  # Adam's moments of near-cancelling gradient entries (an encoder bias) carry the
+  # rounding of the other summation order furthest: 3e-4 of the leaf's largest entry.
   _assert_same_states(_restore(workdir, TOTAL_STEPS), _restore(one_process_run, TOTAL_STEPS),
-                      rel=1e-4)
+                      rel=1e-3)
 
   # Only process 0 writes summaries: one TensorBoard event file, made by its pid.
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]

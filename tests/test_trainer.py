@@ -259,8 +259,15 @@ def test_device_count_and_mapping_give_the_same_losses(reference, tmp_path, over
   ref, got = reference[2], read_metrics(tmp_path)
   assert sorted(got) == sorted(ref) == list(range(1, TOTAL + 1))
   for s in ref:
+    # Sums over devices round differently with 1 and with 4 devices. Pre-training keeps
+    # the losses within 1.2e-5 of each other; the adversarial steps (a fresh
+    # discriminator, Adam, 8 images) grow the difference about threefold per step
+    # (measured: 4e-6 at step 15, 8e-4 at step 20). The gating decisions must agree.
+    rtol = 1e-4 if s <= 12 else 5e-3
     for k in LOSS_KEYS + (DISC_KEYS if s > 12 else ()):
-      np.testing.assert_allclose(got[s][k], ref[s][k], rtol=1e-4, atol=1e-6,
+      if k in ('disc_updated', 'vae_updated'):
+        assert got[s][k] == ref[s][k], f'{k} at step {s}'
+      np.testing.assert_allclose(got[s][k], ref[s][k], rtol=rtol, atol=1e-6,
                                  err_msg=f'{k} at step {s}')
 
 
