@@ -7,8 +7,8 @@
     per pre-training / adversarial step on shapes, 0.27 s / 0.52 s on Fashion-MNIST) and
     about 80 s of evaluation per run over 100 images (the Inception network at 299x299
     dominates it on a CPU: about 0.25 s per image and pass, three passes per image). Its
-    runs took 1 h 36 min, 66 minutes of wall time as two one-core processes, one per
-    dataset (docs/results.md).
+    runs took 56 minutes in all, 35 minutes of wall time as two one-core processes, one
+    per pair of models (docs/results.md).
   * 'accelerator': the same design at a budget for one GPU/TPU (Fashion-MNIST 20 + 5
     epochs as in configs/fashion_mnist.py, shapes 8x larger, full evaluation sets).
   * 'test': a tiny budget that runs end to end in about two minutes on 2 cores
