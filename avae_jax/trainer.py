@@ -203,11 +203,21 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
 
 
 def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
-                       vae_state: steps.TrainState, key: jax.Array) -> Setup:
-  """Runs the calibration once per workdir, records it, and rebuilds the step config."""
+                       vae_state: steps.TrainState, key: jax.Array,
+                       resumed: bool = False) -> Setup:
+  """Runs the calibration once per workdir, records it, and rebuilds the step config.
+
+  A resumed run without calibration.json started without calibration: probing its
+  trained state now would change the objective halfway, so that is refused.
+  """
   path = os.path.join(workdir, 'calibration.json')
   if files.exists(path):
     weights = files.read_json(path)['weights']
+  elif resumed:
+    raise config_lib.ConfigError(
+        f'the run in {workdir} started without the loss-weight calibration (it has no '
+        'calibration.json); resume it with --config.calibrate.enabled=False, or use a new '
+        'workdir')
   else:
     weights = calibrate_weights(config, vae_state, setup_.train_source, setup_.devices, key)
     if jax.process_index() == 0:
@@ -350,7 +360,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     print(f'resuming from checkpoint at step {start_step}', flush=True)
 
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
-    setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key)
+    setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
+                                resumed=restored is not None)
   if is_main:
     if restored is not None:
       _print_changed_settings(workdir, config)

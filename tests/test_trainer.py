@@ -387,6 +387,12 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   train(dict(CALIBRATE, **by_hand, **{'calibrate.enabled': False}), tmp_path / 'by_hand')
   assert_trees_equal(restore(tmp_path / 'by_hand', CALIBRATE)[1],
                      restore(tmp_path, CALIBRATE)[1])
+  # That run started without calibration: switching it on when resuming would probe the
+  # trained state and change the objective halfway.
+  with pytest.raises(config_lib.ConfigError, match='started without the loss-weight '
+                     r'calibration.*calibrate\.enabled=False'):
+    train(dict(CALIBRATE, **by_hand, pretrain_steps=3), tmp_path / 'by_hand')
+  assert not os.path.exists(tmp_path / 'by_hand' / 'calibration.json')
 
   # Resuming reuses calibration.json instead of probing again, and names what changed.
   del calls[:]
