@@ -16,7 +16,8 @@ Datasets (`config.dataset`):
   runs memory-map the cache and need neither tfds nor TensorFlow to read it.
   'eval' is `config.eval_split`; a dataset without that split (dsprites has only
   'train') holds out a fixed random `eval_fraction` of `config.train_split` instead
-  (row choice seeded with 0, independent of config.seed), and 'train' is the rest.
+  (row choice seeded with 0, independent of config.seed; kept in random order), and
+  'train' is the rest.
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, sorted by
   relative path), decoded with PIL at each `get`. 'eval' is the last `eval_fraction`
   of the sorted files, 'train' the files before them.
