@@ -78,8 +78,8 @@ def test_a_bucket_as_out_is_a_usage_error():
 def study_dir(tmp_path_factory):
   """One tiny study of both datasets, all four models, one seed (run once per module).
 
-  As the README runs a study on two cores: one study.py process per dataset on the same
-  OUT at once, then --report_only (this also halves the fixture's time).
+  As the README runs a study on two cores: two study.py processes on the same OUT at
+  once (here one per dataset), then --report_only (this also halves the fixture's time).
   """
   if not os.path.isdir(FMNIST):
     pytest.skip(f'{FMNIST} missing: apt-get install dataset-fashion-mnist')
