@@ -87,15 +87,11 @@ def main(argv: list[str]) -> None:
   if not 1 <= _ROUNDS.value <= _STEPS.value:
     raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
                          f'got {_ROUNDS.value}')
-  devices = jax.local_devices()
-  if int(config.num_devices) < 0:
-    raise app.UsageError(f'--config.num_devices={config.num_devices} is negative; use 0 '
-                         'for all local devices')
-  if int(config.num_devices) > len(devices):
-    raise app.UsageError(f'--config.num_devices={config.num_devices} but only '
-                         f'{len(devices)} local devices exist')
-  if int(config.num_devices):
-    devices = devices[:int(config.num_devices)]
+  from avae_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    devices = parallel.local_devices(config)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(f'--config.{e}') from e
 
   if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
     raise app.UsageError('--twin_python and --twin_script go together (a python with torch '

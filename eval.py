@@ -28,8 +28,8 @@ from avae_jax import data
 from avae_jax import distributed
 from avae_jax import evaluation
 from avae_jax import hugepages
+from avae_jax import parallel
 from avae_jax import summary
-from avae_jax import trainer
 from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
@@ -82,7 +82,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> N
     print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
           f'machine has {available}: using all {available}', flush=True)
     config.num_devices = 0
-  devices = trainer.local_devices(config)
+  devices = parallel.local_devices(config)
   model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
   print(f'eval: restored step {model.step} from {workdir}', flush=True)
   source = data.load(config, 'eval')

@@ -156,14 +156,14 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   if os.path.exists(path):
     return _read_json(path)['weights']
   import jax  # pylint: disable=g-import-not-at-top
-  from avae_jax import data, steps, trainer  # pylint: disable=g-import-not-at-top
+  from avae_jax import data, parallel, steps, trainer  # pylint: disable=g-import-not-at-top
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
   config = study_config.run_config(settings, dataset, 'vae_s', 0)
   started = time.monotonic()
   source = data.load(config, 'train')
   init_key, _, calib_key, _ = jax.random.split(jax.random.PRNGKey(int(config.seed)), 4)
   vae_state, _ = steps.create_train_states(config, init_key, source.image_shape)
-  devices = trainer.local_devices(config)
+  devices = parallel.local_devices(config)
   weights = trainer.calibrate_weights(config, vae_state, source, devices, calib_key)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   _write_json(path, {'weights': weights, 'batches': int(config.calibrate.batches),

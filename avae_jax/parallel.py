@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from avae_jax import config_lib
 from avae_jax import distributed
 from avae_jax import steps
 
@@ -28,6 +29,19 @@ METHODS = ('pmap', 'shard_map')
 def _mesh(devices: Sequence[Any], axis_name: str) -> Mesh:
   """The 1-D mesh of `devices` (the one pmap uses internally, for the same axis name)."""
   return Mesh(np.asarray(devices), (axis_name,))
+
+
+def local_devices(config: Any) -> list[Any]:
+  """The local devices a run uses: config.num_devices of them, or all (0)."""
+  devs = jax.local_devices()
+  if int(config.num_devices) < 0:
+    raise config_lib.ConfigError(f'num_devices = {config.num_devices} is negative; use 0 '
+                                 'for all local devices')
+  n = int(config.num_devices) or len(devs)
+  if n > len(devs):
+    raise config_lib.ConfigError(
+        f'num_devices={n} but only {len(devs)} local devices exist')
+  return devs[:n]
 
 
 def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> Any:

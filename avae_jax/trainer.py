@@ -116,22 +116,9 @@ class Setup:
   total_steps: int
 
 
-def local_devices(config: ml_collections.ConfigDict) -> list[Any]:
-  """The local devices a run uses: config.num_devices of them, or all."""
-  devs = jax.local_devices()
-  if int(config.num_devices) < 0:
-    raise config_lib.ConfigError(f'num_devices = {config.num_devices} is negative; use 0 '
-                                 'for all local devices')
-  n = int(config.num_devices) or len(devs)
-  if n > len(devs):
-    raise config_lib.ConfigError(
-        f'num_devices={n} but only {len(devs)} local devices exist')
-  return devs[:n]
-
-
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and opens the data; fails fast before anything is compiled."""
-  devices = local_devices(config)
+  devices = parallel.local_devices(config)
   config_lib.validate(config, num_devices=len(devices) * jax.process_count())
   train_source = data.load(config, 'train')
   eval_source = data.load(config, 'eval')

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 import pytest
 
 from avae_jax import config_lib
-from avae_jax import trainer
+from avae_jax import parallel
 from configs import celeba
 from configs import default
 
@@ -296,15 +296,15 @@ def test_valid_edge_values_pass():
 
 def test_local_devices_follows_num_devices():
   c = default.get_config()
-  assert trainer.local_devices(c) == jax.local_devices()
+  assert parallel.local_devices(c) == jax.local_devices()
   c.num_devices = 1
-  assert trainer.local_devices(c) == jax.local_devices()[:1]
+  assert parallel.local_devices(c) == jax.local_devices()[:1]
   c.num_devices = len(jax.local_devices()) + 1
   with pytest.raises(config_lib.ConfigError, match='local devices exist'):
-    trainer.local_devices(c)
+    parallel.local_devices(c)
   c.num_devices = -1  # would otherwise slice off the last device
   with pytest.raises(config_lib.ConfigError, match=r'num_devices = -1 is negative; use 0'):
-    trainer.local_devices(c)
+    parallel.local_devices(c)
 
 
 def test_a_batch_of_one_needs_a_tc_estimator_other_than_mss():
