@@ -307,12 +307,10 @@ def _load_shapes(config: Any, split: str) -> Source:
   num = num_train if split == 'train' else num_eval
   if num <= 0:
     raise DataError(f'config.shapes.num_{split} must be > 0, got {num}')
-  # Train leaves out the eval images, so both splits need num_eval.
-  total = shapes_lib.num_combinations()
-  if not 0 < num_eval <= total // 2:
-    raise DataError(f'config.shapes.num_eval must be in 1..{total // 2}: eval holds out '
-                    f'distinct images (of the {total}), got {num_eval}')
-  factors = shapes_lib.sample_factors(int(config.seed), split, num_train, num_eval)
+  try:  # train leaves out the eval images, so both splits check num_eval
+    factors = shapes_lib.sample_factors(int(config.seed), split, num_train, num_eval)
+  except ValueError as e:
+    raise DataError(f'config.shapes.{e}') from None
   size, channels = int(config.image_size), int(config.channels)
   images = shapes_lib.render_uint8(factors, size, channels)
   return Source(_array_reader(images, 1.0 / 255.0), num, (size, size, channels),
