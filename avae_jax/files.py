@@ -45,6 +45,11 @@ def exists(path: PathLike) -> bool:
   return epath.Path(path).exists()
 
 
+def remove(path: PathLike) -> None:
+  """Deletes the file `path` (nothing if there is none)."""
+  epath.Path(path).unlink(missing_ok=True)
+
+
 def read_json(path: PathLike) -> Any:
   """Parses the JSON file at `path`."""
   return json.loads(epath.Path(path).read_text())

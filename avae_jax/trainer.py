@@ -36,6 +36,8 @@ from avae_jax import steps
 from avae_jax import summary
 from avae_jax import visualize
 
+CALIBRATION_FILE = 'calibration.json'
+
 
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
@@ -151,7 +153,22 @@ def _json_default(o: Any) -> Any:
 
 def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
                       source: Any, devices: list[Any], key: jax.Array) -> dict[str, float]:
-  """Probes each reconstruction term over K training batches and returns equalising λ's.
+  """Probes each reconstruction term over K training batches and returns equalising λ's."""
+  return calibrated_weights(config, probe_term_means(config, vae_state, source, devices, key))
+
+
+def calibrated_weights(config: ml_collections.ConfigDict,
+                       means: dict[str, float]) -> dict[str, float]:
+  """λ_i = w_i * mean(L_MSE) / mean(L_i) from the probe's term means and the configured w_i."""
+  ref = means['mse']
+  configured = config_lib.as_dict(config.loss.weights)
+  return {t: configured[t] * (ref / means[t] if means[t] > 0 else 1.0)
+          for t in config_lib.RECONSTRUCTION_TERMS}
+
+
+def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
+                     source: Any, devices: list[Any], key: jax.Array) -> dict[str, float]:
+  """Each reconstruction term's mean over K probe steps of a throwaway copy of the VAE.
 
   The paper probed the terms for one epoch of training and weighted them so that all share
   one scale ("if L1 was 30 and L2 about 900, λ_L1 = 30"). Here a throwaway copy of the
@@ -181,12 +198,8 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
   fetched = [(i, jax.device_get(m)) for i, m in history]
   _check_finite(fetched)
   means = _mean_metrics(fetched)
-  ref = means['mse']
-  configured = config_lib.as_dict(config.loss.weights)
-  weights = {t: configured[t] * (ref / means[t] if means[t] > 0 else 1.0)
-             for t in config_lib.RECONSTRUCTION_TERMS}
-  logging.info('calibration over %d batches: term means %s -> weights %s', k, means, weights)
-  return weights
+  logging.info('calibration over %d batches: term means %s', k, means)
+  return {t: means[t] for t in config_lib.RECONSTRUCTION_TERMS}
 
 
 def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
@@ -194,21 +207,33 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
                        resumed: bool = False) -> Setup:
   """Runs the calibration once per workdir, records it, and rebuilds the step config.
 
-  A resumed run without calibration.json started without calibration: probing its
-  trained state now would change the objective halfway, so that is refused.
+  A new run probes (a calibration.json without checkpoints is left from a run that
+  stopped before its first one, perhaps with other settings). A resumed run reuses the
+  probe's term means with the configured w_i, so that changed loss weights take effect
+  (and are named as changed). A resumed run without calibration.json started without
+  calibration: probing its trained state now would change the objective halfway, so that
+  is refused.
   """
-  path = os.path.join(workdir, 'calibration.json')
-  if files.exists(path):
-    weights = files.read_json(path)['weights']
+  path = os.path.join(workdir, CALIBRATION_FILE)
+  saved = files.read_json(path) if resumed and files.exists(path) else None
+  if saved is not None:
+    # Files of earlier versions hold the weights only.
+    means = saved.get('means')
+    weights = calibrated_weights(config, means) if means is not None else saved['weights']
+    batches = int(saved['batches'])
   elif resumed:
     raise config_lib.ConfigError(
         f'the run in {workdir} started without the loss-weight calibration (it has no '
         'calibration.json); resume it with --config.calibrate.enabled=False, or use a new '
         'workdir')
   else:
-    weights = calibrate_weights(config, vae_state, setup_.train_source, setup_.devices, key)
-    if jax.process_index() == 0:
-      files.write_json(path, {'batches': int(config.calibrate.batches), 'weights': weights})
+    means = probe_term_means(config, vae_state, setup_.train_source, setup_.devices, key)
+    weights, batches = calibrated_weights(config, means), int(config.calibrate.batches)
+  record = {'batches': batches, 'weights': weights}
+  if means is not None:
+    record['means'] = means
+  if jax.process_index() == 0 and record != saved:
+    files.write_json(path, record)
   print('calibrated reconstruction weights: ' +
         ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
   with config.unlocked():
@@ -335,9 +360,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     raise config_lib.ConfigError(
         f'the checkpoints in {workdir} were written by another model '
         f'(variant/image size/widths differ); use a new workdir ({e})') from None
-  start_step = 0
+  start_step, unlogged = 0, []
   if restored is not None:
     start_step, tree, meta = restored
+    unlogged = meta.get('unlogged_metrics', [])  # absent in checkpoints of earlier versions
     if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
       raise config_lib.ConfigError(
           f'the checkpoints in {workdir} were written by another model '
@@ -349,6 +375,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
                                 resumed=restored is not None)
+  elif restored is None and is_main:
+    # Left by a calibrated run that stopped before its first checkpoint: a later resume of
+    # this uncalibrated run with calibration on must be refused, not handed those λ's.
+    files.remove(os.path.join(workdir, CALIBRATION_FILE))
   if is_main:
     if restored is not None:
       _print_changed_settings(workdir, config)
@@ -374,7 +404,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     tree = steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
-            'config_hash': config_lib.config_hash(config)}
+            'config_hash': config_lib.config_hash(config),
+            # The steps since the last log: a resumed run logs the same means.
+            'unlogged_metrics': [[s, {k: float(v) for k, v in jax.device_get(m).items()}]
+                                 for s, m in history]}
     ckpt.save(step, jax.device_get(tree), meta)
 
   batches = data.prefetch_to_devices(
@@ -385,7 +418,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       setup_.devices)
   progress = summary.ProgressLogger(total_steps=total, every=int(config.log_every),
                                     start_step=start_step, enabled=is_main)
-  history: list[tuple[int, dict[str, Any]]] = []
+  history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
   t_last, n_last = time.perf_counter(), 0
   step = start_step
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)

@@ -187,6 +187,24 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
       assert metrics[s][k] == ref_metrics[s][k], (s, k)
 
 
+def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path):
+  # Logs every 4 steps, checkpoints at 6 and 8: a run killed after logging step 8 but
+  # before checkpointing it resumes from 6, and its row 8 (which replaces the first) must
+  # still average steps 5-8, two of them from before the stop.
+  overrides = dict(BASE, pretrain_steps=8, adversarial_steps=0, log_every=4,
+                   checkpoint_every=6)
+  train(overrides, tmp_path / 'ref')
+  train(overrides, tmp_path / 'w')
+  assert committed_steps(tmp_path / 'w') == [6, 8]
+  shutil.rmtree(tmp_path / 'w' / 'checkpoints' / '8')
+  train(overrides, tmp_path / 'w')
+  ref, resumed = read_metrics(tmp_path / 'ref'), read_metrics(tmp_path / 'w')
+  assert sorted(ref) == sorted(resumed) == [4, 8]
+  for s in (4, 8):
+    for k in LOSS_KEYS:
+      assert resumed[s][k] == ref[s][k], (s, k)
+
+
 def test_running_a_finished_workdir_again_continues_with_more_steps(reference, tmp_path,
                                                                    capsys):
   workdir = tmp_path / 'w'
@@ -420,6 +438,57 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   np.testing.assert_allclose(scaled['sobel'], 2.0 * weights['sobel'], rtol=1e-6)
   for t in ('mae', 'mse', 'dssim'):
     np.testing.assert_allclose(scaled[t], weights[t], rtol=1e-6)
+
+
+def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, monkeypatch,
+                                                                     capsys):
+  calls = _spy_on_steps(monkeypatch)
+  terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+  train(CALIBRATE, tmp_path / 'w')
+  with open(tmp_path / 'w' / 'calibration.json') as f:
+    saved = json.load(f)
+  probed = calls[0][1]
+  for t in terms:  # the probe's means are kept, beside the weights made of them
+    np.testing.assert_allclose(saved['means'][t], np.mean([float(m[t]) for m in probed]),
+                               rtol=1e-12)
+
+  # Resumed with other configured weights: the same probe, the new w_i, and said so.
+  del calls[:]
+  capsys.readouterr()
+  changed_weights = {'loss.weights.gabor': 0.0, 'loss.weights.sobel': 2.0}
+  train(dict(CALIBRATE, pretrain_steps=3, **changed_weights), tmp_path / 'w')
+  assert len(calls) == 1  # no second probe
+  used = dict(calls[0][0].recon_weights)
+  assert 'gabor' not in used  # a term at weight 0 is not computed
+  np.testing.assert_allclose(used['sobel'], 2.0 * saved['weights']['sobel'], rtol=1e-12)
+  for t in ('mae', 'mse', 'dssim'):
+    assert used[t] == saved['weights'][t]
+  changed = [s for s in capsys.readouterr().out.splitlines()
+             if s.startswith('resuming with settings changed')]
+  assert len(changed) == 1
+  assert f"loss.weights.gabor {saved['weights']['gabor']!r} -> 0.0" in changed[0]
+  assert 'loss.weights.sobel' in changed[0]
+  with open(tmp_path / 'w' / 'calibration.json') as f:
+    assert json.load(f)['weights'] == dict(used, gabor=0.0)
+
+  # A calibration.json without checkpoints (its run stopped before the first one, perhaps
+  # with other settings) is not trusted: a new run probes again.
+  stale = {'batches': 99, 'weights': {t: 5.0 for t in terms},
+           'means': {t: 1.0 for t in terms}}
+  os.makedirs(tmp_path / 'stale')
+  with open(tmp_path / 'stale' / 'calibration.json', 'w') as f:
+    json.dump(stale, f)
+  del calls[:]
+  train(CALIBRATE, tmp_path / 'stale')
+  assert len(calls) == 2 and dict(calls[1][0].recon_weights) == saved['weights']
+  # A new uncalibrated run removes it: resuming that run with calibration on is refused.
+  os.makedirs(tmp_path / 'off')
+  with open(tmp_path / 'off' / 'calibration.json', 'w') as f:
+    json.dump(stale, f)
+  train(dict(CALIBRATE, **{'calibrate.enabled': False}), tmp_path / 'off')
+  assert not os.path.exists(tmp_path / 'off' / 'calibration.json')
+  with pytest.raises(config_lib.ConfigError, match='started without the loss-weight'):
+    train(dict(CALIBRATE, pretrain_steps=3), tmp_path / 'off')
 
 
 def test_calibration_is_skipped_for_the_mse_only_variants(tmp_path, monkeypatch):
