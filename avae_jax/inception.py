@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -348,6 +349,12 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
   """numpy version of torch._utils._rebuild_tensor_v2."""
   del unused
   size, stride = tuple(size), tuple(stride)
+  # as_strided reads whatever memory the sizes and strides name: check they lie inside.
+  last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+  if (offset < 0 or min(size + stride, default=0) < 0
+      or (0 not in size and last >= storage.size)):
+    raise ValueError(f'a tensor of size {size}, stride {stride} at offset {offset} does '
+                     f'not fit its storage of {storage.size} elements')
   if not size:
     return storage[offset].copy()
   itemsize = storage.dtype.itemsize
@@ -463,10 +470,14 @@ def _load_legacy_pickle(path: str) -> Any:
     obj = _Unpickler(f, defer_storage, deferred=True).load()
     keys = pickle.load(f)
     storages = {}
+    size = os.fstat(f.fileno()).st_size
     # Each storage: its element count as little-endian int64, then the raw elements.
     for key in keys:
       (numel,) = struct.unpack('<q', f.read(8))
       dtype = dtypes[key]
+      if not 0 <= numel * dtype.itemsize <= size - f.tell():
+        raise ValueError(f'{path}: truncated (storage {key} needs {numel} elements, the '
+                         f'file has {size - f.tell()} bytes left)')
       raw = f.read(numel * dtype.itemsize)
       storages[key] = np.frombuffer(raw, dtype=dtype.newbyteorder('<')).astype(dtype)
   return _resolve_deferred(obj, storages)
@@ -487,9 +498,16 @@ def _resolve_deferred(obj: Any, storages: Mapping[str, np.ndarray]) -> Any:
 
 def load_torch_file(path: str) -> Any:
   """Unpickles a torch.save or TorchScript file into dicts / TorchModule / numpy arrays."""
-  if zipfile.is_zipfile(path):
-    return _load_zip_pickle(path)
-  return _load_legacy_pickle(path)
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip_pickle(path)
+    return _load_legacy_pickle(path)
+  # A cut-off or altered file fails in the unpickler or the container: one ValueError, which
+  # the evaluation (FID skipped) and the CLI (one line) report.
+  except (pickle.UnpicklingError, EOFError, struct.error, KeyError, IndexError, TypeError,
+          AttributeError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(f'{path}: a damaged or unsupported weights file '
+                     f'({type(e).__name__}: {e})') from None
 
 
 # ----------------------------------------------------------------------------------------

