@@ -356,8 +356,9 @@ class Checkpointer:
       self._bad_steps.add(s)
       last_error = error
     raise CheckpointError(
-        f'None of the checkpoints {unreadable} in {self.directory} can be '
-        'read.') from last_error
+        f'None of the checkpoints {unreadable} in {self.directory} can be read '
+        f'(the last error: {_describe(last_error)}); start over in a new workdir, or delete '
+        'the checkpoints directory to train this one from step 0.') from last_error
 
   def _restore_step(self, step: int, names: list[tuple[str, ...]],
                     specs: list[tuple[tuple[int, ...], str]]
