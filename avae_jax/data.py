@@ -51,6 +51,7 @@ from __future__ import annotations
 import concurrent.futures
 import glob as glob_lib
 import gzip
+import hashlib
 import os
 import queue
 import re
@@ -393,7 +394,13 @@ def _load_tfds(config: Any, split: str) -> Source:
     listed = ()
   available = listed or _TFDS_SPLITS[name]
   train_split, eval_split = str(config.train_split), str(config.eval_split)
+  # Only a dataset with one split (dSprites) holds out part of it; with several, an
+  # unknown eval split is a typo, not a request to shrink the training set.
   holdout = _split_base(eval_split) not in available
+  if holdout and len(available) > 1:
+    raise DataError(f'{name} has no split {eval_split!r} (it has {", ".join(available)}); '
+                    'set config.eval_split to one of them (a slice such as train[90%:] '
+                    'also works)')
   tfds_split = eval_split if (split == 'eval' and not holdout) else train_split
   fraction = float(config.get('eval_fraction', 0.05))
   if holdout and fraction <= 0:
@@ -417,6 +424,10 @@ def _load_tfds(config: Any, split: str) -> Source:
 def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -> str:
   """File stem of a cached split: dataset, version, split and geometry."""
   safe_split = re.sub(r'[^A-Za-z0-9_.%-]+', '_', split)
+  if safe_split != split:
+    # 'train[:90%]' and 'train[90%:]' read alike once made safe: the exact split's hash
+    # keeps their caches apart.
+    safe_split += '-' + hashlib.sha256(split.encode()).hexdigest()[:10]
   return (f'{name}-{builder.version}-{safe_split}-{geometry["image_size"]}px-'
           f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-'
           f'{_CACHE_FORMAT.get(name, "v1")}')

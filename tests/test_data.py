@@ -326,6 +326,36 @@ def test_tfds_mnist_exact_and_cached(tmp_path):
   np.testing.assert_array_equal(again.get([3, 1]), src.get([3, 1]))
 
 
+def test_tfds_slices_of_one_split_have_their_own_caches(tmp_path, monkeypatch):
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1,
+                train_split='train[:50%]', eval_split='train[50%:]')
+  # mock_data ignores slices (every split string gives the same images): the second
+  # slice's images are inverted here so that the two can be told apart.
+  real = data._tfds_dataset
+
+  def sliced(config, builder, name, split):
+    ds = real(config, builder, name, split)
+    return ds.map(lambda b: {'image': 255 - b['image']}) if split == 'train[50%:]' else ds
+  monkeypatch.setattr(data, '_tfds_dataset', sliced)
+  with tfds.testing.mock_data(num_examples=6):
+    train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+    raw = np.stack([ex['image'] for ex in tfds.as_numpy(
+        tfds.load('mnist', split='train', data_dir=str(tmp_path)))])
+  # Made file-name safe, the two slices read alike; each must still get its own images.
+  _close(train.get(np.arange(6)), raw / np.float32(255))
+  _close(ev.get(np.arange(6)), (255 - raw) / np.float32(255))
+
+
+def test_tfds_unknown_eval_split_is_an_error_where_the_dataset_has_several(tmp_path):
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1,
+                eval_split='tset')
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(data.DataError, match=r"mnist has no split 'tset' \(it has .*test"):
+      data.load(cfg, 'train')
+
+
 @pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])
 def test_tfds_gray_to_rgb_resized(tmp_path, name):
   tfds = _tfds()
