@@ -92,6 +92,10 @@ def main(argv: list[str]) -> None:
     devices = parallel.local_devices(config)
   except config_lib.ConfigError as e:
     raise app.UsageError(f'--config.{e}') from e
+  try:  # train.py's checks: a bad value is one line here too, not a traceback from a step
+    config_lib.validate(config, num_devices=len(devices) * jax.process_count())
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from e
 
   if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
     raise app.UsageError('--twin_python and --twin_script go together (a python with torch '

@@ -144,6 +144,18 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
   assert '--cases must name each case once' in out.stderr and not out.stdout.strip()
 
 
+@pytest.mark.parametrize('override, message', [
+    ('--config.variant=vea', "unknown variant 'vea'"),
+    ('--config.channels=2', 'channels must be 1 or 3'),
+    ('--config.image_size=30', 'image_size 30'),
+])
+def test_a_bad_config_is_one_line_before_compiling(override, message):
+  out = _run(TINY + [override])
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert message in out.stderr
+  assert ': compiled in' not in out.stderr and not out.stdout.strip()
+
+
 def test_a_twin_that_cannot_run_is_a_usage_error_before_compiling():
   out = _run(TINY + [f'--twin_python={sys.executable}', '--twin_script=/nonexistent/twin.py'])
   assert out.returncode != 0 and 'Traceback' not in out.stderr
