@@ -6,7 +6,8 @@
   python eval.py --workdir=/tmp/avae
 
 Without --config, the config train.py saved in WORKDIR/config.json is used; with it, it
-must describe the model the workdir holds (its eval.* fields may differ). Restores the
+must describe the model the workdir holds (its eval.* fields may differ; changed data
+settings are named in a warning). Restores the
 latest (or --step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md
 and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
 `python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
@@ -74,8 +75,36 @@ def main(argv: list[str]) -> None:
     sys.exit(f'eval.py: {e}')
 
 
+# The settings that decide which images the eval split holds (and, for shapes, the seed).
+_DATA_FIELDS = ('dataset', 'train_split', 'eval_split', 'eval_fraction', 'crop_size', 'shapes')
+
+
+def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """'field old -> new' for each setting of `config` that changes the eval images from
+  those of the training run in `workdir` (nothing if it saved no readable config)."""
+  try:
+    saved = api.read_config(workdir)
+  except api.WorkdirError:
+    return []
+  if saved is None:
+    return []
+  fields = _DATA_FIELDS + (('seed',) if config.dataset == 'shapes' else ())
+
+  def pick(c: ml_collections.ConfigDict) -> dict[str, object]:
+    d = c.to_dict()
+    return {k: d.get(k) for k in fields}
+  return [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(pick(saved), pick(config))]
+
+
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:
   """main's work once the config is known and the distributed runtime is up."""
+  changed = [] if saved else _other_data_settings(workdir, config)
+  if changed and jax.process_index() == 0:
+    # Allowed (another split on purpose), but another seed or eval size on shapes draws
+    # another eval set, which may hold the run's training images.
+    print(f'eval.py: warning: the eval data differs from the training run\'s '
+          f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
+          'training images', file=sys.stderr, flush=True)
   available = len(jax.local_devices())
   if saved and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.

@@ -31,8 +31,12 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   # A copy, so that the trainer's own WORKDIR/eval does not stand in for eval.py's output.
   run = tmp_path / 'run'
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
-  proc = _eval(run, '--step=1')
+  # Another seed draws another shapes eval split: allowed, but said (it may hold training
+  # images).
+  proc = _eval(run, '--step=1', '--config.seed=3')
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert ("eval.py: warning: the eval data differs from the training run's (config.json): "
+          'seed 0 -> 3;') in proc.stderr
   out = run / 'eval'
   with open(out / 'metrics.json') as f:
     results = json.load(f)
