@@ -94,14 +94,22 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'--config.{e}') from e
   try:  # train.py's checks: a bad value is one line here too, not a traceback from a step
     config_lib.validate(config, num_devices=len(devices) * jax.process_count())
-  except config_lib.ConfigError as e:
+    if 'adversarial_step_both' in _CASES.value:
+      benchmarking.both_updates_accuracy(config)
+  except (config_lib.ConfigError, ValueError) as e:
     raise app.UsageError(str(e)) from e
+  # A compilation cache would make compile_s the time to load a cached program.
+  jax.config.update('jax_enable_compilation_cache', False)
 
   if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
     raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
                          'and the path of torch_twin.py)')
   if _TWIN_PYTHON.value:
-    problem = benchmarking.twin_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config)
+    problem = benchmarking.twin_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
+                                        backend=jax.default_backend(),
+                                        num_devices=len(devices))
+    if not problem and _ROUNDS.value > 1:  # its first real run comes after compiling
+      problem = benchmarking.twin_start_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value)
     if problem:
       raise app.UsageError(problem)
   twin_runs = []
@@ -124,7 +132,7 @@ def main(argv: list[str]) -> None:
   peak = benchmarking.matmul_peak_flops(_PEAK_N.value, device=devices[0]) \
       if _PEAK_N.value > 0 else None
   # Enough distinct batches that the gated case sees a varied stream.
-  batches, dataset_size, _ = benchmarking.load_batches(config, num=8)
+  batches, dataset_size, data_description = benchmarking.load_batches(config, num=8)
   common = dict(steps=_STEPS.value, warmup=_WARMUP.value, devices=devices, batches=batches,
                 dataset_size=dataset_size, matmul_peak=peak)
   rows = []
@@ -132,6 +140,7 @@ def main(argv: list[str]) -> None:
     twin = benchmarking.merge_twin_runs(twin_runs) if twin_runs else None
     for case in _CASES.value:
       rows.append(benchmarking.add_twin(benchmarking.run_case(config, case, **common), twin))
+      rows[-1]['data'] = data_description
       print(json.dumps(rows[-1]), flush=True)
   else:
     def compiled(prepared: benchmarking.PreparedCase) -> None:
@@ -146,6 +155,7 @@ def main(argv: list[str]) -> None:
                                         **common)
     twin = benchmarking.merge_twin_runs(twin_runs) if twin_runs else None
     for row in rows:
+      row['data'] = data_description
       print(json.dumps(benchmarking.add_twin(row, twin)), flush=True)
   print(benchmarking.format_table(rows), file=sys.stderr)
 

@@ -44,21 +44,28 @@ from avae_jax import config_lib
 
 CASES = ('pretrain_step', 'adversarial_step_both', 'adversarial_step_gated',
          'vae_mse_pretrain_step')
-# The accuracy that StepConfig.force_accuracy pins for the 'both' case: below
-# train_disc_below (0.7) and above train_vae_above (0.5) with the default gating.
-BOTH_UPDATES_ACCURACY = 0.6
 # Every JSON line carries these fields (tests/test_benchmark.py checks them).
 FIELDS = ('step', 'median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
           'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
           'channels', 'batch_size', 'steps', 'rounds', 'rewarm_steps', 'backend', 'device_kind',
           'variant', 'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
-          'glibc_tunables', 'twin_median_step_s', 'twin_ratio')
+          'glibc_tunables', 'data', 'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
 DEFAULT_DATASET_SIZE = 200_000
 # The twin's step names for our cases (the twin times only these two).
 TWIN_STEPS = {'pretrain_step': 'pretrain_step', 'adversarial_step_both': 'adversarial_step'}
+
+
+def both_updates_accuracy(config: ml_collections.ConfigDict) -> float:
+  """The accuracy the 'both' case pins the gate to: between the two thresholds, so that the
+  discriminator (accuracy < train_disc_below) and the VAE (> train_vae_above) both update."""
+  low, high = float(config.gating.train_vae_above), float(config.gating.train_disc_below)
+  if not low < high:
+    raise ValueError(f'adversarial_step_both needs gating.train_vae_above ({low:g}) < '
+                     f'gating.train_disc_below ({high:g}): no accuracy takes both updates')
+  return 0.5 * (low + high)
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: Any = None) -> float:
@@ -214,7 +221,7 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
     raise ValueError(f'batch_size {b} is not divisible by the {n} devices')
   overrides = {}
   if case == 'adversarial_step_both':
-    overrides['force_accuracy'] = BOTH_UPDATES_ACCURACY
+    overrides['force_accuracy'] = both_updates_accuracy(config)
   cfg = steps_lib.StepConfig.from_config(config, dataset_size, **overrides)
   mapped = parallel.make_steps(cfg, devices, method=str(config.parallel))
   image_shape = batches.shape[2:]
@@ -271,6 +278,10 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
     # XLA's cost analysis counts the program of one device; every device runs it.
     flops *= len(devices)
   flops_per_s = flops / median if flops else None
+  # The matmul rate was measured on one device. Accelerators add theirs; a CPU's devices
+  # share its cores, and the one measurement used all of them already.
+  if matmul_peak and devices[0].platform != 'cpu':
+    matmul_peak *= len(devices)
   return dict(
       step=prepared.name,
       median_step_s=median,
@@ -301,6 +312,7 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       # Huge pages for malloc or not (avae_jax.hugepages) change the step times.
       glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+      data=None,  # benchmark.py names the data source (the config's dataset or synthetic)
       twin_median_step_s=None,
       twin_ratio=None,
   )
@@ -367,18 +379,48 @@ TWIN_MODEL = {'variant': 'avae_s', 'model.latent_dim': 32, 'model.hidden_dim': 4
               'loss.tc_estimator': 'mws', 'model.dtype': 'float32'}
 
 
-def twin_problem(python: str, script: str, config: ml_collections.ConfigDict) -> str | None:
-  """Why the twin cannot run, or would time another model than `config`'s; else None."""
+# The twin's loss: every reconstruction term, its Gabor bank, KL, TC and the generator loss.
+TWIN_GABOR = {'gabor.size': 11, 'gabor.sigma': 2.5, 'gabor.wavelengths': (4.0, 8.0),
+              'gabor.orientations': 4}
+
+
+def twin_problem(python: str, script: str, config: ml_collections.ConfigDict,
+                 backend: str = 'cpu', num_devices: int = 1) -> str | None:
+  """Why the twin cannot run, or would time other work than `config`'s; else None."""
   if not os.path.isfile(python) or not os.access(python, os.X_OK):
     return f'--twin_python={python} is not an executable file'
   if not os.path.isfile(script):
     return f'--twin_script={script} does not exist'
+  if backend not in ('cpu', 'gpu'):
+    return f'the twin runs on a CPU or one CUDA GPU, not beside JAX on {backend}'
+  if backend != 'cpu' and num_devices != 1:
+    return (f'the twin runs on one GPU; use --config.num_devices=1 to compare with it '
+            f'(this run has {num_devices})')
   flat = config_lib.flatten(config.to_dict())
-  differ = [f'{k}={flat.get(k)!r} (the twin: {v!r})' for k, v in TWIN_MODEL.items()
-            if flat.get(k) != v]
+  differ = [f'{k}={flat.get(k)!r} (the twin: {v!r})'
+            for k, v in {**TWIN_MODEL, **TWIN_GABOR}.items()
+            if (tuple(flat.get(k)) if isinstance(v, tuple) else flat.get(k)) != v]
+  # A term at weight 0 is not computed here; the twin computes every one.
+  off = [t for t in config_lib.RECONSTRUCTION_TERMS
+         if t not in config_lib.reconstruction_weights(config)]
+  off += [name for name in ('kl_weight', 'adversarial_weight')
+          if not float(config.loss[name]) > 0]
+  off += ['tc_weight'] if not config_lib.tc_weight(config) > 0 else []
+  differ += [f'loss {t} at weight 0 (the twin computes it)' for t in off]
   if differ:
-    return ('the PyTorch twin builds one model; twin_ratio would compare another: '
-            + ', '.join(differ) + ' (configs/bench_*.py match it)')
+    return ('the PyTorch twin builds one model and loss; twin_ratio would compare other '
+            'work: ' + ', '.join(differ) + ' (configs/bench_*.py match it)')
+  return None
+
+
+def twin_start_problem(python: str, script: str) -> str | None:
+  """Why the twin fails to run at all (a step or two at a tiny size), or None."""
+  tiny = ml_collections.ConfigDict({'image_size': 8, 'channels': 1, 'batch_size': 2,
+                                    'model': {'widths': (2,)}})
+  try:
+    run_twin(python, script, tiny, steps=1, warmup=0)
+  except RuntimeError as e:
+    return f'the twin cannot run: {e}'
   return None
 
 

@@ -24,6 +24,12 @@ rounds=${ROUNDS:-5}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 twin=$(cd "$(dirname "$twin")" && pwd)/$(basename "$twin")
+# The pythons too (a relative path, or a name on PATH), before the cd.
+for var in py twin_py; do
+  resolved=$(command -v "${!var}") || { echo "gpu_benchmark.sh: no python at ${!var}" >&2; exit 2; }
+  case $resolved in /*) ;; *) resolved=$(cd "$(dirname "$resolved")" && pwd)/$(basename "$resolved") ;; esac
+  printf -v "$var" '%s' "$resolved"
+done
 cd "$repo"
 # JAX takes 75% of the GPU's memory at start-up by default; the twin, a process of its
 # own on the same GPU, needs some of it.
@@ -51,7 +57,7 @@ run() {  # NAME ARGS...: one benchmark.py invocation, its JSON lines and its log
 
 for shape in celeba mnist; do
   run "$shape-float32" --config="configs/bench_$shape.py" \
-    --twin_python="$(command -v "$twin_py")" --twin_script="$twin"
+    --twin_python="$twin_py" --twin_script="$twin"
   run "$shape-bfloat16" --config="configs/bench_$shape.py" --config.model.dtype=bfloat16 \
     --cases=pretrain_step,adversarial_step_both
 done

@@ -26,9 +26,9 @@ FAKE_TWIN = [f'--twin_python={sys.executable}',
              '--twin_script=' + os.path.join('tests', 'fixtures', 'fake_twin.py')]
 
 
-def _run(args, devices=1):
+def _run(args, devices=1, **env_vars):
   """benchmark.py with ARGS, XLA_FLAGS forcing DEVICES CPU devices (None: no count)."""
-  env = dict(os.environ)
+  env = dict(os.environ, **env_vars)
   env['XLA_FLAGS'] = '' if devices is None else \
       f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
@@ -42,11 +42,15 @@ def _positive(x):
 
 
 @pytest.fixture(scope='module')
-def tiny_rows():
+def tiny_rows(tmp_path_factory):
   # Interleaved: every case compiled first, then 3 steps each in 2 rounds (2 + 1), the
-  # twin running at the start of each round.
-  out = _run(TINY + ['--rounds=2'] + FAKE_TWIN)
+  # twin running at the start of each round. A compilation cache in the environment is
+  # not used: compile_s would otherwise time loading a cached program.
+  cache = tmp_path_factory.mktemp('compilation_cache')
+  out = _run(TINY + ['--rounds=2'] + FAKE_TWIN, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   assert out.returncode == 0, out.stderr[-4000:]
+  assert not os.listdir(cache)
   lines = [l for l in out.stdout.splitlines() if l.strip()]
   return [json.loads(l) for l in lines], out.stderr
 
@@ -73,6 +77,7 @@ def test_field_types_are_sane(tiny_rows):
         (1, 16, 3, 8, 3)
     assert r['rounds'] == 2 and r['rewarm_steps'] == 1
     assert r['dtype'] == 'float32' and r['backend'] == 'cpu'
+    assert r['data'] == 'shapes'
     assert isinstance(r['device_kind'], str) and r['device_kind']
     # What the step ran with: the config's convolution backward pass and the XLA flags
     # (the test's own plus those benchmark.py adds, avae_jax.xla_flags).
@@ -91,7 +96,7 @@ def test_case_semantics(tiny_rows):
   rows = {r['step']: r for r in tiny_rows[0]}
   assert rows['vae_mse_pretrain_step']['variant'] == 'vae'
   assert rows['pretrain_step']['variant'] == 'avae_s'
-  # force_accuracy=0.6 takes both updates on every step.
+  # The gate pinned between the thresholds takes both updates on every step.
   both = rows['adversarial_step_both']
   assert both['disc_updated_fraction'] == 1.0 and both['vae_updated_fraction'] == 1.0
   gated = rows['adversarial_step_gated']
@@ -148,6 +153,7 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
     ('--config.variant=vea', "unknown variant 'vea'"),
     ('--config.channels=2', 'channels must be 1 or 3'),
     ('--config.image_size=30', 'image_size 30'),
+    ('--config.gating.train_disc_below=0.4', 'no accuracy takes both updates'),
 ])
 def test_a_bad_config_is_one_line_before_compiling(override, message):
   out = _run(TINY + [override])
@@ -173,6 +179,46 @@ def test_twin_problem_names_what_the_twin_cannot_compare():
   assert "variant='vae' (the twin: 'avae_s')" in problem
   assert 'model.latent_dim=4 (the twin: 32)' in problem
   assert 'not an executable' in benchmarking.twin_problem('/nonexistent/python', script, c)
+  # The twin's loss has every term, its own Gabor bank, KL and TC.
+  for path, value, message in [('weights.gabor', 0.0, 'loss gabor at weight 0'),
+                               ('tc_weight', 0.0, 'loss tc_weight at weight 0'),
+                               ('adversarial_weight', 0.0, 'loss adversarial_weight at')]:
+    c = default.get_config()
+    c.loss.tc_estimator = 'mws'
+    node, leaf = (c.loss.weights, 'gabor') if '.' in path else (c.loss, path)
+    node[leaf] = value
+    assert message in benchmarking.twin_problem(sys.executable, script, c)
+  c = default.get_config()
+  c.loss.tc_estimator, c.gabor.orientations = 'mws', 8
+  assert 'gabor.orientations=8 (the twin: 4)' in benchmarking.twin_problem(
+      sys.executable, script, c)
+  # One GPU, or the host's CPU (whose split devices share its cores), never a TPU.
+  c.gabor.orientations = 4
+  assert benchmarking.twin_problem(sys.executable, script, c, 'cpu', 2) is None
+  assert 'runs on one GPU' in benchmarking.twin_problem(sys.executable, script, c, 'gpu', 2)
+  assert 'not beside JAX on tpu' in benchmarking.twin_problem(sys.executable, script, c, 'tpu')
+
+
+def test_both_case_pins_the_gate_between_the_thresholds():
+  c = default.get_config()
+  assert benchmarking.both_updates_accuracy(c) == pytest.approx(0.6)  # (0.5 + 0.7) / 2
+  c.gating.train_vae_above, c.gating.train_disc_below = 0.2, 0.4
+  assert benchmarking.both_updates_accuracy(c) == pytest.approx(0.3)
+  c.gating.train_vae_above = 0.4
+  with pytest.raises(ValueError, match='no accuracy takes both updates'):
+    benchmarking.both_updates_accuracy(c)
+
+
+def test_a_twin_that_fails_to_start_stops_interleaved_rounds_before_compiling(tmp_path):
+  script = os.path.join(ROOT, 'tests', 'fixtures', 'fake_twin.py')
+  assert benchmarking.twin_start_problem(sys.executable, script) is None
+  broken = tmp_path / 'twin.py'
+  broken.write_text('import sys\nsys.exit("No module named torch")\n')
+  out = _run(TINY + ['--rounds=2', f'--twin_python={sys.executable}',
+                     f'--twin_script={broken}'])
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'the twin cannot run' in out.stderr and 'No module named torch' in out.stderr
+  assert ': compiled in' not in out.stderr and not out.stdout.strip()
 
 
 def test_round_sizes_split_the_steps():
