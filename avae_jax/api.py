@@ -234,7 +234,9 @@ class TrainedModel:
 
   def _pair_images(self, x: Any, what: str) -> tuple[jax.Array, bool]:
     """One image (H, W, C) or a batch; returns the batch and whether it was one image."""
-    single = np.ndim(x) == 3
+    # As _images takes them: PIL images and nested lists become arrays before indexing.
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    single = x.ndim == 3
     return self._images(x[None] if single else x, what), single
 
   # ------------------------------------------------------------------------- public

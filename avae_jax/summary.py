@@ -56,8 +56,9 @@ def to_uint8_image(image: Any) -> np.ndarray:
     array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
     raise ValueError(f'Expected an (H, W, C) image with C in 1, 3, 4; got {array.shape}.')
-  if array.dtype != np.uint8 and (array.dtype == bool
-                                  or not np.issubdtype(array.dtype, np.number)):
+  # bfloat16 (ml_dtypes) is not a numpy number; its name says what it is.
+  numeric = np.issubdtype(array.dtype, np.number) or array.dtype.name == 'bfloat16'
+  if array.dtype != np.uint8 and (array.dtype == bool or not numeric):
     raise ValueError(f'Expected a uint8 or float image; got {array.dtype}.')
   return to_uint8(array)
 

@@ -180,6 +180,18 @@ def test_traversal_changes_only_the_chosen_dims(model, images):
   assert not np.allclose(out[0, 0], out[0, 2])
 
 
+def test_pil_images_and_lists_are_taken_by_every_method(model, images):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  as_bytes = np.round(images[:2] * 255).astype(np.uint8)
+  pil = [Image.fromarray(x) for x in as_bytes]
+  np.testing.assert_array_equal(_np(model.interpolate(pil[0], pil[1], 3)),
+                                _np(model.interpolate(as_bytes[0], as_bytes[1], 3)))
+  np.testing.assert_array_equal(_np(model.traverse(pil[0], [1], [0.0, 1.0])),
+                                _np(model.traverse(as_bytes[0], [1], [0.0, 1.0])))
+  np.testing.assert_array_equal(_np(model.traverse(images[0].tolist(), [1], [0.0])),
+                                _np(model.traverse(images[0], [1], [0.0])))
+
+
 def test_uint8_images_are_scaled_and_empty_batches_allowed(model, images):
   as_bytes = np.round(images * 255).astype(np.uint8)
   np.testing.assert_allclose(_np(model.encode(as_bytes)[0]),

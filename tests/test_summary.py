@@ -148,6 +148,8 @@ def test_to_uint8_image():
   np.testing.assert_array_equal(summary.to_uint8_image(x), expected)
   rgb = np.zeros((2, 3, 3), np.uint8)
   assert summary.to_uint8_image(rgb) is rgb
+  # bfloat16 (the compute option's dtype) is not a numpy number type, but a float.
+  np.testing.assert_array_equal(summary.to_uint8_image(x.astype(jnp.bfloat16)), expected)
 
 
 def test_format_duration():
