@@ -93,8 +93,10 @@ def settings_from_flags() -> Any:
   return s
 
 
-def check_study_file(out: str, settings: Any, report_only: bool = False) -> None:
+def check_study_file(out: str, settings: Any, report_only: bool = False) -> int:
   """Records the budget in OUT/study.json; refuses an OUT written at another budget.
+
+  Returns the study's seed count: the largest any of its commands asked for.
 
   The trainer would happily continue a finished run with more steps, so mixing budgets
   in one directory would silently give models different budgets. The commands that ran
@@ -122,6 +124,7 @@ def check_study_file(out: str, settings: Any, report_only: bool = False) -> None
     commands.append(command)
   record.update(commands=commands, report_command=command)
   _write_json(path, record)
+  return int(record['seeds'])
 
 
 def _shared_files_lock(out: str) -> contextlib.AbstractContextManager[None]:
@@ -288,7 +291,11 @@ def main(argv: list[str]) -> None:
                          '--report_only reports on the runs of an existing study')
   os.makedirs(out, exist_ok=True)
   with _shared_files_lock(out):
-    check_study_file(out, settings, report_only=_REPORT_ONLY.value)
+    seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value)
+  if _SEEDS.value is None:
+    # A study extended with --seeds=5 stays at 5: a later command without the flag (a
+    # rerun, the report) must not leave the extra seeds out.
+    settings.seeds = seeds
   if not _REPORT_ONLY.value:
     check_datasets(settings)
     _enable_compilation_cache(out)

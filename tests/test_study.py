@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -344,6 +345,48 @@ def test_study_file_keeps_every_command_and_the_report_one(tmp_path, monkeypatch
   assert record['commands'] == ['python study.py --out=o --datasets=shapes',
                                 'python study.py --out=o --datasets=fashion_mnist']
   assert record['report_command'] == 'python study.py --out=o --report_only'
+
+
+def test_the_study_keeps_the_largest_seed_count_any_command_asked_for(tmp_path,
+                                                                     monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['study.py', '--out=o'])
+  settings = study_config.get_config('test')
+  counts = []
+  for seeds in (1, 3, 1):  # the last: a command without --seeds (the budget's count, 1)
+    settings.seeds = seeds
+    counts.append(study.check_study_file(str(tmp_path), settings))
+  assert counts == [1, 3, 3]
+
+
+def test_report_only_reports_every_seed_of_the_study(study_dir, tmp_path):
+  out = tmp_path / 'study'
+  shutil.copytree(study_dir[0], out)
+  record = json.loads((out / 'study.json').read_text())
+  record['seeds'] = 2  # as if a command had asked for --seeds=2 and not yet run seed 1
+  (out / 'study.json').write_text(json.dumps(record))
+  _study(f'--out={out}', '--budget=test', '--report_only', '--publish=false')
+  assert '8 of 16 runs finished (2 dataset(s) × 4 models × 2 seed(s))' in _read(
+      out / 'results.md')
+
+
+def test_ground_truth_is_per_seed_where_the_eval_sets_differ(tmp_path):
+  def run(dataset, seed, gt, rec):
+    metrics = {'gt_sharpness_mean': gt, 'rec_sharpness_mean': rec}
+    return study_report.Run(dataset, 'vae', seed, str(tmp_path), metrics, {}, [], {})
+  # shapes: another eval set per seed; its reconstructions are sharper than seed 0's data
+  # but not than their own seed's.
+  shapes = [run('shapes', 0, 0.02, 0.025), run('shapes', 1, 0.03, 0.028)]
+  assert study_report.ground_truth_by_seed(shapes, 'shapes', 'gt_sharpness_mean') == {
+      0: 0.02, 1: 0.03}
+  row = [l for l in study_report.table_iii(shapes, 'shapes', ['vae']).splitlines()
+         if 'harpness' in l][0]
+  sd = statistics.stdev([0.02, 0.03])
+  assert f'| 0.025 ± {sd:.2g} |' in row
+  fashion = [run('fashion_mnist', 0, 0.02, 0.01), run('fashion_mnist', 1, 0.02, 0.012)]
+  row = [l for l in study_report.table_iii(fashion, 'fashion_mnist', ['vae']).splitlines()
+         if 'harpness' in l][0]
+  assert '| 0.02 |' in row
 
 
 def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
