@@ -482,6 +482,10 @@ def test_every_process_takes_the_same_gating_decision(env, two_process_run):
     # Each process's own copy of the metrics: identical, decisions included. A mean over
     # one process's devices only would give each process its own accuracy.
     assert rows0 == rows1, method
+    # Algorithm 1's gate on the accuracy averaged over both processes' devices.
+    for r in rows0:
+      assert r['disc_updated'] == float(r['disc_accuracy'] < 0.7), (method, r)
+      assert r['vae_updated'] == float(r['disc_accuracy'] > 0.5), (method, r)
   # Both mappings run the same steps.
   for r_pmap, r_shard in zip(got[0, 'pmap'], got[0, 'shard_map']):
     assert r_pmap.keys() == r_shard.keys()

@@ -155,17 +155,24 @@ def test_samples_do_not_depend_on_the_batch_size_or_device_count(tmp_path, evalu
     np.testing.assert_allclose(np.asarray(a, np.int16), np.asarray(b, np.int16), atol=1)
 
 
-def test_fid_of_reconstructions_against_independent_computation(evaluated, model, source,
-                                                                 inception_params):
+def test_fid_of_reconstructions_and_samples_against_independent_computation(
+    evaluated, model, source, inception_params):
   results, _ = evaluated
   pad = np.zeros((8 - N, SIDE, SIDE, 3), np.float32)  # the batch size the evaluation used
   x = source.get(np.arange(N))
   x_rec = np.asarray(model.decode(model.encode(x)[0]))
-  fx = inception.features(inception_params, np.concatenate([x, pad]), batch_size=8)
-  fr = inception.features(inception_params, np.concatenate([x_rec, pad]), batch_size=8)
+  # The samples as in test_image_metrics_against_independent_computation.
+  key = jax.random.fold_in(jax.random.PRNGKey(0), evaluation._SAMPLE_KEY)
+  z = jax.random.normal(key, (max(N, GRID * GRID), model.latent_dim), np.float32)[:N]
+  samples = np.asarray(model.decode(z))
+  fx, fr, fs = (inception.features(inception_params, np.concatenate([a, pad]), batch_size=8)
+                for a in (x, x_rec, samples))
   for d in TAPS:
-    expected = _fid_via_svd(fx[d][:N], fr[d][:N])
-    np.testing.assert_allclose(results[f'fid_rec_{d}'], expected, rtol=2e-3, atol=1e-6)
+    # Both against the data's images.
+    np.testing.assert_allclose(results[f'fid_rec_{d}'], _fid_via_svd(fx[d][:N], fr[d][:N]),
+                               rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(results[f'fid_sample_{d}'],
+                               _fid_via_svd(fx[d][:N], fs[d][:N]), rtol=2e-3, atol=1e-6)
 
 
 def test_mig_and_traversal_dims_use_the_posterior_means(evaluated, model, source):

@@ -167,6 +167,21 @@ def test_adversarial_metrics_match_numpy_from_the_logits():
   assert metrics['disc_accuracy'] in {k / 16 for k in range(17)}
 
 
+def test_the_measured_accuracy_gates_the_updates():
+  # Without force_accuracy the gate is D's accuracy on the batch (numpy, from the logits):
+  # thresholds on either side of it take both updates, or neither.
+  _, (vae_state, disc_state) = initial_states('avae', GATE_LR)
+  x, key = real_images(), jax.random.key(3)
+  real, fake = _independent_logits(vae_state, disc_state, x, key)
+  acc = 0.5 * (np.mean(real > 0) + np.mean(fake < 0))  # a multiple of 1/16
+  for below, above, updated in ((acc + 1 / 32, acc - 1 / 32, 1.0),
+                                (acc - 1 / 32, acc + 1 / 32, 0.0)):
+    cfg = dataclasses.replace(gate_cfg(None), train_disc_below=below, train_vae_above=above)
+    _, _, m = run_adversarial(cfg, vae_state, disc_state, x, key)
+    assert m['disc_accuracy'] == pytest.approx(acc)
+    assert m['disc_updated'] == m['vae_updated'] == updated, (below, above)
+
+
 def test_metric_keys_of_the_adversarial_step():
   _, _, metrics, _ = gated_run(0.6)
   assert set(metrics) == {'loss', 'rec', 'mse', 'kl', 'disc_loss', 'gen_loss',
