@@ -104,23 +104,24 @@ def main(argv: list[str]) -> None:
   if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
     raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
                          'and the path of torch_twin.py)')
+  # The twin runs on the same kind of device: CUDA when JAX's backend is a GPU.
+  twin_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   if _TWIN_PYTHON.value:
     problem = benchmarking.twin_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
                                         backend=jax.default_backend(),
                                         num_devices=len(devices))
     if not problem and _ROUNDS.value > 1:  # its first real run comes after compiling
-      problem = benchmarking.twin_start_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value)
+      problem = benchmarking.twin_start_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value,
+                                                twin_device)
     if problem:
       raise app.UsageError(problem)
   twin_runs = []
 
   def run_twin(steps: int) -> None:
-    # Never beside our cases: both use every core. The twin runs on the same kind of
-    # device: CUDA when JAX's backend is a GPU.
+    # Never beside our cases: both use every core.
     try:
       twin_runs.append(benchmarking.run_twin(
-          _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value,
-          'cuda' if jax.default_backend() == 'gpu' else 'cpu'))
+          _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value, twin_device))
     except RuntimeError as e:  # the twin's own error, not a traceback of ours
       sys.exit(f'benchmark.py: {e}')
     print(f'twin: {json.dumps(twin_runs[-1])}', file=sys.stderr, flush=True)

@@ -93,10 +93,12 @@ def settings_from_flags() -> Any:
   return s
 
 
-def check_study_file(out: str, settings: Any, report_only: bool = False) -> int:
+def check_study_file(out: str, settings: Any, report_only: bool = False,
+                     seeds_given: bool = True) -> int:
   """Records the budget in OUT/study.json; refuses an OUT written at another budget.
 
-  Returns the study's seed count: the largest any of its commands asked for.
+  Returns the study's seed count: the largest any of its commands asked for with --seeds
+  (`seeds_given`), else the budget's, the first command's.
 
   The trainer would happily continue a finished run with more steps, so mixing budgets
   in one directory would silently give models different budgets. The commands that ran
@@ -112,7 +114,8 @@ def check_study_file(out: str, settings: Any, report_only: bool = False) -> int:
       raise app.UsageError(
           f'{out} holds a study run at another budget ({saved.get("budget")}); use another '
           '--out (every model of a study must get the same budget)')
-    saved.update(seeds=max(int(saved['seeds']), int(settings.seeds)))
+    if seeds_given:
+      saved.update(seeds=max(int(saved['seeds']), int(settings.seeds)))
     record = saved
   else:
     record = {'budget': settings.budget, 'per_dataset': budget, 'seeds': int(settings.seeds),
@@ -291,7 +294,8 @@ def main(argv: list[str]) -> None:
                          '--report_only reports on the runs of an existing study')
   os.makedirs(out, exist_ok=True)
   with _shared_files_lock(out):
-    seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value)
+    seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
+                             seeds_given=_SEEDS.value is not None)
   if _SEEDS.value is None:
     # A study extended with --seeds=5 stays at 5: a later command without the flag (a
     # rerun, the report) must not leave the extra seeds out.

@@ -413,12 +413,13 @@ def twin_problem(python: str, script: str, config: ml_collections.ConfigDict,
   return None
 
 
-def twin_start_problem(python: str, script: str) -> str | None:
-  """Why the twin fails to run at all (a step or two at a tiny size), or None."""
-  tiny = ml_collections.ConfigDict({'image_size': 8, 'channels': 1, 'batch_size': 2,
+def twin_start_problem(python: str, script: str, device: str = 'cpu') -> str | None:
+  """Why the twin fails to run at all (one step of each kind at a tiny size), or None."""
+  # 16 px: the twin's SSIM window (11 px, unpadded) must fit in the image.
+  tiny = ml_collections.ConfigDict({'image_size': 16, 'channels': 1, 'batch_size': 2,
                                     'model': {'widths': (2,)}})
   try:
-    run_twin(python, script, tiny, steps=1, warmup=0)
+    run_twin(python, script, tiny, steps=1, warmup=0, device=device)
   except RuntimeError as e:
     return f'the twin cannot run: {e}'
   return None

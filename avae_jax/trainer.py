@@ -217,9 +217,15 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
   path = os.path.join(workdir, CALIBRATION_FILE)
   saved = files.read_json(path) if resumed and files.exists(path) else None
   if saved is not None:
-    # Files of earlier versions hold the weights only.
     means = saved.get('means')
-    weights = calibrated_weights(config, means) if means is not None else saved['weights']
+    if means is not None:
+      weights = calibrated_weights(config, means)
+    else:  # a file of an earlier version: the weights only, whatever loss.weights say now
+      weights = saved['weights']
+      if jax.process_index() == 0:
+        print(f'warning: {path} (of an earlier version) holds the calibrated weights but '
+              'not the term means they came from: the run resumes with those weights, and '
+              'changed loss.weights.* are not applied', file=sys.stderr, flush=True)
     batches = int(saved['batches'])
   elif resumed:
     raise config_lib.ConfigError(

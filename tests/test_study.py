@@ -352,11 +352,20 @@ def test_the_study_keeps_the_largest_seed_count_any_command_asked_for(tmp_path,
   import study  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, 'argv', ['study.py', '--out=o'])
   settings = study_config.get_config('test')
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
   counts = []
-  for seeds in (1, 3, 1):  # the last: a command without --seeds (the budget's count, 1)
+  # Without --seeds the budget's count stands in (test: 1, cpu: 3): it neither raises
+  # nor lowers the study's.
+  for seeds, given in ((2, True), (1, False), (3, True), (1, True), (5, False)):
     settings.seeds = seeds
-    counts.append(study.check_study_file(str(tmp_path), settings))
-  assert counts == [1, 3, 3]
+    counts.append(study.check_study_file(str(tmp_path / 'a'), settings, seeds_given=given))
+  assert counts == [2, 2, 3, 3, 3]
+  # A study begun without --seeds has the budget's count; a later plain command keeps it.
+  settings.seeds = 1
+  assert study.check_study_file(str(tmp_path / 'b'), settings, seeds_given=False) == 1
+  settings.seeds = 3
+  assert study.check_study_file(str(tmp_path / 'b'), settings, seeds_given=False) == 1
 
 
 def test_report_only_reports_every_seed_of_the_study(study_dir, tmp_path):

@@ -490,6 +490,20 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   with pytest.raises(config_lib.ConfigError, match='started without the loss-weight'):
     train(dict(CALIBRATE, pretrain_steps=3), tmp_path / 'off')
 
+  # A calibration.json of an earlier version (weights, no means): its weights stand, and
+  # the configured weights that cannot be applied are warned about.
+  shutil.copytree(tmp_path / 'stale', tmp_path / 'old')
+  with open(tmp_path / 'old' / 'calibration.json') as f:
+    old = json.load(f)
+  del old['means']
+  with open(tmp_path / 'old' / 'calibration.json', 'w') as f:
+    json.dump(old, f)
+  del calls[:]
+  capsys.readouterr()
+  train(dict(CALIBRATE, pretrain_steps=3, **changed_weights), tmp_path / 'old')
+  assert dict(calls[0][0].recon_weights) == old['weights']
+  assert 'changed loss.weights.* are not applied' in capsys.readouterr().err
+
 
 def test_calibration_is_skipped_for_the_mse_only_variants(tmp_path, monkeypatch):
   calls = _spy_on_steps(monkeypatch)
