@@ -6,7 +6,8 @@
   python benchmark.py --config=configs/bench_mnist.py --steps=12 --rounds=4
 
 Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_both (both
-updates taken, StepConfig.force_accuracy=0.6), adversarial_step_gated (the real gating on
+updates taken: the gate pinned between the two thresholds, 0.6 by default),
+adversarial_step_gated (the real gating on
 the config's data), vae_mse_pretrain_step (the MSE-only 'vae' variant). Each JSON line has
 median/p10/p90 step seconds, images/s, compile seconds, XLA's FLOP count of the compiled
 step, FLOP/s and its fraction of the float32 matmul rate measured at startup, peak device

@@ -36,7 +36,8 @@ _REPO = os.path.dirname(os.path.abspath(__file__))
 _OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, and the report.')
 _BUDGET = flags.DEFINE_enum('budget', 'cpu', ['cpu', 'accelerator', 'test'],
                             'Budget of configs/study.py.')
-_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the budget\'s, 3).')
+_SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the count OUT/'
+                               'study.json records, else the budget\'s, 3).')
 _DATASETS = flags.DEFINE_list('datasets', None,
                               'Datasets, from shapes,fashion_mnist (default: both).')
 _VARIANTS = flags.DEFINE_list('variants', None,
@@ -97,8 +98,8 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
                      seeds_given: bool = True) -> int:
   """Records the budget in OUT/study.json; refuses an OUT written at another budget.
 
-  Returns the study's seed count: the largest any of its commands asked for with --seeds
-  (`seeds_given`), else the budget's, the first command's.
+  Returns the study's seed count: the first command's (its --seeds or the budget's),
+  raised by any later command's --seeds (`seeds_given`).
 
   The trainer would happily continue a finished run with more steps, so mixing budgets
   in one directory would silently give models different budgets. The commands that ran

@@ -10,9 +10,10 @@ a drift of the machine's speed affects every case alike.
 
 Cases:
   pretrain_step           the VAE step on L_VAE (compound loss + KL + TC for avae_s)
-  adversarial_step_both   the adversarial step with both updates taken
-                          (StepConfig.force_accuracy=0.6), the step's worst case and what
-                          the PyTorch twin times
+  adversarial_step_both   the adversarial step with both updates taken (the gate pinned
+                          between the thresholds, 0.6 by default): the step's worst case,
+                          compared with the twin's adversarial step (docs/benchmarks.md:
+                          the twin's discriminator update is itself gated)
   adversarial_step_gated  the adversarial step with the real gating on the config's data
                           (the procedural shapes in the benchmark configs)
   vae_mse_pretrain_step   the pretrain step of the plain 'vae' variant (MSE + KL): what the

@@ -14,10 +14,11 @@ Datasets (`config.dataset`):
   `config.data_dir`. Downloads happen only with `config.download=True`. The split is
   decoded once, cropped/resized, and cached as a uint8 .npy (see `cache_dirs`); later
   runs memory-map the cache and need neither tfds nor TensorFlow to read it.
-  'eval' is `config.eval_split`; a dataset without that split (dsprites has only
-  'train') holds out a fixed random `eval_fraction` of `config.train_split` instead
-  (row choice seeded with 0, independent of config.seed; kept in random order), and
-  'train' is the rest.
+  'eval' is `config.eval_split` (a tfds split string, slices included); dsprites, which
+  has only 'train', holds out a fixed random `eval_fraction` of `config.train_split`
+  instead (row choice seeded with 0, independent of config.seed; kept in random order),
+  and 'train' is the rest. With several splits, an eval split the dataset lacks is a
+  DataError.
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, sorted by
   relative path), decoded with PIL at each `get`. 'eval' is the last `eval_fraction`
   of the sorted files, 'train' the files before them.

@@ -159,7 +159,11 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
 
 def calibrated_weights(config: ml_collections.ConfigDict,
                        means: dict[str, float]) -> dict[str, float]:
-  """λ_i = w_i * mean(L_MSE) / mean(L_i) from the probe's term means and the configured w_i."""
+  """λ_i = w_i * mean(L_MSE) / mean(L_i) from the probe's term means and the configured w_i.
+
+  w_i are loss.weights: 1 in the configs (the paper's equal scales, λ_MSE = 1); 0 keeps a
+  term off.
+  """
   ref = means['mse']
   configured = config_lib.as_dict(config.loss.weights)
   return {t: configured[t] * (ref / means[t] if means[t] > 0 else 1.0)
@@ -172,10 +176,9 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
 
   The paper probed the terms for one epoch of training and weighted them so that all share
   one scale ("if L1 was 30 and L2 about 900, λ_L1 = 30"). Here a throwaway copy of the
-  initial VAE trains for config.calibrate.batches steps with every term at weight 1; each
-  λ_i is then w_i * mean(L_MSE) / mean(L_i) over those steps, w_i being the configured
-  loss.weights (1 in the configs: the paper's equal scales, λ_MSE = 1; 0 keeps a term
-  off). The real run starts from the untouched initial state.
+  initial VAE trains for config.calibrate.batches steps with every term at weight 1 and
+  returns each term's mean over those steps; calibrated_weights makes the λ's of them.
+  The real run starts from the untouched initial state.
   """
   k = int(config.calibrate.batches)
   probe_cfg = steps.StepConfig.from_config(config, dataset_size=source.num_examples)
