@@ -44,6 +44,8 @@ export PYTHONUNBUFFERED=1
   "$twin_py" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name()
       if torch.cuda.is_available() else "without CUDA")' || true
   lscpu | grep -E '^(Model name|CPU\(s\))' || true
+  # TF32 or full float32 on NVIDIA GPUs (docs/benchmarks.md, GPU).
+  echo "JAX_DEFAULT_MATMUL_PRECISION=${JAX_DEFAULT_MATMUL_PRECISION:-unset, the default}"
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
