@@ -409,14 +409,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   r_vae = parallel.replicate(vae_state, setup_.devices)
   r_disc = parallel.replicate(disc_state, setup_.devices)
 
-  def save(step: int) -> None:
+  def save(step: int, unlogged: list[tuple[int, dict[str, Any]]]) -> None:
     tree = steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
-            # The steps since the last log: a resumed run logs the same means.
-            'unlogged_metrics': [[s, {k: float(v) for k, v in jax.device_get(m).items()}]
-                                 for s, m in history]}
+            # The steps since the last log (host copies): a resumed run logs the same means.
+            'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
+                                 for s, m in unlogged]}
     ckpt.save(step, jax.device_get(tree), meta)
 
   batches = data.prefetch_to_devices(
@@ -468,9 +468,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
           visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         # Never checkpoint a state whose losses were not checked.
-        if history:
-          _check_finite([(s, jax.device_get(mm)) for s, mm in history])
-        save(step)
+        unlogged = [(s, jax.device_get(mm)) for s, mm in history]
+        _check_finite(unlogged)
+        save(step, unlogged)
       if signum:
         ckpt.wait()
         raise TrainingInterrupted(signum, step)
