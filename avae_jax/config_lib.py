@@ -281,9 +281,10 @@ def _is_int(value: Any) -> bool:
 
 def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
   """Checks the Gabor bank's settings (filters.gabor_bank would fail after start-up)."""
-  if not _is_int(gabor.size) or gabor.size < 1 or gabor.size % 2 == 0:
-    raise ConfigError(f'gabor.size = {gabor.size} must be an odd number >= 1 (the kernel '
-                      'has a centre pixel)')
+  if not _is_int(gabor.size) or gabor.size < 3 or gabor.size % 2 == 0:
+    # A 1x1 kernel minus its mean is zero: L_Gabor would be 0 whatever the images.
+    raise ConfigError(f'gabor.size = {gabor.size} must be an odd number >= 3 (the kernel '
+                      'has a centre pixel and a neighbourhood)')
   if gabor.sigma <= 0:
     raise ConfigError(f'gabor.sigma = {gabor.sigma} must be > 0')
   if not _is_int(gabor.orientations) or gabor.orientations < 1:

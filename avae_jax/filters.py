@@ -48,8 +48,10 @@ def gabor_bank(size: int = 11, sigma: float = 2.5,
   """
   if size < 1 or size % 2 == 0:
     raise ValueError(f'Gabor size must be odd and positive, got {size}')
-  if sigma <= 0 or orientations < 1 or not wavelengths:
-    raise ValueError('need sigma > 0, orientations >= 1 and at least one wavelength')
+  if sigma <= 0 or orientations < 1 or not wavelengths or min(wavelengths) <= 0:
+    raise ValueError('need sigma > 0, orientations >= 1 and at least one wavelength, '
+                     f'each > 0; got sigma={sigma}, orientations={orientations}, '
+                     f'wavelengths={tuple(wavelengths)}')
   r = np.arange(size, dtype=np.float64) - size // 2
   y, x = np.meshgrid(r, r, indexing='ij')
   kernels = []

@@ -56,7 +56,13 @@ class GaborSpec:
 
 
 def _as_images(x: Array) -> Array:
+  """(B, H, W, C) float images in [0, 1] as float32; integer pixels are refused."""
   chex.assert_rank(x, 4)
+  # uint8 pixels would be read as 0..255: SSIM's constants and every term's scale assume
+  # [0, 1], and a silent rescaling here would hide the caller's mistake.
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f'the losses take floating-point images in [0, 1], got dtype '
+                     f'{jnp.result_type(x)} (divide uint8 pixels by 255)')
   return jnp.asarray(x, jnp.float32)
 
 
@@ -479,6 +485,9 @@ def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
   chex.assert_equal_shape([mu, logvar])
   chex.assert_equal_shape_suffix([z, mu], 1)
   m, big_m = z.shape[0], mu.shape[0]
+  if dataset_size < big_m:
+    raise ValueError(f'dataset_size {dataset_size} is smaller than the batch of {big_m} '
+                     'posteriors')
   # log q(z_i[d] | n_j[d]) for every sample i, posterior j, latent dim d: (m, M, D).
   log_q = _log_normal(z[:, None, :], mu[None], logvar[None])
   if estimator == 'mws':

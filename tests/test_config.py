@@ -228,6 +228,7 @@ INVALID = [
     ('eval.traversal_range', 0.0, r'eval\.traversal_range > 0'),
     ('gabor.size', 10, r'gabor\.size = 10 must be an odd number'),
     ('gabor.size', 0, r'gabor\.size = 0 must be an odd number'),
+    ('gabor.size', 1, r'gabor\.size = 1 must be an odd number >= 3'),
     ('gabor.sigma', 0.0, r'gabor\.sigma = 0\.0 must be > 0'),
     ('gabor.orientations', 0, r'gabor\.orientations = 0 must be a whole number >= 1'),
     ('gabor.wavelengths', (), r'gabor\.wavelengths = \(\) must name at least one'),

@@ -11,10 +11,6 @@ from skimage.filters import gabor_kernel
 from avae_jax import filters
 
 
-def test_luma_weights():
-  assert filters.LUMA == (0.299, 0.587, 0.114)
-
-
 @pytest.mark.parametrize('size,sigma', [(11, 1.5), (7, 1.0), (5, 2.0)])
 def test_gaussian_window_matches_scipy(size, sigma):
   w = filters.gaussian_window(size, sigma)
@@ -114,6 +110,10 @@ def test_gabor_kernels_are_tuned_to_their_grating():
       i += 1
 
 
-def test_gabor_bank_rejects_even_size():
-  with pytest.raises(ValueError):
+def test_gabor_bank_rejects_bad_settings():
+  with pytest.raises(ValueError, match='odd'):
     filters.gabor_bank(size=10)
+  # A zero wavelength divides by zero; a negative one mirrors the bank without a word.
+  for wavelengths in ((4.0, 0.0), (-4.0,)):
+    with pytest.raises(ValueError, match='each > 0'):
+      filters.gabor_bank(wavelengths=wavelengths)

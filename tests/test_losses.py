@@ -12,6 +12,7 @@ from scipy import ndimage, special, stats
 from skimage import data, transform
 from skimage.metrics import structural_similarity
 
+import references
 from avae_jax import filters
 from avae_jax import losses
 from configs import default
@@ -89,6 +90,35 @@ def test_ssim_gradient_matches_dm_pix():
     assert np.abs(ref).max() > 1e-4
     np.testing.assert_allclose(ours, ref, atol=2e-3 * np.abs(ref).max())
 
+def _skimage_ssim(x, y):
+  return structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                               use_sample_covariance=False, data_range=1.0)
+
+
+@pytest.mark.parametrize('case', ['flat', 'low_contrast'])
+def test_ssim_gradient_matches_float64_finite_differences(case):
+  # Where the local variances are tiny, float32 cancellation in E[x^2] - E[x]^2 matters
+  # (dm-pix's float32 gradient is off by its own size on a flat image): the reference is
+  # scikit-image's SSIM in float64, differentiated by central differences.
+  rng = np.random.default_rng(7)
+  if case == 'flat':
+    x = np.full((14, 13), 0.4)
+  else:
+    x = 0.5 + 0.03 * _natural('camera')[20:34, 20:33, 0]
+  y = np.clip(x + 0.01 * rng.standard_normal(x.shape), 0.0, 1.0)
+  h = 1e-6
+  ref = np.zeros_like(y)
+  for idx in np.ndindex(*y.shape):
+    up, down = y.copy(), y.copy()
+    up[idx] += h
+    down[idx] -= h
+    ref[idx] = (_skimage_ssim(x, up) - _skimage_ssim(x, down)) / (2 * h)
+  ours = jax.grad(lambda b: losses.ssim(*_f32(x[None, ..., None]), b).sum())(
+      jnp.asarray(y[None, ..., None], jnp.float32))
+  assert np.abs(ref).max() > 1e-2
+  np.testing.assert_allclose(np.asarray(ours)[0, ..., 0], ref, atol=1e-3 * np.abs(ref).max())
+
+
 def test_ssim_is_the_mean_over_the_valid_region():
   # A distortion near the border weighs differently in the valid mean (what skimage
   # reports: its map cropped by 5 pixels per side) and in the mean of a full-size map.
@@ -108,8 +138,11 @@ def test_ssim_identity_dssim_and_small_images():
   x = jnp.asarray(_natural('astronaut')[None], jnp.float32)
   np.testing.assert_allclose(losses.ssim(x, x), [1.0], atol=1e-6)
   np.testing.assert_allclose(losses.dssim(x, x), [0.0], atol=1e-6)
-  y = jnp.asarray(_distorted(_natural('astronaut'), 'noise')[None], jnp.float32)
-  np.testing.assert_allclose(losses.dssim(x, y), 1.0 - losses.ssim(x, y), atol=1e-7)
+  y = _distorted(_natural('astronaut'), 'noise')
+  ref = structural_similarity(_natural('astronaut'), y, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+  np.testing.assert_allclose(losses.dssim(x, jnp.asarray(y[None], jnp.float32)), [1.0 - ref],
+                             atol=2e-5)
   with pytest.raises(ValueError):
     losses.ssim(jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))
 
@@ -129,6 +162,9 @@ def test_to_gray_mae_mse():
                              rtol=1e-5)
   with pytest.raises(ValueError):
     losses.to_gray(jnp.zeros((1, 4, 4, 2)))
+  # Integer pixels (0..255) would be read as [0, 1] values: refused.
+  with pytest.raises(ValueError, match='floating-point images in \\[0, 1\\].*uint8'):
+    losses.mse(np.zeros((1, 4, 4, 1), np.uint8), np.zeros((1, 4, 4, 1), np.float32))
 
 
 # --------------------------------------------------------------------- Sobel and Gabor
@@ -282,27 +318,11 @@ def test_kl_matches_monte_carlo():
 # -------------------------------------------------------------- total correlation
 
 
-def _paper_mss_weights(m: int, n: int) -> np.ndarray:
-  """Stratum sizes / N written out entry by entry (Chen et al. 2018, App. C.2)."""
-  k = m - 1
-  w = np.empty((m, m))
-  for i in range(m):
-    for j in range(m):
-      if j == i:
-        size = 1.0              # the sample's own data point
-      elif j == (i + 1) % m:
-        size = n / k - 1.0      # the stratum that lost the sample's own point
-      else:
-        size = n / k            # a full stratum
-      w[i, j] = size / n
-  return w
-
-
 def _brute_force_tc(z, mu, logvar, n, estimator):
   """log q(z_i) - sum_d log q(z_id), averaged, with loops and scipy's weighted logsumexp."""
   m, dims = mu.shape
   std = np.exp(0.5 * logvar)
-  w = _paper_mss_weights(m, n) if estimator == 'mss' else np.full((m, m), 1.0 / (n * m))
+  w = references.paper_mss_weights(m, n) if estimator == 'mss' else np.full((m, m), 1.0 / (n * m))
   total = 0.0
   for i in range(z.shape[0]):
     per_dim = np.array([[stats.norm.logpdf(z[i, d], mu[j, d], std[j, d]) for d in range(dims)]
@@ -329,6 +349,9 @@ def test_tc_matches_brute_force(estimator):
     ours = float(_tc(*_f32(z, mu, logvar), n, estimator))
     ref = _brute_force_tc(z, mu, logvar, n, estimator)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+  # The weights stand for a dataset of N points: fewer than the batch's M is an error.
+  with pytest.raises(ValueError, match='smaller than the batch'):
+    _tc(*_f32(z, mu, logvar), 7, estimator)
 
 
 @pytest.mark.parametrize('estimator', ['mws', 'mss'])
@@ -357,7 +380,7 @@ def _brute_force_tc_rows(z, mu, logvar, n, estimator, rows):
   keep = np.zeros(m, bool)
   keep[list(rows)] = True
   std = np.exp(0.5 * logvar)
-  w = _paper_mss_weights(m, n) if estimator == 'mss' else np.full((m, m), 1.0 / (n * m))
+  w = references.paper_mss_weights(m, n) if estimator == 'mss' else np.full((m, m), 1.0 / (n * m))
   vals = []
   for i in rows:
     per_dim = stats.norm.logpdf(z[i][None], mu, std)  # (M, D)
@@ -372,7 +395,7 @@ def test_mss_weights_rows_are_distributions_from_the_paper():
     assert w.shape == (m, m)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(w > 0)
-    np.testing.assert_allclose(w, _paper_mss_weights(m, n), rtol=1e-5)
+    np.testing.assert_allclose(w, references.paper_mss_weights(m, n), rtol=1e-5)
     # A sample's own posterior gets 1/N (the entry the copied reference code misplaces).
     np.testing.assert_allclose(np.diag(w), 1.0 / n, rtol=1e-5)
   part = np.asarray(losses.mss_log_weights(8, 100, row_offset=6, num_rows=2))

@@ -14,7 +14,9 @@ import optax
 import pytest
 import skimage.data
 
+import references
 from avae_jax import config_lib
+from avae_jax import filters
 from avae_jax import parallel
 from avae_jax import steps
 from configs import default
@@ -334,6 +336,95 @@ def test_pretraining_lowers_the_reconstruction_loss_on_real_images():
   # per-pixel mean of the batch), so the codes carry information about each image.
   assert mse[-10:].mean() < 0.5 * mse[:5].mean()
   assert mse[-10:].mean() < np.mean(np.var(x, axis=0))
+
+
+def _luma(x):
+  return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+def _windowed_ssim(x, y):
+  """SSIM per image from explicit 11x11 patches, with centred (co)variances."""
+  g = np.exp(-0.5 * (np.arange(11) - 5.0) ** 2 / 1.5 ** 2)
+  w = jnp.asarray(np.outer(g, g).ravel() / np.outer(g, g).sum(), jnp.float32)
+
+  def patches(a):  # (B, H, W, C) -> (B, H - 10, W - 10, C, 121), valid positions only
+    p = jax.lax.conv_general_dilated_patches(
+        jnp.moveaxis(a, -1, 1), (11, 11), (1, 1), 'VALID')  # (B, C*121, h, w)
+    b, _, h, wd = p.shape
+    return jnp.moveaxis(p.reshape(b, a.shape[-1], 121, h, wd), (1, 2), (3, 4))
+
+  px, py = patches(x), patches(y)
+  mx, my = px @ w, py @ w
+  dx, dy = px - mx[..., None], py - my[..., None]
+  vx, vy, cxy = (dx * dx) @ w, (dy * dy) @ w, (dx * dy) @ w
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+  return jnp.mean(s, axis=(1, 2, 3))
+
+
+def _filter_loss(x, x_rec, kernels):
+  """Mean over kernels and pixels of (corr(luma x_rec) - corr(luma x))^2, x constant."""
+  k = jnp.asarray(np.moveaxis(kernels, 0, -1)[:, :, None, :], jnp.float32)  # HWIO
+
+  def responses(a):
+    return jax.lax.conv_general_dilated(
+        _luma(a)[..., None], k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=jax.lax.Precision.HIGHEST)
+
+  d = responses(x_rec) - jax.lax.stop_gradient(responses(x))
+  return jnp.mean(d * d, axis=(1, 2, 3))
+
+
+def test_pretrain_gradient_matches_plain_autodiff_of_the_written_out_avae_s_objective():
+  # Every term of AVAE-S's L_VAE (Eq. 5 with the MSS total correlation) written out here:
+  # patches for SSIM, lax convolutions for Sobel and Gabor (the target's responses held
+  # constant, as only the reconstruction is trained), loops over the batch for TC. One
+  # device and plain autodiff, against the step's 4 devices; SGD at learning rate 1.
+  config, (vae_state, _) = initial_states('avae_s', GATE_LR)
+  sgd = optax.sgd(1.0)
+  vae_state = vae_state.replace(tx=sgd, opt_state=sgd.init(vae_state.params))
+  n = 1000
+  cfg = steps.StepConfig.from_config(config, dataset_size=n)
+  assert cfg.tc_estimator == 'mss' and cfg.kl_weight == 1.0 and cfg.tc_weight == 1.0
+  assert dict(cfg.recon_weights) == {t: 1.0 for t in ('mae', 'mse', 'dssim', 'sobel', 'gabor')}
+  x, key = real_images(), jax.random.key(3)
+  old = host(vae_state)
+  devs = jax.devices()[:NUM_DEVICES]
+  new, _ = mapped(cfg).pretrain(parallel.replicate(vae_state, devs), split(x), key)
+  new = host(parallel.unreplicate(new))
+
+  eps = jax.random.normal(key, (BATCH, 4), jnp.float32)
+  sobel_x = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+  sobel = np.stack([sobel_x, sobel_x.T])
+  g = config.gabor
+  gabor = filters.gabor_bank(g.size, g.sigma, g.wavelengths, g.orientations)
+  log_w = jnp.asarray(np.log(references.paper_mss_weights(BATCH, n)), jnp.float32)
+
+  def log_normal(z, mu, logvar):
+    return -0.5 * (np.log(2 * np.pi) + logvar + (z - mu) ** 2 / jnp.exp(logvar))
+
+  def objective(params):
+    (x_rec, _, mu, logvar), _ = vae_state.apply_fn(
+        {'params': params, 'batch_stats': old.batch_stats}, x, eps, True,
+        mutable=['batch_stats'])
+    z = mu + jnp.exp(0.5 * logvar) * eps
+    rec = (jnp.mean(jnp.abs(x_rec - x), axis=(1, 2, 3))
+           + jnp.mean((x_rec - x) ** 2, axis=(1, 2, 3))
+           + 1.0 - _windowed_ssim(x, x_rec)
+           + _filter_loss(x, x_rec, sobel) + _filter_loss(x, x_rec, gabor))
+    kl = 0.5 * jnp.sum(mu ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+    tc = 0.0
+    for i in range(BATCH):
+      per_dim = log_normal(z[i], mu, logvar)  # (M, D): log q(z_id | x_j) for data points j
+      log_qz = jax.nn.logsumexp(jnp.sum(per_dim, axis=1) + log_w[i])
+      log_prod = jnp.sum(jax.nn.logsumexp(per_dim + log_w[i][:, None], axis=0))
+      tc += log_qz - log_prod
+    return jnp.mean(16 * 16 * 3 * rec + kl) + tc / BATCH
+
+  grads = host(jax.jit(jax.grad(objective))(old.params))
+  for p_old, p_new, gr in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params),
+                              jax.tree.leaves(grads)):
+    np.testing.assert_allclose(p_old - p_new, gr, rtol=1e-3, atol=1e-4 * np.abs(gr).max())
 
 
 def test_bfloat16_model_keeps_float32_states():
