@@ -41,6 +41,19 @@ def _phase_taps(k: int, s: int, pad: int, phase: int) -> list[int]:
   return [a for a in range(k) if (a - phase - pad) % s == 0]
 
 
+def _correlate_padded(g: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+  """Stride-1 correlation of g padded by `padding`, whose entries may be negative (crops)."""
+  # XLA:CPU computes a convolution whose padding is negative on one side and positive on
+  # the other wrongly (values up to 1e20 for kernel 6, stride 3, padding 4): the crops go
+  # to lax.pad first, and the convolution gets only the non-negative part, so the usual
+  # layers (no negative padding) compile exactly as before.
+  crops = [(min(lo, 0), min(hi, 0), 0) for lo, hi in padding]
+  if any(c != (0, 0, 0) for c in crops):
+    g = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), *crops, (0, 0, 0)])
+  rest = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
+  return lax.conv_general_dilated(g, kernel, (1, 1), rest, dimension_numbers=_NHWC)
+
+
 def input_grad_subpixel(g: jax.Array, w: jax.Array, strides: tuple[int, int],
                         padding: Padding, in_hw: tuple[int, int]) -> jax.Array:
   """dL/dx (N, H, W, C) of a strided convolution, one stride-1 convolution per phase.
@@ -71,8 +84,7 @@ def input_grad_subpixel(g: jax.Array, w: jax.Array, strides: tuple[int, int],
       t_b = [(b - pw - padding[1][0]) // sw for b in tb]
       pad_a = (max(t_a), h // sh - ho - min(t_a))
       pad_b = (max(t_b), wd // sw - wo - min(t_b))
-      cols.append(lax.conv_general_dilated(g, kernel, (1, 1), (pad_a, pad_b),
-                                           dimension_numbers=_NHWC))
+      cols.append(_correlate_padded(g, kernel, (pad_a, pad_b)))
     rows.append(jnp.stack(cols, axis=3))  # (N, H/sh, W/sw, sw, C)
   return jnp.stack(rows, axis=2).reshape(n, h, wd, c)
 

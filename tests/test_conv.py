@@ -13,27 +13,36 @@ from configs import default
 
 
 def _numpy_input_grad(g, w, stride, pad, in_hw):
-  """dL/dx: each output position adds g * w back onto the input window it read."""
+  """dL/dx: each output position adds g * w back onto the input window it read.
+
+  pad is ((top, bottom), (left, right)).
+  """
   g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
   n, ho, wo, _ = g.shape
-  k = w.shape[0]
-  dx = np.zeros((n, in_hw[0] + 2 * pad, in_hw[1] + 2 * pad, w.shape[2]))
+  ka, kb = w.shape[:2]
+  (top, bottom), (left, right) = pad
+  dx = np.zeros((n, in_hw[0] + top + bottom, in_hw[1] + left + right, w.shape[2]))
   for i in range(ho):
     for j in range(wo):
-      dx[:, stride * i:stride * i + k, stride * j:stride * j + k] += np.einsum(
+      dx[:, stride * i:stride * i + ka, stride * j:stride * j + kb] += np.einsum(
           'nf,abcf->nabc', g[:, i, j], w)
-  return dx[:, pad:pad + in_hw[0], pad:pad + in_hw[1]]
+  return dx[:, top:top + in_hw[0], left:left + in_hw[1]]
 
 
 @pytest.mark.parametrize('kernel,stride,pad,side', [
-    (4, 2, 1, 12), (3, 2, 1, 10), (4, 2, 0, 8), (5, 3, 2, 9), (2, 2, 0, 6), (1, 2, 0, 6)])
+    (4, 2, 1, 12), (3, 2, 1, 10), (4, 2, 0, 8), (5, 3, 2, 9), (2, 2, 0, 6), (1, 2, 0, 6),
+    # Phases whose padding is negative on one side and positive on the other.
+    (6, 3, 4, 12), (7, 4, 5, 16),
+    # Asymmetric padding: ((top, bottom), (left, right)).
+    (3, 2, ((1, 0), (0, 2)), 8), (5, 2, ((0, 3), (2, 1)), 10)])
 def test_input_grad_subpixel_matches_numpy(kernel, stride, pad, side):
   rng = np.random.default_rng(4)
-  ho = (side + 2 * pad - kernel) // stride + 1
-  g = rng.standard_normal((3, ho, ho, 5)).astype(np.float32)
+  pad = ((pad, pad), (pad, pad)) if isinstance(pad, int) else pad
+  ho, wo = ((side + lo + hi - kernel) // stride + 1 for lo, hi in pad)
+  g = rng.standard_normal((3, ho, wo, 5)).astype(np.float32)
   w = rng.standard_normal((kernel, kernel, 4, 5)).astype(np.float32)
-  got = conv.input_grad_subpixel(jnp.asarray(g), jnp.asarray(w), (stride, stride),
-                                 ((pad, pad), (pad, pad)), (side, side))
+  got = conv.input_grad_subpixel(jnp.asarray(g), jnp.asarray(w), (stride, stride), pad,
+                                 (side, side))
   np.testing.assert_allclose(np.asarray(got), _numpy_input_grad(g, w, stride, pad, (side, side)),
                              rtol=1e-5, atol=1e-5)
 
@@ -71,17 +80,24 @@ def test_drop_in_values_and_gradients_match_lax(kernel, stride):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_inputs_give_bfloat16_kernel_gradient():
+def test_bfloat16_inputs_give_bfloat16_gradients():
+  # Stride 2, so that the custom backward pass runs (stride 1 goes to lax).
   x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
   w = jnp.full((3, 3, 3, 4), 0.5, jnp.bfloat16)
   f = conv.conv_general_dilated('custom')
-  dw = jax.grad(lambda w: jnp.sum(f(x, w, (1, 1), ((1, 1), (1, 1)),
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-                                  .astype(jnp.float32)))(w)
-  assert dw.dtype == jnp.bfloat16
-  # Each weight sees every output position whose window covers a real (unpadded) pixel:
-  # 2 images x 8 x 7 positions for a border tap, 2 x 8 x 8 for the centre.
-  assert float(dw[1, 1, 0, 0]) == 128.0 and float(dw[0, 1, 0, 0]) == 112.0
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w, (2, 2), ((1, 1), (1, 1)),
+                                           dimension_numbers=dn).astype(jnp.float32)),
+                    argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  # Outputs at rows 0, 2, 4, 6 read input rows 2m - 1 .. 2m + 1: a weight's top tap sees
+  # the real rows 1, 3, 5 (3 of 4 outputs), its centre tap all 4; likewise across. So
+  # dw = 0.5-free counts: 2 images x 3 x 4 for a top-centre tap, 2 x 4 x 4 for the centre.
+  assert float(dw[1, 1, 0, 0]) == 32.0 and float(dw[0, 1, 0, 0]) == 24.0
+  # An even input row is read by one output row (centre tap), an odd one by two; the
+  # same across: dx = 0.5 * 4 output channels * (rows reading it) * (columns reading it).
+  assert float(dx[0, 2, 2, 0]) == 2.0 and float(dx[0, 3, 3, 0]) == 8.0
+  assert float(dx[0, 2, 3, 0]) == 4.0
 
 
 @pytest.mark.parametrize('kwargs', [
