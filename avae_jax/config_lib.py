@@ -263,6 +263,10 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
   if config.eval.num_images == 1 or config.eval.num_images < 0:
     raise ConfigError(f'eval.num_images = {config.eval.num_images}: the evaluation needs at '
                       'least 2 images (0 = the whole eval split)')
+  mig_n = config.eval.get('mig_num_images', 0)
+  if mig_n == 1 or mig_n < 0:
+    raise ConfigError(f'eval.mig_num_images = {mig_n}: MIG needs at least 2 images (0 = '
+                      'the whole eval split)')
   if config.eval.batch_size < 1:
     raise ConfigError(f'eval.batch_size = {config.eval.batch_size} must be >= 1')
   # The figures: an interpolation row needs both ends, a traversal at least two values.

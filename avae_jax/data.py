@@ -902,9 +902,9 @@ def _batch_iterator(source: Source, batch_size: int, seed: int, step: int,
     step += 1
 
 
-def eval_batches(source: Source, batch_size: int, num_images: int | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(images, mask) over the first min(num_images, N) examples in index order.
+def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
+                 start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(images, mask) over examples start .. min(num_images, N) - 1 in index order.
 
   Every batch has exactly batch_size rows (static shapes, one compilation); the last is
   padded with zero images whose mask entries are False. num_images None or <= 0 = all.
@@ -913,7 +913,7 @@ def eval_batches(source: Source, batch_size: int, num_images: int | None = None
     raise DataError(f'batch_size must be > 0, got {batch_size}')
   n = source.num_examples if not num_images or num_images <= 0 else \
       min(int(num_images), source.num_examples)
-  for start in range(0, n, batch_size):
+  for start in range(int(start), n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     images = source.get(idx)
     mask = np.zeros(batch_size, bool)

@@ -93,6 +93,9 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   # Evaluation (eval.py and the end of train.py).
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 256        # images for sharpness / MSE / cosine / FID (~3 min on 2 cores)
+  # Images for MIG (datasets with factors): 0 = the whole eval split. It needs only their
+  # codes, and its estimate is biased upwards on few images.
+  c.eval.mig_num_images = 0
   c.eval.batch_size = 128
   # Images per device in one pass of the FID Inception network (299x299), about 32 MB
   # each on a CPU. 8 keeps the default run under 2 GiB and is as fast as 32 on a CPU

@@ -220,6 +220,8 @@ INVALID = [
     ('calibrate.batches', 0, r'calibrate\.batches = 0 must be >= 1'),
     ('eval.num_images', 1, r'eval\.num_images = 1.*at least 2'),
     ('eval.num_images', -4, r'eval\.num_images = -4.*at least 2'),
+    ('eval.mig_num_images', 1, r'eval\.mig_num_images = 1.*at least 2'),
+    ('eval.mig_num_images', -1, r'eval\.mig_num_images = -1.*at least 2'),
     ('eval.inception_batch_size', 0, r'eval\.inception_batch_size = 0 must be >= 1'),
     ('eval.batch_size', 0, r'eval\.batch_size = 0 must be >= 1'),
     ('eval.grid_size', 1, r'eval\.grid_size = 1 must be >= 2'),

@@ -595,6 +595,10 @@ def test_eval_batches_pad_and_mask():
   assert np.all(out[-1][0][2:] == 0) and out[-1][0].shape == (4, 2, 2, 1)
   assert len(list(data.eval_batches(src, 4, 6))) == 2
   assert sum(m.sum() for _, m in data.eval_batches(src, 4, 0)) == 10
+  # From a start index: examples 6 .. 9, one full batch of 3 and a padded one.
+  out = list(data.eval_batches(src, 3, 0, start=6))
+  np.testing.assert_array_equal(np.concatenate([_ids(x)[m] for x, m in out]), np.arange(6, 10))
+  assert [m.tolist() for _, m in out] == [[True] * 3, [True, False, False]]
 
 
 # --------------------------------------------------------------------------- prefetch

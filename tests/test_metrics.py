@@ -227,6 +227,32 @@ def test_mig_extremes():
   assert metrics.mig(doubled, factors[:, :1]) < 0.03
 
 
+def test_shuffled_mig_is_the_floor_of_codes_that_carry_nothing():
+  rng = np.random.default_rng(9)
+
+  def factors_of(n):
+    return np.stack([rng.integers(0, 4, n), rng.integers(0, 6, n), rng.integers(0, 3, n)], 1)
+
+  # Codes that copy the factors: MIG near 1, their shuffled floor near 0.
+  n = 6000
+  factors = factors_of(n)
+  copied = np.concatenate([factors * np.array([0.3, 7.0, -2.0]),
+                           rng.standard_normal((n, 2))], 1)
+  kept = copied.copy()
+  assert metrics.mig(copied, factors) > 0.97
+  assert metrics.shuffled_mig(copied, factors) < 0.02
+  np.testing.assert_array_equal(copied, kept)  # shuffles a copy
+  # Codes already independent of the factors: shuffling changes nothing in distribution,
+  # so the floor is the MIG of fresh independent codes (averaged over draws), and it falls
+  # as the image count grows (the plug-in estimate's bias).
+  floors = {}
+  for n in (100, 2000):
+    fresh = [metrics.mig(rng.standard_normal((n, 5)), factors_of(n)) for _ in range(20)]
+    floors[n] = metrics.shuffled_mig(rng.standard_normal((n, 5)), factors_of(n), repeats=20)
+    assert floors[n] == pytest.approx(np.mean(fresh), rel=0.35), n
+  assert floors[100] > 5 * floors[2000]
+
+
 def test_mig_skips_constant_factors_and_rejects_all_constant():
   factors = np.stack([np.arange(100) % 2, np.zeros(100, int)], 1)
   # Second code: equal within each (even, odd) pair, so independent of the parity factor.
