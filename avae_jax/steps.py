@@ -13,7 +13,9 @@ statistics, and the total-correlation estimate sees the posteriors of the global
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
+import math
 from typing import Any, Callable
 
 from flax import struct
@@ -235,13 +237,29 @@ def _generator_loss(logit_fake: Array) -> Array:
   return jnp.mean(jax.nn.softplus(-logit_fake))
 
 
+def gate(correct: Array, total: int, train_disc_below: float,
+         train_vae_above: float) -> tuple[Array, Array]:
+  """(update D, update the VAE) for `correct` of `total` answers: acc < below, acc > above.
+
+  Compared exactly, as whole numbers of answers against the thresholds' exact values: a
+  float32 accuracy averaged over devices can round across a threshold (28 of 40 answers
+  is 0.7 on one device, and 0.6999999 as the float32 mean of four devices' 3, 10, 9 and
+  6 of 10), and the decision must not depend on the device count.
+  """
+  # acc < t  <=>  correct < t * total  <=>  correct < ceil(t * total), and
+  # acc > t  <=>  correct > floor(t * total), with t * total a Fraction (no rounding).
+  below = math.ceil(fractions.Fraction(train_disc_below) * total)
+  above = math.floor(fractions.Fraction(train_vae_above) * total)
+  return correct < below, correct > above
+
+
 def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array, key: Array,
                      *, cfg: StepConfig) -> tuple[TrainState, TrainState, Metrics]:
   """One gated adversarial step (Algorithm 1, second loop).
 
   The discriminator's accuracy on this batch (real = x, fake = x_rec, threshold 0.5) is
-  measured with the current parameters and pmean-ed, so every device takes the same
-  branch. If it is below train_disc_below the discriminator takes a BCE step (the fake
+  measured with the current parameters as a count of correct answers summed over the
+  devices, so every device takes the same branch, whatever the device count (see gate). If it is below train_disc_below the discriminator takes a BCE step (the fake
   under stop_gradient); if it is above train_vae_above the VAE takes a step on
   L_VAE + adversarial_weight * (-log D(x_rec)) with the discriminator as it was before
   its update. A state that is not updated is returned unchanged (step counter and
@@ -278,12 +296,17 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
       lambda p, images: disc_forward(p, stats_after_real, images), disc_state.params, x_rec,
       has_aux=True)
 
-  correct = 0.5 * (jnp.mean((logit_real > 0).astype(jnp.float32))
-                   + jnp.mean((logit_fake < 0).astype(jnp.float32)))
-  accuracy = _pmean(correct, cfg)
-  gate = accuracy if cfg.force_accuracy is None else jnp.float32(cfg.force_accuracy)
-  update_disc = gate < cfg.train_disc_below
-  update_vae = gate > cfg.train_vae_above
+  # Real and fake batches are the same size, so the accuracy is the fraction of correct
+  # answers over both.
+  correct = jax.lax.psum(jnp.sum(logit_real > 0, dtype=jnp.int32)
+                         + jnp.sum(logit_fake < 0, dtype=jnp.int32), cfg.axis_name)
+  total = 2 * x.shape[0] * jax.lax.axis_size(cfg.axis_name)
+  accuracy = correct.astype(jnp.float32) / total
+  if cfg.force_accuracy is None:
+    update_disc, update_vae = gate(correct, total, cfg.train_disc_below, cfg.train_vae_above)
+  else:
+    forced = jnp.float32(cfg.force_accuracy)
+    update_disc, update_vae = forced < cfg.train_disc_below, forced > cfg.train_vae_above
 
   disc_loss, (ct_real, ct_fake) = jax.value_and_grad(_disc_losses, argnums=(0, 1))(
       logit_real, logit_fake)

@@ -5,6 +5,7 @@ steps are cached per StepConfig, because compiling dominates the run time.
 """
 
 import dataclasses
+from fractions import Fraction
 import functools
 
 import jax
@@ -123,7 +124,9 @@ def _all_changed(old, new):
 
 
 @pytest.mark.parametrize('force,vae_updates,disc_updates',
-                         [(1.0, True, False), (0.6, True, True), (0.0, False, True)])
+                         [(1.0, True, False), (0.6, True, True), (0.0, False, True),
+                          # On the thresholds (0.7, 0.5): Algorithm 1's tests are strict.
+                          (0.7, True, False), (0.5, False, True)])
 def test_gating_updates_the_right_side_and_leaves_the_other_bit_identical(
     force, vae_updates, disc_updates):
   (vae_old, disc_old), (vae_new, disc_new), metrics, _ = gated_run(force)
@@ -177,11 +180,25 @@ def test_the_measured_accuracy_gates_the_updates():
   real, fake = _independent_logits(vae_state, disc_state, x, key)
   acc = 0.5 * (np.mean(real > 0) + np.mean(fake < 0))  # a multiple of 1/16
   for below, above, updated in ((acc + 1 / 32, acc - 1 / 32, 1.0),
-                                (acc - 1 / 32, acc + 1 / 32, 0.0)):
+                                (acc - 1 / 32, acc + 1 / 32, 0.0),
+                                (acc, acc, 0.0)):  # strict: acc < below, acc > above
     cfg = dataclasses.replace(gate_cfg(None), train_disc_below=below, train_vae_above=above)
     _, _, m = run_adversarial(cfg, vae_state, disc_state, x, key)
     assert m['disc_accuracy'] == pytest.approx(acc)
     assert m['disc_updated'] == m['vae_updated'] == updated, (below, above)
+
+
+def test_gate_compares_counts_exactly():
+  # Reference: exact rational accuracies against the thresholds' exact values.
+  for total in (16, 40, 128, 130):
+    for below, above in ((0.7, 0.5), (0.1, 0.9), (1 / 3, 2 / 3), (0.5, 0.5)):
+      counts = np.arange(total + 1)
+      update_disc, update_vae = steps.gate(jnp.asarray(counts), total, below, above)
+      acc = [Fraction(int(c), total) for c in counts]
+      np.testing.assert_array_equal(update_disc, [a < Fraction(below) for a in acc])
+      np.testing.assert_array_equal(update_vae, [a > Fraction(above) for a in acc])
+  # 28 of 40 is on the threshold 0.7 (not below it) however many devices gave the answers.
+  assert not bool(steps.gate(jnp.int32(28), 40, 0.7, 0.5)[0])
 
 
 def test_metric_keys_of_the_adversarial_step():
