@@ -433,9 +433,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   stop = _StopSignals()
   stop.install()
+  last_saved = start_step
   try:
     while step < total:
-      batch = next(batches)
+      try:
+        batch = next(batches)
+      except data.DataError:
+        # An unreadable image: the batch that holds it was never used, so the steps done
+        # since the last checkpoint are kept first, for a resume once the file is
+        # replaced. (One process only: a save needs every process, and the others do
+        # not know of this one's error.)
+        if step > last_saved and jax.process_count() == 1:
+          unlogged = [(s, jax.device_get(mm)) for s, mm in history]
+          _check_finite(unlogged)
+          save(step, unlogged)
+          ckpt.wait()
+          print(f'data error at step {step}: the checkpoint of step {step} is saved',
+                file=sys.stderr, flush=True)
+        raise
       key = jax.random.fold_in(train_key, step)
       if step < pre:
         r_vae, m = fns.pretrain(r_vae, batch, key)
@@ -471,6 +486,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         unlogged = [(s, jax.device_get(mm)) for s, mm in history]
         _check_finite(unlogged)
         save(step, unlogged)
+        last_saved = step
       if signum:
         ckpt.wait()
         raise TrainingInterrupted(signum, step)

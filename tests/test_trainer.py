@@ -325,6 +325,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
 
 
+def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
+    reference, tmp_path, monkeypatch, capsys):
+  # The seventh batch cannot be read (as a truncated image file would fail): the six
+  # steps done are checkpointed before the error, and once the file is readable again
+  # the resumed run ends bit-identical to the uninterrupted one.
+  real_batches = data.batches
+
+  def failing_batches(*args, **kwargs):
+    for t, batch in enumerate(real_batches(*args, **kwargs), kwargs['start_step']):
+      if t == 6:
+        raise data.DataError('cannot read image img005.png: image file is truncated')
+      yield batch
+
+  monkeypatch.setattr(data, 'batches', failing_batches)
+  with pytest.raises(data.DataError, match='truncated'):
+    train(BASE, tmp_path)
+  assert 'data error at step 6: the checkpoint of step 6 is saved' in capsys.readouterr().err
+  assert committed_steps(tmp_path) == [4, 6]
+  assert not open_files_under(tmp_path)
+  monkeypatch.setattr(data, 'batches', real_batches)
+  train(BASE, tmp_path)
+  step, tree, _ = restore(tmp_path)
+  assert step == TOTAL
+  assert_trees_equal(tree, reference[1])
+
+
 def test_a_run_failing_before_its_first_step_closes_its_checkpointer(tmp_path, monkeypatch):
   closed = []
   real_close = checkpoint.Checkpointer.close
