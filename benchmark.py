@@ -163,4 +163,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(config_lib.one_line_usage_errors(main, 'benchmark.py'),
+          flags_parser=config_lib.parse_flags)

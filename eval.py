@@ -5,9 +5,10 @@
 
   python eval.py --workdir=/tmp/avae
 
-Without --config, the config train.py saved in WORKDIR/config.json is used; with it, it
-must describe the model the workdir holds (its eval.* fields may differ; changed data
-settings are named in a warning). Restores the
+Without --config, the config train.py saved in WORKDIR/config.json is used, with any
+--config.FIELD=VALUE overrides applied to it (e.g. --config.eval.num_images=1000); with
+--config, it must describe the model the workdir holds (its eval.* fields may differ;
+changed data settings are named in a warning). Restores the
 latest (or --step) checkpoint of WORKDIR and writes WORKDIR/eval/metrics.json, table.md
 and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Inception weights:
 `python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
@@ -28,6 +29,7 @@ from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
 from avae_jax import evaluation
+from avae_jax import files
 from avae_jax import hugepages
 from avae_jax import parallel
 from avae_jax import summary
@@ -38,6 +40,16 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default
 config_lib.define_config_file('config', None, 'The training configuration file (default: '
                               "the one train.py saved in WORKDIR).", lock_config=True)
 flags.mark_flags_as_required(['workdir'])
+# Without --config, the --config.FIELD=VALUE overrides apply to WORKDIR/config.json.
+_SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """config_lib.parse_flags, keeping the overrides aside when no --config file is given."""
+  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    argv, overrides = config_lib.split_overrides(argv)
+    _SAVED_CONFIG_OVERRIDES.extend(overrides)
+  return config_lib.parse_flags(argv)
 
 
 # Errors that say what is wrong and what to do: one message, no traceback.
@@ -52,6 +64,8 @@ def main(argv: list[str]) -> None:
   hugepages.reexec()  # first: a restart repeats everything before it
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
+  if not files.exists(workdir):
+    sys.exit(f'eval.py: {workdir} does not exist (the --workdir of a train.py run)')
   try:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
@@ -62,6 +76,7 @@ def main(argv: list[str]) -> None:
         if config is None:
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')
+        config_lib.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
       config_lib.validate_eval(config)
       xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
       distributed.initialize()
@@ -98,7 +113,7 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:
   """main's work once the config is known and the distributed runtime is up."""
-  changed = [] if saved else _other_data_settings(workdir, config)
+  changed = _other_data_settings(workdir, config)
   if changed and jax.process_index() == 0:
     # Allowed (another split on purpose), but another seed or eval size on shapes draws
     # another eval set, which may hold the run's training images.
@@ -127,4 +142,4 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> N
 if __name__ == '__main__':
   # Warnings only: orbax and XLA log every restore at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(config_lib.one_line_usage_errors(main, 'eval.py'), flags_parser=_parse_flags)

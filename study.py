@@ -350,4 +350,5 @@ def _host() -> dict[str, Any]:
 if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  from avae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(config_lib.one_line_usage_errors(main, 'study.py'))

@@ -74,4 +74,5 @@ def _fail(error: Exception) -> None:
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(config_lib.one_line_usage_errors(main, 'train.py'),
+          flags_parser=config_lib.parse_flags)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
 import numbers
+import os
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -121,26 +123,164 @@ def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
     _usage_error(message)
 
 
+# Top-level fields every training config has (a study or benchmark settings file has not).
+_TRAINING_FIELDS = ('variant', 'dataset', 'image_size', 'channels', 'model', 'loss', 'eval')
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+  """The last --config=FILE[:ARG] (or --config FILE[:ARG]) on the command line, if any."""
+  spec = None
+  args = list(argv[1:])
+  for i, a in enumerate(args):
+    if a.startswith('--config='):
+      spec = a[len('--config='):]
+    elif a == '--config' and i + 1 < len(args):
+      spec = args[i + 1]
+  return spec
+
+
+def _check_config_file(spec: str) -> None:
+  """Exits with one line if the file of --config=FILE[:ARG] is not a Python file there is."""
+  path = spec.split(':', 1)[0]
+  if path.endswith('.json'):
+    _usage_error(f'--config={spec}: --config takes a Python config file (configs/*.py); '
+                 "eval.py reads a workdir's config.json itself when --config is not given")
+  if not os.path.isfile(path):
+    _usage_error(f'--config={spec}: no such file {path!r}')
+
+
+def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> None:
+  """Exits with one line for an error raised while loading the --config file."""
+  if isinstance(error, AttributeError):
+    _stop_on_unknown_field(error, argv)
+  # ml_collections may wrap the file's own error (a SyntaxError, a NameError, ...) in an
+  # OSError that names it; the cause is the error itself.
+  cause = error.__cause__ or error
+  _usage_error(f'--config={spec} could not be loaded: {type(cause).__name__}: {cause}')
+
+
+def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
+  """Exits with one line if the loaded --config fails to load or is not a training config."""
+  try:
+    config = flags.FLAGS['config'].value
+  except Exception as e:  # pylint: disable=broad-except
+    _load_error(spec, e, argv)
+    raise
+  if config is not None:
+    missing = [f for f in _TRAINING_FIELDS if f not in config]
+    if missing:
+      _usage_error(f'--config={spec} is not a training config (it has no '
+                   f'{", ".join(missing)}); see configs/default.py')
+
+
+def _check_repeated(overrides: Sequence[str]) -> None:
+  """Exits with one line if a --config.FIELD override is given twice."""
+  repeated = sorted({o for o in overrides if overrides.count(o) > 1})
+  if repeated:
+    _usage_error(f'{repeated[0]} is given more than once; give each config field once')
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing (app.run's flags_parser), with an unknown config field as a usage error.
+  """absl's flag parsing (app.run's flags_parser), with config mistakes as usage errors.
 
   For an override such as --config.batchsize=3, ml_collections raises an AttributeError
   that absl would print as a 40-line traceback; this stops with one line instead, as
-  absl does for a value that does not parse. So does an override given without the
-  config file it would apply to.
+  absl does for a value that does not parse. So do an override given without the config
+  file it would apply to, one given twice (a tuple given twice would be concatenated), and
+  a --config file that is missing, fails to load or is not a training config.
   """
   overrides = _overrides(argv)
-  given = any(a == '--config' or a.startswith('--config=') for a in argv[1:])
+  _check_repeated(overrides)
+  spec = _config_spec(argv)
   no_default = 'config' in flags.FLAGS and flags.FLAGS['config'].default is None
-  if overrides and not given and no_default:
+  if overrides and spec is None and no_default:
     # absl would only say "Unknown command line flag 'config.batch_size'".
     _usage_error(f'{overrides[0]} overrides a field of the config file: give the file with '
                  '--config=FILE')
+  if spec is not None and 'config' in flags.FLAGS:
+    _check_config_file(spec)
   try:
-    return app.parse_flags_with_usage(list(argv))
-  except AttributeError as e:
-    _stop_on_unknown_field(e, argv)
+    rest = app.parse_flags_with_usage(list(argv))
+  except Exception as e:  # pylint: disable=broad-except
+    if 'config' not in flags.FLAGS:
+      raise
+    _load_error(spec, e, argv)
     raise
+  if 'config' in flags.FLAGS:
+    _check_training_config(spec, argv)
+  return rest
+
+
+def one_line_usage_errors(main: Any, program: str) -> Any:
+  """`main` for app.run, ending on its app.UsageError with one line.
+
+  absl would print the module's docstring and every flag's help before the message.
+  """
+  def run(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      sys.exit(f'{program}: error: {e}')
+  return run
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+  """(argv without its --config.FIELD[=VALUE] overrides, [(--config.FIELD, VALUE or None)]).
+
+  Exits with one line if an override is given twice, as parse_flags does.
+  """
+  _check_repeated(_overrides(argv))
+  rest, overrides = [argv[0]], []
+  for a in argv[1:]:
+    if a.startswith('--config.'):
+      name, eq, value = a.partition('=')
+      overrides.append((name, value if eq else None))
+    else:
+      rest.append(a)
+  return rest, overrides
+
+
+def _override_value(name: str, text: str | None, old: Any) -> Any:
+  """`text` parsed as the type of the field's current value `old` (as ml_collections does)."""
+  if isinstance(old, bool):
+    if text is None or text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'{name}={text}: expected true or false')
+  if text is None:
+    raise ConfigError(f'{name} needs a value ({name}=VALUE)')
+  try:
+    if isinstance(old, int):
+      return int(text)
+    if isinstance(old, float):
+      return float(text)
+    if isinstance(old, str):
+      return text
+    if isinstance(old, (tuple, list)):
+      value = ast.literal_eval(text)
+      value = value if isinstance(value, (tuple, list)) else (value,)
+      return type(old)(value)
+    return ast.literal_eval(text)  # None or another literal
+  except (ValueError, SyntaxError) as e:
+    if old is None:
+      return text  # a string field that was unset
+    raise ConfigError(f'{name}={text}: not a {type(old).__name__}') from e
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[tuple[str, str | None]]) -> None:
+  """Sets (--config.FIELD, VALUE) overrides on a loaded config, e.g. a workdir's config.json."""
+  for name, text in overrides:
+    *parents, leaf = name[len('--config.'):].split('.')
+    node = config
+    for part in parents:
+      if not isinstance(node.get(part), ml_collections.ConfigDict):
+        raise ConfigError(f"{name}: the config has no field '{part}'")
+      node = node[part]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ConfigError(f"{name}: the config has no field '{leaf}'")
+    node[leaf] = _override_value(name, text, node[leaf])
 
 
 def define_config_file(name: str, default: str | None, help_string: str,

@@ -100,8 +100,9 @@ def test_a_misspelt_override_stops_with_one_line(tmp_path, program, args):
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.parametrize('program', ['train.py', 'eval.py'])
+@pytest.mark.parametrize('program', ['train.py'])
 def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, program):
+  # (eval.py applies such overrides to the workdir's config.json: test_eval_cli.py.)
   proc = subprocess.run([sys.executable, program, f'--workdir={tmp_path / "w"}',
                          '--config.batch_size=3'], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, check=False)
@@ -109,6 +110,61 @@ def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, prog
   assert ('FATAL Flags parsing error: --config.batch_size overrides a field of the config '
           'file: give the file with --config=FILE') in proc.stderr, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('configs/defualt.py', "--config=configs/defualt.py: no such file 'configs/defualt.py'"),
+    ('W/config.json', '--config=W/config.json: --config takes a Python config file'),
+    ('W/syntax.py', '--config=W/syntax.py could not be loaded: SyntaxError: invalid syntax'),
+    ('W/name.py', "--config=W/name.py could not be loaded: NameError: name 'nope' is not "
+                  'defined'),
+    ('configs/study.py', '--config=configs/study.py is not a training config (it has no '
+                         'variant, dataset, image_size, channels, model, loss, eval)'),
+])
+def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, message):
+  (tmp_path / 'config.json').write_text('{"enabled": false}')
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n')
+  (tmp_path / 'name.py').write_text('def get_config():\n  return nope\n')
+  spec, message = spec.replace('W', str(tmp_path)), message.replace('W', str(tmp_path))
+  for program in ('train.py', 'benchmark.py'):
+    workdir = [f'--workdir={tmp_path / "w"}'] if program == 'train.py' else []
+    proc = subprocess.run([sys.executable, program, f'--config={spec}', *workdir], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, program
+    assert f'FATAL Flags parsing error: {message}' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_config_field_given_twice_stops_with_one_line(tmp_path):
+  # A tuple given twice would be concatenated: (8, 16) then (4, 4) gave (8, 16, 4, 4).
+  proc = subprocess.run([sys.executable, 'train.py', '--config=configs/default.py',
+                         f'--workdir={tmp_path / "w"}', '--config.model.widths=(8,16)',
+                         '--config.model.widths=(4,4)'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert ('FATAL Flags parsing error: --config.model.widths is given more than once'
+          in proc.stderr), proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
+  c = default.get_config()
+  _, overrides = config_lib.split_overrides([
+      'eval.py', '--workdir=w', '--config.eval.fid=false', '--config.eval.num_images=12',
+      '--config.loss.kl_weight=2', '--config.model.widths=(4, 8)', '--config.dataset=shapes',
+      '--config.calibrate.enabled'])
+  config_lib.apply_overrides(c, overrides)
+  assert c.eval.fid is False and c.calibrate.enabled is True
+  assert c.eval.num_images == 12 and isinstance(c.eval.num_images, int)
+  assert c.loss.kl_weight == 2.0 and isinstance(c.loss.kl_weight, float)
+  assert tuple(c.model.widths) == (4, 8) and c.dataset == 'shapes'
+  for override, message in [('--config.eval.num_images=many', 'not a int'),
+                            ('--config.eval.fid=maybe', 'expected true or false'),
+                            ('--config.model.nope=1', "no field 'nope'"),
+                            ('--config.eval=1', "no field 'eval'")]:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
 
 
 def test_celeba_is_the_papers_setup():

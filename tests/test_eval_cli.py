@@ -58,14 +58,17 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   saved = json.loads((run / 'config.json').read_text())
   saved['num_devices'] = 512
   (run / 'config.json').write_text(json.dumps(saved))
-  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}'], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, check=False)
+  # Overrides apply to the saved config.
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}',
+                         '--config.eval.num_images=4', '--config.eval.mig_num_images=8'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'eval: config.json asks for num_devices=512, this machine has ' in proc.stdout
   with open(run / 'eval' / 'metrics.json') as f:
     results = json.load(f)
-  # The tiny model's settings came from WORKDIR/config.json (default.py says 256 images).
-  assert results['num_images'] == test_api.TINY['eval.num_images']
+  # The tiny model's settings came from WORKDIR/config.json (default.py's model is larger),
+  # the image counts from the overrides.
+  assert results['num_images'] == 4 and results['mig_num_images'] == 8
   assert results['step'] == test_api.TRAINED_STEPS
   assert f'eval: restored step {test_api.TRAINED_STEPS}' in proc.stdout
 
@@ -74,6 +77,31 @@ def test_without_config_an_empty_workdir_stops_with_a_clear_message(tmp_path):
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'], cwd=REPO,
                         capture_output=True, text=True, timeout=300, check=False)
   _assert_clean_failure(proc, 'has no config.json', '--config=')
+
+
+@pytest.mark.parametrize('args, phrases', [
+    (['--workdir=WORKDIR/nowhere'], ('WORKDIR/nowhere does not exist',)),
+    (['--workdir=WORKDIR', '--config.eval.fid=0'], ('has no config.json',)),
+])
+def test_without_config_a_missing_workdir_or_config_stops_with_a_clear_message(
+    tmp_path, args, phrases):
+  args = [a.replace('WORKDIR', str(tmp_path)) for a in args]
+  phrases = [p.replace('WORKDIR', str(tmp_path)) for p in phrases]
+  proc = subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, *phrases)
+
+
+@pytest.mark.parametrize('override, phrase', [
+    ('--config.eval.fidd=1', "--config.eval.fidd: the config has no field 'fidd'"),
+    ('--config.eval.grid_size=x', '--config.eval.grid_size=x: not a int'),
+])
+def test_a_bad_override_of_the_saved_config_stops_with_a_clear_message(workdir, override,
+                                                                       phrase):
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}', override],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, phrase)
+  assert 'eval: restored' not in proc.stdout
 
 
 def _assert_clean_failure(proc, *phrases):
