@@ -173,11 +173,18 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
                    f'{", ".join(missing)}); see configs/default.py')
 
 
-def _check_repeated(overrides: Sequence[str]) -> None:
-  """Exits with one line if a --config.FIELD override is given twice."""
-  repeated = sorted({o for o in overrides if overrides.count(o) > 1})
-  if repeated:
-    _usage_error(f'{repeated[0]} is given more than once; give each config field once')
+def _last_overrides_win(argv: Sequence[str]) -> list[str]:
+  """argv with only the last of each repeated --config.FIELD=VALUE override.
+
+  absl keeps the last value of a repeated flag, but ml_collections appends the values of
+  a repeated tuple field: --config.model.widths=(8,16) --config.model.widths=(4,4) gave
+  (8, 16, 4, 4).
+  """
+  last = {a.split('=', 1)[0]: i for i, a in enumerate(argv)
+          if i > 0 and a.startswith('--config.') and '=' in a}
+  return [a for i, a in enumerate(argv)
+          if not (i > 0 and a.startswith('--config.') and '=' in a
+                  and last[a.split('=', 1)[0]] != i)]
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -186,11 +193,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   For an override such as --config.batchsize=3, ml_collections raises an AttributeError
   that absl would print as a 40-line traceback; this stops with one line instead, as
   absl does for a value that does not parse. So do an override given without the config
-  file it would apply to, one given twice (a tuple given twice would be concatenated), and
-  a --config file that is missing, fails to load or is not a training config.
+  file it would apply to and a --config file that is missing, fails to load or is not a
+  training config. Of an override given twice the last wins, tuples too.
   """
+  argv = _last_overrides_win(argv)
   overrides = _overrides(argv)
-  _check_repeated(overrides)
   spec = _config_spec(argv)
   no_default = 'config' in flags.FLAGS and flags.FLAGS['config'].default is None
   if overrides and spec is None and no_default:
@@ -225,11 +232,7 @@ def one_line_usage_errors(main: Any, program: str) -> Any:
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
-  """(argv without its --config.FIELD[=VALUE] overrides, [(--config.FIELD, VALUE or None)]).
-
-  Exits with one line if an override is given twice, as parse_flags does.
-  """
-  _check_repeated(_overrides(argv))
+  """(argv without its --config.FIELD[=VALUE] overrides, [(--config.FIELD, VALUE or None)])."""
   rest, overrides = [argv[0]], []
   for a in argv[1:]:
     if a.startswith('--config.'):

@@ -136,14 +136,17 @@ def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, m
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_a_config_field_given_twice_stops_with_one_line(tmp_path):
-  # A tuple given twice would be concatenated: (8, 16) then (4, 4) gave (8, 16, 4, 4).
+def test_of_a_config_field_given_twice_the_last_wins(tmp_path):
+  # ml_collections concatenated a tuple given twice: (8, 16) then (4, 4) gave (8, 16, 4, 4).
+  # Seen through the error that image size 18 is not divisible by the widths' 2**2 = 4
+  # (the concatenation's four stages would say 16).
   proc = subprocess.run([sys.executable, 'train.py', '--config=configs/default.py',
-                         f'--workdir={tmp_path / "w"}', '--config.model.widths=(8,16)',
+                         f'--workdir={tmp_path / "w"}', '--config.image_size=32',
+                         '--config.model.widths=(8,16)', '--config.image_size=18',
                          '--config.model.widths=(4,4)'], cwd=ROOT, capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode == 1
-  assert ('FATAL Flags parsing error: --config.model.widths is given more than once'
+  assert ('image_size 18 is not divisible by 2**len(model.widths) = 4 (widths (4, 4))'
           in proc.stderr), proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'w')
 
