@@ -15,6 +15,7 @@ START at S + 1, which makes TensorBoard drop the older files' points from there.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -23,7 +24,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -234,47 +235,162 @@ def format_duration(seconds: float) -> str:
   return f'{days}d {clock}' if days else clock
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stretch of steps that run one compiled step function (pre-training, adversarial).
+
+  end: the phase's last step (steps counted from 1, as ProgressLogger.update counts them).
+  step_cost: its time per step relative to the other phases' step_cost, and compile_cost
+  the time of its first (compiling) step beyond an ordinary step, likewise relative: the
+  ETA's estimate for a phase until its own steps are timed (ProgressLogger).
+  """
+  name: str
+  end: int
+  step_cost: float = 1.0
+  compile_cost: float = 1.0
+
+
 class ProgressLogger:
-  """Logs 'step s/N (p%) | r steps/s | ETA | elapsed | metrics' every `every` steps."""
+  """Logs 'step s/N (p%) | r steps/s | ETA | elapsed | metrics' every `every` steps.
+
+  Also at the end of each phase. The rate is that of the steps timed since the last line.
+  A phase's first step in this process compiles; a caller that brackets it with
+  `compiling` (which logs 'compiling the <phase> step ...') and `compiled` keeps it out of
+  the rate and the ETA. The ETA adds, per phase, the steps left times the phase's time per
+  step since its last line. A phase not timed yet is estimated from the phase timed last,
+  scaled by their Phase.step_cost; a phase not started yet also gets a compiling first
+  step, estimated from the last one measured (its time beyond an ordinary step), scaled
+  by their Phase.compile_cost.
+  """
 
   def __init__(self, total_steps: int, every: int, *, start_step: int = 0,
+               phases: Sequence[Phase] | None = None,
                enabled: bool = True,
                clock: Callable[[], float] = time.monotonic,
                log: Callable[[str], None] = logging.info):
-    """Starts the clock; `start_step` is where a resumed run begins."""
+    """Starts the clock; `start_step` is where a resumed run begins.
+
+    phases: in order, the last one ending at total_steps (default: one phase of them all).
+    """
     self.total_steps = int(total_steps)
     self.every = int(every)
     self.enabled = enabled
     self._clock = clock
     self._log = log
-    self._start_time = self._last_time = clock()
-    self._last_step = int(start_step)
+    kept: list[Phase] = []
+    for p in phases or ():
+      if p.step_cost <= 0 or p.compile_cost <= 0:
+        raise ValueError(f'phase {p.name!r}: the costs must be positive')
+      last = kept[-1].end if kept else 0
+      if p.end < last:
+        raise ValueError(f'phase {p.name!r} ends at step {p.end}, before the phase ahead')
+      if p.end > last:  # an empty phase has no step to time
+        kept.append(p)
+    self._phases = kept or [Phase('training', self.total_steps)]
+    if self._phases[-1].end != self.total_steps:
+      raise ValueError(f'the last phase ends at step {self._phases[-1].end}, not at '
+                       f'total_steps {self.total_steps}')
+    self._starts = [0] + [p.end for p in self._phases[:-1]]
+    self._start_time = clock()
+    # The timed stretch in progress begins at (step, time); None while a step compiles.
+    self._mark: tuple[int, float] | None = (int(start_step), self._start_time)
+    self._compiling: tuple[int, float] | None = None
+    self._line_steps, self._line_seconds = 0, 0.0  # timed since the last line
+    self._step_seconds: dict[int, float] = {}    # phase -> seconds per step, last stretch
+    self._first_seconds: dict[int, float] = {}   # phase -> seconds of its compiling step
+    self._timed: list[int] = []                  # phases in the order last timed
+    self._first_timed: list[int] = []
+
+  def _phase(self, step: int) -> int:
+    """The index of the phase that step `step` (counted from 1) belongs to."""
+    for i, p in enumerate(self._phases):
+      if step <= p.end:
+        return i
+    return len(self._phases) - 1
+
+  def _close(self, step: int, now: float) -> None:
+    """Ends the timed stretch at `step`, now; a new one starts there."""
+    if self._mark is not None and step > self._mark[0]:
+      first, seconds = self._mark[0], now - self._mark[1]
+      counts = {i: min(step, p.end) - max(first, s)
+                for i, (p, s) in enumerate(zip(self._phases, self._starts))}
+      counts = {i: n for i, n in counts.items() if n > 0}
+      # A stretch over several phases (a caller that logs no phase end) is shared by cost.
+      unit = seconds / sum(n * self._phases[i].step_cost for i, n in counts.items())
+      for i in counts:
+        self._step_seconds[i] = unit * self._phases[i].step_cost
+        self._timed = [j for j in self._timed if j != i] + [i]
+      self._line_steps += step - first
+      self._line_seconds += seconds
+    self._mark = (step, now)
+
+  def _step_estimate(self, i: int) -> float:
+    """Seconds per step of phase i: timed, else scaled from the phase timed last (or NaN)."""
+    if i in self._step_seconds:
+      return self._step_seconds[i]
+    if not self._timed:
+      return float('nan')
+    j = self._timed[-1]
+    return self._step_seconds[j] * self._phases[i].step_cost / self._phases[j].step_cost
+
+  def eta(self, step: int) -> float:
+    """Estimated seconds until total_steps, `step` steps done (NaN before any timing)."""
+    seconds = 0.0
+    for i, (p, s) in enumerate(zip(self._phases, self._starts)):
+      left = p.end - max(step, s)
+      if left <= 0:
+        continue
+      seconds += left * self._step_estimate(i)
+      if step <= s and self._first_timed:  # not started: its first step compiles
+        j = self._first_timed[-1]
+        extra = max(0.0, self._first_seconds[j] - self._step_estimate(j))
+        seconds += extra * p.compile_cost / self._phases[j].compile_cost
+    return seconds
+
+  def compiling(self, step: int) -> str | None:
+    """Logs that step `step` + 1, a phase's first in this process, compiles; stops the clock."""
+    if not self.enabled or step >= self.total_steps:
+      return None
+    now = self._clock()
+    self._close(step, now)
+    self._mark, self._compiling = None, (step, now)
+    line = f'compiling the {self._phases[self._phase(step + 1)].name} step ...'
+    self._log(line)
+    return line
+
+  def compiled(self, step: int) -> None:
+    """Restarts the clock after the compiling step, `step`, has run (its result is ready)."""
+    if not self.enabled or self._compiling is None:
+      return
+    now = self._clock()
+    i = self._phase(step)
+    self._first_seconds[i] = now - self._compiling[1]
+    self._first_timed = [j for j in self._first_timed if j != i] + [i]
+    self._mark, self._compiling = (step, now), None
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None
              ) -> str | None:
-    """Logs and returns the progress line if `step` is due (every, or the last); else None."""
+    """Logs and returns the progress line if `step` is due (every, a phase end, the last)."""
     step = int(step)
     if not self.enabled or self.every <= 0:
       return None
-    if step % self.every and step != self.total_steps:
+    if step % self.every and all(step != p.end for p in self._phases):
       return None
     now = self._clock()
-    # Rate over the last interval: it tracks the current speed, and the first
-    # interval (which includes compilation) stops mattering after one report.
-    steps, seconds = step - self._last_step, now - self._last_time
+    self._close(step, now)
+    steps, seconds = self._line_steps, self._line_seconds
     rate = steps / seconds if steps > 0 and seconds > 0 else float('nan')
-    eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
+    self._line_steps, self._line_seconds = 0, 0.0
     percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
     rate_text = f'{rate:.2f}' if math.isfinite(rate) else '?'
     parts = [f'step {step}/{self.total_steps} ({percent:.1f}%)',
              f'{rate_text} steps/s',
-             f'ETA {format_duration(eta)}',
+             f'ETA {format_duration(self.eta(step))}',
              f'elapsed {format_duration(now - self._start_time)}']
     if metrics:
       parts.append(' '.join(f'{k} {_scalar(k, v):.4g}' for k, v in metrics.items()))
     line = ' | '.join(parts)
     self._log(line)
-    self._last_step, self._last_time = step, now
     return line
 
   __call__ = update

@@ -37,6 +37,11 @@ from avae_jax import summary
 from avae_jax import visualize
 
 CALIBRATION_FILE = 'calibration.json'
+# The progress ETA's estimate of the adversarial phase until its own steps are timed, as
+# multiples of the pre-training step: docs/benchmarks.md measures its step at 2.0-2.4x the
+# pre-training step's time and its compilation at 1.2-1.9x.
+ADVERSARIAL_STEP_COST = 2.2
+ADVERSARIAL_COMPILE_COST = 1.5
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -425,8 +430,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
                    process_index=jax.process_index(), process_count=jax.process_count(),
                    num_local_devices=len(setup_.devices)),
       setup_.devices)
-  progress = summary.ProgressLogger(total_steps=total, every=int(config.log_every),
-                                    start_step=start_step, enabled=is_main)
+  progress = summary.ProgressLogger(
+      total_steps=total, every=int(config.log_every), start_step=start_step, enabled=is_main,
+      phases=[summary.Phase('pre-training', pre),
+              summary.Phase('adversarial', total, step_cost=ADVERSARIAL_STEP_COST,
+                            compile_cost=ADVERSARIAL_COMPILE_COST)])
   history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
   t_last, n_last = time.perf_counter(), 0
   step = start_step
@@ -452,10 +460,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
                 file=sys.stderr, flush=True)
         raise
       key = jax.random.fold_in(train_key, step)
+      # The first step of each phase in this process compiles its step function: the
+      # progress line says so and leaves that step out of the rate and the ETA.
+      compiles = step in (start_step, pre)
+      if compiles:
+        progress.compiling(step)
       if step < pre:
         r_vae, m = fns.pretrain(r_vae, batch, key)
       else:
         r_vae, r_disc, m = fns.adversarial(r_vae, r_disc, batch, key)
+      if compiles:
+        jax.block_until_ready(m)  # dispatch returns after compiling, before the step ran
+        progress.compiled(step + 1)
       history.append((step, m))
       step += 1
       n_last += 1

@@ -183,3 +183,82 @@ def test_progress_logger_resumed_and_disabled():
   assert progress(700).startswith('step 700/1000 (70.0%) | 25.00 steps/s | ETA 0:00:12')
   quiet = summary.ProgressLogger(1000, 100, enabled=False, clock=lambda: 0.0)
   assert quiet(100) is None
+  assert quiet.compiling(0) is None
+
+
+# Pre-training steps 1-12, adversarial steps 13-32 at twice the time per step and twice
+# the compilation time (beyond a step) of pre-training, until they are timed.
+PHASES = [summary.Phase('pre-training', 12),
+          summary.Phase('adversarial', 32, step_cost=2.0, compile_cost=2.0)]
+
+
+def _fake_clock(times):
+  it = iter(times)
+  return lambda: next(it)
+
+
+def test_progress_eta_leaves_out_compilation_and_estimates_the_next_phase():
+  lines = []
+  progress = summary.ProgressLogger(
+      32, 5, phases=PHASES, log=lines.append,
+      clock=_fake_clock([0.0, 1.0, 11.0, 15.0, 20.0, 22.0, 23.0, 43.0, 49.0, 64.0]))
+  assert progress.compiling(0) == 'compiling the pre-training step ...'  # at t=1
+  progress.compiled(1)  # t=11: the first step took 10 s
+  # Steps 2-5 in 4 s: 1 s per step. Left: 7 pre-training steps (7 s), 20 adversarial
+  # steps at 2 s (40 s), and the adversarial compilation: the pre-training one took 9 s
+  # beyond a step, times 2 (18 s). 7 + 40 + 18 = 65 s.
+  assert progress(5) == ('step 5/32 (15.6%) | 1.00 steps/s | ETA 0:01:05 | '
+                         'elapsed 0:00:15')
+  assert progress(10).startswith('step 10/32 (31.2%) | 1.00 steps/s | ETA 0:01:00 |')
+  assert progress(11) is None
+  # The end of a phase is reported off the interval: 40 + 18 s left.
+  assert progress(12).startswith('step 12/32 (37.5%) | 1.00 steps/s | ETA 0:00:58 |')
+  assert progress.compiling(12) == 'compiling the adversarial step ...'  # t=23
+  progress.compiled(13)  # t=43
+  # Steps 14-15 in 6 s: the adversarial steps' own 3 s replaces the estimate; 17 left.
+  assert progress(15) == ('step 15/32 (46.9%) | 0.33 steps/s | ETA 0:00:51 | '
+                          'elapsed 0:00:49')
+  assert progress(20).startswith('step 20/32 (62.5%) | 0.33 steps/s | ETA 0:00:36 |')
+  assert lines[0] == 'compiling the pre-training step ...'
+  assert lines[4] == 'compiling the adversarial step ...' and len(lines) == 7
+
+
+def test_progress_eta_of_a_run_resumed_in_the_adversarial_phase():
+  lines = []
+  progress = summary.ProgressLogger(32, 5, start_step=20, phases=PHASES, log=lines.append,
+                                    clock=_fake_clock([0.0, 0.5, 30.5, 34.5]))
+  assert progress.compiling(20) == 'compiling the adversarial step ...'
+  progress.compiled(21)
+  assert progress.update(21) is None  # not due: no clock read
+  # Steps 22-25 in 4 s; 7 steps left at 1 s each.
+  assert progress(25) == ('step 25/32 (78.1%) | 1.00 steps/s | ETA 0:00:07 | '
+                          'elapsed 0:00:34')
+  assert len(lines) == 2
+  # Logged at every step: the line of the compiling step has nothing timed yet.
+  every_step = summary.ProgressLogger(32, 1, start_step=20, phases=PHASES, log=lambda _: None,
+                                      clock=_fake_clock([0.0, 0.5, 30.0, 31.0, 32.0]))
+  every_step.compiling(20)
+  every_step.compiled(21)
+  assert every_step(21).startswith('step 21/32 (65.6%) | ? steps/s | ETA ? | elapsed 0:00:31')
+  # Step 22 in 1 s (from t=31, when step 21's line was logged): 10 steps left.
+  assert every_step(22).startswith('step 22/32 (68.8%) | 1.00 steps/s | ETA 0:00:10 |')
+
+
+def test_progress_eta_shares_a_stretch_over_two_phases_by_their_costs():
+  # A caller that logs neither the phase end nor the compilation: steps 1-20 in 40 s, ten
+  # at 1 unit and ten at 3 units: 1 s per unit, so the 10 steps left take 30 s.
+  phases = [summary.Phase('a', 10), summary.Phase('b', 30, step_cost=3.0)]
+  progress = summary.ProgressLogger(30, 20, phases=phases, log=lambda _: None,
+                                    clock=_fake_clock([0.0, 40.0]))
+  assert progress(20).startswith('step 20/30 (66.7%) | 0.50 steps/s | ETA 0:00:30 |')
+
+
+def test_progress_phases_must_end_at_the_total():
+  with pytest.raises(ValueError, match='not at total_steps 40'):
+    summary.ProgressLogger(40, 5, phases=PHASES)
+  with pytest.raises(ValueError, match='before the phase ahead'):
+    summary.ProgressLogger(32, 5, phases=PHASES[::-1])
+  # An empty phase (no adversarial steps) is dropped.
+  progress = summary.ProgressLogger(12, 5, phases=[PHASES[0], summary.Phase('adversarial', 12)],
+                                    log=lambda _: None, clock=_fake_clock([0.0, 1.0]))
+  assert progress.compiling(0) == 'compiling the pre-training step ...'

@@ -8,6 +8,7 @@ data, the checkpoints and the results are those of a fresh process every time.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,6 +205,14 @@ def test_end_to_end_exits_0_and_writes_everything(e2e):
   assert {m['step'] for m in lines if any(k.startswith('eval/') for k in m)} == {TOTAL}
   assert 'final metrics: ' in proc.stdout
   assert f'step {TOTAL}/{TOTAL} (100.0%)' in proc.stderr and 'ETA' in proc.stderr
+  # Each phase's first step compiles: announced, and left out of the rate (at log_every 1
+  # that step's line has no rate), the next step's line has one.
+  order = ['compiling the pre-training step ...', 'step 1/20 (5.0%) | ? steps/s',
+           'step 12/20 (60.0%)', 'compiling the adversarial step ...',
+           'step 13/20 (65.0%) | ? steps/s', 'step 14/20 (70.0%)']
+  at = [proc.stderr.find(text) for text in order]
+  assert -1 not in at and at == sorted(at), dict(zip(order, at))
+  assert re.search(r'step 14/20 \(70\.0%\) \| [0-9.]+ steps/s \| ETA \d', proc.stderr)
 
 
 # ------------------------------------------------------------------ SIGKILL and resume
