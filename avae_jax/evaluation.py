@@ -95,6 +95,12 @@ def metric_keys(with_fid: bool = True, with_mig: bool = False) -> list[str]:
   return keys
 
 
+def _stage(what: str, enabled: bool) -> None:
+  """Prints 'eval: <what> ...' (process 0): the silent stretches say what is running."""
+  if enabled:
+    print(f'eval: {what} ...', flush=True)
+
+
 class _Progress:
   """Prints 'eval: <what> done/total images | rate | ETA' now and then (process 0)."""
 
@@ -255,6 +261,8 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   g = max(1, int(ev.grid_size))
   started = time.monotonic()
 
+  if inception_params is None and bool(ev.fid):
+    _stage('loading the Inception weights', is_main)
   params, fid_skipped = _inception_params(config, inception_params, devices)
   if fid_skipped:
     logging.warning('FID skipped: %s', fid_skipped)
@@ -269,6 +277,9 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   rec_f = _Features(params, inception_batch, devices)
   gt_sharp, rec_sharp, mse, cos, mus, logvars = [], [], [], [], [], []
   shown_x, shown_rec = [], []
+  # The first batch compiles the programs that every later batch reuses.
+  _stage('compiling the model' + ('' if fid_skipped else ' and the Inception network'),
+         is_main)
   progress = _Progress('images and reconstructions', n, is_main)
   for x, mask in data.eval_batches(eval_source, batch, n):
     k = int(mask.sum())
@@ -322,6 +333,9 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   if fid_skipped:
     results['fid_skipped'] = fid_skipped
   else:
+    # Covariances and 8 float64 Frechet distances of up to 2048 dimensions: no progress
+    # line of their own, so the stage is named.
+    _stage('FID statistics and distances', is_main)
     real, rec, smp = real_f.stats(), rec_f.stats(), sample_f.stats()
     results['fid_num_images'] = n
     for d in TAPS:
@@ -337,6 +351,7 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
       codes = np.concatenate([codes, _posterior_means(model, eval_source, batch, n, mig_n,
                                                       is_main)])
     factors = np.asarray(eval_source.factors)[:mig_n]
+    _stage(f'MIG over {mig_n} images', is_main)
     try:
       results['mig'] = metrics_lib.mig(codes, factors)
       results['mig_shuffled'] = metrics_lib.shuffled_mig(codes, factors)
@@ -345,7 +360,8 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
       results['mig_skipped'] = str(e)
       logging.warning('MIG skipped: %s', e)
 
-  # Figures (Figure 3 a-c, Figure 2).
+  # Figures (Figure 3 a-c, Figure 2); interpolations and traversals compile programs.
+  _stage('figures', is_main)
   traversal_dims = [int(d) for d in np.argsort(-kl, kind='stable')[:int(ev.traversal_dims)]]
   figures = {
       'reconstructions': visualize.reconstructions(shown_x, shown_rec,

@@ -5,6 +5,8 @@ tests need neither the real weights nor the network; the real-weights port is te
 test_inception.py. Reference values are recomputed here with scipy / numpy.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -70,12 +72,26 @@ def inception_params():
 
 
 @pytest.fixture(scope='module')
-def evaluated(tmp_path_factory, config, model, source, inception_params):
-  """One full evaluation with FID (random Inception weights); (results, out_dir)."""
+def evaluation_run(tmp_path_factory, config, model, source, inception_params):
+  """One full evaluation with FID (random Inception weights); (results, out_dir, stdout)."""
   out_dir = str(tmp_path_factory.mktemp('eval'))
-  results = evaluation.evaluate(config, model, source, out_dir=out_dir,
-                                devices=jax.devices(), inception_params=inception_params)
-  return results, out_dir
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):  # capsys is per test, this fixture per module
+    results = evaluation.evaluate(config, model, source, out_dir=out_dir,
+                                  devices=jax.devices(), inception_params=inception_params)
+  return results, out_dir, printed.getvalue()
+
+
+@pytest.fixture(scope='module')
+def evaluated(evaluation_run):
+  """(results, out_dir) of the full evaluation."""
+  return evaluation_run[:2]
+
+
+def _assert_in_order(text, expected):
+  """Each of `expected` occurs in text, in that order."""
+  at = [text.find(e) for e in expected]
+  assert -1 not in at and at == sorted(at), dict(zip(expected, at))
 
 
 def _laplacian_variance(images):
@@ -114,6 +130,18 @@ def test_every_key_is_returned_and_finite(evaluated):
   assert results['kl_mean'] > 0
   for d in TAPS:
     assert results[f'fid_rec_{d}'] > 0 and results[f'fid_sample_{d}'] > 0
+
+
+def test_every_stage_is_announced(evaluation_run):
+  # The stretches without a progress line of their own say what runs, in this order.
+  _assert_in_order(evaluation_run[2], [
+      'eval: compiling the model and the Inception network ...\n',
+      'eval: images and reconstructions 6/6 images', 'eval: random samples 6/6 images',
+      'eval: FID statistics and distances ...\n',
+      f'eval: codes for MIG {TINY_EVAL_SPLIT - N}/{TINY_EVAL_SPLIT - N} images',
+      f'eval: MIG over {TINY_EVAL_SPLIT} images ...\n', 'eval: figures ...\n',
+      '# Evaluation: ', 'eval: wrote metrics.json'])
+  assert 'Inception weights' not in evaluation_run[2]  # given, not loaded
 
 
 def test_metrics_json_matches_results(evaluated):
@@ -240,13 +268,21 @@ def test_table_is_laid_out_like_table_iii(evaluated):
      'python -m avae_jax.inception fetch'),
     ({'eval.fid': False}, 'config.eval.fid is False'),
 ])
-def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason):
+def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason, capsys):
   config = test_api.tiny_config(**{'eval.fid': True, **change})
   writer = summary.SummaryWriter(str(tmp_path / 'tb'))
   results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
                                 devices=jax.devices(), writer=writer)
   writer.close()
   assert reason in results['fid_skipped']
+  # The stages that run are announced; no FID stage, and no Inception network to compile.
+  printed = capsys.readouterr().out
+  loads = int(config.eval.fid)  # 1: the weights are looked for (and not found)
+  _assert_in_order(printed, ['eval: loading the Inception weights ...\n'] * loads + [
+      'eval: FID skipped: ', 'eval: compiling the model ...\n', 'eval: random samples',
+      f'eval: MIG over {TINY_EVAL_SPLIT} images ...\n', 'eval: figures ...\n'])
+  assert ('loading the Inception weights' in printed) == bool(loads)
+  assert 'FID statistics' not in printed
   assert set(results) == (ALL_KEYS - FID_KEYS) | {'fid_skipped'}
   with open(tmp_path / 'eval' / 'table.md') as f:
     table = f.read()
