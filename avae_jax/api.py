@@ -11,7 +11,9 @@
 
 Every method runs jitted with BatchNorm in inference mode (running statistics) and returns
 jax arrays (np.asarray makes them numpy). Batches whose size divides the number of devices
-are split over the devices; other batches run replicated.
+are split over the devices; other batches run replicated. Float images outside [0, 1]
+(e.g. floats in 0..255) are refused with a ValueError, as the `arrays:` data loader
+refuses them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from avae_jax import steps
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+# How far outside [0, 1] float images may stray (float rounding), as the data loader allows.
+RANGE_TOLERANCE = 1e-6
 
 
 class WorkdirError(ValueError):
@@ -217,8 +221,8 @@ class TrainedModel:
   def _images(self, images: Any, what: str = 'images') -> jax.Array:
     """Checks (B, H, W, C) images of the model's shape; returns them float32 on device.
 
-    Float images are taken to lie in [0, 1]; uint8 images (as PIL and image files give
-    them) are scaled from 0..255, as the data pipeline does.
+    Float images must lie in [0, 1] (up to RANGE_TOLERANCE); uint8 images (as PIL and
+    image files give them) are scaled from 0..255, as the data pipeline does.
     """
     x = images if isinstance(images, jax.Array) else np.asarray(images)
     if x.dtype == np.uint8:
@@ -226,7 +230,14 @@ class TrainedModel:
     elif not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f'{what} must be float images in [0, 1] or uint8 images in 0..255; '
                        f'got dtype {x.dtype}')
-    x = x.astype(np.float32)
+    else:
+      x = x.astype(np.float32)
+      # Float images in 0..255 would otherwise be encoded as they are, without an error.
+      lo, hi = (float(v) for v in jax.device_get((x.min(), x.max()))) if x.size else (0, 0)
+      if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+        raise ValueError(f'{what}: float images must lie in [0, 1], found values in '
+                         f'[{lo:g}, {hi:g}] (divide by 255?); uint8 images in 0..255 are '
+                         'scaled')
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
                        f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')

@@ -201,6 +201,34 @@ def test_uint8_images_are_scaled_and_empty_batches_allowed(model, images):
   assert model.reconstruct(images[:0]).shape == (0, 16, 16, 3)
 
 
+def test_float_images_outside_0_1_are_rejected_by_every_method(model, images):
+  # Float images in 0..255 (uint8 cast to float) must not be encoded as they are.
+  as_255 = np.round(images * 255).astype(np.float32)
+  as_255[:, 0, 0] = [0.0, 255.0, 128.0]  # each image spans 0..255
+  message = (r'float images must lie in \[0, 1\], found values in \[0, 255\] '
+             r'\(divide by 255\?\)')
+  for call in (lambda: model.encode(as_255), lambda: model.reconstruct(as_255),
+               lambda: model.encode(jax.numpy.asarray(as_255)),
+               lambda: model.interpolate(images[0], as_255[1], 3),
+               lambda: model.traverse(as_255[0], [0], [0.0])):
+    with pytest.raises(ValueError, match=message):
+      call()
+  with pytest.raises(ValueError, match=r'^x1: float images must lie in \[0, 1\]'):
+    model.interpolate(images[0], as_255[1], 3)
+  below = images.copy()
+  below[1, 2, 3] = [-0.5, 1.0, 0.0]
+  with pytest.raises(ValueError, match=r'found values in \[-0.5, 1\]'):
+    model.encode(below)
+  # Float rounding past the ends (as a resize or a division by 255 can leave) is accepted,
+  # and gives the codes of the clipped images up to that rounding.
+  fuzzy = np.clip(images, 0.0, 1.0).astype(np.float32)
+  fuzzy[0, 0, 0] = [1.0 + 5e-7, -5e-7, 0.5]
+  clipped = np.clip(fuzzy, 0.0, 1.0)
+  np.testing.assert_allclose(_np(model.encode(fuzzy)[0]), _np(model.encode(clipped)[0]),
+                             atol=1e-5)
+  assert model.encode(images.astype(np.float16))[0].shape == (len(images), 4)
+
+
 def test_bad_inputs_are_rejected(model, images):
   with pytest.raises(ValueError, match=r'\(B, 16, 16, 3\)'):
     model.encode(images[:, :8, :8])
