@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avae_jax import metrics
+
 Params = Mapping[str, Any]
 
 TAPS = (64, 192, 768, 2048)
@@ -711,8 +713,13 @@ def save_npz(params: Params, path: str) -> None:
 
 
 def preprocess(images: jnp.ndarray, antialias: bool = False) -> jnp.ndarray:
-  """[0,1] NHWC images of any size -> (B, 299, 299, 3) in [-1, 1]."""
-  x = jnp.asarray(images, jnp.float32)
+  """[0,1] (or uint8) NHWC images of any size -> (B, 299, 299, 3) in [-1, 1]."""
+  x = jnp.asarray(images)
+  if x.dtype == jnp.uint8:
+    x = x.astype(jnp.float32) / 255.0
+  elif not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'expected uint8 images or floats in [0, 1], got dtype {x.dtype}')
+  x = x.astype(jnp.float32)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f'expected NHWC images with 1 or 3 channels, got shape {x.shape}')
   if x.shape[-1] == 1:
@@ -738,8 +745,8 @@ def _network(params: Params, x: jnp.ndarray, precision: Any) -> dict[int, jnp.nd
 def features(params: Params, images: np.ndarray, batch_size: int = 200, *,
              devices: Sequence[jax.Device] | None = None, antialias: bool = False,
              precision: Any = jax.lax.Precision.HIGHEST) -> dict[int, np.ndarray]:
-  """Returns {64, 192, 768, 2048: (N, dim) float32} taps of NHWC [0,1] images, batched."""
-  images = np.asarray(images)
+  """Returns {64, 192, 768, 2048: (N, dim) float32} taps of NHWC [0,1] (or uint8) images."""
+  images = metrics.unit_floats(images, np.float32)
   if images.ndim != 4:
     raise ValueError(f'expected NHWC images, got shape {images.shape}')
   devices = list(jax.local_devices() if devices is None else devices)

@@ -14,9 +14,20 @@ from avae_jax.filters import LUMA
 _CHUNK = 256
 
 
+def unit_floats(images: Any, dtype: Any = np.float64) -> np.ndarray:
+  """Images as floats on the [0, 1] scale: uint8 divided by 255, floats as they are."""
+  x = np.asarray(images)
+  if x.dtype == np.uint8:
+    return x.astype(dtype) / 255.0
+  # Other integers (uint16, int32, bool) have no one scale to read them on.
+  if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == 'bfloat16'):
+    raise ValueError(f'expected uint8 images or floats in [0, 1], got dtype {x.dtype}')
+  return x.astype(dtype)
+
+
 def _luma(images: np.ndarray) -> np.ndarray:
   """(B, H, W, C) with C in {1, 3} -> (B, H, W) float64 luma."""
-  x = np.asarray(images, np.float64)
+  x = unit_floats(images)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f'expected NHWC images with 1 or 3 channels, got shape {x.shape}')
   if x.shape[-1] == 1:
@@ -25,7 +36,7 @@ def _luma(images: np.ndarray) -> np.ndarray:
 
 
 def sharpness(images: Any) -> np.ndarray:
-  """(B,) variance of the valid 3x3 Laplacian response of each image's luma."""
+  """(B,) variance of the valid 3x3 Laplacian response of each image's luma ([0, 1] scale)."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1] < 3 or images.shape[2] < 3:
     raise ValueError(f'expected NHWC images of at least 3x3 pixels, got {images.shape}')
@@ -40,8 +51,7 @@ def sharpness(images: Any) -> np.ndarray:
 
 
 def _flat_pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-  x = np.asarray(x, np.float64)
-  y = np.asarray(y, np.float64)
+  x, y = unit_floats(x), unit_floats(y)
   if x.shape != y.shape or x.ndim < 1:
     raise ValueError(f'shape mismatch: {x.shape} vs {y.shape}')
   return x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)

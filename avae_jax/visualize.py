@@ -77,7 +77,10 @@ def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None =
   n = min(n, len(x), len(x_rec))
   ncol = n if ncol is None else ncol
   pairs = max(1, math.ceil(n / ncol))
-  blank = np.full(x.shape[1:], pad_value, np.float32)
+  # The cells are uint8, as `grid` makes them: uint8 inputs copied into float cells were
+  # read as floats in [0, 1] and clipped to black and white.
+  x, x_rec = summary.to_uint8(x), summary.to_uint8(x_rec)
+  blank = summary.to_uint8(np.full(x.shape[1:], pad_value, np.float32))
   cells = np.broadcast_to(blank, (pairs, 2, ncol) + x.shape[1:]).copy()
   for k in range(n):
     cells[k // ncol, 0, k % ncol] = x[k]

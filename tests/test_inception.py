@@ -90,6 +90,12 @@ def test_preprocess_scaling_and_constant_images():
   np.testing.assert_allclose(out, -0.5, atol=1e-6)
   with pytest.raises(ValueError):
     inception.preprocess(np.zeros((1, 8, 8, 2)))
+  # uint8 pixels are on the 0..255 scale: 51 is 0.2, i.e. -0.6 in [-1, 1].
+  np.testing.assert_allclose(np.asarray(inception.preprocess(np.full((1, 8, 8, 1), 51,
+                                                                     np.uint8))), -0.6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match='uint8 images or floats'):
+    inception.preprocess(np.zeros((1, 8, 8, 3), np.int32))
 
 
 def test_resize_matches_torch_interpolate(reference):

@@ -50,6 +50,19 @@ def test_sharpness_hand_value():
   assert metrics.sharpness(img)[0] == pytest.approx(6.25)
 
 
+def test_uint8_images_are_read_on_the_unit_scale():
+  rng = np.random.default_rng(5)
+  pixels = rng.integers(0, 256, (3, 9, 8, 3)).astype(np.uint8)
+  other = rng.integers(0, 256, (3, 9, 8, 3)).astype(np.uint8)
+  scaled, scaled_other = pixels / 255.0, other / 255.0
+  np.testing.assert_allclose(metrics.sharpness(pixels), metrics.sharpness(scaled), rtol=1e-12)
+  np.testing.assert_allclose(metrics.mse(pixels, other),
+                             np.mean((scaled - scaled_other) ** 2, axis=(1, 2, 3)), rtol=1e-12)
+  # Integers of another width have no one scale: refused.
+  with pytest.raises(ValueError, match='uint8 images or floats'):
+    metrics.sharpness(pixels.astype(np.uint16))
+
+
 def test_sharpness_rejects_bad_shapes():
   with pytest.raises(ValueError):
     metrics.sharpness(np.zeros((2, 8, 8)))

@@ -66,6 +66,11 @@ def test_reconstructions_ground_truth_on_top():
   single = visualize.reconstructions(x, x_rec, n=4)
   assert single.shape == (2 * 3 + 1, 4 * 3 + 1, 1)
   assert (cell(single, 0, 3, 2, 2) == 13).all() and (cell(single, 1, 3, 2, 2) == 23).all()
+  # uint8 images (0..255) give the same figure as their floats in [0, 1].
+  as_uint8 = visualize.reconstructions(np.round(x * 255).astype(np.uint8),
+                                       np.round(x_rec * 255).astype(np.uint8), n=5, ncol=3,
+                                       pad_value=0.0)
+  np.testing.assert_array_equal(as_uint8, out)
 
 
 def test_interpolation_and_traversal_rows():
