@@ -156,7 +156,8 @@ def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> None
   # ml_collections may wrap the file's own error (a SyntaxError, a NameError, ...) in an
   # OSError that names it; the cause is the error itself.
   cause = error.__cause__ or error
-  _usage_error(f'--config={spec} could not be loaded: {type(cause).__name__}: {cause}')
+  what = f'--config={spec}' if spec is not None else 'the default --config file'
+  _usage_error(f'{what} could not be loaded: {type(cause).__name__}: {cause}')
 
 
 def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
@@ -268,7 +269,9 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
   except (ValueError, SyntaxError) as e:
     if old is None:
       return text  # a string field that was unset
-    raise ConfigError(f'{name}={text}: not a {type(old).__name__}') from e
+    kind = {int: 'an integer', float: 'a number', tuple: 'a tuple', list: 'a list'}.get(
+        type(old), type(old).__name__)
+    raise ConfigError(f'{name}={text}: expected {kind}') from e
 
 
 def apply_overrides(config: ml_collections.ConfigDict,

@@ -259,8 +259,9 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
 
   The discriminator's accuracy on this batch (real = x, fake = x_rec, threshold 0.5) is
   measured with the current parameters as a count of correct answers summed over the
-  devices, so every device takes the same branch, whatever the device count (see gate). If it is below train_disc_below the discriminator takes a BCE step (the fake
-  under stop_gradient); if it is above train_vae_above the VAE takes a step on
+  devices, so every device takes the same branch, whatever the device count (see gate).
+  If it is below train_disc_below the discriminator takes a BCE step (the fake under
+  stop_gradient); if it is above train_vae_above the VAE takes a step on
   L_VAE + adversarial_weight * (-log D(x_rec)) with the discriminator as it was before
   its update. A state that is not updated is returned unchanged (step counter and
   BatchNorm statistics included). Forward passes are shared: the VAE and discriminator

@@ -94,7 +94,7 @@ def test_without_config_a_missing_workdir_or_config_stops_with_a_clear_message(
 
 @pytest.mark.parametrize('override, phrase', [
     ('--config.eval.fidd=1', "--config.eval.fidd: the config has no field 'fidd'"),
-    ('--config.eval.grid_size=x', '--config.eval.grid_size=x: not a int'),
+    ('--config.eval.grid_size=x', '--config.eval.grid_size=x: expected an integer'),
 ])
 def test_a_bad_override_of_the_saved_config_stops_with_a_clear_message(workdir, override,
                                                                        phrase):
