@@ -46,7 +46,7 @@ _SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """config_lib.parse_flags, keeping the overrides aside when no --config file is given."""
-  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+  if config_lib.config_spec(argv) is None:
     argv, overrides = config_lib.split_overrides(argv)
     _SAVED_CONFIG_OVERRIDES.extend(overrides)
   return config_lib.parse_flags(argv)

@@ -91,7 +91,7 @@ def cpu_devices(config: ml_collections.ConfigDict) -> int:
 
 def _overrides(argv: Sequence[str]) -> list[str]:
   """The --config.FIELD overrides on a command line, as given (without their values)."""
-  return [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+  return [name for name, _ in split_overrides(argv)[1]]
 
 
 def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
@@ -127,7 +127,7 @@ def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
 _TRAINING_FIELDS = ('variant', 'dataset', 'image_size', 'channels', 'model', 'loss', 'eval')
 
 
-def _config_spec(argv: Sequence[str]) -> str | None:
+def config_spec(argv: Sequence[str]) -> str | None:
   """The last --config=FILE[:ARG] (or --config FILE[:ARG]) on the command line, if any."""
   spec = None
   args = list(argv[1:])
@@ -199,7 +199,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """
   argv = _last_overrides_win(argv)
   overrides = _overrides(argv)
-  spec = _config_spec(argv)
+  spec = config_spec(argv)
   no_default = 'config' in flags.FLAGS and flags.FLAGS['config'].default is None
   if overrides and spec is None and no_default:
     # absl would only say "Unknown command line flag 'config.batch_size'".

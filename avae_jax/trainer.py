@@ -414,7 +414,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   r_vae = parallel.replicate(vae_state, setup_.devices)
   r_disc = parallel.replicate(disc_state, setup_.devices)
 
-  def save(step: int, unlogged: list[tuple[int, dict[str, Any]]]) -> None:
+  last_saved = start_step
+
+  def save(step: int) -> None:
+    """Checkpoints the state after `step` steps, with the metrics logged since."""
+    nonlocal last_saved
+    # Never checkpoint a state whose losses were not checked.
+    unlogged = [(s, jax.device_get(mm)) for s, mm in history]
+    _check_finite(unlogged)
     tree = steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
@@ -423,6 +430,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
                                  for s, m in unlogged]}
     ckpt.save(step, jax.device_get(tree), meta)
+    last_saved = step
 
   batches = data.prefetch_to_devices(
       data.batches(setup_.train_source, batch_size=int(config.batch_size),
@@ -441,7 +449,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   stop = _StopSignals()
   stop.install()
-  last_saved = start_step
   try:
     while step < total:
       try:
@@ -452,9 +459,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         # replaced. (One process only: a save needs every process, and the others do
         # not know of this one's error.)
         if step > last_saved and jax.process_count() == 1:
-          unlogged = [(s, jax.device_get(mm)) for s, mm in history]
-          _check_finite(unlogged)
-          save(step, unlogged)
+          save(step)
           ckpt.wait()
           print(f'data error at step {step}: the checkpoint of step {step} is saved',
                 file=sys.stderr, flush=True)
@@ -498,11 +503,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
           writer.image(step, name, img)
           visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
-        # Never checkpoint a state whose losses were not checked.
-        unlogged = [(s, jax.device_get(mm)) for s, mm in history]
-        _check_finite(unlogged)
-        save(step, unlogged)
-        last_saved = step
+        save(step)
       if signum:
         ckpt.wait()
         raise TrainingInterrupted(signum, step)
