@@ -265,8 +265,9 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
 
 
 def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
-             matmul_peak: float | None, rewarm: int = 0) -> dict[str, Any]:
-  """The result row of a timed case (the FIELDS of one JSON line)."""
+             rewarm: int = 0) -> dict[str, Any]:
+  """The result row of a timed case (the FIELDS of one JSON line; add_matmul_peak fills
+  the two matmul-peak fields)."""
   config, devices = prepared.config, prepared.devices
   b = int(config.batch_size)
   disc_frac = vae_frac = None
@@ -279,10 +280,6 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
     # XLA's cost analysis counts the program of one device; every device runs it.
     flops *= len(devices)
   flops_per_s = flops / median if flops else None
-  # The matmul rate was measured on one device. Accelerators add theirs; a CPU's devices
-  # share its cores, and the one measurement used all of them already.
-  if matmul_peak and devices[0].platform != 'cpu':
-    matmul_peak *= len(devices)
   return dict(
       step=prepared.name,
       median_step_s=median,
@@ -292,8 +289,8 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       compile_s=prepared.compile_s,
       flops=flops,
       flops_per_s=flops_per_s,
-      peak_fraction=(flops_per_s / matmul_peak) if flops_per_s and matmul_peak else None,
-      matmul_peak_flops_per_s=matmul_peak,
+      peak_fraction=None,
+      matmul_peak_flops_per_s=None,
       peak_memory_bytes=_peak_memory(devices),
       peak_rss_bytes=peak_rss_bytes(),
       devices=len(devices),
@@ -319,13 +316,25 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
   )
 
 
+def add_matmul_peak(row: dict[str, Any], matmul_peak: float | None) -> dict[str, Any]:
+  """Fills matmul_peak_flops_per_s and peak_fraction from one device's measured rate."""
+  # Accelerators add their rates; a CPU's devices share its cores, and the one
+  # measurement used all of them already.
+  if matmul_peak and row['backend'] != 'cpu':
+    matmul_peak *= row['devices']
+  row['matmul_peak_flops_per_s'] = matmul_peak
+  row['peak_fraction'] = (row['flops_per_s'] / matmul_peak
+                          if row['flops_per_s'] and matmul_peak else None)
+  return row
+
+
 def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
              devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
-             matmul_peak: float | None) -> dict[str, Any]:
+             ) -> dict[str, Any]:
   """Compiles and times one case in one block of steps; returns its result row."""
   prepared = prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
                           batches=batches, dataset_size=dataset_size)
-  return case_row(prepared, prepared.time_steps(steps), rounds=1, matmul_peak=matmul_peak)
+  return case_row(prepared, prepared.time_steps(steps), rounds=1)
 
 
 def round_sizes(steps: int, rounds: int) -> list[int]:
@@ -337,7 +346,7 @@ def round_sizes(steps: int, rounds: int) -> list[int]:
 
 def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, steps: int,
                     warmup: int, rounds: int, devices: Sequence[Any], batches: np.ndarray,
-                    dataset_size: int, matmul_peak: float | None, rewarm: int = 1,
+                    dataset_size: int, rewarm: int = 1,
                     on_compiled: Callable[[PreparedCase], None] | None = None,
                     on_round: Callable[[int], None] | None = None,
                     ) -> list[dict[str, Any]]:
@@ -371,8 +380,7 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
       p = prepared[(r + k) % len(prepared)]
       p.run_untimed(rewarm)
       times[p.name] += p.time_steps(size)
-  return [case_row(p, times[p.name], rounds=rounds, matmul_peak=matmul_peak, rewarm=rewarm)
-          for p in prepared]
+  return [case_row(p, times[p.name], rounds=rounds, rewarm=rewarm) for p in prepared]
 
 
 # The model the twin always builds; its command line sets only the sizes.
@@ -480,18 +488,29 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
   return f'{value * scale:.{digits}f}'
 
 
+def _seconds(value: float | None) -> str:
+  """Seconds to three significant digits (a GPU's steps take milliseconds)."""
+  return '-' if value is None else f'{value:.3g}'
+
+
+def _percent(fraction: float | None) -> str:
+  """A fraction as a percentage; two significant digits below 1% (a GPU's 0.09%)."""
+  if fraction is None:
+    return '-'
+  return f'{100 * fraction:.0f}%' if 100 * fraction >= 1 else f'{100 * fraction:.2g}%'
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """A fixed-width table of the result rows, for people."""
   header = ('step', 'median s', 'p10 s', 'p90 s', 'img/s', 'compile s', 'GFLOP',
             'GFLOP/s', 'of peak', 'twin s', 'twin/ours')
   lines = []
   for r in rows:
-    lines.append((r['step'], _fmt(r['median_step_s']), _fmt(r['p10_step_s']),
-                  _fmt(r['p90_step_s']), _fmt(r['images_per_s'], digits=1),
+    lines.append((r['step'], _seconds(r['median_step_s']), _seconds(r['p10_step_s']),
+                  _seconds(r['p90_step_s']), _fmt(r['images_per_s'], digits=1),
                   _fmt(r['compile_s'], digits=1), _fmt(r['flops'], 1e-9, 1),
-                  _fmt(r['flops_per_s'], 1e-9, 1), _fmt(r['peak_fraction'], 100, 0) + '%'
-                  if r['peak_fraction'] is not None else '-',
-                  _fmt(r['twin_median_step_s']), _fmt(r['twin_ratio'], digits=2)))
+                  _fmt(r['flops_per_s'], 1e-9, 1), _percent(r['peak_fraction']),
+                  _seconds(r['twin_median_step_s']), _fmt(r['twin_ratio'], digits=2)))
   widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
   fmt = lambda cells: '  '.join(c.rjust(w) if i else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths)))

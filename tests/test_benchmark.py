@@ -263,8 +263,7 @@ def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
   monkeypatch.setattr(benchmarking, 'case_row',
                       lambda p, times, **kw: (p.name, len(times), p.metrics, kw['rewarm']))
   rows = benchmarking.run_interleaved(None, ['a', 'b'], steps=3, warmup=1, rounds=2,
-                                      rewarm=1, devices=[], batches=None, dataset_size=1,
-                                      matmul_peak=None)
+                                      rewarm=1, devices=[], batches=None, dataset_size=1)
   assert made == {'a': 6, 'b': 6}
   # Warm-ups, then round 0 (a, b: one untimed and two timed calls each), round 1 in the
   # rotated order (b, a: one untimed, one timed).
@@ -275,7 +274,7 @@ def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
       [('a', 3, [2, 3, 5], 1), ('b', 3, [2, 3, 5], 1)]
   with pytest.raises(ValueError):
     benchmarking.run_interleaved(None, ['a'], steps=2, warmup=0, rounds=1, rewarm=-1,
-                                 devices=[], batches=None, dataset_size=1, matmul_peak=None)
+                                 devices=[], batches=None, dataset_size=1)
 
 
 def test_two_devices_one_case(tiny_rows):
@@ -335,6 +334,36 @@ def test_add_twin_ratio():
            'twin_median_step_s': None, 'twin_ratio': None}
   benchmarking.add_twin(gated, {'adversarial_step_s': 3.0})
   assert gated['twin_ratio'] is None  # the twin times only the both-updates case
+
+
+def test_add_matmul_peak_scales_with_accelerators_only():
+  # 2 accelerators at 1e12 FLOP/s each: 2e12; a CPU's devices share the measured cores.
+  gpu = {'backend': 'gpu', 'devices': 2, 'flops_per_s': 5e9}
+  benchmarking.add_matmul_peak(gpu, 1e12)
+  assert gpu['matmul_peak_flops_per_s'] == 2e12 and gpu['peak_fraction'] == 2.5e-3
+  cpu = {'backend': 'cpu', 'devices': 2, 'flops_per_s': 5e9}
+  benchmarking.add_matmul_peak(cpu, 1e11)
+  assert cpu['matmul_peak_flops_per_s'] == 1e11 and cpu['peak_fraction'] == 0.05
+  unmeasured = {'backend': 'gpu', 'devices': 1, 'flops_per_s': 5e9}
+  benchmarking.add_matmul_peak(unmeasured, None)
+  assert unmeasured['matmul_peak_flops_per_s'] is None and unmeasured['peak_fraction'] is None
+
+
+def test_table_shows_a_gpu_step_s_figures():
+  # A GPU's step takes milliseconds and reaches well under 1% of its matmul peak: '0.006'
+  # and '0%' would hide both.
+  row = {k: None for k in benchmarking.FIELDS}
+  row.update(step='pretrain_step', median_step_s=0.006191, p10_step_s=0.006012,
+             p90_step_s=0.006443, images_per_s=1e4, compile_s=20.0, flops=2.2e9,
+             flops_per_s=3.5e11, peak_fraction=3.5e11 / 4.1e14,
+             matmul_peak_flops_per_s=4.1e14, backend='gpu', device_kind='H', devices=1,
+             image_size=96, channels=3, batch_size=64, dtype='float32', steps=50, rounds=1,
+             twin_median_step_s=0.0139, twin_ratio=0.0139 / 0.006191)
+  line = benchmarking.format_table([row]).splitlines()[2].split()
+  assert line[:4] == ['pretrain_step', '0.00619', '0.00601', '0.00644']
+  assert line[-3:] == ['0.085%', '0.0139', '2.25']
+  row['peak_fraction'] = 0.18
+  assert '18%' in benchmarking.format_table([row]).splitlines()[2].split()
 
 
 def test_op_timings_script_times_every_operation():
