@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU comparison of docs/benchmarks.md in one run: both benchmark shapes against the
-# PyTorch twin in float32, then the bfloat16 compute option (the twin builds float32 only).
+# PyTorch twin in float32, then the bfloat16 compute option (the twin builds float32 only),
+# then float32 again against the twin with JAX_DEFAULT_MATMUL_PRECISION=highest (ours in
+# full float32 instead of TF32).
 #
 #   bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]
 #
-# Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, orbax and
-# ml_collections, and one with torch for the twin ($TWIN_PYTHON, default the same; the
+# Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, chex and
+# ml_collections (a GPU image may lack ml_collections: pip install ml_collections==1.1.0,
+# a pure-Python wheel), and one with torch for the twin ($TWIN_PYTHON, default the same; the
 # twin runs on CUDA when JAX's backend is a GPU). TWIN_SCRIPT defaults to
 # ../shared/bench/torch_twin.py beside the repository. Writes OUT_DIR/machine.txt (GPU,
 # driver, versions) and, per run, NAME.jsonl (benchmark.py's JSON lines) and NAME.log (its
@@ -39,8 +42,9 @@ export PYTHONUNBUFFERED=1
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  "$py" -c 'import platform, jax; print("python", platform.python_version(), "| jax",
-      jax.__version__, jax.devices())' || true
+  "$py" -c 'import platform, jax, flax, optax; print("python", platform.python_version(),
+      "| jax", jax.__version__, "| flax", flax.__version__, "| optax", optax.__version__,
+      jax.devices())' || true
   "$twin_py" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name()
       if torch.cuda.is_available() else "without CUDA")' || true
   lscpu | grep -E '^(Model name|CPU\(s\))' || true
@@ -62,4 +66,8 @@ for shape in celeba mnist; do
     --twin_python="$twin_py" --twin_script="$twin"
   run "$shape-bfloat16" --config="configs/bench_$shape.py" --config.model.dtype=bfloat16 \
     --cases=pretrain_step,adversarial_step_both
+done
+for shape in celeba mnist; do
+  JAX_DEFAULT_MATMUL_PRECISION=highest run "$shape-float32-highest" \
+    --config="configs/bench_$shape.py" --twin_python="$twin_py" --twin_script="$twin"
 done
