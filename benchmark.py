@@ -10,8 +10,8 @@ updates taken: the gate pinned between the two thresholds, 0.6 by default),
 adversarial_step_gated (the real gating on
 the config's data), vae_mse_pretrain_step (the MSE-only 'vae' variant). Each JSON line has
 median/p10/p90 step seconds, images/s, compile seconds, XLA's FLOP count of the compiled
-step, FLOP/s and its fraction of the float32 matmul rate measured after the cases, peak device
-memory (null on CPU) and the process's peak RSS.
+step, FLOP/s and its fraction of the float32 matmul rate measured after the cases, peak
+device memory (null on CPU) and the process's peak RSS.
 
 --rounds=1 (the default) compiles and times the cases one after the other. With
 --rounds=R > 1 every case is compiled first, then the cases take turns, R rounds of

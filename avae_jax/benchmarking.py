@@ -329,8 +329,7 @@ def add_matmul_peak(row: dict[str, Any], matmul_peak: float | None) -> dict[str,
 
 
 def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
-             devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
-             ) -> dict[str, Any]:
+             devices: Sequence[Any], batches: np.ndarray, dataset_size: int) -> dict[str, Any]:
   """Compiles and times one case in one block of steps; returns its result row."""
   prepared = prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
                           batches=batches, dataset_size=dataset_size)
