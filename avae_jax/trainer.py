@@ -477,6 +477,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       if compiles:
         jax.block_until_ready(m)  # dispatch returns after compiling, before the step ran
         progress.compiled(step + 1)
+        # The logged steps_per_s leaves it out too (with any step before it since the last
+        # log): the rate counts from here.
+        t_last, n_last = time.perf_counter(), -1
       history.append((step, m))
       step += 1
       n_last += 1
@@ -488,8 +491,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         fetched = [(s, jax.device_get(mm)) for s, mm in history]
         _check_finite(fetched)
         scalars = _mean_metrics(fetched)
-        dt = time.perf_counter() - t_last
-        scalars['steps_per_s'] = n_last / max(dt, 1e-9)
+        if n_last > 0:  # a log of the compiling step alone has no rate
+          scalars['steps_per_s'] = n_last / max(time.perf_counter() - t_last, 1e-9)
         scalars['learning_rate'] = float(config.optimizer.learning_rate)
         if step > pre:
           scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)

@@ -557,7 +557,9 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(env, two_proces
   assert 'resuming from checkpoint at step 2' in resumed
   want, got = _metrics(reference), _metrics(workdir)
   for step in range(1, TOTAL_STEPS + 1):
-    assert set(got[step]) == set(want[step]), (step, got[step], want[step])
+    # steps_per_s aside: the resumed run's first step compiles, the reference's did not.
+    rate = {'steps_per_s'}
+    assert set(got[step]) - rate == set(want[step]) - rate, (step, got[step], want[step])
     for name, value in want[step].items():
       if name != 'steps_per_s':
         np.testing.assert_allclose(got[step][name], value, rtol=1e-6, atol=1e-7,
