@@ -19,11 +19,22 @@ from avae_jax import summary
 
 
 def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
-  """Returns `images` as an array after checking rank and channel count."""
+  """Returns `images` as an array after checking rank, channel count and dtype."""
   images = np.asarray(images)
   if images.ndim != ndim or images.shape[-1] not in (1, 3):
     raise ValueError(f'{what} must have {ndim} axes ending in 1 or 3 channels; '
                      f'got shape {images.shape}.')
+  return _check_dtype(images, what)
+
+
+def _check_dtype(images: np.ndarray, what: str) -> np.ndarray:
+  """Returns `images` if uint8 or float, else raises ValueError."""
+  # Other integers (int32, uint16, bool) have no one scale to read them on: as floats in
+  # [0, 1] they came out black and white.
+  floating = np.issubdtype(images.dtype, np.floating) or images.dtype.name == 'bfloat16'
+  if images.dtype != np.uint8 and not floating:
+    raise ValueError(f'{what} must be uint8 (0..255) or floats in [0, 1]; '
+                     f'got dtype {images.dtype}.')
   return images
 
 
@@ -53,7 +64,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
-  files.write_bytes(path, summary.encode_png(image))
+  files.write_bytes(path, summary.encode_png(_check_dtype(np.asarray(image), 'image')))
 
 
 def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
@@ -74,8 +85,11 @@ def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None =
   x_rec = _check_images(x_rec, 4, 'x_rec')
   if x.shape[1:] != x_rec.shape[1:]:
     raise ValueError(f'x {x.shape} and x_rec {x_rec.shape} differ in image shape.')
+  if n < 0 or (ncol is not None and ncol < 1):
+    raise ValueError(f'Need n >= 0 and ncol >= 1; got {n}, {ncol}.')
   n = min(n, len(x), len(x_rec))
-  ncol = n if ncol is None else ncol
+  # No images (an empty eval split) gives a blank pair of cells, as `grid` gives a blank row.
+  ncol = max(n, 1) if ncol is None else ncol
   pairs = max(1, math.ceil(n / ncol))
   # The cells are uint8, as `grid` makes them: uint8 inputs copied into float cells were
   # read as floats in [0, 1] and clipped to black and white.

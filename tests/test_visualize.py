@@ -121,3 +121,34 @@ def test_latent_traversal_changes_only_chosen_dims():
     np.testing.assert_array_equal(out[i][:, others], np.tile(z[others], (3, 1)))
   with pytest.raises(ValueError):
     visualize.latent_traversal(z, dims=[5], values=values)
+
+
+@pytest.mark.parametrize('dtype', [np.int32, np.uint16, np.int64, bool])
+def test_integer_images_other_than_uint8_are_refused(dtype):
+  # 128 as int32 is no float in [0, 1]: it used to come out as a white cell.
+  images = np.full((2, 2, 2, 1), 128 if dtype is not bool else True, dtype)
+  rows = images[None]
+  calls = [lambda: visualize.grid(images, ncol=2),
+           lambda: visualize.samples(images, ncol=2),
+           lambda: visualize.reconstructions(images, images, n=2),
+           lambda: visualize.reconstructions(constant_images([0.5, 0.5]), images, n=2),
+           lambda: visualize.interpolations(rows),
+           lambda: visualize.traversals(rows),
+           lambda: visualize.save_png('/nonexistent/never_written.png', images[0])]
+  for call in calls:
+    with pytest.raises(ValueError, match='uint8 .*or floats'):
+      call()
+
+
+def test_reconstructions_bad_counts_are_clear_errors():
+  x = constant_images([0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match='ncol >= 1'):
+    visualize.reconstructions(x, x, n=3, ncol=0)
+  with pytest.raises(ValueError, match='n >= 0'):
+    visualize.reconstructions(x, x, n=-1)
+  # No images at all: one blank pair of cells (pad_value), not a ZeroDivisionError.
+  empty = np.zeros((0, 2, 2, 1), np.float32)
+  out = visualize.reconstructions(empty, empty, n=4, pad_value=0.0)
+  np.testing.assert_array_equal(out, np.zeros((2 * 3 + 1, 1 * 3 + 1, 1), np.uint8))
+  out = visualize.reconstructions(x, x, n=0, pad_value=1.0)
+  np.testing.assert_array_equal(out, np.full((2 * 3 + 1, 1 * 3 + 1, 1), 255, np.uint8))
