@@ -199,6 +199,9 @@ class Checkpointer:
       directory = os.path.abspath(directory)  # tensorstore wants absolute paths.
     self.directory = directory
     self.read_only = read_only
+    if keep is not None and keep < 0:
+      # orbax's LatestN(-1) deleted every checkpoint, the one just saved too.
+      raise ValueError(f'keep must be None, 0 (keep all) or positive; got {keep}.')
     policy = ocp.checkpoint_managers.LatestN(keep) if keep else None
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,

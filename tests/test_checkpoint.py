@@ -434,3 +434,10 @@ def test_two_processes_save_and_restore_replicated_state(tmp_path):
     result = json.loads((tmp_path / f'out{i}.json').read_text())
     assert result == {'steps': [2, 1], 'metas': [{'step': 2}, {'step': 1}],
                       'ok': [True, True, True]}
+
+
+def test_negative_keep_is_refused(tmp_path):
+  # orbax's LatestN(-1) deleted every checkpoint, including the one just saved.
+  with pytest.raises(ValueError, match='keep'):
+    checkpoint.Checkpointer(tmp_path / 'ckpt', keep=-1)
+
