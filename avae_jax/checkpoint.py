@@ -79,9 +79,13 @@ def _flatten(tree: PyTree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
   if any(not n for n in names):
     raise ValueError('The checkpointed state must be a container (dict, tuple, '
                      'dataclass) of arrays, not a bare array.')
-  if len(set(names)) != len(names):
-    raise ValueError('Two leaves of the state have the same path as strings; '
-                     'rename the keys.')
+  # orbax names each array by its path joined with '.': {'a.b': x, 'a': {'b': y}} saved
+  # both under one name, and the checkpoint failed its checksums on every restore.
+  joined = ['.'.join(n) for n in names]
+  clashes = sorted({j for j in joined if joined.count(j) > 1})
+  if clashes:
+    raise ValueError(f'Leaves of the state share the path {clashes[0]!r} once their keys '
+                     "are strings joined with '.' (orbax's array names); rename the keys.")
   return names, [leaf for _, leaf in with_path], treedef
 
 
@@ -118,11 +122,26 @@ def _canonical_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
-def _to_host(leaf: Any) -> np.ndarray:
+def _to_host(leaf: Any, name: tuple[str, ...]) -> np.ndarray:
   """Returns a leaf as a host numpy array of its canonical JAX dtype."""
   array = np.asarray(jax.device_get(leaf))
   dtype = _canonical_dtype(array.dtype)
-  return array if array.dtype == dtype else array.astype(dtype)
+  if array.dtype == dtype:
+    return array
+  with np.errstate(over='ignore'):  # overflow is checked below, with the leaf's name
+    converted = array.astype(dtype)
+  # int64 -> int32 wraps around (2**40 came back as 0) and float64 -> float32 overflows to
+  # inf: refuse values the stored dtype cannot hold rather than restore others.
+  if np.issubdtype(array.dtype, np.integer):
+    lost = not np.array_equal(converted.astype(array.dtype), array)
+  else:
+    lost = not np.array_equal(np.isfinite(converted), np.isfinite(array))
+  if lost:
+    raise ValueError(
+        f'State leaf {_path_str(name)} holds {array.dtype} values that {dtype} (the dtype '
+        'JAX stores without jax_enable_x64) cannot represent; enable x64 or keep such '
+        'numbers in meta.')
+  return converted
 
 
 def _crc32(array: np.ndarray) -> int:
@@ -240,7 +259,10 @@ class Checkpointer:
     Returns False, saving nothing, if a checkpoint for `step` exists, unless
     `force`, which replaces it. Checkpoints that `restore` found unreadable are
     deleted first. Newer checkpoints than `step` (another run's future) make
-    this raise ValueError, unless `force`, which deletes them. With async_save
+    this raise ValueError, unless `force`, which deletes them. A state whose
+    values the stored dtypes cannot hold (int64 beyond int32 without x64), or
+    whose paths orbax would merge, raises ValueError before anything is
+    deleted. With async_save
     the write continues in the background: call `wait()` or `close()` before
     the process exits.
     """
@@ -253,6 +275,9 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise TypeError(f'Checkpoint meta must be JSON (ints, floats, str, lists, '
                       f'dicts): {e}') from e
+    # A state that cannot be saved is refused before any checkpoint is deleted.
+    names, leaves, _ = _flatten(state)
+    host = [_to_host(leaf, name) for name, leaf in zip(names, leaves)]
     # A previous async save must be on disk before steps are listed/deleted.
     self._manager.wait_until_finished()
     existing = self.all_steps()
@@ -280,8 +305,6 @@ class Checkpointer:
       logging.info('Replacing checkpoint %d in %s.', step, self.directory)
       self._manager.delete(step)
 
-    names, leaves, _ = _flatten(state)
-    host = [_to_host(leaf) for leaf in leaves]
     manifest = {
         'version': _MANIFEST_VERSION,
         'leaves': [{'path': list(name), 'shape': list(a.shape),

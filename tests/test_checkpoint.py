@@ -441,3 +441,37 @@ def test_negative_keep_is_refused(tmp_path):
   with pytest.raises(ValueError, match='keep'):
     checkpoint.Checkpointer(tmp_path / 'ckpt', keep=-1)
 
+
+def test_values_the_stored_dtype_cannot_hold_are_refused(tmp_path):
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None, async_save=False) as ckpt:
+    assert ckpt.save(3, {'w': np.ones(2, np.float32)}, {'v': 3})
+    # int64 values within int32 are stored as int32, the same numbers.
+    fits = {'n': np.array([-2**31, 2**31 - 1], np.int64), 'f': np.array(0.5, np.float64)}
+    assert ckpt.save(4, fits, {})
+    _, restored, _ = ckpt.restore(fits)
+    np.testing.assert_array_equal(restored['n'], [-2**31, 2**31 - 1])
+    assert float(restored['f']) == 0.5
+    for bad, leaf in ((np.array([1, 2**40], np.int64), 'state/n'),
+                      (np.array(2**32, np.uint64), 'state/n'),
+                      (np.array([1e300], np.float64), 'state/n')):
+      # 2**40 wrapped to 0 as int32 and 1e300 became inf, in a checkpoint that restored.
+      with pytest.raises(ValueError, match=leaf):
+        ckpt.save(5, {'state': {'n': bad}}, {})
+      # Refused before anything is deleted, even with force=True (which deletes newer ones).
+      with pytest.raises(ValueError, match=leaf):
+        ckpt.save(1, {'state': {'n': bad}}, {}, force=True)
+      assert ckpt.all_steps() == [3, 4]
+
+
+def test_paths_that_orbax_would_merge_are_refused(tmp_path):
+  # orbax names arrays by their paths joined with '.': these two leaves shared one name,
+  # the save succeeded and every restore failed its checksum.
+  state = {'a.b': np.ones(2, np.float32), 'a': {'b': np.zeros(2, np.float32)}}
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None, async_save=False) as ckpt:
+    with pytest.raises(ValueError, match="'a.b'"):
+      ckpt.save(1, state, {})
+    assert ckpt.all_steps() == []
+    # A dot or a slash inside a key of its own is fine.
+    state = {'a.b': np.ones(2, np.float32), 'c/d': np.full(2, 2, np.float32)}
+    assert ckpt.save(1, state, {})
+    assert_trees_equal(ckpt.restore(state)[1], state)
