@@ -655,6 +655,10 @@ def read_idx(path: str) -> np.ndarray:
       payload = f.read(nbytes)
       if len(payload) < nbytes:
         raise DataError(f'{path}: idx payload truncated ({len(payload)} of {nbytes} bytes)')
+      # gzip checks the CRC only at the end of the stream: read on to it, so that a
+      # corrupted file is an error rather than wrong pixels.
+      while f.read(1 << 20):
+        pass
       return np.frombuffer(payload, dtype).reshape(dims).astype(dtype.newbyteorder('='))
   except (OSError, EOFError, gzip.BadGzipFile) as e:
     raise DataError(f'cannot read idx file {path}: {e}') from e

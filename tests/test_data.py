@@ -252,6 +252,21 @@ def test_arrays_idx_float_big_endian(tmp_path):
   np.testing.assert_array_equal(src.get([0, 1, 2])[..., 0], x)
 
 
+def test_corrupted_gzip_idx_is_an_error(tmp_path):
+  x = np.random.default_rng(5).integers(0, 256, (20, 16, 16)).astype(np.uint8)
+  # Level 0 stores the bytes verbatim: one flipped payload byte keeps the stream
+  # decodable, and only the CRC at its end tells.
+  packed = bytearray(gzip.compress(_idx_bytes(x, 0x08), compresslevel=0))
+  packed[len(packed) // 2] ^= 0xFF
+  (tmp_path / 'images.idx.gz').write_bytes(bytes(packed))
+  with pytest.raises(gzip.BadGzipFile, match='CRC'):
+    gzip.decompress(bytes(packed))
+  with pytest.raises(data.DataError, match='CRC check failed'):
+    data.read_idx(str(tmp_path / 'images.idx.gz'))
+  with pytest.raises(data.DataError, match='cannot read idx file'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1))
+
+
 def test_arrays_errors(tmp_path):
   with pytest.raises(data.DataError, match='does not exist'):
     data.load(_config(dataset=f'arrays:{tmp_path / "nothing.npy"}'))
