@@ -144,9 +144,15 @@ _RANGE_SCAN_BYTES = 1 << 30
 
 def _check_range(x: np.ndarray, what: str) -> None:
   """DataError unless the float images x lie in [0, 1] (up to float rounding)."""
-  if x.size and (x.min() < -1e-6 or x.max() > 1.0 + 1e-6):
+  if not x.size:
+    return
+  lo, hi = x.min(), x.max()
+  # min and max are NaN if any value is, and NaN fails no comparison.
+  if np.isnan(lo) or np.isnan(hi):
+    raise DataError(f'{what}: float images must lie in [0, 1], found NaN')
+  if lo < -1e-6 or hi > 1.0 + 1e-6:
     raise DataError(f'{what}: float images must lie in [0, 1], found values in '
-                    f'[{x.min():g}, {x.max():g}] (divide by 255?)')
+                    f'[{lo:g}, {hi:g}] (divide by 255?)')
 
 
 def _array_reader(images: np.ndarray, scale: float,

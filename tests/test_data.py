@@ -321,6 +321,22 @@ def test_float_arrays_are_range_checked_beyond_their_first_rows(tmp_path, monkey
     source.get([3, 290])
 
 
+def test_float_arrays_with_nan_are_refused(tmp_path, monkeypatch):
+  x = np.random.default_rng(1).random((300, 8, 8), dtype=np.float32)
+  x[290, 4, 4] = np.nan  # one pixel of one image
+  np.save(tmp_path / 'nan.npy', x)
+  spec = f'arrays:{tmp_path / "nan.npy"}'
+  with pytest.raises(data.DataError, match=r'nan\.npy: float images must lie in \[0, 1\], '
+                     'found NaN'):
+    data.load(_config(dataset=spec, eval_fraction=0.0))
+  # A file sampled at load time: the batch that holds the NaN is refused when read.
+  monkeypatch.setattr(data, '_RANGE_SCAN_BYTES', 2 * 8 * 8 * 4)
+  source = data.load(_config(dataset=spec, eval_fraction=0.0))
+  assert np.isfinite(source.get(np.arange(280))).all()
+  with pytest.raises(data.DataError, match='found NaN'):
+    source.get([3, 290])
+
+
 def _tfds():
   return pytest.importorskip('tensorflow_datasets')
 
