@@ -509,6 +509,21 @@ def test_tfds_cache_writer_with_known_split_size(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['known.npy', 'unknown.npy']  # no partial files
 
 
+def test_tfds_cache_writer_leaves_another_writers_file_alone(tmp_path):
+  tf = pytest.importorskip('tensorflow')
+  images = np.random.default_rng(6).integers(0, 256, (10, 20, 20, 1)).astype(np.uint8)
+  ds = tf.data.Dataset.from_tensor_slices({'image': images}).batch(4)
+  geometry = dict(image_size=20, crop_size=0, channels=1)
+  # The half-written file of a writer on another host sharing data_dir, whose process
+  # and thread ids (in a container) can equal ours: it must be neither truncated nor
+  # renamed into place.
+  theirs = tmp_path / f'shared.npy.tmp{os.getpid()}.{threading.get_ident()}.npy'
+  theirs.write_bytes(b'half of a cache')
+  mine, _, _ = data._write_cache(ds, str(tmp_path), 'shared', 'mnist', None, geometry, 10)
+  np.testing.assert_array_equal(mine, images)
+  assert theirs.read_bytes() == b'half of a cache'
+
+
 def test_unknown_dataset_and_bad_channels():
   with pytest.raises(data.DataError, match='unknown dataset'):
     data.load(_config(dataset='imagenet'))
