@@ -316,8 +316,9 @@ def _load_shapes(config: Any, split: str) -> Source:
   num = num_train if split == 'train' else num_eval
   if num <= 0:
     raise DataError(f'config.shapes.num_{split} must be > 0, got {num}')
+  seed = _check_seed(config.seed)
   try:  # train leaves out the eval images, so both splits check num_eval
-    factors = shapes_lib.sample_factors(int(config.seed), split, num_train, num_eval)
+    factors = shapes_lib.sample_factors(seed, split, num_train, num_eval)
   except ValueError as e:
     raise DataError(f'config.shapes.{e}') from None
   size, channels = int(config.image_size), int(config.channels)
@@ -850,6 +851,13 @@ def _load_arrays(config: Any, spec: str, split: str) -> Source:
 # ------------------------------------------------------------------------ batching
 
 
+def _check_seed(seed: int) -> int:
+  """Returns seed as an int if it is >= 0, else raises DataError."""
+  if int(seed) < 0:  # numpy's SeedSequence takes no negative entropy
+    raise DataError(f'the data seed must be >= 0 (config.seed), got {seed}')
+  return int(seed)
+
+
 def _permutation(seed: int, epoch: int, num: int) -> np.ndarray:
   """The example order of one epoch, a function of (seed, epoch, num) only."""
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
@@ -861,6 +869,7 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
     raise DataError(f'batch_size {batch_size} is larger than the {num_examples} examples')
+  seed = _check_seed(seed)
   epoch, t = divmod(int(step), steps_per_epoch)
   return _permutation(seed, epoch, num_examples)[t * batch_size:(t + 1) * batch_size]
 
@@ -889,6 +898,7 @@ def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
                     f'processes) is not divisible by the {num_local_devices} local devices')
   if start_step < 0:
     raise DataError(f'start_step must be >= 0, got {start_step}')
+  seed = _check_seed(seed)
   num = source.num_examples
   steps_per_epoch = num // batch_size
   if steps_per_epoch == 0:

@@ -73,6 +73,8 @@ def sample_factors(seed: int, split: str, num_train: int, num_eval: int) -> np.n
   """
   if split not in SPLITS:
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if int(seed) < 0:
+    raise ValueError(f'seed must be >= 0, got {seed}')
   total = num_combinations()
   if not 0 < num_eval <= total // 2:
     raise ValueError(f'num_eval must be in 1..{total // 2} (at most half of the {total} '

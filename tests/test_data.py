@@ -630,6 +630,11 @@ def test_batches_validate_sizes():
     data.batches(src, batch_size=8, seed=0, num_local_devices=3)
   with pytest.raises(data.DataError, match='larger than'):
     data.batches(src, batch_size=32, seed=0)
+  # numpy's SeedSequence refuses negative seeds with 'expected non-negative integer'.
+  with pytest.raises(data.DataError, match=r'seed must be >= 0 \(config.seed\), got -1'):
+    data.batches(src, batch_size=4, seed=-1)
+  with pytest.raises(data.DataError, match='seed must be >= 0'):
+    data.batch_indices(20, 4, -3, 0)
 
 
 def test_eval_batches_pad_and_mask():

@@ -181,3 +181,8 @@ def test_bad_factors_raise():
   no_eval.shapes.num_eval = 0
   with pytest.raises(data.DataError, match='num_eval must be in 1..15360'):
     data.load(no_eval, 'train')
+  # A negative seed is named as such (it read 'config.shapes.expected non-negative integer').
+  with pytest.raises(ValueError, match='seed must be >= 0, got -2'):
+    shapes.sample_factors(-2, 'eval', 3, 3)
+  with pytest.raises(data.DataError, match=r'^the data seed must be >= 0 \(config.seed\)'):
+    data.load(_config(seed=-1), 'eval')
