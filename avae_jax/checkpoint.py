@@ -335,6 +335,9 @@ class Checkpointer:
     there is no checkpoint. With step=None an unreadable checkpoint is logged
     as a warning and the previous one is tried; CheckpointError if none can be
     read. ValueError if the template does not match the checkpoint's layout.
+    A checkpoint deleted while it is read (pruned by a run training in the
+    directory) is no damage: step=None takes the latest again, a chosen step
+    raises FileNotFoundError.
     """
     self._manager.wait_until_finished()
     self._manager.reload()
@@ -355,7 +358,10 @@ class Checkpointer:
 
     unreadable: list[int] = []
     last_error: BaseException | None = None
-    for s in candidates:
+    tried: set[int] = set()
+    while pending := [s for s in candidates if s not in tried]:
+      s = pending[0]
+      tried.add(s)
       error: BaseException | None = None
       try:
         state_leaves, meta = self._restore_step(s, names, specs)
@@ -372,6 +378,17 @@ class Checkpointer:
         else:
           logging.info('Restored checkpoint %d from %s.', s, self.directory)
         return s, jax.tree_util.tree_unflatten(treedef, state_leaves), meta
+      if self._deleted(s):
+        # A reader beside a training run (eval.py) lost the race with its pruning: that
+        # is no damage, and the run has committed a newer step meanwhile.
+        if step is not None:
+          raise FileNotFoundError(
+              f'Checkpoint {s} in {self.directory} was deleted while it was read (pruned '
+              f'by the run training there?); steps now: {self.all_steps()}.') from error
+        logging.info('Checkpoint %d in %s was deleted while it was read; taking the '
+                     'latest again.', s, self.directory)
+        candidates = self.all_steps()[::-1]
+        continue
       logging.warning('Checkpoint %d in %s is unreadable (%s)%s', s,
                       self.directory, _describe(error),
                       '' if step is not None else '; trying the previous one.')
@@ -381,10 +398,17 @@ class Checkpointer:
       unreadable.append(s)
       self._bad_steps.add(s)
       last_error = error
+    if not unreadable:  # every checkpoint was deleted while being read
+      return None
     raise CheckpointError(
         f'None of the checkpoints {unreadable} in {self.directory} can be read '
         f'(the last error: {_describe(last_error)}); start over in a new workdir, or delete '
         'the checkpoints directory to train this one from step 0.') from last_error
+
+  def _deleted(self, step: int) -> bool:
+    """Whether checkpoint `step` is gone from the directory on every process."""
+    self._manager.reload()
+    return _all_processes_agree(step not in self.all_steps())
 
   def _restore_step(self, step: int, names: list[tuple[str, ...]],
                     specs: list[tuple[tuple[int, ...], str]]

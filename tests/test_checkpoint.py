@@ -475,3 +475,35 @@ def test_paths_that_orbax_would_merge_are_refused(tmp_path):
     state = {'a.b': np.ones(2, np.float32), 'c/d': np.full(2, 2, np.float32)}
     assert ckpt.save(1, state, {})
     assert_trees_equal(ckpt.restore(state)[1], state)
+
+
+def test_reader_whose_checkpoint_is_pruned_while_read_takes_the_new_one(tmp_path, caplog):
+  # eval.py beside a training run with keep=1: the run commits step 2 and prunes step 1
+  # while the reader is reading step 1.
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=1, async_save=False) as writer, \
+       checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    writer.save(1, big_state(1), {'step': 1})
+    read_step = reader._restore_step
+    trainer_steps = [2]  # the steps the run commits during the next restore
+
+    def read_while_pruned(step, names, specs):
+      if trainer_steps and step == writer.latest_step():  # pruned while it is read
+        s = trainer_steps.pop(0)
+        assert writer.save(s, big_state(s), {'step': s})
+        assert writer.all_steps() == [s] and not (directory / str(step)).exists()
+      return read_step(step, names, specs)
+
+    reader._restore_step = read_while_pruned
+    with caplog.at_level(logging.WARNING, logger='absl'):
+      step, state, meta = reader.restore(big_state(0))
+    assert (step, meta) == (2, {'step': 2})
+    assert_trees_equal(state, big_state(2))
+    assert not [r for r in caplog.records if 'unreadable' in r.getMessage()]
+    # A chosen step that is pruned while read was deleted, not damaged.
+    trainer_steps.append(3)
+    with pytest.raises(FileNotFoundError, match='deleted while'):
+      reader.restore(big_state(0), step=2)
+    assert reader.restore(big_state(0))[0] == 3
+    # The writer saw nothing unreadable: its next save deletes nothing.
+    assert writer.save(4, big_state(4), {'step': 4}) and writer.all_steps() == [4]
