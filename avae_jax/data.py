@@ -13,7 +13,8 @@ Datasets (`config.dataset`):
 * `mnist`, `fashion_mnist`, `celeb_a`, `dsprites`: tensorflow_datasets, read from
   `config.data_dir`. Downloads happen only with `config.download=True`. The split is
   decoded once, cropped/resized, and cached as a uint8 .npy (see `cache_dirs`); later
-  runs memory-map the cache and need neither tfds nor TensorFlow to read it.
+  runs memory-map the cache and need no TensorFlow to read it (tfds still gives the
+  dataset's version, part of the cache's name).
   'eval' is `config.eval_split` (a tfds split string, slices included); dsprites, which
   has only 'train', holds out a fixed random `eval_fraction` of `config.train_split`
   instead (row choice seeded with 0, independent of config.seed; kept in random order),
