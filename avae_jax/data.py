@@ -26,16 +26,17 @@ Datasets (`config.dataset`):
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
   `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). File names containing 'label'
-  are skipped in directories/globs. A file belongs to 'eval' when its name, split at
-  non-alphanumerics, has a token among test, t10k, eval, val, valid, validation;
-  every other file is 'train'. Several files of one split are concatenated in sorted
-  name order. Without any eval file, 'eval' is the last `eval_fraction` of the train
-  images and 'train' the rest. Inside a .npz the image array is 'image', 'images',
-  'imgs' or 'x'; or split keys 'x_train'/'x_test', 'train_images'/'test_images' (same
-  token rule); or its only array. Arrays are (N, H, W) or (N, H, W, C) with C in (1, 3);
-  uint8 is divided by 255, bool becomes 0/1, floats are kept and must lie in [0, 1].
-  The dSprites .npz ('imgs' with 'latents_classes') has 0/1 pixels: they are scaled to
-  [0, 1] white and its latent classes become `factors`.
+  are skipped in directories/globs, and so is a `.gz` file beside its unpacked copy.
+  A file belongs to 'eval' when its name, split at non-alphanumerics, has a token among
+  test, t10k, eval, val, valid, validation; every other file is 'train'. Several files
+  of one split are concatenated in sorted name order. Without any eval file, 'eval' is
+  the last `eval_fraction` of the train images and 'train' the rest. Inside a .npz the
+  image array is 'image', 'images', 'imgs' or 'x'; or split keys 'x_train'/'x_test',
+  'train_images'/'test_images' (same token rule); or its only array. Arrays are
+  (N, H, W) or (N, H, W, C) with C in (1, 3); uint8 is divided by 255, bool becomes
+  0/1, floats are kept and must lie in [0, 1]. The dSprites .npz ('imgs' with
+  'latents_classes') has 0/1 pixels: they are scaled to [0, 1] white and its latent
+  classes become `factors`.
   Fashion-MNIST on Debian: `apt-get install dataset-fashion-mnist`, then
   `arrays:/usr/share/datasets/fashion-mnist/` (train-images-idx3-ubyte.gz -> train,
   t10k-images-idx3-ubyte.gz -> eval).
@@ -714,7 +715,14 @@ def _array_files(spec: str) -> list[str]:
            and 'label' not in os.path.basename(f).lower()]
   if not files:
     raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
-  return files
+  # An idx.gz beside its unpacked copy (gunzip -k) holds the same images: read once,
+  # not concatenated into a split with every image twice.
+  packed = [f for f in files if f.lower().endswith('.gz') and f[:-3] in files]
+  if packed:
+    logging.info('arrays:%s: reading %s, not the gzipped copies %s', spec,
+                 ', '.join(os.path.basename(f[:-3]) for f in packed),
+                 ', '.join(os.path.basename(f) for f in packed))
+  return [f for f in files if f not in packed]
 
 
 _NPZ_IMAGE_KEYS = ('image', 'images', 'imgs', 'x')

@@ -241,6 +241,25 @@ def test_arrays_idx_files_and_name_mapping(tmp_path):
   np.testing.assert_array_equal(globbed.get([3]), ev.get([3]))
 
 
+def test_arrays_gzipped_idx_beside_its_unpacked_copy_is_read_once(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  rng = np.random.default_rng(7)
+  tr = rng.integers(0, 256, (6, 16, 16)).astype(np.uint8)
+  te = rng.integers(0, 256, (3, 16, 16)).astype(np.uint8)
+  # As after `gunzip -k`: train-images both packed and unpacked, t10k packed only.
+  (tmp_path / 'train-images-idx3-ubyte').write_bytes(_idx_bytes(tr, 0x08))
+  with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:
+    f.write(_idx_bytes(tr, 0x08))
+  with gzip.open(tmp_path / 't10k-images-idx3-ubyte.gz', 'wb') as f:
+    f.write(_idx_bytes(te, 0x08))
+  cfg = _config(dataset=f'arrays:{tmp_path}', channels=1)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  assert (train.num_examples, ev.num_examples) == (6, 3)  # not 12: no image twice
+  _close(train.get(np.arange(6))[..., 0], tr / np.float32(255))
+  _close(ev.get(np.arange(3))[..., 0], te / np.float32(255))
+  assert any('not the gzipped copies train-images-idx3-ubyte.gz' in m for m in caplog.messages)
+
+
 def test_arrays_idx_float_big_endian(tmp_path):
   x = np.random.default_rng(3).random((3, 16, 16)).astype(np.float32)
   with gzip.open(tmp_path / 'images.idx.gz', 'wb') as f:
