@@ -5,10 +5,11 @@ One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
   state/     the arrays (StandardSave: tensorstore/OCDBT), stored as a nested
              dict whose keys are the pytree path of each leaf, so any pytree
              (dicts, optax namedtuples, flax dataclasses) restores into the
-             structure of the template it is given;
+             structure of the template it is given; typed PRNG keys
+             (jax.random.key) are stored as their key_data;
   meta/      the caller's JSON (phase, data position, PRNG state, config hash);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
-             every leaf, checked on restore.
+             every leaf (and a key's implementation), checked on restore.
 
 What is relied on from orbax (0.12.x, local or network file systems):
 
@@ -122,8 +123,18 @@ def _canonical_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
+def _prng_key_dtype(leaf: Any) -> str | None:
+  """Returns the dtype name of a typed PRNG key leaf ('key<fry>'), None for other leaves."""
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return str(dtype)
+  return None
+
+
 def _to_host(leaf: Any, name: tuple[str, ...]) -> np.ndarray:
-  """Returns a leaf as a host numpy array of its canonical JAX dtype."""
+  """Returns a leaf as a host numpy array of its canonical JAX dtype (keys: their data)."""
+  if _prng_key_dtype(leaf) is not None:
+    leaf = jax.random.key_data(leaf)
   array = np.asarray(jax.device_get(leaf))
   dtype = _canonical_dtype(array.dtype)
   if array.dtype == dtype:
@@ -150,14 +161,25 @@ def _crc32(array: np.ndarray) -> int:
   return zlib.crc32(flat) & 0xFFFFFFFF
 
 
-def _spec(leaf: Any) -> tuple[tuple[int, ...], str]:
-  """Returns (shape, canonical dtype name) of a template leaf."""
+def _spec(leaf: Any) -> tuple[tuple[int, ...], str, str | None]:
+  """Returns (shape, canonical dtype name, key dtype name) of the data a template leaf stores."""
+  key = _prng_key_dtype(leaf)
+  if key is not None:  # a typed PRNG key is stored as its key_data (uint32)
+    data = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(int(d) for d in data.shape), _canonical_dtype(data.dtype).name, key
   if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
     shape, dtype = tuple(int(d) for d in leaf.shape), leaf.dtype
   else:  # Python scalars.
     array = np.asarray(leaf)
     shape, dtype = array.shape, array.dtype
-  return shape, _canonical_dtype(dtype).name
+  return shape, _canonical_dtype(dtype).name, None
+
+
+def _describe_spec(shape: tuple[int, ...], dtype: str, key: str | None) -> str:
+  """Returns a stored leaf's description for messages, e.g. '(3, 4) float32'."""
+  if key is None:
+    return f'{shape} {dtype}'
+  return f'{key} stored as {shape} {dtype}'
 
 
 def _replicated_sharding() -> NamedSharding:
@@ -305,12 +327,13 @@ class Checkpointer:
       logging.info('Replacing checkpoint %d in %s.', step, self.directory)
       self._manager.delete(step)
 
-    manifest = {
-        'version': _MANIFEST_VERSION,
-        'leaves': [{'path': list(name), 'shape': list(a.shape),
-                    'dtype': a.dtype.name, 'crc32': _crc32(a)}
-                   for name, a in zip(names, host)],
-    }
+    entries = [{'path': list(name), 'shape': list(a.shape), 'dtype': a.dtype.name,
+                'crc32': _crc32(a)} for name, a in zip(names, host)]
+    for entry, leaf in zip(entries, leaves):
+      key = _prng_key_dtype(leaf)
+      if key is not None:  # restored as a key of the same implementation
+        entry['key'], entry['key_impl'] = key, str(jax.random.key_impl(leaf))
+    manifest = {'version': _MANIFEST_VERSION, 'leaves': entries}
     arrays = [
         jax.make_array_from_callback(
             a.shape, self._sharding, lambda index, a=a: np.asarray(a[index]))
@@ -331,8 +354,9 @@ class Checkpointer:
     """Returns (step, state, meta) of checkpoint `step` (default: latest readable).
 
     `template` is a pytree like the saved state (arrays or ShapeDtypeStruct);
-    the state comes back in its structure as host numpy arrays. Returns None if
-    there is no checkpoint. With step=None an unreadable checkpoint is logged
+    the state comes back in its structure as host numpy arrays (typed PRNG
+    keys as jax keys of the saved implementation). Returns None if there is no
+    checkpoint. With step=None an unreadable checkpoint is logged
     as a warning and the previous one is tried; CheckpointError if none can be
     read. ValueError if the template does not match the checkpoint's layout.
     A checkpoint deleted while it is read (pruned by a run training in the
@@ -411,8 +435,8 @@ class Checkpointer:
     return _all_processes_agree(step not in self.all_steps())
 
   def _restore_step(self, step: int, names: list[tuple[str, ...]],
-                    specs: list[tuple[tuple[int, ...], str]]
-                    ) -> tuple[list[np.ndarray], dict]:
+                    specs: list[tuple[tuple[int, ...], str, str | None]]
+                    ) -> tuple[list[Any], dict]:
     """Reads and verifies one checkpoint; returns (leaves in `names` order, meta)."""
     small = self._manager.restore(step, args=ocp.args.Composite(**{
         _META: ocp.args.JsonRestore(), _MANIFEST: ocp.args.JsonRestore()}))
@@ -427,11 +451,11 @@ class Checkpointer:
 
     abstract = _nest(names, [
         jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self._sharding)
-        for shape, dtype in specs])
+        for shape, dtype, _ in specs])
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
     leaves = []
-    for name, (shape, dtype) in zip(names, specs):
+    for name, (shape, dtype, key) in zip(names, specs):
       value = _lookup(restored, name)
       array = np.asarray(value.addressable_data(0))
       if array.shape != shape or array.dtype.name != dtype:
@@ -440,26 +464,30 @@ class Checkpointer:
       if _crc32(array) != entries[name]['crc32']:
         raise CorruptCheckpointError(
             f'{_path_str(name)} does not match its checksum')
+      if key is not None:
+        array = jax.random.wrap_key_data(array, impl=entries[name]['key_impl'])
+        if str(array.dtype) != key:
+          raise CorruptCheckpointError(f'{_path_str(name)} restored as {array.dtype}')
       leaves.append(array)
     return leaves, meta
 
   def _check_template(self, step: int, entries: Mapping[tuple[str, ...], Any],
                       names: list[tuple[str, ...]],
-                      specs: list[tuple[tuple[int, ...], str]]) -> None:
+                      specs: list[tuple[tuple[int, ...], str, str | None]]) -> None:
     """Raises _TemplateMismatch if the template's paths/shapes/dtypes differ."""
     problems = []
     missing = [n for n in names if n not in entries]
     extra = [n for n in entries if n not in set(names)]
     problems += [f'{_path_str(n)} not in the checkpoint' for n in missing]
     problems += [f'{_path_str(n)} not in the template' for n in extra]
-    for name, (shape, dtype) in zip(names, specs):
+    for name, (shape, dtype, key) in zip(names, specs):
       entry = entries.get(name)
       if entry is None:
         continue
-      saved = (tuple(entry['shape']), entry['dtype'])
-      if saved != (shape, dtype):
-        problems.append(f'{_path_str(name)}: checkpoint {saved[0]} {saved[1]}, '
-                        f'template {shape} {dtype}')
+      saved = (tuple(entry['shape']), entry['dtype'], entry.get('key'))
+      if saved != (shape, dtype, key):
+        problems.append(f'{_path_str(name)}: checkpoint {_describe_spec(*saved)}, '
+                        f'template {_describe_spec(shape, dtype, key)}')
     if problems:
       shown = '; '.join(problems[:5])
       more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''

@@ -507,3 +507,36 @@ def test_reader_whose_checkpoint_is_pruned_while_read_takes_the_new_one(tmp_path
     assert reader.restore(big_state(0))[0] == 3
     # The writer saw nothing unreadable: its next save deletes nothing.
     assert writer.save(4, big_state(4), {'step': 4}) and writer.all_steps() == [4]
+
+
+def test_typed_prng_keys_round_trip(tmp_path):
+  # jax.random.key arrays have no numpy form: saving one raised numpy's TypeError.
+  key = jax.random.key(42)
+  keys = jax.random.split(jax.random.key(7, impl='rbg'), 3)
+  state = {'key': key, 'keys': keys, 'w': np.arange(3, dtype=np.float32)}
+  template = {'key': jax.random.key(0), 'keys': jax.random.split(jax.random.key(0, impl='rbg'), 3),
+              'w': np.zeros(3, np.float32)}
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None, async_save=False) as ckpt:
+    assert ckpt.save(1, state, {})
+    for t in (template, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     template)):
+      _, restored, _ = ckpt.restore(t)
+      assert restored['key'].dtype == key.dtype and restored['keys'].dtype == keys.dtype
+      assert restored['keys'].shape == (3,)
+      # The same key data, read from what was saved: numbers, not just shapes.
+      np.testing.assert_array_equal(jax.random.key_data(restored['key']),
+                                    np.asarray(jax.random.key_data(key)))
+      np.testing.assert_array_equal(jax.random.key_data(restored['keys']),
+                                    np.asarray(jax.random.key_data(keys)))
+      # The restored key draws what the saved one draws.
+      np.testing.assert_array_equal(jax.random.normal(restored['key'], (4,)),
+                                    jax.random.normal(key, (4,)))
+    # A key saved where the template holds raw uint32 data (or another implementation) is
+    # a template mismatch, named as such.
+    raw = dict(template, key=np.zeros(2, np.uint32))
+    with pytest.raises(ValueError, match=r'key: checkpoint key<fry> stored as \(2,\) uint32, '
+                                         r'template \(2,\) uint32'):
+      ckpt.restore(raw)
+    other = dict(template, key=jax.random.key(0, impl='rbg'))
+    with pytest.raises(ValueError, match='key: checkpoint key<fry>'):
+      ckpt.restore(other)
