@@ -20,8 +20,9 @@ Datasets (`config.dataset`):
   instead (row choice seeded with 0, independent of config.seed; kept in random order),
   and 'train' is the rest. With several splits, an eval split the dataset lacks is a
   DataError.
-* `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, sorted by
-  relative path), decoded with PIL at each `get`. 'eval' is the last `eval_fraction`
+* `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, each directory
+  once however many symlinks lead to it, sorted by relative path), decoded with PIL at
+  each `get`. 'eval' is the last `eval_fraction`
   of the sorted files, 'train' the files before them.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
@@ -571,10 +572,19 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
 
 
 def _list_images(root: str) -> list[str]:
-  """Image files below root (recursive), sorted by relative path."""
+  """Image files below root (recursive, each directory once), sorted by relative path."""
   found = []
+  # Symlinks are followed, but a directory reached twice (a link to it, or a link loop,
+  # which os.walk follows 40 levels deep) would list its images again.
+  seen = {os.path.realpath(root)}
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames.sort()
+    kept = []
+    for d in sorted(dirnames):
+      real = os.path.realpath(os.path.join(dirpath, d))
+      if real not in seen:
+        seen.add(real)
+        kept.append(d)
+    dirnames[:] = kept
     for f in filenames:
       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'):
         found.append(os.path.relpath(os.path.join(dirpath, f), root))

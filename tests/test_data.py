@@ -142,6 +142,22 @@ def test_folder_channel_conversion(tmp_path):
   np.testing.assert_allclose(three[0], np.repeat(gray[..., None], 3, -1) / 255.0, atol=1e-6)
 
 
+def test_folder_lists_each_directory_once_through_symlinks(tmp_path):
+  values = {'faces/a/0.png': 10, 'faces/b/1.png': 20, 'other/2.png': 30}
+  for name, v in values.items():
+    _write_png(str(tmp_path / name), np.full((16, 16), v, np.uint8))
+  (tmp_path / 'faces' / 'a' / 'up').symlink_to('..')  # a loop back to faces/
+  (tmp_path / 'faces' / 'b2').symlink_to('b')  # a second name for faces/b
+  (tmp_path / 'faces' / 'more').symlink_to(tmp_path / 'other')  # images found by link
+  src = data.load(_config(dataset=f'folder:{tmp_path / "faces"}', eval_fraction=0.0,
+                          channels=1))
+  # a/0.png, b/1.png, more/2.png: each image file once, in relative path order.
+  assert src.num_examples == 3
+  _close(src.get(np.arange(3))[:, 0, 0, 0], np.array([10, 20, 30]) / np.float32(255))
+  assert [os.path.relpath(f, tmp_path / 'faces') for f in src.files] == [
+      'a/0.png', 'b/1.png', 'more/2.png']
+
+
 def test_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match='does not exist'):
     data.load(_config(dataset=f'folder:{tmp_path / "missing"}'))
