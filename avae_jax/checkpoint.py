@@ -6,7 +6,8 @@ One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
              dict whose keys are the pytree path of each leaf, so any pytree
              (dicts, optax namedtuples, flax dataclasses) restores into the
              structure of the template it is given; typed PRNG keys
-             (jax.random.key) are stored as their key_data;
+             (jax.random.key) are stored as their key_data, zero-size arrays
+             only in the manifest (no state/ when every leaf is empty);
   meta/      the caller's JSON (phase, data position, PRNG state, config hash);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
              every leaf (and a key's implementation), checked on restore.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
@@ -334,17 +336,19 @@ class Checkpointer:
       if key is not None:  # restored as a key of the same implementation
         entry['key'], entry['key_impl'] = key, str(jax.random.key_impl(leaf))
     manifest = {'version': _MANIFEST_VERSION, 'leaves': entries}
+    # orbax refuses zero-size arrays ('Cannot save arrays with zero size') and an item
+    # without arrays: the manifest's shape and dtype say all there is to restore of them.
+    stored = [(name, a) for name, a in zip(names, host) if a.size]
     arrays = [
         jax.make_array_from_callback(
             a.shape, self._sharding, lambda index, a=a: np.asarray(a[index]))
-        for a in host]
+        for _, a in stored]
+    items = {_META: ocp.args.JsonSave(meta), _MANIFEST: ocp.args.JsonSave(manifest)}
+    if stored:
+      items[_STATE] = ocp.args.StandardSave(_nest([n for n, _ in stored], arrays))
     saved = self._manager.save(
         step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(_nest(names, arrays)),
-            _META: ocp.args.JsonSave(meta),
-            _MANIFEST: ocp.args.JsonSave(manifest),
-        }),
+        args=ocp.args.Composite(**items),
         force=True,  # The caller decides when to save; no orbax interval.
     )
     return bool(saved)
@@ -449,15 +453,20 @@ class Checkpointer:
       raise CorruptCheckpointError('malformed manifest') from e
     self._check_template(step, entries, names, specs)
 
-    abstract = _nest(names, [
-        jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self._sharding)
-        for shape, dtype, _ in specs])
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    stored = [(name, spec) for name, spec in zip(names, specs) if math.prod(spec[0])]
+    restored = {}
+    if stored:  # zero-size leaves are not in orbax's item, which is absent without others
+      abstract = _nest([n for n, _ in stored], [
+          jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self._sharding)
+          for _, (shape, dtype, _) in stored])
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
     leaves = []
     for name, (shape, dtype, key) in zip(names, specs):
-      value = _lookup(restored, name)
-      array = np.asarray(value.addressable_data(0))
+      if math.prod(shape):
+        array = np.asarray(_lookup(restored, name).addressable_data(0))
+      else:
+        array = np.zeros(shape, dtype)
       if array.shape != shape or array.dtype.name != dtype:
         raise CorruptCheckpointError(
             f'{_path_str(name)} restored as {array.shape} {array.dtype.name}')

@@ -540,3 +540,23 @@ def test_typed_prng_keys_round_trip(tmp_path):
     other = dict(template, key=jax.random.key(0, impl='rbg'))
     with pytest.raises(ValueError, match='key: checkpoint key<fry>'):
       ckpt.restore(other)
+
+
+def test_zero_size_leaves_and_a_state_without_arrays(tmp_path):
+  # orbax refuses zero-size arrays and an item without arrays: both failed the save.
+  state = {'empty': np.zeros((0, 3), np.float32), 'keys': jax.random.split(jax.random.key(0), 0),
+           'w': np.arange(4, dtype=np.int32), 'none': {}}
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None, async_save=False) as ckpt:
+    assert ckpt.save(1, state, {'a': 1})
+    step, restored, meta = ckpt.restore(state)
+    assert (step, meta) == (1, {'a': 1}) and restored['none'] == {}
+    assert restored['empty'].shape == (0, 3) and restored['empty'].dtype == np.float32
+    assert restored['keys'].shape == (0,) and restored['keys'].dtype == state['keys'].dtype
+    np.testing.assert_array_equal(restored['w'], [0, 1, 2, 3])
+    # The template's shapes are still checked against the manifest.
+    with pytest.raises(ValueError, match=r'empty: checkpoint \(0, 3\) float32, template'):
+      ckpt.restore(dict(state, empty=np.zeros((0, 4), np.float32)))
+    only_empty = {'empty': np.zeros((0,), np.float32), 'none': {}}
+    assert ckpt.save(2, only_empty, {'a': 2})
+    step, restored, meta = ckpt.restore(only_empty)
+    assert (step, meta) == (2, {'a': 2}) and restored['empty'].shape == (0,)
