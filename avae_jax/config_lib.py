@@ -336,6 +336,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         'or switch the term off (loss.weights.dssim=0 and calibrate.enabled=False)')
   if config.channels not in (1, 3):
     raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
+  # The data's order comes from numpy's SeedSequence, which takes no negative seed.
+  if not config.seed >= 0:
+    raise ConfigError(f'seed = {config.seed} must be >= 0')
   for name, value in dict(config.loss.weights).items():
     if name not in RECONSTRUCTION_TERMS:
       raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '

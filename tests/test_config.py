@@ -263,6 +263,7 @@ INVALID = [
     # Values that used to fail only after compiling (modulo by zero in the loop, a model
     # without units) or after the whole training (the evaluation).
     ('log_every', 0, r'log_every = 0 must be >= 1'),
+    ('seed', -1, r'seed = -1 must be >= 0'),  # else the data loader's error, after set-up
     ('checkpoint_every', 0, r'checkpoint_every = 0 must be >= 1'),
     ('image_every', -1, r'image_every = -1 must be >= 1'),
     ('keep_checkpoints', -1, r'keep_checkpoints = -1 is negative'),
