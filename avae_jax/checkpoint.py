@@ -426,6 +426,10 @@ class Checkpointer:
       unreadable.append(s)
       self._bad_steps.add(s)
       last_error = error
+      # As listed now (`_deleted` reloaded): a step that a running trainer is deleting
+      # (orbax removes the files one by one) fails before it is gone, and that run has
+      # committed a newer one meanwhile.
+      candidates = self.all_steps()[::-1]
     if not unreadable:  # every checkpoint was deleted while being read
       return None
     raise CheckpointError(

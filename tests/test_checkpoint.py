@@ -560,3 +560,24 @@ def test_zero_size_leaves_and_a_state_without_arrays(tmp_path):
     assert ckpt.save(2, only_empty, {'a': 2})
     step, restored, meta = ckpt.restore(only_empty)
     assert (step, meta) == (2, {'a': 2}) and restored['empty'].shape == (0,)
+
+
+def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path):
+  # orbax deletes a pruned step file by file: the reader can fail on a step that is still
+  # listed, while the run has committed a newer one.
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as writer, \
+       checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    writer.save(1, big_state(1), {'step': 1})
+    read_step = reader._restore_step
+
+    def read_while_deleted(step, names, specs):
+      if step == 1:
+        assert writer.save(2, big_state(2), {'step': 2})
+        _corrupt(directory / '1', 'delete')
+      return read_step(step, names, specs)
+
+    reader._restore_step = read_while_deleted
+    step, state, meta = reader.restore(big_state(0))
+  assert (step, meta) == (2, {'step': 2})
+  assert_trees_equal(state, big_state(2))
