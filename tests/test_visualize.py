@@ -124,7 +124,7 @@ def test_latent_traversal_changes_only_chosen_dims():
 
 
 @pytest.mark.parametrize('dtype', [np.int32, np.uint16, np.int64, bool])
-def test_integer_images_other_than_uint8_are_refused(dtype):
+def test_integer_images_other_than_uint8_are_refused(dtype, tmp_path):
   # 128 as int32 is no float in [0, 1]: it used to come out as a white cell.
   images = np.full((2, 2, 2, 1), 128 if dtype is not bool else True, dtype)
   rows = images[None]
@@ -134,10 +134,11 @@ def test_integer_images_other_than_uint8_are_refused(dtype):
            lambda: visualize.reconstructions(constant_images([0.5, 0.5]), images, n=2),
            lambda: visualize.interpolations(rows),
            lambda: visualize.traversals(rows),
-           lambda: visualize.save_png('/nonexistent/never_written.png', images[0])]
+           lambda: visualize.save_png(tmp_path / 'a.png', images[0])]
   for call in calls:
     with pytest.raises(ValueError, match='uint8 .*or floats'):
       call()
+  assert not (tmp_path / 'a.png').exists()
 
 
 def test_reconstructions_bad_counts_are_clear_errors():
