@@ -286,9 +286,8 @@ class Checkpointer:
     this raise ValueError, unless `force`, which deletes them. A state whose
     values the stored dtypes cannot hold (int64 beyond int32 without x64), or
     whose paths orbax would merge, raises ValueError before anything is
-    deleted. With async_save
-    the write continues in the background: call `wait()` or `close()` before
-    the process exits.
+    deleted. With async_save the write continues in the background: call
+    `wait()` or `close()` before the process exits.
     """
     if self.read_only:
       raise ValueError(f'Checkpointer for {self.directory} is read-only.')
