@@ -10,7 +10,8 @@ One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
              only in the manifest (no state/ when every leaf is empty);
   meta/      the caller's JSON (phase, data position, PRNG state, config hash);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
-             every leaf (and a key's implementation), checked on restore.
+             every leaf (and a key's implementation), and the CRC-32 of meta,
+             checked on restore.
 
 What is relied on from orbax (0.12.x, local or network file systems):
 
@@ -20,9 +21,10 @@ What is relied on from orbax (0.12.x, local or network file systems):
   names, so a save cut short by a crash (even SIGKILL) is never listed or
   loaded; leftover tmp directories are removed when a writable manager starts.
 * orbax does not checksum array data: a flipped byte inside a compressed chunk
-  restores silently as wrong numbers. Hence the manifest: a checkpoint whose
-  files are missing, truncated or whose data does not match its CRC-32 is
-  reported with a warning and the previous checkpoint is used.
+  restores silently as wrong numbers (a changed digit in meta's JSON, too).
+  Hence the manifest: a checkpoint whose files are missing, truncated or whose
+  data does not match its CRC-32 is reported with a warning and the previous
+  checkpoint is used.
 
 Multi-process: every process calls `save` and `restore` with the same host
 arrays. Arrays go to orbax as globally replicated `jax.Array`s (one device per
@@ -163,6 +165,12 @@ def _crc32(array: np.ndarray) -> int:
   return zlib.crc32(flat) & 0xFFFFFFFF
 
 
+def _json_crc32(value: Any) -> int:
+  """Returns the CRC-32 of a JSON value's canonical text (sorted keys)."""
+  # The value as read back from JSON (string keys, lists for tuples) gives the same text.
+  return zlib.crc32(json.dumps(value, sort_keys=True).encode()) & 0xFFFFFFFF
+
+
 def _spec(leaf: Any) -> tuple[tuple[int, ...], str, str | None]:
   """Returns (shape, canonical dtype name, key dtype name) of the data a template leaf stores."""
   key = _prng_key_dtype(leaf)
@@ -294,7 +302,7 @@ class Checkpointer:
     step = int(step)
     meta = dict(meta)
     try:
-      json.dumps(meta, allow_nan=False)
+      meta_crc32 = _json_crc32(json.loads(json.dumps(meta, allow_nan=False)))
     except (TypeError, ValueError) as e:
       raise TypeError(f'Checkpoint meta must be JSON (ints, floats, str, lists, '
                       f'dicts): {e}') from e
@@ -334,7 +342,7 @@ class Checkpointer:
       key = _prng_key_dtype(leaf)
       if key is not None:  # restored as a key of the same implementation
         entry['key'], entry['key_impl'] = key, str(jax.random.key_impl(leaf))
-    manifest = {'version': _MANIFEST_VERSION, 'leaves': entries}
+    manifest = {'version': _MANIFEST_VERSION, 'leaves': entries, 'meta_crc32': meta_crc32}
     # orbax refuses zero-size arrays ('Cannot save arrays with zero size') and an item
     # without arrays: the manifest's shape and dtype say all there is to restore of them.
     stored = [(name, a) for name, a in zip(names, host) if a.size]
@@ -454,6 +462,9 @@ class Checkpointer:
       entries = {tuple(e['path']): e for e in manifest['leaves']}
     except (TypeError, KeyError) as e:
       raise CorruptCheckpointError('malformed manifest') from e
+    # Absent in the manifests of earlier versions.
+    if manifest.get('meta_crc32', _json_crc32(meta)) != _json_crc32(meta):
+      raise CorruptCheckpointError('meta does not match its checksum')
     self._check_template(step, entries, names, specs)
 
     stored = [(name, spec) for name, spec in zip(names, specs) if math.prod(spec[0])]

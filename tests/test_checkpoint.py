@@ -199,6 +199,11 @@ def _corrupt(step_dir: pathlib.Path, how: str) -> None:
       target.unlink()
   elif how == 'meta':
     (step_dir / 'meta' / 'metadata').write_text('{"phase": "pre')
+  elif how == 'meta_digit':  # still JSON, one digit changed
+    path = step_dir / 'meta' / 'metadata'
+    text = path.read_text()
+    assert text.count('"step": 2') == 1, text
+    path.write_text(text.replace('"step": 2', '"step": 7'))
   elif how == 'manifest':
     for p in sorted((step_dir / 'manifest').rglob('*'), reverse=True):
       p.unlink() if p.is_file() else p.rmdir()
@@ -213,7 +218,8 @@ def big_state(step: int) -> dict:
           'step': np.array(step, np.int32)}
 
 
-@pytest.mark.parametrize('how', ['flip', 'truncate', 'delete', 'meta', 'manifest'])
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'delete', 'meta', 'meta_digit',
+                                 'manifest'])
 def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
@@ -227,8 +233,8 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
     assert_trees_equal(state, big_state(1))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any('Checkpoint 2' in w and 'unreadable' in w for w in warnings), warnings
-    if how == 'flip':
-      # orbax/tensorstore read the damaged chunk without complaint; only the
+    if how in ('flip', 'meta_digit'):
+      # orbax/tensorstore read the damaged chunk or JSON without complaint; only the
       # manifest's CRC notices.
       assert any('checksum' in w for w in warnings), warnings
     # An explicit request for the broken step is an error, not a silent fallback.
@@ -581,3 +587,18 @@ def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path):
     step, state, meta = reader.restore(big_state(0))
   assert (step, meta) == (2, {'step': 2})
   assert_trees_equal(state, big_state(2))
+
+
+def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
+  # Checkpoints written before the manifest held meta's CRC-32.
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
+    ckpt.save(1, big_state(1), META)
+  path = directory / '1' / 'manifest' / 'metadata'
+  manifest = json.loads(path.read_text())
+  del manifest['meta_crc32']
+  path.write_text(json.dumps(manifest))
+  with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    step, state, meta = reader.restore(big_state(0))
+  assert (step, meta) == (1, META)
+  assert_trees_equal(state, big_state(1))
