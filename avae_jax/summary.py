@@ -11,6 +11,8 @@ Python's json writes them (NaN, Infinity). A run that resumes at step S
 (`start_step`) first drops the lines of steps after S, written by the run that
 stopped, and a half-written last line; its event file starts with a SessionLog
 START at S + 1, which makes TensorBoard drop the older files' points from there.
+A writer without `start_step` (eval.py) appends, after dropping a half-written last line
+(the next record would otherwise continue it, and both lines would be unreadable).
 """
 
 from __future__ import annotations
@@ -102,6 +104,23 @@ def _drop_lines_after(path: str, step: int) -> None:
     files.write_text(path, ''.join(kept))
 
 
+def _drop_cut_last_line(path: str) -> None:
+  """Drops a last line without its newline that is not JSON (cut by a crash); ends a whole one."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    start = data.rfind(b'\n') + 1
+    if start == len(data):
+      return
+    try:
+      json.loads(data[start:])
+    except ValueError:
+      f.truncate(start)
+      return
+    f.write(b'\n')
+
+
 class _LocalEventFile:
   """A TensorBoard event file on the local filesystem, each event flushed as written."""
 
@@ -155,6 +174,8 @@ class SummaryWriter:
       path = os.path.join(self.workdir, METRICS_FILE)
       if start_step is not None:
         _drop_lines_after(path, int(start_step))
+      else:
+        _drop_cut_last_line(path)
       self._jsonl = open(path, 'a', encoding='utf-8')
     if start_step is not None:
       self._events.add_event(event_pb2.Event(

@@ -41,6 +41,21 @@ def test_metrics_jsonl(tmp_path):
   assert len(lines) == 3
 
 
+def test_an_appending_writer_starts_a_new_line_after_a_crash(tmp_path):
+  # eval.py's writer has no start_step: it appends to what a crashed eval.py left.
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.')  # cut short by a crash
+  with summary.SummaryWriter(tmp_path) as writer:
+    writer.scalars(3, {'a': 3.0})
+  assert path.read_text() == '{"step": 1, "a": 1.0}\n{"step": 3, "a": 3.0}\n'
+  # A whole record whose newline was cut is kept, and the next starts its own line.
+  path.write_text('{"step": 1, "a": 1.0}')
+  with summary.SummaryWriter(tmp_path) as writer:
+    writer.scalars(2, {'a': 2.0})
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
+      {'step': 1, 'a': 1.0}, {'step': 2, 'a': 2.0}]
+
+
 def test_a_resumed_run_replaces_what_the_stopped_run_logged_after_its_checkpoint(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   with summary.SummaryWriter(tmp_path, start_step=0) as writer:
