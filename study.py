@@ -37,7 +37,8 @@ _OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, a
 _BUDGET = flags.DEFINE_enum('budget', 'cpu', ['cpu', 'accelerator', 'test'],
                             'Budget of configs/study.py.')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the count OUT/'
-                               'study.json records, else the budget\'s, 3).')
+                               'study.json records, else the budget\'s, 3); it raises a '
+                               'study\'s count, never lowers it.')
 _DATASETS = flags.DEFINE_list('datasets', None,
                               'Datasets, from shapes,fashion_mnist (default: both).')
 _VARIANTS = flags.DEFINE_list('variants', None,
@@ -297,10 +298,9 @@ def main(argv: list[str]) -> None:
   with _shared_files_lock(out):
     seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
                              seeds_given=_SEEDS.value is not None)
-  if _SEEDS.value is None:
-    # A study extended with --seeds=5 stays at 5: a later command without the flag (a
-    # rerun, the report) must not leave the extra seeds out.
-    settings.seeds = seeds
+  # A study extended with --seeds=5 stays at 5: a later command without the flag, or with
+  # a smaller --seeds (a rerun, the report), must not leave the extra seeds out.
+  settings.seeds = seeds
   if not _REPORT_ONLY.value:
     check_datasets(settings)
     _enable_compilation_cache(out)

@@ -379,6 +379,18 @@ def test_report_only_reports_every_seed_of_the_study(study_dir, tmp_path):
       out / 'results.md')
 
 
+def test_a_smaller_seeds_flag_leaves_no_seed_of_the_study_out(tmp_path, monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['study.py', '--out=o', '--seeds=3'])
+  settings = study_config.get_config('test')
+  settings.seeds = 3
+  study.check_study_file(str(tmp_path), settings)
+  _study(f'--out={tmp_path}', '--budget=test', '--report_only', '--seeds=1',
+         '--publish=false')
+  assert '0 of 24 runs finished (2 dataset(s) × 4 models × 3 seed(s))' in _read(
+      tmp_path / 'results.md')
+
+
 def test_ground_truth_is_per_seed_where_the_eval_sets_differ(tmp_path):
   def run(dataset, seed, gt, rec):
     metrics = {'gt_sharpness_mean': gt, 'rec_sharpness_mean': rec}
