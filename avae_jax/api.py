@@ -12,8 +12,8 @@
 Every method runs jitted with BatchNorm in inference mode (running statistics) and returns
 jax arrays (np.asarray makes them numpy). Batches whose size divides the number of devices
 are split over the devices; other batches run replicated. Float images outside [0, 1]
-(e.g. floats in 0..255) are refused with a ValueError, as the `arrays:` data loader
-refuses them.
+(e.g. floats in 0..255) or with a NaN are refused with a ValueError, as the `arrays:` data
+loader refuses them.
 """
 
 from __future__ import annotations
@@ -233,7 +233,12 @@ class TrainedModel:
     else:
       x = x.astype(np.float32)
       # Float images in 0..255 would otherwise be encoded as they are, without an error.
-      lo, hi = (float(v) for v in jax.device_get((x.min(), x.max()))) if x.size else (0, 0)
+      # A NaN passes the range comparisons below, and XLA:CPU's min and max skip it.
+      xp = jnp if isinstance(x, jax.Array) else np
+      lo, hi, nan = ((float(v) for v in jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
+                     if x.size else (0, 0, 0))
+      if nan or np.isnan(lo) or np.isnan(hi):
+        raise ValueError(f'{what}: float images must lie in [0, 1], found NaN')
       if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
         raise ValueError(f'{what}: float images must lie in [0, 1], found values in '
                          f'[{lo:g}, {hi:g}] (divide by 255?); uint8 images in 0..255 are '

@@ -229,6 +229,19 @@ def test_float_images_outside_0_1_are_rejected_by_every_method(model, images):
   assert model.encode(images.astype(np.float16))[0].shape == (len(images), 4)
 
 
+def test_float_images_with_a_nan_are_rejected_by_every_method(model, images):
+  # numpy's min and max are NaN then and XLA:CPU's skip it: both passed the range check,
+  # and the codes came back NaN.
+  nan = images.copy()
+  nan[1, 4, 5, 2] = np.nan
+  for call in (lambda: model.encode(nan), lambda: model.reconstruct(nan),
+               lambda: model.encode(jax.numpy.asarray(nan)),
+               lambda: model.interpolate(images[0], nan[1], 3),
+               lambda: model.traverse(nan[1], [0], [0.0])):
+    with pytest.raises(ValueError, match=r'float images must lie in \[0, 1\], found NaN'):
+      call()
+
+
 def test_bad_inputs_are_rejected(model, images):
   with pytest.raises(ValueError, match=r'\(B, 16, 16, 3\)'):
     model.encode(images[:, :8, :8])
