@@ -248,14 +248,19 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
   variants = settings.variants.split(',')
   started = time.monotonic()
   statuses = []
+
+  def out_of_time() -> bool:
+    return bool(max_hours) and (time.monotonic() - started) > max_hours * 3600
+
   for seed in range(int(settings.seeds)):
     for dataset in datasets:
       weights = None
-      if any(v.endswith('_s') for v in variants):
+      # Past --max_hours no run starts, so none needs the λ's (a calibration takes
+      # minutes at the accelerator budget).
+      if any(v.endswith('_s') for v in variants) and not out_of_time():
         weights = calibrate(out, settings, dataset)
       for variant in variants:
-        if max_hours and (time.monotonic() - started) > max_hours * 3600 and \
-            not is_finished(run_dir(out, dataset, variant, seed)):
+        if out_of_time() and not is_finished(run_dir(out, dataset, variant, seed)):
           statuses.append((dataset, variant, seed, 'skipped: --max_hours reached'))
           continue
         statuses.append((dataset, variant, seed,

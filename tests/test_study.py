@@ -473,6 +473,29 @@ def test_budgets_are_identical_across_models():
   assert study_config.get_config('cpu').seeds >= 3
 
 
+def test_past_max_hours_nothing_is_calibrated_or_trained(tmp_path, monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  now = [0.0]
+  calls = []
+
+  def train_one(out, settings, dataset, variant, seed, weights):
+    del out, settings, weights
+    calls.append(('train', dataset, variant, seed))
+    now[0] += 3600.0  # each run takes an hour
+    return 'done'
+  monkeypatch.setattr(study, 'calibrate', lambda out, s, d: calls.append(('calibrate', d)))
+  monkeypatch.setattr(study, 'train_one', train_one)
+  monkeypatch.setattr(study.time, 'monotonic', lambda: now[0])
+  settings = study_config.get_config('test')
+  settings.seeds = 2
+  settings.variants = 'vae,vae_s'
+  statuses = study.run_study(str(tmp_path), settings, max_hours=1.5)
+  # Two runs of shapes in 2 h; Fashion-MNIST's calibration would start past the limit.
+  assert calls == [('calibrate', 'shapes'), ('train', 'shapes', 'vae', 0),
+                   ('train', 'shapes', 'vae_s', 0)]
+  assert [s[3] for s in statuses] == ['done'] * 2 + ['skipped: --max_hours reached'] * 6
+
+
 def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
