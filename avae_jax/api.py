@@ -19,6 +19,7 @@ loader refuses them.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import Any, Sequence
 
@@ -130,6 +131,19 @@ def _traverse(module: Any, variables: Any, x: jax.Array, dims: jax.Array,
   codes = jnp.where(hit, values[None, :, None], codes)
   images = _decode(module, variables, codes.reshape(-1, mu.shape[-1]))
   return images.reshape((dims.shape[0], values.shape[0]) + x.shape[1:])
+
+
+def _count(value: Any, what: str, minimum: int) -> int:
+  """`value` as an int of at least `minimum`; a ValueError for other numbers (2.5, True)."""
+  try:
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError
+    n = operator.index(value)
+  except TypeError:
+    raise ValueError(f'{what} must be an integer >= {minimum}, got {value!r}') from None
+  if n < minimum:
+    raise ValueError(f'{what} must be an integer >= {minimum}, got {n}')
+  return n
 
 
 class TrainedModel:
@@ -274,7 +288,7 @@ class TrainedModel:
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
     """n images decoded from z ~ N(0, I) drawn with `key`."""
-    z = jax.random.normal(key, (int(n), self.latent_dim), jnp.float32)
+    z = jax.random.normal(key, (_count(n, 'n', 0), self.latent_dim), jnp.float32)
     return self.decode(z)
 
   def interpolate(self, x0: Any, x1: Any, steps: int) -> jax.Array:
@@ -283,13 +297,12 @@ class TrainedModel:
     x0, x1: one image each (H, W, C) -> (steps, H, W, C), or P pairs (P, H, W, C) ->
     (P, steps, H, W, C). The first and last images are decode(mu(x0)) and decode(mu(x1)).
     """
-    if int(steps) < 2:
-      raise ValueError(f'steps must be >= 2, got {steps}')
+    steps = _count(steps, 'steps', 2)
     a, single = self._pair_images(x0, 'x0')
     b, _ = self._pair_images(x1, 'x1')
     if a.shape != b.shape:
       raise ValueError(f'x0 {a.shape} and x1 {b.shape} differ in shape')
-    t = jnp.linspace(0.0, 1.0, int(steps), dtype=jnp.float32)
+    t = jnp.linspace(0.0, 1.0, steps, dtype=jnp.float32)
     out = _interpolate(self.module, self.variables, a, b, t)
     return out[0] if single else out
 
@@ -298,8 +311,15 @@ class TrainedModel:
     x, single = self._pair_images(image, 'image')
     if not single and x.shape[0] != 1:
       raise ValueError(f'traverse takes one image, got a batch of {x.shape[0]}')
-    dims = np.asarray(dims, np.int32).reshape(-1)
+    dims, values = np.asarray(dims), np.asarray(values)
+    # Casting would make dim 0.7 dim 0, and flattening would make a (2, 2) grid 4 values.
+    if dims.ndim > 1 or dims.size and dims.dtype.kind not in 'iu':
+      raise ValueError(f'dims must be a list of integers, got {dims.tolist()!r}')
+    if values.ndim > 1 or values.size and values.dtype.kind not in 'iuf':
+      raise ValueError(f'values must be a list of numbers, got shape {values.shape} and '
+                       f'dtype {values.dtype}')
     if dims.size and (dims.min() < 0 or dims.max() >= self.latent_dim):
       raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {self.latent_dim}')
-    values = np.asarray(values, np.float32).reshape(-1)
+    dims = dims.astype(np.int32).reshape(-1)
+    values = values.astype(np.float32).reshape(-1)
     return _traverse(self.module, self.variables, x, dims, values)

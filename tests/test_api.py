@@ -251,6 +251,31 @@ def test_bad_inputs_are_rejected(model, images):
     model.decode(np.zeros((2, 5), np.float32))
   with pytest.raises(ValueError, match='out of range'):
     model.traverse(images[0], [4], [0.0])
+  # Not wrapped to dim 0 by a cast to int32.
+  with pytest.raises(ValueError, match='out of range'):
+    model.traverse(images[0], [2**32], [0.0])
+
+
+def test_counts_and_dims_that_are_not_integers_are_rejected(model, images):
+  # They were truncated (2.5 samples gave 2, dim 0.7 was dim 0) or reached XLA (n=-1).
+  for call, message in (
+      (lambda: model.sample(jax.random.PRNGKey(0), 2.5), 'n must be an integer >= 0, got 2.5'),
+      (lambda: model.sample(jax.random.PRNGKey(0), -1), 'n must be an integer >= 0, got -1'),
+      (lambda: model.sample(jax.random.PRNGKey(0), True), 'n must be an integer'),
+      (lambda: model.interpolate(images[0], images[1], 2.5), 'steps must be an integer >= 2'),
+      (lambda: model.interpolate(images[0], images[1], 1), 'steps must be an integer >= 2'),
+      (lambda: model.traverse(images[0], [0.7], [0.0]), 'dims must be a list of integers'),
+      (lambda: model.traverse(images[0], [True], [0.0]), 'dims must be a list of integers'),
+      (lambda: model.traverse(images[0], [[0, 1]], [0.0]), 'dims must be a list of integers'),
+      (lambda: model.traverse(images[0], [0], [[0.0, 1.0], [2.0, 3.0]]),
+       r'values must be a list of numbers, got shape \(2, 2\)')):
+    with pytest.raises(ValueError, match=message):
+      call()
+  # numpy integers are integers.
+  assert model.sample(jax.random.PRNGKey(0), np.int64(2)).shape == (2, 16, 16, 3)
+  assert model.interpolate(images[0], images[1], np.int32(3)).shape == (3, 16, 16, 3)
+  assert model.traverse(images[0], np.array([1, 0]), [0.0]).shape == (2, 1, 16, 16, 3)
+  assert model.traverse(images[0], [], []).shape == (0, 0, 16, 16, 3)
 
 
 def test_from_state(images):
