@@ -231,7 +231,11 @@ def table_iii(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -> str
       if key is None:
         cells.append('skipped' if rs else '-')
       else:
-        cells.append(fmt_ms([_metric(r, key) for r in rs]))
+        values = [_metric(r, key) for r in rs]
+        n = mean_sd(values)[2]
+        # The caption gives each model's count of finished seeds; a cell over fewer (a
+        # NaN or missing value) says so.
+        cells.append(fmt_ms(values) + (f' (n={n})' if 0 < n < len(rs) else ''))
     lines.append(f'| {label} | {gt_cell} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

@@ -271,6 +271,22 @@ def test_mean_sd_matches_statistics():
   assert study_report.mean_sd([2.0]) == (2.0, 0.0, 1)
 
 
+def test_table_iii_cells_over_fewer_seeds_than_finished_say_so():
+  runs = [_run('vae', 0, rec_mse=0.1), _run('vae', 1, rec_mse=0.3),
+          _run('vae', 2, rec_mse=float('nan')),
+          _run('avae', 0, rec_mse=0.2), _run('avae', 1), _run('avae', 2, rec_mse=0.4)]
+  runs += [_run('vae_s', s, rec_mse=v) for s, v in enumerate((0.5, float('inf')))]
+  lines = study_report.table_iii(runs, 'shapes', ['vae', 'avae', 'vae_s']).splitlines()
+  assert lines[0] == '| Metric | Ground Truth | VAE | AVAE | VAE-S |'
+  row = [line for line in lines if line.startswith('| Mean Squared Error')][0]
+  sd_vae = f'{statistics.stdev([0.1, 0.3]):.2g}'
+  sd_avae = f'{statistics.stdev([0.2, 0.4]):.2g}'
+  assert row == (f'| Mean Squared Error | 0 | 0.2 ± {sd_vae} (n=2) | 0.3 ± {sd_avae} (n=2) | '
+                 '0.5 (n=1) |')
+  row = [line for line in lines if line.startswith('| KL to the prior')][0]
+  assert row.endswith('| - | - | - |')
+
+
 def test_check_claim_pairs_seeds():
   # higher is better: differences a - b per seed = +1, +1, -1 (seed 3 has no partner).
   runs = [_run('vae_s', 0, x=1.0), _run('vae_s', 1, x=2.0), _run('vae_s', 2, x=3.0),
