@@ -509,18 +509,23 @@ def pretraining_identity(runs: Sequence[Run], dataset: str, base: str, adv: str
 
   The adversarial models are their base model plus fine-tuning; with the same seed their
   pre-training must be the very same computation. 0.0 means the logs agree exactly.
+  Rows are compared where both runs logged the same window of steps: a run stopped by
+  Ctrl-C or SIGTERM logs the steps since its last row, and its next row covers fewer.
   """
+  def windows(run: Run) -> dict[tuple[int, int], dict]:
+    rows, _ = _phase_rows(run)
+    starts = [0] + [int(h['step']) for h in rows[:-1]]
+    return {(s, int(h['step'])): h for s, h in zip(starts, rows)}
+
   out = []
   for rb in _by(runs, dataset, base):
     ra = [r for r in _by(runs, dataset, adv) if r.seed == rb.seed]
     if not ra or not rb.history or not ra[0].history:
       continue
-    pb, _ = _phase_rows(rb)
-    pa, _ = _phase_rows(ra[0])
-    byb = {h['step']: h for h in pb}
+    byb = windows(rb)
     diffs = []
-    for h in pa:
-      g = byb.get(h['step'])
+    for window, h in windows(ra[0]).items():
+      g = byb.get(window)
       if g is None:
         continue
       for k in ('loss', 'rec', 'kl', 'mse', 'tc'):
@@ -792,7 +797,7 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
                         if diff is not None else 'no overlap'))
         if diff is None:
           unchecked.append(f'{dataset}: pre-training of {NAMES[adv]} seed {seed} against '
-                           f'{NAMES[base]} (no common logged steps)')
+                           f'{NAMES[base]} (no window of steps logged by both)')
         if diff:
           warnings.append(f'{dataset}: pre-training of {NAMES[adv]} seed {seed} differs from '
                           f'{NAMES[base]} (max |Δ| {fmt(diff, 3)})')

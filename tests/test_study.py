@@ -474,6 +474,23 @@ def test_pretraining_identity_finds_differences():
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.25)]
 
 
+def test_pretraining_identity_compares_the_same_windows_of_an_interrupted_run():
+  # AVAE stopped by SIGTERM at step 7 logged steps 6-7 then; its row at 10 covers 8-10
+  # alone, the VAE's 6-10: their means differ though every step was the same.
+  base = [{'step': 5, 'loss': 2.0}, {'step': 10, 'loss': 1.0}]
+  adv = [{'step': 5, 'loss': 2.0}, {'step': 7, 'loss': 1.3}, {'step': 10, 'loss': 0.8},
+         {'step': 15, 'loss': 0.1, 'disc_accuracy': 0.5}]
+  cfg = {'pretrain_steps': 10}
+  runs = [study_report.Run('shapes', 'vae', 0, '', None, cfg, base, {}),
+          study_report.Run('shapes', 'avae', 0, '', None, cfg, adv, {})]
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.0)]
+  adv[0]['loss'] = 2.5
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.5)]
+  # No window in common: the check cannot be made.
+  del base[0]
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, None)]
+
+
 def test_budgets_are_identical_across_models():
   for budget in study_config.BUDGETS:
     s = study_config.get_config(budget)
