@@ -80,7 +80,10 @@ def _scalar(name: str, value: Any) -> float:
   array = np.asarray(value)
   if array.size != 1:
     raise ValueError(f'Metric {name!r} is not a scalar: shape {array.shape}.')
-  return float(array.reshape(()))
+  try:
+    return float(array.reshape(()))
+  except (TypeError, ValueError):  # None, a word, a complex number: name the metric
+    raise ValueError(f'Metric {name!r} is not a number: {value!r}.') from None
 
 
 _FILE_IDS = itertools.count()

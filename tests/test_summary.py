@@ -152,6 +152,9 @@ def test_bad_inputs(tmp_path):
       writer.scalars(1, {'loss': np.zeros(3)})
     with pytest.raises(ValueError, match='reserved'):
       writer.scalars(1, {'step': 3})
+    for value in (None, 'high', 1j):
+      with pytest.raises(ValueError, match=r"Metric 'loss' is not a number: "):
+        writer.scalars(1, {'loss': value})
     with pytest.raises(ValueError, match='H, W, C'):
       writer.image(1, 'x', np.zeros((2, 2, 2), np.float32))
 
