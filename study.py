@@ -286,6 +286,9 @@ def main(argv: list[str]) -> None:
   if '://' in _OUT.value:
     # The report reads every run's metrics.jsonl, which object stores cannot append to.
     raise app.UsageError(f'--out={_OUT.value}: the study needs a local directory')
+  if _MAX_HOURS.value < 0:
+    # A negative limit is reached at once: every run would be skipped.
+    raise app.UsageError(f'--max_hours={_MAX_HOURS.value:g}: must be >= 0 (0: no limit)')
   from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec()  # first: a restart repeats everything before it
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top

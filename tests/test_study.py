@@ -75,6 +75,13 @@ def test_a_bucket_as_out_is_a_usage_error():
   assert 'Traceback' not in proc.stderr
 
 
+def test_a_negative_max_hours_is_a_usage_error(tmp_path):
+  proc = _study(f'--out={tmp_path}', '--budget=test', '--max_hours=-1', check=False)
+  assert proc.returncode == 1
+  assert '--max_hours=-1: must be >= 0 (0: no limit)' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
+
+
 @pytest.fixture(scope='module')
 def study_dir(tmp_path_factory):
   """One tiny study of both datasets, all four models, one seed (run once per module).
