@@ -8,10 +8,11 @@ Each process gets M forced CPU devices (XLA_FLAGS=--xla_force_host_platform_devi
 gloo for the collectives across processes, and the AVAE_* variables that
 avae_jax.distributed.initialize() reads: a coordinator on 127.0.0.1 at a free port, the
 process count and the process id. Their stdout and stderr are forwarded line by line with
-a "[p0] " ... prefix. The launcher exits with 0 when every process does; when one fails it
-reports how, gives the others --grace_s seconds to stop on their own (JAX's distributed
-runtime aborts them once it notices a dead peer, within --timeout_s), then terminates
-them, and exits non-zero. Ctrl-C (or SIGTERM) to the launcher passes SIGTERM on and
+a "[p0] " ... prefix (dropped, while the processes run on, once the launcher's own output
+is a closed pipe, as after `| head`). The launcher exits with 0 when every process does;
+when one fails it reports how, gives the others --grace_s seconds to stop on their own
+(JAX's distributed runtime aborts them once it notices a dead peer, within --timeout_s),
+then terminates them, and exits non-zero. Ctrl-C (or SIGTERM) to the launcher passes SIGTERM on and
 gives the processes --grace_s seconds to end (train.py checkpoints the step in progress
 first); a second Ctrl-C kills them at once. Running the same command again on the same
 workdir resumes from the last checkpoint.
@@ -114,19 +115,31 @@ class Launcher:
     self._procs: list[subprocess.Popen] = []
     self._threads: list[threading.Thread] = []
 
+  @staticmethod
+  def _write(sink: IO[str], text: str) -> bool:
+    """Writes and flushes `text`; False where `sink` is gone (a closed pipe: `| head`)."""
+    try:
+      sink.write(text)
+      sink.flush()
+      return True
+    except (OSError, ValueError):
+      return False
+
   def say(self, text: str) -> None:
     """A launcher message on stderr, prefixed like the processes' lines."""
     with self._lock:
-      self._err.write(f'[launch] {text}\n')
-      self._err.flush()
+      self._write(self._err, f'[launch] {text}\n')
 
   def _forward(self, stream: IO[bytes], sink: IO[str], prefix: str) -> None:
     """Copies one child stream to `sink`, one prefixed line at a time."""
+    open_ = True
     for raw in iter(stream.readline, b''):
-      line = raw.decode('utf-8', errors='replace').rstrip('\r\n')
-      with self._lock:
-        sink.write(f'{prefix}{line}\n')
-        sink.flush()
+      # Once `sink` is gone, read on all the same: a child whose pipe is full would block
+      # in its next print forever.
+      if open_:
+        line = raw.decode('utf-8', errors='replace').rstrip('\r\n')
+        with self._lock:
+          open_ = self._write(sink, f'{prefix}{line}\n')
     stream.close()
 
   def start(self) -> None:

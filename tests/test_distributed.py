@@ -227,6 +227,9 @@ print('hello', p, os.environ['AVAE_NUM_PROCESSES'], os.environ['AVAE_COORDINATOR
       os.environ['XLA_FLAGS'], os.environ['AVAE_DISTRIBUTED_TIMEOUT_S'], flush=True)
 print('to stderr', p, file=sys.stderr, flush=True)
 mode = sys.argv[1]
+if mode == 'spam':  # far more than a pipe holds
+  for i in range(20000):
+    print('line', i, 'x' * 50)
 if mode == 'fail' and p == 1:
   sys.exit(3)
 if mode == 'fail':
@@ -267,6 +270,24 @@ def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
   # Process 0 slept on; the launcher ended it after the grace period.
   assert 'terminating processes [0]' in failed.stderr
   assert re.search(r'\[launch\] process 0 was killed by SIG(TERM|KILL)', failed.stderr)
+
+
+@pytest.mark.parametrize('merged', [False, True])
+def test_the_processes_run_to_the_end_when_the_launchers_output_is_closed(tmp_path, merged):
+  # As with `launch.py ... | head`: the forwarding stopped at the broken pipe, the
+  # processes' pipes filled up and they hung in print.
+  script = tmp_path / 'program.py'
+  script.write_text(_PROGRAM)
+  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'spam']),
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT if merged else subprocess.DEVNULL)
+  try:
+    assert launcher.stdout.readline()
+    launcher.stdout.close()
+    assert launcher.wait(timeout=60) == 0
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
 
 
 @pytest.mark.parametrize('flags, message', [
