@@ -12,10 +12,11 @@ a "[p0] " ... prefix (dropped, while the processes run on, once the launcher's o
 is a closed pipe, as after `| head`). The launcher exits with 0 when every process does;
 when one fails it reports how, gives the others --grace_s seconds to stop on their own
 (JAX's distributed runtime aborts them once it notices a dead peer, within --timeout_s),
-then terminates them, and exits non-zero. Ctrl-C (or SIGTERM) to the launcher passes SIGTERM on and
-gives the processes --grace_s seconds to end (train.py checkpoints the step in progress
-first); a second Ctrl-C kills them at once. Running the same command again on the same
-workdir resumes from the last checkpoint.
+then terminates them, and exits non-zero (127 where the program cannot be found). Ctrl-C
+(or SIGTERM) to the launcher passes SIGTERM on and gives the processes --grace_s seconds
+to end (train.py checkpoints the step in progress first); a second Ctrl-C kills them at
+once. Running the same command again on the same workdir resumes from the last
+checkpoint.
 
 This is for trying multi-process runs on one host (and for the tests); clusters start one
 process per host with their own tools, see the README's "Several hosts" section.
@@ -96,6 +97,14 @@ def describe_exit(code: int) -> str:
   return f'exited with code {code}'
 
 
+class ProgramError(RuntimeError):
+  """The program cannot be started; `code` is the shell's exit status for that (126, 127)."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
 class Launcher:
   """Starts the processes, forwards their output, watches them, stops the rest on failure."""
 
@@ -151,9 +160,13 @@ class Launcher:
       env = child_env(os.environ, process_id=p, num_processes=self.num_processes,
                       devices_per_process=self.devices_per_process,
                       coordinator=coordinator, timeout_s=self.timeout_s)
-      proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              start_new_session=True, preexec_fn=_die_with_parent)
+      try:
+        proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+      except OSError as e:  # no such program, not executable
+        raise ProgramError(f'cannot run {self.command[0]}: {e.strerror or e}',
+                           127 if isinstance(e, FileNotFoundError) else 126) from None
       self._procs.append(proc)
       self.say(f'process {p}: pid {proc.pid}')
       for stream, sink in ((proc.stdout, self._out), (proc.stderr, self._err)):
@@ -226,6 +239,9 @@ class Launcher:
     try:
       self.start()
       return self.wait()
+    except ProgramError as e:
+      self.say(str(e))
+      return e.code
     except KeyboardInterrupt:
       # train.py checkpoints the step in progress on SIGTERM: give it --grace_s for that.
       try:

@@ -303,6 +303,20 @@ def test_launcher_usage_errors(flags, message):
   assert f'launch.py: error: {message}' in proc.stderr
 
 
+def test_a_program_that_cannot_be_run_is_a_clear_error(tmp_path):
+  # It was Popen's traceback, with exit status 1.
+  missing = subprocess.run(_launch_args(2, 1, [str(tmp_path / 'no_such_program'), 'x']),
+                           capture_output=True, text=True, timeout=60, check=False)
+  assert missing.returncode == 127 and 'Traceback' not in missing.stderr, missing.stderr
+  assert f'[launch] cannot run {tmp_path / "no_such_program"}: No such file' in missing.stderr
+  not_executable = tmp_path / 'program.sh'
+  not_executable.write_text('echo hello\n')
+  denied = subprocess.run(_launch_args(2, 1, [str(not_executable)]), capture_output=True,
+                          text=True, timeout=60, check=False)
+  assert denied.returncode == 126 and 'Traceback' not in denied.stderr, denied.stderr
+  assert 'Permission denied' in denied.stderr
+
+
 def popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
   """Popen whose process gets Ctrl-C even when pytest runs as a background job.
 
