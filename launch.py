@@ -15,8 +15,8 @@ when one fails it reports how, gives the others --grace_s seconds to stop on the
 then terminates them, and exits non-zero (127 where the program cannot be found). Ctrl-C
 (or SIGTERM) to the launcher passes SIGTERM on and gives the processes --grace_s seconds
 to end (train.py checkpoints the step in progress first); a second Ctrl-C kills them at
-once. Running the same command again on the same workdir resumes from the last
-checkpoint.
+once; the launcher exits with 130 (143 after SIGTERM). Running the same command again on
+the same workdir resumes from the last checkpoint.
 
 This is for trying multi-process runs on one host (and for the tests); clusters start one
 process per host with their own tools, see the README's "Several hosts" section.
@@ -233,7 +233,10 @@ class Launcher:
 
   def run(self) -> int:
     """start() then wait(); Ctrl-C or SIGTERM to the launcher stops every process."""
+    interrupt = [signal.SIGINT]
+
     def on_signal(signum, frame):  # pylint: disable=unused-argument
+      interrupt[0] = signum
       raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -251,7 +254,7 @@ class Launcher:
         self.say('interrupted again: killing the processes')
         self._signal_all(signal.SIGKILL)
       self._join_forwarders()
-      return 130
+      return 128 + interrupt[0]  # 130 after Ctrl-C, 143 after SIGTERM, as the shell's
     finally:
       signal.signal(signal.SIGTERM, previous)
       self._signal_all(signal.SIGKILL)

@@ -331,7 +331,9 @@ def popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
     signal.signal(signal.SIGINT, previous)
 
 
-def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path):
+@pytest.mark.parametrize('sig, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path, sig, status):
+  # SIGTERM (a scheduler's stop) exited with Ctrl-C's 130 too.
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
   launcher = popen_with_sigint(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
@@ -343,12 +345,12 @@ def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path)
       assert line, 'the launcher ended before its processes were ready'
       if ' ready ' in line:
         ready.add(line.split()[0])
-    launcher.send_signal(signal.SIGINT)
+    launcher.send_signal(sig)
     out, err = launcher.communicate(timeout=60)
   finally:
     if launcher.poll() is None:
       launcher.kill()
-  assert launcher.returncode == 130, err
+  assert launcher.returncode == status, err
   assert 'terminating processes [0, 1]: the launcher was interrupted' in err
   assert 'SIGKILL after 30 s' in err
   assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), (out, err)
