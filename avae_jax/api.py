@@ -185,6 +185,8 @@ class TrainedModel:
     Raises NoCheckpointError or IncompatibleCheckpointError with the reason.
     """
     workdir = str(workdir)
+    # The checkpointer takes int(step): step=2.5 restored step 2, step=True step 1.
+    step = None if step is None else _count(step, 'step', 0)
     ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
       raise NoCheckpointError(

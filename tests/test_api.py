@@ -295,6 +295,14 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, workdir):
     api.TrainedModel.load(workdir, step=7)
 
 
+def test_a_step_that_is_not_an_integer_is_rejected(workdir):
+  # It was truncated: step=1.5 restored step 1, step=True step 1 too.
+  for step in (1.5, True, '1'):
+    with pytest.raises(ValueError, match='step must be an integer >= 0'):
+      api.TrainedModel.load(workdir, step=step)
+  assert api.TrainedModel.load(workdir, step=np.int64(1)).step == 1
+
+
 @pytest.mark.parametrize('change, named', [
     ({'image_size': 32}, 'image_size'),
     ({'variant': 'vae_s'}, 'variant'),
