@@ -279,7 +279,11 @@ class TrainedModel:
 
   def decode(self, z: Any) -> jax.Array:
     """Images (B, H, W, C) in (0, 1) for latent codes z (B, latent_dim)."""
-    z = (z if isinstance(z, jax.Array) else np.asarray(z)).astype(np.float32)
+    z = z if isinstance(z, jax.Array) else np.asarray(z)
+    # The cast to float32 would drop a complex code's imaginary part with a warning only.
+    if not (jnp.issubdtype(z.dtype, jnp.floating) or jnp.issubdtype(z.dtype, jnp.integer)):
+      raise ValueError(f'z must be real numbers, got dtype {z.dtype}')
+    z = z.astype(np.float32)
     if z.ndim != 2 or z.shape[1] != self.latent_dim:
       raise ValueError(f'z must be (B, {self.latent_dim}); got shape {tuple(z.shape)}')
     return _decode(self.module, self.variables, self._put(z))

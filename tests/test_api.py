@@ -249,6 +249,11 @@ def test_bad_inputs_are_rejected(model, images):
     model.encode(np.zeros((2, 16, 16, 3), np.int64))
   with pytest.raises(ValueError, match=r'\(B, 4\)'):
     model.decode(np.zeros((2, 5), np.float32))
+  # A complex code lost its imaginary part (a ComplexWarning only).
+  with pytest.raises(ValueError, match='z must be real numbers, got dtype complex64'):
+    model.decode(np.full((2, 4), 1j, np.complex64))
+  assert model.decode(np.zeros((2, 4), np.int32)).shape == (2, 16, 16, 3)
+  assert model.decode(jax.numpy.zeros((2, 4), jax.numpy.bfloat16)).shape == (2, 16, 16, 3)
   with pytest.raises(ValueError, match='out of range'):
     model.traverse(images[0], [4], [0.0])
   # Not wrapped to dim 0 by a cast to int32.
