@@ -293,8 +293,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.error(f'--timeout_s must be >= 1 (seconds), got {args.timeout_s}')
   if args.grace_s is None:
     args.grace_s = args.timeout_s + 10.0
-  if args.grace_s < 0:
+  if not args.grace_s >= 0:  # nan too: no failure would ever be followed by a termination
     parser.error(f'--grace_s must be >= 0 (seconds), got {args.grace_s:g}')
+  if not 0 <= args.port <= 65535:
+    parser.error(f'--port must be in 0..65535 (0: a free one), got {args.port}')
   return args, program
 
 

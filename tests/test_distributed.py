@@ -295,6 +295,8 @@ def test_the_processes_run_to_the_end_when_the_launchers_output_is_closed(tmp_pa
     (['--num_processes=2'], 'give the program after --'),
     (['--timeout_s=0', '--', 'train.py'], '--timeout_s must be >= 1'),
     (['--grace_s=-1', '--', 'train.py'], '--grace_s must be >= 0'),
+    (['--grace_s=nan', '--', 'train.py'], '--grace_s must be >= 0'),
+    (['--port=70000', '--', 'train.py'], '--port must be in 0..65535'),
 ])
 def test_launcher_usage_errors(flags, message):
   proc = subprocess.run([sys.executable, LAUNCH, *flags], capture_output=True, text=True,
