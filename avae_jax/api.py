@@ -60,7 +60,11 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
   if not files.exists(path):
     return None
   try:
-    return ml_collections.ConfigDict(files.read_json(path))
+    fields = files.read_json(path)
+    # ConfigDict raises AttributeError for a list, and takes a JSON string or number.
+    if not isinstance(fields, dict):
+      raise TypeError(f'it holds a JSON {type(fields).__name__}, not an object')
+    return ml_collections.ConfigDict(fields)
   except (ValueError, TypeError) as e:
     raise WorkdirError(f'{path} is not a readable config (JSON): {e}') from e
 

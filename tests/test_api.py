@@ -308,6 +308,14 @@ def test_a_step_that_is_not_an_integer_is_rejected(workdir):
   assert api.TrainedModel.load(workdir, step=np.int64(1)).step == 1
 
 
+@pytest.mark.parametrize('text', ['[]', '"abc"', '3', '{"variant": '])
+def test_a_config_json_that_is_not_a_json_object_is_a_workdir_error(tmp_path, text):
+  # A list raised AttributeError from ConfigDict (eval.py printed its traceback).
+  (tmp_path / api.CONFIG_FILE).write_text(text)
+  with pytest.raises(api.WorkdirError, match='is not a readable config'):
+    api.read_config(str(tmp_path))
+
+
 @pytest.mark.parametrize('change, named', [
     ({'image_size': 32}, 'image_size'),
     ({'variant': 'vae_s'}, 'variant'),
