@@ -10,8 +10,8 @@
   grid = model.traverse(x0, dims=[0, 3], values=np.linspace(-2.5, 2.5, 7))
 
 Every method runs jitted with BatchNorm in inference mode (running statistics) and returns
-jax arrays (np.asarray makes them numpy). Batches whose size divides the number of devices
-are split over the devices; other batches run replicated. Float images outside [0, 1]
+jax arrays (np.asarray makes them numpy). Batches whose size is a multiple of the number of
+devices are split over the devices; other batches run replicated. Float images outside [0, 1]
 (e.g. floats in 0..255) or with a NaN are refused with a ValueError, as the `arrays:` data
 loader refuses them.
 """
