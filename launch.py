@@ -100,7 +100,7 @@ def describe_exit(code: int) -> str:
 class ProgramError(RuntimeError):
   """The program cannot be started; `code` is the shell's exit status for that (126, 127)."""
 
-  def __init__(self, message: str, code: int):
+  def __init__(self, message: str, code: int) -> None:
     super().__init__(message)
     self.code = code
 
