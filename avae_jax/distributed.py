@@ -196,7 +196,8 @@ def exit_on_error(together: tuple[type[BaseException], ...] = ()) -> Iterator[No
   while they wait in a collective for it: both would hang until the shutdown timeout.
   Ending at once makes the peers fail within the heartbeat timeout instead. On one
   process the exception propagates as usual, and so do the `together` exceptions, which
-  every process raises at the same point (e.g. a stop agreed on by all).
+  every process raises at the same point (e.g. a stop agreed on by all). A KeyboardInterrupt
+  ends a process of several at once too, with status 130 and no traceback.
   """
   try:
     yield
@@ -204,6 +205,11 @@ def exit_on_error(together: tuple[type[BaseException], ...] = ()) -> Iterator[No
     if (jax.process_count() == 1 or isinstance(e, SystemExit) and not e.code
         or isinstance(e, together)):
       raise
+    if isinstance(e, KeyboardInterrupt):
+      # Not a failure: e.g. a second Ctrl-C in the training loop of a background job
+      # (exit_on_interrupt's status and no traceback).
+      exit_now(128 + signal.SIGINT, f'process {jax.process_index()} of '
+               f'{jax.process_count()} interrupted; exiting now')
     code = 1
     if isinstance(e, SystemExit):  # sys.exit(message or status): already reported
       if isinstance(e.code, int):

@@ -407,6 +407,22 @@ def test_a_keyboard_interrupt_that_reaches_the_guard_ends_the_program_too(tmp_pa
   assert (proc.returncode, proc.stdout, proc.stderr) == (130, '', 'interrupted, exiting\n')
 
 
+def test_a_keyboard_interrupt_in_a_multi_process_run_is_no_failure(tmp_path):
+  # exit_on_error printed its traceback and ended the process with status 1, as a failure.
+  program = ('import jax\n'
+             'from avae_jax import distributed\n'
+             'jax.process_count = lambda: 2\n'
+             'with distributed.exit_on_interrupt("interrupted, exiting"):\n'
+             '  with distributed.exit_on_error():\n'
+             '    raise KeyboardInterrupt\n'
+             'print("not reached")\n')
+  proc = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True,
+                        text=True, timeout=60, check=False)
+  assert (proc.returncode, proc.stdout) == (130, ''), proc.stderr
+  assert proc.stderr.splitlines()[-1] == 'process 0 of 2 interrupted; exiting now', proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top
