@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from avae_jax import files
+from avae_jax import metrics
 from avae_jax import summary
 
 
@@ -24,18 +25,7 @@ def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
   if images.ndim != ndim or images.shape[-1] not in (1, 3):
     raise ValueError(f'{what} must have {ndim} axes ending in 1 or 3 channels; '
                      f'got shape {images.shape}.')
-  return _check_dtype(images, what)
-
-
-def _check_dtype(images: np.ndarray, what: str) -> np.ndarray:
-  """Returns `images` if uint8 or float, else raises ValueError."""
-  # Other integers (int32, uint16, bool) have no one scale to read them on: as floats in
-  # [0, 1] they came out black and white.
-  floating = np.issubdtype(images.dtype, np.floating) or images.dtype.name == 'bfloat16'
-  if images.dtype != np.uint8 and not floating:
-    raise ValueError(f'{what} must be uint8 (0..255) or floats in [0, 1]; '
-                     f'got dtype {images.dtype}.')
-  return images
+  return metrics.check_image_dtype(images, what)
 
 
 def grid(images: np.ndarray, ncol: int, pad: int = 1,
@@ -64,7 +54,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
-  files.write_bytes(path, summary.encode_png(_check_dtype(np.asarray(image), 'image')))
+  files.write_bytes(path, summary.encode_png(metrics.check_image_dtype(image, 'image')))
 
 
 def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
