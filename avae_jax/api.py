@@ -19,6 +19,7 @@ loader refuses them.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 from typing import Any, Sequence
@@ -32,14 +33,13 @@ import numpy as np
 
 from avae_jax import checkpoint
 from avae_jax import config_lib
+from avae_jax import data
 from avae_jax import files
 from avae_jax import models
 from avae_jax import steps
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-# How far outside [0, 1] float images may stray (float rounding), as the data loader allows.
-RANGE_TOLERANCE = 1e-6
 
 
 class WorkdirError(ValueError):
@@ -241,7 +241,7 @@ class TrainedModel:
   def _images(self, images: Any, what: str = 'images') -> jax.Array:
     """Checks (B, H, W, C) images of the model's shape; returns them float32 on device.
 
-    Float images must lie in [0, 1] (up to RANGE_TOLERANCE); uint8 images (as PIL and
+    Float images must lie in [0, 1] (up to data.RANGE_TOLERANCE); uint8 images (as PIL and
     image files give them) are scaled from 0..255, as the data pipeline does.
     """
     x = images if isinstance(images, jax.Array) else np.asarray(images)
@@ -257,12 +257,7 @@ class TrainedModel:
       xp = jnp if isinstance(x, jax.Array) else np
       lo, hi, nan = ((float(v) for v in jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
                      if x.size else (0, 0, 0))
-      if nan or np.isnan(lo) or np.isnan(hi):
-        raise ValueError(f'{what}: float images must lie in [0, 1], found NaN')
-      if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
-        raise ValueError(f'{what}: float images must lie in [0, 1], found values in '
-                         f'[{lo:g}, {hi:g}] (divide by 255?); uint8 images in 0..255 are '
-                         'scaled')
+      data.check_unit_range(math.nan if nan else lo, hi, what, error=ValueError)
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
                        f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')

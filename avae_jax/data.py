@@ -144,19 +144,28 @@ class Source:
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.
 _RANGE_SCAN_BYTES = 1 << 30
+# How far outside [0, 1] float images may stray (float rounding).
+RANGE_TOLERANCE = 1e-6
+
+
+def check_unit_range(lo: float, hi: float, what: str,
+                     error: type[ValueError] = DataError) -> None:
+  """Raises `error` unless float images of minimum lo and maximum hi lie in [0, 1].
+
+  A NaN image must arrive as a NaN lo or hi (numpy's min and max give it; XLA:CPU's skip
+  NaNs), since NaN fails no comparison. RANGE_TOLERANCE allows for float rounding.
+  """
+  if np.isnan(lo) or np.isnan(hi):
+    raise error(f'{what}: float images must lie in [0, 1], found NaN')
+  if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+    raise error(f'{what}: float images must lie in [0, 1], found values in '
+                f'[{lo:g}, {hi:g}] (divide by 255?)')
 
 
 def _check_range(x: np.ndarray, what: str) -> None:
   """DataError unless the float images x lie in [0, 1] (up to float rounding)."""
-  if not x.size:
-    return
-  lo, hi = x.min(), x.max()
-  # min and max are NaN if any value is, and NaN fails no comparison.
-  if np.isnan(lo) or np.isnan(hi):
-    raise DataError(f'{what}: float images must lie in [0, 1], found NaN')
-  if lo < -1e-6 or hi > 1.0 + 1e-6:
-    raise DataError(f'{what}: float images must lie in [0, 1], found values in '
-                    f'[{lo:g}, {hi:g}] (divide by 255?)')
+  if x.size:
+    check_unit_range(x.min(), x.max(), what)
 
 
 def _array_reader(images: np.ndarray, scale: float,
