@@ -715,11 +715,8 @@ def save_npz(params: Params, path: str) -> None:
 def preprocess(images: jnp.ndarray, antialias: bool = False) -> jnp.ndarray:
   """[0,1] (or uint8) NHWC images of any size -> (B, 299, 299, 3) in [-1, 1]."""
   x = jnp.asarray(images)
-  if x.dtype == jnp.uint8:
-    x = x.astype(jnp.float32) / 255.0
-  elif not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'expected uint8 images or floats in [0, 1], got dtype {x.dtype}')
-  x = x.astype(jnp.float32)
+  metrics.check_image_dtype(x.dtype)
+  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise ValueError(f'expected NHWC images with 1 or 3 channels, got shape {x.shape}')
   if x.shape[-1] == 1:

@@ -14,20 +14,22 @@ from avae_jax.filters import LUMA
 _CHUNK = 256
 
 
-def check_image_dtype(images: Any, what: str = 'images') -> np.ndarray:
-  """Returns `images` as an array if uint8 (0..255) or floats ([0, 1]), else ValueError."""
-  x = np.asarray(images)
+def check_image_dtype(dtype: Any, what: str = 'images') -> None:
+  """ValueError unless images of `dtype` are uint8 (0..255) or floats ([0, 1]).
+
+  A dtype, not an array: jitted code (inception.preprocess) checks its tracers' dtype.
+  """
+  dtype = np.dtype(dtype)
   # Other integers (uint16, int32, bool) have no one scale to read them on: read as floats
   # in [0, 1], a figure drew them black and white.
-  if x.dtype != np.uint8 and not (np.issubdtype(x.dtype, np.floating)
-                                  or x.dtype.name == 'bfloat16'):
-    raise ValueError(f'{what}: expected uint8 images or floats in [0, 1], got dtype {x.dtype}')
-  return x
+  if dtype != np.uint8 and not (np.issubdtype(dtype, np.floating) or dtype.name == 'bfloat16'):
+    raise ValueError(f'{what}: expected uint8 images or floats in [0, 1], got dtype {dtype}')
 
 
 def unit_floats(images: Any, dtype: Any = np.float64) -> np.ndarray:
   """Images as floats on the [0, 1] scale: uint8 divided by 255, floats as they are."""
-  x = check_image_dtype(images)
+  x = np.asarray(images)
+  check_image_dtype(x.dtype)
   if x.dtype == np.uint8:
     return x.astype(dtype) / 255.0
   return x.astype(dtype)

@@ -25,7 +25,8 @@ def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
   if images.ndim != ndim or images.shape[-1] not in (1, 3):
     raise ValueError(f'{what} must have {ndim} axes ending in 1 or 3 channels; '
                      f'got shape {images.shape}.')
-  return metrics.check_image_dtype(images, what)
+  metrics.check_image_dtype(images.dtype, what)
+  return images
 
 
 def grid(images: np.ndarray, ncol: int, pad: int = 1,
@@ -54,7 +55,9 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
-  files.write_bytes(path, summary.encode_png(metrics.check_image_dtype(image, 'image')))
+  image = np.asarray(image)
+  metrics.check_image_dtype(image.dtype, 'image')
+  files.write_bytes(path, summary.encode_png(image))
 
 
 def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
