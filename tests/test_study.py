@@ -470,12 +470,17 @@ def test_gating_rates_weight_windows_by_steps():
   assert g['acc_first'] == 0.6 and g['acc_last'] == 0.8
 
 
+def _vae_and_avae_runs(base: list[dict], adv: list[dict]) -> list[study_report.Run]:
+  """Seed 0's VAE and AVAE runs on shapes with these histories, 10 pre-training steps."""
+  cfg = {'pretrain_steps': 10}
+  return [study_report.Run('shapes', 'vae', 0, '', None, cfg, base, {}),
+          study_report.Run('shapes', 'avae', 0, '', None, cfg, adv, {})]
+
+
 def test_pretraining_identity_finds_differences():
   base = [{'step': 5, 'loss': 2.0, 'kl': 1.0}, {'step': 10, 'loss': 1.0, 'kl': 0.5}]
   adv = [dict(r) for r in base] + [{'step': 15, 'loss': 0.1, 'disc_accuracy': 0.5}]
-  cfg = {'pretrain_steps': 10}
-  runs = [study_report.Run('shapes', 'vae', 0, '', None, cfg, base, {}),
-          study_report.Run('shapes', 'avae', 0, '', None, cfg, adv, {})]
+  runs = _vae_and_avae_runs(base, adv)
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.0)]
   adv[1]['kl'] = 0.75
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.25)]
@@ -487,9 +492,7 @@ def test_pretraining_identity_compares_the_same_windows_of_an_interrupted_run():
   base = [{'step': 5, 'loss': 2.0}, {'step': 10, 'loss': 1.0}]
   adv = [{'step': 5, 'loss': 2.0}, {'step': 7, 'loss': 1.3}, {'step': 10, 'loss': 0.8},
          {'step': 15, 'loss': 0.1, 'disc_accuracy': 0.5}]
-  cfg = {'pretrain_steps': 10}
-  runs = [study_report.Run('shapes', 'vae', 0, '', None, cfg, base, {}),
-          study_report.Run('shapes', 'avae', 0, '', None, cfg, adv, {})]
+  runs = _vae_and_avae_runs(base, adv)
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.0)]
   adv[0]['loss'] = 2.5
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, 0.5)]
