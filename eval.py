@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
       saved = config is None
       if saved:
-        config = api.read_config(workdir)
+        config = api.read_config(workdir, fill_defaults=True)
         if config is None:
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')

@@ -23,6 +23,7 @@ import math
 import operator
 import os
 from typing import Any, Sequence
+import warnings
 
 from etils import epath
 import jax
@@ -54,8 +55,12 @@ class IncompatibleCheckpointError(WorkdirError):
   """The checkpoint was written by another model (variant, image size, widths, ...)."""
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config a training run wrote to WORKDIR/config.json, or None if there is none."""
+def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.ConfigDict | None:
+  """The config a training run wrote to WORKDIR/config.json, or None if there is none.
+
+  With fill_defaults, fields the file lacks (a workdir of an older version, written
+  before they existed) get configs/default.py's values, with a warning naming them.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not files.exists(path):
     return None
@@ -64,9 +69,26 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
     # ConfigDict raises AttributeError for a list, and takes a JSON string or number.
     if not isinstance(fields, dict):
       raise TypeError(f'it holds a JSON {type(fields).__name__}, not an object')
-    return ml_collections.ConfigDict(fields)
+    config = ml_collections.ConfigDict(fields)
   except (ValueError, TypeError) as e:
     raise WorkdirError(f'{path} is not a readable config (JSON): {e}') from e
+  if fill_defaults:
+    # Imported here: the configs package sits beside avae_jax, and only this needs it.
+    from configs import default  # pylint: disable=g-import-not-at-top
+    added = config_lib.fill_missing(config, default.get_config())
+    if added:
+      # Without them the model or the evaluation stopped with an AttributeError.
+      warnings.warn(f'{path} lacks {", ".join(added)} (written by an older version?); '
+                    'using the values of configs/default.py for them', stacklevel=2)
+  return config
+
+
+def _hash(saved: ml_collections.ConfigDict) -> str | None:
+  """config_lib.config_hash of a saved config; None if it lacks a field the hash reads."""
+  try:
+    return config_lib.config_hash(saved)
+  except AttributeError:  # an older version's config.json: the checkpoint's hash decides
+    return None
 
 
 def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -196,12 +218,12 @@ class TrainedModel:
       raise NoCheckpointError(
           f'no checkpoint in {ckpt_dir}: train a model there first '
           f'(python train.py --config=... --workdir={workdir})')
-    saved = read_config(workdir)
+    saved = read_config(workdir, fill_defaults=config is None)
     if config is None:
       if saved is None:
         raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
       config = saved
-    elif saved is not None and config_lib.config_hash(saved) != config_lib.config_hash(config):
+    elif saved is not None and _hash(saved) not in (None, config_lib.config_hash(config)):
       raise IncompatibleCheckpointError(
           f'{workdir} holds another model than the config describes '
           f'({_differences(saved, config)}); use the config the model was trained with')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import json
@@ -287,6 +288,20 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
       raise ConfigError(f"{name}: the config has no field '{leaf}'")
     node[leaf] = _override_value(name, text, node[leaf])
+
+
+def fill_missing(config: ml_collections.ConfigDict,
+                 reference: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Adds to `config` every field of `reference` it lacks; returns their dotted names."""
+  added = []
+  for key, value in reference.items():
+    if key not in config:
+      config[key] = copy.deepcopy(value)
+      added.append(prefix + key)
+    elif (isinstance(value, ml_collections.ConfigDict)
+          and isinstance(config[key], ml_collections.ConfigDict)):
+      added += fill_missing(config[key], value, f'{prefix}{key}.')
+  return added
 
 
 def define_config_file(name: str, default: str | None, help_string: str,

@@ -5,6 +5,7 @@ test session and shared with test_evaluation.py and test_eval_cli.py through
 `trained_workdir`.
 """
 
+import json
 import logging
 import os
 import pathlib
@@ -314,6 +315,30 @@ def test_a_config_json_that_is_not_a_json_object_is_a_workdir_error(tmp_path, te
   (tmp_path / api.CONFIG_FILE).write_text(text)
   with pytest.raises(api.WorkdirError, match='is not a readable config'):
     api.read_config(str(tmp_path))
+
+
+def test_a_config_json_of_an_older_version_gets_the_default_values(tmp_path, workdir, model):
+  # Fields added since the file was written raised AttributeError deep inside the model.
+  old = tmp_path / 'old'
+  shutil.copytree(workdir, old)
+  path = old / api.CONFIG_FILE
+  fields = json.loads(path.read_text())
+  del fields['model']['bn_momentum'], fields['gating'], fields['eval']['num_images']
+  path.write_text(json.dumps(fields))
+  with pytest.warns(UserWarning, match='lacks eval.num_images, gating, model.bn_momentum'):
+    loaded = api.TrainedModel.load(str(old))
+  assert loaded.config.model.bn_momentum == default.get_config().model.bn_momentum
+  assert loaded.config.gating.to_dict() == default.get_config().gating.to_dict()
+  for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(model.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Lacking a field of the model's fingerprint, the checkpoint's own one decides.
+  del fields['model']['hidden_dim']
+  path.write_text(json.dumps(fields))
+  assert api.TrainedModel.load(str(old), config=tiny_config()).step == TRAINED_STEPS
+  with pytest.raises(api.IncompatibleCheckpointError):
+    api.TrainedModel.load(str(old), config=tiny_config(variant='vae_s'))
+  # Read as it is, the file keeps what it has.
+  assert 'hidden_dim' not in api.read_config(str(old)).model
 
 
 @pytest.mark.parametrize('change, named', [

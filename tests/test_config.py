@@ -393,3 +393,17 @@ def test_gating_dead_band(changes, band):
   c = default.get_config()
   c.update_from_flattened_dict(changes)
   assert config_lib.gating_dead_band(c) == band
+
+
+def test_fill_missing_adds_only_the_absent_fields():
+  reference = ml_collections.ConfigDict(
+      {'a': 1, 'b': {'c': 2, 'd': {'e': 3}}, 'f': {'g': 4}, 'h': (5, 6)})
+  config = ml_collections.ConfigDict({'a': 10, 'b': {'d': {}}, 'x': 'kept'})
+  added = config_lib.fill_missing(config, reference)
+  assert sorted(added) == ['b.c', 'b.d.e', 'f', 'h']
+  assert config.to_dict() == {'a': 10, 'b': {'c': 2, 'd': {'e': 3}}, 'x': 'kept',
+                              'f': {'g': 4}, 'h': (5, 6)}
+  # The added sub-config is a copy: changing it leaves the reference as it was.
+  config.f.g = 40
+  assert reference.f.g == 4
+  assert config_lib.fill_missing(config, reference) == []
