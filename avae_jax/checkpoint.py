@@ -289,7 +289,9 @@ class Checkpointer:
     """Saves `state` (pytree of arrays) and `meta` (JSON) as checkpoint `step`.
 
     Returns False, saving nothing, if a checkpoint for `step` exists, unless
-    `force`, which replaces it. Checkpoints that `restore` found unreadable are
+    `force`, which replaces it (orbax writes no step twice: the old one is deleted
+    first, so a crash during the write leaves neither; the trainer never replaces
+    one). Checkpoints that `restore` found unreadable are
     deleted first. Newer checkpoints than `step` (another run's future) make
     this raise ValueError, unless `force`, which deletes them. A state whose
     values the stored dtypes cannot hold (int64 beyond int32 without x64), or
