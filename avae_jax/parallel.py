@@ -58,6 +58,10 @@ def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> An
   n = len(devices)
 
   def put(leaf):
+    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+      # A typed PRNG key has no numpy form: its raw data is copied and wrapped again.
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
+                                      impl=jax.random.key_impl(leaf))
     leaf = np.asarray(jax.device_get(leaf))
     return jax.device_put(np.broadcast_to(leaf[None], (n,) + leaf.shape), sharding)
 

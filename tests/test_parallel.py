@@ -133,6 +133,20 @@ def test_replicate_unreplicate_round_trip():
   assert int(back['b']) == 5
 
 
+def test_replicate_typed_prng_keys():
+  # np.asarray of a typed key raised TypeError.
+  devs = jax.devices()[:4]
+  key = jax.random.key(3, impl='threefry2x32')
+  rep = parallel.replicate({'key': key, 'x': np.float32(1)}, devs)
+  assert rep['key'].shape == (4,) and jax.random.key_impl(rep['key']) == jax.random.key_impl(key)
+  assert {s.device for s in rep['key'].addressable_shards} == set(devs)
+  for row in np.asarray(jax.random.key_data(rep['key'])):
+    np.testing.assert_array_equal(row, np.asarray(jax.random.key_data(key)))
+  back = parallel.unreplicate(rep)
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(back['key'])),
+                                np.asarray(jax.random.key_data(key)))
+
+
 def test_unknown_method_is_an_error():
   with pytest.raises(ValueError, match='shard_map'):
     parallel.make_steps(step_config('pretrain'), jax.devices()[:1], 'vmap')
