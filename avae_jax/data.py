@@ -759,7 +759,10 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
           factors = None
           if k == 'imgs' and 'latents_classes' in keys:  # the dSprites release file
             factors = z['latents_classes'][:, 1:].astype(np.int32)
-            x = x.astype(np.uint8) * np.uint8(255)
+            # In place: the release's 737,280 images take 3 GB, and astype and the
+            # product made two more copies.
+            x = x if x.dtype == np.uint8 else x.astype(np.uint8)
+            x *= np.uint8(255)
           return {'all': x}, factors
       split_keys = [k for k in keys if _tokens(k) & _NPZ_SPLIT_WORDS
                     and (_tokens(k) & EVAL_TOKENS or 'train' in _tokens(k))]

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import tracemalloc
 
 import jax
 import numpy as np
@@ -624,6 +625,26 @@ def test_dsprites_npz_factors_and_a_shuffled_eval_subset(tmp_path):
   # corner of factor space (in index order the first 16 of 48 would all be shape 0).
   assert sorted(set(ev.factors[:16, 0].tolist())) == [0, 1, 2]
   assert eval_rows != sorted(eval_rows) and train_rows == sorted(train_rows)
+
+
+def test_dsprites_npz_is_read_without_extra_copies(tmp_path):
+  # The release file's images take 3 GB; converting them to 0/255 took two more copies.
+  n = 4096
+  imgs = np.zeros((n, 32, 32), np.uint8)
+  imgs[:, 5, 7] = 1
+  grid = np.zeros((n, 6), np.int64)
+  np.savez(tmp_path / 'dsprites.npz', imgs=imgs, latents_classes=grid)
+  tracemalloc.start()  # numpy reports its arrays' memory to tracemalloc
+  try:
+    arrays, factors = data._read_npz(str(tmp_path / 'dsprites.npz'))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  x = arrays['all']
+  assert x.dtype == np.uint8 and x[:, 5, 7].min() == 255 and x.sum() == 255 * n
+  assert factors.shape == (n, 5)
+  assert imgs.nbytes <= peak < 1.5 * imgs.nbytes, (peak, imgs.nbytes)
+
 
 def test_batches_deterministic_and_reshuffled_per_epoch():
   src = _index_source(50)
