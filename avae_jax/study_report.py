@@ -10,7 +10,8 @@ writes OUT/results.md with its figures in OUT/results/:
   * the checks one makes before believing a failed claim: how often each gated update
     ran, the size of each loss term, KL per latent dimension (posterior collapse), and
     whether the pre-training of the adversarial models equals that of their base model;
-  * the figures of each model (seed 0) and training curves from metrics.jsonl;
+  * the figures of each model (its lowest finished seed) and training curves from
+    metrics.jsonl;
   * the λ's and how they were calibrated, and every setting.
 
 `publish(out, docs)` copies the report to docs/results.md and docs/results/.
@@ -181,6 +182,18 @@ def _fmt_ground_truth(per_seed: Mapping[int, float], spread: str = '') -> str:
 def _by(runs: Sequence[Run], dataset: str, variant: str) -> list[Run]:
   return sorted((r for r in runs if r.dataset == dataset and r.variant == variant),
                 key=lambda r: r.seed)
+
+
+def _first_seed(runs: Sequence[Run], dataset: str) -> int:
+  """The lowest seed run on `dataset` (0 unless study.py was given other --seeds)."""
+  return min((r.seed for r in runs if r.dataset == dataset), default=0)
+
+
+def _seed_words(seeds: Mapping[str, int]) -> str:
+  """'seed 0 of each model' when every shown run has that seed, else 'VAE seed 0, AVAE seed 1'."""
+  if len(set(seeds.values())) == 1:
+    return f'seed {next(iter(seeds.values()))} of each model'
+  return ', '.join(f'{NAMES[v]} seed {k}' for v, k in seeds.items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,7 +569,8 @@ def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path: str) -> bool:
-  """Loss components against steps, one line per run (seed 0 thick), one colour per model."""
+  """Loss components against steps, one line per run (lowest seed thick), a colour per model."""
+  first = _first_seed(runs, dataset)
   keys = [k for k in ('loss', 'rec', 'mse', 'mae', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
           if any(any(k in h for h in r.history) for r in runs if r.dataset == dataset)]
   if not keys:
@@ -574,9 +588,9 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
           continue
         pre = pre or int((r.config or {}).get('pretrain_steps', 0))
         # Dashed for the adversarial models: their pre-training lies on their base model's.
-        ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == 0 else 0.6,
-                ls='--' if v.startswith('avae') else '-',
-                alpha=1.0 if r.seed == 0 else 0.5, label=NAMES[v] if r.seed == 0 else None)
+        ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == first else 0.6,
+                ls='--' if v.startswith('avae') else '-', alpha=1.0 if r.seed == first else 0.5,
+                label=NAMES[v] if r.seed == first else None)
     if pre:
       ax.axvline(pre, color='0.5', ls=':', lw=0.8)
     ax.set_title(key if key != 'rec' else 'rec (weighted L_REC per pixel)', fontsize=9)
@@ -589,7 +603,7 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
     ax.axis('off')
   if axes.flat[0].get_legend_handles_labels()[0]:
     axes.flat[0].legend(fontsize=7)
-  fig.suptitle(f'{dataset}: loss components per logged window (thick: seed 0; dashed: '
+  fig.suptitle(f'{dataset}: loss components per logged window (thick: seed {first}; dashed: '
                'AVAE/AVAE-S; dotted line: end of pre-training)', fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.96))
   fig.savefig(path, dpi=90)
@@ -601,6 +615,7 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
                      path: str) -> bool:
   """Discriminator accuracy, gated update rates and adversarial losses of the fine-tuning."""
   adv_vs = [v for v in variants if v.startswith('avae')]
+  first = _first_seed(runs, dataset)
   keys = ('disc_accuracy', 'disc_updated', 'vae_updated', 'disc_loss', 'gen_loss')
   if not any(any('disc_accuracy' in h for h in r.history)
              for r in runs if r.dataset == dataset and r.variant in adv_vs):
@@ -616,8 +631,9 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
       for r in _by(runs, dataset, v):
         x, y = _series(r, key)
         if x.size:
-          ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == 0 else 0.6,
-                  alpha=1.0 if r.seed == 0 else 0.5, label=NAMES[v] if r.seed == 0 else None)
+          ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == first else 0.6,
+                  alpha=1.0 if r.seed == first else 0.5,
+                  label=NAMES[v] if r.seed == first else None)
     if key == 'disc_accuracy':
       for t in (0.5, 0.7):
         ax.axhline(t, color='0.5', ls=':', lw=0.8)
@@ -629,7 +645,7 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
   handles, labels = axes.flat[0].get_legend_handles_labels()
   if handles:
     axes.flat[0].legend(fontsize=7)
-  fig.suptitle(f'{dataset}: adversarial fine-tuning (per logged window; thick: seed 0)',
+  fig.suptitle(f'{dataset}: adversarial fine-tuning (per logged window; thick: seed {first})',
                fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.92))
   fig.savefig(path, dpi=90)
@@ -638,14 +654,16 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
 
 
 def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str],
-                       fig_dir: str) -> dict[tuple[str, str], str]:
-  """Copies the evaluation figures of each model's lowest finished seed; returns their paths."""
-  out = {}
+                       fig_dir: str) -> tuple[dict[tuple[str, str], str], dict[str, int]]:
+  """Copies the evaluation figures of each model's lowest finished seed; returns their
+  paths and those seeds."""
+  out, seeds = {}, {}
   for v in variants:
     done = [r for r in _by(runs, dataset, v) if r.finished]
     if not done:
       continue
     r = done[0]
+    seeds[v] = r.seed
     for name in FIGURES:
       src = os.path.join(r.workdir, 'eval', f'{name}.png')
       if os.path.exists(src):
@@ -653,7 +671,7 @@ def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str
         os.makedirs(os.path.dirname(os.path.join(fig_dir, rel)), exist_ok=True)
         shutil.copyfile(src, os.path.join(fig_dir, rel))
         out[(v, name)] = rel
-  return out
+  return out, seeds
 
 
 # ---------------------------------------------------------------------------------------
@@ -740,9 +758,10 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
             warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
                             f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
     lines.append('')
-  # Loss scales.
+  # Loss scales, of each model's lowest seed.
+  shown = {v: _by(runs, dataset, v)[0].seed for v in variants if _by(runs, dataset, v)}
   lines += ['**Size of each term** as it enters the objective (last logged window of each '
-            'phase, seed 0): L_REC is multiplied by H·W·C; the adversarial term is '
+            f'phase, {_seed_words(shown)}): L_REC is multiplied by H·W·C; the adversarial term is '
             'λ_adv·(−log D(x̃)) with λ_adv = 1.', '',
             '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | λ_adv·(−log D) | '
             'adv. share of the VAE objective |', '|---|---|---|---|---|---|---|---|']
@@ -765,9 +784,8 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
   # Posterior.
   lines += [f'**Posterior.** KL per latent dimension on the evaluation images; a dimension '
             f'is active when Var_x(E[z_j|x]) > {ACTIVE_THRESHOLD} (Burda et al. 2016). '
-            'Few active dimensions would mean posterior collapse.', '',
-            '| model | active dims (per seed) | KL total (nats) | largest KL per dim (seed 0) |',
-            '|---|---|---|---|']
+            'Few active dimensions would mean posterior collapse.', '']
+  rows, shown = [], {}
   for v in variants:
     stats = [(r, posterior_stats(r)) for r in _by(runs, dataset, v) if r.finished]
     for r, s in stats:
@@ -780,13 +798,16 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
     act = ', '.join(f'{s["active"]}/{s["latent_dim"]}' for _, s in stats)
     kls = [float(np.sum(s['kl_per_dim'])) for _, s in stats]
     top = sorted(stats[0][1]['kl_per_dim'], reverse=True)[:6]
-    lines.append(f'| {NAMES[v]} | {act} | {fmt_ms(kls)} | '
-                 + ', '.join(f'{x:.2f}' for x in top) + ' |')
+    shown[v] = stats[0][0].seed
+    rows.append(f'| {NAMES[v]} | {act} | {fmt_ms(kls)} | '
+                + ', '.join(f'{x:.2f}' for x in top) + ' |')
     for r, s in stats:
       if s['active'] <= 1:
         warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {s["active"]} active latent '
                         'dimension(s): posterior collapse')
-  lines.append('')
+  top_of = f' ({_seed_words(shown)})' if shown else ''
+  lines += [f'| model | active dims (per seed) | KL total (nats) | largest KL per dim{top_of} |',
+            '|---|---|---|---|', *rows, '']
   # Pre-training identity.
   ident = []
   for base, adv in (('vae', 'avae'), ('vae_s', 'avae_s')):
@@ -974,8 +995,8 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
     S += ['- ' + x for x in _reasons(runs, d, variants, settings, results)]
     S.append('')
     # Figures.
-    figs = copy_model_figures(runs, d, variants, out)
-    S.append(f'### Figures ({d}, seed 0 of each model)')
+    figs, shown = copy_model_figures(runs, d, variants, out)
+    S.append(f'### Figures ({d}, {_seed_words(shown) if shown else "no finished run"})')
     S.append('')
     S.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
              'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '

@@ -555,3 +555,38 @@ def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatc
     info = json.load(f)
   assert info['status'].startswith('interrupted: stopped by SIGTERM at step 7')
   assert info['sessions'] == 1 and 'error' not in info
+
+
+def test_captions_name_the_seeds_shown_when_seed_0_is_not_there(tmp_path, monkeypatch):
+  # A study run with --seeds other than from 0, or whose seed 0 did not finish: the
+  # captions said "seed 0" and the training curves had no thick line and no legend.
+  def run(variant, seed, finished):
+    workdir = tmp_path / f'{variant}{seed}'
+    (workdir / 'eval').mkdir(parents=True)
+    (workdir / 'eval' / 'samples.png').write_bytes(b'png of ' + workdir.name.encode())
+    (workdir / study_report.POSTERIOR_FILE).write_text(json.dumps(
+        {'active': 2, 'latent_dim': 4, 'kl_per_dim': [0.5, 2.0 + seed, 0.0, 1.0]}))
+    return study_report.Run('shapes', variant, seed, str(workdir),
+                            {'rec_mse': 0.1} if finished else None, {'pretrain_steps': 10},
+                            [{'step': 10, 'loss': 1.0, 'rec': 0.1, 'mse': 0.1, 'kl': 2.0}], {})
+  runs = [run('vae', 1, False), run('vae', 2, True), run('avae', 1, True)]
+  out = tmp_path / 'out'
+  figs, shown = study_report.copy_model_figures(runs, 'shapes', ['vae', 'avae'], str(out))
+  assert shown == {'vae': 2, 'avae': 1}
+  assert (out / figs[('vae', 'samples')]).read_bytes() == b'png of vae2'
+  text, _, _ = study_report._diagnostics(runs, 'shapes', ['vae', 'avae'],
+                                         study_config.get_config('test'))
+  assert 'last logged window of each phase, seed 1 of each model)' in text
+  # The posterior's largest KLs come from each model's lowest finished seed.
+  assert '| largest KL per dim (VAE seed 2, AVAE seed 1) |' in text
+  assert '| VAE | 2/4 | 5.5 | 4.00, 1.00, 0.50, 0.00 |' in text
+  # Seed 1 is drawn thick and labelled in the curves.
+  labels = []
+  plt = study_report._plt()
+  real_plot = plt.Axes.plot
+  def plot(self, *args, **kwargs):
+    labels.append((kwargs.get('label'), kwargs.get('lw')))
+    return real_plot(self, *args, **kwargs)
+  monkeypatch.setattr(plt.Axes, 'plot', plot)
+  assert study_report.plot_losses(runs, 'shapes', ['vae', 'avae'], str(tmp_path / 'l.png'))
+  assert ('VAE', 1.4) in labels and ('AVAE', 1.4) in labels
