@@ -6,9 +6,9 @@
 
 Trains every (dataset, model, seed) of configs/study.py in its own workdir
 OUT/<dataset>/<variant>/seed<k>/ (seed 0 of every model first, then seed 1, ...), then
-writes OUT/results.md with its figures in OUT/results/. With --publish (the default for the
-'cpu' and 'accelerator' budgets) the report is also copied to docs/results.md and
-docs/results/.
+writes OUT/results.md with its figures in OUT/results/. With --publish the report is also
+copied to docs/results.md and docs/results/; by default it is for the 'cpu' and
+'accelerator' budgets once every dataset, model and seed of the budget has finished.
 
 Rerunning the command on the same OUT skips finished runs (they have final_metrics.json)
 and resumes unfinished ones from their checkpoints. The λ's of the compound loss are
@@ -44,8 +44,8 @@ _DATASETS = flags.DEFINE_list('datasets', None,
 _VARIANTS = flags.DEFINE_list('variants', None,
                               'Models, from vae,avae,vae_s,avae_s (default: all four).')
 _PUBLISH = flags.DEFINE_boolean(
-    'publish', None, 'Copy the report to docs/results.md and docs/results/ (default: on for '
-    'the cpu and accelerator budgets, off for test).')
+    'publish', None, 'Copy the report to docs/results.md and docs/results/ (default: for the '
+    'cpu and accelerator budgets when every dataset, model and seed has finished).')
 _PUBLISH_DIR = flags.DEFINE_string('publish_dir', os.path.join(_REPO, 'docs'),
                                    'Where --publish copies results.md and results/.')
 _NOTES = flags.DEFINE_string(
@@ -334,16 +334,37 @@ def main(argv: list[str]) -> None:
   with _shared_files_lock(out):
     report = study_report.write_report(out, settings, notes_path=notes, host=_host())
     print(f'[study] wrote {report}', flush=True)
-    publish = _PUBLISH.value if _PUBLISH.value is not None else settings.budget != 'test'
-    if publish and not any(is_finished(run_dir(out, d, v, seed))
-                           for d in settings.datasets.split(',')
-                           for v in settings.variants.split(',')
-                           for seed in range(int(settings.seeds))):
+    runs = [(d, v, seed) for d in settings.datasets.split(',')
+            for v in settings.variants.split(',') for seed in range(int(settings.seeds))]
+    finished = sum(is_finished(run_dir(out, *run)) for run in runs)
+    publish = _PUBLISH.value
+    if publish is None and settings.budget != 'test':
+      # By default only the whole study replaces the checkout's report: one process of a
+      # split study, or a study stopped by --max_hours, would publish part of it.
+      partial = _partial(settings, finished, len(runs))
+      if partial:
+        print(f'[study] not published ({partial}): {_PUBLISH_DIR.value} keeps the report '
+              'it has; --publish publishes this one', file=sys.stderr, flush=True)
+      publish = not partial
+    if publish and not finished:
       print(f'[study] not published: no run has finished, so {_PUBLISH_DIR.value} keeps the '
             'report it has', file=sys.stderr, flush=True)
     elif publish:
       dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
       print(f'[study] published to {dest}', flush=True)
+
+
+def _partial(settings: Any, finished: int, total: int) -> str:
+  """Why the report is not the whole study of its budget ('' when it is)."""
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  whole = study_config.get_config(settings.budget)
+  left_out = [f'--{field}={settings[field]}' for field in ('datasets', 'variants')
+              if settings[field] != whole[field]]
+  if left_out:
+    return f'the study of {" and ".join(left_out)} only'
+  if finished < total:
+    return f'{total - finished} of its {total} runs have not finished'
+  return ''
 
 
 def _host() -> dict[str, Any]:

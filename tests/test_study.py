@@ -240,6 +240,26 @@ def test_refuses_a_directory_of_another_budget(study_dir):
   assert 'another budget' in proc.stderr + proc.stdout
 
 
+def test_only_the_whole_study_is_published_by_default(tmp_path):
+  # One process of a split study published its half over the checkout's report.
+  docs = tmp_path / 'docs'
+  (docs / 'results').mkdir(parents=True)
+  (docs / 'results.md').write_text('the published study\n')
+  proc = _study(f'--out={tmp_path / "study"}', '--budget=cpu', '--datasets=shapes',
+                '--variants=vae', '--max_hours=1e-12', f'--publish_dir={docs}')
+  assert ('not published (the study of --datasets=shapes and --variants=vae only)'
+          in proc.stderr)
+  assert (docs / 'results.md').read_text() == 'the published study\n'
+  import study  # pylint: disable=g-import-not-at-top
+  settings = study_config.get_config('cpu')
+  total = 2 * 4 * int(settings.seeds)
+  assert study._partial(settings, total, total) == ''
+  assert study._partial(settings, total - 2, total) == (
+      f'2 of its {total} runs have not finished')
+  settings.variants = 'vae,avae'
+  assert study._partial(settings, total, total) == 'the study of --variants=vae,avae only'
+
+
 def test_report_only_needs_an_existing_study(tmp_path):
   out = tmp_path / 'typo'
   proc = _study(f'--out={out}', '--budget=test', '--report_only', '--publish',
