@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import numbers
 import os
 import sys
@@ -351,9 +352,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         'or switch the term off (loss.weights.dssim=0 and calibrate.enabled=False)')
   if config.channels not in (1, 3):
     raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
-  # The data's order comes from numpy's SeedSequence, which takes no negative seed.
-  if not config.seed >= 0:
-    raise ConfigError(f'seed = {config.seed} must be >= 0')
+  # The data's order comes from numpy's SeedSequence, which takes no negative seed; the
+  # PRNG keys (jax.random.PRNGKey) keep only the low 32 bits of a larger one, so seed and
+  # seed + 2**32 would share parameters and keys (and from 2**63 PRNGKey overflows).
+  if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+    raise ConfigError(f'seed = {config.seed} must be >= 0 and < 2**32 (a whole number: '
+                      'the PRNG keys take 32 bits of it)')
   for name, value in dict(config.loss.weights).items():
     if name not in RECONSTRUCTION_TERMS:
       raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '
@@ -361,6 +365,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not value >= 0:  # NaN too: it would only fail after compilation
       raise ConfigError(f'loss.weights.{name} = {value} is negative or NaN; weights must be '
                         '>= 0')
+    _check_not_infinite(f'loss.weights.{name}', value)
   if variant_spec(config.variant).compound_loss and not reconstruction_weights(config):
     raise ConfigError(f'variant {config.variant!r} with every loss.weights.* at 0 has no '
                       'reconstruction term; give at least one term a positive weight')
@@ -368,6 +373,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not config.loss[name] >= 0:
       raise ConfigError(f'loss.{name} = {config.loss[name]} is negative or NaN; it must be '
                         '>= 0')
+    _check_not_infinite(f'loss.{name}', config.loss[name])
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
@@ -395,6 +401,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.keep_checkpoints < 0:
     raise ConfigError(f'keep_checkpoints = {config.keep_checkpoints} is negative; '
                       'use 0 to keep every checkpoint')
+  # The running averages' decay: outside [0, 1] (or NaN) the BatchNorm statistics that the
+  # evaluation uses diverge while the training losses, on batch statistics, look fine.
+  if not 0.0 <= config.model.bn_momentum <= 1.0:
+    raise ConfigError(f'model.bn_momentum = {config.model.bn_momentum} must lie in [0, 1] '
+                      "(the decay of BatchNorm's running averages)")
   for name in ('latent_dim', 'hidden_dim'):
     if config.model[name] < 1:
       raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
@@ -404,6 +415,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ('learning_rate', 'disc_learning_rate'):
     if not config.optimizer[name] >= 0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative or NaN')
+    _check_not_infinite(f'optimizer.{name}', config.optimizer[name])
   for name in ('b1', 'b2'):
     # Adam's moment decays; at 1 or above its bias correction divides by 1 - b**t <= 0.
     if not 0.0 <= config.optimizer[name] < 1.0:
@@ -437,9 +449,16 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
   if config.eval.grid_size < 2:
     raise ConfigError(f'eval.grid_size = {config.eval.grid_size} must be >= 2 (images per '
                       'row of the figures)')
-  if config.eval.traversal_dims < 0 or config.eval.traversal_range <= 0:
+  if (config.eval.traversal_dims < 0 or not config.eval.traversal_range > 0
+      or math.isinf(config.eval.traversal_range)):
     raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0, got '
                       f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
+
+
+def _check_not_infinite(name: str, value: float) -> None:
+  """Raises ConfigError for an infinite value (its loss or update would be NaN)."""
+  if math.isinf(value):
+    raise ConfigError(f'{name} = {value} is infinite; it must be a finite number >= 0')
 
 
 def _is_int(value: Any) -> bool:
@@ -453,14 +472,14 @@ def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
     # A 1x1 kernel minus its mean is zero: L_Gabor would be 0 whatever the images.
     raise ConfigError(f'gabor.size = {gabor.size} must be an odd number >= 3 (the kernel '
                       'has a centre pixel and a neighbourhood)')
-  if gabor.sigma <= 0:
-    raise ConfigError(f'gabor.sigma = {gabor.sigma} must be > 0')
+  if not 0 < gabor.sigma < math.inf:  # NaN too: a NaN filter bank, a NaN loss
+    raise ConfigError(f'gabor.sigma = {gabor.sigma} must be > 0 and finite')
   if not _is_int(gabor.orientations) or gabor.orientations < 1:
     raise ConfigError(f'gabor.orientations = {gabor.orientations} must be a whole number '
                       '>= 1')
-  if not gabor.wavelengths or any(w <= 0 for w in gabor.wavelengths):
+  if not gabor.wavelengths or any(not 0 < w < math.inf for w in gabor.wavelengths):
     raise ConfigError(f'gabor.wavelengths = {tuple(gabor.wavelengths)} must name at least '
-                      'one wavelength, each > 0 (pixels)')
+                      'one wavelength, each > 0 and finite (pixels)')
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -264,6 +264,19 @@ INVALID = [
     # without units) or after the whole training (the evaluation).
     ('log_every', 0, r'log_every = 0 must be >= 1'),
     ('seed', -1, r'seed = -1 must be >= 0'),  # else the data loader's error, after set-up
+    # PRNGKey keeps 32 bits: 2**32 drew seed 0's parameters; 2**63 overflowed in PRNGKey.
+    ('seed', 2**32, r'seed = 4294967296 must be >= 0 and < 2\*\*32'),
+    ('seed', 2**63, r'seed = 9223372036854775808 must be >= 0 and < 2\*\*32'),
+    # Infinities, like NaN, would only fail as a non-finite loss after compiling.
+    ('loss.weights.mse', float('inf'), r'loss\.weights\.mse = inf is infinite'),
+    ('loss.reconstruction_scale', float('inf'), r'loss\.reconstruction_scale = inf is infinite'),
+    ('optimizer.learning_rate', float('inf'), r'optimizer\.learning_rate = inf is infinite'),
+    ('gabor.sigma', float('nan'), r'gabor\.sigma = nan must be > 0 and finite'),
+    ('gabor.wavelengths', (4.0, float('inf')), r'gabor\.wavelengths = \(4\.0, inf\).*finite'),
+    ('eval.traversal_range', float('nan'), r'eval\.traversal_range > 0'),
+    # A NaN momentum trained with finite losses and evaluated to NaN at the end.
+    ('model.bn_momentum', float('nan'), r'model\.bn_momentum = nan must lie in \[0, 1\]'),
+    ('model.bn_momentum', 1.5, r'model\.bn_momentum = 1\.5 must lie in \[0, 1\]'),
     ('checkpoint_every', 0, r'checkpoint_every = 0 must be >= 1'),
     ('image_every', -1, r'image_every = -1 must be >= 1'),
     ('keep_checkpoints', -1, r'keep_checkpoints = -1 is negative'),
@@ -346,6 +359,14 @@ def test_a_compound_loss_needs_a_reconstruction_term():
   config_lib.validate(c, num_devices=1)
 
 
+def test_a_seed_that_is_not_a_whole_number_is_rejected():
+  # A config file's seed = 1.5 (the command line refuses it) was truncated to 1.
+  fields = default.get_config().to_dict()
+  fields['seed'] = 1.5
+  with pytest.raises(config_lib.ConfigError, match=r'seed = 1\.5 must be .*a whole number'):
+    config_lib.validate(ml_collections.ConfigDict(fields), num_devices=1)
+
+
 def test_valid_edge_values_pass():
   c = default.get_config()
   c.loss.weights.mae = 0.0      # a term switched off
@@ -353,6 +374,8 @@ def test_valid_edge_values_pass():
   c.adversarial_steps = 0
   c.gating.train_disc_below, c.gating.train_vae_above = 1.0, 0.0
   c.batch_size = 12
+  c.seed = 2**32 - 1            # the largest seed the PRNG keys tell apart
+  c.model.bn_momentum = 1.0
   config_lib.validate(c, num_devices=3)
   config_lib.validate(c, num_devices=4)
 
