@@ -421,6 +421,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not 0.0 <= config.optimizer[name] < 1.0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} must lie in [0, 1) '
                         "(Adam's decay rate)")
+  # The held-out share of folders and array files without an eval file (NaN crashed in
+  # the loader with a traceback; a negative share read as 0).
+  if not 0.0 <= config.get('eval_fraction', 0.0) < 1.0:
+    raise ConfigError(f'eval_fraction = {config.eval_fraction} must lie in [0, 1) (the '
+                      'share of the images held out for evaluation)')
   if config.crop_size < 0:
     raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means the largest '
                       'centred square')
