@@ -13,9 +13,7 @@ statistics, and the total-correlation estimate sees the posteriors of the global
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import functools
-import math
 from typing import Any, Callable
 
 from flax import struct
@@ -241,16 +239,21 @@ def gate(correct: Array, total: int, train_disc_below: float,
          train_vae_above: float) -> tuple[Array, Array]:
   """(update D, update the VAE) for `correct` of `total` answers: acc < below, acc > above.
 
-  Compared exactly, as whole numbers of answers against the thresholds' exact values: a
-  float32 accuracy averaged over devices can round across a threshold (28 of 40 answers
-  is 0.7 on one device, and 0.6999999 as the float32 mean of four devices' 3, 10, 9 and
-  6 of 10), and the decision must not depend on the device count.
+  Decided on whole numbers of answers, so that the decision does not depend on the
+  device count: a float32 accuracy averaged over devices can round across a threshold
+  (28 of 40 answers is 0.7 on one device, and 0.6999999 as the float32 mean of four
+  devices' 3, 10, 9 and 6 of 10). The accuracy c / total is compared as Python's
+  correctly rounded float64 quotient, so an accuracy equal to the threshold the config
+  writes (3 of 10 against 0.3, 40 of 120 against 1 / 3) is on it, as Algorithm 1's
+  strict tests need; the binary value of 0.3, slightly below 3/10, would count it above.
   """
-  # acc < t  <=>  correct < t * total  <=>  correct < ceil(t * total), and
-  # acc > t  <=>  correct > floor(t * total), with t * total a Fraction (no rounding).
-  below = math.ceil(fractions.Fraction(train_disc_below) * total)
-  above = math.floor(fractions.Fraction(train_vae_above) * total)
-  return correct < below, correct > above
+  total = int(total)
+  below, above = float(train_disc_below), float(train_vae_above)
+  # c / total never decreases with c, so the counts that pass each test are a prefix
+  # (acc < below) or a suffix (acc > above) of 0..total: two integer bounds.
+  n_below = sum(1 for c in range(total + 1) if c / total < below)
+  n_not_above = sum(1 for c in range(total + 1) if c / total <= above)
+  return correct < n_below, correct >= n_not_above
 
 
 def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array, key: Array,

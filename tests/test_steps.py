@@ -189,16 +189,30 @@ def test_the_measured_accuracy_gates_the_updates():
 
 
 def test_gate_compares_counts_exactly():
-  # Reference: exact rational accuracies against the thresholds' exact values.
+  # Reference: exact rational accuracies against the decimal thresholds the config writes
+  # (Fraction of the threshold's shortest repr, 0.1 -> 1/10), strict as in Algorithm 1.
   for total in (16, 40, 128, 130):
-    for below, above in ((0.7, 0.5), (0.1, 0.9), (1 / 3, 2 / 3), (0.5, 0.5)):
+    for below, above in ((0.7, 0.5), (0.1, 0.9), (1 / 3, 2 / 3), (0.5, 0.5), (0.3, 0.3)):
       counts = np.arange(total + 1)
       update_disc, update_vae = steps.gate(jnp.asarray(counts), total, below, above)
       acc = [Fraction(int(c), total) for c in counts]
-      np.testing.assert_array_equal(update_disc, [a < Fraction(below) for a in acc])
-      np.testing.assert_array_equal(update_vae, [a > Fraction(above) for a in acc])
+      np.testing.assert_array_equal(update_disc, [a < Fraction(repr(below)) for a in acc])
+      np.testing.assert_array_equal(update_vae, [a > Fraction(repr(above)) for a in acc])
   # 28 of 40 is on the threshold 0.7 (not below it) however many devices gave the answers.
   assert not bool(steps.gate(jnp.int32(28), 40, 0.7, 0.5)[0])
+
+
+@pytest.mark.parametrize('correct,total,below,above,expected', [
+    (13, 130, 0.1, 0.9, (False, False)),    # 13/130 = 1/10 is not below 0.1
+    (3, 10, 0.7, 0.3, (True, False)),       # 3/10 is below 0.7, not above 0.3
+    (40, 120, 0.7, 1 / 3, (True, False)),   # 40/120 = 1/3 is not above 1/3
+    (7, 10, 0.7, 0.7, (False, False))])     # 7/10 is neither below nor above 0.7
+def test_gate_on_a_threshold_takes_neither_strict_branch(correct, total, below, above,
+                                                          expected):
+  # Hand derivation: an accuracy equal to the threshold the config writes passes neither
+  # of Algorithm 1's strict tests (acc < below, acc > above).
+  update_disc, update_vae = steps.gate(jnp.int32(correct), total, below, above)
+  assert (bool(update_disc), bool(update_vae)) == expected
 
 
 def test_metric_keys_of_the_adversarial_step():
