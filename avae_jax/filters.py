@@ -17,10 +17,12 @@ LUMA = (0.299, 0.587, 0.114)
 
 
 def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-  """Normalised 1-D Gaussian (size,), centred on size // 2; the SSIM window's factor."""
+  """Normalised, symmetric 1-D Gaussian (size,) centred on (size - 1) / 2; SSIM's factor."""
   if size < 1 or sigma <= 0:
     raise ValueError(f'need size >= 1 and sigma > 0, got size={size}, sigma={sigma}')
-  r = np.arange(size, dtype=np.float64) - size // 2
+  # (size - 1) / 2 is size // 2 for odd sizes; for even ones it keeps the window
+  # symmetric (centred between two taps), as dm_pix.ssim and scipy's window are.
+  r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
   g = np.exp(-r ** 2 / (2.0 * sigma ** 2))
   return g / g.sum()
 

@@ -30,6 +30,14 @@ def test_gaussian_window_matches_scipy(size, sigma):
                                       filters.gaussian_kernel_1d(size, sigma)), w)
 
 
+@pytest.mark.parametrize('size,sigma', [(10, 1.5), (4, 1.0)])
+def test_even_gaussian_window_is_symmetric_like_scipy(size, sigma):
+  # scipy's window of even length M is sampled at n - (M - 1) / 2: symmetric.
+  g = windows.gaussian(size, sigma)
+  np.testing.assert_allclose(filters.gaussian_kernel_1d(size, sigma), g / g.sum(),
+                             rtol=1e-12)
+
+
 def test_gaussian_window_rejects_bad_sigma():
   with pytest.raises(ValueError):
     filters.gaussian_window(11, 0.0)

@@ -78,6 +78,17 @@ def test_ssim_matches_skimage_and_dm_pix_on_natural_images(name):
 
 
 
+@pytest.mark.parametrize('filter_size', [10, 9])
+def test_ssim_with_other_window_sizes_matches_dm_pix(filter_size):
+  # dm-pix's Gaussian window is symmetric for even sizes too (taps at n - (size - 1) / 2).
+  img = _natural('astronaut')[:40, :40]
+  x = np.stack([img, img])
+  y = np.stack([_distorted(img, 'noise'), _distorted(img, 'blur')])
+  ours = np.asarray(losses.ssim(*_f32(x, y), filter_size=filter_size))
+  ref = np.asarray(dm_pix.ssim(*_f32(x, y), filter_size=filter_size))
+  np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
 def test_ssim_gradient_matches_dm_pix():
   # dm-pix computes SSIM with a depthwise convolution: its autodiff gradient is an
   # independent reference for the banded-matrix form's (with respect to both images).
