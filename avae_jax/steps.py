@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 from flax import struct
@@ -249,6 +250,10 @@ def gate(correct: Array, total: int, train_disc_below: float,
   """
   total = int(total)
   below, above = float(train_disc_below), float(train_vae_above)
+  if math.isnan(below) or math.isnan(above):
+    # Every comparison with NaN is false: the VAE would update at every accuracy.
+    raise ValueError(f'gating thresholds must be numbers, got train_disc_below={below}, '
+                     f'train_vae_above={above}')
   # c / total never decreases with c, so the counts that pass each test are a prefix
   # (acc < below) or a suffix (acc > above) of 0..total: two integer bounds.
   n_below = sum(1 for c in range(total + 1) if c / total < below)

@@ -215,6 +215,12 @@ def test_gate_on_a_threshold_takes_neither_strict_branch(correct, total, below, 
   assert (bool(update_disc), bool(update_vae)) == expected
 
 
+def test_gate_refuses_nan_thresholds():
+  for below, above in ((float('nan'), 0.5), (0.7, float('nan'))):
+    with pytest.raises(ValueError, match='thresholds'):
+      steps.gate(jnp.int32(3), 10, below, above)
+
+
 def test_metric_keys_of_the_adversarial_step():
   _, _, metrics, _ = gated_run(0.6)
   assert set(metrics) == {'loss', 'rec', 'mse', 'kl', 'disc_loss', 'gen_loss',
