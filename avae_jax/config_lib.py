@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import sys
+import textwrap
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -113,8 +114,11 @@ def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
 
 def _usage_error(message: str) -> None:
   """Exits as absl does for a flag that does not parse."""
-  sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
-                   'Pass --helpshort or --helpfull to see help on flags.\n')
+  if '\n' in message:  # absl's layout of a message of several lines
+    sys.stderr.write(f'FATAL Flags parsing error:\n{textwrap.indent(message, "  ")}\n')
+  else:
+    sys.stderr.write(f'FATAL Flags parsing error: {message}\n')
+  sys.stderr.write('Pass --helpshort or --helpfull to see help on flags.\n')
   sys.exit(1)
 
 
@@ -176,6 +180,10 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
                    f'{", ".join(missing)}); see configs/default.py')
 
 
+# How ml_collections starts the message of an error raised by a config file's get_config.
+_CONFIG_FILE_ERROR = 'Error whilst parsing config file:'
+
+
 def _last_overrides_win(argv: Sequence[str]) -> list[str]:
   """argv with only the last of each repeated --config.FIELD=VALUE override.
 
@@ -210,7 +218,15 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   if spec is not None and 'config' in flags.FLAGS:
     _check_config_file(spec)
   try:
-    rest = app.parse_flags_with_usage(list(argv))
+    rest = flags.FLAGS(list(argv))
+  except flags.Error as e:
+    # ml_collections turns a TypeError or ValueError of get_config (a variant given to a
+    # file whose get_config takes none, a bad argument) into a flag error that holds the
+    # whole traceback, which absl would print as it is.
+    if 'config' in flags.FLAGS and _CONFIG_FILE_ERROR in str(e):
+      cause = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+      _usage_error(f'--config={spec} could not be loaded: {cause}')
+    _usage_error(str(e))  # as absl's app.parse_flags_with_usage reports it
   except Exception as e:  # pylint: disable=broad-except
     if 'config' not in flags.FLAGS:
       raise

@@ -120,11 +120,19 @@ def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, prog
                   'defined'),
     ('configs/study.py', '--config=configs/study.py is not a training config (it has no '
                          'variant, dataset, image_size, channels, model, loss, eval)'),
+    # A TypeError or ValueError of get_config was printed with its whole traceback.
+    ('configs/bench_mnist.py:vae', '--config=configs/bench_mnist.py:vae could not be loaded: '
+                                   'TypeError: get_config() takes 0 positional arguments but '
+                                   '1 was given'),
+    ('W/value.py:big', '--config=W/value.py:big could not be loaded: ValueError: no budget '
+                       "'big'"),
 ])
 def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, message):
   (tmp_path / 'config.json').write_text('{"enabled": false}')
   (tmp_path / 'syntax.py').write_text('def get_config(:\n')
   (tmp_path / 'name.py').write_text('def get_config():\n  return nope\n')
+  (tmp_path / 'value.py').write_text('def get_config(budget):\n'
+                                     '  raise ValueError(f"no budget {budget!r}")\n')
   spec, message = spec.replace('W', str(tmp_path)), message.replace('W', str(tmp_path))
   for program in ('train.py', 'benchmark.py'):
     workdir = [f'--workdir={tmp_path / "w"}'] if program == 'train.py' else []
