@@ -204,7 +204,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
       state, m = probe(state, next(it), jax.random.fold_in(key, i))
       history.append((i, m))
   fetched = [(i, jax.device_get(m)) for i, m in history]
-  _check_finite(fetched)
+  _check_finite(fetched, calibration=True)
   means = _mean_metrics(fetched)
   logging.info('calibration over %d batches: term means %s', k, means)
   return {t: means[t] for t in config_lib.RECONSTRUCTION_TERMS}
@@ -282,10 +282,21 @@ def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> 
 # Metrics bookkeeping.
 
 
-def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-  """Raises NonFiniteLossError naming the first step and term that is NaN or Inf."""
+def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]],
+                  calibration: bool = False) -> None:
+  """Raises NonFiniteLossError naming the first step and term that is NaN or Inf.
+
+  calibration: the steps are the calibration's probe (a throwaway copy, before training),
+  which the message must not pass off as training steps with a checkpoint before them.
+  """
   for step, m in history:
     for name, v in m.items():
+      if not np.all(np.isfinite(v)) and calibration:
+        raise NonFiniteLossError(
+            f'non-finite {name} = {float(v)} at probe step {step} of the loss-weight '
+            'calibration (a throwaway copy of the initial VAE, every term at weight 1), '
+            'before any training step; nothing is checkpointed. Lower the learning rate, '
+            'or set the weights by hand with calibrate.enabled=False.')
       if not np.all(np.isfinite(v)):
         raise NonFiniteLossError(
             f'non-finite {name} = {float(v)} at step {step}; the run stops here and the '

@@ -470,6 +470,18 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(scaled[t], weights[t], rtol=1e-6)
 
 
+def test_a_non_finite_calibration_probe_says_so_and_checkpoints_nothing(tmp_path):
+  # The probe's step 1 was reported as the run's step 1, "the last checkpoint (written
+  # before this step) is kept", where no step had been trained.
+  overrides = dict(CALIBRATE, **{'optimizer.learning_rate': 1e30})
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'at probe step 1 of the loss-weight calibration .*nothing is '
+                           r'checkpointed'):
+    train(overrides, tmp_path)
+  assert committed_steps(tmp_path) == []
+  assert not os.path.exists(tmp_path / 'calibration.json')
+
+
 def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, monkeypatch,
                                                                      capsys):
   calls = _spy_on_steps(monkeypatch)
