@@ -36,7 +36,9 @@ from avae_jax import summary
 from avae_jax import xla_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).')
+# Bounded here: a negative step reached api.TrainedModel.load as a ValueError traceback.
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).',
+                             lower_bound=0)
 config_lib.define_config_file('config', None, 'The training configuration file (default: '
                               "the one train.py saved in WORKDIR).", lock_config=True)
 flags.mark_flags_as_required(['workdir'])

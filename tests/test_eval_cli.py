@@ -134,3 +134,10 @@ def test_invalid_eval_setting_stops_before_the_evaluation(workdir):
   proc = _eval(workdir, '--config.eval.grid_size=1')
   _assert_clean_failure(proc, 'eval.grid_size = 1 must be >= 2')
   assert 'eval: restored' not in proc.stdout
+
+
+def test_negative_step_stops_with_a_clear_message(tmp_path):
+  proc = _eval(tmp_path, '--step=-1')
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'flag --step=-1: -1 is not a non-negative integer' in proc.stderr
