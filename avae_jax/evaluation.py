@@ -230,6 +230,14 @@ def format_table(results: dict[str, Any], config: ml_collections.ConfigDict,
   return '\n'.join(lines) + '\n'
 
 
+def _fid(real: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray]) -> float:
+  """frechet_distance of two (mean, covariance) pairs; NaN if either holds NaN or inf."""
+  if not all(np.all(np.isfinite(a)) for a in (*real, *other)):
+    # A diverged model's images: NaN like its other metrics, not a traceback that loses them.
+    return math.nan
+  return metrics_lib.frechet_distance(*real, *other)
+
+
 def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: data.Source,
              out_dir: str, devices: Sequence[Any] | None = None,
              writer: summary.SummaryWriter | None = None, *,
@@ -339,8 +347,8 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
     real, rec, smp = real_f.stats(), rec_f.stats(), sample_f.stats()
     results['fid_num_images'] = n
     for d in TAPS:
-      results[f'fid_rec_{d}'] = metrics_lib.frechet_distance(*real[d], *rec[d])
-      results[f'fid_sample_{d}'] = metrics_lib.frechet_distance(*real[d], *smp[d])
+      results[f'fid_rec_{d}'] = _fid(real[d], rec[d])
+      results[f'fid_sample_{d}'] = _fid(real[d], smp[d])
 
   if eval_source.factors is not None:
     # MIG needs only the codes, and many of them: its plug-in entropies are biased upwards

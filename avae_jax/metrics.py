@@ -78,7 +78,8 @@ def cosine_similarity(x: Any, y: Any) -> np.ndarray:
   x, y = _flat_pair(x, y)
   norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
   dots = np.sum(x * y, axis=1)
-  return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+  # `norms == 0`, not `norms > 0`: an image with a NaN must give NaN, as MSE does, not 0.
+  return np.where(norms == 0, 0.0, dots / np.where(norms == 0, 1.0, norms))
 
 
 def gaussian_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -144,6 +144,20 @@ def test_every_stage_is_announced(evaluation_run):
   assert 'Inception weights' not in evaluation_run[2]  # given, not loaded
 
 
+def test_a_model_with_nan_images_gets_nan_metrics_not_an_error(tmp_path, config, model, source,
+                                                              inception_params):
+  # A diverged model: FID raised on its NaN features, and the cosine similarity read 0.
+  params = jax.tree.map(lambda p: p * np.nan, model.variables['params'])
+  diverged = api.TrainedModel(config, params, model.variables['batch_stats'], step=model.step)
+  results = evaluation.evaluate(config, diverged, source, out_dir=str(tmp_path),
+                                devices=jax.devices(), inception_params=inception_params)
+  for key in ('rec_mse', 'rec_cosine_similarity', 'rec_sharpness_mean',
+              'sample_sharpness_mean', *sorted(FID_KEYS - {'fid_num_images'})):
+    assert np.isnan(results[key]), key
+  assert np.isfinite(results['gt_sharpness_mean'])
+  assert np.isnan(json.loads((tmp_path / 'metrics.json').read_text())['fid_rec_2048'])
+
+
 def test_metrics_json_matches_results(evaluated):
   results, out_dir = evaluated
   with open(os.path.join(out_dir, 'metrics.json')) as f:

@@ -82,6 +82,10 @@ def test_mse_and_cosine_match_numpy():
   np.testing.assert_allclose(metrics.cosine_similarity(x, 2 * x), 1.0, rtol=1e-12)
   np.testing.assert_allclose(metrics.cosine_similarity(x, -x), -1.0, rtol=1e-12)
   assert metrics.cosine_similarity(np.zeros((1, 4)), np.ones((1, 4)))[0] == 0.0
+  # A NaN (a diverged model's image) gives NaN, as MSE does; it gave 0.
+  nan_image = np.array([[0.5, np.nan, 0.1, 0.2]])
+  assert np.isnan(metrics.cosine_similarity(nan_image, np.ones((1, 4)))[0])
+  assert np.isnan(metrics.mse(nan_image, np.ones((1, 4)))[0])
   with pytest.raises(ValueError):
     metrics.mse(x, y[:, :4])
 
