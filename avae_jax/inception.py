@@ -645,6 +645,10 @@ def _convert_script(root: TorchModule, source: str) -> dict[str, Any]:
     col.put(f'{dst}/var', col.take(f'{path}.var'))
     # The TF graph's BatchNorm has no learned scale.
     col.put(f'{dst}/scale', np.ones(kernel.shape[-1], np.float32))
+    if f'{path}.stride' not in attrs or f'{path}.padding' not in attrs:
+      # A KeyError would escape the callers, which report a bad weights file (ValueError).
+      raise ValueError(f'{source}: {path} has no stride or padding attribute; not the '
+                       'expected TorchScript Inception')
     stride, padding = attrs[f'{path}.stride'], attrs[f'{path}.padding']
     padding = tuple(padding) if isinstance(padding, (list, tuple)) else (padding, padding)
     if (stride, padding) != geometry[tv_name]:

@@ -120,6 +120,19 @@ def test_layer_mapping_is_one_to_one():
   assert len({script for _, script in pairs}) == len(pairs)
 
 
+def test_a_torchscript_file_without_layer_attributes_is_a_value_error():
+  # The callers report a bad weights file by ValueError; a KeyError escaped them.
+  def module(**state):
+    m = inception.TorchModule.__new__(inception.TorchModule)
+    m.state = state
+    return m
+  conv = module(weight=np.zeros((32, 3, 3, 3), np.float32),
+                **{k: np.zeros(32, np.float32) for k in ('beta', 'mean', 'var')})
+  root = module(net=module(layers=module(conv=conv)))
+  with pytest.raises(ValueError, match='conv has no stride or padding attribute'):
+    inception._convert_script(root, 'weights.pt')
+
+
 def test_missing_weights_message(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m avae_jax.inception fetch'):
     inception.load_params(str(tmp_path / 'nope.npz'))
