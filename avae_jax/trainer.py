@@ -198,11 +198,23 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
                          seed=int(config.seed) + 7919, start_step=0,
                          process_index=jax.process_index(),
                          process_count=jax.process_count(), num_local_devices=len(devices))
+  # CelebA's 200 probe steps take minutes on a CPU: they get progress lines of their own.
+  progress = summary.ProgressLogger(
+      total_steps=k, every=int(config.log_every), enabled=jax.process_index() == 0,
+      phases=[summary.Phase('probe', k)], log=lambda line: logging.info('calibration: %s', line))
   history = []
   with data.prefetch_to_devices(batches, devices) as it:
     for i in range(k):
+      if i == 0:
+        progress.compiling(0)
       state, m = probe(state, next(it), jax.random.fold_in(key, i))
+      if i == 0:
+        jax.block_until_ready(m)
+        progress.compiled(1)
       history.append((i, m))
+      if (i + 1) % int(config.log_every) == 0 or i + 1 == k:
+        jax.block_until_ready(m)  # the line's rate counts steps run, not dispatched
+      progress.update(i + 1)
   fetched = [(i, jax.device_get(m)) for i, m in history]
   _check_finite(fetched, calibration=True)
   means = _mean_metrics(fetched)

@@ -403,8 +403,15 @@ def _spy_on_steps(monkeypatch):
 
 def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   calls = _spy_on_steps(monkeypatch)
+  logged = []
+  monkeypatch.setattr(trainer.logging, 'info',
+                      lambda msg, *args: logged.append(msg % args if args else str(msg)))
   train(CALIBRATE, tmp_path)
   out = capsys.readouterr().out
+  # The probe steps have progress lines of their own (CelebA's take minutes).
+  probe_lines = [line for line in logged if line.startswith('calibration: ')]
+  assert probe_lines[0] == 'calibration: compiling the probe step ...'
+  assert probe_lines[-1].startswith('calibration: step 3/3 (100.0%) | ')
   (probe_cfg, probed), (train_cfg, _) = calls
   terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
   # The probe: every term at weight 1, calibrate.batches steps.
