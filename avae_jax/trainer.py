@@ -67,7 +67,9 @@ class _StopSignals:
 
   A preempted VM (SIGTERM) or Ctrl-C then loses no step: the loop checkpoints the step it
   finished and stops. A second SIGINT interrupts at once. Handlers are installed only
-  from the main thread (Python allows no other), and restored after the loop.
+  from the main thread (Python allows no other), and restored after the loop. An ignored
+  SIGINT stays ignored: a shell starts background jobs so, for Ctrl-C to leave them
+  running (as distributed.exit_on_interrupt does outside the loop).
   """
 
   def __init__(self):
@@ -79,7 +81,8 @@ class _StopSignals:
     """Installs the handlers."""
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
-        self._previous[s] = signal.signal(s, self._handle)
+        if signal.getsignal(s) is not signal.SIG_IGN:
+          self._previous[s] = signal.signal(s, self._handle)
 
   def restore(self) -> None:
     """Restores the previous handlers."""

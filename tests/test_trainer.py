@@ -704,6 +704,25 @@ def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_an_ignored_ctrl_c_stays_ignored_in_the_training_loop():
+  # A shell's background job ignores SIGINT; the loop took it over and stopped the job.
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    stop = trainer._StopSignals()  # pylint: disable=protected-access
+    stop.install()
+    try:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.agreed(at_sync_point=False) is None
+      os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM still stops it with a checkpoint
+      assert stop.agreed(at_sync_point=False) == signal.SIGTERM
+    finally:
+      stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
 def test_a_second_ctrl_c_goes_to_the_handler_from_before_the_loop():
   calls = []
   before = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
