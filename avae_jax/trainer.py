@@ -250,6 +250,10 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
               'not the term means they came from: the run resumes with those weights, and '
               'changed loss.weights.* are not applied', file=sys.stderr, flush=True)
     batches = int(saved['batches'])
+    if batches != int(config.calibrate.batches) and jax.process_index() == 0:
+      print(f'note: the run keeps its calibration probe of {batches} batches ({path}); '
+            f'calibrate.batches={config.calibrate.batches} applies to new runs only',
+            file=sys.stderr, flush=True)
   elif resumed:
     raise config_lib.ConfigError(
         f'the run in {workdir} started without the loss-weight calibration (it has no '
@@ -268,6 +272,8 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
   with config.unlocked():
     for t, v in weights.items():
       config.loss.weights[t] = float(v)
+    # config.json then names the probe the weights came from, as calibration.json does.
+    config.calibrate.batches = batches
   step_config = steps.StepConfig.from_config(config, dataset_size=setup_.train_source.num_examples)
   return dataclasses.replace(setup_, config=config, step_config=step_config)
 

@@ -519,6 +519,17 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   assert 'loss.weights.sobel' in changed[0]
   with open(tmp_path / 'w' / 'calibration.json') as f:
     assert json.load(f)['weights'] == dict(used, gabor=0.0)
+  # Resumed with another probe length: the recorded probe stays, and config.json says so
+  # (it recorded the new count beside weights from the old probe).
+  del calls[:]
+  train(dict(CALIBRATE, pretrain_steps=4, **changed_weights, **{'calibrate.batches': 7}),
+        tmp_path / 'w')
+  assert len(calls) == 1
+  assert 'keeps its calibration probe of 3 batches' in capsys.readouterr().err
+  with open(tmp_path / 'w' / 'config.json') as f:
+    assert json.load(f)['calibrate']['batches'] == 3
+  with open(tmp_path / 'w' / 'calibration.json') as f:
+    assert json.load(f)['batches'] == 3
 
   # A calibration.json without checkpoints (its run stopped before the first one, perhaps
   # with other settings) is not trusted: a new run probes again.
