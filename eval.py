@@ -42,6 +42,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default
 config_lib.define_config_file('config', None, 'The training configuration file (default: '
                               "the one train.py saved in WORKDIR).", lock_config=True)
 flags.mark_flags_as_required(['workdir'])
+# An empty --workdir= passes the required check and failed later, naming no directory.
+flags.register_validator('workdir', bool, message='--workdir must not be empty')
 # Without --config, the --config.FIELD=VALUE overrides apply to WORKDIR/config.json.
 _SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
 

@@ -406,6 +406,16 @@ def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
   assert not compiled_something(proc.stderr)
 
 
+@pytest.mark.parametrize('program', ['train.py', 'eval.py'])
+def test_an_empty_workdir_is_a_flag_error(cli_env, program):
+  # It passed the required-flag check and failed later without naming a directory.
+  proc = subprocess.run([sys.executable, program, '--config=configs/default.py', '--workdir='],
+                        env=cli_env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=FAIL_TIMEOUT)
+  assert proc.returncode == 1
+  assert '--workdir must not be empty' in proc.stderr and 'Traceback' not in proc.stderr
+
+
 def test_a_workdir_in_use_by_another_run_stops_with_one_message(cli_env, tmp_path):
   workdir = tmp_path / 'w'
   workdir.mkdir()
