@@ -120,15 +120,27 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
                            out_axes=(0, 0, None), devices=devices, donate_argnums=(0, 1))
   elif method == 'shard_map':
     mesh = _mesh(devices, axis)
+    num = len(devices)
+
+    def device_rows(batch):
+      """The device's rows of its (1, per_device, ...) block of the batch."""
+      # A leading axis of k * num rows (not num) splits into blocks of k, and batch[0]
+      # would drop all but the first row of each: pmap refuses such a batch, so must this.
+      if batch.shape[0] != 1:
+        raise ValueError(
+            f'batch of shape {(batch.shape[0] * num,) + tuple(batch.shape[1:])}: the leading '
+            f'axis must be the number of devices ({num}), shaped (devices, per_device, H, '
+            'W, C)')
+      return batch[0]
 
     # Each device sees its (1, ...) block of the stacked states and batch.
     def pre_block(vae_state, batch, key):
-      vae_state, metrics = pre(_squeeze(vae_state), batch[0], key)
+      vae_state, metrics = pre(_squeeze(vae_state), device_rows(batch), key)
       return _expand(vae_state), metrics
 
     def adv_block(vae_state, disc_state, batch, key):
       vae_state, disc_state, metrics = adv(_squeeze(vae_state), _squeeze(disc_state),
-                                           batch[0], key)
+                                           device_rows(batch), key)
       return _expand(vae_state), _expand(disc_state), metrics
 
     pretrain = jax.jit(

@@ -150,3 +150,15 @@ def test_replicate_typed_prng_keys():
 def test_unknown_method_is_an_error():
   with pytest.raises(ValueError, match='shard_map'):
     parallel.make_steps(step_config('pretrain'), jax.devices()[:1], 'vmap')
+
+
+@pytest.mark.parametrize('method', parallel.METHODS)
+def test_a_batch_not_shaped_one_row_per_device_is_an_error(method):
+  # (8, 1, ...) on 4 devices: shard_map split it into blocks of 2 rows and trained on the
+  # first row of each, half the batch, without a word; pmap refuses it.
+  _, vae_state, _, x = setup()
+  devs = jax.devices()[:4]
+  fns = parallel.make_steps(step_config('pretrain'), devs, method)
+  with pytest.raises(ValueError):
+    fns.pretrain(parallel.replicate(vae_state, devs), x.reshape((8, 1) + x.shape[1:]),
+                 jax.random.key(7))
