@@ -16,7 +16,8 @@ glibc reads its tunables once, when the process starts, so the programs (train.p
 eval.py, study.py, benchmark.py, launch.py) call `reexec()` first: when the tunable is
 missing and would take effect, it runs the same command line again in the same process
 (os.execve, same pid) with the tunable added to GLIBC_TUNABLES. Setting the tunable
-yourself, to 0 or 1, keeps your choice and skips the restart.
+yourself, to 0 or 1, keeps your choice and skips the restart. A program read from stdin
+(`python - < train.py`) cannot be read again and runs on without the restart.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def should_reexec(environ: Mapping[str, str], glibc: tuple[int, int] | None,
 def reexec() -> None:
   """Runs this command line again with TUNABLE=1 when that helps (see above); else returns."""
   if not should_reexec(os.environ, glibc_version(), thp_mode()):
+    return
+  if sys.argv[:1] in ([], [''], ['-']):
+    # The program came from stdin (`python - < train.py`) or a prompt: the restarted
+    # interpreter would find stdin read to its end and exit, having done nothing.
     return
   env = dict(os.environ)
   env['GLIBC_TUNABLES'] = with_tunable(env.get('GLIBC_TUNABLES', ''))

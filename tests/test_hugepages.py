@@ -112,3 +112,17 @@ def test_the_tunable_gives_malloc_huge_pages():
   if hugepages.thp_mode() == 'madvise':  # with 'always' every mapping may get them
     off = int(_run(_MALLOC, tunables=f'{hugepages.TUNABLE}=0')[0])
     assert off < 8 * 1024, off
+
+
+def test_a_program_read_from_stdin_runs_on_without_the_restart():
+  # The restarted interpreter found stdin read to its end: it exited 0 having done nothing.
+  if not _can_restart():
+    pytest.skip('no restart here: glibc < 2.35, another C library, or no THP')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  for args in ([], ['-', 'x']):
+    out = subprocess.run([sys.executable, *args], input=textwrap.dedent(_RESTART), cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    lines = out.stdout.split('\n')[:-1]
+    assert len(lines) == 2, lines
+    pid = lines[0].split()[1]
+    assert lines == [f'start {pid}', f"after {pid} None {args[1:]}"]
