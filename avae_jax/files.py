@@ -4,8 +4,9 @@ Checkpoints reach any path orbax understands; the workdir's other files (config.
 calibration.json, final_metrics.json, the figures, eval/) go through etils.epath here
 so that they land next to them. With Python's `open`, a run with --workdir=gs://b/run
 wrote them into a local folder named `gs:`, and eval.py on another machine found no
-config.json. JSON and text are written under a temporary name and then renamed, so that a
-crash never leaves half a file (on an object store the rename is a copy and a delete).
+config.json. JSON, text and PNG files are written under a temporary name and then renamed,
+so that a crash or a full disk never leaves half a file (on an object store the rename is
+a copy and a delete).
 `exclusive` is the lock that keeps a second training run out of a local workdir.
 """
 
@@ -63,24 +64,22 @@ def write_json(path: PathLike, obj: Any,
 
 def write_text(path: PathLike, text: str) -> None:
   """Writes `text` (UTF-8) to `path` atomically (a temporary name, then a rename)."""
+  write_bytes(path, text.encode('utf-8'))
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` atomically (a temporary name, then a rename)."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   # A name of this process and thread: two writers of one file (eval.py beside the
   # trainer's evaluation) must not rename each other's half-written temporary.
   tmp = target.parent / f'{target.name}.tmp{os.getpid()}.{threading.get_ident()}'
   try:
-    tmp.write_text(text, encoding='utf-8')
+    tmp.write_bytes(data)
     tmp.replace(target)
   finally:
     if tmp.exists():
       tmp.unlink()
-
-
-def write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to `path`, creating parent directories."""
-  target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(data)
 
 
 @contextlib.contextmanager

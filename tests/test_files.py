@@ -78,6 +78,24 @@ def test_concurrent_writers_of_one_file_leave_one_whole_file(tmp_path):
   assert os.listdir(tmp_path / 'eval') == ['metrics.json']
 
 
+
+@pytest.mark.parametrize('kind', ['bytes', 'text'])
+def test_a_write_that_fails_halfway_keeps_the_previous_file_whole(tmp_path, kind):
+  # A full disk, made here with a 4 KiB file-size limit: write_bytes (the figures) opened
+  # the final name, truncated it and left its first 4096 bytes there.
+  path = tmp_path / 'images' / 'samples.png'
+  old, x = ('old', 'x') if kind == 'text' else (b'old', b'x')
+  script = ('import resource\n'
+            'from avae_jax import files\n'
+            f'files.write_{kind}({str(path)!r}, {old!r})\n'
+            'resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n'
+            f'files.write_{kind}({str(path)!r}, {x!r} * 100000)\n')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 1 and 'File too large' in out.stderr, out.stderr
+  assert path.read_bytes() == b'old'
+  assert os.listdir(path.parent) == ['samples.png']  # the temporary is removed
+
 def test_png_and_config_on_gs(fake_bucket):
   image = np.linspace(0, 1, 5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
   visualize.save_png('gs://bucket/run/images/a.png', image)
