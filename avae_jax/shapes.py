@@ -136,9 +136,21 @@ def sample_offsets(supersample: int) -> tuple[np.ndarray, np.ndarray]:
   return ((k + 0.5) / n).astype(np.float32), (((best_g * k) % n + 0.5) / n).astype(np.float32)
 
 
+def _check_positive_int(name: str, value: int) -> int:
+  """`value` as an int; ValueError unless it is a whole number >= 1."""
+  # numpy failed on a negative size with 'negative dimensions', divided by zero at
+  # supersample 0, and took 0, 5.5 or a negative supersample without a word.
+  whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  if not whole or value < 1:
+    raise ValueError(f'{name} must be a whole number >= 1, got {value!r}')
+  return int(value)
+
+
 def coverage(factors: np.ndarray, image_size: int, supersample: int = 4,
              chunk: int = 256) -> np.ndarray:
   """(N, S, S) float32 fraction of each pixel covered by the shape of each factor row."""
+  image_size = _check_positive_int('image_size', image_size)
+  supersample = _check_positive_int('supersample', supersample)
   factors = np.asarray(factors)
   if factors.ndim != 2 or factors.shape[1] != len(FACTOR_NAMES):
     raise ValueError(f'factors must be (N, {len(FACTOR_NAMES)}), got {factors.shape}')

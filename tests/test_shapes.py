@@ -186,3 +186,22 @@ def test_bad_factors_raise():
     shapes.sample_factors(-2, 'eval', 3, 3)
   with pytest.raises(data.DataError, match=r'^the data seed must be >= 0 \(config.seed\)'):
     data.load(_config(seed=-1), 'eval')
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(image_size=0), dict(image_size=-3), dict(image_size=5.5),
+    dict(image_size=SIZE, supersample=0), dict(image_size=SIZE, supersample=-2)])
+def test_bad_sizes_raise_naming_the_size(kwargs):
+  # 0 gave empty images, 5.5 images of side 5, supersample -2 the samples of 2, and
+  # supersample 0 a ZeroDivisionError; -3 failed inside numpy with 'negative dimensions'.
+  name = 'supersample' if 'supersample' in kwargs else 'image_size'
+  with pytest.raises(ValueError, match=rf'^{name} must be a whole number >= 1, got '):
+    shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), **kwargs)
+
+
+def test_small_whole_sizes_render():
+  # The smallest sizes still render the shape, in range: a scale-1 square of half-side
+  # 0.7 * 0.2 * 8 = 1.12 px centred at 0.28 * 8 = 2.24 px covers (2 * 1.12)**2 pixels.
+  image = shapes.render(np.array([[0, 3, 0, 0, 0, 0]]), np.int64(8))
+  assert image.shape == (1, 8, 8, 3) and 0 <= image.min() and image.max() <= 1
+  np.testing.assert_allclose(image[0, ..., 0].sum(), (2 * 1.12) ** 2, rtol=0.02)
