@@ -3,14 +3,14 @@
 import os
 
 # Must happen before jax is imported anywhere in the test session.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# The XLA:CPU flags that the programs use (train.py and the others call the same).
-xla_flags.apply()
+# The XLA:CPU flags that the programs use (train.py and the others call the same), and
+# four devices unless XLA_FLAGS sets a count (other flags of the user's leave it at four).
+xla_flags.apply(cpu_devices=4)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
