@@ -154,6 +154,7 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
     ('--config.channels=2', 'channels must be 1 or 3'),
     ('--config.image_size=30', 'image_size 30'),
     ('--config.gating.train_disc_below=0.4', 'no accuracy takes both updates'),
+    ('--config.model.conv_backward=bad', 'model.conv_backward must be one of'),
 ])
 def test_a_bad_config_is_one_line_before_compiling(override, message):
   out = _run(TINY + [override])
