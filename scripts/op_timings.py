@@ -45,8 +45,10 @@ from avae_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-
 from avae_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per operation (median).')
+# Bounded: a batch below 1 failed inside JAX with a traceback, and no repeats printed NaN ms.
+_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per operation (median).',
+                                lower_bound=1)
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 

@@ -380,3 +380,12 @@ def test_op_timings_script_times_every_operation():
   assert len(lines) == 2 + 2 * 3 + 3 + 4 * 3 + 2 * 2
   for line in lines:
     assert float(line.split()[-2]) > 0 and line.endswith(' ms')
+
+
+@pytest.mark.parametrize('flag', ['--batch=0', '--batch=-1', '--repeats=0'])
+def test_op_timings_refuses_a_batch_or_repeats_below_one(flag):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join('scripts', 'op_timings.py'), flag],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert flag.split('=')[0] in out.stderr and not out.stdout.strip()
