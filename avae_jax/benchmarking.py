@@ -66,7 +66,14 @@ def both_updates_accuracy(config: ml_collections.ConfigDict) -> float:
   if not low < high:
     raise ValueError(f'adversarial_step_both needs gating.train_vae_above ({low:g}) < '
                      f'gating.train_disc_below ({high:g}): no accuracy takes both updates')
-  return 0.5 * (low + high)
+  mid = 0.5 * (low + high)
+  # The step compares the forced accuracy with the thresholds in float32, where a midpoint
+  # can round onto a threshold and skip that update (0.5 and 0.50000005: the VAE's).
+  if not np.float32(low) < np.float32(mid) < np.float32(high):
+    raise ValueError(f'adversarial_step_both needs gating.train_vae_above ({low!r}) < '
+                     f'gating.train_disc_below ({high!r}) in float32, in which the step '
+                     'compares them: no accuracy takes both updates')
+  return mid
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5, device: Any = None) -> float:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -154,6 +155,7 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
     ('--config.channels=2', 'channels must be 1 or 3'),
     ('--config.image_size=30', 'image_size 30'),
     ('--config.gating.train_disc_below=0.4', 'no accuracy takes both updates'),
+    ('--config.gating.train_disc_below=0.50000005', 'no accuracy takes both updates'),
     ('--config.model.conv_backward=bad', 'model.conv_backward must be one of'),
 ])
 def test_a_bad_config_is_one_line_before_compiling(override, message):
@@ -208,6 +210,15 @@ def test_both_case_pins_the_gate_between_the_thresholds():
   c.gating.train_vae_above = 0.4
   with pytest.raises(ValueError, match='no accuracy takes both updates'):
     benchmarking.both_updates_accuracy(c)
+  # The step compares in float32, where 0.5 and 0.50000005 are neighbours: their midpoint
+  # is 0.5 there, which skipped the VAE's update.
+  c.gating.train_vae_above, c.gating.train_disc_below = 0.5, 0.50000005
+  with pytest.raises(ValueError, match='in float32'):
+    benchmarking.both_updates_accuracy(c)
+  # Thresholds with float32 numbers between them pin the gate where both updates run.
+  c.gating.train_disc_below = 0.5000002
+  acc = jnp.float32(benchmarking.both_updates_accuracy(c))
+  assert bool(acc > c.gating.train_vae_above) and bool(acc < c.gating.train_disc_below)
 
 
 def test_a_twin_that_fails_to_start_stops_interleaved_rounds_before_compiling(tmp_path):
