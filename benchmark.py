@@ -61,7 +61,7 @@ _CASES = flags.DEFINE_list('cases', list(benchmarking.CASES),
                            f'Cases to run, from {", ".join(benchmarking.CASES)}.')
 _PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
                                'Side of the square float32 matmul timed for the peak rate '
-                               '(0 skips it; peak_fraction is then null).')
+                               '(0 skips it; peak_fraction is then null).', lower_bound=0)
 _TWIN_PYTHON = flags.DEFINE_string('twin_python', '',
                                    'Python of a venv with torch: also run the PyTorch twin.')
 _TWIN_SCRIPT = flags.DEFINE_string('twin_script', '', 'Path of torch_twin.py.')

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU comparison of docs/benchmarks.md in one run: both benchmark shapes against the
-# PyTorch twin in float32, then the bfloat16 compute option (the twin builds float32 only),
-# then float32 again against the twin with JAX_DEFAULT_MATMUL_PRECISION=highest (ours in
-# full float32 instead of TF32).
+# The GPU comparison of docs/benchmarks.md in one run: per benchmark shape (CelebA, then
+# MNIST), float32 against the PyTorch twin, then the bfloat16 compute option (the twin
+# builds float32 only); then both shapes in float32 again against the twin with
+# JAX_DEFAULT_MATMUL_PRECISION=highest (ours in full float32 instead of TF32).
 #
 #   bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]
 #
