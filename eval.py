@@ -111,7 +111,11 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
 
   def pick(c: ml_collections.ConfigDict) -> dict[str, object]:
     d = c.to_dict()
-    return {k: d.get(k) for k in fields}
+    picked = {k: d.get(k) for k in fields}
+    # The shapes eval split is drawn from the seed and num_eval alone: num_train changes
+    # only the training images, which never include it.
+    picked['shapes'] = {'num_eval': (d.get('shapes') or {}).get('num_eval')}
+    return picked
   return [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(pick(saved), pick(config))]
 
 

@@ -33,10 +33,11 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
   # Another seed draws another shapes eval split: allowed, but said (it may hold training
   # images).
-  proc = _eval(run, '--step=1', '--config.seed=3')
+  # Another shapes.num_train leaves the eval split as it was: not named.
+  proc = _eval(run, '--step=1', '--config.seed=3', '--config.shapes.num_train=100')
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert ("eval.py: warning: the eval data differs from the training run's (config.json): "
-          'seed 0 -> 3;') in proc.stderr
+          'seed 0 -> 3; the evaluation images') in proc.stderr
   out = run / 'eval'
   with open(out / 'metrics.json') as f:
     results = json.load(f)
