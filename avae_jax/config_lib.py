@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -292,6 +293,16 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
     raise ConfigError(f'{name}={text}: expected {kind}') from e
 
 
+def _no_field(name: str, field: str, node: ml_collections.ConfigDict) -> ConfigError:
+  """The error for an override of a missing field, with ml_collections' suggestion."""
+  message = f"{name}: the config has no field '{field}'"
+  keys = [str(k) for k in node.keys() if str(k) != field]  # a field that is not a leaf
+  matches = difflib.get_close_matches(field, keys, 1, 0.75)
+  if matches:
+    message += f'. Did you mean "{matches[0]}" instead of "{field}"?'
+  return ConfigError(message)
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[tuple[str, str | None]]) -> None:
   """Sets (--config.FIELD, VALUE) overrides on a loaded config, e.g. a workdir's config.json."""
@@ -300,10 +311,10 @@ def apply_overrides(config: ml_collections.ConfigDict,
     node = config
     for part in parents:
       if not isinstance(node.get(part), ml_collections.ConfigDict):
-        raise ConfigError(f"{name}: the config has no field '{part}'")
+        raise _no_field(name, part, node)
       node = node[part]
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-      raise ConfigError(f"{name}: the config has no field '{leaf}'")
+      raise _no_field(name, leaf, node)
     node[leaf] = _override_value(name, text, node[leaf])
 
 

@@ -178,6 +178,25 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
       config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
 
 
+def test_a_misspelt_override_of_a_loaded_config_suggests_the_field():
+  # eval.py applies overrides to a workdir's config.json; its message matches train.py's.
+  c = default.get_config()
+  for override, message in [
+      ('--config.batchsize=3', "--config.batchsize: the config has no field 'batchsize'. "
+                               'Did you mean "batch_size" instead of "batchsize"?'),
+      ('--config.eval.fidd=1', "--config.eval.fidd: the config has no field 'fidd'. "
+                               'Did you mean "fid" instead of "fidd"?'),
+      ('--config.modl.widths=(4,)', "--config.modl.widths: the config has no field 'modl'. "
+                                    'Did you mean "model" instead of "modl"?')]:
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+    assert str(e.value) == message
+  for override, field in [('--config.eval.nope=2', 'nope'), ('--config.eval=1', 'eval')]:
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+    assert str(e.value) == f"{override.split('=')[0]}: the config has no field '{field}'"
+
+
 def test_celeba_is_the_papers_setup():
   c = load_config_file('celeba.py')
   assert (c.dataset, c.image_size, c.channels) == ('celeb_a', 96, 3)
