@@ -332,6 +332,15 @@ def fill_missing(config: ml_collections.ConfigDict,
   return added
 
 
+def define_workdir_flag(help_string: str) -> flags.FlagHolder:
+  """The required --workdir flag of train.py and eval.py; an empty value is a flag error."""
+  holder = flags.DEFINE_string('workdir', None, help_string)
+  flags.mark_flag_as_required('workdir')
+  # An empty --workdir= passes the required check and failed later, naming no directory.
+  flags.register_validator('workdir', bool, message='--workdir must not be empty')
+  return holder
+
+
 def define_config_file(name: str, default: str | None, help_string: str,
                        **kwargs: Any) -> None:
   """config_flags.DEFINE_config_file, with an unknown config field as a usage error.
@@ -389,18 +398,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if name not in RECONSTRUCTION_TERMS:
       raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '
                         f'terms are {", ".join(RECONSTRUCTION_TERMS)}')
-    if not value >= 0:  # NaN too: it would only fail after compilation
-      raise ConfigError(f'loss.weights.{name} = {value} is negative or NaN; weights must be '
-                        '>= 0')
-    _check_not_infinite(f'loss.weights.{name}', value)
+    _check_nonnegative(f'loss.weights.{name}', value)
   if variant_spec(config.variant).compound_loss and not reconstruction_weights(config):
     raise ConfigError(f'variant {config.variant!r} with every loss.weights.* at 0 has no '
                       'reconstruction term; give at least one term a positive weight')
   for name in ('kl_weight', 'tc_weight', 'adversarial_weight', 'reconstruction_scale'):
-    if not config.loss[name] >= 0:
-      raise ConfigError(f'loss.{name} = {config.loss[name]} is negative or NaN; it must be '
-                        '>= 0')
-    _check_not_infinite(f'loss.{name}', config.loss[name])
+    _check_nonnegative(f'loss.{name}', config.loss[name])
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
@@ -440,9 +443,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be whole '
                       'numbers >= 1 (channels of the stages)')
   for name in ('learning_rate', 'disc_learning_rate'):
-    if not config.optimizer[name] >= 0:
-      raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} is negative or NaN')
-    _check_not_infinite(f'optimizer.{name}', config.optimizer[name])
+    _check_nonnegative(f'optimizer.{name}', config.optimizer[name])
   for name in ('b1', 'b2'):
     # Adam's moment decays; at 1 or above its bias correction divides by 1 - b**t <= 0.
     if not 0.0 <= config.optimizer[name] < 1.0:
@@ -487,9 +488,11 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
                       f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
 
 
-def _check_not_infinite(name: str, value: float) -> None:
-  """Raises ConfigError for an infinite value (its loss or update would be NaN)."""
-  if math.isinf(value):
+def _check_nonnegative(name: str, value: float) -> None:
+  """Raises ConfigError unless `value` is a finite number >= 0 (a weight, scale or rate)."""
+  if not value >= 0:  # NaN too: it would only fail after compilation
+    raise ConfigError(f'{name} = {value} is negative or NaN; it must be >= 0')
+  if math.isinf(value):  # its loss or update would be NaN
     raise ConfigError(f'{name} = {value} is infinite; it must be a finite number >= 0')
 
 
