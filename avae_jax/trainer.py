@@ -312,17 +312,18 @@ def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]],
   """
   for step, m in history:
     for name, v in m.items():
-      if not np.all(np.isfinite(v)) and calibration:
+      if np.all(np.isfinite(v)):
+        continue
+      if calibration:
         raise NonFiniteLossError(
             f'non-finite {name} = {float(v)} at probe step {step} of the loss-weight '
             'calibration (a throwaway copy of the initial VAE, every term at weight 1), '
             'before any training step; nothing is checkpointed. Lower the learning rate, '
             'or set the weights by hand with calibrate.enabled=False.')
-      if not np.all(np.isfinite(v)):
-        raise NonFiniteLossError(
-            f'non-finite {name} = {float(v)} at step {step}; the run stops here and the '
-            'last checkpoint (written before this step) is kept. Lower the learning rate '
-            'or check the loss weights.')
+      raise NonFiniteLossError(
+          f'non-finite {name} = {float(v)} at step {step}; the run stops here and the '
+          'last checkpoint (written before this step) is kept. Lower the learning rate '
+          'or check the loss weights.')
 
 
 def _mean_metrics(history: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, float]:
