@@ -35,15 +35,12 @@ from avae_jax import parallel
 from avae_jax import summary
 from avae_jax import xla_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
+_WORKDIR = config_lib.define_workdir_flag('Training directory holding checkpoints/.')
 # Bounded here: a negative step reached api.TrainedModel.load as a ValueError traceback.
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).',
                              lower_bound=0)
 config_lib.define_config_file('config', None, 'The training configuration file (default: '
                               "the one train.py saved in WORKDIR).", lock_config=True)
-flags.mark_flags_as_required(['workdir'])
-# An empty --workdir= passes the required check and failed later, naming no directory.
-flags.register_validator('workdir', bool, message='--workdir must not be empty')
 # Without --config, the --config.FIELD=VALUE overrides apply to WORKDIR/config.json.
 _SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
 

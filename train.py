@@ -22,11 +22,9 @@ from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and figures.')
+_WORKDIR = config_lib.define_workdir_flag('Directory for checkpoints, summaries and figures.')
 config_lib.define_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-# An empty --workdir= passes the required check and failed later, naming no directory.
-flags.register_validator('workdir', bool, message='--workdir must not be empty')
+flags.mark_flag_as_required('config')
 
 
 # A wrong setting, missing data or a diverged loss: the message says what to do; a
