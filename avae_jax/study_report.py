@@ -759,7 +759,7 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
                             f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
     lines.append('')
   # Loss scales, of each model's lowest seed.
-  shown = {v: _by(runs, dataset, v)[0].seed for v in variants if _by(runs, dataset, v)}
+  shown = {v: rs[0].seed for v in variants if (rs := _by(runs, dataset, v))}
   lines += ['**Size of each term** as it enters the objective (last logged window of each '
             f'phase, {_seed_words(shown)}): L_REC is multiplied by H·W·C; the adversarial term is '
             'λ_adv·(−log D(x̃)) with λ_adv = 1.', '',
