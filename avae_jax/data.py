@@ -60,7 +60,6 @@ import os
 import queue
 import re
 import threading
-import uuid
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -515,10 +514,9 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   size, channels = geometry['image_size'], geometry['channels']
   path = os.path.join(directory, stem + '.npy')
-  # A unique temporary name, then an atomic rename: concurrent processes never see a
-  # half-written cache. Random, not just the pid: processes on several hosts write to a
-  # shared data_dir, and containers give them the same pids.
-  tmp = f'{path}.tmp{os.getpid()}.{uuid.uuid4().hex}.npy'
+  # A unique temporary name, then an atomic rename: concurrent processes (on several
+  # hosts, with a shared data_dir) never see a half-written cache.
+  tmp = files.temporary_name(path) + '.npy'
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1

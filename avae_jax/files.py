@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import sys
-import threading
+import uuid
 from typing import Any, Callable, Iterator
 
 from etils import epath
@@ -67,13 +67,19 @@ def write_text(path: PathLike, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
 
 
+def temporary_name(path: str) -> str:
+  """A name beside `path` that no other writer of it uses, for a write-then-rename."""
+  # Random, not only the pid and thread: writers of one file (eval.py beside the trainer's
+  # evaluation, several hosts filling a shared tfds cache) must not rename each other's
+  # half-written temporary, and containers on several hosts give them the same pids.
+  return f'{path}.tmp{os.getpid()}.{uuid.uuid4().hex}'
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (a temporary name, then a rename)."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  # A name of this process and thread: two writers of one file (eval.py beside the
-  # trainer's evaluation) must not rename each other's half-written temporary.
-  tmp = target.parent / f'{target.name}.tmp{os.getpid()}.{threading.get_ident()}'
+  tmp = epath.Path(temporary_name(str(target)))
   try:
     tmp.write_bytes(data)
     tmp.replace(target)
