@@ -45,7 +45,7 @@ ADVERSARIAL_COMPILE_COST = 1.5
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
+  """A loss term or the trained state became NaN or Inf; the run keeps its last good checkpoint."""
 
 
 class TrainingInterrupted(BaseException):
@@ -326,6 +326,21 @@ def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]],
           'or check the loss weights.')
 
 
+def _check_finite_state(tree: Any, step: int, last_checkpoint: int | None) -> None:
+  """Raises NonFiniteLossError naming an array of the state after `step` steps with NaN/Inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    if not np.issubdtype(leaf.dtype, np.inexact) or np.all(np.isfinite(leaf)):
+      continue
+    kept = ('no checkpoint is written' if last_checkpoint is None else
+            f'the last checkpoint (step {last_checkpoint}) is kept')
+    raise NonFiniteLossError(
+        f'non-finite values in {jax.tree_util.keystr(path)} after the update of step '
+        f'{step - 1}, whose losses were finite (a NaN or Inf gradient); the run stops '
+        f'here, this state is not checkpointed and {kept}. Lower the learning rate or '
+        'check the loss weights.')
+
+
 def _mean_metrics(history: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, float]:
   """Averages the metrics of several steps (keys may differ between phases)."""
   out: dict[str, list[float]] = {}
@@ -455,14 +470,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     # Never checkpoint a state whose losses were not checked.
     unlogged = [(s, jax.device_get(mm)) for s, mm in history]
     _check_finite(unlogged)
-    tree = steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc))
+    tree = jax.device_get(
+        steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc)))
+    # A finite loss can still give a NaN update (a NaN gradient): the losses checked above
+    # were computed before it, so the state itself is checked before it replaces a good one.
+    _check_finite_state(tree, step, last_saved if last_saved > 0 else None)
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
                                  for s, m in unlogged]}
-    ckpt.save(step, jax.device_get(tree), meta)
+    ckpt.save(step, tree, meta)
     last_saved = step
 
   batches = data.prefetch_to_devices(

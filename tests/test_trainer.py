@@ -329,6 +329,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
 
 
+def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, monkeypatch):
+  # A NaN gradient under finite losses (here injected into the fourth step's update):
+  # the checkpoint due after that step would have held NaN parameters and replaced the
+  # good one; the next step's NaN loss then said "the last checkpoint is kept".
+  real = parallel.make_steps
+
+  def make_steps(cfg, devices, method='pmap'):
+    fns = real(cfg, devices, method)
+    calls = []
+
+    def pretrain(state, batch, key):
+      state, metrics = fns.pretrain(state, batch, key)
+      calls.append(None)
+      if len(calls) == 4:
+        state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      return state, metrics
+    return fns._replace(pretrain=pretrain)
+
+  monkeypatch.setattr(parallel, 'make_steps', make_steps)
+  overrides = dict(TINY, **{'pretrain_steps': 6, 'adversarial_steps': 0,
+                            'checkpoint_every': 2, 'log_every': 1})
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"non-finite values in \['vae'\]\['params'\].* after the update "
+                           r'of step 3, whose losses were finite.*the last checkpoint '
+                           r'\(step 2\) is kept'):
+    train(overrides, tmp_path)
+  assert committed_steps(tmp_path) == [2]
+  assert sorted(read_metrics(tmp_path)) == [1, 2, 3, 4]  # the four steps' finite losses
+  step, tree, _ = restore(tmp_path, overrides)
+  assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+  assert not open_files_under(tmp_path)
+
+
 def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
     reference, tmp_path, monkeypatch, capsys):
   # The seventh batch cannot be read (as a truncated image file would fail): the six
