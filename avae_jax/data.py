@@ -56,10 +56,12 @@ import concurrent.futures
 import glob as glob_lib
 import gzip
 import hashlib
+import io
 import os
 import queue
 import re
 import threading
+import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -659,8 +661,14 @@ def read_idx(path: str) -> np.ndarray:
   try:
     with open(path, 'rb') as f:
       gz = f.read(2) == b'\x1f\x8b'
-    opener = gzip.open if gz else open
-    with opener(path, 'rb') as f:
+    content = None
+    if gz:
+      # The whole stream before the header: gzip checks the CRC only at the end, and a
+      # corrupted stream can decode to a wrong header, which would be reported as a file
+      # of another format rather than a damaged one.
+      with gzip.open(path, 'rb') as f:
+        content = f.read()
+    with (io.BytesIO(content) if gz else open(path, 'rb')) as f:
       header = f.read(4)
       if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in _IDX_DTYPES:
         raise DataError(f'{path} is not an idx file (bad magic {header.hex()}): expected '
@@ -671,25 +679,21 @@ def read_idx(path: str) -> np.ndarray:
       dims_raw = f.read(4 * ndim)
       if len(dims_raw) < 4 * ndim:
         raise DataError(f'{path}: idx header truncated')
-      dims = tuple(int(d) for d in np.frombuffer(dims_raw, '>u4'))
-      nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-      offset = 4 + 4 * ndim
-      if not gz:
-        size = os.path.getsize(path)
-        if size < offset + nbytes:
-          raise DataError(f'{path}: idx payload truncated ({size - offset} of {nbytes} bytes)')
-        arr = np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=dims)
-        return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder('='))
-      payload = f.read(nbytes)
-      if len(payload) < nbytes:
-        raise DataError(f'{path}: idx payload truncated ({len(payload)} of {nbytes} bytes)')
-      # gzip checks the CRC only at the end of the stream: read on to it, so that a
-      # corrupted file is an error rather than wrong pixels.
-      while f.read(1 << 20):
-        pass
-      return np.frombuffer(payload, dtype).reshape(dims).astype(dtype.newbyteorder('='))
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise DataError(f'cannot read idx file {path}: {e}') from e
+    dims = tuple(int(d) for d in np.frombuffer(dims_raw, '>u4'))
+    count = int(np.prod(dims, dtype=np.int64))
+    nbytes = count * dtype.itemsize
+    offset = 4 + 4 * ndim
+    size = len(content) if gz else os.path.getsize(path)
+    if size < offset + nbytes:
+      raise DataError(f'{path}: idx payload truncated ({size - offset} of {nbytes} bytes)')
+    if not gz:
+      arr = np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=dims)
+      return arr if dtype.itemsize == 1 else arr.astype(dtype.newbyteorder('='))
+    payload = np.frombuffer(content, dtype, count=count, offset=offset)
+    return payload.reshape(dims).astype(dtype.newbyteorder('='))
+  # zlib.error: a damaged deflate stream (gzip's own errors cover the header and the CRC).
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f'cannot read idx file {path}: {type(e).__name__}: {e}') from e
 
 
 def _tokens(name: str) -> set[str]:

@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import tracemalloc
+import zlib
 
 import jax
 import numpy as np
@@ -301,6 +302,34 @@ def test_corrupted_gzip_idx_is_an_error(tmp_path):
     data.read_idx(str(tmp_path / 'images.idx.gz'))
   with pytest.raises(data.DataError, match='cannot read idx file'):
     data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1))
+
+
+def test_damaged_deflate_stream_in_gzip_idx_is_a_data_error(tmp_path):
+  x = np.zeros((20, 16, 16), np.uint8)
+  x[:, 4:12, 4:12] = 200  # compressible: the stream has Huffman tables to damage
+  packed = bytearray(gzip.compress(_idx_bytes(x, 0x08), compresslevel=9, mtime=0))
+  packed[12] ^= 0xFF  # inside the first block's code-length table (gzip header: 10 bytes)
+  (tmp_path / 'images.idx.gz').write_bytes(bytes(packed))
+  with pytest.raises(zlib.error):  # not an OSError: gzip passes zlib's error on as it is
+    gzip.decompress(bytes(packed))
+  with pytest.raises(data.DataError, match='cannot read idx file'):
+    data.read_idx(str(tmp_path / 'images.idx.gz'))
+  with pytest.raises(data.DataError, match='cannot read idx file'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1))
+
+
+def test_damaged_header_in_gzip_idx_is_reported_as_damage(tmp_path):
+  x = np.random.default_rng(6).integers(0, 256, (4, 16, 16)).astype(np.uint8)
+  # Stored (level 0): gzip header (10 bytes), block header (5 bytes), then the idx bytes
+  # verbatim; byte 17 is the idx dtype code 0x08.
+  packed = bytearray(gzip.compress(_idx_bytes(x, 0x08), compresslevel=0, mtime=0))
+  assert packed[17] == 0x08
+  packed[17] ^= 0xFF
+  (tmp_path / 'images.idx.gz').write_bytes(bytes(packed))
+  with gzip.open(tmp_path / 'images.idx.gz', 'rb') as f:
+    assert f.read(4)[2] == 0xF7  # the stream's start decodes, to a header no idx file has
+  with pytest.raises(data.DataError, match='CRC check failed'):
+    data.read_idx(str(tmp_path / 'images.idx.gz'))
 
 
 def test_arrays_errors(tmp_path):
