@@ -53,6 +53,7 @@ aliasing and no overshoot beyond [0, 1]), then channel conversion (RGB -> luma
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import glob as glob_lib
 import gzip
 import hashlib
@@ -985,6 +986,42 @@ def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
 _ITEM, _END, _ERROR = 0, 1, 2
 
 
+def _put(out: queue.Queue, stop: threading.Event, item: tuple[int, Any]) -> bool:
+  """Queues an item unless stopped; False once the consumer has stopped the producer."""
+  while not stop.is_set():
+    try:
+      out.put(item, timeout=0.05)
+      return True
+    except queue.Full:
+      continue
+  return False
+
+
+def _to_devices(x: Any, *, jax: Any, sharding: Any, count: int, multiprocess: bool) -> Any:
+  """Shards the leading axis of x over `count` devices (one slice per device)."""
+  x = np.asarray(x)
+  if x.ndim == 0 or x.shape[0] != count:
+    raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
+                     f'{x.shape[:1]}, expected {count} (one row per device)')
+  if multiprocess:
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.device_put(x, sharding)
+
+
+def _produce(iterator: Iterator[Any], to_devices: Callable[[Any], Any], tree_map: Callable,
+             out: queue.Queue, stop: threading.Event) -> None:
+  """The producer thread's loop: batches to devices into `out` until the end or `stop`."""
+  try:
+    for batch in iterator:
+      if stop.is_set():
+        return
+      if not _put(out, stop, (_ITEM, tree_map(to_devices, batch))):
+        return
+    _put(out, stop, (_END, None))
+  except BaseException as e:  # pylint: disable=broad-except
+    _put(out, stop, (_ERROR, e))
+
+
 class DevicePrefetcher:
   """Iterator of device arrays filled by a background thread; see prefetch_to_devices."""
 
@@ -1000,46 +1037,20 @@ class DevicePrefetcher:
     # that parallel.make_steps maps over), assembled from each process's own rows.
     mesh = sharding.Mesh(np.array(distributed.global_devices(self._devices)), (axis_name,))
     self._sharding = sharding.NamedSharding(mesh, sharding.PartitionSpec(axis_name))
-    self._multiprocess = jax.process_count() > 1
-    self._jax = jax
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(size)))
     self._stop = threading.Event()
     self._done = False
-    self._thread = threading.Thread(target=self._produce, args=(iter(iterator),),
-                                    name='prefetch_to_devices', daemon=True)
+    to_devices = functools.partial(_to_devices, jax=jax, sharding=self._sharding,
+                                   count=len(self._devices),
+                                   multiprocess=jax.process_count() > 1)
+    # The thread holds the queue and the event, not this object: a prefetcher dropped
+    # without close() is then collected, and __del__ stops the thread (a bound method as
+    # its target kept the object alive, and the thread polling, for good).
+    self._thread = threading.Thread(
+        target=_produce, args=(iter(iterator), to_devices, jax.tree.map, self._queue,
+                               self._stop),
+        name='prefetch_to_devices', daemon=True)
     self._thread.start()
-
-  def _put(self, item: tuple[int, Any]) -> bool:
-    """Queue an item unless stopped; False once the consumer has stopped us."""
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _to_devices(self, x: Any) -> Any:
-    """Shards the leading axis of x over the devices (one slice per device)."""
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] != len(self._devices):
-      raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
-                       f'{x.shape[:1]}, expected {len(self._devices)} (one row per device)')
-    if self._multiprocess:
-      return self._jax.make_array_from_process_local_data(self._sharding, x)
-    return self._jax.device_put(x, self._sharding)
-
-  def _produce(self, iterator: Iterator[Any]) -> None:
-    try:
-      for batch in iterator:
-        if self._stop.is_set():
-          return
-        arrays = self._jax.tree.map(self._to_devices, batch)
-        if not self._put((_ITEM, arrays)):
-          return
-      self._put((_END, None))
-    except BaseException as e:  # pylint: disable=broad-except
-      self._put((_ERROR, e))
 
   def __iter__(self) -> 'DevicePrefetcher':
     return self

@@ -4,6 +4,7 @@ Reference values come from numpy slicing, hand-derived resampling of linear ramp
 numpy's own seeded permutations; tfds is exercised through tfds.testing.mock_data.
 """
 
+import gc
 import gzip
 import logging
 import os
@@ -784,3 +785,17 @@ def test_prefetch_close_stops_the_thread():
   assert not _prefetch_threads() - before
   with pytest.raises(StopIteration):
     next(it)
+
+
+def test_prefetcher_dropped_without_close_stops_its_thread():
+  def endless():
+    while True:
+      yield np.zeros((1, 2), np.float32)
+  it = data.prefetch_to_devices(endless(), jax.devices()[:1], size=1)
+  next(it)
+  thread = it._thread  # pylint: disable=protected-access
+  # As a loop left by break or an exception, without `with`, leaves it: no close().
+  del it
+  gc.collect()
+  thread.join(timeout=60)  # generous: the producer may be mid-batch on a loaded machine
+  assert not thread.is_alive()
