@@ -127,17 +127,15 @@ def _canonical_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
-def _prng_key_dtype(leaf: Any) -> str | None:
-  """Returns the dtype name of a typed PRNG key leaf ('key<fry>'), None for other leaves."""
+def is_prng_key(leaf: Any) -> bool:
+  """Whether `leaf` is a typed PRNG key array (jax.random.key), which has no numpy form."""
   dtype = getattr(leaf, 'dtype', None)
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return str(dtype)
-  return None
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _to_host(leaf: Any, name: tuple[str, ...]) -> np.ndarray:
   """Returns a leaf as a host numpy array of its canonical JAX dtype (keys: their data)."""
-  if _prng_key_dtype(leaf) is not None:
+  if is_prng_key(leaf):
     leaf = jax.random.key_data(leaf)
   array = np.asarray(jax.device_get(leaf))
   dtype = _canonical_dtype(array.dtype)
@@ -173,10 +171,9 @@ def _json_crc32(value: Any) -> int:
 
 def _spec(leaf: Any) -> tuple[tuple[int, ...], str, str | None]:
   """Returns (shape, canonical dtype name, key dtype name) of the data a template leaf stores."""
-  key = _prng_key_dtype(leaf)
-  if key is not None:  # a typed PRNG key is stored as its key_data (uint32)
+  if is_prng_key(leaf):  # a typed PRNG key is stored as its key_data (uint32)
     data = jax.eval_shape(jax.random.key_data, leaf)
-    return tuple(int(d) for d in data.shape), _canonical_dtype(data.dtype).name, key
+    return tuple(int(d) for d in data.shape), _canonical_dtype(data.dtype).name, str(leaf.dtype)
   if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
     shape, dtype = tuple(int(d) for d in leaf.shape), leaf.dtype
   else:  # Python scalars.
@@ -341,9 +338,8 @@ class Checkpointer:
     entries = [{'path': list(name), 'shape': list(a.shape), 'dtype': a.dtype.name,
                 'crc32': _crc32(a)} for name, a in zip(names, host)]
     for entry, leaf in zip(entries, leaves):
-      key = _prng_key_dtype(leaf)
-      if key is not None:  # restored as a key of the same implementation
-        entry['key'], entry['key_impl'] = key, str(jax.random.key_impl(leaf))
+      if is_prng_key(leaf):  # restored as a key of the same implementation
+        entry['key'], entry['key_impl'] = str(leaf.dtype), str(jax.random.key_impl(leaf))
     manifest = {'version': _MANIFEST_VERSION, 'leaves': entries, 'meta_crc32': meta_crc32}
     # orbax refuses zero-size arrays ('Cannot save arrays with zero size') and an item
     # without arrays: the manifest's shape and dtype say all there is to restore of them.

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import distributed
 from avae_jax import steps
@@ -58,7 +59,7 @@ def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> An
   n = len(devices)
 
   def put(leaf):
-    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+    if checkpoint.is_prng_key(leaf):
       # A typed PRNG key has no numpy form: its raw data is copied and wrapped again.
       return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
                                       impl=jax.random.key_impl(leaf))

@@ -602,3 +602,16 @@ def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
     step, state, meta = reader.restore(big_state(0))
   assert (step, meta) == (1, META)
   assert_trees_equal(state, big_state(1))
+
+
+def test_is_prng_key():
+  key = jax.random.key(0)
+  assert checkpoint.is_prng_key(key)
+  assert checkpoint.is_prng_key(jax.random.split(jax.random.key(1, impl='rbg'), 2))
+  assert checkpoint.is_prng_key(jax.ShapeDtypeStruct((), key.dtype))
+  # Raw key data (the old uint32 keys) and leaves without a dtype are not typed keys.
+  assert not checkpoint.is_prng_key(jax.random.key_data(key))
+  assert not checkpoint.is_prng_key(jax.random.PRNGKey(0))
+  assert not checkpoint.is_prng_key(np.zeros(2, np.uint32))
+  assert not checkpoint.is_prng_key(3)
+  assert not checkpoint.is_prng_key(None)
