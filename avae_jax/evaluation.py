@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -102,27 +102,43 @@ def _stage(what: str, enabled: bool) -> None:
 
 
 class _Progress:
-  """Prints 'eval: <what> done/total images | rate | ETA' now and then (process 0)."""
+  """Prints 'eval: <what> done/total images | rate | ETA' now and then (process 0).
 
-  def __init__(self, what: str, total: int, enabled: bool, every_s: float = 10.0):
+  The first batch compiles the programs the later ones reuse: the rate and the ETA count
+  from its end, so that a compilation of a minute does not stretch the ETA of a run that
+  then takes seconds ('?' until a second batch is timed).
+  """
+
+  def __init__(self, what: str, total: int, enabled: bool, every_s: float = 10.0,
+               clock: Callable[[], float] = time.monotonic):
     self.what, self.total, self.enabled, self.every_s = what, int(total), enabled, every_s
-    self.start = self.last = time.monotonic()
+    self.clock = clock
+    self.start = self.last = clock()
     self.done = 0
+    # (time, images done) at the end of the first batch.
+    self.timed_from: tuple[float, int] | None = None
 
   def update(self, n: int) -> None:
     """Counts n more images; prints on the first batch, every every_s seconds and at the end."""
     first = self.done == 0
     self.done += int(n)
-    now = time.monotonic()
+    now = self.clock()
+    if first:
+      self.timed_from = (now, self.done)
     if not self.enabled or not (first or self.done >= self.total
                                 or now - self.last >= self.every_s):
       return
     self.last = now
     elapsed = now - self.start
-    rate = self.done / elapsed if elapsed > 0 else float('nan')
+    t0, done0 = self.timed_from
+    timed = self.done - done0
+    rate = timed / (now - t0) if timed > 0 and now > t0 else float('nan')
     eta = (self.total - self.done) / rate if rate > 0 else float('nan')
+    if self.done >= self.total:
+      eta = 0.0
+    rate_text = f'{rate:.1f} images/s' if math.isfinite(rate) else '? images/s'
     line = (f'eval: {self.what} {self.done}/{self.total} images '
-            f'({100.0 * self.done / max(self.total, 1):.0f}%) | {rate:.1f} images/s | '
+            f'({100.0 * self.done / max(self.total, 1):.0f}%) | {rate_text} | '
             f'ETA {summary.format_duration(eta)} | elapsed {summary.format_duration(elapsed)}')
     print(line, flush=True)
 

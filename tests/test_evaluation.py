@@ -144,6 +144,23 @@ def test_every_stage_is_announced(evaluation_run):
   assert 'Inception weights' not in evaluation_run[2]  # given, not loaded
 
 
+def test_progress_rate_and_eta_leave_out_the_compiling_first_batch(capsys):
+  # 100 images in batches of 10: the first takes 60 s (it compiles), the others 1 s each.
+  # Counted from the start, the rate after the second batch would be 20 / 61 images/s
+  # and the ETA 4 minutes, for 8 seconds of work left.
+  times = iter([0.0, 60.0] + [60.0 + i for i in range(1, 10)])
+  progress = evaluation._Progress('images', 100, True, every_s=0.0, clock=lambda: next(times))
+  for _ in range(10):
+    progress.update(10)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == ('eval: images 10/100 images (10%) | ? images/s | ETA ? | '
+                      'elapsed 0:01:00')
+  assert lines[1] == ('eval: images 20/100 images (20%) | 10.0 images/s | ETA 0:00:08 | '
+                      'elapsed 0:01:01')
+  assert lines[-1] == ('eval: images 100/100 images (100%) | 10.0 images/s | ETA 0:00:00 | '
+                       'elapsed 0:01:09')
+
+
 def test_a_model_with_nan_images_gets_nan_metrics_not_an_error(tmp_path, config, model, source,
                                                               inception_params):
   # A diverged model: FID raised on its NaN features, and the cosine similarity read 0.
