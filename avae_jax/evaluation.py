@@ -376,13 +376,18 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
                                                       is_main)])
     factors = np.asarray(eval_source.factors)[:mig_n]
     _stage(f'MIG over {mig_n} images', is_main)
-    try:
-      results['mig'] = metrics_lib.mig(codes, factors)
-      results['mig_shuffled'] = metrics_lib.shuffled_mig(codes, factors)
+    if not np.all(np.isfinite(codes)):
+      # A diverged model's codes: NaN like its other metrics, not a skipped MIG.
+      results['mig'] = results['mig_shuffled'] = math.nan
       results['mig_num_images'] = mig_n
-    except ValueError as e:
-      results['mig_skipped'] = str(e)
-      logging.warning('MIG skipped: %s', e)
+    else:
+      try:
+        results['mig'] = metrics_lib.mig(codes, factors)
+        results['mig_shuffled'] = metrics_lib.shuffled_mig(codes, factors)
+        results['mig_num_images'] = mig_n
+      except ValueError as e:
+        results['mig_skipped'] = str(e)
+        logging.warning('MIG skipped: %s', e)
 
   # Figures (Figure 3 a-c, Figure 2); interpolations and traversals compile programs.
   _stage('figures', is_main)

@@ -192,6 +192,11 @@ def mig(codes: Any, factors: Any, num_bins: int = 20) -> float:
   if codes.ndim != 2 or factors.ndim != 2 or codes.shape[0] != factors.shape[0]:
     raise ValueError(f'expected (N, D) codes and (N, K) factors, got {codes.shape}, '
                      f'{factors.shape}')
+  bad = int(np.sum(~np.all(np.isfinite(codes), axis=1)))
+  if bad:
+    # numpy's own error ('autodetected range of [nan, nan] is not finite') names no codes.
+    raise ValueError(f'codes of {bad} of {codes.shape[0]} images hold NaN or inf: MIG is '
+                     'undefined')
   binned = _discretize(codes, num_bins)
   gaps = []
   for k in range(factors.shape[1]):

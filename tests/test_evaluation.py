@@ -173,6 +173,9 @@ def test_a_model_with_nan_images_gets_nan_metrics_not_an_error(tmp_path, config,
     assert np.isnan(results[key]), key
   assert np.isfinite(results['gt_sharpness_mean'])
   assert np.isnan(json.loads((tmp_path / 'metrics.json').read_text())['fid_rec_2048'])
+  # Its NaN codes: NaN MIG, as its other metrics (MIG was skipped with numpy's message).
+  assert np.isnan(results['mig']) and np.isnan(results['mig_shuffled'])
+  assert results['mig_num_images'] == TINY_EVAL_SPLIT and 'mig_skipped' not in results
 
 
 def test_metrics_json_matches_results(evaluated):

@@ -277,3 +277,13 @@ def test_mig_skips_constant_factors_and_rejects_all_constant():
   assert metrics.mig(codes, factors) == pytest.approx(1.0)
   with pytest.raises(ValueError):
     metrics.mig(codes, np.zeros((100, 1), int))
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_mig_refuses_non_finite_codes_naming_them(bad):
+  # numpy's histogram said only 'autodetected range of [nan, nan] is not finite'.
+  rng = np.random.default_rng(10)
+  codes = rng.standard_normal((50, 3))
+  codes[[3, 7], 1] = bad
+  with pytest.raises(ValueError, match='codes of 2 of 50 images hold NaN or inf'):
+    metrics.mig(codes, np.arange(50) % 3)
