@@ -59,9 +59,10 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   saved = json.loads((run / 'config.json').read_text())
   saved['num_devices'] = 512
   (run / 'config.json').write_text(json.dumps(saved))
-  # Overrides apply to the saved config.
+  # Overrides apply to the saved config, in either of absl's forms (--flag=value or
+  # --flag value), as they do with --config.
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}',
-                         '--config.eval.num_images=4', '--config.eval.mig_num_images=8'],
+                         '--config.eval.num_images=4', '--config.eval.mig_num_images', '8'],
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'eval: config.json asks for num_devices=512, this machine has ' in proc.stdout
@@ -100,6 +101,23 @@ def test_without_config_a_missing_workdir_or_config_stops_with_a_clear_message(
 def test_a_bad_override_of_the_saved_config_stops_with_a_clear_message(workdir, override,
                                                                        phrase):
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}', override],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, phrase)
+  assert 'eval: restored' not in proc.stdout
+
+
+@pytest.mark.parametrize('args, phrase', [
+    # The value as the next word; a negative number is a value, not a flag.
+    (['--config.eval.grid_size', 'x'], '--config.eval.grid_size=x: expected an integer'),
+    (['--config.eval.traversal_range', '-2'], 'eval.traversal_range > 0, got 2 and -2.0'),
+    # absl's --noFLAG form of a boolean: false.
+    (['--noconfig.eval.num_images'], '--config.eval.num_images=false: expected an integer'),
+    (['--noconfig.eval.fid', '--config.eval.grid_size', '1'],
+     'eval.grid_size = 1 must be >= 2'),
+])
+def test_every_override_form_of_absl_applies_to_the_saved_config(workdir, args, phrase):
+  # Without --config these were 'Unexpected arguments' and an unknown flag 'noconfig...'.
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}', *args],
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   _assert_clean_failure(proc, phrase)
   assert 'eval: restored' not in proc.stdout
