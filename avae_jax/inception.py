@@ -685,12 +685,25 @@ def _load_npz(path: str) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+def _is_npz_archive(path: str) -> bool:
+  """Whether `path` is a zip of .npy members (np.savez's output) whatever its name."""
+  # `convert SRC DST` writes an .npz to any DST name; read as a torch zip it has no data.pkl.
+  try:
+    if not zipfile.is_zipfile(path):
+      return False
+    with zipfile.ZipFile(path) as zf:
+      names = zf.namelist()
+  except (OSError, zipfile.BadZipFile):
+    return False
+  return bool(names) and all(n.endswith('.npy') for n in names)
+
+
 def load_params(path: str | None = None) -> dict[str, Any]:
   """Loads FID Inception params from .npz, pytorch-fid .pth or TorchScript default_1.pt."""
   path = default_path() if path is None else os.path.expanduser(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'FID Inception weights not found: {path}\n{HOW_TO_GET_WEIGHTS}')
-  if path.endswith('.npz'):
+  if path.endswith('.npz') or _is_npz_archive(path):
     return _load_npz(path)
   obj = load_torch_file(path)
   if isinstance(obj, TorchModule):

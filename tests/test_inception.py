@@ -252,6 +252,13 @@ def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):
   flat_b = traverse_util.flatten_dict(loaded, sep='/')
   assert flat_a.keys() == flat_b.keys()
   assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
+  # A destination named otherwise is the same .npz: it loads (it was read as a torch zip,
+  # 'expected one data.pkl in the archive').
+  other = str(tmp_path / 'inception_weights')
+  inception.main(['convert', src, other])
+  flat_c = traverse_util.flatten_dict(inception.load_params(other), sep='/')
+  assert flat_c.keys() == flat_a.keys()
+  assert all(np.array_equal(flat_a[k], flat_c[k]) for k in flat_a)
   broken = dict(flat_a)
   broken['Mixed_6a/branch3x3/kernel'] = broken['Mixed_6a/branch3x3/kernel'][:, :, :10]
   np.savez(str(tmp_path / 'broken.npz'), **broken)
