@@ -81,7 +81,15 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = epath.Path(temporary_name(str(target)))
   try:
-    tmp.write_bytes(data)
+    if is_remote(target):
+      tmp.write_bytes(data)
+    else:
+      with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        # On the disk before the rename: after a power cut some file systems would
+        # otherwise show the new name with no data (an empty config.json).
+        os.fsync(f.fileno())
     tmp.replace(target)
   finally:
     if tmp.exists():

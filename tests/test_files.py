@@ -96,6 +96,27 @@ def test_a_write_that_fails_halfway_keeps_the_previous_file_whole(tmp_path, kind
   assert path.read_bytes() == b'old'
   assert os.listdir(path.parent) == ['samples.png']  # the temporary is removed
 
+def test_a_local_write_is_on_the_disk_before_its_rename(tmp_path, monkeypatch):
+  # Renamed before its data were synced, a file can be left empty by a power cut.
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(('fsync', os.readlink(f'/proc/self/fd/{fd}')))
+    real_fsync(fd)
+
+  def replace(src, dst, **kwargs):
+    events.append(('rename', os.fspath(src)))
+    real_replace(src, dst, **kwargs)
+
+  monkeypatch.setattr(os, 'fsync', fsync)
+  monkeypatch.setattr(os, 'replace', replace)
+  files.write_text(str(tmp_path / 'config.json'), '{}\n')
+  assert [e[0] for e in events] == ['fsync', 'rename']
+  assert events[0][1] == events[1][1]  # the temporary file itself was synced
+  assert (tmp_path / 'config.json').read_text() == '{}\n'
+
+
 def test_png_and_config_on_gs(fake_bucket):
   image = np.linspace(0, 1, 5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
   visualize.save_png('gs://bucket/run/images/a.png', image)
