@@ -92,6 +92,17 @@ def on_multihost_tpu() -> bool:
   return len([h for h in hosts.split(',') if h]) > 1
 
 
+def _check_address(address: str) -> None:
+  """Raises DistributedConfigError unless `address` is host:port with a port in 1..65535."""
+  # jax.distributed takes the port after the last ':' and failed with a bare IndexError
+  # ('list index out of range') when there was none.
+  host, _, port = address.rpartition(':')
+  if not host.strip('[]') or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedConfigError(
+        f'the coordinator address must be host:port (e.g. 10.0.0.2:1234, the port process 0 '
+        f'listens on), got {address!r}')
+
+
 def _is_loopback(address: str) -> bool:
   """True for 127.x.x.x:port / localhost:port, where the coordinator needs no other interface."""
   host = address.rsplit(':', 1)[0].strip('[]')
@@ -126,6 +137,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     shutdown_timeout_seconds=max(timeout, _MIN_SHUTDOWN_TIMEOUT_S))
 
   if address is not None:
+    address = str(address).strip()
     if num is None or pid is None:
       raise DistributedConfigError(
           f'a coordinator address ({address}) needs the number of processes and this '
@@ -136,6 +148,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           f'process id {pid} is not in [0, {num}) (number of processes {num})')
     if num == 1:
       return False
+    _check_address(address)
     # The CPU backend needs gloo for collectives across processes (JAX's default today;
     # set so that it stays so). GPUs and TPUs use their own and ignore it.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

@@ -692,3 +692,22 @@ if __name__ == '__main__':
     _gating_worker()
   else:
     sys.exit(f'usage: {sys.argv[0]} --gating-worker (under launch.py)')
+
+
+@pytest.mark.parametrize('address', ['10.0.0.2', 'localhost', 'localhost:', ':1234',
+                                     'localhost:http', 'localhost:0', 'localhost:65536'])
+def test_a_coordinator_address_without_a_port_is_a_clear_error(monkeypatch, address):
+  # jax.distributed failed with a bare IndexError ('list index out of range') on '10.0.0.2'.
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
+  with pytest.raises(distributed.DistributedConfigError, match='host:port'):
+    distributed.initialize(address, num_processes=2, process_id=0)
+  assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize('address', ['10.0.0.2:1234', 'localhost:8476', '[::1]:1234',
+                                     'host.example.com:65535'])
+def test_addresses_with_a_port_pass_the_check(address):
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed._check_address(address)  # pylint: disable=protected-access
