@@ -273,11 +273,19 @@ class Checkpointer:
     self._closed = False
 
   def all_steps(self) -> list[int]:
-    """Returns the steps of all committed checkpoints, ascending."""
+    """Returns the steps of all checkpoints, ascending.
+
+    A writer lists its own asynchronous save from its start (`wait()` first for only the
+    committed ones). A read-only checkpointer lists the directory anew on each call, so an
+    evaluator beside a training run sees the steps committed since it was opened.
+    """
+    if self.read_only:
+      # orbax caches the step list at open and updates it only on its own saves/deletes.
+      self._manager.reload()
     return sorted(int(s) for s in self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """Returns the latest committed step, or None."""
+    """Returns the latest step of `all_steps`, or None."""
     steps = self.all_steps()
     return steps[-1] if steps else None
 

@@ -615,3 +615,18 @@ def test_is_prng_key():
   assert not checkpoint.is_prng_key(np.zeros(2, np.uint32))
   assert not checkpoint.is_prng_key(3)
   assert not checkpoint.is_prng_key(None)
+
+
+def test_a_reader_lists_the_steps_committed_after_it_was_opened(tmp_path):
+  # An evaluator polling latest_step() beside a training run saw the steps of its opening
+  # time forever: orbax caches the list.
+  directory = tmp_path / 'ckpt'
+  state = {'w': np.ones(3, np.float32)}
+  with checkpoint.Checkpointer(directory, keep=2, async_save=False) as writer, \
+       checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    assert reader.all_steps() == [] and reader.latest_step() is None
+    writer.save(1, state, {})
+    assert reader.all_steps() == [1] and reader.latest_step() == 1
+    writer.save(2, state, {})
+    writer.save(3, state, {})  # keep=2 prunes step 1
+    assert reader.all_steps() == [2, 3] and reader.latest_step() == 3
