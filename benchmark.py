@@ -7,11 +7,11 @@
 
 Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_both (both
 updates taken: the gate pinned between the two thresholds, 0.6 by default),
-adversarial_step_gated (the real gating on
-the config's data), vae_mse_pretrain_step (the MSE-only 'vae' variant). Each JSON line has
-median/p10/p90 step seconds, images/s, compile seconds, XLA's FLOP count of the compiled
-step, FLOP/s and its fraction of the float32 matmul rate measured after the cases, peak
-device memory (null on CPU) and the process's peak RSS.
+adversarial_step_gated (the real gating on the config's data), vae_mse_pretrain_step (the
+MSE-only 'vae' variant). Each JSON line has median/mean/p10/p90 step seconds, images/s
+(from the mean), compile seconds, XLA's FLOP count of the compiled step, FLOP/s and its
+fraction of the float32 matmul rate measured after the cases, peak device memory (null on
+CPU) and the process's peak RSS.
 
 --rounds=1 (the default) compiles and times the cases one after the other. With
 --rounds=R > 1 every case is compiled first, then the cases take turns, R rounds of
@@ -49,7 +49,8 @@ from avae_jax import xla_flags
 
 config_lib.define_config_file('config', 'configs/bench_celeba.py',
                               'Configuration file (image size, widths, batch, variant).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per case (median, p10, p90 over them).')
+_STEPS = flags.DEFINE_integer('steps', 10,
+                              'Timed steps per case (median, mean, p10, p90 over them).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compilation.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1,
                                'Rounds the timed steps are split into, the cases taking '

@@ -66,12 +66,12 @@ def test_every_line_is_json_with_every_field(tiny_rows):
 def test_field_types_are_sane(tiny_rows):
   rows, _ = tiny_rows
   for r in rows:
-    for k in ('median_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s', 'compile_s',
-              'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
+    for k in ('median_step_s', 'mean_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s',
+              'compile_s', 'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
               'peak_rss_bytes'):
       assert _positive(r[k]), (r['step'], k, r[k])
     assert r['p10_step_s'] <= r['median_step_s'] <= r['p90_step_s']
-    assert r['images_per_s'] == pytest.approx(8 / r['median_step_s'])
+    assert r['images_per_s'] == pytest.approx(8 / r['mean_step_s'])
     assert r['flops_per_s'] == pytest.approx(r['flops'] / r['median_step_s'])
     assert r['peak_memory_bytes'] is None or _positive(r['peak_memory_bytes'])
     assert (r['devices'], r['image_size'], r['channels'], r['batch_size'], r['steps']) == \
@@ -365,14 +365,15 @@ def test_table_shows_a_gpu_step_s_figures():
   # A GPU's step takes milliseconds and reaches well under 1% of its matmul peak: '0.006'
   # and '0%' would hide both.
   row = {k: None for k in benchmarking.FIELDS}
-  row.update(step='pretrain_step', median_step_s=0.006191, p10_step_s=0.006012,
+  row.update(step='pretrain_step', median_step_s=0.006191, mean_step_s=0.006237,
+             p10_step_s=0.006012,
              p90_step_s=0.006443, images_per_s=1e4, compile_s=20.0, flops=2.2e9,
              flops_per_s=3.5e11, peak_fraction=3.5e11 / 4.1e14,
              matmul_peak_flops_per_s=4.1e14, backend='gpu', device_kind='H', devices=1,
              image_size=96, channels=3, batch_size=64, dtype='float32', steps=50, rounds=1,
              twin_median_step_s=0.0139, twin_ratio=0.0139 / 0.006191)
   line = benchmarking.format_table([row]).splitlines()[2].split()
-  assert line[:4] == ['pretrain_step', '0.00619', '0.00601', '0.00644']
+  assert line[:5] == ['pretrain_step', '0.00619', '0.00624', '0.00601', '0.00644']
   assert line[-3:] == ['0.085%', '0.0139', '2.25']
   row['peak_fraction'] = 0.18
   assert '18%' in benchmarking.format_table([row]).splitlines()[2].split()
