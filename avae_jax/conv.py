@@ -1,12 +1,19 @@
-"""The models' 2-D convolution, with a faster strided input gradient on the CPU.
+"""The models' 2-D convolution, with backward passes XLA:CPU runs well everywhere.
 
 XLA:CPU computes the input gradient of a strided convolution as a correlation of the
 zero-dilated output gradient with the whole kernel: s*s times the work, most of it
 multiplying zeros, and far below the forward pass's rate at the models' high-resolution,
 few-channel layers (docs/benchmarks.md, item 6). `conv_general_dilated('custom')` keeps
-XLA's forward pass, weight gradient and stride-1 input gradient and, through a custom VJP,
-computes the input gradient of a strided convolution as one small stride-1 correlation
-per output phase, interleaved (`input_grad_subpixel`).
+XLA's forward pass and, through a custom VJP, computes the input gradient of a strided
+convolution as one small stride-1 correlation per output phase, interleaved
+(`input_grad_subpixel`).
+
+The custom VJP also writes each stride-1 convolution's gradients as convolutions in the
+forward pass's own form (NHWC input, HWIO kernel, NHWC output; `input_grad_stride1`,
+`weight_grad_stride1`), the form XLA:CPU's convolution kernels take. XLA brings its own
+gradients to that form only in the program's top level: inside a `lax.cond` branch they
+stayed in another form and ran 70x slower, so the adversarial step could not skip the
+discriminator's backward pass when its gated update is off (docs/benchmarks.md, item 21).
 
 'auto' (the models' default) means 'custom' on the CPU and XLA's gradients elsewhere
 (cuDNN and the TPU compute them well); 'xla' always uses XLA's. The parameters are the
@@ -89,6 +96,27 @@ def input_grad_subpixel(g: jax.Array, w: jax.Array, strides: tuple[int, int],
   return jnp.stack(rows, axis=2).reshape(n, h, wd, c)
 
 
+def input_grad_stride1(g: jax.Array, w: jax.Array, padding: Padding) -> jax.Array:
+  """dL/dx of a stride-1 convolution: g correlated with the flipped, transposed kernel."""
+  kh, kw = w.shape[:2]
+  (top, bottom), (left, right) = padding
+  kernel = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+  return _correlate_padded(g, kernel, ((kh - 1 - top, kh - 1 - bottom),
+                                       (kw - 1 - left, kw - 1 - right)))
+
+
+def weight_grad_stride1(x: jax.Array, g: jax.Array, padding: Padding) -> jax.Array:
+  """dL/dw (kh, kw, C, O) of a stride-1 convolution, as a convolution over the batch.
+
+  dw[a, b, c, o] = sum over n, i, j of x_pad[n, i + a, j + b, c] * g[n, i, j, o]: the
+  input with its channels as the batch and its images as the features, correlated with
+  the output gradient as the kernel (its images as the input features).
+  """
+  out = _correlate_padded(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
+                          padding)  # (C, kh, kw, O)
+  return jnp.transpose(out, (1, 2, 0, 3))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_custom(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                  padding: Padding) -> jax.Array:
@@ -102,8 +130,10 @@ def _conv_fwd(x, w, strides, padding):
 
 
 def _conv_bwd(strides, padding, residuals, g):
-  """The input gradient by phase; XLA's weight gradient."""
+  """Stride 1: both gradients in the forward form; strided: input gradient by phase."""
   x, w = residuals
+  if strides == (1, 1):
+    return input_grad_stride1(g, w, padding), weight_grad_stride1(x, g, padding)
   _, vjp_w = jax.vjp(lambda w_: _forward(x, w_, strides, padding), w)
   (dw,) = vjp_w(g)
   return input_grad_subpixel(g, w, strides, padding, x.shape[1:3]), dw
@@ -128,12 +158,12 @@ def conv_general_dilated(backward: str = 'auto') -> Callable[..., jax.Array]:
            rhs_dilation: Sequence[int] | None = None,
            dimension_numbers: Any = None, feature_group_count: int = 1,
            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-    """Strided 2-D NHWC convolution with explicit padding; anything else goes to lax."""
-    # Only a strided convolution over sides its strides divide has a custom gradient;
-    # every other convolution is XLA's, forward and backward.
+    """2-D NHWC convolution with explicit padding; anything else goes to lax."""
+    # Only a plain NHWC convolution (strided: over sides its strides divide) has a custom
+    # gradient; every other convolution is XLA's, forward and backward.
     strides = tuple(int(s) for s in window_strides)
     supported = (uses_custom(backward) and lhs.ndim == 4 and not isinstance(padding, str)
-                 and strides != (1, 1) and lhs.shape[1] % strides[0] == 0
+                 and lhs.shape[1] % strides[0] == 0
                  and lhs.shape[2] % strides[1] == 0
                  and all(d == 1 for d in (lhs_dilation or (1, 1)))
                  and all(d == 1 for d in (rhs_dilation or (1, 1)))

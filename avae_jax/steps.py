@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 from avae_jax import config_lib
+from avae_jax import conv
 from avae_jax import losses
 from avae_jax import models
 
@@ -81,6 +82,10 @@ class StepConfig:
   latent_dim: int
   axis_name: str = 'batch'
   force_accuracy: float | None = None
+  # Whether the discriminator's backward pass runs inside its update's lax.cond branch
+  # (skipped with the update): not with XLA's own convolution gradients on the CPU, which
+  # run 70x slower in a branch (conv.py).
+  disc_backward_in_branch: bool = True
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, dataset_size: int,
@@ -92,6 +97,7 @@ class StepConfig:
       # Per-image terms are pixel means; H*W*C turns them into sums, the scale at which
       # they weigh against the KL summed over latent dims.
       scale = float(int(config.image_size) ** 2 * int(config.channels))
+    backward = str(config.model.get('conv_backward', 'auto'))
     values = dict(
         recon_weights=tuple(sorted(weights.items())),
         gabor=losses.GaborSpec.from_config(config.gabor) if 'gabor' in weights else None,
@@ -103,7 +109,10 @@ class StepConfig:
         adversarial_weight=float(config.loss.adversarial_weight),
         train_disc_below=float(config.gating.train_disc_below),
         train_vae_above=float(config.gating.train_vae_above),
-        latent_dim=int(config.model.latent_dim))
+        latent_dim=int(config.model.latent_dim),
+        # (An invalid choice is models.create_models' error to report.)
+        disc_backward_in_branch=jax.default_backend() != 'cpu' or (
+            backward in conv.BACKWARDS and conv.uses_custom(backward)))
     values.update(overrides)
     return cls(**values)
 
@@ -273,9 +282,13 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
   L_VAE + adversarial_weight * (-log D(x_rec)) with the discriminator as it was before
   its update. A state that is not updated is returned unchanged (step counter and
   BatchNorm statistics included). Forward passes are shared: the VAE and discriminator
-  run once each on the batch. Both backward passes always run and lax.cond selects only
-  the optimizer updates: XLA:CPU runs convolutions inside conditional branches tens of
-  times slower, which made a gated step ~20x slower than the two updates together.
+  run once each on the batch. The discriminator's backward pass for its own update runs
+  inside that update's lax.cond branch, so a step that skips the update skips it too; the
+  VAE's (with the generator's pass through the discriminator) always runs, and lax.cond
+  selects only its optimizer update. (On the CPU the branch is fast only with
+  conv.conv_general_dilated's custom gradients, the models' default there: XLA's own ran
+  70x slower inside a branch, so with those, cfg.disc_backward_in_branch is False and the
+  discriminator's backward pass always runs too; docs/benchmarks.md, items 1 and 21.)
 
   Metrics (pmean-ed): those of pretrain_step ('loss' is L_VAE, without the adversarial
   term), 'disc_loss' (BCE), 'gen_loss' (-log D(x_rec)), 'disc_accuracy' (measured, also
@@ -321,17 +334,21 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
       logit_real, logit_fake)
   gen_loss, ct_gen = jax.value_and_grad(_generator_loss)(logit_fake)
 
-  # Both backward passes run unconditionally; lax.cond only selects the optimizer updates.
-  # (XLA:CPU runs convolutions inside conditional branches tens of times slower.)
-  (g_real,) = real_vjp(ct_real)
-  g_fake, _ = fake_vjp(ct_fake)
-  disc_grads = _pmean(jax.tree.map(jnp.add, g_real, g_fake), cfg)
   _, ct_x_rec = fake_vjp(ct_gen)
   (vae_grads,) = vae_vjp((jnp.ones_like(vae_loss), cfg.adversarial_weight * ct_x_rec))
   vae_grads = _pmean(vae_grads, cfg)
 
+  def disc_gradients():
+    (g_real,) = real_vjp(ct_real)
+    g_fake, _ = fake_vjp(ct_fake)
+    return _pmean(jax.tree.map(jnp.add, g_real, g_fake), cfg)
+
+  # Every device takes the same branch (the gate is global), so a pmean inside is safe.
+  disc_grads = None if cfg.disc_backward_in_branch else disc_gradients()
+
   def disc_update(state):
-    return state.apply_gradients(grads=disc_grads, batch_stats=disc_stats)
+    grads = disc_gradients() if disc_grads is None else disc_grads
+    return state.apply_gradients(grads=grads, batch_stats=disc_stats)
 
   def vae_update(state):
     return state.apply_gradients(grads=vae_grads, batch_stats=vae_stats)

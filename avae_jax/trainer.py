@@ -38,7 +38,7 @@ from avae_jax import visualize
 
 CALIBRATION_FILE = 'calibration.json'
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
-# multiples of the pre-training step: docs/benchmarks.md measures its step at 2.0-2.4x the
+# multiples of the pre-training step: docs/benchmarks.md measures its step at 1.9-2.4x the
 # pre-training step's time and its compilation at 1.2-1.9x.
 ADVERSARIAL_STEP_COST = 2.2
 ADVERSARIAL_COMPILE_COST = 1.5

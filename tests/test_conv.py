@@ -1,4 +1,4 @@
-"""Tests for avae_jax.conv: the input gradient by phase against numpy, the drop-in."""
+"""Tests for avae_jax.conv: the custom gradients against numpy, the drop-in."""
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,60 @@ def test_input_grad_subpixel_matches_numpy(kernel, stride, pad, side):
                              rtol=1e-5, atol=1e-5)
 
 
+def _numpy_weight_grad(x, g, kernel, pad):
+  """dL/dw of a stride-1 convolution: each output position's g times the window it read."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  (top, bottom), (left, right) = pad
+  xp = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  _, ho, wo, _ = g.shape
+  dw = np.zeros((kernel, kernel, x.shape[3], g.shape[3]))
+  for a in range(kernel):
+    for b in range(kernel):
+      dw[a, b] = np.einsum('nijc,nijo->co', xp[:, a:a + ho, b:b + wo], g)
+  return dw
+
+
+@pytest.mark.parametrize('kernel,pad', [
+    (3, ((1, 1), (1, 1))), (3, ((0, 0), (0, 0))), (3, ((0, 2), (2, 1))), (5, ((2, 2), (1, 3))),
+    # Padding beyond the kernel: the input gradient's correlation crops.
+    (1, ((1, 1), (0, 1))), (2, ((2, 0), (1, 1)))])
+def test_stride1_gradients_match_numpy(kernel, pad):
+  rng = np.random.default_rng(5)
+  side = 7
+  ho, wo = (side + lo + hi - kernel + 1 for lo, hi in pad)
+  x = rng.standard_normal((3, side, side, 4)).astype(np.float32)
+  g = rng.standard_normal((3, ho, wo, 5)).astype(np.float32)
+  w = rng.standard_normal((kernel, kernel, 4, 5)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(conv.input_grad_stride1(jnp.asarray(g), jnp.asarray(w), pad)),
+      _numpy_input_grad(g, w, 1, pad, (side, side)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(conv.weight_grad_stride1(jnp.asarray(x), jnp.asarray(g), pad)),
+      _numpy_weight_grad(x, g, kernel, pad), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_in_a_cond_branch_keep_the_forward_form():
+  # XLA:CPU brings its own convolution gradients to the form its kernels take (NHWC input,
+  # HWIO kernel, NHWC output) only in the program's top level; inside a lax.cond branch
+  # they kept another form and ran 70x slower. The custom ones are in that form already.
+  x = jnp.ones((2, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 4))
+
+  def forms(choice):
+    f = conv.conv_general_dilated(choice)
+    grad = jax.grad(lambda x, w: jnp.sum(f(x, w, (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2),
+                    argnums=(0, 1))
+    branch = jax.jit(lambda p, x, w: jax.lax.cond(
+        p, lambda: grad(x, w), lambda: (jnp.zeros_like(x), jnp.zeros_like(w))))
+    hlo = branch.lower(True, x, w).compile().as_text()
+    return {line.split('dim_labels=')[1].split(',')[0] for line in hlo.splitlines()
+            if ' convolution(' in line}
+
+  assert forms('custom') == {'b01f_01io->b01f'}
+  assert len(forms('xla') - {'b01f_01io->b01f'}) > 0
+
+
 def test_input_grad_subpixel_needs_divisible_sides():
   with pytest.raises(ValueError, match='not divisible'):
     conv.input_grad_subpixel(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), (2, 2),
@@ -81,7 +135,7 @@ def test_drop_in_values_and_gradients_match_lax(kernel, stride):
 
 
 def test_bfloat16_inputs_give_bfloat16_gradients():
-  # Stride 2, so that the custom backward pass runs (stride 1 goes to lax).
+  # Stride 2: the input gradient by phase.
   x = jnp.ones((2, 8, 8, 3), jnp.bfloat16)
   w = jnp.full((3, 3, 3, 4), 0.5, jnp.bfloat16)
   f = conv.conv_general_dilated('custom')

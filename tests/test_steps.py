@@ -246,16 +246,20 @@ def test_vae_step_raises_the_fake_logit():
   assert m1['gen_loss'] < m0['gen_loss']
 
 
-def test_adversarial_gradients_match_plain_autodiff_of_the_written_out_objectives():
+@pytest.mark.parametrize('in_branch', [True, False])
+def test_adversarial_gradients_match_plain_autodiff_of_the_written_out_objectives(in_branch):
   # With SGD at learning rate 1 each update is old - gradient. The reference differentiates
   # the two objectives written out here on the whole batch with the plain modules (one
   # device, no shared forward passes or hand-made cotangents), against the step's 4 devices.
+  # Both placements of the discriminator's backward pass: in its update's branch (the
+  # CPU's default) and before it (XLA's convolution gradients on the CPU).
   config, (vae_state, disc_state) = initial_states('avae', GATE_LR)
   sgd = optax.sgd(1.0)
   vae_state = vae_state.replace(tx=sgd, opt_state=sgd.init(vae_state.params))
   disc_state = disc_state.replace(tx=sgd, opt_state=sgd.init(disc_state.params))
   cfg = dataclasses.replace(steps.StepConfig.from_config(config, dataset_size=1000),
-                            force_accuracy=0.6, adversarial_weight=0.7)
+                            force_accuracy=0.6, adversarial_weight=0.7,
+                            disc_backward_in_branch=in_branch)
   x, key = real_images(), jax.random.key(3)
   vae_old, disc_old = host((vae_state, disc_state))
   vae_new, disc_new, _ = run_adversarial(cfg, vae_state, disc_state, x, key)
@@ -347,6 +351,13 @@ def test_step_config_from_config():
   assert vae_cfg.tc_weight == 0.0 and vae_cfg.gabor is None
   config.loss.reconstruction_scale = 2.5
   assert steps.StepConfig.from_config(config, 10).reconstruction_scale == 2.5
+  # On the CPU the discriminator's backward pass goes into its update's branch only with
+  # the custom convolution gradients ('auto' there), which run well inside one.
+  assert cfg.disc_backward_in_branch
+  config.model.conv_backward = 'xla'
+  assert not steps.StepConfig.from_config(config, 10).disc_backward_in_branch
+  config.model.conv_backward = 'custom'
+  assert steps.StepConfig.from_config(config, 10).disc_backward_in_branch
 
 
 def test_create_train_states_rejects_mismatched_images():
