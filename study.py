@@ -283,6 +283,10 @@ def main(argv: list[str]) -> None:
   """Runs the study (or only its report) and publishes the report if asked."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _OUT.value.strip():
+    # os.path.abspath('') is the working directory: `--out=$UNSET` would put the study's
+    # runs and report in the checkout.
+    raise app.UsageError('--out is empty: give the study\'s directory')
   if '://' in _OUT.value:
     # The report reads every run's metrics.jsonl, which object stores cannot append to.
     raise app.UsageError(f'--out={_OUT.value}: the study needs a local directory')

@@ -21,9 +21,9 @@ FMNIST = '/usr/share/datasets/fashion-mnist'
 VARIANT_COLUMNS = ('VAE', 'AVAE', 'VAE-S', 'AVAE-S')
 
 
-def _start_study(*args, **env):
+def _start_study(*args, cwd=REPO, **env):
   """`python study.py ARGS` in the background, text pipes; `env`: extra variables."""
-  return subprocess.Popen([sys.executable, os.path.join(REPO, 'study.py'), *args], cwd=REPO,
+  return subprocess.Popen([sys.executable, os.path.join(REPO, 'study.py'), *args], cwd=cwd,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **env),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -80,6 +80,16 @@ def test_a_negative_max_hours_is_a_usage_error(tmp_path):
   assert proc.returncode == 1
   assert '--max_hours=-1: must be >= 0 (0: no limit)' in proc.stderr
   assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_an_empty_out_is_a_usage_error(tmp_path):
+  # abspath('') is the working directory: the study went into wherever it was started.
+  proc = _finish(_start_study('--out=', '--budget=test', '--datasets=shapes', '--variants=vae',
+                              '--max_hours=1e-12', '--publish=false', cwd=str(tmp_path)),
+                 check=False)
+  assert proc.returncode == 1
+  assert '--out is empty' in proc.stderr and 'Traceback' not in proc.stderr
+  assert not os.listdir(tmp_path)
 
 
 @pytest.fixture(scope='module')
