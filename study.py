@@ -364,6 +364,9 @@ def _partial(settings: Any, finished: int, total: int) -> str:
   whole = study_config.get_config(settings.budget)
   left_out = [f'--{field}={settings[field]}' for field in ('datasets', 'variants')
               if settings[field] != whole[field]]
+  if int(settings.seeds) < int(whole.seeds):
+    # A quick --seeds=1 study is not the budget's study, however complete.
+    left_out.append(f'--seeds={settings.seeds}')
   if left_out:
     return f'the study of {" and ".join(left_out)} only'
   if finished < total:

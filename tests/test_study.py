@@ -270,6 +270,16 @@ def test_only_the_whole_study_is_published_by_default(tmp_path):
   assert study._partial(settings, total, total) == 'the study of --variants=vae,avae only'
 
 
+def test_a_study_of_fewer_seeds_than_its_budget_is_not_published_by_default():
+  import study  # pylint: disable=g-import-not-at-top
+  settings = study_config.get_config('cpu')
+  assert settings.seeds == 3
+  settings.seeds = 1  # every run of `study.py --seeds=1` finished
+  assert study._partial(settings, 8, 8) == 'the study of --seeds=1 only'
+  settings.seeds = 5  # more seeds than the budget's is still the whole study
+  assert study._partial(settings, 40, 40) == ''
+
+
 def test_report_only_needs_an_existing_study(tmp_path):
   out = tmp_path / 'typo'
   proc = _study(f'--out={out}', '--budget=test', '--report_only', '--publish',
