@@ -185,18 +185,58 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
 _CONFIG_FILE_ERROR = 'Error whilst parsing config file:'
 
 
+def _is_value(arg: str) -> bool:
+  """Whether a command-line word is a value rather than a flag (a number may start with -)."""
+  if not arg.startswith('-'):
+    return True
+  try:
+    float(arg)
+  except ValueError:
+    return False
+  return True
+
+
+def joined_overrides(argv: Sequence[str]) -> list[str]:
+  """argv with --config.FIELD VALUE as --config.FIELD=VALUE, --noconfig.FIELD as =false.
+
+  absl reads all three forms; the programs take no positional arguments, so a word after
+  an override can only be its value. Nothing after a '--' is touched.
+  """
+  out, i = [argv[0]], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg == '--':
+      out += argv[i:]
+      break
+    if arg.startswith('--noconfig.') and '=' not in arg:
+      out.append(f'--config.{arg[len("--noconfig."):]}=false')
+    elif (arg.startswith('--config.') and '=' not in arg and i + 1 < len(argv)
+          and argv[i + 1] != '--' and _is_value(argv[i + 1])):
+      out.append(f'{arg}={argv[i + 1]}')
+      i += 1
+    else:
+      out.append(arg)
+    i += 1
+  return out
+
+
 def _last_overrides_win(argv: Sequence[str]) -> list[str]:
-  """argv with only the last of each repeated --config.FIELD=VALUE override.
+  """argv with only the last of each repeated --config.FIELD override, in the = form.
 
   absl keeps the last value of a repeated flag, but ml_collections appends the values of
   a repeated tuple field: --config.model.widths=(8,16) --config.model.widths=(4,4) gave
-  (8, 16, 4, 4).
+  (8, 16, 4, 4). The space form (--config.model.widths 8,16) is joined first, or its
+  repeats would be appended likewise.
   """
-  last = {a.split('=', 1)[0]: i for i, a in enumerate(argv)
-          if i > 0 and a.startswith('--config.') and '=' in a}
+  argv = joined_overrides(argv)
+  end = argv.index('--') if '--' in argv else len(argv)
+
+  def is_override(i: int, a: str) -> bool:
+    return 0 < i < end and a.startswith('--config.') and '=' in a
+
+  last = {a.split('=', 1)[0]: i for i, a in enumerate(argv) if is_override(i, a)}
   return [a for i, a in enumerate(argv)
-          if not (i > 0 and a.startswith('--config.') and '=' in a
-                  and last[a.split('=', 1)[0]] != i)]
+          if not (is_override(i, a) and last[a.split('=', 1)[0]] != i)]
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -144,19 +144,40 @@ def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, m
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_of_a_config_field_given_twice_the_last_wins(tmp_path):
-  # ml_collections concatenated a tuple given twice: (8, 16) then (4, 4) gave (8, 16, 4, 4).
-  # Seen through the error that image size 18 is not divisible by the widths' 2**2 = 4
-  # (the concatenation's four stages would say 16).
+@pytest.mark.parametrize('form', ['=', ' '])
+def test_of_a_config_field_given_twice_the_last_wins(tmp_path, form):
+  # ml_collections concatenated a tuple given twice: (8, 16) then (4, 4) gave (8, 16, 4, 4),
+  # in absl's --config.FIELD VALUE form too. Seen through the error that image size 18 is
+  # not divisible by the widths' 2**2 = 4 (the concatenation's four stages would say 16).
+  overrides = []
+  for field, value in [('image_size', '32'), ('model.widths', '(8,16)'),
+                       ('image_size', '18'), ('model.widths', '(4,4)')]:
+    overrides += ([f'--config.{field}={value}'] if form == '=' else
+                  [f'--config.{field}', value])
   proc = subprocess.run([sys.executable, 'train.py', '--config=configs/default.py',
-                         f'--workdir={tmp_path / "w"}', '--config.image_size=32',
-                         '--config.model.widths=(8,16)', '--config.image_size=18',
-                         '--config.model.widths=(4,4)'], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120, check=False)
+                         f'--workdir={tmp_path / "w"}', *overrides], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1
   assert ('image_size 18 is not divisible by 2**len(model.widths) = 4 (widths (4, 4))'
           in proc.stderr), proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_repeated_overrides_in_every_form_of_absls_keep_the_last():
+  argv = ['train.py', '--config.model.widths', '8,16', '--config.batch_size', '16',
+          '--config.model.widths=(4,4)', '--config.batch_size', '32',
+          '--config.model.widths', '2,4', '--config.loss.kl_weight', '-1.5',
+          '--noconfig.eval.fid']
+  kept = config_lib._last_overrides_win(argv)  # pylint: disable=protected-access
+  assert kept == ['train.py', '--config.batch_size=32', '--config.model.widths=2,4',
+                  '--config.loss.kl_weight=-1.5', '--config.eval.fid=false']
+  c = load_config_file('default.py', *kept[1:])
+  assert (tuple(c.model.widths), c.batch_size, c.loss.kl_weight, c.eval.fid) == (
+      (2, 4), 32, -1.5, False)
+  # A flag after an override is no value of it; after '--' nothing is an override.
+  assert config_lib.joined_overrides(
+      ['x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']) == [
+          'x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']
 
 
 def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
