@@ -357,7 +357,8 @@ def check_claim(runs: Sequence[Run], dataset: str, claim: Claim) -> dict[str, An
   d = sign * (va - vb)
   res.update(a_mean=float(va.mean()), b_mean=float(vb.mean()),
              diff_mean=float((va - vb).mean()),
-             diff_sd=float(np.std(va - vb, ddof=1)) if len(seeds) > 1 else 0.0,
+             # One seed has no spread to measure (not a spread of 0).
+             diff_sd=float(np.std(va - vb, ddof=1)) if len(seeds) > 1 else float('nan'),
              wins=int(np.sum(d > 0)))
   rel = float(va.mean() / vb.mean() - 1.0) if vb.mean() != 0 else float('nan')
   res['rel'] = rel
@@ -398,9 +399,14 @@ def claims_table(runs: Sequence[Run], dataset: str) -> tuple[str, list[tuple[Cla
       continue
     lines.append(
         f'| {c.text} | {_paper_cell(r)} | {fmt(r["a_mean"])} vs {fmt(r["b_mean"])} | '
-        f'{fmt(r["diff_mean"], 3)} ± {fmt(r["diff_sd"], 2)} (n={r["n"]}) | '
+        f'{fmt(r["diff_mean"], 3)}{_pm(r["diff_sd"])} (n={r["n"]}) | '
         f'{_pct(r["rel"])} | {r["verdict"]} |')
   return '\n'.join(lines) + '\n', results
+
+
+def _pm(sd: float) -> str:
+  """' ± sd', or nothing where there is no spread (a single seed)."""
+  return f' ± {fmt(sd, 2)}' if np.isfinite(sd) else ''
 
 
 def _pct(x: float | None) -> str:
@@ -722,8 +728,8 @@ def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
     return f'- {c.text}: not measured.'
   paper = f' (paper: {_pct(r["paper_rel"])})' if 'paper_rel' in r else ''
   return (f'- {c.text}: **{r["verdict"]}**; {fmt(r["a_mean"])} vs {fmt(r["b_mean"])}, '
-          f'{_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)} ± '
-          f'{fmt(r["diff_sd"], 2)} over {r["n"]} seed(s).')
+          f'{_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)}'
+          f'{_pm(r["diff_sd"])} over {r["n"]} seed(s).')
 
 
 def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],

@@ -358,6 +358,23 @@ def test_check_claim_pairs_seeds():
       'does not hold (every seed)'
 
 
+def test_a_single_seed_shows_no_spread_of_its_paired_difference():
+  # One seed's difference has no standard deviation: '± 0' claimed a spread of zero.
+  runs = [_run('vae_s', 0, rec_sharpness_mean=0.03), _run('vae', 0, rec_sharpness_mean=0.02)]
+  table, results = study_report.claims_table(runs, 'shapes')
+  row = [l for l in table.splitlines() if l.startswith('| VAE-S reconstructions sharper')][0]
+  assert '| 0.01 (n=1) |' in row and '±' not in row
+  claim, r = results[0]
+  assert r['n'] == 1 and r['diff_mean'] == pytest.approx(0.01)
+  sentence = study_report._claim_sentence(claim, r)
+  assert 'paired Δ = 0.01 over 1 seed(s).' in sentence and '±' not in sentence
+  # Two seeds: the sample standard deviation of the differences 0.01 and 0.03.
+  runs += [_run('vae_s', 1, rec_sharpness_mean=0.05), _run('vae', 1, rec_sharpness_mean=0.02)]
+  table, _ = study_report.claims_table(runs, 'shapes')
+  sd = statistics.stdev([0.01, 0.03])
+  assert f'| 0.02 ± {sd:.2g} (n=2) |' in table
+
+
 def test_check_claim_skips_nan_and_measures_cosine_from_one():
   # A NaN on seed 1 leaves that seed out instead of counting it as a loss.
   runs = [_run('vae_s', 0, x=2.0), _run('vae_s', 1, x=float('nan')), _run('vae_s', 2, x=3.0),
