@@ -199,12 +199,16 @@ def _is_value(arg: str) -> bool:
 def joined_overrides(argv: Sequence[str]) -> list[str]:
   """argv with --config.FIELD VALUE as --config.FIELD=VALUE, --noconfig.FIELD as =false.
 
-  absl reads all three forms; the programs take no positional arguments, so a word after
-  an override can only be its value. Nothing after a '--' is touched.
+  absl reads all three forms, and each with one dash as with two (-config=FILE), which
+  become two dashes here. The programs take no positional arguments, so a word after an
+  override can only be its value. Nothing after a '--' is touched.
   """
   out, i = [argv[0]], 1
   while i < len(argv):
     arg = argv[i]
+    if arg == '-config' or arg.startswith(('-config=', '-config.', '-noconfig.')):
+      # absl's single-dash form; config_spec and the checks below look for two dashes.
+      arg = '-' + arg
     if arg == '--':
       out += argv[i:]
       break

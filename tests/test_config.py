@@ -180,6 +180,22 @@ def test_repeated_overrides_in_every_form_of_absls_keep_the_last():
           'x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']
 
 
+def test_the_config_flags_may_take_one_dash(tmp_path):
+  # absl reads -config=FILE as --config=FILE; parse_flags took the overrides for ones
+  # given without a config file and stopped with a false usage error.
+  assert config_lib.joined_overrides(
+      ['x', '-config', 'c.py', '-config.model.widths', '8,16', '-noconfig.eval.fid',
+       '-configure', '-workdir=w']) == [
+           'x', '--config', 'c.py', '--config.model.widths=8,16', '--config.eval.fid=false',
+           '-configure', '-workdir=w']
+  proc = subprocess.run([sys.executable, 'train.py', '-config=configs/default.py',
+                         f'--workdir={tmp_path / "w"}', '--config.image_size=18'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert 'image_size 18 is not divisible by 2**len(model.widths) = 8' in proc.stderr, (
+      proc.stderr[-2000:])
+
+
 def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   c = default.get_config()
   _, overrides = config_lib.split_overrides([
