@@ -165,6 +165,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise DistributedConfigError(
           f'{num} processes were asked for but no coordinator address: set '
           f'--coordinator_address or ${ENV_COORDINATOR} (host:port of process 0)')
+    # A process id alone was read as one process: launched k times by hand, each process
+    # trained on its own, all of them into the same workdir.
+    if pid is not None and num is None:
+      raise DistributedConfigError(
+          f'process id {pid} was given without the number of processes and the coordinator '
+          f'address: set --num_processes and --coordinator_address (or ${ENV_NUM_PROCESSES} '
+          f'and ${ENV_COORDINATOR}) too; a single-process run needs none of them')
+    if num is not None and (num < 1 or pid is not None and not 0 <= pid < num):
+      raise DistributedConfigError(
+          f'process id {pid} is not in [0, {num}) (number of processes {num})'
+          if num >= 1 else f'the number of processes must be >= 1, got {num}')
     return False
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -436,6 +436,22 @@ def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(m
     distributed.initialize('127.0.0.1:1234')
   with pytest.raises(distributed.DistributedConfigError, match='not in'):
     distributed.initialize('127.0.0.1:1234', num_processes=2, process_id=2)
+  # A process id without the rest ran as one process, silently.
+  with pytest.raises(distributed.DistributedConfigError,
+                     match='process id 1 was given without the number of processes'):
+    distributed.initialize(process_id=1)
+  with pytest.raises(distributed.DistributedConfigError, match='without the number'):
+    distributed.initialize(process_id=0)
+  monkeypatch.setenv(distributed.ENV_PROCESS_ID, '3')
+  with pytest.raises(distributed.DistributedConfigError, match='process id 3 was given'):
+    distributed.initialize()
+  monkeypatch.delenv(distributed.ENV_PROCESS_ID)
+  with pytest.raises(distributed.DistributedConfigError, match=r'not in \[0, 1\)'):
+    distributed.initialize(num_processes=1, process_id=1)
+  with pytest.raises(distributed.DistributedConfigError, match='must be >= 1, got 0'):
+    distributed.initialize(num_processes=0)
+  assert distributed.initialize(num_processes=1, process_id=0) is False
+  assert distributed.initialize(num_processes=1) is False
   monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, '2')
   with pytest.raises(distributed.DistributedConfigError, match='no coordinator'):
     distributed.initialize()
