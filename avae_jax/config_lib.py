@@ -25,6 +25,7 @@ TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 TC_ESTIMATORS = ('mws', 'mss')
 SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (DESIGN.md §3)
+CONV_BACKWARDS = ('auto', 'xla', 'custom')  # conv.BACKWARDS, without importing JAX here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +465,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"parallel must be 'pmap' or 'shard_map', got {config.parallel!r}")
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  # Else the model's own check stops the run once the workdir and its lock exist.
+  backward = config.model.get('conv_backward', 'auto')
+  if backward not in CONV_BACKWARDS:
+    raise ConfigError(f'model.conv_backward must be one of {", ".join(CONV_BACKWARDS)}, '
+                      f'got {backward!r}')
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')

@@ -322,6 +322,9 @@ INVALID = [
     ('adversarial_steps', -5, r'pretrain_steps and adversarial_steps must be >= 0'),
     ('parallel', 'vmap', r"parallel must be 'pmap' or 'shard_map'"),
     ('model.dtype', 'float16', r"model\.dtype must be 'float32' or 'bfloat16'"),
+    # Was checked only when the model was built, in a workdir created and locked for it.
+    ('model.conv_backward', 'cutom', r"model\.conv_backward must be one of auto, xla, "
+                                     r"custom, got 'cutom'"),
     ('gating.train_disc_below', 1.5, r'gating thresholds'),
     ('gating.train_vae_above', -0.1, r'gating thresholds'),
     # Values that used to fail only after compiling (modulo by zero in the loop, a model
@@ -384,6 +387,11 @@ def test_validate_rejects_with_a_clear_message(field, value, pattern):
   set_path(c, field, value)
   with pytest.raises(config_lib.ConfigError, match=pattern):
     config_lib.validate(c, num_devices=4)
+
+
+def test_the_conv_backward_choices_are_the_convolutions():
+  from avae_jax import conv  # pylint: disable=g-import-not-at-top
+  assert config_lib.CONV_BACKWARDS == conv.BACKWARDS
 
 
 def test_images_smaller_than_the_ssim_window_need_the_term_off():
