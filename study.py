@@ -60,6 +60,7 @@ _MAX_HOURS = flags.DEFINE_float(
 STUDY_FILE = 'study.json'
 REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
 RUN_FILE = 'study_run.json'
+RUN_LOCK = 'study_run.lock'  # held by the study.py process training the run
 CALIBRATION_FILE = 'calibration.json'
 
 
@@ -184,13 +185,37 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
 
 def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
               weights: dict[str, float] | None) -> str:
-  """Trains and evaluates one run (resuming it if it has checkpoints); returns its status."""
-  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  """Trains and evaluates one run (resuming it if it has checkpoints); returns its status.
+
+  A run that another study.py process is training (processes sharing OUT with overlapping
+  --datasets/--variants) is skipped, its study_run.json left to that process.
+  """
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
   workdir = run_dir(out, dataset, variant, seed)
   if is_finished(workdir):
     return 'done'
   os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    try:
+      stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
+    except files.LockedError as e:
+      # Without this the trainer's own lock made it a failed run, and this process wrote
+      # that failure over the study_run.json of the process training it.
+      status = f'skipped: being trained by another process ({e})'
+      print(f'[study] {dataset} {variant} seed {seed}: {status}', flush=True)
+      return status
+    # Another process may have finished it since the check above: not evaluated twice.
+    if is_finished(workdir):
+      return 'done'
+    return _train_held(out, settings, dataset, variant, seed, weights)
+
+
+def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
+                weights: dict[str, float] | None) -> str:
+  """train_one's work, in a workdir whose RUN_LOCK this process holds."""
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  from configs import study as study_config  # pylint: disable=g-import-not-at-top
+  workdir = run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, RUN_FILE)
   info = _read_json(info_path) if os.path.exists(info_path) else {'wall_s': 0.0, 'sessions': 0}
   info['sessions'] += 1

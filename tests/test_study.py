@@ -614,6 +614,35 @@ def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatc
   assert info['sessions'] == 1 and 'error' not in info
 
 
+def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def train_and_evaluate(config, workdir):  # takes the workdir's lock, as the trainer does
+    del config
+    calls.append(workdir)
+    with files.exclusive(workdir, 'train.py'):
+      return {}
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train_and_evaluate)
+  settings = study_config.get_config('test')
+  workdir = tmp_path / 'shapes' / 'vae' / 'seed0'
+  workdir.mkdir(parents=True)
+  info = '{"sessions": 1, "status": "interrupted: by SIGTERM", "wall_s": 9.0}'
+  (workdir / 'study_run.json').write_text(info)
+  # What another study.py process training this run holds: its study lock, the trainer's.
+  with files.exclusive(str(workdir), 'study.py', lock_file='study_run.lock'), \
+      files.exclusive(str(workdir), 'train.py'):
+    status = study.train_one(str(tmp_path), settings, 'shapes', 'vae', 0, None)
+  assert status.startswith('skipped: being trained by another process (')
+  assert calls == [] and (workdir / 'study_run.json').read_text() == info
+  # Finished by the other process between the first check and the lock: not redone.
+  checks = iter([False, True])
+  monkeypatch.setattr(study, 'is_finished', lambda workdir: next(checks))
+  assert study.train_one(str(tmp_path), settings, 'shapes', 'vae', 0, None) == 'done'
+  assert calls == []
+
+
 def test_captions_name_the_seeds_shown_when_seed_0_is_not_there(tmp_path, monkeypatch):
   # A study run with --seeds other than from 0, or whose seed 0 did not finish: the
   # captions said "seed 0" and the training curves had no thick line and no legend.
