@@ -248,6 +248,16 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   return status
 
 
+def _record_failure(workdir: str, status: str) -> None:
+  """Records in the run's study_run.json why it could not start (the report shows it)."""
+  os.makedirs(workdir, exist_ok=True)
+  info_path = os.path.join(workdir, RUN_FILE)
+  info = _read_json(info_path) if os.path.exists(info_path) else {'wall_s': 0.0, 'sessions': 0}
+  info.pop('error', None)  # an earlier session's traceback, not this failure's
+  info.update(status=status, finished=time.time())
+  _write_json(info_path, info)
+
+
 def check_datasets(settings: Any) -> None:
   """Opens both splits of each of the study's datasets; UsageError names one that cannot be.
 
@@ -273,6 +283,7 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
   variants = settings.variants.split(',')
   started = time.monotonic()
   statuses = []
+  calibration_failed: dict[str, str] = {}
 
   def out_of_time() -> bool:
     return bool(max_hours) and (time.monotonic() - started) > max_hours * 3600
@@ -282,11 +293,28 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
       weights = None
       # Past --max_hours no run starts, so none needs the λ's (a calibration takes
       # minutes at the accelerator budget).
-      if any(v.endswith('_s') for v in variants) and not out_of_time():
-        weights = calibrate(out, settings, dataset)
+      if (any(v.endswith('_s') for v in variants) and not out_of_time()
+          and dataset not in calibration_failed):
+        try:
+          weights = calibrate(out, settings, dataset)
+        except Exception as e:  # pylint: disable=broad-except
+          # Like a failed run: the models that need no λ's, and the other datasets, go
+          # on, and the report lists the failure. Not retried each seed: it would fail
+          # again, minutes each time.
+          calibration_failed[dataset] = f'{type(e).__name__}: {e}'
+          print(f'[study] {dataset}: calibration FAILED: {calibration_failed[dataset]}\n'
+                + traceback.format_exc(), file=sys.stderr, flush=True)
       for variant in variants:
-        if out_of_time() and not is_finished(run_dir(out, dataset, variant, seed)):
+        workdir = run_dir(out, dataset, variant, seed)
+        if out_of_time() and not is_finished(workdir):
           statuses.append((dataset, variant, seed, 'skipped: --max_hours reached'))
+          continue
+        if (variant.endswith('_s') and dataset in calibration_failed
+            and not is_finished(workdir)):
+          # Trained without the λ's it would silently be a model with the default weights.
+          status = f'failed: calibration of {dataset}: {calibration_failed[dataset]}'
+          _record_failure(workdir, status)
+          statuses.append((dataset, variant, seed, status))
           continue
         statuses.append((dataset, variant, seed,
                          train_one(out, settings, dataset, variant, seed, weights)))

@@ -596,6 +596,46 @@ def test_past_max_hours_nothing_is_calibrated_or_trained(tmp_path, monkeypatch):
   assert [s[3] for s in statuses] == ['done'] * 2 + ['skipped: --max_hours reached'] * 6
 
 
+def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_path,
+                                                                          monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def calibrate(out, settings, dataset):
+    del out, settings
+    calls.append(('calibrate', dataset))
+    if dataset == 'shapes':
+      raise FloatingPointError('calibration: non-finite loss')
+    return {'mse': 1.0}
+
+  def train_one(out, settings, dataset, variant, seed, weights):
+    del out, settings
+    calls.append(('train', dataset, variant, seed, weights))
+    return 'done'
+  monkeypatch.setattr(study, 'calibrate', calibrate)
+  monkeypatch.setattr(study, 'train_one', train_one)
+  settings = study_config.get_config('test')
+  settings.seeds = 2
+  settings.variants = 'vae,vae_s'
+  statuses = study.run_study(str(tmp_path), settings)
+  failed = 'failed: calibration of shapes: FloatingPointError: calibration: non-finite loss'
+  # shapes is calibrated once, not again for seed 1; its VAE-S is never trained without
+  # its λ's; the VAE and Fashion-MNIST go on.
+  assert calls == [('calibrate', 'shapes'), ('train', 'shapes', 'vae', 0, None),
+                   ('calibrate', 'fashion_mnist'),
+                   ('train', 'fashion_mnist', 'vae', 0, {'mse': 1.0}),
+                   ('train', 'fashion_mnist', 'vae_s', 0, {'mse': 1.0}),
+                   ('train', 'shapes', 'vae', 1, None),
+                   ('calibrate', 'fashion_mnist'),
+                   ('train', 'fashion_mnist', 'vae', 1, {'mse': 1.0}),
+                   ('train', 'fashion_mnist', 'vae_s', 1, {'mse': 1.0})]
+  assert [s for s in statuses if s[3] != 'done'] == [('shapes', 'vae_s', 0, failed),
+                                                       ('shapes', 'vae_s', 1, failed)]
+  # The report's list of unfinished runs gives the reason.
+  info = json.loads((tmp_path / 'shapes' / 'vae_s' / 'seed1' / 'study_run.json').read_text())
+  assert info['status'] == failed
+
+
 def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
