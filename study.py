@@ -366,6 +366,7 @@ def main(argv: list[str]) -> None:
   # A study extended with --seeds=5 stays at 5: a later command without the flag, or with
   # a smaller --seeds (a rerun, the report), must not leave the extra seeds out.
   settings.seeds = seeds
+  failed_runs = []
   if not _REPORT_ONLY.value:
     check_datasets(settings)
     _enable_compilation_cache(out)
@@ -385,6 +386,7 @@ def main(argv: list[str]) -> None:
     failed = [s for s in statuses if s[3] != 'done']
     print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
           f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)
+    failed_runs = [s for s in failed if s[3].startswith('failed')]
   notes = _NOTES.value
   if notes is None and os.path.exists(os.path.join(out, 'discussion.md')):
     notes = os.path.join(out, 'discussion.md')
@@ -409,6 +411,14 @@ def main(argv: list[str]) -> None:
     elif publish:
       dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
       print(f'[study] published to {dest}', flush=True)
+  if failed_runs:
+    # Last, and in the exit status: a script or a scheduler running the study must not
+    # take it for a success, and the FAILED lines lie hours back in the log.
+    print(f'[study] {len(failed_runs)} run(s) failed (their study_run.json has the '
+          'traceback; a rerun retries them): ' + '; '.join(
+              f'{d} {v} seed {k}: {status}' for d, v, k, status in failed_runs),
+          file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _partial(settings: Any, finished: int, total: int) -> str:

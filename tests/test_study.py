@@ -636,6 +636,32 @@ def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_pat
   assert info['status'] == failed
 
 
+def test_a_study_with_a_failed_run_exits_with_status_1(tmp_path, monkeypatch, capsys):
+  import study  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from avae_jax import hugepages, summary, xla_flags  # pylint: disable=g-import-not-at-top
+  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
+                       (summary, 'quiet_library_logs'), (study, '_enable_compilation_cache'),
+                       (study, 'check_datasets')):
+    monkeypatch.setattr(module, name, lambda *args: None)
+  failure = 'failed: FloatingPointError: non-finite loss at step 3'
+  monkeypatch.setattr(study, 'run_study', lambda out, settings, max_hours: [
+      ('shapes', 'vae', 0, 'done'), ('shapes', 'avae', 0, failure),
+      ('shapes', 'vae_s', 0, 'skipped: --max_hours reached')])
+  monkeypatch.setattr(sys, 'argv', ['study.py'])
+  flags.FLAGS(['study.py', f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
+               '--variants=vae,avae,vae_s', '--publish=false'])
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      study.main(['study.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  assert '[study] 1 run(s) failed' in err and f'shapes avae seed 0: {failure}' in err
+  assert (tmp_path / 'results.md').exists()  # the report was written first
+
+
 def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
