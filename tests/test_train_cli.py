@@ -373,6 +373,9 @@ INVALID = [
      'batch_size 6 is not divisible by the 4 devices'),
     ('negative cpu_devices', {'cpu_devices': -2}, 'configs/default.py',
      'cpu_devices = -2 is negative'),
+    # Was caught when the model was built, in a workdir already created and locked.
+    ('unknown conv backward', {'model.conv_backward': 'cutom'}, 'configs/default.py',
+     "model.conv_backward must be one of auto, xla, custom, got 'cutom'"),
     ('missing folder', {'dataset': 'folder:/nonexistent/img_align_celeba'}, 'configs/default.py',
      "image folder '/nonexistent/img_align_celeba' does not exist"),
     ('missing tfds, config file with variant', {'data_dir': 'EMPTY'}, 'configs/mnist.py:vae',
@@ -395,6 +398,18 @@ def test_invalid_settings_stop_with_one_message_before_compiling(
   assert 'Traceback' not in proc.stderr
   assert not compiled_something(proc.stderr)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_a_process_id_alone_stops_with_one_message(cli_env, tmp_path):
+  # It ran as one process: started by hand on k hosts, each trained alone into the workdir.
+  env = {k: v for k, v in cli_env.items() if not k.startswith('AVAE_')}
+  proc = subprocess.run(cli_args(tmp_path / 'w', TINY) + ['--process_id=1'], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=FAIL_TIMEOUT)
+  assert proc.returncode == 1
+  assert ('train.py: error: process id 1 was given without the number of processes and the '
+          'coordinator address') in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not compiled_something(proc.stderr) and not os.path.exists(tmp_path / 'w')
 
 
 def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
