@@ -136,13 +136,18 @@ _TRAINING_FIELDS = ('variant', 'dataset', 'image_size', 'channels', 'model', 'lo
 
 
 def config_spec(argv: Sequence[str]) -> str | None:
-  """The last --config=FILE[:ARG] (or --config FILE[:ARG]) on the command line, if any."""
+  """The last --config=FILE[:ARG] (or --config FILE[:ARG]) on the command line, if any.
+
+  absl reads the flag with one dash too (-config=FILE).
+  """
   spec = None
   args = list(argv[1:])
   for i, a in enumerate(args):
-    if a.startswith('--config='):
-      spec = a[len('--config='):]
-    elif a == '--config' and i + 1 < len(args):
+    if a == '--':
+      break
+    if a.startswith(('--config=', '-config=')):
+      spec = a.split('=', 1)[1]
+    elif a in ('--config', '-config') and i + 1 < len(args):
       spec = args[i + 1]
   return spec
 

@@ -196,6 +196,23 @@ def test_the_config_flags_may_take_one_dash(tmp_path):
       proc.stderr[-2000:])
 
 
+def test_config_spec_reads_every_form_of_the_flag(tmp_path):
+  for args, spec in [(['--config=a.py:vae'], 'a.py:vae'), (['--config', 'a.py'], 'a.py'),
+                     (['-config=a.py'], 'a.py'), (['-config', 'a.py'], 'a.py'),
+                     (['--config=a.py', '-config=b.py'], 'b.py'),
+                     (['--config.batch_size=3'], None), (['--', '--config=a.py'], None)]:
+    assert config_lib.config_spec(['eval.py', *args]) == spec, args
+  # eval.py took -config=FILE for no config file: it set the overrides aside for the
+  # workdir's config.json and evaluated with the file's values, the overrides ignored.
+  (tmp_path / 'w').mkdir()
+  proc = subprocess.run([sys.executable, 'eval.py', '-config=configs/default.py',
+                         f'--workdir={tmp_path / "w"}', '--config.eval.num_images=1'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert 'eval.num_images = 1: the evaluation needs at least 2 images' in proc.stderr, (
+      proc.stderr[-2000:])
+
+
 def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   c = default.get_config()
   _, overrides = config_lib.split_overrides([
