@@ -302,10 +302,15 @@ def one_line_usage_errors(main: Any, program: str) -> Any:
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
-  """(argv without its --config.FIELD[=VALUE] overrides, [(--config.FIELD, VALUE or None)])."""
+  """(argv without its --config.FIELD[=VALUE] overrides, [(--config.FIELD, VALUE or None)]).
+
+  Every form absl reads counts (joined_overrides); nothing after a '--' does.
+  """
+  argv = joined_overrides(argv)
+  end = argv.index('--') if '--' in argv else len(argv)
   rest, overrides = [argv[0]], []
-  for a in argv[1:]:
-    if a.startswith('--config.'):
+  for i, a in enumerate(argv[1:], 1):
+    if i < end and a.startswith('--config.'):
       name, eq, value = a.partition('=')
       overrides.append((name, value if eq else None))
     else:

@@ -1,6 +1,7 @@
 """Config files and validation: every config loads the way train.py loads it, and every
 invalid value stops with a ConfigError that names the field, before anything is traced."""
 
+import json
 import os
 import subprocess
 import sys
@@ -230,6 +231,24 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
                             ('--config.eval=1', "no field 'eval'")]:
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+
+
+def test_overrides_of_a_loaded_config_are_split_off_in_every_form(tmp_path):
+  rest, overrides = config_lib.split_overrides([
+      'eval.py', '-config.eval.num_images=12', '-workdir=w', '-config.model.widths', '4,8',
+      '-noconfig.eval.fid', '--', '--config.seed=3'])
+  assert rest == ['eval.py', '-workdir=w', '--', '--config.seed=3']
+  assert overrides == [('--config.eval.num_images', '12'), ('--config.model.widths', '4,8'),
+                       ('--config.eval.fid', 'false')]
+  # eval.py without --config stopped on -config.FIELD=VALUE with 'give the file with
+  # --config=FILE' instead of applying it to the workdir's config.json.
+  (tmp_path / 'config.json').write_text(json.dumps(default.get_config().to_dict()))
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}',
+                         '-config.eval.num_images=1'], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert 'eval.num_images = 1: the evaluation needs at least 2 images' in proc.stderr, (
+      proc.stderr[-2000:])
 
 
 def test_a_misspelt_override_of_a_loaded_config_suggests_the_field():
