@@ -321,9 +321,10 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
 def _override_value(name: str, text: str | None, old: Any) -> Any:
   """`text` parsed as the type of the field's current value `old` (as ml_collections does)."""
   if isinstance(old, bool):
-    if text is None or text.lower() in ('true', '1', 'yes'):
+    # absl's words (t and f too), as --config.FIELD=VALUE reads them with a config file.
+    if text is None or text.lower() in ('true', 't', '1', 'yes'):
       return True
-    if text.lower() in ('false', '0', 'no'):
+    if text.lower() in ('false', 'f', '0', 'no'):
       return False
     raise ConfigError(f'{name}={text}: expected true or false')
   if text is None:

@@ -225,6 +225,9 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   assert c.eval.num_images == 12 and isinstance(c.eval.num_images, int)
   assert c.loss.kl_weight == 2.0 and isinstance(c.loss.kl_weight, float)
   assert tuple(c.model.widths) == (4, 8) and c.dataset == 'shapes'
+  # Booleans in absl's words, as with a --config file.
+  config_lib.apply_overrides(c, [('--config.eval.fid', 'T'), ('--config.calibrate.enabled', 'f')])
+  assert c.eval.fid is True and c.calibrate.enabled is False
   for override, message in [('--config.eval.num_images=many', 'expected an integer'),
                             ('--config.eval.fid=maybe', 'expected true or false'),
                             ('--config.model.nope=1', "no field 'nope'"),
