@@ -45,47 +45,10 @@ config_lib.define_config_file('config', None, 'The training configuration file (
 _SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
 
 
-def _is_value(arg: str) -> bool:
-  """Whether a command-line word is a value rather than a flag (a number may start with -)."""
-  if not arg.startswith('-'):
-    return True
-  try:
-    float(arg)
-  except ValueError:
-    return False
-  return True
-
-
-def _joined_overrides(argv: list[str]) -> list[str]:
-  """argv with --config.FIELD VALUE as --config.FIELD=VALUE, --noconfig.FIELD as =false.
-
-  absl reads both forms when a --config file defines the override flags; the overrides of
-  WORKDIR/config.json are split off before absl sees them, and split_overrides knows only
-  the = form. eval.py takes no positional arguments, so a word after an override can only
-  be its value.
-  """
-  out, i = [argv[0]], 1
-  while i < len(argv):
-    arg = argv[i]
-    if arg == '--':
-      out += argv[i:]
-      break
-    if arg.startswith('--noconfig.') and '=' not in arg:
-      out.append(f'--config.{arg[len("--noconfig."):]}=false')
-    elif (arg.startswith('--config.') and '=' not in arg and i + 1 < len(argv)
-          and argv[i + 1] != '--' and _is_value(argv[i + 1])):
-      out.append(f'{arg}={argv[i + 1]}')
-      i += 1
-    else:
-      out.append(arg)
-    i += 1
-  return out
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """config_lib.parse_flags, keeping the overrides aside when no --config file is given."""
   if config_lib.config_spec(argv) is None:
-    argv, overrides = config_lib.split_overrides(_joined_overrides(argv))
+    argv, overrides = config_lib.split_overrides(argv)
     _SAVED_CONFIG_OVERRIDES.extend(overrides)
   return config_lib.parse_flags(argv)
 
