@@ -62,6 +62,7 @@ REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the rep
 RUN_FILE = 'study_run.json'
 RUN_LOCK = 'study_run.lock'  # held by the study.py process training the run
 CALIBRATION_FILE = 'calibration.json'
+CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -160,10 +161,26 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   thereafter"; calibrating per seed would make the λ's a source of seed-to-seed spread.
   This is trainer.calibrate_weights applied to seed 0's initial state with seed 0's key,
   i.e. the weights seed 0's run would compute with calibrate.enabled=True.
+
+  Processes sharing OUT take turns (OUT/<dataset>/calibration.lock): one calibrates, the
+  others wait and read its λ's.
   """
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
   path = os.path.join(out, dataset, CALIBRATION_FILE)
   if os.path.exists(path):
     return _read_json(path)['weights']
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Two processes calibrating at once spent the minutes twice, and the later file replaced
+  # the λ's the other's runs had been given.
+  with files.exclusive(os.path.dirname(path), 'study.py', wait=True,
+                       lock_file=CALIBRATION_LOCK):
+    if os.path.exists(path):
+      return _read_json(path)['weights']
+    return _calibrate_held(path, settings, dataset)
+
+
+def _calibrate_held(path: str, settings: Any, dataset: str) -> dict[str, float]:
+  """calibrate's work, while this process holds the dataset's CALIBRATION_LOCK."""
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import data, parallel, steps, trainer  # pylint: disable=g-import-not-at-top
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
@@ -174,7 +191,6 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   vae_state, _ = steps.create_train_states(config, init_key, source.image_shape)
   devices = parallel.local_devices(config)
   weights = trainer.calibrate_weights(config, vae_state, source, devices, calib_key)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   _write_json(path, {'weights': weights, 'batches': int(config.calibrate.batches),
                      'batch_size': int(config.batch_size), 'seed': int(config.seed),
                      'wall_s': time.monotonic() - started})

@@ -662,6 +662,38 @@ def test_a_study_with_a_failed_run_exits_with_status_1(tmp_path, monkeypatch, ca
   assert (tmp_path / 'results.md').exists()  # the report was written first
 
 
+def test_a_calibration_in_progress_elsewhere_is_waited_for_not_repeated(tmp_path,
+                                                                          monkeypatch):
+  import threading  # pylint: disable=g-import-not-at-top
+  import study  # pylint: disable=g-import-not-at-top
+
+  def run_config(*args, **kwargs):  # the first step of calibrating
+    del args, kwargs
+    raise AssertionError('calibrated a second time')
+  monkeypatch.setattr(study_config, 'run_config', run_config)
+  settings = study_config.get_config('test')
+  (tmp_path / 'shapes').mkdir()
+  got = []
+  # What another study.py process calibrating shapes holds.
+  with files.exclusive(str(tmp_path / 'shapes'), 'study.py', lock_file='calibration.lock'):
+    thread = threading.Thread(target=lambda: got.append(
+        _outcome(study.calibrate, str(tmp_path), settings, 'shapes')))
+    thread.start()
+    time.sleep(1.0)  # time to find no calibration.json
+    (tmp_path / 'shapes' / 'calibration.json').write_text(
+        '{"weights": {"mse": 1.0, "mae": 2.5}}')
+  thread.join(timeout=60)
+  assert got == [{'mse': 1.0, 'mae': 2.5}]
+
+
+def _outcome(fn, *args):
+  """fn(*args), or the exception it raised."""
+  try:
+    return fn(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+
+
 def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
