@@ -416,11 +416,22 @@ def reconstruction_loss(x: Array, x_rec: Array,
   return total, terms
 
 
+def _as_latents(*arrays: Array) -> list[Array]:
+  """Latent statistics as float32, whatever float type they come in (bfloat16 too)."""
+  # The encoder's heads give float32, but a caller may pass bfloat16: its 8-bit mantissa
+  # cannot hold exp(logvar) - 1 - logvar near the prior (a 60% error in the KL, which can
+  # go negative) nor the large log densities that the TC's logsumexps compare.
+  return [jnp.asarray(a, jnp.promote_types(jnp.result_type(a), jnp.float32)) for a in arrays]
+
+
 def kl_divergence(mu: Array, logvar: Array) -> Array:
-  """Analytic KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims (B,)."""
+  """Analytic KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims (B,), float32."""
   chex.assert_rank([mu, logvar], 2)
   chex.assert_equal_shape([mu, logvar])
-  return 0.5 * jnp.sum(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+  mu, logvar = _as_latents(mu, logvar)
+  # expm1: exp(logvar) - 1 - logvar ~ logvar^2 / 2 for the many latents that sit at the
+  # prior, and exp(logvar) - 1 in float32 rounds away most of that.
+  return 0.5 * jnp.sum(jnp.square(mu) + jnp.expm1(logvar) - logvar, axis=-1)
 
 
 def mss_log_weights(batch_size: int, dataset_size: int, *, row_offset: Any = 0,
@@ -484,6 +495,7 @@ def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
   chex.assert_rank([z, mu, logvar], 2)
   chex.assert_equal_shape([mu, logvar])
   chex.assert_equal_shape_suffix([z, mu], 1)
+  z, mu, logvar = _as_latents(z, mu, logvar)
   m, big_m = z.shape[0], mu.shape[0]
   if dataset_size < big_m:
     raise ValueError(f'dataset_size {dataset_size} is smaller than the batch of {big_m} '
