@@ -23,9 +23,10 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 from absl import app
 from absl import flags
@@ -63,6 +64,8 @@ RUN_FILE = 'study_run.json'
 RUN_LOCK = 'study_run.lock'  # held by the study.py process training the run
 CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
+RUNNING = 'running'  # a run's status while a session trains it (avae_jax/study_report.py)
+HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.json
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -213,7 +216,13 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   os.makedirs(workdir, exist_ok=True)
   with contextlib.ExitStack() as stack:
     try:
-      stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
+      try:
+        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
+      except files.LockedError:
+        # A report being written holds the lock for an instant to see whether a run
+        # recorded as running still is (study_report.is_being_trained): once more.
+        time.sleep(0.5)
+        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
     except files.LockedError as e:
       # Without this the trainer's own lock made it a failed run, and this process wrote
       # that failure over the study_run.json of the process training it.
@@ -233,8 +242,14 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
   workdir = run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, RUN_FILE)
-  info = _read_json(info_path) if os.path.exists(info_path) else {'wall_s': 0.0, 'sessions': 0}
+  info = _read_run_info(info_path)
   info['sessions'] += 1
+  # Recorded before training: a process killed outright (SIGKILL, out of memory) never
+  # writes the record below, and the report would show the run's previous status.
+  info.update(status=RUNNING, started=time.time())
+  info['alive'] = info['started']
+  info.pop('finished', None)
+  _write_json(info_path, info)
   config = study_config.run_config(settings, dataset, variant, seed,
                                    weights if variant.endswith('_s') else None)
   print(f'[study] {dataset} {variant} seed {seed}: training in {workdir}'
@@ -243,7 +258,8 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   status = 'done'
   interrupted = None
   try:
-    trainer.train_and_evaluate(config, workdir)
+    with _heartbeat(info_path, info):
+      trainer.train_and_evaluate(config, workdir)
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
@@ -254,6 +270,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   elapsed = time.monotonic() - started
   info['wall_s'] += elapsed
   info['status'] = status
+  info.pop('alive', None)
   if status == 'done':
     info.pop('error', None)  # an earlier session's failure, which this one made good
   print(f'[study] {dataset} {variant} seed {seed}: {status} in {elapsed:.0f} s', flush=True)
@@ -264,14 +281,65 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   return status
 
 
+def _read_run_info(info_path: str) -> dict[str, Any]:
+  """A run's study_run.json, with the time of a session that was killed counted in.
+
+  Called with the run's RUN_LOCK held, so a session still recorded as running is not
+  running anywhere: its process was killed. Its time up to its last heartbeat joins
+  wall_s (a lower bound of what it ran), and killed_sessions counts it.
+  """
+  if not os.path.exists(info_path):
+    return {'wall_s': 0.0, 'sessions': 0}
+  info = _read_json(info_path)
+  if info.get('status') == RUNNING:
+    info['wall_s'] += max(0.0, float(info.get('alive', info['started'])) - info['started'])
+    info['killed_sessions'] = int(info.get('killed_sessions', 0)) + 1
+    info['status'] = 'interrupted (process killed)'
+    info.pop('alive', None)
+  return info
+
+
+@contextlib.contextmanager
+def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
+  """Inside the block, rewrites the run's record every HEARTBEAT_S seconds with 'alive'.
+
+  If the process is killed, the report (and the rerun) count the session's time up to
+  the last of these records instead of losing it.
+  """
+  record = dict(info)
+  stop = threading.Event()
+
+  def beat() -> None:
+    while not stop.wait(HEARTBEAT_S):
+      record['alive'] = time.time()
+      try:
+        _write_json(info_path, record)
+      except OSError:
+        pass  # a full disk must not stop the training; the last record stands
+
+  thread = threading.Thread(target=beat, name='study-heartbeat', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    # Joined before the caller's final record: both use the same temporary file name.
+    stop.set()
+    thread.join()
+
+
 def _record_failure(workdir: str, status: str) -> None:
   """Records in the run's study_run.json why it could not start (the report shows it)."""
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   info_path = os.path.join(workdir, RUN_FILE)
-  info = _read_json(info_path) if os.path.exists(info_path) else {'wall_s': 0.0, 'sessions': 0}
-  info.pop('error', None)  # an earlier session's traceback, not this failure's
-  info.update(status=status, finished=time.time())
-  _write_json(info_path, info)
+  try:
+    with files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK):
+      info = _read_run_info(info_path)
+      info.pop('error', None)  # an earlier session's traceback, not this failure's
+      info.update(status=status, finished=time.time())
+      _write_json(info_path, info)
+  except files.LockedError:
+    pass  # another process is training it (with its own λ's): its record stands
 
 
 def check_datasets(settings: Any) -> None:

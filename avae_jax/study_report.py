@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -40,6 +41,8 @@ FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
 REPORT = 'results.md'
 FIGURE_DIR = 'results'
 POSTERIOR_FILE = 'study_posterior.json'
+RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run (study.RUN_LOCK)
+RUNNING = 'running'  # study_run.json's status while a session trains the run (study.RUNNING)
 # A latent dimension is "active" (Burda et al. 2016) when Var_x(E[z_j|x]) > 0.01.
 ACTIVE_THRESHOLD = 0.01
 
@@ -123,6 +126,61 @@ def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
                         read_history(os.path.join(wd, 'metrics.jsonl')),
                         _read_json(os.path.join(wd, 'study_run.json')) or {}))
   return runs
+
+
+def is_being_trained(workdir: str) -> bool:
+  """Whether a process holds the run's RUN_LOCK, i.e. a study.py process is training it."""
+  try:
+    f = open(os.path.join(workdir, RUN_LOCK), encoding='utf-8')
+  except OSError:
+    return False
+  with f:
+    # The kernel drops the lock of a killed process: taking it (for an instant, shared so
+    # that two reports do not exclude each other) fails only while its holder lives.
+    try:
+      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def session_s(info: Mapping[str, Any]) -> float:
+  """Seconds a session recorded as running had run by its last record (0 if none is)."""
+  if info.get('status') != RUNNING:
+    return 0.0
+  try:
+    return max(0.0, float(info.get('alive', info['started'])) - float(info['started']))
+  except (KeyError, TypeError, ValueError):
+    return 0.0
+
+
+def wall_time(info: Mapping[str, Any]) -> tuple[float, bool]:
+  """A run's recorded wall time and whether it is a lower bound.
+
+  A session in progress, or one whose process was killed, counts up to its last record
+  (study.py rewrites it every HEARTBEAT_S seconds), not to its end.
+  """
+  wall = float(info.get('wall_s') or 0.0) + session_s(info)
+  return wall, info.get('status') == RUNNING or bool(info.get('killed_sessions'))
+
+
+def run_status(run: Run) -> str:
+  """The run's status for the report: 'done', its recorded status, or 'not run'.
+
+  A session recorded as running is either still training (a process holds the run's
+  lock) or was killed outright (SIGKILL, out of memory) before it could record its end.
+  """
+  if run.finished:
+    return 'done'
+  status = run.info.get('status') or 'not run'
+  if status != RUNNING:
+    return status
+  session = run.info.get('sessions', '?')
+  if is_being_trained(run.workdir):
+    return f'running: session {session} in progress'
+  return (f'interrupted (process killed) after ≥ {_duration(session_s(run.info))} of '
+          f'session {session}')
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,11 +321,12 @@ def per_seed_table(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for v in variants:
     for r in _by(runs, dataset, v):
-      status = 'done' if r.finished else (r.info.get('status') or 'not run')
-      wall = r.info.get('wall_s')
+      status = run_status(r)
+      wall, at_least = wall_time(r.info)
       cells = [fmt(_metric(r, k)) for _, k in cols]
+      wall_cell = (('≥ ' if at_least else '') + _duration(wall)) if wall else '-'
       lines.append(f'| {NAMES[v]} | {r.seed} | {status.splitlines()[0][:60]} | '
-                   + ' | '.join(cells) + f' | {_duration(wall) if wall else "-"} |')
+                   + ' | '.join(cells) + f' | {wall_cell} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -913,7 +972,10 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   os.makedirs(fig_root, exist_ok=True)
   study = _read_json(os.path.join(out, 'study.json')) or {}
   finished = [r for r in runs if r.finished]
-  train_s = sum(float(r.info.get('wall_s') or 0.0) for r in runs)
+  walls = [wall_time(r.info) for r in runs]
+  train_s = sum(w for w, _ in walls)
+  # Killed sessions and sessions in progress count to their last record only.
+  at_least = 'at least ' if any(lower for _, lower in walls) else ''
   calib_s = 0.0
   calib = {}
   for d in datasets:
@@ -935,7 +997,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   L.append(f'{made} (budget `{settings.budget}`, configs/study.py) on '
            f'{datetime.date.today().isoformat()}. {len(finished)} of {len(runs)} runs '
            f'finished ({len(datasets)} dataset(s) × {len(variants)} models × {seeds} seed(s)); '
-           f'training and evaluation took {_duration(train_s)} in total, calibration '
+           f'training and evaluation took {at_least}{_duration(train_s)} in total, calibration '
            f'{_duration(calib_s)}.')
   if host:
     L.append(f'Host: {host.get("cpu_count")} CPU cores, {host.get("backend")} backend, '
@@ -945,7 +1007,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   missing = [r for r in runs if not r.finished]
   if missing:
     L.append('**Incomplete study.** Runs without final metrics: ' + ', '.join(
-        f'{r.dataset}/{r.variant}/seed{r.seed} ({(r.info.get("status") or "not run").splitlines()[0][:80]})'
+        f'{r.dataset}/{r.variant}/seed{r.seed} ({run_status(r).splitlines()[0][:80]})'
         for r in missing) + '. Means below are over the seeds that finished.')
     L.append('')
 

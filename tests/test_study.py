@@ -774,3 +774,83 @@ def test_captions_name_the_seeds_shown_when_seed_0_is_not_there(tmp_path, monkey
   monkeypatch.setattr(plt.Axes, 'plot', plot)
   assert study_report.plot_losses(runs, 'shapes', ['vae', 'avae'], str(tmp_path / 'l.png'))
   assert ('VAE', 1.4) in labels and ('AVAE', 1.4) in labels
+
+
+_KILLED_CHILD = '''
+import sys, time
+sys.path.insert(0, {repo!r})
+import study
+from avae_jax import trainer
+from configs import study as study_config
+study.HEARTBEAT_S = 0.1
+
+def train_and_evaluate(config, workdir):  # a session that is killed while it trains
+  open({marker!r}, 'w').close()
+  time.sleep(600)
+trainer.train_and_evaluate = train_and_evaluate
+study.train_one({out!r}, study_config.get_config('test'), 'shapes', 'vae', 0, None)
+'''
+
+
+def test_a_killed_session_is_reported_with_its_time_and_a_rerun_takes_over(tmp_path,
+                                                                           monkeypatch):
+  # SIGKILL (or the out-of-memory killer) left study_run.json as the previous session
+  # wrote it: the report showed that session's status and lost this one's time.
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  workdir = out / 'shapes' / 'vae' / 'seed0'
+  workdir.mkdir(parents=True)
+  info_path = workdir / 'study_run.json'
+  info_path.write_text('{"sessions": 1, "status": "interrupted: stopped by SIGTERM at step 7", '
+                       '"wall_s": 9.0}')
+  marker = tmp_path / 'training'
+  child = subprocess.Popen([sys.executable, '-c', _KILLED_CHILD.format(
+      repo=REPO, marker=str(marker), out=str(out))], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+      assert child.poll() is None, child.communicate()
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    # Recorded before the trainer started, and rewritten since (every HEARTBEAT_S).
+    info = json.loads(info_path.read_text())
+    assert info['status'] == 'running' and info['sessions'] == 2 and info['wall_s'] == 9.0
+    while info['alive'] <= info['started']:
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+      info = json.loads(info_path.read_text())
+    run = study_report.load_runs(str(out), ['shapes'], ['vae'], 1)[0]
+    assert study_report.run_status(run) == 'running: session 2 in progress'
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+  finally:
+    if child.poll() is None:
+      child.kill()
+      child.communicate()
+  info = json.loads(info_path.read_text())
+  assert info['status'] == 'running' and info['sessions'] == 2 and info['wall_s'] == 9.0
+  ran = info['alive'] - info['started']
+  assert 0 < ran < 120
+  run = study_report.load_runs(str(out), ['shapes'], ['vae'], 1)[0]
+  assert study_report.run_status(run) == (
+      f'interrupted (process killed) after ≥ {round(ran)}s of session 2')
+  assert study_report.wall_time(info) == (pytest.approx(9.0 + ran), True)
+  row = study_report.per_seed_table([run], 'shapes', ['vae']).splitlines()[2]
+  assert row.startswith('| VAE | 0 | interrupted (process killed) after ≥ ')
+  assert row.endswith(f'| ≥ {round(9.0 + ran)}s |')
+  # A rerun takes over: the killed session's time is kept and counted as such.
+  monkeypatch.setattr(trainer, 'train_and_evaluate', lambda config, workdir: {})
+  assert study.train_one(str(out), study_config.get_config('test'), 'shapes', 'vae', 0,
+                         None) == 'done'
+  info = json.loads(info_path.read_text())
+  assert info['status'] == 'done' and info['sessions'] == 3
+  assert info['killed_sessions'] == 1 and 'alive' not in info
+  assert 9.0 + ran <= info['wall_s'] < 9.0 + ran + 5.0
+  assert study_report.wall_time(info) == (info['wall_s'], True)
+
+
+def test_report_lock_and_status_names_match_the_study():
+  import study  # pylint: disable=g-import-not-at-top
+  assert study.RUN_LOCK == study_report.RUN_LOCK and study.RUNNING == study_report.RUNNING
