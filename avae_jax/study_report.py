@@ -242,9 +242,20 @@ def _by(runs: Sequence[Run], dataset: str, variant: str) -> list[Run]:
                 key=lambda r: r.seed)
 
 
-def _first_seed(runs: Sequence[Run], dataset: str) -> int:
-  """The lowest seed run on `dataset` (0 unless study.py was given other --seeds)."""
-  return min((r.seed for r in runs if r.dataset == dataset), default=0)
+def lowest_logged(runs: Sequence[Run], dataset: str, variants: Sequence[str],
+                  key: str | None = None) -> dict[str, Run]:
+  """Each model's lowest-seed run with a logged window (one with `key`, if given).
+
+  A run that failed before its first log line has no history: shown for its model, it
+  left the model out of the loss-scale table and without a thick line in the curves.
+  """
+  out = {}
+  for v in variants:
+    logged = [r for r in _by(runs, dataset, v)
+              if any(key is None or key in h for h in r.history)]
+    if logged:
+      out[v] = logged[0]
+  return out
 
 
 def _seed_words(seeds: Mapping[str, int]) -> str:
@@ -634,8 +645,9 @@ def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path: str) -> bool:
-  """Loss components against steps, one line per run (lowest seed thick), a colour per model."""
-  first = _first_seed(runs, dataset)
+  """Loss components against steps, one line per run (each model's lowest logged seed
+  thick), a colour per model."""
+  thick = {v: r.seed for v, r in lowest_logged(runs, dataset, variants).items()}
   keys = [k for k in ('loss', 'rec', 'mse', 'mae', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
           if any(any(k in h for h in r.history) for r in runs if r.dataset == dataset)]
   if not keys:
@@ -652,10 +664,11 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
         if x.size == 0:
           continue
         pre = pre or int((r.config or {}).get('pretrain_steps', 0))
+        first = r.seed == thick.get(v)
         # Dashed for the adversarial models: their pre-training lies on their base model's.
-        ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == first else 0.6,
-                ls='--' if v.startswith('avae') else '-', alpha=1.0 if r.seed == first else 0.5,
-                label=NAMES[v] if r.seed == first else None)
+        ax.plot(x, y, color=COLORS[v], lw=1.4 if first else 0.6,
+                ls='--' if v.startswith('avae') else '-', alpha=1.0 if first else 0.5,
+                label=NAMES[v] if first else None)
     if pre:
       ax.axvline(pre, color='0.5', ls=':', lw=0.8)
     ax.set_title(key if key != 'rec' else 'rec (weighted L_REC per pixel)', fontsize=9)
@@ -668,7 +681,8 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
     ax.axis('off')
   if axes.flat[0].get_legend_handles_labels()[0]:
     axes.flat[0].legend(fontsize=7)
-  fig.suptitle(f'{dataset}: loss components per logged window (thick: seed {first}; dashed: '
+  fig.suptitle(f'{dataset}: loss components per logged window (thick: {_seed_words(thick)}; '
+               'dashed: '
                'AVAE/AVAE-S; dotted line: end of pre-training)', fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.96))
   fig.savefig(path, dpi=90)
@@ -680,7 +694,7 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
                      path: str) -> bool:
   """Discriminator accuracy, gated update rates and adversarial losses of the fine-tuning."""
   adv_vs = [v for v in variants if v.startswith('avae')]
-  first = _first_seed(runs, dataset)
+  thick = {v: r.seed for v, r in lowest_logged(runs, dataset, adv_vs, 'disc_accuracy').items()}
   keys = ('disc_accuracy', 'disc_updated', 'vae_updated', 'disc_loss', 'gen_loss')
   if not any(any('disc_accuracy' in h for h in r.history)
              for r in runs if r.dataset == dataset and r.variant in adv_vs):
@@ -695,10 +709,10 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
     for v in adv_vs:
       for r in _by(runs, dataset, v):
         x, y = _series(r, key)
+        first = r.seed == thick.get(v)
         if x.size:
-          ax.plot(x, y, color=COLORS[v], lw=1.4 if r.seed == first else 0.6,
-                  alpha=1.0 if r.seed == first else 0.5,
-                  label=NAMES[v] if r.seed == first else None)
+          ax.plot(x, y, color=COLORS[v], lw=1.4 if first else 0.6, alpha=1.0 if first else 0.5,
+                  label=NAMES[v] if first else None)
     if key == 'disc_accuracy':
       for t in (0.5, 0.7):
         ax.axhline(t, color='0.5', ls=':', lw=0.8)
@@ -710,8 +724,8 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
   handles, labels = axes.flat[0].get_legend_handles_labels()
   if handles:
     axes.flat[0].legend(fontsize=7)
-  fig.suptitle(f'{dataset}: adversarial fine-tuning (per logged window; thick: seed {first})',
-               fontsize=10)
+  fig.suptitle(f'{dataset}: adversarial fine-tuning (per logged window; thick: '
+               f'{_seed_words(thick)})', fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.92))
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -823,18 +837,16 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
             warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
                             f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
     lines.append('')
-  # Loss scales, of each model's lowest seed.
-  shown = {v: rs[0].seed for v in variants if (rs := _by(runs, dataset, v))}
+  # Loss scales, of each model's lowest seed that logged a window.
+  logged = lowest_logged(runs, dataset, variants)
+  shown = {v: r.seed for v, r in logged.items()}
   lines += ['**Size of each term** as it enters the objective (last logged window of each '
-            f'phase, {_seed_words(shown)}): L_REC is multiplied by H·W·C; the adversarial term is '
-            'λ_adv·(−log D(x̃)) with λ_adv = 1.', '',
-            '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | λ_adv·(−log D) | '
+            f'phase, {_seed_words(shown) if shown else "no run logged one"}): L_REC is '
+            'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with λ_adv = 1.',
+            '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | λ_adv·(−log D) | '
             'adv. share of the VAE objective |', '|---|---|---|---|---|---|---|---|']
-  for v in variants:
-    rs = _by(runs, dataset, v)
-    if not rs:
-      continue
-    sc = loss_scales(rs[0])
+  for v, run in logged.items():
+    sc = loss_scales(run)
     for phase, row in sc.items():
       share = None
       if 'adv' in row:

@@ -854,3 +854,47 @@ def test_a_killed_session_is_reported_with_its_time_and_a_rerun_takes_over(tmp_p
 def test_report_lock_and_status_names_match_the_study():
   import study  # pylint: disable=g-import-not-at-top
   assert study.RUN_LOCK == study_report.RUN_LOCK and study.RUNNING == study_report.RUNNING
+
+
+def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, monkeypatch):
+  # VAE seed 0 failed before its first log line and AVAE seed 0 before its adversarial
+  # phase: the loss-scale table had no VAE rows, and neither model a thick curve.
+  cfg = {'pretrain_steps': 10, 'image_size': 4, 'channels': 1}  # L_REC scale 4·4·1 = 16
+  pre = {'step': 10, 'loss': 12.0, 'rec': 0.5, 'mse': 0.25, 'kl': 2.0}
+  adv = {'step': 20, 'loss': 11.0, 'rec': 0.5, 'mse': 0.25, 'kl': 2.0, 'gen_loss': 0.7,
+         'disc_loss': 1.3, 'disc_accuracy': 0.6, 'disc_updated': 1.0, 'vae_updated': 0.5}
+
+  def run(variant, seed, history):
+    return study_report.Run('shapes', variant, seed, str(tmp_path), None, cfg, history,
+                            {'status': 'failed: FloatingPointError: non-finite loss'})
+  runs = [run('vae', 0, []), run('vae', 1, [pre]), run('vae', 2, [dict(pre, step=5)]),
+          run('avae', 0, [pre]), run('avae', 1, [pre, adv])]
+  variants = ['vae', 'avae']
+  text, _, _ = study_report._diagnostics(runs, 'shapes', variants,
+                                         study_config.get_config('test'))
+  assert 'last logged window of each phase, VAE seed 1, AVAE seed 0)' in text
+  # 16 · 0.5 = 8 and 16 · 0.25 = 4; AVAE seed 0 logged no adversarial window.
+  assert '| VAE | pretrain | 8 | 4 | 2 | - | - | - |' in text
+  assert '| AVAE | pretrain | 8 | 4 | 2 | - | - | - |' in text
+  assert '| AVAE | adversarial |' not in text
+  plt = study_report._plt()
+  drawn, titles = [], []
+  real_plot, real_suptitle = plt.Axes.plot, plt.Figure.suptitle
+
+  def plot(self, x, y, **kwargs):
+    drawn.append((kwargs.get('label'), kwargs.get('lw'), tuple(x)))
+    return real_plot(self, x, y, **kwargs)
+
+  def suptitle(self, text, **kwargs):
+    titles.append(text)
+    return real_suptitle(self, text, **kwargs)
+  monkeypatch.setattr(plt.Axes, 'plot', plot)
+  monkeypatch.setattr(plt.Figure, 'suptitle', suptitle)
+  assert study_report.plot_losses(runs, 'shapes', variants, str(tmp_path / 'losses.png'))
+  thick = {(label, steps) for label, lw, steps in drawn if lw == 1.4}
+  assert thick == {('VAE', (10.0,)), ('AVAE', (10.0,))}
+  assert 'thick: VAE seed 1, AVAE seed 0;' in titles[-1]
+  drawn.clear()
+  assert study_report.plot_adversarial(runs, 'shapes', variants, str(tmp_path / 'adv.png'))
+  assert {(label, lw) for label, lw, _ in drawn} == {('AVAE', 1.4)}
+  assert titles[-1].endswith('(per logged window; thick: seed 1 of each model)')
