@@ -69,12 +69,9 @@ HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.jso
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (a temporary file per process: several may share OUT)."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
+  """Writes JSON atomically (files.write_json: a random temporary name, synced, renamed)."""
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  files.write_json(path, obj, str)
 
 
 def _read_json(path: str) -> Any:
@@ -322,7 +319,7 @@ def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
   try:
     yield
   finally:
-    # Joined before the caller's final record: both use the same temporary file name.
+    # Joined before the caller's final record, which a late heartbeat would overwrite.
     stop.set()
     thread.join()
 
