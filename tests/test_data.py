@@ -290,19 +290,25 @@ def test_arrays_idx_float_big_endian(tmp_path):
   np.testing.assert_array_equal(src.get([0, 1, 2])[..., 0], x)
 
 
+def _assert_idx_refused(tmp_path, packed, match):
+  """Writes `packed` as a gzipped idx file: read_idx and the arrays: loader refuse it."""
+  path = tmp_path / 'images.idx.gz'
+  path.write_bytes(bytes(packed))
+  with pytest.raises(data.DataError, match=match):
+    data.read_idx(str(path))
+  with pytest.raises(data.DataError, match='cannot read idx file'):
+    data.load(_config(dataset=f'arrays:{path}', channels=1))
+
+
 def test_corrupted_gzip_idx_is_an_error(tmp_path):
   x = np.random.default_rng(5).integers(0, 256, (20, 16, 16)).astype(np.uint8)
   # Level 0 stores the bytes verbatim: one flipped payload byte keeps the stream
   # decodable, and only the CRC at its end tells.
   packed = bytearray(gzip.compress(_idx_bytes(x, 0x08), compresslevel=0))
   packed[len(packed) // 2] ^= 0xFF
-  (tmp_path / 'images.idx.gz').write_bytes(bytes(packed))
   with pytest.raises(gzip.BadGzipFile, match='CRC'):
     gzip.decompress(bytes(packed))
-  with pytest.raises(data.DataError, match='CRC check failed'):
-    data.read_idx(str(tmp_path / 'images.idx.gz'))
-  with pytest.raises(data.DataError, match='cannot read idx file'):
-    data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1))
+  _assert_idx_refused(tmp_path, packed, 'CRC check failed')
 
 
 def test_damaged_deflate_stream_in_gzip_idx_is_a_data_error(tmp_path):
@@ -310,13 +316,9 @@ def test_damaged_deflate_stream_in_gzip_idx_is_a_data_error(tmp_path):
   x[:, 4:12, 4:12] = 200  # compressible: the stream has Huffman tables to damage
   packed = bytearray(gzip.compress(_idx_bytes(x, 0x08), compresslevel=9, mtime=0))
   packed[12] ^= 0xFF  # inside the first block's code-length table (gzip header: 10 bytes)
-  (tmp_path / 'images.idx.gz').write_bytes(bytes(packed))
   with pytest.raises(zlib.error):  # not an OSError: gzip passes zlib's error on as it is
     gzip.decompress(bytes(packed))
-  with pytest.raises(data.DataError, match='cannot read idx file'):
-    data.read_idx(str(tmp_path / 'images.idx.gz'))
-  with pytest.raises(data.DataError, match='cannot read idx file'):
-    data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1))
+  _assert_idx_refused(tmp_path, packed, 'cannot read idx file')
 
 
 def test_damaged_header_in_gzip_idx_is_reported_as_damage(tmp_path):
