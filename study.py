@@ -285,11 +285,12 @@ def _read_run_info(info_path: str) -> dict[str, Any]:
   running anywhere: its process was killed. Its time up to its last heartbeat joins
   wall_s (a lower bound of what it ran), and killed_sessions counts it.
   """
+  from avae_jax import study_report  # pylint: disable=g-import-not-at-top
   if not os.path.exists(info_path):
     return {'wall_s': 0.0, 'sessions': 0}
   info = _read_json(info_path)
   if info.get('status') == RUNNING:
-    info['wall_s'] += max(0.0, float(info.get('alive', info['started'])) - info['started'])
+    info['wall_s'] += study_report.session_s(info)  # as the report counts it
     info['killed_sessions'] = int(info.get('killed_sessions', 0)) + 1
     info['status'] = 'interrupted (process killed)'
     info.pop('alive', None)

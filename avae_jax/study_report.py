@@ -682,8 +682,7 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
   if axes.flat[0].get_legend_handles_labels()[0]:
     axes.flat[0].legend(fontsize=7)
   fig.suptitle(f'{dataset}: loss components per logged window (thick: {_seed_words(thick)}; '
-               'dashed: '
-               'AVAE/AVAE-S; dotted line: end of pre-training)', fontsize=10)
+               'dashed: AVAE/AVAE-S; dotted line: end of pre-training)', fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.96))
   fig.savefig(path, dpi=90)
   plt.close(fig)
