@@ -103,6 +103,15 @@ def _check_address(address: str) -> None:
         f'listens on), got {address!r}')
 
 
+def _check_count_and_id(num: int, pid: int | None) -> None:
+  """Raises DistributedConfigError unless num >= 1 and pid (if given) is in [0, num)."""
+  if num < 1:
+    raise DistributedConfigError(f'the number of processes must be >= 1, got {num}')
+  if pid is not None and not 0 <= pid < num:
+    raise DistributedConfigError(
+        f'process id {pid} is not in [0, {num}) (number of processes {num})')
+
+
 def _is_loopback(address: str) -> bool:
   """True for 127.x.x.x:port / localhost:port, where the coordinator needs no other interface."""
   host = address.rsplit(':', 1)[0].strip('[]')
@@ -143,9 +152,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           f'a coordinator address ({address}) needs the number of processes and this '
           f'process id too: --num_processes/--process_id or ${ENV_NUM_PROCESSES}/'
           f'${ENV_PROCESS_ID}')
-    if num < 1 or not 0 <= pid < num:
-      raise DistributedConfigError(
-          f'process id {pid} is not in [0, {num}) (number of processes {num})')
+    _check_count_and_id(num, pid)
     if num == 1:
       return False
     _check_address(address)
@@ -172,10 +179,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           f'process id {pid} was given without the number of processes and the coordinator '
           f'address: set --num_processes and --coordinator_address (or ${ENV_NUM_PROCESSES} '
           f'and ${ENV_COORDINATOR}) too; a single-process run needs none of them')
-    if num is not None and (num < 1 or pid is not None and not 0 <= pid < num):
-      raise DistributedConfigError(
-          f'process id {pid} is not in [0, {num}) (number of processes {num})'
-          if num >= 1 else f'the number of processes must be >= 1, got {num}')
+    if num is not None:
+      _check_count_and_id(num, pid)
     return False
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
