@@ -160,8 +160,11 @@ def check_unit_range(lo: float, hi: float, what: str,
   if np.isnan(lo) or np.isnan(hi):
     raise error(f'{what}: float images must lie in [0, 1], found NaN')
   if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+    # Enough digits to show the offending value (1.000002 is not "1"); the hint fits
+    # images on the 0..255 scale, not a float overshoot, which wants clipping.
+    hint = 'divide by 255?' if hi > 2.0 else 'clip to [0, 1]?'
     raise error(f'{what}: float images must lie in [0, 1], found values in '
-                f'[{lo:g}, {hi:g}] (divide by 255?)')
+                f'[{float(lo):.9g}, {float(hi):.9g}] ({hint})')
 
 
 def _check_range(x: np.ndarray, what: str) -> None:

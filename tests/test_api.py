@@ -218,8 +218,13 @@ def test_float_images_outside_0_1_are_rejected_by_every_method(model, images):
     model.interpolate(images[0], as_255[1], 3)
   below = images.copy()
   below[1, 2, 3] = [-0.5, 1.0, 0.0]
-  with pytest.raises(ValueError, match=r'found values in \[-0.5, 1\]'):
+  with pytest.raises(ValueError, match=r'found values in \[-0.5, 1\] \(clip to \[0, 1\]\?\)'):
     model.encode(below)
+  # A small overshoot is shown with the digits that make it one (not rounded to "1").
+  over = np.clip(images, 0.0, 1.0).astype(np.float32)
+  over[0, 0, 0, 0] = 1.000002
+  with pytest.raises(ValueError, match=r', 1\.000002\d*\] \(clip to \[0, 1\]\?\)$'):
+    model.encode(over)
   # Float rounding past the ends (as a resize or a division by 255 can leave) is accepted,
   # and gives the codes of the clipped images up to that rounding.
   fuzzy = np.clip(images, 0.0, 1.0).astype(np.float32)
