@@ -939,7 +939,8 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
   s = settings[dataset]
   out.append(f'Budget: {s.pretrain_steps} pre-training steps ({_epochs(settings, dataset):.2f} '
              f'epochs) and {s.adversarial_steps} adversarial steps at batch {s.batch_size}; '
-             'the paper pre-trained 100 epochs of CelebA (96×96) and fine-tuned 10.')
+             'the paper pre-trained 100 epochs of CelebA (96×96) and does not give the '
+             "fine-tuning's length (configs/celeba.py: 10 epochs).")
   for v in ('avae', 'avae_s'):
     rs = [r for r in _by(runs, dataset, v) if r.finished]
     if not rs:
