@@ -10,8 +10,8 @@ One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
              only in the manifest (no state/ when every leaf is empty);
   meta/      the caller's JSON (phase, data position, PRNG state, config hash);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
-             every leaf (and a key's implementation), and the CRC-32 of meta,
-             checked on restore.
+             every leaf (and a key's implementation), the CRC-32 of meta and
+             the CRC-32 of the manifest's own other fields, checked on restore.
 
 What is relied on from orbax (0.12.x, local or network file systems):
 
@@ -349,6 +349,7 @@ class Checkpointer:
       if is_prng_key(leaf):  # restored as a key of the same implementation
         entry['key'], entry['key_impl'] = str(leaf.dtype), str(jax.random.key_impl(leaf))
     manifest = {'version': _MANIFEST_VERSION, 'leaves': entries, 'meta_crc32': meta_crc32}
+    manifest['crc32'] = _json_crc32(manifest)
     # orbax refuses zero-size arrays ('Cannot save arrays with zero size') and an item
     # without arrays: the manifest's shape and dtype say all there is to restore of them.
     stored = [(name, a) for name, a in zip(names, host) if a.size]
@@ -464,6 +465,13 @@ class Checkpointer:
     meta, manifest = small[_META], small[_MANIFEST]
     if not isinstance(meta, dict):
       raise CorruptCheckpointError(f'meta is {type(meta).__name__}, not a dict')
+    if not isinstance(manifest, dict):
+      raise CorruptCheckpointError('malformed manifest')
+    # Absent in the manifests of earlier versions. Without it, a changed digit in a
+    # shape was read as a checkpoint of another model, and the run refused its workdir.
+    body = {k: v for k, v in manifest.items() if k != 'crc32'}
+    if manifest.get('crc32', _json_crc32(body)) != _json_crc32(body):
+      raise CorruptCheckpointError('manifest does not match its checksum')
     try:
       entries = {tuple(e['path']): e for e in manifest['leaves']}
     except (TypeError, KeyError) as e:

@@ -204,6 +204,11 @@ def _corrupt(step_dir: pathlib.Path, how: str) -> None:
     text = path.read_text()
     assert text.count('"step": 2') == 1, text
     path.write_text(text.replace('"step": 2', '"step": 7'))
+  elif how == 'manifest_digit':  # still JSON, one leaf's shape changed
+    path = step_dir / 'manifest' / 'metadata'
+    text = path.read_text()
+    assert text.count('"shape": [64, 64]') == 1, text
+    path.write_text(text.replace('"shape": [64, 64]', '"shape": [64, 65]'))
   elif how == 'manifest':
     for p in sorted((step_dir / 'manifest').rglob('*'), reverse=True):
       p.unlink() if p.is_file() else p.rmdir()
@@ -219,7 +224,7 @@ def big_state(step: int) -> dict:
 
 
 @pytest.mark.parametrize('how', ['flip', 'truncate', 'delete', 'meta', 'meta_digit',
-                                 'manifest'])
+                                 'manifest', 'manifest_digit'])
 def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
@@ -233,9 +238,9 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
     assert_trees_equal(state, big_state(1))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any('Checkpoint 2' in w and 'unreadable' in w for w in warnings), warnings
-    if how in ('flip', 'meta_digit'):
+    if how in ('flip', 'meta_digit', 'manifest_digit'):
       # orbax/tensorstore read the damaged chunk or JSON without complaint; only the
-      # manifest's CRC notices.
+      # manifest's CRCs notice (a changed shape is not taken for another model's).
       assert any('checksum' in w for w in warnings), warnings
     # An explicit request for the broken step is an error, not a silent fallback.
     with pytest.raises(checkpoint.CheckpointError):
@@ -590,13 +595,13 @@ def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path):
 
 
 def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
-  # Checkpoints written before the manifest held meta's CRC-32.
+  # Checkpoints written before the manifest held meta's CRC-32 and its own.
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
     ckpt.save(1, big_state(1), META)
   path = directory / '1' / 'manifest' / 'metadata'
   manifest = json.loads(path.read_text())
-  del manifest['meta_crc32']
+  del manifest['meta_crc32'], manifest['crc32']
   path.write_text(json.dumps(manifest))
   with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
     step, state, meta = reader.restore(big_state(0))
