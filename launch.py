@@ -114,6 +114,9 @@ class Launcher:
     if num_processes < 1 or devices_per_process < 1:
       raise ValueError('num_processes and devices_per_process must be >= 1')
     self.command = program_command(program)
+    # A script that Python would run: checked here, since Python itself would start N
+    # times and fail each with status 2, not as a program that cannot be found.
+    self._script = program[0] if program[0].endswith('.py') else None
     self.num_processes = num_processes
     self.devices_per_process = devices_per_process
     self.timeout_s = timeout_s
@@ -154,6 +157,8 @@ class Launcher:
   def start(self) -> None:
     """Starts every process (each in its own session, so signals reach only whom we mean)."""
     coordinator = f'{_LOOPBACK}:{self.port}'
+    if self._script is not None and not os.path.isfile(self._script):
+      raise ProgramError(f'cannot run {self._script}: No such file', 127)
     self.say(f'{self.num_processes} processes x {self.devices_per_process} CPU devices, '
              f'coordinator {coordinator}: {" ".join(self.command)}')
     for p in range(self.num_processes):

@@ -311,6 +311,13 @@ def test_a_program_that_cannot_be_run_is_a_clear_error(tmp_path):
                            capture_output=True, text=True, timeout=60, check=False)
   assert missing.returncode == 127 and 'Traceback' not in missing.stderr, missing.stderr
   assert f'[launch] cannot run {tmp_path / "no_such_program"}: No such file' in missing.stderr
+  # A mistyped script: Python started and failed with status 2 in every process.
+  script = subprocess.run(_launch_args(2, 1, [str(tmp_path / 'no_such_script.py')]),
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert script.returncode == 127 and 'Traceback' not in script.stderr, script.stderr
+  assert f'[launch] cannot run {tmp_path / "no_such_script.py"}: No such file' in (
+      script.stderr)
+  assert '[p0]' not in script.stderr
   not_executable = tmp_path / 'program.sh'
   not_executable.write_text('echo hello\n')
   denied = subprocess.run(_launch_args(2, 1, [str(not_executable)]), capture_output=True,
