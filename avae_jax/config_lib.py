@@ -463,7 +463,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
-  if config.batch_size <= 0 or config.batch_size % num_devices:
+  if config.batch_size <= 0:
+    raise ConfigError(f'batch_size = {config.batch_size} must be >= 1')
+  if config.batch_size % num_devices:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
                       f'{num_devices} devices in use; the batch is split evenly across them')
   # MSS splits the dataset into one stratum per other member of the (global) batch.

@@ -356,7 +356,6 @@ INVALID = [
     ('model.widths', (), r'model\.widths must name at least one stage'),
     ('channels', 2, r'channels must be 1 or 3'),
     ('batch_size', 6, r'batch_size 6 is not divisible by the 4 devices'),
-    ('batch_size', 0, r'batch_size 0'),
     ('pretrain_steps', -1, r'pretrain_steps and adversarial_steps must be >= 0'),
     ('adversarial_steps', -5, r'pretrain_steps and adversarial_steps must be >= 0'),
     ('parallel', 'vmap', r"parallel must be 'pmap' or 'shard_map'"),
@@ -383,6 +382,9 @@ INVALID = [
     # A NaN momentum trained with finite losses and evaluated to NaN at the end.
     ('model.bn_momentum', float('nan'), r'model\.bn_momentum = nan must lie in \[0, 1\]'),
     ('model.bn_momentum', 1.5, r'model\.bn_momentum = 1\.5 must lie in \[0, 1\]'),
+    # Both were "not divisible by the 1 devices in use".
+    ('batch_size', 0, r'batch_size = 0 must be >= 1'),
+    ('batch_size', -4, r'batch_size = -4 must be >= 1'),
     ('checkpoint_every', 0, r'checkpoint_every = 0 must be >= 1'),
     ('image_every', -1, r'image_every = -1 must be >= 1'),
     ('keep_checkpoints', -1, r'keep_checkpoints = -1 is negative'),
