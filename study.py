@@ -1,6 +1,6 @@
 """The reproduction study: VAE, AVAE, VAE-S and AVAE-S side by side, then the report.
 
-  python study.py --out=studies/cpu                        # the CPU budget (~1.5 h, 2 cores)
+  python study.py --out=studies/cpu                        # the CPU budget (~1 h, 2 cores)
   python study.py --out=studies/gpu --budget=accelerator   # one GPU / TPU host
   python study.py --out=/tmp/s --budget=test               # tiny, about two minutes
 
@@ -35,8 +35,9 @@ from absl import logging
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
 _OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, and the report.')
-_BUDGET = flags.DEFINE_enum('budget', 'cpu', ['cpu', 'accelerator', 'test'],
-                            'Budget of configs/study.py.')
+_BUDGET = flags.DEFINE_enum('budget', None, ['cpu', 'accelerator', 'test'],
+                            'Budget of configs/study.py (default: the one OUT/study.json '
+                            'records, else cpu).')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the count OUT/'
                                'study.json records, else the budget\'s, 3); it raises a '
                                'study\'s count, never lowers it.')
@@ -79,10 +80,18 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def settings_from_flags() -> Any:
-  """The study's settings: configs/study.py at --budget with --seeds/--datasets applied."""
+def study_budget(out: str) -> str:
+  """--budget, else the budget OUT/study.json records (a rerun or --report_only), else cpu."""
+  if _BUDGET.value is not None:
+    return _BUDGET.value
+  path = os.path.join(out, STUDY_FILE)
+  return str(_read_json(path).get('budget', 'cpu')) if os.path.exists(path) else 'cpu'
+
+
+def settings_from_flags(budget: str) -> Any:
+  """The study's settings: configs/study.py at `budget` with --seeds/--datasets applied."""
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
-  s = study_config.get_config(_BUDGET.value)
+  s = study_config.get_config(budget)
   if _SEEDS.value is not None:
     if _SEEDS.value < 1:
       raise app.UsageError('--seeds must be >= 1')
@@ -436,7 +445,7 @@ def main(argv: list[str]) -> None:
   from avae_jax import summary  # pylint: disable=g-import-not-at-top
   summary.quiet_library_logs()
   out = os.path.abspath(_OUT.value)
-  settings = settings_from_flags()
+  settings = settings_from_flags(study_budget(out))
   if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, STUDY_FILE)):
     # A mistyped --out would otherwise give an empty report, published over docs/.
     raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '

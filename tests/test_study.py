@@ -454,7 +454,8 @@ def test_report_only_reports_every_seed_of_the_study(study_dir, tmp_path):
   record = json.loads((out / 'study.json').read_text())
   record['seeds'] = 2  # as if a command had asked for --seeds=2 and not yet run seed 1
   (out / 'study.json').write_text(json.dumps(record))
-  _study(f'--out={out}', '--budget=test', '--report_only', '--publish=false')
+  # Without --budget, the study's own (test; the flag's default, cpu, was refused).
+  _study(f'--out={out}', '--report_only', '--publish=false')
   assert '8 of 16 runs finished (2 dataset(s) × 4 models × 2 seed(s))' in _read(
       out / 'results.md')
 
