@@ -9,7 +9,7 @@ Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_b
 updates taken: the gate pinned between the two thresholds, 0.6 by default),
 adversarial_step_gated (the real gating on the config's data), vae_mse_pretrain_step (the
 MSE-only 'vae' variant). Each JSON line has median/mean/p10/p90 step seconds, images/s
-(from the mean), compile seconds, XLA's FLOP count of the compiled step, FLOP/s and its
+(from the mean), compile seconds, XLA's FLOP count of the step (as lowered), FLOP/s and its
 fraction of the float32 matmul rate measured after the cases, peak device memory (null on
 CPU) and the process's peak RSS.
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -239,6 +240,22 @@ def test_round_sizes_split_the_steps():
   assert benchmarking.round_sizes(5, 1) == [5]
   with pytest.raises(ValueError):
     benchmarking.round_sizes(2, 3)
+
+
+def test_flops_count_the_convolutions_of_the_lowered_program():
+  # A hand count: 2 FLOPs per multiply-add, 5 -> 7 channels for every tap of the 3x3
+  # kernel that falls inside the 6x6 image ('SAME': a border pixel's row or column has 2
+  # of its 3 taps inside, 2 + 3 * 4 + 2 = 16 per dimension; XLA counts no padding), then
+  # a (2*6*6*7) x 3 matrix product. Counted before optimisation, where no backend has
+  # turned the convolution into a library call.
+  def f(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y.reshape(1, -1) @ m
+  args = (jnp.ones((2, 6, 6, 5)), jnp.ones((3, 3, 5, 7)), jnp.ones((2 * 6 * 6 * 7, 3)))
+  taps_inside = (2 + 3 * 4 + 2) ** 2  # (output pixel, tap) pairs of one image
+  expected = 2 * 2 * taps_inside * 5 * 7 + 2 * (2 * 6 * 6 * 7) * 3
+  assert benchmarking._cost_flops(jax.jit(f).lower(*args)) == expected
 
 
 def _logging_case(name, log):
