@@ -12,7 +12,7 @@ The custom VJP also writes each stride-1 convolution's gradients as convolutions
 forward pass's own form (NHWC input, HWIO kernel, NHWC output; `input_grad_stride1`,
 `weight_grad_stride1`), the form XLA:CPU's convolution kernels take. XLA brings its own
 gradients to that form only in the program's top level: inside a `lax.cond` branch they
-stayed in another form and ran 70x slower, so the adversarial step could not skip the
+stayed in another form and ran about 90x slower, so the adversarial step could not skip the
 discriminator's backward pass when its gated update is off (docs/benchmarks.md, item 21).
 
 'auto' (the models' default) means 'custom' on the CPU and XLA's gradients elsewhere

@@ -84,7 +84,7 @@ class StepConfig:
   force_accuracy: float | None = None
   # Whether the discriminator's backward pass runs inside its update's lax.cond branch
   # (skipped with the update): not with XLA's own convolution gradients on the CPU, which
-  # run 70x slower in a branch (conv.py).
+  # run about 90x slower in a branch (conv.py).
   disc_backward_in_branch: bool = True
 
   @classmethod
@@ -287,7 +287,7 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
   VAE's (with the generator's pass through the discriminator) always runs, and lax.cond
   selects only its optimizer update. (On the CPU the branch is fast only with
   conv.conv_general_dilated's custom gradients, the models' default there: XLA's own ran
-  70x slower inside a branch, so with those, cfg.disc_backward_in_branch is False and the
+  about 90x slower inside a branch, so with those, cfg.disc_backward_in_branch is False and the
   discriminator's backward pass always runs too; docs/benchmarks.md, items 1 and 21.)
 
   Metrics (pmean-ed): those of pretrain_step ('loss' is L_VAE, without the adversarial
