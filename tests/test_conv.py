@@ -154,21 +154,42 @@ def test_bfloat16_inputs_give_bfloat16_gradients():
   assert float(dx[0, 2, 3, 0]) == 4.0
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(padding='SAME'), dict(padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
-    dict(padding=((1, 1), (1, 1)), feature_group_count=3)])
-def test_other_convolutions_go_to_lax_unchanged(kwargs):
+PAD1 = ((1, 1), (1, 1))
+
+
+@pytest.mark.parametrize('strides, kwargs', [
+    ((1, 1), dict(padding='SAME')), ((1, 1), dict(padding=PAD1, rhs_dilation=(2, 2))),
+    ((1, 1), dict(padding=PAD1, feature_group_count=3)),
+    # Strides that do not divide the 9x9 input: the phase-wise input gradient needs them to.
+    ((2, 2), dict(padding=PAD1)), ((2, 1), dict(padding=PAD1)), ((1, 2), dict(padding=PAD1)),
+    ((1, 1), dict(padding=PAD1, precision=jax.lax.Precision.HIGHEST)),
+    ((1, 1), dict(padding=PAD1, preferred_element_type=jnp.float32))])
+def test_other_convolutions_go_to_lax_unchanged(strides, kwargs):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
   groups = kwargs.get('feature_group_count', 1)
   w = jnp.asarray(rng.standard_normal((3, 3, 3 // groups, 6)), jnp.float32)
   dn = ('NHWC', 'HWIO', 'NHWC')
   f = conv.conv_general_dilated('custom')
-  g = lambda w: jnp.sum(jnp.sin(f(x, w, (1, 1), dimension_numbers=dn, **kwargs)))
-  g_ref = lambda w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
-      x, w, (1, 1), dimension_numbers=dn, **kwargs)))
+  g = lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, dimension_numbers=dn, **kwargs)))
+  g_ref = lambda x, w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, w, strides, dimension_numbers=dn, **kwargs)))
   # No custom rule is involved: the jaxprs of the gradients are the same.
-  assert str(jax.make_jaxpr(jax.grad(g))(w)) == str(jax.make_jaxpr(jax.grad(g_ref))(w))
+  grads, grads_ref = (jax.grad(h, argnums=(0, 1)) for h in (g, g_ref))
+  assert str(jax.make_jaxpr(grads)(x, w)) == str(jax.make_jaxpr(grads_ref)(x, w))
+  # And the gradients can be taken (a custom rule would need the strides to divide).
+  for a, b in zip(grads(x, w), grads_ref(x, w)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_preferred_element_type_is_kept():
+  x = jnp.ones((1, 4, 4, 2), jnp.bfloat16)
+  w = jnp.ones((3, 3, 2, 2), jnp.bfloat16)
+  y = conv.conv_general_dilated('custom')(x, w, (1, 1), PAD1,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                          preferred_element_type=jnp.float32)
+  assert y.dtype == jnp.float32
+  assert float(y[0, 1, 1, 0]) == 18.0  # 3 x 3 taps x 2 channels of ones
 
 
 def test_choice_of_backward_pass_shows_in_the_program():
