@@ -154,8 +154,11 @@ def test_ssim_identity_dssim_and_small_images():
                               use_sample_covariance=False, data_range=1.0, channel_axis=-1)
   np.testing.assert_allclose(losses.dssim(x, jnp.asarray(y[None], jnp.float32)), [1.0 - ref],
                              atol=2e-5)
-  with pytest.raises(ValueError):
-    losses.ssim(jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))
+  # The 11x11 window must fit: one side a pixel short is refused too (not a NaN SSIM).
+  for shape in ((1, 8, 8, 1), (1, 10, 20, 1), (1, 20, 10, 1)):
+    with pytest.raises(ValueError, match='needs images at least that large'):
+      losses.ssim(jnp.zeros(shape), jnp.zeros(shape))
+  assert np.isfinite(losses.ssim(jnp.zeros((1, 11, 20, 1)), jnp.zeros((1, 11, 20, 1)))).all()
 
 
 # ------------------------------------------------------------------------ simple terms
