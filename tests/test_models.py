@@ -2,6 +2,7 @@
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +177,37 @@ def test_batchnorm_running_stats_update_in_train_mode_only():
   # Eval mode is per-sample (running stats); train mode depends on the other samples.
   np.testing.assert_allclose(out['eval_first'], out['eval'][0][:1], atol=1e-6)
   assert not np.allclose(out['train_first_two'], out['train'][0][0], atol=1e-4)
+
+
+def test_every_batchnorm_uses_the_configs_momentum():
+  # With momentum m, one train-mode step from the initial statistics (mean 0, var 1) leaves
+  # running mean = (1 - m) * batch mean and running var = m + (1 - m) * batch variance
+  # (biased) of the BatchNorm's input: the Conv_0 / Dense_0 output of its unit, captured
+  # and reduced here in numpy. Every BatchNorm of both models, so a unit that ignored the
+  # config (or a default of 0.9 that won) shows.
+  c = tiny_config(16, 3, (4, 8))
+  c.model.bn_momentum = 0.5
+  vae, disc, v_vars, d_vars, x, eps = _init(c)
+  is_layer = lambda mdl, name: name == '__call__' and type(mdl).__name__ in ('Conv', 'Dense')
+  _, v_out = vae.apply(v_vars, x, eps, True, mutable=['batch_stats', 'intermediates'],
+                       capture_intermediates=is_layer)
+  _, d_out = disc.apply(d_vars, x, True, mutable=['batch_stats', 'intermediates'],
+                        capture_intermediates=is_layer)
+  checked = 0
+  for out in (v_out, d_out):
+    stats = flax.traverse_util.flatten_dict(out['batch_stats'])
+    inputs = flax.traverse_util.flatten_dict(out['intermediates'])
+    for path, running in stats.items():
+      unit = path[:-2]  # (..., unit, 'BatchNorm_0', 'mean' | 'var')
+      [layer_in] = [v for k, v in inputs.items() if k[:-2] == unit]  # Conv_0 or Dense_0
+      h = np.asarray(layer_in[0], np.float64)
+      h = h.reshape(-1, h.shape[-1])
+      expected = (0.5 * h.mean(0) if path[-1] == 'mean' else 0.5 + 0.5 * h.var(0))
+      np.testing.assert_allclose(running, expected, rtol=1e-4, atol=1e-6, err_msg=str(path))
+      checked += 1
+  # Two stages: the encoder's 4 conv units (two per stage) and 1 dense unit, the decoder's
+  # 2 dense and 4 conv units, the discriminator's 4 conv and 1 dense; a mean and a var each.
+  assert checked == 2 * 16, checked
 
 
 def test_parameter_count_celeba_table_one():
