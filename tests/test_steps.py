@@ -452,7 +452,7 @@ def test_pretrain_gradient_matches_plain_autodiff_of_the_written_out_avae_s_obje
     return -0.5 * (np.log(2 * np.pi) + logvar + (z - mu) ** 2 / jnp.exp(logvar))
 
   def objective(params):
-    (x_rec, _, mu, logvar), _ = vae_state.apply_fn(
+    (x_rec, _, mu, logvar), new_vars = vae_state.apply_fn(
         {'params': params, 'batch_stats': old.batch_stats}, x, eps, True,
         mutable=['batch_stats'])
     z = mu + jnp.exp(0.5 * logvar) * eps
@@ -467,12 +467,17 @@ def test_pretrain_gradient_matches_plain_autodiff_of_the_written_out_avae_s_obje
       log_qz = jax.nn.logsumexp(jnp.sum(per_dim, axis=1) + log_w[i])
       log_prod = jnp.sum(jax.nn.logsumexp(per_dim + log_w[i][:, None], axis=0))
       tc += log_qz - log_prod
-    return jnp.mean(16 * 16 * 3 * rec + kl) + tc / BATCH
+    return jnp.mean(16 * 16 * 3 * rec + kl) + tc / BATCH, new_vars['batch_stats']
 
-  grads = host(jax.jit(jax.grad(objective))(old.params))
+  grads, stats = host(jax.jit(jax.grad(objective, has_aux=True))(old.params))
   for p_old, p_new, gr in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params),
                               jax.tree.leaves(grads)):
     np.testing.assert_allclose(p_old - p_new, gr, rtol=1e-3, atol=1e-4 * np.abs(gr).max())
+  # The step keeps the running statistics of the whole batch (its 4 devices' BatchNorm
+  # statistics averaged), as one device's train-mode pass over the 8 images gives them.
+  assert jax.tree.structure(stats) == jax.tree.structure(new.batch_stats)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(new.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_model_keeps_float32_states():
