@@ -187,6 +187,44 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
       assert metrics[s][k] == ref_metrics[s][k], (s, k)
 
 
+def test_a_log_row_is_the_mean_of_its_steps_and_keep_checkpoints_is_applied(reference,
+                                                                            tmp_path):
+  # BASE logged every 4 steps instead of every step (the same computation): each row is
+  # the mean of the reference's rows of its 4 steps, in both phases; and keep_checkpoints
+  # = 2 leaves the last two of the checkpoints at 4, 8, 12, 16 and 20.
+  _, _, ref_metrics = reference
+  train(dict(BASE, log_every=4, keep_checkpoints=2), tmp_path)
+  assert committed_steps(tmp_path) == [16, 20]
+  metrics = read_metrics(tmp_path)
+  assert sorted(metrics) == [4, 8, 12, 16, 20]
+  for s in metrics:
+    for k in LOSS_KEYS + (DISC_KEYS if s > 12 else ()):
+      window = [ref_metrics[t][k] for t in range(s - 3, s + 1)]
+      assert metrics[s][k] == pytest.approx(np.mean(window), rel=1e-6, abs=1e-9), (s, k)
+
+
+def test_non_finite_values_are_named_with_their_step(caplog):
+  finite = {'loss': np.float32(1.0), 'kl': np.float32(0.5)}
+  trainer._check_finite([(2, finite)])  # nothing to report
+  for value in (np.inf, -np.inf, np.nan):
+    with pytest.raises(trainer.NonFiniteLossError, match=rf'non-finite kl = {value} at step 3;'):
+      trainer._check_finite([(2, finite), (3, dict(finite, kl=np.float32(value)))])
+    with pytest.raises(trainer.NonFiniteLossError,
+                       match=rf'non-finite kl = {value} at probe step 3 of the loss-weight'):
+      trainer._check_finite([(3, dict(finite, kl=np.float32(value)))], calibration=True)
+
+
+def test_calibrated_weights_bring_each_term_to_the_mse_scale():
+  # lambda_i = w_i * mean(MSE) / mean(term_i) by hand, w_i = 1 (the configs); a term whose
+  # probe mean is 0 (nothing to scale) keeps its configured weight.
+  c = make_config(TINY)
+  means = {'mse': 0.5, 'mae': 0.0, 'dssim': 0.25, 'sobel': 1.0, 'gabor': 2.0}
+  assert trainer.calibrated_weights(c, means) == {
+      'mae': 1.0, 'mse': 1.0, 'dssim': 2.0, 'sobel': 0.5, 'gabor': 0.25}
+  c.loss.weights.sobel = 0.0  # off stays off
+  assert trainer.calibrated_weights(c, means)['sobel'] == 0.0
+
+
 def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path):
   # Logs every 4 steps, checkpoints at 6 and 8: a run killed after logging step 8 but
   # before checkpointing it resumes from 6, and its row 8 (which replaces the first) must
