@@ -197,6 +197,11 @@ def test_image_metrics_against_independent_computation(evaluated, model, source)
   cos = (flat_x * flat_r).sum(1) / np.linalg.norm(flat_x, axis=1) / np.linalg.norm(flat_r, axis=1)
   np.testing.assert_allclose(results['rec_mse'], mse.mean(), rtol=1e-4)
   np.testing.assert_allclose(results['rec_cosine_similarity'], cos.mean(), rtol=1e-4)
+  # The spreads over the images (population standard deviations, as the paper's ±).
+  np.testing.assert_allclose(results['rec_sharpness_std'], rec.std(), rtol=1e-4)
+  np.testing.assert_allclose(results['rec_mse_std'], mse.std(), rtol=1e-4)
+  np.testing.assert_allclose(results['rec_cosine_similarity_std'], cos.std(), rtol=1e-3,
+                             atol=1e-7)
   # The samples decode the first N of max(N, GRID**2) codes drawn at once from the
   # evaluation's key.
   key = jax.random.fold_in(jax.random.PRNGKey(0), evaluation._SAMPLE_KEY)  # seed 0
@@ -287,13 +292,19 @@ def test_table_is_laid_out_like_table_iii(evaluated):
           for line in table.splitlines() if line.startswith('| ') and '---' not in line}
   assert rows['Cosine similarity'] == ['1', f'{results["rec_cosine_similarity"]:.6g}']
   assert rows['Mean Squared Error'] == ['0', f'{results["rec_mse"]:.6g}']
-  assert rows['Sharpness (Laplace)'][1].startswith(f'{results["rec_sharpness_mean"]:.6g} ± ')
+  def mean_std(name):
+    return f'{results[name + "_mean"]:.6g} ± {results[name + "_std"]:.4g}'
+  assert rows['Sharpness (Laplace)'] == [mean_std('gt_sharpness'), mean_std('rec_sharpness')]
+  assert rows['Sharpness of random samples (Laplace)'] == ['-', mean_std('sample_sharpness')]
   for d, name in [(64, 'first max pooling'), (192, 'second max pooling'),
                   (768, 'pre-aux classifier'), (2048, 'final average pooling')]:
     assert rows[f'FID - {name} (d={d})'] == ['-', f'{results[f"fid_rec_{d}"]:.6g}']
     assert rows[f'FID of random samples - {name} (d={d})'][1] == \
         f'{results[f"fid_sample_{d}"]:.6g}'
-  assert 'MIG (posterior means vs ground-truth factors)' in rows
+  # MIG, and the shuffled codes' score beside it in the text (two different numbers).
+  assert results['mig'] != results['mig_shuffled']
+  assert rows['MIG (posterior means vs ground-truth factors)'] == ['-', f'{results["mig"]:.6g}']
+  assert f'score {results["mig_shuffled"]:.6g}' in table
   assert f'FID: {N} real images' in table
 
 
