@@ -138,6 +138,21 @@ def test_encode_decode_shapes(model, images):
   np.testing.assert_allclose(odd, x[:3], atol=1e-5)
 
 
+def test_encode_returns_the_mu_head_then_the_logvar_head(model, images):
+  # The outputs of the encoder's Dense layers named mu and logvar, captured from the
+  # module run directly (not through the API's programs).
+  is_head = lambda mdl, name: name == '__call__' and mdl.name in ('mu', 'logvar')
+  _, state = model.module.apply(jax.device_get(model.variables), _np(images), False,
+                                method='encode', capture_intermediates=is_head,
+                                mutable=['intermediates'])
+  heads = state['intermediates']['encoder']
+  mu, logvar = model.encode(images)
+  np.testing.assert_allclose(_np(mu), np.asarray(heads['mu']['__call__'][0]), atol=1e-5)
+  np.testing.assert_allclose(_np(logvar), np.asarray(heads['logvar']['__call__'][0]),
+                             atol=1e-5)
+  assert not np.allclose(_np(mu), _np(logvar), atol=1e-3)
+
+
 def test_reconstruct_is_decode_of_posterior_mean(model, images):
   mu, _ = model.encode(images)
   np.testing.assert_allclose(_np(model.reconstruct(images)), _np(model.decode(mu)), atol=1e-5)
