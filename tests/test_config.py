@@ -225,6 +225,9 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   assert c.eval.num_images == 12 and isinstance(c.eval.num_images, int)
   assert c.loss.kl_weight == 2.0 and isinstance(c.loss.kl_weight, float)
   assert tuple(c.model.widths) == (4, 8) and c.dataset == 'shapes'
+  # One number for a tuple field is a tuple of one (as absl's own parser makes it).
+  config_lib.apply_overrides(c, [('--config.model.widths', '8')])
+  assert tuple(c.model.widths) == (8,)
   # Booleans in absl's words, as with a --config file.
   config_lib.apply_overrides(c, [('--config.eval.fid', 'T'), ('--config.calibrate.enabled', 'f')])
   assert c.eval.fid is True and c.calibrate.enabled is False
@@ -492,6 +495,8 @@ def test_valid_edge_values_pass():
   c.batch_size = 12
   c.seed = 2**32 - 1            # the largest seed the PRNG keys tell apart
   c.model.bn_momentum = 1.0
+  c.keep_checkpoints = 0        # keep every checkpoint
+  c.eval_fraction = 0.0         # no split held out of an arrays/folder dataset
   config_lib.validate(c, num_devices=3)
   config_lib.validate(c, num_devices=4)
 

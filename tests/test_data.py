@@ -48,6 +48,9 @@ def _no_env_cache(monkeypatch):
 
 def test_crop_box_is_centred():
   assert data.crop_box(218, 178, 140) == (39, 19, 140)
+  # Odd margins round down: (219 - 140) // 2 = 39 rows above, (31 - 20) // 2 = 5.
+  assert data.crop_box(219, 178, 140) == (39, 19, 140)
+  assert data.crop_box(31, 50, 20) == (5, 15, 20)
   assert data.crop_box(218, 178, 0) == (20, 0, 178)
   with pytest.raises(data.DataError, match='crop_size'):
     data.crop_box(28, 28, 30)

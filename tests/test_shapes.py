@@ -89,6 +89,16 @@ def test_source_fields_and_range():
   assert x.min() == 0.0 and 0.9 < x.max() <= 1.0
   # The grids index the factors: every factor's values grid is as long as its range.
   assert [len(v) for v in src.factor_values] == [4, 4, 5, 8, 8, 6]
+  # The values, as the module's docstring gives them: 4 radii 0.55 .. 1.0 of the largest,
+  # 5 angles in [0, 90) degrees (every 18, in radians), centres 0.28 .. 0.72 of the side.
+  shape, scale, rotation, x_pos, y_pos, colour = src.factor_values
+  np.testing.assert_array_equal(shape, [0, 1, 2, 3])
+  np.testing.assert_allclose(scale, [0.55, 0.7, 0.85, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(rotation, np.deg2rad([0, 18, 36, 54, 72]), rtol=1e-6)
+  for pos in (x_pos, y_pos):
+    np.testing.assert_allclose(pos, 0.28 + 0.44 / 7 * np.arange(8), rtol=1e-6)
+  np.testing.assert_array_equal(colour, [EXPECTED_RGB[n] for n in
+                                         ('white', 'red', 'green', 'blue', 'yellow', 'cyan')])
 
 
 def test_factors_cover_their_ranges():
