@@ -334,6 +334,38 @@ def test_table_iii_cells_over_fewer_seeds_than_finished_say_so():
   assert row.endswith('| - | - | - |')
 
 
+def test_claims_point_the_way_the_paper_means():
+  # Sharper, more similar and more disentangled is better; error and distance are worse.
+  better = {'rec_sharpness_mean': 'higher', 'sample_sharpness_mean': 'higher',
+            'rec_cosine_similarity': 'higher', 'mig': 'higher', 'rec_mse': 'lower'}
+  claims = study_report.claims()
+  for claim in claims:
+    expected = 'lower' if claim.key.startswith('fid_') else better[claim.key]
+    assert claim.better == expected, claim
+  assert {c.key for c in claims} >= set(better) | {'fid_rec_2048', 'fid_sample_2048'}
+
+
+def test_table_iii_rows_read_their_own_metrics():
+  # Every metric a distinct value, so a row that read another metric shows it.
+  keys = ('rec_sharpness_mean', 'rec_sharpness_std', 'sample_sharpness_mean',
+          'sample_sharpness_std', 'rec_mse', 'rec_cosine_similarity', 'gt_sharpness_mean',
+          'gt_sharpness_std')
+  runs = [_run('vae', s, **{k: (i + 1) * 10.0 + s for i, k in enumerate(keys)})
+          for s in range(2)]
+  lines = study_report.table_iii(runs, 'shapes', ['vae']).splitlines()
+
+  def cell(label):
+    [row] = [l for l in lines if l.startswith(f'| {label} |')]
+    return row.split('|')[3].strip()
+  for label, k in (('Sharpness (Laplace) of reconstructions', 'rec_sharpness_mean'),
+                   ('Sharpness (Laplace) of random samples', 'sample_sharpness_mean'),
+                   ('Mean Squared Error', 'rec_mse'),
+                   ('Cosine similarity', 'rec_cosine_similarity')):
+    values = [(keys.index(k) + 1) * 10.0 + s for s in range(2)]
+    sd = statistics.stdev(values)
+    assert cell(label) == f'{statistics.mean(values):.4g} ± {sd:.2g}', (label, cell(label))
+
+
 def test_check_claim_pairs_seeds():
   # higher is better: differences a - b per seed = +1, +1, -1 (seed 3 has no partner).
   runs = [_run('vae_s', 0, x=1.0), _run('vae_s', 1, x=2.0), _run('vae_s', 2, x=3.0),
@@ -347,8 +379,10 @@ def test_check_claim_pairs_seeds():
   assert r['rel'] == pytest.approx(2.0 / (5 / 3) - 1)
   assert r['verdict'] == 'holds on average (2/3 seeds)'
   lower = study_report.Claim('t', 'x', 'lower', 'vae_s', 'vae')
-  assert study_report.check_claim(runs, 'shapes', lower)['verdict'] == \
-      'does not hold on average (1/3 seeds)'
+  r = study_report.check_claim(runs, 'shapes', lower)
+  assert r['verdict'] == 'does not hold on average (1/3 seeds)'
+  # The paired difference is a - b whichever way is better (the table's "Δ (a − b)").
+  assert r['diff_mean'] == pytest.approx(1 / 3) and r['wins'] == 1
   # "Equal or lower" with a 0.5% increase on every seed counts as equal.
   runs = [_run('avae', s, m=1.005) for s in range(2)] + [_run('vae', s, m=1.0) for s in range(2)]
   eq = study_report.Claim('t', 'm', 'lower', 'avae', 'vae', or_equal=True)
