@@ -352,6 +352,11 @@ def test_merge_twin_runs_takes_medians():
   assert merged['runs'] == 3 and merged['device'] == 'cpu'
   with pytest.raises(ValueError):
     benchmarking.merge_twin_runs([])
+  # A run without a step's time (the twin not asked for it) is left out of its median.
+  runs = [{'pretrain_step_s': 1.0, 'adversarial_step_s': 2.0}, {'pretrain_step_s': 3.0},
+          {'pretrain_step_s': 2.0, 'adversarial_step_s': 4.0}]
+  merged = benchmarking.merge_twin_runs(runs)
+  assert merged['pretrain_step_s'] == 2.0 and merged['adversarial_step_s'] == 3.0
 
 
 def test_add_twin_ratio():
@@ -391,6 +396,8 @@ def test_table_shows_a_gpu_step_s_figures():
              twin_median_step_s=0.0139, twin_ratio=0.0139 / 0.006191)
   line = benchmarking.format_table([row]).splitlines()[2].split()
   assert line[:5] == ['pretrain_step', '0.00619', '0.00624', '0.00601', '0.00644']
+  # images/s, compile s, GFLOP (2.2e9 FLOPs) and GFLOP/s (3.5e11 FLOP/s).
+  assert line[5:9] == ['10000.0', '20.0', '2.2', '350.0']
   assert line[-3:] == ['0.085%', '0.0139', '2.25']
   row['peak_fraction'] = 0.18
   assert '18%' in benchmarking.format_table([row]).splitlines()[2].split()

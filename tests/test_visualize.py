@@ -107,6 +107,13 @@ def test_latent_interpolation():
   np.testing.assert_allclose(path[3], (z0 + z1) / 2, rtol=1e-6, atol=1e-6)
   # A (1, D) code, as the encoder returns it, works the same.
   np.testing.assert_array_equal(visualize.latent_interpolation(z0[None], z1[None], 7), path)
+  # Two codes are not one: refused, not cut to the first.
+  with pytest.raises(ValueError, match='must be one latent code'):
+    visualize.latent_interpolation(np.zeros((2, 3)), np.zeros((2, 3)), 3)
+  # float64 codes keep their precision.
+  path = visualize.latent_interpolation(np.array([0.1]), np.array([0.3]), 3)
+  assert path.dtype == np.float64
+  np.testing.assert_allclose(path[:, 0], [0.1, 0.2, 0.3], rtol=1e-15)
 
 
 def test_latent_traversal_changes_only_chosen_dims():
@@ -153,3 +160,10 @@ def test_reconstructions_bad_counts_are_clear_errors():
   np.testing.assert_array_equal(out, np.zeros((2 * 3 + 1, 1 * 3 + 1, 1), np.uint8))
   out = visualize.reconstructions(x, x, n=0, pad_value=1.0)
   np.testing.assert_array_equal(out, np.full((2 * 3 + 1, 1 * 3 + 1, 1), 255, np.uint8))
+  # Fewer reconstructions than inputs: the pairs there are, 2 of them in a row of 2 cells
+  # of 2x2 pixels (pad 1): 2 * 3 + 1 = 7 pixels each way.
+  x = np.full((3, 2, 2, 1), 0.5, np.float32)
+  x_rec = np.full((2, 2, 2, 1), 0.2, np.float32)
+  out = visualize.reconstructions(x, x_rec, n=3)
+  assert out.shape == (7, 7, 1)
+  assert out[1, 1, 0] == 128 and out[4, 1, 0] == 51  # round(0.5 * 255), round(0.2 * 255)
