@@ -148,6 +148,26 @@ def test_folder_channel_conversion(tmp_path):
   np.testing.assert_allclose(three[0], np.repeat(gray[..., None], 3, -1) / 255.0, atol=1e-6)
 
 
+def test_sixteen_bit_gray_pngs_are_scaled_to_bytes(tmp_path):
+  # round(a / 65535 * 255); none a multiple of 257, which a wrong scale would wrap back.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  a = np.array([[0, 1000], [30000, 65535]], np.uint16)
+  Image.fromarray(a).save(tmp_path / 'deep.png')
+  with Image.open(tmp_path / 'deep.png') as im:
+    assert im.mode.startswith('I;16') or im.mode == 'I', im.mode
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / 'deep.png'))[..., 0],
+                                [[0, 4], [117, 255]])
+
+
+def test_hidden_files_are_not_images(tmp_path):
+  # macOS leaves '._name.png' resource forks beside the images: not PNGs at all.
+  _write_png(str(tmp_path / 'd' / 'a.png'), np.full((16, 16), 100, np.uint8))
+  (tmp_path / 'd' / '._a.png').write_bytes(b'\x00\x05\x16\x07 not an image')
+  assert data._list_images(str(tmp_path / 'd')) == [str(tmp_path / 'd' / 'a.png')]
+  src = data.load(_config(dataset=f'folder:{tmp_path / "d"}', channels=1, eval_fraction=0.0))
+  np.testing.assert_allclose(src.get([0])[0, ..., 0], 100 / 255.0, atol=1e-6)
+
+
 def test_folder_lists_each_directory_once_through_symlinks(tmp_path):
   values = {'faces/a/0.png': 10, 'faces/b/1.png': 20, 'other/2.png': 30}
   for name, v in values.items():
@@ -288,6 +308,9 @@ def test_arrays_idx_float_big_endian(tmp_path):
     f.write(_idx_bytes(x, 0x0D))
   assert data.read_idx(str(tmp_path / 'images.idx.gz')).dtype.isnative
   np.testing.assert_array_equal(data.read_idx(str(tmp_path / 'images.idx.gz')), x)
+  (tmp_path / 'plain.idx').write_bytes(_idx_bytes(x, 0x0D))  # read through a memmap
+  assert data.read_idx(str(tmp_path / 'plain.idx')).dtype.isnative
+  np.testing.assert_array_equal(data.read_idx(str(tmp_path / 'plain.idx')), x)
   src = data.load(_config(dataset=f'arrays:{tmp_path / "images.idx.gz"}', channels=1,
                           eval_fraction=0.0))
   np.testing.assert_array_equal(src.get([0, 1, 2])[..., 0], x)
@@ -350,9 +373,12 @@ def test_arrays_errors(tmp_path):
   np.save(tmp_path / 'big.npy', np.full((4, 8, 8), 200.0, np.float32))
   with pytest.raises(data.DataError, match=r'\[0, 1\]'):
     data.load(_config(dataset=f'arrays:{tmp_path / "big.npy"}'))
-  (tmp_path / 'x.idx').write_bytes(b'\x01\x02\x08\x03' + b'\x00' * 12)
-  with pytest.raises(data.DataError, match='not an idx file'):
-    data.load(_config(dataset=f'arrays:{tmp_path / "x.idx"}'))
+  # Magic 0x0000 then a dtype code: one wrong byte is enough.
+  for magic in (b'\x01\x02\x08\x03', b'\x00\x01\x08\x03', b'\x01\x00\x08\x03',
+                b'\x00\x00\x07\x03'):
+    (tmp_path / 'x.idx').write_bytes(magic + b'\x00' * 12)
+    with pytest.raises(data.DataError, match='not an idx file'):
+      data.load(_config(dataset=f'arrays:{tmp_path / "x.idx"}'))
   (tmp_path / 'short.idx').write_bytes(_idx_bytes(np.zeros((2, 4, 4), np.uint8), 0x08)[:-5])
   with pytest.raises(data.DataError, match='truncated'):
     data.load(_config(dataset=f'arrays:{tmp_path / "short.idx"}'))
