@@ -729,6 +729,48 @@ def test_a_coordinator_address_without_a_port_is_a_clear_error(monkeypatch, addr
   assert not jax.distributed.is_initialized()
 
 
+def test_initialize_passes_the_timeouts_and_binds_a_local_coordinator_to_loopback(
+    monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+               distributed.ENV_PROCESS_ID, distributed.ENV_AUTO, distributed.ENV_TIMEOUT,
+               'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(name, raising=False)
+  calls = []
+
+  class Recorded(Exception):
+    pass
+
+  def record(**kwargs):
+    calls.append(kwargs)
+    raise Recorded  # nothing is started
+  monkeypatch.setattr(jax.distributed, 'initialize', record)
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)
+  for address in ('127.0.0.2:1234', '10.0.0.2:1234'):
+    with pytest.raises(Recorded):
+      distributed.initialize(address, num_processes=2, process_id=0, timeout_s=10)
+  local, remote = calls
+  # The shutdown timeout has a floor of distributed._MIN_SHUTDOWN_TIMEOUT_S (300 s).
+  timeouts = dict(initialization_timeout=10, heartbeat_timeout_seconds=10,
+                  shutdown_timeout_seconds=300)
+  assert local == dict(coordinator_address='127.0.0.2:1234', num_processes=2, process_id=0,
+                       coordinator_bind_address='127.0.0.2:1234', **timeouts)
+  assert remote == dict(coordinator_address='10.0.0.2:1234', num_processes=2, process_id=0,
+                        **timeouts)
+  with pytest.raises(distributed.DistributedConfigError, match=r'must be > 0 s, got 0'):
+    distributed.initialize('10.0.0.2:1234', num_processes=2, process_id=0, timeout_s=0)
+
+
+@pytest.mark.parametrize('hosts, multihost', [('', False), ('10.0.0.1', False),
+                                              ('10.0.0.1,', False),
+                                              ('10.0.0.1,10.0.0.2', True)])
+def test_only_a_pod_slice_of_several_workers_is_multihost(monkeypatch, hosts, multihost):
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', hosts)
+  assert distributed.on_multihost_tpu() is multihost
+
+
 @pytest.mark.parametrize('address', ['10.0.0.2:1234', 'localhost:8476', '[::1]:1234',
                                      'host.example.com:65535'])
 def test_addresses_with_a_port_pass_the_check(address):
