@@ -305,6 +305,14 @@ def test_launcher_usage_errors(flags, message):
   assert f'launch.py: error: {message}' in proc.stderr
 
 
+def test_a_process_killed_by_a_signal_gives_the_shells_status():
+  # 128 + 9 for SIGKILL, as a shell reports it (Popen's return code is -9).
+  proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -9 $$'], grace_s=0),
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 137, proc.stderr
+  assert '[launch] process 0 was killed by SIGKILL' in proc.stderr
+
+
 def test_a_program_that_cannot_be_run_is_a_clear_error(tmp_path):
   # It was Popen's traceback, with exit status 1.
   missing = subprocess.run(_launch_args(2, 1, [str(tmp_path / 'no_such_program'), 'x']),
