@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 import zlib
 
@@ -816,6 +817,22 @@ def test_prefetch_close_stops_the_thread():
   assert not _prefetch_threads() - before
   with pytest.raises(StopIteration):
     next(it)
+
+
+def test_prefetch_reads_at_most_size_batches_ahead():
+  pulled = []
+
+  def counted():
+    for i in range(100):
+      pulled.append(i)
+      yield np.full((1, 2), i, np.float32)
+  with data.prefetch_to_devices(counted(), jax.devices()[:1], size=2) as it:
+    np.testing.assert_array_equal(np.asarray(next(it)), [[0.0, 0.0]])
+    # Time for the producer to run ahead as far as it may: the batch taken, `size` in the
+    # queue and one waiting to be put.
+    time.sleep(1.0)
+    assert len(pulled) <= 1 + 2 + 1, len(pulled)
+    np.testing.assert_array_equal(np.asarray(next(it)), [[1.0, 1.0]])
 
 
 def test_prefetcher_dropped_without_close_stops_its_thread():
