@@ -133,6 +133,34 @@ def test_a_torchscript_file_without_layer_attributes_is_a_value_error():
     inception._convert_script(root, 'weights.pt')
 
 
+def test_state_dict_conversion_puts_every_tensor_in_its_place():
+  # A synthetic pytorch-fid state dict: OIHW kernels of distinct values, and four different
+  # vectors per BatchNorm. Checked element by element against the layouts by hand (flax
+  # HWIO: kernel[a, b, c, d] = weight[d, c, a, b]), not against the code's transpose.
+  shapes = inception._param_shapes()
+  rng = np.random.default_rng(0)
+  sd = {'fc.weight': np.zeros((2, 2), np.float32)}  # the classifier is left out
+  for tv_name, _ in inception._layer_pairs():
+    h, w, i, o = shapes[tv_name.replace('.', '/') + '/kernel']
+    sd[f'{tv_name}.conv.weight'] = np.arange(o * i * h * w, dtype=np.float32).reshape(
+        o, i, h, w)
+    for k in ('weight', 'bias', 'running_mean', 'running_var'):
+      sd[f'{tv_name}.bn.{k}'] = rng.standard_normal(o).astype(np.float32)
+  params = inception._convert_state_dict(sd, 'synthetic')
+  for tv_name, _ in inception._layer_pairs():
+    layer = params
+    for part in tv_name.split('.'):
+      layer = layer[part]
+    weight = sd[f'{tv_name}.conv.weight']
+    o, i, h, w = weight.shape
+    assert layer['kernel'].shape == (h, w, i, o)
+    for a, b, c, d in ((0, w - 1, i - 1, 0), (h - 1, 0, 0, o - 1), (h // 2, w // 2, i // 2, 1)):
+      assert layer['kernel'][a, b, c, d] == weight[d, c, a, b], (tv_name, a, b, c, d)
+    for flax_name, torch_name in (('scale', 'weight'), ('bias', 'bias'),
+                                  ('mean', 'running_mean'), ('var', 'running_var')):
+      np.testing.assert_array_equal(layer[flax_name], sd[f'{tv_name}.bn.{torch_name}'])
+
+
 def test_missing_weights_message(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m avae_jax.inception fetch'):
     inception.load_params(str(tmp_path / 'nope.npz'))
