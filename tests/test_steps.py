@@ -358,6 +358,33 @@ def test_step_config_from_config():
   assert not steps.StepConfig.from_config(config, 10).disc_backward_in_branch
   config.model.conv_backward = 'custom'
   assert steps.StepConfig.from_config(config, 10).disc_backward_in_branch
+  # The loss weights and gate thresholds each from their own field (all 1.0, or 0.7 and
+  # 0.5, by default, where a mix-up would not show).
+  config.loss.kl_weight, config.loss.tc_weight, config.loss.adversarial_weight = 0.25, 0.5, 2.0
+  config.gating.train_disc_below, config.gating.train_vae_above = 0.65, 0.45
+  cfg = steps.StepConfig.from_config(config, 10)
+  assert (cfg.kl_weight, cfg.tc_weight, cfg.adversarial_weight) == (0.25, 0.5, 2.0)
+  assert (cfg.train_disc_below, cfg.train_vae_above) == (0.65, 0.45)
+
+
+def test_the_tc_weight_scales_the_total_correlation_in_the_loss():
+  # L_VAE = mean(scale * L_REC + kl_weight * KL) + tc_weight * TC, from the step's own
+  # metrics (computed before its update, from one state and key). At scale 1 the TC term
+  # is not lost in float32 rounding of a loss of thousands.
+  config, (vae_state, _) = initial_states('avae_s', GATE_LR)
+  cfg = dataclasses.replace(steps.StepConfig.from_config(config, dataset_size=1000),
+                            kl_weight=0.25, reconstruction_scale=1.0)
+  x, key = real_images(), jax.random.key(3)
+  devs = jax.devices()[:NUM_DEVICES]
+  m = {}
+  for tc_weight in (0.5, 0.0):
+    c = dataclasses.replace(cfg, tc_weight=tc_weight)
+    _, metrics = mapped(c).pretrain(parallel.replicate(vae_state, devs), split(x), key)
+    m[tc_weight] = {k: float(v) for k, v in metrics.items()}
+  assert m[0.0]['loss'] == pytest.approx(m[0.0]['rec'] + 0.25 * m[0.0]['kl'], rel=1e-5)
+  assert 'tc' not in m[0.0] and abs(m[0.5]['tc']) > 1e-3  # not computed at weight 0
+  assert m[0.5]['loss'] - m[0.0]['loss'] == pytest.approx(0.5 * m[0.5]['tc'], rel=1e-4,
+                                                          abs=1e-5)
 
 
 def test_create_train_states_rejects_mismatched_images():
