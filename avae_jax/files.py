@@ -7,7 +7,8 @@ wrote them into a local folder named `gs:`, and eval.py on another machine found
 config.json. JSON, text and PNG files are written under a temporary name and then renamed,
 so that a crash or a full disk never leaves half a file (on an object store the rename is
 a copy and a delete).
-`exclusive` is the lock that keeps a second training run out of a local workdir.
+`exclusive` is the lock that keeps a second training run out of a local workdir;
+`is_held` says whether a live process holds it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,23 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def is_held(directory: PathLike, lock_file: str = LOCK_FILE) -> bool:
+  """Whether a live process holds `exclusive`'s lock on DIRECTORY/`lock_file`."""
+  try:
+    f = open(os.path.join(os.fspath(directory), lock_file), encoding='utf-8')
+  except OSError:
+    return False
+  with f:
+    # The kernel drops the lock of a killed process: taking it (for an instant, shared so
+    # that two lookers do not exclude each other) fails only while its holder lives.
+    try:
+      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 @contextlib.contextmanager

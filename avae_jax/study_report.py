@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -29,6 +28,8 @@ import shutil
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from avae_jax import files
 
 VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
@@ -130,19 +131,7 @@ def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
 
 def is_being_trained(workdir: str) -> bool:
   """Whether a process holds the run's RUN_LOCK, i.e. a study.py process is training it."""
-  try:
-    f = open(os.path.join(workdir, RUN_LOCK), encoding='utf-8')
-  except OSError:
-    return False
-  with f:
-    # The kernel drops the lock of a killed process: taking it (for an instant, shared so
-    # that two reports do not exclude each other) fails only while its holder lives.
-    try:
-      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      return True
-    fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+  return files.is_held(workdir, RUN_LOCK)
 
 
 def session_s(info: Mapping[str, Any]) -> float:
