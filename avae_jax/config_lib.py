@@ -25,7 +25,7 @@ TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 TC_ESTIMATORS = ('mws', 'mss')
 SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (DESIGN.md §3)
-CONV_BACKWARDS = ('auto', 'xla', 'custom')  # conv.BACKWARDS, without importing JAX here
+CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.BACKWARDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-BACKWARDS = ('auto', 'xla', 'custom')
+from avae_jax import config_lib
+
+BACKWARDS = config_lib.CONV_BACKWARDS  # config_lib checks configs without JAX
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # The same as flax's dimension numbers for 2-D NHWC inputs and HWIO kernels.
 _NHWC_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
