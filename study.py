@@ -62,10 +62,8 @@ _MAX_HOURS = flags.DEFINE_float(
 STUDY_FILE = 'study.json'
 REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
 RUN_FILE = 'study_run.json'
-RUN_LOCK = 'study_run.lock'  # held by the study.py process training the run
 CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
-RUNNING = 'running'  # a run's status while a session trains it (avae_jax/study_report.py)
 HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.json
 
 
@@ -215,20 +213,21 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   A run that another study.py process is training (processes sharing OUT with overlapping
   --datasets/--variants) is skipped, its study_run.json left to that process.
   """
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  from avae_jax import files, study_report  # pylint: disable=g-import-not-at-top
   workdir = run_dir(out, dataset, variant, seed)
   if is_finished(workdir):
     return 'done'
   os.makedirs(workdir, exist_ok=True)
+  lock = study_report.RUN_LOCK  # the report probes it to tell a run in progress
   with contextlib.ExitStack() as stack:
     try:
       try:
-        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
+        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=lock))
       except files.LockedError:
         # A report being written holds the lock for an instant to see whether a run
         # recorded as running still is (study_report.is_being_trained): once more.
         time.sleep(0.5)
-        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK))
+        stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=lock))
     except files.LockedError as e:
       # Without this the trainer's own lock made it a failed run, and this process wrote
       # that failure over the study_run.json of the process training it.
@@ -243,8 +242,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
 
 def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
-  """train_one's work, in a workdir whose RUN_LOCK this process holds."""
-  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
+  from avae_jax import study_report, trainer  # pylint: disable=g-import-not-at-top
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
   workdir = run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, RUN_FILE)
@@ -252,7 +251,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   info['sessions'] += 1
   # Recorded before training: a process killed outright (SIGKILL, out of memory) never
   # writes the record below, and the report would show the run's previous status.
-  info.update(status=RUNNING, started=time.time())
+  info.update(status=study_report.RUNNING, started=time.time())
   info['alive'] = info['started']
   info.pop('finished', None)
   _write_json(info_path, info)
@@ -290,15 +289,15 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
 def _read_run_info(info_path: str) -> dict[str, Any]:
   """A run's study_run.json, with the time of a session that was killed counted in.
 
-  Called with the run's RUN_LOCK held, so a session still recorded as running is not
-  running anywhere: its process was killed. Its time up to its last heartbeat joins
+  Called with the run's study_report.RUN_LOCK held, so a session still recorded as running
+  is not running anywhere: its process was killed. Its time up to its last heartbeat joins
   wall_s (a lower bound of what it ran), and killed_sessions counts it.
   """
   from avae_jax import study_report  # pylint: disable=g-import-not-at-top
   if not os.path.exists(info_path):
     return {'wall_s': 0.0, 'sessions': 0}
   info = _read_json(info_path)
-  if info.get('status') == RUNNING:
+  if info.get('status') == study_report.RUNNING:
     info['wall_s'] += study_report.session_s(info)  # as the report counts it
     info['killed_sessions'] = int(info.get('killed_sessions', 0)) + 1
     info['status'] = 'interrupted (process killed)'
@@ -336,11 +335,11 @@ def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
 
 def _record_failure(workdir: str, status: str) -> None:
   """Records in the run's study_run.json why it could not start (the report shows it)."""
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  from avae_jax import files, study_report  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   info_path = os.path.join(workdir, RUN_FILE)
   try:
-    with files.exclusive(workdir, 'study.py', lock_file=RUN_LOCK):
+    with files.exclusive(workdir, 'study.py', lock_file=study_report.RUN_LOCK):
       info = _read_run_info(info_path)
       info.pop('error', None)  # an earlier session's traceback, not this failure's
       info.update(status=status, finished=time.time())

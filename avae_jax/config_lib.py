@@ -230,6 +230,11 @@ def joined_overrides(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def _flags_end(argv: Sequence[str]) -> int:
+  """The index of argv's '--', after which absl reads no flags (len(argv) without one)."""
+  return argv.index('--') if '--' in argv else len(argv)
+
+
 def _last_overrides_win(argv: Sequence[str]) -> list[str]:
   """argv with only the last of each repeated --config.FIELD override, in the = form.
 
@@ -239,7 +244,7 @@ def _last_overrides_win(argv: Sequence[str]) -> list[str]:
   repeats would be appended likewise.
   """
   argv = joined_overrides(argv)
-  end = argv.index('--') if '--' in argv else len(argv)
+  end = _flags_end(argv)
 
   def is_override(i: int, a: str) -> bool:
     return 0 < i < end and a.startswith('--config.') and '=' in a
@@ -307,7 +312,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
   Every form absl reads counts (joined_overrides); nothing after a '--' does.
   """
   argv = joined_overrides(argv)
-  end = argv.index('--') if '--' in argv else len(argv)
+  end = _flags_end(argv)
   rest, overrides = [argv[0]], []
   for i, a in enumerate(argv[1:], 1):
     if i < end and a.startswith('--config.'):

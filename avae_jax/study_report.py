@@ -42,8 +42,8 @@ FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
 REPORT = 'results.md'
 FIGURE_DIR = 'results'
 POSTERIOR_FILE = 'study_posterior.json'
-RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run (study.RUN_LOCK)
-RUNNING = 'running'  # study_run.json's status while a session trains the run (study.RUNNING)
+RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run
+RUNNING = 'running'  # study_run.json's status while a session trains the run
 # A latent dimension is "active" (Burda et al. 2016) when Var_x(E[z_j|x]) > 0.01.
 ACTIVE_THRESHOLD = 0.01
 

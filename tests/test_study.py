@@ -886,11 +886,6 @@ def test_a_killed_session_is_reported_with_its_time_and_a_rerun_takes_over(tmp_p
   assert study_report.wall_time(info) == (info['wall_s'], True)
 
 
-def test_report_lock_and_status_names_match_the_study():
-  import study  # pylint: disable=g-import-not-at-top
-  assert study.RUN_LOCK == study_report.RUN_LOCK and study.RUNNING == study_report.RUNNING
-
-
 def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, monkeypatch):
   # VAE seed 0 failed before its first log line and AVAE seed 0 before its adversarial
   # phase: the loss-scale table had no VAE rows, and neither model a thick curve.
