@@ -34,8 +34,8 @@ import numpy as np
 
 from avae_jax import checkpoint
 from avae_jax import config_lib
-from avae_jax import data
 from avae_jax import files
+from avae_jax import metrics
 from avae_jax import models
 from avae_jax import steps
 
@@ -263,7 +263,7 @@ class TrainedModel:
   def _images(self, images: Any, what: str = 'images') -> jax.Array:
     """Checks (B, H, W, C) images of the model's shape; returns them float32 on device.
 
-    Float images must lie in [0, 1] (up to data.RANGE_TOLERANCE); uint8 images (as PIL and
+    Float images must lie in [0, 1] (up to metrics.RANGE_TOLERANCE); uint8 images (as PIL and
     image files give them) are scaled from 0..255, as the data pipeline does.
     """
     x = images if isinstance(images, jax.Array) else np.asarray(images)
@@ -279,7 +279,7 @@ class TrainedModel:
       xp = jnp if isinstance(x, jax.Array) else np
       lo, hi, nan = ((float(v) for v in jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
                      if x.size else (0, 0, 0))
-      data.check_unit_range(math.nan if nan else lo, hi, what, error=ValueError)
+      metrics.check_unit_range(math.nan if nan else lo, hi, what)
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
                        f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')

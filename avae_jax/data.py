@@ -70,6 +70,7 @@ import numpy as np
 
 from avae_jax import files
 from avae_jax import filters
+from avae_jax import metrics
 from avae_jax import shapes as shapes_lib
 
 LUMA = np.array(filters.LUMA, dtype=np.float32)
@@ -146,31 +147,10 @@ class Source:
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.
 _RANGE_SCAN_BYTES = 1 << 30
-# How far outside [0, 1] float images may stray (float rounding).
-RANGE_TOLERANCE = 1e-6
-
-
-def check_unit_range(lo: float, hi: float, what: str,
-                     error: type[ValueError] = DataError) -> None:
-  """Raises `error` unless float images of minimum lo and maximum hi lie in [0, 1].
-
-  A NaN image must arrive as a NaN lo or hi (numpy's min and max give it; XLA:CPU's skip
-  NaNs), since NaN fails no comparison. RANGE_TOLERANCE allows for float rounding.
-  """
-  if np.isnan(lo) or np.isnan(hi):
-    raise error(f'{what}: float images must lie in [0, 1], found NaN')
-  if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
-    # Enough digits to show the offending value (1.000002 is not "1"); the hint fits
-    # images on the 0..255 scale, not a float overshoot, which wants clipping.
-    hint = 'divide by 255?' if hi > 2.0 else 'clip to [0, 1]?'
-    raise error(f'{what}: float images must lie in [0, 1], found values in '
-                f'[{float(lo):.9g}, {float(hi):.9g}] ({hint})')
-
-
 def _check_range(x: np.ndarray, what: str) -> None:
   """DataError unless the float images x lie in [0, 1] (up to float rounding)."""
   if x.size:
-    check_unit_range(x.min(), x.max(), what)
+    metrics.check_unit_range(x.min(), x.max(), what, error=DataError)
 
 
 def _array_reader(images: np.ndarray, scale: float,

@@ -26,13 +26,46 @@ def check_image_dtype(dtype: Any, what: str = 'images') -> None:
     raise ValueError(f'{what}: expected uint8 images or floats in [0, 1], got dtype {dtype}')
 
 
-def unit_floats(images: Any, dtype: Any = np.float64) -> np.ndarray:
-  """Images as floats on the [0, 1] scale: uint8 divided by 255, floats as they are."""
+# How far outside [0, 1] float images may stray (float rounding).
+RANGE_TOLERANCE = 1e-6
+
+
+def check_unit_range(lo: float, hi: float, what: str,
+                     error: type[ValueError] = ValueError) -> None:
+  """Raises `error` unless float images of minimum lo and maximum hi lie in [0, 1].
+
+  A NaN image must arrive as a NaN lo or hi (numpy's min and max give it; XLA:CPU's skip
+  NaNs), since NaN fails no comparison. RANGE_TOLERANCE allows for float rounding.
+  """
+  if np.isnan(lo) or np.isnan(hi):
+    raise error(f'{what}: float images must lie in [0, 1], found NaN')
+  if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+    # Enough digits to show the offending value (1.000002 is not "1"); the hint fits
+    # images on the 0..255 scale, not a float overshoot, which wants clipping.
+    hint = 'divide by 255?' if hi > 2.0 else 'clip to [0, 1]?'
+    raise error(f'{what}: float images must lie in [0, 1], found values in '
+                f'[{float(lo):.9g}, {float(hi):.9g}] ({hint})')
+
+
+def unit_floats(images: Any, dtype: Any = np.float64, what: str = 'images') -> np.ndarray:
+  """Images as floats on the [0, 1] scale: uint8 divided by 255, floats as they are.
+
+  Float images outside [0, 1] are refused (ValueError): sharpness scales with the square of
+  the images' scale and the Inception features with it, so images on the 0..255 scale
+  would give numbers without an error. NaNs pass: a diverged model's images give NaN
+  figures, which the evaluation reports as such.
+  """
   x = np.asarray(images)
-  check_image_dtype(x.dtype)
+  check_image_dtype(x.dtype, what)
   if x.dtype == np.uint8:
     return x.astype(dtype) / 255.0
-  return x.astype(dtype)
+  x = x.astype(dtype)
+  if x.size:
+    # fmin and fmax skip NaNs (all NaN: NaN, nothing to check).
+    lo, hi = np.fmin.reduce(x, axis=None), np.fmax.reduce(x, axis=None)
+    if not np.isnan(lo):
+      check_unit_range(lo, hi, what)
+  return x
 
 
 def _luma(images: np.ndarray) -> np.ndarray:

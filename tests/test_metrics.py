@@ -63,6 +63,23 @@ def test_uint8_images_are_read_on_the_unit_scale():
     metrics.sharpness(pixels.astype(np.uint16))
 
 
+@pytest.mark.parametrize('value', [255.0, 1.0 + 1e-5, -1e-5])
+def test_float_images_outside_the_unit_range_are_refused(value):
+  # Sharpness and MSE scale with the square of the images' scale: 0..255 floats gave
+  # 65025 times the figures without an error.
+  images = np.full((2, 4, 4, 1), 0.5)
+  images[1, 2, 3, 0] = value
+  hint = 'divide by 255' if value > 2 else 'clip to'
+  for call in (lambda: metrics.sharpness(images), lambda: metrics.mse(images, images),
+               lambda: metrics.cosine_similarity(0.5 * images, images)):
+    with pytest.raises(ValueError, match=f'must lie in \\[0, 1\\].*{hint}'):
+      call()
+  # Float rounding's overshoot passes, and so does a NaN beside values in range.
+  images[1, 2, 3, 0] = 1.0 + 1e-7
+  images[0, 1, 1, 0] = np.nan
+  assert np.isnan(metrics.sharpness(images)[0]) and np.isfinite(metrics.sharpness(images)[1])
+
+
 def test_sharpness_rejects_bad_shapes():
   with pytest.raises(ValueError):
     metrics.sharpness(np.zeros((2, 8, 8)))
@@ -73,19 +90,21 @@ def test_sharpness_rejects_bad_shapes():
 def test_mse_and_cosine_match_numpy():
   rng = np.random.default_rng(2)
   x = rng.random((4, 5, 6, 3))
-  y = rng.random((4, 5, 6, 3)) - 0.3
+  y = rng.random((4, 5, 6, 3)) * 0.7
   want_mse = [np.mean((a - b) ** 2) for a, b in zip(x, y)]
   want_cos = [np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)
               for a, b in zip(x, y)]
   np.testing.assert_allclose(metrics.mse(x, y), want_mse, rtol=1e-12)
   np.testing.assert_allclose(metrics.cosine_similarity(x, y), want_cos, rtol=1e-12)
-  np.testing.assert_allclose(metrics.cosine_similarity(x, 2 * x), 1.0, rtol=1e-12)
-  np.testing.assert_allclose(metrics.cosine_similarity(x, -x), -1.0, rtol=1e-12)
+  np.testing.assert_allclose(metrics.cosine_similarity(x, 0.5 * x), 1.0, rtol=1e-12)
+  # Images lit in disjoint pixels are orthogonal.
+  assert metrics.cosine_similarity(np.eye(4)[:2], np.eye(4)[2:]).tolist() == [0.0, 0.0]
   assert metrics.cosine_similarity(np.zeros((1, 4)), np.ones((1, 4)))[0] == 0.0
   # A NaN (a diverged model's image) gives NaN, as MSE does; it gave 0.
   nan_image = np.array([[0.5, np.nan, 0.1, 0.2]])
   assert np.isnan(metrics.cosine_similarity(nan_image, np.ones((1, 4)))[0])
   assert np.isnan(metrics.mse(nan_image, np.ones((1, 4)))[0])
+  assert np.isnan(metrics.sharpness(np.full((1, 3, 3, 1), np.nan))[0])
   with pytest.raises(ValueError):
     metrics.mse(x, y[:, :4])
 
