@@ -806,7 +806,8 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
     lines += ['**Gating (Algorithm 1).** Share of adversarial steps in which each update ran; '
               'D is updated when its accuracy < 0.7, the VAE when it is > 0.5.', '',
               '| model | seed | adv. steps | D updated | VAE updated | D accuracy: first window '
-              '→ last (mean) | −log D(x̃) last | D BCE last |', '|---|---|---|---|---|---|---|---|']
+              '→ last (mean) | −log D(x̃) last | D BCE last |',
+              '|---|---|---|---|---|---|---|---|']
     for v in adv_vs:
       for r in _by(runs, dataset, v):
         g = gating_stats(r)
@@ -830,9 +831,11 @@ def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
   shown = {v: r.seed for v, r in logged.items()}
   lines += ['**Size of each term** as it enters the objective (last logged window of each '
             f'phase, {_seed_words(shown) if shown else "no run logged one"}): L_REC is '
-            'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with λ_adv = 1.',
-            '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | λ_adv·(−log D) | '
-            'adv. share of the VAE objective |', '|---|---|---|---|---|---|---|---|']
+            'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with '
+            'λ_adv = 1.',
+            '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | '
+            'λ_adv·(−log D) | adv. share of the VAE objective |',
+            '|---|---|---|---|---|---|---|---|']
   for v, run in logged.items():
     sc = loss_scales(run)
     for phase, row in sc.items():

@@ -1,4 +1,7 @@
-"""MNIST 28x28 (tfds 'mnist'): two stages, so 28 / 4 = 7. `--config=configs/mnist.py:vae` picks a variant."""
+"""MNIST 28x28 (tfds 'mnist'): two stages, so 28 / 4 = 7.
+
+`--config=configs/mnist.py:vae` picks a variant.
+"""
 
 import ml_collections
 

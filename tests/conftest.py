@@ -1,4 +1,5 @@
-"""Test setup: four forced CPU devices, so pmap, shard_map and cross-device BatchNorm run for real."""
+"""Test setup: four forced CPU devices, on which pmap, shard_map and cross-device BatchNorm
+run for real."""
 
 import os
 
