@@ -699,11 +699,6 @@ def _is_array_file(name: str) -> bool:
   return bool(re.search(r'(\.idx\d*|[.\-_]idx\d+([.\-_]ubyte)?)$', stem))
 
 
-def _is_idx(path: str) -> bool:
-  """Whether a path names an idx file (not .npy/.npz)."""
-  return not path.lower().endswith(('.npy', '.npz'))
-
-
 def _array_files(spec: str) -> list[str]:
   """The array files that `arrays:PATH` names (file, directory or glob), sorted."""
   if os.path.isfile(spec):

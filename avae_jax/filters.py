@@ -1,4 +1,4 @@
-"""Fixed kernels as numpy constants: Gaussian window, Sobel, Gabor bank, Laplacian.
+"""Fixed kernels as numpy constants: Gaussian window, Sobel, Gabor bank, luma weights.
 
 All kernels are meant for cross-correlation (what `jax.lax.conv_general_dilated`
 computes): element [r, c] multiplies the pixel at offset (r - size // 2, c - size // 2)
@@ -65,8 +65,3 @@ def gabor_bank(size: int = 11, sigma: float = 2.5,
       g = np.exp(-(xr ** 2 + yr ** 2) / (2.0 * sigma ** 2)) * np.cos(2.0 * math.pi * xr / lam)
       kernels.append(g - g.mean())
   return np.stack(kernels)
-
-
-def laplacian_kernel() -> np.ndarray:
-  """The 4-neighbour Laplacian (3, 3) [[0,1,0],[1,-4,1],[0,1,0]] used for sharpness."""
-  return np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

@@ -70,13 +70,6 @@ def test_sobel_sign_convention_on_ramps():
   np.testing.assert_allclose(ndimage.correlate(ramp_down, k[1])[inner], 8.0)
 
 
-def test_laplacian_matches_scipy_laplace():
-  lap = filters.laplacian_kernel()
-  np.testing.assert_array_equal(lap, [[0, 1, 0], [1, -4, 1], [0, 1, 0]])
-  img = _image(1)
-  np.testing.assert_allclose(ndimage.correlate(img, lap, mode='constant'),
-                             ndimage.laplace(img, mode='constant'), atol=1e-12)
-
 
 def test_gabor_bank_matches_skimage_real_part():
   size, sigma, wavelengths, orientations = 11, 2.5, (4.0, 8.0), 4
