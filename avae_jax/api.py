@@ -38,6 +38,7 @@ from avae_jax import files
 from avae_jax import metrics
 from avae_jax import models
 from avae_jax import steps
+from avae_jax import visualize
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -144,7 +145,8 @@ def _interpolate(module: Any, variables: Any, x0: jax.Array, x1: jax.Array,
   # (1 - t) z0 + t z1 is exactly z0 at t = 0 and z1 at t = 1.
   z = (1.0 - t)[None, :, None] * z0[:, None] + t[None, :, None] * z1[:, None]
   p, s = z.shape[:2]
-  return _decode(module, variables, z.reshape(p * s, -1)).reshape((p, s) + x0.shape[1:])
+  # z.shape[-1], not -1: with no pairs, -1 has nothing to divide.
+  return _decode(module, variables, z.reshape(p * s, z.shape[-1])).reshape((p, s) + x0.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -184,6 +186,8 @@ class TrainedModel:
     self.image_shape = (int(config.image_size), int(config.image_size), int(config.channels))
     self.latent_dim = int(config.model.latent_dim)
     self.devices = list(jax.local_devices() if devices is None else devices)
+    if not self.devices:
+      raise ValueError('devices must name at least one device (None: the local devices)')
     mesh = Mesh(np.asarray(self.devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._split = NamedSharding(mesh, PartitionSpec('batch'))
@@ -338,15 +342,5 @@ class TrainedModel:
     x, single = self._pair_images(image, 'image')
     if not single and x.shape[0] != 1:
       raise ValueError(f'traverse takes one image, got a batch of {x.shape[0]}')
-    dims, values = np.asarray(dims), np.asarray(values)
-    # Casting would make dim 0.7 dim 0, and flattening would make a (2, 2) grid 4 values.
-    if dims.ndim > 1 or dims.size and dims.dtype.kind not in 'iu':
-      raise ValueError(f'dims must be a list of integers, got {dims.tolist()!r}')
-    if values.ndim > 1 or values.size and values.dtype.kind not in 'iuf':
-      raise ValueError(f'values must be a list of numbers, got shape {values.shape} and '
-                       f'dtype {values.dtype}')
-    if dims.size and (dims.min() < 0 or dims.max() >= self.latent_dim):
-      raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {self.latent_dim}')
-    dims = dims.astype(np.int32).reshape(-1)
-    values = values.astype(np.float32).reshape(-1)
-    return _traverse(self.module, self.variables, x, dims, values)
+    dims, values = visualize.traversal_axes(dims, values, self.latent_dim)
+    return _traverse(self.module, self.variables, x, dims, values.astype(np.float32))

@@ -497,6 +497,9 @@ def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
   chex.assert_equal_shape_suffix([z, mu], 1)
   z, mu, logvar = _as_latents(z, mu, logvar)
   m, big_m = z.shape[0], mu.shape[0]
+  if big_m == 0:
+    raise ValueError('total_correlation needs at least one posterior; mu and logvar have '
+                     'no rows')
   if dataset_size < big_m:
     raise ValueError(f'dataset_size {dataset_size} is smaller than the batch of {big_m} '
                      'posteriors')

@@ -4,6 +4,7 @@ All functions take numpy or jax arrays and compute on the host in float64 (evalu
 once over a few thousand images, so accuracy matters more than speed here).
 """
 
+import math
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,9 @@ def _flat_pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
   x, y = unit_floats(x), unit_floats(y)
   if x.shape != y.shape or x.ndim < 1:
     raise ValueError(f'shape mismatch: {x.shape} vs {y.shape}')
-  return x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+  # The size of an image, not -1, which an empty batch cannot resolve.
+  size = math.prod(x.shape[1:])
+  return x.reshape(x.shape[0], size), y.reshape(y.shape[0], size)
 
 
 def mse(x: Any, y: Any) -> np.ndarray:

@@ -9,8 +9,10 @@ for PNG or TensorBoard.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
   """
   images = _check_images(images, 4, 'images')
   n, h, w, c = images.shape
+  ncol, pad = _integer(ncol, 'ncol'), _integer(pad, 'pad')
   if ncol < 1 or pad < 0:
     raise ValueError(f'Need ncol >= 1 and pad >= 0; got {ncol}, {pad}.')
   nrow = max(1, math.ceil(n / ncol))
@@ -53,6 +56,16 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
   return out
 
 
+def _integer(value: Any, what: str) -> int:
+  """`value` as an int; a ValueError for other numbers (2.5, True)."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{what} must be an integer, got {value!r}')
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise ValueError(f'{what} must be an integer, got {value!r}') from None
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
   image = np.asarray(image)
@@ -63,7 +76,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
 def _rows_to_grid(rows: np.ndarray, pad: int, pad_value: float) -> np.ndarray:
   """Grids (R, S, H, W, C) with one row of S images per leading index."""
   r, s = rows.shape[:2]
-  return grid(rows.reshape((r * s,) + rows.shape[2:]), s, pad, pad_value)
+  # Rows of no images give a blank cell, as no rows do.
+  return grid(rows.reshape((r * s,) + rows.shape[2:]), max(s, 1), pad, pad_value)
 
 
 def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None = None,
@@ -78,6 +92,8 @@ def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None =
   x_rec = _check_images(x_rec, 4, 'x_rec')
   if x.shape[1:] != x_rec.shape[1:]:
     raise ValueError(f'x {x.shape} and x_rec {x_rec.shape} differ in image shape.')
+  n = _integer(n, 'n')
+  ncol = None if ncol is None else _integer(ncol, 'ncol')
   if n < 0 or (ncol is not None and ncol < 1):
     raise ValueError(f'Need n >= 0 and ncol >= 1; got {n}, {ncol}.')
   n = min(n, len(x), len(x_rec))
@@ -136,11 +152,26 @@ def latent_traversal(z: np.ndarray, dims: Sequence[int],
                      values: Sequence[float]) -> np.ndarray:
   """(len(dims), len(values), D) copies of z with z[dims[i]] set to values[j]."""
   z = _latent(z, 'z')
-  dims = [int(d) for d in dims]
-  if any(not -len(z) <= d < len(z) for d in dims):
-    raise ValueError(f'dims {dims} out of range for latent size {len(z)}.')
-  values = np.asarray(values, z.dtype)
+  dims, values = traversal_axes(dims, values, len(z))
   out = np.broadcast_to(z, (len(dims), len(values), len(z))).copy()
   for i, d in enumerate(dims):
-    out[i, :, d] = values
+    out[i, :, d] = values.astype(z.dtype)
   return out
+
+
+def traversal_axes(dims: Any, values: Any, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """(dims as int32 (K,), values as float64 (S,)), checked for codes of latent_dim entries.
+
+  A scalar counts as a list of one. Casting would make dim 0.7 dim 0 and True dim 1, and
+  flattening would make a (2, 2) grid of values four values: each is a ValueError.
+  """
+  dims, values = np.asarray(dims), np.asarray(values)
+  if dims.ndim > 1 or dims.size and dims.dtype.kind not in 'iu':
+    raise ValueError(f'dims must be a list of integers, got {dims.tolist()!r}')
+  if values.ndim > 1 or values.size and not (values.dtype.kind in 'iuf'
+                                             or values.dtype.name == 'bfloat16'):
+    raise ValueError(f'values must be a list of numbers, got shape {values.shape} and '
+                     f'dtype {values.dtype}')
+  if dims.size and (dims.min() < 0 or dims.max() >= latent_dim):
+    raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {latent_dim}')
+  return dims.astype(np.int32).reshape(-1), values.astype(np.float64).reshape(-1)

@@ -215,6 +215,8 @@ def test_uint8_images_are_scaled_and_empty_batches_allowed(model, images):
   mu, logvar = model.encode(images[:0])
   assert mu.shape == logvar.shape == (0, 4)
   assert model.reconstruct(images[:0]).shape == (0, 16, 16, 3)
+  # No pairs: a ZeroDivisionError from the reshape of the codes.
+  assert model.interpolate(images[:0], images[:0], 3).shape == (0, 3, 16, 16, 3)
 
 
 def test_float_images_outside_0_1_are_rejected_by_every_method(model, images):
@@ -302,6 +304,16 @@ def test_counts_and_dims_that_are_not_integers_are_rejected(model, images):
   assert model.interpolate(images[0], images[1], np.int32(3)).shape == (3, 16, 16, 3)
   assert model.traverse(images[0], np.array([1, 0]), [0.0]).shape == (2, 1, 16, 16, 3)
   assert model.traverse(images[0], [], []).shape == (0, 0, 16, 16, 3)
+  # bfloat16 values are numbers (numpy's kind 'V'): they were refused as not numbers.
+  np.testing.assert_array_equal(
+      _np(model.traverse(images[0], [1], jax.numpy.asarray([-1.0, 0.5], jax.numpy.bfloat16))),
+      _np(model.traverse(images[0], [1], [-1.0, 0.5])))
+
+
+def test_an_empty_device_list_is_refused(workdir):
+  # It failed inside jax's Mesh with an IndexError.
+  with pytest.raises(ValueError, match='devices must name at least one device'):
+    api.TrainedModel.load(workdir, devices=[])
 
 
 def test_from_state(images):

@@ -380,6 +380,9 @@ def test_tc_matches_brute_force(estimator):
   # The weights stand for a dataset of N points: fewer than the batch's M is an error.
   with pytest.raises(ValueError, match='smaller than the batch'):
     _tc(*_f32(z, mu, logvar), 7, estimator)
+  # No posteriors: it was a 'math domain error' from log(N * 0).
+  with pytest.raises(ValueError, match='at least one posterior'):
+    _tc(*_f32(z[:0], mu[:0], logvar[:0]), n, estimator)
 
 
 @pytest.mark.parametrize('estimator', ['mws', 'mss'])

@@ -107,6 +107,9 @@ def test_mse_and_cosine_match_numpy():
   assert np.isnan(metrics.sharpness(np.full((1, 3, 3, 1), np.nan))[0])
   with pytest.raises(ValueError):
     metrics.mse(x, y[:, :4])
+  # An empty batch gives no values, as sharpness does; the reshape to (0, -1) failed.
+  empty = np.zeros((0, 5, 6, 3))
+  assert metrics.mse(empty, empty).shape == metrics.cosine_similarity(empty, empty).shape == (0,)
 
 
 def test_gaussian_stats_match_numpy():

@@ -128,6 +128,19 @@ def test_latent_traversal_changes_only_chosen_dims():
     np.testing.assert_array_equal(out[i][:, others], np.tile(z[others], (3, 1)))
   with pytest.raises(ValueError):
     visualize.latent_traversal(z, dims=[5], values=values)
+  # As TrainedModel.traverse checks them: dim 0.7 was dim 0 and True dim 1, a (2, 2) grid of
+  # values a broadcasting error, and a negative dim counted from the end.
+  for dims, vals, message in (([0.7], values, 'dims must be a list of integers'),
+                              ([True], values, 'dims must be a list of integers'),
+                              ([-1], values, 'out of range'),
+                              ([1], [[0.0, 1.0], [2.0, 3.0]], 'values must be a list')):
+    with pytest.raises(ValueError, match=message):
+      visualize.latent_traversal(z, dims=dims, values=vals)
+  # A single value is a list of one; float64 codes keep float64 values.
+  np.testing.assert_array_equal(visualize.latent_traversal(z, [1], 2.0),
+                                visualize.latent_traversal(z, [1], [2.0]))
+  out = visualize.latent_traversal(np.zeros(2), [0], [0.1])
+  assert out.dtype == np.float64 and out[0, 0, 0] == 0.1
 
 
 @pytest.mark.parametrize('dtype', [np.int32, np.uint16, np.int64, bool])
@@ -154,6 +167,19 @@ def test_reconstructions_bad_counts_are_clear_errors():
     visualize.reconstructions(x, x, n=3, ncol=0)
   with pytest.raises(ValueError, match='n >= 0'):
     visualize.reconstructions(x, x, n=-1)
+  # Counts that are not integers: one line each, not numpy's or range's TypeError.
+  for call in (lambda: visualize.reconstructions(x, x, n=2.5),
+               lambda: visualize.reconstructions(x, x, n=2, ncol=1.5),
+               lambda: visualize.grid(x, ncol=2.5), lambda: visualize.grid(x, ncol=True),
+               lambda: visualize.grid(x, ncol=2, pad=0.5)):
+    with pytest.raises(ValueError, match='must be an integer'):
+      call()
+  # Rows of no images (a traversal with no values): one blank cell, where no rows of 3
+  # give one blank row of 3 cells; it was an error about an ncol the caller never gave.
+  for shape, side in (((3, 0, 2, 2, 1), 1), ((0, 3, 2, 2, 1), 3)):
+    for figure in (visualize.interpolations, visualize.traversals):
+      np.testing.assert_array_equal(figure(np.zeros(shape, np.float32), pad_value=0.0),
+                                    np.zeros((4, 3 * side + 1, 1), np.uint8))
   # No images at all: one blank pair of cells (pad_value), not a ZeroDivisionError.
   empty = np.zeros((0, 2, 2, 1), np.float32)
   out = visualize.reconstructions(empty, empty, n=4, pad_value=0.0)
