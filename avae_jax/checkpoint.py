@@ -38,6 +38,7 @@ import json
 import logging as std_logging
 import math
 import os
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -209,6 +210,35 @@ def _all_processes_agree(ok: bool) -> bool:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   flags = multihost_utils.process_allgather(np.array(int(ok), np.int32))
   return bool(np.all(flags))
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a read's callback into a closed event loop."""
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the closed-loop RuntimeErrors of failed restores from sys.unraisablehook.
+
+  When one read of a checkpoint fails, orbax closes the restore's event loop while
+  tensorstore's other reads are in flight; each of their completion callbacks then
+  raises "Event loop is closed" into sys.unraisablehook, which printed tens to hundreds
+  of tracebacks around the one-line warning that says what happened. They come both
+  before the restore's error and after it, so the filter is installed before the first
+  restore and stays (once per process). Every other unraisable exception goes to the
+  hook as before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, '_drops_closed_loop_callbacks', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _describe(error: BaseException) -> str:
@@ -401,6 +431,7 @@ class Checkpointer:
     unreadable: list[int] = []
     last_error: BaseException | None = None
     tried: set[int] = set()
+    _quiet_closed_loop_callbacks()  # before: a failing read's callbacks come before its error
     while pending := [s for s in candidates if s not in tried]:
       s = pending[0]
       tried.add(s)
