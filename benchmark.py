@@ -37,6 +37,7 @@ or run the twin alone with the same sizes (see docs/benchmarks.md):
 """
 
 import json
+import os
 import sys
 
 from absl import app
@@ -44,11 +45,16 @@ from absl import flags
 
 from avae_jax import benchmarking
 from avae_jax import config_lib
+from avae_jax import distributed
 from avae_jax import hugepages
 from avae_jax import xla_flags
 
-config_lib.define_config_file('config', 'configs/bench_celeba.py',
-                              'Configuration file (image size, widths, batch, variant).')
+# Beside this file, not in the working directory: it may be run from anywhere.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                               'bench_celeba.py')
+config_lib.define_config_file('config', _DEFAULT_CONFIG,
+                              'Configuration file (image size, widths, batch, variant; '
+                              'default: configs/bench_celeba.py).')
 _STEPS = flags.DEFINE_integer('steps', 10,
                               'Timed steps per case (median, mean, p10, p90 over them).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per case after compilation.')
@@ -73,6 +79,16 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
+  # Ctrl-C ends the run at once with one line (a KeyboardInterrupt in a compilation gave
+  # a traceback, and at times a segmentation fault; see distributed.exit_on_interrupt).
+  with distributed.exit_on_interrupt('benchmark.py: interrupted by Ctrl-C'):
+    _run()
+
+
+def _run() -> None:
+  """main's work, with Ctrl-C taken care of."""
+  from avae_jax import summary  # pylint: disable=g-import-not-at-top
+  summary.quiet_library_logs()
   config = flags.FLAGS.config
   try:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))

@@ -16,6 +16,7 @@ and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Ince
 
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -65,15 +66,24 @@ def main(argv: list[str]) -> None:
   hugepages.reexec()  # first: a restart repeats everything before it
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
+  summary.quiet_library_logs()
   if not files.exists(workdir):
     sys.exit(f'eval.py: {workdir} does not exist (the --workdir of a train.py run)')
+  if not files.is_remote(workdir) and not os.path.isdir(workdir):
+    sys.exit(f'eval.py: {workdir} is a file, not a directory (the --workdir of a train.py '
+             'run)')
   try:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
       saved = config is None
       if saved:
-        config = api.read_config(workdir, fill_defaults=True)
+        # The library's warning for missing fields, as one line of this program's.
+        with warnings.catch_warnings(record=True) as caught:
+          warnings.simplefilter('always')
+          config = api.read_config(workdir, fill_defaults=True)
+        for w in caught:
+          print(f'eval.py: warning: {w.message}', file=sys.stderr, flush=True)
         if config is None:
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')
@@ -136,6 +146,11 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> N
   print(f'eval: restored step {model.step} from {workdir}', flush=True)
   source = data.load(config, 'eval')
   out_dir = os.path.join(workdir, 'eval')
+  if jax.process_index() == 0:
+    # Before the evaluation's minutes, not at its first write.
+    problem = files.output_dir_problem(out_dir, 'the evaluation directory')
+    if problem:
+      raise api.WorkdirError(problem)
   writer = summary.SummaryWriter(out_dir, enabled=jax.process_index() == 0)
   try:
     evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,

@@ -449,7 +449,10 @@ def main(argv: list[str]) -> None:
     # A mistyped --out would otherwise give an empty report, published over docs/.
     raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '
                          '--report_only reports on the runs of an existing study')
-  os.makedirs(out, exist_ok=True)
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  problem = files.output_dir_problem(out, 'the study directory (--out)')
+  if problem:
+    raise app.UsageError(problem)
   with _shared_files_lock(out):
     seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
                              seeds_given=_SEEDS.value is not None)

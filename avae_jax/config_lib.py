@@ -422,7 +422,9 @@ def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> in
   if not widths:
     raise ConfigError('model.widths must name at least one stage')
   factor = 2 ** len(widths)
-  if image_size <= 0 or image_size % factor:
+  if image_size <= 0:  # 0 is divisible by any factor, and no image has that size
+    raise ConfigError(f'image_size must be > 0, got {image_size}')
+  if image_size % factor:
     raise ConfigError(
         f'image_size {image_size} is not divisible by 2**len(model.widths) = {factor} '
         f'(widths {tuple(widths)}): choose widths so that image_size / {factor} is whole')

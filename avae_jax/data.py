@@ -607,6 +607,9 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
   """A folder of images, decoded lazily at each get()."""
   if not root:
     raise DataError("folder: needs a path, e.g. dataset='folder:/data/celeba/img_align_celeba'")
+  if os.path.isfile(root):
+    raise DataError(f'image folder {root!r} is a file, not a directory (dataset=folder:PATH; '
+                    'for array or idx files: dataset=arrays:PATH)')
   if not os.path.isdir(root):
     raise DataError(f'image folder {root!r} does not exist (dataset=folder:PATH); for CelebA '
                     'download img_align_celeba.zip by hand, unzip it and point folder: at '

@@ -42,6 +42,23 @@ def makedirs(path: PathLike) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def output_dir_problem(path: PathLike, what: str) -> str | None:
+  """Creates the directory `path`; what stops a program writing there, or None.
+
+  `what` names it in the message (e.g. 'the workdir'). A local directory must be
+  writable; a bucket's permissions show only at the first write.
+  """
+  if not is_remote(path) and os.path.isfile(path):
+    return f'{what} {path} is a file, not a directory'
+  try:
+    makedirs(path)
+  except OSError as e:  # a file on the way, no permission, a read-only file system
+    return f'cannot create {what} {path}: {e}'
+  if not is_remote(path) and not os.access(path, os.W_OK):
+    return f'cannot write to {what} {path} (a read-only file system or no permission)'
+  return None
+
+
 def exists(path: PathLike) -> bool:
   """Whether `path` exists."""
   return epath.Path(path).exists()

@@ -435,6 +435,9 @@ class _DropLibraryInfo(std_logging.Filter):
 
 def quiet_library_logs(fragments: tuple[str, ...] = ('/orbax/',)) -> None:
   """Keeps absl INFO logging for this project while silencing libraries' INFO chatter."""
+  # JAX's "Unable to initialize backend 'tpu'" on every machine without one (a Python
+  # logger of its own, which absl's filter below does not see).
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _DropLibraryInfo) for f in absl_logger.filters):
     absl_logger.addFilter(_DropLibraryInfo(fragments))

@@ -387,13 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   setup_ = setup(config)
   is_main = jax.process_index() == 0
-  try:
-    files.makedirs(workdir)
-  except OSError as e:  # a file of that name, no permission, an unknown bucket
-    raise config_lib.ConfigError(f'cannot create the workdir {workdir}: {e}') from None
-  if not files.is_remote(workdir) and not os.access(workdir, os.W_OK):
-    raise config_lib.ConfigError(f'cannot write to the workdir {workdir} (a read-only file '
-                                 'system or no permission)')
+  problem = files.output_dir_problem(workdir, 'the workdir')
+  if problem:
+    raise config_lib.ConfigError(problem)
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
@@ -430,6 +426,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       raise config_lib.ConfigError(
           f'the checkpoints in {workdir} were written by another model '
           f'(variant/image size/widths differ); use a new workdir')
+    if start_step > setup_.total_steps:
+      # Evaluating the later model under this config would record (config.json, the
+      # evaluation) step counts that do not describe it.
+      raise config_lib.ConfigError(
+          f'the checkpoint in {workdir} is at step {start_step}, past the '
+          f'{setup_.total_steps} steps this config trains (pretrain_steps '
+          f'{int(config.pretrain_steps)} + adversarial_steps '
+          f'{config_lib.adversarial_steps(config)}); give at least {start_step} steps to '
+          'continue the run, evaluate it with eval.py, or use a new workdir')
     vae_state, disc_state = steps.from_state_tree(vae_state, disc_state, tree)
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     print(f'resuming from checkpoint at step {start_step}', flush=True)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -164,6 +165,29 @@ def test_a_bad_config_is_one_line_before_compiling(override, message):
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert message in out.stderr
   assert ': compiled in' not in out.stderr and not out.stdout.strip()
+
+
+def test_ctrl_c_is_one_line_and_status_130():
+  # It was a KeyboardInterrupt traceback, and during a compilation at times a
+  # segmentation fault (status 139).
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  # With rounds, a case says when it has compiled, before its timed steps.
+  args = [a for a in TINY if not a.startswith('--steps')] + [
+      '--steps=100000', '--rounds=2', '--cases=pretrain_step']
+  proc = subprocess.Popen([sys.executable, 'benchmark.py'] + args, cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stderr.readline()
+    while 'pretrain_step: compiled' not in line:
+      assert line, 'benchmark.py ended before compiling'
+      line = proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)  # in the timed steps
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+  finally:
+    proc.kill()
+  assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
 
 
 def test_a_twin_that_cannot_run_is_a_usage_error_before_compiling():

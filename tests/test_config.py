@@ -332,9 +332,12 @@ def test_check_image_size_returns_the_bottleneck_side():
   assert config_lib.check_image_size(96, (24, 48, 96, 192)) == 6
   assert config_lib.check_image_size(28, (4, 8)) == 7
   assert config_lib.check_image_size(16, (4,)) == 8
-  for size, widths in ((28, (4, 8, 16)), (18, (4, 8)), (0, (4,)), (16, ())):
+  for size, widths in ((28, (4, 8, 16)), (18, (4, 8)), (16, ())):
     with pytest.raises(config_lib.ConfigError, match='widths'):
       config_lib.check_image_size(size, widths)
+  for size in (0, -8):
+    with pytest.raises(config_lib.ConfigError, match=f'image_size must be > 0, got {size}'):
+      config_lib.check_image_size(size, (4,))
 
 
 # ------------------------------------------------------------------ validation errors
@@ -356,6 +359,8 @@ INVALID = [
     ('optimizer.learning_rate', float('nan'), r'optimizer\.learning_rate = nan'),
     ('loss.tc_estimator', 'kde', r'tc_estimator must be one of'),
     ('image_size', 30, r'image_size 30 is not divisible by 2\*\*len\(model.widths\) = 8'),
+    # 0 is divisible by 8: it was reported as not divisible.
+    ('image_size', 0, r'image_size must be > 0, got 0'),
     ('model.widths', (), r'model\.widths must name at least one stage'),
     ('channels', 2, r'channels must be 1 or 3'),
     ('batch_size', 6, r'batch_size 6 is not divisible by the 4 devices'),

@@ -188,6 +188,10 @@ def test_folder_lists_each_directory_once_through_symlinks(tmp_path):
 def test_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match='does not exist'):
     data.load(_config(dataset=f'folder:{tmp_path / "missing"}'))
+  # A file was said not to exist.
+  (tmp_path / 'images.npy').write_bytes(b'')
+  with pytest.raises(data.DataError, match='is a file, not a directory.*arrays:PATH'):
+    data.load(_config(dataset=f'folder:{tmp_path / "images.npy"}'))
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'readme.txt').write_text('x')
   with pytest.raises(data.DataError, match='no .*files'):

@@ -58,6 +58,7 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   # Trained on a machine with more devices than this one: evaluated on this one's.
   saved = json.loads((run / 'config.json').read_text())
   saved['num_devices'] = 512
+  del saved['cpu_devices']  # as in a config.json of an earlier version
   (run / 'config.json').write_text(json.dumps(saved))
   # Overrides apply to the saved config, in either of absl's forms (--flag=value or
   # --flag value), as they do with --config.
@@ -66,6 +67,10 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'eval: config.json asks for num_devices=512, this machine has ' in proc.stdout
+  # The missing field's warning is one line of eval.py's, not Python's UserWarning with
+  # its source line.
+  assert f'eval.py: warning: {run / "config.json"} lacks cpu_devices' in proc.stderr
+  assert 'UserWarning' not in proc.stderr
   with open(run / 'eval' / 'metrics.json') as f:
     results = json.load(f)
   # The tiny model's settings came from WORKDIR/config.json (default.py's model is larger),
@@ -73,6 +78,17 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   assert results['num_images'] == 4 and results['mig_num_images'] == 8
   assert results['step'] == test_api.TRAINED_STEPS
   assert f'eval: restored step {test_api.TRAINED_STEPS}' in proc.stdout
+
+
+def test_an_evaluation_directory_it_cannot_write_stops_with_a_clear_message(tmp_path,
+                                                                            workdir):
+  # WORKDIR/eval a file: the SummaryWriter's OSError was a traceback, as was a read-only
+  # workdir (files.output_dir_problem checks both, tests/test_files.py).
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  (run / 'eval').write_text('not a directory')
+  _assert_clean_failure(_eval(run), f'the evaluation directory {run / "eval"} is a file, '
+                        'not a directory')
 
 
 def test_without_config_an_empty_workdir_stops_with_a_clear_message(tmp_path):
@@ -84,11 +100,14 @@ def test_without_config_an_empty_workdir_stops_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize('args, phrases', [
     (['--workdir=WORKDIR/nowhere'], ('WORKDIR/nowhere does not exist',)),
     (['--workdir=WORKDIR', '--config.eval.fid=0'], ('has no config.json',)),
+    # It said "has no config.json".
+    (['--workdir=WORKDIR/a_file'], ('WORKDIR/a_file is a file, not a directory',)),
 ])
 def test_without_config_a_missing_workdir_or_config_stops_with_a_clear_message(
     tmp_path, args, phrases):
   args = [a.replace('WORKDIR', str(tmp_path)) for a in args]
   phrases = [p.replace('WORKDIR', str(tmp_path)) for p in phrases]
+  (tmp_path / 'a_file').write_text('not a workdir')
   proc = subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, check=False)
   _assert_clean_failure(proc, *phrases)

@@ -190,3 +190,24 @@ def test_exclusive_holds_nothing_on_an_object_store(fake_bucket):
   with files.exclusive('gs://bucket/run', 'a'), files.exclusive('gs://bucket/run', 'b'):
     pass
   assert _tree(fake_bucket) == []
+
+
+def test_output_dir_problem_names_a_file_a_read_only_directory_or_nothing(
+    tmp_path, fake_bucket, monkeypatch):
+  assert files.output_dir_problem(tmp_path / 'new' / 'dir', 'the workdir') is None
+  assert (tmp_path / 'new' / 'dir').is_dir()
+  (tmp_path / 'f').write_text('x')
+  assert files.output_dir_problem(tmp_path / 'f', 'the workdir') == \
+      f'the workdir {tmp_path / "f"} is a file, not a directory'
+  assert files.output_dir_problem(tmp_path / 'f' / 'sub', 'the workdir').startswith(
+      f'cannot create the workdir {tmp_path / "f" / "sub"}: ')
+  # A read-only file system, as the kernel answers it (root ignores permission bits).
+  real = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode: False if os.fspath(p) == str(
+      tmp_path / 'new') else real(p, mode))
+  assert files.output_dir_problem(tmp_path / 'new', 'the study directory') == (
+      f'cannot write to the study directory {tmp_path / "new"} (a read-only file system or '
+      'no permission)')
+  # A bucket is created and not probed.
+  assert files.output_dir_problem('gs://bucket/run', 'the workdir') is None
+  assert (fake_bucket / 'bucket' / 'run').is_dir()

@@ -75,6 +75,16 @@ def test_a_bucket_as_out_is_a_usage_error():
   assert 'Traceback' not in proc.stderr
 
 
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path):
+  # A FileExistsError traceback from os.makedirs.
+  (tmp_path / 'out').write_text('not a directory')
+  proc = _study(f'--out={tmp_path / "out"}', '--budget=test', check=False)
+  assert proc.returncode == 1
+  assert f'the study directory (--out) {tmp_path / "out"} is a file, not a directory' in \
+      proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
 def test_a_negative_max_hours_is_a_usage_error(tmp_path):
   proc = _study(f'--out={tmp_path}', '--budget=test', '--max_hours=-1', check=False)
   assert proc.returncode == 1

@@ -416,7 +416,8 @@ def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
   (tmp_path / 'w').write_text('not a directory')
   proc = run_cli(cli_env, tmp_path / 'w', TINY, timeout=FAIL_TIMEOUT)
   assert proc.returncode == 1
-  assert f'train.py: error: cannot create the workdir {tmp_path / "w"}: ' in proc.stderr
+  # It said "cannot create the workdir ...: [Errno 17] File exists".
+  assert f'train.py: error: the workdir {tmp_path / "w"} is a file, not a directory' in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not compiled_something(proc.stderr)
 
