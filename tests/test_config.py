@@ -1,8 +1,10 @@
 """Config files and validation: every config loads the way train.py loads it, and every
 invalid value stops with a ConfigError that names the field, before anything is traced."""
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -556,3 +558,55 @@ def test_fill_missing_adds_only_the_absent_fields():
   config.f.g = 40
   assert reference.f.g == 4
   assert config_lib.fill_missing(config, reference) == []
+
+
+def _top_level_items(text):
+  """'a, (b, c), d' -> ['a', '(b, c)', 'd']."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in '([{'
+    depth -= ch in ')]}'
+    if ch == ',' and depth == 0:
+      items.append(text[start:i].strip())
+      start = i + 1
+  return items + [text[start:].strip()]
+
+
+def _readme_value(text):
+  """A default as the README's table writes it: a Python literal, or `word` for a string."""
+  text = text.strip('`')
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def test_the_readme_config_table_has_every_field_with_its_default():
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')) as f:
+    readme = f.read()
+  table = readme[readme.index('## Config fields'):readme.index('## Datasets')]
+  values = {}
+
+  def walk(d, prefix=''):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f'{prefix}{k}.')
+      else:
+        values[prefix + k] = v
+
+  walk(default.get_config().to_dict())
+  documented = set()
+  for cell, defaults in re.findall(r'^\| (`[^|]*) \| ([^|]*) \|', table, re.M):
+    fields = []
+    for name in re.findall(r'`([^`]+)`', cell):
+      group = re.fullmatch(r'(.*)\{(.*)\}', name)  # loss.weights.{mae,mse}
+      fields += [group[1] + f for f in group[2].split(',')] if group else [name]
+    given = _top_level_items(defaults.strip())
+    if len(given) == 1:
+      given *= len(fields)
+    assert len(given) == len(fields), (fields, defaults)
+    for name, text in zip(fields, given):
+      assert name in values, f'the README documents {name}, which default.py does not have'
+      assert _readme_value(text) == values[name], (name, text, values[name])
+    documented.update(fields)
+  assert sorted(set(values) - documented) == []
