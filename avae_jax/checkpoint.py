@@ -1,6 +1,7 @@
 """Checkpoints: a thin wrapper on orbax-checkpoint's CheckpointManager.
 
-One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
+One checkpoint is one step directory `<directory>/<step>/` (the trainer's directory is
+`<workdir>/checkpoints`) with three orbax items:
 
   state/     the arrays (StandardSave: tensorstore/OCDBT), stored as a nested
              dict whose keys are the pytree path of each leaf, so any pytree
@@ -8,7 +9,8 @@ One checkpoint is one step directory `<workdir>/<step>/` with three orbax items:
              structure of the template it is given; typed PRNG keys
              (jax.random.key) are stored as their key_data, zero-size arrays
              only in the manifest (no state/ when every leaf is empty);
-  meta/      the caller's JSON (phase, data position, PRNG state, config hash);
+  meta/      the caller's JSON (the trainer's: step, phase, data position, seed, config
+             hash, the metrics not yet logged);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
              every leaf (and a key's implementation), the CRC-32 of meta and
              the CRC-32 of the manifest's own other fields, checked on restore.

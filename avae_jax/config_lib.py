@@ -24,7 +24,7 @@ VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 TC_ESTIMATORS = ('mws', 'mss')
-SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (DESIGN.md §3)
+SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (README: The four models)
 CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.BACKWARDS)
 
 

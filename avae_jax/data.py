@@ -191,7 +191,10 @@ def crop_box(height: int, width: int, crop_size: int) -> tuple[int, int, int]:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Antialiased bilinear resize of one (h, w, c) image to (size, size, c), same dtype."""
+  """Antialiased bilinear resize of one (h, w, c) image to (size, size, c).
+
+  Floats and uint8 images of 1 or 3 channels keep their dtype; others come back float32.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w, c = image.shape
   if (h, w) == (size, size):
@@ -208,7 +211,10 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
-  """(..., c) float images to `channels`: RGB -> luma, gray -> RGB repeat, else unchanged."""
+  """(..., c) float images with `channels` channels: RGB -> luma, gray -> RGB repeat.
+
+  Images that have `channels` already come back unchanged; any other pair is a DataError.
+  """
   c = images.shape[-1]
   if c == channels:
     return images
@@ -252,7 +258,10 @@ def _geometry(config: Any) -> dict[str, int]:
 
 
 def _num_eval(num: int, fraction: float, what: str) -> int:
-  """Size of the held-out tail/subset: round(num * fraction), at least 1, less than num."""
+  """Size of the held-out tail/subset: 0 for fraction <= 0, else about num * fraction.
+
+  round(num * fraction), at least 1 and less than num (a DataError when num is too small).
+  """
   if fraction <= 0:
     return 0
   k = max(1, int(round(num * float(fraction))))
@@ -585,7 +594,11 @@ def _list_images(root: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-  """One image file as uint8 (H, W, 1) for gray or (H, W, 3) otherwise; DataError if bad."""
+  """One image file as uint8 (H, W, 1) or (H, W, 3); DataError if it cannot be read so.
+
+  8- and 16-bit gray (PIL modes L, I;16) give one channel, the modes PIL converts to RGB
+  three; other modes and unreadable files are DataErrors.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as im:
@@ -1077,9 +1090,11 @@ def prefetch_to_devices(iterator: Iterator[Any], devices: Sequence[Any], size: i
                         axis_name: str = 'batch') -> DevicePrefetcher:
   """Background-thread device_put of batches whose leading axis has one row per device.
 
-  Each leaf (len(devices), ...) becomes a jax.Array sharded over a 1-D mesh of `devices`
-  (NamedSharding(Mesh(devices, (axis_name,)), P(axis_name)), what jax.device_put_sharded
-  became), accepted without copies by pmap and by shard_map over that mesh. At most `size`
+  Each leaf (len(devices), ...) becomes a jax.Array sharded over a 1-D mesh of
+  distributed.global_devices(devices) (NamedSharding(Mesh(..., (axis_name,)), P(axis_name)),
+  what jax.device_put_sharded became): on one process that mesh is `devices`; with
+  several, this process's rows are its slice of one global array over every process's
+  devices. pmap and shard_map over that mesh take it without copies. At most `size`
   batches wait on the devices. An exception in the producer is re-raised by next();
   close() (or leaving a `with` block) stops the thread.
   """

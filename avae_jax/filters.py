@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-# ITU-R BT.601 luma, the weights of DESIGN.md §3 (identity for one channel).
+# ITU-R BT.601 luma weights (identity for one channel).
 LUMA = (0.299, 0.587, 0.114)
 
 

@@ -1,4 +1,4 @@
-"""Pure loss functions of AVAE-S (DESIGN.md §3, paper Eq. 5-10).
+"""Pure loss functions of AVAE-S (paper Eq. 5-10; README: The four models).
 
 Images are float32 NHWC batches in [0, 1]. Every per-image loss returns shape (B,); the
 caller reduces over the batch (and over devices). The fixed filters run as banded-matrix

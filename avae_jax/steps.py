@@ -1,4 +1,4 @@
-"""Train states and the two per-device training steps (DESIGN.md §3, Algorithm 1).
+"""Train states and the two per-device training steps (Algorithm 1; README: The four models).
 
 `pretrain_step` and `adversarial_step` are per-device functions: the batch is the device's
 share, and gradients, metrics, the discriminator accuracy that drives the gating and the

@@ -38,8 +38,9 @@ from avae_jax import visualize
 
 CALIBRATION_FILE = 'calibration.json'
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
-# multiples of the pre-training step: docs/benchmarks.md measures its step at 1.9-2.4x the
-# pre-training step's time and its compilation at 1.2-1.9x.
+# multiples of the pre-training step: docs/benchmarks.md measures, on the CPU, its step at
+# 1.9-2.4x the pre-training step's time and its compilation at 1.1-2.0x (on a GPU 1.6-2.1x
+# and 0.4-0.7x, where the first estimate is rougher).
 ADVERSARIAL_STEP_COST = 2.2
 ADVERSARIAL_COMPILE_COST = 1.5
 
@@ -579,7 +580,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     raise
   finally:
     stop.restore()
-    # The producer thread holds the prefetcher, so it would outlive the run unclosed.
+    # Stops the producer thread and frees its queued device batches now, not whenever the
+    # prefetcher is collected (a traceback that a caller keeps holds on to it).
     batches.close()
     try:
       writer.flush()

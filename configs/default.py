@@ -11,7 +11,7 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   # (`--config=configs/default.py:vae`).
   c.variant = variant
 
-  # Data (DESIGN.md §5). `dataset` is a tfds name ('mnist', 'fashion_mnist',
+  # Data (README: Datasets). `dataset` is a tfds name ('mnist', 'fashion_mnist',
   # 'celeb_a', 'dsprites'), 'shapes', 'folder:PATH' or 'arrays:PATH'.
   c.dataset = 'shapes'
   # tfds data_dir (local folder or gs:// bucket); None = tfds' default. A typed
@@ -39,7 +39,7 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   # avae_jax/conv.py), 'xla', or 'auto' (custom on the CPU only).
   c.model.conv_backward = 'auto'
 
-  # Loss (DESIGN.md §3). The reconstruction weights are used by 'vae_s'/'avae_s';
+  # Loss (README: The four models). The reconstruction weights are used by 'vae_s'/'avae_s';
   # 'vae'/'avae' use MSE alone.
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict(

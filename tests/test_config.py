@@ -76,7 +76,7 @@ def test_config_file_overrides_apply_on_top_of_the_variant():
 
 @pytest.mark.parametrize('spec', ['default.py', 'mnist.py:vae', 'celeba.py'])
 def test_data_dir_can_be_set_from_the_command_line(spec):
-  # A bucket or a folder of prepared tfds data, e.g. on a TPU VM (DESIGN.md section 5).
+  # A bucket or a folder of prepared tfds data, e.g. on a TPU VM (README: Datasets).
   assert load_config_file(spec).data_dir is None
   c = load_config_file(spec, '--config.data_dir=gs://bucket/tfds')
   assert c.data_dir == 'gs://bucket/tfds'
