@@ -101,6 +101,7 @@ class ProgramError(RuntimeError):
   """The program cannot be started; `code` is the shell's exit status for that (126, 127)."""
 
   def __init__(self, message: str, code: int) -> None:
+    """The error's message and the exit status it calls for."""
     super().__init__(message)
     self.code = code
 
@@ -111,6 +112,13 @@ class Launcher:
   def __init__(self, program: Sequence[str], *, num_processes: int, devices_per_process: int,
                timeout_s: int | None, grace_s: float, port: int = 0,
                out: IO[str] = sys.stdout, err: IO[str] = sys.stderr):
+    """`program`'s processes, their coordinator on `port` (0: a free one), nothing started.
+
+    timeout_s: how long each process waits for a peer to start or to answer (None: the
+    program's default); grace_s: how long the others may take to stop on their own after
+    one fails, and all of them to end after SIGTERM; out and err take the processes'
+    prefixed output.
+    """
     if num_processes < 1 or devices_per_process < 1:
       raise ValueError('num_processes and devices_per_process must be >= 1')
     self.command = program_command(program)

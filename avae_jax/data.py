@@ -107,6 +107,11 @@ class Source:
                image_shape: tuple[int, int, int], *, name: str = '',
                factors: np.ndarray | None = None, factor_names: Sequence[str] = (),
                factor_values: Sequence[np.ndarray] | None = None):
+    """`read(indices)` gives those images; `factors` (n, F) ground-truth factor indices.
+
+    factor_names name the F factors and factor_values[f] holds factor f's values (what
+    its indices stand for); sources without factors (most datasets) leave all three out.
+    """
     self._read = read
     self.num_examples = int(num_examples)
     self.image_shape = tuple(int(d) for d in image_shape)
@@ -1021,6 +1026,7 @@ class DevicePrefetcher:
 
   def __init__(self, iterator: Iterator[Any], devices: Sequence[Any], size: int = 2,
                axis_name: str = 'batch'):
+    """Starts the producer thread (arguments as prefetch_to_devices takes them)."""
     import jax  # pylint: disable=g-import-not-at-top
     from jax import sharding  # pylint: disable=g-import-not-at-top
     self._devices = list(devices)
@@ -1047,9 +1053,11 @@ class DevicePrefetcher:
     self._thread.start()
 
   def __iter__(self) -> 'DevicePrefetcher':
+    """The prefetcher itself."""
     return self
 
   def __next__(self) -> Any:
+    """The next batch on the devices; the producer's exception if it failed."""
     if self._done:
       raise StopIteration
     kind, value = self._queue.get()
@@ -1073,12 +1081,15 @@ class DevicePrefetcher:
       self._thread.join(timeout)
 
   def __enter__(self) -> 'DevicePrefetcher':
+    """The prefetcher, closed when the block ends."""
     return self
 
   def __exit__(self, *exc: Any) -> None:
+    """Closes the prefetcher."""
     self.close()
 
   def __del__(self) -> None:
+    """Tells the producer thread to stop (without waiting for it)."""
     try:
       self._done = True
       self._stop.set()

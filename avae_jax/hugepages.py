@@ -8,7 +8,7 @@ buffers in again, 4 KiB at a time: 256,000 page faults and 0.45-1.1 s of system 
 CelebA-shaped step on the 2-core machine, 23,000 per MNIST-shaped step. With glibc's
 tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) malloc asks for transparent huge
 pages on its mappings (madvise), and the same buffers fault in 2 MiB at a time, 512x
-fewer faults: the MNIST-shaped pre-training step took 0.055-0.064 s instead of
+fewer faults: the MNIST-shaped pre-training step took 0.058-0.064 s instead of
 0.077-0.105 s, the CelebA-shaped one 1.17-1.26 s instead of 1.46-1.92 s
 (docs/benchmarks.md, item 15).
 

@@ -330,8 +330,8 @@ class _StorageType:
 class TorchModule:
   """Stand-in for a TorchScript module object: attributes from the pickled state dict."""
 
-  def __new__(cls, *args, **kwargs):
-    # Unpickling (NEWOBJ) calls __new__ but not __init__.
+  def __new__(cls, *args: Any, **kwargs: Any) -> 'TorchModule':
+    """An empty module; unpickling (NEWOBJ) calls __new__ but not __init__."""
     del args, kwargs
     obj = super().__new__(cls)
     obj.state = {}

@@ -210,7 +210,11 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-  """The encoder with 2x2 max-pooling instead of the stride-2 conv; one logit per image."""
+  """The encoder's stages with 2x2 max-pooling instead of downsampling convs; one logit.
+
+  Each stage is two 3x3 stride-1 conv units and a 2x2 max-pool, where the encoder has a
+  3x3 and a 4x4 stride-2 unit (README: Deviations from the paper's text).
+  """
   widths: Sequence[int]
   hidden_dim: int = 48
   bn_momentum: float = 0.9
@@ -248,7 +252,7 @@ class VAE(nn.Module):
   dtype: Dtype = jnp.float32
   conv_backward: str = 'auto'  # conv.BACKWARDS
 
-  def setup(self):
+  def setup(self) -> None:
     """Builds the two halves with the shared settings."""
     kw = dict(hidden_dim=self.hidden_dim, bn_momentum=self.bn_momentum,
               axis_name=self.axis_name, dtype=self.dtype,

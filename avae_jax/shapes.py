@@ -23,8 +23,6 @@ inside-test, averaged to a coverage in [0, 1], times the colour.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from avae_jax import filters
@@ -214,10 +212,3 @@ def render_uint8(factors: np.ndarray, image_size: int, channels: int = 3,
                  supersample: int = 4) -> np.ndarray:
   """render() quantised to uint8 (4x less memory for a whole dataset)."""
   return np.round(render(factors, image_size, channels, supersample) * 255).astype(np.uint8)
-
-
-def describe(factors: Sequence[int]) -> str:
-  """A readable name for one factor row, e.g. 'heart scale=0.85 rot=36deg x=0.32 ...'."""
-  s, sc, r, x, y, c = (int(v) for v in factors)
-  return (f'{SHAPE_NAMES[s]} scale={SCALES[sc]:.2f} rot={np.degrees(ROTATIONS[r]):.0f}deg '
-          f'x={POSITIONS[x]:.2f} y={POSITIONS[y]:.2f} {COLOUR_NAMES[c]}')

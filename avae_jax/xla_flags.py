@@ -4,8 +4,8 @@ jaxlib 0.10 runs each convolution on the CPU through YNNPACK by default. For the
 convolutions XLA's own kernels are faster: with YNNPACK's convolutions switched off, the
 CelebA-shaped pre-training step took 3.99 s instead of 4.57 s and the adversarial step
 8.44 s instead of 11.17 s (docs/benchmarks.md, item 7). YNNPACK still computes matrix
-products and reductions (switching those off too was not faster for the MNIST-shaped
-steps).
+products and reductions (taking the products off too was slower at CelebA's shape, and the
+reductions changed nothing at MNIST's; item 7).
 
 `apply()` adds the flags to XLA_FLAGS; train.py, eval.py, study.py, benchmark.py and the
 tests call it first thing. A flag that XLA_FLAGS already sets keeps the user's value. The

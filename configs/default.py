@@ -35,8 +35,9 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   c.model.hidden_dim = 48
   c.model.bn_momentum = 0.9
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' for TPU/GPU (params stay float32)
-  # Convolutions' backward pass: 'custom' (strided input gradients by phase;
-  # avae_jax/conv.py), 'xla', or 'auto' (custom on the CPU only).
+  # Convolutions' backward pass: 'custom' (strided input gradients by phase, stride-1
+  # gradients in the forward form; avae_jax/conv.py), 'xla', or 'auto' (custom on the CPU
+  # only).
   c.model.conv_backward = 'auto'
 
   # Loss (README: The four models). The reconstruction weights are used by 'vae_s'/'avae_s';

