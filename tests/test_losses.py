@@ -231,7 +231,8 @@ def test_default_banks_need_few_separable_and_gram_terms():
   box = [r for r in range(9) if np.ptp(u[r]) == 0 and np.ptp(v[r]) == 0]
   assert len(box) == 1 and np.all(mix[box[0]] != 0)
   assert losses._separable_terms(filters.sobel_kernels())[0].shape == (2, 3)
-  # The Gram operators, sum_k R_k^T R_k, in Kronecker terms (documented counts).
+  # The Gram operators, sum_k R_k^T R_k, in Kronecker terms (documented counts; that they
+  # are the fewest is checked against scipy's G in the next test).
   assert losses._gram_terms(filters.sobel_kernels(), 96, 96)[0].shape == (2, 96, 96)
   assert losses._gram_terms(gabor, 96, 96)[0].shape == (13, 96, 96)
 
@@ -257,6 +258,11 @@ def test_gram_terms_are_the_sum_of_the_filters_normal_matrices(which):
   p, q = losses._gram_terms(bank, h, w)
   got = sum(np.kron(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(p, q))
   np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+  # As few terms as there can be: the Kronecker rank of G, the rank of its rearrangement
+  # vec(A) vec(B)^T (Van Loan and Pitsianis), from the scipy matrix.
+  singular = np.linalg.svd(ref.reshape(h, w, h, w).transpose(0, 2, 1, 3).reshape(h * h, w * w),
+                           compute_uv=False)
+  assert len(p) == np.sum(singular > 1e-9 * singular[0])
 
 
 def test_response_loss_gradients_match_scipy_adjoint():

@@ -176,7 +176,8 @@ def test_batchnorm_running_stats_update_in_train_mode_only():
   np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-4)
   # Eval mode is per-sample (running stats); train mode depends on the other samples.
   np.testing.assert_allclose(out['eval_first'], out['eval'][0][:1], atol=1e-6)
-  assert not np.allclose(out['train_first_two'], out['train'][0][0], atol=1e-4)
+  # (Image 0 of each: the whole pair against one image compared other images too.)
+  assert np.abs(out['train_first_two'][0] - out['train'][0][0]).max() > 1e-3
 
 
 def test_every_batchnorm_uses_the_configs_momentum():
