@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from avae_jax import api
+from avae_jax import checkpoint
 from avae_jax import data
 from avae_jax import steps
 from avae_jax import trainer
@@ -91,19 +92,22 @@ def _np(x):
   return np.asarray(x, np.float64)
 
 
-def test_load_restores_the_trained_weights(model):
+def test_load_restores_the_trained_weights(workdir, model):
   assert model.step == TRAINED_STEPS
   assert model.config.variant == 'vae'
   assert model.image_shape == (16, 16, 3) and model.latent_dim == 4
-  fresh, _ = steps.create_train_states(tiny_config(), jax.random.PRNGKey(0), (16, 16, 3))
-  shapes = lambda tree: jax.tree.map(np.shape, tree)
-  assert shapes(model.variables['params']) == shapes(fresh.params)
-  # BatchNorm statistics start at mean 0 / var 1 whatever the key; training moved them, so
-  # these came from the checkpoint. (test_evaluation checks the restored model reproduces
-  # the trainer's own final metrics, and test_load_chosen_step that steps differ.)
-  stats = zip(jax.tree.leaves(model.variables['batch_stats']),
-              jax.tree.leaves(fresh.batch_stats))
-  assert all(not np.allclose(a, b) for a, b in stats)
+  # The VAE's arrays of the latest checkpoint, read by the checkpointer itself.
+  template = steps.state_tree(*steps.create_train_states(tiny_config(), jax.random.PRNGKey(1),
+                                                         (16, 16, 3)))
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
+                               read_only=True) as ckpt:
+    step, saved, _ = ckpt.restore(template)
+  assert step == TRAINED_STEPS
+  for name in ('params', 'batch_stats'):
+    loaded, want = jax.device_get(model.variables[name]), saved['vae'][name]
+    assert jax.tree.structure(loaded) == jax.tree.structure(want)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded),
+                                                     jax.tree.leaves(want)))
 
 
 def test_load_chosen_step(workdir, model, images):
@@ -151,6 +155,13 @@ def test_encode_returns_the_mu_head_then_the_logvar_head(model, images):
   np.testing.assert_allclose(_np(logvar), np.asarray(heads['logvar']['__call__'][0]),
                              atol=1e-5)
   assert not np.allclose(_np(mu), _np(logvar), atol=1e-3)
+
+
+def test_decode_is_the_decoder_run_directly(model):
+  # The API's jitted, sharded program against the module applied without it.
+  z = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
+  want = model.module.apply(jax.device_get(model.variables), z, False, method='decode')
+  np.testing.assert_allclose(_np(model.decode(z)), np.asarray(want), atol=1e-5)
 
 
 def test_reconstruct_is_decode_of_posterior_mean(model, images):

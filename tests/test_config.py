@@ -440,9 +440,13 @@ def test_validate_rejects_with_a_clear_message(field, value, pattern):
     config_lib.validate(c, num_devices=4)
 
 
-def test_the_conv_backward_choices_are_the_convolutions():
+def test_each_conv_backward_choice_means_what_the_readme_says():
+  # custom everywhere, xla nowhere, auto on the CPU only (these tests run on the CPU).
   from avae_jax import conv  # pylint: disable=g-import-not-at-top
-  assert config_lib.CONV_BACKWARDS == conv.BACKWARDS
+  assert {b: conv.uses_custom(b) for b in config_lib.CONV_BACKWARDS} == {
+      'custom': True, 'xla': False, 'auto': jax.default_backend() == 'cpu'}
+  with pytest.raises(ValueError, match="got 'cutom'"):
+    conv.uses_custom('cutom')
 
 
 def test_images_smaller_than_the_ssim_window_need_the_term_off():

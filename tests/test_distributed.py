@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -706,8 +707,10 @@ def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_p
   assert returncode == 130, output[-6000:]
 
 
-def test_eval_runs_under_the_launcher(env, two_process_run):
-  workdir, _ = two_process_run
+def test_eval_runs_under_the_launcher(env, two_process_run, tmp_path):
+  # A copy without the training run's own eval/, which would stand in for eval.py's.
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_process_run[0], workdir, ignore=shutil.ignore_patterns('eval'))
   result = _launch(env, 2, 2, ['eval.py', *_cli(OVERRIDES), f'--workdir={workdir}'])
   assert result.returncode == 0, result.stdout[-6000:]
   assert re.search(rf'^\[p0\] eval: restored step {TOTAL_STEPS} ', result.stdout, re.M)
@@ -715,7 +718,12 @@ def test_eval_runs_under_the_launcher(env, two_process_run):
   writes = re.findall(r'^\[p(\d)\] eval: wrote', result.stdout, re.M)
   assert writes == ['0'], result.stdout[-6000:]
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
-    assert json.load(f)
+    results = json.load(f)
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    final = json.load(f)
+  # The same model and images as the training run's own evaluation.
+  assert results['step'] == TOTAL_STEPS
+  np.testing.assert_allclose(results['rec_mse'], final['rec_mse'], rtol=1e-5)
 
 
 if __name__ == '__main__':
