@@ -22,14 +22,17 @@ Cases:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -461,11 +464,32 @@ def twin_command(python: str, script: str, config: ml_collections.ConfigDict, st
   return cmd if device == 'cpu' else cmd + ['--device', device]
 
 
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Any:
+  """Inside the block, Ctrl-C raises KeyboardInterrupt (Python's own handler), as before.
+
+  benchmark.py's handler ends the process at once (distributed.exit_on_interrupt), which
+  left a twin that subprocess.run waited for running on; with the KeyboardInterrupt,
+  subprocess.run kills it, and the exception then reaches that handler's block. An
+  ignored Ctrl-C stays ignored.
+  """
+  if threading.current_thread() is not threading.main_thread() or \
+      signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    yield
+    return
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps: int,
              warmup: int, device: str = 'cpu') -> dict[str, Any]:
   """Runs the twin as a subprocess (on torch's `device`) and returns its JSON result."""
   cmd = twin_command(python, script, config, steps, warmup, device)
-  out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+  with _ctrl_c_raises():
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f'the twin ({" ".join(cmd)}) exited with status {out.returncode}:\n'
                        f'{out.stderr[-3000:]}')

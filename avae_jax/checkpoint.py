@@ -214,23 +214,40 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(flags))
 
 
+# Checkpoint directories read in this process: the reads' leftover errors name them.
+_READ_DIRECTORIES: set[str] = set()
+
+
 def _is_closed_loop_callback(unraisable: Any) -> bool:
   """Whether an unraisable exception is a read's callback into a closed event loop."""
   error = unraisable.exc_value
   return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
 
 
-def _quiet_closed_loop_callbacks() -> None:
-  """Drops the closed-loop RuntimeErrors of failed restores from sys.unraisablehook.
+class _DropUnretrievedReadErrors(std_logging.Filter):
+  """Drops asyncio's reports of failed reads whose error nobody awaited (see below)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    # asyncio's first line, e.g. 'Future exception was never retrieved', then the future.
+    if not record.getMessage().partition('\n')[0].endswith('exception was never retrieved'):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not any(d in str(error) for d in _READ_DIRECTORIES)
+
+
+def _quiet_failed_reads(directory: str) -> None:
+  """Silences the noise of a failed restore of a checkpoint in `directory`.
 
   When one read of a checkpoint fails, orbax closes the restore's event loop while
-  tensorstore's other reads are in flight; each of their completion callbacks then
-  raises "Event loop is closed" into sys.unraisablehook, which printed tens to hundreds
-  of tracebacks around the one-line warning that says what happened. They come both
-  before the restore's error and after it, so the filter is installed before the first
-  restore and stays (once per process). Every other unraisable exception goes to the
-  hook as before.
+  tensorstore's other reads are in flight. Each of their completion callbacks then
+  raised "Event loop is closed" into sys.unraisablehook, and each read that failed too
+  was logged by asyncio as a "Future exception was never retrieved" with its error: tens
+  to hundreds of tracebacks around the one-line warning that says what happened, before
+  the restore's error and long after it. So, before the first restore (and for good, once
+  per process), the hook drops those RuntimeErrors and asyncio's logger those reports
+  whose error names a checkpoint directory read here. Everything else passes as before.
   """
+  _READ_DIRECTORIES.add(directory)
   previous = sys.unraisablehook
   if getattr(previous, '_drops_closed_loop_callbacks', False):
     return
@@ -241,6 +258,7 @@ def _quiet_closed_loop_callbacks() -> None:
 
   hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+  std_logging.getLogger('asyncio').addFilter(_DropUnretrievedReadErrors())
 
 
 def _describe(error: BaseException) -> str:
@@ -433,7 +451,7 @@ class Checkpointer:
     unreadable: list[int] = []
     last_error: BaseException | None = None
     tried: set[int] = set()
-    _quiet_closed_loop_callbacks()  # before: a failing read's callbacks come before its error
+    _quiet_failed_reads(self.directory)  # before: some of the noise comes before the error
     while pending := [s for s in candidates if s not in tried]:
       s = pending[0]
       tried.add(s)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,41 @@ def test_ctrl_c_is_one_line_and_status_130():
   finally:
     proc.kill()
   assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
+
+
+def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
+  # The one-line exit skipped subprocess.run's clean-up: the twin ran on to its end.
+  pid_file = tmp_path / 'twin.pid'
+  slow_twin = tmp_path / 'slow_twin.py'
+  slow_twin.write_text(f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))'
+                       '\ntime.sleep(300)\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  # With one round the twin runs first, before anything is compiled.
+  proc = subprocess.Popen([sys.executable, 'benchmark.py', *TINY, '--cases=pretrain_step',
+                           f'--twin_python={sys.executable}', f'--twin_script={slow_twin}'],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not (pid_file.exists() and pid_file.read_text()):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+      time.sleep(0.1)
+    twin = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)  # to benchmark.py alone, as `kill -INT` sends it
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+  finally:
+    proc.kill()
+  assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
+  # Gone, or a zombie that nobody has reaped yet (its parent has exited).
+  time.sleep(1.0)
+  try:
+    with open(f'/proc/{twin}/stat') as f:
+      state = f.read().rsplit(')', 1)[1].split()[0]
+  except FileNotFoundError:
+    state = 'gone'
+  assert state in ('gone', 'Z'), state
 
 
 def test_a_twin_that_cannot_run_is_a_usage_error_before_compiling():

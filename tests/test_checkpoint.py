@@ -254,9 +254,10 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
   assert_trees_equal(state, big_state(22))
 
 
-# Saves two steps of many arrays, damages the newer one's data files, restores; then a
-# callback into a closed event loop (what the reads in flight do, as they happen to
-# finish: deterministic here) and another unraisable exception, both from finalisers.
+# Saves two steps of many arrays, damages the newer one's data files, restores; then, as
+# the reads in flight do when they happen to finish (deterministic here), a callback into
+# a closed event loop and an unawaited future whose error names the checkpoint, and
+# noise of other origins: an unraisable exception and an unawaited future of their own.
 _CHILD_RESTORING_DAMAGED = textwrap.dedent('''
     import asyncio, gc, pathlib, sys
     import numpy as np
@@ -290,8 +291,14 @@ _CHILD_RESTORING_DAMAGED = textwrap.dedent('''
       def __del__(self):
         raise KeyError('from a finaliser')
 
+    def unawaited(error):
+      future = loop.create_future()
+      future.set_exception(error)
+
     LateCallback()
     Noisy()
+    unawaited(ValueError(f'Error reading "w001/.zarray" at "{directory}/2/state/"'))
+    unawaited(ValueError('an error of something else'))
     gc.collect()
     print('restored', step)
 ''')
@@ -310,8 +317,10 @@ def test_a_failed_read_of_many_arrays_prints_only_the_warning(tmp_path):
   assert proc.returncode == 0 and 'restored 1' in proc.stdout, proc.stderr[-3000:]
   assert 'Checkpoint 2' in proc.stderr and 'unreadable' in proc.stderr, proc.stderr[-3000:]
   assert 'Event loop is closed' not in proc.stderr, proc.stderr[:3000]
-  # Other unraisable exceptions still reach the hook, which prints them.
+  # Other unraisable exceptions and unawaited errors are still printed.
   assert 'from a finaliser' in proc.stderr
+  assert proc.stderr.count('exception was never retrieved') == 1, proc.stderr[:3000]
+  assert 'an error of something else' in proc.stderr
 
 
 def test_no_readable_checkpoint_raises(tmp_path):
