@@ -89,6 +89,13 @@ def _run() -> None:
   """main's work, with Ctrl-C taken care of."""
   from avae_jax import summary  # pylint: disable=g-import-not-at-top
   summary.quiet_library_logs()
+  # One process times its host's devices; under launch.py (or on a pod slice) each process
+  # would time its own copy of the steps, or wait for the others at start-up.
+  if (os.environ.get(distributed.ENV_NUM_PROCESSES, '').strip() not in ('', '1')
+      or os.environ.get(distributed.ENV_COORDINATOR) or distributed.on_multihost_tpu()):
+    raise app.UsageError('benchmark.py runs in one process on one host; run it without '
+                         'launch.py and the AVAE_* distributed settings (on a TPU pod '
+                         'slice: on a single-host slice)')
   config = flags.FLAGS.config
   try:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
