@@ -91,11 +91,14 @@ def _run() -> None:
   summary.quiet_library_logs()
   # One process times its host's devices; under launch.py (or on a pod slice) each process
   # would time its own copy of the steps, or wait for the others at start-up.
-  if (os.environ.get(distributed.ENV_NUM_PROCESSES, '').strip() not in ('', '1')
-      or os.environ.get(distributed.ENV_COORDINATOR) or distributed.on_multihost_tpu()):
+  try:
+    several = distributed.several_processes_requested()
+  except distributed.DistributedConfigError as e:
+    raise app.UsageError(str(e)) from e
+  if several:
     raise app.UsageError('benchmark.py runs in one process on one host; run it without '
-                         'launch.py and the AVAE_* distributed settings (on a TPU pod '
-                         'slice: on a single-host slice)')
+                         'launch.py and the distributed flags or AVAE_* settings (on a TPU '
+                         'pod slice: on a single-host slice)')
   config = flags.FLAGS.config
   try:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))

@@ -118,6 +118,32 @@ def _is_loopback(address: str) -> bool:
   return host == 'localhost' or host.startswith('127.') or host == '::1'
 
 
+def _settings(coordinator_address: str | None = None, num_processes: int | None = None,
+              process_id: int | None = None, timeout_s: int | None = None,
+              auto: bool | None = None) -> tuple[Any, int | None, int | None, int | None, bool]:
+  """(address, processes, process id, timeout, auto): arguments, else flags, else AVAE_*."""
+  address = _first(coordinator_address, _flag(_COORDINATOR), os.environ.get(ENV_COORDINATOR))
+  num = _int(_first(num_processes, _flag(_NUM_PROCESSES), os.environ.get(ENV_NUM_PROCESSES)),
+             'the number of processes')
+  pid = _int(_first(process_id, _flag(_PROCESS_ID), os.environ.get(ENV_PROCESS_ID)),
+             'the process id')
+  timeout = _int(_first(timeout_s, _flag(_TIMEOUT), os.environ.get(ENV_TIMEOUT)),
+                 'the distributed timeout')
+  auto = bool(_first(auto, _flag(_AUTO) or None, os.environ.get(ENV_AUTO) == '1' or None))
+  return address, num, pid, timeout, auto
+
+
+def several_processes_requested() -> bool:
+  """Whether the flags or AVAE_* settings (or a pod slice) ask for more than one process.
+
+  What initialize would start, or refuse for want of a coordinator or of a process count;
+  without starting it. A coordinator with one process is a single-process run.
+  """
+  address, num, _, _, auto = _settings()
+  return (num or 1) > 1 or (address is not None and num is None) or auto or \
+      on_multihost_tpu()
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int | None = None,
                auto: bool | None = None) -> bool:
@@ -129,14 +155,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   if jax.distributed.is_initialized():
     return True
-  address = _first(coordinator_address, _flag(_COORDINATOR), os.environ.get(ENV_COORDINATOR))
-  num = _int(_first(num_processes, _flag(_NUM_PROCESSES), os.environ.get(ENV_NUM_PROCESSES)),
-             'the number of processes')
-  pid = _int(_first(process_id, _flag(_PROCESS_ID), os.environ.get(ENV_PROCESS_ID)),
-             'the process id')
-  timeout = _int(_first(timeout_s, _flag(_TIMEOUT), os.environ.get(ENV_TIMEOUT)),
-                 'the distributed timeout')
-  auto = bool(_first(auto, _flag(_AUTO) or None, os.environ.get(ENV_AUTO) == '1' or None))
+  address, num, pid, timeout, auto = _settings(coordinator_address, num_processes,
+                                               process_id, timeout_s, auto)
 
   timeouts: dict[str, int] = {}
   if timeout is not None:

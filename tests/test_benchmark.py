@@ -153,12 +153,15 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
   assert '--cases must name each case once' in out.stderr and not out.stdout.strip()
 
 
-@pytest.mark.parametrize('variable, value', [
-    ('AVAE_NUM_PROCESSES', '2'), ('AVAE_COORDINATOR_ADDRESS', '127.0.0.1:1234'),
-    ('TPU_WORKER_HOSTNAMES', 'host-a,host-b')])
-def test_several_processes_are_a_usage_error(variable, value):
-  # Under launch.py each process timed its own copy of the steps.
-  out = _run(TINY, **{variable: value})
+@pytest.mark.parametrize('variable, value, args', [
+    ('AVAE_NUM_PROCESSES', '2', []), ('AVAE_COORDINATOR_ADDRESS', '127.0.0.1:1234', []),
+    ('AVAE_DISTRIBUTED_AUTO', '1', []), ('TPU_WORKER_HOSTNAMES', 'host-a,host-b', []),
+    (None, None, ['--num_processes=2', '--coordinator_address=127.0.0.1:1234',
+                  '--process_id=0'])])
+def test_several_processes_are_a_usage_error(variable, value, args):
+  # Under launch.py each process timed its own copy of the steps. The settings are read
+  # as train.py reads them: the flags, or the AVAE_* variables.
+  out = _run(TINY + args, **({variable: value} if variable else {}))
   assert out.returncode == 1 and not out.stdout.strip()
   assert 'benchmark.py runs in one process on one host' in out.stderr, out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
