@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from typing import Any, Sequence
 import warnings
@@ -161,19 +160,6 @@ def _traverse(module: Any, variables: Any, x: jax.Array, dims: jax.Array,
   return images.reshape((dims.shape[0], values.shape[0]) + x.shape[1:])
 
 
-def _count(value: Any, what: str, minimum: int) -> int:
-  """`value` as an int of at least `minimum`; a ValueError for other numbers (2.5, True)."""
-  try:
-    if isinstance(value, (bool, np.bool_)):
-      raise TypeError
-    n = operator.index(value)
-  except TypeError:
-    raise ValueError(f'{what} must be an integer >= {minimum}, got {value!r}') from None
-  if n < minimum:
-    raise ValueError(f'{what} must be an integer >= {minimum}, got {n}')
-  return n
-
-
 class TrainedModel:
   """A VAE with its trained parameters and BatchNorm statistics, ready for inference."""
 
@@ -216,7 +202,7 @@ class TrainedModel:
     """
     workdir = str(workdir)
     # The checkpointer takes int(step): step=2.5 restored step 2, step=True step 1.
-    step = None if step is None else _count(step, 'step', 0)
+    step = None if step is None else visualize.integer(step, 'step', 0)
     ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
       raise NoCheckpointError(
@@ -319,7 +305,7 @@ class TrainedModel:
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
     """n images decoded from z ~ N(0, I) drawn with `key`."""
-    z = jax.random.normal(key, (_count(n, 'n', 0), self.latent_dim), jnp.float32)
+    z = jax.random.normal(key, (visualize.integer(n, 'n', 0), self.latent_dim), jnp.float32)
     return self.decode(z)
 
   def interpolate(self, x0: Any, x1: Any, steps: int) -> jax.Array:
@@ -328,7 +314,7 @@ class TrainedModel:
     x0, x1: one image each (H, W, C) -> (steps, H, W, C), or P pairs (P, H, W, C) ->
     (P, steps, H, W, C). The first and last images are decode(mu(x0)) and decode(mu(x1)).
     """
-    steps = _count(steps, 'steps', 2)
+    steps = visualize.integer(steps, 'steps', 2)
     a, single = self._pair_images(x0, 'x0')
     b, _ = self._pair_images(x1, 'x1')
     if a.shape != b.shape:

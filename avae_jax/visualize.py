@@ -42,7 +42,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
   """
   images = _check_images(images, 4, 'images')
   n, h, w, c = images.shape
-  ncol, pad = _integer(ncol, 'ncol'), _integer(pad, 'pad')
+  ncol, pad = integer(ncol, 'ncol'), integer(pad, 'pad')
   if ncol < 1 or pad < 0:
     raise ValueError(f'Need ncol >= 1 and pad >= 0; got {ncol}, {pad}.')
   nrow = max(1, math.ceil(n / ncol))
@@ -56,14 +56,18 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1,
   return out
 
 
-def _integer(value: Any, what: str) -> int:
-  """`value` as an int; a ValueError for other numbers (2.5, True)."""
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f'{what} must be an integer, got {value!r}')
+def integer(value: Any, what: str, minimum: int | None = None) -> int:
+  """`value` as an int (of at least `minimum`); a ValueError for other numbers (2.5, True)."""
+  wanted = f'{what} must be an integer' + ('' if minimum is None else f' >= {minimum}')
   try:
-    return operator.index(value)
+    if isinstance(value, (bool, np.bool_)):
+      raise TypeError
+    n = operator.index(value)
   except TypeError:
-    raise ValueError(f'{what} must be an integer, got {value!r}') from None
+    raise ValueError(f'{wanted}, got {value!r}') from None
+  if minimum is not None and n < minimum:
+    raise ValueError(f'{wanted}, got {n}')
+  return n
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -92,8 +96,8 @@ def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None =
   x_rec = _check_images(x_rec, 4, 'x_rec')
   if x.shape[1:] != x_rec.shape[1:]:
     raise ValueError(f'x {x.shape} and x_rec {x_rec.shape} differ in image shape.')
-  n = _integer(n, 'n')
-  ncol = None if ncol is None else _integer(ncol, 'ncol')
+  n = integer(n, 'n')
+  ncol = None if ncol is None else integer(ncol, 'ncol')
   if n < 0 or (ncol is not None and ncol < 1):
     raise ValueError(f'Need n >= 0 and ncol >= 1; got {n}, {ncol}.')
   n = min(n, len(x), len(x_rec))
