@@ -35,6 +35,7 @@ from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import summary
 from avae_jax import visualize
+from avae_jax import xla_flags
 
 CALIBRATION_FILE = 'calibration.json'
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
@@ -408,6 +409,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
                         ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
   is_main = jax.process_index() == 0
+  # On a CPU the thread count sets the order of float32 sums, so the checkpoints record it
+  # and a resume compares (xla_flags.cpu_threads).
+  cpu_threads = (xla_flags.cpu_threads(jax.local_device_count())
+                 if setup_.devices[0].platform == 'cpu' else None)
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
   image_shape = setup_.train_source.image_shape
@@ -439,6 +444,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     vae_state, disc_state = steps.from_state_tree(vae_state, disc_state, tree)
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     print(f'resuming from checkpoint at step {start_step}', flush=True)
+    saved_threads = meta.get('cpu_threads')  # absent in GPU/TPU runs and earlier versions
+    if is_main and saved_threads is not None and cpu_threads not in (None, saved_threads):
+      print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
+            f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC or '
+            'machine): the steps from here on are not bit-identical to an uninterrupted '
+            "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
 
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
@@ -459,7 +470,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     n, processes = len(setup_.devices), jax.process_count()
     print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
           f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
-          'device and step', flush=True)
+          'device and step' + ('' if cpu_threads is None else f', {cpu_threads} XLA:CPU threads'),
+          flush=True)
     band = config_lib.gating_dead_band(config)
     if band is not None:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
@@ -484,6 +496,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
+            'cpu_threads': cpu_threads,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
                                  for s, m in unlogged]}

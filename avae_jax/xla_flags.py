@@ -12,6 +12,13 @@ tests call it first thing. A flag that XLA_FLAGS already sets keeps the user's v
 flags are only added for the jaxlib versions they were measured with: an XLA that does
 not know a flag refuses to start.
 
+XLA:CPU splits each operation over a pool of threads, one per core the process may run on
+(its CPU affinity: `taskset`, a container's CPU set) unless PJRT_NPROC or NPROC says how
+many, and the split sets the order of float32 sums: a run with another thread count is
+not bit-identical (README: Devices and reproducibility). `cpu_threads()` is that count, as
+XLA reads it (at least one thread per CPU device); the trainer records it in its
+checkpoints.
+
 `apply(cpu_devices=N)` (train.py, eval.py and benchmark.py pass `config.cpu_devices`) also
 splits the host into N CPU devices (`--xla_force_host_platform_device_count`). Each
 device then runs its share of the batch as a program of its own: on the 2-core machine,
@@ -29,6 +36,9 @@ import os
 CPU_FLAGS = {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'}
 JAXLIB_SERIES = ('0.10.',)
 DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
+# What XLA's CPU client reads, in this order, for its thread count (jaxlib's
+# DefaultThreadPoolSize); without them it takes the cores the process may run on.
+THREAD_COUNT_VARS = ('PJRT_NPROC', 'NPROC')
 
 
 def _jaxlib_version() -> str:
@@ -53,6 +63,25 @@ def with_cpu_flags(xla_flags: str, jaxlib_version: str | None = None,
   given = {w.lstrip('-').split('=', 1)[0] for w in words}
   words += [f'--{name}={value}' for name, value in wanted.items() if name not in given]
   return ' '.join(words)
+
+
+def cpu_threads(cpu_devices: int = 1) -> int:
+  """The number of threads XLA:CPU runs each operation on, in a process of cpu_devices."""
+  count = None
+  for name in THREAD_COUNT_VARS:
+    try:
+      count = max(0, int(os.environ[name]))
+      break
+    except (KeyError, ValueError):
+      continue  # unset or not a number: XLA goes on to the next one too
+  if count is None:
+    try:
+      count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no affinity to read
+      count = os.cpu_count() or 1
+  # XLA gives each CPU device a thread at least: four devices pinned to one core (or with
+  # PJRT_NPROC=1) compute what two or more threads do (tests/test_xla_flags.py).
+  return max(count, cpu_devices)
 
 
 def apply(cpu_devices: int = 0) -> None:

@@ -26,6 +26,7 @@ from avae_jax import data
 from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import trainer
+from avae_jax import xla_flags
 from configs import default
 
 TINY = {
@@ -158,22 +159,37 @@ def test_gated_update_counters_match_the_logged_gates(reference):
   assert int(tree['disc']['step']) == sum(int(m['disc_updated']) for m in adversarial)
 
 
-def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_path, capsys):
+def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_path, capsys,
+                                                                 monkeypatch):
   ref_dir, ref_tree, ref_metrics = reference
   workdir = tmp_path / 'w'
+  threads = xla_flags.cpu_threads(jax.local_device_count())
   # 1. Stops in pre-training at step 5 (not a multiple of checkpoint_every).
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)
   assert (step, meta['phase'], meta['data_position']) == (5, 'pretrain', 5)
-  # 2. Resumes in pre-training, stops 3 steps into the adversarial phase.
-  train(dict(BASE, adversarial_steps=3), workdir)
-  out = capsys.readouterr().out
+  assert meta['cpu_threads'] == threads
+  # 2. Resumes in pre-training, stops at its end: the checkpoint on the phase boundary.
+  train(dict(BASE, adversarial_steps=0), workdir)
+  out, err = capsys.readouterr()
   assert 'resuming from checkpoint at step 5\n' in out
+  assert 'XLA:CPU thread' not in err  # the same count as the checkpoint's
+  step, _, meta = restore(workdir)
+  assert (step, meta['phase'], meta['data_position']) == (12, 'pretrain', 12)
+  # 3. Resumes with the first adversarial step, stops 3 steps into that phase.
+  train(dict(BASE, adversarial_steps=3), workdir)
+  assert 'resuming from checkpoint at step 12\n' in capsys.readouterr().out
   step, _, meta = restore(workdir)
   assert (step, meta['phase'], meta['data_position']) == (15, 'adversarial', 15)
-  # 3. Resumes in the adversarial phase and finishes.
+  # 4. Resumes in the adversarial phase and finishes. Told it has another thread count
+  # (which would change the float32 sums; here only the count read is changed), the
+  # resume warns.
+  monkeypatch.setattr(xla_flags, 'cpu_threads', lambda cpu_devices: threads + 1)
   train(BASE, workdir)
-  assert 'resuming from checkpoint at step 15\n' in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  assert 'resuming from checkpoint at step 15\n' in out
+  assert (f'warning: the checkpoint was written with {threads} XLA:CPU thread(s) and this '
+          f'process has {threads + 1}') in err
   step, tree, _ = restore(workdir)
   assert step == TOTAL
   assert_trees_equal(tree, ref_tree)

@@ -68,3 +68,65 @@ def test_apply_takes_the_convolution_away_from_ynnpack():
   # call; with it, into XLA's own.
   assert _convolution_uses_ynnpack('plain')
   assert not _convolution_uses_ynnpack('apply')
+
+
+def test_cpu_threads_reads_what_xla_reads(monkeypatch):
+  # PJRT_NPROC, then NPROC, a value that is not a number skipped; else the usable cores.
+  for name in xla_flags.THREAD_COUNT_VARS:
+    monkeypatch.delenv(name, raising=False)
+  assert xla_flags.cpu_threads() == len(os.sched_getaffinity(0))
+  monkeypatch.setenv('NPROC', '3')
+  assert xla_flags.cpu_threads() == 3
+  monkeypatch.setenv('PJRT_NPROC', '5')
+  assert xla_flags.cpu_threads() == 5
+  monkeypatch.setenv('PJRT_NPROC', 'many')
+  assert xla_flags.cpu_threads() == 3
+  assert xla_flags.cpu_threads(cpu_devices=4) == 4  # a thread per device at least
+
+
+_GRADIENT_PROBE = """
+import hashlib
+import numpy as np
+from avae_jax import xla_flags
+xla_flags.apply()
+import jax, jax.numpy as jnp
+x = jax.random.normal(jax.random.PRNGKey(0), (16, 28, 28, 32))
+w = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 32))
+def loss(w, x):
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jnp.sum(jnp.tanh(y) ** 2)
+grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x)
+digest = hashlib.sha256(b''.join(np.asarray(g).tobytes() for g in grads)).hexdigest()
+print(xla_flags.cpu_threads(jax.local_device_count()), digest)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs two usable cores to pin to one')
+def test_the_thread_count_not_the_affinity_decides_the_numbers():
+  # The README's account: a convolution's gradients (the models' largest sums) differ in
+  # their last bits between one XLA:CPU thread and two, and PJRT_NPROC decides the count
+  # whatever the process's affinity (pinned here to one core as `taskset -c 0` does);
+  # several CPU devices get a thread each at least.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = {k: v for k, v in os.environ.items() if k not in xla_flags.THREAD_COUNT_VARS}
+  base['XLA_FLAGS'] = xla_flags.with_cpu_flags('')  # one device, not the tests' four
+
+  def run(pin: bool, **env: str) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, '-c', _GRADIENT_PROBE], env=dict(base, JAX_PLATFORMS='cpu', **env),
+        check=True, capture_output=True, text=True, cwd=root,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+        if pin else None)
+    threads, digest = out.stdout.split()[-2:]
+    return int(threads), digest
+
+  two = run(pin=False, PJRT_NPROC='2')
+  one = run(pin=True)
+  assert one[0] == 1 and two[0] == 2
+  assert one[1] != two[1]
+  assert run(pin=True, PJRT_NPROC='2') == two
+  assert run(pin=False, PJRT_NPROC='1') == one
+  two_devices = xla_flags.with_cpu_flags('', cpu_devices=2)
+  assert run(pin=True, XLA_FLAGS=two_devices) == two
