@@ -331,9 +331,15 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   ref_step, ref_tree, _ = restore(e2e[0])
   assert step == ref_step == TOTAL
   assert_trees_equal(tree, ref_tree)
-  assert (workdir / 'final_metrics.json').exists()
   logged = [m['step'] for m in read_jsonl(workdir / 'metrics.jsonl') if 'loss' in m]
   assert logged == sorted(set(logged)) and stopped in logged and logged[-1] == TOTAL
+  # The resumed run's evaluation is the uninterrupted run's, byte for byte: its metrics,
+  # table and figures.
+  ref_eval = sorted(p.name for p in (e2e[0] / 'eval').iterdir())
+  assert [p.name for p in sorted((workdir / 'eval').iterdir())] == ref_eval
+  assert sum(n.endswith('.png') for n in ref_eval) == 4
+  for name in ['final_metrics.json'] + [f'eval/{n}' for n in ref_eval]:
+    assert (workdir / name).read_bytes() == (e2e[0] / name).read_bytes(), name
 
 
 def test_ctrl_c_before_training_starts_stops_with_one_line(cli_env, tmp_path):
