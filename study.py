@@ -254,10 +254,10 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   info.update(status=study_report.RUNNING, started=time.time())
   info['alive'] = info['started']
   info.pop('finished', None)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == 'cpu':  # its thread count sets the float32 sums' order
-    from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
-    info['cpu_threads'] = xla_flags.cpu_threads(jax.local_device_count())
+  from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  threads = xla_flags.process_cpu_threads()  # on a CPU, it sets the float32 sums' order
+  if threads is not None:
+    info['cpu_threads'] = threads
   _write_json(info_path, info)
   config = study_config.run_config(settings, dataset, variant, seed,
                                    weights if variant.endswith('_s') else None)

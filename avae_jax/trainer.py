@@ -410,9 +410,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
   is_main = jax.process_index() == 0
   # On a CPU the thread count sets the order of float32 sums, so the checkpoints record it
-  # and a resume compares (xla_flags.cpu_threads).
-  cpu_threads = (xla_flags.cpu_threads(jax.local_device_count())
-                 if setup_.devices[0].platform == 'cpu' else None)
+  # and a resume compares.
+  cpu_threads = xla_flags.process_cpu_threads()
   rng = jax.random.PRNGKey(int(config.seed))
   init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
   image_shape = setup_.train_source.image_shape
@@ -468,10 +467,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
   if is_main:
     n, processes = len(setup_.devices), jax.process_count()
+    threads = '' if cpu_threads is None else f', {cpu_threads} XLA:CPU threads'
     print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
           f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
-          'device and step' + ('' if cpu_threads is None else f', {cpu_threads} XLA:CPU threads'),
-          flush=True)
+          f'device and step{threads}', flush=True)
     band = config_lib.gating_dead_band(config)
     if band is not None:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '

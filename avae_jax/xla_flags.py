@@ -16,8 +16,8 @@ XLA:CPU splits each operation over a pool of threads, one per core the process m
 (its CPU affinity: `taskset`, a container's CPU set) unless PJRT_NPROC or NPROC says how
 many, and the split sets the order of float32 sums: a run with another thread count is
 not bit-identical (README: Devices and reproducibility). `cpu_threads()` is that count, as
-XLA reads it (at least one thread per CPU device); the trainer records it in its
-checkpoints.
+XLA reads it (at least one thread per CPU device); the trainer records this process's
+(`process_cpu_threads()`) in its checkpoints.
 
 `apply(cpu_devices=N)` (train.py, eval.py and benchmark.py pass `config.cpu_devices`) also
 splits the host into N CPU devices (`--xla_force_host_platform_device_count`). Each
@@ -82,6 +82,14 @@ def cpu_threads(cpu_devices: int = 1) -> int:
   # XLA gives each CPU device a thread at least: four devices pinned to one core (or with
   # PJRT_NPROC=1) compute what two or more threads do (tests/test_xla_flags.py).
   return max(count, cpu_devices)
+
+
+def process_cpu_threads() -> int | None:
+  """cpu_threads of this process's CPU devices; None when JAX computes on another backend."""
+  import jax  # pylint: disable=g-import-not-at-top  (this module is imported before JAX)
+  if jax.default_backend() != 'cpu':
+    return None
+  return cpu_threads(jax.local_device_count())
 
 
 def apply(cpu_devices: int = 0) -> None:

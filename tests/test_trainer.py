@@ -163,7 +163,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
                                                                  monkeypatch):
   ref_dir, ref_tree, ref_metrics = reference
   workdir = tmp_path / 'w'
-  threads = xla_flags.cpu_threads(jax.local_device_count())
+  threads = max(len(os.sched_getaffinity(0)), jax.local_device_count())  # XLA:CPU's count
   # 1. Stops in pre-training at step 5 (not a multiple of checkpoint_every).
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)
@@ -184,7 +184,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
   # 4. Resumes in the adversarial phase and finishes. Told it has another thread count
   # (which would change the float32 sums; here only the count read is changed), the
   # resume warns.
-  monkeypatch.setattr(xla_flags, 'cpu_threads', lambda cpu_devices: threads + 1)
+  monkeypatch.setattr(xla_flags, 'process_cpu_threads', lambda: threads + 1)
   train(BASE, workdir)
   out, err = capsys.readouterr()
   assert 'resuming from checkpoint at step 15\n' in out
