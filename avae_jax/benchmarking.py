@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from avae_jax import config_lib
+from avae_jax import xla_flags
 
 CASES = ('pretrain_step', 'adversarial_step_both', 'adversarial_step_gated',
          'vae_mse_pretrain_step')
@@ -55,7 +56,7 @@ FIELDS = ('step', 'median_step_s', 'mean_step_s', 'p10_step_s', 'p90_step_s', 'i
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
           'channels', 'batch_size', 'steps', 'rounds', 'rewarm_steps', 'backend', 'device_kind',
           'variant', 'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
-          'glibc_tunables', 'data', 'twin_median_step_s', 'twin_ratio')
+          'glibc_tunables', 'cpu_threads', 'data', 'twin_median_step_s', 'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
 DEFAULT_DATASET_SIZE = 200_000
@@ -331,6 +332,7 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       # Huge pages for malloc or not (avae_jax.hugepages) change the step times.
       glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+      cpu_threads=xla_flags.process_cpu_threads(),  # a pinned process runs on fewer
       data=None,  # benchmark.py names the data source (the config's dataset or synthetic)
       twin_median_step_s=None,
       twin_ratio=None,
@@ -566,5 +568,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                   f"{r.get('rewarm_steps', 0)} untimed" if r.get('rounds', 1) > 1 else '')
                + "; matmul peak "
                f"{_fmt(r['matmul_peak_flops_per_s'], 1e-9, 1)} GFLOP/s"
+               + (f"; {r['cpu_threads']} XLA:CPU threads" if r.get('cpu_threads') else '')
                + (f"; GLIBC_TUNABLES={r['glibc_tunables']}" if r.get('glibc_tunables') else ''))
   return '\n'.join(out)
