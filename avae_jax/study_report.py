@@ -1009,8 +1009,8 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
              f'Python {host.get("python")}.')
   threads = sorted({r.info['cpu_threads'] for r in runs if 'cpu_threads' in r.info})
   if threads:
-    L.append(f'XLA:CPU threads per run: {", ".join(map(str, threads))} (to repeat a run bit '
-             'for bit, give it as many: README, Devices and reproducibility).')
+    L.append(f'XLA:CPU thread counts of the runs: {", ".join(map(str, threads))} (to repeat a '
+             'run bit for bit, give it as many: README, Devices and reproducibility).')
   L.append('')
   missing = [r for r in runs if not r.finished]
   if missing:

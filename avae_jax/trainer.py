@@ -443,11 +443,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     vae_state, disc_state = steps.from_state_tree(vae_state, disc_state, tree)
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     print(f'resuming from checkpoint at step {start_step}', flush=True)
-    saved_threads = meta.get('cpu_threads')  # absent in GPU/TPU runs and earlier versions
+    saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
     if is_main and saved_threads is not None and cpu_threads not in (None, saved_threads):
       print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
-            f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC or '
-            'machine): the steps from here on are not bit-identical to an uninterrupted '
+            f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC, NPROC '
+            'or machine): the steps from here on are not bit-identical to an uninterrupted '
             "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
 
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:

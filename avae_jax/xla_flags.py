@@ -79,8 +79,8 @@ def cpu_threads(cpu_devices: int = 1) -> int:
       count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux: no affinity to read
       count = os.cpu_count() or 1
-  # XLA gives each CPU device a thread at least: four devices pinned to one core (or with
-  # PJRT_NPROC=1) compute what two or more threads do (tests/test_xla_flags.py).
+  # XLA gives each CPU device a thread at least: devices pinned to one core (or with
+  # PJRT_NPROC=1) do not compute what one thread does (tests/test_xla_flags.py).
   return max(count, cpu_devices)
 
 

@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from avae_jax import files
+from avae_jax import xla_flags
 from avae_jax import study_report
 from configs import study as study_config
 
@@ -134,9 +135,9 @@ def test_report_has_every_table(study_dir):
   out, _ = study_dir
   text = _read(os.path.join(out, 'results.md'))
   assert '8 of 8 runs finished (2 dataset(s) × 4 models × 1 seed(s))' in text
-  # What each run recorded: a thread per usable core, or per CPU device (the tests' four).
-  threads = max(len(os.sched_getaffinity(0)), jax.local_device_count())
-  assert f'\nXLA:CPU threads per run: {threads} (' in text
+  # What each run recorded (the same count for all: one machine, the tests' devices).
+  threads = xla_flags.cpu_threads(jax.local_device_count())
+  assert f'\nXLA:CPU thread counts of the runs: {threads} (' in text
   # The first line names the two processes' commands and the one that wrote the report.
   first = text.splitlines()[2]
   assert first.startswith('Runs by `python study.py --out=')

@@ -163,7 +163,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
                                                                  monkeypatch):
   ref_dir, ref_tree, ref_metrics = reference
   workdir = tmp_path / 'w'
-  threads = max(len(os.sched_getaffinity(0)), jax.local_device_count())  # XLA:CPU's count
+  threads = xla_flags.cpu_threads(jax.local_device_count())
   # 1. Stops in pre-training at step 5 (not a multiple of checkpoint_every).
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)

@@ -85,7 +85,9 @@ def test_cpu_threads_reads_what_xla_reads(monkeypatch):
 
 
 _GRADIENT_PROBE = """
-import hashlib
+import hashlib, os, sys
+if sys.argv[1:] == ['pin']:  # to one core, as `taskset -c 0` does, before XLA starts
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import numpy as np
 from avae_jax import xla_flags
 xla_flags.apply()
@@ -115,10 +117,9 @@ def test_the_thread_count_not_the_affinity_decides_the_numbers():
 
   def run(pin: bool, **env: str) -> tuple[int, str]:
     out = subprocess.run(
-        [sys.executable, '-c', _GRADIENT_PROBE], env=dict(base, JAX_PLATFORMS='cpu', **env),
-        check=True, capture_output=True, text=True, cwd=root,
-        preexec_fn=(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
-        if pin else None)
+        [sys.executable, '-c', _GRADIENT_PROBE] + (['pin'] if pin else []),
+        env=dict(base, JAX_PLATFORMS='cpu', **env), check=True, capture_output=True,
+        text=True, cwd=root)
     threads, digest = out.stdout.split()[-2:]
     return int(threads), digest
 
