@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
 
 
 # The settings that decide which images the eval split holds (and, for shapes, the seed).
-_DATA_FIELDS = ('dataset', 'train_split', 'eval_split', 'eval_fraction', 'crop_size', 'shapes')
+_DATA_FIELDS = ('dataset', 'train_split', 'eval_split', 'eval_fraction', 'crop_size')
 
 
 def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
@@ -114,14 +114,16 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
     return []
   if saved is None:
     return []
-  fields = _DATA_FIELDS + (('seed',) if config.dataset == 'shapes' else ())
+  on_shapes = config.dataset == 'shapes'
+  fields = _DATA_FIELDS + (('seed',) if on_shapes else ())
 
   def pick(c: ml_collections.ConfigDict) -> dict[str, object]:
     d = c.to_dict()
     picked = {k: d.get(k) for k in fields}
-    # The shapes eval split is drawn from the seed and num_eval alone: num_train changes
-    # only the training images, which never include it.
-    picked['shapes'] = {'num_eval': (d.get('shapes') or {}).get('num_eval')}
+    if on_shapes:
+      # The shapes eval split is drawn from the seed and num_eval alone: num_train changes
+      # only the training images, which never include it. Other datasets ignore both.
+      picked['shapes'] = {'num_eval': (d.get('shapes') or {}).get('num_eval')}
     return picked
   return [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(pick(saved), pick(config))]
 

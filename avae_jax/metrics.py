@@ -40,6 +40,9 @@ def check_unit_range(lo: float, hi: float, what: str,
   """
   if np.isnan(lo) or np.isnan(hi):
     raise error(f'{what}: float images must lie in [0, 1], found NaN')
+  if np.isinf(lo) or np.isinf(hi):
+    raise error(f'{what}: float images must lie in [0, 1], found values in '
+                f'[{float(lo)}, {float(hi)}] (not finite)')
   if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
     # Enough digits to show the offending value (1.000002 is not "1"); the hint fits
     # images on the 0..255 scale, not a float overshoot, which wants clipping.
@@ -96,7 +99,9 @@ def sharpness(images: Any) -> np.ndarray:
 
 def _flat_pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
   x, y = unit_floats(x), unit_floats(y)
-  if x.shape != y.shape or x.ndim < 1:
+  if x.ndim < 1:
+    raise ValueError(f'need a batch of images (leading axis), got shape {x.shape}')
+  if x.shape != y.shape:
     raise ValueError(f'shape mismatch: {x.shape} vs {y.shape}')
   # The size of an image, not -1, which an empty batch cannot resolve.
   size = math.prod(x.shape[1:])

@@ -144,9 +144,9 @@ def _latent(z: np.ndarray, name: str) -> np.ndarray:
 def latent_interpolation(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
   """(steps, D) codes on the segment z0 -> z1, endpoints exactly z0 and z1."""
   z0, z1 = _latent(z0, 'z0'), _latent(z1, 'z1')
-  if z0.shape != z1.shape or steps < 2:
-    raise ValueError(f'Need equal shapes and steps >= 2; got {z0.shape}, '
-                     f'{z1.shape}, {steps}.')
+  steps = integer(steps, 'steps', minimum=2)
+  if z0.shape != z1.shape:
+    raise ValueError(f'z0 {z0.shape} and z1 {z1.shape} differ in shape.')
   t = np.linspace(0.0, 1.0, steps)[:, None]
   # (1 - t) z0 + t z1 (not z0 + t (z1 - z0)) is exact at both ends.
   return ((1.0 - t) * z0 + t * z1).astype(np.result_type(z0, z1))

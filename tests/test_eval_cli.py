@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from avae_jax import evaluation
+from configs import default
 from tests import test_api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,3 +180,42 @@ def test_negative_step_stops_with_a_clear_message(tmp_path):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert 'flag --step=-1: -1 is not a non-negative integer' in proc.stderr
+
+
+def test_the_warning_names_the_shapes_eval_size_only_on_shapes(tmp_path):
+  # shapes.num_eval draws the shapes eval split; on another dataset it changes nothing,
+  # and naming it warned of training images in the evaluation that could not be there.
+  # In a subprocess: importing eval.py defines its absl flags.
+  probe = f"""
+import json, os
+import eval as cli
+from configs import default
+
+def settings(dataset, changes):
+  c = default.get_config()
+  c.dataset = dataset
+  for path, value in changes.items():
+    *parents, leaf = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+results = {{}}
+for dataset in ('mnist', 'shapes'):
+  workdir = os.path.join({str(tmp_path)!r}, dataset)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(settings(dataset, {{}}).to_json())
+  results[dataset] = [cli._other_data_settings(workdir, settings(dataset, changes))
+                      for changes in ({{'shapes.num_eval': 100}}, {{'eval_split': 'x'}})]
+print(json.dumps(results))
+"""
+  proc = subprocess.run([sys.executable, '-c', probe], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.splitlines()[-1])
+  split = f"eval_split {default.get_config().eval_split!r} -> 'x'"
+  assert results['mnist'] == [[], [split]]
+  assert results['shapes'] == [['shapes.num_eval 1024 -> 100'], [split]]

@@ -87,6 +87,23 @@ def test_sharpness_rejects_bad_shapes():
     metrics.sharpness(np.zeros((2, 2, 8, 3)))
 
 
+def test_pairs_without_a_batch_axis_or_of_other_shapes_are_refused():
+  for call in (metrics.mse, metrics.cosine_similarity):
+    with pytest.raises(ValueError, match=r'need a batch of images .* shape \(\)'):
+      call(np.float32(0.5), np.float32(0.5))
+    with pytest.raises(ValueError, match=r'shape mismatch: \(2, 3\) vs \(2, 4\)'):
+      call(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize('value', [np.inf, -np.inf])
+def test_infinite_pixels_are_named_as_such(value):
+  # Not "divide by 255?": no scale makes an infinity an image.
+  images = np.full((2, 4, 4, 1), 0.5)
+  images[1, 0, 0, 0] = value
+  with pytest.raises(ValueError, match=r'must lie in \[0, 1\].*\(not finite\)'):
+    metrics.sharpness(images)
+
+
 def test_mse_and_cosine_match_numpy():
   rng = np.random.default_rng(2)
   x = rng.random((4, 5, 6, 3))

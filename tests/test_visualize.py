@@ -114,6 +114,12 @@ def test_latent_interpolation():
   path = visualize.latent_interpolation(np.array([0.1]), np.array([0.3]), 3)
   assert path.dtype == np.float64
   np.testing.assert_allclose(path[:, 0], [0.1, 0.2, 0.3], rtol=1e-15)
+  # Step counts are checked as api.interpolate checks them, before numpy sees them.
+  for steps in (1, 2.5, 3.0, '3', True):
+    with pytest.raises(ValueError, match='steps must be an integer >= 2'):
+      visualize.latent_interpolation(z0, z1, steps)
+  with pytest.raises(ValueError, match=r'differ in shape'):
+    visualize.latent_interpolation(z0, z1[:5], 3)
 
 
 def test_latent_traversal_changes_only_chosen_dims():
