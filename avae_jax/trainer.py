@@ -171,12 +171,12 @@ def calibrated_weights(config: ml_collections.ConfigDict,
                        means: dict[str, float]) -> dict[str, float]:
   """λ_i = w_i * mean(L_MSE) / mean(L_i) from the probe's term means and the configured w_i.
 
-  w_i are loss.weights: 1 in the configs (the paper's equal scales, λ_MSE = 1); 0 keeps a
-  term off.
+  w_i are loss.weights: 1 in the configs (the paper's equal scales, λ_MSE = 1); 0, or a
+  term left out of loss.weights, keeps a term off.
   """
   ref = means['mse']
   configured = config_lib.as_dict(config.loss.weights)
-  return {t: configured[t] * (ref / means[t] if means[t] > 0 else 1.0)
+  return {t: configured.get(t, 0.0) * (ref / means[t] if means[t] > 0 else 1.0)
           for t in config_lib.RECONSTRUCTION_TERMS}
 
 

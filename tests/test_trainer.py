@@ -17,6 +17,7 @@ import threading
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
+import ml_collections
 import numpy as np
 import pytest
 
@@ -239,6 +240,11 @@ def test_calibrated_weights_bring_each_term_to_the_mse_scale():
       'mae': 1.0, 'mse': 1.0, 'dssim': 2.0, 'sobel': 0.5, 'gabor': 0.25}
   c.loss.weights.sobel = 0.0  # off stays off
   assert trainer.calibrated_weights(c, means)['sobel'] == 0.0
+  # A term the config's weights leave out is off too (as config_lib and the loss read
+  # it), not a KeyError after the probe has run.
+  c.loss.weights = ml_collections.ConfigDict({'mae': 1.0, 'dssim': 1.0})
+  assert trainer.calibrated_weights(c, means) == {
+      'mae': 1.0, 'mse': 0.0, 'dssim': 2.0, 'sobel': 0.0, 'gabor': 0.0}
 
 
 def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path):
