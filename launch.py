@@ -14,7 +14,8 @@ when one fails it reports how, gives the others --grace_s seconds to stop on the
 (JAX's distributed runtime aborts them once it notices a dead peer, within --timeout_s),
 then terminates them, and exits non-zero (127 where the program cannot be found). Ctrl-C
 (or SIGTERM) to the launcher passes SIGTERM on and gives the processes --grace_s seconds
-to end (train.py checkpoints the step in progress first); a second Ctrl-C kills them at
+to end (train.py's processes checkpoint at their next agreed step, within its
+stop_check_every steps); a second Ctrl-C kills them at
 once; the launcher exits with 130 (143 after SIGTERM). Running the same command again on
 the same workdir resumes from the last checkpoint.
 

@@ -495,7 +495,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')
   # The values below otherwise fail only after compilation (a modulo by zero in the loop,
   # a model without units) or, worse, after the whole training (evaluation).
-  for name in ('log_every', 'checkpoint_every', 'image_every'):
+  for name in ('log_every', 'checkpoint_every', 'image_every', 'stop_check_every'):
     if config[name] < 1:
       raise ConfigError(f'{name} = {config[name]} must be >= 1 (a number of steps)')
   if config.keep_checkpoints < 0:

@@ -74,9 +74,10 @@ class _StopSignals:
   running (as distributed.exit_on_interrupt does outside the loop).
   """
 
-  def __init__(self):
-    """No signal yet."""
+  def __init__(self, check_every: int):
+    """No signal yet; several processes agree on one every `check_every` steps."""
     self.signum: int | None = None
+    self.check_every = int(check_every)
     self._previous: dict[int, Any] = {}
 
   def install(self) -> None:
@@ -100,18 +101,22 @@ class _StopSignals:
         previous(signum, frame)
       raise KeyboardInterrupt
     self.signum = signum
-    print(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint '
+    when = ('after this step' if jax.process_count() == 1 else
+            f'at the next step the processes agree on (every {self.check_every} steps)')
+    print(f'{signal.Signals(signum).name}: stopping {when} with a checkpoint '
           '(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
 
-  def agreed(self, at_sync_point: bool) -> int | None:
-    """The signal to stop for now, the same in every process, or None.
+  def agreed(self, step: int, logged: bool) -> int | None:
+    """The signal to stop after `step`, the same in every process, or None.
 
     One process decides at every step. Several decide together, at steps that they all
-    reach (sync points: the logging steps), so that all save the same checkpoint.
+    reach (every check_every steps, and those that log), so that all save the same
+    checkpoint; agreeing at every step would wait for each step's work to finish before
+    the next is dispatched.
     """
     if jax.process_count() == 1:
       return self.signum
-    if not at_sync_point:
+    if not logged and step % self.check_every:
       return None
     signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
     return int(np.max(signums)) or None
@@ -517,7 +522,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   t_last, n_last = time.perf_counter(), 0
   step = start_step
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
-  stop = _StopSignals()
+  stop = _StopSignals(config.stop_check_every)
   stop.install()
   try:
     while step < total:
@@ -555,7 +560,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       n_last += 1
       at_phase_end = step == pre or step == total
       logged = step % int(config.log_every) == 0 or at_phase_end
-      signum = stop.agreed(at_sync_point=logged)
+      signum = stop.agreed(step, logged)
       if logged or signum:
         # A stop logs the steps since the last log too: nothing logged is lost.
         fetched = [(s, jax.device_get(mm)) for s, mm in history]
@@ -582,7 +587,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         raise TrainingInterrupted(signum, step)
     ckpt.wait()
     # A signal during the last save: the run stops before the evaluation, as promised.
-    signum = stop.agreed(at_sync_point=True)
+    signum = stop.agreed(step, logged=True)
     if signum:
       raise TrainingInterrupted(signum, step)
   except BaseException:

@@ -90,6 +90,9 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   c.image_every = 400
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
+  # Several processes agree on a stop signal every so many steps (one process checks
+  # every step): a SIGTERM's checkpoint waits for the next of these steps.
+  c.stop_check_every = 10
 
   # Evaluation (eval.py and the end of train.py).
   c.eval = ml_collections.ConfigDict()

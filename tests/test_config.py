@@ -378,6 +378,7 @@ INVALID = [
     # Values that used to fail only after compiling (modulo by zero in the loop, a model
     # without units) or after the whole training (the evaluation).
     ('log_every', 0, r'log_every = 0 must be >= 1'),
+    ('stop_check_every', 0, r'stop_check_every = 0 must be >= 1'),
     ('seed', -1, r'seed = -1 must be >= 0'),  # else the data loader's error, after set-up
     # PRNGKey keeps 32 bits: 2**32 drew seed 0's parameters; 2**63 overflowed in PRNGKey.
     ('seed', 2**32, r'seed = 4294967296 must be >= 0 and < 2\*\*32'),

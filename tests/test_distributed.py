@@ -590,13 +590,16 @@ def test_every_process_takes_the_same_gating_decision(env, two_process_run):
 
 def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
                         interrupt: Callable[[subprocess.Popen, str], None],
+                        overrides: dict[str, Any] | None = None,
                         **launch_kwargs: Any) -> tuple[int, str]:
   """Starts 2 processes on a run that checkpoints only at step 2 and trains on and on.
 
   Calls interrupt(launcher, output so far) once checkpoint 2 is written; returns the
-  launcher's status and its whole output (stdout and stderr merged).
+  launcher's status and its whole output (stdout and stderr merged). `overrides` change
+  the run's config.
   """
-  long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000)
+  long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000,
+                  **(overrides or {}))
   proc = popen_with_sigint(
       _launch_args(2, devices, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
                    **launch_kwargs),
@@ -694,14 +697,20 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
 
 def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
   workdir = str(tmp_path / 'run')
+  # Logs only at the phase end (step 2): the processes agree on the stop every 3 steps
+  # instead, not at a log step that never comes.
   returncode, output = _interrupt_long_run(
-      env, workdir, 1, lambda proc, out: proc.send_signal(signal.SIGINT))  # Ctrl-C
+      env, workdir, 1, lambda proc, out: proc.send_signal(signal.SIGINT),  # Ctrl-C
+      overrides={'log_every': 100000, 'stop_check_every': 3})
   # The launcher ends its processes with SIGTERM; each checkpoints and stops with the
   # signal's message and status (not a traceback and status 1), at one agreed step.
+  assert re.search(r'^\[p0\] SIGTERM: stopping at the next step the processes agree on '
+                   r'\(every 3 steps\)', output, re.M), output[-6000:]
   stops = re.findall(r'^\[p(\d)\] train\.py: stopped by SIGTERM at step (\d+), whose '
                      'checkpoint is saved', output, re.M)
   assert sorted(p for p, _ in stops) == ['0', '1'], output[-6000:]
   (step,) = {int(s) for _, s in stops}
+  assert step > 2 and step % 3 == 0, output[-6000:]
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
   assert 'Traceback' not in output and 'failed; exiting now' not in output, output[-6000:]
   assert returncode == 130, output[-6000:]

@@ -802,12 +802,12 @@ def test_invalid_settings_fail_in_setup_before_anything_compiles(
 
 def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-  stop = trainer._StopSignals()  # pylint: disable=protected-access
+  stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
   stop.install()
   try:
-    assert stop.agreed(at_sync_point=False) is None
+    assert stop.agreed(1, logged=False) is None
     os.kill(os.getpid(), signal.SIGTERM)  # handled before os.kill returns (main thread)
-    assert stop.agreed(at_sync_point=False) == signal.SIGTERM
+    assert stop.agreed(1, logged=False) == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   finally:
@@ -819,14 +819,14 @@ def test_an_ignored_ctrl_c_stays_ignored_in_the_training_loop():
   # A shell's background job ignores SIGINT; the loop took it over and stopped the job.
   before = signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
-    stop = trainer._StopSignals()  # pylint: disable=protected-access
+    stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
     stop.install()
     try:
       assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
       os.kill(os.getpid(), signal.SIGINT)
-      assert stop.agreed(at_sync_point=False) is None
+      assert stop.agreed(1, logged=False) is None
       os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM still stops it with a checkpoint
-      assert stop.agreed(at_sync_point=False) == signal.SIGTERM
+      assert stop.agreed(1, logged=False) == signal.SIGTERM
     finally:
       stop.restore()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -838,11 +838,11 @@ def test_a_second_ctrl_c_goes_to_the_handler_from_before_the_loop():
   calls = []
   before = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
   try:
-    stop = trainer._StopSignals()  # pylint: disable=protected-access
+    stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
     stop.install()
     try:
       os.kill(os.getpid(), signal.SIGINT)
-      assert stop.agreed(at_sync_point=False) == signal.SIGINT and not calls
+      assert stop.agreed(1, logged=False) == signal.SIGINT and not calls
       # The CLIs' handler ends the process (distributed.exit_on_interrupt); this one
       # returns, and then the loop is interrupted all the same.
       with pytest.raises(KeyboardInterrupt):
