@@ -457,6 +457,10 @@ def main(argv: list[str]) -> None:
   problem = files.output_dir_problem(out, 'the study directory (--out)')
   if problem:
     raise app.UsageError(problem)
+  if not _REPORT_ONLY.value:
+    # Before the study file records this command's budget: a study that cannot start
+    # must not hold its --out to a budget at which nothing ran.
+    check_datasets(settings)
   with _shared_files_lock(out):
     seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
                              seeds_given=_SEEDS.value is not None)
@@ -465,7 +469,6 @@ def main(argv: list[str]) -> None:
   settings.seeds = seeds
   failed_runs = []
   if not _REPORT_ONLY.value:
-    check_datasets(settings)
     _enable_compilation_cache(out)
     t0 = time.monotonic()
     from avae_jax import distributed  # pylint: disable=g-import-not-at-top

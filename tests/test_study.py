@@ -555,6 +555,30 @@ def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
     study.check_datasets(settings)
 
 
+def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
+  # A study.json written before the check held --out to the budget of a study in which
+  # nothing ran: another --budget was then refused there.
+  import study  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from avae_jax import hugepages, summary, xla_flags  # pylint: disable=g-import-not-at-top
+  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
+                       (summary, 'quiet_library_logs')):
+    monkeypatch.setattr(module, name, lambda *args: None)
+
+  def unreadable(settings):
+    raise app.UsageError('dataset shapes: unreadable')
+  monkeypatch.setattr(study, 'check_datasets', unreadable)
+  monkeypatch.setattr(sys, 'argv', ['study.py'])
+  flags.FLAGS(['study.py', f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
+               '--variants=vae', '--publish=false'])
+  try:
+    with pytest.raises(app.UsageError, match='dataset shapes: unreadable'):
+      study.main(['study.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert not (tmp_path / study.STUDY_FILE).exists()
+
+
 def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
