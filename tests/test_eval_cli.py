@@ -194,12 +194,7 @@ from configs import default
 def settings(dataset, changes):
   c = default.get_config()
   c.dataset = dataset
-  for path, value in changes.items():
-    *parents, leaf = path.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(changes)
   return c
 
 results = {{}}
