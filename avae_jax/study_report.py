@@ -598,7 +598,10 @@ def pretraining_identity(runs: Sequence[Run], dataset: str, base: str, adv: str
   out = []
   for rb in _by(runs, dataset, base):
     ra = [r for r in _by(runs, dataset, adv) if r.seed == rb.seed]
-    if not ra or not rb.history or not ra[0].history:
+    if not ra:
+      continue
+    if not rb.history or not ra[0].history:  # a run not started: nothing to compare
+      out.append((rb.seed, None))
       continue
     byb = windows(rb)
     diffs = []
@@ -760,7 +763,7 @@ def _settings_table(settings: Any, datasets: Sequence[str]) -> str:
             ('training images', None), ('batch size', 'batch_size'),
             ('pre-training steps (all four models)', 'pretrain_steps'),
             ('adversarial steps (AVAE, AVAE-S)', 'adversarial_steps'),
-            ('evaluation images (every metric and FID)', 'eval_num_images'),
+            ('evaluation images (every metric but MIG, and FID)', 'eval_num_images'),
             ('calibration batches', 'calibrate_batches'), ('FID', 'fid')]
   lines = ['| setting | ' + ' | '.join(datasets) + ' |', '|---|' + '---|' * len(datasets)]
   for label, key in fields:
@@ -793,12 +796,16 @@ def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
           f'{_pm(r["diff_sd"])} over {r["n"]} seed(s).')
 
 
-def _diagnostics(runs: Sequence[Run], dataset: str, variants: Sequence[str],
-                 settings: Any) -> tuple[str, list[str], list[str]]:
+def _diagnostics(runs: Sequence[Run], dataset: str,
+                 variants: Sequence[str]) -> tuple[str, list[str], list[str]]:
   """The diagnostics section of one dataset, the warnings it raised and the checks it
   could not make (so that the findings never report a check as passed that did not run)."""
   warnings = []
-  unchecked = []
+  # The gating and posterior checks read finished runs only.
+  unfinished = [f'{NAMES[v]} seed {r.seed}' for v in variants for r in _by(runs, dataset, v)
+                if not r.finished]
+  unchecked = [f'{dataset}: gating and posterior collapse of the unfinished run(s) '
+               + ', '.join(unfinished)] if unfinished else []
   lines = []
   # Gating.
   adv_vs = [v for v in variants if v.startswith('avae')]
@@ -1062,7 +1069,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
     S.append(table)
     S.append('### Checks before believing a failed claim (' + d + ')')
     S.append('')
-    diag, warns, unchecked = _diagnostics(runs, d, variants, settings)
+    diag, warns, unchecked = _diagnostics(runs, d, variants)
     all_warnings += warns
     all_unchecked += unchecked
     S.append(diag)
