@@ -39,8 +39,8 @@ _BUDGET = flags.DEFINE_enum('budget', None, ['cpu', 'accelerator', 'test'],
                             'Budget of configs/study.py (default: the one OUT/study.json '
                             'records, else cpu).')
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds per model (default: the count OUT/'
-                               'study.json records, else the budget\'s, 3); it raises a '
-                               'study\'s count, never lowers it.')
+                               'study.json records, else the budget\'s: 3, the test budget 1); '
+                               'it raises a study\'s count, never lowers it.')
 _DATASETS = flags.DEFINE_list('datasets', None,
                               'Datasets, from shapes,fashion_mnist (default: both).')
 _VARIANTS = flags.DEFINE_list('variants', None,
@@ -437,6 +437,11 @@ def main(argv: list[str]) -> None:
   if '://' in _OUT.value:
     # The report reads every run's metrics.jsonl, which object stores cannot append to.
     raise app.UsageError(f'--out={_OUT.value}: the study needs a local directory')
+  if _REPORT_ONLY.value and _SEEDS.value is not None:
+    # study.json's count would be raised by a command that only reports, and the next
+    # plain rerun would train the extra seeds.
+    raise app.UsageError('--report_only leaves the study as it is and takes no --seeds; '
+                         'run without --report_only to add seeds')
   if _MAX_HOURS.value < 0:
     # A negative limit is reached at once: every run would be skipped.
     raise app.UsageError(f'--max_hours={_MAX_HOURS.value:g}: must be >= 0 (0: no limit)')

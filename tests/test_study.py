@@ -579,6 +579,20 @@ def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
   assert not (tmp_path / study.STUDY_FILE).exists()
 
 
+def test_report_only_takes_no_seeds(tmp_path, monkeypatch):
+  # A report-only command raised study.json's seed count, and the next rerun trained them.
+  import study  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['study.py'])
+  flags.FLAGS(['study.py', f'--out={tmp_path}', '--report_only', '--seeds=5'])
+  try:
+    with pytest.raises(app.UsageError, match='--report_only .* takes no --seeds'):
+      study.main(['study.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert not os.listdir(tmp_path)
+
+
 def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
@@ -634,6 +648,19 @@ def test_pretraining_identity_compares_the_same_windows_of_an_interrupted_run():
   # No window in common: the check cannot be made.
   del base[0]
   assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, None)]
+
+
+def test_checks_of_runs_not_finished_are_reported_as_not_made():
+  # Neither run finished nor logged: the findings' all-clear would name checks that never
+  # ran.
+  runs = _vae_and_avae_runs([], [])
+  assert study_report.pretraining_identity(runs, 'shapes', 'vae', 'avae') == [(0, None)]
+  _, warnings, unchecked = study_report._diagnostics(  # pylint: disable=protected-access
+      runs, 'shapes', ['vae', 'avae'])
+  assert not warnings
+  assert unchecked == [
+      'shapes: gating and posterior collapse of the unfinished run(s) VAE seed 0, AVAE seed 0',
+      'shapes: pre-training of AVAE seed 0 against VAE (no window of steps logged by both)']
 
 
 def test_budgets_are_identical_across_models():
