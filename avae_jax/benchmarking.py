@@ -498,7 +498,19 @@ def run_twin(python: str, script: str, config: ml_collections.ConfigDict, steps:
   lines = [l for l in out.stdout.splitlines() if l.strip().startswith('{')]
   if not lines:
     raise RuntimeError(f'the twin printed no JSON line: {out.stdout!r} {out.stderr!r}')
-  return json.loads(lines[-1])
+  try:
+    result = json.loads(lines[-1])
+  except ValueError as e:
+    raise RuntimeError(f'the twin\'s last JSON line does not parse ({e}): '
+                       f'{lines[-1][:500]!r}') from None
+  # Without its step times the comparison would come out empty without a word.
+  keys = [name + '_s' for name in TWIN_STEPS.values()]
+  if not isinstance(result, dict) or not all(
+      isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool)
+      for k in keys):
+    raise RuntimeError(f'the twin\'s JSON line lacks numbers for {", ".join(keys)}: '
+                       f'{lines[-1][:500]!r}')
+  return result
 
 
 def merge_twin_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

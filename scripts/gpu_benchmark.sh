@@ -6,9 +6,9 @@
 #
 #   bash scripts/gpu_benchmark.sh OUT_DIR [TWIN_SCRIPT]
 #
-# Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, chex and
-# ml_collections (a GPU image may lack ml_collections: pip install ml_collections==1.1.0,
-# a pure-Python wheel), and one with torch for the twin ($TWIN_PYTHON, default the same; the
+# Needs a python ($PYTHON, default python3) with jax for the GPU, flax, optax, chex,
+# orbax-checkpoint, ml_collections, tensorboard and Pillow (a GPU image may lack
+# ml_collections: pip install ml_collections==1.1.0, a pure-Python wheel), and one with torch for the twin ($TWIN_PYTHON, default the same; the
 # twin runs on CUDA when JAX's backend is a GPU). TWIN_SCRIPT defaults to
 # ../shared/bench/torch_twin.py beside the repository. Writes OUT_DIR/machine.txt (GPU,
 # driver, versions) and, per run, NAME.jsonl (benchmark.py's JSON lines) and NAME.log (its

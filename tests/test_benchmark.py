@@ -309,6 +309,23 @@ def test_a_twin_that_fails_to_start_stops_interleaved_rounds_before_compiling(tm
   assert ': compiled in' not in out.stderr and not out.stdout.strip()
 
 
+@pytest.mark.parametrize('printed, message', [
+    ('{"pretrain_step_s": 0.1, ', "last JSON line does not parse"),
+    ('{"foo": 1}', 'lacks numbers for pretrain_step_s, adversarial_step_s'),
+    ('{"pretrain_step_s": 0.1, "adversarial_step_s": "0.2"}', 'lacks numbers'),
+])
+def test_a_twin_whose_json_cannot_be_compared_is_an_error(tmp_path, printed, message):
+  # A traceback, or a run that exited 0 with no comparison at all.
+  script = tmp_path / 'twin.py'
+  script.write_text(f'print({printed!r})\n')
+  with pytest.raises(RuntimeError, match=message):
+    benchmarking.run_twin(sys.executable, str(script), default.get_config(), 1, 0)
+  # The stand-in twin's line passes.
+  fake = os.path.join(ROOT, 'tests', 'fixtures', 'fake_twin.py')
+  assert benchmarking.run_twin(sys.executable, fake, default.get_config(), 1, 0)[
+      'pretrain_step_s'] > 0
+
+
 def test_round_sizes_split_the_steps():
   assert benchmarking.round_sizes(10, 3) == [4, 3, 3]
   assert benchmarking.round_sizes(3, 3) == [1, 1, 1]
