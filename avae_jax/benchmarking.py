@@ -56,7 +56,8 @@ FIELDS = ('step', 'median_step_s', 'mean_step_s', 'p10_step_s', 'p90_step_s', 'i
           'peak_memory_bytes', 'peak_rss_bytes', 'devices', 'dtype', 'image_size',
           'channels', 'batch_size', 'steps', 'rounds', 'rewarm_steps', 'backend', 'device_kind',
           'variant', 'disc_updated_fraction', 'vae_updated_fraction', 'conv_backward', 'xla_flags',
-          'glibc_tunables', 'cpu_threads', 'data', 'twin_median_step_s', 'twin_ratio')
+          'glibc_tunables', 'cpu_threads', 'matmul_precision', 'data', 'twin_median_step_s',
+          'twin_ratio')
 # Dataset size N for the total-correlation term when the data do not say; it only shifts
 # constants, never the work done.
 DEFAULT_DATASET_SIZE = 200_000
@@ -333,6 +334,9 @@ def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
       # Huge pages for malloc or not (avae_jax.hugepages) change the step times.
       glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
       cpu_threads=xla_flags.process_cpu_threads(),  # a pinned process runs on fewer
+      # TF32 or full float32 on a recent NVIDIA GPU (JAX_DEFAULT_MATMUL_PRECISION); None:
+      # the backend's default.
+      matmul_precision=jax.config.jax_default_matmul_precision,
       data=None,  # benchmark.py names the data source (the config's dataset or synthetic)
       twin_median_step_s=None,
       twin_ratio=None,

@@ -89,6 +89,7 @@ def test_field_types_are_sane(tiny_rows):
     assert r['xla_flags'].split()[0] == '--xla_force_host_platform_device_count=1'
     assert all(f'--{k}=' in r['xla_flags'] for k in xla_flags.CPU_FLAGS)
     assert r['cpu_threads'] == xla_flags.cpu_threads()  # one device
+    assert r['matmul_precision'] == os.environ.get('JAX_DEFAULT_MATMUL_PRECISION')
     # benchmark.py restarts itself with huge pages for malloc where that works.
     given = os.environ.get('GLIBC_TUNABLES', '')
     if hugepages.should_reexec(os.environ, hugepages.glibc_version(), hugepages.thp_mode()):
@@ -401,11 +402,14 @@ def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
 def test_two_devices_one_case(tiny_rows):
   # One round: the case is compiled and timed in one block, the twin once before it. The
   # config splits the CPU into the two devices (no device count in XLA_FLAGS).
+  # The matmul precision is recorded (on a GPU: full float32 instead of TF32).
   out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2',
-                     '--config.cpu_devices=2'] + FAKE_TWIN, devices=None)
+                     '--config.cpu_devices=2'] + FAKE_TWIN, devices=None,
+             JAX_DEFAULT_MATMUL_PRECISION='highest')
   assert out.returncode == 0, out.stderr[-4000:]
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
+  assert row['matmul_precision'] == 'highest'
   # The FLOPs of the whole step: each device's half of the batch, plus the work every
   # device repeats (the optimizer update), so a little more than on one device.
   (one,) = [r for r in tiny_rows[0] if r['step'] == 'pretrain_step']
