@@ -126,6 +126,12 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
           f'{out} holds a study run at another budget ({saved.get("budget")}); use another '
           '--out (every model of a study must get the same budget)')
     if seeds_given:
+      if report_only and int(settings.seeds) > int(saved['seeds']):
+        # The next plain rerun would train the seeds a report-only command added.
+        raise app.UsageError(
+            f'--seeds={settings.seeds} would raise the study\'s seed count '
+            f'({saved["seeds"]}), which --report_only leaves as it is; run without '
+            '--report_only to add seeds')
       saved.update(seeds=max(int(saved['seeds']), int(settings.seeds)))
     record = saved
   else:
@@ -437,11 +443,6 @@ def main(argv: list[str]) -> None:
   if '://' in _OUT.value:
     # The report reads every run's metrics.jsonl, which object stores cannot append to.
     raise app.UsageError(f'--out={_OUT.value}: the study needs a local directory')
-  if _REPORT_ONLY.value and _SEEDS.value is not None:
-    # study.json's count would be raised by a command that only reports, and the next
-    # plain rerun would train the extra seeds.
-    raise app.UsageError('--report_only leaves the study as it is and takes no --seeds; '
-                         'run without --report_only to add seeds')
   if _MAX_HOURS.value < 0:
     # A negative limit is reached at once: every run would be skipped.
     raise app.UsageError(f'--max_hours={_MAX_HOURS.value:g}: must be >= 0 (0: no limit)')

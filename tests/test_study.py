@@ -458,8 +458,7 @@ def test_diagnostics_list_the_checks_they_could_not_make(tmp_path):
   # model: neither its gating nor its posterior can be checked, and the report says so.
   run = study_report.Run('shapes', 'avae', 0, str(tmp_path), {'rec_mse': 0.1},
                          {'pretrain_steps': 10}, [{'step': 10, 'loss': 1.0}], {})
-  _, warnings, unchecked = study_report._diagnostics(
-      [run], 'shapes', ['avae'], study_config.get_config('test'))
+  _, warnings, unchecked = study_report._diagnostics([run], 'shapes', ['avae'])
   assert warnings == []
   assert unchecked[0] == 'shapes AVAE seed 0: gating (no adversarial steps logged)'
   assert unchecked[1].startswith('shapes AVAE seed 0: posterior collapse (')
@@ -579,18 +578,22 @@ def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
   assert not (tmp_path / study.STUDY_FILE).exists()
 
 
-def test_report_only_takes_no_seeds(tmp_path, monkeypatch):
-  # A report-only command raised study.json's seed count, and the next rerun trained them.
+def test_report_only_cannot_raise_the_seed_count(tmp_path, monkeypatch):
+  # A report-only command raised study.json's count, and the next rerun trained the extra
+  # seeds; a smaller or equal --seeds with it is fine (it never lowers the count).
   import study  # pylint: disable=g-import-not-at-top
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(sys, 'argv', ['study.py'])
-  flags.FLAGS(['study.py', f'--out={tmp_path}', '--report_only', '--seeds=5'])
-  try:
-    with pytest.raises(app.UsageError, match='--report_only .* takes no --seeds'):
-      study.main(['study.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert not os.listdir(tmp_path)
+  from absl import app  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['study.py', '--out=o'])
+  settings = study_config.get_config('test')
+  settings.seeds = 2
+  study.check_study_file(str(tmp_path), settings)
+  settings.seeds = 5
+  with pytest.raises(app.UsageError, match=r'--seeds=5 would raise the study\'s seed count '
+                     r'\(2\).*--report_only'):
+    study.check_study_file(str(tmp_path), settings, report_only=True)
+  assert json.loads((tmp_path / study.STUDY_FILE).read_text())['seeds'] == 2
+  settings.seeds = 1
+  assert study.check_study_file(str(tmp_path), settings, report_only=True) == 2
 
 
 def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
@@ -863,8 +866,7 @@ def test_captions_name_the_seeds_shown_when_seed_0_is_not_there(tmp_path, monkey
   figs, shown = study_report.copy_model_figures(runs, 'shapes', ['vae', 'avae'], str(out))
   assert shown == {'vae': 2, 'avae': 1}
   assert (out / figs[('vae', 'samples')]).read_bytes() == b'png of vae2'
-  text, _, _ = study_report._diagnostics(runs, 'shapes', ['vae', 'avae'],
-                                         study_config.get_config('test'))
+  text, _, _ = study_report._diagnostics(runs, 'shapes', ['vae', 'avae'])
   assert 'last logged window of each phase, seed 1 of each model)' in text
   # The posterior's largest KLs come from each model's lowest finished seed.
   assert '| largest KL per dim (VAE seed 2, AVAE seed 1) |' in text
@@ -970,8 +972,7 @@ def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, 
   runs = [run('vae', 0, []), run('vae', 1, [pre]), run('vae', 2, [dict(pre, step=5)]),
           run('avae', 0, [pre]), run('avae', 1, [pre, adv])]
   variants = ['vae', 'avae']
-  text, _, _ = study_report._diagnostics(runs, 'shapes', variants,
-                                         study_config.get_config('test'))
+  text, _, _ = study_report._diagnostics(runs, 'shapes', variants)
   assert 'last logged window of each phase, VAE seed 1, AVAE seed 0)' in text
   # 16 · 0.5 = 8 and 16 · 0.25 = 4; AVAE seed 0 logged no adversarial window.
   assert '| VAE | pretrain | 8 | 4 | 2 | - | - | - |' in text
