@@ -554,27 +554,37 @@ def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
     study.check_datasets(settings)
 
 
+def _study_main(monkeypatch, flag_args, raises):
+  """study.main in this process with FLAG_ARGS, its start-up (huge pages, XLA flags, log
+  settings) stubbed out; returns the ExceptionInfo of the `raises` it must raise."""
+  import study  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from avae_jax import hugepages, summary  # pylint: disable=g-import-not-at-top
+  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
+                       (summary, 'quiet_library_logs')):
+    monkeypatch.setattr(module, name, lambda *args: None)
+  monkeypatch.setattr(sys, 'argv', ['study.py'])
+  flags.FLAGS(['study.py', *flag_args])
+  try:
+    with pytest.raises(raises) as info:
+      study.main(['study.py'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return info
+
+
 def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
   # A study.json written before the check held --out to the budget of a study in which
   # nothing ran: another --budget was then refused there.
   import study  # pylint: disable=g-import-not-at-top
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from avae_jax import hugepages, summary, xla_flags  # pylint: disable=g-import-not-at-top
-  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
-                       (summary, 'quiet_library_logs')):
-    monkeypatch.setattr(module, name, lambda *args: None)
+  from absl import app  # pylint: disable=g-import-not-at-top
 
   def unreadable(settings):
     raise app.UsageError('dataset shapes: unreadable')
   monkeypatch.setattr(study, 'check_datasets', unreadable)
-  monkeypatch.setattr(sys, 'argv', ['study.py'])
-  flags.FLAGS(['study.py', f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
-               '--variants=vae', '--publish=false'])
-  try:
-    with pytest.raises(app.UsageError, match='dataset shapes: unreadable'):
-      study.main(['study.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
+  info = _study_main(monkeypatch, [f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
+                                   '--variants=vae', '--publish=false'], app.UsageError)
+  assert str(info.value) == 'dataset shapes: unreadable'
   assert not (tmp_path / study.STUDY_FILE).exists()
 
 
@@ -746,24 +756,15 @@ def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_pat
 
 def test_a_study_with_a_failed_run_exits_with_status_1(tmp_path, monkeypatch, capsys):
   import study  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from avae_jax import hugepages, summary, xla_flags  # pylint: disable=g-import-not-at-top
-  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
-                       (summary, 'quiet_library_logs'), (study, '_enable_compilation_cache'),
-                       (study, 'check_datasets')):
-    monkeypatch.setattr(module, name, lambda *args: None)
+  for name in ('_enable_compilation_cache', 'check_datasets'):
+    monkeypatch.setattr(study, name, lambda *args: None)
   failure = 'failed: FloatingPointError: non-finite loss at step 3'
   monkeypatch.setattr(study, 'run_study', lambda out, settings, max_hours: [
       ('shapes', 'vae', 0, 'done'), ('shapes', 'avae', 0, failure),
       ('shapes', 'vae_s', 0, 'skipped: --max_hours reached')])
-  monkeypatch.setattr(sys, 'argv', ['study.py'])
-  flags.FLAGS(['study.py', f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
-               '--variants=vae,avae,vae_s', '--publish=false'])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      study.main(['study.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
+  exit_info = _study_main(monkeypatch, [f'--out={tmp_path}', '--budget=test',
+                                        '--datasets=shapes', '--variants=vae,avae,vae_s',
+                                        '--publish=false'], SystemExit)
   assert exit_info.value.code == 1
   err = capsys.readouterr().err
   assert '[study] 1 run(s) failed' in err and f'shapes avae seed 0: {failure}' in err
