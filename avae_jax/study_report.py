@@ -933,7 +933,11 @@ def _pct100(x: float | None) -> str:
 
 def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], settings: Any,
              results: list[tuple[Claim, dict]]) -> list[str]:
-  """Likely reasons, each backed by a number from the diagnostics."""
+  """Likely reasons, each backed by a number from the diagnostics.
+
+  Each quotes its model's lowest finished seed and names it: in a partial study that can
+  be another seed than the loss-scale table's (the lowest one that logged a window).
+  """
   out = []
   s = settings[dataset]
   out.append(f'Budget: {s.pretrain_steps} pre-training steps ({_epochs(settings, dataset):.2f} '
@@ -948,7 +952,7 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
     g = gating_stats(rs[0])
     if sc and 'adv' in sc:
       base = abs(sc['scaled_rec']) + abs(sc.get('kl') or 0) + abs(sc.get('tc') or 0)
-      out.append(f'{NAMES[v]}: the adversarial term λ_adv·(−log D) = {fmt(sc["adv"], 3)} '
+      out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = {fmt(sc["adv"], 3)} '
                  f'is {_pct100(sc["adv"] / (base + sc["adv"]))} of the objective next to '
                  f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = {fmt(base, 4)} '
                  '(λ_adv = 1, L_REC summed over pixels); '
@@ -962,7 +966,7 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
       k = sc['scaled_rec'] / sc['scaled_mse']
       kl_s = mean_sd(_metric(r, 'kl_mean') for r in rs_s)[0]
       kl_v = mean_sd(_metric(r, 'kl_mean') for r in rs_v)[0] if rs_v else float('nan')
-      out.append(f'VAE-S: its calibrated L_REC is {k:.1f}× its own MSE term at the end of '
+      out.append(f'VAE-S (seed {rs_s[0].seed}): its calibrated L_REC is {k:.1f}× its own MSE term at the end of '
                  'pre-training (five terms, each brought to the MSE\'s scale), so against the '
                  f'KL it acts like a VAE with β ≈ 1/{k:.1f}: KL {fmt(kl_s)} nats vs '
                  f'{fmt(kl_v)} for VAE. Part of any VAE-S gain may come from this weaker '

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import pytest
 
 from avae_jax import files
@@ -1000,3 +1001,25 @@ def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, 
   assert study_report.plot_adversarial(runs, 'shapes', variants, str(tmp_path / 'adv.png'))
   assert {(label, lw) for label, lw, _ in drawn} == {('AVAE', 1.4)}
   assert titles[-1].endswith('(per logged window; thick: seed 1 of each model)')
+
+
+def test_likely_reasons_name_the_seed_they_quote():
+  # AVAE seed 0 logged an adversarial window but did not finish: the loss-scale table
+  # quotes seed 0, the reasons seed 1, and each says which.
+  cfg = {'pretrain_steps': 10, 'image_size': 4, 'channels': 1}
+  pre = {'step': 10, 'loss': 12.0, 'rec': 0.5, 'mse': 0.25, 'kl': 2.0}
+
+  def run(variant, seed, gen_loss, finished):
+    adv = dict(pre, step=20, gen_loss=gen_loss, disc_accuracy=0.6, disc_updated=1.0,
+               vae_updated=0.5)
+    return study_report.Run('shapes', variant, seed, '', {'kl_mean': 2.0} if finished else None,
+                            cfg, [pre, adv], {})
+  runs = [run('avae', 0, 0.5, False), run('avae', 1, 0.7, True)]
+  settings = {'shapes': ml_collections.ConfigDict(
+      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 10,
+       'batch_size': 64})}
+  text, _, _ = study_report._diagnostics(runs, 'shapes', ['avae'])
+  assert '| AVAE | adversarial | 8 | 4 | 2 | - | 0.5 |' in text
+  reasons = study_report._reasons(runs, 'shapes', ['avae'], settings, [])
+  assert any(r.startswith('AVAE (seed 1): the adversarial term λ_adv·(−log D) = 0.7 ')
+             for r in reasons), reasons
