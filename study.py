@@ -369,8 +369,7 @@ def check_datasets(settings: Any) -> None:
   for dataset in settings.datasets.split(','):
     config = study_config.run_config(settings, dataset, 'vae', 0)
     try:
-      for split in ('train', 'eval'):
-        data.load(config, split)
+      data.load_splits(config)
     except data.DataError as e:
       hint = ('; on Debian: apt-get install dataset-fashion-mnist'
               if dataset == 'fashion_mnist' else '')

@@ -26,8 +26,9 @@ Datasets (`config.dataset`):
   of the sorted files, 'train' the files before them.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
-  `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). File names containing 'label'
-  are skipped in directories/globs, and so is a `.gz` file beside its unpacked copy.
+  `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files with 'label' or 'labels'
+  as a word of their name (`y_labels.npy`, not `unlabeled.npy`) are skipped in
+  directories/globs, and so is a `.gz` file beside its unpacked copy.
   A file belongs to 'eval' when its name, split at non-alphanumerics, has a token among
   test, t10k, eval, val, valid, validation; every other file is 'train'. Several files
   of one split are concatenated in sorted name order. Without any eval file, 'eval' is
@@ -36,8 +37,8 @@ Datasets (`config.dataset`):
   'train_images'/'test_images' (same token rule); or its only array. Arrays are
   (N, H, W) or (N, H, W, C) with C in (1, 3); uint8 is divided by 255, bool becomes
   0/1, floats are kept and must lie in [0, 1]. The dSprites .npz ('imgs' with
-  'latents_classes') has 0/1 pixels: they are scaled to [0, 1] white and its latent
-  classes become `factors`.
+  'latents_classes') has 0/1 pixels: they are scaled to [0, 1] white (a copy already
+  in 0..255 is kept as it is) and its latent classes become `factors`.
   Fashion-MNIST on Debian: `apt-get install dataset-fashion-mnist`, then
   `arrays:/usr/share/datasets/fashion-mnist/` (train-images-idx3-ubyte.gz -> train,
   t10k-images-idx3-ubyte.gz -> eval).
@@ -301,6 +302,22 @@ def _holdout_rows(num: int, split: str, fraction: float, what: str,
 
 def load(config: Any, split: str = 'train') -> Source:
   """The configured dataset split ('train' or 'eval') as a Source; DataError if missing."""
+  return _load(config, split, None)
+
+
+def load_splits(config: Any) -> tuple[Source, Source]:
+  """The configured dataset's train and eval splits; each array file is read once for both.
+
+  A .npz or idx file is read whole (neither can be memory-mapped) and each split's Source
+  keeps the array it came from: loaded one after the other, the two splits held the
+  dSprites release (3 GB) twice.
+  """
+  memo: dict[str, Any] = {}
+  return _load(config, 'train', memo), _load(config, 'eval', memo)
+
+
+def _load(config: Any, split: str, memo: dict[str, Any] | None) -> Source:
+  """load(), with `memo` (path -> what it read) shared by the calls of one load_splits."""
   if split not in ('train', 'eval'):
     raise DataError(f"split must be 'train' or 'eval', got {split!r}")
   name = str(config.dataset)
@@ -312,7 +329,7 @@ def load(config: Any, split: str = 'train') -> Source:
   if name.startswith('folder:'):
     return _load_folder(config, os.path.expanduser(name[len('folder:'):]), split)
   if name.startswith('arrays:'):
-    return _load_arrays(config, os.path.expanduser(name[len('arrays:'):]), split)
+    return _load_arrays(config, os.path.expanduser(name[len('arrays:'):]), split, memo)
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(TFDS_DATASETS)}, '
                   'shapes, folder:PATH (a folder of images) or arrays:PATH '
                   '(.npy, .npz, idx, idx.gz)')
@@ -733,7 +750,7 @@ def _array_files(spec: str) -> list[str]:
     raise DataError(f'arrays path {spec!r} does not exist (dataset=arrays:PATH with PATH a '
                     '.npy/.npz/idx/idx.gz file, a directory of them, or a glob)')
   files = [f for f in files if _is_array_file(os.path.basename(f))
-           and 'label' not in os.path.basename(f).lower()]
+           and not _tokens(os.path.basename(f)) & {'label', 'labels'}]
   if not files:
     raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
   # An idx.gz beside its unpacked copy (gunzip -k) holds the same images: read once,
@@ -764,7 +781,8 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
             # In place: the release's 737,280 images take 3 GB, and astype and the
             # product made two more copies.
             x = x if x.dtype == np.uint8 else x.astype(np.uint8)
-            x *= np.uint8(255)
+            if x.max() <= 1:  # a copy already scaled to 0..255 would wrap around in uint8
+              x *= np.uint8(255)
           return {'all': x}, factors
       split_keys = [k for k in keys if _tokens(k) & _NPZ_SPLIT_WORDS
                     and (_tokens(k) & EVAL_TOKENS or 'train' in _tokens(k))]
@@ -824,15 +842,18 @@ def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
                   'float in [0, 1]')
 
 
-def _load_arrays(config: Any, spec: str, split: str) -> Source:
+def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any] | None) -> Source:
   """Images from .npy/.npz/idx files; split by file names or a held-out tail."""
+  memo = {} if memo is None else memo
   files = _array_files(spec)
   parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
   sources: dict[str, list[str]] = {'train': [], 'eval': []}
   scales: dict[str, float] = {}
   for path in files:
-    arrays, factors = _read_array_file(path)
+    if path not in memo:
+      memo[path] = _read_array_file(path)
+    arrays, factors = memo[path]
     for key, x in arrays.items():
       dest = key if key in ('train', 'eval') else (
           'eval' if _is_eval_name(os.path.basename(path)) else 'train')

@@ -137,8 +137,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and opens the data; fails fast before anything is compiled."""
   devices = parallel.local_devices(config)
   config_lib.validate(config, num_devices=len(devices) * jax.process_count())
-  train_source = data.load(config, 'train')
-  eval_source = data.load(config, 'eval')
+  train_source, eval_source = data.load_splits(config)
   # Checked here, not where the batches and the evaluation would fail: after compiling.
   if int(config.batch_size) > train_source.num_examples:
     raise config_lib.ConfigError(
@@ -454,6 +453,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC, NPROC '
             'or machine): the steps from here on are not bit-identical to an uninterrupted '
             "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
+    saved_examples = meta.get('train_examples')  # absent in earlier versions
+    examples = setup_.train_source.num_examples
+    if is_main and saved_examples not in (None, examples):
+      # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.
+      print(f'warning: the checkpoint was written with {saved_examples} training examples '
+            f'and {config.dataset} now has {examples}: the data order from here on is not '
+            "an uninterrupted run's, and images may have moved between the train and eval "
+            'splits', file=sys.stderr, flush=True)
 
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
@@ -501,6 +508,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
             'cpu_threads': cpu_threads,
+            'train_examples': setup_.train_source.num_examples,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
                                  for s, m in unlogged]}

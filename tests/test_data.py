@@ -712,6 +712,46 @@ def test_dsprites_npz_is_read_without_extra_copies(tmp_path):
   assert imgs.nbytes <= peak < 1.5 * imgs.nbytes, (peak, imgs.nbytes)
 
 
+def test_a_dsprites_npz_already_in_0_255_keeps_its_pixels(tmp_path):
+  # Multiplied by 255 in uint8, a 255 pixel wrapped around to 1: white became near black.
+  imgs = np.zeros((40, 16, 16), np.uint8)
+  imgs[:, 3, 4] = 255
+  np.savez(tmp_path / 'dsprites.npz', imgs=imgs, latents_classes=np.zeros((40, 6), np.int64))
+  cfg = _config(dataset=f'arrays:{tmp_path / "dsprites.npz"}', channels=1)
+  x = data.load(cfg, 'train').get(np.arange(4))
+  assert x[:, 3, 4, 0].tolist() == [1.0] * 4 and x.sum() == 4
+
+
+def test_load_splits_reads_an_array_file_once_for_both_splits(tmp_path):
+  # An .npz is read whole and each split keeps the array it came from: loaded one after
+  # the other, the splits held the images twice.
+  imgs = np.arange(400 * 32 * 32, dtype=np.uint32).astype(np.uint8).reshape(400, 32, 32)
+  np.savez(tmp_path / 'x.npz', images=imgs)
+  cfg = _config(dataset=f'arrays:{tmp_path / "x.npz"}', channels=1, image_size=32,
+                eval_fraction=0.25)
+  tracemalloc.start()
+  try:
+    train, ev = data.load_splits(cfg)
+    held = tracemalloc.get_traced_memory()[0]
+  finally:
+    tracemalloc.stop()
+  assert imgs.nbytes <= held < 1.5 * imgs.nbytes, (held, imgs.nbytes)
+  for got, split in ((train, 'train'), (ev, 'eval')):
+    alone = data.load(cfg, split)
+    assert got.num_examples == alone.num_examples
+    rows = np.arange(got.num_examples)
+    np.testing.assert_array_equal(got.get(rows), alone.get(rows))
+  _close(ev.get(np.arange(100)), imgs[300:, ..., None] / 255)
+
+
+def test_arrays_skip_label_files_by_word(tmp_path):
+  # 'label' anywhere in the name skipped STL-10's unlabeled.npy, the only image file.
+  np.save(tmp_path / 'unlabeled.npy', np.zeros((8, 16, 16, 3), np.uint8))
+  np.save(tmp_path / 'train_labels.npy', np.zeros((8,), np.uint8))
+  src = data.load(_config(dataset=f'arrays:{tmp_path}', eval_fraction=0.25))
+  assert src.num_examples == 6
+
+
 def test_batches_deterministic_and_reshuffled_per_epoch():
   src = _index_source(50)
   a = [_ids(b) for b in _take(data.batches(src, batch_size=8, seed=1), 12)]

@@ -455,6 +455,23 @@ def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
   assert_trees_equal(tree, reference[1])
 
 
+def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys):
+  # Files added to an arrays: or folder: dataset between the stop and the resume change
+  # every epoch's order and the held-out eval rows: not silent.
+  images = np.random.default_rng(0).integers(0, 256, (80, 16, 16, 3), np.uint8)
+  np.save(tmp_path / 'x.npy', images[:64])
+  run = dict(TINY, dataset=f'arrays:{tmp_path / "x.npy"}', eval_fraction=0.25,
+             pretrain_steps=1, adversarial_steps=0, log_every=1)
+  train(run, tmp_path / 'w')
+  assert restore(tmp_path / 'w', run)[2]['train_examples'] == 48
+  train(dict(run, pretrain_steps=2), tmp_path / 'w')
+  assert 'training examples' not in capsys.readouterr().err
+  np.save(tmp_path / 'x.npy', images)
+  train(dict(run, pretrain_steps=3), tmp_path / 'w')
+  assert ('warning: the checkpoint was written with 48 training examples and '
+          f'arrays:{tmp_path / "x.npy"} now has 60: the data order') in capsys.readouterr().err
+
+
 def test_a_run_failing_before_its_first_step_closes_its_checkpointer(tmp_path, monkeypatch):
   closed = []
   real_close = checkpoint.Checkpointer.close
