@@ -198,7 +198,9 @@ class TrainedModel:
 
     The model is built from WORKDIR/config.json unless `config` is given; a given config
     must describe the same model (variant, image size, channels, model.*) as the workdir.
-    Raises NoCheckpointError or IncompatibleCheckpointError with the reason.
+    Raises NoCheckpointError or IncompatibleCheckpointError (WorkdirErrors) with the
+    reason, or checkpoint.CheckpointError when the checkpoint asked for (or, without
+    `step`, every one) cannot be read.
     """
     workdir = str(workdir)
     # The checkpointer takes int(step): step=2.5 restored step 2, step=True step 1.
@@ -316,7 +318,11 @@ class TrainedModel:
     """
     steps = visualize.integer(steps, 'steps', 2)
     a, single = self._pair_images(x0, 'x0')
-    b, _ = self._pair_images(x1, 'x1')
+    b, single_b = self._pair_images(x1, 'x1')
+    if single != single_b:  # else the result's shape would follow x0's alone
+      raise ValueError(f'x0 and x1 must both be one image (H, W, C) or both batches '
+                       f'(P, H, W, C); got {"one image" if single else "a batch"} and '
+                       f'{"one image" if single_b else "a batch"}')
     if a.shape != b.shape:
       raise ValueError(f'x0 {a.shape} and x1 {b.shape} differ in shape')
     t = jnp.linspace(0.0, 1.0, steps, dtype=jnp.float32)

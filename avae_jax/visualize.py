@@ -178,4 +178,7 @@ def traversal_axes(dims: Any, values: Any, latent_dim: int) -> tuple[np.ndarray,
                      f'dtype {values.dtype}')
   if dims.size and (dims.min() < 0 or dims.max() >= latent_dim):
     raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {latent_dim}')
-  return dims.astype(np.int32).reshape(-1), values.astype(np.float64).reshape(-1)
+  values = values.astype(np.float64).reshape(-1)
+  if not np.isfinite(values).all():  # a NaN or inf code decodes to NaN images
+    raise ValueError(f'values must be finite numbers, got {values.tolist()!r}')
+  return dims.astype(np.int32).reshape(-1), values

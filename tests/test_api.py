@@ -190,6 +190,11 @@ def test_interpolation_endpoints_and_midpoint(model, images):
   batched = _np(model.interpolate(images[:4:2], images[1:4:2], 5))
   assert batched.shape == (2, 5, 16, 16, 3)
   np.testing.assert_allclose(batched[0], rows, atol=1e-5)
+  # One image against a batch of one: the result's shape followed x0's rank alone.
+  for x0, x1 in ((images[0], images[1:2]), (images[:1], images[1])):
+    with pytest.raises(ValueError, match='x0 and x1 must both be one image .* or both '
+                       'batches'):
+      model.interpolate(x0, x1, 3)
 
 
 def test_traversal_changes_only_the_chosen_dims(model, images):
@@ -307,7 +312,11 @@ def test_counts_and_dims_that_are_not_integers_are_rejected(model, images):
       (lambda: model.traverse(images[0], [True], [0.0]), 'dims must be a list of integers'),
       (lambda: model.traverse(images[0], [[0, 1]], [0.0]), 'dims must be a list of integers'),
       (lambda: model.traverse(images[0], [0], [[0.0, 1.0], [2.0, 3.0]]),
-       r'values must be a list of numbers, got shape \(2, 2\)')):
+       r'values must be a list of numbers, got shape \(2, 2\)'),
+      # They decoded to NaN images without a word.
+      (lambda: model.traverse(images[0], [0], [0.0, float('nan')]),
+       r'values must be finite numbers, got \[0.0, nan\]'),
+      (lambda: model.traverse(images[0], [0], [float('inf')]), 'values must be finite')):
     with pytest.raises(ValueError, match=message):
       call()
   # numpy integers are integers.
