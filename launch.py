@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 from avae_jax import hugepages
 from avae_jax import xla_flags
@@ -80,12 +80,15 @@ def program_command(program: Sequence[str]) -> list[str]:
   return list(program)
 
 
-def _die_with_parent() -> None:
-  """In the child before exec: get SIGKILL if the launcher dies (Linux), so none is orphaned."""
+def _die_with_parent() -> Callable[[], None] | None:
+  """A preexec_fn that makes the child get SIGKILL if the launcher dies (Linux), else None."""
+  # libc is loaded here, in the launcher: loading a library in a child forked while the
+  # output threads run could wait forever on a lock one of them held at the fork.
   try:
-    ctypes.CDLL('libc.so.6', use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl = ctypes.CDLL('libc.so.6', use_errno=True).prctl
   except (OSError, AttributeError):
-    pass
+    return None
+  return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def describe_exit(code: int) -> str:
@@ -170,6 +173,7 @@ class Launcher:
       raise ProgramError(f'cannot run {self._script}: No such file', 127)
     self.say(f'{self.num_processes} processes x {self.devices_per_process} CPU devices, '
              f'coordinator {coordinator}: {" ".join(self.command)}')
+    die_with_parent = _die_with_parent()
     for p in range(self.num_processes):
       env = child_env(os.environ, process_id=p, num_processes=self.num_processes,
                       devices_per_process=self.devices_per_process,
@@ -177,7 +181,7 @@ class Launcher:
       try:
         proc = subprocess.Popen(self.command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
       except OSError as e:  # no such program, not executable
         raise ProgramError(f'cannot run {self.command[0]}: {e.strerror or e}',
                            127 if isinstance(e, FileNotFoundError) else 126) from None

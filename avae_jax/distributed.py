@@ -144,6 +144,16 @@ def several_processes_requested() -> bool:
       on_multihost_tpu()
 
 
+def _start_runtime(**kwargs: Any) -> None:
+  """jax.distributed.initialize(**kwargs) without JAX's preemption service."""
+  # The service (on by default) installs a C-level SIGTERM handler that only records the
+  # signal, for JAX's preemption sync points, which this project does not use: outside the
+  # training loop's own handler (start-up, calibration, compiling, eval.py) a SIGTERM from
+  # launch.py or a scheduler was ignored until the SIGKILL that follows it.
+  jax.config.update('jax_enable_preemption_service', False)
+  jax.distributed.initialize(**kwargs)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int | None = None,
                auto: bool | None = None) -> bool:
@@ -184,9 +194,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if _is_loopback(address):
       # A local run: the coordinator listens on loopback only, not on every interface.
       kwargs['coordinator_bind_address'] = address
-    jax.distributed.initialize(**kwargs)
+    _start_runtime(**kwargs)
   elif on_multihost_tpu() or auto:
-    jax.distributed.initialize(**timeouts)
+    _start_runtime(**timeouts)
   else:
     if num is not None and num > 1:
       raise DistributedConfigError(

@@ -374,6 +374,73 @@ def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path,
   assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), (out, err)
 
 
+def _running(pid: int) -> bool:
+  """Whether process `pid` exists and is no zombie."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def test_the_processes_die_with_a_killed_launcher(tmp_path):
+  script = tmp_path / 'program.py'
+  script.write_text(_PROGRAM)
+  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'term']),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  try:
+    while sum(' ready ' in l for l in lines) < 2:
+      lines.append(launcher.stdout.readline())
+      assert lines[-1], f'the launcher ended before its processes were ready: {lines}'
+  finally:
+    launcher.kill()  # SIGKILL: no chance to stop them itself
+    launcher.wait()
+  pids = _pids(''.join(lines))
+  assert len(pids) == 2, lines
+  deadline = time.monotonic() + 30
+  while any(map(_running, pids.values())) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not any(map(_running, pids.values())), 'orphaned processes of a killed launcher'
+
+
+_RUNTIME_PROGRAM = f"""
+import sys, time
+sys.path.insert(0, {REPO!r})
+from avae_jax import distributed
+distributed.initialize()  # from launch.py's environment
+print('ready', flush=True)
+time.sleep(600)  # start-up, calibration, compiling: no handler of the project's own
+print('still running', flush=True)
+"""
+
+
+def test_a_sigterm_before_the_training_loop_ends_the_processes(tmp_path):
+  # JAX's distributed runtime took SIGTERM over with a handler that only records it: a
+  # Ctrl-C to the launcher during start-up left the processes running until the SIGKILL
+  # at the end of the grace period.
+  script = tmp_path / 'program.py'
+  script.write_text(_RUNTIME_PROGRAM)
+  launcher = popen_with_sigint(_launch_args(2, 1, [str(script)], grace_s=120),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    ready = set()
+    while len(ready) < 2:
+      line = launcher.stdout.readline()
+      assert line, 'the launcher ended before its processes were ready'
+      if ' ready' in line:
+        ready.add(line.split()[0])
+    start = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=180)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 130, err
+  assert time.monotonic() - start < 60, err  # not the 120 s grace period
+  assert 'still running' not in out, out
+
+
 # Spends its time in a garbage-collection callback, where a KeyboardInterrupt is printed
 # as "Exception ignored" and dropped (jaxlib registers such a callback).
 _GC_PROGRAM = """
