@@ -185,6 +185,11 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
     if missing:
       _usage_error(f'--config={spec} is not a training config (it has no '
                    f'{", ".join(missing)}); see configs/default.py')
+    try:  # fields computed from others (the dataset configs' epochs of batch_size)
+      config.to_dict()
+    except ArithmeticError as e:
+      _usage_error(f'--config={spec}: a field computed from others cannot be ({e}); '
+                   'is --config.batch_size 0?')
 
 
 # How ml_collections starts the message of an error raised by a config file's get_config.

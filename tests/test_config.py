@@ -288,7 +288,33 @@ def test_celeba_is_the_papers_setup():
   # 100 epochs of pre-training over CelebA's 162,770 training images, in whole steps.
   assert 0 <= 100 * 162_770 - c.pretrain_steps * c.batch_size < c.batch_size
   assert celeba.TRAIN_EXAMPLES == 162_770
-  assert c.calibrate.enabled
+  # "We probed the loss components for 1 epoch."
+  assert c.calibrate.enabled and c.calibrate.batches == 162_770 // 64
+
+
+@pytest.mark.parametrize('spec, train_examples, epochs', [
+    ('celeba.py', 162_770, (100, 10)), ('mnist.py', 60_000, (20, 5)),
+    ('fashion_mnist.py', 60_000, (20, 5))])
+def test_dataset_configs_count_epochs_at_any_batch_size(spec, train_examples, epochs):
+  # Fixed at batch 64, --config.batch_size=256 trained CelebA for 400 epochs.
+  for batch in (64, 256):
+    c = load_config_file(spec, f'--config.batch_size={batch}')
+    assert (c.pretrain_steps, c.adversarial_steps, c.calibrate.batches) == (
+        epochs[0] * train_examples // batch, epochs[1] * train_examples // batch,
+        train_examples // batch)
+  # A step count given on the command line is taken as it is.
+  c = load_config_file(spec, '--config.batch_size=256', '--config.pretrain_steps=10')
+  assert (c.pretrain_steps, c.adversarial_steps) == (10, epochs[1] * train_examples // 256)
+
+
+def test_a_zero_batch_size_of_a_dataset_config_is_one_line():
+  proc = subprocess.run([sys.executable, 'train.py', '--config=configs/mnist.py',
+                         '--config.batch_size=0', '--workdir=unused'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert ('FATAL Flags parsing error: --config=configs/mnist.py: a field computed from '
+          'others cannot be (integer division or modulo by zero); is --config.batch_size '
+          '0?') in proc.stderr
 
 
 def test_mnist_configs_are_28x28_gray_with_two_stages():
