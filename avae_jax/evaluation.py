@@ -143,6 +143,15 @@ class _Progress:
     print(line, flush=True)
 
 
+def missing_fid_weights(config: ml_collections.ConfigDict) -> str | None:
+  """The FID weights file the evaluation would read, if FID is on and the file is missing."""
+  if not bool(config.eval.fid):
+    return None
+  path = str(config.eval.get('inception_weights', '') or '')
+  path = os.path.expanduser(path) if path else inception.default_path()
+  return None if os.path.exists(path) else path
+
+
 def _inception_params(config: ml_collections.ConfigDict, override: Any,
                       devices: Sequence[Any]) -> tuple[Any, str | None]:
   """(params placed on the devices, None) or (None, the reason FID is skipped)."""

@@ -30,6 +30,7 @@ from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import evaluation
 from avae_jax import files
+from avae_jax import inception
 from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import steps
@@ -147,6 +148,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     raise config_lib.ConfigError(
         f'the eval split of {config.dataset} has {eval_source.num_examples} example(s); '
         'the evaluation needs at least 2')
+  # A crop_size larger than the images fails at the first batch: after the workdir exists.
+  train_source.get(np.arange(1))
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
   total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
   return Setup(config, devices, train_source, eval_source, step_config, total)
@@ -483,6 +486,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
           f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
           f'device and step{threads}', flush=True)
+    weights = evaluation.missing_fid_weights(config)
+    if weights:  # said now, not after days of training
+      print(f'warning: the FID Inception weights are not at {weights}: the final evaluation '
+            'will skip FID (eval.py can add it later)\n' + inception.HOW_TO_GET_WEIGHTS,
+            file=sys.stderr, flush=True)
     band = config_lib.gating_dead_band(config)
     if band is not None:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '

@@ -303,6 +303,19 @@ def test_gating_thresholds_with_a_dead_band_are_warned_about(reference, tmp_path
             in err) == warned, err
 
 
+def test_missing_fid_weights_are_warned_about_before_training(reference, tmp_path, capsys):
+  # They were found missing by the final evaluation, after the whole training run.
+  shutil.copytree(reference[0], tmp_path / 'w')
+  train(BASE, tmp_path / 'w')  # eval.fid off
+  assert 'FID' not in capsys.readouterr().err
+  missing = tmp_path / 'inception.npz'
+  train(dict(BASE, **{'eval.fid': True, 'eval.inception_weights': str(missing)}),
+        tmp_path / 'w')
+  assert (f'warning: the FID Inception weights are not at {missing}: the final evaluation '
+          'will skip FID (eval.py can add it later)\nGet the FID Inception weights with\n'
+          in capsys.readouterr().err)
+
+
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
   # As on a read-only file system (root ignores permission bits, so the test stands in
   # for the kernel's answer); the lock file would fail with a traceback.
@@ -796,6 +809,9 @@ INVALID = [
      r"image folder '/nonexistent/celeba' does not exist"),
     ('missing arrays', {'dataset': 'arrays:/nonexistent/x.npz'}, data.DataError,
      r"arrays path '/nonexistent/x\.npz' does not exist"),
+    # It failed at the first batch, after the workdir was written.
+    ('crop larger than the images', {'dataset': 'ARRAYS_20x20', 'crop_size': 40},
+     data.DataError, r'crop_size 40 is larger than the image \(20x20\)'),
 ]
 
 
@@ -806,7 +822,10 @@ def test_invalid_settings_fail_in_setup_before_anything_compiles(
   monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'decoded'))  # no decoded copy anywhere
   empty = tmp_path / 'tfds'
   empty.mkdir()
-  overrides = {k: str(empty) if v == 'EMPTY' else v for k, v in overrides.items()}
+  np.save(tmp_path / 'x.npy', np.zeros((40, 20, 20, 3), np.uint8))
+  placeholders = {'EMPTY': str(empty), 'ARRAYS_20x20': f'arrays:{tmp_path / "x.npy"}'}
+  overrides = {k: placeholders.get(v, v) if isinstance(v, str) else v
+               for k, v in overrides.items()}
   config = make_config(dict(BASE, **overrides))
   with pytest.raises(error, match=pattern):
     trainer.setup(config)
