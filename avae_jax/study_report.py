@@ -952,8 +952,9 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
     g = gating_stats(rs[0])
     if sc and 'adv' in sc:
       base = abs(sc['scaled_rec']) + abs(sc.get('kl') or 0) + abs(sc.get('tc') or 0)
-      out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = {fmt(sc["adv"], 3)} '
-                 f'is {_pct100(sc["adv"] / (base + sc["adv"]))} of the objective next to '
+      out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = '
+                 f'{fmt(sc["adv"], 3)} is {_pct100(sc["adv"] / (base + sc["adv"]))} of the '
+                 'objective next to '
                  f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = {fmt(base, 4)} '
                  '(λ_adv = 1, L_REC summed over pixels); '
                  f'the VAE was updated in {_pct100(g.get("vae_updated"))} and D in '
@@ -966,8 +967,9 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
       k = sc['scaled_rec'] / sc['scaled_mse']
       kl_s = mean_sd(_metric(r, 'kl_mean') for r in rs_s)[0]
       kl_v = mean_sd(_metric(r, 'kl_mean') for r in rs_v)[0] if rs_v else float('nan')
-      out.append(f'VAE-S (seed {rs_s[0].seed}): its calibrated L_REC is {k:.1f}× its own MSE term at the end of '
-                 'pre-training (five terms, each brought to the MSE\'s scale), so against the '
+      out.append(f'VAE-S (seed {rs_s[0].seed}): its calibrated L_REC is {k:.1f}× its own MSE '
+                 'term at the end of pre-training (five terms, each brought to the MSE\'s '
+                 'scale), so against the '
                  f'KL it acts like a VAE with β ≈ 1/{k:.1f}: KL {fmt(kl_s)} nats vs '
                  f'{fmt(kl_v)} for VAE. Part of any VAE-S gain may come from this weaker '
                  'KL rather than from the structure-aware terms themselves.')
