@@ -33,8 +33,8 @@ from avae_jax import files
 
 VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
-DATASET_NAMES = {'shapes': 'shapes (procedural, 32×32 RGB)',
-                 'fashion_mnist': 'Fashion-MNIST (Debian dataset-fashion-mnist, 28×28)'}
+DATASET_NAMES = {'shapes': 'shapes (procedural, {size})',
+                 'fashion_mnist': 'Fashion-MNIST (Debian dataset-fashion-mnist, {size})'}
 TAPS = (64, 192, 768, 2048)
 TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
              2048: 'final average pooling'}
@@ -1038,7 +1038,9 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   sections: list[str] = []
   for d in datasets:
     S = []
-    S.append(f'## {DATASET_NAMES.get(d, d)}')
+    side = int(settings[d].image_size)
+    size = f'{side}×{side}' + (' RGB' if int(settings[d].channels) == 3 else '')
+    S.append('## ' + DATASET_NAMES.get(d, d + ' ({size})').format(size=size))
     S.append('')
     n_done = {v: sum(r.finished for r in _by(runs, d, v)) for v in variants}
     S.append('### Table III on ' + d)

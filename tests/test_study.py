@@ -136,6 +136,9 @@ def test_report_has_every_table(study_dir):
   out, _ = study_dir
   text = _read(os.path.join(out, 'results.md'))
   assert '8 of 8 runs finished (2 dataset(s) × 4 models × 1 seed(s))' in text
+  # The test budget's sizes, not the cpu budget's 32×32.
+  assert '\n## shapes (procedural, 16×16 RGB)\n' in text
+  assert '\n## Fashion-MNIST (Debian dataset-fashion-mnist, 28×28)\n' in text
   # What each run recorded (the same count for all: one machine, the tests' devices).
   threads = xla_flags.cpu_threads(jax.local_device_count())
   assert f'\nXLA:CPU thread counts of the runs: {threads} (' in text
