@@ -815,6 +815,10 @@ def _read_array_file(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | Non
 
 def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
   """(N, H, W, C) view of an image array and the scale to [0, 1]; DataError if not images."""
+  if x.ndim == 3 and x.shape[2] in (1, 3) and min(x.shape[:2]) >= 8 * x.shape[2]:
+    # Read as (N, H, W), it would be N images a few pixels wide, cropped and resized.
+    raise DataError(f'{what}: shape {x.shape} looks like one (H, W, C) image, not '
+                    '(N, H, W) images; save it as a batch of one, (1, H, W, C)')
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4:

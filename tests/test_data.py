@@ -375,6 +375,10 @@ def test_arrays_errors(tmp_path):
   np.save(tmp_path / 'two.npy', np.zeros((4, 8, 8, 2), np.uint8))
   with pytest.raises(data.DataError, match='bad image channels'):
     data.load(_config(dataset=f'arrays:{tmp_path / "two.npy"}'))
+  # One RGB image was read as 32 images of 32x3 pixels.
+  np.save(tmp_path / 'one.npy', np.zeros((32, 32, 3), np.uint8))
+  with pytest.raises(data.DataError, match=r'looks like one \(H, W, C\) image'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "one.npy"}'))
   np.save(tmp_path / 'big.npy', np.full((4, 8, 8), 200.0, np.float32))
   with pytest.raises(data.DataError, match=r'\[0, 1\]'):
     data.load(_config(dataset=f'arrays:{tmp_path / "big.npy"}'))
