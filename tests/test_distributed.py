@@ -349,29 +349,46 @@ def popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize('sig, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path, sig, status):
-  # SIGTERM (a scheduler's stop) exited with Ctrl-C's 130 too.
+def _start_until_ready(tmp_path, program: str, args: list[str],
+                       **launch_kwargs: Any) -> tuple[subprocess.Popen, list[str]]:
+  """`program` under the launcher on 2 processes (output merged) and its lines, once both
+  printed 'ready'."""
   script = tmp_path / 'program.py'
-  script.write_text(_PROGRAM)
-  launcher = popen_with_sigint(_launch_args(2, 1, [str(script), 'term'], grace_s=30),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  script.write_text(program)
+  launcher = popen_with_sigint(_launch_args(2, 1, [str(script), *args], **launch_kwargs),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines: list[str] = []
   try:
-    ready = set()
-    while len(ready) < 2:
-      line = launcher.stdout.readline()
-      assert line, 'the launcher ended before its processes were ready'
-      if ' ready ' in line:
-        ready.add(line.split()[0])
+    while len(set(re.findall(r'^\[p(\d)\] ready', ''.join(lines), re.M))) < 2:
+      lines.append(launcher.stdout.readline())
+      assert lines[-1], f'the launcher ended before its processes were ready: {lines}'
+  except BaseException:
+    launcher.kill()
+    launcher.wait()
+    raise
+  return launcher, lines
+
+
+def _stop(launcher: subprocess.Popen, sig: int, timeout: float) -> str:
+  """Sends `sig` to the launcher and returns the rest of its output once it ends."""
+  try:
     launcher.send_signal(sig)
-    out, err = launcher.communicate(timeout=60)
+    out, _ = launcher.communicate(timeout=timeout)
   finally:
     if launcher.poll() is None:
       launcher.kill()
-  assert launcher.returncode == status, err
-  assert 'terminating processes [0, 1]: the launcher was interrupted' in err
-  assert 'SIGKILL after 30 s' in err
-  assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), (out, err)
+  return out
+
+
+@pytest.mark.parametrize('sig, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path, sig, status):
+  # SIGTERM (a scheduler's stop) exited with Ctrl-C's 130 too.
+  launcher, _ = _start_until_ready(tmp_path, _PROGRAM, ['term'], grace_s=30)
+  out = _stop(launcher, sig, timeout=60)
+  assert launcher.returncode == status, out
+  assert 'terminating processes [0, 1]: the launcher was interrupted' in out
+  assert 'SIGKILL after 30 s' in out
+  assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), out
 
 
 def _running(pid: int) -> bool:
@@ -384,18 +401,8 @@ def _running(pid: int) -> bool:
 
 
 def test_the_processes_die_with_a_killed_launcher(tmp_path):
-  script = tmp_path / 'program.py'
-  script.write_text(_PROGRAM)
-  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), 'term']),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  lines = []
-  try:
-    while sum(' ready ' in l for l in lines) < 2:
-      lines.append(launcher.stdout.readline())
-      assert lines[-1], f'the launcher ended before its processes were ready: {lines}'
-  finally:
-    launcher.kill()  # SIGKILL: no chance to stop them itself
-    launcher.wait()
+  launcher, lines = _start_until_ready(tmp_path, _PROGRAM, ['term'])
+  _stop(launcher, signal.SIGKILL, timeout=60)  # no chance to stop them itself
   pids = _pids(''.join(lines))
   assert len(pids) == 2, lines
   deadline = time.monotonic() + 30
@@ -419,25 +426,11 @@ def test_a_sigterm_before_the_training_loop_ends_the_processes(tmp_path):
   # JAX's distributed runtime took SIGTERM over with a handler that only records it: a
   # Ctrl-C to the launcher during start-up left the processes running until the SIGKILL
   # at the end of the grace period.
-  script = tmp_path / 'program.py'
-  script.write_text(_RUNTIME_PROGRAM)
-  launcher = popen_with_sigint(_launch_args(2, 1, [str(script)], grace_s=120),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    ready = set()
-    while len(ready) < 2:
-      line = launcher.stdout.readline()
-      assert line, 'the launcher ended before its processes were ready'
-      if ' ready' in line:
-        ready.add(line.split()[0])
-    start = time.monotonic()
-    launcher.send_signal(signal.SIGINT)
-    out, err = launcher.communicate(timeout=180)
-  finally:
-    if launcher.poll() is None:
-      launcher.kill()
-  assert launcher.returncode == 130, err
-  assert time.monotonic() - start < 60, err  # not the 120 s grace period
+  launcher, _ = _start_until_ready(tmp_path, _RUNTIME_PROGRAM, [], grace_s=120)
+  start = time.monotonic()
+  out = _stop(launcher, signal.SIGINT, timeout=180)
+  assert launcher.returncode == 130, out
+  assert time.monotonic() - start < 60, out  # not the 120 s grace period
   assert 'still running' not in out, out
 
 
