@@ -26,9 +26,9 @@ Datasets (`config.dataset`):
   of the sorted files, 'train' the files before them.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
-  `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files with 'label' or 'labels'
-  as a word of their name (`y_labels.npy`, not `unlabeled.npy`) are skipped in
-  directories/globs, and so is a `.gz` file beside its unpacked copy.
+  `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files whose name contains
+  'label' (`trainLabels.npy`, `y_labels.npy`; not 'unlabel': STL-10's `unlabeled.npy`)
+  are skipped in directories/globs, and so is a `.gz` file beside its unpacked copy.
   A file belongs to 'eval' when its name, split at non-alphanumerics, has a token among
   test, t10k, eval, val, valid, validation; every other file is 'train'. Several files
   of one split are concatenated in sorted name order. Without any eval file, 'eval' is
@@ -750,7 +750,7 @@ def _array_files(spec: str) -> list[str]:
     raise DataError(f'arrays path {spec!r} does not exist (dataset=arrays:PATH with PATH a '
                     '.npy/.npz/idx/idx.gz file, a directory of them, or a glob)')
   files = [f for f in files if _is_array_file(os.path.basename(f))
-           and not _tokens(os.path.basename(f)) & {'label', 'labels'}]
+           and not re.search(r'(?<!un)label', os.path.basename(f).lower())]
   if not files:
     raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
   # An idx.gz beside its unpacked copy (gunzip -k) holds the same images: read once,
@@ -815,8 +815,8 @@ def _read_array_file(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | Non
 
 def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
   """(N, H, W, C) view of an image array and the scale to [0, 1]; DataError if not images."""
-  if x.ndim == 3 and x.shape[2] in (1, 3) and min(x.shape[:2]) >= 8 * x.shape[2]:
-    # Read as (N, H, W), it would be N images a few pixels wide, cropped and resized.
+  if x.ndim == 3 and x.shape[2] in (1, 3):
+    # Read as (N, H, W), it would be N images 1 or 3 pixels wide, cropped and resized.
     raise DataError(f'{what}: shape {x.shape} looks like one (H, W, C) image, not '
                     '(N, H, W) images; save it as a batch of one, (1, H, W, C)')
   if x.ndim == 3:

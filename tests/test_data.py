@@ -375,10 +375,11 @@ def test_arrays_errors(tmp_path):
   np.save(tmp_path / 'two.npy', np.zeros((4, 8, 8, 2), np.uint8))
   with pytest.raises(data.DataError, match='bad image channels'):
     data.load(_config(dataset=f'arrays:{tmp_path / "two.npy"}'))
-  # One RGB image was read as 32 images of 32x3 pixels.
-  np.save(tmp_path / 'one.npy', np.zeros((32, 32, 3), np.uint8))
-  with pytest.raises(data.DataError, match=r'looks like one \(H, W, C\) image'):
-    data.load(_config(dataset=f'arrays:{tmp_path / "one.npy"}'))
+  # One image was read as H images of W x 3 (or W x 1) pixels.
+  for shape in ((32, 32, 3), (16, 16, 3), (16, 16, 1)):
+    np.save(tmp_path / 'one.npy', np.zeros(shape, np.uint8))
+    with pytest.raises(data.DataError, match=r'looks like one \(H, W, C\) image'):
+      data.load(_config(dataset=f'arrays:{tmp_path / "one.npy"}'))
   np.save(tmp_path / 'big.npy', np.full((4, 8, 8), 200.0, np.float32))
   with pytest.raises(data.DataError, match=r'\[0, 1\]'):
     data.load(_config(dataset=f'arrays:{tmp_path / "big.npy"}'))
@@ -748,10 +749,11 @@ def test_load_splits_reads_an_array_file_once_for_both_splits(tmp_path):
   _close(ev.get(np.arange(100)), imgs[300:, ..., None] / 255)
 
 
-def test_arrays_skip_label_files_by_word(tmp_path):
+def test_arrays_skip_label_files_but_not_unlabeled_images(tmp_path):
   # 'label' anywhere in the name skipped STL-10's unlabeled.npy, the only image file.
   np.save(tmp_path / 'unlabeled.npy', np.zeros((8, 16, 16, 3), np.uint8))
-  np.save(tmp_path / 'train_labels.npy', np.zeros((8,), np.uint8))
+  for name in ('train_labels.npy', 'trainLabels.npy'):
+    np.save(tmp_path / name, np.zeros((8,), np.uint8))
   src = data.load(_config(dataset=f'arrays:{tmp_path}', eval_fraction=0.25))
   assert src.num_examples == 6
 
