@@ -147,8 +147,7 @@ def missing_fid_weights(config: ml_collections.ConfigDict) -> str | None:
   """The FID weights file the evaluation would read, if FID is on and the file is missing."""
   if not bool(config.eval.fid):
     return None
-  path = str(config.eval.get('inception_weights', '') or '')
-  path = os.path.expanduser(path) if path else inception.default_path()
+  path = inception.weights_path(str(config.eval.get('inception_weights', '') or '') or None)
   return None if os.path.exists(path) else path
 
 

@@ -701,9 +701,14 @@ def _is_npz_archive(path: str) -> bool:
   return bool(names) and all(n.endswith('.npy') for n in names)
 
 
+def weights_path(path: str | None = None) -> str:
+  """The weights file load_params(path) reads: `path` (~ expanded), else the cache's."""
+  return default_path() if path is None else os.path.expanduser(path)
+
+
 def load_params(path: str | None = None) -> dict[str, Any]:
   """Loads FID Inception params from .npz, pytorch-fid .pth or TorchScript default_1.pt."""
-  path = default_path() if path is None else os.path.expanduser(path)
+  path = weights_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'FID Inception weights not found: {path}\n{HOW_TO_GET_WEIGHTS}')
   if path.endswith('.npz') or _is_npz_archive(path):

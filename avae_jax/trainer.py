@@ -210,7 +210,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
                          seed=int(config.seed) + 7919, start_step=0,
                          process_index=jax.process_index(),
                          process_count=jax.process_count(), num_local_devices=len(devices))
-  # CelebA's 200 probe steps take minutes on a CPU: they get progress lines of their own.
+  # An epoch of probe steps (the dataset configs') takes a while: it gets progress lines.
   progress = summary.ProgressLogger(
       total_steps=k, every=int(config.log_every), enabled=jax.process_index() == 0,
       phases=[summary.Phase('probe', k)], log=lambda line: logging.info('calibration: %s', line))
@@ -396,6 +396,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   setup_ = setup(config)
   is_main = jax.process_index() == 0
+  weights = evaluation.missing_fid_weights(config)
+  if is_main and weights:  # said now, not after the calibration and days of training
+    print(f'warning: the FID Inception weights are not at {weights}: the final evaluation '
+          'will skip FID (eval.py can add it later)\n' + inception.HOW_TO_GET_WEIGHTS,
+          file=sys.stderr, flush=True)
   problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:
     raise config_lib.ConfigError(problem)
@@ -486,11 +491,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
           f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
           f'device and step{threads}', flush=True)
-    weights = evaluation.missing_fid_weights(config)
-    if weights:  # said now, not after days of training
-      print(f'warning: the FID Inception weights are not at {weights}: the final evaluation '
-            'will skip FID (eval.py can add it later)\n' + inception.HOW_TO_GET_WEIGHTS,
-            file=sys.stderr, flush=True)
     band = config_lib.gating_dead_band(config)
     if band is not None:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
