@@ -971,7 +971,8 @@ def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], setting
                  'term at the end of pre-training (five terms, each brought to the MSE\'s '
                  'scale), so against the '
                  f'KL it acts like a VAE with β ≈ 1/{k:.1f}: KL {fmt(kl_s)} nats vs '
-                 f'{fmt(kl_v)} for VAE. Part of any VAE-S gain may come from this weaker '
+                 f'{fmt(kl_v)} for VAE (means over {len(rs_s)} and {len(rs_v)} finished '
+                 'seed(s)). Part of any VAE-S gain may come from this weaker '
                  'KL rather than from the structure-aware terms themselves.')
   return out
 
