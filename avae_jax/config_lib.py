@@ -188,8 +188,8 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
     try:  # fields computed from others (the dataset configs' epochs of batch_size)
       config.to_dict()
     except ArithmeticError as e:
-      _usage_error(f'--config={spec}: a field computed from others cannot be ({e}); '
-                   'is --config.batch_size 0?')
+      _usage_error(f'--config={spec}: a field computed from others cannot be computed '
+                   f'({e}); is --config.batch_size 0?')
 
 
 # How ml_collections starts the message of an error raised by a config file's get_config.

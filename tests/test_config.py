@@ -313,8 +313,8 @@ def test_a_zero_batch_size_of_a_dataset_config_is_one_line():
                         capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert ('FATAL Flags parsing error: --config=configs/mnist.py: a field computed from '
-          'others cannot be (integer division or modulo by zero); is --config.batch_size '
-          '0?') in proc.stderr
+          'others cannot be computed (integer division or modulo by zero); is '
+          '--config.batch_size 0?') in proc.stderr
 
 
 def test_mnist_configs_are_28x28_gray_with_two_stages():
