@@ -287,6 +287,9 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   if n < 2:
     raise data.DataError(f'evaluation needs at least 2 images; {eval_source.name!r} has '
                          f'{eval_source.num_examples} and eval.num_images={ev.num_images}')
+  if is_main and int(ev.num_images) > n:  # FID is comparable only at equal image counts
+    print(f'eval: eval.num_images={ev.num_images} is more than the eval split has: using '
+          f'its {n} images', flush=True)
   n_dev = len(devices)
   # Every batch has the same size and splits evenly over the devices: one compilation.
   batch = max(n_dev, math.ceil(int(ev.batch_size) / n_dev) * n_dev)
@@ -296,10 +299,8 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   if inception_params is None and bool(ev.fid):
     _stage('loading the Inception weights', is_main)
   params, fid_skipped = _inception_params(config, inception_params, devices)
-  if fid_skipped:
-    logging.warning('FID skipped: %s', fid_skipped)
-    if is_main:
-      print(f'eval: FID skipped: {fid_skipped}', flush=True)
+  if fid_skipped and is_main:
+    print(f'eval: FID skipped: {fid_skipped}', flush=True)
 
   # Images and reconstructions.
   # The Inception network runs in chunks of its own: its 299x299 activations dominate the
@@ -418,11 +419,16 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
         model.traverse(shown_x[0], traversal_dims, np.linspace(-r, r, g))))
 
   table = format_table(results, config, eval_source.name)
-  table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
-            f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
+  if traversal_dims:
+    table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
+              f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
   if is_main:
-    for name, image in figures.items():
-      visualize.save_png(os.path.join(out_dir, f'{name}.png'), image)
+    for name in FIGURES:  # one not made this time (no traversal dims) goes: it was stale
+      path = os.path.join(out_dir, f'{name}.png')
+      if name in figures:
+        visualize.save_png(path, figures[name])
+      else:
+        files.remove(path)
     files.write_json(os.path.join(out_dir, METRICS_FILE), results)
     files.write_text(os.path.join(out_dir, TABLE_FILE), table)
     if writer is not None:

@@ -344,15 +344,29 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason,
 
 @pytest.mark.parametrize('num_images', [0, 40])
 def test_num_images_0_or_more_than_the_split_takes_the_whole_split(tmp_path, model, source,
-                                                                   num_images):
+                                                                   num_images, capsys):
   config = test_api.tiny_config(**{'eval.num_images': num_images})
   results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
                                 devices=jax.devices())
   assert results['num_images'] == source.num_examples == TINY_EVAL_SPLIT
+  # More than the split: said (FID is comparable only at equal counts), not silent.
+  assert (f'eval: eval.num_images={num_images} is more than the eval split has: using its '
+          f'{TINY_EVAL_SPLIT} images\n' in capsys.readouterr().out) == (num_images > 0)
   x = source.get(np.arange(TINY_EVAL_SPLIT))
   mse = np.mean((np.asarray(model.decode(model.encode(x)[0]), np.float64) - x) ** 2,
                 axis=(1, 2, 3))
   np.testing.assert_allclose(results['rec_mse'], mse.mean(), rtol=1e-4)
+
+
+def test_a_figure_not_made_again_does_not_stay_behind(tmp_path, model, source):
+  # With no traversal dims the traversals.png of an earlier evaluation stayed beside a
+  # table that lists none.
+  for dims, expected in ((2, True), (0, False)):
+    config = test_api.tiny_config(**{'eval.traversal_dims': dims})
+    evaluation.evaluate(config, model, source, out_dir=str(tmp_path), devices=jax.devices())
+    assert os.path.exists(tmp_path / 'traversals.png') == expected
+    assert os.path.exists(tmp_path / 'samples.png')
+    assert ('Traversals: latent dimensions' in (tmp_path / 'table.md').read_text()) == expected
 
 
 def test_a_gs_out_dir_gets_every_file(fake_bucket, model, source):
