@@ -391,7 +391,7 @@ def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path,
   assert {'[p0] checkpointed 0', '[p1] checkpointed 1'} <= set(out.splitlines()), out
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
   """Whether process `pid` exists and is no zombie."""
   try:
     with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
@@ -406,9 +406,9 @@ def test_the_processes_die_with_a_killed_launcher(tmp_path):
   pids = _pids(''.join(lines))
   assert len(pids) == 2, lines
   deadline = time.monotonic() + 30
-  while any(map(_running, pids.values())) and time.monotonic() < deadline:
+  while any(map(process_running, pids.values())) and time.monotonic() < deadline:
     time.sleep(0.1)
-  assert not any(map(_running, pids.values())), 'orphaned processes of a killed launcher'
+  assert not any(map(process_running, pids.values())), 'orphaned processes of a killed launcher'
 
 
 _RUNTIME_PROGRAM = f"""
