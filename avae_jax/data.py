@@ -302,7 +302,7 @@ def _holdout_rows(num: int, split: str, fraction: float, what: str,
 
 def load(config: Any, split: str = 'train') -> Source:
   """The configured dataset split ('train' or 'eval') as a Source; DataError if missing."""
-  return _load(config, split, None)
+  return _load(config, split, {})
 
 
 def load_splits(config: Any) -> tuple[Source, Source]:
@@ -316,7 +316,7 @@ def load_splits(config: Any) -> tuple[Source, Source]:
   return _load(config, 'train', memo), _load(config, 'eval', memo)
 
 
-def _load(config: Any, split: str, memo: dict[str, Any] | None) -> Source:
+def _load(config: Any, split: str, memo: dict[str, Any]) -> Source:
   """load(), with `memo` (path -> what it read) shared by the calls of one load_splits."""
   if split not in ('train', 'eval'):
     raise DataError(f"split must be 'train' or 'eval', got {split!r}")
@@ -846,9 +846,8 @@ def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
                   'float in [0, 1]')
 
 
-def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any] | None) -> Source:
+def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> Source:
   """Images from .npy/.npz/idx files; split by file names or a held-out tail."""
-  memo = {} if memo is None else memo
   files = _array_files(spec)
   parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}

@@ -147,8 +147,13 @@ def missing_fid_weights(config: ml_collections.ConfigDict) -> str | None:
   """The FID weights file the evaluation would read, if FID is on and the file is missing."""
   if not bool(config.eval.fid):
     return None
-  path = inception.weights_path(str(config.eval.get('inception_weights', '') or '') or None)
+  path = inception.weights_path(_weights_setting(config))
   return None if os.path.exists(path) else path
+
+
+def _weights_setting(config: ml_collections.ConfigDict) -> str | None:
+  """eval.inception_weights, None for the cache's file ('' or absent in older configs)."""
+  return str(config.eval.get('inception_weights', '') or '') or None
 
 
 def _inception_params(config: ml_collections.ConfigDict, override: Any,
@@ -159,9 +164,8 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
   elif not bool(config.eval.fid):
     return None, 'config.eval.fid is False'
   else:
-    path = str(config.eval.get('inception_weights', '') or '') or None
     try:
-      params = inception.load_params(path)
+      params = inception.load_params(_weights_setting(config))
     except (OSError, ValueError) as e:
       # A finished training run must not lose its evaluation over missing weights.
       how = '' if inception.HOW_TO_GET_WEIGHTS in str(e) else f'\n{inception.HOW_TO_GET_WEIGHTS}'
