@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -159,15 +160,41 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     pass
 
 
+def blocked_on_a_lock(pid: int) -> bool:
+  """Whether process `pid` waits for a file lock (a '->' line of /proc/locks)."""
+  with open('/proc/locks') as f:
+    return any(line.split()[1] == '->' and str(pid) in line.split()[2:] for line in f)
+
+
+def wait_until_blocked_on_a_lock(pid: int, timeout_s: float = 120.0) -> None:
+  """Returns once process `pid` waits for a file lock; fails after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while not blocked_on_a_lock(pid):
+    assert time.monotonic() < deadline, f'process {pid} did not wait for a lock'
+    time.sleep(0.02)
+
+
 def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
-  # The holder releases report.lock 1 s after saying so, writing 'released' just before.
+  # The holder releases report.lock when told on stdin (once this process waits for it),
+  # writing 'released' just before.
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import pathlib, time; from avae_jax import files\n'
        f'd = pathlib.Path({str(tmp_path)!r})\n'
        'with files.exclusive(d, "holder", lock_file="report.lock"):\n'
-       '  print("held", flush=True); time.sleep(1); (d / "released").touch()\n'
+       '  print("held", flush=True); input(); (d / "released").touch()\n'
        'time.sleep(600)'],
-      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  errors = []
+
+  def release_when_waited_for():
+    try:
+      wait_until_blocked_on_a_lock(os.getpid())
+    except AssertionError as e:  # released all the same, so that the test cannot hang
+      errors.append(e)
+    holder.stdin.write('\n')
+    holder.stdin.flush()
+
   try:
     assert holder.stdout.readline() == 'held\n'
     with files.exclusive(tmp_path, 'me'):  # train.lock is another lock
@@ -175,9 +202,13 @@ def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
     with pytest.raises(files.LockedError, match='in use by holder'):
       with files.exclusive(tmp_path, 'me', lock_file='report.lock'):
         pass
+    releaser = threading.Thread(target=release_when_waited_for, daemon=True)
+    releaser.start()
     with files.exclusive(tmp_path, 'me', wait=True, lock_file='report.lock'):
       assert (tmp_path / 'released').exists()
       assert holder.poll() is None  # released by the block's end, not by the process's
+    releaser.join()
+    assert not errors, errors
     assert re.fullmatch(rf'{re.escape(str(tmp_path))} is in use by holder \(pid {holder.pid} '
                         r'on .*\); waiting for it\n', capsys.readouterr().err)
   finally:

@@ -18,6 +18,7 @@ from avae_jax import files
 from avae_jax import xla_flags
 from avae_jax import study_report
 from configs import study as study_config
+from tests import test_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -236,12 +237,6 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   assert (docs / 'results' / 'shapes' / 'avae_s_traversals.png').exists()
 
 
-def _blocked_on_a_lock(pid):
-  """Whether process `pid` waits for a file lock (a '->' line of /proc/locks)."""
-  with open('/proc/locks') as f:
-    return any(line.split()[1] == '->' and str(pid) in line.split()[2:] for line in f)
-
-
 def test_a_report_waits_while_another_process_writes_one(study_dir):
   out, _ = study_dir
   report = os.path.join(out, 'results.md')
@@ -250,11 +245,7 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
   with files.exclusive(out, 'the test', lock_file='report.lock'):
     proc = _start_study(f'--out={out}', '--budget=test', '--report_only')
     try:
-      deadline = time.monotonic() + 120
-      while not _blocked_on_a_lock(proc.pid):
-        assert proc.poll() is None, 'study.py did not wait for the lock'
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+      test_files.wait_until_blocked_on_a_lock(proc.pid)
       assert os.stat(report).st_mtime_ns == before
     except BaseException:
       proc.kill()
@@ -792,9 +783,9 @@ def test_a_calibration_in_progress_elsewhere_is_waited_for_not_repeated(tmp_path
     thread = threading.Thread(target=lambda: got.append(
         _outcome(study.calibrate, str(tmp_path), settings, 'shapes')))
     thread.start()
-    time.sleep(1.0)  # time to find no calibration.json
-    (tmp_path / 'shapes' / 'calibration.json').write_text(
-        '{"weights": {"mse": 1.0, "mae": 2.5}}')
+    test_files.wait_until_blocked_on_a_lock(os.getpid())  # it found no calibration.json
+    files.write_text(str(tmp_path / 'shapes' / 'calibration.json'),
+                     '{"weights": {"mse": 1.0, "mae": 2.5}}')
   thread.join(timeout=60)
   assert got == [{'mse': 1.0, 'mae': 2.5}]
 
@@ -894,6 +885,7 @@ sys.path.insert(0, {repo!r})
 import study
 from avae_jax import trainer
 from configs import study as study_config
+from tests import test_files
 study.HEARTBEAT_S = 0.1
 
 def train_and_evaluate(config, workdir):  # a session that is killed while it trains
