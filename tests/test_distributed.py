@@ -437,14 +437,15 @@ def test_a_sigterm_before_the_training_loop_ends_the_processes(tmp_path):
 # Spends its time in a garbage-collection callback, where a KeyboardInterrupt is printed
 # as "Exception ignored" and dropped (jaxlib registers such a callback).
 _GC_PROGRAM = """
-import contextlib, gc, sys, time
+import contextlib, gc, pathlib, sys, time
 from avae_jax import distributed
 gc.callbacks.append(lambda phase, info: time.sleep(0.2) if phase == 'start' else None)
 guard = (distributed.exit_on_interrupt('interrupted, exiting') if sys.argv[1] == 'exit'
          else contextlib.nullcontext())
+stop = pathlib.Path(sys.argv[2])
 with guard:
   print('ready', flush=True)
-  for _ in range(25):  # 5 s
+  while not stop.exists():  # until the test has seen the interrupt dropped
     gc.collect()
 print('not interrupted', flush=True)
 """
@@ -454,14 +455,22 @@ print('not interrupted', flush=True)
 def test_ctrl_c_during_a_gc_callback_ends_the_program(tmp_path, mode):
   script = tmp_path / 'program.py'
   script.write_text(_GC_PROGRAM)
-  proc = popen_with_sigint([sys.executable, str(script), mode], cwd=REPO,
+  stop = tmp_path / 'stop'
+  proc = popen_with_sigint([sys.executable, str(script), mode, str(stop)], cwd=REPO,
                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == 'ready\n'
-    time.sleep(0.5)
+    time.sleep(0.5)  # into the loop
     proc.send_signal(signal.SIGINT)
+    seen = ''
+    if mode == 'plain':  # the program runs on until told, once its interrupt was dropped
+      while (line := proc.stderr.readline()) and 'KeyboardInterrupt' not in line:
+        seen += line
+      seen += line
+      stop.touch()
     out, err = proc.communicate(timeout=60)
+    err = seen + err
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -746,9 +755,10 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
   # while the peer waits for it in a collective: the launcher would see neither end.
   script = tmp_path / 'train_failing.py'
   script.write_text(_FAILING_TRAIN.format(repo=REPO))
-  # The launcher then ends process 0 after a short grace period.
+  # The launcher then ends process 0 after a short grace period (the long start-up timeout
+  # leaves a loaded machine time to start both processes).
   result = _launch(env, 2, 1, [str(script), *_cli(OVERRIDES), f'--workdir={tmp_path / "run"}'],
-                   timeout_s=KILL_TIMEOUT_S, grace_s=1)
+                   timeout_s=TIMEOUT_S, grace_s=1)
   assert result.returncode != 0
   assert 'OSError: a read error injected into process 1' in result.stdout
   assert '[p1] process 1 of 2 failed; exiting now' in result.stdout
