@@ -74,8 +74,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """Parses a JSON file (files.read_json)."""
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
+  return files.read_json(path)
 
 
 def study_budget(out: str) -> str:

@@ -26,6 +26,12 @@ RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 TC_ESTIMATORS = ('mws', 'mss')
 SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (README: The four models)
 CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.BACKWARDS)
+# Names shared by the evaluation and the study report, which imports no JAX: Table III's
+# columns, the Inception taps' names by width (inception.TAPS), and the figures.
+VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
+TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
+             2048: 'final average pooling'}
+FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,7 +532,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                         "(Adam's decay rate)")
   # The held-out share of folders and array files without an eval file (NaN crashed in
   # the loader with a traceback; a negative share read as 0).
-  if not 0.0 <= config.get('eval_fraction', 0.0) < 1.0:
+  if not 0.0 <= config.get('eval_fraction', 0.05) < 1.0:
     raise ConfigError(f'eval_fraction = {config.eval_fraction} must lie in [0, 1) (the '
                       'share of the images held out for evaluation)')
   if config.crop_size < 0:
@@ -541,7 +547,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def validate_eval(config: ml_collections.ConfigDict) -> None:
   """Checks the eval.* settings (eval.py's own check; validate includes it)."""
-  if config.eval.get('inception_batch_size', 1) < 1:
+  if config.eval.get('inception_batch_size', 8) < 1:
     raise ConfigError(f'eval.inception_batch_size = {config.eval.inception_batch_size} '
                       'must be >= 1')
   if config.eval.num_images == 1 or config.eval.num_images < 0:

@@ -69,6 +69,7 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 import numpy as np
 
+from avae_jax import config_lib
 from avae_jax import files
 from avae_jax import filters
 from avae_jax import metrics
@@ -77,7 +78,7 @@ from avae_jax import shapes as shapes_lib
 LUMA = np.array(filters.LUMA, dtype=np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 EVAL_TOKENS = frozenset({'test', 't10k', 'eval', 'val', 'valid', 'validation'})
-TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
+TFDS_DATASETS = config_lib.TFDS_DATASETS
 # Splits of the supported tfds datasets, for when the builder's info does not list them
 # (not prepared yet, or mocked in tests).
 _TFDS_SPLITS = {

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from avae_jax import api
+from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import files
 from avae_jax import inception
@@ -52,11 +53,9 @@ from avae_jax import visualize
 TAPS = inception.TAPS
 METRICS_FILE = 'metrics.json'
 TABLE_FILE = 'table.md'
-FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
-# Column names of Table III.
-VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
-TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
-             2048: 'final average pooling'}
+FIGURES = config_lib.FIGURES
+VARIANT_NAMES = config_lib.VARIANT_NAMES  # Table III's columns
+TAP_NAMES = config_lib.TAP_NAMES
 # Folded into PRNGKey(config.seed) for the random samples, so they do not reuse the
 # training keys derived from the same seed.
 _SAMPLE_KEY = 0x5A3B1E

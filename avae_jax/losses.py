@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avae_jax import config_lib
 from avae_jax import filters
 
 Array = jax.Array
 
 # The terms of Eq. 5, in the order they are summed and reported.
-RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
-TC_ESTIMATORS = ('mws', 'mss')
+RECONSTRUCTION_TERMS = config_lib.RECONSTRUCTION_TERMS
+TC_ESTIMATORS = config_lib.TC_ESTIMATORS
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # Full float32 matrix products: on TPU/GPU the default precision may use bf16/TF32 passes,
@@ -480,7 +481,7 @@ def _log_normal(z: Array, mu: Array, logvar: Array) -> Array:
 
 
 def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
-                      estimator: str = 'mws', *, row_offset: Any = 0) -> Array:
+                      estimator: str, *, row_offset: Any = 0) -> Array:
   """Minibatch estimate of TC = KL(q(z) || prod_j q(z_j)) (Chen et al. 2018), a scalar.
 
   z: (m, D) samples with z[i] drawn from posterior row_offset + i of mu/logvar (M, D), the

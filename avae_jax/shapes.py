@@ -29,7 +29,6 @@ from avae_jax import filters
 
 FACTOR_NAMES = ('shape', 'scale', 'rotation', 'x', 'y', 'colour')
 SHAPE_NAMES = ('square', 'ellipse', 'triangle', 'heart')
-COLOUR_NAMES = ('white', 'red', 'green', 'blue', 'yellow', 'cyan')
 COLOURS = np.array(
     [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
      [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=np.float32)

@@ -36,8 +36,8 @@ Metrics = dict[str, Array]
 class TrainState(struct.PyTreeNode):
   """Parameters, BatchNorm statistics and optimizer state of one network.
 
-  `apply_fn` is the module's apply without a device axis (usable anywhere, e.g. for
-  evaluation); the steps re-bind `module` to their axis name so that BatchNorm averages
+  `apply_fn` is the module's apply without a device axis (usable outside the steps, e.g.
+  in a notebook); the steps re-bind `module` to their axis name so that BatchNorm averages
   its batch statistics across devices.
   """
   step: Array

@@ -29,16 +29,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from avae_jax import config_lib
 from avae_jax import files
 
-VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
-NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}
+NAMES = config_lib.VARIANT_NAMES
 DATASET_NAMES = {'shapes': 'shapes (procedural, {size})',
                  'fashion_mnist': 'Fashion-MNIST (Debian dataset-fashion-mnist, {size})'}
-TAPS = (64, 192, 768, 2048)
-TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
-             2048: 'final average pooling'}
-FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
+TAP_NAMES = config_lib.TAP_NAMES
+TAPS = tuple(TAP_NAMES)
+FIGURES = config_lib.FIGURES
 REPORT = 'results.md'
 FIGURE_DIR = 'results'
 POSTERIOR_FILE = 'study_posterior.json'
@@ -84,9 +83,9 @@ class Run:
 
 
 def _read_json(path: str) -> Any:
+  """The parsed JSON file, or None where it is missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return files.read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -931,8 +930,7 @@ def _pct100(x: float | None) -> str:
   return f'{p:.0f}%' if abs(p) >= 10 or p == 0 else f'{p:.2g}%'
 
 
-def _reasons(runs: Sequence[Run], dataset: str, variants: Sequence[str], settings: Any,
-             results: list[tuple[Claim, dict]]) -> list[str]:
+def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
   """Likely reasons, each backed by a number from the diagnostics.
 
   Each quotes its model's lowest finished seed and names it: in a partial study that can
@@ -1084,7 +1082,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
     S.append(diag)
     S.append('### Likely reasons, with the numbers behind them (' + d + ')')
     S.append('')
-    S += ['- ' + x for x in _reasons(runs, d, variants, settings, results)]
+    S += ['- ' + x for x in _reasons(runs, d, settings)]
     S.append('')
     # Figures.
     figs, shown = copy_model_figures(runs, d, variants, out)

@@ -126,7 +126,6 @@ class _StopSignals:
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs that is derived from the config, before the first step."""
-  config: ml_collections.ConfigDict
   devices: list[Any]
   train_source: Any
   eval_source: Any
@@ -152,7 +151,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   train_source.get(np.arange(1))
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
   total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
-  return Setup(config, devices, train_source, eval_source, step_config, total)
+  return Setup(devices, train_source, eval_source, step_config, total)
 
 
 def _json_default(o: Any) -> Any:
@@ -284,7 +283,7 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
     # config.json then names the probe the weights came from, as calibration.json does.
     config.calibrate.batches = batches
   step_config = steps.StepConfig.from_config(config, dataset_size=setup_.train_source.num_examples)
-  return dataclasses.replace(setup_, config=config, step_config=step_config)
+  return dataclasses.replace(setup_, step_config=step_config)
 
 
 def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -628,17 +627,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                      vae_state: steps.TrainState, setup_: Setup,
-                     writer: summary.SummaryWriter | None = None,
-                     step: int | None = None) -> dict[str, float]:
+                     writer: summary.SummaryWriter, step: int) -> dict[str, float]:
   """The end-of-training evaluation: the evaluation program's metrics on the eval split.
 
   step: the run's global step, which labels the results (as eval.py labels a checkpoint);
   the VAE's own update counter lags behind it once gated adversarial steps skip updates.
   """
-  if step is not None:
-    vae_state = api.TrainedModel(config, vae_state.params, vae_state.batch_stats,
-                                 step=step, devices=setup_.devices)
-  results = evaluation.evaluate(config, vae_state, setup_.eval_source,
+  model = api.TrainedModel(config, vae_state.params, vae_state.batch_stats, step=step,
+                           devices=setup_.devices)
+  results = evaluation.evaluate(config, model, setup_.eval_source,
                                 out_dir=os.path.join(workdir, 'eval'),
                                 devices=setup_.devices, writer=writer)
   if jax.process_index() == 0:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from avae_jax import config_lib
 from avae_jax import inception
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'inception_reference.npz')
@@ -55,6 +56,7 @@ def test_random_params_taps_shapes_and_dtypes(random_params):
   images = np.random.default_rng(0).random((5, 16, 16, 3)).astype(np.float32)
   feats = inception.features(random_params, images, batch_size=BATCH)
   assert sorted(feats) == [64, 192, 768, 2048]
+  assert tuple(config_lib.TAP_NAMES) == inception.TAPS  # the report's names for them
   for dim, value in feats.items():
     assert value.shape == (5, dim) and value.dtype == np.float32
     assert np.all(np.isfinite(value)) and np.std(value) > 0

@@ -1015,14 +1015,14 @@ def test_likely_reasons_name_the_seed_they_quote():
        'batch_size': 64})}
   text, _, _ = study_report._diagnostics(runs, 'shapes', ['avae'])
   assert '| AVAE | adversarial | 8 | 4 | 2 | - | 0.5 |' in text
-  reasons = study_report._reasons(runs, 'shapes', ['avae'], settings, [])
+  reasons = study_report._reasons(runs, 'shapes', settings)
   assert any(r.startswith('AVAE (seed 1): the adversarial term λ_adv·(−log D) = 0.7 ')
              for r in reasons), reasons
   # VAE-S's ratio is its lowest finished seed's (rec 0.5 / mse 0.25), the KLs are means.
   runs = [study_report.Run('shapes', 'vae_s', s, '', {'kl_mean': kl}, cfg, [pre], {})
           for s, kl in ((1, 6.0), (2, 8.0))] + [
               study_report.Run('shapes', 'vae', 0, '', {'kl_mean': 3.0}, cfg, [pre], {})]
-  (line,) = [r for r in study_report._reasons(runs, 'shapes', ['vae', 'vae_s'], settings, [])
+  (line,) = [r for r in study_report._reasons(runs, 'shapes', settings)
              if r.startswith('VAE-S')]
   assert line.startswith('VAE-S (seed 1): its calibrated L_REC is 2.0× its own MSE term')
   assert 'KL 7 nats vs 3 for VAE (means over 2 and 1 finished seed(s))' in line, line
