@@ -416,6 +416,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  'workdir') from None
 
 
+def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
+             ckpt: checkpoint.Checkpointer, vae_state: steps.TrainState,
+             disc_state: steps.TrainState
+             ) -> tuple[int, dict[str, Any], steps.TrainState, steps.TrainState] | None:
+  """The latest checkpoint's (step, metadata, states) if this config can continue it."""
+  try:
+    restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
+  except ValueError as e:  # the arrays' shapes differ from this config's model
+    raise config_lib.ConfigError(
+        f'the checkpoints in {workdir} were written by another model '
+        f'(variant/image size/widths differ); use a new workdir ({e})') from None
+  if restored is None:
+    return None
+  step, tree, meta = restored
+  if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
+    raise config_lib.ConfigError(
+        f'the checkpoints in {workdir} were written by another model '
+        f'(variant/image size/widths differ); use a new workdir')
+  if step > total_steps:
+    # Evaluating the later model under this config would record (config.json, the
+    # evaluation) step counts that do not describe it.
+    raise config_lib.ConfigError(
+        f'the checkpoint in {workdir} is at step {step}, past the {total_steps} steps this '
+        f'config trains (pretrain_steps {int(config.pretrain_steps)} + adversarial_steps '
+        f'{config_lib.adversarial_steps(config)}); give at least {step} steps to continue '
+        'the run, evaluate it with eval.py, or use a new workdir')
+  return (step, meta) + steps.from_state_tree(vae_state, disc_state, tree)
+
+
+def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, Any],
+                           examples: int, cpu_threads: int | None) -> None:
+  """Warns where a resumed run will differ from an uninterrupted one: threads, data size."""
+  saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
+  if saved_threads is not None and cpu_threads not in (None, saved_threads):
+    print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
+          f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC, NPROC '
+          'or machine): the steps from here on are not bit-identical to an uninterrupted '
+          "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
+  saved_examples = meta.get('train_examples')  # absent in earlier versions
+  if saved_examples not in (None, examples):
+    # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.
+    print(f'warning: the checkpoint was written with {saved_examples} training examples '
+          f'and {config.dataset} now has {examples}: the data order from here on is not '
+          "an uninterrupted run's, and images may have moved between the train and eval "
+          'splits', file=sys.stderr, flush=True)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
                         ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
@@ -428,46 +475,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   image_shape = setup_.train_source.image_shape
   vae_state, disc_state = steps.create_train_states(config, init_key, image_shape)
 
-  try:
-    restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
-  except ValueError as e:  # the arrays' shapes differ from this config's model
-    raise config_lib.ConfigError(
-        f'the checkpoints in {workdir} were written by another model '
-        f'(variant/image size/widths differ); use a new workdir ({e})') from None
+  restored = _restore(config, workdir, setup_.total_steps, ckpt, vae_state, disc_state)
   start_step, unlogged = 0, []
   if restored is not None:
-    start_step, tree, meta = restored
+    start_step, meta, vae_state, disc_state = restored
     unlogged = meta.get('unlogged_metrics', [])  # absent in checkpoints of earlier versions
-    if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
-      raise config_lib.ConfigError(
-          f'the checkpoints in {workdir} were written by another model '
-          f'(variant/image size/widths differ); use a new workdir')
-    if start_step > setup_.total_steps:
-      # Evaluating the later model under this config would record (config.json, the
-      # evaluation) step counts that do not describe it.
-      raise config_lib.ConfigError(
-          f'the checkpoint in {workdir} is at step {start_step}, past the '
-          f'{setup_.total_steps} steps this config trains (pretrain_steps '
-          f'{int(config.pretrain_steps)} + adversarial_steps '
-          f'{config_lib.adversarial_steps(config)}); give at least {start_step} steps to '
-          'continue the run, evaluate it with eval.py, or use a new workdir')
-    vae_state, disc_state = steps.from_state_tree(vae_state, disc_state, tree)
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     print(f'resuming from checkpoint at step {start_step}', flush=True)
-    saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
-    if is_main and saved_threads is not None and cpu_threads not in (None, saved_threads):
-      print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
-            f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC, NPROC '
-            'or machine): the steps from here on are not bit-identical to an uninterrupted '
-            "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
-    saved_examples = meta.get('train_examples')  # absent in earlier versions
-    examples = setup_.train_source.num_examples
-    if is_main and saved_examples not in (None, examples):
-      # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.
-      print(f'warning: the checkpoint was written with {saved_examples} training examples '
-            f'and {config.dataset} now has {examples}: the data order from here on is not '
-            "an uninterrupted run's, and images may have moved between the train and eval "
-            'splits', file=sys.stderr, flush=True)
+    if is_main:
+      _warn_of_a_changed_run(config, meta, setup_.train_source.num_examples, cpu_threads)
 
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
