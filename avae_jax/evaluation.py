@@ -265,13 +265,59 @@ def _fid(real: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarra
   return metrics_lib.frechet_distance(*real, *other)
 
 
-def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: data.Source,
+def _mig_results(ev: Any, model: api.TrainedModel, eval_source: data.Source,
+                 mu_all: np.ndarray, batch: int, n: int, is_main: bool) -> dict[str, Any]:
+  """MIG and its shuffled baseline over the codes of eval.mig_num_images images."""
+  # MIG needs only the codes, and many of them: its plug-in entropies are biased upwards
+  # on few images (at 100, shuffled codes score as high as a trained model's).
+  mig_n = _mig_count(ev, eval_source.num_examples)
+  codes = mu_all[:mig_n]
+  if mig_n > n:
+    codes = np.concatenate([codes, _posterior_means(model, eval_source, batch, n, mig_n,
+                                                    is_main)])
+  factors = np.asarray(eval_source.factors)[:mig_n]
+  _stage(f'MIG over {mig_n} images', is_main)
+  if not np.all(np.isfinite(codes)):
+    # A diverged model's codes: NaN like its other metrics, not a skipped MIG.
+    return {'mig': math.nan, 'mig_shuffled': math.nan, 'mig_num_images': mig_n}
+  try:
+    return {'mig': metrics_lib.mig(codes, factors),
+            'mig_shuffled': metrics_lib.shuffled_mig(codes, factors), 'mig_num_images': mig_n}
+  except ValueError as e:
+    logging.warning('MIG skipped: %s', e)
+    return {'mig_skipped': str(e)}
+
+
+def _figures(model: api.TrainedModel, shown_x: np.ndarray, shown_rec: np.ndarray,
+             shown_samples: np.ndarray, g: int, traversal_dims: Sequence[int],
+             traversal_range: float) -> dict[str, np.ndarray]:
+  """The evaluation's figures: g x g grids, the interpolations and traversals if any."""
+  figures = {
+      'reconstructions': visualize.reconstructions(shown_x, shown_rec,
+                                                   min(len(shown_x), g * max(1, g // 2)),
+                                                   ncol=g),
+      'samples': visualize.samples(shown_samples, g),
+  }
+  pairs = min(g, len(shown_x) // 2)
+  if pairs:
+    x0, x1 = shown_x[0:2 * pairs:2], shown_x[1:2 * pairs:2]
+    rows = np.asarray(model.interpolate(x0, x1, g))
+    rows = np.concatenate([x0[:, None], rows, x1[:, None]], axis=1)
+    figures['interpolations'] = visualize.interpolations(rows)
+  if traversal_dims:
+    r = traversal_range
+    figures['traversals'] = visualize.traversals(np.asarray(
+        model.traverse(shown_x[0], traversal_dims, np.linspace(-r, r, g))))
+  return figures
+
+
+def evaluate(config: ml_collections.ConfigDict, model: Any, eval_source: data.Source,
              out_dir: str, devices: Sequence[Any] | None = None,
              writer: summary.SummaryWriter | None = None, *,
              inception_params: Any = None) -> dict[str, Any]:
   """Computes the metrics, writes metrics.json, table.md and the figures; returns the metrics.
 
-  vae_state: the unreplicated VAE TrainState, or an api.TrainedModel.
+  model: an api.TrainedModel, or the unreplicated VAE TrainState.
   devices: local devices for the model and the Inception network (default: all local).
   writer: if given, the figures, the table and the scalars also go to TensorBoard.
   inception_params: Inception weights to use instead of loading config.eval's (tests).
@@ -280,10 +326,8 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
   """
   devices = list(jax.local_devices() if devices is None else devices)
   is_main = jax.process_index() == 0
-  if isinstance(vae_state, api.TrainedModel):
-    model = vae_state
-  else:
-    model = api.TrainedModel.from_state(config, vae_state, devices=devices)
+  if not isinstance(model, api.TrainedModel):
+    model = api.TrainedModel.from_state(config, model, devices=devices)
   ev = config.eval
   n = min(int(ev.num_images), eval_source.num_examples) if int(ev.num_images) > 0 else \
       eval_source.num_examples
@@ -379,47 +423,13 @@ def evaluate(config: ml_collections.ConfigDict, vae_state: Any, eval_source: dat
       results[f'fid_sample_{d}'] = _fid(real[d], smp[d])
 
   if eval_source.factors is not None:
-    # MIG needs only the codes, and many of them: its plug-in entropies are biased upwards
-    # on few images (at 100, shuffled codes score as high as a trained model's).
-    mig_n = _mig_count(ev, eval_source.num_examples)
-    codes = mu_all[:mig_n]
-    if mig_n > n:
-      codes = np.concatenate([codes, _posterior_means(model, eval_source, batch, n, mig_n,
-                                                      is_main)])
-    factors = np.asarray(eval_source.factors)[:mig_n]
-    _stage(f'MIG over {mig_n} images', is_main)
-    if not np.all(np.isfinite(codes)):
-      # A diverged model's codes: NaN like its other metrics, not a skipped MIG.
-      results['mig'] = results['mig_shuffled'] = math.nan
-      results['mig_num_images'] = mig_n
-    else:
-      try:
-        results['mig'] = metrics_lib.mig(codes, factors)
-        results['mig_shuffled'] = metrics_lib.shuffled_mig(codes, factors)
-        results['mig_num_images'] = mig_n
-      except ValueError as e:
-        results['mig_skipped'] = str(e)
-        logging.warning('MIG skipped: %s', e)
+    results.update(_mig_results(ev, model, eval_source, mu_all, batch, n, is_main))
 
   # Figures (Figure 3 a-c, Figure 2); interpolations and traversals compile programs.
   _stage('figures', is_main)
   traversal_dims = [int(d) for d in np.argsort(-kl, kind='stable')[:int(ev.traversal_dims)]]
-  figures = {
-      'reconstructions': visualize.reconstructions(shown_x, shown_rec,
-                                                   min(len(shown_x), g * max(1, g // 2)),
-                                                   ncol=g),
-      'samples': visualize.samples(shown_samples, g),
-  }
-  pairs = min(g, len(shown_x) // 2)
-  if pairs:
-    x0, x1 = shown_x[0:2 * pairs:2], shown_x[1:2 * pairs:2]
-    rows = np.asarray(model.interpolate(x0, x1, g))
-    rows = np.concatenate([x0[:, None], rows, x1[:, None]], axis=1)
-    figures['interpolations'] = visualize.interpolations(rows)
-  if traversal_dims:
-    r = float(ev.traversal_range)
-    figures['traversals'] = visualize.traversals(np.asarray(
-        model.traverse(shown_x[0], traversal_dims, np.linspace(-r, r, g))))
+  figures = _figures(model, shown_x, shown_rec, shown_samples, g, traversal_dims,
+                     float(ev.traversal_range))
 
   table = format_table(results, config, eval_source.name)
   if traversal_dims:
