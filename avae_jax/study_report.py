@@ -975,6 +975,87 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
   return out
 
 
+def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], settings: Any,
+                     out: str) -> tuple[str, list[tuple[Claim, dict]], list[str], list[str]]:
+  """Dataset d's part of the report, its claims' results, the defect checks fired and unmade."""
+  lines = []
+  side = int(settings[d].image_size)
+  size = f'{side}×{side}' + (' RGB' if int(settings[d].channels) == 3 else '')
+  lines.append('## ' + DATASET_NAMES.get(d, d + ' ({size})').format(size=size))
+  lines.append('')
+  n_done = {v: sum(r.finished for r in _by(runs, d, v)) for v in variants}
+  lines.append('### Table III on ' + d)
+  lines.append('')
+  lines.append('Mean ± standard deviation over seeds (seeds per model: ' + ', '.join(
+      f'{NAMES[v]} {n_done[v]}' for v in variants) + '). Reconstructions are decode(μ) of '
+      'the first evaluation images, samples decode(z) with z ~ N(0, I); sharpness is the '
+      'variance of the Laplacian of the luma (higher = sharper); FID against the same '
+      'real images, the same count for every model.')
+  lines.append('')
+  lines.append(table_iii(runs, d, variants))
+  fm = [r.metrics for r in runs if r.dataset == d and r.finished]
+  if fm:
+    m0 = fm[0]
+    note = (f'Images per metric: {m0.get("num_images")}; ' +
+            (f'FID over {m0.get("fid_num_images")} real images against as many '
+             'reconstructions and as many samples.' if 'fid_num_images' in m0 else
+             f'FID skipped: {m0.get("fid_skipped", "not computed")}.'))
+    if 'mig' in m0:
+      note += (f' MIG over {m0.get("mig_num_images")} images (20 bins); shuffling each '
+               'dimension of the codes across the images gives the plug-in estimate\'s '
+               'floor at that count.')
+    lines.append(note)
+    lines.append('')
+  lines.append('### The paper\'s orderings on ' + d)
+  lines.append('')
+  lines.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-lines seed k shares '
+           'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
+           'change in the paper\'s Table III. A claim "holds (every seed)" when every '
+           'seed\'s difference points the paper\'s way.')
+  lines.append('')
+  table, results = claims_table(runs, d)
+  lines.append(table)
+  lines.append('### Checks before believing a failed claim (' + d + ')')
+  lines.append('')
+  diag, warns, unchecked = _diagnostics(runs, d, variants)
+  lines.append(diag)
+  lines.append('### Likely reasons, with the numbers behind them (' + d + ')')
+  lines.append('')
+  lines += ['- ' + x for x in _reasons(runs, d, settings)]
+  lines.append('')
+  # Figures.
+  figs, shown = copy_model_figures(runs, d, variants, out)
+  lines.append(f'### Figures ({d}, {_seed_words(shown) if shown else "no finished run"})')
+  lines.append('')
+  lines.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
+           'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
+           'images at the row ends). Traversals: one latent dimension per row (largest KL '
+           'first), from −2.5 to 2.5 around the first image\'s code.')
+  lines.append('')
+  lines.append('| | ' + ' | '.join(NAMES[v] for v in variants) + ' |')
+  lines.append('|---|' + '---|' * len(variants))
+  for name in FIGURES:
+    cells = [f'![{NAMES[v]} {name}]({figs[(v, name)]})' if (v, name) in figs else '-'
+             for v in variants]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines.append('')
+  curves = os.path.join(FIGURE_DIR, d, 'training_losses.png')
+  os.makedirs(os.path.join(out, FIGURE_DIR, d), exist_ok=True)
+  lines.append(f'### Training curves ({d})')
+  lines.append('')
+  if plot_losses(runs, d, variants, os.path.join(out, curves)):
+    lines.append(f'![{d} loss components]({curves})')
+    lines.append('')
+  adv = os.path.join(FIGURE_DIR, d, 'training_adversarial.png')
+  if plot_adversarial(runs, d, variants, os.path.join(out, adv)):
+    lines.append(f'![{d} adversarial fine-tuning]({adv})')
+    lines.append('')
+  lines.append(f'### Every run ({d})')
+  lines.append('')
+  lines.append(per_seed_table(runs, d, variants))
+  return '\n'.join(lines), results, warns, unchecked
+
+
 def write_report(out: str, settings: Any, notes_path: str | None = None,
                  host: dict[str, Any] | None = None) -> str:
   """Writes OUT/results.md and OUT/results/*.png from the study's runs; returns the path."""
@@ -1036,85 +1117,11 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   all_unchecked: list[str] = []
   sections: list[str] = []
   for d in datasets:
-    S = []
-    side = int(settings[d].image_size)
-    size = f'{side}×{side}' + (' RGB' if int(settings[d].channels) == 3 else '')
-    S.append('## ' + DATASET_NAMES.get(d, d + ' ({size})').format(size=size))
-    S.append('')
-    n_done = {v: sum(r.finished for r in _by(runs, d, v)) for v in variants}
-    S.append('### Table III on ' + d)
-    S.append('')
-    S.append('Mean ± standard deviation over seeds (seeds per model: ' + ', '.join(
-        f'{NAMES[v]} {n_done[v]}' for v in variants) + '). Reconstructions are decode(μ) of '
-        'the first evaluation images, samples decode(z) with z ~ N(0, I); sharpness is the '
-        'variance of the Laplacian of the luma (higher = sharper); FID against the same '
-        'real images, the same count for every model.')
-    S.append('')
-    S.append(table_iii(runs, d, variants))
-    fm = [r.metrics for r in runs if r.dataset == d and r.finished]
-    if fm:
-      m0 = fm[0]
-      note = (f'Images per metric: {m0.get("num_images")}; ' +
-              (f'FID over {m0.get("fid_num_images")} real images against as many '
-               'reconstructions and as many samples.' if 'fid_num_images' in m0 else
-               f'FID skipped: {m0.get("fid_skipped", "not computed")}.'))
-      if 'mig' in m0:
-        note += (f' MIG over {m0.get("mig_num_images")} images (20 bins); shuffling each '
-                 'dimension of the codes across the images gives the plug-in estimate\'s '
-                 'floor at that count.')
-      S.append(note)
-      S.append('')
-    S.append('### The paper\'s orderings on ' + d)
-    S.append('')
-    S.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares '
-             'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
-             'change in the paper\'s Table III. A claim "holds (every seed)" when every '
-             'seed\'s difference points the paper\'s way.')
-    S.append('')
-    table, results = claims_table(runs, d)
-    all_results[d] = results
-    S.append(table)
-    S.append('### Checks before believing a failed claim (' + d + ')')
-    S.append('')
-    diag, warns, unchecked = _diagnostics(runs, d, variants)
+    section, all_results[d], warns, unchecked = _dataset_section(runs, d, variants,
+                                                                 settings, out)
+    sections.append(section)
     all_warnings += warns
     all_unchecked += unchecked
-    S.append(diag)
-    S.append('### Likely reasons, with the numbers behind them (' + d + ')')
-    S.append('')
-    S += ['- ' + x for x in _reasons(runs, d, settings)]
-    S.append('')
-    # Figures.
-    figs, shown = copy_model_figures(runs, d, variants, out)
-    S.append(f'### Figures ({d}, {_seed_words(shown) if shown else "no finished run"})')
-    S.append('')
-    S.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
-             'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
-             'images at the row ends). Traversals: one latent dimension per row (largest KL '
-             'first), from −2.5 to 2.5 around the first image\'s code.')
-    S.append('')
-    S.append('| | ' + ' | '.join(NAMES[v] for v in variants) + ' |')
-    S.append('|---|' + '---|' * len(variants))
-    for name in FIGURES:
-      cells = [f'![{NAMES[v]} {name}]({figs[(v, name)]})' if (v, name) in figs else '-'
-               for v in variants]
-      S.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    S.append('')
-    curves = os.path.join(FIGURE_DIR, d, 'training_losses.png')
-    os.makedirs(os.path.join(out, FIGURE_DIR, d), exist_ok=True)
-    S.append(f'### Training curves ({d})')
-    S.append('')
-    if plot_losses(runs, d, variants, os.path.join(out, curves)):
-      S.append(f'![{d} loss components]({curves})')
-      S.append('')
-    adv = os.path.join(FIGURE_DIR, d, 'training_adversarial.png')
-    if plot_adversarial(runs, d, variants, os.path.join(out, adv)):
-      S.append(f'![{d} adversarial fine-tuning]({adv})')
-      S.append('')
-    S.append(f'### Every run ({d})')
-    S.append('')
-    S.append(per_seed_table(runs, d, variants))
-    sections.append('\n'.join(S))
 
   # Findings first.
   L.append('## Findings')
@@ -1157,7 +1164,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
            'L_REC is multiplied by H·W·C (a sum over pixels).')
   L.append('')
   if calib:
-    terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+    terms = config_lib.RECONSTRUCTION_TERMS
     L.append('| dataset | K batches (batch size) | ' + ' | '.join(f'λ {t}' for t in terms) + ' |')
     L.append('|---|---|' + '---|' * len(terms))
     for d, c in calib.items():
@@ -1191,9 +1198,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
            'and resumes the others. `--report_only` rewrites this report from DIR.')
   L.append('')
   path = os.path.join(out, REPORT)
-  with open(path + '.tmp', 'w') as f:
-    f.write('\n'.join(L))
-  os.replace(path + '.tmp', path)
+  files.write_text(path, '\n'.join(L))
   return path
 
 
