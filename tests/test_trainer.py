@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
@@ -913,3 +914,20 @@ def test_a_second_ctrl_c_goes_to_the_handler_from_before_the_loop():
       stop.restore()
   finally:
     signal.signal(signal.SIGINT, before)
+
+
+def test_a_run_with_nothing_to_train_checkpoints_its_initial_model(tmp_path):
+  # eval.py and api.load read a workdir's checkpoints: a run that evaluated its initial
+  # model must leave one, and a run again resumes from it instead of starting anew.
+  overrides = dict(BASE, variant='vae', pretrain_steps=0)
+  train(overrides, tmp_path)
+  assert committed_steps(tmp_path) == [0]
+  step, tree, _ = restore(tmp_path, overrides)
+  config = make_config(overrides)
+  initial, _ = steps.create_train_states(
+      config, jax.random.split(jax.random.PRNGKey(int(config.seed)), 4)[0],
+      (config.image_size, config.image_size, config.channels))
+  assert step == 0
+  assert_trees_equal(tree['vae']['params'], jax.device_get(initial.params))
+  model = api.TrainedModel.load(str(tmp_path))
+  assert model.step == 0
