@@ -74,7 +74,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _read_json(path: str) -> Any:
-  """Parses a JSON file (files.read_json)."""
+  """Parses a JSON file; avae_jax is imported after main's restart and XLA flags."""
   from avae_jax import files  # pylint: disable=g-import-not-at-top
   return files.read_json(path)
 

@@ -1008,10 +1008,10 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
     lines.append('')
   lines.append('### The paper\'s orderings on ' + d)
   lines.append('')
-  lines.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-lines seed k shares '
-           'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
-           'change in the paper\'s Table III. A claim "holds (every seed)" when every '
-           'seed\'s difference points the paper\'s way.')
+  lines.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares '
+               'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
+               'change in the paper\'s Table III. A claim "holds (every seed)" when every '
+               'seed\'s difference points the paper\'s way.')
   lines.append('')
   table, results = claims_table(runs, d)
   lines.append(table)
@@ -1028,9 +1028,9 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
   lines.append(f'### Figures ({d}, {_seed_words(shown) if shown else "no finished run"})')
   lines.append('')
   lines.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
-           'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
-           'images at the row ends). Traversals: one latent dimension per row (largest KL '
-           'first), from −2.5 to 2.5 around the first image\'s code.')
+               'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
+               'images at the row ends). Traversals: one latent dimension per row (largest KL '
+               'first), from −2.5 to 2.5 around the first image\'s code.')
   lines.append('')
   lines.append('| | ' + ' | '.join(NAMES[v] for v in variants) + ' |')
   lines.append('|---|' + '---|' * len(variants))

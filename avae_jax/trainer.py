@@ -420,7 +420,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
              ckpt: checkpoint.Checkpointer, vae_state: steps.TrainState,
              disc_state: steps.TrainState
              ) -> tuple[int, dict[str, Any], steps.TrainState, steps.TrainState] | None:
-  """The latest checkpoint's (step, metadata, states) if this config can continue it."""
+  """The latest checkpoint's (step, metadata, states), or None; ConfigError if not this run's."""
   try:
     restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
   except ValueError as e:  # the arrays' shapes differ from this config's model
@@ -485,10 +485,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     if is_main:
       _warn_of_a_changed_run(config, meta, setup_.train_source.num_examples, cpu_threads)
 
+  # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
+  # nothing was trained under the calibration, so it is made as for a new run.
+  trained = start_step > 0
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
-                                resumed=restored is not None)
-  elif restored is None and is_main:
+                                resumed=trained)
+  elif not trained and is_main:
     # Left by a calibrated run that stopped before its first checkpoint: a later resume of
     # this uncalibrated run with calibration on must be refused, not handed those λ's.
     files.remove(os.path.join(workdir, CALIBRATION_FILE))
@@ -514,7 +517,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   r_vae = parallel.replicate(vae_state, setup_.devices)
   r_disc = parallel.replicate(disc_state, setup_.devices)
 
-  last_saved = start_step
+  last_saved = start_step if restored is not None else None
 
   def save(step: int) -> None:
     """Checkpoints the state after `step` steps, with the metrics logged since."""
@@ -526,7 +529,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc)))
     # A finite loss can still give a NaN update (a NaN gradient): the losses checked above
     # were computed before it, so the state itself is checked before it replaces a good one.
-    _check_finite_state(tree, step, last_saved if last_saved > 0 else None)
+    _check_finite_state(tree, step, last_saved)
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
@@ -564,7 +567,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         # since the last checkpoint are kept first, for a resume once the file is
         # replaced. (One process only: a save needs every process, and the others do
         # not know of this one's error.)
-        if step > last_saved and jax.process_count() == 1:
+        if step > (last_saved or 0) and jax.process_count() == 1:
           save(step)
           ckpt.wait()
           print(f'data error at step {step}: the checkpoint of step {step} is saved',

@@ -442,10 +442,11 @@ from avae_jax import distributed
 gc.callbacks.append(lambda phase, info: time.sleep(0.2) if phase == 'start' else None)
 guard = (distributed.exit_on_interrupt('interrupted, exiting') if sys.argv[1] == 'exit'
          else contextlib.nullcontext())
-stop = pathlib.Path(sys.argv[2])
+stop, deadline = pathlib.Path(sys.argv[2]), time.monotonic() + 120
 with guard:
   print('ready', flush=True)
-  while not stop.exists():  # until the test has seen the interrupt dropped
+  # Until the test has seen the interrupt dropped (or, should it never be, for 2 minutes).
+  while not stop.exists() and time.monotonic() < deadline:
     gc.collect()
 print('not interrupted', flush=True)
 """

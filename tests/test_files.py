@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -166,10 +167,12 @@ def blocked_on_a_lock(pid: int) -> bool:
     return any(line.split()[1] == '->' and str(pid) in line.split()[2:] for line in f)
 
 
-def wait_until_blocked_on_a_lock(pid: int, timeout_s: float = 120.0) -> None:
-  """Returns once process `pid` waits for a file lock; fails after `timeout_s`."""
+def wait_until_blocked_on_a_lock(pid: int, alive: Callable[[], bool] = lambda: True,
+                                 timeout_s: float = 120.0) -> None:
+  """Returns once process `pid` waits for a file lock; fails if not `alive()` or later."""
   deadline = time.monotonic() + timeout_s
   while not blocked_on_a_lock(pid):
+    assert alive(), f'what was to wait for the lock (in process {pid}) ended first'
     assert time.monotonic() < deadline, f'process {pid} did not wait for a lock'
     time.sleep(0.02)
 
@@ -192,8 +195,11 @@ def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
       wait_until_blocked_on_a_lock(os.getpid())
     except AssertionError as e:  # released all the same, so that the test cannot hang
       errors.append(e)
-    holder.stdin.write('\n')
-    holder.stdin.flush()
+    try:
+      holder.stdin.write('\n')
+      holder.stdin.flush()
+    except (BrokenPipeError, ValueError):  # the test failed first and killed the holder
+      pass
 
   try:
     assert holder.stdout.readline() == 'held\n'

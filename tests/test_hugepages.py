@@ -105,6 +105,9 @@ _MALLOC = """
       flags = re.search(r'VmFlags:(.*)', mapping).group(1).split()
       eligible = re.search(r'THPeligible:\\s+(\\d)', mapping)
       print('hg' in flags, eligible.group(1) if eligible else '-')
+      break
+  else:
+    print('no mapping holds the block')
 """
 
 
@@ -113,7 +116,9 @@ def test_the_tunable_makes_mallocs_memory_eligible_for_huge_pages():
   # the test reads what the process itself controls: the mapping's advice and eligibility.
   if not _can_restart() or not os.path.exists('/proc/self/smaps'):
     pytest.skip('needs glibc >= 2.35, transparent huge pages and /proc/self/smaps')
-  advised, eligible = _run(_MALLOC, tunables=_ON)[0].split()
+  line = _run(_MALLOC, tunables=_ON)[0]
+  assert line != 'no mapping holds the block'
+  advised, eligible = line.split()
   if eligible == '-':
     pytest.skip('this kernel does not report THPeligible')
   assert eligible == '1'

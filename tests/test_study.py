@@ -150,6 +150,8 @@ def test_report_has_every_table(study_dir):
     assert f'--budget=test --datasets={ds}`' in first
   assert re.search(r'this report by `python study\.py --out=\S+ --budget=test '
                    r'--report_only` \(budget `test`', first), first
+  # The pairing of the models' seeds, as the claims use it.
+  assert "AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares VAE seed k's" in text
   # Every defect check could be made (at this budget posterior collapse fires).
   assert '**Defect checks' in text and 'not made' not in text
   for ds, has_mig in (('shapes', True), ('fashion_mnist', False)):
@@ -245,7 +247,7 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
   with files.exclusive(out, 'the test', lock_file='report.lock'):
     proc = _start_study(f'--out={out}', '--budget=test', '--report_only')
     try:
-      test_files.wait_until_blocked_on_a_lock(proc.pid)
+      test_files.wait_until_blocked_on_a_lock(proc.pid, alive=lambda: proc.poll() is None)
       assert os.stat(report).st_mtime_ns == before
     except BaseException:
       proc.kill()
@@ -783,7 +785,8 @@ def test_a_calibration_in_progress_elsewhere_is_waited_for_not_repeated(tmp_path
     thread = threading.Thread(target=lambda: got.append(
         _outcome(study.calibrate, str(tmp_path), settings, 'shapes')))
     thread.start()
-    test_files.wait_until_blocked_on_a_lock(os.getpid())  # it found no calibration.json
+    # It found no calibration.json.
+    test_files.wait_until_blocked_on_a_lock(os.getpid(), alive=thread.is_alive)
     files.write_text(str(tmp_path / 'shapes' / 'calibration.json'),
                      '{"weights": {"mse": 1.0, "mae": 2.5}}')
   thread.join(timeout=60)
@@ -885,7 +888,6 @@ sys.path.insert(0, {repo!r})
 import study
 from avae_jax import trainer
 from configs import study as study_config
-from tests import test_files
 study.HEARTBEAT_S = 0.1
 
 def train_and_evaluate(config, workdir):  # a session that is killed while it trains

@@ -916,9 +916,9 @@ def test_a_second_ctrl_c_goes_to_the_handler_from_before_the_loop():
     signal.signal(signal.SIGINT, before)
 
 
-def test_a_run_with_nothing_to_train_checkpoints_its_initial_model(tmp_path):
+def test_a_run_with_nothing_to_train_checkpoints_its_initial_model(tmp_path, capsys):
   # eval.py and api.load read a workdir's checkpoints: a run that evaluated its initial
-  # model must leave one, and a run again resumes from it instead of starting anew.
+  # model must leave one, and a run with more steps resumes from it.
   overrides = dict(BASE, variant='vae', pretrain_steps=0)
   train(overrides, tmp_path)
   assert committed_steps(tmp_path) == [0]
@@ -931,3 +931,17 @@ def test_a_run_with_nothing_to_train_checkpoints_its_initial_model(tmp_path):
   assert_trees_equal(tree['vae']['params'], jax.device_get(initial.params))
   model = api.TrainedModel.load(str(tmp_path))
   assert model.step == 0
+  capsys.readouterr()
+  train(dict(overrides, pretrain_steps=2, checkpoint_every=2), tmp_path)
+  assert 'resuming from checkpoint at step 0\n' in capsys.readouterr().out
+  assert committed_steps(tmp_path) == [0, 2]
+
+
+def test_a_run_on_the_initial_models_checkpoint_may_start_the_calibration(tmp_path):
+  # Nothing was trained without it: the checkpoint of step 0 is a new run's state.
+  train(dict(CALIBRATE, pretrain_steps=0, **{'calibrate.enabled': False}), tmp_path)
+  assert not (tmp_path / trainer.CALIBRATION_FILE).exists()
+  train(CALIBRATE, tmp_path)
+  assert set(json.loads((tmp_path / trainer.CALIBRATION_FILE).read_text())) == {
+      'batches', 'weights', 'means'}
+  assert committed_steps(tmp_path) == [0, 2]
