@@ -45,7 +45,8 @@ def local_devices(config: Any) -> list[Any]:
   return devs[:n]
 
 
-def replicate(tree: Any, devices: Sequence[Any], axis_name: str = 'batch') -> Any:
+def replicate(tree: Any, devices: Sequence[Any],
+              axis_name: str = steps.StepConfig.axis_name) -> Any:
   """Copies of every array leaf on each device, stacked on a new leading axis.
 
   The arrays are sharded over Mesh(devices, (axis_name,)), the layout that the mapped

@@ -202,7 +202,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
       probe_cfg, recon_weights=tuple((t, 1.0) for t in config_lib.RECONSTRUCTION_TERMS),
       gabor=losses.GaborSpec.from_config(config.gabor))
   probe = parallel.make_steps(probe_cfg, devices, method=config.parallel).pretrain
-  state = parallel.replicate(vae_state, devices)
+  state = parallel.replicate(vae_state, devices, probe_cfg.axis_name)
   # Device arrays as in the training loop: shard_map's step (a jit over all processes'
   # devices) reads a host array as the global batch, and one process holds only its part.
   batches = data.batches(source, batch_size=int(config.batch_size),
@@ -514,8 +514,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
             'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
             'adversarial phase can stall there', file=sys.stderr, flush=True)
-  r_vae = parallel.replicate(vae_state, setup_.devices)
-  r_disc = parallel.replicate(disc_state, setup_.devices)
+  r_vae = parallel.replicate(vae_state, setup_.devices, setup_.step_config.axis_name)
+  r_disc = parallel.replicate(disc_state, setup_.devices, setup_.step_config.axis_name)
 
   last_saved = start_step if restored is not None else None
 
