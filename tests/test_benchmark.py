@@ -17,6 +17,7 @@ from avae_jax import benchmarking
 from avae_jax import hugepages
 from avae_jax import xla_flags
 from configs import default
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/default.py', '--config.image_size=16',
@@ -233,9 +234,8 @@ def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
     proc.kill()
   assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
   # Gone, or a zombie that nobody has reaped yet (its parent has exited).
-  from tests import test_distributed  # pylint: disable=g-import-not-at-top
   time.sleep(1.0)
-  assert not test_distributed.process_running(twin), f'the twin (pid {twin}) still runs'
+  assert not processes.process_running(twin), f'the twin (pid {twin}) still runs'
 
 
 def test_a_twin_that_cannot_run_is_a_usage_error_before_compiling():

@@ -6,8 +6,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -16,6 +14,7 @@ import pytest
 from avae_jax import api
 from avae_jax import files
 from avae_jax import visualize
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,22 +160,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     pass
 
 
-def blocked_on_a_lock(pid: int) -> bool:
-  """Whether process `pid` waits for a file lock (a '->' line of /proc/locks)."""
-  with open('/proc/locks') as f:
-    return any(line.split()[1] == '->' and str(pid) in line.split()[2:] for line in f)
-
-
-def wait_until_blocked_on_a_lock(pid: int, alive: Callable[[], bool] = lambda: True,
-                                 timeout_s: float = 120.0) -> None:
-  """Returns once process `pid` waits for a file lock; fails if not `alive()` or later."""
-  deadline = time.monotonic() + timeout_s
-  while not blocked_on_a_lock(pid):
-    assert alive(), f'what was to wait for the lock (in process {pid}) ended first'
-    assert time.monotonic() < deadline, f'process {pid} did not wait for a lock'
-    time.sleep(0.02)
-
-
 def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
   # The holder releases report.lock when told on stdin (once this process waits for it),
   # writing 'released' just before.
@@ -192,7 +175,7 @@ def test_waiting_for_a_lock_of_another_name(tmp_path, capsys):
 
   def release_when_waited_for():
     try:
-      wait_until_blocked_on_a_lock(os.getpid())
+      processes.wait_until_blocked_on_a_lock(os.getpid())
     except AssertionError as e:  # released all the same, so that the test cannot hang
       errors.append(e)
     try:

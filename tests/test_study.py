@@ -18,7 +18,7 @@ from avae_jax import files
 from avae_jax import xla_flags
 from avae_jax import study_report
 from configs import study as study_config
-from tests import test_files
+from tests import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -247,7 +247,7 @@ def test_a_report_waits_while_another_process_writes_one(study_dir):
   with files.exclusive(out, 'the test', lock_file='report.lock'):
     proc = _start_study(f'--out={out}', '--budget=test', '--report_only')
     try:
-      test_files.wait_until_blocked_on_a_lock(proc.pid, alive=lambda: proc.poll() is None)
+      processes.wait_until_blocked_on_a_lock(proc.pid, alive=lambda: proc.poll() is None)
       assert os.stat(report).st_mtime_ns == before
     except BaseException:
       proc.kill()
@@ -786,7 +786,7 @@ def test_a_calibration_in_progress_elsewhere_is_waited_for_not_repeated(tmp_path
         _outcome(study.calibrate, str(tmp_path), settings, 'shapes')))
     thread.start()
     # It found no calibration.json.
-    test_files.wait_until_blocked_on_a_lock(os.getpid(), alive=thread.is_alive)
+    processes.wait_until_blocked_on_a_lock(os.getpid(), alive=thread.is_alive)
     files.write_text(str(tmp_path / 'shapes' / 'calibration.json'),
                      '{"weights": {"mse": 1.0, "mae": 2.5}}')
   thread.join(timeout=60)
