@@ -79,21 +79,6 @@ def _posterior_means(model: api.TrainedModel, source: data.Source, batch: int, s
   return np.concatenate(means)
 
 
-def metric_keys(with_fid: bool = True, with_mig: bool = False) -> list[str]:
-  """The keys `evaluate` returns (besides 'fid_skipped' / 'mig_skipped' when skipped)."""
-  keys = ['step', 'num_images', 'num_samples',
-          'gt_sharpness_mean', 'gt_sharpness_std',
-          'rec_sharpness_mean', 'rec_sharpness_std',
-          'rec_mse', 'rec_mse_std', 'rec_cosine_similarity', 'rec_cosine_similarity_std',
-          'sample_sharpness_mean', 'sample_sharpness_std', 'kl_mean']
-  if with_fid:
-    keys += ['fid_num_images']
-    keys += [f'fid_rec_{d}' for d in TAPS] + [f'fid_sample_{d}' for d in TAPS]
-  if with_mig:
-    keys += ['mig', 'mig_shuffled', 'mig_num_images']
-  return keys
-
-
 def _stage(what: str, enabled: bool) -> None:
   """Prints 'eval: <what> ...' (process 0): the silent stretches say what is running."""
   if enabled:

@@ -118,7 +118,6 @@ def _fid_via_svd(f1, f2):
 def test_every_key_is_returned_and_finite(evaluated):
   results, _ = evaluated
   assert set(results) == ALL_KEYS
-  assert set(evaluation.metric_keys(with_fid=True, with_mig=True)) == ALL_KEYS
   for k, v in results.items():
     assert isinstance(v, (int, float)) and np.isfinite(v), (k, v)
   assert results['step'] == test_api.TRAINED_STEPS
