@@ -25,8 +25,6 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from tests import processes
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch.py')
 
@@ -396,12 +394,15 @@ def test_ctrl_c_to_the_launcher_gives_the_processes_time_to_checkpoint(tmp_path,
 def test_the_processes_die_with_a_killed_launcher(tmp_path):
   launcher, lines = _start_until_ready(tmp_path, _PROGRAM, ['term'])
   _stop(launcher, signal.SIGKILL, timeout=60)  # no chance to stop them itself
+  # Imported here: this file also runs as a script (--gating-worker), without tests/.
+  from tests import processes  # pylint: disable=g-import-not-at-top
   pids = _pids(''.join(lines))
   assert len(pids) == 2, lines
   deadline = time.monotonic() + 30
   while any(map(processes.process_running, pids.values())) and time.monotonic() < deadline:
     time.sleep(0.1)
-  assert not any(map(processes.process_running, pids.values())), 'orphaned processes of a killed launcher'
+  assert not any(map(processes.process_running, pids.values())), (
+      'orphaned processes of a killed launcher')
 
 
 _RUNTIME_PROGRAM = f"""
