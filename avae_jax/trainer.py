@@ -619,10 +619,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       if signum:
         ckpt.wait()
         raise TrainingInterrupted(signum, step)
-    if step == 0 and restored is None:
-      # Nothing to train (no pre-training, no adversarial phase): the initial model is the
-      # run's checkpoint all the same, so that eval.py and api.load can read it again.
-      save(0)
+    if last_saved != step:
+      # The run's final state is always a checkpoint, for eval.py and api.load: the loop
+      # saves it at the end of the last phase, and this saves a run with nothing to train
+      # (no pre-training, no adversarial phase): its initial model, as step 0.
+      save(step)
     ckpt.wait()
     # A signal during the last save: the run stops before the evaluation, as promised.
     signum = stop.agreed(step, logged=True)
