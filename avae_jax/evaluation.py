@@ -290,9 +290,9 @@ def _figures(model: api.TrainedModel, shown_x: np.ndarray, shown_rec: np.ndarray
     rows = np.concatenate([x0[:, None], rows, x1[:, None]], axis=1)
     figures['interpolations'] = visualize.interpolations(rows)
   if traversal_dims:
-    r = traversal_range
+    values = np.linspace(-traversal_range, traversal_range, g)
     figures['traversals'] = visualize.traversals(np.asarray(
-        model.traverse(shown_x[0], traversal_dims, np.linspace(-r, r, g))))
+        model.traverse(shown_x[0], traversal_dims, values)))
   return figures
 
 
