@@ -17,6 +17,7 @@ A writer without `start_step` (eval.py) appends, after dropping a half-written l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -26,7 +27,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -280,7 +281,7 @@ class ProgressLogger:
   Also at the end of each phase. The rate is that of the steps timed since the last line.
   A phase's first step in this process compiles; a caller that brackets it with
   `compiling` (which logs 'compiling the <phase> step ...') and `compiled` keeps it out of
-  the rate and the ETA. The ETA adds, per phase, the steps left times the phase's time per
+  the rate and the ETA, and work between steps inside `paused` is left out too. The ETA adds, per phase, the steps left times the phase's time per
   step since its last line. A phase not timed yet is estimated from the phase timed last,
   scaled by their Phase.step_cost; a phase not started yet also gets a compiling first
   step, estimated from the last one measured (its time beyond an ordinary step), scaled
@@ -391,6 +392,16 @@ class ProgressLogger:
     self._first_seconds[i] = now - self._compiling[1]
     self._first_timed = [j for j in self._first_timed if j != i] + [i]
     self._mark, self._compiling = (step, now), None
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Leaves the time spent in the block (writing figures, say) out of the rate and ETA."""
+    start = self._clock() if self.enabled else 0.0
+    try:
+      yield
+    finally:
+      if self.enabled and self._mark is not None:
+        self._mark = (self._mark[0], self._mark[1] + self._clock() - start)
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None
              ) -> str | None:

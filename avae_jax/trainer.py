@@ -607,11 +607,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         progress.update(step, scalars)
         history, t_last, n_last = [], time.perf_counter(), 0
       if is_main and (step % int(config.image_every) == 0 or step == total):
-        figs = _figures(config, parallel.unreplicate(r_vae), setup_.eval_source,
-                        jax.random.fold_in(fig_key, step))
-        for name, img in figs.items():
-          writer.image(step, name, img)
-          visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
+        # The rates are the training steps': the figures' time (their program compiles
+        # the first time) is left out of them and of the ETA.
+        t_figures = time.perf_counter()
+        with progress.paused():
+          figs = _figures(config, parallel.unreplicate(r_vae), setup_.eval_source,
+                          jax.random.fold_in(fig_key, step))
+          for name, img in figs.items():
+            writer.image(step, name, img)
+            visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'),
+                               img)
+        t_last += time.perf_counter() - t_figures
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         save(step)
       if signum:

@@ -215,6 +215,20 @@ def _fake_clock(times):
   return lambda: next(it)
 
 
+def test_progress_leaves_the_time_paused_out_of_the_rate_and_eta():
+  progress = summary.ProgressLogger(
+      30, 10, log=lambda _: None, clock=_fake_clock([0.0, 2.0, 32.0, 40.0, 44.0]))
+  with progress.paused():  # from t=2 to 32
+    pass
+  # Steps 1-10 in 40 - 30 s: 1 step/s, 20 s left; the elapsed time includes the pause.
+  assert progress(10) == 'step 10/30 (33.3%) | 1.00 steps/s | ETA 0:00:20 | elapsed 0:00:40'
+  # Outside `paused`, the time counts: steps 11-20 in 4 s.
+  assert progress(20).startswith('step 20/30 (66.7%) | 2.50 steps/s | ETA 0:00:04 |')
+  quiet = summary.ProgressLogger(30, 10, enabled=False, clock=_fake_clock([0.0]))
+  with quiet.paused():  # no clock read
+    pass
+
+
 def test_progress_eta_leaves_out_compilation_and_estimates_the_next_phase():
   lines = []
   progress = summary.ProgressLogger(
