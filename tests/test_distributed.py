@@ -405,6 +405,28 @@ def test_the_processes_die_with_a_killed_launcher(tmp_path):
       'orphaned processes of a killed launcher')
 
 
+def test_the_child_sets_its_death_signal_without_loading_a_library(monkeypatch):
+  # The function runs in the forked child, where loading a library could wait forever
+  # on a lock that another of the launcher's threads held at the fork: libc must have
+  # been loaded before, in the launcher.
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import launch  # pylint: disable=g-import-not-at-top
+  preexec = launch._die_with_parent()  # pylint: disable=protected-access
+  assert preexec is not None  # Linux
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError(f'a library was loaded in the child: {args}')
+
+  monkeypatch.setattr(ctypes, 'CDLL', no_loading)
+  read_death_signal = (
+      'import ctypes; sig = ctypes.c_int(); '
+      'ctypes.cdll.LoadLibrary("libc.so.6").prctl(2, ctypes.byref(sig)); '  # PR_GET_PDEATHSIG
+      'print(sig.value)')
+  proc = subprocess.run([sys.executable, '-c', read_death_signal], preexec_fn=preexec,
+                        capture_output=True, text=True, check=True, timeout=60)
+  assert proc.stdout.strip() == str(int(signal.SIGKILL)), proc
+
+
 _RUNTIME_PROGRAM = f"""
 import sys, time
 sys.path.insert(0, {REPO!r})
