@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from avae_jax import checkpoint
+from tests import trees
 
 # When one array read of a damaged checkpoint fails, orbax abandons the other
 # pending reads and Python reports those coroutines as unraisable whenever they
@@ -59,12 +60,9 @@ def make_state(seed: int) -> dict:
 
 
 def assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    e = np.asarray(e)
-    assert isinstance(a, np.ndarray)
-    assert a.dtype == e.dtype and a.shape == e.shape
-    np.testing.assert_array_equal(a, e)
+  """The state restored as `expected` bit for bit, in host (numpy) arrays."""
+  trees.assert_trees_equal(actual, expected)
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(actual))
 
 
 META = {'phase': 'pretrain', 'data_position': 123, 'config_hash': 'abc123',

@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from avae_jax import checkpoint
 from avae_jax import files
 from avae_jax import steps
+from tests.trees import assert_trees_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,17 +106,6 @@ def tmp_dirs(workdir):
   """The step directories orbax is still writing (or was, when the process died)."""
   d = os.path.join(workdir, 'checkpoints')
   return [n for n in os.listdir(d) if '.orbax-checkpoint-tmp' in n] if os.path.isdir(d) else []
-
-
-def assert_trees_equal(a, b):
-  """Bit-identical leaves, same structure."""
-  la, ta = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.structure(a)
-  lb, tb = jax.tree_util.tree_flatten_with_path(b)[0], jax.tree.structure(b)
-  assert ta == tb
-  for (path, x), (_, y) in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
-    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
 
 
 def read_jsonl(path):

@@ -30,6 +30,7 @@ from avae_jax import steps
 from avae_jax import trainer
 from avae_jax import xla_flags
 from configs import default
+from tests.trees import assert_trees_equal
 
 TINY = {
     'image_size': 16, 'model.widths': (4, 8), 'model.latent_dim': 4, 'model.hidden_dim': 8,
@@ -112,16 +113,6 @@ def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(line) for line in f if line.strip()]
   return {m['step']: m for m in lines if 'loss' in m}
-
-
-def assert_trees_equal(a, b):
-  """Same structure and bit-identical leaves."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
-                               jax.tree_util.tree_flatten_with_path(b)[0]):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
-    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
 
 
 @pytest.fixture(scope='module')
