@@ -281,11 +281,11 @@ class ProgressLogger:
   Also at the end of each phase. The rate is that of the steps timed since the last line.
   A phase's first step in this process compiles; a caller that brackets it with
   `compiling` (which logs 'compiling the <phase> step ...') and `compiled` keeps it out of
-  the rate and the ETA, and work between steps inside `paused` is left out too. The ETA adds, per phase, the steps left times the phase's time per
-  step since its last line. A phase not timed yet is estimated from the phase timed last,
-  scaled by their Phase.step_cost; a phase not started yet also gets a compiling first
-  step, estimated from the last one measured (its time beyond an ordinary step), scaled
-  by their Phase.compile_cost.
+  the rate and the ETA, as `paused` keeps other work between steps. The ETA adds, per
+  phase, the steps left times the phase's time per step since its last line. A phase not
+  timed yet is estimated from the phase timed last, scaled by their Phase.step_cost; a
+  phase not started yet also gets a compiling first step, estimated from the last one
+  measured (its time beyond an ordinary step), scaled by their Phase.compile_cost.
   """
 
   def __init__(self, total_steps: int, every: int, *, start_step: int = 0,
