@@ -78,6 +78,9 @@ def main(argv: list[str]) -> None:
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
       saved = config is None
       if saved:
+        # An untrained workdir (a first run stopped before its first checkpoint) may have
+        # no config either: what it lacks first is the model.
+        api.require_checkpoint(workdir)
         # The library's warning for missing fields, as one line of this program's.
         with warnings.catch_warnings(record=True) as caught:
           warnings.simplefilter('always')

@@ -55,6 +55,15 @@ class IncompatibleCheckpointError(WorkdirError):
   """The checkpoint was written by another model (variant, image size, widths, ...)."""
 
 
+def require_checkpoint(workdir: str) -> None:
+  """Raises NoCheckpointError, saying how to make one, where WORKDIR/checkpoints has none."""
+  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    raise NoCheckpointError(
+        f'no checkpoint in {ckpt_dir}: train a model there first '
+        f'(python train.py --config=... --workdir={workdir})')
+
+
 def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.ConfigDict | None:
   """The config a training run wrote to WORKDIR/config.json, or None if there is none.
 
@@ -205,11 +214,8 @@ class TrainedModel:
     workdir = str(workdir)
     # The checkpointer takes int(step): step=2.5 restored step 2, step=True step 1.
     step = None if step is None else visualize.integer(step, 'step', 0)
+    require_checkpoint(workdir)
     ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
-    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-      raise NoCheckpointError(
-          f'no checkpoint in {ckpt_dir}: train a model there first '
-          f'(python train.py --config=... --workdir={workdir})')
     saved = read_config(workdir, fill_defaults=config is None)
     if config is None:
       if saved is None:

@@ -93,14 +93,24 @@ def test_an_evaluation_directory_it_cannot_write_stops_with_a_clear_message(tmp_
 
 
 def test_without_config_an_empty_workdir_stops_with_a_clear_message(tmp_path):
+  # It said "has no config.json; pass the training config", which then found no model.
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={tmp_path}'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, f'no checkpoint in {tmp_path / "checkpoints"}', 'train.py')
+
+
+def test_without_config_a_workdir_without_its_config_file_asks_for_the_config(tmp_path,
+                                                                             workdir):
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('config.json'))
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}'], cwd=REPO,
                         capture_output=True, text=True, timeout=300, check=False)
   _assert_clean_failure(proc, 'has no config.json', '--config=')
 
 
 @pytest.mark.parametrize('args, phrases', [
     (['--workdir=WORKDIR/nowhere'], ('WORKDIR/nowhere does not exist',)),
-    (['--workdir=WORKDIR', '--config.eval.fid=0'], ('has no config.json',)),
+    (['--workdir=WORKDIR', '--config.eval.fid=0'], ('no checkpoint in WORKDIR/checkpoints',)),
     # It said "has no config.json".
     (['--workdir=WORKDIR/a_file'], ('WORKDIR/a_file is a file, not a directory',)),
 ])
