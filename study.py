@@ -289,7 +289,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   info.pop('alive', None)
   if status == 'done':
     info.pop('error', None)  # an earlier session's failure, which this one made good
-  print(f'[study] {dataset} {variant} seed {seed}: {status} in {elapsed:.0f} s', flush=True)
+  print(f'[study] {dataset} {variant} seed {seed} ({elapsed:.0f} s): {status}', flush=True)
   info['finished'] = time.time()
   _write_json(info_path, info)
   if interrupted is not None:

@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
         except _EXPLAINED as e:
           _fail(e)
   except trainer.TrainingInterrupted as e:
-    print(f'train.py: {e}', file=sys.stderr, flush=True)
+    print(f'train.py: {e}; run the same command again to resume', file=sys.stderr,
+          flush=True)
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
   except _EXPLAINED as e:
     _fail(e)

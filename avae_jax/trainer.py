@@ -61,8 +61,9 @@ class TrainingInterrupted(BaseException):
   def __init__(self, signum: int, step: int):
     """Records the signal and the step whose checkpoint was saved."""
     self.signum, self.step = signum, step
+    # Without advice: train.py and study.py each say how to resume.
     super().__init__(f'stopped by {signal.Signals(signum).name} at step {step}, whose '
-                     'checkpoint is saved; run the same command again to resume')
+                     'checkpoint is saved')
 
 
 class _StopSignals:

@@ -801,7 +801,7 @@ def _outcome(fn, *args):
     return e
 
 
-def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch):
+def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatch, capsys):
   import study  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
 
@@ -815,8 +815,10 @@ def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatc
     study.train_one(str(tmp_path), settings, dataset, variant, 0, None)
   with open(tmp_path / dataset / variant / 'seed0' / 'study_run.json') as f:
     info = json.load(f)
-  assert info['status'].startswith('interrupted: stopped by SIGTERM at step 7')
+  status = 'interrupted: stopped by SIGTERM at step 7, whose checkpoint is saved'
+  assert info['status'] == status
   assert info['sessions'] == 1 and 'error' not in info
+  assert f'[study] {dataset} {variant} seed 0 (0 s): {status}\n' in capsys.readouterr().out
 
 
 def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatch):

@@ -305,6 +305,7 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   assert 'SIGTERM: stopping after this step with a checkpoint' in err
   line = [s for s in err.splitlines() if s.startswith('train.py: stopped by SIGTERM')]
   assert len(line) == 1 and 'Traceback' not in err
+  assert line[0].endswith(', whose checkpoint is saved; run the same command again to resume')
   stopped = int(line[0].split(' at step ')[1].split(',')[0])
   assert 2 <= stopped <= TOTAL
   assert committed_steps(workdir)[-1] == stopped and not tmp_dirs(workdir)
