@@ -78,9 +78,6 @@ def main(argv: list[str]) -> None:
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
       saved = config is None
       if saved:
-        # An untrained workdir (a first run stopped before its first checkpoint) may have
-        # no config either: what it lacks first is the model.
-        api.require_checkpoint(workdir)
         # The library's warning for missing fields, as one line of this program's.
         with warnings.catch_warnings(record=True) as caught:
           warnings.simplefilter('always')
@@ -88,6 +85,9 @@ def main(argv: list[str]) -> None:
         for w in caught:
           print(f'eval.py: warning: {w.message}', file=sys.stderr, flush=True)
         if config is None:
+          # An untrained workdir (a first run stopped before its first checkpoint) has no
+          # config either: what it lacks first is the model.
+          api.require_checkpoint(workdir)
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')
         config_lib.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
