@@ -100,17 +100,22 @@ def _hash(saved: ml_collections.ConfigDict) -> str | None:
     return None
 
 
-def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The settings that decide the checkpoint layout."""
-  return {'variant': config.variant, 'image_size': config.image_size,
-          'channels': config.channels, 'model': config.model.to_dict()}
-
-
-def _differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str:
-  """'name: workdir X, config Y' for each model setting that differs."""
+def _differences(saved: ml_collections.ConfigDict,
+                 config: ml_collections.ConfigDict) -> str | None:
+  """'name: workdir X, config Y; ...' for the model settings that differ (None: none)."""
   diffs = [f'{k}: workdir {a!r}, config {b!r}' for k, a, b in
-           config_lib.differences(_model_fields(saved), _model_fields(config))]
-  return '; '.join(diffs) or 'settings differ'
+           config_lib.differences(config_lib.layout_settings(saved),
+                                  config_lib.layout_settings(config))]
+  return '; '.join(diffs) or None
+
+
+def model_differences(workdir: str, config: ml_collections.ConfigDict) -> str | None:
+  """The model settings where `config` differs from WORKDIR/config.json (None: none, or unknown)."""
+  try:
+    saved = read_config(workdir)
+    return None if saved is None else _differences(saved, config)
+  except (WorkdirError, AttributeError):  # unreadable, or an older version's without a field
+    return None
 
 
 def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -224,7 +229,8 @@ class TrainedModel:
     elif saved is not None and _hash(saved) not in (None, config_lib.config_hash(config)):
       raise IncompatibleCheckpointError(
           f'{workdir} holds another model than the config describes '
-          f'({_differences(saved, config)}); use the config the model was trained with')
+          f'({_differences(saved, config) or "settings differ"}); use the config the model '
+          'was trained with')
     template = _state_template(config)
     ckpt = checkpoint.Checkpointer(str(ckpt_dir), keep=None, async_save=False, read_only=True)
     try:

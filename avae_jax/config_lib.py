@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import textwrap
 from typing import Any, Mapping, Sequence
@@ -130,6 +131,24 @@ def _usage_error(message: str) -> None:
   sys.exit(1)
 
 
+# absl's and ml_collections' reasons for an override's value that does not parse, and
+# apply_overrides' words for them (a bool's was "('Non-boolean argument to boolean flag',
+# 'yes')").
+_VALUE_ERRORS = (('Non-boolean argument to boolean flag', 'expected true or false'),
+                 ('invalid literal for int()', 'expected an integer'),
+                 ('could not convert string to float', 'expected a number'))
+
+
+def _value_error(message: str) -> str:
+  """absl's message for an override's value that does not parse, as apply_overrides words it."""
+  match = re.fullmatch(r'flag (--config\.[^=]+=.*?): (.*)', message, re.S)
+  if match:
+    for reason, words in _VALUE_ERRORS:
+      if reason in match.group(2):
+        return f'{match.group(1)}: {words}'
+  return message
+
+
 def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
   """Exits with absl's one-line usage error if `error` is an unknown config override."""
   message = _unknown_field(error, argv)
@@ -176,6 +195,10 @@ def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> None
   # OSError that names it; the cause is the error itself.
   cause = error.__cause__ or error
   what = f'--config={spec}' if spec is not None else 'the default --config file'
+  if isinstance(cause, AttributeError) and "attribute 'get_config'" in str(cause):
+    # ml_collections' message names the module it made of the file ('config_config').
+    _usage_error(f'{what} could not be loaded: it defines no get_config(), the function '
+                 'that returns the config (see configs/default.py)')
   _usage_error(f'{what} could not be loaded: {type(cause).__name__}: {cause}')
 
 
@@ -293,7 +316,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if 'config' in flags.FLAGS and _CONFIG_FILE_ERROR in str(e):
       cause = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
       _usage_error(f'--config={spec} could not be loaded: {cause}')
-    _usage_error(str(e))  # as absl's app.parse_flags_with_usage reports it
+    _usage_error(_value_error(str(e)))  # as absl's app.parse_flags_with_usage reports it
   except Exception as e:  # pylint: disable=broad-except
     if 'config' not in flags.FLAGS:
       raise
@@ -338,9 +361,9 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
   """`text` parsed as the type of the field's current value `old` (as ml_collections does)."""
   if isinstance(old, bool):
     # absl's words (t and f too), as --config.FIELD=VALUE reads them with a config file.
-    if text is None or text.lower() in ('true', 't', '1', 'yes'):
+    if text is None or text.lower() in ('true', 't', '1'):
       return True
-    if text.lower() in ('false', 'f', '0', 'no'):
+    if text.lower() in ('false', 'f', '0'):
       return False
     raise ConfigError(f'{name}={text}: expected true or false')
   if text is None:
@@ -360,8 +383,10 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
   except (ValueError, SyntaxError) as e:
     if old is None:
       return text  # a string field that was unset
-    kind = {int: 'an integer', float: 'a number', tuple: 'a tuple', list: 'a list'}.get(
-        type(old), type(old).__name__)
+    if isinstance(old, (tuple, list)):  # a list where the config came from JSON
+      kind = f'a tuple such as {tuple(old)}'
+    else:
+      kind = {int: 'an integer', float: 'a number'}.get(type(old), type(old).__name__)
     raise ConfigError(f'{name}={text}: expected {kind}') from e
 
 
@@ -520,9 +545,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ('latent_dim', 'hidden_dim'):
     if config.model[name] < 1:
       raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
-  if any(not _is_int(w) or w < 1 for w in config.model.widths):
-    raise ConfigError(f'model.widths {tuple(config.model.widths)} must all be whole '
-                      'numbers >= 1 (channels of the stages)')
+  widths = tuple(config.model.widths)
+  if any(not _is_int(w) or w < 1 for w in widths):
+    # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
+    shown = repr(widths[0]) if len(widths) == 1 and isinstance(widths[0], str) else widths
+    raise ConfigError(f'model.widths {shown} must all be whole numbers >= 1 (channels of '
+                      'the stages), e.g. (32, 64)')
   for name in ('learning_rate', 'disc_learning_rate'):
     _check_nonnegative(f'optimizer.{name}', config.optimizer[name])
   for name in ('b1', 'b2'):
@@ -620,10 +648,18 @@ def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
   return {str(k): float(v) for k, v in weights.items()}
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short fingerprint of the settings a checkpoint's arrays depend on (and the variant)."""
+def layout_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings a checkpoint's arrays depend on, and the variant, as config fields."""
   m = config.model
-  keys = dict(variant=config.variant, image_size=int(config.image_size),
-              channels=int(config.channels), widths=[int(w) for w in m.widths],
-              latent_dim=int(m.latent_dim), hidden_dim=int(m.hidden_dim))
+  return dict(variant=config.variant, image_size=int(config.image_size),
+              channels=int(config.channels),
+              model=dict(widths=[int(w) for w in m.widths], latent_dim=int(m.latent_dim),
+                         hidden_dim=int(m.hidden_dim)))
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short fingerprint of layout_settings, which a checkpoint records."""
+  settings = layout_settings(config)
+  model = settings.pop('model')
+  keys = {**settings, **model}  # flat, as the checkpoints of earlier runs were fingerprinted
   return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

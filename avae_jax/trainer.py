@@ -422,17 +422,23 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
              disc_state: steps.TrainState
              ) -> tuple[int, dict[str, Any], steps.TrainState, steps.TrainState] | None:
   """The latest checkpoint's (step, metadata, states), or None; ConfigError if not this run's."""
-  another_model = (f'the checkpoints in {workdir} were written by another model '
-                   '(variant/image size/widths differ); use a new workdir')
+  def another_model(error: ValueError | None = None) -> config_lib.ConfigError:
+    """The refusal, naming the settings that differ from WORKDIR/config.json's if it can."""
+    # Without a readable config.json, the restore's own account of the arrays (long).
+    differs = api.model_differences(workdir, config) or (
+        'variant/image size/widths differ' + (f'; {error}' if error else ''))
+    return config_lib.ConfigError(f'the checkpoints in {workdir} were written by another '
+                                  f'model ({differs}); use a new workdir')
+
   try:
     restored = ckpt.restore(steps.state_tree(vae_state, disc_state))
   except ValueError as e:  # the arrays' shapes differ from this config's model
-    raise config_lib.ConfigError(f'{another_model} ({e})') from None
+    raise another_model(e) from None
   if restored is None:
     return None
   step, tree, meta = restored
   if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
-    raise config_lib.ConfigError(another_model)
+    raise another_model()
   if step > total_steps:
     # Evaluating the later model under this config would record (config.json, the
     # evaluation) step counts that do not describe it.

@@ -2,6 +2,7 @@
 invalid value stops with a ConfigError that names the field, before anything is traced."""
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -115,6 +116,23 @@ def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, prog
   assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('override, message', [
+    # absl's and ml_collections' reasons, in apply_overrides' words (eval.py's): a bool's
+    # was "flag --config.eval.fid=yes: ('Non-boolean argument to boolean flag', 'yes')".
+    ('--config.eval.fid=yes', '--config.eval.fid=yes: expected true or false'),
+    ('--config.batch_size=abc', '--config.batch_size=abc: expected an integer'),
+    ('--config.optimizer.b1=x', '--config.optimizer.b1=x: expected a number'),
+])
+def test_an_override_value_that_does_not_parse_stops_with_one_line(tmp_path, override,
+                                                                   message):
+  proc = subprocess.run([sys.executable, 'train.py', '--config=configs/default.py',
+                         f'--workdir={tmp_path / "w"}', override], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  assert f'FATAL Flags parsing error: {message}\n' in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'w')
+
+
 @pytest.mark.parametrize('spec, message', [
     ('configs/defualt.py', "--config=configs/defualt.py: no such file 'configs/defualt.py'"),
     ('W/config.json', '--config=W/config.json: --config takes a Python config file'),
@@ -129,11 +147,15 @@ def test_an_override_without_a_config_file_names_the_missing_flag(tmp_path, prog
                                    '1 was given'),
     ('W/value.py:big', '--config=W/value.py:big could not be loaded: ValueError: no budget '
                        "'big'"),
+    # It named the module ml_collections made of the file: "AttributeError: module
+    # 'config_config' has no attribute 'get_config'".
+    ('W/none.py', '--config=W/none.py could not be loaded: it defines no get_config()'),
 ])
 def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, message):
   (tmp_path / 'config.json').write_text('{"enabled": false}')
   (tmp_path / 'syntax.py').write_text('def get_config(:\n')
   (tmp_path / 'name.py').write_text('def get_config():\n  return nope\n')
+  (tmp_path / 'none.py').write_text('CONFIG = {}\n')
   (tmp_path / 'value.py').write_text('def get_config(budget):\n'
                                      '  raise ValueError(f"no budget {budget!r}")\n')
   spec, message = spec.replace('W', str(tmp_path)), message.replace('W', str(tmp_path))
@@ -235,6 +257,9 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   assert c.eval.fid is True and c.calibrate.enabled is False
   for override, message in [('--config.eval.num_images=many', 'expected an integer'),
                             ('--config.eval.fid=maybe', 'expected true or false'),
+                            ('--config.eval.fid=yes', 'expected true or false'),  # as absl
+                            ('--config.model.widths=(4,x)',
+                             r'expected a tuple such as \(8,\)$'),
                             ('--config.model.nope=1', "no field 'nope'"),
                             ('--config.eval=1', "no field 'eval'")]:
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -429,6 +454,8 @@ INVALID = [
     ('model.hidden_dim', 0, r'model\.hidden_dim = 0 must be >= 1'),
     ('model.widths', (4, 0), r'model\.widths \(4, 0\) must all be whole numbers >= 1'),
     ('model.widths', (4.5, 8), r'model\.widths \(4\.5, 8\) must all be whole numbers'),
+    # The text of an override that ml_collections could not parse as a tuple.
+    ('model.widths', ('(4,8,x)',), r"model\.widths '\(4,8,x\)' must all be whole numbers"),
     ('optimizer.learning_rate', -1e-3, r'optimizer\.learning_rate = -0\.001 is negative'),
     ('optimizer.disc_learning_rate', -1.0, r'optimizer\.disc_learning_rate = -1\.0 is negative'),
     ('optimizer.b1', 1.5, r'optimizer\.b1 = 1\.5 must lie in \[0, 1\)'),
@@ -641,3 +668,16 @@ def test_the_readme_config_table_has_every_field_with_its_default():
       assert _readme_value(text) == values[name], (name, text, values[name])
     documented.update(fields)
   assert sorted(set(values) - documented) == []
+
+
+def test_the_config_hash_fingerprints_the_layout_as_saved_checkpoints_do():
+  # Checkpoints record it: the flat JSON of these six settings, as every version wrote it.
+  config = celeba.get_config()
+  m = config.model
+  flat = {'variant': 'avae_s', 'image_size': 96, 'channels': 3, 'widths': list(m.widths),
+          'latent_dim': m.latent_dim, 'hidden_dim': m.hidden_dim}
+  want = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+  assert config_lib.config_hash(config) == want
+  assert config_lib.layout_settings(config) == dict(
+      variant='avae_s', image_size=96, channels=3,
+      model=dict(widths=[24, 48, 96, 192], latent_dim=m.latent_dim, hidden_dim=m.hidden_dim))

@@ -358,8 +358,16 @@ def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
   # Another variant: same array shapes, told apart by the config fingerprint.
   workdir = tmp_path / 'w'
   shutil.copytree(reference[0], workdir)
-  with pytest.raises(config_lib.ConfigError, match='written by another model'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"written by another model \(variant: workdir 'avae_s', config "
+                           r"'vae_s'\); use a new workdir$"):
     train(dict(BASE, variant='vae_s'), workdir)
+  assert committed_steps(workdir) == [12, 16, 20]
+  # Another width, named from config.json (it was a line of the arrays' paths and shapes).
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'another model \(model.hidden_dim: workdir 8, config 16\); use a '
+                           r'new workdir$'):
+    train(dict(BASE, **{'model.hidden_dim': 16}), workdir)
   assert committed_steps(workdir) == [12, 16, 20]
   # Another width: a checkpoint of hidden_dim 16 (zeros of its shapes, saved directly).
   wider = dict(BASE, **{'model.hidden_dim': 16})
@@ -370,7 +378,10 @@ def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
     ckpt.save(4, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes),
               {'step': 4, 'phase': 'pretrain', 'data_position': 4, 'seed': 0,
                'config_hash': config_lib.config_hash(config)})
-  with pytest.raises(config_lib.ConfigError, match='written by another model'):
+  # Without a config.json, the restore's reason.
+  with pytest.raises(config_lib.ConfigError,
+                     match='written by another model .variant/image size/widths differ; '
+                           '.*does not match'):
     train(BASE, tmp_path / 'other')
   assert committed_steps(tmp_path / 'other') == [4]
 
