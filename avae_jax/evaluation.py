@@ -148,11 +148,13 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
   elif not bool(config.eval.fid):
     return None, 'config.eval.fid is False'
   else:
+    setting = _weights_setting(config)
     try:
-      params = inception.load_params(_weights_setting(config))
+      params = inception.load_params(setting)
     except (OSError, ValueError) as e:
       # A finished training run must not lose its evaluation over missing weights.
-      how = '' if inception.HOW_TO_GET_WEIGHTS in str(e) else f'\n{inception.HOW_TO_GET_WEIGHTS}'
+      how = inception.how_to_get_weights(setting)
+      how = '' if how in str(e) else f'\n{how}'
       return None, f'FID Inception weights unavailable: {e}{how}'
   # The replicated layout inception.features uses, so that it does not copy them per batch.
   mesh = Mesh(np.asarray(devices), ('batch',))

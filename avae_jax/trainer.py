@@ -399,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   weights = evaluation.missing_fid_weights(config)
   if is_main and weights:  # said now, not after the calibration and days of training
     print(f'warning: the FID Inception weights are not at {weights}: the final evaluation '
-          'will skip FID (eval.py can add it later)\n' + inception.HOW_TO_GET_WEIGHTS,
+          'will skip FID (eval.py can add it later)\n'
+          + inception.how_to_get_weights(weights),
           file=sys.stderr, flush=True)
   problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:

@@ -201,9 +201,19 @@ def test_torchscript_conversion_puts_every_tensor_in_its_place():
     np.testing.assert_array_equal(layer['scale'], np.ones(o, np.float32))
 
 
-def test_missing_weights_message(tmp_path):
-  with pytest.raises(FileNotFoundError, match='python -m avae_jax.inception fetch'):
-    inception.load_params(str(tmp_path / 'nope.npz'))
+def test_missing_weights_message(tmp_path, monkeypatch):
+  # A file named by the caller: how to write it there (`fetch` fills the cache).
+  named = str(tmp_path / 'nope.npz')
+  with pytest.raises(FileNotFoundError) as e:
+    inception.load_params(named)
+  assert f'python -m avae_jax.inception convert SRC {named}\n' in str(e.value)
+  # The cache's file: how to fetch it.
+  monkeypatch.setattr(inception, 'DEFAULT_CACHE', str(tmp_path / 'cache'))
+  with pytest.raises(FileNotFoundError) as e:
+    inception.load_params()
+  assert str(e.value).startswith(
+      f'FID Inception weights not found: {tmp_path / "cache" / inception.NPZ_NAME}\n'
+      'Get the FID Inception weights with\n  python -m avae_jax.inception fetch [--cache DIR]\n')
 
 
 @pytest.mark.parametrize('name, content, message', [

@@ -336,8 +336,10 @@ def test_missing_fid_weights_are_warned_about_before_training(reference, tmp_pat
   missing = tmp_path / 'inception.npz'
   train(dict(BASE, **{'eval.fid': True, 'eval.inception_weights': str(missing)}),
         tmp_path / 'w')
+  # How to write that file (`inception fetch` writes the cache's, which is not read).
   assert (f'warning: the FID Inception weights are not at {missing}: the final evaluation '
-          'will skip FID (eval.py can add it later)\nGet the FID Inception weights with\n'
+          'will skip FID (eval.py can add it later)\nWrite them there with\n'
+          f'  python -m avae_jax.inception convert SRC {missing}\n'
           in capsys.readouterr().err)
 
 
