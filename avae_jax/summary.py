@@ -403,13 +403,16 @@ class ProgressLogger:
       if self.enabled and self._mark is not None:
         self._mark = (self._mark[0], self._mark[1] + self._clock() - start)
 
-  def update(self, step: int, metrics: Mapping[str, Any] | None = None
-             ) -> str | None:
-    """Logs and returns the progress line if `step` is due (every, a phase end, the last)."""
+  def update(self, step: int, metrics: Mapping[str, Any] | None = None, *,
+             force: bool = False) -> str | None:
+    """Logs and returns the progress line if `step` is due (every, a phase end, the last).
+
+    force: also off the interval (the last line of a run that stops early).
+    """
     step = int(step)
     if not self.enabled or self.every <= 0:
       return None
-    if step % self.every and all(step != p.end for p in self._phases):
+    if not force and step % self.every and all(step != p.end for p in self._phases):
       return None
     now = self._clock()
     self._close(step, now)

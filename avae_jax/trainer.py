@@ -612,7 +612,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         if step > pre:
           scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)
         writer.scalars(step, scalars)
-        progress.update(step, scalars)
+        progress.update(step, scalars, force=bool(signum))
         history, t_last, n_last = [], time.perf_counter(), 0
       if is_main and (step % int(config.image_every) == 0 or step == total):
         # The rates are the training steps': the figures' time (their program compiles

@@ -178,7 +178,7 @@ def test_format_duration():
 
 
 def test_progress_logger_rate_and_eta():
-  times = iter([100.0, 110.0, 115.0, 116.0])
+  times = iter([100.0, 110.0, 115.0, 116.0, 117.0])
   lines = []
   progress = summary.ProgressLogger(950, 100, clock=lambda: next(times), log=lines.append)
   assert progress(50) is None  # not due: no clock read, no line
@@ -189,9 +189,12 @@ def test_progress_logger_rate_and_eta():
   # The rate is that of the last interval: 100 steps in 5 s.
   assert progress.update(200) == ('step 200/950 (21.1%) | 20.00 steps/s | ETA 0:00:38 | '
                            'elapsed 0:00:15')
+  # A step off the interval only when forced (a run that stops there): 30 steps in 1 s.
+  assert progress(230) is None
+  assert progress(230, force=True).startswith('step 230/950 (24.2%) | 30.00 steps/s | ')
   # The last step is always reported, even off the interval.
-  assert progress(950).startswith('step 950/950 (100.0%) | 750.00 steps/s | ETA 0:00:00')
-  assert len(lines) == 3 and lines[0] == line
+  assert progress(950).startswith('step 950/950 (100.0%) | 720.00 steps/s | ETA 0:00:00')
+  assert len(lines) == 4 and lines[0] == line
 
 
 def test_progress_logger_resumed_and_disabled():

@@ -311,8 +311,9 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   assert committed_steps(workdir)[-1] == stopped and not tmp_dirs(workdir)
   step, _, meta = restore(workdir)
   assert step == meta['data_position'] == stopped
-  # Every step up to the stop was logged, none after it.
+  # Every step up to the stop was logged, none after it, also as a progress line.
   assert max(m['step'] for m in read_jsonl(workdir / 'metrics.jsonl')) == stopped
+  assert f'step {stopped}/{TOTAL} (' in err
   assert not (workdir / 'final_metrics.json').exists()
 
   proc = run_cli(cli_env, workdir, overrides)
