@@ -660,7 +660,13 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
                        f'folder {root}')
   chosen = [files[i] for i in rows]
   pool: list[concurrent.futures.ThreadPoolExecutor] = []
-  read_one = lambda path: preprocess(read_image(path), **geometry)
+
+  def read_one(path: str) -> np.ndarray:
+    image = read_image(path)
+    try:
+      return preprocess(image, **geometry)
+    except DataError as e:  # an image smaller than crop_size: which one, of the folder's
+      raise DataError(f'{path}: {e}') from None
 
   def read(idx: np.ndarray) -> np.ndarray:
     if not pool:  # created on first use, so that an unused Source holds no threads

@@ -457,9 +457,10 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
   saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
   if saved_threads is not None and cpu_threads not in (None, saved_threads):
     print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
-          f'and this process has {cpu_threads} (another CPU affinity, PJRT_NPROC, NPROC '
-          'or machine): the steps from here on are not bit-identical to an uninterrupted '
-          "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
+          f'and this process has {cpu_threads} (another cpu_devices, CPU affinity, '
+          'PJRT_NPROC, NPROC or machine): the steps from here on are not bit-identical to '
+          "an uninterrupted run's (README: Devices and reproducibility)", file=sys.stderr,
+          flush=True)
   saved_examples = meta.get('train_examples')  # absent in earlier versions
   if saved_examples not in (None, examples):
     # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.

@@ -8,6 +8,7 @@ import gc
 import gzip
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -200,6 +201,16 @@ def test_folder_errors(tmp_path):
   (tmp_path / 'bad' / 'broken.png').write_bytes(b'not a png at all')
   with pytest.raises(data.DataError, match='cannot read image'):
     data.load(_config(dataset=f'folder:{tmp_path / "bad"}'))
+  # An image smaller than crop_size, among larger ones, is named.
+  _write_png(str(tmp_path / 'mixed' / 'a.png'), np.zeros((40, 40, 3), np.uint8))
+  _write_png(str(tmp_path / 'mixed' / 'b.png'), np.zeros((30, 12, 3), np.uint8))
+  src = data.load(_config(dataset=f'folder:{tmp_path / "mixed"}', eval_fraction=0.0,
+                          crop_size=20))
+  assert src.get([0]).shape == (1, 16, 16, 3)
+  small = tmp_path / 'mixed' / 'b.png'
+  message = f'{small}: crop_size 20 is larger than the image (30x12)'
+  with pytest.raises(data.DataError, match=f'^{re.escape(message)}'):
+    src.get([0, 1])
 
 
 # --------------------------------------------------------------------------- arrays
