@@ -254,9 +254,11 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
   sharding = NamedSharding(Mesh(np.asarray(devices), (cfg.axis_name,)), P(cfg.axis_name))
   dev_batches = [jax.device_put(x.reshape((n, per_device) + tuple(image_shape)), sharding)
                  for x in batches]
-  # The keys are made before timing: each would otherwise add a dispatch to its step.
+  # The keys are made before timing: each would otherwise add a dispatch to its step. In
+  # one program: one dispatch per key took 0.36 ms, 36 s before compiling 100,000 steps.
   base_key = jax.random.PRNGKey(int(config.seed) + 1)
-  keys = [jax.random.fold_in(base_key, i) for i in range(warmup + steps + untimed)]
+  keys = list(jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
+      jnp.arange(warmup + steps + untimed, dtype=jnp.uint32)))
   adversarial = case.startswith('adversarial')
 
   t0 = time.perf_counter()

@@ -405,6 +405,8 @@ def test_the_processes_die_with_a_killed_launcher(tmp_path):
       'orphaned processes of a killed launcher')
 
 
+# JAX, loaded in this test process by others, warns of any fork; the launcher has no JAX.
+@pytest.mark.filterwarnings(r'ignore:os\.fork\(\) was called:RuntimeWarning')
 def test_the_child_sets_its_death_signal_without_loading_a_library(monkeypatch):
   # The function runs in the forked child, where loading a library could wait forever
   # on a lock that another of the launcher's threads held at the fork: libc must have
