@@ -818,7 +818,8 @@ def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatc
   status = 'interrupted: stopped by SIGTERM at step 7, whose checkpoint is saved'
   assert info['status'] == status
   assert info['sessions'] == 1 and 'error' not in info
-  assert f'[study] {dataset} {variant} seed 0 (0 s): {status}\n' in capsys.readouterr().out
+  assert re.search(rf'^\[study\] {dataset} {variant} seed 0 \(\d+ s\): {re.escape(status)}$',
+                   capsys.readouterr().out, re.M)
 
 
 def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatch):
