@@ -131,21 +131,23 @@ def _usage_error(message: str) -> None:
   sys.exit(1)
 
 
-# absl's and ml_collections' reasons for an override's value that does not parse, and
-# apply_overrides' words for them (a bool's was "('Non-boolean argument to boolean flag',
+# What an override of a field of each type must be, in train.py's and eval.py's messages.
+_EXPECTED = {bool: 'true or false', int: 'an integer', float: 'a number'}
+# absl's and ml_collections' reasons for an override's value that does not parse, and the
+# field type each is about (a bool's message was "('Non-boolean argument to boolean flag',
 # 'yes')").
-_VALUE_ERRORS = (('Non-boolean argument to boolean flag', 'expected true or false'),
-                 ('invalid literal for int()', 'expected an integer'),
-                 ('could not convert string to float', 'expected a number'))
+_VALUE_ERRORS = (('Non-boolean argument to boolean flag', bool),
+                 ('invalid literal for int()', int),
+                 ('could not convert string to float', float))
 
 
 def _value_error(message: str) -> str:
   """absl's message for an override's value that does not parse, as apply_overrides words it."""
   match = re.fullmatch(r'flag (--config\.[^=]+=.*?): (.*)', message, re.S)
   if match:
-    for reason, words in _VALUE_ERRORS:
+    for reason, kind in _VALUE_ERRORS:
       if reason in match.group(2):
-        return f'{match.group(1)}: {words}'
+        return f'{match.group(1)}: expected {_EXPECTED[kind]}'
   return message
 
 
@@ -365,7 +367,7 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
       return True
     if text.lower() in ('false', 'f', '0'):
       return False
-    raise ConfigError(f'{name}={text}: expected true or false')
+    raise ConfigError(f'{name}={text}: expected {_EXPECTED[bool]}')
   if text is None:
     raise ConfigError(f'{name} needs a value ({name}=VALUE)')
   try:
@@ -386,7 +388,7 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
     if isinstance(old, (tuple, list)):  # a list where the config came from JSON
       kind = f'a tuple such as {tuple(old)}'
     else:
-      kind = {int: 'an integer', float: 'a number'}.get(type(old), type(old).__name__)
+      kind = _EXPECTED.get(type(old), type(old).__name__)
     raise ConfigError(f'{name}={text}: expected {kind}') from e
 
 
