@@ -66,8 +66,11 @@ TWIN_STEPS = {'pretrain_step': 'pretrain_step', 'adversarial_step_both': 'advers
 
 
 def both_updates_accuracy(config: ml_collections.ConfigDict) -> float:
-  """The accuracy the 'both' case pins the gate to: between the two thresholds, so that the
-  discriminator (accuracy < train_disc_below) and the VAE (> train_vae_above) both update."""
+  """The accuracy the 'both' case pins the gate to, between the two thresholds.
+
+  There the discriminator (accuracy < train_disc_below) and the VAE (> train_vae_above)
+  both update.
+  """
   low, high = float(config.gating.train_vae_above), float(config.gating.train_disc_below)
   if not low < high:
     raise ValueError(f'adversarial_step_both needs gating.train_vae_above ({low:g}) < '
@@ -288,8 +291,10 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
 
 def case_row(prepared: PreparedCase, times: Sequence[float], *, rounds: int,
              rewarm: int = 0) -> dict[str, Any]:
-  """The result row of a timed case (the FIELDS of one JSON line; add_matmul_peak fills
-  the two matmul-peak fields)."""
+  """The result row of a timed case: the FIELDS of one JSON line.
+
+  add_matmul_peak fills the two matmul-peak fields.
+  """
   config, devices = prepared.config, prepared.devices
   b = int(config.batch_size)
   disc_frac = vae_frac = None

@@ -209,8 +209,11 @@ def _metric(run: Run, key: str) -> float | None:
 
 
 def ground_truth_by_seed(runs: Sequence[Run], dataset: str, key: str) -> dict[int, float]:
-  """A ground-truth metric per seed: every model of a seed sees that seed's eval images
-  (one set for Fashion-MNIST; shapes draws its eval set from the seed)."""
+  """A ground-truth metric per seed, from any finished run of that seed.
+
+  Every model of a seed sees that seed's eval images (one set for Fashion-MNIST; shapes
+  draws its eval set from the seed).
+  """
   out = {}
   for r in runs:
     if r.dataset == dataset and r.finished and _finite(_metric(r, key)):
@@ -636,8 +639,11 @@ def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path: str) -> bool:
-  """Loss components against steps, one line per run (each model's lowest logged seed
-  thick), a colour per model."""
+  """Plots loss components against steps: a line per run, a colour per model.
+
+  Each model's lowest logged seed is drawn thick. Returns False, writing nothing, when no
+  run logged a loss.
+  """
   thick = {v: r.seed for v, r in lowest_logged(runs, dataset, variants).items()}
   keys = [k for k in ('loss', 'rec', 'mse', 'mae', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
           if any(any(k in h for h in r.history) for r in runs if r.dataset == dataset)]
@@ -724,8 +730,10 @@ def plot_adversarial(runs: Sequence[Run], dataset: str, variants: Sequence[str],
 
 def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str],
                        fig_dir: str) -> tuple[dict[tuple[str, str], str], dict[str, int]]:
-  """Copies the evaluation figures of each model's lowest finished seed; returns their
-  paths and those seeds."""
+  """Copies the evaluation figures of each model's lowest finished seed.
+
+  Returns the figures' paths and those seeds.
+  """
   out, seeds = {}, {}
   for v in variants:
     done = [r for r in _by(runs, dataset, v) if r.finished]
