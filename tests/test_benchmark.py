@@ -233,8 +233,11 @@ def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
   finally:
     proc.kill()
   assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
-  # Gone, or a zombie that nobody has reaped yet (its parent has exited).
-  time.sleep(1.0)
+  # Gone, or a zombie that nobody has reaped yet (its parent has exited); left 30 s for
+  # the signal to land (the twin would sleep for 300 s).
+  deadline = time.monotonic() + 30
+  while processes.process_running(twin) and time.monotonic() < deadline:
+    time.sleep(0.1)
   assert not processes.process_running(twin), f'the twin (pid {twin}) still runs'
 
 

@@ -149,10 +149,9 @@ def test_a_read_only_open_logs_no_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=1, read_only=True) as reader:
       assert reader.restore(make_state(0))[0] == 1
-  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-  # Other records still pass: the filter is gone once the manager is open.
-  with caplog.at_level(logging.WARNING):
-    absl_logging.warning('Given directory is read only, said someone else')
+      assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+      # Other records still pass: the filter is gone once the manager is open.
+      absl_logging.warning('Given directory is read only, said someone else')
   assert 'said someone else' in caplog.text
 
 

@@ -889,10 +889,13 @@ def test_prefetch_reads_at_most_size_batches_ahead():
       yield np.full((1, 2), i, np.float32)
   with data.prefetch_to_devices(counted(), jax.devices()[:1], size=2) as it:
     np.testing.assert_array_equal(np.asarray(next(it)), [[0.0, 0.0]])
-    # Time for the producer to run ahead as far as it may: the batch taken, `size` in the
-    # queue and one waiting to be put.
-    time.sleep(1.0)
-    assert len(pulled) <= 1 + 2 + 1, len(pulled)
+    # The producer runs ahead as far as it may: the batch taken, `size` in the queue and
+    # one waiting to be put; then no further.
+    deadline = time.monotonic() + 60
+    while len(pulled) < 1 + 2 + 1 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.5)
+    assert len(pulled) == 1 + 2 + 1, len(pulled)
     np.testing.assert_array_equal(np.asarray(next(it)), [[1.0, 1.0]])
 
 

@@ -419,7 +419,8 @@ def test_the_child_sets_its_death_signal_without_loading_a_library(monkeypatch):
   def no_loading(*args, **kwargs):
     raise AssertionError(f'a library was loaded in the child: {args}')
 
-  monkeypatch.setattr(ctypes, 'CDLL', no_loading)
+  # Every way ctypes loads a library (CDLL, cdll.LoadLibrary, PyDLL ...) goes through this.
+  monkeypatch.setattr(ctypes, '_dlopen', no_loading)
   read_death_signal = (
       'import ctypes; sig = ctypes.c_int(); '
       'ctypes.cdll.LoadLibrary("libc.so.6").prctl(2, ctypes.byref(sig)); '  # PR_GET_PDEATHSIG
@@ -444,11 +445,10 @@ def test_a_sigterm_before_the_training_loop_ends_the_processes(tmp_path):
   # JAX's distributed runtime took SIGTERM over with a handler that only records it: a
   # Ctrl-C to the launcher during start-up left the processes running until the SIGKILL
   # at the end of the grace period.
-  launcher, _ = _start_until_ready(tmp_path, _RUNTIME_PROGRAM, [], grace_s=120)
-  start = time.monotonic()
+  # A grace period past _stop's timeout: processes that wait for their SIGKILL fail it.
+  launcher, _ = _start_until_ready(tmp_path, _RUNTIME_PROGRAM, [], grace_s=3600)
   out = _stop(launcher, signal.SIGINT, timeout=180)
   assert launcher.returncode == 130, out
-  assert time.monotonic() - start < 60, out  # not the 120 s grace period
   assert 'still running' not in out, out
 
 

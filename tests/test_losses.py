@@ -560,6 +560,13 @@ def test_reconstruction_loss_computes_only_weighted_terms():
   x, y = _f32(*rng.random((2, 2, 16, 16, 1)))
   total, terms = losses.reconstruction_loss(x, y, {'mae': 0.0, 'sobel': 2.0, 'dssim': 0.5})
   assert set(terms) == {'sobel', 'dssim'}
+
+  def program(weights):
+    return str(jax.make_jaxpr(lambda a, b: losses.reconstruction_loss(a, b, weights))(x, y))
+  # A term at weight 0 is not computed: the traced program is the one without it.
+  without_mae = program({'sobel': 2.0, 'dssim': 0.5})
+  assert program({'mae': 0.0, 'sobel': 2.0, 'dssim': 0.5}) == without_mae
+  assert program({'mae': 1.0, 'sobel': 2.0, 'dssim': 0.5}) != without_mae
   np.testing.assert_allclose(total, 2.0 * losses.sobel_loss(x, y) + 0.5 * losses.dssim(x, y),
                              rtol=1e-5)
   pairs = losses.reconstruction_loss(x, y, (('sobel', 2.0), ('dssim', 0.5), ('mse', 0.0)))

@@ -18,6 +18,7 @@ import skimage.data
 import references
 from avae_jax import config_lib
 from avae_jax import filters
+from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import steps
 from configs import default
@@ -367,7 +368,7 @@ def test_step_config_from_config():
   assert (cfg.train_disc_below, cfg.train_vae_above) == (0.65, 0.45)
 
 
-def test_the_tc_weight_scales_the_total_correlation_in_the_loss():
+def test_the_tc_weight_scales_the_total_correlation_in_the_loss(monkeypatch):
   # L_VAE = mean(scale * L_REC + kl_weight * KL) + tc_weight * TC, from the step's own
   # metrics (computed before its update, from one state and key). At scale 1 the TC term
   # is not lost in float32 rounding of a loss of thousands.
@@ -376,13 +377,21 @@ def test_the_tc_weight_scales_the_total_correlation_in_the_loss():
                             kl_weight=0.25, reconstruction_scale=1.0)
   x, key = real_images(), jax.random.key(3)
   devs = jax.devices()[:NUM_DEVICES]
-  m = {}
+  estimator, traced = losses.total_correlation, []
+
+  def counted(*args, **kwargs):
+    traced.append(1)
+    return estimator(*args, **kwargs)
+  monkeypatch.setattr(losses, 'total_correlation', counted)
+  m, calls = {}, {}
   for tc_weight in (0.5, 0.0):
     c = dataclasses.replace(cfg, tc_weight=tc_weight)
+    traced.clear()
     _, metrics = mapped(c).pretrain(parallel.replicate(vae_state, devs), split(x), key)
-    m[tc_weight] = {k: float(v) for k, v in metrics.items()}
+    m[tc_weight], calls[tc_weight] = {k: float(v) for k, v in metrics.items()}, len(traced)
   assert m[0.0]['loss'] == pytest.approx(m[0.0]['rec'] + 0.25 * m[0.0]['kl'], rel=1e-5)
-  assert 'tc' not in m[0.0] and abs(m[0.5]['tc']) > 1e-3  # not computed at weight 0
+  # Not computed at weight 0: the estimator is not in the step's program.
+  assert calls == {0.5: 1, 0.0: 0} and 'tc' not in m[0.0] and abs(m[0.5]['tc']) > 1e-3
   assert m[0.5]['loss'] - m[0.0]['loss'] == pytest.approx(0.5 * m[0.5]['tc'], rel=1e-4,
                                                           abs=1e-5)
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -211,13 +212,15 @@ def test_end_to_end_exits_0_and_writes_everything(e2e):
 # ------------------------------------------------------------------ SIGKILL and resume
 
 
-def _signal_when(env, workdir, ready, sig, overrides=None):
+def _signal_when(env, workdir, ready, sig, overrides=None, *, wrapper=()):
   """Starts BASE (or overrides) on workdir, sends `sig` as soon as ready(workdir) holds.
 
+  `wrapper`: a script and its arguments that run train.py's command line (below).
   Returns the exit status (-sig if the signal killed the process).
   """
   from tests import test_distributed  # pylint: disable=g-import-not-at-top
   args = cli_args(workdir, BASE if overrides is None else overrides)
+  args[1:1] = [str(a) for a in wrapper]
   with open(workdir / 'killed.out', 'a') as out, open(workdir / 'killed.err', 'a') as err:
     # SIGINT reaches the run even when pytest itself runs as a background job.
     proc = test_distributed.popen_with_sigint(args, env=env, cwd=ROOT, stdout=out,
@@ -237,27 +240,46 @@ def _signal_when(env, workdir, ready, sig, overrides=None):
   return proc.returncode
 
 
-def _kill_when(env, workdir, ready):
+def _kill_when(env, workdir, ready, *, wrapper=()):
   """SIGKILLs BASE on workdir as soon as ready(workdir) holds; False if the run ended first."""
-  return _signal_when(env, workdir, ready, signal.SIGKILL) == -signal.SIGKILL
+  return _signal_when(env, workdir, ready, signal.SIGKILL, wrapper=wrapper) == -signal.SIGKILL
+
+
+# Runs the command line after MARKER STEP (train.py's) with orbax's commit of STEP's
+# checkpoint (the atomic rename of its tmp directory) frozen until the process is killed:
+# every byte of that checkpoint is written, nothing of it committed. MARKER is written
+# when the commit starts.
+_FROZEN_COMMIT = textwrap.dedent('''
+    import pathlib, runpy, sys, time
+    from orbax.checkpoint._src.path import atomicity
+
+    marker, step = pathlib.Path(sys.argv[1]), sys.argv[2]
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def frozen_commit(self):
+      if self.get().name.split('.')[0] == step:
+        marker.write_text(str(self.get()))
+        time.sleep(600)
+      await commit(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = frozen_commit
+    sys.argv = sys.argv[3:]
+    sys.path[0] = str(pathlib.Path(sys.argv[0]).parent)  # as `python train.py` has it
+    runpy.run_path(sys.argv[0], run_name='__main__')
+''')
 
 
 def test_sigkill_in_a_checkpoint_save_and_in_training_resumes_exactly(e2e, cli_env, tmp_path):
-  # 1. Killed while a later checkpoint is being written and an earlier one is complete.
-  #    The write is caught only if it is still unfinished when the process dies; the
-  #    window is short (a few files), so a miss is retried on a fresh workdir.
-  def saving(w):  # the save of step 8 or 12, so that training goes on after the resume
-    return bool(committed_steps(w)) and any(
-        int(n.split('.')[0]) in (8, 12) for n in tmp_dirs(w))
-  for attempt in range(5):
-    workdir = tmp_path / f'attempt{attempt}'
-    workdir.mkdir()
-    if _kill_when(cli_env, workdir, saving) and tmp_dirs(workdir):
-      break
-  else:
-    pytest.fail('no SIGKILL landed inside a checkpoint save in 5 attempts')
+  # 1. Killed while the checkpoint of step 8 is written but not committed and that of
+  #    step 4 is complete (so that training goes on after the resume).
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  script, marker = tmp_path / 'frozen_commit.py', tmp_path / 'committing'
+  script.write_text(_FROZEN_COMMIT)
+  assert _kill_when(cli_env, workdir, lambda w: marker.exists(),
+                    wrapper=(script, marker, 8))
   complete = committed_steps(workdir)
-  assert int(tmp_dirs(workdir)[0].split('.')[0]) > complete[-1]
+  assert complete == [4] and [n.split('.')[0] for n in tmp_dirs(workdir)] == ['8']
 
   # 2. Resumes from the last complete checkpoint; killed again in the middle of training
   #    as soon as it has committed a checkpoint of its own.
