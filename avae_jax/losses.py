@@ -130,7 +130,8 @@ def _separable_blur(x: Array, taps: np.ndarray) -> Array:
   return jnp.einsum('jw,biwc->bijc', cols, x, precision=_PRECISION)
 
 
-def ssim(x: Array, y: Array, *, max_val: float = 1.0, filter_size: int = 11,
+def ssim(x: Array, y: Array, *, max_val: float = 1.0,
+         filter_size: int = config_lib.SSIM_WINDOW,
          sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Array:
   """Mean SSIM per image (B,): Gaussian window, valid padding, per channel then averaged.
 
@@ -184,8 +185,8 @@ def _svd_terms(kernel: np.ndarray,
   """(u (r, k), s (r,), vt (r, k)): the SVD of a kernel without its negligible terms.
 
   Terms under 1e-6 of `scale` (default: the largest singular value) are dropped: they
-  are the float32 rounding of the kernel's entries (about 1e-8 here), and keeping them
-  would add work for nothing.
+  are the rounding of the kernel's entries (about 1e-16 for the float64 banks here,
+  1e-8 for a float32 one), and keeping them would add work for nothing.
   """
   u, s, vt = np.linalg.svd(kernel)
   r = np.flatnonzero(s > 1e-6 * max(s[0] if scale is None else scale, 1e-300))

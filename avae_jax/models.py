@@ -25,11 +25,6 @@ from avae_jax import conv
 Dtype = Any
 
 
-def _dtype(name: str | Dtype) -> Dtype:
-  """The jnp dtype for a config string such as 'bfloat16'."""
-  return jnp.dtype(name)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
   """Nearest-neighbour upsampling of an NHWC batch by an integer factor.
@@ -294,7 +289,7 @@ def create_models(config: ml_collections.ConfigDict,
         f'model.conv_backward must be one of {conv.BACKWARDS}, got {backward!r}')
   common = dict(hidden_dim=int(config.model.hidden_dim),
                 bn_momentum=float(config.model.bn_momentum),
-                axis_name=axis_name, dtype=_dtype(dtype), conv_backward=backward)
+                axis_name=axis_name, dtype=jnp.dtype(dtype), conv_backward=backward)
   vae = VAE(widths, int(config.image_size), int(config.channels),
             int(config.model.latent_dim), **common)
   disc = Discriminator(widths, **common)

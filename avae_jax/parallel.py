@@ -70,12 +70,6 @@ def replicate(tree: Any, devices: Sequence[Any],
   return jax.tree.map(put, tree)
 
 
-@jax.jit
-def _first_rows(tree: Any) -> Any:
-  """Each leaf's first row, in one program (eager slices compile one per leaf shape)."""
-  return jax.tree.map(lambda leaf: leaf[0], tree)
-
-
 def unreplicate(tree: Any) -> Any:
   """One device's copy of a replicated tree (drops the leading axis).
 
@@ -93,8 +87,12 @@ def unreplicate(tree: Any) -> Any:
 
 
 def _squeeze(tree: Any) -> Any:
-  """Drops the leading block axis of size 1 (shard_map's per-device view)."""
+  """Each leaf's first row: drops the leading block axis (shard_map's per-device view)."""
   return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
+# In one program: eager slices compile one per leaf shape.
+_first_rows = jax.jit(_squeeze)
 
 
 def _expand(tree: Any) -> Any:

@@ -44,7 +44,6 @@ class TrainState(struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
-  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   module: nn.Module = struct.field(pytree_node=False)
 
@@ -53,7 +52,12 @@ class TrainState(struct.PyTreeNode):
              tx: optax.GradientTransformation) -> 'TrainState':
     """A fresh state at step 0."""
     return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), apply_fn=module.apply, tx=tx, module=module)
+               opt_state=tx.init(params), tx=tx, module=module)
+
+  @property
+  def apply_fn(self) -> Callable[..., Any]:
+    """The module's apply without a device axis."""
+    return self.module.apply
 
   def apply_gradients(self, *, grads: Any, batch_stats: Any) -> 'TrainState':
     """One optimizer update; also stores the BatchNorm statistics of the forward pass."""
@@ -235,7 +239,7 @@ def pretrain_step(vae_state: TrainState, batch: Array, key: Array, *,
   return vae_state, _pmean(metrics, cfg)
 
 
-def _disc_losses(logit_real: Array, logit_fake: Array) -> Array:
+def _disc_loss(logit_real: Array, logit_fake: Array) -> Array:
   """Discriminator BCE: real labelled 1, fake 0 (mean over the batch of each)."""
   return jnp.mean(jax.nn.softplus(-logit_real)) + jnp.mean(jax.nn.softplus(logit_fake))
 
@@ -281,14 +285,16 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
   stop_gradient); if it is above train_vae_above the VAE takes a step on
   L_VAE + adversarial_weight * (-log D(x_rec)) with the discriminator as it was before
   its update. A state that is not updated is returned unchanged (step counter and
-  BatchNorm statistics included). Forward passes are shared: the VAE and discriminator
-  run once each on the batch. The discriminator's backward pass for its own update runs
-  inside that update's lax.cond branch, so a step that skips the update skips it too; the
-  VAE's (with the generator's pass through the discriminator) always runs, and lax.cond
-  selects only its optimizer update. (On the CPU the branch is fast only with
-  conv.conv_general_dilated's custom gradients, the models' default there: XLA's own ran
-  about 90x slower inside a branch, so with those, cfg.disc_backward_in_branch is False and the
-  discriminator's backward pass always runs too; docs/benchmarks.md, items 1 and 21.)
+  BatchNorm statistics included). Forward passes are shared: the VAE runs once on the
+  batch and the discriminator once on x and once on x_rec, the pass that both its BCE
+  and the generator loss differentiate. The discriminator's backward pass for its own
+  update runs inside that update's lax.cond branch, so a step that skips the update
+  skips it too; the VAE's (with the generator's pass through the discriminator) always
+  runs, and lax.cond selects only its optimizer update. (On the CPU with XLA's own
+  convolution gradients, which ran about 90x slower inside a branch than
+  conv.conv_general_dilated's custom ones, the models' default there,
+  cfg.disc_backward_in_branch is False and that pass always runs too; docs/benchmarks.md,
+  items 1 and 21.)
 
   Metrics (pmean-ed): those of pretrain_step ('loss' is L_VAE, without the adversarial
   term), 'disc_loss' (BCE), 'gen_loss' (-log D(x_rec)), 'disc_accuracy' (measured, also
@@ -330,7 +336,7 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
     forced = jnp.float32(cfg.force_accuracy)
     update_disc, update_vae = forced < cfg.train_disc_below, forced > cfg.train_vae_above
 
-  disc_loss, (ct_real, ct_fake) = jax.value_and_grad(_disc_losses, argnums=(0, 1))(
+  disc_loss, (ct_real, ct_fake) = jax.value_and_grad(_disc_loss, argnums=(0, 1))(
       logit_real, logit_fake)
   gen_loss, ct_gen = jax.value_and_grad(_generator_loss)(logit_fake)
 
