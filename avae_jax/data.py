@@ -364,8 +364,8 @@ def _load_shapes(config: Any, split: str) -> Source:
 def cache_dirs(config: Any) -> list[str]:
   """Where decoded tfds splits are cached, in lookup order.
 
-  $AVAE_JAX_CACHE if set; else `<data_dir>/avae_jax_cache` when data_dir is a local
-  folder; then ~/.cache/avae_jax (used as well when the first is not writable).
+  $AVAE_JAX_CACHE alone if set; else `<data_dir>/avae_jax_cache` when data_dir is a
+  local folder, then ~/.cache/avae_jax (used as well when the first is not writable).
   """
   dirs = []
   if os.environ.get('AVAE_JAX_CACHE'):

@@ -15,12 +15,13 @@ images for every model compared, since FID is biased by sample size):
     estimate is biased upwards on few images), with the MIG of the same codes shuffled
     across images, the estimator's floor at that count;
 
-Keys of the results (and metrics.json): step; num_images, num_samples, fid_num_images,
-mig_num_images (how many images each metric used); gt_/rec_/sample_sharpness_mean/_std;
+Keys of the results (and metrics.json): step; num_images, num_samples, fid_num_images
+(how many images each metric used); gt_/rec_/sample_sharpness_mean/_std;
 rec_mse(_std), rec_cosine_similarity(_std) (per-image values, mean and std over images);
 kl_mean (KL(q(z|x) || N(0, I)) summed over the latent dims, mean over images);
-fid_rec_{64,192,768,2048}, fid_sample_{...}; mig, mig_shuffled; and 'fid_skipped' / 'mig_skipped'
-(the reason, a string) in place of the FID / MIG keys when those were not computed.
+fid_rec_{64,192,768,2048}, fid_sample_{...}; on a dataset with factors mig, mig_shuffled
+and mig_num_images; and 'fid_skipped' / 'mig_skipped' (the reason, a string) in place of
+the FID / MIG keys when those were not computed.
 
 `evaluate` writes out_dir/metrics.json, out_dir/table.md (laid out like Table III) and the PNG
 figures of Figures 2-3: reconstructions (ground truth on top), random samples, linear

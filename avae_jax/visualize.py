@@ -1,5 +1,5 @@
 """Image grids for the paper's figures (reconstructions, samples, interpolations,
-latent traversals) and the latent-space helpers that feed the decoder.
+latent traversals) and the checks of the arguments that choose them.
 
 numpy; PNG files are summary.encode_png's, written through avae_jax.files. Images are
 float in [0, 1], NHWC, with 1 or 3 channels; grids come back as uint8 (H', W', C) ready
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import operator
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -129,38 +128,6 @@ def interpolations(rows: np.ndarray, pad: int = 1, pad_value: float = 1.0) -> np
 def traversals(images: np.ndarray, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
   """(D, S, H, W, C) traversal images: one row of S values per latent dimension."""
   return _rows_to_grid(_check_images(images, 5, 'images'), pad, pad_value)
-
-
-def _latent(z: np.ndarray, name: str) -> np.ndarray:
-  """Returns a latent code (D,) or (1, D) as a float (D,) array."""
-  z = np.asarray(z)
-  if z.ndim == 2 and z.shape[0] == 1:
-    z = z[0]
-  if z.ndim != 1:
-    raise ValueError(f'{name} must be one latent code (D,); got {z.shape}.')
-  return z if np.issubdtype(z.dtype, np.floating) else z.astype(np.float32)
-
-
-def latent_interpolation(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
-  """(steps, D) codes on the segment z0 -> z1, endpoints exactly z0 and z1."""
-  z0, z1 = _latent(z0, 'z0'), _latent(z1, 'z1')
-  steps = integer(steps, 'steps', minimum=2)
-  if z0.shape != z1.shape:
-    raise ValueError(f'z0 {z0.shape} and z1 {z1.shape} differ in shape.')
-  t = np.linspace(0.0, 1.0, steps)[:, None]
-  # (1 - t) z0 + t z1 (not z0 + t (z1 - z0)) is exact at both ends.
-  return ((1.0 - t) * z0 + t * z1).astype(np.result_type(z0, z1))
-
-
-def latent_traversal(z: np.ndarray, dims: Sequence[int],
-                     values: Sequence[float]) -> np.ndarray:
-  """(len(dims), len(values), D) copies of z with z[dims[i]] set to values[j]."""
-  z = _latent(z, 'z')
-  dims, values = traversal_axes(dims, values, len(z))
-  out = np.broadcast_to(z, (len(dims), len(values), len(z))).copy()
-  for i, d in enumerate(dims):
-    out[i, :, d] = values.astype(z.dtype)
-  return out
 
 
 def traversal_axes(dims: Any, values: Any, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:

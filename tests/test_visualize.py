@@ -96,59 +96,6 @@ def test_save_png_round_trip(tmp_path):
   assert np.asarray(Image.open(tmp_path / 'g.png')).shape == (4, 4)
 
 
-def test_latent_interpolation():
-  rng = np.random.default_rng(2)
-  z0, z1 = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
-  path = visualize.latent_interpolation(z0, z1, 7)
-  assert path.shape == (7, 6) and path.dtype == np.float32
-  np.testing.assert_array_equal(path[0], z0)
-  np.testing.assert_array_equal(path[-1], z1)
-  np.testing.assert_allclose(path, np.linspace(z0, z1, 7), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(path[3], (z0 + z1) / 2, rtol=1e-6, atol=1e-6)
-  # A (1, D) code, as the encoder returns it, works the same.
-  np.testing.assert_array_equal(visualize.latent_interpolation(z0[None], z1[None], 7), path)
-  # Two codes are not one: refused, not cut to the first.
-  with pytest.raises(ValueError, match='must be one latent code'):
-    visualize.latent_interpolation(np.zeros((2, 3)), np.zeros((2, 3)), 3)
-  # float64 codes keep their precision.
-  path = visualize.latent_interpolation(np.array([0.1]), np.array([0.3]), 3)
-  assert path.dtype == np.float64
-  np.testing.assert_allclose(path[:, 0], [0.1, 0.2, 0.3], rtol=1e-15)
-  # Step counts are checked as api.interpolate checks them, before numpy sees them.
-  for steps in (1, 2.5, 3.0, '3', True):
-    with pytest.raises(ValueError, match='steps must be an integer >= 2'):
-      visualize.latent_interpolation(z0, z1, steps)
-  with pytest.raises(ValueError, match=r'differ in shape'):
-    visualize.latent_interpolation(z0, z1[:5], 3)
-
-
-def test_latent_traversal_changes_only_chosen_dims():
-  rng = np.random.default_rng(3)
-  z = rng.standard_normal(5).astype(np.float32)
-  values = [-2.0, 0.0, 2.0]
-  out = visualize.latent_traversal(z, dims=[1, 4], values=values)
-  assert out.shape == (2, 3, 5) and out.dtype == np.float32
-  for i, d in enumerate([1, 4]):
-    np.testing.assert_array_equal(out[i, :, d], np.asarray(values, np.float32))
-    others = [j for j in range(5) if j != d]
-    np.testing.assert_array_equal(out[i][:, others], np.tile(z[others], (3, 1)))
-  with pytest.raises(ValueError):
-    visualize.latent_traversal(z, dims=[5], values=values)
-  # As TrainedModel.traverse checks them: dim 0.7 was dim 0 and True dim 1, a (2, 2) grid of
-  # values a broadcasting error, and a negative dim counted from the end.
-  for dims, vals, message in (([0.7], values, 'dims must be a list of integers'),
-                              ([True], values, 'dims must be a list of integers'),
-                              ([-1], values, 'out of range'),
-                              ([1], [[0.0, 1.0], [2.0, 3.0]], 'values must be a list')):
-    with pytest.raises(ValueError, match=message):
-      visualize.latent_traversal(z, dims=dims, values=vals)
-  # A single value is a list of one; float64 codes keep float64 values.
-  np.testing.assert_array_equal(visualize.latent_traversal(z, [1], 2.0),
-                                visualize.latent_traversal(z, [1], [2.0]))
-  out = visualize.latent_traversal(np.zeros(2), [0], [0.1])
-  assert out.dtype == np.float64 and out[0, 0, 0] == 0.1
-
-
 @pytest.mark.parametrize('dtype', [np.int32, np.uint16, np.int64, bool])
 def test_integer_images_other_than_uint8_are_refused(dtype, tmp_path):
   # 128 as int32 is no float in [0, 1]: it used to come out as a white cell.
