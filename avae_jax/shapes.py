@@ -41,7 +41,10 @@ POSITIONS = np.linspace(0.28, 0.72, 8).astype(np.float32)
 LUMA = np.array(filters.LUMA, dtype=np.float32)
 
 # Codes folded into the seed: the held-out combinations and the training draws come
-# from their own streams.
+# from their own streams. data.batches seeds epoch e's order with (seed, e), so these
+# are also the streams of epochs 0 and 2's orders: an example's factors come from one
+# draw and its place in the epoch from another, so nothing ties the two, and separate
+# codes would change every seed's dataset (and the published study's shapes runs).
 _TRAIN_STREAM, _HELD_OUT_STREAM = 0, 2
 SPLITS = ('train', 'eval')
 
