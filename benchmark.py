@@ -115,7 +115,6 @@ def _run() -> None:
   if not 1 <= _ROUNDS.value <= _STEPS.value:
     raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
                          f'got {_ROUNDS.value}')
-  from avae_jax import models  # pylint: disable=g-import-not-at-top
   from avae_jax import parallel  # pylint: disable=g-import-not-at-top
   try:
     devices = parallel.local_devices(config)
@@ -123,9 +122,6 @@ def _run() -> None:
     raise app.UsageError(f'--config.{e}') from e
   try:  # train.py's checks: a bad value is one line here too, not a traceback from a step
     config_lib.validate(config, num_devices=len(devices) * jax.process_count())
-    # The model's own checks (model.dtype, model.conv_backward) that validate leaves out:
-    # they would otherwise fail in the first case's set-up, as a traceback.
-    models.create_models(config)
     if 'adversarial_step_both' in _CASES.value:
       benchmarking.both_updates_accuracy(config)
   except (config_lib.ConfigError, ValueError) as e:

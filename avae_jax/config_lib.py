@@ -469,6 +469,26 @@ def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> in
   return image_size // factor
 
 
+def check_model(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str, str]:
+  """(widths, dtype, conv_backward) of config.model, checked with the image size."""
+  widths = tuple(config.model.widths)
+  if any(not _is_int(w) or w < 1 for w in widths):
+    # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
+    shown = repr(widths[0]) if len(widths) == 1 and isinstance(widths[0], str) else widths
+    raise ConfigError(f'model.widths {shown} must all be whole numbers >= 1 (channels of '
+                      'the stages), e.g. (32, 64)')
+  widths = tuple(int(w) for w in widths)
+  check_image_size(int(config.image_size), widths)
+  dtype = str(config.model.dtype)
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+  backward = str(config.model.get('conv_backward', 'auto'))
+  if backward not in CONV_BACKWARDS:
+    raise ConfigError(f'model.conv_backward must be one of {", ".join(CONV_BACKWARDS)}, '
+                      f'got {backward!r}')
+  return widths, dtype, backward
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
   variant_spec(config.variant)
@@ -478,7 +498,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(
         f'unknown dataset {ds!r}; choose one of {", ".join(TFDS_DATASETS)}, shapes, '
         'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')
-  check_image_size(int(config.image_size), tuple(config.model.widths))
+  check_model(config)
   # SSIM's window must fit in the image; the calibration probes every term, SSIM too.
   probes_ssim = 'dssim' in reconstruction_weights(config) or (
       variant_spec(config.variant).compound_loss and config.calibrate.enabled)
@@ -521,13 +541,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
   if config.parallel not in ('pmap', 'shard_map'):
     raise ConfigError(f"parallel must be 'pmap' or 'shard_map', got {config.parallel!r}")
-  if config.model.dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
-  # Else the model's own check stops the run once the workdir and its lock exist.
-  backward = config.model.get('conv_backward', 'auto')
-  if backward not in CONV_BACKWARDS:
-    raise ConfigError(f'model.conv_backward must be one of {", ".join(CONV_BACKWARDS)}, '
-                      f'got {backward!r}')
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')
@@ -547,12 +560,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ('latent_dim', 'hidden_dim'):
     if config.model[name] < 1:
       raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
-  widths = tuple(config.model.widths)
-  if any(not _is_int(w) or w < 1 for w in widths):
-    # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
-    shown = repr(widths[0]) if len(widths) == 1 and isinstance(widths[0], str) else widths
-    raise ConfigError(f'model.widths {shown} must all be whole numbers >= 1 (channels of '
-                      'the stages), e.g. (32, 64)')
   for name in ('learning_rate', 'disc_learning_rate'):
     _check_nonnegative(f'optimizer.{name}', config.optimizer[name])
   for name in ('b1', 'b2'):

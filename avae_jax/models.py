@@ -276,17 +276,8 @@ class VAE(nn.Module):
 
 def create_models(config: ml_collections.ConfigDict,
                   axis_name: str | None = None) -> tuple[VAE, Discriminator]:
-  """The VAE and discriminator of `config.model`; ConfigError if the image size does not fit."""
-  widths = tuple(int(w) for w in config.model.widths)
-  config_lib.check_image_size(int(config.image_size), widths)
-  dtype = str(config.model.dtype)
-  if dtype not in ('float32', 'bfloat16'):
-    raise config_lib.ConfigError(
-        f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-  backward = str(config.model.get('conv_backward', 'auto'))
-  if backward not in conv.BACKWARDS:
-    raise config_lib.ConfigError(
-        f'model.conv_backward must be one of {conv.BACKWARDS}, got {backward!r}')
+  """The VAE and discriminator of `config.model`; ConfigError for a model that cannot be built."""
+  widths, dtype, backward = config_lib.check_model(config)
   common = dict(hidden_dim=int(config.model.hidden_dim),
                 bn_momentum=float(config.model.bn_momentum),
                 axis_name=axis_name, dtype=jnp.dtype(dtype), conv_backward=backward)
