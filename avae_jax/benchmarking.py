@@ -201,7 +201,6 @@ class PreparedCase:
   name: str
   config: ml_collections.ConfigDict
   devices: Sequence[Any]
-  compiled: Any
   compile_s: float
   call: Callable[[int], Any]
   flops: float | None = None  # XLA's count for one device's step (_cost_flops)
@@ -284,7 +283,7 @@ def prepare_case(config: ml_collections.ConfigDict, case: str, *, steps: int, wa
       states['vae'], metrics = compiled(states['vae'], x, keys[i])
     return states['vae'], metrics
 
-  prepared = PreparedCase(case, config, devices, compiled, compile_s, call, flops)
+  prepared = PreparedCase(case, config, devices, compile_s, call, flops)
   prepared.run_untimed(warmup)
   return prepared
 

@@ -355,7 +355,7 @@ def _logging_case(name, log):
   def call(i):
     log.append((name, i))
     return None, {'call': i}
-  return benchmarking.PreparedCase(name, None, [], None, 0.0, call)
+  return benchmarking.PreparedCase(name, None, [], 0.0, call)
 
 
 def test_prepared_case_keeps_the_metrics_of_timed_steps_only():
