@@ -264,7 +264,7 @@ class Launcher:
       self.say(str(e))
       return e.code
     except KeyboardInterrupt:
-      # train.py checkpoints the step in progress on SIGTERM: give it --grace_s for that.
+      # train.py checkpoints its step on SIGTERM: give it --grace_s for that.
       try:
         self.terminate('the launcher was interrupted; Ctrl-C again kills them now',
                        kill_after_s=self.grace_s)

@@ -32,6 +32,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from avae_jax import files
+from avae_jax import study_report
+
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
 _OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, and the report.')
@@ -59,23 +62,21 @@ _MAX_HOURS = flags.DEFINE_float(
     'max_hours', 0.0, 'Stop starting new runs after this many hours (0: no limit); the '
     'report then says which runs are missing. Rerun to continue.')
 
-STUDY_FILE = 'study.json'
+# study_report's: they lay out OUT, which the report reads.
+STUDY_FILE, RUN_FILE = study_report.STUDY_FILE, study_report.RUN_FILE
+CALIBRATION_FILE = study_report.CALIBRATION_FILE
 REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
-RUN_FILE = 'study_run.json'
-CALIBRATION_FILE = 'calibration.json'
 CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
 HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.json
 
 
 def _write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (files.write_json: a random temporary name, synced, renamed)."""
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
   files.write_json(path, obj, str)
 
 
 def _read_json(path: str) -> Any:
   """Parses a JSON file; avae_jax is imported after main's restart and XLA flags."""
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
   return files.read_json(path)
 
 
@@ -154,18 +155,7 @@ def _shared_files_lock(out: str) -> contextlib.AbstractContextManager[None]:
   Several study.py processes may share OUT (one per dataset, see the README), and a report
   rewrites OUT/results/ as a whole: they take turns.
   """
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
   return files.exclusive(out, 'study.py', wait=True, lock_file=REPORT_LOCK)
-
-
-def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
-  """The workdir of one run."""
-  return os.path.join(out, dataset, variant, f'seed{seed}')
-
-
-def is_finished(workdir: str) -> bool:
-  """A run is finished when the trainer wrote its final metrics."""
-  return os.path.exists(os.path.join(workdir, 'final_metrics.json'))
 
 
 def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
@@ -179,7 +169,6 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   Processes sharing OUT take turns (OUT/<dataset>/calibration.lock): one calibrates, the
   others wait and read its λ's.
   """
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
   path = os.path.join(out, dataset, CALIBRATION_FILE)
   if os.path.exists(path):
     return _read_json(path)['weights']
@@ -195,16 +184,15 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
 
 def _calibrate_held(path: str, settings: Any, dataset: str) -> dict[str, float]:
   """calibrate's work, while this process holds the dataset's CALIBRATION_LOCK."""
-  import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import data, parallel, steps, trainer  # pylint: disable=g-import-not-at-top
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
   config = study_config.run_config(settings, dataset, 'vae_s', 0)
   started = time.monotonic()
   source = data.load(config, 'train')
-  init_key, _, calib_key, _ = jax.random.split(jax.random.PRNGKey(int(config.seed)), 4)
-  vae_state, _ = steps.create_train_states(config, init_key, source.image_shape)
+  keys = trainer.run_keys(int(config.seed))
+  vae_state, _ = steps.create_train_states(config, keys.init, source.image_shape)
   devices = parallel.local_devices(config)
-  weights = trainer.calibrate_weights(config, vae_state, source, devices, calib_key)
+  weights = trainer.calibrate_weights(config, vae_state, source, devices, keys.calibration)
   _write_json(path, {'weights': weights, 'batches': int(config.calibrate.batches),
                      'batch_size': int(config.batch_size), 'seed': int(config.seed),
                      'wall_s': time.monotonic() - started})
@@ -220,9 +208,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   A run that another study.py process is training (processes sharing OUT with overlapping
   --datasets/--variants) is skipped, its study_run.json left to that process.
   """
-  from avae_jax import files, study_report  # pylint: disable=g-import-not-at-top
-  workdir = run_dir(out, dataset, variant, seed)
-  if is_finished(workdir):
+  workdir = study_report.run_dir(out, dataset, variant, seed)
+  if study_report.is_finished(workdir):
     return 'done'
   os.makedirs(workdir, exist_ok=True)
   lock = study_report.RUN_LOCK  # the report probes it to tell a run in progress
@@ -242,7 +229,7 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
       print(f'[study] {dataset} {variant} seed {seed}: {status}', flush=True)
       return status
     # Another process may have finished it since the check above: not evaluated twice.
-    if is_finished(workdir):
+    if study_report.is_finished(workdir):
       return 'done'
     return _train_held(out, settings, dataset, variant, seed, weights)
 
@@ -250,9 +237,9 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
 def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
-  from avae_jax import study_report, trainer  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
   from configs import study as study_config  # pylint: disable=g-import-not-at-top
-  workdir = run_dir(out, dataset, variant, seed)
+  workdir = study_report.run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, RUN_FILE)
   info = _read_run_info(info_path)
   info['sessions'] += 1
@@ -304,7 +291,6 @@ def _read_run_info(info_path: str) -> dict[str, Any]:
   is not running anywhere: its process was killed. Its time up to its last heartbeat joins
   wall_s (a lower bound of what it ran), and killed_sessions counts it.
   """
-  from avae_jax import study_report  # pylint: disable=g-import-not-at-top
   if not os.path.exists(info_path):
     return {'wall_s': 0.0, 'sessions': 0}
   info = _read_json(info_path)
@@ -346,7 +332,6 @@ def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
 
 def _record_failure(workdir: str, status: str) -> None:
   """Records in the run's study_run.json why it could not start (the report shows it)."""
-  from avae_jax import files, study_report  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   info_path = os.path.join(workdir, RUN_FILE)
   try:
@@ -405,12 +390,12 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
           print(f'[study] {dataset}: calibration FAILED: {calibration_failed[dataset]}\n'
                 + traceback.format_exc(), file=sys.stderr, flush=True)
       for variant in variants:
-        workdir = run_dir(out, dataset, variant, seed)
-        if out_of_time() and not is_finished(workdir):
+        workdir = study_report.run_dir(out, dataset, variant, seed)
+        if out_of_time() and not study_report.is_finished(workdir):
           statuses.append((dataset, variant, seed, 'skipped: --max_hours reached'))
           continue
         if (variant.endswith('_s') and dataset in calibration_failed
-            and not is_finished(workdir)):
+            and not study_report.is_finished(workdir)):
           # Trained without the λ's it would silently be a model with the default weights.
           status = f'failed: calibration of {dataset}: {calibration_failed[dataset]}'
           _record_failure(workdir, status)
@@ -450,7 +435,6 @@ def main(argv: list[str]) -> None:
   hugepages.reexec()  # first: a restart repeats everything before it
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.apply()
-  from avae_jax import study_report  # pylint: disable=g-import-not-at-top
   from avae_jax import summary  # pylint: disable=g-import-not-at-top
   summary.quiet_library_logs()
   out = os.path.abspath(_OUT.value)
@@ -459,7 +443,6 @@ def main(argv: list[str]) -> None:
     # A mistyped --out would otherwise give an empty report, published over docs/.
     raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '
                          '--report_only reports on the runs of an existing study')
-  from avae_jax import files  # pylint: disable=g-import-not-at-top
   problem = files.output_dir_problem(out, 'the study directory (--out)')
   if problem:
     raise app.UsageError(problem)
@@ -501,7 +484,7 @@ def main(argv: list[str]) -> None:
     print(f'[study] wrote {report}', flush=True)
     runs = [(d, v, seed) for d in settings.datasets.split(',')
             for v in settings.variants.split(',') for seed in range(int(settings.seeds))]
-    finished = sum(is_finished(run_dir(out, *run)) for run in runs)
+    finished = sum(study_report.is_finished(study_report.run_dir(out, *run)) for run in runs)
     publish = _PUBLISH.value
     if publish is None and settings.budget != 'test':
       # By default only the whole study replaces the checkout's report: one process of a

@@ -4,7 +4,7 @@
   python train.py --config=configs/celeba.py --workdir=gs://bucket/run --config.batch_size=256
 
 Running again on a workdir that has checkpoints resumes from the latest one. SIGTERM or
-Ctrl-C during training checkpoints the step in progress, then stops.
+Ctrl-C during training lets the step in progress finish, checkpoints it, then stops.
 """
 
 import sys

@@ -211,7 +211,8 @@ class TrainedModel:
     """Restores the VAE of WORKDIR/checkpoints (latest, or `step`) as a TrainedModel.
 
     The model is built from WORKDIR/config.json unless `config` is given; a given config
-    must describe the same model (variant, image size, channels, model.*) as the workdir.
+    must describe the same model as the workdir (config_lib.layout_settings: variant,
+    image size, channels, model.widths, latent_dim and hidden_dim).
     Raises NoCheckpointError or IncompatibleCheckpointError (WorkdirErrors) with the
     reason, or checkpoint.CheckpointError when the checkpoint asked for (or, without
     `step`, every one) cannot be read.

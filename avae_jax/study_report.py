@@ -42,6 +42,11 @@ REPORT = 'results.md'
 FIGURE_DIR = 'results'
 POSTERIOR_FILE = 'study_posterior.json'
 RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run
+# The layout of OUT: study.py writes it, the report reads it.
+STUDY_FILE = 'study.json'  # OUT/: the budget, seeds and commands of the study
+CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
+RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
+FINAL_METRICS = 'final_metrics.json'  # each run's workdir, written by the trainer at its end
 RUNNING = 'running'  # study_run.json's status while a session trains the run
 # A latent dimension is "active" (Burda et al. 2016) when Var_x(E[z_j|x]) > 0.01.
 ACTIVE_THRESHOLD = 0.01
@@ -78,8 +83,18 @@ class Run:
 
   @property
   def finished(self) -> bool:
-    """The trainer wrote final_metrics.json."""
+    """The trainer wrote FINAL_METRICS."""
     return self.metrics is not None
+
+
+def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
+  """The workdir of one run."""
+  return os.path.join(out, dataset, variant, f'seed{seed}')
+
+
+def is_finished(workdir: str) -> bool:
+  """A run is finished when the trainer wrote its final metrics."""
+  return os.path.exists(os.path.join(workdir, FINAL_METRICS))
 
 
 def _read_json(path: str) -> Any:
@@ -119,12 +134,12 @@ def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
   for dataset in datasets:
     for variant in variants:
       for seed in range(seeds):
-        wd = os.path.join(out, dataset, variant, f'seed{seed}')
+        wd = run_dir(out, dataset, variant, seed)
         runs.append(Run(dataset, variant, seed, wd,
-                        _read_json(os.path.join(wd, 'final_metrics.json')),
+                        _read_json(os.path.join(wd, FINAL_METRICS)),
                         _read_json(os.path.join(wd, 'config.json')),
                         read_history(os.path.join(wd, 'metrics.jsonl')),
-                        _read_json(os.path.join(wd, 'study_run.json')) or {}))
+                        _read_json(os.path.join(wd, RUN_FILE)) or {}))
   return runs
 
 
@@ -1075,7 +1090,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   if os.path.isdir(fig_root):
     shutil.rmtree(fig_root)
   os.makedirs(fig_root, exist_ok=True)
-  study = _read_json(os.path.join(out, 'study.json')) or {}
+  study = _read_json(os.path.join(out, STUDY_FILE)) or {}
   finished = [r for r in runs if r.finished]
   walls = [wall_time(r.info) for r in runs]
   train_s = sum(w for w, _ in walls)
@@ -1084,7 +1099,7 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   calib_s = 0.0
   calib = {}
   for d in datasets:
-    c = _read_json(os.path.join(out, d, 'calibration.json'))
+    c = _read_json(os.path.join(out, d, CALIBRATION_FILE))
     if c:
       calib[d] = c
       calib_s += float(c.get('wall_s') or 0.0)

@@ -187,7 +187,7 @@ class SummaryWriter:
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def _write(self, step: int, summary: summary_pb2.Summary) -> None:
-    """Queues one summary event."""
+    """Writes one summary event (tensorboard's writer for a gs:// workdir queues it)."""
     self._events.add_event(
         event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
@@ -325,6 +325,8 @@ class ProgressLogger:
     self._first_seconds: dict[int, float] = {}   # phase -> seconds of its compiling step
     self._timed: list[int] = []                  # phases in the order last timed
     self._first_timed: list[int] = []
+    # Steps per second of the last line (NaN when it timed none: a compiling step alone).
+    self.rate = float('nan')
 
   def _phase(self, step: int) -> int:
     """The index of the phase that step `step` (counted from 1) belongs to."""
@@ -418,6 +420,7 @@ class ProgressLogger:
     self._close(step, now)
     steps, seconds = self._line_steps, self._line_seconds
     rate = steps / seconds if steps > 0 and seconds > 0 else float('nan')
+    self.rate = rate
     self._line_steps, self._line_seconds = 0, 0.0
     percent = 100.0 * step / self.total_steps if self.total_steps else 100.0
     rate_text = f'{rate:.2f}' if math.isfinite(rate) else '?'
@@ -430,8 +433,6 @@ class ProgressLogger:
     line = ' | '.join(parts)
     self._log(line)
     return line
-
-  __call__ = update
 
 
 class _DropLibraryInfo(std_logging.Filter):

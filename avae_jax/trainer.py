@@ -11,12 +11,12 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
 import threading
-import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -39,12 +39,26 @@ from avae_jax import visualize
 from avae_jax import xla_flags
 
 CALIBRATION_FILE = 'calibration.json'
+FINAL_METRICS_FILE = 'final_metrics.json'  # the final evaluation's results
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
 # multiples of the pre-training step: docs/benchmarks.md measures, on the CPU, its step at
 # 1.9-2.4x the pre-training step's time and its compilation at 1.1-2.0x (on a GPU 1.6-2.1x
 # and 0.4-0.7x, where the first estimate is rougher).
 ADVERSARIAL_STEP_COST = 2.2
 ADVERSARIAL_COMPILE_COST = 1.5
+
+
+class RunKeys(NamedTuple):
+  """The PRNG keys of a run of seed s: split from PRNGKey(s), one per use."""
+  init: jax.Array
+  train: jax.Array
+  calibration: jax.Array
+  figures: jax.Array
+
+
+def run_keys(seed: int) -> RunKeys:
+  """The keys of a run with config.seed = seed (the study's calibration derives them too)."""
+  return RunKeys(*jax.random.split(jax.random.PRNGKey(int(seed)), 4))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -390,8 +404,10 @@ def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (pre-training, then adversarial fine-tuning) and evaluates; returns final metrics.
 
-  SIGTERM or SIGINT during training (from the main thread's point of view) checkpoints the
-  step in progress and raises TrainingInterrupted; calling again resumes from there.
+  SIGTERM or SIGINT during training (from the main thread's point of view) lets the step
+  in progress finish (with several processes, the next step they agree on), checkpoints
+  it and raises TrainingInterrupted; calling again resumes from there. On a finished run
+  it returns the final metrics the workdir holds.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   setup_ = setup(config)
@@ -477,8 +493,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   # On a CPU the thread count sets the order of float32 sums, so the checkpoints record it
   # and a resume compares.
   cpu_threads = xla_flags.process_cpu_threads()
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_key, train_key, calib_key, fig_key = jax.random.split(rng, 4)
+  init_key, train_key, calib_key, fig_key = run_keys(int(config.seed))
   image_shape = setup_.train_source.image_shape
   vae_state, disc_state = steps.create_train_states(config, init_key, image_shape)
 
@@ -521,6 +536,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
             'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
             'adversarial phase can stall there', file=sys.stderr, flush=True)
+  if start_step == total:
+    finished = _final_metrics(workdir, total)
+    if finished is not None:
+      # The same command run again (a scheduler restarting a finished job): nothing to
+      # train, and the evaluation's results would only be written twice.
+      print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
+            f'final metrics at step {total} (eval.py evaluates it again)', flush=True)
+      return finished
   r_vae = parallel.replicate(vae_state, setup_.devices, setup_.step_config.axis_name)
   r_disc = parallel.replicate(disc_state, setup_.devices, setup_.step_config.axis_name)
 
@@ -530,8 +553,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     """Checkpoints the state after `step` steps, with the metrics logged since."""
     nonlocal last_saved
     # Never checkpoint a state whose losses were not checked.
-    unlogged = [(s, jax.device_get(mm)) for s, mm in history]
-    _check_finite(unlogged)
+    pending = [(s, jax.device_get(mm)) for s, mm in history]
+    _check_finite(pending)
     tree = jax.device_get(
         steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc)))
     # A finite loss can still give a NaN update (a NaN gradient): the losses checked above
@@ -544,7 +567,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             'train_examples': setup_.train_source.num_examples,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
-                                 for s, m in unlogged]}
+                                 for s, m in pending]}
     ckpt.save(step, tree, meta)
     last_saved = step
 
@@ -560,7 +583,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
               summary.Phase('adversarial', total, step_cost=ADVERSARIAL_STEP_COST,
                             compile_cost=ADVERSARIAL_COMPILE_COST)])
   history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
-  t_last, n_last = time.perf_counter(), 0
   step = start_step
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   stop = _StopSignals(config.stop_check_every)
@@ -593,12 +615,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       if compiles:
         jax.block_until_ready(m)  # dispatch returns after compiling, before the step ran
         progress.compiled(step + 1)
-        # The logged steps_per_s leaves it out too (with any step before it since the last
-        # log): the rate counts from here.
-        t_last, n_last = time.perf_counter(), -1
       history.append((step, m))
       step += 1
-      n_last += 1
       at_phase_end = step == pre or step == total
       logged = step % int(config.log_every) == 0 or at_phase_end
       signum = stop.agreed(step, logged)
@@ -607,18 +625,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         fetched = [(s, jax.device_get(mm)) for s, mm in history]
         _check_finite(fetched)
         scalars = _mean_metrics(fetched)
-        if n_last > 0:  # a log of the compiling step alone has no rate
-          scalars['steps_per_s'] = n_last / max(time.perf_counter() - t_last, 1e-9)
         scalars['learning_rate'] = float(config.optimizer.learning_rate)
         if step > pre:
           scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)
-        writer.scalars(step, scalars)
         progress.update(step, scalars, force=bool(signum))
-        history, t_last, n_last = [], time.perf_counter(), 0
+        # The progress line's rate, without the compiling steps and the figures (a log of
+        # a compiling step alone has none).
+        if math.isfinite(progress.rate):
+          scalars['steps_per_s'] = progress.rate
+        writer.scalars(step, scalars)
+        history = []
       if is_main and (step % int(config.image_every) == 0 or step == total):
-        # The rates are the training steps': the figures' time (their program compiles
-        # the first time) is left out of them and of the ETA.
-        t_figures = time.perf_counter()
+        # The rate is the training steps': the figures' time (their program compiles the
+        # first time) is left out of it and of the ETA.
         with progress.paused():
           figs = _figures(config, parallel.unreplicate(r_vae), setup_.eval_source,
                           jax.random.fold_in(fig_key, step))
@@ -626,7 +645,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             writer.image(step, name, img)
             visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'),
                                img)
-        t_last += time.perf_counter() - t_figures
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         save(step)
       if signum:
@@ -662,6 +680,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
                             step=step)
 
 
+def _final_metrics(workdir: str, step: int) -> dict[str, Any] | None:
+  """The final evaluation's results at `step` that the workdir holds, else None."""
+  try:
+    results = files.read_json(os.path.join(workdir, FINAL_METRICS_FILE))
+  except (OSError, ValueError):  # none yet, or cut short: evaluated again
+    return None
+  return results if isinstance(results, dict) and results.get('step') == step else None
+
+
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                      vae_state: steps.TrainState, setup_: Setup,
                      writer: summary.SummaryWriter, step: int) -> dict[str, float]:
@@ -676,7 +703,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                                 out_dir=os.path.join(workdir, 'eval'),
                                 devices=setup_.devices, writer=writer)
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, 'final_metrics.json'), results, _json_default)
+    files.write_json(os.path.join(workdir, FINAL_METRICS_FILE), results, _json_default)
     print('final metrics: ' + ', '.join(
         f'{k}={v:.5g}' for k, v in results.items() if isinstance(v, float)), flush=True)
   return results

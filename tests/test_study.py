@@ -846,7 +846,7 @@ def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatc
   assert calls == [] and (workdir / 'study_run.json').read_text() == info
   # Finished by the other process between the first check and the lock: not redone.
   checks = iter([False, True])
-  monkeypatch.setattr(study, 'is_finished', lambda workdir: next(checks))
+  monkeypatch.setattr(study_report, 'is_finished', lambda workdir: next(checks))
   assert study.train_one(str(tmp_path), settings, 'shapes', 'vae', 0, None) == 'done'
   assert calls == []
 

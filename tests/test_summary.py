@@ -181,8 +181,8 @@ def test_progress_logger_rate_and_eta():
   times = iter([100.0, 110.0, 115.0, 116.0, 117.0])
   lines = []
   progress = summary.ProgressLogger(950, 100, clock=lambda: next(times), log=lines.append)
-  assert progress(50) is None  # not due: no clock read, no line
-  line = progress(100, {'loss': np.float32(1.25)})
+  assert progress.update(50) is None  # not due: no clock read, no line
+  line = progress.update(100, {'loss': np.float32(1.25)})
   # 100 steps in 10 s -> 10 steps/s; 850 left -> 85 s.
   assert line == ('step 100/950 (10.5%) | 10.00 steps/s | ETA 0:01:25 | '
                   'elapsed 0:00:10 | loss 1.25')
@@ -190,10 +190,10 @@ def test_progress_logger_rate_and_eta():
   assert progress.update(200) == ('step 200/950 (21.1%) | 20.00 steps/s | ETA 0:00:38 | '
                            'elapsed 0:00:15')
   # A step off the interval only when forced (a run that stops there): 30 steps in 1 s.
-  assert progress(230) is None
-  assert progress(230, force=True).startswith('step 230/950 (24.2%) | 30.00 steps/s | ')
+  assert progress.update(230) is None
+  assert progress.update(230, force=True).startswith('step 230/950 (24.2%) | 30.00 steps/s | ')
   # The last step is always reported, even off the interval.
-  assert progress(950).startswith('step 950/950 (100.0%) | 720.00 steps/s | ETA 0:00:00')
+  assert progress.update(950).startswith('step 950/950 (100.0%) | 720.00 steps/s | ETA 0:00:00')
   assert len(lines) == 4 and lines[0] == line
 
 
@@ -201,9 +201,9 @@ def test_progress_logger_resumed_and_disabled():
   times = iter([0.0, 4.0])
   progress = summary.ProgressLogger(1000, 100, start_step=600, clock=lambda: next(times),
                                     log=lambda _: None)
-  assert progress(700).startswith('step 700/1000 (70.0%) | 25.00 steps/s | ETA 0:00:12')
+  assert progress.update(700).startswith('step 700/1000 (70.0%) | 25.00 steps/s | ETA 0:00:12')
   quiet = summary.ProgressLogger(1000, 100, enabled=False, clock=lambda: 0.0)
-  assert quiet(100) is None
+  assert quiet.update(100) is None
   assert quiet.compiling(0) is None
 
 
@@ -224,9 +224,9 @@ def test_progress_leaves_the_time_paused_out_of_the_rate_and_eta():
   with progress.paused():  # from t=2 to 32
     pass
   # Steps 1-10 in 40 - 30 s: 1 step/s, 20 s left; the elapsed time includes the pause.
-  assert progress(10) == 'step 10/30 (33.3%) | 1.00 steps/s | ETA 0:00:20 | elapsed 0:00:40'
+  assert progress.update(10) == 'step 10/30 (33.3%) | 1.00 steps/s | ETA 0:00:20 | elapsed 0:00:40'
   # Outside `paused`, the time counts: steps 11-20 in 4 s.
-  assert progress(20).startswith('step 20/30 (66.7%) | 2.50 steps/s | ETA 0:00:04 |')
+  assert progress.update(20).startswith('step 20/30 (66.7%) | 2.50 steps/s | ETA 0:00:04 |')
   quiet = summary.ProgressLogger(30, 10, enabled=False, clock=_fake_clock([0.0]))
   with quiet.paused():  # no clock read
     pass
@@ -242,18 +242,18 @@ def test_progress_eta_leaves_out_compilation_and_estimates_the_next_phase():
   # Steps 2-5 in 4 s: 1 s per step. Left: 7 pre-training steps (7 s), 20 adversarial
   # steps at 2 s (40 s), and the adversarial compilation: the pre-training one took 9 s
   # beyond a step, times 2 (18 s). 7 + 40 + 18 = 65 s.
-  assert progress(5) == ('step 5/32 (15.6%) | 1.00 steps/s | ETA 0:01:05 | '
+  assert progress.update(5) == ('step 5/32 (15.6%) | 1.00 steps/s | ETA 0:01:05 | '
                          'elapsed 0:00:15')
-  assert progress(10).startswith('step 10/32 (31.2%) | 1.00 steps/s | ETA 0:01:00 |')
-  assert progress(11) is None
+  assert progress.update(10).startswith('step 10/32 (31.2%) | 1.00 steps/s | ETA 0:01:00 |')
+  assert progress.update(11) is None
   # The end of a phase is reported off the interval: 40 + 18 s left.
-  assert progress(12).startswith('step 12/32 (37.5%) | 1.00 steps/s | ETA 0:00:58 |')
+  assert progress.update(12).startswith('step 12/32 (37.5%) | 1.00 steps/s | ETA 0:00:58 |')
   assert progress.compiling(12) == 'compiling the adversarial step ...'  # t=23
   progress.compiled(13)  # t=43
   # Steps 14-15 in 6 s: the adversarial steps' own 3 s replaces the estimate; 17 left.
-  assert progress(15) == ('step 15/32 (46.9%) | 0.33 steps/s | ETA 0:00:51 | '
+  assert progress.update(15) == ('step 15/32 (46.9%) | 0.33 steps/s | ETA 0:00:51 | '
                           'elapsed 0:00:49')
-  assert progress(20).startswith('step 20/32 (62.5%) | 0.33 steps/s | ETA 0:00:36 |')
+  assert progress.update(20).startswith('step 20/32 (62.5%) | 0.33 steps/s | ETA 0:00:36 |')
   assert lines[0] == 'compiling the pre-training step ...'
   assert lines[4] == 'compiling the adversarial step ...' and len(lines) == 7
 
@@ -266,7 +266,7 @@ def test_progress_eta_of_a_run_resumed_in_the_adversarial_phase():
   progress.compiled(21)
   assert progress.update(21) is None  # not due: no clock read
   # Steps 22-25 in 4 s; 7 steps left at 1 s each.
-  assert progress(25) == ('step 25/32 (78.1%) | 1.00 steps/s | ETA 0:00:07 | '
+  assert progress.update(25) == ('step 25/32 (78.1%) | 1.00 steps/s | ETA 0:00:07 | '
                           'elapsed 0:00:34')
   assert len(lines) == 2
   # Logged at every step: the line of the compiling step has nothing timed yet.
@@ -274,9 +274,9 @@ def test_progress_eta_of_a_run_resumed_in_the_adversarial_phase():
                                       clock=_fake_clock([0.0, 0.5, 30.0, 31.0, 32.0]))
   every_step.compiling(20)
   every_step.compiled(21)
-  assert every_step(21).startswith('step 21/32 (65.6%) | ? steps/s | ETA ? | elapsed 0:00:31')
+  assert every_step.update(21).startswith('step 21/32 (65.6%) | ? steps/s | ETA ? | elapsed 0:00:31')
   # Step 22 in 1 s (from t=31, when step 21's line was logged): 10 steps left.
-  assert every_step(22).startswith('step 22/32 (68.8%) | 1.00 steps/s | ETA 0:00:10 |')
+  assert every_step.update(22).startswith('step 22/32 (68.8%) | 1.00 steps/s | ETA 0:00:10 |')
 
 
 def test_progress_eta_shares_a_stretch_over_two_phases_by_their_costs():
@@ -285,7 +285,7 @@ def test_progress_eta_shares_a_stretch_over_two_phases_by_their_costs():
   phases = [summary.Phase('a', 10), summary.Phase('b', 30, step_cost=3.0)]
   progress = summary.ProgressLogger(30, 20, phases=phases, log=lambda _: None,
                                     clock=_fake_clock([0.0, 40.0]))
-  assert progress(20).startswith('step 20/30 (66.7%) | 0.50 steps/s | ETA 0:00:30 |')
+  assert progress.update(20).startswith('step 20/30 (66.7%) | 0.50 steps/s | ETA 0:00:30 |')
 
 
 def test_progress_phases_must_end_at_the_total():

@@ -8,6 +8,7 @@ Except where a test says so, the final evaluation (tested with train.py end to e
 replaced by a no-op.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import parallel
 from avae_jax import steps
+from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
 from configs import default
@@ -240,12 +242,12 @@ def test_calibrated_weights_bring_each_term_to_the_mse_scale():
 
 
 class _StepClock:
-  """A perf_counter that only steps move: the first call 100 s (it compiles), others 1 s."""
+  """A clock that only steps move: the first call 100 s (it compiles), others 1 s."""
 
   def __init__(self):
     self.now, self.calls = 0.0, 0
 
-  def perf_counter(self) -> float:
+  def __call__(self) -> float:
     return self.now
 
   def wrap(self, step_fn):
@@ -265,7 +267,8 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
   # The reference runs on a clock that only its steps and figures move, so that its
   # rates are exact; it writes figures every other step, 50 s each.
   clock, make_steps, figures = _StepClock(), parallel.make_steps, trainer._figures
-  monkeypatch.setattr(trainer, 'time', clock)
+  monkeypatch.setattr(summary, 'ProgressLogger',
+                      functools.partial(summary.ProgressLogger, clock=clock))
 
   def make_timed_steps(*args, **kwargs):
     fns = make_steps(*args, **kwargs)
@@ -314,6 +317,33 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
                      match=f'at step {TOTAL}, past the {TOTAL - 2} steps this config trains'):
     train(dict(BASE, adversarial_steps=BASE['adversarial_steps'] - 2), tmp_path / 'w2')
   assert (tmp_path / 'w2' / 'config.json').read_text() == saved
+
+
+def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, capsys):
+  # The reference's evaluation was a no-op (no final_metrics.json), as if the run had
+  # stopped during it: running again evaluates it.
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference[0], workdir)
+  results = train(BASE, workdir, evaluate=True)
+  saved = json.loads((workdir / 'final_metrics.json').read_text())
+  assert results['step'] == saved['step'] == TOTAL and 'rec_mse' in saved
+  jsonl = (workdir / 'metrics.jsonl').read_text()
+  assert jsonl.count('"eval/rec_mse"') == 1
+  events = sorted(p.name for p in workdir.glob('events.out.tfevents.*'))
+  capsys.readouterr()
+
+  def evaluated_again(*args, **kwargs):
+    raise AssertionError('a finished run was evaluated again')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(trainer, 'final_evaluation', evaluated_again)
+    again = trainer.train_and_evaluate(make_config(BASE), str(workdir))
+  assert again == saved
+  assert (f'the run is finished: {workdir / "final_metrics.json"} holds its final metrics '
+          f'at step {TOTAL} (eval.py evaluates it again)\n') in capsys.readouterr().out
+  # Nothing logged twice, no new event file, the checkpoints as they were.
+  assert (workdir / 'metrics.jsonl').read_text() == jsonl
+  assert sorted(p.name for p in workdir.glob('events.out.tfevents.*')) == events
+  assert committed_steps(workdir) == [12, 16, 20]
 
 
 def test_gating_thresholds_with_a_dead_band_are_warned_about(reference, tmp_path, capsys):
@@ -803,7 +833,7 @@ def nothing_compiled(monkeypatch):
     raise AssertionError('the trainer reached model/step construction')
   monkeypatch.setattr(steps, 'create_train_states', reached)
   monkeypatch.setattr(parallel, 'make_steps', reached)
-  monkeypatch.setattr(trainer, 'calibrate_weights', reached)
+  monkeypatch.setattr(trainer, 'probe_term_means', reached)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     yield events
