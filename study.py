@@ -34,6 +34,7 @@ from absl import logging
 
 from avae_jax import files
 from avae_jax import study_report
+from configs import study as study_config
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,7 +91,6 @@ def study_budget(out: str) -> str:
 
 def settings_from_flags(budget: str) -> Any:
   """The study's settings: configs/study.py at `budget` with --seeds/--datasets applied."""
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
   s = study_config.get_config(budget)
   if _SEEDS.value is not None:
     if _SEEDS.value < 1:
@@ -119,7 +119,7 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
   the report last ('report_command'), for the report's first line.
   """
   path = os.path.join(out, STUDY_FILE)
-  budget = {d: settings[d].to_dict() for d in ('shapes', 'fashion_mnist')}
+  budget = {d: settings[d].to_dict() for d in study_config.DATASETS}
   if os.path.exists(path):
     saved = _read_json(path)
     if json.loads(json.dumps(saved['per_dataset'], default=str)) != \
@@ -185,7 +185,6 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
 def _calibrate_held(path: str, settings: Any, dataset: str) -> dict[str, float]:
   """calibrate's work, while this process holds the dataset's CALIBRATION_LOCK."""
   from avae_jax import data, parallel, steps, trainer  # pylint: disable=g-import-not-at-top
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
   config = study_config.run_config(settings, dataset, 'vae_s', 0)
   started = time.monotonic()
   source = data.load(config, 'train')
@@ -238,7 +237,6 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
   workdir = study_report.run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, RUN_FILE)
   info = _read_run_info(info_path)
@@ -351,7 +349,6 @@ def check_datasets(settings: Any) -> None:
   otherwise fail its runs one by one, or stop the study at its calibration, hours in.
   """
   from avae_jax import data  # pylint: disable=g-import-not-at-top
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
   for dataset in settings.datasets.split(','):
     config = study_config.run_config(settings, dataset, 'vae', 0)
     try:
@@ -512,7 +509,6 @@ def main(argv: list[str]) -> None:
 
 def _partial(settings: Any, finished: int, total: int) -> str:
   """Why the report is not the whole study of its budget ('' when it is)."""
-  from configs import study as study_config  # pylint: disable=g-import-not-at-top
   whole = study_config.get_config(settings.budget)
   left_out = [f'--{field}={settings[field]}' for field in ('datasets', 'variants')
               if settings[field] != whole[field]]
