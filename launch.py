@@ -4,8 +4,8 @@
       train.py --config=configs/default.py --workdir=/tmp/avae
   python launch.py --num_processes=2 --devices_per_process=2 -- eval.py --workdir=/tmp/avae
 
-Each process gets M forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count),
-gloo for the collectives across processes, and the AVAE_* variables that
+Each process gets M forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count,
+which wins over a program's --config.cpu_devices, with a warning), gloo for the collectives across processes, and the AVAE_* variables that
 avae_jax.distributed.initialize() reads: a coordinator on 127.0.0.1 at a free port, the
 process count and the process id. Their stdout and stderr are forwarded line by line with
 a "[p0] " ... prefix (dropped, while the processes run on, once the launcher's own output

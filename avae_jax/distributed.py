@@ -61,9 +61,10 @@ class DistributedConfigError(ValueError):
 
 
 def _flag(holder: flags.FlagHolder) -> Any:
-  """A flag's value, or None where flags were not parsed (library use, tests)."""
+  """A flag's value where the command line gives it, else None (so AVAE_* applies)."""
   try:
-    return holder.value
+    # `present`: an explicit --nodistributed_auto overrides AVAE_DISTRIBUTED_AUTO=1.
+    return holder.value if holder.present else None
   except flags.UnparsedFlagAccessError:
     return None
 
@@ -129,7 +130,7 @@ def _settings(coordinator_address: str | None = None, num_processes: int | None 
              'the process id')
   timeout = _int(_first(timeout_s, _flag(_TIMEOUT), os.environ.get(ENV_TIMEOUT)),
                  'the distributed timeout')
-  auto = bool(_first(auto, _flag(_AUTO) or None, os.environ.get(ENV_AUTO) == '1' or None))
+  auto = bool(_first(auto, _flag(_AUTO), os.environ.get(ENV_AUTO) == '1' or None))
   return address, num, pid, timeout, auto
 
 
@@ -139,9 +140,10 @@ def several_processes_requested() -> bool:
   What initialize would start, or refuse for want of a coordinator or of a process count;
   without starting it. A coordinator with one process is a single-process run.
   """
-  address, num, _, _, auto = _settings()
-  return (num or 1) > 1 or (address is not None and num is None) or auto or \
-      on_multihost_tpu()
+  address, num, pid, _, auto = _settings()
+  # A process id alone is refused too: a process launched k times by hand.
+  return (num or 1) > 1 or (num is None and (address is not None or pid is not None)) or \
+      auto or on_multihost_tpu()
 
 
 def _start_runtime(**kwargs: Any) -> None:

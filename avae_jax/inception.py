@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avae_jax import files
 from avae_jax import metrics
 
 Params = Mapping[str, Any]
@@ -740,10 +741,9 @@ def save_npz(params: Params, path: str) -> None:
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(dict(params), sep='/').items()}
   _check_params(flat, path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}.npz'
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  files.write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------
@@ -845,8 +845,7 @@ def download_default_1(directory: str) -> str:
   return dst
 
 
-def fetch(cache_dir: str = DEFAULT_CACHE, download_dir: str | None = None,
-          force: bool = False) -> str:
+def fetch(cache_dir: str = DEFAULT_CACHE, force: bool = False) -> str:
   """Downloads and converts the weights to cache_dir/inception_fid.npz; returns its path."""
   dst = os.path.join(os.path.expanduser(cache_dir), NPZ_NAME)
   if os.path.exists(dst) and not force:
@@ -857,9 +856,6 @@ def fetch(cache_dir: str = DEFAULT_CACHE, download_dir: str | None = None,
       # A damaged cache (an interrupted copy, a truncated disk) is what fetch is run to fix.
       print(f'{e}; fetching again', file=sys.stderr)
   os.makedirs(os.path.dirname(dst), exist_ok=True)
-  if download_dir is not None:
-    save_npz(load_params(download_default_1(download_dir)), dst)
-    return dst
   with tempfile.TemporaryDirectory() as tmp:
     save_npz(load_params(download_default_1(tmp)), dst)
   return dst

@@ -3,7 +3,7 @@
 Both methods have the same calling convention: train states carry a leading device axis
 (see `replicate`), the batch is (num_devices, per_device, H, W, C), the key is one PRNG
 key shared by all devices, and the metrics come back as scalars (already averaged over
-devices, so no device axis). Both give the same numbers.
+devices, so no device axis). Both give the same numbers to float32 rounding.
 """
 
 from __future__ import annotations

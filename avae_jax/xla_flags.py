@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 
 # name -> value; each was measured on the CPU with the jaxlib series in JAXLIB_SERIES.
 CPU_FLAGS = {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'}
@@ -94,6 +95,13 @@ def process_cpu_threads() -> int | None:
 
 def apply(cpu_devices: int = 0) -> None:
   """Adds CPU_FLAGS (and a device count) to XLA_FLAGS; effective before JAX computes."""
-  flags = with_cpu_flags(os.environ.get('XLA_FLAGS', ''), cpu_devices=cpu_devices)
+  given = os.environ.get('XLA_FLAGS', '')
+  counts = [w.split('=', 1)[1] for w in given.split()
+            if w.lstrip('-').startswith(DEVICE_COUNT_FLAG + '=')]
+  if cpu_devices and counts and counts[-1] != str(cpu_devices):
+    # launch.py sets the count of each process (its --devices_per_process).
+    print(f'warning: config.cpu_devices={cpu_devices} is overridden by XLA_FLAGS '
+          f'(--{DEVICE_COUNT_FLAG}={counts[-1]})', file=sys.stderr, flush=True)
+  flags = with_cpu_flags(given, cpu_devices=cpu_devices)
   if flags:
     os.environ['XLA_FLAGS'] = flags

@@ -527,6 +527,27 @@ def test_a_keyboard_interrupt_in_a_multi_process_run_is_no_failure(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+def test_a_command_line_flag_overrides_its_variable_false_included():
+  # --nodistributed_auto read as "not given", so AVAE_DISTRIBUTED_AUTO=1 still won.
+  program = ('import sys; from absl import flags; from avae_jax import distributed; '
+             'flags.FLAGS(sys.argv); print(distributed.several_processes_requested())')
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith('AVAE_') and k != 'TPU_WORKER_HOSTNAMES'}
+  for args, variables, expected in (([], {'AVAE_DISTRIBUTED_AUTO': '1'}, 'True'),
+                                    (['--nodistributed_auto'], {'AVAE_DISTRIBUTED_AUTO': '1'},
+                                     'False'),
+                                    (['--distributed_auto'], {}, 'True'),
+                                    ([], {}, 'False'),
+                                    # Refused by initialize, so asked for: not one process.
+                                    ([], {'AVAE_PROCESS_ID': '1'}, 'True'),
+                                    (['--process_id=1'], {}, 'True'),
+                                    (['--num_processes=1', '--process_id=0'], {}, 'False')):
+    proc = subprocess.run([sys.executable, '-c', program, *args], cwd=REPO,
+                          env=dict(env, **variables), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == expected, (args, variables, proc.stderr[-2000:])
+
+
 def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top

@@ -70,6 +70,22 @@ def test_apply_takes_the_convolution_away_from_ynnpack():
   assert not _convolution_uses_ynnpack('apply')
 
 
+def test_a_device_count_in_xla_flags_wins_over_cpu_devices_with_a_warning(monkeypatch,
+                                                                          capsys):
+  # launch.py sets each process's count; config.cpu_devices was dropped without a word.
+  count = f'--{xla_flags.DEVICE_COUNT_FLAG}'
+  monkeypatch.setenv('XLA_FLAGS', f'{count}=2')
+  xla_flags.apply(cpu_devices=4)
+  assert f'{count}=2' in os.environ['XLA_FLAGS'] and f'{count}=4' not in os.environ['XLA_FLAGS']
+  assert capsys.readouterr().err == (
+      f'warning: config.cpu_devices=4 is overridden by XLA_FLAGS ({count}=2)\n')
+  for flags, cpu_devices in ((f'{count}=4', 4), (f'{count}=2', 0), ('', 4)):  # no conflict
+    monkeypatch.setenv('XLA_FLAGS', flags)
+    xla_flags.apply(cpu_devices=cpu_devices)
+    assert capsys.readouterr().err == ''
+  assert f'{count}=4' in os.environ['XLA_FLAGS']
+
+
 def test_cpu_threads_reads_what_xla_reads(monkeypatch):
   # PJRT_NPROC, then NPROC, a value that is not a number skipped; else the usable cores.
   for name in xla_flags.THREAD_COUNT_VARS:
