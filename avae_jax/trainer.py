@@ -507,6 +507,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     if is_main:
       _warn_of_a_changed_run(config, meta, setup_.train_source.num_examples, cpu_threads)
 
+  finished = (_final_metrics(workdir, start_step)
+              if restored is not None and start_step == setup_.total_steps else None)
+  if finished is not None:
+    # The same command run again (a scheduler restarting a finished job): nothing to
+    # train, the evaluation's results would only be written twice, and config.json stays
+    # the config they were computed with.
+    print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
+          f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
+    return finished
+
   # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
   # nothing was trained under the calibration, so it is made as for a new run.
   trained = start_step > 0
@@ -536,14 +546,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
             'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
             'adversarial phase can stall there', file=sys.stderr, flush=True)
-  if start_step == total:
-    finished = _final_metrics(workdir, total)
-    if finished is not None:
-      # The same command run again (a scheduler restarting a finished job): nothing to
-      # train, and the evaluation's results would only be written twice.
-      print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
-            f'final metrics at step {total} (eval.py evaluates it again)', flush=True)
-      return finished
   r_vae = parallel.replicate(vae_state, setup_.devices, setup_.step_config.axis_name)
   r_disc = parallel.replicate(disc_state, setup_.devices, setup_.step_config.axis_name)
 

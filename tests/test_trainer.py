@@ -330,14 +330,17 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
   jsonl = (workdir / 'metrics.jsonl').read_text()
   assert jsonl.count('"eval/rec_mse"') == 1
   events = sorted(p.name for p in workdir.glob('events.out.tfevents.*'))
+  config_json = (workdir / 'config.json').read_text()
   capsys.readouterr()
 
   def evaluated_again(*args, **kwargs):
     raise AssertionError('a finished run was evaluated again')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, 'final_evaluation', evaluated_again)
-    again = trainer.train_and_evaluate(make_config(BASE), str(workdir))
-  assert again == saved
+    # Another evaluation setting: config.json stays the one the metrics were computed with.
+    again = trainer.train_and_evaluate(make_config(dict(BASE, **{'eval.num_images': 16})),
+                                       str(workdir))
+  assert again == saved and (workdir / 'config.json').read_text() == config_json
   assert (f'the run is finished: {workdir / "final_metrics.json"} holds its final metrics '
           f'at step {TOTAL} (eval.py evaluates it again)\n') in capsys.readouterr().out
   # Nothing logged twice, no new event file, the checkpoints as they were.
