@@ -76,17 +76,12 @@ def _write_json(path: str, obj: Any) -> None:
   files.write_json(path, obj, str)
 
 
-def _read_json(path: str) -> Any:
-  """Parses a JSON file; avae_jax is imported after main's restart and XLA flags."""
-  return files.read_json(path)
-
-
 def study_budget(out: str) -> str:
   """--budget, else the budget OUT/study.json records (a rerun or --report_only), else cpu."""
   if _BUDGET.value is not None:
     return _BUDGET.value
   path = os.path.join(out, STUDY_FILE)
-  return str(_read_json(path).get('budget', 'cpu')) if os.path.exists(path) else 'cpu'
+  return str(files.read_json(path).get('budget', 'cpu')) if os.path.exists(path) else 'cpu'
 
 
 def settings_from_flags(budget: str) -> Any:
@@ -121,7 +116,7 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
   path = os.path.join(out, STUDY_FILE)
   budget = {d: settings[d].to_dict() for d in study_config.DATASETS}
   if os.path.exists(path):
-    saved = _read_json(path)
+    saved = files.read_json(path)
     if json.loads(json.dumps(saved['per_dataset'], default=str)) != \
         json.loads(json.dumps(budget, default=str)):
       raise app.UsageError(
@@ -171,14 +166,14 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   """
   path = os.path.join(out, dataset, CALIBRATION_FILE)
   if os.path.exists(path):
-    return _read_json(path)['weights']
+    return files.read_json(path)['weights']
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # Two processes calibrating at once spent the minutes twice, and the later file replaced
   # the λ's the other's runs had been given.
   with files.exclusive(os.path.dirname(path), 'study.py', wait=True,
                        lock_file=CALIBRATION_LOCK):
     if os.path.exists(path):
-      return _read_json(path)['weights']
+      return files.read_json(path)['weights']
     return _calibrate_held(path, settings, dataset)
 
 
@@ -291,7 +286,7 @@ def _read_run_info(info_path: str) -> dict[str, Any]:
   """
   if not os.path.exists(info_path):
     return {'wall_s': 0.0, 'sessions': 0}
-  info = _read_json(info_path)
+  info = files.read_json(info_path)
   if info.get('status') == study_report.RUNNING:
     info['wall_s'] += study_report.session_s(info)  # as the report counts it
     info['killed_sessions'] = int(info.get('killed_sessions', 0)) + 1
