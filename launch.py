@@ -5,7 +5,8 @@
   python launch.py --num_processes=2 --devices_per_process=2 -- eval.py --workdir=/tmp/avae
 
 Each process gets M forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count,
-which wins over a program's --config.cpu_devices, with a warning), gloo for the collectives across processes, and the AVAE_* variables that
+which wins over a program's --config.cpu_devices, with a warning), gloo for the
+collectives across processes, and the AVAE_* variables that
 avae_jax.distributed.initialize() reads: a coordinator on 127.0.0.1 at a free port, the
 process count and the process id. Their stdout and stderr are forwarded line by line with
 a "[p0] " ... prefix (dropped, while the processes run on, once the launcher's own output
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -57,9 +57,8 @@ def child_env(base: dict[str, str], *, process_id: int, num_processes: int,
   """The environment of process `process_id`: CPU devices, gloo, and the AVAE_* variables."""
   env = dict(base)
   # Replace (not duplicate) a device count the caller's XLA_FLAGS may already force.
-  count = f'--{xla_flags.DEVICE_COUNT_FLAG}'
-  flags = re.sub(re.escape(count) + r'=\S*', '', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = ' '.join(flags.split() + [f'{count}={devices_per_process}'])
+  env['XLA_FLAGS'] = xla_flags.with_device_count(env.get('XLA_FLAGS', ''),
+                                                 devices_per_process)
   env['JAX_PLATFORMS'] = 'cpu'
   env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] = 'gloo'
   env['PYTHONUNBUFFERED'] = '1'  # lines arrive when printed, not when a buffer fills

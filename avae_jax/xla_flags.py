@@ -50,6 +50,22 @@ def _jaxlib_version() -> str:
     return ''
 
 
+def _name(word: str) -> str:
+  """The flag name of an XLA_FLAGS word such as --name=value."""
+  return word.lstrip('-').split('=', 1)[0]
+
+
+def given_flags(xla_flags: str) -> dict[str, str]:
+  """{name: value} of the flags an XLA_FLAGS string sets (a repeated one: its last value)."""
+  return {_name(w): w.partition('=')[2] for w in xla_flags.split()}
+
+
+def with_device_count(xla_flags: str, count: int) -> str:
+  """`xla_flags` with `count` CPU devices, in place of any count it sets."""
+  words = [w for w in xla_flags.split() if _name(w) != DEVICE_COUNT_FLAG]
+  return ' '.join(words + [f'--{DEVICE_COUNT_FLAG}={count}'])
+
+
 def with_cpu_flags(xla_flags: str, jaxlib_version: str | None = None,
                    cpu_devices: int = 0) -> str:
   """`xla_flags` plus each of CPU_FLAGS (and the device count, if > 0) it does not set."""
@@ -60,8 +76,8 @@ def with_cpu_flags(xla_flags: str, jaxlib_version: str | None = None,
   # The device count is a long-standing flag of every jaxlib, so it needs no version.
   if cpu_devices:
     wanted[DEVICE_COUNT_FLAG] = str(cpu_devices)
+  given = given_flags(xla_flags)
   words = xla_flags.split()
-  given = {w.lstrip('-').split('=', 1)[0] for w in words}
   words += [f'--{name}={value}' for name, value in wanted.items() if name not in given]
   return ' '.join(words)
 
@@ -96,12 +112,11 @@ def process_cpu_threads() -> int | None:
 def apply(cpu_devices: int = 0) -> None:
   """Adds CPU_FLAGS (and a device count) to XLA_FLAGS; effective before JAX computes."""
   given = os.environ.get('XLA_FLAGS', '')
-  counts = [w.split('=', 1)[1] for w in given.split()
-            if w.lstrip('-').startswith(DEVICE_COUNT_FLAG + '=')]
-  if cpu_devices and counts and counts[-1] != str(cpu_devices):
+  count = given_flags(given).get(DEVICE_COUNT_FLAG)
+  if cpu_devices and count is not None and count != str(cpu_devices):
     # launch.py sets the count of each process (its --devices_per_process).
     print(f'warning: config.cpu_devices={cpu_devices} is overridden by XLA_FLAGS '
-          f'(--{DEVICE_COUNT_FLAG}={counts[-1]})', file=sys.stderr, flush=True)
+          f'(--{DEVICE_COUNT_FLAG}={count})', file=sys.stderr, flush=True)
   flags = with_cpu_flags(given, cpu_devices=cpu_devices)
   if flags:
     os.environ['XLA_FLAGS'] = flags
