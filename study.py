@@ -63,9 +63,6 @@ _MAX_HOURS = flags.DEFINE_float(
     'max_hours', 0.0, 'Stop starting new runs after this many hours (0: no limit); the '
     'report then says which runs are missing. Rerun to continue.')
 
-# study_report's: they lay out OUT, which the report reads.
-STUDY_FILE, RUN_FILE = study_report.STUDY_FILE, study_report.RUN_FILE
-CALIBRATION_FILE = study_report.CALIBRATION_FILE
 REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
 CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
 HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.json
@@ -80,7 +77,7 @@ def study_budget(out: str) -> str:
   """--budget, else the budget OUT/study.json records (a rerun or --report_only), else cpu."""
   if _BUDGET.value is not None:
     return _BUDGET.value
-  path = os.path.join(out, STUDY_FILE)
+  path = os.path.join(out, study_report.STUDY_FILE)
   return str(files.read_json(path).get('budget', 'cpu')) if os.path.exists(path) else 'cpu'
 
 
@@ -113,7 +110,7 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
   the study are kept ('commands', in order, e.g. one per dataset), and the one that wrote
   the report last ('report_command'), for the report's first line.
   """
-  path = os.path.join(out, STUDY_FILE)
+  path = os.path.join(out, study_report.STUDY_FILE)
   budget = {d: settings[d].to_dict() for d in study_config.DATASETS}
   if os.path.exists(path):
     saved = files.read_json(path)
@@ -164,7 +161,7 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   Processes sharing OUT take turns (OUT/<dataset>/calibration.lock): one calibrates, the
   others wait and read its λ's.
   """
-  path = os.path.join(out, dataset, CALIBRATION_FILE)
+  path = os.path.join(out, dataset, study_report.CALIBRATION_FILE)
   if os.path.exists(path):
     return files.read_json(path)['weights']
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -233,7 +230,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
   workdir = study_report.run_dir(out, dataset, variant, seed)
-  info_path = os.path.join(workdir, RUN_FILE)
+  info_path = os.path.join(workdir, study_report.RUN_FILE)
   info = _read_run_info(info_path)
   info['sessions'] += 1
   # Recorded before training: a process killed outright (SIGKILL, out of memory) never
@@ -326,7 +323,7 @@ def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
 def _record_failure(workdir: str, status: str) -> None:
   """Records in the run's study_run.json why it could not start (the report shows it)."""
   os.makedirs(workdir, exist_ok=True)
-  info_path = os.path.join(workdir, RUN_FILE)
+  info_path = os.path.join(workdir, study_report.RUN_FILE)
   try:
     with files.exclusive(workdir, 'study.py', lock_file=study_report.RUN_LOCK):
       info = _read_run_info(info_path)
@@ -431,9 +428,9 @@ def main(argv: list[str]) -> None:
   summary.quiet_library_logs()
   out = os.path.abspath(_OUT.value)
   settings = settings_from_flags(study_budget(out))
-  if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, STUDY_FILE)):
+  if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, study_report.STUDY_FILE)):
     # A mistyped --out would otherwise give an empty report, published over docs/.
-    raise app.UsageError(f'--out={_OUT.value} holds no study (no {STUDY_FILE}); '
+    raise app.UsageError(f'--out={_OUT.value} holds no study (no {study_report.STUDY_FILE}); '
                          '--report_only reports on the runs of an existing study')
   problem = files.output_dir_problem(out, 'the study directory (--out)')
   if problem:

@@ -582,7 +582,7 @@ def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
   info = _study_main(monkeypatch, [f'--out={tmp_path}', '--budget=test', '--datasets=shapes',
                                    '--variants=vae', '--publish=false'], app.UsageError)
   assert str(info.value) == 'dataset shapes: unreadable'
-  assert not (tmp_path / study.STUDY_FILE).exists()
+  assert not (tmp_path / study_report.STUDY_FILE).exists()
 
 
 def test_report_only_cannot_raise_the_seed_count(tmp_path, monkeypatch):
@@ -598,7 +598,7 @@ def test_report_only_cannot_raise_the_seed_count(tmp_path, monkeypatch):
   with pytest.raises(app.UsageError, match=r'--seeds=5 would raise the study\'s seed count '
                      r'\(2\).*--report_only'):
     study.check_study_file(str(tmp_path), settings, report_only=True)
-  assert json.loads((tmp_path / study.STUDY_FILE).read_text())['seeds'] == 2
+  assert json.loads((tmp_path / study_report.STUDY_FILE).read_text())['seeds'] == 2
   settings.seeds = 1
   assert study.check_study_file(str(tmp_path), settings, report_only=True) == 2
 

@@ -274,7 +274,8 @@ def test_progress_eta_of_a_run_resumed_in_the_adversarial_phase():
                                       clock=_fake_clock([0.0, 0.5, 30.0, 31.0, 32.0]))
   every_step.compiling(20)
   every_step.compiled(21)
-  assert every_step.update(21).startswith('step 21/32 (65.6%) | ? steps/s | ETA ? | elapsed 0:00:31')
+  assert every_step.update(21).startswith(
+      'step 21/32 (65.6%) | ? steps/s | ETA ? | elapsed 0:00:31')
   # Step 22 in 1 s (from t=31, when step 21's line was logged): 10 steps left.
   assert every_step.update(22).startswith('step 22/32 (68.8%) | 1.00 steps/s | ETA 0:00:10 |')
 
