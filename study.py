@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from absl import app
 from absl import flags
@@ -132,8 +132,7 @@ def check_study_file(out: str, settings: Any, report_only: bool = False,
     record = {'budget': settings.budget, 'per_dataset': budget, 'seeds': int(settings.seeds),
               'num_devices': int(settings.num_devices), 'created': time.time()}
   command = ' '.join(['python'] + [os.path.basename(sys.argv[0])] + sys.argv[1:])
-  commands = record.get('commands') or ([record['command']] if record.get('command') else [])
-  record.pop('command', None)
+  commands = record.get('commands', [])
   if not report_only and command not in commands:
     commands.append(command)
   record.update(commands=commands, report_command=command)
@@ -165,8 +164,8 @@ def calibrate(out: str, settings: Any, dataset: str) -> dict[str, float]:
   if os.path.exists(path):
     return files.read_json(path)['weights']
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Two processes calibrating at once spent the minutes twice, and the later file replaced
-  # the λ's the other's runs had been given.
+  # Two processes calibrating at once would spend the minutes twice, and the later file
+  # would replace the λ's the other's runs were given.
   with files.exclusive(os.path.dirname(path), 'study.py', wait=True,
                        lock_file=CALIBRATION_LOCK):
     if os.path.exists(path):
@@ -214,8 +213,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
         time.sleep(0.5)
         stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=lock))
     except files.LockedError as e:
-      # Without this the trainer's own lock made it a failed run, and this process wrote
-      # that failure over the study_run.json of the process training it.
+      # Left to the trainer's own lock it would be a failed run, and this process would
+      # write that failure over the study_run.json of the process training it.
       status = f'skipped: being trained by another process ({e})'
       print(f'[study] {dataset} {variant} seed {seed}: {status}', flush=True)
       return status
@@ -351,7 +350,15 @@ def check_datasets(settings: Any) -> None:
       raise app.UsageError(f'dataset {dataset}: {e}{hint}') from None
 
 
-def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str, str, int, str]]:
+class RunStatus(NamedTuple):
+  """How one run of the study ended in this session ('done', 'failed: ...', 'skipped: ...')."""
+  dataset: str
+  variant: str
+  seed: int
+  status: str
+
+
+def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[RunStatus]:
   """Trains every missing run, seed-major so that early seeds complete first."""
   datasets = settings.datasets.split(',')
   variants = settings.variants.split(',')
@@ -381,17 +388,17 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[tuple[str
       for variant in variants:
         workdir = study_report.run_dir(out, dataset, variant, seed)
         if out_of_time() and not study_report.is_finished(workdir):
-          statuses.append((dataset, variant, seed, 'skipped: --max_hours reached'))
+          statuses.append(RunStatus(dataset, variant, seed, 'skipped: --max_hours reached'))
           continue
         if (variant.endswith('_s') and dataset in calibration_failed
             and not study_report.is_finished(workdir)):
           # Trained without the λ's it would silently be a model with the default weights.
           status = f'failed: calibration of {dataset}: {calibration_failed[dataset]}'
           _record_failure(workdir, status)
-          statuses.append((dataset, variant, seed, status))
+          statuses.append(RunStatus(dataset, variant, seed, status))
           continue
-        statuses.append((dataset, variant, seed,
-                         train_one(out, settings, dataset, variant, seed, weights)))
+        statuses.append(RunStatus(dataset, variant, seed,
+                                  train_one(out, settings, dataset, variant, seed, weights)))
   return statuses
 
 
@@ -461,10 +468,10 @@ def main(argv: list[str]) -> None:
       print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
             flush=True)
       sys.exit(128 + e.signum)
-    failed = [s for s in statuses if s[3] != 'done']
+    failed = [s for s in statuses if s.status != 'done']
     print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
           f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)
-    failed_runs = [s for s in failed if s[3].startswith('failed')]
+    failed_runs = [s for s in failed if s.status.startswith('failed')]
   notes = _NOTES.value
   if notes is None and os.path.exists(os.path.join(out, 'discussion.md')):
     notes = os.path.join(out, 'discussion.md')

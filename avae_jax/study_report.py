@@ -48,6 +48,9 @@ CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
 FINAL_METRICS = 'final_metrics.json'  # each run's workdir, written by the trainer at its end
 RUNNING = 'running'  # study_run.json's status while a session trains the run
+# Fashion-MNIST's training images, as configs/study.py counts them (configs import no
+# library module, and this one no config).
+FASHION_MNIST_TRAIN = 60000
 # A latent dimension is "active" (Burda et al. 2016) when Var_x(E[z_j|x]) > 0.01.
 ACTIVE_THRESHOLD = 0.01
 
@@ -93,8 +96,9 @@ def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
 
 
 def is_finished(workdir: str) -> bool:
-  """A run is finished when the trainer wrote its final metrics."""
-  return os.path.exists(os.path.join(workdir, FINAL_METRICS))
+  """A run is finished when the trainer wrote its final metrics (Run.finished, read)."""
+  # Read, not only found: the trainer evaluates a run again whose file does not parse.
+  return _read_json(os.path.join(workdir, FINAL_METRICS)) is not None
 
 
 def _read_json(path: str) -> Any:
@@ -243,9 +247,11 @@ def _fmt_ground_truth(per_seed: Mapping[int, float], spread: str = '') -> str:
   return fmt(vals[0]) if len(set(vals)) == 1 else (fmt_ms(vals) + spread if vals else '-')
 
 
-def _by(runs: Sequence[Run], dataset: str, variant: str) -> list[Run]:
-  return sorted((r for r in runs if r.dataset == dataset and r.variant == variant),
-                key=lambda r: r.seed)
+def _by(runs: Sequence[Run], dataset: str, variant: str,
+        finished: bool = False) -> list[Run]:
+  """The runs of one model, by seed; only the finished ones with `finished`."""
+  return sorted((r for r in runs if r.dataset == dataset and r.variant == variant
+                 and (r.finished or not finished)), key=lambda r: r.seed)
 
 
 def lowest_logged(runs: Sequence[Run], dataset: str, variants: Sequence[str],
@@ -253,7 +259,7 @@ def lowest_logged(runs: Sequence[Run], dataset: str, variants: Sequence[str],
   """Each model's lowest-seed run with a logged window (one with `key`, if given).
 
   A run that failed before its first log line has no history: shown for its model, it
-  left the model out of the loss-scale table and without a thick line in the curves.
+  would leave the model out of the loss-scale table and without a thick line in the curves.
   """
   out = {}
   for v in variants:
@@ -315,7 +321,7 @@ def table_iii(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -> str
       gt_cell = '-'
     cells = []
     for v in variants:
-      rs = [r for r in _by(runs, dataset, v) if r.finished]
+      rs = _by(runs, dataset, v, finished=True)
       if key is None:
         cells.append('skipped' if rs else '-')
       else:
@@ -373,6 +379,7 @@ def claims() -> list[Claim]:
   for a, b, why in pairs:
     out.append(Claim(f'{NAMES[a]} reconstructions sharper than {NAMES[b]} ({why})',
                      'rec_sharpness_mean', 'higher', a, b, 'rec_sharpness_mean'))
+  # Table II's sharpness of samples holds Table III's reconstruction values, truncated.
   for a, b, why in pairs:
     out.append(Claim(f'{NAMES[a]} samples sharper than {NAMES[b]} ({why})',
                      'sample_sharpness_mean', 'higher', a, b, 'rec_sharpness_mean'))
@@ -416,8 +423,8 @@ def _finite(x: Any) -> bool:
 
 def check_claim(runs: Sequence[Run], dataset: str, claim: Claim) -> dict[str, Any]:
   """Paired per-seed differences a - b, signed so that > 0 means the claim's direction."""
-  a = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.a) if r.finished}
-  b = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.b) if r.finished}
+  a = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.a, finished=True)}
+  b = {r.seed: _metric(r, claim.key) for r in _by(runs, dataset, claim.b, finished=True)}
   seeds = sorted(s for s in a if s in b and _finite(a[s]) and _finite(b[s]))
   sign = 1.0 if claim.better == 'higher' else -1.0
   res: dict[str, Any] = {'n': len(seeds)}
@@ -501,9 +508,14 @@ def _paper_cell(r: dict[str, Any]) -> str:
 # Diagnostics: the defects to rule out before believing a failed claim.
 
 
+def _pretrain_steps(run: Run) -> int:
+  """The run's pre-training steps (0 where its config.json is missing)."""
+  return int((run.config or {}).get('pretrain_steps', 0))
+
+
 def _phase_rows(run: Run) -> tuple[list[dict], list[dict]]:
   """metrics.jsonl rows of the pre-training and of the adversarial phase."""
-  pre = int((run.config or {}).get('pretrain_steps', 0))
+  pre = _pretrain_steps(run)
   return ([h for h in run.history if h['step'] <= pre],
           [h for h in run.history if h['step'] > pre])
 
@@ -522,7 +534,7 @@ def _weighted(rows: list[dict], key: str, start: int) -> float | None:
 
 def gating_stats(run: Run) -> dict[str, Any]:
   """How often each gated update ran, and the discriminator's accuracy, in the adversarial phase."""
-  pre = int((run.config or {}).get('pretrain_steps', 0))
+  pre = _pretrain_steps(run)
   _, adv = _phase_rows(run)
   if not adv:
     return {}
@@ -541,7 +553,8 @@ def gating_stats(run: Run) -> dict[str, Any]:
 def loss_scales(run: Run) -> dict[str, Any]:
   """Each term of the objective as it enters the loss, in the last logged window of each phase."""
   cfg = run.config or {}
-  scale = float(cfg.get('loss', {}).get('reconstruction_scale') or 0.0)
+  loss_cfg = cfg.get('loss', {})
+  scale = float(loss_cfg.get('reconstruction_scale') or 0.0)
   if not scale:
     scale = float(cfg.get('image_size', 0)) ** 2 * float(cfg.get('channels', 0))
   out = {}
@@ -553,9 +566,12 @@ def loss_scales(run: Run) -> dict[str, Any]:
            'scaled_mse': scale * h.get('mse', float('nan')),
            'kl': h.get('kl'), 'loss': h.get('loss')}
     if 'tc' in h:
-      row['tc'] = float(cfg.get('loss', {}).get('tc_weight', 1.0)) * h['tc']
+      row['tc'] = float(loss_cfg.get('tc_weight', 1.0)) * h['tc']
     if 'gen_loss' in h:
-      row['adv'] = float(cfg.get('loss', {}).get('adversarial_weight', 1.0)) * h['gen_loss']
+      row['adv'] = float(loss_cfg.get('adversarial_weight', 1.0)) * h['gen_loss']
+      # The VAE's own terms beside it, and the adversarial term's share of the sum.
+      row['vae_terms'] = abs(row['scaled_rec']) + abs(row['kl'] or 0) + abs(row.get('tc') or 0)
+      row['adv_share'] = row['adv'] / (row['vae_terms'] + row['adv'])
     out[phase] = row
   return out
 
@@ -593,8 +609,7 @@ def posterior_stats(run: Run) -> dict[str, Any] | None:
   stats = {'kl_per_dim': [float(v) for v in kl], 'var_mu': [float(v) for v in var_mu],
            'active': int(np.sum(var_mu > ACTIVE_THRESHOLD)), 'latent_dim': int(mu.shape[1]),
            'num_images': int(mu.shape[0])}
-  with open(path, 'w') as f:
-    json.dump(stats, f, indent=1)
+  files.write_json(path, stats)
   return stats
 
 
@@ -675,7 +690,7 @@ def plot_losses(runs: Sequence[Run], dataset: str, variants: Sequence[str], path
         x, y = _series(r, key)
         if x.size == 0:
           continue
-        pre = pre or int((r.config or {}).get('pretrain_steps', 0))
+        pre = pre or _pretrain_steps(r)
         first = r.seed == thick.get(v)
         # Dashed for the adversarial models: their pre-training lies on their base model's.
         ax.plot(x, y, color=COLORS[v], lw=1.4 if first else 0.6,
@@ -751,7 +766,7 @@ def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str
   """
   out, seeds = {}, {}
   for v in variants:
-    done = [r for r in _by(runs, dataset, v) if r.finished]
+    done = _by(runs, dataset, v, finished=True)
     if not done:
       continue
     r = done[0]
@@ -795,7 +810,7 @@ def _settings_table(settings: Any, datasets: Sequence[str]) -> str:
       if label.startswith('image size'):
         cells.append(f'{s.image_size}×{s.image_size}×{s.channels}')
       elif label == 'training images':
-        cells.append(str(s.num_train) if s.dataset == 'shapes' else '60000')
+        cells.append(str(_num_train(s)))
       else:
         val = s[key]
         cells.append(str(tuple(val)) if isinstance(val, (list, tuple)) else str(val))
@@ -803,10 +818,14 @@ def _settings_table(settings: Any, datasets: Sequence[str]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _num_train(s: Any) -> int:
+  """Training images of a dataset's settings (configs/study.py)."""
+  return s.num_train if s.dataset == 'shapes' else FASHION_MNIST_TRAIN
+
+
 def _epochs(settings: Any, dataset: str) -> float:
   s = settings[dataset]
-  n = s.num_train if s.dataset == 'shapes' else 60000
-  return s.pretrain_steps * s.batch_size / n
+  return s.pretrain_steps * s.batch_size / _num_train(s)
 
 
 def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
@@ -868,15 +887,11 @@ def _diagnostics(runs: Sequence[Run], dataset: str,
   for v, run in logged.items():
     sc = loss_scales(run)
     for phase, row in sc.items():
-      share = None
-      if 'adv' in row:
-        base = abs(row['scaled_rec']) + abs(row.get('kl') or 0) + abs(row.get('tc') or 0)
-        share = row['adv'] / (base + row['adv'])
       lines.append(f'| {NAMES[v]} | {phase} | {fmt(row["scaled_rec"])} | '
                    f'{fmt(row["scaled_mse"])} | {fmt(row.get("kl"))} | '
                    f'{fmt(row.get("tc")) if "tc" in row else "-"} | '
                    f'{fmt(row.get("adv")) if "adv" in row else "-"} | '
-                   f'{_pct100(share) if share is not None else "-"} |')
+                   f'{_pct100(row["adv_share"]) if "adv" in row else "-"} |')
   lines.append('')
   # Posterior.
   lines += [f'**Posterior.** KL per latent dimension on the evaluation images; a dimension '
@@ -884,7 +899,7 @@ def _diagnostics(runs: Sequence[Run], dataset: str,
             'Few active dimensions would mean posterior collapse.', '']
   rows, shown = [], {}
   for v in variants:
-    stats = [(r, posterior_stats(r)) for r in _by(runs, dataset, v) if r.finished]
+    stats = [(r, posterior_stats(r)) for r in _by(runs, dataset, v, finished=True)]
     for r, s in stats:
       if not s or 'active' not in s:
         unchecked.append(f'{dataset} {NAMES[v]} seed {r.seed}: posterior collapse '
@@ -966,22 +981,21 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
              'the paper pre-trained 100 epochs of CelebA (96×96) and does not give the '
              "fine-tuning's length (configs/celeba.py: 10 epochs).")
   for v in ('avae', 'avae_s'):
-    rs = [r for r in _by(runs, dataset, v) if r.finished]
+    rs = _by(runs, dataset, v, finished=True)
     if not rs:
       continue
     sc = loss_scales(rs[0]).get('adversarial')
     g = gating_stats(rs[0])
     if sc and 'adv' in sc:
-      base = abs(sc['scaled_rec']) + abs(sc.get('kl') or 0) + abs(sc.get('tc') or 0)
       out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = '
-                 f'{fmt(sc["adv"], 3)} is {_pct100(sc["adv"] / (base + sc["adv"]))} of the '
-                 'objective next to '
-                 f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = {fmt(base, 4)} '
+                 f'{fmt(sc["adv"], 3)} is {_pct100(sc["adv_share"])} of the objective next to '
+                 f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = '
+                 f'{fmt(sc["vae_terms"], 4)} '
                  '(λ_adv = 1, L_REC summed over pixels); '
                  f'the VAE was updated in {_pct100(g.get("vae_updated"))} and D in '
                  f'{_pct100(g.get("disc_updated"))} of the adversarial steps.')
-  rs_s = [r for r in _by(runs, dataset, 'vae_s') if r.finished]
-  rs_v = [r for r in _by(runs, dataset, 'vae') if r.finished]
+  rs_s = _by(runs, dataset, 'vae_s', finished=True)
+  rs_v = _by(runs, dataset, 'vae', finished=True)
   if rs_s:
     sc = loss_scales(rs_s[0]).get('pretrain')
     if sc and sc.get('scaled_mse'):
@@ -1107,8 +1121,8 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   L = []
   L.append('# Reproduction study: VAE, AVAE, VAE-S and AVAE-S')
   L.append('')
-  commands = study.get('commands') or [study.get('command') or
-                                       f'python study.py --out=DIR --budget={settings.budget}']
+  commands = (study.get('commands')
+              or [f'python study.py --out=DIR --budget={settings.budget}'])
   runs_by = ' and '.join(f'`{c}`' for c in commands)
   made = f'Generated by {runs_by}'
   report_command = study.get('report_command')

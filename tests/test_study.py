@@ -1,11 +1,13 @@
 """The study command end to end on the tiny 'test' budget, and the report's arithmetic."""
 
+import gzip
 import json
 import os
 import re
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -688,6 +690,27 @@ def test_budgets_are_identical_across_models():
   assert study_config.get_config('cpu').seeds >= 3
 
 
+def test_the_fashion_mnist_size_is_the_debian_files():
+  # The budgets' epochs and the report's settings table count the training images.
+  path = os.path.join(study_config.FASHION_MNIST_ARRAYS.split(':', 1)[1],
+                      'train-images-idx3-ubyte.gz')
+  if not os.path.exists(path):
+    pytest.skip('Debian dataset-fashion-mnist is not installed')
+  with gzip.open(path) as f:
+    magic, count = struct.unpack('>II', f.read(8))
+  assert magic == 0x803 and count == study_config.FASHION_MNIST_TRAIN
+  assert study_report.FASHION_MNIST_TRAIN == study_config.FASHION_MNIST_TRAIN
+
+
+def test_a_run_whose_final_metrics_do_not_parse_is_not_finished(tmp_path):
+  # The trainer evaluates such a run again; the study must not skip it as done.
+  assert not study_report.is_finished(str(tmp_path))
+  (tmp_path / 'final_metrics.json').write_text('{"step": 8, "rec_m')
+  assert not study_report.is_finished(str(tmp_path))
+  files.write_json(tmp_path / 'final_metrics.json', {'step': 8})
+  assert study_report.is_finished(str(tmp_path))
+
+
 def test_past_max_hours_nothing_is_calibrated_or_trained(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   now = [0.0]
@@ -708,7 +731,7 @@ def test_past_max_hours_nothing_is_calibrated_or_trained(tmp_path, monkeypatch):
   # Two runs of shapes in 2 h; Fashion-MNIST's calibration would start past the limit.
   assert calls == [('calibrate', 'shapes'), ('train', 'shapes', 'vae', 0),
                    ('train', 'shapes', 'vae_s', 0)]
-  assert [s[3] for s in statuses] == ['done'] * 2 + ['skipped: --max_hours reached'] * 6
+  assert [s.status for s in statuses] == ['done'] * 2 + ['skipped: --max_hours reached'] * 6
 
 
 def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_path,
@@ -744,7 +767,7 @@ def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_pat
                    ('calibrate', 'fashion_mnist'),
                    ('train', 'fashion_mnist', 'vae', 1, {'mse': 1.0}),
                    ('train', 'fashion_mnist', 'vae_s', 1, {'mse': 1.0})]
-  assert [s for s in statuses if s[3] != 'done'] == [('shapes', 'vae_s', 0, failed),
+  assert [s for s in statuses if s.status != 'done'] == [('shapes', 'vae_s', 0, failed),
                                                        ('shapes', 'vae_s', 1, failed)]
   # The report's list of unfinished runs gives the reason.
   info = json.loads((tmp_path / 'shapes' / 'vae_s' / 'seed1' / 'study_run.json').read_text())
@@ -757,8 +780,9 @@ def test_a_study_with_a_failed_run_exits_with_status_1(tmp_path, monkeypatch, ca
     monkeypatch.setattr(study, name, lambda *args: None)
   failure = 'failed: FloatingPointError: non-finite loss at step 3'
   monkeypatch.setattr(study, 'run_study', lambda out, settings, max_hours: [
-      ('shapes', 'vae', 0, 'done'), ('shapes', 'avae', 0, failure),
-      ('shapes', 'vae_s', 0, 'skipped: --max_hours reached')])
+      study.RunStatus('shapes', 'vae', 0, 'done'),
+      study.RunStatus('shapes', 'avae', 0, failure),
+      study.RunStatus('shapes', 'vae_s', 0, 'skipped: --max_hours reached')])
   exit_info = _study_main(monkeypatch, [f'--out={tmp_path}', '--budget=test',
                                         '--datasets=shapes', '--variants=vae,avae,vae_s',
                                         '--publish=false'], SystemExit)
