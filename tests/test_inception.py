@@ -208,7 +208,7 @@ def test_missing_weights_message(tmp_path, monkeypatch):
     inception.load_params(named)
   assert f'python -m avae_jax.inception convert SRC {named}\n' in str(e.value)
   # The cache's file: how to fetch it.
-  monkeypatch.setattr(inception, 'DEFAULT_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'cache'))  # read at each call
   with pytest.raises(FileNotFoundError) as e:
     inception.load_params()
   assert str(e.value).startswith(
