@@ -107,12 +107,11 @@ class Source:
 
   def __init__(self, read: Callable[[np.ndarray], np.ndarray], num_examples: int,
                image_shape: tuple[int, int, int], *, name: str = '',
-               factors: np.ndarray | None = None, factor_names: Sequence[str] = (),
-               factor_values: Sequence[np.ndarray] | None = None):
+               factors: np.ndarray | None = None, factor_names: Sequence[str] = ()):
     """`read(indices)` gives those images; `factors` (n, F) ground-truth factor indices.
 
-    factor_names name the F factors and factor_values[f] holds factor f's values (what
-    its indices stand for); sources without factors (most datasets) leave all three out.
+    factor_names name the F factors; sources without factors (most datasets) leave both
+    out.
     """
     self._read = read
     self.num_examples = int(num_examples)
@@ -120,7 +119,6 @@ class Source:
     self.name = name
     self.factors = factors
     self.factor_names = tuple(factor_names)
-    self.factor_values = tuple(factor_values) if factor_values is not None else None
     self.files: list[str] | None = None  # folder sources: the file behind each index
 
   def __len__(self) -> int:
@@ -149,7 +147,7 @@ class Source:
     return Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
                   name=name or self.name,
                   factors=None if self.factors is None else self.factors[rows],
-                  factor_names=self.factor_names, factor_values=self.factor_values)
+                  factor_names=self.factor_names)
 
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.
@@ -249,19 +247,39 @@ def preprocess(image: np.ndarray, *, image_size: int, crop_size: int, channels: 
   return convert_channels(x, channels)
 
 
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+  """Threads for reading and resizing images (PIL releases the GIL, so they overlap)."""
+  return concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+
+
+def _stack_map(fn: Callable[[Any], np.ndarray], items: Sequence[Any],
+               pool: concurrent.futures.Executor | None) -> np.ndarray:
+  """np.stack of fn over items, on the pool's threads where there are more than a few."""
+  if pool is not None and len(items) > 4:
+    return np.stack(list(pool.map(fn, items)))
+  return np.stack([fn(item) for item in items])
+
+
 def _preprocess_many(images: Sequence[np.ndarray], pool: concurrent.futures.Executor | None,
                      **kwargs: Any) -> np.ndarray:
-  """preprocess() over a list of images (PIL releases the GIL, so threads help)."""
-  fn = lambda im: preprocess(im, **kwargs)
-  out = list(pool.map(fn, images)) if pool is not None and len(images) > 4 else \
-      [fn(im) for im in images]
-  return np.stack(out)
+  """preprocess() over a list of images."""
+  return _stack_map(lambda im: preprocess(im, **kwargs), images, pool)
 
 
 def _geometry(config: Any) -> dict[str, int]:
   """The preprocess() keyword arguments from the config."""
   return dict(image_size=int(config.image_size), crop_size=int(config.get('crop_size', 0) or 0),
               channels=_check_channels(config.channels))
+
+
+def _eval_fraction(config: Any) -> float:
+  """The share of a single-split dataset held out for evaluation (configs/default.py)."""
+  return float(config.get('eval_fraction', 0.05))
+
+
+def _image_shape(geometry: dict[str, int]) -> tuple[int, int, int]:
+  """(H, W, C) of the images that preprocess(**geometry) makes."""
+  return (geometry['image_size'], geometry['image_size'], geometry['channels'])
 
 
 def _num_eval(num: int, fraction: float, what: str) -> int:
@@ -354,8 +372,7 @@ def _load_shapes(config: Any, split: str) -> Source:
   images = shapes_lib.render_uint8(factors, size, channels)
   return Source(_array_reader(images, 1.0 / 255.0), num, (size, size, channels),
                 name=f'shapes/{split}', factors=factors,
-                factor_names=shapes_lib.FACTOR_NAMES,
-                factor_values=shapes_lib.factor_values())
+                factor_names=shapes_lib.FACTOR_NAMES)
 
 
 # ------------------------------------------------------------------------ tfds
@@ -367,15 +384,12 @@ def cache_dirs(config: Any) -> list[str]:
   $AVAE_JAX_CACHE alone if set; else `<data_dir>/avae_jax_cache` when data_dir is a
   local folder, then ~/.cache/avae_jax (used as well when the first is not writable).
   """
-  dirs = []
-  if os.environ.get('AVAE_JAX_CACHE'):
-    dirs.append(os.path.expanduser(os.environ['AVAE_JAX_CACHE']))
-  else:
-    data_dir = config.get('data_dir', None)
-    if data_dir and not files.is_remote(str(data_dir)):
-      dirs.append(os.path.join(os.path.expanduser(str(data_dir)), 'avae_jax_cache'))
-    dirs.append(os.path.join(os.path.expanduser('~'), '.cache', 'avae_jax'))
-  return dirs
+  data_dir = config.get('data_dir', None)
+  if (os.environ.get(files.CACHE_ENV) or not data_dir
+      or files.is_remote(str(data_dir))):
+    return [files.user_cache_dir()]
+  return [os.path.join(os.path.expanduser(str(data_dir)), 'avae_jax_cache'),
+          files.user_cache_dir()]
 
 
 def _not_prepared_message(name: str, data_dir: Any, detail: str) -> str:
@@ -440,18 +454,16 @@ def _load_tfds(config: Any, split: str) -> Source:
                     'set config.eval_split to one of them (a slice such as train[90%:] '
                     'also works)')
   tfds_split = eval_split if (split == 'eval' and not holdout) else train_split
-  fraction = float(config.get('eval_fraction', 0.05))
+  fraction = _eval_fraction(config)
   if holdout and fraction <= 0:
     raise DataError(f'{name} has no split {eval_split!r} (it has {", ".join(available)}) '
                     'and eval_fraction is 0; set config.eval_split or eval_fraction > 0')
 
   geometry = _geometry(config)
-  images, factors, grids = _tfds_cached(config, builder, name, tfds_split, geometry)
-  size, channels = geometry['image_size'], geometry['channels']
-  source = Source(_array_reader(images, 1.0 / 255.0), len(images), (size, size, channels),
+  images, factors = _tfds_cached(config, builder, name, tfds_split, geometry)
+  source = Source(_array_reader(images, 1.0 / 255.0), len(images), _image_shape(geometry),
                   name=f'{name}/{tfds_split}', factors=factors,
-                  factor_names=_DSPRITES_FACTORS if factors is not None else (),
-                  factor_values=grids)
+                  factor_names=_DSPRITES_FACTORS if factors is not None else ())
   if not holdout:
     return source
   # dSprites is stored in factor order, so a tail would be one corner of factor space.
@@ -471,20 +483,22 @@ def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -
           f'{_CACHE_FORMAT.get(name, "v1")}')
 
 
+def _read_cache(directory: str, stem: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """(images uint8 memmap, dSprites' factors or None) of a cached split."""
+  images = np.load(os.path.join(directory, stem + '.npy'), mmap_mode='r')
+  if name != 'dsprites':
+    return images, None
+  with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
+    return images, z['factors']
+
+
 def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dict[str, int]
-                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...] | None]:
-  """(images uint8 memmap, factors, factor grids) from the cache, building it if absent."""
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+  """(images uint8 memmap, factors or None) from the cache, building it if absent."""
   stem = _cache_name(builder, name, split, geometry)
   for d in cache_dirs(config):
-    path = os.path.join(d, stem + '.npy')
-    if os.path.exists(path):
-      images = np.load(path, mmap_mode='r')
-      factors, grids = None, None
-      if name == 'dsprites':
-        with np.load(os.path.join(d, stem + '-factors.npz')) as z:
-          factors = z['factors']
-          grids = tuple(z[f'values_{k}'] for k in range(len(_DSPRITES_FACTORS)))
-      return images, factors, grids
+    if os.path.exists(os.path.join(d, stem + '.npy')):
+      return _read_cache(d, stem, name)
 
   dataset = _tfds_dataset(config, builder, name, split)
   try:
@@ -495,7 +509,7 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
   for d in cache_dirs(config):
     try:
       os.makedirs(d, exist_ok=True)
-      return _write_cache(dataset, d, stem, name, builder, geometry, expected)
+      return _write_cache(dataset, d, stem, name, geometry, expected)
     except OSError as e:  # not writable: try the next place
       last_error = e
   raise DataError(f'cannot write the decoded {name} cache to any of {cache_dirs(config)}: '
@@ -521,16 +535,16 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
     raise DataError(_not_prepared_message(name, data_dir, f'{type(e).__name__}: {e}')) from e
   keys = ['image']
   if name == 'dsprites':
-    keys += [f'label_{f}' for f in _DSPRITES_FACTORS] + [f'value_{f}' for f in _DSPRITES_FACTORS]
+    keys += [f'label_{f}' for f in _DSPRITES_FACTORS]
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
 
 
-def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: Any,
+def _write_cache(dataset: Any, directory: str, stem: str, name: str,
                  geometry: dict[str, int], expected: int | None
-                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[np.ndarray, ...] | None]:
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  size, channels = geometry['image_size'], geometry['channels']
+  shape = _image_shape(geometry)
   path = os.path.join(directory, stem + '.npy')
   # A unique temporary name, then an atomic rename: concurrent processes (on several
   # hosts, with a shared data_dir) never see a half-written cache.
@@ -538,14 +552,14 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1
-  chunks, labels, values = [], [], []
+  chunks, labels = [], []
   out = None
   count = 0
   try:
     if expected:
       out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
-                                      shape=(expected, size, size, channels))
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+                                      shape=(expected,) + shape)
+    with _thread_pool() as pool:
       for batch in tfds.as_numpy(dataset):
         raw = batch['image'] if stretch == 1 else batch['image'] * np.uint8(stretch)
         x = _preprocess_many(list(raw), pool, **geometry)
@@ -559,7 +573,6 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
         count += len(x)
         if name == 'dsprites':
           labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
-          values.append(np.stack([batch[f'value_{f}'] for f in _DSPRITES_FACTORS], 1))
     if out is not None:
       if count != expected:
         raise DataError(f'{name}: read {count} examples, the split lists {expected}')
@@ -567,30 +580,18 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str, builder: An
       del out
     else:
       np.save(tmp, np.concatenate(chunks) if chunks else
-              np.zeros((0, size, size, channels), np.uint8))
+              np.zeros((0,) + shape, np.uint8))
     if count == 0:
       raise DataError(f'{name}: the split is empty')
     if name == 'dsprites':
-      factors = np.concatenate(labels).astype(np.int32)
-      vals = np.concatenate(values).astype(np.float32)
-      grids = {}
-      for k, f in enumerate(_DSPRITES_FACTORS):
-        n_k = int(builder.info.features[f'label_{f}'].num_classes)
-        grid = np.full(n_k, np.nan, np.float32)
-        grid[factors[:, k]] = vals[:, k]
-        grids[f'values_{k}'] = grid
       ftmp = f'{tmp[:-4]}-factors.npz'
-      np.savez(ftmp, factors=factors, **grids)
+      np.savez(ftmp, factors=np.concatenate(labels).astype(np.int32))
       os.replace(ftmp, os.path.join(directory, stem + '-factors.npz'))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  images = np.load(path, mmap_mode='r')
-  if name != 'dsprites':
-    return images, None, None
-  with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
-    return images, z['factors'], tuple(z[f'values_{k}'] for k in range(len(_DSPRITES_FACTORS)))
+  return _read_cache(directory, stem, name)
 
 
 # ------------------------------------------------------------------------ folder
@@ -656,7 +657,7 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
                     '(searched recursively)')
   geometry = _geometry(config)
   read_image(files[0])  # fail now, not at the first batch, if the images are unreadable
-  rows = _holdout_rows(len(files), split, float(config.get('eval_fraction', 0.05)),
+  rows = _holdout_rows(len(files), split, _eval_fraction(config),
                        f'folder {root}')
   chosen = [files[i] for i in rows]
   pool: list[concurrent.futures.ThreadPoolExecutor] = []
@@ -670,14 +671,10 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
 
   def read(idx: np.ndarray) -> np.ndarray:
     if not pool:  # created on first use, so that an unused Source holds no threads
-      pool.append(concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))))
-    paths = [chosen[i] for i in idx]
-    # Decoding releases the GIL: threads overlap the file reads and JPEG decodes.
-    return np.stack(list(pool[0].map(read_one, paths)) if len(paths) > 4
-                    else [read_one(p) for p in paths])
+      pool.append(_thread_pool())
+    return _stack_map(read_one, [chosen[i] for i in idx], pool[0])
 
-  size, channels = geometry['image_size'], geometry['channels']
-  source = Source(read, len(chosen), (size, size, channels), name=f'folder:{root}:{split}')
+  source = Source(read, len(chosen), _image_shape(geometry), name=f'folder:{root}:{split}')
   source.files = chosen
   return source
 
@@ -771,7 +768,7 @@ def _array_files(spec: str) -> list[str]:
 
 
 _NPZ_IMAGE_KEYS = ('image', 'images', 'imgs', 'x')
-_NPZ_SPLIT_WORDS = frozenset({'x', 'image', 'images', 'imgs'})
+_NPZ_SPLIT_WORDS = frozenset(_NPZ_IMAGE_KEYS)
 
 
 def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -786,7 +783,7 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
           if k == 'imgs' and 'latents_classes' in keys:  # the dSprites release file
             factors = z['latents_classes'][:, 1:].astype(np.int32)
             # In place: the release's 737,280 images take 3 GB, and astype and the
-            # product made two more copies.
+            # product would make two more copies.
             x = x if x.dtype == np.uint8 else x.astype(np.uint8)
             if x.max() <= 1:  # a copy already scaled to 0..255 would wrap around in uint8
               x *= np.uint8(255)
@@ -896,18 +893,15 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
   # Factors only come with a single dSprites file.
   factors = factor_parts[part][0] if len(factor_parts[part]) == 1 else None
   rows = None if both else _holdout_rows(
-      len(images), split, float(config.get('eval_fraction', 0.05)), f'arrays:{spec}',
+      len(images), split, _eval_fraction(config), f'arrays:{spec}',
       shuffled=factors is not None)
   geometry = _geometry(config)
   transform = None
-  if images.shape[1:] != (geometry['image_size'],) * 2 + (geometry['channels'],) or \
-      geometry['crop_size']:
-    transform = lambda x: np.stack(
-        [preprocess(im, scale=1.0, **geometry) for im in x])
-  size, channels = geometry['image_size'], geometry['channels']
+  if images.shape[1:] != _image_shape(geometry) or geometry['crop_size']:
+    transform = lambda x: _preprocess_many(list(x), None, scale=1.0, **geometry)
   names = _DSPRITES_FACTORS if factors is not None else ()
   source = Source(_array_reader(images, scales[part], transform, spec), len(images),
-                  (size, size, channels), name=f'arrays:{spec}:{split}',
+                  _image_shape(geometry), name=f'arrays:{spec}:{split}',
                   factors=factors, factor_names=names)
   return source if rows is None else source.subset(rows)
 
@@ -1076,7 +1070,7 @@ class DevicePrefetcher:
                                    multiprocess=jax.process_count() > 1)
     # The thread holds the queue and the event, not this object: a prefetcher dropped
     # without close() is then collected, and __del__ stops the thread (a bound method as
-    # its target kept the object alive, and the thread polling, for good).
+    # its target would keep the object alive, and the thread polling, for good).
     self._thread = threading.Thread(
         target=_produce, args=(iter(iterator), to_devices, jax.tree.map, self._queue,
                                self._stop),

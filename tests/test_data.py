@@ -617,13 +617,12 @@ def test_tfds_cache_writer_with_known_split_size(tmp_path):
   ds = tf.data.Dataset.from_tensor_slices({'image': images}).batch(4)
   geometry = dict(image_size=20, crop_size=0, channels=1)
   # A known size writes straight into a memory-mapped .npy; None collects in memory.
-  known, _, _ = data._write_cache(ds, str(tmp_path), 'known', 'mnist', None, geometry, 10)
-  unknown, _, _ = data._write_cache(ds, str(tmp_path), 'unknown', 'mnist', None, geometry,
-                                    None)
+  known, _ = data._write_cache(ds, str(tmp_path), 'known', 'mnist', geometry, 10)
+  unknown, _ = data._write_cache(ds, str(tmp_path), 'unknown', 'mnist', geometry, None)
   np.testing.assert_array_equal(known, images)
   np.testing.assert_array_equal(unknown, images)
   with pytest.raises(data.DataError, match='lists 12'):
-    data._write_cache(ds, str(tmp_path), 'short', 'mnist', None, geometry, 12)
+    data._write_cache(ds, str(tmp_path), 'short', 'mnist', geometry, 12)
   assert sorted(os.listdir(tmp_path)) == ['known.npy', 'unknown.npy']  # no partial files
 
 
@@ -637,7 +636,7 @@ def test_tfds_cache_writer_leaves_another_writers_file_alone(tmp_path):
   # renamed into place.
   theirs = tmp_path / f'shared.npy.tmp{os.getpid()}.{threading.get_ident()}.npy'
   theirs.write_bytes(b'half of a cache')
-  mine, _, _ = data._write_cache(ds, str(tmp_path), 'shared', 'mnist', None, geometry, 10)
+  mine, _ = data._write_cache(ds, str(tmp_path), 'shared', 'mnist', geometry, 10)
   np.testing.assert_array_equal(mine, images)
   assert theirs.read_bytes() == b'half of a cache'
 

@@ -87,10 +87,12 @@ def test_source_fields_and_range():
   assert x.dtype == np.float32 and x.shape == (64, SIZE, SIZE, 3)
   assert x.min() == 0.0 and 0.9 < x.max() <= 1.0
   # The grids index the factors: every factor's values grid is as long as its range.
-  assert [len(v) for v in src.factor_values] == [4, 4, 5, 8, 8, 6]
+  values = shapes.factor_values()
+  assert [len(v) for v in values] == [4, 4, 5, 8, 8, 6]
+  assert [int(src.factors[:, k].max()) + 1 for k in range(6)] == [len(v) for v in values]
   # The values, as the module's docstring gives them: 4 radii 0.55 .. 1.0 of the largest,
   # 5 angles in [0, 90) degrees (every 18, in radians), centres 0.28 .. 0.72 of the side.
-  shape, scale, rotation, x_pos, y_pos, colour = src.factor_values
+  shape, scale, rotation, x_pos, y_pos, colour = values
   np.testing.assert_array_equal(shape, [0, 1, 2, 3])
   np.testing.assert_allclose(scale, [0.55, 0.7, 0.85, 1.0], rtol=1e-6)
   np.testing.assert_allclose(rotation, np.deg2rad([0, 18, 36, 54, 72]), rtol=1e-6)
