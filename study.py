@@ -427,6 +427,9 @@ def main(argv: list[str]) -> None:
   if _MAX_HOURS.value < 0:
     # A negative limit is reached at once: every run would be skipped.
     raise app.UsageError(f'--max_hours={_MAX_HOURS.value:g}: must be >= 0 (0: no limit)')
+  if _NOTES.value is not None and not os.path.isfile(_NOTES.value):
+    # A mistyped path would leave the discussion out of the report (and the published one).
+    raise app.UsageError(f'--notes={_NOTES.value}: no such file')
   from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec()  # first: a restart repeats everything before it
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
@@ -496,6 +499,11 @@ def main(argv: list[str]) -> None:
     elif publish:
       dest = study_report.publish(out, _PUBLISH_DIR.value, notes_path=notes)
       print(f'[study] published to {dest}', flush=True)
+      kept = study_report.published_notes(_PUBLISH_DIR.value)
+      if notes is None and os.path.exists(kept):
+        print(f'[study] kept {kept}, the discussion of the report published before, which '
+              f'this report leaves out (--notes={kept} includes it)', file=sys.stderr,
+              flush=True)
   if failed_runs:
     # Last, and in the exit status: a script or a scheduler running the study must not
     # take it for a success, and the FAILED lines lie hours back in the log.

@@ -1239,15 +1239,26 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   return path
 
 
+def published_notes(docs: str) -> str:
+  """DOCS/results/discussion.md: the discussion publish() keeps beside the figures."""
+  return os.path.join(docs, FIGURE_DIR, 'discussion.md')
+
+
 def publish(out: str, docs: str, notes_path: str | None = None) -> str:
   """Copies OUT/results.md to DOCS/results.md and OUT/results/ to DOCS/results/.
 
   The discussion file, if any, is kept beside the figures as DOCS/results/discussion.md,
   so the published report can be regenerated with --notes=docs/results/discussion.md.
+  Without one, the discussion published before stays there: someone's writing, which a
+  report without notes has no replacement for.
   """
+  kept = published_notes(docs)
   notes = None
-  if notes_path and os.path.exists(notes_path):
+  if notes_path:
     with open(notes_path) as f:
+      notes = f.read()
+  elif os.path.exists(kept):
+    with open(kept) as f:
       notes = f.read()
   os.makedirs(docs, exist_ok=True)
   dest_figs = os.path.join(docs, FIGURE_DIR)
@@ -1255,8 +1266,7 @@ def publish(out: str, docs: str, notes_path: str | None = None) -> str:
     shutil.rmtree(dest_figs)
   shutil.copytree(os.path.join(out, FIGURE_DIR), dest_figs)
   if notes is not None:
-    with open(os.path.join(dest_figs, 'discussion.md'), 'w') as f:
-      f.write(notes)
+    files.write_text(kept, notes)
   dest = os.path.join(docs, REPORT)
   shutil.copyfile(os.path.join(out, REPORT), dest)
   return dest

@@ -98,6 +98,33 @@ def test_a_negative_max_hours_is_a_usage_error(tmp_path):
   assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
 
 
+def test_a_missing_notes_file_is_a_usage_error(tmp_path):
+  # It would leave the discussion out of the report without a word.
+  proc = _study(f'--out={tmp_path}', '--budget=test', '--report_only',
+                f'--notes={tmp_path / "discusion.md"}', check=False)
+  assert proc.returncode == 1
+  assert f'--notes={tmp_path / "discusion.md"}: no such file' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_publishing_without_notes_keeps_the_published_discussion(tmp_path):
+  out, docs = tmp_path / 'out', tmp_path / 'docs'
+  (out / 'results').mkdir(parents=True)
+  (out / 'results.md').write_text('the new report\n')
+  (out / 'results' / 'new.png').write_bytes(b'new figure')
+  (docs / 'results').mkdir(parents=True)
+  (docs / 'results' / 'old.png').write_bytes(b'old figure')
+  (docs / 'results' / 'discussion.md').write_text('the discussion written before\n')
+  study_report.publish(str(out), str(docs))
+  assert sorted(os.listdir(docs / 'results')) == ['discussion.md', 'new.png']
+  assert (docs / 'results' / 'discussion.md').read_text() == 'the discussion written before\n'
+  assert (docs / 'results.md').read_text() == 'the new report\n'
+  # Notes given replace it.
+  (tmp_path / 'notes.md').write_text('a new discussion\n')
+  study_report.publish(str(out), str(docs), notes_path=str(tmp_path / 'notes.md'))
+  assert (docs / 'results' / 'discussion.md').read_text() == 'a new discussion\n'
+
+
 def test_an_empty_out_is_a_usage_error(tmp_path):
   # abspath('') is the working directory: the study went into wherever it was started.
   proc = _finish(_start_study('--out=', '--budget=test', '--datasets=shapes', '--variants=vae',
@@ -228,6 +255,8 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   with open(info_path, 'w') as f:
     json.dump(info, f)
   docs = tmp_path / 'docs'
+  (docs / 'results').mkdir(parents=True)
+  (docs / 'results' / 'discussion.md').write_text('written for the study published before\n')
   proc = _study(f'--out={out}', '--budget=test', '--datasets=shapes', '--publish',
                 f'--publish_dir={docs}')
   trained = re.findall(r'\[study\] (\S+ \S+ seed \d+): training', proc.stdout)
@@ -239,6 +268,10 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   # Published: the report and its figures, with the same relative links.
   assert (docs / 'results.md').exists()
   assert (docs / 'results' / 'shapes' / 'avae_s_traversals.png').exists()
+  # Without --notes the discussion published before stays, and the log says so.
+  assert ((docs / 'results' / 'discussion.md').read_text()
+          == 'written for the study published before\n')
+  assert f'kept {docs / "results" / "discussion.md"}, the discussion' in proc.stderr
 
 
 def test_a_report_waits_while_another_process_writes_one(study_dir):
