@@ -71,7 +71,8 @@ def _mig_count(ev: Any, num_examples: int) -> int:
 def _posterior_means(model: api.TrainedModel, source: data.Source, batch: int, start: int,
                      stop: int, is_main: bool) -> np.ndarray:
   """The posterior means of eval images start .. stop - 1 (encoder only)."""
-  progress = _Progress('codes for MIG', stop - start, is_main)
+  # Labelled with the images' range: the first `start` codes are the evaluation's own.
+  progress = _Progress(f'codes for MIG (images {start}..{stop - 1})', stop - start, is_main)
   means = []
   for x, mask in data.eval_batches(source, batch, stop, start=start):
     k = int(mask.sum())
@@ -156,7 +157,10 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
       # A finished training run must not lose its evaluation over missing weights.
       how = inception.how_to_get_weights(setting)
       how = '' if how in str(e) else f'\n{how}'
-      return None, f'FID Inception weights unavailable: {e}{how}'
+      # load_params' own messages name the weights already.
+      what = '' if str(e).startswith('FID Inception weights') else \
+          'FID Inception weights unavailable: '
+      return None, f'{what}{e}{how}'
   # The replicated layout inception.features uses, so that it does not copy them per batch.
   mesh = Mesh(np.asarray(devices), ('batch',))
   return jax.device_put(params, NamedSharding(mesh, PartitionSpec())), None

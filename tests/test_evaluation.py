@@ -137,7 +137,8 @@ def test_every_stage_is_announced(evaluation_run):
       'eval: compiling the model and the Inception network ...\n',
       'eval: images and reconstructions 6/6 images', 'eval: random samples 6/6 images',
       'eval: FID statistics and distances ...\n',
-      f'eval: codes for MIG {TINY_EVAL_SPLIT - N}/{TINY_EVAL_SPLIT - N} images',
+      f'eval: codes for MIG (images {N}..{TINY_EVAL_SPLIT - 1}) '
+      f'{TINY_EVAL_SPLIT - N}/{TINY_EVAL_SPLIT - N} images',
       f'eval: MIG over {TINY_EVAL_SPLIT} images ...\n', 'eval: figures ...\n',
       '# Evaluation: ', 'eval: wrote metrics.json'])
   assert 'Inception weights' not in evaluation_run[2]  # given, not loaded
@@ -319,6 +320,9 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason,
                                 devices=jax.devices(), writer=writer)
   writer.close()
   assert reason in results['fid_skipped']
+  if change.get('eval.inception_weights'):  # said once
+    assert results['fid_skipped'].startswith(
+        'FID Inception weights not found: /nonexistent/inception_fid.npz\n')
   # The stages that run are announced; no FID stage, and no Inception network to compile.
   printed = capsys.readouterr().out
   loads = int(config.eval.fid)  # 1: the weights are looked for (and not found)

@@ -217,7 +217,7 @@ def test_missing_weights_message(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('name, content, message', [
-    ('weights.pth', None, 'python -m avae_jax.inception fetch'),
+    ('weights.pth', None, "weights.pth: no such file (convert reads pytorch-fid's .pth"),
     ('weights.pth', b'not weights', 'neither a zip archive nor a torch.save file'),
     ('weights.pth', pickle.dumps(inception._LEGACY_MAGIC, protocol=2),
      'weights.pth: a damaged or unsupported weights file'),
@@ -236,6 +236,8 @@ def test_cli_reports_a_missing_or_unreadable_file_in_one_message(tmp_path, capsy
   assert message in err
   assert 'Traceback' not in err and not (tmp_path / 'out.npz').exists()
   assert 'allow_pickle' not in err  # numpy's advice for pickles does not apply
+  # One line: no advice on writing weights to the missing source's path.
+  assert err.count('\n') == 1 and 'Write them there' not in err
 
 
 def test_fetch_replaces_a_damaged_cache(tmp_path, monkeypatch, capsys):
