@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -301,7 +302,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                            'long they may take to end (default: timeout_s + 10)')
   parser.add_argument('--port', type=int, default=0,
                       help='coordinator port on 127.0.0.1 (default: a free one)')
-  args = parser.parse_args(own)
+  args, unknown = parser.parse_known_args(own)
+  if unknown and not program and not unknown[0].startswith('-'):
+    # `launch.py train.py ...`: argparse alone says only "unrecognized arguments".
+    parser.error(f'give the program after --: launch.py [options] -- {shlex.join(unknown)}')
+  if unknown:
+    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
   if not program:
     parser.error('give the program after --, e.g. -- train.py --config=... --workdir=...')
   if args.num_processes < 1 or args.devices_per_process < 1:

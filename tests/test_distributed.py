@@ -294,6 +294,9 @@ def test_the_processes_run_to_the_end_when_the_launchers_output_is_closed(tmp_pa
 @pytest.mark.parametrize('flags, message', [
     (['--num_processes=0', '--', 'train.py'], '--num_processes and --devices_per_process'),
     (['--num_processes=2'], 'give the program after --'),
+    (['train.py', '--workdir=w'], 'give the program after --: launch.py [options] -- '
+                                  'train.py --workdir=w'),
+    (['--num_processs=2', '--', 'train.py'], 'unrecognized arguments: --num_processs=2'),
     (['--timeout_s=0', '--', 'train.py'], '--timeout_s must be >= 1'),
     (['--grace_s=-1', '--', 'train.py'], '--grace_s must be >= 0'),
     (['--grace_s=nan', '--', 'train.py'], '--grace_s must be >= 0'),
