@@ -118,7 +118,8 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
   if saved is None:
     return []
   on_shapes = config.dataset == 'shapes'
-  fields = _DATA_FIELDS + (('seed',) if on_shapes else ())
+  # The shapes images are rendered at their size: no splits, fraction or crop to change.
+  fields = ('dataset', 'seed') if on_shapes else _DATA_FIELDS
 
   def pick(c: ml_collections.ConfigDict) -> dict[str, object]:
     d = c.to_dict()

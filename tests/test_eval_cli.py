@@ -34,8 +34,10 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
   # Another seed draws another shapes eval split: allowed, but said (it may hold training
   # images).
-  # Another shapes.num_train leaves the eval split as it was: not named.
-  proc = _eval(run, '--step=1', '--config.seed=3', '--config.shapes.num_train=100')
+  # Another shapes.num_train leaves the eval split as it was, and shapes has no crop: not
+  # named.
+  proc = _eval(run, '--step=1', '--config.seed=3', '--config.shapes.num_train=100',
+               '--config.crop_size=20')
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert ("eval.py: warning: the eval data differs from the training run's (config.json): "
           'seed 0 -> 3; the evaluation images') in proc.stderr
@@ -223,4 +225,5 @@ print(json.dumps(results))
   results = json.loads(proc.stdout.splitlines()[-1])
   split = f"eval_split {default.get_config().eval_split!r} -> 'x'"
   assert results['mnist'] == [[], [split]]
-  assert results['shapes'] == [['shapes.num_eval 1024 -> 100'], [split]]
+  # shapes has no splits: its eval images are drawn from the seed and num_eval alone.
+  assert results['shapes'] == [['shapes.num_eval 1024 -> 100'], []]
