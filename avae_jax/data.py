@@ -54,7 +54,6 @@ aliasing and no overshoot beyond [0, 1]), then channel conversion (RGB -> luma
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import glob as glob_lib
 import gzip
 import hashlib
@@ -1021,25 +1020,14 @@ def _put(out: queue.Queue, stop: threading.Event, item: tuple[int, Any]) -> bool
   return False
 
 
-def _to_devices(x: Any, *, jax: Any, sharding: Any, count: int, multiprocess: bool) -> Any:
-  """Shards the leading axis of x over `count` devices (one slice per device)."""
-  x = np.asarray(x)
-  if x.ndim == 0 or x.shape[0] != count:
-    raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
-                     f'{x.shape[:1]}, expected {count} (one row per device)')
-  if multiprocess:
-    return jax.make_array_from_process_local_data(sharding, x)
-  return jax.device_put(x, sharding)
-
-
-def _produce(iterator: Iterator[Any], to_devices: Callable[[Any], Any], tree_map: Callable,
+def _produce(iterator: Iterator[Any], to_devices: Callable[[Any], Any],
              out: queue.Queue, stop: threading.Event) -> None:
   """The producer thread's loop: batches to devices into `out` until the end or `stop`."""
   try:
     for batch in iterator:
       if stop.is_set():
         return
-      if not _put(out, stop, (_ITEM, tree_map(to_devices, batch))):
+      if not _put(out, stop, (_ITEM, to_devices(batch))):
         return
     _put(out, stop, (_END, None))
   except BaseException as e:  # pylint: disable=broad-except
@@ -1065,15 +1053,25 @@ class DevicePrefetcher:
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(size)))
     self._stop = threading.Event()
     self._done = False
-    to_devices = functools.partial(_to_devices, jax=jax, sharding=self._sharding,
-                                   count=len(self._devices),
-                                   multiprocess=jax.process_count() > 1)
-    # The thread holds the queue and the event, not this object: a prefetcher dropped
-    # without close() is then collected, and __del__ stops the thread (a bound method as
-    # its target would keep the object alive, and the thread polling, for good).
+    shard, count, multiprocess = self._sharding, len(self._devices), jax.process_count() > 1
+
+    def leaf_to_devices(x: Any) -> Any:
+      x = np.asarray(x)
+      if x.ndim == 0 or x.shape[0] != count:
+        raise ValueError(f'prefetch_to_devices: leading axis of a batch leaf is '
+                         f'{x.shape[:1]}, expected {count} (one row per device)')
+      if multiprocess:
+        return jax.make_array_from_process_local_data(shard, x)
+      return jax.device_put(x, shard)
+
+    # The thread holds the queue, the event and this closure, not this object: a
+    # prefetcher dropped without close() is then collected, and __del__ stops the thread
+    # (a bound method as its target would keep the object alive, and the thread polling,
+    # for good).
     self._thread = threading.Thread(
-        target=_produce, args=(iter(iterator), to_devices, jax.tree.map, self._queue,
-                               self._stop),
+        target=_produce,
+        args=(iter(iterator), lambda batch: jax.tree.map(leaf_to_devices, batch),
+              self._queue, self._stop),
         name='prefetch_to_devices', daemon=True)
     self._thread.start()
 
