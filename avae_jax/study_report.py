@@ -837,66 +837,72 @@ def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
           f'{_pm(r["diff_sd"])} over {r["n"]} seed(s).')
 
 
-def _diagnostics(runs: Sequence[Run], dataset: str,
-                 variants: Sequence[str]) -> tuple[str, list[str], list[str]]:
-  """The diagnostics section of one dataset, the warnings it raised and the checks it
-  could not make (so that the findings never report a check as passed that did not run)."""
-  warnings = []
-  # The gating and posterior checks read finished runs only.
-  unfinished = [f'{NAMES[v]} seed {r.seed}' for v in variants for r in _by(runs, dataset, v)
-                if not r.finished]
-  unchecked = [f'{dataset}: gating and posterior collapse of the unfinished run(s) '
-               + ', '.join(unfinished)] if unfinished else []
-  lines = []
-  # Gating.
+# Each diagnostic gives (markdown lines, warnings raised, checks it could not make).
+_Section = tuple[list[str], list[str], list[str]]
+
+
+def _gating_section(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -> _Section:
+  """How often each gated update ran, per adversarial run; a side stuck below 5% warns."""
   adv_vs = [v for v in variants if v.startswith('avae')]
-  if adv_vs:
-    lines += ['**Gating (Algorithm 1).** Share of adversarial steps in which each update ran; '
-              'D is updated when its accuracy < 0.7, the VAE when it is > 0.5.', '',
-              '| model | seed | adv. steps | D updated | VAE updated | D accuracy: first window '
-              '→ last (mean) | −log D(x̃) last | D BCE last |',
-              '|---|---|---|---|---|---|---|---|']
-    for v in adv_vs:
-      for r in _by(runs, dataset, v):
-        g = gating_stats(r)
-        if not g:
-          if r.finished:
-            unchecked.append(f'{dataset} {NAMES[v]} seed {r.seed}: gating (no adversarial '
-                             'steps logged)')
-          continue
-        lines.append(
-            f'| {NAMES[v]} | {r.seed} | {g["steps"]} | {_pct100(g["disc_updated"])} | '
-            f'{_pct100(g["vae_updated"])} | {fmt(g["acc_first"], 3)} → {fmt(g["acc_last"], 3)} '
-            f'({fmt(g["acc_mean"], 3)}) | {fmt(g["gen_loss_last"], 3)} | '
-            f'{fmt(g["disc_loss_last"], 3)} |')
-        for side in ('disc_updated', 'vae_updated'):
-          if g[side] is not None and g[side] < 0.05:
-            warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
-                            f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
-    lines.append('')
-  # Loss scales, of each model's lowest seed that logged a window.
+  lines, warnings, unchecked = [], [], []
+  if not adv_vs:
+    return lines, warnings, unchecked
+  lines += ['**Gating (Algorithm 1).** Share of adversarial steps in which each update ran; '
+            'D is updated when its accuracy < 0.7, the VAE when it is > 0.5.', '',
+            '| model | seed | adv. steps | D updated | VAE updated | D accuracy: first window '
+            '→ last (mean) | −log D(x̃) last | D BCE last |',
+            '|---|---|---|---|---|---|---|---|']
+  for v in adv_vs:
+    for r in _by(runs, dataset, v):
+      g = gating_stats(r)
+      if not g:
+        if r.finished:
+          unchecked.append(f'{dataset} {NAMES[v]} seed {r.seed}: gating (no adversarial '
+                           'steps logged)')
+        continue
+      lines.append(
+          f'| {NAMES[v]} | {r.seed} | {g["steps"]} | {_pct100(g["disc_updated"])} | '
+          f'{_pct100(g["vae_updated"])} | {fmt(g["acc_first"], 3)} → {fmt(g["acc_last"], 3)} '
+          f'({fmt(g["acc_mean"], 3)}) | {fmt(g["gen_loss_last"], 3)} | '
+          f'{fmt(g["disc_loss_last"], 3)} |')
+      for side in ('disc_updated', 'vae_updated'):
+        if g[side] is not None and g[side] < 0.05:
+          warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
+                          f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
+  lines.append('')
+  return lines, warnings, unchecked
+
+
+def _loss_scale_section(runs: Sequence[Run], dataset: str,
+                        variants: Sequence[str]) -> _Section:
+  """Each term's size in the objective, from each model's lowest seed that logged one."""
   logged = lowest_logged(runs, dataset, variants)
   shown = {v: r.seed for v, r in logged.items()}
-  lines += ['**Size of each term** as it enters the objective (last logged window of each '
-            f'phase, {_seed_words(shown) if shown else "no run logged one"}): L_REC is '
-            'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with '
-            'λ_adv = 1.',
-            '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | '
-            'λ_adv·(−log D) | adv. share of the VAE objective |',
-            '|---|---|---|---|---|---|---|---|']
+  lines = ['**Size of each term** as it enters the objective (last logged window of each '
+           f'phase, {_seed_words(shown) if shown else "no run logged one"}): L_REC is '
+           'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with '
+           'λ_adv = 1.',
+           '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | '
+           'λ_adv·(−log D) | adv. share of the VAE objective |',
+           '|---|---|---|---|---|---|---|---|']
   for v, run in logged.items():
-    sc = loss_scales(run)
-    for phase, row in sc.items():
+    for phase, row in loss_scales(run).items():
       lines.append(f'| {NAMES[v]} | {phase} | {fmt(row["scaled_rec"])} | '
                    f'{fmt(row["scaled_mse"])} | {fmt(row.get("kl"))} | '
                    f'{fmt(row.get("tc")) if "tc" in row else "-"} | '
                    f'{fmt(row.get("adv")) if "adv" in row else "-"} | '
                    f'{_pct100(row["adv_share"]) if "adv" in row else "-"} |')
   lines.append('')
-  # Posterior.
-  lines += [f'**Posterior.** KL per latent dimension on the evaluation images; a dimension '
-            f'is active when Var_x(E[z_j|x]) > {ACTIVE_THRESHOLD} (Burda et al. 2016). '
-            'Few active dimensions would mean posterior collapse.', '']
+  return lines, [], []
+
+
+def _posterior_section(runs: Sequence[Run], dataset: str,
+                       variants: Sequence[str]) -> _Section:
+  """Active latent dimensions and KL per dimension; one active dimension or none warns."""
+  lines = [f'**Posterior.** KL per latent dimension on the evaluation images; a dimension '
+           f'is active when Var_x(E[z_j|x]) > {ACTIVE_THRESHOLD} (Burda et al. 2016). '
+           'Few active dimensions would mean posterior collapse.', '']
+  warnings, unchecked = [], []
   rows, shown = [], {}
   for v in variants:
     stats = [(r, posterior_stats(r)) for r in _by(runs, dataset, v, finished=True)]
@@ -920,8 +926,13 @@ def _diagnostics(runs: Sequence[Run], dataset: str,
   top_of = f' ({_seed_words(shown)})' if shown else ''
   lines += [f'| model | active dims (per seed) | KL total (nats) | largest KL per dim{top_of} |',
             '|---|---|---|---|', *rows, '']
-  # Pre-training identity.
-  ident = []
+  return lines, warnings, unchecked
+
+
+def _identity_section(runs: Sequence[Run], dataset: str,
+                      variants: Sequence[str]) -> _Section:
+  """Whether each adversarial model's pre-training logged what its base model's did."""
+  ident, warnings, unchecked = [], [], []
   for base, adv in (('vae', 'avae'), ('vae_s', 'avae_s')):
     if base in variants and adv in variants:
       for seed, diff in pretraining_identity(runs, dataset, base, adv):
@@ -934,29 +945,54 @@ def _diagnostics(runs: Sequence[Run], dataset: str,
         if diff:
           warnings.append(f'{dataset}: pre-training of {NAMES[adv]} seed {seed} differs from '
                           f'{NAMES[base]} (max |Δ| {fmt(diff, 3)})')
-  if ident:
-    lines += ['**Pre-training shared?** The adversarial models are trained in their own '
-              'workdirs; with the same seed their pre-training is the same computation as '
-              'their base model\'s, so the logged pre-training losses must agree: '
-              + '; '.join(ident) + '.', '']
-  # Sharpness against the data, each seed's reconstructions against that seed's images.
+  if not ident:
+    return [], warnings, unchecked
+  return (['**Pre-training shared?** The adversarial models are trained in their own '
+           'workdirs; with the same seed their pre-training is the same computation as '
+           'their base model\'s, so the logged pre-training losses must agree: '
+           + '; '.join(ident) + '.', ''], warnings, unchecked)
+
+
+def _sharpness_section(runs: Sequence[Run], dataset: str,
+                       variants: Sequence[str]) -> _Section:
+  """Which models' reconstructions are sharper than the data (seed by seed)."""
   gt = ground_truth_by_seed(runs, dataset, 'gt_sharpness_mean')
-  if gt:
-    over = []
-    for v in variants:
-      m, _, n = mean_sd(_metric(r, 'rec_sharpness_mean') - gt[r.seed]
-                        for r in _by(runs, dataset, v)
-                        if r.seed in gt and _finite(_metric(r, 'rec_sharpness_mean')))
-      if n and m > 0:
-        over.append(NAMES[v])
-    gt_text = _fmt_ground_truth(gt, " over the seeds' eval sets")
-    lines.append('**Sharpness against the data.** Ground-truth sharpness '
-                 f'{gt_text}; ' + (f'reconstructions sharper than the data: '
-                                      f'{", ".join(over)} (high-frequency artefacts, not '
-                                      'detail).' if over else
-                                      'no model\'s reconstructions are sharper than the data, '
-                                      'so "sharper" here means closer to the data.'))
-    lines.append('')
+  if not gt:
+    return [], [], []
+  over = []
+  for v in variants:
+    m, _, n = mean_sd(_metric(r, 'rec_sharpness_mean') - gt[r.seed]
+                      for r in _by(runs, dataset, v)
+                      if r.seed in gt and _finite(_metric(r, 'rec_sharpness_mean')))
+    if n and m > 0:
+      over.append(NAMES[v])
+  gt_text = _fmt_ground_truth(gt, " over the seeds' eval sets")
+  return (['**Sharpness against the data.** Ground-truth sharpness '
+           f'{gt_text}; ' + (f'reconstructions sharper than the data: '
+                             f'{", ".join(over)} (high-frequency artefacts, not '
+                             'detail).' if over else
+                             'no model\'s reconstructions are sharper than the data, '
+                             'so "sharper" here means closer to the data.'), ''], [], [])
+
+
+def _diagnostics(runs: Sequence[Run], dataset: str,
+                 variants: Sequence[str]) -> tuple[str, list[str], list[str]]:
+  """The diagnostics section of one dataset, its warnings and the checks it could not make.
+
+  The last are listed so that the findings never report a check as passed that did not run.
+  """
+  # The gating and posterior checks read finished runs only.
+  unfinished = [f'{NAMES[v]} seed {r.seed}' for v in variants for r in _by(runs, dataset, v)
+                if not r.finished]
+  unchecked = [f'{dataset}: gating and posterior collapse of the unfinished run(s) '
+               + ', '.join(unfinished)] if unfinished else []
+  lines, warnings = [], []
+  for section in (_gating_section, _loss_scale_section, _posterior_section,
+                  _identity_section, _sharpness_section):
+    more_lines, more_warnings, more_unchecked = section(runs, dataset, variants)
+    lines += more_lines
+    warnings += more_warnings
+    unchecked += more_unchecked
   return '\n'.join(lines), warnings, unchecked
 
 
