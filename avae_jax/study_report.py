@@ -1129,34 +1129,17 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
   return '\n'.join(lines), results, warns, unchecked
 
 
-def write_report(out: str, settings: Any, notes_path: str | None = None,
-                 host: dict[str, Any] | None = None) -> str:
-  """Writes OUT/results.md and OUT/results/*.png from the study's runs; returns the path."""
+def _header(runs: Sequence[Run], settings: Any, study: Mapping[str, Any],
+            calib: Mapping[str, Any], host: Mapping[str, Any] | None) -> list[str]:
+  """The title, what made the report and at what cost, the host, and unfinished runs."""
   datasets = [d for d in str(settings.datasets).split(',') if d]
   variants = [v for v in str(settings.variants).split(',') if v]
-  seeds = int(settings.seeds)
-  runs = load_runs(out, datasets, variants, seeds)
-  fig_root = os.path.join(out, FIGURE_DIR)
-  if os.path.isdir(fig_root):
-    shutil.rmtree(fig_root)
-  os.makedirs(fig_root, exist_ok=True)
-  study = _read_json(os.path.join(out, STUDY_FILE)) or {}
   finished = [r for r in runs if r.finished]
   walls = [wall_time(r.info) for r in runs]
   train_s = sum(w for w, _ in walls)
   # Killed sessions and sessions in progress count to their last record only.
   at_least = 'at least ' if any(lower for _, lower in walls) else ''
-  calib_s = 0.0
-  calib = {}
-  for d in datasets:
-    c = _read_json(os.path.join(out, d, CALIBRATION_FILE))
-    if c:
-      calib[d] = c
-      calib_s += float(c.get('wall_s') or 0.0)
-
-  L = []
-  L.append('# Reproduction study: VAE, AVAE, VAE-S and AVAE-S')
-  L.append('')
+  calib_s = sum(float(c.get('wall_s') or 0.0) for c in calib.values())
   commands = (study.get('commands')
               or [f'python study.py --out=DIR --budget={settings.budget}'])
   runs_by = ' and '.join(f'`{c}`' for c in commands)
@@ -1164,68 +1147,55 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   report_command = study.get('report_command')
   if report_command and report_command not in commands:
     made = f'Runs by {runs_by}; this report by `{report_command}`'
-  L.append(f'{made} (budget `{settings.budget}`, configs/study.py) on '
+  lines = ['# Reproduction study: VAE, AVAE, VAE-S and AVAE-S', '',
+           f'{made} (budget `{settings.budget}`, configs/study.py) on '
            f'{datetime.date.today().isoformat()}. {len(finished)} of {len(runs)} runs '
-           f'finished ({len(datasets)} dataset(s) × {len(variants)} models × {seeds} seed(s)); '
-           f'training and evaluation took {at_least}{_duration(train_s)} in total, calibration '
-           f'{_duration(calib_s)}.')
+           f'finished ({len(datasets)} dataset(s) × {len(variants)} models × '
+           f'{int(settings.seeds)} seed(s)); training and evaluation took '
+           f'{at_least}{_duration(train_s)} in total, calibration {_duration(calib_s)}.']
   if host:
-    L.append(f'Host: {host.get("cpu_count")} CPU cores, {host.get("backend")} backend, '
-             f'devices {", ".join(host.get("devices", []))}, jax {host.get("jax")}, '
-             f'Python {host.get("python")}.')
+    lines.append(f'Host: {host.get("cpu_count")} CPU cores, {host.get("backend")} backend, '
+                 f'devices {", ".join(host.get("devices", []))}, jax {host.get("jax")}, '
+                 f'Python {host.get("python")}.')
   threads = sorted({r.info['cpu_threads'] for r in runs if 'cpu_threads' in r.info})
   if threads:
-    L.append(f'XLA:CPU thread counts of the runs: {", ".join(map(str, threads))} (to repeat a '
-             'run bit for bit, give it as many: README, Devices and reproducibility).')
-  L.append('')
+    lines.append(f'XLA:CPU thread counts of the runs: {", ".join(map(str, threads))} (to '
+                 'repeat a run bit for bit, give it as many: README, Devices and '
+                 'reproducibility).')
+  lines.append('')
   missing = [r for r in runs if not r.finished]
   if missing:
-    L.append('**Incomplete study.** Runs without final metrics: ' + ', '.join(
+    lines += ['**Incomplete study.** Runs without final metrics: ' + ', '.join(
         f'{r.dataset}/{r.variant}/seed{r.seed} ({run_status(r).splitlines()[0][:80]})'
-        for r in missing) + '. Means below are over the seeds that finished.')
-    L.append('')
+        for r in missing) + '. Means below are over the seeds that finished.', '']
+  return lines
 
-  all_results: dict[str, list[tuple[Claim, dict]]] = {}
-  all_warnings: list[str] = []
-  all_unchecked: list[str] = []
-  sections: list[str] = []
-  for d in datasets:
-    section, all_results[d], warns, unchecked = _dataset_section(runs, d, variants,
-                                                                 settings, out)
-    sections.append(section)
-    all_warnings += warns
-    all_unchecked += unchecked
 
-  # Findings first.
-  L.append('## Findings')
-  L.append('')
-  for d in datasets:
-    L.append(f'**{d}**')
-    L.append('')
-    L += [_claim_sentence(c, r) for c, r in all_results[d]]
-    L.append('')
-  if all_warnings:
-    L.append('**Defect checks that fired:** ' + '; '.join(all_warnings) + '.')
-  elif all_unchecked:
-    L.append('**Defect checks:** none fired among those that could be made.')
+def _findings(results: Mapping[str, list[tuple[Claim, dict]]], warnings: Sequence[str],
+              unchecked: Sequence[str]) -> list[str]:
+  """Each dataset's claims as sentences, then which defect checks fired or were not made."""
+  lines = ['## Findings', '']
+  for d, claim_results in results.items():
+    lines += [f'**{d}**', '', *[_claim_sentence(c, r) for c, r in claim_results], '']
+  if warnings:
+    lines.append('**Defect checks that fired:** ' + '; '.join(warnings) + '.')
+  elif unchecked:
+    lines.append('**Defect checks:** none fired among those that could be made.')
   else:
-    L.append('**Defect checks:** no gating stuck on one side (each gated update ran in ≥ 5% '
-             'of the adversarial steps), no posterior collapse (> 1 active latent dimension), '
-             'pre-training of AVAE/AVAE-S identical to VAE/VAE-S (see the checks per dataset).')
-  if all_unchecked:
-    L.append('')
-    L.append('**Defect checks not made:** ' + '; '.join(all_unchecked) + '.')
-  L.append('')
-  if notes_path and os.path.exists(notes_path):
-    with open(notes_path) as f:
-      L.append('## Discussion')
-      L.append('')
-      L.append(f.read().strip())
-      L.append('')
-  L += sections
-  L.append('## λ\'s and their calibration')
-  L.append('')
-  L.append('The paper: "we did not tune the hyper-parameters … the only thing we did was to '
+    lines.append('**Defect checks:** no gating stuck on one side (each gated update ran in '
+                 '≥ 5% of the adversarial steps), no posterior collapse (> 1 active latent '
+                 'dimension), pre-training of AVAE/AVAE-S identical to VAE/VAE-S (see the '
+                 'checks per dataset).')
+  if unchecked:
+    lines += ['', '**Defect checks not made:** ' + '; '.join(unchecked) + '.']
+  lines.append('')
+  return lines
+
+
+def _calibration_section(calib: Mapping[str, Any]) -> list[str]:
+  """How the λ's were found (the paper's words, then ours) and each dataset's values."""
+  lines = ['## λ\'s and their calibration', '',
+           'The paper: "we did not tune the hyper-parameters … the only thing we did was to '
            'make all loss components to be in the same scale … We probed the loss components '
            'for 1 epoch and determined the weights and used those weights in all the '
            'experiments thereafter." Here, once per dataset, a throwaway copy of seed 0\'s '
@@ -1234,44 +1204,77 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
            'mean(L_i) over those batches (λ_MSE = 1). Every seed of VAE-S and AVAE-S then uses '
            'these λ\'s (calibrate.enabled=False in each run, weights in its config.json). '
            'VAE and AVAE use the MSE alone. β (KL) = 1, γ (TC) = 1, λ_adv = 1; '
-           'L_REC is multiplied by H·W·C (a sum over pixels).')
-  L.append('')
+           'L_REC is multiplied by H·W·C (a sum over pixels).', '']
   if calib:
     terms = config_lib.RECONSTRUCTION_TERMS
-    L.append('| dataset | K batches (batch size) | ' + ' | '.join(f'λ {t}' for t in terms) + ' |')
-    L.append('|---|---|' + '---|' * len(terms))
+    lines += ['| dataset | K batches (batch size) | ' + ' | '.join(f'λ {t}' for t in terms)
+              + ' |', '|---|---|' + '---|' * len(terms)]
     for d, c in calib.items():
       w = c['weights']
-      L.append(f'| {d} | {c.get("batches")} ({c.get("batch_size")}) | '
-               + ' | '.join(fmt(w.get(t), 4) for t in terms) + ' |')
-    L.append('')
-  L.append('## Settings')
-  L.append('')
-  L.append('Identical for the four models of a dataset (only `variant` differs, and `seed` '
+      lines.append(f'| {d} | {c.get("batches")} ({c.get("batch_size")}) | '
+                   + ' | '.join(fmt(w.get(t), 4) for t in terms) + ' |')
+    lines.append('')
+  return lines
+
+
+def _settings_section(runs: Sequence[Run], settings: Any, datasets: Sequence[str]) -> list[str]:
+  """The settings table, one full trainer config per dataset, and how to rerun."""
+  lines = ['## Settings', '',
+           'Identical for the four models of a dataset (only `variant` differs, and `seed` '
            'between seeds). The adversarial models train their pre-training steps and then '
-           'their adversarial steps, in their own workdirs.')
-  L.append('')
-  L.append(_settings_table(settings, datasets))
+           'their adversarial steps, in their own workdirs.', '',
+           _settings_table(settings, datasets)]
   for d in datasets:
     cfgs = [r for r in runs if r.dataset == d and r.config]
     cfg = next((r for r in cfgs if r.variant == 'avae_s'), cfgs[0] if cfgs else None)
     if cfg is None:
       continue
-    L.append(f'<details><summary>Full trainer config of {d} / {NAMES[cfg.variant]} / seed '
-             f'{cfg.seed} (config.json)</summary>')
-    L.append('')
-    L.append('```json')
-    L.append(json.dumps(cfg.config, indent=1, sort_keys=True))
-    L.append('```')
-    L.append('')
-    L.append('</details>')
-    L.append('')
-  L.append('Rerun: `python study.py --out=DIR --budget=' + str(settings.budget) + '` (add '
-           '`--seeds`, `--datasets` as above); rerunning on the same DIR skips finished runs '
-           'and resumes the others. `--report_only` rewrites this report from DIR.')
-  L.append('')
+    lines += [f'<details><summary>Full trainer config of {d} / {NAMES[cfg.variant]} / seed '
+              f'{cfg.seed} (config.json)</summary>', '', '```json',
+              json.dumps(cfg.config, indent=1, sort_keys=True), '```', '', '</details>', '']
+  lines += ['Rerun: `python study.py --out=DIR --budget=' + str(settings.budget) + '` (add '
+            '`--seeds`, `--datasets` as above); rerunning on the same DIR skips finished runs '
+            'and resumes the others. `--report_only` rewrites this report from DIR.', '']
+  return lines
+
+
+def write_report(out: str, settings: Any, notes_path: str | None = None,
+                 host: dict[str, Any] | None = None) -> str:
+  """Writes OUT/results.md and OUT/results/*.png from the study's runs; returns the path."""
+  datasets = [d for d in str(settings.datasets).split(',') if d]
+  variants = [v for v in str(settings.variants).split(',') if v]
+  runs = load_runs(out, datasets, variants, int(settings.seeds))
+  fig_root = os.path.join(out, FIGURE_DIR)
+  if os.path.isdir(fig_root):
+    shutil.rmtree(fig_root)
+  os.makedirs(fig_root, exist_ok=True)
+  calib = {}
+  for d in datasets:
+    c = _read_json(os.path.join(out, d, CALIBRATION_FILE))
+    if c:
+      calib[d] = c
+
+  results: dict[str, list[tuple[Claim, dict]]] = {}
+  warnings: list[str] = []
+  unchecked: list[str] = []
+  sections: list[str] = []
+  for d in datasets:
+    section, results[d], warns, not_made = _dataset_section(runs, d, variants, settings, out)
+    sections.append(section)
+    warnings += warns
+    unchecked += not_made
+
+  lines = _header(runs, settings, _read_json(os.path.join(out, STUDY_FILE)) or {}, calib,
+                  host)
+  lines += _findings(results, warnings, unchecked)  # findings first
+  if notes_path and os.path.exists(notes_path):
+    with open(notes_path) as f:
+      lines += ['## Discussion', '', f.read().strip(), '']
+  lines += sections
+  lines += _calibration_section(calib)
+  lines += _settings_section(runs, settings, datasets)
   path = os.path.join(out, REPORT)
-  files.write_text(path, '\n'.join(L))
+  files.write_text(path, '\n'.join(lines))
   return path
 
 
