@@ -413,8 +413,8 @@ def _enable_compilation_cache(out: str) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def main(argv: list[str]) -> None:
-  """Runs the study (or only its report) and publishes the report if asked."""
+def _check_flags(argv: list[str]) -> None:
+  """UsageError for flags that cannot name a study (before anything else runs)."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _OUT.value.strip():
@@ -430,51 +430,32 @@ def main(argv: list[str]) -> None:
   if _NOTES.value is not None and not os.path.isfile(_NOTES.value):
     # A mistyped path would leave the discussion out of the report (and the published one).
     raise app.UsageError(f'--notes={_NOTES.value}: no such file')
-  from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec()  # first: a restart repeats everything before it
-  from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
-  xla_flags.apply()
-  from avae_jax import summary  # pylint: disable=g-import-not-at-top
-  summary.quiet_library_logs()
-  out = os.path.abspath(_OUT.value)
-  settings = settings_from_flags(study_budget(out))
-  if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, study_report.STUDY_FILE)):
-    # A mistyped --out would otherwise give an empty report, published over docs/.
-    raise app.UsageError(f'--out={_OUT.value} holds no study (no {study_report.STUDY_FILE}); '
-                         '--report_only reports on the runs of an existing study')
-  problem = files.output_dir_problem(out, 'the study directory (--out)')
-  if problem:
-    raise app.UsageError(problem)
-  if not _REPORT_ONLY.value:
-    # Before the study file records this command's budget: a study that cannot start
-    # must not hold its --out to a budget at which nothing ran.
-    check_datasets(settings)
-  with _shared_files_lock(out):
-    seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
-                             seeds_given=_SEEDS.value is not None)
-  # A study extended with --seeds=5 stays at 5: a later command without the flag, or with
-  # a smaller --seeds (a rerun, the report), must not leave the extra seeds out.
-  settings.seeds = seeds
-  failed_runs = []
-  if not _REPORT_ONLY.value:
-    _enable_compilation_cache(out)
-    t0 = time.monotonic()
-    from avae_jax import distributed  # pylint: disable=g-import-not-at-top
-    from avae_jax import trainer  # pylint: disable=g-import-not-at-top
-    try:
-      # Ctrl-C outside a run's training loop (calibration, evaluation) ends the study at
-      # once; inside it, the run checkpoints its step first (TrainingInterrupted).
-      with distributed.exit_on_interrupt('[study] interrupted by Ctrl-C; the same study.py '
-                                         'command resumes the study'):
-        statuses = run_study(out, settings, _MAX_HOURS.value)
-    except trainer.TrainingInterrupted as e:
-      print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
-            flush=True)
-      sys.exit(128 + e.signum)
-    failed = [s for s in statuses if s.status != 'done']
-    print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
-          f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)
-    failed_runs = [s for s in failed if s.status.startswith('failed')]
+
+
+def _train(out: str, settings: Any) -> list[RunStatus]:
+  """Trains the study's missing runs; returns those that failed."""
+  _enable_compilation_cache(out)
+  t0 = time.monotonic()
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    # Ctrl-C outside a run's training loop (calibration, evaluation) ends the study at
+    # once; inside it, the run checkpoints its step first (TrainingInterrupted).
+    with distributed.exit_on_interrupt('[study] interrupted by Ctrl-C; the same study.py '
+                                       'command resumes the study'):
+      statuses = run_study(out, settings, _MAX_HOURS.value)
+  except trainer.TrainingInterrupted as e:
+    print(f'[study] {e}; the same study.py command resumes the study', file=sys.stderr,
+          flush=True)
+    sys.exit(128 + e.signum)
+  failed = [s for s in statuses if s.status != 'done']
+  print(f'[study] {len(statuses) - len(failed)}/{len(statuses)} runs finished '
+        f'(this session: {time.monotonic() - t0:.0f} s)', flush=True)
+  return [s for s in failed if s.status.startswith('failed')]
+
+
+def _report_and_publish(out: str, settings: Any) -> None:
+  """Writes OUT's report, and copies it to --publish_dir where that is asked or due."""
   notes = _NOTES.value
   if notes is None and os.path.exists(os.path.join(out, 'discussion.md')):
     notes = os.path.join(out, 'discussion.md')
@@ -504,6 +485,38 @@ def main(argv: list[str]) -> None:
         print(f'[study] kept {kept}, the discussion of the report published before, which '
               f'this report leaves out (--notes={kept} includes it)', file=sys.stderr,
               flush=True)
+
+
+def main(argv: list[str]) -> None:
+  """Runs the study (or only its report) and publishes the report if asked."""
+  _check_flags(argv)
+  from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec()  # first: a restart repeats everything before it
+  from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply()
+  from avae_jax import summary  # pylint: disable=g-import-not-at-top
+  summary.quiet_library_logs()
+  out = os.path.abspath(_OUT.value)
+  settings = settings_from_flags(study_budget(out))
+  if _REPORT_ONLY.value and not os.path.exists(os.path.join(out, study_report.STUDY_FILE)):
+    # A mistyped --out would otherwise give an empty report, published over docs/.
+    raise app.UsageError(f'--out={_OUT.value} holds no study (no {study_report.STUDY_FILE}); '
+                         '--report_only reports on the runs of an existing study')
+  problem = files.output_dir_problem(out, 'the study directory (--out)')
+  if problem:
+    raise app.UsageError(problem)
+  if not _REPORT_ONLY.value:
+    # Before the study file records this command's budget: a study that cannot start
+    # must not hold its --out to a budget at which nothing ran.
+    check_datasets(settings)
+  with _shared_files_lock(out):
+    seeds = check_study_file(out, settings, report_only=_REPORT_ONLY.value,
+                             seeds_given=_SEEDS.value is not None)
+  # A study extended with --seeds=5 stays at 5: a later command without the flag, or with
+  # a smaller --seeds (a rerun, the report), must not leave the extra seeds out.
+  settings.seeds = seeds
+  failed_runs = [] if _REPORT_ONLY.value else _train(out, settings)
+  _report_and_publish(out, settings)
   if failed_runs:
     # Last, and in the exit status: a script or a scheduler running the study must not
     # take it for a success, and the FAILED lines lie hours back in the log.
