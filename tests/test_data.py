@@ -235,7 +235,7 @@ def test_arrays_npy_tail_split(tmp_path):
 
 
 def test_arrays_log_which_file_went_to_which_split(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')  # its level, whatever flags set it to
   np.save(tmp_path / 'x_train.npy', np.zeros((12, 16, 16), np.uint8))
   np.save(tmp_path / 'xtest.npy', np.zeros((4, 16, 16), np.uint8))  # 'xtest' is no word
   cfg = _config(dataset=f'arrays:{tmp_path}', channels=1, eval_fraction=0.25)
@@ -300,7 +300,7 @@ def test_arrays_idx_files_and_name_mapping(tmp_path):
 
 
 def test_arrays_gzipped_idx_beside_its_unpacked_copy_is_read_once(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')
   rng = np.random.default_rng(7)
   tr = rng.integers(0, 256, (6, 16, 16)).astype(np.uint8)
   te = rng.integers(0, 256, (3, 16, 16)).astype(np.uint8)
