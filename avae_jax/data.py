@@ -992,8 +992,8 @@ def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
     raise DataError(f'batch_size must be > 0, got {batch_size}')
   n = source.num_examples if not num_images or num_images <= 0 else \
       min(int(num_images), source.num_examples)
-  for start in range(int(start), n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
+  for lo in range(int(start), n, batch_size):
+    idx = np.arange(lo, min(lo + batch_size, n))
     images = source.get(idx)
     mask = np.zeros(batch_size, bool)
     mask[:len(idx)] = True

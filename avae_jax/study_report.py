@@ -483,7 +483,7 @@ def claims_table(runs: Sequence[Run], dataset: str) -> tuple[str, list[tuple[Cla
     lines.append(
         f'| {c.text} | {_paper_cell(r)} | {fmt(r["a_mean"])} vs {fmt(r["b_mean"])} | '
         f'{fmt(r["diff_mean"], 3)}{_pm(r["diff_sd"])} (n={r["n"]}) | '
-        f'{_pct(r["rel"])} | {r["verdict"]} |')
+        f'{_signed_pct(r["rel"])} | {r["verdict"]} |')
   return '\n'.join(lines) + '\n', results
 
 
@@ -492,7 +492,8 @@ def _pm(sd: float) -> str:
   return f' ± {fmt(sd, 2)}' if np.isfinite(sd) else ''
 
 
-def _pct(x: float | None) -> str:
+def _signed_pct(x: float | None) -> str:
+  """A relative change as a signed percentage, '-' where there is none."""
   if x is None or not np.isfinite(x):
     return '-'
   p = 100 * x
@@ -501,7 +502,7 @@ def _pct(x: float | None) -> str:
 
 
 def _paper_cell(r: dict[str, Any]) -> str:
-  return _pct(r['paper_rel']) if 'paper_rel' in r else 'qualitative (Fig. 2)'
+  return _signed_pct(r['paper_rel']) if 'paper_rel' in r else 'qualitative (Fig. 2)'
 
 
 # ---------------------------------------------------------------------------------------
@@ -831,9 +832,9 @@ def _epochs(settings: Any, dataset: str) -> float:
 def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
   if r['n'] == 0:
     return f'- {c.text}: not measured.'
-  paper = f' (paper: {_pct(r["paper_rel"])})' if 'paper_rel' in r else ''
+  paper = f' (paper: {_signed_pct(r["paper_rel"])})' if 'paper_rel' in r else ''
   return (f'- {c.text}: **{r["verdict"]}**; {fmt(r["a_mean"])} vs {fmt(r["b_mean"])}, '
-          f'{_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)}'
+          f'{_signed_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)}'
           f'{_pm(r["diff_sd"])} over {r["n"]} seed(s).')
 
 
@@ -861,14 +862,14 @@ def _gating_section(runs: Sequence[Run], dataset: str, variants: Sequence[str]) 
                            'steps logged)')
         continue
       lines.append(
-          f'| {NAMES[v]} | {r.seed} | {g["steps"]} | {_pct100(g["disc_updated"])} | '
-          f'{_pct100(g["vae_updated"])} | {fmt(g["acc_first"], 3)} → {fmt(g["acc_last"], 3)} '
+          f'| {NAMES[v]} | {r.seed} | {g["steps"]} | {_share_pct(g["disc_updated"])} | '
+          f'{_share_pct(g["vae_updated"])} | {fmt(g["acc_first"], 3)} → {fmt(g["acc_last"], 3)} '
           f'({fmt(g["acc_mean"], 3)}) | {fmt(g["gen_loss_last"], 3)} | '
           f'{fmt(g["disc_loss_last"], 3)} |')
       for side in ('disc_updated', 'vae_updated'):
         if g[side] is not None and g[side] < 0.05:
           warnings.append(f'{dataset} {NAMES[v]} seed {r.seed}: {side} ran in only '
-                          f'{_pct100(g[side])} of the adversarial steps (gating stuck)')
+                          f'{_share_pct(g[side])} of the adversarial steps (gating stuck)')
   lines.append('')
   return lines, warnings, unchecked
 
@@ -891,7 +892,7 @@ def _loss_scale_section(runs: Sequence[Run], dataset: str,
                    f'{fmt(row["scaled_mse"])} | {fmt(row.get("kl"))} | '
                    f'{fmt(row.get("tc")) if "tc" in row else "-"} | '
                    f'{fmt(row.get("adv")) if "adv" in row else "-"} | '
-                   f'{_pct100(row["adv_share"]) if "adv" in row else "-"} |')
+                   f'{_share_pct(row["adv_share"]) if "adv" in row else "-"} |')
   lines.append('')
   return lines, [], []
 
@@ -996,7 +997,7 @@ def _diagnostics(runs: Sequence[Run], dataset: str,
   return '\n'.join(lines), warnings, unchecked
 
 
-def _pct100(x: float | None) -> str:
+def _share_pct(x: float | None) -> str:
   """A share as a percentage; small shares keep two significant digits."""
   if x is None or not np.isfinite(x):
     return '-'
@@ -1024,12 +1025,12 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
     g = gating_stats(rs[0])
     if sc and 'adv' in sc:
       out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = '
-                 f'{fmt(sc["adv"], 3)} is {_pct100(sc["adv_share"])} of the objective next to '
+                 f'{fmt(sc["adv"], 3)} is {_share_pct(sc["adv_share"])} of the objective next to '
                  f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = '
                  f'{fmt(sc["vae_terms"], 4)} '
                  '(λ_adv = 1, L_REC summed over pixels); '
-                 f'the VAE was updated in {_pct100(g.get("vae_updated"))} and D in '
-                 f'{_pct100(g.get("disc_updated"))} of the adversarial steps.')
+                 f'the VAE was updated in {_share_pct(g.get("vae_updated"))} and D in '
+                 f'{_share_pct(g.get("disc_updated"))} of the adversarial steps.')
   rs_s = _by(runs, dataset, 'vae_s', finished=True)
   rs_v = _by(runs, dataset, 'vae', finished=True)
   if rs_s:

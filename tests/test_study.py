@@ -479,10 +479,10 @@ def test_check_claim_skips_nan_and_measures_cosine_from_one():
 
 
 def test_percentages_keep_small_differences_visible():
-  assert study_report._pct(0.0004596) == '+0.046%'
-  assert study_report._pct(-0.0009) == '-0.09%'
-  assert study_report._pct(0.123) == '+12.3%' and study_report._pct(0.0) == '+0.0%'
-  assert study_report._pct(float('nan')) == '-'
+  assert study_report._signed_pct(0.0004596) == '+0.046%'
+  assert study_report._signed_pct(-0.0009) == '-0.09%'
+  assert study_report._signed_pct(0.123) == '+12.3%' and study_report._signed_pct(0.0) == '+0.0%'
+  assert study_report._signed_pct(float('nan')) == '-'
 
 
 def test_diagnostics_list_the_checks_they_could_not_make(tmp_path):
