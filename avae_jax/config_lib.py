@@ -24,6 +24,7 @@ from ml_collections import config_flags
 VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
+PARALLEL_METHODS = ('pmap', 'shard_map')  # config.parallel (parallel.py maps with them)
 TC_ESTIMATORS = ('mws', 'mss')
 SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (README: The four models)
 CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.BACKWARDS)
@@ -275,8 +276,8 @@ def _last_overrides_win(argv: Sequence[str]) -> list[str]:
   """argv with only the last of each repeated --config.FIELD override, in the = form.
 
   absl keeps the last value of a repeated flag, but ml_collections appends the values of
-  a repeated tuple field: --config.model.widths=(8,16) --config.model.widths=(4,4) gave
-  (8, 16, 4, 4). The space form (--config.model.widths 8,16) is joined first, or its
+  a repeated tuple field: --config.model.widths=(8,16) --config.model.widths=(4,4) would
+  give (8, 16, 4, 4). The space form (--config.model.widths 8,16) is joined first, or its
   repeats would be appended likewise.
   """
   argv = joined_overrides(argv)
@@ -435,7 +436,8 @@ def define_workdir_flag(help_string: str) -> flags.FlagHolder:
   """The required --workdir flag of train.py and eval.py; an empty value is a flag error."""
   holder = flags.DEFINE_string('workdir', None, help_string)
   flags.mark_flag_as_required('workdir')
-  # An empty --workdir= passes the required check and failed later, naming no directory.
+  # An empty --workdir= passes the required check and would fail later, naming no
+  # directory.
   flags.register_validator('workdir', bool, message='--workdir must not be empty')
   return holder
 
@@ -539,7 +541,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       'estimator needs a batch of at least 2 (or loss.tc_estimator=mws)')
   if config.pretrain_steps < 0 or config.adversarial_steps < 0:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
-  if config.parallel not in ('pmap', 'shard_map'):
+  if config.parallel not in PARALLEL_METHODS:
     raise ConfigError(f"parallel must be 'pmap' or 'shard_map', got {config.parallel!r}")
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
@@ -567,8 +569,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not 0.0 <= config.optimizer[name] < 1.0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} must lie in [0, 1) '
                         "(Adam's decay rate)")
-  # The held-out share of folders and array files without an eval file (NaN crashed in
-  # the loader with a traceback; a negative share read as 0).
+  # The held-out share of folders and array files without an eval file (NaN would crash
+  # the loader with a traceback; a negative share would read as 0).
   if not 0.0 <= config.get('eval_fraction', 0.05) < 1.0:
     raise ConfigError(f'eval_fraction = {config.eval_fraction} must lie in [0, 1) (the '
                       'share of the images held out for evaluation)')
@@ -650,11 +652,6 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[st
   """(field, old value, new value) for each field of two nested mappings that differs."""
   a, b = flatten(old), flatten(new)
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def as_dict(weights: Mapping[str, float]) -> dict[str, float]:
-  """A plain dict copy of a weights mapping (ConfigDicts are not hashable)."""
-  return {str(k): float(v) for k, v in weights.items()}
 
 
 def layout_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from avae_jax import distributed
 from avae_jax import steps
 
 Steps = collections.namedtuple('Steps', ['pretrain', 'adversarial'])
-METHODS = ('pmap', 'shard_map')
+METHODS = config_lib.PARALLEL_METHODS
 
 
 def _mesh(devices: Sequence[Any], axis_name: str) -> Mesh:

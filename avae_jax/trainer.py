@@ -46,6 +46,8 @@ FINAL_METRICS_FILE = 'final_metrics.json'  # the final evaluation's results
 # and 0.4-0.7x, where the first estimate is rougher).
 ADVERSARIAL_STEP_COST = 2.2
 ADVERSARIAL_COMPILE_COST = 1.5
+# Added to the seed for the calibration probe's batch order, so that it is not the run's.
+_PROBE_SEED_OFFSET = 7919
 
 
 class RunKeys(NamedTuple):
@@ -141,9 +143,9 @@ class _StopSignals:
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs that is derived from the config, before the first step."""
-  devices: list[Any]
-  train_source: Any
-  eval_source: Any
+  devices: list[jax.Device]
+  train_source: data.Source
+  eval_source: data.Source
   step_config: steps.StepConfig
   total_steps: int
 
@@ -170,7 +172,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 
 def _json_default(o: Any) -> Any:
-  """JSON encoding for numpy scalars and tuples inside configs."""
+  """JSON encoding for numpy scalars and arrays (json itself takes tuples)."""
   if isinstance(o, (np.floating, np.integer)):
     return o.item()
   if isinstance(o, np.ndarray):
@@ -183,7 +185,8 @@ def _json_default(o: Any) -> Any:
 
 
 def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
-                      source: Any, devices: list[Any], key: jax.Array) -> dict[str, float]:
+                      source: data.Source, devices: list[jax.Device],
+                      key: jax.Array) -> dict[str, float]:
   """Probes each reconstruction term over K training batches and returns equalising λ's."""
   return calibrated_weights(config, probe_term_means(config, vae_state, source, devices, key))
 
@@ -196,13 +199,29 @@ def calibrated_weights(config: ml_collections.ConfigDict,
   term left out of loss.weights, keeps a term off.
   """
   ref = means['mse']
-  configured = config_lib.as_dict(config.loss.weights)
-  return {t: configured.get(t, 0.0) * (ref / means[t] if means[t] > 0 else 1.0)
+  return {t: float(config.loss.weights.get(t, 0.0)) * (ref / means[t] if means[t] > 0 else 1.0)
           for t in config_lib.RECONSTRUCTION_TERMS}
 
 
+def _train_batches(config: ml_collections.ConfigDict, source: data.Source,
+                   devices: list[jax.Device], seed: int, start_step: int) -> Any:
+  """This process's part of the global batches from `start_step`, one row per device."""
+  return data.batches(source, batch_size=int(config.batch_size), seed=seed,
+                      start_step=start_step, process_index=jax.process_index(),
+                      process_count=jax.process_count(), num_local_devices=len(devices))
+
+
+def _fetch_checked(history: list[tuple[int, Any]],
+                   calibration: bool = False) -> list[tuple[int, dict[str, np.ndarray]]]:
+  """The steps' metrics on the host, checked to be finite (_check_finite)."""
+  fetched = [(s, jax.device_get(m)) for s, m in history]
+  _check_finite(fetched, calibration=calibration)
+  return fetched
+
+
 def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
-                     source: Any, devices: list[Any], key: jax.Array) -> dict[str, float]:
+                     source: data.Source, devices: list[jax.Device],
+                     key: jax.Array) -> dict[str, float]:
   """Each reconstruction term's mean over K probe steps of a throwaway copy of the VAE.
 
   The paper probed the terms for one epoch of training and weighted them so that all share
@@ -212,18 +231,16 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
   The real run starts from the untouched initial state.
   """
   k = int(config.calibrate.batches)
-  probe_cfg = steps.StepConfig.from_config(config, dataset_size=source.num_examples)
-  probe_cfg = dataclasses.replace(
-      probe_cfg, recon_weights=tuple((t, 1.0) for t in config_lib.RECONSTRUCTION_TERMS),
+  probe_cfg = steps.StepConfig.from_config(
+      config, dataset_size=source.num_examples,
+      recon_weights=tuple((t, 1.0) for t in config_lib.RECONSTRUCTION_TERMS),
       gabor=losses.GaborSpec.from_config(config.gabor))
   probe = parallel.make_steps(probe_cfg, devices, method=config.parallel).pretrain
   state = parallel.replicate(vae_state, devices, probe_cfg.axis_name)
   # Device arrays as in the training loop: shard_map's step (a jit over all processes'
   # devices) reads a host array as the global batch, and one process holds only its part.
-  batches = data.batches(source, batch_size=int(config.batch_size),
-                         seed=int(config.seed) + 7919, start_step=0,
-                         process_index=jax.process_index(),
-                         process_count=jax.process_count(), num_local_devices=len(devices))
+  batches = _train_batches(config, source, devices, int(config.seed) + _PROBE_SEED_OFFSET,
+                           start_step=0)
   # An epoch of probe steps (the dataset configs') takes a while: it gets progress lines.
   progress = summary.ProgressLogger(
       total_steps=k, every=int(config.log_every), enabled=jax.process_index() == 0,
@@ -241,24 +258,23 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
       if (i + 1) % int(config.log_every) == 0 or i + 1 == k:
         jax.block_until_ready(m)  # the line's rate counts steps run, not dispatched
       progress.update(i + 1)
-  fetched = [(i, jax.device_get(m)) for i, m in history]
-  _check_finite(fetched, calibration=True)
-  means = _mean_metrics(fetched)
+  means = _mean_metrics(_fetch_checked(history, calibration=True))
   logging.info('calibration over %d batches: term means %s', k, means)
   return {t: means[t] for t in config_lib.RECONSTRUCTION_TERMS}
 
 
 def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
-                       vae_state: steps.TrainState, key: jax.Array,
-                       resumed: bool = False) -> Setup:
-  """Runs the calibration once per workdir, records it, and rebuilds the step config.
+                       vae_state: steps.TrainState, key: jax.Array, *,
+                       resumed: bool) -> Setup:
+  """Sets config.loss.weights from the calibration; returns the setup's new step config.
 
-  A new run probes (a calibration.json without checkpoints is left from a run that
-  stopped before its first one, perhaps with other settings). A resumed run reuses the
-  probe's term means with the configured w_i, so that changed loss weights take effect
-  (and are named as changed). A resumed run without calibration.json started without
-  calibration: probing its trained state now would change the objective halfway, so that
-  is refused.
+  The calibration runs once per workdir and is recorded there; config.calibrate.batches
+  is set to its probe's, so that config.json names it too. A new run probes (a
+  calibration.json without checkpoints is left from a run that stopped before its first
+  one, perhaps with other settings). A resumed run reuses the probe's term means with the
+  configured w_i, so that changed loss weights take effect (and are named as changed). A
+  resumed run without calibration.json started without calibration: probing its trained
+  state now would change the objective halfway, so that is refused.
   """
   path = os.path.join(workdir, CALIBRATION_FILE)
   saved = files.read_json(path) if resumed and files.exists(path) else None
@@ -290,8 +306,9 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
     record['means'] = means
   if jax.process_index() == 0 and record != saved:
     files.write_json(path, record)
-  print('calibrated reconstruction weights: ' +
-        ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
+  if jax.process_index() == 0:
+    print('calibrated reconstruction weights: ' +
+          ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
   with config.unlocked():
     for t, v in weights.items():
       config.loss.weights[t] = float(v)
@@ -387,13 +404,13 @@ def _figure_images(module: Any, variables: Any, x: jax.Array,
 
 
 def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
-             eval_source: Any, key: jax.Array) -> dict[str, np.ndarray]:
+             eval_source: data.Source, key: jax.Array) -> dict[str, np.ndarray]:
   """Reconstruction and random-sample grids from the current (unreplicated) VAE."""
   n = int(config.eval.grid_size)
   x = eval_source.get(np.arange(min(n, eval_source.num_examples)))
   variables = {'params': vae_state.params, 'batch_stats': vae_state.batch_stats}
   z = jax.random.normal(key, (n * n // 2 if n > 1 else 1, config.model.latent_dim))
-  # Jitted: applied op by op, the model's many small programs took ~10 s to compile.
+  # Jitted: applied op by op, the model's many small programs take ~10 s to compile.
   x_rec, samples = _figure_images(vae_state.module, variables, x, z)
   return {
       'reconstructions': visualize.reconstructions(np.asarray(x), np.asarray(x_rec), n),
@@ -493,9 +510,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   # On a CPU the thread count sets the order of float32 sums, so the checkpoints record it
   # and a resume compares.
   cpu_threads = xla_flags.process_cpu_threads()
-  init_key, train_key, calib_key, fig_key = run_keys(int(config.seed))
+  keys = run_keys(int(config.seed))
   image_shape = setup_.train_source.image_shape
-  vae_state, disc_state = steps.create_train_states(config, init_key, image_shape)
+  vae_state, disc_state = steps.create_train_states(config, keys.init, image_shape)
 
   restored = _restore(config, workdir, setup_.total_steps, ckpt, vae_state, disc_state)
   start_step, unlogged = 0, []
@@ -503,8 +520,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     start_step, meta, vae_state, disc_state = restored
     unlogged = meta.get('unlogged_metrics', [])  # absent in checkpoints of earlier versions
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
-    print(f'resuming from checkpoint at step {start_step}', flush=True)
     if is_main:
+      print(f'resuming from checkpoint at step {start_step}', flush=True)
       _warn_of_a_changed_run(config, meta, setup_.train_source.num_examples, cpu_threads)
 
   finished = (_final_metrics(workdir, start_step)
@@ -513,15 +530,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     # The same command run again (a scheduler restarting a finished job): nothing to
     # train, the evaluation's results would only be written twice, and config.json stays
     # the config they were computed with.
-    print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
-          f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
+    if is_main:
+      print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
+            f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
     return finished
 
   # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
   # nothing was trained under the calibration, so it is made as for a new run.
   trained = start_step > 0
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
-    setup_ = _apply_calibration(config, workdir, setup_, vae_state, calib_key,
+    setup_ = _apply_calibration(config, workdir, setup_, vae_state, keys.calibration,
                                 resumed=trained)
   elif not trained and is_main:
     # Left by a calibrated run that stopped before its first checkpoint: a later resume of
@@ -536,27 +554,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   pre = int(config.pretrain_steps)
   fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
   if is_main:
-    n, processes = len(setup_.devices), jax.process_count()
-    threads = '' if cpu_threads is None else f', {cpu_threads} XLA:CPU threads'
-    print(f'devices: {n} {setup_.devices[0].platform} x {processes} process(es), '
-          f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
-          f'device and step{threads}', flush=True)
-    band = config_lib.gating_dead_band(config)
-    if band is not None:
-      print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
-            'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
-            'adversarial phase can stall there', file=sys.stderr, flush=True)
+    _announce(config, setup_.devices, cpu_threads)
   r_vae = parallel.replicate(vae_state, setup_.devices, setup_.step_config.axis_name)
   r_disc = parallel.replicate(disc_state, setup_.devices, setup_.step_config.axis_name)
 
+  # The steps since the last log, (step, metrics on the devices): logged, then dropped.
+  history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
   last_saved = start_step if restored is not None else None
 
   def save(step: int) -> None:
     """Checkpoints the state after `step` steps, with the metrics logged since."""
     nonlocal last_saved
-    # Never checkpoint a state whose losses were not checked.
-    pending = [(s, jax.device_get(mm)) for s, mm in history]
-    _check_finite(pending)
+    pending = _fetch_checked(history)  # never checkpoint a state whose losses are unchecked
     tree = jax.device_get(
         steps.state_tree(parallel.unreplicate(r_vae), parallel.unreplicate(r_disc)))
     # A finite loss can still give a NaN update (a NaN gradient): the losses checked above
@@ -574,17 +583,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     last_saved = step
 
   batches = data.prefetch_to_devices(
-      data.batches(setup_.train_source, batch_size=int(config.batch_size),
-                   seed=int(config.seed), start_step=start_step,
-                   process_index=jax.process_index(), process_count=jax.process_count(),
-                   num_local_devices=len(setup_.devices)),
-      setup_.devices)
+      _train_batches(config, setup_.train_source, setup_.devices, int(config.seed),
+                     start_step), setup_.devices)
   progress = summary.ProgressLogger(
       total_steps=total, every=int(config.log_every), start_step=start_step, enabled=is_main,
       phases=[summary.Phase('pre-training', pre),
               summary.Phase('adversarial', total, step_cost=ADVERSARIAL_STEP_COST,
                             compile_cost=ADVERSARIAL_COMPILE_COST)])
-  history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
   step = start_step
   writer = summary.SummaryWriter(workdir, enabled=is_main, start_step=start_step)
   stop = _StopSignals(config.stop_check_every)
@@ -604,7 +609,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
           print(f'data error at step {step}: the checkpoint of step {step} is saved',
                 file=sys.stderr, flush=True)
         raise
-      key = jax.random.fold_in(train_key, step)
+      key = jax.random.fold_in(keys.train, step)
       # The first step of each phase in this process compiles its step function: the
       # progress line says so and leaves that step out of the rate and the ETA.
       compiles = step in (start_step, pre)
@@ -624,29 +629,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       signum = stop.agreed(step, logged)
       if logged or signum:
         # A stop logs the steps since the last log too: nothing logged is lost.
-        fetched = [(s, jax.device_get(mm)) for s, mm in history]
-        _check_finite(fetched)
-        scalars = _mean_metrics(fetched)
-        scalars['learning_rate'] = float(config.optimizer.learning_rate)
-        if step > pre:
-          scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)
-        progress.update(step, scalars, force=bool(signum))
-        # The progress line's rate, without the compiling steps and the figures (a log of
-        # a compiling step alone has none).
-        if math.isfinite(progress.rate):
-          scalars['steps_per_s'] = progress.rate
-        writer.scalars(step, scalars)
+        _log(config, step, history, progress, writer, force=bool(signum))
         history = []
       if is_main and (step % int(config.image_every) == 0 or step == total):
         # The rate is the training steps': the figures' time (their program compiles the
         # first time) is left out of it and of the ETA.
         with progress.paused():
-          figs = _figures(config, parallel.unreplicate(r_vae), setup_.eval_source,
-                          jax.random.fold_in(fig_key, step))
-          for name, img in figs.items():
-            writer.image(step, name, img)
-            visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'),
-                               img)
+          _write_figures(config, workdir, writer, parallel.unreplicate(r_vae),
+                         setup_.eval_source, jax.random.fold_in(keys.figures, step), step)
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         save(step)
       if signum:
@@ -680,6 +670,46 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   with writer:  # closed also when the evaluation fails
     return final_evaluation(config, workdir, parallel.unreplicate(r_vae), setup_, writer,
                             step=step)
+
+
+def _announce(config: ml_collections.ConfigDict, devices: list[jax.Device],
+              cpu_threads: int | None) -> None:
+  """Prints the devices line, and warns of a gating dead band (process 0)."""
+  n, processes = len(devices), jax.process_count()
+  threads = '' if cpu_threads is None else f', {cpu_threads} XLA:CPU threads'
+  print(f'devices: {n} {devices[0].platform} x {processes} process(es), '
+        f'{config.parallel}, {int(config.batch_size) // (n * processes)} images per '
+        f'device and step{threads}', flush=True)
+  band = config_lib.gating_dead_band(config)
+  if band is not None:
+    print(f'warning: at a discriminator accuracy in [{band[0]:g}, {band[1]:g}] neither '
+          'gated update runs (gating.train_disc_below <= gating.train_vae_above), so the '
+          'adversarial phase can stall there', file=sys.stderr, flush=True)
+
+
+def _log(config: ml_collections.ConfigDict, step: int, history: list[tuple[int, Any]],
+         progress: summary.ProgressLogger, writer: summary.SummaryWriter,
+         force: bool) -> None:
+  """Logs the mean metrics of the steps in `history` at `step`, and a progress line."""
+  scalars = _mean_metrics(_fetch_checked(history))
+  scalars['learning_rate'] = float(config.optimizer.learning_rate)
+  if step > int(config.pretrain_steps):
+    scalars['disc_learning_rate'] = float(config.optimizer.disc_learning_rate)
+  progress.update(step, scalars, force=force)
+  # The progress line's rate, without the compiling steps and the figures (a log of a
+  # compiling step alone has none).
+  if math.isfinite(progress.rate):
+    scalars['steps_per_s'] = progress.rate
+  writer.scalars(step, scalars)
+
+
+def _write_figures(config: ml_collections.ConfigDict, workdir: str,
+                   writer: summary.SummaryWriter, vae_state: steps.TrainState,
+                   eval_source: data.Source, key: jax.Array, step: int) -> None:
+  """The training figures of `step`: to TensorBoard and to WORKDIR/images/."""
+  for name, img in _figures(config, vae_state, eval_source, key).items():
+    writer.image(step, name, img)
+    visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
 
 
 def _final_metrics(workdir: str, step: int) -> dict[str, Any] | None:
