@@ -151,16 +151,14 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
     return None, 'config.eval.fid is False'
   else:
     setting = _weights_setting(config)
+    # A finished training run must not lose its evaluation over missing weights.
     try:
       params = inception.load_params(setting)
+    except FileNotFoundError as e:  # its message names the file and how to get it
+      return None, str(e)
     except (OSError, ValueError) as e:
-      # A finished training run must not lose its evaluation over missing weights.
-      how = inception.how_to_get_weights(setting)
-      how = '' if how in str(e) else f'\n{how}'
-      # load_params' own messages name the weights already.
-      what = '' if str(e).startswith('FID Inception weights') else \
-          'FID Inception weights unavailable: '
-      return None, f'{what}{e}{how}'
+      return None, (f'FID Inception weights unavailable: {e}\n'
+                    f'{inception.how_to_get_weights(setting)}')
   # The replicated layout inception.features uses, so that it does not copy them per batch.
   mesh = Mesh(np.asarray(devices), ('batch',))
   return jax.device_put(params, NamedSharding(mesh, PartitionSpec())), None
@@ -303,13 +301,13 @@ def _figures(model: api.TrainedModel, shown_x: np.ndarray, shown_rec: np.ndarray
   return figures
 
 
-def evaluate(config: ml_collections.ConfigDict, model: Any, eval_source: data.Source,
+def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
+             eval_source: data.Source,
              out_dir: str, devices: Sequence[Any] | None = None,
              writer: summary.SummaryWriter | None = None, *,
              inception_params: Any = None) -> dict[str, Any]:
   """Computes the metrics, writes metrics.json, table.md and the figures; returns the metrics.
 
-  model: an api.TrainedModel, or the unreplicated VAE TrainState.
   devices: local devices for the model and the Inception network (default: all local).
   writer: if given, the figures, the table and the scalars also go to TensorBoard.
   inception_params: Inception weights to use instead of loading config.eval's (tests).
@@ -318,8 +316,6 @@ def evaluate(config: ml_collections.ConfigDict, model: Any, eval_source: data.So
   """
   devices = list(jax.local_devices() if devices is None else devices)
   is_main = jax.process_index() == 0
-  if not isinstance(model, api.TrainedModel):
-    model = api.TrainedModel.from_state(config, model, devices=devices)
   ev = config.eval
   n = min(int(ev.num_images), eval_source.num_examples) if int(ev.num_images) > 0 else \
       eval_source.num_examples
@@ -428,7 +424,7 @@ def evaluate(config: ml_collections.ConfigDict, model: Any, eval_source: data.So
     table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
               f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
   if is_main:
-    for name in FIGURES:  # one not made this time (no traversal dims) goes: it was stale
+    for name in FIGURES:  # one not made this time (no traversal dims) goes: it is stale
       path = os.path.join(out_dir, f'{name}.png')
       if name in figures:
         visualize.save_png(path, figures[name])
