@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
-  # Ctrl-C ends the run at once with one line (a KeyboardInterrupt in a compilation gave
+  # Ctrl-C ends the run at once with one line (a KeyboardInterrupt in a compilation gives
   # a traceback, and at times a segmentation fault; see distributed.exit_on_interrupt).
   with distributed.exit_on_interrupt('benchmark.py: interrupted by Ctrl-C'):
     _run()

@@ -37,7 +37,8 @@ from avae_jax import summary
 from avae_jax import xla_flags
 
 _WORKDIR = config_lib.define_workdir_flag('Training directory holding checkpoints/.')
-# Bounded here: a negative step reached api.TrainedModel.load as a ValueError traceback.
+# Bounded here: a negative step would reach api.TrainedModel.load as a ValueError
+# traceback instead of a usage error.
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).',
                              lower_bound=0)
 config_lib.define_config_file('config', None, 'The training configuration file (default: '

@@ -86,7 +86,7 @@ def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.Con
     from configs import default  # pylint: disable=g-import-not-at-top
     added = config_lib.fill_missing(config, default.get_config())
     if added:
-      # Without them the model or the evaluation stopped with an AttributeError.
+      # Without them the model or the evaluation would stop with an AttributeError.
       warnings.warn(f'{path} lacks {", ".join(added)} (written by an older version?); '
                     'using the values of configs/default.py for them', stacklevel=2)
   return config
@@ -200,8 +200,7 @@ class TrainedModel:
   def from_state(cls, config: ml_collections.ConfigDict, vae_state: Any, *,
                  devices: Sequence[Any] | None = None) -> 'TrainedModel':
     """Wraps an (unreplicated) VAE TrainState, e.g. inside the trainer."""
-    step = vae_state.step
-    step = int(np.asarray(jax.device_get(step))) if step is not None else None
+    step = int(np.asarray(jax.device_get(vae_state.step)))
     return cls(config, vae_state.params, vae_state.batch_stats, step=step, devices=devices)
 
   @classmethod
@@ -218,7 +217,7 @@ class TrainedModel:
     `step`, every one) cannot be read.
     """
     workdir = str(workdir)
-    # The checkpointer takes int(step): step=2.5 restored step 2, step=True step 1.
+    # The checkpointer takes int(step): step=2.5 would restore step 2, step=True step 1.
     step = None if step is None else visualize.integer(step, 'step', 0)
     require_checkpoint(workdir)
     ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR

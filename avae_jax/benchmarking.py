@@ -416,13 +416,11 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
 
 
 # The model the twin always builds; its command line sets only the sizes.
-TWIN_MODEL = {'variant': 'avae_s', 'model.latent_dim': 32, 'model.hidden_dim': 48,
-              'loss.tc_estimator': 'mws', 'model.dtype': 'float32'}
-
-
-# The twin's loss: every reconstruction term, its Gabor bank, KL, TC and the generator loss.
-TWIN_GABOR = {'gabor.size': 11, 'gabor.sigma': 2.5, 'gabor.wavelengths': (4.0, 8.0),
-              'gabor.orientations': 4}
+# The twin's model and Gabor bank (its loss has every reconstruction term, KL, TC and the
+# generator loss: twin_problem checks those weights apart).
+_TWIN_SETTINGS = {'variant': 'avae_s', 'model.latent_dim': 32, 'model.hidden_dim': 48,
+                  'loss.tc_estimator': 'mws', 'model.dtype': 'float32', 'gabor.size': 11,
+                  'gabor.sigma': 2.5, 'gabor.wavelengths': (4.0, 8.0), 'gabor.orientations': 4}
 
 
 def twin_problem(python: str, script: str, config: ml_collections.ConfigDict,
@@ -439,8 +437,7 @@ def twin_problem(python: str, script: str, config: ml_collections.ConfigDict,
             f'(this run has {num_devices})')
   flat = config_lib.flatten(config.to_dict())
   differ = [f'{k}={flat.get(k)!r} (the twin: {v!r})'
-            for k, v in {**TWIN_MODEL, **TWIN_GABOR}.items()
-            if (tuple(flat.get(k)) if isinstance(v, tuple) else flat.get(k)) != v]
+            for k, v in _TWIN_SETTINGS.items() if flat.get(k) != v]
   # A term at weight 0 is not computed here; the twin computes every one.
   off = [t for t in config_lib.RECONSTRUCTION_TERMS
          if t not in config_lib.reconstruction_weights(config)]
@@ -478,10 +475,10 @@ def twin_command(python: str, script: str, config: ml_collections.ConfigDict, st
 
 @contextlib.contextmanager
 def _ctrl_c_raises() -> Any:
-  """Inside the block, Ctrl-C raises KeyboardInterrupt (Python's own handler), as before.
+  """Inside the block, Ctrl-C raises KeyboardInterrupt (Python's own handler).
 
   benchmark.py's handler ends the process at once (distributed.exit_on_interrupt), which
-  left a twin that subprocess.run waited for running on; with the KeyboardInterrupt,
+  would leave a twin that subprocess.run waits for running on; on the KeyboardInterrupt,
   subprocess.run kills it, and the exception then reaches that handler's block. An
   ignored Ctrl-C stays ignored.
   """

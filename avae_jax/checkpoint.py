@@ -88,8 +88,8 @@ def _flatten(tree: PyTree) -> tuple[list[tuple[str, ...]], list[Any], Any]:
   if any(not n for n in names):
     raise ValueError('The checkpointed state must be a container (dict, tuple, '
                      'dataclass) of arrays, not a bare array.')
-  # orbax names each array by its path joined with '.': {'a.b': x, 'a': {'b': y}} saved
-  # both under one name, and the checkpoint failed its checksums on every restore.
+  # orbax names each array by its path joined with '.': {'a.b': x, 'a': {'b': y}} would
+  # save both under one name, and the checkpoint would fail its checksums on every restore.
   joined = ['.'.join(n) for n in names]
   clashes = sorted({j for j in joined if joined.count(j) > 1})
   if clashes:
@@ -147,7 +147,7 @@ def _to_host(leaf: Any, name: tuple[str, ...]) -> np.ndarray:
     return array
   with np.errstate(over='ignore'):  # overflow is checked below, with the leaf's name
     converted = array.astype(dtype)
-  # int64 -> int32 wraps around (2**40 came back as 0) and float64 -> float32 overflows to
+  # int64 -> int32 wraps around (2**40 becomes 0) and float64 -> float32 overflows to
   # inf: refuse values the stored dtype cannot hold rather than restore others.
   if np.issubdtype(array.dtype, np.integer):
     lost = not np.array_equal(converted.astype(array.dtype), array)
@@ -241,10 +241,10 @@ def _quiet_failed_reads(directory: str) -> None:
 
   When one read of a checkpoint fails, orbax closes the restore's event loop while
   tensorstore's other reads are in flight. Each of their completion callbacks then
-  raised "Event loop is closed" into sys.unraisablehook, and each read that failed too
-  was logged by asyncio as a "Future exception was never retrieved" with its error: tens
-  to hundreds of tracebacks around the one-line warning that says what happened, before
-  the restore's error and long after it. So, before the first restore (and for good, once
+  raises "Event loop is closed" into sys.unraisablehook, and each read that fails too is
+  logged by asyncio as a "Future exception was never retrieved" with its error: tens to
+  hundreds of tracebacks around the one-line warning that says what happened, before the
+  restore's error and long after it. So, before the first restore (and for good, once
   per process), the hook drops those RuntimeErrors and asyncio's logger those reports
   whose error names a checkpoint directory read here. Everything else passes as before.
   """
@@ -299,7 +299,7 @@ class Checkpointer:
     self.directory = directory
     self.read_only = read_only
     if keep is not None and keep < 0:
-      # orbax's LatestN(-1) deleted every checkpoint, the one just saved too.
+      # orbax's LatestN(-1) deletes every checkpoint, the one just saved too.
       raise ValueError(f'keep must be None, 0 (keep all) or positive; got {keep}.')
     policy = ocp.checkpoint_managers.LatestN(keep) if keep else None
     options = ocp.CheckpointManagerOptions(
@@ -520,7 +520,8 @@ class Checkpointer:
     if not isinstance(manifest, dict):
       raise CorruptCheckpointError('malformed manifest')
     # Absent in the manifests of earlier versions. Without it, a changed digit in a
-    # shape was read as a checkpoint of another model, and the run refused its workdir.
+    # shape would read as a checkpoint of another model, and the run would refuse its
+    # workdir.
     body = {k: v for k, v in manifest.items() if k != 'crc32'}
     if manifest.get('crc32', _json_crc32(body)) != _json_crc32(body):
       raise CorruptCheckpointError('manifest does not match its checksum')

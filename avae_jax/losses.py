@@ -266,9 +266,9 @@ def _responses(gray: Array, bank: np.ndarray) -> Array:
 
   The kernels are mixtures of a few separable terms (`_separable_terms`); every term is a
   banded-matrix product over rows then one over columns, and one small matrix product
-  mixes the terms into the kernels' responses. The losses do not filter this way any
-  more (`_gram_terms`); it is kept as the direct form of the same filtering, which the
-  tests check against scipy and scripts/op_timings.py times.
+  mixes the terms into the kernels' responses. The losses do not call it: they take the
+  responses' energies through `_gram_terms` instead. It is the direct form of the same
+  filtering, which the tests check against scipy and scripts/op_timings.py times.
   """
   bank = _check_bank(bank)
   pad = bank.shape[-1] // 2
@@ -308,7 +308,8 @@ def _gram_terms(bank: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarra
   q_right, r_right = np.linalg.qr(right)
   core = r_left @ (np.array([m[r, s] for r, s in pairs])[:, None] * r_right.T)
   uc, sc, vct = np.linalg.svd(core)
-  # As in _svd_terms: what is below 1e-9 of the largest term is float64 rounding.
+  # What is below 1e-9 of the largest term is rounding: the core's factors are float64
+  # (_svd_terms cuts kernels at 1e-6, which also covers float32 kernels).
   keep = np.flatnonzero(sc > 1e-9 * max(sc[0], 1e-300))
   scale = np.sqrt(sc[keep])
   p = ((q_left @ uc[:, keep]) * scale).T.reshape(len(keep), h, h)
@@ -411,7 +412,6 @@ def reconstruction_loss(x: Array, x_rec: Array,
     banks['gabor'] = (gabor or GaborSpec()).bank()
   if banks:
     terms.update(zip(banks, _response_energies(x, x_rec, list(banks.values()))))
-  terms = {k: terms[k] for k in RECONSTRUCTION_TERMS if k in terms}
   total = jnp.zeros((x.shape[0],), jnp.float32)
   for name, value in terms.items():
     total = total + active[name] * value

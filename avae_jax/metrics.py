@@ -22,7 +22,7 @@ def check_image_dtype(dtype: Any, what: str = 'images') -> None:
   """
   dtype = np.dtype(dtype)
   # Other integers (uint16, int32, bool) have no one scale to read them on: read as floats
-  # in [0, 1], a figure drew them black and white.
+  # in [0, 1], a figure would draw them black and white.
   if dtype != np.uint8 and not (np.issubdtype(dtype, np.floating) or dtype.name == 'bfloat16'):
     raise ValueError(f'{what}: expected uint8 images or floats in [0, 1], got dtype {dtype}')
 

@@ -106,7 +106,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Applies the unit; 'same' padding, so the side shrinks only by the stride."""
+    """Applies the unit; padding 1 on each side, so the side shrinks only by the stride."""
     # Padding 1 on each side for both the 3x3 (stride 1) and the 4x4 (stride 2)
     # convolutions, as in the paper's Keras/PyTorch models: side -> side / stride.
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,

@@ -103,8 +103,8 @@ def reconstructions(x: np.ndarray, x_rec: np.ndarray, n: int, ncol: int | None =
   # No images (an empty eval split) gives a blank pair of cells, as `grid` gives a blank row.
   ncol = max(n, 1) if ncol is None else ncol
   pairs = max(1, math.ceil(n / ncol))
-  # The cells are uint8, as `grid` makes them: uint8 inputs copied into float cells were
-  # read as floats in [0, 1] and clipped to black and white.
+  # The cells are uint8, as `grid` makes them: uint8 inputs copied into float cells would
+  # be read as floats in [0, 1] and clipped to black and white.
   x, x_rec = summary.to_uint8(x), summary.to_uint8(x_rec)
   blank = summary.to_uint8(np.full(x.shape[1:], pad_value, np.float32))
   cells = np.broadcast_to(blank, (pairs, 2, ncol) + x.shape[1:]).copy()
