@@ -44,6 +44,7 @@ from absl import app
 from absl import flags
 
 from avae_jax import benchmarking
+from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import distributed
 from avae_jax import hugepages
@@ -52,7 +53,7 @@ from avae_jax import xla_flags
 # Beside this file, not in the working directory: it may be run from anywhere.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
                                'bench_celeba.py')
-config_lib.define_config_file('config', _DEFAULT_CONFIG,
+cli.define_config_file('config', _DEFAULT_CONFIG,
                               'Configuration file (image size, widths, batch, variant; '
                               'default: configs/bench_celeba.py).')
 _STEPS = flags.DEFINE_integer('steps', 10,
@@ -193,5 +194,5 @@ def _run() -> None:
 
 
 if __name__ == '__main__':
-  app.run(config_lib.one_line_usage_errors(main, 'benchmark.py'),
-          flags_parser=config_lib.parse_flags)
+  app.run(cli.one_line_usage_errors(main, 'benchmark.py'),
+          flags_parser=cli.parse_flags)

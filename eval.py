@@ -26,6 +26,7 @@ import ml_collections
 
 from avae_jax import api
 from avae_jax import checkpoint
+from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
@@ -36,23 +37,23 @@ from avae_jax import parallel
 from avae_jax import summary
 from avae_jax import xla_flags
 
-_WORKDIR = config_lib.define_workdir_flag('Training directory holding checkpoints/.')
+_WORKDIR = cli.define_workdir_flag('Training directory holding checkpoints/.')
 # Bounded here: a negative step would reach api.TrainedModel.load as a ValueError
 # traceback instead of a usage error.
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: latest).',
                              lower_bound=0)
-config_lib.define_config_file('config', None, 'The training configuration file (default: '
+cli.define_config_file('config', None, 'The training configuration file (default: '
                               "the one train.py saved in WORKDIR).", lock_config=True)
 # Without --config, the --config.FIELD=VALUE overrides apply to WORKDIR/config.json.
 _SAVED_CONFIG_OVERRIDES: list[tuple[str, str | None]] = []
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """config_lib.parse_flags, keeping the overrides aside when no --config file is given."""
-  if config_lib.config_spec(argv) is None:
-    argv, overrides = config_lib.split_overrides(argv)
+  """cli.parse_flags, keeping the overrides aside when no --config file is given."""
+  if cli.config_spec(argv) is None:
+    argv, overrides = cli.split_overrides(argv)
     _SAVED_CONFIG_OVERRIDES.extend(overrides)
-  return config_lib.parse_flags(argv)
+  return cli.parse_flags(argv)
 
 
 # Errors that say what is wrong and what to do: one message, no traceback.
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> None:
           api.require_checkpoint(workdir)
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')
-        config_lib.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
+        cli.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
       config_lib.validate_eval(config)
       xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
       distributed.initialize()
@@ -169,4 +170,4 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> N
 if __name__ == '__main__':
   # Warnings only: orbax and XLA log every restore at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
-  app.run(config_lib.one_line_usage_errors(main, 'eval.py'), flags_parser=_parse_flags)
+  app.run(cli.one_line_usage_errors(main, 'eval.py'), flags_parser=_parse_flags)

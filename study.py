@@ -554,5 +554,5 @@ def _host() -> dict[str, Any]:
 if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
   logging.set_verbosity(logging.WARNING)
-  from avae_jax import config_lib  # pylint: disable=g-import-not-at-top
-  app.run(config_lib.one_line_usage_errors(main, 'study.py'))
+  from avae_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.one_line_usage_errors(main, 'study.py'))

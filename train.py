@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from avae_jax import checkpoint
+from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
@@ -22,8 +23,8 @@ from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
 
-_WORKDIR = config_lib.define_workdir_flag('Directory for checkpoints, summaries and figures.')
-config_lib.define_config_file('config', None, 'Training configuration file.', lock_config=True)
+_WORKDIR = cli.define_workdir_flag('Directory for checkpoints, summaries and figures.')
+cli.define_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flag_as_required('config')
 
 
@@ -75,5 +76,5 @@ def _fail(error: Exception) -> None:
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(config_lib.one_line_usage_errors(main, 'train.py'),
-          flags_parser=config_lib.parse_flags)
+  app.run(cli.one_line_usage_errors(main, 'train.py'),
+          flags_parser=cli.parse_flags)

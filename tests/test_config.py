@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import parallel
 from configs import celeba
@@ -193,14 +194,14 @@ def test_repeated_overrides_in_every_form_of_absls_keep_the_last():
           '--config.model.widths=(4,4)', '--config.batch_size', '32',
           '--config.model.widths', '2,4', '--config.loss.kl_weight', '-1.5',
           '--noconfig.eval.fid']
-  kept = config_lib._last_overrides_win(argv)  # pylint: disable=protected-access
+  kept = cli._last_overrides_win(argv)  # pylint: disable=protected-access
   assert kept == ['train.py', '--config.batch_size=32', '--config.model.widths=2,4',
                   '--config.loss.kl_weight=-1.5', '--config.eval.fid=false']
   c = load_config_file('default.py', *kept[1:])
   assert (tuple(c.model.widths), c.batch_size, c.loss.kl_weight, c.eval.fid) == (
       (2, 4), 32, -1.5, False)
   # A flag after an override is no value of it; after '--' nothing is an override.
-  assert config_lib.joined_overrides(
+  assert cli.joined_overrides(
       ['x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']) == [
           'x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']
 
@@ -208,7 +209,7 @@ def test_repeated_overrides_in_every_form_of_absls_keep_the_last():
 def test_the_config_flags_may_take_one_dash(tmp_path):
   # absl reads -config=FILE as --config=FILE; parse_flags took the overrides for ones
   # given without a config file and stopped with a false usage error.
-  assert config_lib.joined_overrides(
+  assert cli.joined_overrides(
       ['x', '-config', 'c.py', '-config.model.widths', '8,16', '-noconfig.eval.fid',
        '-configure', '-workdir=w']) == [
            'x', '--config', 'c.py', '--config.model.widths=8,16', '--config.eval.fid=false',
@@ -226,7 +227,7 @@ def test_config_spec_reads_every_form_of_the_flag(tmp_path):
                      (['-config=a.py'], 'a.py'), (['-config', 'a.py'], 'a.py'),
                      (['--config=a.py', '-config=b.py'], 'b.py'),
                      (['--config.batch_size=3'], None), (['--', '--config=a.py'], None)]:
-    assert config_lib.config_spec(['eval.py', *args]) == spec, args
+    assert cli.config_spec(['eval.py', *args]) == spec, args
   # eval.py took -config=FILE for no config file: it set the overrides aside for the
   # workdir's config.json and evaluated with the file's values, the overrides ignored.
   (tmp_path / 'w').mkdir()
@@ -240,20 +241,20 @@ def test_config_spec_reads_every_form_of_the_flag(tmp_path):
 
 def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   c = default.get_config()
-  _, overrides = config_lib.split_overrides([
+  _, overrides = cli.split_overrides([
       'eval.py', '--workdir=w', '--config.eval.fid=false', '--config.eval.num_images=12',
       '--config.loss.kl_weight=2', '--config.model.widths=(4, 8)', '--config.dataset=shapes',
       '--config.calibrate.enabled'])
-  config_lib.apply_overrides(c, overrides)
+  cli.apply_overrides(c, overrides)
   assert c.eval.fid is False and c.calibrate.enabled is True
   assert c.eval.num_images == 12 and isinstance(c.eval.num_images, int)
   assert c.loss.kl_weight == 2.0 and isinstance(c.loss.kl_weight, float)
   assert tuple(c.model.widths) == (4, 8) and c.dataset == 'shapes'
   # One number for a tuple field is a tuple of one (as absl's own parser makes it).
-  config_lib.apply_overrides(c, [('--config.model.widths', '8')])
+  cli.apply_overrides(c, [('--config.model.widths', '8')])
   assert tuple(c.model.widths) == (8,)
   # Booleans in absl's words, as with a --config file.
-  config_lib.apply_overrides(c, [('--config.eval.fid', 'T'), ('--config.calibrate.enabled', 'f')])
+  cli.apply_overrides(c, [('--config.eval.fid', 'T'), ('--config.calibrate.enabled', 'f')])
   assert c.eval.fid is True and c.calibrate.enabled is False
   for override, message in [('--config.eval.num_images=many', 'expected an integer'),
                             ('--config.eval.fid=maybe', 'expected true or false'),
@@ -263,11 +264,11 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
                             ('--config.model.nope=1', "no field 'nope'"),
                             ('--config.eval=1', "no field 'eval'")]:
     with pytest.raises(config_lib.ConfigError, match=message):
-      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+      cli.apply_overrides(c, cli.split_overrides(['x', override])[1])
 
 
 def test_overrides_of_a_loaded_config_are_split_off_in_every_form(tmp_path):
-  rest, overrides = config_lib.split_overrides([
+  rest, overrides = cli.split_overrides([
       'eval.py', '-config.eval.num_images=12', '-workdir=w', '-config.model.widths', '4,8',
       '-noconfig.eval.fid', '--', '--config.seed=3'])
   assert rest == ['eval.py', '-workdir=w', '--', '--config.seed=3']
@@ -295,11 +296,11 @@ def test_a_misspelt_override_of_a_loaded_config_suggests_the_field():
       ('--config.modl.widths=(4,)', "--config.modl.widths: the config has no field 'modl'. "
                                     'Did you mean "model" instead of "modl"?')]:
     with pytest.raises(config_lib.ConfigError) as e:
-      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+      cli.apply_overrides(c, cli.split_overrides(['x', override])[1])
     assert str(e.value) == message
   for override, field in [('--config.eval.nope=2', 'nope'), ('--config.eval=1', 'eval')]:
     with pytest.raises(config_lib.ConfigError) as e:
-      config_lib.apply_overrides(c, config_lib.split_overrides(['x', override])[1])
+      cli.apply_overrides(c, cli.split_overrides(['x', override])[1])
     assert str(e.value) == f"{override.split('=')[0]}: the config has no field '{field}'"
 
 
