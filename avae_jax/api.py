@@ -271,19 +271,17 @@ class TrainedModel:
     image files give them) are scaled from 0..255, as the data pipeline does.
     """
     x = images if isinstance(images, jax.Array) else np.asarray(images)
+    metrics.check_image_dtype(x.dtype, what)
     if x.dtype == np.uint8:
       x = x.astype(np.float32) * np.float32(1.0 / 255.0)
-    elif not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'{what} must be float images in [0, 1] or uint8 images in 0..255; '
-                       f'got dtype {x.dtype}')
     else:
       x = x.astype(np.float32)
-      # Float images in 0..255 would otherwise be encoded as they are, without an error.
-      # A NaN passes the range comparisons below, and XLA:CPU's min and max skip it.
-      xp = jnp if isinstance(x, jax.Array) else np
-      lo, hi, nan = ((float(v) for v in jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
-                     if x.size else (0, 0, 0))
-      metrics.check_unit_range(math.nan if nan else lo, hi, what)
+      if x.size:
+        # Float images in 0..255 would otherwise be encoded as they are, without an error.
+        # A NaN passes the range comparisons, and XLA:CPU's min and max skip it.
+        xp = jnp if isinstance(x, jax.Array) else np
+        lo, hi, nan = map(float, jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
+        metrics.check_unit_range(math.nan if nan else lo, hi, what)
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
                        f'float images in [0, 1] for this model; got shape {tuple(x.shape)}')

@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from avae_jax import config_lib
+from avae_jax import data
 from avae_jax import xla_flags
 
 CASES = ('pretrain_step', 'adversarial_step_both', 'adversarial_step_gated',
@@ -129,20 +130,19 @@ def load_batches(config: ml_collections.ConfigDict, num: int) -> tuple[np.ndarra
   """(batches (num, batch, H, W, C), dataset_size, description) from the config's data.
 
   Uses avae_jax.data (the benchmark configs name the procedural shapes, which need no
-  download); falls back to structured_batches when that module or dataset is unavailable.
+  download); falls back to structured_batches when the dataset cannot be read (a tfds
+  dataset that is not prepared, say).
   """
   b, size, channels = int(config.batch_size), int(config.image_size), int(config.channels)
   try:
-    from avae_jax import data  # pylint: disable=g-import-not-at-top
     source = data.load(config, 'train')
-    rows = np.arange(num * b) % source.num_examples
-    images = source.get(rows).astype(np.float32)
-    return images.reshape((num, b, size, size, channels)), int(source.num_examples), \
-        str(config.dataset)
-  except Exception as e:  # pylint: disable=broad-except
-    print(f'benchmark: data unavailable ({type(e).__name__}: {e}); using synthetic '
-          'structured images', file=sys.stderr)
+  except data.DataError as e:
+    print(f'benchmark: data unavailable ({e}); using synthetic structured images',
+          file=sys.stderr)
     return structured_batches(num, b, size, channels), DEFAULT_DATASET_SIZE, 'synthetic'
+  images = source.get(np.arange(num * b) % source.num_examples).astype(np.float32)
+  return (images.reshape((num, b, size, size, channels)), int(source.num_examples),
+          str(config.dataset))
 
 
 def _percentile(times: Sequence[float], q: float) -> float:

@@ -96,7 +96,7 @@ _first_rows = jax.jit(_squeeze)
 
 
 def _expand(tree: Any) -> Any:
-  """Adds it back."""
+  """Adds a leading axis of size 1 to every leaf (undoes `_squeeze`)."""
   return jax.tree.map(lambda leaf: leaf[None], tree)
 
 

@@ -284,7 +284,8 @@ def test_float_images_with_a_nan_are_rejected_by_every_method(model, images):
 def test_bad_inputs_are_rejected(model, images):
   with pytest.raises(ValueError, match=r'\(B, 16, 16, 3\)'):
     model.encode(images[:, :8, :8])
-  with pytest.raises(ValueError, match='float images in .0, 1. or uint8.*got dtype int64'):
+  with pytest.raises(ValueError,
+                     match=r'expected uint8 images or floats in \[0, 1\], got dtype int64'):
     model.encode(np.zeros((2, 16, 16, 3), np.int64))
   with pytest.raises(ValueError, match=r'\(B, 4\)'):
     model.decode(np.zeros((2, 5), np.float32))

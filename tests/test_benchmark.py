@@ -278,6 +278,17 @@ def test_twin_problem_names_what_the_twin_cannot_compare():
   assert 'not beside JAX on tpu' in benchmarking.twin_problem(sys.executable, script, c, 'tpu')
 
 
+def test_a_dataset_that_cannot_be_read_gives_synthetic_batches(tmp_path, capsys):
+  # MNIST from an empty tfds directory is not prepared: timed on images of its shape.
+  config = default.get_config()
+  config.update(dataset='mnist', data_dir=str(tmp_path), image_size=16, channels=1,
+                batch_size=4)
+  batches, size, description = benchmarking.load_batches(config, 2)
+  assert batches.shape == (2, 4, 16, 16, 1) and batches.dtype == np.float32
+  assert description == 'synthetic' and size == benchmarking.DEFAULT_DATASET_SIZE
+  assert 'benchmark: data unavailable (' in capsys.readouterr().err
+
+
 def test_both_case_pins_the_gate_between_the_thresholds():
   c = default.get_config()
   assert benchmarking.both_updates_accuracy(c) == pytest.approx(0.6)  # (0.5 + 0.7) / 2
