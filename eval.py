@@ -78,8 +78,8 @@ def main(argv: list[str]) -> None:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
-      saved = config is None
-      if saved:
+      from_workdir = config is None
+      if from_workdir:
         # The library's warning for missing fields, as one line of this program's.
         with warnings.catch_warnings(record=True) as caught:
           warnings.simplefilter('always')
@@ -99,8 +99,9 @@ def main(argv: list[str]) -> None:
       # With several processes, one that fails alone ends at once (see train.py).
       with distributed.exit_on_error():
         try:
-          _evaluate(config, workdir, saved)
+          _evaluate(config, workdir, from_workdir)
         except _EXPLAINED as e:
+          # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: {e}')
   except _EXPLAINED as e:
     sys.exit(f'eval.py: {e}')
@@ -111,8 +112,10 @@ _DATA_FIELDS = ('dataset', 'train_split', 'eval_split', 'eval_fraction', 'crop_s
 
 
 def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-  """'field old -> new' for each setting of `config` that changes the eval images from
-  those of the training run in `workdir` (nothing if it saved no readable config)."""
+  """The data settings of `config` that change the eval images from the training run's.
+
+  As 'field old -> new', against WORKDIR/config.json (nothing where it has none readable).
+  """
   try:
     saved = api.read_config(workdir)
   except api.WorkdirError:
@@ -134,7 +137,7 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
   return [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(pick(saved), pick(config))]
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: bool) -> None:
   """main's work once the config is known and the distributed runtime is up."""
   changed = _other_data_settings(workdir, config)
   if changed and jax.process_index() == 0:
@@ -144,7 +147,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> N
           f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
           'training images', file=sys.stderr, flush=True)
   available = len(jax.local_devices())
-  if saved and int(config.num_devices) > available:
+  if from_workdir and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.
     print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
           f'machine has {available}: using all {available}', flush=True)

@@ -44,7 +44,7 @@ import os
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -66,6 +66,21 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpointError(CheckpointError):
   """A checkpoint's data does not match its manifest."""
+
+
+class _TemplateMismatch(Exception):
+  """The template given to restore does not describe the checkpoint.
+
+  Its own class, so that restore tells it from an unreadable checkpoint (which it falls
+  back from) and raises it as a ValueError: another model's checkpoint.
+  """
+
+
+class _LeafSpec(NamedTuple):
+  """What a template leaf stores: its shape, canonical dtype, and a PRNG key's dtype."""
+  shape: tuple[int, ...]
+  dtype: str
+  key: str | None
 
 
 def _key_name(key: Any) -> str:
@@ -173,17 +188,18 @@ def _json_crc32(value: Any) -> int:
   return zlib.crc32(json.dumps(value, sort_keys=True).encode()) & 0xFFFFFFFF
 
 
-def _spec(leaf: Any) -> tuple[tuple[int, ...], str, str | None]:
-  """Returns (shape, canonical dtype name, key dtype name) of the data a template leaf stores."""
+def _spec(leaf: Any) -> _LeafSpec:
+  """The shape, canonical dtype name and key dtype name of the data a template leaf stores."""
   if is_prng_key(leaf):  # a typed PRNG key is stored as its key_data (uint32)
     data = jax.eval_shape(jax.random.key_data, leaf)
-    return tuple(int(d) for d in data.shape), _canonical_dtype(data.dtype).name, str(leaf.dtype)
+    return _LeafSpec(tuple(int(d) for d in data.shape), _canonical_dtype(data.dtype).name,
+                     str(leaf.dtype))
   if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
     shape, dtype = tuple(int(d) for d in leaf.shape), leaf.dtype
   else:  # Python scalars.
     array = np.asarray(leaf)
     shape, dtype = array.shape, array.dtype
-  return shape, _canonical_dtype(dtype).name, None
+  return _LeafSpec(shape, _canonical_dtype(dtype).name, None)
 
 
 def _describe_spec(shape: tuple[int, ...], dtype: str, key: str | None) -> str:
@@ -509,8 +525,7 @@ class Checkpointer:
     return _all_processes_agree(step not in self.all_steps())
 
   def _restore_step(self, step: int, names: list[tuple[str, ...]],
-                    specs: list[tuple[tuple[int, ...], str, str | None]]
-                    ) -> tuple[list[Any], dict]:
+                    specs: list[_LeafSpec]) -> tuple[list[Any], dict]:
     """Reads and verifies one checkpoint; returns (leaves in `names` order, meta)."""
     small = self._manager.restore(step, args=ocp.args.Composite(**{
         _META: ocp.args.JsonRestore(), _MANIFEST: ocp.args.JsonRestore()}))
@@ -534,12 +549,12 @@ class Checkpointer:
       raise CorruptCheckpointError('meta does not match its checksum')
     self._check_template(step, entries, names, specs)
 
-    stored = [(name, spec) for name, spec in zip(names, specs) if math.prod(spec[0])]
+    stored = [(name, spec) for name, spec in zip(names, specs) if math.prod(spec.shape)]
     restored = {}
     if stored:  # zero-size leaves are not in orbax's item, which is absent without others
       abstract = _nest([n for n, _ in stored], [
-          jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self._sharding)
-          for _, (shape, dtype, _) in stored])
+          jax.ShapeDtypeStruct(spec.shape, np.dtype(spec.dtype), sharding=self._sharding)
+          for _, spec in stored])
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
     leaves = []
@@ -563,7 +578,7 @@ class Checkpointer:
 
   def _check_template(self, step: int, entries: Mapping[tuple[str, ...], Any],
                       names: list[tuple[str, ...]],
-                      specs: list[tuple[tuple[int, ...], str, str | None]]) -> None:
+                      specs: list[_LeafSpec]) -> None:
     """Raises _TemplateMismatch if the template's paths/shapes/dtypes differ."""
     problems = []
     missing = [n for n in names if n not in entries]
@@ -603,6 +618,3 @@ class Checkpointer:
     """Closes the checkpointer, waiting for pending saves."""
     self.close()
 
-
-class _TemplateMismatch(Exception):
-  """The template given to restore does not describe the checkpoint."""

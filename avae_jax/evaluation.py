@@ -62,10 +62,9 @@ TAP_NAMES = config_lib.TAP_NAMES
 _SAMPLE_KEY = 0x5A3B1E
 
 
-def _mig_count(ev: Any, num_examples: int) -> int:
-  """Images for MIG: eval.mig_num_images, 0 (or a config saved before it) the whole split."""
-  k = int(ev.get('mig_num_images', 0))
-  return num_examples if k <= 0 else min(k, num_examples)
+def _image_count(setting: int, available: int) -> int:
+  """`setting` images, at most `available`; 0 or less means all of them."""
+  return available if setting <= 0 else min(setting, available)
 
 
 def _posterior_means(model: api.TrainedModel, source: data.Source, batch: int, start: int,
@@ -260,7 +259,8 @@ def _mig_results(ev: Any, model: api.TrainedModel, eval_source: data.Source,
   """MIG and its shuffled baseline over the codes of eval.mig_num_images images."""
   # MIG needs only the codes, and many of them: its plug-in entropies are biased upwards
   # on few images (at 100, shuffled codes score as high as a trained model's).
-  mig_n = _mig_count(ev, eval_source.num_examples)
+  # 0 (or a config saved before the field) is the whole split.
+  mig_n = _image_count(int(ev.get('mig_num_images', 0)), eval_source.num_examples)
   codes = mu_all[:mig_n]
   if mig_n > n:
     codes = np.concatenate([codes, _posterior_means(model, eval_source, batch, n, mig_n,
@@ -317,8 +317,7 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   devices = list(jax.local_devices() if devices is None else devices)
   is_main = jax.process_index() == 0
   ev = config.eval
-  n = min(int(ev.num_images), eval_source.num_examples) if int(ev.num_images) > 0 else \
-      eval_source.num_examples
+  n = _image_count(int(ev.num_images), eval_source.num_examples)
   if n < 2:
     raise data.DataError(f'evaluation needs at least 2 images; {eval_source.name!r} has '
                          f'{eval_source.num_examples} and eval.num_images={ev.num_images}')
