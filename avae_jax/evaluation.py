@@ -31,6 +31,7 @@ latent traversals of the dimensions with the largest average KL.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -342,59 +343,22 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   inception_batch = int(ev.get('inception_batch_size', 8)) * n_dev
   real_f = _Features(params, inception_batch, devices)
   rec_f = _Features(params, inception_batch, devices)
-  gt_sharp, rec_sharp, mse, cos, mus, logvars = [], [], [], [], [], []
-  shown_x, shown_rec = [], []
   # The first batch compiles the programs that every later batch reuses.
   _stage('compiling the model' + ('' if fid_skipped else ' and the Inception network'),
          is_main)
-  progress = _Progress('images and reconstructions', n, is_main)
-  for x, mask in data.eval_batches(eval_source, batch, n):
-    k = int(mask.sum())
-    mu, logvar = model.encode(x)
-    x_rec = np.asarray(model.decode(mu))
-    mus.append(np.asarray(mu)[:k])
-    logvars.append(np.asarray(logvar)[:k])
-    gt_sharp.append(metrics_lib.sharpness(x[:k]))
-    rec_sharp.append(metrics_lib.sharpness(x_rec[:k]))
-    mse.append(metrics_lib.mse(x[:k], x_rec[:k]))
-    cos.append(metrics_lib.cosine_similarity(x[:k], x_rec[:k]))
-    if sum(len(s) for s in shown_x) < g * g:
-      shown_x.append(x[:k])
-      shown_rec.append(x_rec[:k])
-    real_f.add(x, k)
-    rec_f.add(x_rec, k)
-    progress.update(k)
-  mu_all, logvar_all = np.concatenate(mus), np.concatenate(logvars)
-  shown_x, shown_rec = np.concatenate(shown_x), np.concatenate(shown_rec)
-
-  # Random samples: n for the metrics, at least g * g for the figure. All codes are
-  # drawn at once, so that they do not depend on the batch size or the device count;
-  # the last batch is padded with zero codes (one compiled decoder) and the padding dropped.
+  images = _image_pass(model, eval_source, batch, n, g * g, real_f, rec_f, is_main)
   key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_KEY)
   sample_f = _Features(params, inception_batch, devices)
-  sample_sharp, shown_samples = [], []
-  num_draw = max(n, g * g)
-  codes = np.asarray(jax.random.normal(key, (num_draw, model.latent_dim), np.float32))
-  codes = np.pad(codes, ((0, -num_draw % batch), (0, 0)))
-  progress = _Progress('random samples', n, is_main)
-  for start in range(0, num_draw, batch):
-    samples = np.asarray(model.decode(codes[start:start + batch]))
-    k = max(0, min(batch, n - start))
-    if len(shown_samples) * batch < g * g:
-      shown_samples.append(samples)
-    if k:
-      sample_sharp.append(metrics_lib.sharpness(samples[:k]))
-      sample_f.add(samples, k)
-      progress.update(k)
-  shown_samples = np.concatenate(shown_samples)[:g * g]
+  sample_sharp, shown_samples = _sample_pass(model, key, batch, n, g * g, sample_f, is_main)
 
   results: dict[str, Any] = {'step': int(model.step or 0), 'num_images': n, 'num_samples': n}
-  results['gt_sharpness_mean'], results['gt_sharpness_std'] = _mean_std(gt_sharp)
-  results['rec_sharpness_mean'], results['rec_sharpness_std'] = _mean_std(rec_sharp)
-  results['rec_mse'], results['rec_mse_std'] = _mean_std(mse)
-  results['rec_cosine_similarity'], results['rec_cosine_similarity_std'] = _mean_std(cos)
+  results['gt_sharpness_mean'], results['gt_sharpness_std'] = _mean_std(images.gt_sharpness)
+  results['rec_sharpness_mean'], results['rec_sharpness_std'] = _mean_std(images.rec_sharpness)
+  results['rec_mse'], results['rec_mse_std'] = _mean_std(images.mse)
+  results['rec_cosine_similarity'], results['rec_cosine_similarity_std'] = _mean_std(
+      images.cosine)
   results['sample_sharpness_mean'], results['sample_sharpness_std'] = _mean_std(sample_sharp)
-  kl = _kl_per_dim(mu_all, logvar_all)
+  kl = _kl_per_dim(images.mu, images.logvar)
   results['kl_mean'] = float(np.sum(kl))
 
   if fid_skipped:
@@ -410,36 +374,105 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
       results[f'fid_sample_{d}'] = _fid(real[d], smp[d])
 
   if eval_source.factors is not None:
-    results.update(_mig_results(ev, model, eval_source, mu_all, batch, n, is_main))
+    results.update(_mig_results(ev, model, eval_source, images.mu, batch, n, is_main))
 
   # Figures (Figure 3 a-c, Figure 2); interpolations and traversals compile programs.
   _stage('figures', is_main)
   traversal_dims = [int(d) for d in np.argsort(-kl, kind='stable')[:int(ev.traversal_dims)]]
-  figures = _figures(model, shown_x, shown_rec, shown_samples, g, traversal_dims,
-                     float(ev.traversal_range))
+  figures = _figures(model, images.shown_x, images.shown_rec, shown_samples, g,
+                     traversal_dims, float(ev.traversal_range))
 
   table = format_table(results, config, eval_source.name)
   if traversal_dims:
     table += (f'Traversals: latent dimensions {traversal_dims} (largest average KL first), '
               f'values -{ev.traversal_range}..{ev.traversal_range}, around the first image.\n')
   if is_main:
-    for name in FIGURES:  # one not made this time (no traversal dims) goes: it is stale
-      path = os.path.join(out_dir, f'{name}.png')
-      if name in figures:
-        visualize.save_png(path, figures[name])
-      else:
-        files.remove(path)
-    files.write_json(os.path.join(out_dir, METRICS_FILE), results)
-    files.write_text(os.path.join(out_dir, TABLE_FILE), table)
-    if writer is not None:
-      step = results['step']
-      for name, image in figures.items():
-        writer.image(step, f'eval/{name}', image)
-      writer.text(step, 'eval/table', table)
-      writer.scalars(step, {f'eval/{k}': v for k, v in results.items()
-                            if isinstance(v, (int, float)) and k != 'step'})
-      writer.flush()
+    _write_outputs(out_dir, results, figures, table, writer)
     print(table, flush=True)
     print(f'eval: wrote {METRICS_FILE}, {TABLE_FILE} and {len(figures)} figures to {out_dir} '
           f'in {summary.format_duration(time.monotonic() - started)}', flush=True)
   return results
+
+
+@dataclasses.dataclass
+class _ImagePass:
+  """Per-image metrics and codes of the evaluated images, and the first ones for figures."""
+  gt_sharpness: list[np.ndarray]
+  rec_sharpness: list[np.ndarray]
+  mse: list[np.ndarray]
+  cosine: list[np.ndarray]
+  mu: np.ndarray
+  logvar: np.ndarray
+  shown_x: np.ndarray
+  shown_rec: np.ndarray
+
+
+def _image_pass(model: api.TrainedModel, eval_source: data.Source, batch: int, n: int,
+                shown: int, real_f: _Features, rec_f: _Features, is_main: bool) -> _ImagePass:
+  """Encodes and reconstructs the first n eval images; their features go to real_f, rec_f."""
+  gt, rec, mse, cos, mus, logvars, shown_x, shown_rec = [], [], [], [], [], [], [], []
+  progress = _Progress('images and reconstructions', n, is_main)
+  for x, mask in data.eval_batches(eval_source, batch, n):
+    k = int(mask.sum())
+    mu, logvar = model.encode(x)
+    x_rec = np.asarray(model.decode(mu))
+    mus.append(np.asarray(mu)[:k])
+    logvars.append(np.asarray(logvar)[:k])
+    gt.append(metrics_lib.sharpness(x[:k]))
+    rec.append(metrics_lib.sharpness(x_rec[:k]))
+    mse.append(metrics_lib.mse(x[:k], x_rec[:k]))
+    cos.append(metrics_lib.cosine_similarity(x[:k], x_rec[:k]))
+    if sum(len(s) for s in shown_x) < shown:
+      shown_x.append(x[:k])
+      shown_rec.append(x_rec[:k])
+    real_f.add(x, k)
+    rec_f.add(x_rec, k)
+    progress.update(k)
+  return _ImagePass(gt, rec, mse, cos, np.concatenate(mus), np.concatenate(logvars),
+                    np.concatenate(shown_x), np.concatenate(shown_rec))
+
+
+def _sample_pass(model: api.TrainedModel, key: jax.Array, batch: int, n: int, shown: int,
+                 sample_f: _Features, is_main: bool) -> tuple[list[np.ndarray], np.ndarray]:
+  """(sharpness of n random samples, the first `shown` samples); features go to sample_f.
+
+  All codes are drawn at once, so that they do not depend on the batch size or the device
+  count; the last batch is padded with zero codes (one compiled decoder) and the padding
+  dropped.
+  """
+  sharpness, shown_samples = [], []
+  num_draw = max(n, shown)
+  codes = np.asarray(jax.random.normal(key, (num_draw, model.latent_dim), np.float32))
+  codes = np.pad(codes, ((0, -num_draw % batch), (0, 0)))
+  progress = _Progress('random samples', n, is_main)
+  for start in range(0, num_draw, batch):
+    samples = np.asarray(model.decode(codes[start:start + batch]))
+    k = max(0, min(batch, n - start))
+    if len(shown_samples) * batch < shown:
+      shown_samples.append(samples)
+    if k:
+      sharpness.append(metrics_lib.sharpness(samples[:k]))
+      sample_f.add(samples, k)
+      progress.update(k)
+  return sharpness, np.concatenate(shown_samples)[:shown]
+
+
+def _write_outputs(out_dir: str, results: dict[str, Any], figures: dict[str, np.ndarray],
+                   table: str, writer: summary.SummaryWriter | None) -> None:
+  """metrics.json, table.md and the figures in out_dir, and to TensorBoard with a writer."""
+  for name in FIGURES:  # one not made this time (no traversal dims) goes: it is stale
+    path = os.path.join(out_dir, f'{name}.png')
+    if name in figures:
+      visualize.save_png(path, figures[name])
+    else:
+      files.remove(path)
+  files.write_json(os.path.join(out_dir, METRICS_FILE), results)
+  files.write_text(os.path.join(out_dir, TABLE_FILE), table)
+  if writer is not None:
+    step = results['step']
+    for name, image in figures.items():
+      writer.image(step, f'eval/{name}', image)
+    writer.text(step, 'eval/table', table)
+    writer.scalars(step, {f'eval/{k}': v for k, v in results.items()
+                          if isinstance(v, (int, float)) and k != 'step'})
+    writer.flush()
