@@ -451,63 +451,81 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.reload()
     steps = self.all_steps()
-    if step is None:
-      if not steps:
-        return None
-      candidates = steps[::-1]
-    else:
-      step = int(step)
-      if step not in steps:
-        raise FileNotFoundError(
-            f'No checkpoint for step {step} in {self.directory} '
-            f'(steps: {steps}).')
-      candidates = [step]
+    if step is not None and int(step) not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint for step {int(step)} in {self.directory} (steps: {steps}).')
+    if not steps:
+      return None
     names, leaves, treedef = _flatten(template)
     specs = [_spec(leaf) for leaf in leaves]
+    _quiet_failed_reads(self.directory)  # before: some of the noise comes before the error
+    if step is not None:
+      read = self._restore_chosen(int(step), names, specs)
+    else:
+      read = self._restore_latest_readable(steps[::-1], names, specs)
+    if read is None:
+      return None
+    s, state_leaves, meta = read
+    return s, jax.tree_util.tree_unflatten(treedef, state_leaves), meta
 
+  def _read(self, step: int, names: list[tuple[str, ...]], specs: list[_LeafSpec]
+            ) -> tuple[tuple[list[Any], dict] | None, BaseException | None]:
+    """((leaves, meta), None) of checkpoint `step`, or (None, the error): as all agree."""
+    read, error = None, None
+    try:
+      read = self._restore_step(step, names, specs)
+    except _TemplateMismatch as e:
+      raise ValueError(str(e)) from None
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      error = e
+    if not _all_processes_agree(error is None) and error is None:
+      read, error = None, CheckpointError('another process could not read it')
+    return read, error
+
+  def _restore_chosen(self, step: int, names: list[tuple[str, ...]],
+                      specs: list[_LeafSpec]) -> tuple[int, list[Any], dict]:
+    """(step, leaves, meta) of checkpoint `step`; its failure is raised, not passed over."""
+    read, error = self._read(step, names, specs)
+    if read is not None:
+      logging.info('Restored checkpoint %d from %s.', step, self.directory)
+      return (step,) + read
+    if self._deleted(step):
+      # A reader beside a training run (eval.py) lost the race with its pruning.
+      raise FileNotFoundError(
+          f'Checkpoint {step} in {self.directory} was deleted while it was read (pruned '
+          f'by the run training there?); steps now: {self.all_steps()}.') from error
+    logging.warning('Checkpoint %d in %s is unreadable (%s)', step, self.directory,
+                    _describe(error))
+    raise CheckpointError(f'Checkpoint {step} in {self.directory} is unreadable.') from error
+
+  def _restore_latest_readable(self, candidates: list[int], names: list[tuple[str, ...]],
+                               specs: list[_LeafSpec]) -> tuple[int, list[Any], dict] | None:
+    """(step, leaves, meta) of the newest checkpoint that reads; None if all were deleted."""
     unreadable: list[int] = []
     last_error: BaseException | None = None
     tried: set[int] = set()
-    _quiet_failed_reads(self.directory)  # before: some of the noise comes before the error
     while pending := [s for s in candidates if s not in tried]:
       s = pending[0]
       tried.add(s)
-      error: BaseException | None = None
-      try:
-        state_leaves, meta = self._restore_step(s, names, specs)
-      except _TemplateMismatch as e:
-        raise ValueError(str(e)) from None
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        error = e
-      if not _all_processes_agree(error is None) and error is None:
-        error = CheckpointError('another process could not read it')
-      if error is None:
+      read, error = self._read(s, names, specs)
+      if read is not None:
         if unreadable:
           logging.warning('Restored checkpoint %d from %s instead of the '
                           'unreadable newer %s.', s, self.directory, unreadable)
         else:
           logging.info('Restored checkpoint %d from %s.', s, self.directory)
-        return s, jax.tree_util.tree_unflatten(treedef, state_leaves), meta
+        return (s,) + read
       if self._deleted(s):
         # A reader beside a training run (eval.py) lost the race with its pruning: that
         # is no damage, and the run has committed a newer step meanwhile.
-        if step is not None:
-          raise FileNotFoundError(
-              f'Checkpoint {s} in {self.directory} was deleted while it was read (pruned '
-              f'by the run training there?); steps now: {self.all_steps()}.') from error
         logging.info('Checkpoint %d in %s was deleted while it was read; taking the '
                      'latest again.', s, self.directory)
-        candidates = self.all_steps()[::-1]
-        continue
-      logging.warning('Checkpoint %d in %s is unreadable (%s)%s', s,
-                      self.directory, _describe(error),
-                      '' if step is not None else '; trying the previous one.')
-      if step is not None:
-        raise CheckpointError(
-            f'Checkpoint {s} in {self.directory} is unreadable.') from error
-      unreadable.append(s)
-      self._bad_steps.add(s)
-      last_error = error
+      else:
+        logging.warning('Checkpoint %d in %s is unreadable (%s); trying the previous one.',
+                        s, self.directory, _describe(error))
+        unreadable.append(s)
+        self._bad_steps.add(s)
+        last_error = error
       # As listed now (`_deleted` reloaded): a step that a running trainer is deleting
       # (orbax removes the files one by one) fails before it is gone, and that run has
       # committed a newer one meanwhile.
