@@ -42,12 +42,16 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
+import ml_collections
 
 from avae_jax import benchmarking
 from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import distributed
 from avae_jax import hugepages
+from avae_jax import parallel
+from avae_jax import summary
 from avae_jax import xla_flags
 
 # Beside this file, not in the working directory: it may be run from anywhere.
@@ -86,10 +90,25 @@ def main(argv: list[str]) -> None:
     _run()
 
 
-def _run() -> None:
-  """main's work, with Ctrl-C taken care of."""
-  from avae_jax import summary  # pylint: disable=g-import-not-at-top
-  summary.quiet_library_logs()
+def _check_run_flags() -> None:
+  """UsageError for --cases, --steps, --warmup, --rewarm, --rounds or --twin_* that cannot run."""
+  unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
+  if unknown:
+    raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
+  if not _CASES.value or len(set(_CASES.value)) != len(_CASES.value):
+    raise app.UsageError(f'--cases must name each case once, got {_CASES.value}')
+  if _STEPS.value < 1 or _WARMUP.value < 0 or _REWARM.value < 0:
+    raise app.UsageError('--steps must be >= 1, --warmup and --rewarm >= 0')
+  if not 1 <= _ROUNDS.value <= _STEPS.value:
+    raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
+                         f'got {_ROUNDS.value}')
+  if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
+    raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
+                         'and the path of torch_twin.py)')
+
+
+def _config_and_devices() -> tuple[ml_collections.ConfigDict, list[jax.Device]]:
+  """The checked config and this host's devices for it (XLA's CPU flags applied first)."""
   # One process times its host's devices; under launch.py (or on a pod slice) each process
   # would time its own copy of the steps, or wait for the others at start-up.
   try:
@@ -105,18 +124,6 @@ def _run() -> None:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from e
-  import jax  # pylint: disable=g-import-not-at-top
-  unknown = [c for c in _CASES.value if c not in benchmarking.CASES]
-  if unknown:
-    raise app.UsageError(f'unknown cases {unknown}; cases are {", ".join(benchmarking.CASES)}')
-  if not _CASES.value or len(set(_CASES.value)) != len(_CASES.value):
-    raise app.UsageError(f'--cases must name each case once, got {_CASES.value}')
-  if _STEPS.value < 1 or _WARMUP.value < 0 or _REWARM.value < 0:
-    raise app.UsageError('--steps must be >= 1, --warmup and --rewarm >= 0')
-  if not 1 <= _ROUNDS.value <= _STEPS.value:
-    raise app.UsageError(f'--rounds must be between 1 and --steps ({_STEPS.value}), '
-                         f'got {_ROUNDS.value}')
-  from avae_jax import parallel  # pylint: disable=g-import-not-at-top
   try:
     devices = parallel.local_devices(config)
   except config_lib.ConfigError as e:
@@ -127,13 +134,11 @@ def _run() -> None:
       benchmarking.both_updates_accuracy(config)
   except (config_lib.ConfigError, ValueError) as e:
     raise app.UsageError(str(e)) from e
-  # A compilation cache would make compile_s the time to load a cached program.
-  jax.config.update('jax_enable_compilation_cache', False)
+  return config, devices
 
-  if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
-    raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
-                         'and the path of torch_twin.py)')
-  # The twin runs on the same kind of device: CUDA when JAX's backend is a GPU.
+
+def _twin_device(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> str:
+  """The twin's device ('cuda' beside a GPU backend, else 'cpu'); UsageError if it cannot run."""
   twin_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   if _TWIN_PYTHON.value:
     problem = benchmarking.twin_problem(_TWIN_PYTHON.value, _TWIN_SCRIPT.value, config,
@@ -144,6 +149,17 @@ def _run() -> None:
                                                 twin_device)
     if problem:
       raise app.UsageError(problem)
+  return twin_device
+
+
+def _run() -> None:
+  """main's work, with Ctrl-C taken care of."""
+  summary.quiet_library_logs()
+  _check_run_flags()
+  config, devices = _config_and_devices()
+  # A compilation cache would make compile_s the time to load a cached program.
+  jax.config.update('jax_enable_compilation_cache', False)
+  twin_device = _twin_device(config, devices)
   twin_runs = []
 
   def run_twin(steps: int) -> None:

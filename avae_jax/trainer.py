@@ -409,6 +409,7 @@ def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
   n = int(config.eval.grid_size)
   x = eval_source.get(np.arange(min(n, eval_source.num_examples)))
   variables = {'params': vae_state.params, 'batch_stats': vae_state.batch_stats}
+  # n/2 rows of n samples: a snapshot of training, smaller than the evaluation's n x n.
   z = jax.random.normal(key, (n * n // 2 if n > 1 else 1, config.model.latent_dim))
   # Jitted: applied op by op, the model's many small programs take ~10 s to compile.
   x_rec, samples = _figure_images(vae_state.module, variables, x, z)
