@@ -158,7 +158,15 @@ def test_ssim_identity_dssim_and_small_images():
   for shape in ((1, 8, 8, 1), (1, 10, 20, 1), (1, 20, 10, 1)):
     with pytest.raises(ValueError, match='needs images at least that large'):
       losses.ssim(jnp.zeros(shape), jnp.zeros(shape))
-  assert np.isfinite(losses.ssim(jnp.zeros((1, 11, 20, 1)), jnp.zeros((1, 11, 20, 1)))).all()
+  flat = jnp.zeros((1, 11, 20, 1))
+  np.testing.assert_allclose(losses.ssim(flat, flat), [1.0], atol=1e-6)
+  # One window exactly: its SSIM is scikit-image's (which averages the one valid pixel).
+  rng = np.random.default_rng(0)
+  a, b = rng.random((11, 11)), rng.random((11, 11))
+  ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0)
+  np.testing.assert_allclose(losses.ssim(*_f32(a[None, :, :, None], b[None, :, :, None])),
+                             [ref], atol=2e-5)
 
 
 # ------------------------------------------------------------------------ simple terms
@@ -480,13 +488,13 @@ def test_tc_of_a_factorised_q_is_near_zero_and_of_a_correlated_q_near_closed_for
   m, n, dims = 1024, 1_000_000, 3
   (z, mu, logvar), _ = _large_batch(0, m, 0.0, dims)  # closed-form TC is 0
   mss = float(_tc(z, mu, logvar, n, 'mss'))
-  assert abs(mss) < 0.06, mss
+  assert abs(mss) < 0.03, mss  # measured: -0.015 (a batch of 1024's sampling error)
   # MWS's weights sum to 1/N per row: its value is offset by (D - 1) log N.
   mws = float(_tc(z, mu, logvar, n, 'mws'))
   assert abs(mws - (dims - 1) * math.log(n)) < 0.06, mws
   (z, mu, logvar), tc = _large_batch(1, m, 0.8, 2)  # closed-form TC 0.263
   mss = float(_tc(z, mu, logvar, n, 'mss'))
-  assert abs(mss - tc) < 0.1, (mss, tc)
+  assert abs(mss - tc) < 0.04, (mss, tc)  # measured: 0.021 below; 0.7 tc would be 0.08
 
 
 # ------------------------------------------------------------------------- gradients

@@ -118,7 +118,9 @@ def test_bfloat16_compute_float32_params_and_outputs():
   for a, b in zip(out16['train'] + (out16['logits_train'],),
                   out32['train'] + (out32['logits_train'],)):
     assert a.dtype == np.float32
-    np.testing.assert_allclose(a, b, atol=0.1, rtol=0.1)
+    # Measured: at most 0.023 apart (logvar); a relative tolerance would let the
+    # latents (up to ~3) drift further.
+    np.testing.assert_allclose(a, b, atol=0.05, rtol=0)
   assert not np.array_equal(out16['train'][0], out32['train'][0])
   # The convolutions really run in bfloat16.
   jaxpr = str(jax.make_jaxpr(lambda v: vae16.apply(v, x, eps, False))(v_vars16))

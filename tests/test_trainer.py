@@ -809,7 +809,12 @@ def test_avae_on_mock_tfds_mnist_logs_the_discriminator(tmp_path, monkeypatch):
   for s, m in metrics.items():
     assert set(DISC_KEYS) <= set(m) if s > 2 else not set(DISC_KEYS) & set(m)
     assert 'mse' in m and not {'mae', 'dssim', 'sobel', 'gabor', 'tc'} & set(m)
-  assert 0.0 <= metrics[5]['disc_accuracy'] <= 1.0
+  for s in (3, 4, 5):
+    # The share right of 8 real and 8 generated images, and Algorithm 1's gate on it.
+    m = metrics[s]
+    assert m['disc_accuracy'] * 16 == pytest.approx(round(m['disc_accuracy'] * 16)), m
+    assert m['disc_updated'] == float(m['disc_accuracy'] < 0.7), m
+    assert m['vae_updated'] == float(m['disc_accuracy'] > 0.5), m
   step, tree, meta = restore(tmp_path / 'w', overrides)
   assert (step, meta['phase']) == (5, 'adversarial')
   assert int(tree['disc']['step']) == sum(int(metrics[s]['disc_updated']) for s in (3, 4, 5))
