@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import threading
+from typing import Any, NamedTuple
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -130,11 +131,20 @@ def reference(tmp_path_factory):
 # ------------------------------------------------------------------ reproducibility
 
 
-def test_a_finished_run_leaves_no_producer_thread(tmp_path):
+def test_a_finished_run_leaves_no_producer_thread_and_each_step_gets_its_key(tmp_path,
+                                                                            monkeypatch):
+  calls = _spy_on_steps(monkeypatch)
   before = {t for t in threading.enumerate() if t.is_alive()}
   train(dict(BASE, pretrain_steps=2, adversarial_steps=2, checkpoint_every=2), tmp_path / 'run')
   left = {t for t in threading.enumerate() if t.is_alive()} - before
   assert not [t.name for t in left if t.name == 'prefetch_to_devices']
+  # Step s (pre-training and adversarial alike) draws from fold_in(train key, s): a key
+  # reused across steps would draw the same noise at each.
+  (run,) = calls
+  np.testing.assert_array_equal(run.keys, _folded_keys(0, 1, 4))
+  assert len({k.tobytes() for k in run.keys}) == 4
+  # The total correlation's N is the training split's size, not the batch's or eval's.
+  assert run.cfg.dataset_size == 256
 
 
 def test_same_seed_gives_bit_identical_parameters(reference, tmp_path):
@@ -583,23 +593,45 @@ CALIBRATE = dict(TINY, **{'variant': 'vae_s', 'pretrain_steps': 2, 'adversarial_
                           'log_every': 1, 'checkpoint_every': 2, 'image_every': 10})
 
 
-def _spy_on_steps(monkeypatch):
-  """Records every make_steps call: [(StepConfig, [metrics of each pretrain call])]."""
+class _StepCalls(NamedTuple):
+  """One make_steps call seen by _spy_on_steps, and what its step functions were given."""
+  cfg: steps.StepConfig
+  metrics: list[dict[str, Any]]  # of each pretrain call
+  keys: list[np.ndarray]  # of each pretrain or adversarial call, in order
+
+
+def _spy_on_steps(monkeypatch) -> list[_StepCalls]:
+  """Records every make_steps call, with the metrics and keys of its steps' calls."""
   calls = []
   real = parallel.make_steps
 
   def spy(cfg, devices, method='pmap'):
     fns = real(cfg, devices, method)
-    record = []
-    calls.append((cfg, record))
+    record = _StepCalls(cfg, [], [])
+    calls.append(record)
 
     def pretrain(state, batch, key):
+      record.keys.append(np.asarray(key))
       state, metrics = fns.pretrain(state, batch, key)
-      record.append(jax.device_get(metrics))
+      record.metrics.append(jax.device_get(metrics))
       return state, metrics
-    return fns._replace(pretrain=pretrain)
+
+    def adversarial(vae, disc, batch, key):
+      record.keys.append(np.asarray(key))
+      return fns.adversarial(vae, disc, batch, key)
+    return fns._replace(pretrain=pretrain, adversarial=adversarial)
   monkeypatch.setattr(parallel, 'make_steps', spy)
   return calls
+
+
+def _folded_keys(seed: int, use: int, count: int) -> list[np.ndarray]:
+  """fold_in(k, i) for i < count, k the use-th of the four keys split from PRNGKey(seed).
+
+  The derivation the README states (init, train, calibration, figures), written out here
+  rather than taken from the trainer.
+  """
+  key = jax.random.split(jax.random.PRNGKey(seed), 4)[use]
+  return [np.asarray(jax.random.fold_in(key, i)) for i in range(count)]
 
 
 def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
@@ -613,7 +645,12 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   probe_lines = [line for line in logged if line.startswith('calibration: ')]
   assert probe_lines[0] == 'calibration: compiling the probe step ...'
   assert probe_lines[-1].startswith('calibration: step 3/3 (100.0%) | ')
-  (probe_cfg, probed), (train_cfg, _) = calls
+  (probe_cfg, probed, probe_keys), (train_cfg, _, train_keys) = calls
+  # The probe's step i draws from fold_in(calibration key, i), the run's from the train
+  # key: the probe changes none of the run's randomness.
+  np.testing.assert_array_equal(probe_keys, _folded_keys(0, 2, 3))
+  np.testing.assert_array_equal(train_keys, _folded_keys(0, 1, 2))
+  assert probe_cfg.dataset_size == train_cfg.dataset_size == 256
   terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
   # The probe: every term at weight 1, calibrate.batches steps.
   assert dict(probe_cfg.recon_weights) == {t: 1.0 for t in terms}
@@ -653,7 +690,7 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   # Resuming reuses calibration.json instead of probing again, and names what changed.
   del calls[:]
   train(dict(CALIBRATE, pretrain_steps=3), tmp_path)
-  assert len(calls) == 1 and dict(calls[0][0].recon_weights) == weights
+  assert len(calls) == 1 and dict(calls[0].cfg.recon_weights) == weights
   out = capsys.readouterr().out
   assert 'calibrated reconstruction weights: ' in out
   changed = [s for s in out.splitlines() if s.startswith('resuming with settings changed')]
@@ -697,7 +734,7 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   train(CALIBRATE, tmp_path / 'w')
   with open(tmp_path / 'w' / 'calibration.json') as f:
     saved = json.load(f)
-  probed = calls[0][1]
+  probed = calls[0].metrics
   for t in terms:  # the probe's means are kept, beside the weights made of them
     np.testing.assert_allclose(saved['means'][t], np.mean([float(m[t]) for m in probed]),
                                rtol=1e-12)
@@ -708,7 +745,7 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   changed_weights = {'loss.weights.gabor': 0.0, 'loss.weights.sobel': 2.0}
   train(dict(CALIBRATE, pretrain_steps=3, **changed_weights), tmp_path / 'w')
   assert len(calls) == 1  # no second probe
-  used = dict(calls[0][0].recon_weights)
+  used = dict(calls[0].cfg.recon_weights)
   assert 'gabor' not in used  # a term at weight 0 is not computed
   np.testing.assert_allclose(used['sobel'], 2.0 * saved['weights']['sobel'], rtol=1e-12)
   for t in ('mae', 'mse', 'dssim'):
@@ -741,7 +778,7 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
     json.dump(stale, f)
   del calls[:]
   train(CALIBRATE, tmp_path / 'stale')
-  assert len(calls) == 2 and dict(calls[1][0].recon_weights) == saved['weights']
+  assert len(calls) == 2 and dict(calls[1].cfg.recon_weights) == saved['weights']
   # A new uncalibrated run removes it: resuming that run with calibration on is refused.
   os.makedirs(tmp_path / 'off')
   with open(tmp_path / 'off' / 'calibration.json', 'w') as f:
@@ -762,7 +799,7 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   del calls[:]
   capsys.readouterr()
   train(dict(CALIBRATE, pretrain_steps=3, **changed_weights), tmp_path / 'old')
-  assert dict(calls[0][0].recon_weights) == old['weights']
+  assert dict(calls[0].cfg.recon_weights) == old['weights']
   assert 'changed loss.weights.* are not applied' in capsys.readouterr().err
 
 
@@ -770,7 +807,7 @@ def test_calibration_is_skipped_for_the_mse_only_variants(tmp_path, monkeypatch)
   calls = _spy_on_steps(monkeypatch)
   train(dict(CALIBRATE, variant='vae', pretrain_steps=1), tmp_path)
   assert not os.path.exists(tmp_path / 'calibration.json')
-  assert [dict(c.recon_weights) for c, _ in calls] == [{'mse': 1.0}]
+  assert [dict(c.cfg.recon_weights) for c in calls] == [{'mse': 1.0}]
 
 
 # ------------------------------------------------------------------ variants
