@@ -146,15 +146,95 @@ def test_vae_rejects_wrong_channels():
     jax.eval_shape(lambda: vae.apply(v_vars, x[..., :1], eps, False))
 
 
-def _conv3x3_same(x, k):
-  """Reference 3x3 'same' cross-correlation in numpy: x (B,H,W,C), k (3,3,C,O)."""
+def _np_conv(x, k, stride=1):
+  """Table I's convolution in numpy: padding 1 on each side, then the strided
+  cross-correlation of x (B, H, W, C) with k (kh, kw, C, O)."""
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  h, w = x.shape[1:3]
-  out = np.zeros(x.shape[:3] + (k.shape[-1],))
-  for di in range(3):
-    for dj in range(3):
-      out += np.einsum('bhwc,co->bhwo', xp[:, di:di + h, dj:dj + w], k[di, dj])
-  return out
+  kh, kw = k.shape[:2]
+  windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))
+  return np.einsum('bijcuv,uvco->bijo', windows[:, ::stride, ::stride], k)
+
+
+def _np_bn(h, params, stats, train):
+  """BatchNorm (epsilon 1e-5) with the batch's biased statistics in train mode, else the
+  running ones."""
+  axes = tuple(range(h.ndim - 1))
+  mean, var = (h.mean(axes), h.var(axes)) if train else (stats['mean'], stats['var'])
+  return (h - mean) / np.sqrt(var + 1e-5) * params['scale'] + params['bias']
+
+
+def _np_unit(h, params, stats, name, train, stride=1):
+  """Conv (no bias) + BN + ReLU, or for a DenseBNTanh unit dense (no bias) + BN + tanh."""
+  p, s = params[name], stats[name]
+  if name.startswith('Dense'):
+    return np.tanh(_np_bn(h @ p['Dense_0']['kernel'], p['BatchNorm_0'], s['BatchNorm_0'], train))
+  kernel = p['Conv_0']['kernel']
+  assert kernel.shape[:2] == ((4, 4) if stride == 2 else (3, 3)), (name, kernel.shape)
+  return np.maximum(_np_bn(_np_conv(h, kernel, stride), p['BatchNorm_0'], s['BatchNorm_0'],
+                           train), 0.0)
+
+
+def _np_models(v_vars, d_vars, x, eps, widths, train):
+  """Table I's encoder, decoder and discriminator written out in numpy (float64).
+
+  Returns (x_rec, z, mu, logvar) and the discriminator's logits. Layer order per stage:
+  encoder conv 3x3, conv 4x4 stride 2; decoder conv 3x3, x2 nearest upsampling, conv
+  3x3; discriminator conv 3x3, conv 3x3, 2x2 max-pool.
+  """
+  f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+  params, stats, d_params, d_stats = map(f64, (v_vars['params'], v_vars['batch_stats'],
+                                               d_vars['params'], d_vars['batch_stats']))
+  x, eps = np.asarray(x, np.float64), np.asarray(eps, np.float64)
+  b = len(x)
+  enc, enc_s = params['encoder'], stats['encoder']
+  h = x
+  for i in range(len(widths)):
+    h = _np_unit(h, enc, enc_s, f'ConvBNReLU_{2 * i}', train)
+    h = _np_unit(h, enc, enc_s, f'ConvBNReLU_{2 * i + 1}', train, stride=2)
+  h = _np_unit(h.reshape(b, -1), enc, enc_s, 'DenseBNTanh_0', train)
+  mu = h @ enc['mu']['kernel'] + enc['mu']['bias']
+  logvar = h @ enc['logvar']['kernel'] + enc['logvar']['bias']
+  z = mu + np.exp(logvar / 2) * eps
+  dec, dec_s = params['decoder'], stats['decoder']
+  h = _np_unit(_np_unit(z, dec, dec_s, 'DenseBNTanh_0', train), dec, dec_s, 'DenseBNTanh_1',
+               train)
+  side = x.shape[1] // 2 ** len(widths)
+  h = h.reshape(b, side, side, widths[-1])
+  for i in range(len(widths)):
+    h = _np_unit(h, dec, dec_s, f'ConvBNReLU_{2 * i}', train)
+    h = h.repeat(2, axis=1).repeat(2, axis=2)
+    h = _np_unit(h, dec, dec_s, f'ConvBNReLU_{2 * i + 1}', train)
+  logits = h @ dec['to_image']['kernel'][0, 0] + dec['to_image']['bias']
+  x_rec = 1.0 / (1.0 + np.exp(-logits))
+  h = x
+  for i in range(len(widths)):
+    h = _np_unit(h, d_params, d_stats, f'ConvBNReLU_{2 * i}', train)
+    h = _np_unit(h, d_params, d_stats, f'ConvBNReLU_{2 * i + 1}', train)
+    h = h.reshape(b, h.shape[1] // 2, 2, h.shape[2] // 2, 2, -1).max(axis=(2, 4))
+  h = _np_unit(h.reshape(b, -1), d_params, d_stats, 'DenseBNTanh_0', train)
+  disc_logits = (h @ d_params['logit']['kernel'] + d_params['logit']['bias'])[:, 0]
+  return (x_rec, z, mu, logvar), disc_logits
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_both_models_equal_table_one_written_out_in_numpy(train):
+  vae, disc, v_vars, d_vars, x, eps, _ = _setup(16, 3, (4, 8))
+  # Every parameter and running statistic moved off its initial value (BatchNorm's 1s and
+  # 0s would hide a scale or shift applied in the wrong place).
+  rng = np.random.default_rng(11)
+  jiggle = lambda tree: jax.tree.map(
+      lambda a: np.asarray(a) * rng.uniform(0.5, 1.5, a.shape).astype(np.float32)
+      + rng.normal(0.0, 0.1, a.shape).astype(np.float32), tree)
+  positive_var = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, a: np.abs(a) if path[-1].key == 'var' else a, tree)
+  v_vars, d_vars = positive_var(jiggle(v_vars)), positive_var(jiggle(d_vars))
+  got = jax.jit(lambda v, d: (vae.apply(v, x, eps, train, mutable=['batch_stats'])[0],
+                              disc.apply(d, x, train, mutable=['batch_stats'])[0]))(
+                                  v_vars, d_vars)
+  want = _np_models(v_vars, d_vars, x, eps, (4, 8), train)
+  for name, a, b in zip(('x_rec', 'z', 'mu', 'logvar', 'logits'), (*got[0], got[1]),
+                        (*want[0], want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_batchnorm_running_stats_update_in_train_mode_only():
@@ -172,7 +252,7 @@ def test_batchnorm_running_stats_update_in_train_mode_only():
   # The first encoder BatchNorm: running = momentum * init + (1 - momentum) * batch stat
   # of the first convolution's output (computed here in numpy), momentum 0.9, init 0 / 1.
   kernel = np.asarray(v_vars['params']['encoder']['ConvBNReLU_0']['Conv_0']['kernel'])
-  h = _conv3x3_same(np.asarray(x, np.float64), kernel.astype(np.float64))
+  h = _np_conv(np.asarray(x, np.float64), kernel.astype(np.float64))
   stats = out['vae_stats']['batch_stats']['encoder']['ConvBNReLU_0']['BatchNorm_0']
   np.testing.assert_allclose(stats['mean'], 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-4)
