@@ -14,8 +14,11 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
+from avae_jax import api
+from avae_jax import data
 from avae_jax import files
 from avae_jax import xla_flags
 from avae_jax import study_report
@@ -224,6 +227,25 @@ def test_report_has_every_table(study_dir):
   for pair in ('AVAE vs VAE', 'AVAE-S vs VAE-S'):
     assert text.count(f'{pair} seed 0: identical logs') == 2, pair
   assert 'max |Δ|' not in text
+
+
+def test_posterior_statistics_are_those_of_the_evaluation_images(study_dir):
+  out, _ = study_dir
+  workdir = study_report.run_dir(out, 'shapes', 'vae', 0)
+  with open(os.path.join(workdir, study_report.POSTERIOR_FILE)) as f:
+    got = json.load(f)  # written by the report
+  # The first eval.num_images evaluation images, encoded here in one batch.
+  model = api.TrainedModel.load(workdir)
+  source = data.load(model.config, 'eval')
+  n = min(int(model.config.eval.num_images), len(source))
+  mu, logvar = (np.asarray(a, np.float64) for a in model.encode(source.get(np.arange(n))))
+  # KL(N(mu, e^logvar) || N(0, 1)) per dimension, averaged over the images.
+  kl = (-0.5 * (1.0 + logvar - mu ** 2 - np.exp(logvar))).mean(axis=0)
+  var_mu = ((mu - mu.mean(axis=0)) ** 2).mean(axis=0)
+  assert (got['num_images'], got['latent_dim']) == (n, int(model.config.model.latent_dim))
+  np.testing.assert_allclose(got['kl_per_dim'], kl, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got['var_mu'], var_mu, rtol=1e-5, atol=1e-9)
+  assert got['active'] == int(np.sum(var_mu > 0.01))  # Burda et al.'s threshold
 
 
 def test_report_has_every_figure(study_dir):
