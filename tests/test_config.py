@@ -134,7 +134,7 @@ def test_an_override_value_that_does_not_parse_stops_with_one_line(tmp_path, ove
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.parametrize('spec, message', [
+_BAD_CONFIGS = [
     ('configs/defualt.py', "--config=configs/defualt.py: no such file 'configs/defualt.py'"),
     ('W/config.json', '--config=W/config.json: --config takes a Python config file'),
     ('W/syntax.py', '--config=W/syntax.py could not be loaded: SyntaxError: invalid syntax'),
@@ -151,8 +151,11 @@ def test_an_override_value_that_does_not_parse_stops_with_one_line(tmp_path, ove
     # It named the module ml_collections made of the file: "AttributeError: module
     # 'config_config' has no attribute 'get_config'".
     ('W/none.py', '--config=W/none.py could not be loaded: it defines no get_config()'),
-])
-def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, message):
+]
+
+
+def _check_bad_config(tmp_path, program: str, spec: str, message: str) -> None:
+  """PROGRAM --config=SPEC (W: tmp_path, holding the bad files) exits 1 with MESSAGE."""
   (tmp_path / 'config.json').write_text('{"enabled": false}')
   (tmp_path / 'syntax.py').write_text('def get_config(:\n')
   (tmp_path / 'name.py').write_text('def get_config():\n  return nope\n')
@@ -160,14 +163,25 @@ def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, m
   (tmp_path / 'value.py').write_text('def get_config(budget):\n'
                                      '  raise ValueError(f"no budget {budget!r}")\n')
   spec, message = spec.replace('W', str(tmp_path)), message.replace('W', str(tmp_path))
-  for program in ('train.py', 'benchmark.py'):
-    workdir = [f'--workdir={tmp_path / "w"}'] if program == 'train.py' else []
-    proc = subprocess.run([sys.executable, program, f'--config={spec}', *workdir], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 1, program
-    assert f'FATAL Flags parsing error: {message}' in proc.stderr, proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr
+  workdir = [f'--workdir={tmp_path / "w"}'] if program == 'train.py' else []
+  proc = subprocess.run([sys.executable, program, f'--config={spec}', *workdir], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1, program
+  assert f'FATAL Flags parsing error: {message}' in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
   assert not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('spec, message', _BAD_CONFIGS)
+def test_a_config_file_that_cannot_be_used_stops_with_one_line(tmp_path, spec, message):
+  _check_bad_config(tmp_path, 'train.py', spec, message)
+
+
+def test_benchmark_py_reads_its_config_file_as_train_py_does(tmp_path):
+  # The same loader (cli.define_config_file): two of the cases above, a missing file and
+  # an error of get_config, stand for all.
+  for spec, message in (_BAD_CONFIGS[0], _BAD_CONFIGS[6]):
+    _check_bad_config(tmp_path, 'benchmark.py', spec, message)
 
 
 @pytest.mark.parametrize('form', ['=', ' '])
