@@ -180,9 +180,10 @@ def test_the_measured_accuracy_gates_the_updates():
   x, key = real_images(), jax.random.key(3)
   real, fake = _independent_logits(vae_state, disc_state, x, key)
   acc = 0.5 * (np.mean(real > 0) + np.mean(fake < 0))  # a multiple of 1/16
+  # (An accuracy on a threshold passes neither strict test: test_gate_* below, without
+  # a compilation of the step per pair of thresholds.)
   for below, above, updated in ((acc + 1 / 32, acc - 1 / 32, 1.0),
-                                (acc - 1 / 32, acc + 1 / 32, 0.0),
-                                (acc, acc, 0.0)):  # strict: acc < below, acc > above
+                                (acc - 1 / 32, acc + 1 / 32, 0.0)):
     cfg = dataclasses.replace(gate_cfg(None), train_disc_below=below, train_vae_above=above)
     _, _, m = run_adversarial(cfg, vae_state, disc_state, x, key)
     assert m['disc_accuracy'] == pytest.approx(acc)
