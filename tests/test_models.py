@@ -147,8 +147,7 @@ def test_vae_rejects_wrong_channels():
 
 
 def _np_conv(x, k, stride=1):
-  """Table I's convolution in numpy: padding 1 on each side, then the strided
-  cross-correlation of x (B, H, W, C) with k (kh, kw, C, O)."""
+  """Table I's convolution in numpy: x (B, H, W, C) padded by 1 per side, k (kh, kw, C, O)."""
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   kh, kw = k.shape[:2]
   windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))
@@ -156,8 +155,7 @@ def _np_conv(x, k, stride=1):
 
 
 def _np_bn(h, params, stats, train):
-  """BatchNorm (epsilon 1e-5) with the batch's biased statistics in train mode, else the
-  running ones."""
+  """BatchNorm (epsilon 1e-5): train mode the batch's biased statistics, eval the running ones."""
   axes = tuple(range(h.ndim - 1))
   mean, var = (h.mean(axes), h.var(axes)) if train else (stats['mean'], stats['var'])
   return (h - mean) / np.sqrt(var + 1e-5) * params['scale'] + params['bias']
