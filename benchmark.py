@@ -38,7 +38,14 @@ or run the twin alone with the same sizes (see docs/benchmarks.md):
 
 import json
 import os
+import signal
 import sys
+
+# Ctrl-C while the modules below load (seconds: JAX's) ends the program as the signal does
+# by default, without a traceback through the imports; main's own handling
+# (distributed.exit_on_interrupt) takes over from there. A background job keeps ignoring it.
+if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from absl import app
 from absl import flags

@@ -7,7 +7,14 @@ Running again on a workdir that has checkpoints resumes from the latest one. SIG
 Ctrl-C during training lets the step in progress finish, checkpoints it, then stops.
 """
 
+import signal
 import sys
+
+# Ctrl-C while the modules below load (seconds: JAX's) ends the program as the signal does
+# by default, without a traceback through the imports; main's own handling
+# (distributed.exit_on_interrupt) takes over from there. A background job keeps ignoring it.
+if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from absl import app
 from absl import flags

@@ -307,15 +307,17 @@ def exit_on_interrupt(message: str) -> Iterator[None]:
   "Exception ignored" and dropped, and the run went on calibrating. So the SIGINT
   handler ends the process itself. The training loop installs its own handler (a
   checkpointed stop) and restores this one after the loop. Only a SIGINT at Python's
-  default handler is taken over: a shell starts background jobs with Ctrl-C ignored,
-  and they stay so. A KeyboardInterrupt that reaches the block's end all the same (a
+  default handler, or at the system's default (the programs set it while their modules
+  load), is taken over, and that handler is restored after the block: a shell starts
+  background jobs with Ctrl-C ignored, and they stay so. A KeyboardInterrupt that reaches the block's end all the same (a
   second Ctrl-C in the loop of such a job) ends the process likewise.
   """
   def handle(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
     exit_now(128 + signal.SIGINT, message)
 
+  found = signal.getsignal(signal.SIGINT)
   take_over = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+               and found in (signal.default_int_handler, signal.SIG_DFL))
   if take_over:
     signal.signal(signal.SIGINT, handle)
   try:
@@ -324,4 +326,4 @@ def exit_on_interrupt(message: str) -> Iterator[None]:
     exit_now(128 + signal.SIGINT, message)
   finally:
     if take_over:
-      signal.signal(signal.SIGINT, signal.default_int_handler)
+      signal.signal(signal.SIGINT, found)

@@ -371,6 +371,50 @@ def test_ctrl_c_before_training_starts_stops_with_one_line(cli_env, tmp_path):
   assert committed_steps(workdir) == []
 
 
+def _catches_sigint(pid: int) -> bool:
+  """Whether the process has a handler for SIGINT (its SigCgt mask in /proc)."""
+  with open(f'/proc/{pid}/status') as f:
+    mask = next(line for line in f if line.startswith('SigCgt:')).split()[1]
+  return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='needs Linux /proc')
+@pytest.mark.parametrize('program', ['train.py', 'benchmark.py'])
+def test_ctrl_c_while_the_modules_load_ends_without_a_traceback(cli_env, tmp_path, program):
+  # Python catches SIGINT once it has started; the program lets go of it while its
+  # modules load (seconds) and main catches it again. The Ctrl-C is sent in between,
+  # when that release is seen: it raised KeyboardInterrupt inside an import before.
+  from tests import test_distributed  # pylint: disable=g-import-not-at-top
+  args = [sys.executable, program, '--config=configs/default.py']
+  if program == 'train.py':
+    args.append(f'--workdir={tmp_path / "w"}')
+  proc = test_distributed.popen_with_sigint(args, env=cli_env, cwd=ROOT,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)
+  try:
+    seen_python_handler = sent = False
+    deadline = time.monotonic() + 60
+    while not sent and time.monotonic() < deadline and proc.poll() is None:
+      try:
+        catches = _catches_sigint(proc.pid)
+      except (OSError, StopIteration):
+        break
+      if catches:
+        seen_python_handler = True
+      elif seen_python_handler:
+        proc.send_signal(signal.SIGINT)
+        sent = True
+      time.sleep(0.0005)
+    assert sent, f'SIGINT not let go of (Python caught it: {seen_python_handler})'
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == -signal.SIGINT, err[-3000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+
+
 # ------------------------------------------------------------------ failures
 
 
