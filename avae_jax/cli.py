@@ -41,8 +41,36 @@ def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
   named = [o for o in _overrides(argv) if field in o.split('.')[1:]]
   if not named:
     return None
-  message = f"{named[0]}: the config has no field '{field}'"
-  return f'{message}. {hint}' if hint else message
+  # The programs' configs all have configs/default.py's fields (_TRAINING_FIELDS' check).
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return _missing_field_message(named[0], field, default.get_config(), hint)
+
+
+def _paths_named(config: ml_collections.ConfigDict, field: str, prefix: str = '') -> list[str]:
+  """The dotted paths of the fields called `field` at any level of `config`."""
+  paths = []
+  for key, value in config.items():
+    if key == field:
+      paths.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += _paths_named(value, field, f'{prefix}{key}.')
+  return paths
+
+
+def _missing_field_message(name: str, field: str, root: ml_collections.ConfigDict,
+                           near_miss: str) -> str:
+  """The one line for an override of a field the config lacks where the override puts it.
+
+  A field of that name elsewhere in the config (--config.num_images for
+  --config.eval.num_images) is the likelier meaning; else `near_miss`, a same-level
+  suggestion such as ml_collections' 'Did you mean "batch_size" instead of "batchsize"?'.
+  """
+  message = f"{name}: the config has no field '{field}'"
+  own = name[len('--config.'):]  # (--config.eval=1 names a field, not one of its leaves)
+  elsewhere = [f'--config.{p}' for p in _paths_named(root, field) if p != own]
+  if elsewhere:
+    return f'{message}. Did you mean {" or ".join(elsewhere)}?'
+  return f'{message}. {near_miss}' if near_miss else message
 
 
 def _usage_error(message: str) -> None:
@@ -316,14 +344,13 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
     raise config_lib.ConfigError(f'{name}={text}: expected {kind}') from e
 
 
-def _no_field(name: str, field: str, node: ml_collections.ConfigDict) -> config_lib.ConfigError:
-  """The error for an override of a missing field, with ml_collections' suggestion."""
-  message = f"{name}: the config has no field '{field}'"
+def _no_field(name: str, field: str, node: ml_collections.ConfigDict,
+              root: ml_collections.ConfigDict) -> config_lib.ConfigError:
+  """The error for an override of a field `node` lacks, with train.py's suggestions."""
   keys = [str(k) for k in node.keys() if str(k) != field]  # a field that is not a leaf
   matches = difflib.get_close_matches(field, keys, 1, 0.75)
-  if matches:
-    message += f'. Did you mean "{matches[0]}" instead of "{field}"?'
-  return config_lib.ConfigError(message)
+  near_miss = f'Did you mean "{matches[0]}" instead of "{field}"?' if matches else ''
+  return config_lib.ConfigError(_missing_field_message(name, field, root, near_miss))
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -334,10 +361,10 @@ def apply_overrides(config: ml_collections.ConfigDict,
     node = config
     for part in parents:
       if not isinstance(node.get(part), ml_collections.ConfigDict):
-        raise _no_field(name, part, node)
+        raise _no_field(name, part, node, config)
       node = node[part]
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-      raise _no_field(name, leaf, node)
+      raise _no_field(name, leaf, node, config)
     node[leaf] = _override_value(name, text, node[leaf])
 
 

@@ -96,7 +96,9 @@ def test_a_misspelt_override_stops_with_one_line(tmp_path, program, args):
   for override, message in [
       ('--config.batchsize=3', "--config.batchsize: the config has no field 'batchsize'. "
                                'Did you mean "batch_size" instead of "batchsize"?'),
-      ('--config.eval.nope=2', "--config.eval.nope: the config has no field 'nope'\n")]:
+      ('--config.eval.nope=2', "--config.eval.nope: the config has no field 'nope'\n"),
+      ('--config.num_images=5', "--config.num_images: the config has no field 'num_images'. "
+                                'Did you mean --config.eval.num_images?')]:
     proc = subprocess.run([sys.executable, program, *args, override], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
@@ -308,7 +310,13 @@ def test_a_misspelt_override_of_a_loaded_config_suggests_the_field():
       ('--config.eval.fidd=1', "--config.eval.fidd: the config has no field 'fidd'. "
                                'Did you mean "fid" instead of "fidd"?'),
       ('--config.modl.widths=(4,)', "--config.modl.widths: the config has no field 'modl'. "
-                                    'Did you mean "model" instead of "modl"?')]:
+                                    'Did you mean "model" instead of "modl"?'),
+      # A field of that name at another level is the likelier meaning.
+      ('--config.traversal_dims=3', "--config.traversal_dims: the config has no field "
+                                    "'traversal_dims'. Did you mean --config.eval.traversal_dims?"),
+      ('--config.model.batch_size=4', "--config.model.batch_size: the config has no field "
+                                      "'batch_size'. Did you mean --config.batch_size or "
+                                      '--config.eval.batch_size?')]:
     with pytest.raises(config_lib.ConfigError) as e:
       cli.apply_overrides(c, cli.split_overrides(['x', override])[1])
     assert str(e.value) == message
