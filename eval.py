@@ -24,6 +24,7 @@ import warnings
 # (distributed.exit_on_interrupt) takes over from there. A background job keeps ignoring it.
 if __name__ == '__main__' and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
   signal.signal(signal.SIGINT, signal.SIG_DFL)
+# pylint: disable=wrong-import-position
 
 from absl import app
 from absl import flags

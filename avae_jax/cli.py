@@ -30,44 +30,76 @@ def _overrides(argv: Sequence[str]) -> list[str]:
   return [name for name, _ in split_overrides(argv)[1]]
 
 
-def _unknown_field(error: AttributeError, argv: Sequence[str]) -> str | None:
+def _unknown_field(error: Exception, argv: Sequence[str]) -> str | None:
   """The one-line message for ml_collections' error on an unknown override, else None."""
-  # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...?")).
-  missing = error.args[0] if error.args else None
+  # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...?")) for a
+  # missing field, KeyError("'name'") for a missing group on the override's path.
+  missing = error if isinstance(error, KeyError) else (error.args[0] if error.args else None)
   if not isinstance(missing, KeyError) or not missing.args:
     return None
   field, _, hint = str(missing.args[0]).partition('\n')
   field = field.strip("'")
-  named = [o for o in _overrides(argv) if field in o.split('.')[1:]]
-  if not named:
-    return None
-  # The programs' configs all have configs/default.py's fields (_TRAINING_FIELDS' check).
+  # Suggestions come from configs/default.py, whose fields the programs' configs share.
   from configs import default  # pylint: disable=g-import-not-at-top
-  return _missing_field_message(named[0], field, default.get_config(), hint)
+  root = default.get_config()
+  # The override that names the missing field: of several, one whose path to it the
+  # config lacks (--config.eval.num_images=5 --config.num_images=3 blames the second).
+  found = [(o, parts.index(field)) for o in _overrides(argv)
+           if field in (parts := o[len('--config.'):].split('.'))]
+  if not found:
+    return None
+  lacking = [(o, i) for o, i in found
+             if _node(root, o[len('--config.'):].split('.')[:i + 1]) is None]
+  name, index = (lacking or found)[0]
+  return _missing_field_message(name, index, root, hint)
 
 
-def _paths_named(config: ml_collections.ConfigDict, field: str, prefix: str = '') -> list[str]:
-  """The dotted paths of the fields called `field` at any level of `config`."""
+def _node(config: ml_collections.ConfigDict, parts: Sequence[str]) -> Any:
+  """The field or group at the path `parts` of `config`, or None where there is none."""
+  node = config
+  for part in parts:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _paths_named(config: ml_collections.ConfigDict, field: str,
+                 prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+  """The paths of the fields and groups called `field` at any level of `config`."""
   paths = []
   for key, value in config.items():
     if key == field:
-      paths.append(prefix + key)
+      paths.append(prefix + (key,))
     if isinstance(value, ml_collections.ConfigDict):
-      paths += _paths_named(value, field, f'{prefix}{key}.')
+      paths += _paths_named(value, field, prefix + (key,))
   return paths
 
 
-def _missing_field_message(name: str, field: str, root: ml_collections.ConfigDict,
+def _missing_field_message(name: str, index: int, root: ml_collections.ConfigDict,
                            near_miss: str) -> str:
-  """The one line for an override of a field the config lacks where the override puts it.
+  """The one line for an override whose part `index` is not where the override puts it.
 
-  A field of that name elsewhere in the config (--config.num_images for
-  --config.eval.num_images) is the likelier meaning; else `near_miss`, a same-level
-  suggestion such as ml_collections' 'Did you mean "batch_size" instead of "batchsize"?'.
+  The same name elsewhere in the config, where the rest of the override's path is a
+  field that takes a value (--config.eval.num_images for --config.num_images,
+  --config.loss.weights.gabor for --config.weights.gabor), is the likelier meaning; else
+  `near_miss`, a same-level suggestion such as ml_collections' 'Did you mean
+  "batch_size" instead of "batchsize"?'.
   """
+  parts = name[len('--config.'):].split('.')
+  field, rest = parts[index], tuple(parts[index + 1:])
+  there = _node(root, parts[:index + 1])
+  if there is not None:  # there, but a group where a value goes, or a value with a path below
+    path = '.'.join(parts[:index + 1])
+    if isinstance(there, ml_collections.ConfigDict):
+      return f"{name}: '{path}' is a group of fields: override one (--config.{path}.FIELD)"
+    return f"{name}: '{path}' is a field with no fields under it: --config.{path}=VALUE"
   message = f"{name}: the config has no field '{field}'"
-  own = name[len('--config.'):]  # (--config.eval=1 names a field, not one of its leaves)
-  elsewhere = [f'--config.{p}' for p in _paths_named(root, field) if p != own]
+  elsewhere = []
+  for path in _paths_named(root, field):
+    node = _node(root, path + rest)
+    if node is not None and not isinstance(node, ml_collections.ConfigDict):
+      elsewhere.append('--config.' + '.'.join(path + rest))
   if elsewhere:
     return f'{message}. Did you mean {" or ".join(elsewhere)}?'
   return f'{message}. {near_miss}' if near_miss else message
@@ -103,7 +135,7 @@ def _value_error(message: str) -> str:
   return message
 
 
-def _stop_on_unknown_field(error: AttributeError, argv: Sequence[str]) -> None:
+def _stop_on_unknown_field(error: Exception, argv: Sequence[str]) -> None:
   """Exits with absl's one-line usage error if `error` is an unknown config override."""
   message = _unknown_field(error, argv)
   if message is not None:
@@ -143,7 +175,7 @@ def _check_config_file(spec: str) -> None:
 
 def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> None:
   """Exits with one line for an error raised while loading the --config file."""
-  if isinstance(error, AttributeError):
+  if isinstance(error, (AttributeError, KeyError)):
     _stop_on_unknown_field(error, argv)
   # ml_collections may wrap the file's own error (a SyntaxError, a NameError, ...) in an
   # OSError that names it; the cause is the error itself.
@@ -344,13 +376,14 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
     raise config_lib.ConfigError(f'{name}={text}: expected {kind}') from e
 
 
-def _no_field(name: str, field: str, node: ml_collections.ConfigDict,
+def _no_field(name: str, index: int, node: ml_collections.ConfigDict,
               root: ml_collections.ConfigDict) -> config_lib.ConfigError:
-  """The error for an override of a field `node` lacks, with train.py's suggestions."""
+  """The error for an override whose part `index` `node` lacks, suggestions as parse_flags'."""
+  field = name[len('--config.'):].split('.')[index]
   keys = [str(k) for k in node.keys() if str(k) != field]  # a field that is not a leaf
   matches = difflib.get_close_matches(field, keys, 1, 0.75)
   near_miss = f'Did you mean "{matches[0]}" instead of "{field}"?' if matches else ''
-  return config_lib.ConfigError(_missing_field_message(name, field, root, near_miss))
+  return config_lib.ConfigError(_missing_field_message(name, index, root, near_miss))
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -359,12 +392,12 @@ def apply_overrides(config: ml_collections.ConfigDict,
   for name, text in overrides:
     *parents, leaf = name[len('--config.'):].split('.')
     node = config
-    for part in parents:
+    for i, part in enumerate(parents):
       if not isinstance(node.get(part), ml_collections.ConfigDict):
-        raise _no_field(name, part, node, config)
+        raise _no_field(name, i, node, config)
       node = node[part]
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-      raise _no_field(name, leaf, node, config)
+      raise _no_field(name, len(parents), node, config)
     node[leaf] = _override_value(name, text, node[leaf])
 
 
@@ -388,6 +421,6 @@ def define_config_file(name: str, default: str | None, help_string: str,
   """
   try:
     config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
-  except AttributeError as e:
+  except (AttributeError, KeyError) as e:
     _stop_on_unknown_field(e, sys.argv)
     raise

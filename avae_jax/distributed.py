@@ -307,10 +307,11 @@ def exit_on_interrupt(message: str) -> Iterator[None]:
   "Exception ignored" and dropped, and the run went on calibrating. So the SIGINT
   handler ends the process itself. The training loop installs its own handler (a
   checkpointed stop) and restores this one after the loop. Only a SIGINT at Python's
-  default handler, or at the system's default (the programs set it while their modules
-  load), is taken over, and that handler is restored after the block: a shell starts
-  background jobs with Ctrl-C ignored, and they stay so. A KeyboardInterrupt that reaches the block's end all the same (a
-  second Ctrl-C in the loop of such a job) ends the process likewise.
+  default handler or at the system's default (which the programs set while their modules
+  load) is taken over, and the handler found is put back after the block; an ignored
+  SIGINT is left alone, as a shell starts background jobs with Ctrl-C ignored and they
+  must stay so. A KeyboardInterrupt that reaches the block's end all the same (a second
+  Ctrl-C in the training loop) ends the process likewise.
   """
   def handle(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
     exit_now(128 + signal.SIGINT, message)

@@ -408,6 +408,22 @@ def test_the_processes_die_with_a_killed_launcher(tmp_path):
       'orphaned processes of a killed launcher')
 
 
+def test_exit_on_interrupt_takes_over_only_the_default_handlers_and_puts_them_back():
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  previous = signal.getsignal(signal.SIGINT)
+  try:
+    # Python's handler, the system's default (the programs' while their modules load) and
+    # an ignored Ctrl-C (a background job), which must stay ignored inside the block.
+    for found in (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN):
+      signal.signal(signal.SIGINT, found)
+      with distributed.exit_on_interrupt('interrupted'):
+        inside = signal.getsignal(signal.SIGINT)
+      assert (inside == found) == (found == signal.SIG_IGN), found
+      assert signal.getsignal(signal.SIGINT) == found
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 # JAX, loaded in this test process by others, warns of any fork; the launcher has no JAX.
 @pytest.mark.filterwarnings(r'ignore:os\.fork\(\) was called:RuntimeWarning')
 def test_the_child_sets_its_death_signal_without_loading_a_library(monkeypatch):
