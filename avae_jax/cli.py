@@ -88,17 +88,17 @@ def _missing_field_message(name: str, index: int, root: ml_collections.ConfigDic
   """
   parts = name[len('--config.'):].split('.')
   field, rest = parts[index], tuple(parts[index + 1:])
-  there = _node(root, parts[:index + 1])
-  if there is not None:  # there, but a group where a value goes, or a value with a path below
-    path = '.'.join(parts[:index + 1])
-    if isinstance(there, ml_collections.ConfigDict):
-      return f"{name}: '{path}' is a group of fields: override one (--config.{path}.FIELD)"
+  there, path = _node(root, parts[:index + 1]), '.'.join(parts[:index + 1])
+  if isinstance(there, ml_collections.ConfigDict) and not rest:  # a group given a value
+    return f"{name}: '{path}' is a group of fields: override one (--config.{path}.FIELD)"
+  if there is not None and not isinstance(there, ml_collections.ConfigDict) and rest:
     return f"{name}: '{path}' is a field with no fields under it: --config.{path}=VALUE"
   message = f"{name}: the config has no field '{field}'"
   elsewhere = []
   for path in _paths_named(root, field):
     node = _node(root, path + rest)
-    if node is not None and not isinstance(node, ml_collections.ConfigDict):
+    if (path + rest != tuple(parts) and node is not None
+        and not isinstance(node, ml_collections.ConfigDict)):
       elsewhere.append('--config.' + '.'.join(path + rest))
   if elsewhere:
     return f'{message}. Did you mean {" or ".join(elsewhere)}?'
