@@ -42,16 +42,23 @@ def _unknown_field(error: Exception, argv: Sequence[str]) -> str | None:
   # Suggestions come from configs/default.py, whose fields the programs' configs share.
   from configs import default  # pylint: disable=g-import-not-at-top
   root = default.get_config()
-  # The override that names the missing field: of several, one whose path to it the
-  # config lacks (--config.eval.num_images=5 --config.num_images=3 blames the second).
-  found = [(o, parts.index(field)) for o in _overrides(argv)
-           if field in (parts := o[len('--config.'):].split('.'))]
-  if not found:
+  # The override that names the missing field: of several, the first whose path to it
+  # the config lacks (--config.eval.num_images=5 --config.num_images=3 blames the second).
+  named = []
+  for name in _overrides(argv):
+    path = _field_path(name)
+    if field in path:
+      index = path.index(field)
+      named.append((_node(root, path[:index + 1]) is not None, name, index))
+  if not named:
     return None
-  lacking = [(o, i) for o, i in found
-             if _node(root, o[len('--config.'):].split('.')[:i + 1]) is None]
-  name, index = (lacking or found)[0]
+  _, name, index = min(named, key=lambda n: n[0])  # the first lacking one, else the first
   return _missing_field_message(name, index, root, hint)
+
+
+def _field_path(name: str) -> list[str]:
+  """The config path an override names: ['eval', 'num_images'] for --config.eval.num_images."""
+  return name[len('--config.'):].split('.')
 
 
 def _node(config: ml_collections.ConfigDict, parts: Sequence[str]) -> Any:
@@ -86,7 +93,7 @@ def _missing_field_message(name: str, index: int, root: ml_collections.ConfigDic
   `near_miss`, a same-level suggestion such as ml_collections' 'Did you mean
   "batch_size" instead of "batchsize"?'.
   """
-  parts = name[len('--config.'):].split('.')
+  parts = _field_path(name)
   field, rest = parts[index], tuple(parts[index + 1:])
   there, path = _node(root, parts[:index + 1]), '.'.join(parts[:index + 1])
   if isinstance(there, ml_collections.ConfigDict) and not rest:  # a group given a value
@@ -379,7 +386,7 @@ def _override_value(name: str, text: str | None, old: Any) -> Any:
 def _no_field(name: str, index: int, node: ml_collections.ConfigDict,
               root: ml_collections.ConfigDict) -> config_lib.ConfigError:
   """The error for an override whose part `index` `node` lacks, suggestions as parse_flags'."""
-  field = name[len('--config.'):].split('.')[index]
+  field = _field_path(name)[index]
   keys = [str(k) for k in node.keys() if str(k) != field]  # a field that is not a leaf
   matches = difflib.get_close_matches(field, keys, 1, 0.75)
   near_miss = f'Did you mean "{matches[0]}" instead of "{field}"?' if matches else ''
@@ -390,7 +397,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[tuple[str, str | None]]) -> None:
   """Sets (--config.FIELD, VALUE) overrides on a loaded config, e.g. a workdir's config.json."""
   for name, text in overrides:
-    *parents, leaf = name[len('--config.'):].split('.')
+    *parents, leaf = _field_path(name)
     node = config
     for i, part in enumerate(parents):
       if not isinstance(node.get(part), ml_collections.ConfigDict):
