@@ -176,7 +176,7 @@ def _run() -> None:
       twin_runs.append(benchmarking.run_twin(
           _TWIN_PYTHON.value, _TWIN_SCRIPT.value, config, steps, _WARMUP.value, twin_device))
     except RuntimeError as e:  # the twin's own error, not a traceback of ours
-      sys.exit(f'benchmark.py: {e}')
+      sys.exit(f'benchmark.py: error: {e}')
     print(f'twin: {json.dumps(twin_runs[-1])}', file=sys.stderr, flush=True)
 
   twin_in_rounds = bool(_TWIN_PYTHON.value) and _ROUNDS.value > 1

@@ -78,10 +78,10 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   summary.quiet_library_logs()
   if not files.exists(workdir):
-    sys.exit(f'eval.py: {workdir} does not exist (the --workdir of a train.py run)')
+    sys.exit(f'eval.py: error: {workdir} does not exist (the --workdir of a train.py run)')
   if not files.is_remote(workdir) and not os.path.isdir(workdir):
-    sys.exit(f'eval.py: {workdir} is a file, not a directory (the --workdir of a train.py '
-             'run)')
+    sys.exit(f'eval.py: error: {workdir} is a file, not a directory (the --workdir of a '
+             'train.py run)')
   try:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
@@ -110,9 +110,9 @@ def main(argv: list[str]) -> None:
           _evaluate(config, workdir, from_workdir)
         except _EXPLAINED as e:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
-          sys.exit(f'eval.py: {e}')
+          sys.exit(f'eval.py: error: {e}')
   except _EXPLAINED as e:
-    sys.exit(f'eval.py: {e}')
+    sys.exit(f'eval.py: error: {e}')
 
 
 # The settings that decide which images the eval split holds (and, for shapes, the seed).

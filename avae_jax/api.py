@@ -134,13 +134,13 @@ def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(module: Any, variables: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Posterior means and log-variances of images x."""
-  return module.apply(variables, x, False, method='encode')
+  return module.apply(variables, x, train=False, method='encode')
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(module: Any, variables: Any, z: jax.Array) -> jax.Array:
   """Decoded images of codes z."""
-  return module.apply(variables, z, False, method='decode')
+  return module.apply(variables, z, train=False, method='decode')
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -198,9 +198,15 @@ class TrainedModel:
 
   @classmethod
   def from_state(cls, config: ml_collections.ConfigDict, vae_state: Any, *,
+                 step: int | None = None,
                  devices: Sequence[Any] | None = None) -> 'TrainedModel':
-    """Wraps an (unreplicated) VAE TrainState, e.g. inside the trainer."""
-    step = int(np.asarray(jax.device_get(vae_state.step)))
+    """Wraps an (unreplicated) VAE TrainState, labelled `step` (default: its update count).
+
+    The state's own count lags behind a run's global step once gated adversarial steps
+    skip the VAE's update; the trainer passes the global step.
+    """
+    if step is None:
+      step = int(np.asarray(jax.device_get(vae_state.step)))
     return cls(config, vae_state.params, vae_state.batch_stats, step=step, devices=devices)
 
   @classmethod

@@ -14,11 +14,12 @@ import ml_collections
 
 VARIANTS = ('vae', 'avae', 'vae_s', 'avae_s')
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'celeb_a', 'dsprites')
+# The terms of Eq. 5, in the order they are summed and reported.
 RECONSTRUCTION_TERMS = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
 PARALLEL_METHODS = ('pmap', 'shard_map')  # config.parallel (parallel.py maps with them)
 TC_ESTIMATORS = ('mws', 'mss')
 SSIM_WINDOW = 11  # the 1 - SSIM term's Gaussian window (README: The four models)
-CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.BACKWARDS)
+CONV_BACKWARDS = ('auto', 'xla', 'custom')  # model.conv_backward (conv.py)
 # Names shared by the evaluation and the study report, which imports no JAX: Table III's
 # columns, the Inception taps' names by width (inception.TAPS), and the figures.
 VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE-S'}

@@ -31,7 +31,6 @@ from jax import lax
 
 from avae_jax import config_lib
 
-BACKWARDS = config_lib.CONV_BACKWARDS  # config_lib checks configs without JAX
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # The same as flax's dimension numbers for 2-D NHWC inputs and HWIO kernels.
 _NHWC_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC)
@@ -146,8 +145,8 @@ _conv_custom.defvjp(_conv_fwd, _conv_bwd)
 
 def uses_custom(backward: str) -> bool:
   """Whether `backward` means the custom backward pass on the current default backend."""
-  if backward not in BACKWARDS:
-    raise ValueError(f'backward must be one of {BACKWARDS}, got {backward!r}')
+  if backward not in config_lib.CONV_BACKWARDS:
+    raise ValueError(f'backward must be one of {config_lib.CONV_BACKWARDS}, got {backward!r}')
   return backward == 'custom' or (backward == 'auto' and jax.default_backend() == 'cpu')
 
 

@@ -23,6 +23,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from etils import epath
+import numpy as np
 
 PathLike = str | os.PathLike
 LOCK_FILE = 'train.lock'
@@ -81,8 +82,17 @@ def read_json(path: PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
 
 
+def json_default(o: Any) -> Any:
+  """JSON of numpy scalars and arrays (json itself takes tuples); write_json's default."""
+  if isinstance(o, (np.floating, np.integer, np.bool_)):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f'not JSON serialisable: {type(o)}')
+
+
 def write_json(path: PathLike, obj: Any,
-               default: Callable[[Any], Any] | None = None) -> None:
+               default: Callable[[Any], Any] = json_default) -> None:
   """Writes `obj` as indented JSON, atomically, creating parent directories."""
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + '\n')
 

@@ -27,12 +27,6 @@ def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   return g / g.sum()
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-  """Normalised 2-D Gaussian window (size, size) that sums to 1 (SSIM's weights)."""
-  g = gaussian_kernel_1d(size, sigma)
-  return np.outer(g, g)
-
-
 def sobel_kernels() -> np.ndarray:
   """Sobel kernels (2, 3, 3): x (right minus left) then y (down minus up)."""
   sx = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])

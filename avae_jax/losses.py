@@ -26,10 +26,6 @@ from avae_jax import filters
 
 Array = jax.Array
 
-# The terms of Eq. 5, in the order they are summed and reported.
-RECONSTRUCTION_TERMS = config_lib.RECONSTRUCTION_TERMS
-TC_ESTIMATORS = config_lib.TC_ESTIMATORS
-
 _LOG_2PI = math.log(2.0 * math.pi)
 # Full float32 matrix products: on TPU/GPU the default precision may use bf16/TF32 passes,
 # which is too coarse for SSIM's E[x^2] - E[x]^2 and costs little to avoid here.
@@ -374,8 +370,8 @@ def sobel_loss(x: Array, y: Array) -> Array:
   return _response_energies(x, y, [filters.sobel_kernels()])[0]
 
 
-def gabor_loss(x: Array, y: Array, bank: Any) -> Array:
-  """Mean squared difference of Gabor-bank responses on luma (B,); x is the target."""
+def gabor_loss(x: Array, y: Array, bank: np.ndarray) -> Array:
+  """Mean squared difference of luma responses to a bank (n, k, k) (B,); x is the target."""
   return _response_energies(x, y, [bank])[0]
 
 
@@ -384,7 +380,7 @@ def reconstruction_loss(x: Array, x_rec: Array,
                         gabor: GaborSpec | None = None) -> tuple[Array, dict[str, Array]]:
   """L_REC of Eq. 5 per image: (total (B,), {term: (B,)}) for the terms with nonzero weight.
 
-  weights maps terms of RECONSTRUCTION_TERMS to Python floats (static); absent or zero
+  weights maps terms of config_lib.RECONSTRUCTION_TERMS to Python floats (static); absent or zero
   terms are neither computed nor returned. x is the target, x_rec the reconstruction.
   Sobel and Gabor filter the difference of the images; `gabor` defaults to GaborSpec().
   """
@@ -393,9 +389,9 @@ def reconstruction_loss(x: Array, x_rec: Array,
   active = {}
   # dict() also accepts a tuple of (name, weight) pairs, the hashable form of a mapping.
   for name, w in dict(weights).items():
-    if name not in RECONSTRUCTION_TERMS:
+    if name not in config_lib.RECONSTRUCTION_TERMS:
       raise ValueError(f'unknown reconstruction term {name!r}; terms are '
-                       f'{", ".join(RECONSTRUCTION_TERMS)}')
+                       f'{", ".join(config_lib.RECONSTRUCTION_TERMS)}')
     if float(w) != 0.0:
       active[name] = float(w)
   terms = {}
@@ -512,7 +508,8 @@ def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
   elif estimator == 'mss':
     logw = mss_log_weights(big_m, dataset_size, row_offset=row_offset, num_rows=m)
   else:
-    raise ValueError(f'unknown TC estimator {estimator!r}; choose one of {TC_ESTIMATORS}')
+    raise ValueError(f'unknown TC estimator {estimator!r}; '
+                     f'choose one of {config_lib.TC_ESTIMATORS}')
   log_qz = jax.nn.logsumexp(jnp.sum(log_q, axis=-1) + logw, axis=1)
   log_prod = jnp.sum(jax.nn.logsumexp(log_q + logw[:, :, None], axis=1), axis=-1)
   return jnp.mean(log_qz - log_prod)

@@ -148,7 +148,7 @@ class Encoder(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
-  conv_backward: str = 'auto'  # conv.BACKWARDS
+  conv_backward: str = 'auto'  # config_lib.CONV_BACKWARDS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -179,7 +179,7 @@ class Decoder(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
-  conv_backward: str = 'auto'  # conv.BACKWARDS
+  conv_backward: str = 'auto'  # config_lib.CONV_BACKWARDS
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -215,7 +215,7 @@ class Discriminator(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
-  conv_backward: str = 'auto'  # conv.BACKWARDS
+  conv_backward: str = 'auto'  # config_lib.CONV_BACKWARDS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -245,7 +245,7 @@ class VAE(nn.Module):
   bn_momentum: float = 0.9
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
-  conv_backward: str = 'auto'  # conv.BACKWARDS
+  conv_backward: str = 'auto'  # config_lib.CONV_BACKWARDS
 
   def setup(self) -> None:
     """Builds the two halves with the shared settings."""

@@ -24,7 +24,6 @@ from avae_jax import distributed
 from avae_jax import steps
 
 Steps = collections.namedtuple('Steps', ['pretrain', 'adversarial'])
-METHODS = config_lib.PARALLEL_METHODS
 
 
 def _mesh(devices: Sequence[Any], axis_name: str) -> Mesh:
@@ -152,5 +151,5 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
                       out_specs=(P(axis), P(axis), P())),
         donate_argnums=(0, 1))
   else:
-    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    raise ValueError(f'method must be one of {config_lib.PARALLEL_METHODS}, got {method!r}')
   return Steps(pretrain=pretrain, adversarial=adversarial)

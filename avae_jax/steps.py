@@ -36,9 +36,12 @@ Metrics = dict[str, Array]
 class TrainState(struct.PyTreeNode):
   """Parameters, BatchNorm statistics and optimizer state of one network.
 
-  `apply_fn` is the module's apply without a device axis (usable outside the steps, e.g.
-  in a notebook); the steps re-bind `module` to their axis name so that BatchNorm averages
-  its batch statistics across devices.
+  flax.training.train_state.TrainState's fields with the BatchNorm statistics added (as
+  flax/examples/imagenet's) and the module kept instead of its `apply_fn`: the steps
+  re-bind the module to their axis name (`mapped_apply`) so that BatchNorm averages its
+  batch statistics across devices, and `apply_fn` (usable outside the steps, e.g. in a
+  notebook) is derived from it. `step` is an int32 array from the start, the type a
+  checkpoint restores.
   """
   step: Array
   params: Any
@@ -116,7 +119,7 @@ class StepConfig:
         latent_dim=int(config.model.latent_dim),
         # (An invalid choice is models.create_models' error to report.)
         disc_backward_in_branch=jax.default_backend() != 'cpu' or (
-            backward in conv.BACKWARDS and conv.uses_custom(backward)))
+            backward in config_lib.CONV_BACKWARDS and conv.uses_custom(backward)))
     values.update(overrides)
     return cls(**values)
 
@@ -127,7 +130,7 @@ def _init_fn(vae: models.VAE, disc: models.Discriminator, image_shape: tuple[int
   x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
   eps = jnp.zeros((2, latent_dim), jnp.float32)
   k_vae, k_disc = jax.random.split(key)
-  return vae.init(k_vae, x, eps, False), disc.init(k_disc, x, False)
+  return vae.init(k_vae, x, eps, train=False), disc.init(k_disc, x, train=False)
 
 
 # XLA:CPU's default LLVM optimisation of the initializers' many unrolled threefry hashes
@@ -189,7 +192,7 @@ def _vae_loss(params: Any, state: TrainState, x: Array, eps: Array,
   """
   apply = state.mapped_apply(cfg.axis_name)
   (x_rec, z, mu, logvar), new_vars = apply(
-      {'params': params, 'batch_stats': state.batch_stats}, x, eps, True,
+      {'params': params, 'batch_stats': state.batch_stats}, x, eps, train=True,
       mutable=['batch_stats'])
   rec, terms = losses.reconstruction_loss(x, x_rec, cfg.recon_weights, cfg.gabor)
   kl = losses.kl_divergence(mu, logvar)
@@ -315,7 +318,7 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
 
   def disc_forward(params, batch_stats, images):
     logits, new_vars = disc_apply({'params': params, 'batch_stats': batch_stats}, images,
-                                  True, mutable=['batch_stats'])
+                                  train=True, mutable=['batch_stats'])
     return logits, new_vars['batch_stats']
 
   logit_real, real_vjp, stats_after_real = jax.vjp(

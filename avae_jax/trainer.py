@@ -141,7 +141,7 @@ class _StopSignals:
 
 
 @dataclasses.dataclass
-class Setup:
+class RunSetup:
   """Everything a run needs that is derived from the config, before the first step."""
   devices: list[jax.Device]
   train_source: data.Source
@@ -150,7 +150,7 @@ class Setup:
   total_steps: int
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def prepare_run(config: ml_collections.ConfigDict) -> RunSetup:
   """Validates the config and opens the data; fails fast before anything is compiled."""
   devices = parallel.local_devices(config)
   config_lib.validate(config, num_devices=len(devices) * jax.process_count())
@@ -168,16 +168,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   train_source.get(np.arange(1))
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
   total = int(config.pretrain_steps) + config_lib.adversarial_steps(config)
-  return Setup(devices, train_source, eval_source, step_config, total)
-
-
-def _json_default(o: Any) -> Any:
-  """JSON encoding for numpy scalars and arrays (json itself takes tuples)."""
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f'not JSON serialisable: {type(o)}')
+  return RunSetup(devices, train_source, eval_source, step_config, total)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,11 +179,11 @@ def calibrate_weights(config: ml_collections.ConfigDict, vae_state: steps.TrainS
                       source: data.Source, devices: list[jax.Device],
                       key: jax.Array) -> dict[str, float]:
   """Probes each reconstruction term over K training batches and returns equalising λ's."""
-  return calibrated_weights(config, probe_term_means(config, vae_state, source, devices, key))
+  return weights_from_term_means(config, probe_term_means(config, vae_state, source, devices, key))
 
 
-def calibrated_weights(config: ml_collections.ConfigDict,
-                       means: dict[str, float]) -> dict[str, float]:
+def weights_from_term_means(config: ml_collections.ConfigDict,
+                            means: dict[str, float]) -> dict[str, float]:
   """λ_i = w_i * mean(L_MSE) / mean(L_i) from the probe's term means and the configured w_i.
 
   w_i are loss.weights: 1 in the configs (the paper's equal scales, λ_MSE = 1); 0, or a
@@ -227,7 +218,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
   The paper probed the terms for one epoch of training and weighted them so that all share
   one scale ("if L1 was 30 and L2 about 900, λ_L1 = 30"). Here a throwaway copy of the
   initial VAE trains for config.calibrate.batches steps with every term at weight 1 and
-  returns each term's mean over those steps; calibrated_weights makes the λ's of them.
+  returns each term's mean over those steps; weights_from_term_means makes the λ's of them.
   The real run starts from the untouched initial state.
   """
   k = int(config.calibrate.batches)
@@ -246,7 +237,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
       total_steps=k, every=int(config.log_every), enabled=jax.process_index() == 0,
       phases=[summary.Phase('probe', k)], log=lambda line: logging.info('calibration: %s', line))
   history = []
-  with data.prefetch_to_devices(batches, devices) as it:
+  with data.prefetch_to_devices(batches, devices, axis_name=probe_cfg.axis_name) as it:
     for i in range(k):
       if i == 0:
         progress.compiling(0)
@@ -263,10 +254,10 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
   return {t: means[t] for t in config_lib.RECONSTRUCTION_TERMS}
 
 
-def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
+def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: RunSetup,
                        vae_state: steps.TrainState, key: jax.Array, *,
-                       resumed: bool) -> Setup:
-  """Sets config.loss.weights from the calibration; returns the setup's new step config.
+                       resumed: bool) -> RunSetup:
+  """Sets config.loss.weights from the calibration; returns the setup with its new step config.
 
   The calibration runs once per workdir and is recorded there; config.calibrate.batches
   is set to its probe's, so that config.json names it too. A new run probes (a
@@ -281,7 +272,7 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
   if saved is not None:
     means = saved.get('means')
     if means is not None:
-      weights = calibrated_weights(config, means)
+      weights = weights_from_term_means(config, means)
     else:  # a file of an earlier version: the weights only, whatever loss.weights say now
       weights = saved['weights']
       if jax.process_index() == 0:
@@ -299,8 +290,8 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
         'calibration.json); resume it with --config.calibrate.enabled=False, or use a new '
         'workdir')
   else:
-    means = probe_term_means(config, vae_state, setup_.train_source, setup_.devices, key)
-    weights, batches = calibrated_weights(config, means), int(config.calibrate.batches)
+    means = probe_term_means(config, vae_state, run.train_source, run.devices, key)
+    weights, batches = weights_from_term_means(config, means), int(config.calibrate.batches)
   record = {'batches': batches, 'weights': weights}
   if means is not None:
     record['means'] = means
@@ -314,8 +305,8 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, setup_: 
       config.loss.weights[t] = float(v)
     # config.json then names the probe the weights came from, as calibration.json does.
     config.calibrate.batches = batches
-  step_config = steps.StepConfig.from_config(config, dataset_size=setup_.train_source.num_examples)
-  return dataclasses.replace(setup_, step_config=step_config)
+  step_config = steps.StepConfig.from_config(config, dataset_size=run.train_source.num_examples)
+  return dataclasses.replace(run, step_config=step_config)
 
 
 def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -330,7 +321,7 @@ def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> 
     return
   if saved is None:  # a workdir of an older version
     return
-  resolved = json.loads(json.dumps(config.to_dict(), default=_json_default))
+  resolved = json.loads(json.dumps(config.to_dict(), default=files.json_default))
   changes = [f'{k} {a!r} -> {b!r}'
              for k, a, b in config_lib.differences(saved.to_dict(), resolved)]
   if changes:
@@ -398,9 +389,9 @@ def _mean_metrics(history: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str,
 def _figure_images(module: Any, variables: Any, x: jax.Array,
                    z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Reconstructions (decoded posterior means) of x and the decoded codes z, in one program."""
-  mu, _ = module.apply(variables, x, False, method='encode')
-  return (module.apply(variables, mu, False, method='decode'),
-          module.apply(variables, z, False, method='decode'))
+  mu, _ = module.apply(variables, x, train=False, method='encode')
+  return (module.apply(variables, mu, train=False, method='decode'),
+          module.apply(variables, z, train=False, method='decode'))
 
 
 def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
@@ -428,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it returns the final metrics the workdir holds.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
-  setup_ = setup(config)
+  run = prepare_run(config)
   is_main = jax.process_index() == 0
   weights = evaluation.missing_fid_weights(config)
   if is_main and weights:  # said now, not after the calibration and days of training
@@ -446,7 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # process); the loop closes it before the evaluation, and closing twice is harmless.
       with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                    keep=int(config.keep_checkpoints)) as ckpt:
-        return _train_and_evaluate(config, workdir, setup_, ckpt)
+        return _train_and_evaluate(config, workdir, run, ckpt)
   except files.LockedError as e:
     raise config_lib.ConfigError(f'{e}; wait for that run to end, stop it, or use another '
                                  'workdir') from None
@@ -504,7 +495,7 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
           'splits', file=sys.stderr, flush=True)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_: Setup,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: RunSetup,
                         ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
   is_main = jax.process_index() == 0
@@ -512,10 +503,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   # and a resume compares.
   cpu_threads = xla_flags.process_cpu_threads()
   keys = run_keys(int(config.seed))
-  image_shape = setup_.train_source.image_shape
+  image_shape = run.train_source.image_shape
   vae_state, disc_state = steps.create_train_states(config, keys.init, image_shape)
 
-  restored = _restore(config, workdir, setup_.total_steps, ckpt, vae_state, disc_state)
+  restored = _restore(config, workdir, run.total_steps, ckpt, vae_state, disc_state)
   start_step, unlogged = 0, []
   if restored is not None:
     start_step, meta, vae_state, disc_state = restored
@@ -523,10 +514,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
     if is_main:
       print(f'resuming from checkpoint at step {start_step}', flush=True)
-      _warn_of_a_changed_run(config, meta, setup_.train_source.num_examples, cpu_threads)
+      _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads)
 
   finished = (_final_metrics(workdir, start_step)
-              if restored is not None and start_step == setup_.total_steps else None)
+              if restored is not None and start_step == run.total_steps else None)
   if finished is not None:
     # The same command run again (a scheduler restarting a finished job): nothing to
     # train, the evaluation's results would only be written twice, and config.json stays
@@ -540,7 +531,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   # nothing was trained under the calibration, so it is made as for a new run.
   trained = start_step > 0
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
-    setup_ = _apply_calibration(config, workdir, setup_, vae_state, keys.calibration,
+    run = _apply_calibration(config, workdir, run, vae_state, keys.calibration,
                                 resumed=trained)
   elif not trained and is_main:
     # Left by a calibrated run that stopped before its first checkpoint: a later resume of
@@ -549,15 +540,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
   if is_main:
     if restored is not None:
       _print_changed_settings(workdir, config)
-    files.write_json(os.path.join(workdir, api.CONFIG_FILE), config.to_dict(), _json_default)
+    files.write_json(os.path.join(workdir, api.CONFIG_FILE), config.to_dict())
 
-  total = setup_.total_steps
+  total = run.total_steps
   pre = int(config.pretrain_steps)
-  fns = parallel.make_steps(setup_.step_config, setup_.devices, method=config.parallel)
+  fns = parallel.make_steps(run.step_config, run.devices, method=config.parallel)
   if is_main:
-    _announce(config, setup_.devices, cpu_threads)
-  r_vae = parallel.replicate(vae_state, setup_.devices, setup_.step_config.axis_name)
-  r_disc = parallel.replicate(disc_state, setup_.devices, setup_.step_config.axis_name)
+    _announce(config, run.devices, cpu_threads)
+  r_vae = parallel.replicate(vae_state, run.devices, run.step_config.axis_name)
+  r_disc = parallel.replicate(disc_state, run.devices, run.step_config.axis_name)
 
   # The steps since the last log, (step, metrics on the devices): logged, then dropped.
   history: list[tuple[int, dict[str, Any]]] = [(int(s), m) for s, m in unlogged]
@@ -576,16 +567,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
             'cpu_threads': cpu_threads,
-            'train_examples': setup_.train_source.num_examples,
+            'train_examples': run.train_source.num_examples,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
                                  for s, m in pending]}
     ckpt.save(step, tree, meta)
     last_saved = step
 
+  # Sharded over the steps' axis, as the states are: the steps take both as they come.
   batches = data.prefetch_to_devices(
-      _train_batches(config, setup_.train_source, setup_.devices, int(config.seed),
-                     start_step), setup_.devices)
+      _train_batches(config, run.train_source, run.devices, int(config.seed),
+                     start_step), run.devices, axis_name=run.step_config.axis_name)
   progress = summary.ProgressLogger(
       total_steps=total, every=int(config.log_every), start_step=start_step, enabled=is_main,
       phases=[summary.Phase('pre-training', pre),
@@ -637,7 +629,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
         # first time) is left out of it and of the ETA.
         with progress.paused():
           _write_figures(config, workdir, writer, parallel.unreplicate(r_vae),
-                         setup_.eval_source, jax.random.fold_in(keys.figures, step), step)
+                         run.eval_source, jax.random.fold_in(keys.figures, step), step)
       if step % int(config.checkpoint_every) == 0 or at_phase_end or signum:
         save(step)
       if signum:
@@ -669,7 +661,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, setup_:
       ckpt.close()  # waits for a save in flight, also when the flush fails (disk full)
 
   with writer:  # closed also when the evaluation fails
-    return final_evaluation(config, workdir, parallel.unreplicate(r_vae), setup_, writer,
+    return final_evaluation(config, workdir, parallel.unreplicate(r_vae), run, writer,
                             step=step)
 
 
@@ -723,20 +715,19 @@ def _final_metrics(workdir: str, step: int) -> dict[str, Any] | None:
 
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
-                     vae_state: steps.TrainState, setup_: Setup,
+                     vae_state: steps.TrainState, run: RunSetup,
                      writer: summary.SummaryWriter, step: int) -> dict[str, float]:
   """The end-of-training evaluation: the evaluation program's metrics on the eval split.
 
   step: the run's global step, which labels the results (as eval.py labels a checkpoint);
   the VAE's own update counter lags behind it once gated adversarial steps skip updates.
   """
-  model = api.TrainedModel(config, vae_state.params, vae_state.batch_stats, step=step,
-                           devices=setup_.devices)
-  results = evaluation.evaluate(config, model, setup_.eval_source,
+  model = api.TrainedModel.from_state(config, vae_state, step=step, devices=run.devices)
+  results = evaluation.evaluate(config, model, run.eval_source,
                                 out_dir=os.path.join(workdir, 'eval'),
-                                devices=setup_.devices, writer=writer)
+                                devices=run.devices, writer=writer)
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, FINAL_METRICS_FILE), results, _json_default)
+    files.write_json(os.path.join(workdir, FINAL_METRICS_FILE), results)
     print('final metrics: ' + ', '.join(
         f'{k}={v:.5g}' for k, v in results.items() if isinstance(v, float)), flush=True)
   return results

@@ -146,7 +146,7 @@ def test_encode_returns_the_mu_head_then_the_logvar_head(model, images):
   # The outputs of the encoder's Dense layers named mu and logvar, captured from the
   # module run directly (not through the API's programs).
   is_head = lambda mdl, name: name == '__call__' and mdl.name in ('mu', 'logvar')
-  _, state = model.module.apply(jax.device_get(model.variables), _np(images), False,
+  _, state = model.module.apply(jax.device_get(model.variables), _np(images), train=False,
                                 method='encode', capture_intermediates=is_head,
                                 mutable=['intermediates'])
   heads = state['intermediates']['encoder']
@@ -160,7 +160,7 @@ def test_encode_returns_the_mu_head_then_the_logvar_head(model, images):
 def test_decode_is_the_decoder_run_directly(model):
   # The API's jitted, sharded program against the module applied without it.
   z = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
-  want = model.module.apply(jax.device_get(model.variables), z, False, method='decode')
+  want = model.module.apply(jax.device_get(model.variables), z, train=False, method='decode')
   np.testing.assert_allclose(_np(model.decode(z)), np.asarray(want), atol=1e-5)
 
 
@@ -342,6 +342,8 @@ def test_from_state(images):
   vae_state, _ = steps.create_train_states(config, jax.random.PRNGKey(1), (16, 16, 3))
   m = api.TrainedModel.from_state(config, vae_state, devices=jax.devices()[:1])
   assert m.step == 0
+  # A run's global step labels it where the state's own update count lags behind.
+  assert api.TrainedModel.from_state(config, vae_state, step=7).step == 7
   mu, logvar = m.encode(images)
   assert mu.shape == (8, 4) and logvar.shape == (8, 4)
   assert _np(m.reconstruct(images)).shape == (8, 16, 16, 3)

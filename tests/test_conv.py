@@ -227,14 +227,14 @@ def test_vae_gradients_agree_between_backward_passes():
   # One set of parameters for both (the modules differ only in their backward pass),
   # initialised under jit with the rbg PRNG: eager, threefry init took 12 s here.
   vae, _ = models.create_models(c)
-  variables = jax.jit(lambda key: vae.init(key, x, eps, False))(jax.random.key(0, impl='rbg'))
+  variables = jax.jit(lambda key: vae.init(key, x, eps, train=False))(jax.random.key(0, impl='rbg'))
   grads = {}
   for choice in ('xla', 'custom'):
     c.model.conv_backward = choice
     vae, _ = models.create_models(c)
 
     def loss(params):
-      (x_rec, *_), _ = vae.apply({**variables, 'params': params}, x, eps, True,
+      (x_rec, *_), _ = vae.apply({**variables, 'params': params}, x, eps, train=True,
                                  mutable=['batch_stats'])
       return jnp.mean((x_rec - x) ** 2)
 

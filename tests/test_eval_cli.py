@@ -159,7 +159,7 @@ def _assert_clean_failure(proc, *phrases):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   message = proc.stderr.strip().splitlines()[-1]
-  assert message.startswith('eval.py: ')
+  assert message.startswith('eval.py: error: '), message
   for phrase in phrases:
     assert phrase in message, message
 

@@ -31,14 +31,14 @@ def test_json_text_and_bytes_round_trip(tmp_path, fake_bucket, where):
   disk = tmp_path / 'run' if where == 'local' else fake_bucket / 'bucket' / 'run'
   files.makedirs(base)
   files.makedirs(base)  # existing: nothing happens
-  obj = {'b': [1, 2.5], 'a': 'x', 'c': np.float32(0.25)}
-  files.write_json(os.path.join(base, 'deep', 'o.json'), obj, lambda o: o.item())
+  obj = {'b': [1, 2.5], 'a': 'x', 'c': np.float32(0.25), 'd': np.arange(2), 'e': np.bool_(1)}
+  files.write_json(os.path.join(base, 'deep', 'o.json'), obj)  # numpy's types by default
   files.write_text(os.path.join(base, 'table.md'), 'λ | 1\n')
   files.write_bytes(os.path.join(base, 'img', 'b.bin'), b'\x00\xff')
   assert _tree(disk) == ['deep/o.json', 'img/b.bin', 'table.md']  # no .tmp left
   with open(disk / 'deep' / 'o.json') as f:
     text = f.read()
-  assert json.loads(text) == {'a': 'x', 'b': [1, 2.5], 'c': 0.25}
+  assert json.loads(text) == {'a': 'x', 'b': [1, 2.5], 'c': 0.25, 'd': [0, 1], 'e': True}
   assert text.endswith('}\n') and text.index('"a"') < text.index('"b"')
   assert (disk / 'table.md').read_text(encoding='utf-8') == 'λ | 1\n'
   assert (disk / 'img' / 'b.bin').read_bytes() == b'\x00\xff'

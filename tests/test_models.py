@@ -35,7 +35,7 @@ def _init(config, batch=6, seed=0):
   @jax.jit
   def init(key):
     k1, k2 = jax.random.split(key)
-    return vae.init(k1, x, eps, False), disc.init(k2, x, False)
+    return vae.init(k1, x, eps, train=False), disc.init(k2, x, train=False)
 
   v_vars, d_vars = init(jax.random.key(seed, impl='rbg'))
   return vae, disc, v_vars, d_vars, x, eps
@@ -45,16 +45,18 @@ def _init(config, batch=6, seed=0):
 def _outputs(vae, disc, v_vars, d_vars, x, eps):
   """Every output of both models in both modes, in one compiled program."""
   out = {}
-  out['eval'] = vae.apply(v_vars, x, eps, False)
-  out['train'], out['vae_stats'] = vae.apply(v_vars, x, eps, True, mutable=['batch_stats'])
-  out['eval_stats'] = vae.apply(v_vars, x, eps, False, mutable=['batch_stats'])[1]
-  out['encode'] = vae.apply(v_vars, x, False, method='encode')
-  out['decode'] = vae.apply(v_vars, out['eval'][1], False, method='decode')
-  out['logits_eval'] = disc.apply(d_vars, x, False)
-  out['logits_train'], out['disc_stats'] = disc.apply(d_vars, x, True, mutable=['batch_stats'])
+  out['eval'] = vae.apply(v_vars, x, eps, train=False)
+  out['train'], out['vae_stats'] = vae.apply(v_vars, x, eps, train=True, mutable=['batch_stats'])
+  out['eval_stats'] = vae.apply(v_vars, x, eps, train=False, mutable=['batch_stats'])[1]
+  out['encode'] = vae.apply(v_vars, x, train=False, method='encode')
+  out['decode'] = vae.apply(v_vars, out['eval'][1], train=False, method='decode')
+  out['logits_eval'] = disc.apply(d_vars, x, train=False)
+  out['logits_train'], out['disc_stats'] = disc.apply(d_vars, x, train=True,
+                                                      mutable=['batch_stats'])
   # Eval mode is per-sample; train mode normalises with the statistics of the batch.
-  out['eval_first'] = vae.apply(v_vars, x[:1], eps[:1], False)[0]
-  out['train_first_two'] = vae.apply(v_vars, x[:2], eps[:2], True, mutable=['batch_stats'])[0][0]
+  out['eval_first'] = vae.apply(v_vars, x[:1], eps[:1], train=False)[0]
+  out['train_first_two'] = vae.apply(v_vars, x[:2], eps[:2], train=True,
+                                     mutable=['batch_stats'])[0][0]
   return out
 
 
@@ -96,8 +98,8 @@ def test_three_stage_sizes():
   eps = jnp.zeros((2, 4))
 
   def run(key):
-    v_vars, d_vars = vae.init(key, x, eps, False), disc.init(key, x, False)
-    return v_vars, vae.apply(v_vars, x, eps, False)[0], disc.apply(d_vars, x, False)
+    v_vars, d_vars = vae.init(key, x, eps, train=False), disc.init(key, x, train=False)
+    return v_vars, vae.apply(v_vars, x, eps, train=False)[0], disc.apply(d_vars, x, train=False)
 
   v_vars, x_rec, logits = jax.eval_shape(run, jax.random.key(0))
   assert x_rec.shape == (2, 32, 32, 3)
@@ -123,7 +125,7 @@ def test_bfloat16_compute_float32_params_and_outputs():
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0)
   assert not np.array_equal(out16['train'][0], out32['train'][0])
   # The convolutions really run in bfloat16.
-  jaxpr = str(jax.make_jaxpr(lambda v: vae16.apply(v, x, eps, False))(v_vars16))
+  jaxpr = str(jax.make_jaxpr(lambda v: vae16.apply(v, x, eps, train=False))(v_vars16))
   conv_lines = [l for l in jaxpr.splitlines() if 'conv_general_dilated' in l]
   assert conv_lines and all('bf16' in l for l in conv_lines[:-1])
 
@@ -137,13 +139,13 @@ def test_bad_image_size_is_a_clear_config_error(image_size, widths):
 def test_encoder_rejects_input_of_wrong_size():
   enc = models.Encoder((4, 8), latent_dim=4, hidden_dim=8)
   with pytest.raises(config_lib.ConfigError, match='image_size 18'):
-    jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((2, 18, 18, 3)), False))
+    jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((2, 18, 18, 3)), train=False))
 
 
 def test_vae_rejects_wrong_channels():
   vae, _, v_vars, _, x, eps, _ = _setup(16, 3, (4, 8))
   with pytest.raises(AssertionError):
-    jax.eval_shape(lambda: vae.apply(v_vars, x[..., :1], eps, False))
+    jax.eval_shape(lambda: vae.apply(v_vars, x[..., :1], eps, train=False))
 
 
 def _np_conv(x, k, stride=1):
@@ -270,9 +272,9 @@ def test_every_batchnorm_uses_the_configs_momentum():
   c.model.bn_momentum = 0.5
   vae, disc, v_vars, d_vars, x, eps = _init(c)
   is_layer = lambda mdl, name: name == '__call__' and type(mdl).__name__ in ('Conv', 'Dense')
-  _, v_out = vae.apply(v_vars, x, eps, True, mutable=['batch_stats', 'intermediates'],
+  _, v_out = vae.apply(v_vars, x, eps, train=True, mutable=['batch_stats', 'intermediates'],
                        capture_intermediates=is_layer)
-  _, d_out = disc.apply(d_vars, x, True, mutable=['batch_stats', 'intermediates'],
+  _, d_out = disc.apply(d_vars, x, train=True, mutable=['batch_stats', 'intermediates'],
                         capture_intermediates=is_layer)
   checked = 0
   for out in (v_out, d_out):

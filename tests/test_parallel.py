@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from avae_jax import config_lib
 from avae_jax import parallel
 from avae_jax import steps
 from configs import default
@@ -152,7 +153,7 @@ def test_unknown_method_is_an_error():
     parallel.make_steps(step_config('pretrain'), jax.devices()[:1], 'vmap')
 
 
-@pytest.mark.parametrize('method', parallel.METHODS)
+@pytest.mark.parametrize('method', config_lib.PARALLEL_METHODS)
 def test_a_batch_not_shaped_one_row_per_device_is_an_error(method):
   # (8, 1, ...) on 4 devices: shard_map split it into blocks of 2 rows and trained on the
   # first row of each, half the batch, without a word; pmap refuses it.

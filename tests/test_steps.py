@@ -277,7 +277,7 @@ def test_adversarial_gradients_match_plain_autodiff_of_the_written_out_objective
     return x_rec, mu, logvar, new['batch_stats']
 
   def disc_forward(params, batch_stats, images):
-    logits, new = disc_apply({'params': params, 'batch_stats': batch_stats}, images, True,
+    logits, new = disc_apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                              mutable=['batch_stats'])
     return logits, new['batch_stats']
 

@@ -240,14 +240,14 @@ def test_calibrated_weights_bring_each_term_to_the_mse_scale():
   # probe mean is 0 (nothing to scale) keeps its configured weight.
   c = make_config(TINY)
   means = {'mse': 0.5, 'mae': 0.0, 'dssim': 0.25, 'sobel': 1.0, 'gabor': 2.0}
-  assert trainer.calibrated_weights(c, means) == {
+  assert trainer.weights_from_term_means(c, means) == {
       'mae': 1.0, 'mse': 1.0, 'dssim': 2.0, 'sobel': 0.5, 'gabor': 0.25}
   c.loss.weights.sobel = 0.0  # off stays off
-  assert trainer.calibrated_weights(c, means)['sobel'] == 0.0
+  assert trainer.weights_from_term_means(c, means)['sobel'] == 0.0
   # A term the config's weights leave out is off too (as config_lib and the loss read
   # it), not a KeyError after the probe has run.
   c.loss.weights = ml_collections.ConfigDict({'mae': 1.0, 'dssim': 1.0})
-  assert trainer.calibrated_weights(c, means) == {
+  assert trainer.weights_from_term_means(c, means) == {
       'mae': 1.0, 'mse': 0.0, 'dssim': 2.0, 'sobel': 0.0, 'gabor': 0.0}
 
 
