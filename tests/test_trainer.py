@@ -930,7 +930,7 @@ INVALID = [
 
 @pytest.mark.parametrize('overrides, error, pattern', [c[1:] for c in INVALID],
                          ids=[c[0] for c in INVALID])
-def test_invalid_settings_fail_in_setup_before_anything_compiles(
+def test_invalid_settings_fail_in_prepare_run_before_anything_compiles(
     tmp_path, monkeypatch, nothing_compiled, overrides, error, pattern):
   monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'decoded'))  # no decoded copy anywhere
   empty = tmp_path / 'tfds'
@@ -941,7 +941,7 @@ def test_invalid_settings_fail_in_setup_before_anything_compiles(
                for k, v in overrides.items()}
   config = make_config(dict(BASE, **overrides))
   with pytest.raises(error, match=pattern):
-    trainer.setup(config)
+    trainer.prepare_run(config)
   workdir = tmp_path / 'w'
   with pytest.raises(error, match=pattern):
     trainer.train_and_evaluate(config, str(workdir))
