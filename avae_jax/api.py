@@ -58,6 +58,9 @@ class IncompatibleCheckpointError(WorkdirError):
 def require_checkpoint(workdir: str) -> None:
   """Raises NoCheckpointError, saying how to make one, where WORKDIR/checkpoints has none."""
   ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  if ckpt_dir.exists() and not ckpt_dir.is_dir():
+    raise NoCheckpointError(f'no checkpoint in {workdir}: {ckpt_dir} is a file, not the '
+                            'directory of checkpoints that train.py writes')
   if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise NoCheckpointError(
         f'no checkpoint in {ckpt_dir}: train a model there first '

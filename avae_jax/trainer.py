@@ -427,7 +427,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'will skip FID (eval.py can add it later)\n'
           + inception.how_to_get_weights(weights),
           file=sys.stderr, flush=True)
-  problem = files.output_dir_problem(workdir, 'the workdir')
+  ckpt_dir = os.path.join(workdir, api.CHECKPOINT_DIR)
+  # The checkpoints' directory too: a file in its place failed the first save, after the
+  # steps up to it had run.
+  problem = (files.output_dir_problem(workdir, 'the workdir')
+             or files.output_dir_problem(ckpt_dir, 'the checkpoint directory'))
   if problem:
     raise config_lib.ConfigError(problem)
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
@@ -435,8 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
       # Closed on every way out, failures too (a study or a notebook goes on in this
       # process); the loop closes it before the evaluation, and closing twice is harmless.
-      with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                   keep=int(config.keep_checkpoints)) as ckpt:
+      with checkpoint.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints)) as ckpt:
         return _train_and_evaluate(config, workdir, run, ckpt)
   except files.LockedError as e:
     raise config_lib.ConfigError(f'{e}; wait for that run to end, stop it, or use another '

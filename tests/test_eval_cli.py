@@ -115,12 +115,16 @@ def test_without_config_a_workdir_without_its_config_file_asks_for_the_config(tm
     (['--workdir=WORKDIR', '--config.eval.fid=0'], ('no checkpoint in WORKDIR/checkpoints',)),
     # It said "has no config.json".
     (['--workdir=WORKDIR/a_file'], ('WORKDIR/a_file is a file, not a directory',)),
+    # It said "no checkpoint in .../checkpoints: train a model there first".
+    (['--workdir=WORKDIR/run'], ('WORKDIR/run/checkpoints is a file, not the directory',)),
 ])
 def test_without_config_a_missing_workdir_or_config_stops_with_a_clear_message(
     tmp_path, args, phrases):
   args = [a.replace('WORKDIR', str(tmp_path)) for a in args]
   phrases = [p.replace('WORKDIR', str(tmp_path)) for p in phrases]
   (tmp_path / 'a_file').write_text('not a workdir')
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').write_text('not a directory')
   proc = subprocess.run([sys.executable, 'eval.py', *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, check=False)
   _assert_clean_failure(proc, *phrases)

@@ -482,12 +482,16 @@ def test_a_process_id_alone_stops_with_one_message(cli_env, tmp_path):
   assert not compiled_something(proc.stderr) and not os.path.exists(tmp_path / 'w')
 
 
-def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path):
-  (tmp_path / 'w').write_text('not a directory')
+@pytest.mark.parametrize('file, what', [('w', 'the workdir'),
+                                        ('w/checkpoints', 'the checkpoint directory')])
+def test_a_workdir_that_is_a_file_stops_with_one_message(cli_env, tmp_path, file, what):
+  (tmp_path / file).parent.mkdir(exist_ok=True)
+  (tmp_path / file).write_text('not a directory')
   proc = run_cli(cli_env, tmp_path / 'w', TINY, timeout=FAIL_TIMEOUT)
   assert proc.returncode == 1
-  # It said "cannot create the workdir ...: [Errno 17] File exists".
-  assert f'train.py: error: the workdir {tmp_path / "w"} is a file, not a directory' in proc.stderr
+  # The workdir said "cannot create the workdir ...: [Errno 17] File exists"; the
+  # checkpoints' directory trained to the first save and failed there with a traceback.
+  assert f'train.py: error: {what} {tmp_path / file} is a file, not a directory' in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not compiled_something(proc.stderr)
 
