@@ -176,6 +176,9 @@ def _check_config_file(spec: str) -> None:
   if path.endswith('.json'):
     _usage_error(f'--config={spec}: --config takes a Python config file (configs/*.py); '
                  "eval.py reads a workdir's config.json itself when --config is not given")
+  if os.path.isdir(path):  # it said "no such file"
+    _usage_error(f'--config={spec}: {path!r} is a directory; --config takes a Python config '
+                 'file (configs/*.py)')
   if not os.path.isfile(path):
     _usage_error(f'--config={spec}: no such file {path!r}')
 

@@ -158,6 +158,8 @@ def test_an_override_value_that_does_not_parse_stops_with_one_line(tmp_path, ove
 
 _BAD_CONFIGS = [
     ('configs/defualt.py', "--config=configs/defualt.py: no such file 'configs/defualt.py'"),
+    ('configs', "--config=configs: 'configs' is a directory; --config takes a Python config "
+                'file'),
     ('W/config.json', '--config=W/config.json: --config takes a Python config file'),
     ('W/syntax.py', '--config=W/syntax.py could not be loaded: SyntaxError: invalid syntax'),
     ('W/name.py', "--config=W/name.py could not be loaded: NameError: name 'nope' is not "
