@@ -503,6 +503,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'--out={_OUT.value} holds no study (no {study_report.STUDY_FILE}); '
                          '--report_only reports on the runs of an existing study')
   problem = files.output_dir_problem(out, 'the study directory (--out)')
+  if not problem and (_PUBLISH.value or (_PUBLISH.value is None and settings.budget != 'test')):
+    # Now, not when the report is published: after the whole study.
+    problem = files.output_dir_problem(_PUBLISH_DIR.value, 'the --publish_dir')
   if problem:
     raise app.UsageError(problem)
   if not _REPORT_ONLY.value:

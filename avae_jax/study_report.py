@@ -114,15 +114,16 @@ def read_history(path: str) -> list[dict[str, float]]:
   rows: dict[int, dict[str, float]] = {}
   if not os.path.exists(path):
     return []
-  with open(path) as f:
+  # Bytes: a damaged line that is not UTF-8 fails json.loads (UnicodeDecodeError is a
+  # ValueError) and is skipped like a line cut by a crash.
+  with open(path, 'rb') as f:
     for line in f:
-      line = line.strip()
-      if not line:
-        continue
       try:
         row = json.loads(line)
       except ValueError:
-        continue  # a line cut by a crash
+        continue  # an empty line, or a line cut by a crash
+      if not isinstance(row, dict) or not isinstance(row.get('step'), (int, float)):
+        continue  # damaged: a report shows what it can
       step = int(row['step'])
       # The evaluation's scalars (eval/..., final/...) share step numbers with training rows.
       row = {k: v for k, v in row.items() if not k.startswith(('eval/', 'final/'))}

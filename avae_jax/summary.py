@@ -94,16 +94,19 @@ def _drop_lines_after(path: str, step: int) -> None:
   """Rewrites metrics.jsonl without the lines of steps after `step` and broken lines."""
   if not os.path.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    lines = f.read().split('\n')
+  # Bytes: a damaged line that is not UTF-8 is a broken line (json.loads raises
+  # UnicodeDecodeError, a ValueError), not a failure to read the file.
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
   kept = []
   for line in lines:
     try:
       record = json.loads(line)
     except ValueError:  # '' after the last newline, or a line cut short by a crash
       continue
-    if isinstance(record, dict) and record.get('step', 0) <= step:
-      kept.append(line + '\n')
+    at = record.get('step', 0) if isinstance(record, dict) else None
+    if isinstance(at, (int, float)) and at <= step:
+      kept.append(line.decode('utf-8') + '\n')
   if len(kept) != len(lines) - 1 or lines[-1]:
     files.write_text(path, ''.join(kept))
 

@@ -94,6 +94,16 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+def test_a_publish_dir_that_is_a_file_is_a_usage_error_before_the_study(tmp_path):
+  # A FileExistsError traceback when the study had finished and its report was published.
+  (tmp_path / 'docs').write_text('not a directory')
+  proc = _study(f'--out={tmp_path / "out"}', '--budget=test', '--publish',
+                f'--publish_dir={tmp_path / "docs"}', check=False)
+  assert proc.returncode == 1
+  assert f'the --publish_dir {tmp_path / "docs"} is a file, not a directory' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path / 'out')
+
+
 def test_a_negative_max_hours_is_a_usage_error(tmp_path):
   proc = _study(f'--out={tmp_path}', '--budget=test', '--max_hours=-1', check=False)
   assert proc.returncode == 1
@@ -666,7 +676,9 @@ def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
           {'step': 2, 'loss': 3.5},  # re-logged after a resume: the later value wins
           {'step': 3, 'loss': 3.0, 'kl': 1.0},
           {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'final/rec_mse': 0.1}]
-  path.write_text('\n'.join(json.dumps(r) for r in rows) + '\n{"step": 4, "lo')
+  damaged = '\n\x9b\xff{"step": 3}\n[1]\n{"loss": 1.0}\n{"step": null}\n'  # a traceback each
+  path.write_bytes(('\n'.join(json.dumps(r) for r in rows) + damaged).encode('latin-1')
+                   + b'{"step": 4, "lo')
   h = study_report.read_history(str(path))
   assert [r['step'] for r in h] == [1, 2, 3]
   assert h[1]['loss'] == 3.5
