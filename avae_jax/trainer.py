@@ -427,16 +427,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'will skip FID (eval.py can add it later)\n'
           + inception.how_to_get_weights(weights),
           file=sys.stderr, flush=True)
-  ckpt_dir = os.path.join(workdir, api.CHECKPOINT_DIR)
-  # The checkpoints' directory too: a file in its place failed the first save, after the
-  # steps up to it had run.
-  problem = (files.output_dir_problem(workdir, 'the workdir')
-             or files.output_dir_problem(ckpt_dir, 'the checkpoint directory'))
+  problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:
     raise config_lib.ConfigError(problem)
+  ckpt_dir = os.path.join(workdir, api.CHECKPOINT_DIR)
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
+      # Checked too (in the workdir this run holds): a file in its place failed the first
+      # save, after the steps up to it had run.
+      problem = files.output_dir_problem(ckpt_dir, 'the checkpoint directory')
+      if problem:
+        raise config_lib.ConfigError(problem)
       # Closed on every way out, failures too (a study or a notebook goes on in this
       # process); the loop closes it before the evaluation, and closing twice is harmless.
       with checkpoint.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints)) as ckpt:
