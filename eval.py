@@ -111,6 +111,11 @@ def main(argv: list[str]) -> None:
         except _EXPLAINED as e:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: error: {e}')
+        except Exception as e:  # pylint: disable=broad-except
+          full = files.out_of_space(e)  # one line, not the tracebacks of each write (train.py)
+          if full is None:
+            raise
+          sys.exit(f'eval.py: error: out of disk space: {full}; free space and run it again')
   except _EXPLAINED as e:
     sys.exit(f'eval.py: error: {e}')
 

@@ -26,6 +26,7 @@ from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
+from avae_jax import files
 from avae_jax import hugepages
 from avae_jax import summary
 from avae_jax import trainer
@@ -68,6 +69,14 @@ def main(argv: list[str]) -> None:
           trainer.train_and_evaluate(config, _WORKDIR.value)
         except _EXPLAINED as e:
           _fail(e)
+        except Exception as e:  # pylint: disable=broad-except
+          # A full disk: a cascade of tracebacks (the failed write, then every clean-up
+          # that writes) that says less than one line.
+          full = files.out_of_space(e)
+          if full is None:
+            raise
+          _fail(f'out of disk space: {full}; the checkpoints saved so far are kept: free '
+                'space and run the same command to resume from the latest one')
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}; run the same command again to resume', file=sys.stderr,
           flush=True)
@@ -76,7 +85,7 @@ def main(argv: list[str]) -> None:
     _fail(e)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception | str) -> None:
   """Prints one line for an error that explains itself and exits with status 1."""
   print(f'train.py: error: {error}', file=sys.stderr, flush=True)
   sys.exit(1)

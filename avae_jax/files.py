@@ -14,6 +14,7 @@ a copy and a delete).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -65,6 +66,28 @@ def output_dir_problem(path: PathLike, what: str) -> str | None:
   if not is_remote(path) and not os.access(path, os.W_OK):
     return f'cannot write to {what} {path} (a read-only file system or no permission)'
   return None
+
+
+# How orbax and tensorstore report a full disk: a ValueError with the system's message.
+_NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def out_of_space(error: BaseException) -> BaseException | None:
+  """The first exception of `error`'s chain that reports a full disk or quota, or None.
+
+  A full disk surfaces wherever the next write happens (an asynchronous checkpoint save,
+  the summaries, a figure), and cleaning up raises again: the first report is the one
+  that says where.
+  """
+  found, seen = None, set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or any(m in str(e) for m in _NO_SPACE_MESSAGES)):
+      found = e  # the innermost wins: it happened first
+    e = e.__cause__ or e.__context__
+  return found
 
 
 def exists(path: PathLike) -> bool:

@@ -1,5 +1,6 @@
 """avae_jax.files: the workdir's JSON, text and PNG files, locally and on gs:// (faked)."""
 
+import errno
 import json
 import os
 import re
@@ -231,3 +232,50 @@ def test_output_dir_problem_names_a_file_a_read_only_directory_or_nothing(
   # A bucket is created and not probed.
   assert files.output_dir_problem('gs://bucket/run', 'the workdir') is None
   assert (fake_bucket / 'bucket' / 'run').is_dir()
+
+
+def _chained(*errors):
+  """The last of `errors`, raised while handling the one before it (as clean-ups do)."""
+  def raise_all(first, *rest):
+    try:
+      raise first
+    finally:
+      if rest:
+        raise_all(*rest)
+  try:
+    raise_all(*errors)
+  except BaseException as e:  # pylint: disable=broad-except
+    return e
+
+
+def _enospc():
+  return OSError(errno.ENOSPC, 'No space left on device')
+
+
+def _orbax():
+  # How tensorstore (orbax) reported it on a full tmpfs: the system's message in a ValueError.
+  return ValueError('RESOURCE_EXHAUSTED: Error writing local file "w/checkpoints/20": Failed '
+                    "to write 53333 bytes to file 6: No space left on device [os_error_code='28']")
+
+
+def _closed():
+  return ValueError('flush of closed file')
+
+
+def test_out_of_space_finds_the_first_full_disk_report_in_a_chain():
+  first = _enospc()
+  chain = _chained(first, _closed(), _orbax())
+  assert chain.__context__.__context__ is first  # the helper chains them
+  assert files.out_of_space(chain) is first
+  orbax = _orbax()
+  assert files.out_of_space(_chained(orbax, _closed())) is orbax
+  quota = OSError(errno.EDQUOT, 'Disk quota exceeded')
+  assert files.out_of_space(_chained(quota, _closed())) is quota
+  denied = OSError(errno.EACCES, 'Permission denied')
+  assert files.out_of_space(_chained(_closed(), denied)) is None
+  assert files.out_of_space(_closed()) is None
+  # A chain that loops (an exception re-raised while handling itself) ends.
+  looped = ValueError('x')
+  looped.__context__ = ValueError('y')
+  looped.__context__.__context__ = looped
+  assert files.out_of_space(looped) is None
