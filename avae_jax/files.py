@@ -76,8 +76,8 @@ def out_of_space(error: BaseException) -> BaseException | None:
   """The first exception of `error`'s chain that reports a full disk or quota, or None.
 
   A full disk surfaces wherever the next write happens (an asynchronous checkpoint save,
-  the summaries, a figure), and cleaning up raises again: the first report is the one
-  that says where.
+  the summaries, a figure), and each clean-up that writes raises again: the innermost
+  report is the failure itself, the others its consequences.
   """
   found, seen = None, set()
   e: BaseException | None = error
