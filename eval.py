@@ -159,28 +159,28 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: boo
     print(f'eval.py: warning: the eval data differs from the training run\'s '
           f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
           'training images', file=sys.stderr, flush=True)
+  is_main = jax.process_index() == 0  # prints and writes, as in the evaluation itself
   available = len(jax.local_devices())
   if from_workdir and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.
-    print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
-          f'machine has {available}: using all {available}', flush=True)
+    if is_main:
+      print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
+            f'machine has {available}: using all {available}', flush=True)
     config.num_devices = 0
   devices = parallel.local_devices(config)
   model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
-  print(f'eval: restored step {model.step} from {workdir}', flush=True)
+  if is_main:
+    print(f'eval: restored step {model.step} from {workdir}', flush=True)
   source = data.load(config, 'eval')
   out_dir = os.path.join(workdir, 'eval')
-  if jax.process_index() == 0:
+  if is_main:
     # Before the evaluation's minutes, not at its first write.
     problem = files.output_dir_problem(out_dir, 'the evaluation directory')
     if problem:
       raise api.WorkdirError(problem)
-  writer = summary.SummaryWriter(out_dir, enabled=jax.process_index() == 0)
-  try:
+  with summary.SummaryWriter(out_dir, enabled=is_main) as writer:
     evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,
                         writer=writer)
-  finally:
-    writer.close()
 
 
 if __name__ == '__main__':

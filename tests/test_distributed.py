@@ -851,8 +851,9 @@ def test_eval_runs_under_the_launcher(env, two_process_run, tmp_path):
   shutil.copytree(two_process_run[0], workdir, ignore=shutil.ignore_patterns('eval'))
   result = _launch(env, 2, 2, ['eval.py', *_cli(OVERRIDES), f'--workdir={workdir}'])
   assert result.returncode == 0, result.stdout[-6000:]
-  assert re.search(rf'^\[p0\] eval: restored step {TOTAL_STEPS} ', result.stdout, re.M)
-  # Only process 0 writes the results.
+  # Only process 0 prints (process 1 printed the restored step too) and writes the results.
+  restored = re.findall(rf'^\[p(\d)\] eval: restored step {TOTAL_STEPS} ', result.stdout, re.M)
+  assert restored == ['0'], result.stdout[-6000:]
   writes = re.findall(r'^\[p(\d)\] eval: wrote', result.stdout, re.M)
   assert writes == ['0'], result.stdout[-6000:]
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
