@@ -112,10 +112,8 @@ def main(argv: list[str]) -> None:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: error: {e}')
         except Exception as e:  # pylint: disable=broad-except
-          full = files.out_of_space(e)  # one line, not the tracebacks of each write (train.py)
-          if full is None:
-            raise
-          sys.exit(f'eval.py: error: out of disk space: {full}; free space and run it again')
+          cli.exit_if_out_of_space(e, 'eval.py', 'free space and run it again')
+          raise
   except _EXPLAINED as e:
     sys.exit(f'eval.py: error: {e}')
 

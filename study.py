@@ -255,6 +255,8 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
+    if files.out_of_space(e) is not None:
+      raise  # every later run would fail the same way: the study stops, a rerun resumes
     # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
     status = f'failed: {type(e).__name__}: {e}'
     info['error'] = traceback.format_exc()
@@ -558,4 +560,6 @@ if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
   logging.set_verbosity(logging.WARNING)
   from avae_jax import cli  # pylint: disable=g-import-not-at-top
-  app.run(cli.one_line_usage_errors(main, 'study.py'))
+  app.run(cli.one_line_usage_errors(
+      main, 'study.py', out_of_space='free space and the same study.py command resumes the '
+      'study'))

@@ -26,7 +26,6 @@ from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import distributed
-from avae_jax import files
 from avae_jax import hugepages
 from avae_jax import summary
 from avae_jax import trainer
@@ -70,13 +69,10 @@ def main(argv: list[str]) -> None:
         except _EXPLAINED as e:
           _fail(e)
         except Exception as e:  # pylint: disable=broad-except
-          # A full disk: a cascade of tracebacks (the failed write, then every clean-up
-          # that writes) that says less than one line.
-          full = files.out_of_space(e)
-          if full is None:
-            raise
-          _fail(f'out of disk space: {full}; the checkpoints saved so far are kept: free '
-                'space and run the same command to resume from the latest one')
+          cli.exit_if_out_of_space(e, 'train.py', 'the checkpoints saved so far are kept: '
+                                   'free space and run the same command to resume from the '
+                                   'latest one')
+          raise
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}; run the same command again to resume', file=sys.stderr,
           flush=True)
@@ -85,7 +81,7 @@ def main(argv: list[str]) -> None:
     _fail(e)
 
 
-def _fail(error: Exception | str) -> None:
+def _fail(error: Exception) -> None:
   """Prints one line for an error that explains itself and exits with status 1."""
   print(f'train.py: error: {error}', file=sys.stderr, flush=True)
   sys.exit(1)

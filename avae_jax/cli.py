@@ -23,6 +23,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from avae_jax import config_lib
+from avae_jax import files
 
 
 def _overrides(argv: Sequence[str]) -> list[str]:
@@ -323,17 +324,35 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   return rest
 
 
-def one_line_usage_errors(main: Any, program: str) -> Any:
+def one_line_usage_errors(main: Any, program: str,
+                          out_of_space: str | None = None) -> Any:
   """`main` for app.run, ending on its app.UsageError with one line.
 
   absl would print the module's docstring and every flag's help before the message.
+  `out_of_space`: what to do after a full disk, which then ends it with one line too
+  (exit_if_out_of_space).
   """
   def run(argv: list[str]) -> Any:
     try:
       return main(argv)
     except app.UsageError as e:
       sys.exit(f'{program}: error: {e}')
+    except Exception as e:  # pylint: disable=broad-except
+      if out_of_space is not None:
+        exit_if_out_of_space(e, program, out_of_space)
+      raise
   return run
+
+
+def exit_if_out_of_space(error: BaseException, program: str, advice: str) -> None:
+  """Exits with one line (and `advice`) where `error`'s chain reports a full disk or quota.
+
+  A full disk fails the write in progress and then every clean-up that writes: a chain of
+  tracebacks that says less than the first failure's message (files.out_of_space).
+  """
+  full = files.out_of_space(error)
+  if full is not None:
+    sys.exit(f'{program}: error: out of disk space: {full}; {advice}')
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:

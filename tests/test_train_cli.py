@@ -506,39 +506,46 @@ def test_an_empty_workdir_is_a_flag_error(cli_env, program):
   assert '--workdir must not be empty' in proc.stderr and 'Traceback' not in proc.stderr
 
 
-@pytest.mark.parametrize('program, work, message', [
-    ('train', 'trainer.train_and_evaluate', 'the checkpoints saved so far are kept: free space '
-                                            'and run the same command to resume'),
-    ('eval', 'eval._evaluate', 'free space and run it again')])
-def test_a_full_disk_is_one_line(cli_env, tmp_path, program, work, message):
+@pytest.mark.parametrize('program, work, args, advice', [
+    ('train', 'trainer.train_and_evaluate', ['--config=configs/default.py', '--workdir=W'],
+     'the checkpoints saved so far are kept: free space and run the same command to resume '
+     'from the latest one'),
+    ('eval', 'evaluation.evaluate', ['--workdir=W'],
+     'free space and run it again'),
+    ('study', 'trainer.train_and_evaluate',
+     ['--out=W', '--budget=test', '--datasets=shapes', '--variants=vae', '--publish=false'],
+     'free space and the same study.py command resumes the study')])
+def test_a_full_disk_is_one_line(cli_env, tmp_path, program, work, args, advice):
   # A full disk fails the write in progress, then every clean-up that writes: a chain of
-  # tracebacks (an OSError, then orbax's ValueErrors) ending in one that said nothing.
-  # The run's work is replaced by such a chain; a real full disk (a 400 KiB tmpfs) gave it.
+  # tracebacks (an OSError, then orbax's ValueErrors) that said less than one line. The
+  # program's work is replaced by such a chain (what a 400 KiB tmpfs gave train.py).
   (tmp_path / 'w').mkdir()
-  script = textwrap.dedent(f'''
-      import errno, sys
-      from absl import app
-      import {program}
-      from avae_jax import trainer
+  if program == 'eval':
+    # A model to restore; its evaluation is the work that fails.
+    run = run_cli(cli_env, tmp_path / 'w', dict(TINY, pretrain_steps=1, adversarial_steps=0))
+    assert run.returncode == 0, run.stderr[-3000:]
+  module, name = work.split('.')
+  script = textwrap.dedent(f"""
+      import errno, runpy, sys
+      from avae_jax import {module}
 
-      def full(*args):
+      def full(*args, **kwargs):
         try:
           raise OSError(errno.ENOSPC, 'No space left on device')
         finally:
           raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on "
                            "device [os_error_code='28']")
 
-      {work.split('.')[0]}.{work.split('.')[1]} = full
-      sys.argv = ['{program}.py', '--config=configs/default.py', '--workdir={tmp_path / "w"}']
-      app.run({program}.main)
-      ''')
+      {module}.{name} = full
+      sys.argv = {[f'{program}.py'] + [a.replace('W', str(tmp_path / 'w')) for a in args]!r}
+      runpy.run_path('{program}.py', run_name='__main__')
+      """)
   proc = subprocess.run([sys.executable, '-c', script], env=cli_env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=FAIL_TIMEOUT)
-  assert proc.returncode == 1
+                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
+  assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1] == (
-      f'{program}.py: error: out of disk space: [Errno 28] No space left on device; {message}'
-      + (' from the latest one' if program == 'train' else ''))
+      f'{program}.py: error: out of disk space: [Errno 28] No space left on device; {advice}')
 
 
 def test_a_workdir_in_use_by_another_run_stops_with_one_message(cli_env, tmp_path):
