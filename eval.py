@@ -150,14 +150,14 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: bool) -> None:
   """main's work once the config is known and the distributed runtime is up."""
+  is_main = jax.process_index() == 0  # prints and writes, as in the evaluation itself
   changed = _other_data_settings(workdir, config)
-  if changed and jax.process_index() == 0:
+  if changed and is_main:
     # Allowed (another split on purpose), but another seed or eval size on shapes draws
     # another eval set, which may hold the run's training images.
     print(f'eval.py: warning: the eval data differs from the training run\'s '
           f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
           'training images', file=sys.stderr, flush=True)
-  is_main = jax.process_index() == 0  # prints and writes, as in the evaluation itself
   available = len(jax.local_devices())
   if from_workdir and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.

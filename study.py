@@ -248,19 +248,23 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
         + (' (resuming)' if info['sessions'] > 1 else ''), flush=True)
   started = time.monotonic()
   status = 'done'
-  interrupted = None
+  interrupted = no_space = None
   try:
     with _heartbeat(info_path, info):
       trainer.train_and_evaluate(config, workdir)
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
-    if files.out_of_space(e) is not None:
-      raise  # every later run would fail the same way: the study stops, a rerun resumes
-    # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
-    status = f'failed: {type(e).__name__}: {e}'
-    info['error'] = traceback.format_exc()
-    print(f'[study] {dataset} {variant} seed {seed} FAILED: {e}', flush=True)
+    no_space = files.out_of_space(e)
+    if no_space is not None:
+      # Every later run would fail the same way: the study stops (one line, main's), and
+      # a rerun resumes this run from its last checkpoint.
+      status, interrupted = f'interrupted: out of disk space ({no_space})', e
+    else:
+      # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
+      status = f'failed: {type(e).__name__}: {e}'
+      info['error'] = traceback.format_exc()
+      print(f'[study] {dataset} {variant} seed {seed} FAILED: {e}', flush=True)
   elapsed = time.monotonic() - started
   info['wall_s'] += elapsed
   info['status'] = status
@@ -269,7 +273,12 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
     info.pop('error', None)  # an earlier session's failure, which this one made good
   print(f'[study] {dataset} {variant} seed {seed} ({elapsed:.0f} s): {status}', flush=True)
   info['finished'] = time.time()
-  _write_json(info_path, info)
+  try:
+    _write_json(info_path, info)
+  except OSError:
+    if no_space is None:
+      raise
+    # No room for the record either: it stays 'running', which a rerun counts as killed.
   if interrupted is not None:
     raise interrupted
   return status
@@ -381,6 +390,8 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[RunStatus
         try:
           weights = calibrate(out, settings, dataset)
         except Exception as e:  # pylint: disable=broad-except
+          if files.out_of_space(e) is not None:
+            raise  # the study stops as at a run's full disk (train_one)
           # Like a failed run: the models that need no λ's, and the other datasets, go
           # on, and the report lists the failure. Not retried each seed: it would fail
           # again, minutes each time.

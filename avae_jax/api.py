@@ -56,7 +56,7 @@ class IncompatibleCheckpointError(WorkdirError):
 
 
 def require_checkpoint(workdir: str) -> None:
-  """Raises NoCheckpointError, saying how to make one, where WORKDIR/checkpoints has none."""
+  """Raises NoCheckpointError, saying what is wrong, where WORKDIR/checkpoints has none."""
   ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
   if ckpt_dir.exists() and not ckpt_dir.is_dir():
     raise NoCheckpointError(f'no checkpoint in {workdir}: {ckpt_dir} is a file, not the '

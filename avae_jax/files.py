@@ -105,6 +105,23 @@ def read_json(path: PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
 
 
+def jsonl_record(line: bytes | str) -> dict[str, Any] | None:
+  """A metrics.jsonl line's record, or None for a line that is not one.
+
+  Not one: empty, cut short by a crash, not UTF-8 (json.loads raises UnicodeDecodeError, a
+  ValueError), not a JSON object, or without an integer `step` (the writer's every record
+  has one).
+  """
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  if not isinstance(record, dict):
+    return None
+  step = record.get('step')
+  return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def json_default(o: Any) -> Any:
   """JSON of numpy scalars and arrays (json itself takes tuples); write_json's default."""
   if isinstance(o, (np.floating, np.integer, np.bool_)):

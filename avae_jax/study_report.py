@@ -114,17 +114,13 @@ def read_history(path: str) -> list[dict[str, float]]:
   rows: dict[int, dict[str, float]] = {}
   if not os.path.exists(path):
     return []
-  # Bytes: a damaged line that is not UTF-8 fails json.loads (UnicodeDecodeError is a
-  # ValueError) and is skipped like a line cut by a crash.
+  # Bytes: a damaged line that is not UTF-8 is skipped, not a failure to read.
   with open(path, 'rb') as f:
     for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue  # an empty line, or a line cut by a crash
-      if not isinstance(row, dict) or not isinstance(row.get('step'), (int, float)):
-        continue  # damaged: a report shows what it can
-      step = int(row['step'])
+      row = files.jsonl_record(line)
+      if row is None:
+        continue  # an empty line, a line cut by a crash, a damaged one
+      step = row['step']
       # The evaluation's scalars (eval/..., final/...) share step numbers with training rows.
       row = {k: v for k, v in row.items() if not k.startswith(('eval/', 'final/'))}
       if len(row) > 1:

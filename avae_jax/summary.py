@@ -94,18 +94,13 @@ def _drop_lines_after(path: str, step: int) -> None:
   """Rewrites metrics.jsonl without the lines of steps after `step` and broken lines."""
   if not os.path.exists(path):
     return
-  # Bytes: a damaged line that is not UTF-8 is a broken line (json.loads raises
-  # UnicodeDecodeError, a ValueError), not a failure to read the file.
+  # Bytes: a damaged line that is not UTF-8 is a broken line, not a failure to read.
   with open(path, 'rb') as f:
     lines = f.read().split(b'\n')
   kept = []
   for line in lines:
-    try:
-      record = json.loads(line)
-    except ValueError:  # '' after the last newline, or a line cut short by a crash
-      continue
-    at = record.get('step', 0) if isinstance(record, dict) else None
-    if isinstance(at, (int, float)) and at <= step:
+    record = files.jsonl_record(line)  # None: '' after the last newline, a cut or damaged line
+    if record is not None and record['step'] <= step:
       kept.append(line.decode('utf-8') + '\n')
   if len(kept) != len(lines) - 1 or lines[-1]:
     files.write_text(path, ''.join(kept))

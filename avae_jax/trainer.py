@@ -537,7 +537,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
   trained = start_step > 0
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
     run = _apply_calibration(config, workdir, run, vae_state, keys.calibration,
-                                resumed=trained)
+                             resumed=trained)
   elif not trained and is_main:
     # Left by a calibrated run that stopped before its first checkpoint: a later resume of
     # this uncalibrated run with calibration on must be refused, not handed those λ's.

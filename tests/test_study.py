@@ -676,7 +676,9 @@ def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
           {'step': 2, 'loss': 3.5},  # re-logged after a resume: the later value wins
           {'step': 3, 'loss': 3.0, 'kl': 1.0},
           {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'final/rec_mse': 0.1}]
-  damaged = '\n\x9b\xff{"step": 3}\n[1]\n{"loss": 1.0}\n{"step": null}\n'  # a traceback each
+  # Each was a traceback.
+  damaged = ('\n\x9b\xff{"step": 3}\n[1]\n{"loss": 1.0}\n{"step": null}\n{"step": NaN}\n'
+             '{"step": true, "loss": 9.0}\n')
   path.write_bytes(('\n'.join(json.dumps(r) for r in rows) + damaged).encode('latin-1')
                    + b'{"step": 4, "lo')
   h = study_report.read_history(str(path))

@@ -63,8 +63,10 @@ def test_a_resumed_run_replaces_what_the_stopped_run_logged_after_its_checkpoint
       writer.scalars(step, {'loss': float(step)})
   with open(tmp_path / 'metrics.jsonl', 'ab') as f:
     # Damage: bytes that are not UTF-8 and a step that is not a number (both were a
-    # traceback), then a line cut short by a crash (a full disk, say).
-    f.write(b'\x9b\xff{"step": 2}\n{"step": null}\n{"step": 5, "loss": 5.')
+    # traceback), a record without a step (it was kept), a boolean step, a JSON value that
+    # is not a record; then a line cut short by a crash (a full disk, say).
+    f.write(b'\x9b\xff{"step": 2}\n{"step": null}\n{"loss": 2.0}\n{"step": true}\n[2]\n'
+            b'{"step": 5, "loss": 5.')
   # Resumed from the checkpoint of step 2: steps 3 and 4 are trained and logged again.
   with summary.SummaryWriter(tmp_path, start_step=2) as writer:
     for step in (3, 4):

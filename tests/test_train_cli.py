@@ -546,6 +546,11 @@ def test_a_full_disk_is_one_line(cli_env, tmp_path, program, work, args, advice)
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1] == (
       f'{program}.py: error: out of disk space: [Errno 28] No space left on device; {advice}')
+  if program == 'study':
+    # Recorded as stopped, not as running (which a rerun would count as a killed process).
+    info = files.read_json(tmp_path / 'w' / 'shapes' / 'vae' / 'seed0' / 'study_run.json')
+    assert info['status'] == ('interrupted: out of disk space ([Errno 28] No space left on '
+                              'device)'), info
 
 
 def test_a_workdir_in_use_by_another_run_stops_with_one_message(cli_env, tmp_path):
