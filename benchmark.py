@@ -4,6 +4,8 @@
   python benchmark.py --config=configs/bench_mnist.py --config.batch_size=128 --steps=20
   python benchmark.py --config=configs/bench_celeba.py --cases=pretrain_step,adversarial_step_both
   python benchmark.py --config=configs/bench_mnist.py --steps=12 --rounds=4
+  python benchmark.py --config=configs/bench_mnist.py --cases=adversarial_step_both \\
+    --profile_dir=/tmp/profile   # and a jax.profiler trace of 3 more steps
 
 Cases (--cases, comma-separated; default all): pretrain_step, adversarial_step_both (both
 updates taken: the gate pinned between the two thresholds, 0.6 by default),
@@ -57,6 +59,7 @@ from avae_jax import benchmarking
 from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import distributed
+from avae_jax import files
 from avae_jax import hugepages
 from avae_jax import parallel
 from avae_jax import summary
@@ -85,6 +88,11 @@ _PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
 _TWIN_PYTHON = flags.DEFINE_string('twin_python', '',
                                    'Python of a venv with torch: also run the PyTorch twin.')
 _TWIN_SCRIPT = flags.DEFINE_string('twin_script', '', 'Path of torch_twin.py.')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', '', 'Also trace --profile_steps steps of each case, after its timed ones, '
+    'with jax.profiler into DIR/<case> (TensorBoard\'s profile plugin, ui.perfetto.dev).')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps per case in the trace.',
+                                      lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -113,6 +121,10 @@ def _check_run_flags() -> None:
   if bool(_TWIN_PYTHON.value) != bool(_TWIN_SCRIPT.value):
     raise app.UsageError('--twin_python and --twin_script go together (a python with torch '
                          'and the path of torch_twin.py)')
+  if _PROFILE_DIR.value:
+    problem = files.output_dir_problem(_PROFILE_DIR.value, 'the --profile_dir')
+    if problem:
+      raise app.UsageError(problem)
 
 
 def _config_and_devices() -> tuple[ml_collections.ConfigDict, list[jax.Device]]:
@@ -128,6 +140,9 @@ def _config_and_devices() -> tuple[ml_collections.ConfigDict, list[jax.Device]]:
                          'launch.py and the distributed flags or AVAE_* settings (on a TPU '
                          'pod slice: on a single-host slice)')
   config = flags.FLAGS.config
+  if _PROFILE_DIR.value and benchmarking.PROFILE_XLA_FLAG not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                               + benchmarking.PROFILE_XLA_FLAG).strip()
   try:
     xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
   except config_lib.ConfigError as e:
@@ -186,7 +201,8 @@ def _run() -> None:
   # Enough distinct batches that the gated case sees a varied stream.
   batches, dataset_size, data_description = benchmarking.load_batches(config, num=8)
   common = dict(steps=_STEPS.value, warmup=_WARMUP.value, devices=devices, batches=batches,
-                dataset_size=dataset_size)
+                dataset_size=dataset_size, profile_dir=_PROFILE_DIR.value or None,
+                profile_steps=_PROFILE_STEPS.value)
   if _ROUNDS.value == 1:
     rows = []
     for case in _CASES.value:
@@ -215,6 +231,10 @@ def _run() -> None:
     benchmarking.add_matmul_peak(row, peak)
     print(json.dumps(benchmarking.add_twin(row, twin)), flush=True)
   print(benchmarking.format_table(rows), file=sys.stderr)
+  if _PROFILE_DIR.value:
+    print(f'jax.profiler traces ({_PROFILE_STEPS.value} step(s) per case): '
+          + ', '.join(os.path.join(_PROFILE_DIR.value, c) for c in _CASES.value),
+          file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -361,12 +361,40 @@ def add_matmul_peak(row: dict[str, Any], matmul_peak: float | None) -> dict[str,
   return row
 
 
+def profile_case(prepared: PreparedCase, directory: str, steps: int) -> str:
+  """Traces the case's next `steps` calls with jax.profiler into DIRECTORY/<case>; its path.
+
+  After the timed steps, so that the profiler's cost is in none of them. The trace holds
+  an xplane.pb (TensorBoard's profile plugin) and a perfetto_trace.json.gz
+  (ui.perfetto.dev); on a CPU it has XLA's per-operation events only with
+  PROFILE_XLA_FLAG set before JAX started (benchmark.py sets it).
+  """
+  path = os.path.join(directory, prepared.name)
+  with jax.profiler.trace(path, create_perfetto_trace=True):
+    prepared.run_untimed(steps)
+  return path
+
+
+# XLA:CPU's trace events of each operation (the thunks, named after the compiled HLO's
+# fusions and convolutions); without it a CPU trace shows the host's work only. Set for
+# the whole process, it left the steps' times unchanged (docs/benchmarks.md, item 25).
+PROFILE_XLA_FLAG = '--xla_cpu_enable_xprof_traceme=true'
+
+
 def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,
-             devices: Sequence[Any], batches: np.ndarray, dataset_size: int) -> dict[str, Any]:
-  """Compiles and times one case in one block of steps; returns its result row."""
+             devices: Sequence[Any], batches: np.ndarray, dataset_size: int,
+             profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
+  """Compiles and times one case in one block of steps; returns its result row.
+
+  With `profile_dir`, `profile_steps` more steps are then traced (profile_case).
+  """
   prepared = prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
-                          batches=batches, dataset_size=dataset_size)
-  return case_row(prepared, prepared.time_steps(steps), rounds=1)
+                          batches=batches, dataset_size=dataset_size,
+                          untimed=profile_steps if profile_dir else 0)
+  row = case_row(prepared, prepared.time_steps(steps), rounds=1)
+  if profile_dir:
+    profile_case(prepared, profile_dir, profile_steps)
+  return row
 
 
 def round_sizes(steps: int, rounds: int) -> list[int]:
@@ -381,6 +409,7 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
                     dataset_size: int, rewarm: int = 1,
                     on_compiled: Callable[[PreparedCase], None] | None = None,
                     on_round: Callable[[int], None] | None = None,
+                    profile_dir: str | None = None, profile_steps: int = 3,
                     ) -> list[dict[str, Any]]:
   """Compiles every case, then times them in rounds: each case's share, in turn.
 
@@ -392,7 +421,8 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
   the project's CPU machine the adversarial step's first step after a turn of another
   case took up to 1 s longer, in the kernel, refaulting memory that had been handed
   back; docs/benchmarks.md, item 17). `on_round(steps)` runs first in every round
-  (benchmark.py runs the twin's share there).
+  (benchmark.py runs the twin's share there). With `profile_dir`, each case then traces
+  `profile_steps` more steps (profile_case).
   """
   if rewarm < 0:
     raise ValueError(f'rewarm must be >= 0, got {rewarm}')
@@ -401,7 +431,7 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
   for case in cases:
     prepared.append(prepare_case(config, case, steps=steps, warmup=warmup, devices=devices,
                                  batches=batches, dataset_size=dataset_size,
-                                 untimed=rounds * rewarm))
+                                 untimed=rounds * rewarm + (profile_steps if profile_dir else 0)))
     if on_compiled:
       on_compiled(prepared[-1])
   times: dict[str, list[float]] = {p.name: [] for p in prepared}
@@ -412,6 +442,9 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
       p = prepared[(r + k) % len(prepared)]
       p.run_untimed(rewarm)
       times[p.name] += p.time_steps(size)
+  if profile_dir:
+    for p in prepared:
+      profile_case(p, profile_dir, profile_steps)
   return [case_row(p, times[p.name], rounds=rounds, rewarm=rewarm) for p in prepared]
 
 

@@ -1,5 +1,7 @@
 """benchmark.py end to end on a tiny config, and the benchmark helpers."""
 
+import glob
+import gzip
 import json
 import math
 import os
@@ -51,24 +53,27 @@ def tiny_rows(tmp_path_factory):
   # Interleaved: every case compiled first, then 3 steps each in 2 rounds (2 + 1), the
   # twin running at the start of each round. A compilation cache in the environment is
   # not used: compile_s would otherwise time loading a cached program.
+  # Each case then traces one more step (test_each_case_leaves_a_profile).
   cache = tmp_path_factory.mktemp('compilation_cache')
-  out = _run(TINY + ['--rounds=2'] + FAKE_TWIN, JAX_COMPILATION_CACHE_DIR=str(cache),
+  profiles = tmp_path_factory.mktemp('profiles')
+  out = _run(TINY + ['--rounds=2', f'--profile_dir={profiles}', '--profile_steps=1']
+             + FAKE_TWIN, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   assert out.returncode == 0, out.stderr[-4000:]
   assert not os.listdir(cache)
   lines = [l for l in out.stdout.splitlines() if l.strip()]
-  return [json.loads(l) for l in lines], out.stderr
+  return [json.loads(l) for l in lines], out.stderr, str(profiles)
 
 
 def test_every_line_is_json_with_every_field(tiny_rows):
-  rows, _ = tiny_rows
+  rows, _, _ = tiny_rows
   assert [r['step'] for r in rows] == list(benchmarking.CASES)
   for r in rows:
     assert set(benchmarking.FIELDS) <= set(r), set(benchmarking.FIELDS) - set(r)
 
 
 def test_field_types_are_sane(tiny_rows):
-  rows, _ = tiny_rows
+  rows, _, _ = tiny_rows
   for r in rows:
     for k in ('median_step_s', 'mean_step_s', 'p10_step_s', 'p90_step_s', 'images_per_s',
               'compile_s', 'flops', 'flops_per_s', 'peak_fraction', 'matmul_peak_flops_per_s',
@@ -118,7 +123,7 @@ def test_case_semantics(tiny_rows):
 
 
 def test_twin_runs_in_every_round_and_its_medians_give_the_ratio(tiny_rows):
-  rows, stderr = tiny_rows
+  rows, stderr, _ = tiny_rows
   twins = [json.loads(l.split('twin: ', 1)[1]) for l in stderr.splitlines()
            if l.startswith('twin: ')]
   # One run per round, with that round's steps and the config's sizes.
@@ -136,7 +141,7 @@ def test_twin_runs_in_every_round_and_its_medians_give_the_ratio(tiny_rows):
 
 
 def test_table_on_stderr(tiny_rows):
-  _, stderr = tiny_rows
+  _, stderr, _ = tiny_rows
   for case in benchmarking.CASES:
     assert f'{case}: compiled in ' in stderr
     assert case in stderr.split('twin/ours')[-1]
@@ -144,7 +149,28 @@ def test_table_on_stderr(tiny_rows):
   assert '3 timed steps in 2 interleaved rounds, each turn after 1 untimed' in stderr
 
 
-def test_unknown_case_and_bad_rounds_are_usage_errors():
+def _xla_operations_traced(profile_dir, case):
+  """The names of the XLA operations in the case's perfetto trace (one trace per case)."""
+  (path,) = glob.glob(os.path.join(profile_dir, case, 'plugins', 'profile', '*',
+                                   'perfetto_trace.json.gz'))
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  return {e['name'] for e in events if 'fusion' in e.get('name', '')}
+
+
+def test_each_case_leaves_a_profile(tiny_rows):
+  rows, stderr, profiles = tiny_rows
+  assert sorted(os.listdir(profiles)) == sorted(benchmarking.CASES)
+  for case in benchmarking.CASES:
+    assert glob.glob(os.path.join(profiles, case, 'plugins', 'profile', '*', '*.xplane.pb'))
+    # XLA:CPU's per-operation events, there only with the flag benchmark.py sets.
+    assert _xla_operations_traced(profiles, case), case
+  assert all(benchmarking.PROFILE_XLA_FLAG in r['xla_flags'] for r in rows)
+  assert 'jax.profiler traces (1 step(s) per case): ' in stderr
+
+
+def test_unknown_case_and_bad_rounds_are_usage_errors(tmp_path):
   out = _run(TINY + ['--cases=pretrain_step,nope'])
   assert out.returncode != 0
   assert 'nope' in out.stderr and not out.stdout.strip()
@@ -157,6 +183,10 @@ def test_unknown_case_and_bad_rounds_are_usage_errors():
   out = _run(TINY + ['--cases=pretrain_step,pretrain_step'])
   assert out.returncode != 0
   assert '--cases must name each case once' in out.stderr and not out.stdout.strip()
+  (tmp_path / 'file').write_text('not a directory')
+  out = _run(TINY + [f'--profile_dir={tmp_path / "file"}'])
+  assert out.returncode != 0 and not out.stdout.strip()
+  assert f'the --profile_dir {tmp_path / "file"} is a file, not a directory' in out.stderr
 
 
 @pytest.mark.parametrize('variable, value, args', [
@@ -412,14 +442,16 @@ def test_interleaved_rounds_rewarm_each_turn_and_time_the_rest(monkeypatch):
                                  devices=[], batches=None, dataset_size=1)
 
 
-def test_two_devices_one_case(tiny_rows):
+def test_two_devices_one_case(tiny_rows, tmp_path):
   # One round: the case is compiled and timed in one block, the twin once before it. The
   # config splits the CPU into the two devices (no device count in XLA_FLAGS).
   # The matmul precision is recorded (on a GPU: full float32 instead of TF32).
+  # Its trace: the profile after one block of timed steps.
   out = _run(TINY + ['--cases=pretrain_step', '--config.num_devices=2',
-                     '--config.cpu_devices=2'] + FAKE_TWIN, devices=None,
-             JAX_DEFAULT_MATMUL_PRECISION='highest')
+                     '--config.cpu_devices=2', f'--profile_dir={tmp_path}'] + FAKE_TWIN,
+             devices=None, JAX_DEFAULT_MATMUL_PRECISION='highest')
   assert out.returncode == 0, out.stderr[-4000:]
+  assert _xla_operations_traced(str(tmp_path), 'pretrain_step')
   (row,) = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
   assert row['devices'] == 2 and row['batch_size'] == 8
   assert row['matmul_precision'] == 'highest'
