@@ -361,18 +361,16 @@ def add_matmul_peak(row: dict[str, Any], matmul_peak: float | None) -> dict[str,
   return row
 
 
-def profile_case(prepared: PreparedCase, directory: str, steps: int) -> str:
-  """Traces the case's next `steps` calls with jax.profiler into DIRECTORY/<case>; its path.
+def profile_case(prepared: PreparedCase, directory: str, steps: int) -> None:
+  """Traces the case's next `steps` calls with jax.profiler into DIRECTORY/<case>.
 
   After the timed steps, so that the profiler's cost is in none of them. The trace holds
   an xplane.pb (TensorBoard's profile plugin) and a perfetto_trace.json.gz
   (ui.perfetto.dev); on a CPU it has XLA's per-operation events only with
   PROFILE_XLA_FLAG set before JAX started (benchmark.py sets it).
   """
-  path = os.path.join(directory, prepared.name)
-  with jax.profiler.trace(path, create_perfetto_trace=True):
+  with jax.profiler.trace(os.path.join(directory, prepared.name), create_perfetto_trace=True):
     prepared.run_untimed(steps)
-  return path
 
 
 # XLA:CPU's trace events of each operation (the thunks, named after the compiled HLO's
