@@ -140,11 +140,9 @@ def _config_and_devices() -> tuple[ml_collections.ConfigDict, list[jax.Device]]:
                          'launch.py and the distributed flags or AVAE_* settings (on a TPU '
                          'pod slice: on a single-host slice)')
   config = flags.FLAGS.config
-  if _PROFILE_DIR.value and benchmarking.PROFILE_XLA_FLAG not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
-                               + benchmarking.PROFILE_XLA_FLAG).strip()
   try:
-    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
+    xla_flags.apply(cpu_devices=config_lib.cpu_devices(config),
+                    extra=xla_flags.PROFILE_FLAGS if _PROFILE_DIR.value else None)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from e
   try:

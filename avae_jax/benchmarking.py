@@ -367,16 +367,10 @@ def profile_case(prepared: PreparedCase, directory: str, steps: int) -> None:
   After the timed steps, so that the profiler's cost is in none of them. The trace holds
   an xplane.pb (TensorBoard's profile plugin) and a perfetto_trace.json.gz
   (ui.perfetto.dev); on a CPU it has XLA's per-operation events only with
-  PROFILE_XLA_FLAG set before JAX started (benchmark.py sets it).
+  xla_flags.PROFILE_FLAGS set before JAX started (benchmark.py sets them).
   """
   with jax.profiler.trace(os.path.join(directory, prepared.name), create_perfetto_trace=True):
     prepared.run_untimed(steps)
-
-
-# XLA:CPU's trace events of each operation (the thunks, named after the compiled HLO's
-# fusions and convolutions); without it a CPU trace shows the host's work only. Set for
-# the whole process, it left the steps' times unchanged (docs/benchmarks.md, item 25).
-PROFILE_XLA_FLAG = '--xla_cpu_enable_xprof_traceme=true'
 
 
 def run_case(config: ml_collections.ConfigDict, case: str, *, steps: int, warmup: int,

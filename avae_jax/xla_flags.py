@@ -32,11 +32,17 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+from typing import Mapping
 
 # name -> value; each was measured on the CPU with the jaxlib series in JAXLIB_SERIES.
 CPU_FLAGS = {'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution'}
 JAXLIB_SERIES = ('0.10.',)
 DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
+# XLA:CPU's trace events of each operation (the thunks, named after the compiled HLO's
+# fusions and convolutions); without it a CPU trace shows the host's work only.
+# benchmark.py --profile_dir adds it: for the whole process, it left the steps' times
+# unchanged (docs/benchmarks.md, item 25).
+PROFILE_FLAGS = {'xla_cpu_enable_xprof_traceme': 'true'}
 # What XLA's CPU client reads, in this order, for its thread count (jaxlib's
 # DefaultThreadPoolSize); without them it takes the cores the process may run on.
 THREAD_COUNT_VARS = ('PJRT_NPROC', 'NPROC')
@@ -67,8 +73,8 @@ def with_device_count(xla_flags: str, count: int) -> str:
 
 
 def with_cpu_flags(xla_flags: str, jaxlib_version: str | None = None,
-                   cpu_devices: int = 0) -> str:
-  """`xla_flags` plus each of CPU_FLAGS (and the device count, if > 0) it does not set."""
+                   cpu_devices: int = 0, extra: Mapping[str, str] | None = None) -> str:
+  """`xla_flags` plus each of CPU_FLAGS, `extra` (and the device count) it does not set."""
   if cpu_devices < 0:
     raise ValueError(f'cpu_devices must be >= 0 (0: one CPU device), got {cpu_devices}')
   version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
@@ -76,6 +82,7 @@ def with_cpu_flags(xla_flags: str, jaxlib_version: str | None = None,
   # The device count is a long-standing flag of every jaxlib, so it needs no version.
   if cpu_devices:
     wanted[DEVICE_COUNT_FLAG] = str(cpu_devices)
+  wanted.update(extra or {})
   given = given_flags(xla_flags)
   words = xla_flags.split()
   words += [f'--{name}={value}' for name, value in wanted.items() if name not in given]
@@ -109,14 +116,14 @@ def process_cpu_threads() -> int | None:
   return cpu_threads(jax.local_device_count())
 
 
-def apply(cpu_devices: int = 0) -> None:
-  """Adds CPU_FLAGS (and a device count) to XLA_FLAGS; effective before JAX computes."""
+def apply(cpu_devices: int = 0, extra: Mapping[str, str] | None = None) -> None:
+  """Adds CPU_FLAGS, `extra` (and a device count) to XLA_FLAGS; before JAX computes."""
   given = os.environ.get('XLA_FLAGS', '')
   count = given_flags(given).get(DEVICE_COUNT_FLAG)
   if cpu_devices and count is not None and count != str(cpu_devices):
     # launch.py sets the count of each process (its --devices_per_process).
     print(f'warning: config.cpu_devices={cpu_devices} is overridden by XLA_FLAGS '
           f'(--{DEVICE_COUNT_FLAG}={count})', file=sys.stderr, flush=True)
-  flags = with_cpu_flags(given, cpu_devices=cpu_devices)
+  flags = with_cpu_flags(given, cpu_devices=cpu_devices, extra=extra)
   if flags:
     os.environ['XLA_FLAGS'] = flags

@@ -166,7 +166,7 @@ def test_each_case_leaves_a_profile(tiny_rows):
     assert glob.glob(os.path.join(profiles, case, 'plugins', 'profile', '*', '*.xplane.pb'))
     # XLA:CPU's per-operation events, there only with the flag benchmark.py sets.
     assert _xla_operations_traced(profiles, case), case
-  assert all(benchmarking.PROFILE_XLA_FLAG in r['xla_flags'] for r in rows)
+  assert all('--xla_cpu_enable_xprof_traceme=true' in r['xla_flags'] for r in rows)
   assert 'jax.profiler traces (1 step(s) per case): ' in stderr
 
 

@@ -34,6 +34,15 @@ def test_cpu_devices_adds_the_device_count_unless_the_user_sets_one():
     xla_flags.with_cpu_flags('', '0.10.2', cpu_devices=-1)
 
 
+def test_extra_flags_are_added_unless_the_user_sets_them():
+  # benchmark.py --profile_dir's: a user's own value of the flag is kept.
+  trace = '--xla_cpu_enable_xprof_traceme'
+  assert xla_flags.with_cpu_flags('--a=1', '0.11.0', extra=xla_flags.PROFILE_FLAGS) == \
+      f'--a=1 {trace}=true'
+  assert xla_flags.with_cpu_flags(f'{trace}=false', '0.11.0',
+                                  extra=xla_flags.PROFILE_FLAGS) == f'{trace}=false'
+
+
 def test_no_flags_for_an_unmeasured_jaxlib():
   assert xla_flags.with_cpu_flags('--a=1', '0.11.0') == '--a=1'
   assert xla_flags.with_cpu_flags('', '') == ''
