@@ -134,6 +134,12 @@ def _state_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # e.g. the final evaluations of the runs of a study.
 
 
+@jax.jit
+def _range_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """min(x), max(x) and whether x holds a NaN: one program (one dispatch, not three)."""
+  return x.min(), x.max(), jnp.isnan(x).any()
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(module: Any, variables: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Posterior means and log-variances of images x."""
@@ -288,8 +294,9 @@ class TrainedModel:
       if x.size:
         # Float images in 0..255 would otherwise be encoded as they are, without an error.
         # A NaN passes the range comparisons, and XLA:CPU's min and max skip it.
-        xp = jnp if isinstance(x, jax.Array) else np
-        lo, hi, nan = map(float, jax.device_get((x.min(), x.max(), xp.isnan(x).any())))
+        stats = (_range_stats(x) if isinstance(x, jax.Array)
+                 else (x.min(), x.max(), np.isnan(x).any()))
+        lo, hi, nan = map(float, jax.device_get(stats))
         metrics.check_unit_range(math.nan if nan else lo, hi, what)
     if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'{what} must be (B, {", ".join(map(str, self.image_shape))}) '
