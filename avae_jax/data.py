@@ -435,6 +435,29 @@ def _tfds_builder(config: Any, name: str):
                                           f'{type(e).__name__}: {e}')) from e
 
 
+def _splits_overlap(train_split: str, eval_split: str, builder: Any) -> bool:
+  """Whether two tfds split specs ('train[:90%]+test', ...) share an example."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    infos = builder.info.splits
+    train, evals = (tfds.core.ReadInstruction.from_spec(s).to_absolute(infos)
+                    for s in (train_split, eval_split))
+  except Exception:  # pylint: disable=broad-except
+    # No split sizes (a dataset not prepared yet fails later; tfds.testing.mock_data):
+    # by the names, where a part without a slice is the whole split.
+    parts = [[p.strip() for p in s.split('+')] for s in (train_split, eval_split)]
+    return any(_split_base(a) == _split_base(b) and (a == b or '[' not in a or '[' not in b)
+               for a in parts[0] for b in parts[1])
+
+  def bounds(r: Any) -> tuple[int, int]:
+    n = infos[r.splitname].num_examples
+    return (0 if r.from_ is None else r.from_), (n if r.to is None else r.to)
+
+  return any(a.splitname == b.splitname
+             and max(bounds(a)[0], bounds(b)[0]) < min(bounds(a)[1], bounds(b)[1])
+             for a in train for b in evals)
+
+
 def _load_tfds(config: Any, split: str) -> Source:
   """A tfds split, decoded and preprocessed once into a memory-mapped uint8 cache."""
   name = str(config.dataset)
@@ -450,8 +473,13 @@ def _load_tfds(config: Any, split: str) -> Source:
   holdout = _split_base(eval_split) not in available
   if holdout and len(available) > 1:
     raise DataError(f'{name} has no split {eval_split!r} (it has {", ".join(available)}); '
-                    'set config.eval_split to one of them (a slice such as train[90%:] '
-                    'also works)')
+                    'set config.eval_split to one of them (or slice one split for both, '
+                    "e.g. train_split='train[:90%]', eval_split='train[90%:]')")
+  if not holdout and _splits_overlap(train_split, eval_split, builder):
+    raise DataError(f'{name}: eval_split {eval_split!r} shares examples with train_split '
+                    f'{train_split!r}, so the evaluation would measure training images; '
+                    "slice one split for both, e.g. train_split='train[:90%]', "
+                    "eval_split='train[90%:]'")
   tfds_split = eval_split if (split == 'eval' and not holdout) else train_split
   fraction = _eval_fraction(config)
   if holdout and fraction <= 0:
@@ -616,16 +644,22 @@ def _list_images(root: str) -> list[str]:
   return [os.path.join(root, f) for f in sorted(found)]
 
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+
+
 def read_image(path: str) -> np.ndarray:
   """One image file as uint8 (H, W, 1) or (H, W, 3); DataError if it cannot be read so.
 
   8- and 16-bit gray (PIL modes L, I;16) give one channel, the modes PIL converts to RGB
-  three; other modes and unreadable files are DataErrors.
+  three; other modes and unreadable files are DataErrors. A picture with an EXIF
+  orientation (a camera's) is turned the way viewers show it.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as im:
       im.load()
+      if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
       mode = im.mode
       if mode == 'L':
         return np.asarray(im)[..., None]
@@ -634,7 +668,8 @@ def read_image(path: str) -> np.ndarray:
       if mode.startswith('I;16'):  # 16-bit gray PNG
         x = np.asarray(im, dtype=np.float32) / 65535.0
         return np.round(x * 255.0).astype(np.uint8)[..., None]
-  except (OSError, ValueError) as e:
+  # DecompressionBombError (PIL's guard against huge images) is neither of the other two.
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(f'cannot read image {path}: {e}') from e
   raise DataError(f'bad image channels: {path} has PIL mode {mode!r}; use gray (L) or RGB images')
 

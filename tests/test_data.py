@@ -161,6 +161,30 @@ def test_sixteen_bit_gray_pngs_are_scaled_to_bytes(tmp_path):
                                 [[0, 4], [117, 255]])
 
 
+def test_a_cameras_exif_orientation_is_applied(tmp_path):
+  # Stored 2 wide and 3 tall with orientation 6: a viewer turns it 90° clockwise, so the
+  # stored first column (top to bottom 10, 20, 30) becomes the shown first row, right to
+  # left.
+  stored = np.array([[10, 40], [20, 50], [30, 60]], np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(stored).save(tmp_path / 'turned.png', exif=exif)
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / 'turned.png'))[..., 0],
+                                [[30, 20, 10], [60, 50, 40]])
+  Image.fromarray(stored).save(tmp_path / 'upright.png')  # no EXIF: as stored
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / 'upright.png'))[..., 0],
+                                stored)
+
+
+def test_an_image_past_pils_size_guard_is_a_data_error(tmp_path, monkeypatch):
+  _write_png(str(tmp_path / 'big.png'), np.zeros((20, 20), np.uint8))
+  # PIL refuses images over twice MAX_IMAGE_PIXELS (a decompression bomb) with an error
+  # that is neither an OSError nor a ValueError.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)
+  with pytest.raises(data.DataError, match=r'cannot read image .*big\.png: Image size'):
+    data.read_image(str(tmp_path / 'big.png'))
+
+
 def test_hidden_files_are_not_images(tmp_path):
   # macOS leaves '._name.png' resource forks beside the images: not PNGs at all.
   _write_png(str(tmp_path / 'd' / 'a.png'), np.full((16, 16), 100, np.uint8))
@@ -503,6 +527,35 @@ def test_tfds_unknown_eval_split_is_an_error_where_the_dataset_has_several(tmp_p
   with tfds.testing.mock_data(num_examples=8):
     with pytest.raises(data.DataError, match=r"mnist has no split 'tset' \(it has .*test"):
       data.load(cfg, 'train')
+
+
+@pytest.mark.parametrize('train_split,eval_split', [
+    ('train', 'train[90%:]'), ('train', 'train'), ('train[:90%]+test', 'test[:10]')])
+def test_tfds_an_eval_split_sharing_training_examples_is_an_error(tmp_path, train_split,
+                                                                   eval_split):
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1,
+                train_split=train_split, eval_split=eval_split)
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(data.DataError, match=r'shares examples with train_split'):
+      data.load(cfg, 'eval')
+
+
+@pytest.mark.parametrize('train_split,eval_split,shared', [
+    ('train[:90%]', 'train[90%:]', False), ('train[:90%]', 'train[85%:]', True),
+    ('train', 'test', False), ('train[:50%]+test[10:20]', 'test[:10]', False),
+    ('train[:50%]+test[10:20]', 'test[19:]', True), ('train[:900]', 'train[-100:]', False),
+    ('train[:901]', 'train[-100:]', True), ('train[:1%]', 'train[10:]', False)])
+def test_tfds_split_overlap_from_the_split_sizes(train_split, eval_split, shared):
+  # train has 1000 examples and test 100: train[-100:] is 900..999, train[:1%] is 0..9.
+  tfds = _tfds()
+  infos = {'train': tfds.core.SplitInfo(name='train', shard_lengths=[1000], num_bytes=0),
+           'test': tfds.core.SplitInfo(name='test', shard_lengths=[100], num_bytes=0)}
+
+  class Builder:
+    info = type('Info', (), {'splits': infos})
+
+  assert data._splits_overlap(train_split, eval_split, Builder) == shared
 
 
 @pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])
