@@ -47,6 +47,9 @@ STUDY_FILE = 'study.json'  # OUT/: the budget, seeds and commands of the study
 CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
 FINAL_METRICS = 'final_metrics.json'  # each run's workdir, written by the trainer at its end
+RECORDS_DIR = 'runs'  # OUT/results/runs/: the files the report is made of, in OUT's layout
+# Each run's files that the report reads (POSTERIOR_FILE is the report's own, made once).
+RUN_RECORDS = ('config.json', FINAL_METRICS, 'metrics.jsonl', RUN_FILE, POSTERIOR_FILE)
 RUNNING = 'running'  # study_run.json's status while a session trains the run
 # Fashion-MNIST's training images, as configs/study.py counts them (configs import no
 # library module, and this one no config).
@@ -456,10 +459,9 @@ def check_claim(runs: Sequence[Run], dataset: str, claim: Claim) -> dict[str, An
         '' if perfect is None else f' of the distance to {perfect:g}')
   elif wins == 0:
     verdict = 'does not hold (every seed)' if n > 1 else 'does not hold (1 seed)'
-  elif np.mean(d) > 0:
-    verdict = f'holds on average ({wins}/{n} seeds)'
-  else:
-    verdict = f'does not hold on average ({wins}/{n} seeds)'
+  else:  # the seeds disagree: the mean's sign alone would overstate the evidence
+    verdict = (f'mixed: {wins}/{n} seeds hold, the mean '
+               + ('holds' if np.mean(d) > 0 else 'does not'))
   res['verdict'] = verdict
   return res
 
@@ -832,7 +834,7 @@ def _claim_sentence(c: Claim, r: dict[str, Any]) -> str:
   paper = f' (paper: {_signed_pct(r["paper_rel"])})' if 'paper_rel' in r else ''
   return (f'- {c.text}: **{r["verdict"]}**; {fmt(r["a_mean"])} vs {fmt(r["b_mean"])}, '
           f'{_signed_pct(r["rel"])}{paper}, paired Δ = {fmt(r["diff_mean"], 3)}'
-          f'{_pm(r["diff_sd"])} over {r["n"]} seed(s).')
+          f'{_pm(r["diff_sd"])}{" (sd)" if r["n"] > 1 else ""} over {r["n"]} seed(s).')
 
 
 # Each diagnostic gives (markdown lines, warnings raised, checks it could not make).
@@ -1082,7 +1084,8 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
   lines.append('Paired by seed (AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares '
                'VAE seed k\'s initialisation and batches). "paper, CelebA" is the relative '
                'change in the paper\'s Table III. A claim "holds (every seed)" when every '
-               'seed\'s difference points the paper\'s way.')
+               'seed\'s difference points the paper\'s way, and is "mixed" when the seeds '
+               'disagree; ± is the standard deviation of the per-seed differences.')
   lines.append('')
   table, results = claims_table(runs, d)
   lines.append(table)
@@ -1271,9 +1274,26 @@ def write_report(out: str, settings: Any, notes_path: str | None = None,
   lines += sections
   lines += _calibration_section(calib)
   lines += _settings_section(runs, settings, datasets)
+  _copy_records(out, runs, datasets)
   path = os.path.join(out, REPORT)
   files.write_text(path, '\n'.join(lines))
   return path
+
+
+def _copy_records(out: str, runs: Sequence[Run], datasets: Sequence[str]) -> None:
+  """Copies the files the report was made of to OUT/results/runs/, laid out as in OUT.
+
+  Published with the figures, they hold every run's numbers (e.g. FID at each tap and
+  seed, which the report's tables average) and remake the report with --report_only.
+  """
+  names = [STUDY_FILE] + [os.path.join(d, CALIBRATION_FILE) for d in datasets]
+  names += [os.path.relpath(os.path.join(r.workdir, f), out) for r in runs for f in RUN_RECORDS]
+  for name in names:
+    src = os.path.join(out, name)
+    if os.path.isfile(src):
+      dest = os.path.join(out, FIGURE_DIR, RECORDS_DIR, name)
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.copyfile(src, dest)
 
 
 def published_notes(docs: str) -> str:

@@ -276,6 +276,35 @@ def test_report_has_every_figure(study_dir):
         assert im.size[0] > 200
 
 
+def test_the_reports_records_remake_its_numbers(study_dir, tmp_path):
+  out, _ = study_dir
+  records = os.path.join(out, 'results', 'runs')
+  names = {os.path.relpath(os.path.join(d, f), records)
+           for d, _, fs in os.walk(records) for f in fs}
+  run_files = {'config.json', 'final_metrics.json', 'metrics.jsonl', 'study_run.json',
+               'study_posterior.json'}
+  expected = {'study.json', 'shapes/calibration.json', 'fashion_mnist/calibration.json'} | {
+      f'{ds}/{v}/seed0/{f}' for ds in ('shapes', 'fashion_mnist')
+      for v in ('vae', 'avae', 'vae_s', 'avae_s') for f in run_files}
+  assert names == expected  # the records only: no checkpoint, event file or image
+  for name in expected - {'study.json'}:  # study.json gains the report's command below
+    assert _read(os.path.join(records, name)) == _read(os.path.join(out, name)), name
+  # A report made from a copy of the records alone is the same report, but for the line
+  # that names the report's command and the figures, which the records leave out.
+  copy = tmp_path / 'copy'
+  shutil.copytree(records, copy)
+  _study(f'--out={copy}', '--budget=test', '--report_only')
+
+  def lines(text):
+    kept = text.splitlines()
+    del kept[2]  # 'Runs by ...; this report by `python study.py --out=...`'
+    return [line for line in kept
+            if not line.startswith(tuple(f'| {name} |' for name in study_report.FIGURES))]
+
+  original, remade = (lines(_read(os.path.join(d, 'results.md'))) for d in (out, copy))
+  assert len(original) > 300 and remade == original
+
+
 def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   out, _ = study_dir
   victim = os.path.join(out, 'shapes', 'avae', 'seed0')
@@ -300,6 +329,9 @@ def test_rerun_skips_finished_and_resumes_unfinished(study_dir, tmp_path):
   # Published: the report and its figures, with the same relative links.
   assert (docs / 'results.md').exists()
   assert (docs / 'results' / 'shapes' / 'avae_s_traversals.png').exists()
+  # With the records it was made of, the resumed run's new final metrics among them.
+  assert ((docs / 'results' / 'runs' / 'shapes' / 'avae' / 'seed0' / 'final_metrics.json')
+          .read_text() == _read(os.path.join(victim, 'final_metrics.json')))
   # Without --notes the discussion published before stays, and the log says so.
   assert ((docs / 'results' / 'discussion.md').read_text()
           == 'written for the study published before\n')
@@ -460,10 +492,12 @@ def test_check_claim_pairs_seeds():
   assert r['diff_mean'] == pytest.approx(1 / 3)
   assert r['diff_sd'] == pytest.approx(statistics.stdev([1.0, 1.0, -1.0]))
   assert r['rel'] == pytest.approx(2.0 / (5 / 3) - 1)
-  assert r['verdict'] == 'holds on average (2/3 seeds)'
+  assert r['verdict'] == 'mixed: 2/3 seeds hold, the mean holds'
+  # The findings' ± says what it is: the sd of the per-seed differences (1, 1, -1).
+  assert 'paired Δ = 0.333 ± 1.2 (sd) over 3 seed(s).' in study_report._claim_sentence(claim, r)
   lower = study_report.Claim('t', 'x', 'lower', 'vae_s', 'vae')
   r = study_report.check_claim(runs, 'shapes', lower)
-  assert r['verdict'] == 'does not hold on average (1/3 seeds)'
+  assert r['verdict'] == 'mixed: 1/3 seeds hold, the mean does not'
   # The paired difference is a - b whichever way is better (the table's "Δ (a − b)").
   assert r['diff_mean'] == pytest.approx(1 / 3) and r['wins'] == 1
   # "Equal or lower" with a 0.5% increase on every seed counts as equal.
