@@ -22,8 +22,11 @@ Datasets (`config.dataset`):
   DataError.
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, each directory
   once however many symlinks lead to it, sorted by relative path), decoded with PIL at
-  each `get`. 'eval' is the last `eval_fraction`
-  of the sorted files, 'train' the files before them.
+  each `get`. Files below a directory named as an eval split (a token of its name among
+  those of `arrays:` below: `test/`, `val/`) are 'eval', the others 'train'. Without
+  such a directory, 'eval' is the last `eval_fraction` of the sorted files when all are
+  in one directory (CelebA's `img_align_celeba`), else a fixed random `eval_fraction`
+  of them (seed 0; kept in random order), and 'train' the rest.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
   `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files whose name contains
@@ -674,6 +677,35 @@ def read_image(path: str) -> np.ndarray:
   raise DataError(f'bad image channels: {path} has PIL mode {mode!r}; use gray (L) or RGB images')
 
 
+def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np.ndarray:
+  """Rows of `split` among a folder's images (paths relative to it, sorted).
+
+  Below directories named as an eval split (test/, val/: the token rule of arrays:) are
+  the eval images, the others train. Otherwise eval is held out: the last `fraction` of
+  one directory's images (CelebA's img_align_celeba, whose own validation and test
+  images are its last), or a fixed random `fraction` of images in several directories
+  (one per class, say), so that each is represented.
+  """
+  dirs = [os.path.dirname(n) for n in names]
+  marked = np.array([any(_is_eval_name(d) for d in x.split(os.sep)) for x in dirs])
+  by_name = bool(marked.any() and not marked.all())
+  several = len(set(dirs)) > 1
+  if split == 'train':  # once per run, as for arrays:
+    logging.info('%s: the eval split is %s', what,
+                 'the directories named as one' if by_name else
+                 f'held out ({"at random" if several else "the last files"}, eval_fraction)')
+  if not by_name:
+    return _holdout_rows(len(names), split, fraction, what, shuffled=several)
+  if split != 'eval':
+    return np.flatnonzero(~marked)
+  rows = np.flatnonzero(marked)
+  if len({dirs[i] for i in rows}) > 1:
+    # In random order: the evaluation reads the first eval.num_images, which in sorted
+    # order would come from the first directory alone.
+    rows = np.random.default_rng(0).permutation(rows)
+  return rows
+
+
 def _load_folder(config: Any, root: str, split: str) -> Source:
   """A folder of images, decoded lazily at each get()."""
   if not root:
@@ -691,8 +723,8 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
                     '(searched recursively)')
   geometry = _geometry(config)
   read_image(files[0])  # fail now, not at the first batch, if the images are unreadable
-  rows = _holdout_rows(len(files), split, _eval_fraction(config),
-                       f'folder {root}')
+  rows = _folder_rows([os.path.relpath(f, root) for f in files], split,
+                      _eval_fraction(config), f'folder {root}')
   chosen = [files[i] for i in rows]
   pool: list[concurrent.futures.ThreadPoolExecutor] = []
 

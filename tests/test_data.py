@@ -119,6 +119,49 @@ def test_folder_constant_colours_sorted_and_split(tmp_path):
                              atol=1e-6)
 
 
+def _folder_of_values(root, names):
+  """One gray 16x16 PNG per relative name, each of value 10 * (its index + 1)."""
+  for i, name in enumerate(names):
+    _write_png(str(root / name), np.full((16, 16), 10 * (i + 1), np.uint8))
+  return {name: 10 * (i + 1) for i, name in enumerate(names)}
+
+
+def _values(source):
+  """The value of each of a source's images, in its order."""
+  return [int(round(v * 255)) for v in source.get(np.arange(len(source)))[:, 0, 0, 0]]
+
+
+def test_folder_directories_named_as_splits_are_the_splits(tmp_path):
+  names = ['test/cat/0.png', 'test/dog/1.png', 'test/dog/2.png', 'train/cat/3.png',
+           'train/dog/4.png', 'train/dog/5.png', 'train/dog/6.png']
+  value = _folder_of_values(tmp_path / 'pets', names)
+  cfg = _config(dataset=f'folder:{tmp_path / "pets"}', channels=1, eval_fraction=0.5)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  # eval_fraction does not apply; train in name order.
+  assert _values(train) == [value[n] for n in names[3:]]
+  # The eval images span two directories: in a fixed random order (seed 0).
+  order = np.random.default_rng(0).permutation(3)
+  assert _values(ev) == [value[names[i]] for i in order]
+  # A word of the directory's name counts, as for arrays: files; the folder's own name
+  # (above PATH) does not.
+  value = _folder_of_values(tmp_path / 'val_set', ['a/0.png', 'a/1.png', 'b_valid/2.png'])
+  cfg = _config(dataset=f'folder:{tmp_path / "val_set"}', channels=1, eval_fraction=0.5)
+  assert _values(data.load(cfg, 'eval')) == [value['b_valid/2.png']]
+  assert _values(data.load(cfg, 'train')) == [value['a/0.png'], value['a/1.png']]
+
+
+def test_folder_of_several_directories_holds_out_a_random_fraction(tmp_path):
+  # One directory per class: the last files would all be of the last class.
+  names = [f'{c}/{i}.png' for c in ('cat', 'dog') for i in range(6)]
+  value = _folder_of_values(tmp_path / 'pets', names)
+  cfg = _config(dataset=f'folder:{tmp_path / "pets"}', channels=1, eval_fraction=0.25)
+  train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
+  perm = np.random.default_rng(0).permutation(12)  # the documented choice: seed 0
+  assert _values(ev) == [value[names[i]] for i in perm[:3]]
+  assert _values(train) == [value[names[i]] for i in sorted(perm[3:])]
+  assert {names[i].split('/')[0] for i in perm[:3]} == {'cat', 'dog'}
+
+
 def test_folder_centre_crop_pattern_and_recursion(tmp_path):
   rows, cols = np.meshgrid(np.arange(30), np.arange(50), indexing='ij')
   pattern = np.stack([rows * 8, cols * 5, (rows + cols) % 256], -1).astype(np.uint8)
