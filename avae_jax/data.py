@@ -22,8 +22,9 @@ Datasets (`config.dataset`):
   DataError.
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, each directory
   once however many symlinks lead to it, sorted by relative path), decoded with PIL at
-  each `get`. Files below a directory named as an eval split (a token of its name among
-  those of `arrays:` below: `test/`, `val/`) are 'eval', the others 'train'. Without
+  each `get`. Files below a top-level directory named as an eval split (one of the
+  words of `arrays:` below: `test/`, `val/`, `validation/`) are 'eval', the others
+  'train'. Without
   such a directory, 'eval' is the last `eval_fraction` of the sorted files when all are
   in one directory (CelebA's `img_align_celeba`), else a fixed random `eval_fraction`
   of them (seed 0; kept in random order), and 'train' the rest.
@@ -438,19 +439,27 @@ def _tfds_builder(config: Any, name: str):
                                           f'{type(e).__name__}: {e}')) from e
 
 
+# The size assumed for a split whose size tfds does not know yet (a dataset before its
+# download, tfds.testing.mock_data): percent slices compare as they would at any size.
+_UNKNOWN_SPLIT_SIZE = 10**9
+
+
 def _splits_overlap(train_split: str, eval_split: str, builder: Any) -> bool:
   """Whether two tfds split specs ('train[:90%]+test', ...) share an example."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  names = {_split_base(p) for s in (train_split, eval_split) for p in s.split('+')}
   try:
-    infos = builder.info.splits
+    infos = dict(builder.info.splits)
+  except Exception:  # pylint: disable=broad-except
+    infos = {}
+  for name in names - set(infos):
+    infos[name] = tfds.core.SplitInfo(name=name, shard_lengths=[_UNKNOWN_SPLIT_SIZE],
+                                      num_bytes=0)
+  try:
     train, evals = (tfds.core.ReadInstruction.from_spec(s).to_absolute(infos)
                     for s in (train_split, eval_split))
-  except Exception:  # pylint: disable=broad-except
-    # No split sizes (a dataset not prepared yet fails later; tfds.testing.mock_data):
-    # by the names, where a part without a slice is the whole split.
-    parts = [[p.strip() for p in s.split('+')] for s in (train_split, eval_split)]
-    return any(_split_base(a) == _split_base(b) and (a == b or '[' not in a or '[' not in b)
-               for a in parts[0] for b in parts[1])
+  except (ValueError, KeyError, AssertionError):
+    return False  # a malformed spec: tfds names it when it reads the split
 
   def bounds(r: Any) -> tuple[int, int]:
     n = infos[r.splitname].num_examples
@@ -650,6 +659,16 @@ def _list_images(root: str) -> list[str]:
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
 
 
+def _exif_orientation(im: Any) -> int:
+  """A PIL image's EXIF orientation; 1 (upright) where it has none or a damaged block."""
+  try:
+    return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+  except Exception:  # pylint: disable=broad-except
+    # PIL raises SyntaxError, among others, for a block it cannot parse; viewers then
+    # show the pixels as stored, and so does this.
+    return 1
+
+
 def read_image(path: str) -> np.ndarray:
   """One image file as uint8 (H, W, 1) or (H, W, 3); DataError if it cannot be read so.
 
@@ -661,7 +680,7 @@ def read_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as im:
       im.load()
-      if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+      if _exif_orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
       mode = im.mode
       if mode == 'L':
@@ -680,14 +699,15 @@ def read_image(path: str) -> np.ndarray:
 def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np.ndarray:
   """Rows of `split` among a folder's images (paths relative to it, sorted).
 
-  Below directories named as an eval split (test/, val/: the token rule of arrays:) are
-  the eval images, the others train. Otherwise eval is held out: the last `fraction` of
+  Below top-level directories named as an eval split (test/, val/, validation/: the
+  names EVAL_TOKENS) are the eval images, the others train. Otherwise eval is held out: the last `fraction` of
   one directory's images (CelebA's img_align_celeba, whose own validation and test
   images are its last), or a fixed random `fraction` of images in several directories
   (one per class, say), so that each is represented.
   """
   dirs = [os.path.dirname(n) for n in names]
-  marked = np.array([any(_is_eval_name(d) for d in x.split(os.sep)) for x in dirs])
+  # The whole name of a top-level directory: a class called test_tube stays a class.
+  marked = np.array([x.split(os.sep)[0].lower() in EVAL_TOKENS for x in dirs])
   by_name = bool(marked.any() and not marked.all())
   several = len(set(dirs)) > 1
   if split == 'train':  # once per run, as for arrays:

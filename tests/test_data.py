@@ -142,12 +142,13 @@ def test_folder_directories_named_as_splits_are_the_splits(tmp_path):
   # The eval images span two directories: in a fixed random order (seed 0).
   order = np.random.default_rng(0).permutation(3)
   assert _values(ev) == [value[names[i]] for i in order]
-  # A word of the directory's name counts, as for arrays: files; the folder's own name
-  # (above PATH) does not.
-  value = _folder_of_values(tmp_path / 'val_set', ['a/0.png', 'a/1.png', 'b_valid/2.png'])
+  # A top-level directory's whole name counts (Val/ too), not a word of a class's name
+  # (test_tube/) nor a directory below another (a/val/), nor the folder's own name.
+  names = ['Val/0.png', 'a/val/1.png', 'test_tube/2.png']
+  value = _folder_of_values(tmp_path / 'val_set', names)
   cfg = _config(dataset=f'folder:{tmp_path / "val_set"}', channels=1, eval_fraction=0.5)
-  assert _values(data.load(cfg, 'eval')) == [value['b_valid/2.png']]
-  assert _values(data.load(cfg, 'train')) == [value['a/0.png'], value['a/1.png']]
+  assert _values(data.load(cfg, 'eval')) == [value['Val/0.png']]
+  assert _values(data.load(cfg, 'train')) == [value[n] for n in names[1:]]
 
 
 def test_folder_of_several_directories_holds_out_a_random_fraction(tmp_path):
@@ -216,6 +217,12 @@ def test_a_cameras_exif_orientation_is_applied(tmp_path):
                                 [[30, 20, 10], [60, 50, 40]])
   Image.fromarray(stored).save(tmp_path / 'upright.png')  # no EXIF: as stored
   np.testing.assert_array_equal(data.read_image(str(tmp_path / 'upright.png'))[..., 0],
+                                stored)
+  # A damaged EXIF block (PIL's getexif raises SyntaxError): shown as stored, as viewers do.
+  Image.fromarray(stored).save(tmp_path / 'damaged.png', exif=b'garbage!')
+  with Image.open(tmp_path / 'damaged.png') as im, pytest.raises(SyntaxError):
+    im.getexif()
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / 'damaged.png'))[..., 0],
                                 stored)
 
 
@@ -573,7 +580,8 @@ def test_tfds_unknown_eval_split_is_an_error_where_the_dataset_has_several(tmp_p
 
 
 @pytest.mark.parametrize('train_split,eval_split', [
-    ('train', 'train[90%:]'), ('train', 'train'), ('train[:90%]+test', 'test[:10]')])
+    ('train', 'train[90%:]'), ('train', 'train'), ('train[:90%]+test', 'test[:10]'),
+    ('train[:60%]', 'train[50%:]')])
 def test_tfds_an_eval_split_sharing_training_examples_is_an_error(tmp_path, train_split,
                                                                    eval_split):
   tfds = _tfds()
@@ -597,6 +605,20 @@ def test_tfds_split_overlap_from_the_split_sizes(train_split, eval_split, shared
 
   class Builder:
     info = type('Info', (), {'splits': infos})
+
+  assert data._splits_overlap(train_split, eval_split, Builder) == shared
+
+
+@pytest.mark.parametrize('train_split,eval_split,shared', [
+    ('train[:90%]', 'train[90%:]', False), ('train[:60%]', 'train[50%:]', True),
+    ('train[:-99]', 'train[-100:]', True), ('train[:-100]', 'train[-100:]', False),
+    ('train', 'test', False), ('train+test[:5]', 'test[5:]', False)])
+def test_tfds_split_overlap_before_the_sizes_are_known(train_split, eval_split, shared):
+  # A dataset not downloaded yet lists no splits: slices compare at any size.
+  _tfds()
+
+  class Builder:
+    info = type('Info', (), {'splits': {}})
 
   assert data._splits_overlap(train_split, eval_split, Builder) == shared
 
