@@ -23,6 +23,11 @@ from avae_jax import config_lib
 from avae_jax import conv
 
 Dtype = Any
+# The float32 layers (the encoder's heads, the decoder's output, the discriminator's
+# logit) ask for full float32 products: by default TPUs compute a float32 product in
+# bfloat16 and recent NVIDIA GPUs in TF32, whatever the layer's dtype. Tiny layers: the
+# cost is nothing next to the network.
+FULL = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -164,8 +169,8 @@ class Encoder(nn.Module):
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
     # The heads run in float32: exp(logvar) amplifies any rounding of logvar.
     h = h.astype(jnp.float32)
-    mu = nn.Dense(self.latent_dim, dtype=jnp.float32, name='mu')(h)
-    logvar = nn.Dense(self.latent_dim, dtype=jnp.float32, name='logvar')(h)
+    mu = nn.Dense(self.latent_dim, dtype=jnp.float32, precision=FULL, name='mu')(h)
+    logvar = nn.Dense(self.latent_dim, dtype=jnp.float32, precision=FULL, name='logvar')(h)
     chex.assert_shape([mu, logvar], (x.shape[0], self.latent_dim))
     return mu, logvar
 
@@ -197,8 +202,8 @@ class Decoder(nn.Module):
       h = ConvBNReLU(w, kernel=3, **conv_kw)(h, train)
     # Table I's "conv_transpose 1x1" is a 1x1 convolution (with bias: no BN follows).
     # It and the sigmoid run in float32 so that outputs and losses keep full precision.
-    logits = nn.Conv(self.channels, (1, 1), dtype=jnp.float32, name='to_image')(
-        h.astype(jnp.float32))
+    logits = nn.Conv(self.channels, (1, 1), dtype=jnp.float32, precision=FULL,
+                     name='to_image')(h.astype(jnp.float32))
     x_rec = nn.sigmoid(logits)
     chex.assert_shape(x_rec, (z.shape[0], self.image_size, self.image_size, self.channels))
     return x_rec
@@ -230,7 +235,8 @@ class Discriminator(nn.Module):
       h = max_pool_2x2(h)
     h = h.reshape((h.shape[0], math.prod(h.shape[1:])))  # -1 fails for an empty batch
     h = DenseBNTanh(self.hidden_dim, **kw)(h, train)
-    logit = nn.Dense(1, dtype=jnp.float32, name='logit')(h.astype(jnp.float32))[:, 0]
+    logit = nn.Dense(1, dtype=jnp.float32, precision=FULL, name='logit')(
+        h.astype(jnp.float32))[:, 0]
     chex.assert_shape(logit, (x.shape[0],))
     return logit
 

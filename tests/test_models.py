@@ -130,6 +130,23 @@ def test_bfloat16_compute_float32_params_and_outputs():
   assert conv_lines and all('bf16' in l for l in conv_lines[:-1])
 
 
+def test_the_float32_layers_ask_for_full_float32_products():
+  # The CPU computes float32 products in full whatever the precision; TPUs and GPUs take
+  # DEFAULT as bfloat16 or TF32. So the lowered programs are checked: with bfloat16
+  # compute, the float32 products (the heads mu and logvar, the 1x1 output convolution,
+  # the discriminator's logit) say HIGHEST, and only they do.
+  vae, disc, v_vars, d_vars, x, eps, _ = _setup(16, 3, (4, 8), 'bfloat16')
+  for fn, variables, count in ((lambda v: vae.apply(v, x, eps, train=True,
+                                                    mutable=['batch_stats']), v_vars, 3),
+                               (lambda d: disc.apply(d, x, train=False), d_vars, 1)):
+    text = jax.jit(fn).lower(variables).as_text()
+    products = [line for line in text.splitlines()
+                if 'stablehlo.dot_general' in line or 'stablehlo.convolution' in line]
+    full = [line for line in products if line.rstrip().endswith('xf32>')]
+    assert len(full) == count and all('HIGHEST' in line for line in full), full
+    assert not any('HIGHEST' in line for line in products if line not in full)
+
+
 @pytest.mark.parametrize('image_size,widths', [(18, (4, 8)), (28, (4, 8, 16)), (20, (4, 8, 16))])
 def test_bad_image_size_is_a_clear_config_error(image_size, widths):
   with pytest.raises(config_lib.ConfigError, match='not divisible by 2\\*\\*len'):
