@@ -485,7 +485,13 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
                            examples: int, cpu_threads: int | None) -> None:
   """Warns where a resumed run will differ from an uninterrupted one: threads, data size."""
   saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
-  if saved_threads is not None and cpu_threads not in (None, saved_threads):
+  if 'cpu_threads' in meta and (saved_threads is None) != (cpu_threads is None):
+    where = {True: 'a GPU/TPU', False: 'the CPU'}
+    print(f'warning: the checkpoint was written on {where[saved_threads is None]} and this '
+          f'process computes on {where[cpu_threads is None]}: the steps from here on are '
+          "not bit-identical to an uninterrupted run's (README: Devices and "
+          'reproducibility)', file=sys.stderr, flush=True)
+  elif saved_threads is not None and cpu_threads not in (None, saved_threads):
     print(f'warning: the checkpoint was written with {saved_threads} XLA:CPU thread(s) '
           f'and this process has {cpu_threads} (another cpu_devices, CPU affinity, '
           'PJRT_NPROC, NPROC or machine): the steps from here on are not bit-identical to '

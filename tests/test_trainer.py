@@ -549,6 +549,19 @@ def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
   assert_trees_equal(tree, reference[1])
 
 
+@pytest.mark.parametrize('saved,now,message', [
+    ({'cpu_threads': 2}, None, 'written on the CPU and this process computes on a GPU/TPU'),
+    ({'cpu_threads': None}, 2, 'written on a GPU/TPU and this process computes on the CPU'),
+    ({'cpu_threads': 2}, 3, 'written with 2 XLA:CPU thread(s) and this process has 3'),
+    ({'cpu_threads': None}, None, None), ({'cpu_threads': 2}, 2, None),
+    ({}, None, None), ({}, 2, None)])  # {}: a checkpoint of a version before the count
+def test_a_resume_on_another_backend_or_thread_count_warns(capsys, saved, now, message):
+  config = ml_collections.ConfigDict({'dataset': 'shapes'})
+  trainer._warn_of_a_changed_run(config, dict(saved, train_examples=8), 8, now)
+  err = capsys.readouterr().err
+  assert (message in err and 'not bit-identical' in err) if message else err == '', err
+
+
 def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys):
   # Files added to an arrays: or folder: dataset between the stop and the resume change
   # every epoch's order and the held-out eval rows: not silent.
