@@ -483,7 +483,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
 
 def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, Any],
                            examples: int, cpu_threads: int | None) -> None:
-  """Warns where a resumed run will differ from an uninterrupted one: threads, data size."""
+  """Warns where a resumed run will differ from an uninterrupted one: backend, threads, data."""
   saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
   if 'cpu_threads' in meta and (saved_threads is None) != (cpu_threads is None):
     where = {True: 'a GPU/TPU', False: 'the CPU'}
