@@ -24,10 +24,9 @@ Datasets (`config.dataset`):
   once however many symlinks lead to it, sorted by relative path), decoded with PIL at
   each `get`. Files below a top-level directory named as an eval split (one of the
   words of `arrays:` below: `test/`, `val/`, `validation/`) are 'eval', the others
-  'train'. Without
-  such a directory, 'eval' is the last `eval_fraction` of the sorted files when all are
-  in one directory (CelebA's `img_align_celeba`), else a fixed random `eval_fraction`
-  of them (seed 0; kept in random order), and 'train' the rest.
+  'train'. Without such a directory, 'eval' is the last `eval_fraction` of the sorted
+  files when all are in one directory (CelebA's `img_align_celeba`), else a fixed random
+  `eval_fraction` of them (seed 0; kept in random order), and 'train' the rest.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
   `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files whose name contains
@@ -313,10 +312,15 @@ def _holdout_rows(num: int, split: str, fraction: float, what: str,
                     'config.eval_fraction > 0')
   if not shuffled:
     return np.arange(num - k, num) if split == 'eval' else np.arange(num - k)
-  perm = np.random.default_rng(0).permutation(num)
+  perm = _fixed_order(num)
   # Eval stays shuffled: the evaluation reads its first eval.num_images rows, which in
   # index order would all come from one corner of factor space (dSprites' first shape).
   return perm[:k] if split == 'eval' else np.sort(perm[k:])
+
+
+def _fixed_order(rows: int | np.ndarray) -> np.ndarray:
+  """`rows` (or range(rows)) in a held-out split's random order: seed 0, any config.seed."""
+  return np.random.default_rng(0).permutation(rows)
 
 
 # ------------------------------------------------------------------------ load
@@ -461,13 +465,13 @@ def _splits_overlap(train_split: str, eval_split: str, builder: Any) -> bool:
   except (ValueError, KeyError, AssertionError):
     return False  # a malformed spec: tfds names it when it reads the split
 
-  def bounds(r: Any) -> tuple[int, int]:
-    n = infos[r.splitname].num_examples
-    return (0 if r.from_ is None else r.from_), (n if r.to is None else r.to)
+  def ranges(instructions: Any) -> list[tuple[str, int, int]]:
+    """(split, first, end) of each part; an open end is the split's start or size."""
+    return [(r.splitname, r.from_ or 0,
+             infos[r.splitname].num_examples if r.to is None else r.to) for r in instructions]
 
-  return any(a.splitname == b.splitname
-             and max(bounds(a)[0], bounds(b)[0]) < min(bounds(a)[1], bounds(b)[1])
-             for a in train for b in evals)
+  return any(a == b and max(a0, b0) < min(a1, b1)
+             for a, a0, a1 in ranges(train) for b, b0, b1 in ranges(evals))
 
 
 def _load_tfds(config: Any, split: str) -> Source:
@@ -700,10 +704,10 @@ def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np
   """Rows of `split` among a folder's images (paths relative to it, sorted).
 
   Below top-level directories named as an eval split (test/, val/, validation/: the
-  names EVAL_TOKENS) are the eval images, the others train. Otherwise eval is held out: the last `fraction` of
-  one directory's images (CelebA's img_align_celeba, whose own validation and test
-  images are its last), or a fixed random `fraction` of images in several directories
-  (one per class, say), so that each is represented.
+  names EVAL_TOKENS) are the eval images, the others train. Otherwise eval is held out:
+  the last `fraction` of one directory's images (CelebA's img_align_celeba, whose own
+  validation and test images are its last), or a fixed random `fraction` of images in
+  several directories (one per class, say), so that each is represented.
   """
   dirs = [os.path.dirname(n) for n in names]
   # The whole name of a top-level directory: a class called test_tube stays a class.
@@ -722,7 +726,7 @@ def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np
   if len({dirs[i] for i in rows}) > 1:
     # In random order: the evaluation reads the first eval.num_images, which in sorted
     # order would come from the first directory alone.
-    rows = np.random.default_rng(0).permutation(rows)
+    rows = _fixed_order(rows)
   return rows
 
 
