@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import uuid
@@ -148,6 +149,51 @@ def temporary_name(path: str) -> str:
   # evaluation, several hosts filling a shared tfds cache) must not rename each other's
   # half-written temporary, and containers on several hosts give them the same pids.
   return f'{path}.tmp{os.getpid()}.{uuid.uuid4().hex}'
+
+
+# temporary_name's names: the pid of the writer, then the random part.
+_TEMPORARY = re.compile(r'\.tmp(\d+)\.[0-9a-f]{32}$')
+
+
+def _is_running(pid: int) -> bool:
+  """Whether a process with this pid runs on this host."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
+def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> list[str]:
+  """Deletes write_bytes' temporaries under a local `directory` whose writer is gone.
+
+  A writer killed between its write and its rename (SIGKILL, a power cut) leaves its
+  temporary behind; nothing else ever removes it. A temporary of a live process (eval.py
+  writing beside a run) is kept, and so is everything on an object store, where no pid
+  says whether its writer lives. This process's own pid counts as gone: a restarted
+  container gives a program the pid its killed predecessor had, and the caller has not
+  begun a write. `skip`: subdirectory names not to descend into (orbax's checkpoints,
+  which orbax cleans itself). Returns the removed paths.
+  """
+  root = os.fspath(directory)
+  if is_remote(root):
+    return []
+  removed = []
+  for folder, subdirs, names in os.walk(root):
+    subdirs[:] = [d for d in subdirs if d not in skip]
+    for name in names:
+      match = _TEMPORARY.search(name)
+      if match is None:
+        continue
+      pid = int(match.group(1))
+      if pid == os.getpid() or not _is_running(pid):
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):  # its writer's rename won the race
+          os.remove(path)
+          removed.append(path)
+  return removed
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

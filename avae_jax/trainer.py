@@ -439,6 +439,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       problem = files.output_dir_problem(ckpt_dir, 'the checkpoint directory')
       if problem:
         raise config_lib.ConfigError(problem)
+      if is_main:
+        # Orbax cleans its own temporary checkpoints when the Checkpointer opens.
+        removed = files.remove_dead_temporaries(workdir, skip=(api.CHECKPOINT_DIR,))
+        if removed:
+          print(f'removed {len(removed)} temporary file(s) of a killed write in {workdir}',
+                flush=True)
       # Closed on every way out, failures too (a study or a notebook goes on in this
       # process); the loop closes it before the evaluation, and closing twice is harmless.
       with checkpoint.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints)) as ckpt:

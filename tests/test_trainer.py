@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -27,6 +29,7 @@ from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
+from avae_jax import files
 from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import summary
@@ -357,6 +360,27 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
   assert (workdir / 'metrics.jsonl').read_text() == jsonl
   assert sorted(p.name for p in workdir.glob('events.out.tfevents.*')) == events
   assert committed_steps(workdir) == [12, 16, 20]
+
+
+def test_a_restart_removes_the_temporary_files_of_a_killed_write(reference, tmp_path, capsys):
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference[0], workdir)
+  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                            capture_output=True, text=True, check=True).stdout)
+  before = sorted(str(p) for p in workdir.rglob('*'))
+  left = [files.temporary_name(str(workdir / name)).replace(f'.tmp{os.getpid()}.',
+                                                            f'.tmp{dead}.')
+          for name in ('config.json', os.path.join('images', 'samples.png'))]
+  for path in left:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write('{"half": ')
+  capsys.readouterr()
+  train(BASE, workdir)
+  assert (f'removed 2 temporary file(s) of a killed write in {workdir}\n'
+          in capsys.readouterr().out)
+  assert not any(os.path.exists(p) for p in left)
+  assert set(before) <= {str(p) for p in workdir.rglob('*')}
 
 
 def test_gating_thresholds_with_a_dead_band_are_warned_about(reference, tmp_path, capsys):
