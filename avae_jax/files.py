@@ -153,17 +153,22 @@ def temporary_name(path: str) -> str:
 
 # temporary_name's names: the pid of the writer, then the random part.
 _TEMPORARY = re.compile(r'\.tmp(\d+)\.[0-9a-f]{32}$')
+# The names of this process's temporaries being written now (by any thread).
+_IN_FLIGHT: set[str] = set()
 
 
-def _is_running(pid: int) -> bool:
-  """Whether a process with this pid runs on this host."""
+def _writer_is_gone(name: str, pid: int) -> bool:
+  """Whether no process writes the temporary `name` of process `pid` (on this host)."""
+  if pid == os.getpid():
+    # A restarted container gives a program the pid its killed predecessor had.
+    return name not in _IN_FLIGHT
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
-    return False
-  except PermissionError:  # another user's
     return True
-  return True
+  except PermissionError:  # another user's process
+    return False
+  return False
 
 
 def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> list[str]:
@@ -172,10 +177,9 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> 
   A writer killed between its write and its rename (SIGKILL, a power cut) leaves its
   temporary behind; nothing else ever removes it. A temporary of a live process (eval.py
   writing beside a run) is kept, and so is everything on an object store, where no pid
-  says whether its writer lives. This process's own pid counts as gone: a restarted
-  container gives a program the pid its killed predecessor had, and the caller has not
-  begun a write. `skip`: subdirectory names not to descend into (orbax's checkpoints,
-  which orbax cleans itself). Returns the removed paths.
+  says whether its writer lives. A temporary with this process's pid is removed unless
+  one of its threads is writing it. `skip`: names of subdirectories not to descend into
+  (orbax's checkpoints, which orbax cleans itself). Returns the removed paths.
   """
   root = os.fspath(directory)
   if is_remote(root):
@@ -187,8 +191,7 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> 
       match = _TEMPORARY.search(name)
       if match is None:
         continue
-      pid = int(match.group(1))
-      if pid == os.getpid() or not _is_running(pid):
+      if _writer_is_gone(name, int(match.group(1))):
         path = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):  # its writer's rename won the race
           os.remove(path)
@@ -201,6 +204,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = epath.Path(temporary_name(str(target)))
+  _IN_FLIGHT.add(tmp.name)
   try:
     if is_remote(target):
       tmp.write_bytes(data)
@@ -215,6 +219,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
+    _IN_FLIGHT.discard(tmp.name)
 
 
 def is_held(directory: PathLike, lock_file: str = LOCK_FILE) -> bool:

@@ -167,6 +167,36 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     live.wait()
 
 
+def test_a_write_in_progress_in_this_process_keeps_its_temporary(tmp_path, monkeypatch):
+  # Another thread of this process (a study's heartbeat beside its training run) is
+  # between its write and its rename while the temporaries are removed.
+  syncing, resume = threading.Event(), threading.Event()
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    syncing.set()
+    resume.wait(60)
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, 'fsync', fsync)
+  errors = []
+
+  def write():
+    try:
+      files.write_text(str(tmp_path / 'study_run.json'), '{}\n')
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  writer = threading.Thread(target=write)
+  writer.start()
+  assert syncing.wait(60)
+  removed = files.remove_dead_temporaries(tmp_path)
+  resume.set()
+  writer.join(60)
+  assert removed == [] and errors == []
+  assert _tree(tmp_path) == ['study_run.json']
+
+
 def test_exclusive_admits_one_holder_at_a_time(tmp_path):
   with files.exclusive(tmp_path, 'first'):
     with pytest.raises(files.LockedError, match=r'is in use by first \(pid \d+ on '):
