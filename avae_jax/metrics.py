@@ -183,6 +183,38 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
   return float(max(value, 0.0))
 
 
+def frechet_distance_of_features(features1: Any, features2: Any) -> float:
+  """frechet_distance of the Gaussians fitted (gaussian_stats) to two (N, d) feature sets.
+
+  With fewer images than dimensions (the default 256 images against Inception's 2048
+  features) it never forms a d x d matrix: with A_i the centred features and
+  S_i = A_i^T A_i / (n_i - 1), the non-zero eigenvalues of S1 S2 are the squared singular
+  values of C = A1 A2^T / sqrt((n1 - 1)(n2 - 1)), so tr sqrt(S1 S2) is C's nuclear norm,
+  an n1 x n2 SVD (0.1 s) in place of two d x d eigendecompositions and a d x d SVD (15 s
+  per pair at d = 2048). It is accurate for the same reason: singular values, not
+  eigenvalues of a product. With as many images as dimensions, it is frechet_distance.
+  """
+  f1, f2 = (np.asarray(f, np.float64) for f in (features1, features2))
+  if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(
+      f1.shape[0], f2.shape[0]) < 2:
+    raise ValueError(f'expected (N >= 2, d) features of one d, got shapes {f1.shape} '
+                     f'and {f2.shape}')
+  if min(f1.shape[0], f2.shape[0]) >= f1.shape[1]:
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+  if not (np.all(np.isfinite(f1)) and np.all(np.isfinite(f2))):
+    raise ValueError('features contain NaN or inf')
+  if np.array_equal(f1, f2):
+    return 0.0
+  mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
+  a1, a2 = f1 - mu1, f2 - mu2
+  s1, s2 = f1.shape[0] - 1, f2.shape[0] - 1
+  diff = mu1 - mu2
+  cross = np.sum(np.linalg.svd(a1 @ a2.T, compute_uv=False)) / np.sqrt(s1 * s2)
+  value = diff @ diff + np.sum(a1 * a1) / s1 + np.sum(a2 * a2) / s2 - 2.0 * cross
+  # The distance is >= 0; a tiny negative value is rounding.
+  return float(max(value, 0.0))
+
+
 def _discretize(codes: np.ndarray, num_bins: int) -> np.ndarray:
   """Histogram-bins each column into num_bins equal-width bins over its range."""
   out = np.empty(codes.shape, np.int64)

@@ -225,6 +225,45 @@ def test_frechet_rejects_bad_input():
     metrics.frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
 
 
+def _frechet_by_scipy(x1, x2):
+  """FID as pytorch-fid writes it, with scipy: the square roots of the covariances."""
+  s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+  root1 = scipy.linalg.sqrtm(s1).real
+  # sqrt(S1) S2 sqrt(S1) is symmetric PSD, with the eigenvalues of S1 S2; of rank at most
+  # r = min(n1 - 1, n2 - 1, d). Its other eigenvalues are rounding noise, whose square
+  # roots (1e-8 each) would add up: only the r largest count.
+  rank = min(len(x1) - 1, len(x2) - 1, x1.shape[1])
+  eig = np.clip(scipy.linalg.eigvalsh(root1 @ s2 @ root1)[::-1][:rank], 0.0, None)
+  diff = x1.mean(0) - x2.mean(0)
+  return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(eig))
+
+
+@pytest.mark.parametrize('n1,n2,d', [(6, 9, 40), (40, 25, 64), (80, 100, 16), (3, 200, 8)])
+def test_frechet_of_features_against_scipy_and_the_covariances(n1, n2, d):
+  # Fewer images than dimensions (the n x n path) and more (the covariances' path).
+  rng = np.random.default_rng(n1 + 7 * d)
+  scale = rng.random(d) * 3
+  x1 = rng.standard_normal((n1, d)) * scale
+  x2 = rng.standard_normal((n2, d)) * scale + 0.3
+  got = metrics.frechet_distance_of_features(x1, x2)
+  assert isinstance(got, float)
+  assert got == pytest.approx(_frechet_by_scipy(x1, x2), rel=1e-7)
+  via_stats = metrics.frechet_distance(*metrics.gaussian_stats(x1), *metrics.gaussian_stats(x2))
+  assert got == pytest.approx(via_stats, rel=1e-9)
+  assert metrics.frechet_distance_of_features(x2, x1) == pytest.approx(got, rel=1e-12)
+
+
+def test_frechet_of_features_identical_and_bad_input():
+  x = np.random.default_rng(8).standard_normal((10, 32))
+  assert metrics.frechet_distance_of_features(x, x.copy()) == 0.0
+  assert 0.0 <= metrics.frechet_distance_of_features(x, x * (1 + 1e-15)) < 1e-9
+  for a, b in [(x, x[:, :31]), (x[:1], x), (x[0], x)]:
+    with pytest.raises(ValueError, match='expected'):
+      metrics.frechet_distance_of_features(a, b)
+  with pytest.raises(ValueError, match='NaN'):
+    metrics.frechet_distance_of_features(x, np.where(x > 2, np.nan, x))
+
+
 def _mig_reference(codes, factors, num_bins):
   """Plain-loop MIG: histogram-discretised codes, plug-in MI, gap / factor entropy."""
   n = codes.shape[0]
