@@ -66,6 +66,7 @@ _MAX_HOURS = flags.DEFINE_float(
 REPORT_LOCK = 'report.lock'  # held by the process writing study.json or the report
 CALIBRATION_LOCK = 'calibration.lock'  # held by the process calibrating a dataset
 HEARTBEAT_S = 30.0  # how often a session in progress rewrites its study_run.json
+_COMPILATION_CACHE = '.jax_cache'  # OUT's persistent XLA cache
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -199,7 +200,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
   --datasets/--variants) is skipped, its study_run.json left to that process.
   """
   workdir = study_report.run_dir(out, dataset, variant, seed)
-  if study_report.is_finished(workdir):
+  info_path = os.path.join(workdir, study_report.RUN_FILE)
+  if study_report.is_finished(workdir) and not _recorded_as_running(info_path):
     return 'done'
   os.makedirs(workdir, exist_ok=True)
   lock = study_report.RUN_LOCK  # the report probes it to tell a run in progress
@@ -213,6 +215,8 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
         time.sleep(0.5)
         stack.enter_context(files.exclusive(workdir, 'study.py', lock_file=lock))
     except files.LockedError as e:
+      if study_report.is_finished(workdir):
+        return 'done'  # its process is recording the end
       # Left to the trainer's own lock it would be a failed run, and this process would
       # write that failure over the study_run.json of the process training it.
       status = f'skipped: being trained by another process ({e})'
@@ -220,6 +224,14 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
       return status
     # Another process may have finished it since the check above: not evaluated twice.
     if study_report.is_finished(workdir):
+      if _recorded_as_running(info_path):
+        # Killed between the final metrics and its record: the session was killed, and
+        # no later session would count it (a finished run is not trained again).
+        info = _read_run_info(info_path)
+        info.pop('error', None)  # an earlier session's failure, which this one made good
+        info.update(status='done', finished=os.path.getmtime(
+            os.path.join(workdir, study_report.FINAL_METRICS)))
+        _write_json(info_path, info)
       return 'done'
     return _train_held(out, settings, dataset, variant, seed, weights)
 
@@ -282,6 +294,14 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   if interrupted is not None:
     raise interrupted
   return status
+
+
+def _recorded_as_running(info_path: str) -> bool:
+  """Whether the run's study_run.json records a session as running."""
+  try:
+    return files.read_json(info_path).get('status') == study_report.RUNNING
+  except (OSError, ValueError, AttributeError):  # none yet, unreadable or not an object
+    return False
 
 
 def _read_run_info(info_path: str) -> dict[str, Any]:
@@ -422,7 +442,7 @@ def _enable_compilation_cache(out: str) -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.join(out, '.jax_cache'))
+    jax.config.update('jax_compilation_cache_dir', os.path.join(out, _COMPILATION_CACHE))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
@@ -521,6 +541,13 @@ def main(argv: list[str]) -> None:
     problem = files.output_dir_problem(_PUBLISH_DIR.value, 'the --publish_dir')
   if problem:
     raise app.UsageError(problem)
+  # A killed write's temporaries (train.py removes those of a run it trains; a finished
+  # run's record and the study's own files are written here). Those of another study
+  # process sharing OUT are kept while it lives.
+  removed = files.remove_dead_temporaries(out, skip=('checkpoints', _COMPILATION_CACHE))
+  if removed:
+    print(f'[study] removed {len(removed)} temporary file(s) of a killed write in {out}',
+          flush=True)
   if not _REPORT_ONLY.value:
     # Before the study file records this command's budget: a study that cannot start
     # must not hold its --out to a budget at which nothing ran.

@@ -347,7 +347,8 @@ def per_seed_table(runs: Sequence[Run], dataset: str, variants: Sequence[str]) -
       status = run_status(r)
       wall, at_least = wall_time(r.info)
       cells = [fmt(_metric(r, k)) for _, k in cols]
-      wall_cell = (('≥ ' if at_least else '') + _duration(wall)) if wall else '-'
+      # A session killed before its first heartbeat counts 0 s: '≥ 0s', not unknown.
+      wall_cell = (('≥ ' if at_least else '') + _duration(wall)) if wall or at_least else '-'
       lines.append(f'| {NAMES[v]} | {r.seed} | {status.splitlines()[0][:60]} | '
                    + ' | '.join(cells) + f' | {wall_cell} |')
   return '\n'.join(lines) + '\n'

@@ -610,6 +610,22 @@ def test_report_only_reports_every_seed_of_the_study(study_dir, tmp_path):
       out / 'results.md')
 
 
+def test_a_rerun_removes_the_temporary_files_of_a_killed_write(study_dir, tmp_path):
+  # study.py writes the records of finished runs, which train.py never opens again.
+  out = tmp_path / 'study'
+  shutil.copytree(study_dir[0], out)
+  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                            capture_output=True, text=True, check=True).stdout)
+  left = [files.temporary_name(str(path)).replace(f'.tmp{os.getpid()}.', f'.tmp{dead}.')
+          for path in (out / 'study.json', out / 'shapes' / 'vae' / 'seed0' / 'study_run.json')]
+  for path in left:
+    with open(path, 'w') as f:
+      f.write('')
+  stdout = _study(f'--out={out}', '--report_only', '--publish=false').stdout
+  assert f'[study] removed 2 temporary file(s) of a killed write in {out}\n' in stdout
+  assert not any(os.path.exists(p) for p in left)
+
+
 def test_a_smaller_seeds_flag_leaves_no_seed_of_the_study_out(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, 'argv', ['study.py', '--out=o', '--seeds=3'])
@@ -1093,6 +1109,34 @@ def test_a_killed_session_is_reported_with_its_time_and_a_rerun_takes_over(tmp_p
   assert info['killed_sessions'] == 1 and 'alive' not in info
   assert info['wall_s'] == pytest.approx(9.0 + ran + 2.5)
   assert study_report.wall_time(info) == (info['wall_s'], True)
+
+
+def test_a_run_killed_after_its_final_metrics_is_recorded_as_done(tmp_path, monkeypatch):
+  # Killed between the trainer's final_metrics.json and the study's record of the end: a
+  # finished run is never trained again, so no later session counted the killed one.
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def train_and_evaluate(config, workdir):
+    raise AssertionError('a finished run was trained again')
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train_and_evaluate)
+  settings = study_config.get_config('test')
+  for seed, alive in ((0, 130.0), (1, 100.0)):  # seed 1: killed before a heartbeat
+    workdir = tmp_path / 'shapes' / 'vae' / f'seed{seed}'
+    workdir.mkdir(parents=True)
+    (workdir / 'final_metrics.json').write_text('{"step": 10, "rec_mse": 0.1}')
+    (workdir / 'study_run.json').write_text(json.dumps(
+        {'sessions': 2, 'status': 'running', 'started': 100.0, 'alive': alive,
+         'wall_s': 9.0 if seed == 0 else 0.0, 'error': 'session 1 failed'}))
+    assert study.train_one(str(tmp_path), settings, 'shapes', 'vae', seed, None) == 'done'
+    info = json.loads((workdir / 'study_run.json').read_text())
+    assert info == {'sessions': 2, 'status': 'done', 'started': 100.0, 'killed_sessions': 1,
+                    'wall_s': alive - 100.0 + (9.0 if seed == 0 else 0.0),
+                    'finished': os.path.getmtime(workdir / 'final_metrics.json')}
+  runs = study_report.load_runs(str(tmp_path), ['shapes'], ['vae'], 2)
+  rows = study_report.per_seed_table(runs, 'shapes', ['vae']).splitlines()[2:]
+  assert rows[0].startswith('| VAE | 0 | done |') and rows[0].endswith('| ≥ 39s |')
+  assert rows[1].startswith('| VAE | 1 | done |') and rows[1].endswith('| ≥ 0s |')
 
 
 def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, monkeypatch):
