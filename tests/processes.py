@@ -1,7 +1,12 @@
 """Process and file-lock observations from /proc, shared by several test files."""
 
+import os
+import subprocess
+import sys
 import time
 from typing import Callable
+
+from avae_jax import files
 
 
 def process_running(pid: int) -> bool:
@@ -27,3 +32,14 @@ def wait_until_blocked_on_a_lock(pid: int, alive: Callable[[], bool] = lambda: T
     assert alive(), f'what was to wait for the lock (in process {pid}) ended first'
     assert time.monotonic() < deadline, f'process {pid} did not wait for a lock'
     time.sleep(0.02)
+
+
+def dead_pid() -> int:
+  """The pid of a process that has ended (a child that printed it and exited)."""
+  return int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                            capture_output=True, text=True, check=True).stdout)
+
+
+def temporary_of(path: os.PathLike | str, pid: int) -> str:
+  """files.write_bytes' temporary name for `path`, as process `pid` would choose it."""
+  return files.temporary_name(str(path)).replace(f'.tmp{os.getpid()}.', f'.tmp{pid}.')

@@ -134,25 +134,19 @@ def test_png_and_config_on_gs(fake_bucket):
   assert os.listdir('.') == []
 
 
-def _temporary_of(path, pid):
-  """write_bytes' temporary name for `path`, as process `pid` would choose it."""
-  return files.temporary_name(str(path)).replace(f'.tmp{os.getpid()}.', f'.tmp{pid}.')
-
-
 def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
-  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                            capture_output=True, text=True, check=True).stdout)
+  dead = processes.dead_pid()
   live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
   try:
     (tmp_path / 'images').mkdir()
     (tmp_path / 'checkpoints').mkdir()
-    gone = [_temporary_of(tmp_path / 'config.json', dead),
-            _temporary_of(tmp_path / 'images' / 'samples.png', dead),
+    gone = [processes.temporary_of(tmp_path / 'config.json', dead),
+            processes.temporary_of(tmp_path / 'images' / 'samples.png', dead),
             # This process's pid: a restarted container's program may have its
             # predecessor's.
-            _temporary_of(tmp_path / 'final_metrics.json', os.getpid())]
-    kept = [_temporary_of(tmp_path / 'eval.json', live.pid),
-            _temporary_of(tmp_path / 'checkpoints' / 'x.json', dead),  # skipped directory
+            processes.temporary_of(tmp_path / 'final_metrics.json', os.getpid())]
+    kept = [processes.temporary_of(tmp_path / 'eval.json', live.pid),
+            processes.temporary_of(tmp_path / 'checkpoints' / 'x.json', dead),  # skipped directory
             str(tmp_path / 'config.json'),
             str(tmp_path / f'notes.tmp{dead}'),
             str(tmp_path / f'notes.tmp{dead}.{"g" * 32}')]

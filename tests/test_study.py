@@ -614,9 +614,8 @@ def test_a_rerun_removes_the_temporary_files_of_a_killed_write(study_dir, tmp_pa
   # study.py writes the records of finished runs, which train.py never opens again.
   out = tmp_path / 'study'
   shutil.copytree(study_dir[0], out)
-  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                            capture_output=True, text=True, check=True).stdout)
-  left = [files.temporary_name(str(path)).replace(f'.tmp{os.getpid()}.', f'.tmp{dead}.')
+  dead = processes.dead_pid()
+  left = [processes.temporary_of(path, dead)
           for path in (out / 'study.json', out / 'shapes' / 'vae' / 'seed0' / 'study_run.json')]
   for path in left:
     with open(path, 'w') as f:

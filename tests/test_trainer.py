@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -29,13 +27,13 @@ from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
-from avae_jax import files
 from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import summary
 from avae_jax import trainer
 from avae_jax import xla_flags
 from configs import default
+from tests import processes
 from tests.trees import assert_trees_equal
 
 TINY = {
@@ -365,11 +363,9 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
 def test_a_restart_removes_the_temporary_files_of_a_killed_write(reference, tmp_path, capsys):
   workdir = tmp_path / 'w'
   shutil.copytree(reference[0], workdir)
-  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                            capture_output=True, text=True, check=True).stdout)
+  dead = processes.dead_pid()
   before = sorted(str(p) for p in workdir.rglob('*'))
-  left = [files.temporary_name(str(workdir / name)).replace(f'.tmp{os.getpid()}.',
-                                                            f'.tmp{dead}.')
+  left = [processes.temporary_of(workdir / name, dead)
           for name in ('config.json', os.path.join('images', 'samples.png'))]
   for path in left:
     os.makedirs(os.path.dirname(path), exist_ok=True)
