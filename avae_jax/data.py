@@ -21,8 +21,11 @@ Datasets (`config.dataset`):
   and 'train' is the rest. With several splits, an eval split the dataset lacks is a
   DataError.
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, each directory
-  once however many symlinks lead to it, sorted by relative path), decoded with PIL at
-  each `get`. Files below a top-level directory named as an eval split (one of the
+  once however many symlinks lead to it, sorted by relative path), decoded with PIL,
+  preprocessed and rounded to uint8 once, into a memory-mapped .npy in the user's cache
+  directory named by a hash of the listing (paths, sizes, modification times) and the
+  geometry; where it has no room or cannot be written, decoded the same way at each
+  `get`. Files below a top-level directory named as an eval split (one of the
   words of `arrays:` below: `test/`, `val/`, `validation/`) are 'eval', the others
   'train'. Without such a directory, 'eval' is the last `eval_fraction` of the sorted
   files when all are in one directory (CelebA's `img_align_celeba`), else a fixed random
@@ -64,7 +67,9 @@ import io
 import os
 import queue
 import re
+import shutil
 import threading
+import time
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -353,7 +358,7 @@ def _load(config: Any, split: str, memo: dict[str, Any]) -> Source:
   if name in TFDS_DATASETS:
     return _load_tfds(config, split)
   if name.startswith('folder:'):
-    return _load_folder(config, os.path.expanduser(name[len('folder:'):]), split)
+    return _load_folder(config, os.path.expanduser(name[len('folder:'):]), split, memo)
   if name.startswith('arrays:'):
     return _load_arrays(config, os.path.expanduser(name[len('arrays:'):]), split, memo)
   raise DataError(f'unknown dataset {name!r}; choose one of {", ".join(TFDS_DATASETS)}, '
@@ -386,7 +391,7 @@ def _load_shapes(config: Any, split: str) -> Source:
 
 
 def cache_dirs(config: Any) -> list[str]:
-  """Where decoded tfds splits are cached, in lookup order.
+  """Where decoded tfds splits are cached, in lookup order (folders: _folder_cache_dir).
 
   $AVAE_JAX_CACHE alone if set; else `<data_dir>/avae_jax_cache` when data_dir is a
   local folder, then ~/.cache/avae_jax (used as well when the first is not writable).
@@ -582,12 +587,54 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
 
 
+def _to_bytes(x: np.ndarray) -> np.ndarray:
+  """Float images in [0, 1] as the uint8 a decoded cache stores (read back as k / 255)."""
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _write_npy(chunks: Iterator[np.ndarray], path: str, shape: tuple[int, int, int],
+               expected: int | None, what: str) -> int:
+  """Writes uint8 image chunks to the .npy file `path`; returns the image count.
+
+  With the count known the file is a memory map filled chunk by chunk (a CelebA-sized
+  split never sits in memory whole). Logs its progress every 30 s.
+  """
+  out = (np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=(expected,) + shape)
+         if expected else None)
+  parts, count = [], 0
+  start = last = time.monotonic()
+  for x in chunks:
+    if out is not None:
+      if count + len(x) > expected:
+        raise DataError(f'{what}: split has more than the {expected} listed examples')
+      out[count:count + len(x)] = x
+    else:
+      parts.append(x)
+    count += len(x)
+    now = time.monotonic()
+    if now - last >= 30.0:
+      last = now
+      rate = count / (now - start)
+      left = f', about {(expected - count) / rate:.0f} s left' if expected else ''
+      logging.info('%s: %d%s images decoded into the cache (%.0f images/s%s)', what, count,
+                   f'/{expected}' if expected else '', rate, left)
+  if out is not None:
+    if count != expected:
+      raise DataError(f'{what}: read {count} examples, the split lists {expected}')
+    out.flush()
+    del out
+  else:
+    np.save(path, np.concatenate(parts) if parts else np.zeros((0,) + shape, np.uint8))
+  if count == 0:
+    raise DataError(f'{what}: the split is empty')
+  return count
+
+
 def _write_cache(dataset: Any, directory: str, stem: str, name: str,
                  geometry: dict[str, int], expected: int | None
                  ) -> tuple[np.ndarray, np.ndarray | None]:
   """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  shape = _image_shape(geometry)
   path = os.path.join(directory, stem + '.npy')
   # A unique temporary name, then an atomic rename: concurrent processes (on several
   # hosts, with a shared data_dir) never see a half-written cache.
@@ -595,37 +642,18 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1
-  chunks, labels = [], []
-  out = None
-  count = 0
+  labels = []
+
+  def chunks(pool: concurrent.futures.Executor) -> Iterator[np.ndarray]:
+    for batch in tfds.as_numpy(dataset):
+      raw = batch['image'] if stretch == 1 else batch['image'] * np.uint8(stretch)
+      if name == 'dsprites':
+        labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
+      yield _to_bytes(_preprocess_many(list(raw), pool, **geometry))
+
   try:
-    if expected:
-      out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
-                                      shape=(expected,) + shape)
     with _thread_pool() as pool:
-      for batch in tfds.as_numpy(dataset):
-        raw = batch['image'] if stretch == 1 else batch['image'] * np.uint8(stretch)
-        x = _preprocess_many(list(raw), pool, **geometry)
-        x = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-        if out is not None:
-          if count + len(x) > expected:
-            raise DataError(f'{name}: split has more than the {expected} listed examples')
-          out[count:count + len(x)] = x
-        else:
-          chunks.append(x)
-        count += len(x)
-        if name == 'dsprites':
-          labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
-    if out is not None:
-      if count != expected:
-        raise DataError(f'{name}: read {count} examples, the split lists {expected}')
-      out.flush()
-      del out
-    else:
-      np.save(tmp, np.concatenate(chunks) if chunks else
-              np.zeros((0,) + shape, np.uint8))
-    if count == 0:
-      raise DataError(f'{name}: the split is empty')
+      _write_npy(chunks(pool), tmp, _image_shape(geometry), expected, name)
     if name == 'dsprites':
       ftmp = f'{tmp[:-4]}-factors.npz'
       np.savez(ftmp, factors=np.concatenate(labels).astype(np.int32))
@@ -730,8 +758,8 @@ def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np
   return rows
 
 
-def _load_folder(config: Any, root: str, split: str) -> Source:
-  """A folder of images, decoded lazily at each get()."""
+def _load_folder(config: Any, root: str, split: str, memo: dict[str, Any]) -> Source:
+  """A folder of images, decoded once into a memory-mapped uint8 cache (or at each get)."""
   if not root:
     raise DataError("folder: needs a path, e.g. dataset='folder:/data/celeba/img_align_celeba'")
   if os.path.isfile(root):
@@ -741,32 +769,134 @@ def _load_folder(config: Any, root: str, split: str) -> Source:
     raise DataError(f'image folder {root!r} does not exist (dataset=folder:PATH); for CelebA '
                     'download img_align_celeba.zip by hand, unzip it and point folder: at '
                     'the img_align_celeba/ directory')
-  files = _list_images(root)
-  if not files:
-    raise DataError(f'image folder {root!r} holds no {"/".join(IMAGE_EXTENSIONS)} files '
-                    '(searched recursively)')
   geometry = _geometry(config)
-  read_image(files[0])  # fail now, not at the first batch, if the images are unreadable
-  rows = _folder_rows([os.path.relpath(f, root) for f in files], split,
+  key = f'folder:{root}:{sorted(geometry.items())}'
+  if key not in memo:  # both splits of one load_splits list, stat and decode it once
+    paths = _list_images(root)
+    if not paths:
+      raise DataError(f'image folder {root!r} holds no {"/".join(IMAGE_EXTENSIONS)} files '
+                      '(searched recursively)')
+    memo[key] = paths, _folder_cached(root, paths, geometry)
+  paths, cached = memo[key]
+  rows = _folder_rows([os.path.relpath(f, root) for f in paths], split,
                       _eval_fraction(config), f'folder {root}')
-  chosen = [files[i] for i in rows]
-  pool: list[concurrent.futures.ThreadPoolExecutor] = []
+  chosen = [paths[i] for i in rows]
+  name = f'folder:{root}:{split}'
+  if cached is not None:
+    source = Source(_array_reader(cached, 1.0 / 255.0), len(paths),
+                    _image_shape(geometry)).subset(rows, name=name)
+  else:
+    read_image(paths[0])  # fail now, not at the first batch, if the images are unreadable
+    pool: list[concurrent.futures.ThreadPoolExecutor] = []
 
-  def read_one(path: str) -> np.ndarray:
-    image = read_image(path)
-    try:
-      return preprocess(image, **geometry)
-    except DataError as e:  # an image smaller than crop_size: which one, of the folder's
-      raise DataError(f'{path}: {e}') from None
+    def read(idx: np.ndarray) -> np.ndarray:
+      if not pool:  # created on first use, so that an unused Source holds no threads
+        pool.append(_thread_pool())
+      images = _stack_map(lambda path: _folder_image(path, geometry), [chosen[i] for i in idx],
+                          pool[0])
+      return images.astype(np.float32) * np.float32(1.0 / 255.0)  # as the cache reads
 
-  def read(idx: np.ndarray) -> np.ndarray:
-    if not pool:  # created on first use, so that an unused Source holds no threads
-      pool.append(_thread_pool())
-    return _stack_map(read_one, [chosen[i] for i in idx], pool[0])
-
-  source = Source(read, len(chosen), _image_shape(geometry), name=f'folder:{root}:{split}')
+    source = Source(read, len(chosen), _image_shape(geometry), name=name)
   source.files = chosen
   return source
+
+
+# The decoded caches of folders: v1 holds each image preprocessed and rounded to uint8.
+_FOLDER_CACHE_FORMAT = 'v1'
+# Free space a folder's cache leaves on its disk; with less, the images are decoded at
+# each batch instead.
+_FOLDER_CACHE_HEADROOM = 1 << 30
+
+
+def _folder_cache_dir() -> str:
+  """Where folders' decoded caches go: the user's cache directory (files.user_cache_dir)."""
+  return files.user_cache_dir()
+
+
+def _folder_image(path: str, geometry: dict[str, int]) -> np.ndarray:
+  """One image file preprocessed as uint8 (the cache's values); DataError naming it."""
+  image = read_image(path)
+  try:
+    return _to_bytes(preprocess(image, **geometry))
+  except DataError as e:  # an image smaller than crop_size: which one, of the folder's
+    raise DataError(f'{path}: {e}') from None
+
+
+def _folder_cache_stem(root: str, paths: list[str], geometry: dict[str, int]) -> str:
+  """The cache's file stem: the folder's name, a hash of its listing, and the geometry.
+
+  The listing's hash covers each image's relative path, size and modification time, so
+  an image added, removed or rewritten makes a new cache.
+  """
+  digest = hashlib.sha256()
+  for path in paths:
+    st = os.stat(path)
+    digest.update(f'{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(os.path.abspath(root)))
+  return (f'folder-{folder}-{digest.hexdigest()[:16]}-{geometry["image_size"]}px-'
+          f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-{_FOLDER_CACHE_FORMAT}')
+
+
+def _uncached(what: str, reason: str) -> None:
+  """Warns that a folder is decoded at each batch, for `reason`; returns None."""
+  logging.warning('%s: no decoded cache (%s); the images are decoded at each batch instead',
+                  what, reason)
+
+
+def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
+                   ) -> np.ndarray | None:
+  """The folder's images as a uint8 memory map, decoded now where not cached yet.
+
+  None (the images are then decoded at each batch) where the cache directory lacks the
+  space or cannot be written. Unreadable images are DataErrors, all named at once.
+  """
+  directory = _folder_cache_dir()
+  stem = _folder_cache_stem(root, paths, geometry)
+  path = os.path.join(directory, stem + '.npy')
+  if os.path.exists(path):
+    return _read_cache(directory, stem, 'folder')[0]
+  shape = _image_shape(geometry)
+  size = len(paths) * int(np.prod(shape))
+  what = f'folder {root}'
+  try:
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+  except OSError as e:
+    return _uncached(what, f'cannot write to {directory}: {e}')
+  if size + _FOLDER_CACHE_HEADROOM > free:
+    return _uncached(what, f'the decoded images ({size / 2**20:.0f} MiB) would leave under '
+                     f'{_FOLDER_CACHE_HEADROOM / 2**20:.0f} MiB free in {directory}; set '
+                     f'{files.CACHE_ENV} to a directory with room')
+  logging.info('%s: decoding %d images once into %s (%.0f MiB)', what, len(paths), path,
+               size / 2**20)
+  bad: list[str] = []
+
+  def decode(p: str) -> np.ndarray:
+    try:
+      return _folder_image(p, geometry)
+    except DataError as e:
+      bad.append(str(e))
+      return np.zeros(shape, np.uint8)
+
+  def chunks(pool: concurrent.futures.Executor) -> Iterator[np.ndarray]:
+    for lo in range(0, len(paths), 256):
+      yield _stack_map(decode, paths[lo:lo + 256], pool)
+
+  tmp = files.temporary_name(path) + '.npy'  # renamed when whole, as the tfds caches
+  try:
+    with _thread_pool() as pool:
+      _write_npy(chunks(pool), tmp, shape, len(paths), what)
+    if bad:
+      raise DataError(f'{what}: {len(bad)} image(s) cannot be used; replace or remove '
+                      'them: ' + '; '.join(sorted(bad)[:10])
+                      + ('; ...' if len(bad) > 10 else ''))
+    os.replace(tmp, path)
+  except OSError as e:  # a full disk after all (another writer), or no permission
+    return _uncached(what, f'cannot write to {directory}: {e}')
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return _read_cache(directory, stem, 'folder')[0]
 
 
 # ------------------------------------------------------------------------ arrays

@@ -19,6 +19,17 @@ for _name in xla_flags.THREAD_COUNT_VARS:
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.fixture(autouse=True)
+def _folder_caches_in_tmp(tmp_path_factory, monkeypatch):
+  """The decoded caches of folder: datasets go to the session's temporary directory.
+
+  (Not $AVAE_JAX_CACHE: that would hide the FID Inception weights fetched into the
+  user's cache.)
+  """
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.getbasetemp() / 'folder_caches')
+  monkeypatch.setattr(data, '_folder_cache_dir', lambda: directory)
+
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
   """gs:// paths opened through etils.epath land in tmp_path/'gcs' (no network is used).

@@ -559,6 +559,29 @@ def test_op_timings_script_times_every_operation():
     assert float(line.split()[-2]) > 0 and line.endswith(' ms')
 
 
+def test_data_timings_script_times_three_readers_without_touching_the_users_cache(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'AVAE_JAX_CACHE'}
+  env.update(HOME=str(tmp_path), JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join('scripts', 'data_timings.py'),
+                        '--images=24', '--batch=4', '--batches=2', '--image_size=16',
+                        '--crop_size=0', '--channels=1'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  rows = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [r['reader'] for r in rows] == ['folder_decoded_each_batch', 'folder_cache_build',
+                                         'folder_cached']
+  for row in rows:
+    assert row['images_per_s'] > 0 and row['batch'] == 4 and row['image_shape'] == [16, 16, 1]
+  assert rows[1]['images'] == 24
+  assert os.listdir(tmp_path) == []  # no ~/.cache/avae_jax
+
+  too_big = subprocess.run([sys.executable, os.path.join('scripts', 'data_timings.py'),
+                            '--images=4', '--batch=8'], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert too_big.returncode != 0 and 'Traceback' not in too_big.stderr
+  assert '--batch=8 is more than the 3 training images' in too_big.stderr
+
+
 @pytest.mark.parametrize('flag', ['--batch=0', '--batch=-1', '--repeats=0'])
 def test_op_timings_refuses_a_batch_or_repeats_below_one(flag):
   env = dict(os.environ, JAX_PLATFORMS='cpu')

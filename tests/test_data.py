@@ -188,8 +188,18 @@ def test_folder_channel_conversion(tmp_path):
   _write_png(str(tmp_path / 'd' / '1.png'), gray)
   spec = f'folder:{tmp_path / "d"}'
   one = data.load(_config(dataset=spec, channels=1, eval_fraction=0.0)).get([0, 1])
-  np.testing.assert_allclose(one[0, ..., 0], (rgb / 255.0) @ LUMA, atol=1e-6)
+  # The luma is stored as bytes, as every decoded cache stores its images: k / 255 with
+  # k within half a level of 255 * luma.
+  levels = one[0, ..., 0].astype(np.float64) * 255
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+  assert np.abs(levels - rgb @ LUMA).max() <= 0.5 + 1e-4
+  assert np.abs(levels - rgb @ LUMA).max() > 0.3  # rounded, not the float luma
   np.testing.assert_allclose(one[1, ..., 0], gray / 255.0, atol=1e-6)
+  # Decoded at each batch instead of cached, the same bits.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(data, '_folder_cached', lambda *args: None)
+    lazy = data.load(_config(dataset=spec, channels=1, eval_fraction=0.0)).get([0, 1])
+  np.testing.assert_array_equal(lazy, one)
   three = data.load(_config(dataset=spec, channels=3, eval_fraction=0.0)).get([1])
   np.testing.assert_allclose(three[0], np.repeat(gray[..., None], 3, -1) / 255.0, atol=1e-6)
 
@@ -260,7 +270,7 @@ def test_folder_lists_each_directory_once_through_symlinks(tmp_path):
       'a/0.png', 'b/1.png', 'more/2.png']
 
 
-def test_folder_errors(tmp_path):
+def test_folder_errors(tmp_path, monkeypatch):
   with pytest.raises(data.DataError, match='does not exist'):
     data.load(_config(dataset=f'folder:{tmp_path / "missing"}'))
   # A file was said not to exist.
@@ -275,16 +285,112 @@ def test_folder_errors(tmp_path):
   (tmp_path / 'bad' / 'broken.png').write_bytes(b'not a png at all')
   with pytest.raises(data.DataError, match='cannot read image'):
     data.load(_config(dataset=f'folder:{tmp_path / "bad"}'))
-  # An image smaller than crop_size, among larger ones, is named.
+  # An image smaller than crop_size, among larger ones, is named: when the folder is
+  # decoded into its cache, and by a batch that holds it where it is decoded at each batch.
   _write_png(str(tmp_path / 'mixed' / 'a.png'), np.zeros((40, 40, 3), np.uint8))
   _write_png(str(tmp_path / 'mixed' / 'b.png'), np.zeros((30, 12, 3), np.uint8))
-  src = data.load(_config(dataset=f'folder:{tmp_path / "mixed"}', eval_fraction=0.0,
-                          crop_size=20))
-  assert src.get([0]).shape == (1, 16, 16, 3)
+  config = _config(dataset=f'folder:{tmp_path / "mixed"}', eval_fraction=0.0, crop_size=20)
   small = tmp_path / 'mixed' / 'b.png'
   message = f'{small}: crop_size 20 is larger than the image (30x12)'
+  with pytest.raises(data.DataError, match=f'1 image.*: {re.escape(message)}; choose'):
+    data.load(config)
+  monkeypatch.setattr(data, '_folder_cached', lambda *args: None)
+  src = data.load(config)
+  assert src.get([0]).shape == (1, 16, 16, 3)
   with pytest.raises(data.DataError, match=f'^{re.escape(message)}'):
     src.get([0, 1])
+
+
+def _folder_cache_files():
+  """The files in the folder caches' directory (the tests' own, tests/conftest.py)."""
+  directory = data._folder_cache_dir()  # pylint: disable=protected-access
+  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def test_a_folder_is_decoded_once_into_a_cache_that_gives_the_same_images(
+    tmp_path, monkeypatch):
+  rng = np.random.default_rng(3)
+  for i in range(6):
+    _write_png(str(tmp_path / 'faces' / f'{i}.{"jpg" if i % 2 else "png"}'),
+               rng.integers(0, 256, (20 + i, 24, 3)).astype(np.uint8))
+  config = _config(dataset=f'folder:{tmp_path / "faces"}', eval_fraction=0.35, crop_size=18)
+  before = _folder_cache_files()
+  train, ev = data.load_splits(config)
+  added = sorted(set(_folder_cache_files()) - set(before))
+  assert len(added) == 1 and added[0].startswith('folder-faces-'), added
+  assert added[0].endswith('-16px-3ch-crop18-v1.npy'), added
+  directory = data._folder_cache_dir()  # pylint: disable=protected-access
+  cached = np.load(os.path.join(directory, added[0]))
+  assert cached.shape == (6, 16, 16, 3) and cached.dtype == np.uint8
+  # Each image as preprocess() gives it, by hand: the centre 18x18 crop, resized.
+  names = sorted(os.listdir(tmp_path / 'faces'))
+  want = np.stack([data.preprocess(np.asarray(Image.open(tmp_path / 'faces' / n)),
+                                   image_size=16, crop_size=18, channels=3) for n in names])
+  _close(train.get(np.arange(4)), want[:4])
+  _close(ev.get(np.arange(2)), want[4:])
+  # Loaded again, the images come from the cache: no image file is opened.
+  monkeypatch.setattr(data, 'read_image', lambda path: pytest.fail(f'decoded {path}'))
+  again = data.load(config, 'eval')
+  np.testing.assert_array_equal(again.get([1, 0]), ev.get([1, 0]))
+  assert again.files == ev.files == [str(tmp_path / 'faces' / n) for n in names[4:]]
+  assert _folder_cache_files() == sorted(before + added)
+  monkeypatch.undo()
+  # Decoded at each batch instead (no cache), the values are the same bits.
+  monkeypatch.setattr(data, '_folder_cached', lambda *args: None)
+  lazy = data.load(config, 'train')
+  np.testing.assert_array_equal(lazy.get([3, 0, 2]), train.get([3, 0, 2]))
+
+
+def test_a_changed_folder_gets_a_new_cache(tmp_path):
+  folder = tmp_path / 'd'
+  _write_png(str(folder / 'a.png'), np.full((16, 16), 40, np.uint8))
+  _write_png(str(folder / 'b.png'), np.full((16, 16), 80, np.uint8))
+  config = _config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0)
+  before = set(_folder_cache_files())
+  assert _values(data.load(config)) == [40, 80]
+  # Rewritten in place with another value (and size): a new cache, the new value.
+  _write_png(str(folder / 'b.png'), np.full((16, 16), 200, np.uint8))
+  assert _values(data.load(config)) == [40, 200]
+  # One image more: another cache again.
+  _write_png(str(folder / 'c.png'), np.full((16, 16), 7, np.uint8))
+  assert _values(data.load(config)) == [40, 200, 7]
+  assert len(set(_folder_cache_files()) - before) == 3
+
+
+def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, monkeypatch,
+                                                                     caplog):
+  _write_png(str(tmp_path / 'd' / 'a.png'), np.full((16, 16), 90, np.uint8))
+  _write_png(str(tmp_path / 'd' / 'b.png'), np.full((16, 16), 30, np.uint8))
+  config = _config(dataset=f'folder:{tmp_path / "d"}', channels=1, eval_fraction=0.0)
+  before = _folder_cache_files()
+  free = data.shutil.disk_usage(tmp_path).free
+  monkeypatch.setattr(data, '_FOLDER_CACHE_HEADROOM', free)  # no room left for 512 bytes
+  with caplog.at_level(logging.WARNING):
+    src = data.load(config)
+  assert 'no decoded cache (the decoded images (0 MiB) would leave under' in caplog.text
+  assert 'the images are decoded at each batch instead' in caplog.text
+  assert _folder_cache_files() == before
+  assert _values(src) == [90, 30]
+  # Nor where the cache directory cannot be made (a file stands in its place).
+  (tmp_path / 'not_a_dir').write_text('x')
+  monkeypatch.setattr(data, '_folder_cache_dir', lambda: str(tmp_path / 'not_a_dir'))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert _values(data.load(config)) == [90, 30]
+  assert f'no decoded cache (cannot write to {tmp_path / "not_a_dir"}' in caplog.text
+
+
+def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):
+  folder = tmp_path / 'd'
+  _write_png(str(folder / 'a.png'), np.zeros((16, 16), np.uint8))
+  for name in ('b.png', 'c.jpg'):
+    (folder / name).write_bytes(b'truncated')
+  _write_png(str(folder / 'd.png'), np.zeros((16, 16), np.uint8))
+  before = _folder_cache_files()
+  with pytest.raises(data.DataError, match=r'2 image\(s\) cannot be used.*cannot read image '
+                     r'.*b\.png.*; cannot read image .*c\.jpg'):
+    data.load(_config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0))
+  assert _folder_cache_files() == before  # nor a temporary file
 
 
 # --------------------------------------------------------------------------- arrays

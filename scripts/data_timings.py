@@ -1,0 +1,103 @@
+"""Times the input pipeline of a `folder:` dataset: decoded at each batch, or cached.
+
+  python scripts/data_timings.py [--folder=DIR] [--images=1024] [--batch=64] [--batches=20]
+
+Prints one JSON line per reader with its images/s over `--batches` random training
+batches (after one untimed batch), the rate a training step has to stay under for the
+input pipeline not to be the bottleneck: `folder_decoded_each_batch` (PIL decoding, crop
+and resize on data.py's thread pool, what a folder without room for its cache does),
+`folder_cache_build` (the one-time decoding into the cache) and `folder_cached` (the
+memory-mapped cache). Without --folder the images are made up: `--images` JPEGs of
+CelebA's aligned size (218x178), smooth colour fields with noise. The geometry is
+configs/celeba.py's (crop 148, 96x96x3) unless --image_size/--crop_size/--channels say
+otherwise. The cache is written to a temporary directory, never the user's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from avae_jax import data  # pylint: disable=wrong-import-position
+from configs import celeba  # pylint: disable=wrong-import-position
+
+_FOLDER = flags.DEFINE_string('folder', None, 'folder of images (default: made up)')
+_IMAGES = flags.DEFINE_integer('images', 1024, 'made-up images, without --folder', lower_bound=1)
+_BATCH = flags.DEFINE_integer('batch', 64, 'images per batch', lower_bound=1)
+_BATCHES = flags.DEFINE_integer('batches', 20, 'timed batches per reader', lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 96, 'side of the preprocessed images')
+_CROP_SIZE = flags.DEFINE_integer('crop_size', 148, 'centre crop before resizing (0: largest)')
+_CHANNELS = flags.DEFINE_integer('channels', 3, '1 or 3')
+
+
+def make_images(folder: str, count: int) -> None:
+  """Writes `count` CelebA-sized JPEGs: smooth random colour fields with pixel noise."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  os.makedirs(folder, exist_ok=True)
+  for i in range(count):
+    coarse = Image.fromarray((rng.random((28, 22, 3)) * 255).astype(np.uint8))
+    smooth = np.asarray(coarse.resize((178, 218), Image.BICUBIC), np.float32)
+    noisy = np.clip(smooth + rng.normal(0.0, 8.0, smooth.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(os.path.join(folder, f'{i:06d}.jpg'), quality=90)
+
+
+def images_per_s(source: data.Source, batch: int, batches: int) -> float:
+  """Images/s of source.get over random batches, after one untimed batch."""
+  rng = np.random.default_rng(0)
+  draws = [rng.choice(source.num_examples, batch, replace=False) for _ in range(batches + 1)]
+  source.get(draws[0])
+  start = time.perf_counter()
+  for indices in draws[1:]:
+    source.get(indices)
+  return batch * batches / (time.perf_counter() - start)
+
+
+def main(argv: list[str]) -> None:
+  """Prints the three readers' rates."""
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = _FOLDER.value or os.path.join(tmp, 'images')
+    if not _FOLDER.value:
+      make_images(folder, _IMAGES.value)
+    config = celeba.get_config()
+    config.dataset = f'folder:{folder}'
+    config.image_size, config.crop_size = _IMAGE_SIZE.value, _CROP_SIZE.value
+    config.channels = _CHANNELS.value
+    os.environ['AVAE_JAX_CACHE'] = os.path.join(tmp, 'cache')
+    common = dict(batch=_BATCH.value, cpus=os.cpu_count(),
+                  image_shape=[config.image_size, config.image_size, config.channels])
+
+    cached = data._folder_cached  # pylint: disable=protected-access
+    data._folder_cached = lambda *args: None  # pylint: disable=protected-access
+    lazy = data.load(config, 'train')
+    data._folder_cached = cached  # pylint: disable=protected-access
+    if lazy.num_examples < _BATCH.value:
+      raise app.UsageError(f'--batch={_BATCH.value} is more than the {lazy.num_examples} '
+                           'training images of the folder')
+    rate = images_per_s(lazy, _BATCH.value, _BATCHES.value)
+    print(json.dumps(dict(reader='folder_decoded_each_batch', images_per_s=round(rate, 1),
+                          **common)), flush=True)
+
+    start = time.perf_counter()
+    train = data.load(config, 'train')
+    total = len(data._list_images(folder))  # pylint: disable=protected-access
+    print(json.dumps(dict(reader='folder_cache_build', images=total,
+                          images_per_s=round(total / (time.perf_counter() - start), 1),
+                          **common)), flush=True)
+    rate = images_per_s(train, _BATCH.value, _BATCHES.value)
+    print(json.dumps(dict(reader='folder_cached', images_per_s=round(rate, 1), **common)),
+          flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
