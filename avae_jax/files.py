@@ -178,9 +178,10 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> 
   temporary behind; nothing else ever removes it. A temporary of a live process of this
   host (eval.py writing beside a run) is kept, and so is everything on an object store,
   where no pid says whether its writer lives. (The pid is the only clue: on a disk that
-  several hosts share, another host's write in progress would be taken for dead.) A temporary with this process's pid is removed unless
-  one of its threads is writing it. `skip`: names of subdirectories not to descend into
-  (orbax's checkpoints, which orbax cleans itself). Returns the removed paths.
+  several hosts share, another host's write in progress would be taken for dead.) A
+  temporary with this process's pid is removed unless one of its threads is writing it.
+  `skip`: names of subdirectories not to descend into (orbax's checkpoints, which orbax
+  cleans itself). Returns the removed paths.
   """
   root = os.fspath(directory)
   if is_remote(root):
