@@ -587,6 +587,20 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
 
 
+# A cache's temporary file of a dead writer older than this is removed before a new
+# cache is written there: a build killed by SIGTERM or SIGKILL (a CelebA one takes
+# minutes) left gigabytes behind for good. Younger ones may be another host's, alive.
+_KILLED_WRITE_AGE_S = 600.0
+
+
+def _remove_killed_writes(directory: str) -> None:
+  """Deletes the temporaries of killed cache writes in `directory` (files.remove_dead_...)."""
+  removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S)
+  if removed:
+    logging.warning('removed %d temporary file(s) of a killed cache write in %s: %s',
+                    len(removed), directory, ', '.join(os.path.basename(p) for p in removed))
+
+
 def _to_bytes(x: np.ndarray) -> np.ndarray:
   """Float images in [0, 1] as the uint8 a decoded cache stores (read back as k / 255)."""
   return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -599,6 +613,7 @@ def _write_npy(chunks: Iterator[np.ndarray], path: str, shape: tuple[int, int, i
   With the count known the file is a memory map filled chunk by chunk (a CelebA-sized
   split never sits in memory whole). Logs its progress every 30 s.
   """
+  # Written under `path` as given (np.save would add .npy to a temporary's name).
   out = (np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=(expected,) + shape)
          if expected else None)
   parts, count = [], 0
@@ -624,7 +639,8 @@ def _write_npy(chunks: Iterator[np.ndarray], path: str, shape: tuple[int, int, i
     out.flush()
     del out
   else:
-    np.save(path, np.concatenate(parts) if parts else np.zeros((0,) + shape, np.uint8))
+    with open(path, 'wb') as f:
+      np.save(f, np.concatenate(parts) if parts else np.zeros((0,) + shape, np.uint8))
   if count == 0:
     raise DataError(f'{what}: the split is empty')
   return count
@@ -638,7 +654,8 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
   path = os.path.join(directory, stem + '.npy')
   # A unique temporary name, then an atomic rename: concurrent processes (on several
   # hosts, with a shared data_dir) never see a half-written cache.
-  tmp = files.temporary_name(path) + '.npy'
+  tmp = files.temporary_name(path)
+  _remove_killed_writes(directory)
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1
@@ -655,9 +672,15 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
     with _thread_pool() as pool:
       _write_npy(chunks(pool), tmp, _image_shape(geometry), expected, name)
     if name == 'dsprites':
-      ftmp = f'{tmp[:-4]}-factors.npz'
-      np.savez(ftmp, factors=np.concatenate(labels).astype(np.int32))
-      os.replace(ftmp, os.path.join(directory, stem + '-factors.npz'))
+      factors = os.path.join(directory, stem + '-factors.npz')
+      ftmp = files.temporary_name(factors)
+      try:
+        with open(ftmp, 'wb') as f:
+          np.savez(f, factors=np.concatenate(labels).astype(np.int32))
+        os.replace(ftmp, factors)
+      finally:
+        if os.path.exists(ftmp):
+          os.remove(ftmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -860,6 +883,7 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
   what = f'folder {root}'
   try:
     os.makedirs(directory, exist_ok=True)
+    _remove_killed_writes(directory)  # before the free space is measured
     free = shutil.disk_usage(directory).free
   except OSError as e:
     return _uncached(what, f'cannot write to {directory}: {e}')
@@ -882,7 +906,7 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
     for lo in range(0, len(paths), 256):
       yield _stack_map(decode, paths[lo:lo + 256], pool)
 
-  tmp = files.temporary_name(path) + '.npy'  # renamed when whole, as the tfds caches
+  tmp = files.temporary_name(path)  # renamed when whole, as the tfds caches
   try:
     with _thread_pool() as pool:
       _write_npy(chunks(pool), tmp, shape, len(paths), what)

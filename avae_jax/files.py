@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import sys
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -171,7 +172,8 @@ def _writer_is_gone(name: str, pid: int) -> bool:
   return False
 
 
-def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> list[str]:
+def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = (),
+                            min_age_s: float = 0.0) -> list[str]:
   """Deletes write_bytes' temporaries under a local `directory` whose writer is gone.
 
   A writer killed between its write and its rename (SIGKILL, a power cut) leaves its
@@ -181,7 +183,8 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> 
   several hosts share, another host's write in progress would be taken for dead.) A
   temporary with this process's pid is removed unless one of its threads is writing it.
   `skip`: names of subdirectories not to descend into (orbax's checkpoints, which orbax
-  cleans itself). Returns the removed paths.
+  cleans itself). `min_age_s`: temporaries modified more recently are kept, where another
+  host may be writing them (a cache on a shared disk). Returns the removed paths.
   """
   root = os.fspath(directory)
   if is_remote(root):
@@ -196,6 +199,8 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = ()) -> 
       if _writer_is_gone(name, int(match.group(1))):
         path = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):  # its writer's rename won the race
+          if min_age_s and time.time() - os.stat(path).st_mtime < min_age_s:
+            continue
           os.remove(path)
           removed.append(path)
   return removed

@@ -14,6 +14,9 @@ import struct
 import threading
 import time
 import tracemalloc
+import signal
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -22,6 +25,7 @@ import pytest
 from PIL import Image
 
 from avae_jax import data
+from avae_jax import files
 from configs import default
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -378,6 +382,85 @@ def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, 
   with caplog.at_level(logging.WARNING):
     assert _values(data.load(config)) == [90, 30]
   assert f'no decoded cache (cannot write to {tmp_path / "not_a_dir"}' in caplog.text
+
+
+@pytest.mark.parametrize('expected', [5, None])
+def test_the_cache_writer_writes_under_the_name_given_with_or_without_a_count(
+    tmp_path, expected):
+  # A split's count comes from tfds' metadata where it has one (a memory map is filled),
+  # else the chunks are joined; a temporary's name must stay as given (no .npy added), or
+  # the removal of a killed write's temporaries would not recognise it.
+  rng = np.random.default_rng(0)
+  chunks = [rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8) for n in (2, 3)]
+  path = str(tmp_path / 'cache.npy.tmp1.0123')
+  write = data._write_npy  # pylint: disable=protected-access
+  assert write(iter(chunks), path, (4, 4, 3), expected, 'x') == 5
+  assert os.listdir(tmp_path) == ['cache.npy.tmp1.0123']
+  np.testing.assert_array_equal(np.load(path), np.concatenate(chunks))
+  with pytest.raises(data.DataError, match='x: read 5 examples, the split lists 6'):
+    write(iter(chunks), path, (4, 4, 3), 6, 'x')
+  with pytest.raises(data.DataError, match='x: the split is empty'):
+    write(iter([]), path, (4, 4, 3), None, 'x')
+
+
+# Builds a folder's cache (CACHE) of FOLDER's 16x16 gray images, 50 ms an image.
+_SLOW_CACHE_BUILD = '''
+import sys, time
+sys.path.insert(0, {repo!r})
+from avae_jax import data
+from configs import default
+real = data._folder_image
+def slow(path, geometry):
+  time.sleep(0.05)
+  return real(path, geometry)
+data._folder_image = slow
+data._folder_cache_dir = lambda: {cache!r}
+config = default.get_config()
+config.update(dict(dataset='folder:' + {folder!r}, image_size=16, channels=1))
+data.load(config, 'train')
+'''
+
+
+def test_a_killed_cache_build_leaves_a_temporary_that_a_later_build_removes(
+    tmp_path, caplog):
+  folder, cache = tmp_path / 'd', tmp_path / 'cache'
+  for i in range(400):
+    _write_png(str(folder / f'{i:03d}.png'), np.full((16, 16), i % 256, np.uint8))
+  script = tmp_path / 'build.py'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script.write_text(_SLOW_CACHE_BUILD.format(repo=repo, cache=str(cache),
+                                            folder=str(folder)))
+  build = subprocess.Popen([sys.executable, str(script)], cwd=repo,
+                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  try:
+    deadline = time.monotonic() + 120
+    while not (cache.is_dir() and os.listdir(cache)):
+      assert build.poll() is None and time.monotonic() < deadline
+      time.sleep(0.02)
+    build.send_signal(signal.SIGKILL)  # as a scheduler's kill or the OOM killer would
+  finally:
+    build.kill()
+    build.wait()
+  left = os.listdir(cache)
+  temporary = files._TEMPORARY  # pylint: disable=protected-access
+  assert len(left) == 1 and temporary.search(left[0]), left
+  # A young temporary may be another host's write in progress: the next build keeps it.
+  config = _config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(data, '_folder_cache_dir', lambda: str(cache))
+    source = data.load(config)
+    assert left[0] in os.listdir(cache)
+    # Ten minutes later it is taken for the killed write's, and removed by a build.
+    old = time.time() - 601
+    os.utime(cache / left[0], (old, old))
+    (folder / '400.png').write_bytes((folder / '000.png').read_bytes())  # a new listing
+    with caplog.at_level(logging.WARNING):
+      grown = data.load(config)
+  assert 'removed 1 temporary file(s) of a killed cache write' in caplog.text
+  assert left[0] not in os.listdir(cache)
+  assert [n.endswith('.npy') and not temporary.search(n) for n in os.listdir(cache)] == [
+      True, True]
+  assert _values(grown) == _values(source) + [0]
 
 
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -159,6 +160,21 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
   finally:
     live.kill()
     live.wait()
+
+
+def test_a_recent_temporary_of_a_dead_writer_is_kept_under_a_minimum_age(tmp_path):
+  # On a disk that several hosts share, a temporary still being written by another host
+  # has a dead pid here, but a recent modification time.
+  dead = processes.dead_pid()
+  old = processes.temporary_of(tmp_path / 'a.npy', dead)
+  recent = processes.temporary_of(tmp_path / 'b.npy', dead)
+  for path in (old, recent):
+    with open(path, 'w') as f:
+      f.write('x')
+  os.utime(old, (time.time() - 601, time.time() - 601))
+  assert files.remove_dead_temporaries(tmp_path, min_age_s=600) == [old]
+  assert _tree(tmp_path) == [os.path.basename(recent)]
+  assert files.remove_dead_temporaries(tmp_path) == [recent]  # no minimum age: removed
 
 
 def test_a_write_in_progress_in_this_process_keeps_its_temporary(tmp_path, monkeypatch):
