@@ -64,6 +64,7 @@ import glob as glob_lib
 import gzip
 import hashlib
 import io
+import math
 import os
 import queue
 import re
@@ -532,12 +533,19 @@ def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -
 
 
 def _read_cache(directory: str, stem: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-  """(images uint8 memmap, dSprites' factors or None) of a cached split."""
-  images = np.load(os.path.join(directory, stem + '.npy'), mmap_mode='r')
-  if name != 'dsprites':
-    return images, None
-  with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
-    return images, z['factors']
+  """(images uint8 memmap, dSprites' factors or None) of a cached split; DataError if damaged."""
+  path = os.path.join(directory, stem + '.npy')
+  try:
+    images = np.load(path, mmap_mode='r')
+    if images.dtype != np.uint8 or images.ndim != 4:
+      raise ValueError(f'{images.dtype} array of shape {images.shape}, not uint8 images')
+    if name != 'dsprites':
+      return images, None
+    with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
+      return images, z['factors']
+  except (OSError, ValueError, EOFError) as e:  # truncated by a crash of its disk, say
+    raise DataError(f'the decoded cache {path} is damaged ({e}); delete it and run again, '
+                    'and it is made anew') from e
 
 
 def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dict[str, int]
@@ -595,7 +603,12 @@ _KILLED_WRITE_AGE_S = 600.0
 
 def _remove_killed_writes(directory: str) -> None:
   """Deletes the temporaries of killed cache writes in `directory` (files.remove_dead_...)."""
-  removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S)
+  try:
+    removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S)
+  except OSError as e:  # a read-only cache directory (made by another user, say)
+    logging.warning('cannot remove the temporary files of killed cache writes in %s: %s',
+                    directory, e)
+    return
   if removed:
     logging.warning('removed %d temporary file(s) of a killed cache write in %s: %s',
                     len(removed), directory, ', '.join(os.path.basename(p) for p in removed))
@@ -608,41 +621,44 @@ def _to_bytes(x: np.ndarray) -> np.ndarray:
 
 def _write_npy(chunks: Iterator[np.ndarray], path: str, shape: tuple[int, int, int],
                expected: int | None, what: str) -> int:
-  """Writes uint8 image chunks to the .npy file `path`; returns the image count.
+  """Writes uint8 image chunks to the .npy file `path`, synced; returns the image count.
 
-  With the count known the file is a memory map filled chunk by chunk (a CelebA-sized
-  split never sits in memory whole). Logs its progress every 30 s.
+  With the count known the chunks are appended after the header as they come (a
+  CelebA-sized split never sits in memory whole; a full disk is an OSError, where a
+  memory map's write would end the process with SIGBUS). Logs its progress every 30 s.
   """
-  # Written under `path` as given (np.save would add .npy to a temporary's name).
-  out = (np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=(expected,) + shape)
-         if expected else None)
   parts, count = [], 0
   start = last = time.monotonic()
-  for x in chunks:
-    if out is not None:
-      if count + len(x) > expected:
-        raise DataError(f'{what}: split has more than the {expected} listed examples')
-      out[count:count + len(x)] = x
-    else:
-      parts.append(x)
-    count += len(x)
-    now = time.monotonic()
-    if now - last >= 30.0:
-      last = now
-      rate = count / (now - start)
-      left = f', about {(expected - count) / rate:.0f} s left' if expected else ''
-      logging.info('%s: %d%s images decoded into the cache (%.0f images/s%s)', what, count,
-                   f'/{expected}' if expected else '', rate, left)
-  if out is not None:
-    if count != expected:
+  # Opened as given: np.save would add .npy to a temporary's name.
+  with open(path, 'wb') as f:
+    if expected:
+      np.lib.format.write_array_header_1_0(
+          f, {'descr': '|u1', 'fortran_order': False, 'shape': (expected,) + shape})
+    for x in chunks:
+      if expected:
+        if count + len(x) > expected:
+          raise DataError(f'{what}: split has more than the {expected} listed examples')
+        f.write(np.ascontiguousarray(x, np.uint8).data)
+      else:
+        parts.append(x)
+      count += len(x)
+      now = time.monotonic()
+      if now - last >= 30.0:
+        last = now
+        rate = count / (now - start)
+        left = f', about {(expected - count) / rate:.0f} s left' if expected else ''
+        logging.info('%s: %d%s images decoded into the cache (%.0f images/s%s)', what, count,
+                     f'/{expected}' if expected else '', rate, left)
+    if expected and count != expected:
       raise DataError(f'{what}: read {count} examples, the split lists {expected}')
-    out.flush()
-    del out
-  else:
-    with open(path, 'wb') as f:
-      np.save(f, np.concatenate(parts) if parts else np.zeros((0,) + shape, np.uint8))
-  if count == 0:
-    raise DataError(f'{what}: the split is empty')
+    if count == 0:
+      raise DataError(f'{what}: the split is empty')
+    if not expected:
+      np.save(f, np.concatenate(parts))
+    f.flush()
+    os.fsync(f.fileno())  # whole on disk before the rename makes it the cache
+  logging.info('%s: %d images decoded into the cache in %.0f s', what, count,
+               time.monotonic() - start)
   return count
 
 
@@ -652,9 +668,6 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
   """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, stem + '.npy')
-  # A unique temporary name, then an atomic rename: concurrent processes (on several
-  # hosts, with a shared data_dir) never see a half-written cache.
-  tmp = files.temporary_name(path)
   _remove_killed_writes(directory)
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
@@ -668,23 +681,18 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
         labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
       yield _to_bytes(_preprocess_many(list(raw), pool, **geometry))
 
-  try:
+  # A unique temporary name, then an atomic rename: concurrent processes (on several
+  # hosts, with a shared data_dir) never see a half-written cache.
+  with files.removed_on_exit(files.temporary_name(path)) as tmp:
     with _thread_pool() as pool:
       _write_npy(chunks(pool), tmp, _image_shape(geometry), expected, name)
     if name == 'dsprites':
       factors = os.path.join(directory, stem + '-factors.npz')
-      ftmp = files.temporary_name(factors)
-      try:
+      with files.removed_on_exit(files.temporary_name(factors)) as ftmp:
         with open(ftmp, 'wb') as f:
           np.savez(f, factors=np.concatenate(labels).astype(np.int32))
         os.replace(ftmp, factors)
-      finally:
-        if os.path.exists(ftmp):
-          os.remove(ftmp)
     os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return _read_cache(directory, stem, name)
 
 
@@ -855,7 +863,8 @@ def _folder_cache_stem(root: str, paths: list[str], geometry: dict[str, int]) ->
   for path in paths:
     st = os.stat(path)
     digest.update(f'{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
-  folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(os.path.abspath(root)))
+  # The name's first 64 characters: a file name has at most 255.
+  folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(os.path.abspath(root)))[:64]
   return (f'folder-{folder}-{digest.hexdigest()[:16]}-{geometry["image_size"]}px-'
           f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-{_FOLDER_CACHE_FORMAT}')
 
@@ -872,55 +881,80 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
 
   None (the images are then decoded at each batch) where the cache directory lacks the
   space or cannot be written. Unreadable images are DataErrors, all named at once.
+  Processes that need the same cache at once (launch.py's) make it once: the others
+  wait for it.
   """
   directory = _folder_cache_dir()
   stem = _folder_cache_stem(root, paths, geometry)
-  path = os.path.join(directory, stem + '.npy')
-  if os.path.exists(path):
-    return _read_cache(directory, stem, 'folder')[0]
-  shape = _image_shape(geometry)
-  size = len(paths) * int(np.prod(shape))
+  shape = (len(paths),) + _image_shape(geometry)
   what = f'folder {root}'
+  cached = _folder_cache_file(directory, stem, shape)
+  if cached is not None:
+    _remove_killed_writes(directory)
+    return cached
   try:
     os.makedirs(directory, exist_ok=True)
     _remove_killed_writes(directory)  # before the free space is measured
-    free = shutil.disk_usage(directory).free
-  except OSError as e:
+    with files.exclusive(directory, f'the decoding of {what}', wait=True,
+                         lock_file=stem + '.lock'):
+      cached = _folder_cache_file(directory, stem, shape)  # made while this one waited
+      if cached is not None:
+        return cached
+      size = math.prod(shape)
+      free = shutil.disk_usage(directory).free
+      if size + _FOLDER_CACHE_HEADROOM > free:
+        return _uncached(what, f'the decoded images ({size / 2**20:.1f} MiB) would leave '
+                         f'under {_FOLDER_CACHE_HEADROOM / 2**20:.0f} MiB free in {directory}; '
+                         f'set {files.CACHE_ENV} to a directory with room (the FID weights '
+                         'are looked for there too: move inception_fid.npz along)')
+      _decode_folder(what, paths, geometry, os.path.join(directory, stem + '.npy'))
+  except OSError as e:  # a full disk after all, no permission, a name too long
     return _uncached(what, f'cannot write to {directory}: {e}')
-  if size + _FOLDER_CACHE_HEADROOM > free:
-    return _uncached(what, f'the decoded images ({size / 2**20:.0f} MiB) would leave under '
-                     f'{_FOLDER_CACHE_HEADROOM / 2**20:.0f} MiB free in {directory}; set '
-                     f'{files.CACHE_ENV} to a directory with room')
-  logging.info('%s: decoding %d images once into %s (%.0f MiB)', what, len(paths), path,
-               size / 2**20)
-  bad: list[str] = []
+  return _folder_cache_file(directory, stem, shape)
+
+
+def _folder_cache_file(directory: str, stem: str, shape: tuple[int, ...]
+                       ) -> np.ndarray | None:
+  """The cache DIRECTORY/STEM.npy memory-mapped, or None if absent or damaged (warned)."""
+  if not os.path.exists(os.path.join(directory, stem + '.npy')):
+    return None
+  try:
+    images = _read_cache(directory, stem, 'folder')[0]
+    if images.shape != shape:
+      raise DataError(f'the decoded cache {directory}/{stem}.npy holds {images.shape[0]} '
+                      f'images of {images.shape[1:]}, not {shape[0]} of {shape[1:]}')
+  except DataError as e:
+    logging.warning('%s; making it again', e)
+    return None
+  return images
+
+
+def _decode_folder(what: str, paths: list[str], geometry: dict[str, int], path: str) -> None:
+  """Decodes the images into the cache file `path` (written whole, then renamed)."""
+  shape = _image_shape(geometry)
+  logging.info('%s: decoding %d images once into %s (%.1f MiB)', what, len(paths), path,
+               len(paths) * math.prod(shape) / 2**20)
+  bad: list[tuple[str, str]] = []
 
   def decode(p: str) -> np.ndarray:
     try:
       return _folder_image(p, geometry)
     except DataError as e:
-      bad.append(str(e))
+      bad.append((p, str(e)))
       return np.zeros(shape, np.uint8)
 
   def chunks(pool: concurrent.futures.Executor) -> Iterator[np.ndarray]:
     for lo in range(0, len(paths), 256):
       yield _stack_map(decode, paths[lo:lo + 256], pool)
 
-  tmp = files.temporary_name(path)  # renamed when whole, as the tfds caches
-  try:
+  with files.removed_on_exit(files.temporary_name(path)) as tmp:
     with _thread_pool() as pool:
       _write_npy(chunks(pool), tmp, shape, len(paths), what)
     if bad:
+      named = [message for _, message in sorted(bad)]
       raise DataError(f'{what}: {len(bad)} image(s) cannot be used; replace or remove '
-                      'them: ' + '; '.join(sorted(bad)[:10])
-                      + ('; ...' if len(bad) > 10 else ''))
+                      'them: ' + '; '.join(named[:10]) + ('; ...' if len(bad) > 10 else ''))
     os.replace(tmp, path)
-  except OSError as e:  # a full disk after all (another writer), or no permission
-    return _uncached(what, f'cannot write to {directory}: {e}')
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return _read_cache(directory, stem, 'folder')[0]
 
 
 # ------------------------------------------------------------------------ arrays

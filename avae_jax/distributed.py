@@ -30,6 +30,8 @@ from absl import flags
 from absl import logging
 import jax
 
+from avae_jax import files
+
 ENV_COORDINATOR = 'AVAE_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'AVAE_NUM_PROCESSES'
 ENV_PROCESS_ID = 'AVAE_PROCESS_ID'
@@ -292,6 +294,7 @@ def exit_now(code: int, message: str) -> None:
   message). The entry points close their checkpoints and summaries before getting here.
   """
   sys.stderr.write(f'{message}\n')
+  files.remove_temporaries_now()  # a decoded cache's, half-written
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -152,6 +152,34 @@ def temporary_name(path: str) -> str:
   return f'{path}.tmp{os.getpid()}.{uuid.uuid4().hex}'
 
 
+# Temporaries being written that a hard exit removes (see removed_on_exit).
+_REMOVE_ON_EXIT: set[str] = set()
+
+
+@contextlib.contextmanager
+def removed_on_exit(path: str) -> Iterator[str]:
+  """Yields `path`, a temporary to write and rename; whatever is left of it is removed.
+
+  At the block's end (after a rename nothing is left), and by remove_temporaries_now:
+  a Ctrl-C ends the programs with os._exit (distributed.exit_now), which runs no
+  `finally`, and a decoded cache's temporary is gigabytes.
+  """
+  _REMOVE_ON_EXIT.add(path)
+  try:
+    yield path
+  finally:
+    _REMOVE_ON_EXIT.discard(path)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def remove_temporaries_now() -> None:
+  """Removes the temporaries of the removed_on_exit blocks running now (before _exit)."""
+  for path in list(_REMOVE_ON_EXIT):
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
 # temporary_name's names: the pid of the writer, then the random part.
 _TEMPORARY = re.compile(r'\.tmp(\d+)\.[0-9a-f]{32}$')
 # The names of this process's temporaries being written now (by any thread).

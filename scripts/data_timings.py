@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
     config.image_size, config.crop_size = _IMAGE_SIZE.value, _CROP_SIZE.value
     config.channels = _CHANNELS.value
     os.environ['AVAE_JAX_CACHE'] = os.path.join(tmp, 'cache')
-    common = dict(batch=_BATCH.value, cpus=os.cpu_count(),
+    common = dict(batch=_BATCH.value, cpus=len(os.sched_getaffinity(0)),
                   image_shape=[config.image_size, config.image_size, config.channels])
 
     cached = data._folder_cached  # pylint: disable=protected-access

@@ -4,6 +4,7 @@ Reference values come from numpy slicing, hand-derived resampling of linear ramp
 numpy's own seeded permutations; tfds is exercised through tfds.testing.mock_data.
 """
 
+import errno
 import gc
 import gzip
 import logging
@@ -306,9 +307,13 @@ def test_folder_errors(tmp_path, monkeypatch):
 
 
 def _folder_cache_files():
-  """The files in the folder caches' directory (the tests' own, tests/conftest.py)."""
+  """The files in the folder caches' directory (the tests' own, tests/conftest.py).
+
+  The lock files of the caches' makers (STEM.lock, a few bytes each, kept) left out.
+  """
   directory = data._folder_cache_dir()  # pylint: disable=protected-access
-  return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(n for n in names if not n.endswith('.lock'))
 
 
 def test_a_folder_is_decoded_once_into_a_cache_that_gives_the_same_images(
@@ -371,7 +376,7 @@ def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, 
   monkeypatch.setattr(data, '_FOLDER_CACHE_HEADROOM', free)  # no room left for 512 bytes
   with caplog.at_level(logging.WARNING):
     src = data.load(config)
-  assert 'no decoded cache (the decoded images (0 MiB) would leave under' in caplog.text
+  assert 'no decoded cache (the decoded images (0.0 MiB) would leave under' in caplog.text
   assert 'the images are decoded at each batch instead' in caplog.text
   assert _folder_cache_files() == before
   assert _values(src) == [90, 30]
@@ -403,11 +408,12 @@ def test_the_cache_writer_writes_under_the_name_given_with_or_without_a_count(
     write(iter([]), path, (4, 4, 3), None, 'x')
 
 
-# Builds a folder's cache (CACHE) of FOLDER's 16x16 gray images, 50 ms an image.
+# Builds a folder's cache (CACHE) of FOLDER's 16x16 gray images, 50 ms an image, under
+# train.py's Ctrl-C handling (distributed.exit_on_interrupt: os._exit, no `finally`).
 _SLOW_CACHE_BUILD = '''
 import sys, time
 sys.path.insert(0, {repo!r})
-from avae_jax import data
+from avae_jax import data, distributed
 from configs import default
 real = data._folder_image
 def slow(path, geometry):
@@ -417,33 +423,43 @@ data._folder_image = slow
 data._folder_cache_dir = lambda: {cache!r}
 config = default.get_config()
 config.update(dict(dataset='folder:' + {folder!r}, image_size=16, channels=1))
-data.load(config, 'train')
+with distributed.exit_on_interrupt('interrupted'):
+  data.load(config, 'train')
 '''
+_TEMPORARY = files._TEMPORARY  # pylint: disable=protected-access
+
+
+def _start_slow_cache_build(tmp_path, count):
+  """(process, folder, cache dir): a build of `count` images, started and writing."""
+  folder, cache = tmp_path / 'd', tmp_path / 'cache'
+  for i in range(count):
+    _write_png(str(folder / f'{i:03d}.png'), np.full((16, 16), i % 256, np.uint8))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / 'build.py'
+  script.write_text(_SLOW_CACHE_BUILD.format(repo=repo, cache=str(cache), folder=str(folder)))
+  build = subprocess.Popen([sys.executable, str(script)], cwd=repo, stderr=subprocess.PIPE,
+                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  deadline = time.monotonic() + 120
+  while not (cache.is_dir() and any(map(_TEMPORARY.search, os.listdir(cache)))):
+    if build.poll() is not None or time.monotonic() > deadline:
+      build.kill()
+      pytest.fail(f'no cache build under way: {build.communicate()[1][-3000:]}')
+    time.sleep(0.02)
+  return build, folder, cache
+
+
+def _cache_dir_files(cache):
+  """The cache directory's files but the lock files."""
+  return sorted(n for n in os.listdir(cache) if not n.endswith('.lock'))
 
 
 def test_a_killed_cache_build_leaves_a_temporary_that_a_later_build_removes(
     tmp_path, caplog):
-  folder, cache = tmp_path / 'd', tmp_path / 'cache'
-  for i in range(400):
-    _write_png(str(folder / f'{i:03d}.png'), np.full((16, 16), i % 256, np.uint8))
-  script = tmp_path / 'build.py'
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  script.write_text(_SLOW_CACHE_BUILD.format(repo=repo, cache=str(cache),
-                                            folder=str(folder)))
-  build = subprocess.Popen([sys.executable, str(script)], cwd=repo,
-                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  try:
-    deadline = time.monotonic() + 120
-    while not (cache.is_dir() and os.listdir(cache)):
-      assert build.poll() is None and time.monotonic() < deadline
-      time.sleep(0.02)
-    build.send_signal(signal.SIGKILL)  # as a scheduler's kill or the OOM killer would
-  finally:
-    build.kill()
-    build.wait()
-  left = os.listdir(cache)
-  temporary = files._TEMPORARY  # pylint: disable=protected-access
-  assert len(left) == 1 and temporary.search(left[0]), left
+  build, folder, cache = _start_slow_cache_build(tmp_path, 400)
+  build.send_signal(signal.SIGKILL)  # as a scheduler's kill or the OOM killer would
+  build.communicate(timeout=60)
+  left = _cache_dir_files(cache)
+  assert len(left) == 1 and _TEMPORARY.search(left[0]), left
   # A young temporary may be another host's write in progress: the next build keeps it.
   config = _config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0)
   with pytest.MonkeyPatch.context() as patch:
@@ -458,9 +474,83 @@ def test_a_killed_cache_build_leaves_a_temporary_that_a_later_build_removes(
       grown = data.load(config)
   assert 'removed 1 temporary file(s) of a killed cache write' in caplog.text
   assert left[0] not in os.listdir(cache)
-  assert [n.endswith('.npy') and not temporary.search(n) for n in os.listdir(cache)] == [
-      True, True]
+  assert [n.endswith('.npy') and not _TEMPORARY.search(n) for n in _cache_dir_files(cache)
+          ] == [True, True]
   assert _values(grown) == _values(source) + [0]
+
+
+def test_ctrl_c_in_a_cache_build_leaves_nothing(tmp_path):
+  build, _, cache = _start_slow_cache_build(tmp_path, 400)
+  build.send_signal(signal.SIGINT)
+  _, err = build.communicate(timeout=60)
+  assert build.returncode == 130 and 'interrupted' in err, err[-3000:]
+  assert _cache_dir_files(cache) == []
+
+
+def test_a_second_process_waits_for_the_cache_being_made_and_reads_it(tmp_path, monkeypatch):
+  # launch.py's processes on one host all load the folder at once: one decodes it.
+  build, folder, cache = _start_slow_cache_build(tmp_path, 120)
+  monkeypatch.setattr(data, '_folder_cache_dir', lambda: str(cache))
+  monkeypatch.setattr(data, 'read_image', lambda path: pytest.fail(f'decoded {path}'))
+  config = _config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0)
+  try:
+    source = data.load(config)
+    _, err = build.communicate(timeout=60)
+  finally:
+    build.kill()
+  assert build.returncode == 0, err[-3000:]
+  assert _values(source) == [i % 256 for i in range(120)]
+  assert len(_cache_dir_files(cache)) == 1
+
+
+def test_a_full_disk_is_an_error_of_the_write_and_the_folder_is_decoded_at_each_batch(
+    tmp_path, monkeypatch, caplog):
+  # Written through a memory map, a full disk ended the process with SIGBUS.
+  chunks = iter([np.zeros((2, 4, 4, 1), np.uint8)] * 2000)
+  with pytest.raises(OSError) as info:
+    data._write_npy(chunks, '/dev/full', (4, 4, 1), 4000, 'x')  # pylint: disable=protected-access
+  assert info.value.errno == errno.ENOSPC
+  # A disk filled by another writer during a build: the folder is decoded at each batch,
+  # and the temporary is gone.
+  _write_png(str(tmp_path / 'd' / 'a.png'), np.full((16, 16), 90, np.uint8))
+  real = data._write_npy  # pylint: disable=protected-access
+
+  def full(chunks, path, *args):
+    real(chunks, path, *args)
+    raise OSError(errno.ENOSPC, 'No space left on device', path)
+
+  monkeypatch.setattr(data, '_write_npy', full)
+  before = _folder_cache_files()
+  with caplog.at_level(logging.WARNING):
+    source = data.load(_config(dataset=f'folder:{tmp_path / "d"}', channels=1,
+                               eval_fraction=0.0))
+  assert 'No space left on device' in caplog.text
+  assert 'the images are decoded at each batch instead' in caplog.text
+  assert _values(source) == [90] and _folder_cache_files() == before
+
+
+def test_a_damaged_cache_is_made_again(tmp_path, caplog):
+  _write_png(str(tmp_path / 'd' / 'a.png'), np.full((16, 16), 60, np.uint8))
+  _write_png(str(tmp_path / 'd' / 'b.png'), np.full((16, 16), 70, np.uint8))
+  config = _config(dataset=f'folder:{tmp_path / "d"}', channels=1, eval_fraction=0.0)
+  before = set(_folder_cache_files())
+  assert _values(data.load(config)) == [60, 70]
+  (name,) = set(_folder_cache_files()) - before
+  path = os.path.join(data._folder_cache_dir(), name)  # pylint: disable=protected-access
+  with open(path, 'r+b') as f:  # cut short, as a crash of its disk might leave it
+    f.truncate(os.path.getsize(path) - 100)
+  with caplog.at_level(logging.WARNING):
+    assert _values(data.load(config)) == [60, 70]
+  assert 'is damaged' in caplog.text and 'making it again' in caplog.text
+  assert os.path.getsize(path) == 128 + 2 * 16 * 16  # whole again
+  np.save(path, np.zeros((1, 16, 16, 1), np.uint8))  # whole, but not of this listing
+  with caplog.at_level(logging.WARNING):
+    assert _values(data.load(config)) == [60, 70]
+  assert 'holds 1 images of (16, 16, 1), not 2 of (16, 16, 1)' in caplog.text
+  with open(path, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
+    data._read_cache(*os.path.split(path[:-4]), 'mnist')  # pylint: disable=protected-access
 
 
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):
