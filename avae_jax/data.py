@@ -554,6 +554,7 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
   stem = _cache_name(builder, name, split, geometry)
   for d in cache_dirs(config):
     if os.path.exists(os.path.join(d, stem + '.npy')):
+      _remove_killed_writes(d)
       return _read_cache(d, stem, name)
 
   dataset = _tfds_dataset(config, builder, name, split)
@@ -565,7 +566,12 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
   for d in cache_dirs(config):
     try:
       os.makedirs(d, exist_ok=True)
-      return _write_cache(dataset, d, stem, name, geometry, expected)
+      # Processes that need the split at once (launch.py's) decode it once.
+      with files.exclusive(d, f'the decoding of {name} {split}', wait=True,
+                           lock_file=stem + '.lock'):
+        if os.path.exists(os.path.join(d, stem + '.npy')):  # made while this one waited
+          return _read_cache(d, stem, name)
+        return _write_cache(dataset, d, stem, name, geometry, expected)
     except OSError as e:  # not writable: try the next place
       last_error = e
   raise DataError(f'cannot write the decoded {name} cache to any of {cache_dirs(config)}: '

@@ -828,6 +828,31 @@ def test_tfds_mnist_exact_and_cached(tmp_path):
   np.testing.assert_array_equal(again.get([3, 1]), src.get([3, 1]))
 
 
+def test_tfds_processes_that_need_a_split_at_once_decode_it_once(tmp_path, monkeypatch):
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1)
+  real = data._write_cache  # pylint: disable=protected-access
+  calls, writing = [], threading.Event()
+
+  def slow_write(*args):
+    calls.append(args[1])
+    writing.set()
+    time.sleep(1.0)  # the other loader reaches the lock meanwhile
+    return real(*args)
+
+  monkeypatch.setattr(data, '_write_cache', slow_write)
+  sources = {}
+  with tfds.testing.mock_data(num_examples=12):
+    first = threading.Thread(target=lambda: sources.update(a=data.load(cfg, 'train')))
+    first.start()
+    assert writing.wait(60)
+    sources['b'] = data.load(cfg, 'train')  # waits for the first, then reads its cache
+    first.join(60)
+  assert calls == [str(tmp_path / 'avae_jax_cache')]
+  a, b = sources['a'], sources['b']
+  np.testing.assert_array_equal(a.get(np.arange(12)), b.get(np.arange(12)))
+
+
 def test_tfds_slices_of_one_split_have_their_own_caches(tmp_path, monkeypatch):
   tfds = _tfds()
   cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1,
