@@ -601,9 +601,9 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
 
 
-# A cache's temporary file of a dead writer older than this is removed before a new
-# cache is written there: a build killed by SIGTERM or SIGKILL (a CelebA one takes
-# minutes) left gigabytes behind for good. Younger ones may be another host's, alive.
+# A cache's temporary file of a dead writer older than this is removed when a cache is
+# opened or made in its directory: a build killed by SIGTERM or SIGKILL (a CelebA one
+# takes minutes) left gigabytes behind for good. Younger ones may be another host's.
 _KILLED_WRITE_AGE_S = 600.0
 
 
@@ -922,17 +922,20 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
 def _folder_cache_file(directory: str, stem: str, shape: tuple[int, ...]
                        ) -> np.ndarray | None:
   """The cache DIRECTORY/STEM.npy memory-mapped, or None if absent or damaged (warned)."""
-  if not os.path.exists(os.path.join(directory, stem + '.npy')):
+  path = os.path.join(directory, stem + '.npy')
+  if not os.path.exists(path):
     return None
   try:
-    images = _read_cache(directory, stem, 'folder')[0]
-    if images.shape != shape:
-      raise DataError(f'the decoded cache {directory}/{stem}.npy holds {images.shape[0]} '
-                      f'images of {images.shape[1:]}, not {shape[0]} of {shape[1:]}')
-  except DataError as e:
-    logging.warning('%s; making it again', e)
-    return None
-  return images
+    images = np.load(path, mmap_mode='r')
+  except (OSError, ValueError, EOFError) as e:  # truncated by a crash of its disk, say
+    found = f'unreadable: {e}'
+  else:
+    if images.dtype == np.uint8 and images.shape == shape:
+      return images
+    found = f'a {images.dtype} array of shape {images.shape}'
+  logging.warning('the decoded cache %s is damaged (%s; expected %d uint8 images of %s); '
+                  'making it again', path, found, shape[0], shape[1:])
+  return None
 
 
 def _decode_folder(what: str, paths: list[str], geometry: dict[str, int], path: str) -> None:

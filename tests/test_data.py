@@ -546,7 +546,8 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
   np.save(path, np.zeros((1, 16, 16, 1), np.uint8))  # whole, but not of this listing
   with caplog.at_level(logging.WARNING):
     assert _values(data.load(config)) == [60, 70]
-  assert 'holds 1 images of (16, 16, 1), not 2 of (16, 16, 1)' in caplog.text
+  assert ('(a uint8 array of shape (1, 16, 16, 1); expected 2 uint8 images of (16, 16, 1)); '
+          'making it again') in caplog.text
   with open(path, 'r+b') as f:
     f.truncate(10)
   with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
