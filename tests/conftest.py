@@ -30,6 +30,7 @@ def _folder_caches_in_tmp(tmp_path_factory, monkeypatch):
   directory = str(tmp_path_factory.getbasetemp() / 'folder_caches')
   monkeypatch.setattr(data, '_folder_cache_dir', lambda: directory)
 
+
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
   """gs:// paths opened through etils.epath land in tmp_path/'gcs' (no network is used).

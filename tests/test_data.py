@@ -10,14 +10,14 @@ import gzip
 import logging
 import os
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
-import signal
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -306,14 +306,15 @@ def test_folder_errors(tmp_path, monkeypatch):
     src.get([0, 1])
 
 
-def _folder_cache_files():
-  """The files in the folder caches' directory (the tests' own, tests/conftest.py).
-
-  The lock files of the caches' makers (STEM.lock, a few bytes each, kept) left out.
-  """
-  directory = data._folder_cache_dir()  # pylint: disable=protected-access
+def _cache_files(directory):
+  """The files in a cache directory, but the lock files of the caches' makers (kept)."""
   names = os.listdir(directory) if os.path.isdir(directory) else []
   return sorted(n for n in names if not n.endswith('.lock'))
+
+
+def _folder_cache_files():
+  """The files in the folder caches' directory (the tests' own, tests/conftest.py)."""
+  return _cache_files(data._folder_cache_dir())  # pylint: disable=protected-access
 
 
 def test_a_folder_is_decoded_once_into_a_cache_that_gives_the_same_images(
@@ -392,9 +393,9 @@ def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, 
 @pytest.mark.parametrize('expected', [5, None])
 def test_the_cache_writer_writes_under_the_name_given_with_or_without_a_count(
     tmp_path, expected):
-  # A split's count comes from tfds' metadata where it has one (a memory map is filled),
-  # else the chunks are joined; a temporary's name must stay as given (no .npy added), or
-  # the removal of a killed write's temporaries would not recognise it.
+  # A split's count comes from tfds' metadata where it has one (the chunks are written as
+  # they come), else the chunks are joined; a temporary's name must stay as given (no .npy
+  # added), or the removal of a killed write's temporaries would not recognise it.
   rng = np.random.default_rng(0)
   chunks = [rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8) for n in (2, 3)]
   path = str(tmp_path / 'cache.npy.tmp1.0123')
@@ -448,17 +449,12 @@ def _start_slow_cache_build(tmp_path, count):
   return build, folder, cache
 
 
-def _cache_dir_files(cache):
-  """The cache directory's files but the lock files."""
-  return sorted(n for n in os.listdir(cache) if not n.endswith('.lock'))
-
-
 def test_a_killed_cache_build_leaves_a_temporary_that_a_later_build_removes(
     tmp_path, caplog):
   build, folder, cache = _start_slow_cache_build(tmp_path, 400)
   build.send_signal(signal.SIGKILL)  # as a scheduler's kill or the OOM killer would
   build.communicate(timeout=60)
-  left = _cache_dir_files(cache)
+  left = _cache_files(cache)
   assert len(left) == 1 and _TEMPORARY.search(left[0]), left
   # A young temporary may be another host's write in progress: the next build keeps it.
   config = _config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0)
@@ -474,7 +470,7 @@ def test_a_killed_cache_build_leaves_a_temporary_that_a_later_build_removes(
       grown = data.load(config)
   assert 'removed 1 temporary file(s) of a killed cache write' in caplog.text
   assert left[0] not in os.listdir(cache)
-  assert [n.endswith('.npy') and not _TEMPORARY.search(n) for n in _cache_dir_files(cache)
+  assert [n.endswith('.npy') and not _TEMPORARY.search(n) for n in _cache_files(cache)
           ] == [True, True]
   assert _values(grown) == _values(source) + [0]
 
@@ -484,7 +480,7 @@ def test_ctrl_c_in_a_cache_build_leaves_nothing(tmp_path):
   build.send_signal(signal.SIGINT)
   _, err = build.communicate(timeout=60)
   assert build.returncode == 130 and 'interrupted' in err, err[-3000:]
-  assert _cache_dir_files(cache) == []
+  assert _cache_files(cache) == []
 
 
 def test_a_second_process_waits_for_the_cache_being_made_and_reads_it(tmp_path, monkeypatch):
@@ -500,7 +496,7 @@ def test_a_second_process_waits_for_the_cache_being_made_and_reads_it(tmp_path, 
     build.kill()
   assert build.returncode == 0, err[-3000:]
   assert _values(source) == [i % 256 for i in range(120)]
-  assert len(_cache_dir_files(cache)) == 1
+  assert len(_cache_files(cache)) == 1
 
 
 def test_a_full_disk_is_an_error_of_the_write_and_the_folder_is_decoded_at_each_batch(
