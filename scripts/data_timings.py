@@ -7,8 +7,9 @@ batches (after one untimed batch), the rate a training step has to stay under fo
 input pipeline not to be the bottleneck: `folder_decoded_each_batch` (PIL decoding, crop
 and resize on data.py's thread pool, what a folder without room for its cache does),
 `folder_cache_build` (the one-time decoding into the cache) and `folder_cached` (the
-memory-mapped cache). Without --folder the images are made up: `--images` JPEGs of
-CelebA's aligned size (218x178), smooth colour fields with noise. The geometry is
+memory-mapped cache). The images are the first `--images` of --folder (linked into a
+temporary folder, so that the cache stays that small), or made up: JPEGs of CelebA's
+aligned size (218x178), smooth colour fields with noise. The geometry is
 configs/celeba.py's (crop 148, 96x96x3) unless --image_size/--crop_size/--channels say
 otherwise. The cache is written to a temporary directory, never the user's.
 """
@@ -31,7 +32,8 @@ from avae_jax import data  # pylint: disable=wrong-import-position
 from configs import celeba  # pylint: disable=wrong-import-position
 
 _FOLDER = flags.DEFINE_string('folder', None, 'folder of images (default: made up)')
-_IMAGES = flags.DEFINE_integer('images', 1024, 'made-up images, without --folder', lower_bound=1)
+_IMAGES = flags.DEFINE_integer('images', 1024, 'images timed (of --folder, or made up)',
+                               lower_bound=1)
 _BATCH = flags.DEFINE_integer('batch', 64, 'images per batch', lower_bound=1)
 _BATCHES = flags.DEFINE_integer('batches', 20, 'timed batches per reader', lower_bound=1)
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 96, 'side of the preprocessed images')
@@ -51,6 +53,16 @@ def make_images(folder: str, count: int) -> None:
     Image.fromarray(noisy).save(os.path.join(folder, f'{i:06d}.jpg'), quality=90)
 
 
+def link_images(source: str, folder: str, count: int) -> None:
+  """Links the first `count` images of `source` (the order folder: lists them) into `folder`."""
+  paths = data._list_images(source)[:count]  # pylint: disable=protected-access
+  if not paths:
+    raise app.UsageError(f'--folder={source} holds no images')
+  os.makedirs(folder)
+  for i, path in enumerate(paths):
+    os.symlink(os.path.abspath(path), os.path.join(folder, f'{i:06d}{os.path.splitext(path)[1]}'))
+
+
 def images_per_s(source: data.Source, batch: int, batches: int) -> float:
   """Images/s of source.get over random batches, after one untimed batch."""
   rng = np.random.default_rng(0)
@@ -66,8 +78,10 @@ def main(argv: list[str]) -> None:
   """Prints the three readers' rates."""
   del argv
   with tempfile.TemporaryDirectory() as tmp:
-    folder = _FOLDER.value or os.path.join(tmp, 'images')
-    if not _FOLDER.value:
+    folder = os.path.join(tmp, 'images')
+    if _FOLDER.value:
+      link_images(_FOLDER.value, folder, _IMAGES.value)
+    else:
       make_images(folder, _IMAGES.value)
     config = celeba.get_config()
     config.dataset = f'folder:{folder}'

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from avae_jax import benchmarking
 from avae_jax import hugepages
@@ -574,6 +575,19 @@ def test_data_timings_script_times_three_readers_without_touching_the_users_cach
     assert row['images_per_s'] > 0 and row['batch'] == 4 and row['image_shape'] == [16, 16, 1]
   assert rows[1]['images'] == 24
   assert os.listdir(tmp_path) == []  # no ~/.cache/avae_jax
+
+  # The first --images of a folder, left as they are.
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  for i in range(9):
+    Image.fromarray(np.full((20, 20), i, np.uint8)).save(folder / f'{i}.png')
+  out = subprocess.run([sys.executable, os.path.join('scripts', 'data_timings.py'),
+                        f'--folder={folder}', '--images=7', '--batch=4', '--batches=1',
+                        '--image_size=16', '--crop_size=0'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert json.loads(out.stdout.splitlines()[1])['images'] == 7
+  assert sorted(os.listdir(tmp_path)) == ['folder'] and len(os.listdir(folder)) == 9
 
   too_big = subprocess.run([sys.executable, os.path.join('scripts', 'data_timings.py'),
                             '--images=4', '--batch=8'], cwd=ROOT, env=env,
