@@ -536,7 +536,7 @@ def _read_cache(directory: str, stem: str, name: str) -> tuple[np.ndarray, np.nd
   """(images uint8 memmap, dSprites' factors or None) of a cached split; DataError if damaged."""
   path = os.path.join(directory, stem + '.npy')
   try:
-    images = np.load(path, mmap_mode='r')
+    images = np.lib.format.open_memmap(path, mode='r')  # a .npy only: no pickles, no zips
     if images.dtype != np.uint8 or images.ndim != 4:
       raise ValueError(f'{images.dtype} array of shape {images.shape}, not uint8 images')
     if name != 'dsprites':
@@ -610,7 +610,9 @@ _KILLED_WRITE_AGE_S = 600.0
 def _remove_killed_writes(directory: str) -> None:
   """Deletes the temporaries of killed cache writes in `directory` (files.remove_dead_...)."""
   try:
-    removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S)
+    # The caches' own temporaries only: $AVAE_JAX_CACHE may be a scratch tree of others.
+    removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S,
+                                            recursive=False, targets=('.npy', '.npz'))
   except OSError as e:  # a read-only cache directory (made by another user, say)
     logging.warning('cannot remove the temporary files of killed cache writes in %s: %s',
                     directory, e)
@@ -903,7 +905,8 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
     _remove_killed_writes(directory)  # before the free space is measured
     with files.exclusive(directory, f'the decoding of {what}', wait=True,
                          lock_file=stem + '.lock'):
-      cached = _folder_cache_file(directory, stem, shape)  # made while this one waited
+      # Made while this process waited? (A damaged one was reported above.)
+      cached = _folder_cache_file(directory, stem, shape, warn=False)
       if cached is not None:
         return cached
       size = math.prod(shape)
@@ -919,22 +922,23 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
   return _folder_cache_file(directory, stem, shape)
 
 
-def _folder_cache_file(directory: str, stem: str, shape: tuple[int, ...]
+def _folder_cache_file(directory: str, stem: str, shape: tuple[int, ...], warn: bool = True
                        ) -> np.ndarray | None:
   """The cache DIRECTORY/STEM.npy memory-mapped, or None if absent or damaged (warned)."""
   path = os.path.join(directory, stem + '.npy')
   if not os.path.exists(path):
     return None
   try:
-    images = np.load(path, mmap_mode='r')
+    images = np.lib.format.open_memmap(path, mode='r')  # a .npy only: no pickles, no zips
   except (OSError, ValueError, EOFError) as e:  # truncated by a crash of its disk, say
     found = f'unreadable: {e}'
   else:
     if images.dtype == np.uint8 and images.shape == shape:
       return images
     found = f'a {images.dtype} array of shape {images.shape}'
-  logging.warning('the decoded cache %s is damaged (%s; expected %d uint8 images of %s); '
-                  'making it again', path, found, shape[0], shape[1:])
+  if warn:
+    logging.warning('the decoded cache %s is damaged (%s; expected %d uint8 images of %s) '
+                    'and is not used', path, found, shape[0], shape[1:])
   return None
 
 

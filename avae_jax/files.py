@@ -165,10 +165,12 @@ def removed_on_exit(path: str) -> Iterator[str]:
   `finally`, and a decoded cache's temporary is gigabytes.
   """
   _REMOVE_ON_EXIT.add(path)
+  _IN_FLIGHT.add(os.path.basename(path))  # not a dead writer's, to remove_dead_temporaries
   try:
     yield path
   finally:
     _REMOVE_ON_EXIT.discard(path)
+    _IN_FLIGHT.discard(os.path.basename(path))
     with contextlib.suppress(FileNotFoundError):
       os.remove(path)
 
@@ -201,7 +203,8 @@ def _writer_is_gone(name: str, pid: int) -> bool:
 
 
 def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = (),
-                            min_age_s: float = 0.0) -> list[str]:
+                            min_age_s: float = 0.0, recursive: bool = True,
+                            targets: tuple[str, ...] = ()) -> list[str]:
   """Deletes write_bytes' temporaries under a local `directory` whose writer is gone.
 
   A writer killed between its write and its rename (SIGKILL, a power cut) leaves its
@@ -212,17 +215,19 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = (),
   temporary with this process's pid is removed unless one of its threads is writing it.
   `skip`: names of subdirectories not to descend into (orbax's checkpoints, which orbax
   cleans itself). `min_age_s`: temporaries modified more recently are kept, where another
-  host may be writing them (a cache on a shared disk). Returns the removed paths.
+  host may be writing them (a cache on a shared disk). `recursive` False: `directory`'s
+  own files only. `targets`: only the temporaries of files whose names end so. Returns
+  the removed paths.
   """
   root = os.fspath(directory)
   if is_remote(root):
     return []
   removed = []
   for folder, subdirs, names in os.walk(root):
-    subdirs[:] = [d for d in subdirs if d not in skip]
+    subdirs[:] = [d for d in subdirs if d not in skip] if recursive else []
     for name in names:
       match = _TEMPORARY.search(name)
-      if match is None:
+      if match is None or (targets and not name[:match.start()].endswith(targets)):
         continue
       if _writer_is_gone(name, int(match.group(1))):
         path = os.path.join(folder, name)

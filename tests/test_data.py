@@ -537,17 +537,36 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
     f.truncate(os.path.getsize(path) - 100)
   with caplog.at_level(logging.WARNING):
     assert _values(data.load(config)) == [60, 70]
-  assert 'is damaged' in caplog.text and 'making it again' in caplog.text
+  assert 'is damaged' in caplog.text and 'is not used' in caplog.text
+  assert caplog.text.count('is damaged') == 1
   assert os.path.getsize(path) == 128 + 2 * 16 * 16  # whole again
   np.save(path, np.zeros((1, 16, 16, 1), np.uint8))  # whole, but not of this listing
   with caplog.at_level(logging.WARNING):
     assert _values(data.load(config)) == [60, 70]
-  assert ('(a uint8 array of shape (1, 16, 16, 1); expected 2 uint8 images of (16, 16, 1)); '
-          'making it again') in caplog.text
+  assert ('(a uint8 array of shape (1, 16, 16, 1); expected 2 uint8 images of (16, 16, 1)) '
+          'and is not used') in caplog.text
+  # Not a .npy at all: a zip (np.load would open it as an .npz), or anything else.
+  for kind in ('npz', 'junk'):
+    with open(path, 'wb') as f:
+      if kind == 'npz':
+        np.savez(f, x=np.zeros(3))
+      else:
+        f.write(b'PK\x03\x04 not a zip either')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert _values(data.load(config)) == [60, 70]
+    assert 'is damaged (unreadable: ' in caplog.text
+    assert os.path.getsize(path) == 128 + 2 * 16 * 16
+  # A tfds cache so damaged is an error that names it.
+  read_cache = data._read_cache  # pylint: disable=protected-access
   with open(path, 'r+b') as f:
     f.truncate(10)
   with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
-    data._read_cache(*os.path.split(path[:-4]), 'mnist')  # pylint: disable=protected-access
+    read_cache(*os.path.split(path[:-4]), 'mnist')
+  with open(path, 'wb') as f:
+    np.savez(f, x=np.zeros(3))
+  with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
+    read_cache(*os.path.split(path[:-4]), 'mnist')
 
 
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):

@@ -177,6 +177,30 @@ def test_a_recent_temporary_of_a_dead_writer_is_kept_under_a_minimum_age(tmp_pat
   assert files.remove_dead_temporaries(tmp_path) == [recent]  # no minimum age: removed
 
 
+def test_temporaries_removed_only_at_the_top_and_of_the_targets_asked_for(tmp_path):
+  dead = processes.dead_pid()
+  (tmp_path / 'sub').mkdir()
+  cache = processes.temporary_of(tmp_path / 'a.npy', dead)
+  other = processes.temporary_of(tmp_path / 'model.ckpt', dead)
+  deeper = processes.temporary_of(tmp_path / 'sub' / 'b.npy', dead)
+  for path in (cache, other, deeper):
+    with open(path, 'w') as f:
+      f.write('x')
+  assert files.remove_dead_temporaries(tmp_path, recursive=False,
+                                       targets=('.npy', '.npz')) == [cache]
+  assert sorted(files.remove_dead_temporaries(tmp_path)) == sorted([other, deeper])
+
+
+def test_a_temporary_being_written_under_removed_on_exit_is_not_a_dead_writers(tmp_path):
+  path = files.temporary_name(str(tmp_path / 'c.npy'))
+  with files.removed_on_exit(path):
+    with open(path, 'w') as f:
+      f.write('x')
+    assert files.remove_dead_temporaries(tmp_path) == []  # this process is writing it
+    assert os.path.exists(path)
+  assert not os.path.exists(path)  # and gone at the block's end
+
+
 def test_a_write_in_progress_in_this_process_keeps_its_temporary(tmp_path, monkeypatch):
   # Another thread of this process (a study's heartbeat beside its training run) is
   # between its write and its rename while the temporaries are removed.
