@@ -41,8 +41,8 @@ _CROP_SIZE = flags.DEFINE_integer('crop_size', 148, 'centre crop before resizing
 _CHANNELS = flags.DEFINE_integer('channels', 3, '1 or 3')
 
 
-def make_images(folder: str, count: int) -> None:
-  """Writes `count` CelebA-sized JPEGs: smooth random colour fields with pixel noise."""
+def make_images(folder: str, count: int) -> int:
+  """Writes `count` CelebA-sized JPEGs (smooth colour fields with noise); returns count."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   os.makedirs(folder, exist_ok=True)
@@ -51,16 +51,18 @@ def make_images(folder: str, count: int) -> None:
     smooth = np.asarray(coarse.resize((178, 218), Image.BICUBIC), np.float32)
     noisy = np.clip(smooth + rng.normal(0.0, 8.0, smooth.shape), 0, 255).astype(np.uint8)
     Image.fromarray(noisy).save(os.path.join(folder, f'{i:06d}.jpg'), quality=90)
+  return count
 
 
-def link_images(source: str, folder: str, count: int) -> None:
-  """Links the first `count` images of `source` (the order folder: lists them) into `folder`."""
+def link_images(source: str, folder: str, count: int) -> int:
+  """Links the first `count` images of `source` into `folder`; returns how many."""
   paths = data._list_images(source)[:count]  # pylint: disable=protected-access
   if not paths:
     raise app.UsageError(f'--folder={source} holds no images')
   os.makedirs(folder)
   for i, path in enumerate(paths):
     os.symlink(os.path.abspath(path), os.path.join(folder, f'{i:06d}{os.path.splitext(path)[1]}'))
+  return len(paths)
 
 
 def images_per_s(source: data.Source, batch: int, batches: int) -> float:
@@ -80,9 +82,9 @@ def main(argv: list[str]) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, 'images')
     if _FOLDER.value:
-      link_images(_FOLDER.value, folder, _IMAGES.value)
+      total = link_images(_FOLDER.value, folder, _IMAGES.value)
     else:
-      make_images(folder, _IMAGES.value)
+      total = make_images(folder, _IMAGES.value)
     config = celeba.get_config()
     config.dataset = f'folder:{folder}'
     config.image_size, config.crop_size = _IMAGE_SIZE.value, _CROP_SIZE.value
@@ -104,7 +106,6 @@ def main(argv: list[str]) -> None:
 
     start = time.perf_counter()
     train = data.load(config, 'train')
-    total = len(data._list_images(folder))  # pylint: disable=protected-access
     print(json.dumps(dict(reader='folder_cache_build', images=total,
                           images_per_s=round(total / (time.perf_counter() - start), 1),
                           **common)), flush=True)
