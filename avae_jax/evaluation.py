@@ -32,13 +32,19 @@ latent traversals of the dimensions with the largest average KL.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import math
 import os
+import platform
 import time
+import zipfile
 from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
+import jaxlib
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
@@ -61,6 +67,11 @@ TAP_NAMES = config_lib.TAP_NAMES
 # Folded into PRNGKey(config.seed) for the random samples, so they do not reuse the
 # training keys derived from the same seed.
 _SAMPLE_KEY = 0x5A3B1E
+# Under the user's cache directory: the data's Inception features (real_features_dir).
+REAL_FEATURES_DIR = 'fid_real_features'
+# Part of every key: a new layout of the cached file, or a change in what decides the
+# features, makes the old files misses.
+_REAL_FEATURES_FORMAT = 1
 
 
 def _image_count(setting: int, available: int) -> int:
@@ -165,15 +176,20 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
 
 
 class _Features:
-  """Accumulates the four Inception taps of image batches (only the valid rows)."""
+  """Accumulates the four Inception taps of image batches (only the valid rows).
 
-  def __init__(self, params: Any, batch_size: int, devices: Sequence[Any]):
+  cached: the taps of all the images, read from the cache; add() then runs nothing.
+  """
+
+  def __init__(self, params: Any, batch_size: int, devices: Sequence[Any],
+               cached: dict[int, np.ndarray] | None = None):
     self.params, self.batch_size, self.devices = params, batch_size, devices
+    self.cached = cached
     self.taps: dict[int, list[np.ndarray]] = {d: [] for d in TAPS}
 
   def add(self, images: np.ndarray, count: int) -> None:
     """Adds the taps of images[:count], run in whole Inception batches (one compilation)."""
-    if self.params is None:
+    if self.params is None or self.cached is not None:
       return
     # The Inception batches that hold the valid rows, not the padding of the last image
     # batch beyond them (up to 3x the work at CelebA's 200-image batches): whole ones, or
@@ -186,7 +202,87 @@ class _Features:
 
   def features(self) -> dict[int, np.ndarray]:
     """The (N, dim) features per tap."""
+    if self.cached is not None:
+      return self.cached
     return {d: np.concatenate(v) for d, v in self.taps.items()}
+
+
+def real_features_dir() -> str:
+  """Where the data's Inception features are cached: REAL_FEATURES_DIR in the user's cache."""
+  return os.path.join(files.user_cache_dir(), REAL_FEATURES_DIR)
+
+
+def _cpu_model() -> str:
+  """The host CPU's model name and instruction-set flags (XLA:CPU compiles for them)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return platform.processor() or platform.machine()
+  wanted = [line for line in lines if line.startswith(('model name', 'flags', 'Features'))]
+  return '\n'.join(dict.fromkeys(wanted))  # once, not once per core
+
+
+def _real_features_path(params: Any, eval_source: data.Source, batch: int, n: int,
+                        inception_batch: int, devices: Sequence[Any]) -> str:
+  """The cache file of the first n eval images' features: named by what decides their bits.
+
+  That is the images themselves (the data pass reads them once more, without the model),
+  the Inception weights, and how the features are computed: the image and Inception batch
+  sizes, the devices, the CPU, the jax/jaxlib versions and XLA_FLAGS. A file found under
+  the name therefore holds the features this evaluation would compute.
+  """
+  setting = {'format': _REAL_FEATURES_FORMAT, 'num_images': n, 'batch': batch,
+             'inception_batch': inception_batch, 'devices': len(devices),
+             'platform': devices[0].platform,
+             'device_kinds': sorted({d.device_kind for d in devices}),
+             'platform_version': str(devices[0].client.platform_version),
+             'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'taps': list(TAPS)}
+  if devices[0].platform == 'cpu':
+    setting['cpu'] = _cpu_model()
+  key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = np.ascontiguousarray(np.asarray(leaf))
+    key.update(f'{jax.tree_util.keystr(path)} {value.dtype} {value.shape}'.encode())
+    key.update(value.data)
+  for x, mask in data.eval_batches(eval_source, batch, n):
+    key.update(np.ascontiguousarray(x[:int(mask.sum())], np.float32).data)
+  return os.path.join(real_features_dir(), f'{key.hexdigest()}.npz')
+
+
+def _read_real_features(path: str, n: int) -> dict[int, np.ndarray] | None:
+  """The cached taps at path; None when there is no file or it is damaged (then warned)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      taps = {d: z[f'tap_{d}'] for d in TAPS}
+    problem = next((f'tap {d} has shape {t.shape} and dtype {t.dtype}'
+                    for d, t in taps.items() if t.shape != (n, d) or t.dtype != np.float32),
+                   None)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    problem = f'{type(e).__name__}: {e}'
+  if problem is None:
+    return taps
+  logging.warning('the cached Inception features %s cannot be read (%s): they are '
+                  'computed again and the file replaced', path, problem)
+  return None
+
+
+def _write_real_features(path: str, taps: dict[int, np.ndarray]) -> None:
+  """Caches the taps at path (atomically); a warning where it cannot."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{f'tap_{d}': np.asarray(t, np.float32) for d, t in taps.items()})
+  try:
+    files.makedirs(os.path.dirname(path))
+    # Those of writers killed mid-write; younger ones may be another host's.
+    files.remove_dead_temporaries(os.path.dirname(path), min_age_s=600, recursive=False,
+                                  targets=('.npz',))
+    files.write_bytes(path, buffer.getvalue())
+  except OSError as e:
+    logging.warning('could not cache the Inception features of the images in %s (%s); the '
+                    'next evaluation computes them again', path, e)
 
 
 def _kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -345,7 +441,16 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   # The Inception network runs in chunks of its own: its 299x299 activations dominate the
   # evaluation's memory (config.eval.get: configs saved before the field existed).
   inception_batch = int(ev.get('inception_batch_size', 8)) * n_dev
-  real_f = _Features(params, inception_batch, devices)
+  # The data's features are the same for every model evaluated on it: computed once,
+  # then read from the cache.
+  cache_path = cached = None
+  if params is not None and bool(ev.get('cache_real_features', True)):
+    cache_path = _real_features_path(params, eval_source, batch, n, inception_batch, devices)
+    cached = _read_real_features(cache_path, n)
+    if cached is not None and is_main:
+      print(f'eval: the Inception features of the images are read from {cache_path}',
+            flush=True)
+  real_f = _Features(params, inception_batch, devices, cached)
   rec_f = _Features(params, inception_batch, devices)
   # The first batch compiles the programs that every later batch reuses.
   _stage('compiling the model' + ('' if fid_skipped else ' and the Inception network'),
@@ -372,6 +477,8 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
     # own, so the stage is named.
     _stage('FID statistics and distances', is_main)
     real, rec, smp = real_f.features(), rec_f.features(), sample_f.features()
+    if cache_path is not None and cached is None:
+      _write_real_features(cache_path, real)
     results['fid_num_images'] = n
     for d in TAPS:
       results[f'fid_rec_{d}'] = _fid(real[d], rec[d])

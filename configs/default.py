@@ -107,6 +107,9 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   c.eval.inception_batch_size = 8
   c.eval.fid = True
   c.eval.inception_weights = ''  # path; '' = the cache folder (see README)
+  # Keep the Inception features of the evaluated images in the user's cache, for the
+  # next evaluation of the same images (README, Evaluation).
+  c.eval.cache_real_features = True
   c.eval.grid_size = 8           # images per row in the figures
   c.eval.traversal_dims = 4
   c.eval.traversal_range = 2.5

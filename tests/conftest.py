@@ -31,6 +31,27 @@ def _folder_caches_in_tmp(tmp_path_factory, monkeypatch):
   monkeypatch.setattr(data, '_folder_cache_dir', lambda: directory)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _real_features_in_tmp(tmp_path_factory):
+  """The evaluations' cached Inception features go to the session's temporary directory.
+
+  (For the module-scoped fixtures' evaluations, set up before any test's own fixtures.)
+  """
+  from avae_jax import evaluation  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.getbasetemp() / 'real_features')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation, 'real_features_dir', lambda: directory)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _real_features_per_test(tmp_path, monkeypatch):
+  """A test's own evaluations find no features cached by another test."""
+  from avae_jax import evaluation  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'real_features')
+  monkeypatch.setattr(evaluation, 'real_features_dir', lambda: directory)
+
+
 @pytest.fixture
 def fake_bucket(tmp_path, monkeypatch):
   """gs:// paths opened through etils.epath land in tmp_path/'gcs' (no network is used).

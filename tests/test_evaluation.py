@@ -8,6 +8,7 @@ test_inception.py. Reference values are recomputed here with scipy / numpy.
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 
@@ -264,6 +265,126 @@ def test_the_padding_of_the_last_batch_is_not_run_through_inception(
     for kind in ('rec', 'sample'):
       np.testing.assert_allclose(results[f'fid_{kind}_{d}'], evaluated[0][f'fid_{kind}_{d}'],
                                  rtol=1e-4)
+
+
+def _counting_inception(monkeypatch):
+  """Replaces inception.features with one that records the rows of each call's images."""
+  rows = []
+  real_features = inception.features
+
+  def features(params, images, **kwargs):
+    rows.append(len(images))
+    return real_features(params, images, **kwargs)
+
+  monkeypatch.setattr(inception, 'features', features)
+  return rows
+
+
+def _cache_files():
+  return sorted(f for f in os.listdir(evaluation.real_features_dir()) if f.endswith('.npz'))
+
+
+def test_the_images_features_are_cached_and_read_with_the_same_bits(
+    tmp_path, evaluated, config, model, source, inception_params, monkeypatch, capsys):
+  rows = _counting_inception(monkeypatch)
+  first = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'a'),
+                              devices=jax.devices(), inception_params=inception_params)
+  assert len(rows) == 3  # the images, their reconstructions, the samples
+  [name] = _cache_files()
+  path = os.path.join(evaluation.real_features_dir(), name)
+  assert 'read from' not in capsys.readouterr().out
+  # The file holds the images' taps (an independent run of the network over them).
+  images = np.concatenate([x[:int(m.sum())] for x, m in data.eval_batches(source, 8, N)])
+  want = inception.features(inception_params, images, batch_size=8)
+  with np.load(path) as z:
+    for d in TAPS:
+      np.testing.assert_allclose(z[f'tap_{d}'], want[d], rtol=1e-4, atol=1e-5)
+  del rows[:]
+
+  second = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'b'),
+                               devices=jax.devices(), inception_params=inception_params)
+  assert len(rows) == 2  # the reconstructions and the samples only
+  assert f'eval: the Inception features of the images are read from {path}' in (
+      capsys.readouterr().out)
+  # The same bits as computing them (here and in the module's evaluation, which did).
+  assert second == first == evaluated[0]
+  assert _cache_files() == [name]
+
+
+def _modified_source(source, index, change):
+  """`source` with the first pixel of image `index` replaced by change(pixel)."""
+  def read(idx):
+    images = source.get(idx).copy()
+    at = np.asarray(idx) == index
+    images[at, 0, 0, 0] = change(images[at, 0, 0, 0])
+    return images
+  return data.Source(read, source.num_examples, source.image_shape, name=source.name,
+                     factors=source.factors, factor_names=source.factor_names)
+
+
+def test_the_cache_is_not_used_for_other_images_weights_or_devices(
+    tmp_path, config, model, source, inception_params, monkeypatch):
+  rows = _counting_inception(monkeypatch)
+
+  def evaluate(src=source, params=inception_params, devices=jax.devices()):
+    del rows[:]
+    results = evaluation.evaluate(config, model, src, out_dir=str(tmp_path), devices=devices,
+                                  inception_params=params)
+    return len(rows), results
+
+  assert evaluate()[0] == 3
+  assert evaluate()[0] == 2
+  # One pixel of the last evaluated image, by one float32 step: a miss.
+  one_step = _modified_source(source, N - 1, lambda v: np.nextafter(v, np.float32(0.5)))
+  assert evaluate(one_step)[0] == 3
+  # An image after the evaluated ones changes nothing.
+  assert evaluate(_modified_source(source, N, lambda v: 1 - v))[0] == 2
+  other_weights = inception.random_params(jax.random.PRNGKey(1))
+  assert evaluate(params=other_weights)[0] == 3
+  assert evaluate(devices=jax.devices()[:1])[0] == 3
+  assert len(_cache_files()) == 4
+  # Without FID nothing is looked up or written.
+  config = test_api.tiny_config(**{'eval.fid': False})
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                                devices=jax.devices())
+  assert 'fid_skipped' in results and len(_cache_files()) == 4
+
+
+def test_a_damaged_cache_file_is_replaced_and_an_unwritable_cache_is_warned_about(
+    tmp_path, config, model, source, inception_params, monkeypatch, caplog):
+  rows = _counting_inception(monkeypatch)
+
+  def evaluate(cfg=config):
+    del rows[:]
+    results = evaluation.evaluate(cfg, model, source, out_dir=str(tmp_path),
+                                  devices=jax.devices(), inception_params=inception_params)
+    return len(rows), results
+
+  computed, want = evaluate()
+  [name] = _cache_files()
+  path = os.path.join(evaluation.real_features_dir(), name)
+  with open(path, 'r+b') as f:  # cut short
+    f.truncate(os.path.getsize(path) // 2)
+  with caplog.at_level(logging.WARNING):
+    assert evaluate() == (3, want)
+  assert f'the cached Inception features {path} cannot be read' in caplog.text
+  with np.load(path) as z:  # replaced by a whole file
+    assert z['tap_2048'].shape == (N, 2048)
+  assert evaluate() == (2, want)
+
+  caplog.clear()
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  monkeypatch.setattr(evaluation, 'real_features_dir', lambda: str(blocked / 'features'))
+  with caplog.at_level(logging.WARNING):
+    assert evaluate() == (3, want)
+  assert 'could not cache the Inception features of the images' in caplog.text
+
+  # Switched off, a whole file is neither read nor written.
+  monkeypatch.setattr(evaluation, 'real_features_dir', lambda: os.path.dirname(path))
+  written = os.stat(path).st_mtime_ns
+  assert evaluate(test_api.tiny_config(**{'eval.cache_real_features': False})) == (3, want)
+  assert os.stat(path).st_mtime_ns == written and _cache_files() == [name]
 
 
 def test_mig_and_traversal_dims_use_the_posterior_means(evaluated, model, source):
