@@ -96,7 +96,7 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
 
   # Evaluation (eval.py and the end of train.py).
   c.eval = ml_collections.ConfigDict()
-  c.eval.num_images = 256        # images for sharpness / MSE / cosine / FID (~3 min on 2 cores)
+  c.eval.num_images = 256        # images for sharpness / MSE / cosine / FID (~1 min on 2 cores)
   # Images for MIG (datasets with factors): 0 = the whole eval split. It needs only their
   # codes, and its estimate is biased upwards on few images.
   c.eval.mig_num_images = 0
