@@ -57,6 +57,7 @@ from avae_jax import inception
 from avae_jax import metrics as metrics_lib
 from avae_jax import summary
 from avae_jax import visualize
+from avae_jax import xla_flags
 
 TAPS = inception.TAPS
 METRICS_FILE = 'metrics.json'
@@ -229,18 +230,21 @@ def _real_features_path(params: Any, eval_source: data.Source, batch: int, n: in
 
   That is the images themselves (the data pass reads them once more, without the model),
   the Inception weights, and how the features are computed: the image and Inception batch
-  sizes, the devices, the CPU, the jax/jaxlib versions and XLA_FLAGS. A file found under
-  the name therefore holds the features this evaluation would compute.
+  sizes, the devices, the CPU and XLA:CPU's thread count (the order of its sums), the
+  matmul precision, the jax/jaxlib versions and XLA_FLAGS. A file found under the name
+  therefore holds the features this evaluation would compute.
   """
   setting = {'format': _REAL_FEATURES_FORMAT, 'num_images': n, 'batch': batch,
              'inception_batch': inception_batch, 'devices': len(devices),
              'platform': devices[0].platform,
              'device_kinds': sorted({d.device_kind for d in devices}),
              'platform_version': str(devices[0].client.platform_version),
+             'matmul_precision': str(jax.config.jax_default_matmul_precision),
              'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'taps': list(TAPS)}
   if devices[0].platform == 'cpu':
     setting['cpu'] = _cpu_model()
+    setting['cpu_threads'] = xla_flags.process_cpu_threads()
   key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     value = np.ascontiguousarray(np.asarray(leaf))
@@ -251,23 +255,35 @@ def _real_features_path(params: Any, eval_source: data.Source, batch: int, n: in
   return os.path.join(real_features_dir(), f'{key.hexdigest()}.npz')
 
 
+def _remove_killed_writes() -> None:
+  """Removes the cache's temporaries of writers killed mid-write (SIGKILL, a power cut)."""
+  directory = real_features_dir()
+  if os.path.isdir(directory):
+    # Younger ones may be another host's write in progress.
+    files.remove_dead_temporaries(directory, min_age_s=600, recursive=False,
+                                  targets=('.npz',))
+
+
 def _read_real_features(path: str, n: int) -> dict[int, np.ndarray] | None:
   """The cached taps at path; None when there is no file or it is damaged (then warned)."""
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
-      taps = {d: z[f'tap_{d}'] for d in TAPS}
-    problem = next((f'tap {d} has shape {t.shape} and dtype {t.dtype}'
-                    for d, t in taps.items() if t.shape != (n, d) or t.dtype != np.float32),
-                   None)
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    problem = f'{type(e).__name__}: {e}'
-  if problem is None:
-    return taps
-  logging.warning('the cached Inception features %s cannot be read (%s): they are '
-                  'computed again and the file replaced', path, problem)
-  return None
+    taps = {}
+    with zipfile.ZipFile(path) as archive:
+      for d in TAPS:
+        # ZipFile.read checks the member's CRC-32, which np.load does not: a damaged byte
+        # in a member's header or values would otherwise give other features silently.
+        member = archive.read(f'tap_{d}.npy')
+        taps[d] = np.lib.format.read_array(io.BytesIO(member), allow_pickle=False)
+        if taps[d].shape != (n, d) or taps[d].dtype != np.float32:
+          raise ValueError(f'tap {d} holds {taps[d].shape} {taps[d].dtype} values, not '
+                           f'({n}, {d}) float32')
+  except Exception as e:  # pylint: disable=broad-except  (any damage: compute them again)
+    logging.warning('the cached Inception features %s cannot be read (%s: %s): they are '
+                    'computed again and the file replaced', path, type(e).__name__, e)
+    return None
+  return taps
 
 
 def _write_real_features(path: str, taps: dict[int, np.ndarray]) -> None:
@@ -275,10 +291,6 @@ def _write_real_features(path: str, taps: dict[int, np.ndarray]) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **{f'tap_{d}': np.asarray(t, np.float32) for d, t in taps.items()})
   try:
-    files.makedirs(os.path.dirname(path))
-    # Those of writers killed mid-write; younger ones may be another host's.
-    files.remove_dead_temporaries(os.path.dirname(path), min_age_s=600, recursive=False,
-                                  targets=('.npz',))
     files.write_bytes(path, buffer.getvalue())
   except OSError as e:
     logging.warning('could not cache the Inception features of the images in %s (%s); the '
@@ -446,6 +458,7 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   cache_path = cached = None
   if params is not None and bool(ev.get('cache_real_features', True)):
     cache_path = _real_features_path(params, eval_source, batch, n, inception_batch, devices)
+    _remove_killed_writes()
     cached = _read_real_features(cache_path, n)
     if cached is not None and is_main:
       print(f'eval: the Inception features of the images are read from {cache_path}',

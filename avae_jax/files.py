@@ -243,23 +243,24 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` atomically (a temporary name, then a rename)."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = epath.Path(temporary_name(str(target)))
-  _IN_FLIGHT.add(tmp.name)
-  try:
-    if is_remote(target):
-      tmp.write_bytes(data)
-    else:
-      with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        # On the disk before the rename: after a power cut some file systems would
-        # otherwise show the new name with no data (an empty config.json).
-        os.fsync(f.fileno())
-    tmp.replace(target)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-    _IN_FLIGHT.discard(tmp.name)
+  tmp = temporary_name(str(target))
+  if is_remote(target):
+    remote = epath.Path(tmp)
+    try:
+      remote.write_bytes(data)
+      remote.replace(target)
+    finally:
+      if remote.exists():
+        remote.unlink()
+    return
+  with removed_on_exit(tmp):  # also by a Ctrl-C's os._exit, which runs no `finally`
+    with open(tmp, 'wb') as f:
+      f.write(data)
+      f.flush()
+      # On the disk before the rename: after a power cut some file systems would
+      # otherwise show the new name with no data (an empty config.json).
+      os.fsync(f.fileno())
+    os.replace(tmp, target)
 
 
 def is_held(directory: PathLike, lock_file: str = LOCK_FILE) -> bool:

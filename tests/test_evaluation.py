@@ -10,7 +10,9 @@ import io
 import json
 import logging
 import os
+from pathlib import Path
 import re
+import time
 
 from PIL import Image
 import jax
@@ -311,6 +313,17 @@ def test_the_images_features_are_cached_and_read_with_the_same_bits(
   assert _cache_files() == [name]
 
 
+def test_the_cache_file_is_named_by_the_cpu_thread_count_too(source, monkeypatch):
+  # XLA:CPU's thread count decides the order of its sums, hence the features' last bits.
+  params = {'w': np.ones(3, np.float32)}
+  paths = set()
+  for threads in ('8', '16', '16'):  # at least a thread per device (4 here): xla_flags
+    monkeypatch.setenv('PJRT_NPROC', threads)
+    paths.add(evaluation._real_features_path(  # pylint: disable=protected-access
+        params, source, 8, N, 8, jax.devices()[:1]))
+  assert len(paths) == 2
+
+
 def _modified_source(source, index, change):
   """`source` with the first pixel of image `index` replaced by change(pixel)."""
   def read(idx):
@@ -370,7 +383,28 @@ def test_a_damaged_cache_file_is_replaced_and_an_unwritable_cache_is_warned_abou
   assert f'the cached Inception features {path} cannot be read' in caplog.text
   with np.load(path) as z:  # replaced by a whole file
     assert z['tap_2048'].shape == (N, 2048)
+  # A killed writer's temporary, 20 minutes old, goes at the next lookup.
+  dead = f'{path}.tmp999999999.{"0" * 32}'
+  Path(dead).write_bytes(b'x')
+  os.utime(dead, (time.time() - 1200,) * 2)
   assert evaluate() == (2, want)
+  assert not os.path.exists(dead)
+
+  # Damage that np.load alone reads without a word or with an error of another kind: no
+  # features. tap_2048's header length 0x76 made 0x66: np.load would read its values 16
+  # bytes early, and stop before the member's end, where the zip's CRC is checked.
+  whole = Path(path).read_bytes()
+  flipped = bytearray(whole)
+  flipped[whole.rindex(b'\x93NUMPY') + 8] ^= 0x10
+  npy = io.BytesIO()
+  np.save(npy, np.zeros((N, 64), np.float32))
+  for damaged in (bytes(flipped), npy.getvalue()):
+    Path(path).write_bytes(damaged)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert evaluation._read_real_features(path, N) is None  # pylint: disable=protected-access
+    assert f'the cached Inception features {path} cannot be read' in caplog.text
+  Path(path).write_bytes(whole)
 
   caplog.clear()
   blocked = tmp_path / 'a_file'

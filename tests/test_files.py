@@ -231,6 +231,23 @@ def test_a_write_in_progress_in_this_process_keeps_its_temporary(tmp_path, monke
   assert _tree(tmp_path) == ['study_run.json']
 
 
+def test_a_hard_exit_during_write_bytes_removes_its_temporary(tmp_path, monkeypatch):
+  # A Ctrl-C ends the programs with os._exit (distributed.exit_now), which runs no
+  # `finally`: the temporaries it knows of are all that it removes.
+  left = []
+
+  def exit_now(fd):
+    del fd
+    files.remove_temporaries_now()
+    left.extend(_tree(tmp_path))
+    raise SystemExit(130)
+
+  monkeypatch.setattr(os, 'fsync', exit_now)
+  with pytest.raises(SystemExit):
+    files.write_bytes(str(tmp_path / 'features.npz'), b'x' * 1000)
+  assert left == []
+
+
 def test_exclusive_admits_one_holder_at_a_time(tmp_path):
   with files.exclusive(tmp_path, 'first'):
     with pytest.raises(files.LockedError, match=r'is in use by first \(pid \d+ on '):
