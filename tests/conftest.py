@@ -19,6 +19,34 @@ for _name in xla_flags.THREAD_COUNT_VARS:
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _persistent_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache per test process, written for every program.
+
+  Tests compile the same step, evaluation and Inception programs again and again (each
+  run of the trainer makes its own jitted functions); later compilations read the first
+  one's executable, the same code. test_train_cli gives its train.py runs this directory
+  too.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  # pylint: enable=g-import-not-at-top
+  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
+  path.mkdir(exist_ok=True)
+  settings = {'jax_compilation_cache_dir': str(path),
+              'jax_persistent_cache_min_compile_time_secs': 0.0,
+              'jax_persistent_cache_min_entry_size_bytes': -1}
+  old = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(autouse=True)
 def _folder_caches_in_tmp(tmp_path_factory, monkeypatch):
   """The decoded caches of folder: datasets go to the session's temporary directory.

@@ -2,8 +2,9 @@
 counts and mappings, the NaN stop, the loss-weight calibration, the variants, and invalid
 settings that must fail before anything is compiled.
 
-All runs use the default config shrunk to 16x16 images, widths (4, 8) and batch 8. A
-module-wide JAX compilation cache makes runs that share a step configuration compile once.
+All runs use the default config shrunk to 16x16 images, widths (4, 8) and batch 8. The
+tests' persistent compilation cache (conftest) makes runs that share a step configuration
+compile once.
 Except where a test says so, the final evaluation (tested with train.py end to end) is
 replaced by a no-op.
 """
@@ -18,7 +19,6 @@ import threading
 from typing import Any, NamedTuple
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 import numpy as np
 import pytest
@@ -47,25 +47,6 @@ BASE = dict(TINY, **{'pretrain_steps': 12, 'adversarial_steps': 8, 'log_every': 
 TOTAL = 20
 LOSS_KEYS = ('loss', 'rec', 'mae', 'mse', 'dssim', 'sobel', 'gabor', 'kl', 'tc')
 DISC_KEYS = ('disc_loss', 'gen_loss', 'disc_accuracy', 'disc_updated', 'vae_updated')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module, shared with test_train_cli's runs in
-  the same pytest process (or pytest-xdist worker)."""
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  settings = {'jax_compilation_cache_dir': str(path),
-              'jax_persistent_cache_min_compile_time_secs': 0.0,
-              'jax_persistent_cache_min_entry_size_bytes': -1}
-  old = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def make_config(overrides):
