@@ -247,28 +247,6 @@ def test_fid_of_reconstructions_and_samples_against_independent_computation(
                                _fid_via_svd(fx[d][:N], fs[d][:N]), rtol=2e-3, atol=1e-6)
 
 
-def test_the_padding_of_the_last_batch_is_not_run_through_inception(
-    tmp_path, evaluated, model, source, inception_params, monkeypatch):
-  rows = []
-  real_features = inception.features
-
-  def features(params, images, **kwargs):
-    rows.append(len(images))
-    return real_features(params, images, **kwargs)
-
-  monkeypatch.setattr(inception, 'features', features)
-  # Inception batches of 2 on one device: the 6 valid rows of each 8-image batch are 3 of
-  # them (the 2 padding rows would make a fourth).
-  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_batch_size': 2})
-  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
-                                devices=jax.devices()[:1], inception_params=inception_params)
-  assert rows == [N, N, N]  # the images, their reconstructions, the samples
-  for d in TAPS:  # the same distances as with 4 devices and whole batches
-    for kind in ('rec', 'sample'):
-      np.testing.assert_allclose(results[f'fid_{kind}_{d}'], evaluated[0][f'fid_{kind}_{d}'],
-                                 rtol=1e-4)
-
-
 def _counting_inception(monkeypatch):
   """Replaces inception.features with one that records the rows of each call's images."""
   rows = []
@@ -280,6 +258,21 @@ def _counting_inception(monkeypatch):
 
   monkeypatch.setattr(inception, 'features', features)
   return rows
+
+
+def test_the_padding_of_the_last_batch_is_not_run_through_inception(
+    tmp_path, evaluated, model, source, inception_params, monkeypatch):
+  rows = _counting_inception(monkeypatch)
+  # Inception batches of 2 on one device: the 6 valid rows of each 8-image batch are 3 of
+  # them (the 2 padding rows would make a fourth).
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_batch_size': 2})
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                                devices=jax.devices()[:1], inception_params=inception_params)
+  assert rows == [N, N, N]  # the images, their reconstructions, the samples
+  for d in TAPS:  # the same distances as with 4 devices and whole batches
+    for kind in ('rec', 'sample'):
+      np.testing.assert_allclose(results[f'fid_{kind}_{d}'], evaluated[0][f'fid_{kind}_{d}'],
+                                 rtol=1e-4)
 
 
 def _cache_files():
