@@ -349,7 +349,7 @@ def test_the_cache_is_not_used_for_other_images_weights_or_devices(
   assert evaluate(params=other_weights)[0] == 3
   assert evaluate(devices=jax.devices()[:1])[0] == 3
   assert len(_cache_files()) == 4
-  # Without FID nothing is looked up or written.
+  # Without FID nothing is written.
   config = test_api.tiny_config(**{'eval.fid': False})
   results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
                                 devices=jax.devices())
@@ -367,6 +367,7 @@ def test_a_damaged_cache_file_is_replaced_and_an_unwritable_cache_is_warned_abou
     return len(rows), results
 
   computed, want = evaluate()
+  assert computed == 3
   [name] = _cache_files()
   path = os.path.join(evaluation.real_features_dir(), name)
   with open(path, 'r+b') as f:  # cut short
