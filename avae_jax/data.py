@@ -554,7 +554,7 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
   stem = _cache_name(builder, name, split, geometry)
   for d in cache_dirs(config):
     if os.path.exists(os.path.join(d, stem + '.npy')):
-      _remove_killed_writes(d)
+      files.remove_killed_cache_writes(d, ('.npy', '.npz'))
       return _read_cache(d, stem, name)
 
   dataset = _tfds_dataset(config, builder, name, split)
@@ -599,27 +599,6 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   if name == 'dsprites':
     keys += [f'label_{f}' for f in _DSPRITES_FACTORS]
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
-
-
-# A cache's temporary file of a dead writer older than this is removed when a cache is
-# opened or made in its directory: a build killed by SIGTERM or SIGKILL (a CelebA one
-# takes minutes) left gigabytes behind for good. Younger ones may be another host's.
-_KILLED_WRITE_AGE_S = 600.0
-
-
-def _remove_killed_writes(directory: str) -> None:
-  """Deletes the temporaries of killed cache writes in `directory` (files.remove_dead_...)."""
-  try:
-    # The caches' own temporaries only: $AVAE_JAX_CACHE may be a scratch tree of others.
-    removed = files.remove_dead_temporaries(directory, min_age_s=_KILLED_WRITE_AGE_S,
-                                            recursive=False, targets=('.npy', '.npz'))
-  except OSError as e:  # a read-only cache directory (made by another user, say)
-    logging.warning('cannot remove the temporary files of killed cache writes in %s: %s',
-                    directory, e)
-    return
-  if removed:
-    logging.warning('removed %d temporary file(s) of a killed cache write in %s: %s',
-                    len(removed), directory, ', '.join(os.path.basename(p) for p in removed))
 
 
 def _to_bytes(x: np.ndarray) -> np.ndarray:
@@ -676,7 +655,7 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
   """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, stem + '.npy')
-  _remove_killed_writes(directory)
+  files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1
@@ -898,11 +877,12 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
   what = f'folder {root}'
   cached = _folder_cache_file(directory, stem, shape)
   if cached is not None:
-    _remove_killed_writes(directory)
+    files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
     return cached
   try:
     os.makedirs(directory, exist_ok=True)
-    _remove_killed_writes(directory)  # before the free space is measured
+    # Before the free space is measured.
+    files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
     with files.exclusive(directory, f'the decoding of {what}', wait=True,
                          lock_file=stem + '.lock'):
       # Made while this process waited? (A damaged one was reported above.)

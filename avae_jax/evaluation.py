@@ -255,15 +255,6 @@ def _real_features_path(params: Any, eval_source: data.Source, batch: int, n: in
   return os.path.join(real_features_dir(), f'{key.hexdigest()}.npz')
 
 
-def _remove_killed_writes() -> None:
-  """Removes the cache's temporaries of writers killed mid-write (SIGKILL, a power cut)."""
-  directory = real_features_dir()
-  if os.path.isdir(directory):
-    # Younger ones may be another host's write in progress.
-    files.remove_dead_temporaries(directory, min_age_s=600, recursive=False,
-                                  targets=('.npz',))
-
-
 def _read_real_features(path: str, n: int) -> dict[int, np.ndarray] | None:
   """The cached taps at path; None when there is no file or it is damaged (then warned)."""
   if not os.path.isfile(path):
@@ -458,7 +449,7 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   cache_path = cached = None
   if params is not None and bool(ev.get('cache_real_features', True)):
     cache_path = _real_features_path(params, eval_source, batch, n, inception_batch, devices)
-    _remove_killed_writes()
+    files.remove_killed_cache_writes(real_features_dir(), ('.npz',))
     cached = _read_real_features(cache_path, n)
     if cached is not None and is_main:
       print(f'eval: the Inception features of the images are read from {cache_path}',

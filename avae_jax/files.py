@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
+from absl import logging
 from etils import epath
 import numpy as np
 
@@ -237,6 +238,27 @@ def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = (),
           os.remove(path)
           removed.append(path)
   return removed
+
+
+# A cache's temporary of a dead writer older than this is removed when a cache is opened
+# or made in its directory: a build killed by SIGTERM or SIGKILL (a CelebA one takes
+# minutes) left gigabytes behind for good. Younger ones may be another host's.
+KILLED_WRITE_AGE_S = 600.0
+
+
+def remove_killed_cache_writes(directory: str, targets: tuple[str, ...]) -> None:
+  """Deletes the temporaries of killed writes of `targets` files in a cache `directory`."""
+  try:
+    # The caches' own temporaries only: $AVAE_JAX_CACHE may be a scratch tree of others.
+    removed = remove_dead_temporaries(directory, min_age_s=KILLED_WRITE_AGE_S,
+                                      recursive=False, targets=targets)
+  except OSError as e:  # a read-only cache directory (made by another user, say)
+    logging.warning('cannot remove the temporary files of killed cache writes in %s: %s',
+                    directory, e)
+    return
+  if removed:
+    logging.warning('removed %d temporary file(s) of a killed cache write in %s: %s',
+                    len(removed), directory, ', '.join(os.path.basename(p) for p in removed))
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
