@@ -1,6 +1,6 @@
 """The reproduction study: VAE, AVAE, VAE-S and AVAE-S side by side, then the report.
 
-  python study.py --out=studies/cpu                        # the CPU budget (~1 h, 2 cores)
+  python study.py --out=studies/cpu                        # the CPU budget (40-55 min, 2 cores)
   python study.py --out=studies/gpu --budget=accelerator   # one GPU / TPU host
   python study.py --out=/tmp/s --budget=test               # tiny, about two minutes
 

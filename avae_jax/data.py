@@ -25,11 +25,12 @@ Datasets (`config.dataset`):
   preprocessed and rounded to uint8 once, into a memory-mapped .npy in the user's cache
   directory named by a hash of the listing (paths, sizes, modification times) and the
   geometry; where it has no room or cannot be written, decoded the same way at each
-  `get`. Files below a top-level directory named as an eval split (one of the
-  words of `arrays:` below: `test/`, `val/`, `validation/`) are 'eval', the others
-  'train'. Without such a directory, 'eval' is the last `eval_fraction` of the sorted
-  files when all are in one directory (CelebA's `img_align_celeba`), else a fixed random
-  `eval_fraction` of them (seed 0; kept in random order), and 'train' the rest.
+  `get`. Files below a top-level directory named as an eval split (one of
+  EVAL_TOKENS, the words of `arrays:` below: `test/`, `t10k/`, `eval/`, `val/`, ...) are
+  'eval', the others 'train'. Without such a directory (or with every image below one),
+  'eval' is the last `eval_fraction` of the sorted files when all are in one directory
+  (CelebA's `img_align_celeba`), else a fixed random `eval_fraction` of them (seed 0;
+  kept in random order), and 'train' the rest.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
   `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files whose name contains
@@ -749,8 +750,9 @@ def read_image(path: str) -> np.ndarray:
 def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np.ndarray:
   """Rows of `split` among a folder's images (paths relative to it, sorted).
 
-  Below top-level directories named as an eval split (test/, val/, validation/: the
-  names EVAL_TOKENS) are the eval images, the others train. Otherwise eval is held out:
+  Below top-level directories named as an eval split (the names EVAL_TOKENS: test/,
+  t10k/, eval/, val/, ...) are the eval images, the others train. Otherwise (none such, or
+  all images below them) eval is held out:
   the last `fraction` of one directory's images (CelebA's img_align_celeba, whose own
   validation and test images are its last), or a fixed random `fraction` of images in
   several directories (one per class, say), so that each is represented.

@@ -653,9 +653,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
         ckpt.wait()
         raise TrainingInterrupted(signum, step)
     if last_saved != step:
-      # The run's final state is always a checkpoint, for eval.py and api.load: the loop
-      # saves it at the end of the last phase, and this saves a run with nothing to train
-      # (no pre-training, no adversarial phase): its initial model, as step 0.
+      # The run's final state is always a checkpoint, for eval.py and
+      # api.TrainedModel.load: the loop saves it at the end of the last phase, and this
+      # saves a run with nothing to train (no pre-training, no adversarial phase): its
+      # initial model, as step 0.
       save(step)
     ckpt.wait()
     # A signal during the last save: the run stops before the evaluation, as promised.

@@ -2,8 +2,8 @@
 latent traversals) and the checks of the arguments that choose them.
 
 numpy; PNG files are summary.encode_png's, written through avae_jax.files. Images are
-float in [0, 1], NHWC, with 1 or 3 channels; grids come back as uint8 (H', W', C) ready
-for PNG or TensorBoard.
+float in [0, 1] or uint8 in 0..255, NHWC, with 1 or 3 channels; grids come back as uint8
+(H', W', C) ready for PNG or TensorBoard.
 """
 
 from __future__ import annotations

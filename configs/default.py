@@ -23,7 +23,7 @@ def get_config(variant: str = 'avae_s') -> ml_collections.ConfigDict:
   c.crop_size = 0          # centre square crop (pixels) before resizing; 0 = the largest
   c.train_split = 'train'
   c.eval_split = 'test'
-  c.eval_fraction = 0.05   # held-out share for folder:/arrays: data without splits
+  c.eval_fraction = 0.05   # held-out share for folder:/arrays:/dsprites data without splits
   c.shapes = ml_collections.ConfigDict()
   c.shapes.num_train = 8192
   c.shapes.num_eval = 1024

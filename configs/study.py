@@ -6,9 +6,9 @@
     on two CPU cores from the measured step times (docs/benchmarks.md: 0.22 s / 0.41 s
     per pre-training / adversarial step at the default 32x32 config) and about 80 s of
     evaluation per run over 100 images (the Inception network at 299x299 dominates it on
-    a CPU: about 0.25 s per image and pass, three passes per image). Its runs took 56
-    minutes in all, 35 minutes of wall time as two one-core processes, one per pair of
-    models (docs/results.md).
+    a CPU: about 0.25 s per image and pass, three passes per image). Its runs took 52
+    minutes in all, 20-27 minutes of wall time as two one-core processes, one per pair
+    of models (docs/results.md).
   * 'accelerator': the same design at a budget for one GPU/TPU (Fashion-MNIST 20 + 5
     epochs as in configs/fashion_mnist.py, shapes 8x larger, full evaluation sets).
   * 'test': a tiny budget that runs end to end in about two minutes on 2 cores
