@@ -154,6 +154,13 @@ def test_folder_directories_named_as_splits_are_the_splits(tmp_path):
   cfg = _config(dataset=f'folder:{tmp_path / "val_set"}', channels=1, eval_fraction=0.5)
   assert _values(data.load(cfg, 'eval')) == [value['Val/0.png']]
   assert _values(data.load(cfg, 'train')) == [value[n] for n in names[1:]]
+  # Every image below test/: no train split by name, so eval is held out as without one
+  # (the last half of one directory's files).
+  names = [f'test/{i}.png' for i in range(4)]
+  value = _folder_of_values(tmp_path / 'only_test', names)
+  cfg = _config(dataset=f'folder:{tmp_path / "only_test"}', channels=1, eval_fraction=0.5)
+  assert _values(data.load(cfg, 'eval')) == [value[n] for n in names[2:]]
+  assert _values(data.load(cfg, 'train')) == [value[n] for n in names[:2]]
 
 
 def test_folder_of_several_directories_holds_out_a_random_fraction(tmp_path):
