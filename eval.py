@@ -151,13 +151,6 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: bool) -> None:
   """main's work once the config is known and the distributed runtime is up."""
   is_main = jax.process_index() == 0  # prints and writes, as in the evaluation itself
-  changed = _other_data_settings(workdir, config)
-  if changed and is_main:
-    # Allowed (another split on purpose), but another seed or eval size on shapes draws
-    # another eval set, which may hold the run's training images.
-    print(f'eval.py: warning: the eval data differs from the training run\'s '
-          f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
-          'training images', file=sys.stderr, flush=True)
   available = len(jax.local_devices())
   if from_workdir and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.
@@ -169,6 +162,14 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: boo
   model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
   if is_main:
     print(f'eval: restored step {model.step} from {workdir}', flush=True)
+  # After the load, which refuses a config whose model does not match the checkpoint's.
+  changed = _other_data_settings(workdir, config)
+  if changed and is_main:
+    # Allowed (another split on purpose), but another seed or eval size on shapes draws
+    # another eval set, which may hold the run's training images.
+    print(f'eval.py: warning: the eval data differs from the training run\'s '
+          f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
+          'training images', file=sys.stderr, flush=True)
   source = data.load(config, 'eval')
   out_dir = os.path.join(workdir, 'eval')
   if is_main:

@@ -175,8 +175,11 @@ def test_empty_workdir_stops_with_a_clear_message(tmp_path):
 
 
 def test_workdir_of_another_image_size_stops_with_a_clear_message(workdir):
-  proc = _eval(workdir, '--config.image_size=32')
+  # With another seed as well: the model's mismatch is the message, without the eval data's
+  # warning first (it is said of an evaluation that runs).
+  proc = _eval(workdir, '--config.image_size=32', '--config.seed=3')
   _assert_clean_failure(proc, 'image_size: workdir 16, config 32')
+  assert 'the eval data differs' not in proc.stderr
 
 
 def test_negative_cpu_devices_stops_with_a_clear_message(tmp_path):
