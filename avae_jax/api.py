@@ -317,7 +317,7 @@ class TrainedModel:
     return _encode(self.module, self.variables, self._images(images))
 
   def decode(self, z: Any) -> jax.Array:
-    """Images (B, H, W, C) in (0, 1) for latent codes z (B, latent_dim)."""
+    """Images (B, H, W, C) in [0, 1] for latent codes z (B, latent_dim)."""
     z = z if isinstance(z, jax.Array) else np.asarray(z)
     # The cast to float32 would drop a complex code's imaginary part with a warning only.
     if not (jnp.issubdtype(z.dtype, jnp.floating) or jnp.issubdtype(z.dtype, jnp.integer)):

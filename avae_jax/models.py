@@ -188,7 +188,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
-    """Maps (B, latent) codes to float32 images (B, H, W, C) in (0, 1)."""
+    """Maps (B, latent) codes to float32 images (B, H, W, C) in [0, 1]."""
     chex.assert_rank(z, 2)
     s = config_lib.check_image_size(self.image_size, tuple(self.widths))
     kw = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
@@ -267,7 +267,7 @@ class VAE(nn.Module):
     return self.encoder(x, train)
 
   def decode(self, z: jax.Array, train: bool) -> jax.Array:
-    """Images (B, H, W, C) float32 in (0, 1) for codes z (B, latent_dim)."""
+    """Images (B, H, W, C) float32 in [0, 1] for codes z (B, latent_dim)."""
     chex.assert_shape(z, (None, self.latent_dim))
     return self.decoder(z, train)
 
