@@ -252,19 +252,15 @@ class _DropUnretrievedReadErrors(std_logging.Filter):
     return not any(d in str(error) for d in _READ_DIRECTORIES)
 
 
-def _quiet_failed_reads(directory: str) -> None:
-  """Silences the noise of a failed restore of a checkpoint in `directory`.
+def _drop_closed_loop_callbacks() -> None:
+  """Makes sys.unraisablehook drop tensorstore's callbacks into a closed event loop.
 
-  When one read of a checkpoint fails, orbax closes the restore's event loop while
-  tensorstore's other reads are in flight. Each of their completion callbacks then
-  raises "Event loop is closed" into sys.unraisablehook, and each read that fails too is
-  logged by asyncio as a "Future exception was never retrieved" with its error: tens to
-  hundreds of tracebacks around the one-line warning that says what happened, before the
-  restore's error and long after it. So, before the first restore (and for good, once
-  per process), the hook drops those RuntimeErrors and asyncio's logger those reports
-  whose error names a checkpoint directory read here. Everything else passes as before.
+  When one read or write of a checkpoint fails, orbax closes that operation's event loop
+  while tensorstore's other reads or writes are in flight; each of their completion
+  callbacks then raises "Event loop is closed" into sys.unraisablehook: tens of
+  tracebacks that say nothing the failure's own error does not. Once per process, for
+  good; every other unraisable exception passes as before.
   """
-  _READ_DIRECTORIES.add(directory)
   previous = sys.unraisablehook
   if getattr(previous, '_drops_closed_loop_callbacks', False):
     return
@@ -275,7 +271,49 @@ def _quiet_failed_reads(directory: str) -> None:
 
   hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
-  std_logging.getLogger('asyncio').addFilter(_DropUnretrievedReadErrors())
+
+
+def _quiet_failed_reads(directory: str) -> None:
+  """Silences the noise of a failed restore of a checkpoint in `directory`.
+
+  Besides the closed loop's callbacks (_drop_closed_loop_callbacks), each read that fails
+  too is logged by asyncio as a "Future exception was never retrieved" with its error:
+  with them, tens to hundreds of tracebacks around the one-line warning that says what
+  happened, before the restore's error and long after it. So, before the first restore
+  (and for good, once per process), asyncio's logger drops those reports whose error
+  names a checkpoint directory read here.
+  """
+  _READ_DIRECTORIES.add(directory)
+  _add_filter_once(std_logging.getLogger('asyncio'), _DropUnretrievedReadErrors)
+  _drop_closed_loop_callbacks()
+
+
+def _add_filter_once(logger: std_logging.Logger, kind: type[std_logging.Filter]) -> None:
+  """Adds a `kind()` filter to `logger` unless it has one."""
+  if not any(isinstance(f, kind) for f in logger.filters):
+    logger.addFilter(kind())
+
+
+class _DropOrbaxOutOfSpaceTracebacks(std_logging.Filter):
+  """Drops orbax's logged tracebacks of a full disk (see _quiet_full_disk_saves)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
+    return not (from_orbax and error is not None and files.out_of_space(error) is not None)
+
+
+def _quiet_full_disk_saves() -> None:
+  """Silences the noise of a save that fills the disk (once per process, for good).
+
+  orbax's background threads each log the failed write with its traceback (three of
+  them, 40 lines each), and the closed loop's callbacks add tens more, before and after
+  the save's own error reaches the caller (wait_until_finished), where train.py reports
+  it in one line (cli.exit_if_out_of_space). So those records are dropped, from orbax
+  and carrying a full disk's error only: any other failure is logged as before.
+  """
+  _add_filter_once(logging.get_absl_logger(), _DropOrbaxOutOfSpaceTracebacks)
+  _drop_closed_loop_callbacks()
 
 
 def _describe(error: BaseException) -> str:
@@ -335,6 +373,8 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(directory, options=options)
     finally:
       logging.get_absl_logger().removeFilter(read_only_notice)
+    if not read_only:
+      _quiet_full_disk_saves()
     self._sharding = _replicated_sharding()
     self._bad_steps: set[int] = set()
     self._closed = False
