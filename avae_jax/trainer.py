@@ -309,25 +309,23 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: Run
   return dataclasses.replace(run, step_config=step_config)
 
 
-def _print_changed_settings(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Names the settings of a resumed run that differ from WORKDIR/config.json's.
+def _changed_settings(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The settings of `config` that differ from WORKDIR/config.json's, as 'field a -> b'.
 
   Changing a setting on resume is allowed (more steps, other evaluation settings), but a
-  changed loss (weights, calibration switched off) silently changes the objective mid-run.
+  changed loss (weights, calibration switched off) silently changes the objective mid-run,
+  so a resume names them; none where config.json is unreadable (it is rewritten) or absent
+  (a workdir of an older version).
   """
   try:
     saved = api.read_config(workdir)
-  except api.WorkdirError:  # an unreadable config.json is rewritten below
-    return
-  if saved is None:  # a workdir of an older version
-    return
+  except api.WorkdirError:
+    return []
+  if saved is None:
+    return []
   resolved = json.loads(json.dumps(config.to_dict(), default=files.json_default))
-  changes = [f'{k} {a!r} -> {b!r}'
-             for k, a, b in config_lib.differences(saved.to_dict(), resolved)]
-  if changes:
-    path = os.path.join(workdir, api.CONFIG_FILE)
-    print(f'resuming with settings changed since {path} was written: ' + '; '.join(changes),
-          flush=True)
+  return [f'{k} {a!r} -> {b!r}'
+          for k, a, b in config_lib.differences(saved.to_dict(), resolved)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,9 +527,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     start_step, meta, vae_state, disc_state = restored
     unlogged = meta.get('unlogged_metrics', [])  # absent in checkpoints of earlier versions
     logging.info('resumed from step %d (%s)', start_step, meta.get('phase'))
-    if is_main:
-      print(f'resuming from checkpoint at step {start_step}', flush=True)
-      _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads)
 
   finished = (_final_metrics(workdir, start_step)
               if restored is not None and start_step == run.total_steps else None)
@@ -542,7 +537,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     if is_main:
       print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
             f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
+      changes = _changed_settings(workdir, config)
+      if changes:
+        # Another seed or loss given to a finished run's workdir (a loop over seeds with
+        # one workdir, say) must not pass its metrics off as the new settings'.
+        print(f'warning: settings changed since {api.CONFIG_FILE} was written, not '
+              f'applied (the run is finished; its metrics are of {api.CONFIG_FILE}\'s): '
+              + '; '.join(changes), file=sys.stderr, flush=True)
     return finished
+  if restored is not None and is_main:
+    print(f'resuming from checkpoint at step {start_step}', flush=True)
+    _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads)
 
   # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
   # nothing was trained under the calibration, so it is made as for a new run.
@@ -555,8 +560,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     # this uncalibrated run with calibration on must be refused, not handed those λ's.
     files.remove(os.path.join(workdir, CALIBRATION_FILE))
   if is_main:
-    if restored is not None:
-      _print_changed_settings(workdir, config)
+    changes = _changed_settings(workdir, config) if restored is not None else []
+    if changes:
+      print(f'resuming with settings changed since {os.path.join(workdir, api.CONFIG_FILE)} '
+            'was written: ' + '; '.join(changes), flush=True)
     files.write_json(os.path.join(workdir, api.CONFIG_FILE), config.to_dict())
 
   total = run.total_steps

@@ -329,12 +329,19 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
     raise AssertionError('a finished run was evaluated again')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, 'final_evaluation', evaluated_again)
-    # Another evaluation setting: config.json stays the one the metrics were computed with.
-    again = trainer.train_and_evaluate(make_config(dict(BASE, **{'eval.num_images': 16})),
-                                       str(workdir))
+    # Another evaluation setting and seed: config.json stays the one the metrics were
+    # computed with, and the settings not applied are named (a loop over seeds with one
+    # workdir got the first seed's metrics back without a word).
+    again = trainer.train_and_evaluate(
+        make_config(dict(BASE, **{'eval.num_images': 16, 'seed': 7})), str(workdir))
   assert again == saved and (workdir / 'config.json').read_text() == config_json
+  out, err = capsys.readouterr()
   assert (f'the run is finished: {workdir / "final_metrics.json"} holds its final metrics '
-          f'at step {TOTAL} (eval.py evaluates it again)\n') in capsys.readouterr().out
+          f'at step {TOTAL} (eval.py evaluates it again)\n') in out
+  assert ("warning: settings changed since config.json was written, not applied (the run "
+          "is finished; its metrics are of config.json's): ") in err
+  assert 'eval.num_images 32 -> 16' in err and 'seed 0 -> 7' in err
+  assert 'resuming' not in out
   # Nothing logged twice, no new event file, the checkpoints as they were.
   assert (workdir / 'metrics.jsonl').read_text() == jsonl
   assert sorted(p.name for p in workdir.glob('events.out.tfevents.*')) == events
