@@ -474,6 +474,14 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
   step, tree, meta = restored
   if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
     raise another_model()
+  if meta.get('seed') not in (None, int(config.seed)):  # None: an earlier version's
+    # The seed draws the initial model, the data order and every step's noise: going on
+    # under another would record one seed for a run of two (and a loop over seeds with
+    # one workdir would get the first seed's run back).
+    raise config_lib.ConfigError(
+        f'the checkpoints in {workdir} are of a run with seed {meta["seed"]}, not '
+        f'{int(config.seed)}: another seed is another run; use a new workdir, or seed '
+        f'{meta["seed"]} to continue this one')
   if step > total_steps:
     # Evaluating the later model under this config would record (config.json, the
     # evaluation) step counts that do not describe it.

@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -329,23 +330,43 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
     raise AssertionError('a finished run was evaluated again')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, 'final_evaluation', evaluated_again)
-    # Another evaluation setting and seed: config.json stays the one the metrics were
-    # computed with, and the settings not applied are named (a loop over seeds with one
-    # workdir got the first seed's metrics back without a word).
+    # Another evaluation setting and loss weight: config.json stays the one the metrics
+    # were computed with, and the settings not applied are named.
     again = trainer.train_and_evaluate(
-        make_config(dict(BASE, **{'eval.num_images': 16, 'seed': 7})), str(workdir))
+        make_config(dict(BASE, **{'eval.num_images': 16, 'loss.kl_weight': 2.0})),
+        str(workdir))
   assert again == saved and (workdir / 'config.json').read_text() == config_json
   out, err = capsys.readouterr()
   assert (f'the run is finished: {workdir / "final_metrics.json"} holds its final metrics '
           f'at step {TOTAL} (eval.py evaluates it again)\n') in out
   assert ("warning: settings changed since config.json was written, not applied (the run "
           "is finished; its metrics are of config.json's): ") in err
-  assert 'eval.num_images 32 -> 16' in err and 'seed 0 -> 7' in err
+  assert 'eval.num_images 32 -> 16' in err and 'loss.kl_weight 1.0 -> 2.0' in err
   assert 'resuming' not in out
   # Nothing logged twice, no new event file, the checkpoints as they were.
   assert (workdir / 'metrics.jsonl').read_text() == jsonl
   assert sorted(p.name for p in workdir.glob('events.out.tfevents.*')) == events
   assert committed_steps(workdir) == [12, 16, 20]
+
+
+def test_a_run_with_checkpoints_refuses_another_seed(reference, tmp_path):
+  # Finished or not: a loop over seeds with one workdir got the first seed's metrics back,
+  # and a resumed run went on under the new seed, recorded as a run of it alone.
+  for name, last in (('finished', TOTAL), ('unfinished', 12)):
+    workdir = tmp_path / name
+    shutil.copytree(reference[0], workdir)
+    for step in committed_steps(workdir):
+      if step > last:
+        shutil.rmtree(workdir / 'checkpoints' / str(step))
+    assert committed_steps(workdir)[-1] == last
+    config_json = (workdir / 'config.json').read_text()
+    with pytest.raises(config_lib.ConfigError,
+                       match=re.escape(f'the checkpoints in {workdir} are of a run with '
+                                       'seed 0, not 7: another seed is another run; use a '
+                                       'new workdir, or seed 0 to continue this one')):
+      train(dict(BASE, seed=7), workdir)
+    assert (workdir / 'config.json').read_text() == config_json
+    assert committed_steps(workdir)[-1] == last
 
 
 def test_a_restart_removes_the_temporary_files_of_a_killed_write(reference, tmp_path, capsys):
