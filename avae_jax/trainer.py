@@ -547,7 +547,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
             f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
       changes = _changed_settings(workdir, config)
       if changes:
-        # Another seed or loss given to a finished run's workdir (a loop over seeds with
+        # Another loss given to a finished run's workdir (a loop over loss weights with
         # one workdir, say) must not pass its metrics off as the new settings'.
         print(f'warning: settings changed since {api.CONFIG_FILE} was written, not '
               f'applied (the run is finished; its metrics are of {api.CONFIG_FILE}\'s): '
