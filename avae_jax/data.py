@@ -499,10 +499,17 @@ def _load_tfds(config: Any, split: str) -> Source:
                     'set config.eval_split to one of them (or slice one split for both, '
                     "e.g. train_split='train[:90%]', eval_split='train[90%:]')")
   if not holdout and _splits_overlap(train_split, eval_split, builder):
+    if len(available) > 1:
+      advice = ("slice one split for both, e.g. train_split='train[:90%]', "
+                "eval_split='train[90%:]'")
+    else:
+      # dSprites is stored in factor order: a slice's tail is one shape at its largest
+      # scales, which training would never see.
+      advice = (f'set eval_split to a name {name} lacks (the default, test) to hold out a '
+                'random eval_fraction of it')
     raise DataError(f'{name}: eval_split {eval_split!r} shares examples with train_split '
                     f'{train_split!r}, so the evaluation would measure training images; '
-                    "slice one split for both, e.g. train_split='train[:90%]', "
-                    "eval_split='train[90%:]'")
+                    + advice)
   tfds_split = eval_split if (split == 'eval' and not holdout) else train_split
   fraction = _eval_fraction(config)
   if holdout and fraction <= 0:
@@ -845,15 +852,21 @@ def _folder_image(path: str, geometry: dict[str, int]) -> np.ndarray:
 def _folder_cache_stem(root: str, paths: list[str], geometry: dict[str, int]) -> str:
   """The cache's file stem: the folder's name, a hash of its listing, and the geometry.
 
-  The listing's hash covers each image's relative path, size and modification time, so
-  an image added, removed or rewritten makes a new cache.
+  The listing's hash covers the folder's real path and each image's relative path, size
+  and modification time, so an image added, removed or rewritten makes a new cache, and
+  so does another folder of like names and sizes (two versions of a dataset unpacked with
+  their archives' times), while a symbolic link to the folder finds its cache.
   """
-  digest = hashlib.sha256()
+  real = os.path.realpath(root)
+  digest = hashlib.sha256(f'{real}\n'.encode())
   for path in paths:
-    st = os.stat(path)
+    try:
+      st = os.stat(path)
+    except OSError as e:  # a broken link (a git-annex file not fetched), or deleted since
+      raise DataError(f'cannot read image {path}: {e.strerror or e}') from None
     digest.update(f'{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   # The name's first 64 characters: a file name has at most 255.
-  folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(os.path.abspath(root)))[:64]
+  folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(real))[:64]
   return (f'folder-{folder}-{digest.hexdigest()[:16]}-{geometry["image_size"]}px-'
           f'{geometry["channels"]}ch-crop{geometry["crop_size"]}-{_FOLDER_CACHE_FORMAT}')
 

@@ -372,6 +372,32 @@ def test_a_changed_folder_gets_a_new_cache(tmp_path):
   _write_png(str(folder / 'c.png'), np.full((16, 16), 7, np.uint8))
   assert _values(data.load(config)) == [40, 200, 7]
   assert len(set(_folder_cache_files()) - before) == 3
+  # Another folder of the same name, file names, sizes and times (another version of a
+  # dataset, unpacked with its archive's times): its own cache, its own values. An
+  # uncompressed BMP's size does not depend on its pixels.
+  for version, value in (('v1', 30), ('v2', 200)):
+    path = tmp_path / version / 'images' / 'a.bmp'
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16), value, np.uint8)).save(path)
+    os.utime(path, ns=(10**18, 10**18))
+  assert (tmp_path / 'v1/images/a.bmp').stat().st_size == (
+      tmp_path / 'v2/images/a.bmp').stat().st_size
+  for version, value in (('v1', 30), ('v2', 200)):
+    other = _config(dataset=f'folder:{tmp_path / version / "images"}', channels=1,
+                    eval_fraction=0.0)
+    assert _values(data.load(other)) == [value]
+  assert len(set(_folder_cache_files()) - before) == 5
+  # A symbolic link to a folder reads the folder's cache.
+  os.symlink(folder, tmp_path / 'link')
+  linked = _config(dataset=f'folder:{tmp_path / "link"}', channels=1, eval_fraction=0.0)
+  assert _values(data.load(linked)) == [40, 200, 7]
+  assert len(set(_folder_cache_files()) - before) == 5
+  # A broken link among the images (a git-annex file not fetched) is named, in one line.
+  os.symlink(tmp_path / 'missing.png', folder / 'd.png')
+  with pytest.raises(data.DataError,
+                     match=f'^cannot read image {re.escape(str(folder / "d.png"))}: No such '
+                           'file or directory$'):
+    data.load(config)
 
 
 def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, monkeypatch,
@@ -915,7 +941,22 @@ def test_tfds_an_eval_split_sharing_training_examples_is_an_error(tmp_path, trai
   cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1,
                 train_split=train_split, eval_split=eval_split)
   with tfds.testing.mock_data(num_examples=8):
-    with pytest.raises(data.DataError, match=r'shares examples with train_split'):
+    with pytest.raises(data.DataError, match=r"shares examples with train_split .*; slice "
+                                             r"one split for both, e\.g\. "):
+      data.load(cfg, 'eval')
+
+
+def test_tfds_an_overlap_in_a_dataset_of_one_split_advises_a_held_out_fraction(tmp_path):
+  # dSprites is stored in factor order: a sliced tail would be one shape at its largest
+  # scales, so the advice is the random held-out fraction, not a slice.
+  tfds = _tfds()
+  cfg = _config(dataset='dsprites', data_dir=str(tmp_path), image_size=32, channels=1,
+                train_split='train', eval_split='train[90%:]')
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(data.DataError, match=r"shares examples with train_split 'train', .*"
+                                             r"; set eval_split to a name dsprites lacks "
+                                             r"\(the default, test\) to hold out a random "
+                                             r"eval_fraction of it$"):
       data.load(cfg, 'eval')
 
 
