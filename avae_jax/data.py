@@ -377,6 +377,10 @@ def _load_shapes(config: Any, split: str) -> Source:
   num = num_train if split == 'train' else num_eval
   if num <= 0:
     raise DataError(f'config.shapes.num_{split} must be > 0, got {num}')
+  if int(config.image_size) < shapes_lib.MIN_IMAGE_SIZE:
+    raise DataError(f'shapes needs image_size >= {shapes_lib.MIN_IMAGE_SIZE}, got '
+                    f'{config.image_size}: smaller, some of its factor combinations render '
+                    'as one image, and an eval image could be a training image')
   seed = _check_seed(config.seed)
   try:  # train leaves out the eval images, so both splits check num_eval
     factors = shapes_lib.sample_factors(seed, split, num_train, num_eval)

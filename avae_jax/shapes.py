@@ -47,6 +47,10 @@ LUMA = np.array(filters.LUMA, dtype=np.float32)
 # codes would change every seed's dataset (and the published study's shapes runs).
 _TRAIN_STREAM, _HELD_OUT_STREAM = 0, 2
 SPLITS = ('train', 'eval')
+# The smallest image side at which every factor combination renders as its own image
+# (at 11 pixels six pairs coincide, at 8 ninety): below it an eval image could also be a
+# training image, so the dataset refuses it (data.py).
+MIN_IMAGE_SIZE = 12
 
 
 def factor_values() -> tuple[np.ndarray, ...]:

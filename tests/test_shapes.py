@@ -210,6 +210,19 @@ def test_bad_sizes_raise_naming_the_size(kwargs):
     shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), **kwargs)
 
 
+def test_every_combination_is_its_own_image_from_the_smallest_size_allowed():
+  # Counted on the images themselves: at MIN_IMAGE_SIZE no two of the 30,720 coincide, one
+  # pixel smaller some do, and the dataset refuses that size.
+  combos = np.stack(np.meshgrid(*[np.arange(n) for n in (4, 4, 5, 8, 8, 6)],
+                                indexing='ij'), -1).reshape(-1, 6)
+  for size, distinct in ((shapes.MIN_IMAGE_SIZE, True), (shapes.MIN_IMAGE_SIZE - 1, False)):
+    images = shapes.render_uint8(combos, size).reshape(len(combos), -1)
+    assert (len(np.unique(images, axis=0)) == 30720) == distinct, size
+  with pytest.raises(data.DataError, match=rf'^shapes needs image_size >= '
+                                           rf'{shapes.MIN_IMAGE_SIZE}, got 8: smaller'):
+    data.load(_config(image_size=8), 'train')
+
+
 def test_small_whole_sizes_render():
   # The smallest sizes still render the shape, in range: a scale-1 square of half-side
   # 0.7 * 0.2 * 8 = 1.12 px centred at 0.28 * 8 = 2.24 px covers (2 * 1.12)**2 pixels.
