@@ -1209,3 +1209,33 @@ def test_likely_reasons_name_the_seed_they_quote():
              if r.startswith('VAE-S')]
   assert line.startswith('VAE-S (seed 1): its calibrated L_REC is 2.0× its own MSE term')
   assert 'KL 7 nats vs 3 for VAE (means over 2 and 1 finished seed(s))' in line, line
+  weaker = 'Part of any VAE-S gain may come from this weaker KL'
+  assert line.endswith(weaker + ' rather than from the structure-aware terms themselves.')
+  # A VAE-S whose KL is below VAE's does not show the weaker KL: the sentence says so
+  # (it blamed the weaker KL next to numbers that contradicted it); without VAE, neither.
+  runs[-1] = study_report.Run('shapes', 'vae', 0, '', {'kl_mean': 9.0}, cfg, [pre], {})
+  (line,) = [r for r in study_report._reasons(runs, 'shapes', settings)
+             if r.startswith('VAE-S')]
+  assert line.endswith("KL 7 nats vs 9 for VAE (means over 2 and 1 finished seed(s)). Its KL "
+                       "is not above VAE's here, so the data do not show this weaker KL at "
+                       'work.'), line
+  (line,) = [r for r in study_report._reasons(runs[:-1], 'shapes', settings)
+             if r.startswith('VAE-S')]
+  assert line.endswith('finished seed(s)).') and 'weaker' not in line.split('β')[1], line
+
+
+@pytest.mark.parametrize('variants,gating,pretraining', [
+    (['vae', 'avae', 'vae_s', 'avae_s'], True, 'AVAE/AVAE-S identical to VAE/VAE-S'),
+    (['vae', 'vae_s'], False, None), (['avae', 'avae_s'], True, None),
+    (['vae_s', 'avae_s', 'avae'], True, 'AVAE-S identical to VAE-S')])
+def test_the_defect_checks_sentence_names_only_the_checks_that_ran(variants, gating,
+                                                                   pretraining):
+  # A report of VAE and VAE-S said its gating and shared pre-training were checked.
+  lines = study_report._findings({}, [], [], variants)
+  (sentence,) = [x for x in lines if x.startswith('**Defect checks:**')]
+  assert ('no gating stuck on one side' in sentence) == gating, sentence
+  assert 'no posterior collapse (> 1 active latent dimension)' in sentence
+  if pretraining is None:
+    assert 'pre-training' not in sentence, sentence
+  else:
+    assert f'pre-training of {pretraining} (see the checks per dataset).' in sentence
