@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import app
 from absl import flags
@@ -239,6 +239,7 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
 def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
   workdir = study_report.run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, study_report.RUN_FILE)
@@ -261,9 +262,30 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   started = time.monotonic()
   status = 'done'
   interrupted = no_space = None
+
+  def ended(status: str) -> float:
+    """Records the session's end in `info` (the caller writes it); returns its seconds."""
+    elapsed = time.monotonic() - started
+    info['wall_s'] += elapsed
+    info.update(status=status, finished=time.time())
+    info.pop('alive', None)
+    if status == 'done':
+      info.pop('error', None)  # an earlier session's failure, which this one made good
+    return elapsed
+
   try:
-    with _heartbeat(info_path, info):
-      trainer.train_and_evaluate(config, workdir)
+    with _heartbeat(info_path, info) as halt_heartbeat:
+
+      def exit_now_record(code: int) -> None:
+        # Ctrl-C outside the training loop (calibration, compilation, evaluation) ends the
+        # process at once (distributed.exit_on_interrupt): an interruption, not a kill.
+        halt_heartbeat()
+        ended('interrupted: Ctrl-C outside the training loop' if code == 130
+              else f'interrupted: the process ended with status {code}')
+        _write_json(info_path, info)
+
+      with distributed.before_exit_now(exit_now_record):
+        trainer.train_and_evaluate(config, workdir)
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
@@ -277,14 +299,8 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
       status = f'failed: {type(e).__name__}: {e}'
       info['error'] = traceback.format_exc()
       print(f'[study] {dataset} {variant} seed {seed} FAILED: {e}', flush=True)
-  elapsed = time.monotonic() - started
-  info['wall_s'] += elapsed
-  info['status'] = status
-  info.pop('alive', None)
-  if status == 'done':
-    info.pop('error', None)  # an earlier session's failure, which this one made good
+  elapsed = ended(status)
   print(f'[study] {dataset} {variant} seed {seed} ({elapsed:.0f} s): {status}', flush=True)
-  info['finished'] = time.time()
   try:
     _write_json(info_path, info)
   except OSError:
@@ -323,8 +339,10 @@ def _read_run_info(info_path: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
+def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[Callable[[], None]]:
   """Inside the block, rewrites the run's record every HEARTBEAT_S seconds with 'alive'.
+
+  Yields the function that stops the rewrites (the block's end calls it too).
 
   If the process is killed, the report (and the rerun) count the session's time up to
   the last of these records instead of losing it.
@@ -342,12 +360,15 @@ def _heartbeat(info_path: str, info: dict[str, Any]) -> Iterator[None]:
 
   thread = threading.Thread(target=beat, name='study-heartbeat', daemon=True)
   thread.start()
-  try:
-    yield
-  finally:
+
+  def halt() -> None:
     # Joined before the caller's final record, which a late heartbeat would overwrite.
     stop.set()
     thread.join()
+  try:
+    yield halt
+  finally:
+    halt()
 
 
 def _record_failure(workdir: str, status: str) -> None:

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 from absl import logging
@@ -285,15 +285,39 @@ def exit_on_error(together: tuple[type[BaseException], ...] = ()) -> Iterator[No
              'exiting now so that the other processes stop too')
 
 
+# What exit_now runs before it ends the process (before_exit_now's blocks).
+_BEFORE_EXIT: list[Callable[[int], None]] = []
+
+
+@contextlib.contextmanager
+def before_exit_now(record: Callable[[int], None]) -> Iterator[None]:
+  """Inside the block, exit_now calls `record(code)` before it ends the process.
+
+  For what a program must write down of an end that runs no `finally` (a study's record
+  of its run: interrupted, not killed). An error in `record` is printed, not raised.
+  """
+  _BEFORE_EXIT.append(record)
+  try:
+    yield
+  finally:
+    _BEFORE_EXIT.remove(record)
+
+
 def exit_now(code: int, message: str) -> None:
   """Prints `message` to stderr, flushes the logs and ends the process without clean-up.
 
   For a process that must not wait at exit (exit_on_error), and for Ctrl-C outside the
   training loop: an interrupt that lands in an XLA compilation can leave the runtime in
   a state in which the interpreter's clean-up crashes (a segmentation fault after the
-  message). The entry points close their checkpoints and summaries before getting here.
+  message). The entry points close their checkpoints and summaries before getting here;
+  before_exit_now's records are written here.
   """
   sys.stderr.write(f'{message}\n')
+  for record in reversed(_BEFORE_EXIT):
+    try:
+      record(code)
+    except Exception as e:  # pylint: disable=broad-except
+      sys.stderr.write(f'while ending: {type(e).__name__}: {e}\n')
   files.remove_temporaries_now()  # a decoded cache's, half-written
   logging.flush()
   sys.stdout.flush()

@@ -10,6 +10,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -962,6 +963,39 @@ def test_an_interrupted_run_is_recorded_and_stops_the_study(tmp_path, monkeypatc
   assert info['sessions'] == 1 and 'error' not in info
   assert re.search(rf'^\[study\] {dataset} {variant} seed 0 \(\d+ s\): {re.escape(status)}$',
                    capsys.readouterr().out, re.M)
+
+
+def test_ctrl_c_outside_the_training_loop_is_recorded_as_an_interruption(tmp_path):
+  # Ctrl-C during a run's calibration, compilation or evaluation ends the study at once
+  # (os._exit: no `finally`), and the run's record said 'running': the report called it
+  # killed, and the rerun counted a killed session.
+  script = textwrap.dedent(f"""
+      import os, signal, time
+      import study
+      from avae_jax import distributed, trainer
+      from configs import study as study_config
+
+      def calibrating(config, workdir):
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        raise AssertionError('not interrupted')
+
+      trainer.train_and_evaluate = calibrating
+      with distributed.exit_on_interrupt('[study] interrupted by Ctrl-C'):
+        study.train_one({str(tmp_path)!r}, study_config.get_config('test'), 'shapes', 'vae',
+                        0, None)
+      """)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == '[study] interrupted by Ctrl-C'
+  info = json.loads((tmp_path / 'shapes' / 'vae' / 'seed0' / 'study_run.json').read_text())
+  assert info['status'] == 'interrupted: Ctrl-C outside the training loop', info
+  assert 'alive' not in info and 0.5 <= info['wall_s'] < 60, info
+  run = study_report.Run('shapes', 'vae', 0, '', None, {}, [], info)
+  assert study_report.run_status(run).startswith(
+      'interrupted: Ctrl-C outside the training loop')
 
 
 def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatch):
