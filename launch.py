@@ -52,6 +52,22 @@ def free_port(host: str = _LOOPBACK) -> int:
     return s.getsockname()[1]
 
 
+def port_problem(port: int, host: str = _LOOPBACK) -> str | None:
+  """Why the coordinator could not listen on `port` (another program's listener), or None.
+
+  JAX's coordination service does not report it: process 0 ended with a segmentation
+  fault, and the others, connected to the other program, aborted after their timeout.
+  """
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    # As a server binds: a port whose last connection is in TIME_WAIT is free.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      return f'{host}:{port} cannot be listened on ({e.strerror or e})'
+  return None
+
+
 def child_env(base: dict[str, str], *, process_id: int, num_processes: int,
               devices_per_process: int, coordinator: str,
               timeout_s: int | None) -> dict[str, str]:
@@ -320,6 +336,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.error(f'--grace_s must be >= 0 (seconds), got {args.grace_s:g}')
   if not 0 <= args.port <= 65535:
     parser.error(f'--port must be in 0..65535 (0: a free one), got {args.port}')
+  problem = args.port and port_problem(args.port)
+  if problem:
+    parser.error(f'--port {args.port}: {problem}; give another, or 0 for a free one')
   return args, program
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -307,6 +308,24 @@ def test_launcher_usage_errors(flags, message):
                         timeout=60, check=False)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert f'launch.py: error: {message}' in proc.stderr
+
+
+def test_a_port_another_program_listens_on_is_a_usage_error():
+  # The coordinator could not bind it: process 0 ended with a segmentation fault, and
+  # process 1, connected to the other program, aborted after its timeout.
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = subprocess.run([sys.executable, LAUNCH, f'--port={port}', '--', 'train.py'],
+                          capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'launch.py: error: --port {port}: 127.0.0.1:{port} cannot be listened on (Address '
+      'already in use); give another, or 0 for a free one')
+  # Free again (closed): accepted.
+  import launch  # pylint: disable=g-import-not-at-top
+  assert launch.port_problem(port) is None
 
 
 def test_a_process_killed_by_a_signal_gives_the_shells_status():
