@@ -23,8 +23,8 @@ Datasets (`config.dataset`):
 * `folder:PATH`: every .jpg/.jpeg/.png/.bmp/.webp below PATH (recursive, each directory
   once however many symlinks lead to it, sorted by relative path), decoded with PIL,
   preprocessed and rounded to uint8 once, into a memory-mapped .npy in the user's cache
-  directory named by a hash of the listing (paths, sizes, modification times) and the
-  geometry; where it has no room or cannot be written, decoded the same way at each
+  directory named by a hash of the folder's real path and listing (paths, sizes,
+  modification times) and the geometry; where it has no room or cannot be written, decoded the same way at each
   `get`. Files below a top-level directory named as an eval split (one of
   EVAL_TOKENS, the words of `arrays:` below: `test/`, `t10k/`, `eval/`, `val/`, ...) are
   'eval', the others 'train'. Without such a directory (or with every image below one),
