@@ -24,13 +24,13 @@ Datasets (`config.dataset`):
   once however many symlinks lead to it, sorted by relative path), decoded with PIL,
   preprocessed and rounded to uint8 once, into a memory-mapped .npy in the user's cache
   directory named by a hash of the folder's real path and listing (paths, sizes,
-  modification times) and the geometry; where it has no room or cannot be written, decoded the same way at each
-  `get`. Files below a top-level directory named as an eval split (one of
-  EVAL_TOKENS, the words of `arrays:` below: `test/`, `t10k/`, `eval/`, `val/`, ...) are
-  'eval', the others 'train'. Without such a directory (or with every image below one),
-  'eval' is the last `eval_fraction` of the sorted files when all are in one directory
-  (CelebA's `img_align_celeba`), else a fixed random `eval_fraction` of them (seed 0;
-  kept in random order), and 'train' the rest.
+  modification times) and the geometry; where it has no room or cannot be written,
+  decoded the same way at each `get`. Files below a top-level directory named as an eval
+  split (one of EVAL_TOKENS, the words of `arrays:` below: `test/`, `t10k/`, `eval/`,
+  `val/`, ...) are 'eval', the others 'train'. Without such a directory (or with every
+  image below one), 'eval' is the last `eval_fraction` of the sorted files when all are in
+  one directory (CelebA's `img_align_celeba`), else a fixed random `eval_fraction` of them
+  (seed 0; kept in random order), and 'train' the rest.
 * `arrays:PATH`: PATH is a file, a directory (its array files, not recursive) or a glob.
   Array files: `.npy`, `.npz`, and MNIST idx files, raw or gzipped (`*.idx`,
   `*-idx3-ubyte`, `*.idx3-ubyte`, with optional `.gz`). Files whose name contains
