@@ -272,6 +272,11 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_real(value: Any) -> bool:
+  """Whether value is a real number (an int or a float, not a bool)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
   """Checks the Gabor bank's settings (filters.gabor_bank would fail after start-up)."""
   if not _is_int(gabor.size) or gabor.size < 3 or gabor.size % 2 == 0:
@@ -283,9 +288,13 @@ def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
   if not _is_int(gabor.orientations) or gabor.orientations < 1:
     raise ConfigError(f'gabor.orientations = {gabor.orientations} must be a whole number '
                       '>= 1')
-  if not gabor.wavelengths or any(not 0 < w < math.inf for w in gabor.wavelengths):
-    raise ConfigError(f'gabor.wavelengths = {tuple(gabor.wavelengths)} must name at least '
-                      'one wavelength, each > 0 and finite (pixels)')
+  wavelengths = tuple(gabor.wavelengths)
+  if not wavelengths or any(not _is_real(w) or not 0 < w < math.inf for w in wavelengths):
+    # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
+    shown = (repr(wavelengths[0]) if len(wavelengths) == 1 and isinstance(wavelengths[0], str)
+             else f'= {wavelengths}')
+    raise ConfigError(f'gabor.wavelengths {shown} must name at least one wavelength, each '
+                      '> 0 and finite (a number of pixels)')
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

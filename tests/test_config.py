@@ -498,6 +498,11 @@ INVALID = [
     ('optimizer.learning_rate', float('inf'), r'optimizer\.learning_rate = inf is infinite'),
     ('gabor.sigma', float('nan'), r'gabor\.sigma = nan must be > 0 and finite'),
     ('gabor.wavelengths', (4.0, float('inf')), r'gabor\.wavelengths = \(4\.0, inf\).*finite'),
+    # The text of an override that ml_collections could not parse as a tuple (a TypeError
+    # traceback), and a bool.
+    ('gabor.wavelengths', ('abc',), r"gabor\.wavelengths 'abc' must name at least one "
+                                    r'wavelength, each > 0 and finite \(a number of pixels\)'),
+    ('gabor.wavelengths', (4.0, True), r'gabor\.wavelengths = \(4\.0, True\) must'),
     ('eval.traversal_range', float('nan'), r'eval\.traversal_range > 0'),
     # A NaN momentum trained with finite losses and evaluated to NaN at the end.
     ('model.bn_momentum', float('nan'), r'model\.bn_momentum = nan must lie in \[0, 1\]'),
