@@ -100,6 +100,8 @@ _DSPRITES_FACTORS = ('shape', 'scale', 'orientation', 'x_position', 'y_position'
 # Version of the decoded caches' contents, per dataset (a new version means a new file):
 # dSprites' v1 caches resized its 0/1 pixels without anti-aliasing.
 _CACHE_FORMAT = {'dsprites': 'v2'}
+# The files of the decoded caches (tfds and folders): images, and dSprites' factors.
+_CACHE_SUFFIXES = ('.npy', '.npz')
 # idx header dtype codes (http://yann.lecun.com/exdb/mnist/): big-endian payload.
 _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
@@ -566,7 +568,7 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
   stem = _cache_name(builder, name, split, geometry)
   for d in cache_dirs(config):
     if os.path.exists(os.path.join(d, stem + '.npy')):
-      files.remove_killed_cache_writes(d, ('.npy', '.npz'))
+      files.remove_killed_cache_writes(d, _CACHE_SUFFIXES)
       return _read_cache(d, stem, name)
 
   dataset = _tfds_dataset(config, builder, name, split)
@@ -667,7 +669,7 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
   """Decodes, preprocesses and saves the split; returns the memory-mapped result."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, stem + '.npy')
-  files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
+  files.remove_killed_cache_writes(directory, _CACHE_SUFFIXES)
   # dSprites pixels are 0/1: stretched to 0/255 before resizing, as the uint8 resize
   # rounds to integers and would leave a 0/1 image binary (no anti-aliased edges).
   stretch = 255 if name == 'dsprites' else 1
@@ -896,12 +898,12 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
   what = f'folder {root}'
   cached = _folder_cache_file(directory, stem, shape)
   if cached is not None:
-    files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
+    files.remove_killed_cache_writes(directory, _CACHE_SUFFIXES)
     return cached
   try:
     os.makedirs(directory, exist_ok=True)
     # Before the free space is measured.
-    files.remove_killed_cache_writes(directory, ('.npy', '.npz'))
+    files.remove_killed_cache_writes(directory, _CACHE_SUFFIXES)
     with files.exclusive(directory, f'the decoding of {what}', wait=True,
                          lock_file=stem + '.lock'):
       # Made while this process waited? (A damaged one was reported above.)
