@@ -42,6 +42,7 @@ import logging as std_logging
 import math
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -241,14 +242,20 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
   return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
 
 
-class _DropUnretrievedReadErrors(std_logging.Filter):
-  """Drops asyncio's reports of failed reads whose error nobody awaited (see below)."""
+class _DropUnretrievedCheckpointErrors(std_logging.Filter):
+  """Drops asyncio's reports of checkpoint errors nobody awaited (see the two below).
+
+  Those of failed reads name a checkpoint directory read here; those of a save that
+  filled the disk (the metadata's writes, say) report a full disk, whatever the path.
+  """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     # asyncio's first line, e.g. 'Future exception was never retrieved', then the future.
     if not record.getMessage().partition('\n')[0].endswith('exception was never retrieved'):
       return True
     error = record.exc_info[1] if record.exc_info else None
+    if error is not None and files.out_of_space(error) is not None:
+      return False
     return not any(d in str(error) for d in _READ_DIRECTORIES)
 
 
@@ -284,7 +291,7 @@ def _quiet_failed_reads(directory: str) -> None:
   names a checkpoint directory read here.
   """
   _READ_DIRECTORIES.add(directory)
-  _add_filter_once(std_logging.getLogger('asyncio'), _DropUnretrievedReadErrors)
+  _add_filter_once(std_logging.getLogger('asyncio'), _DropUnretrievedCheckpointErrors)
   _drop_closed_loop_callbacks()
 
 
@@ -307,13 +314,20 @@ def _quiet_full_disk_saves() -> None:
   """Silences the noise of a save that fills the disk (once per process, for good).
 
   orbax's background threads each log the failed write with its traceback (three of
-  them, 40 lines each), and the closed loop's callbacks add tens more, before and after
-  the save's own error reaches the caller (wait_until_finished), where train.py reports
-  it in one line (cli.exit_if_out_of_space). So those records are dropped, from orbax
-  and carrying a full disk's error only: any other failure is logged as before.
+  them, 40 lines each), asyncio reports the failed writes nobody awaited, and the closed
+  loop's callbacks add tens more, before and after the save's own error reaches the
+  caller (wait_until_finished), where train.py reports it in one line
+  (cli.exit_if_out_of_space). So those records are dropped, carrying a full disk's error
+  only: any other failure is logged as before.
   """
   _add_filter_once(logging.get_absl_logger(), _DropOrbaxOutOfSpaceTracebacks)
+  _add_filter_once(std_logging.getLogger('asyncio'), _DropUnretrievedCheckpointErrors)
   _drop_closed_loop_callbacks()
+  # The writes the failed save never started, garbage-collected at the process's exit
+  # (after train.py's line); the name is orbax's serialisation of the arrays.
+  warnings.filterwarnings('ignore', category=RuntimeWarning,
+                          message=r"coroutine 'async_serialize_from_host\.<locals>\.\w+' "
+                                  'was never awaited')
 
 
 def _describe(error: BaseException) -> str:
