@@ -257,6 +257,10 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
       or math.isinf(config.eval.traversal_range)):
     raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0, got '
                       f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
+  # A model has latent_dim dimensions to sweep; more would silently draw fewer rows.
+  if config.eval.traversal_dims > config.model.latent_dim:
+    raise ConfigError(f'eval.traversal_dims = {config.eval.traversal_dims} is more than the '
+                      f'model has (model.latent_dim = {config.model.latent_dim})')
 
 
 def _check_nonnegative(name: str, value: float) -> None:
