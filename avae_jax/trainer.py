@@ -164,6 +164,10 @@ def prepare_run(config: ml_collections.ConfigDict) -> RunSetup:
     raise config_lib.ConfigError(
         f'the eval split of {config.dataset} has {eval_source.num_examples} example(s); '
         'the evaluation needs at least 2')
+  if int(config.eval.num_images) > eval_source.num_examples and jax.process_index() == 0:
+    # Said again at the evaluation; said here too, so that it is not news after training.
+    print(f'note: eval.num_images={config.eval.num_images} is more than the eval split has: '
+          f'the evaluation will use its {eval_source.num_examples} images', flush=True)
   # A crop_size larger than the images fails at the first batch: after the workdir exists.
   train_source.get(np.arange(1))
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)

@@ -991,6 +991,14 @@ def test_invalid_settings_fail_in_prepare_run_before_anything_compiles(
   assert _listener_sees_a_fresh_jit(nothing_compiled)
 
 
+def test_more_eval_images_than_the_split_has_is_said_before_training(capsys):
+  trainer.prepare_run(make_config(dict(BASE, **{'eval.num_images': 33})))
+  assert capsys.readouterr().out == ('note: eval.num_images=33 is more than the eval split '
+                                     'has: the evaluation will use its 32 images\n')
+  trainer.prepare_run(make_config(dict(BASE, **{'eval.num_images': 32})))
+  assert capsys.readouterr().out == ''
+
+
 def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
