@@ -31,7 +31,6 @@ import ctypes
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,33 +38,10 @@ import time
 from typing import IO, Callable, Sequence
 
 from avae_jax import hugepages
+from avae_jax import ports
 from avae_jax import xla_flags
 
-_LOOPBACK = '127.0.0.1'
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port(host: str = _LOOPBACK) -> int:
-  """A TCP port that nothing listens on right now (the OS picks it)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]
-
-
-def port_problem(port: int, host: str = _LOOPBACK) -> str | None:
-  """Why the coordinator could not listen on `port` (another program's listener), or None.
-
-  JAX's coordination service does not report it: process 0 ended with a segmentation
-  fault, and the others, connected to the other program, aborted after their timeout.
-  """
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    # As a server binds: a port whose last connection is in TIME_WAIT is free.
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind((host, port))
-    except OSError as e:
-      return f'{host}:{port} cannot be listened on ({e.strerror or e})'
-  return None
 
 
 def child_env(base: dict[str, str], *, process_id: int, num_processes: int,
@@ -149,7 +125,7 @@ class Launcher:
     self.devices_per_process = devices_per_process
     self.timeout_s = timeout_s
     self.grace_s = float(grace_s)
-    self.port = port or free_port()
+    self.port = port or ports.free_port()
     self._out, self._err = out, err
     self._lock = threading.Lock()
     self._procs: list[subprocess.Popen] = []
@@ -184,7 +160,7 @@ class Launcher:
 
   def start(self) -> None:
     """Starts every process (each in its own session, so signals reach only whom we mean)."""
-    coordinator = f'{_LOOPBACK}:{self.port}'
+    coordinator = f'{ports.LOOPBACK}:{self.port}'
     if self._script is not None and not os.path.isfile(self._script):
       raise ProgramError(f'cannot run {self._script}: No such file', 127)
     self.say(f'{self.num_processes} processes x {self.devices_per_process} CPU devices, '
@@ -336,7 +312,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.error(f'--grace_s must be >= 0 (seconds), got {args.grace_s:g}')
   if not 0 <= args.port <= 65535:
     parser.error(f'--port must be in 0..65535 (0: a free one), got {args.port}')
-  problem = args.port and port_problem(args.port)
+  problem = args.port and ports.port_problem(args.port)
   if problem:
     parser.error(f'--port {args.port}: {problem}; give another, or 0 for a free one')
   return args, program

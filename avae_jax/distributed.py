@@ -31,6 +31,7 @@ from absl import logging
 import jax
 
 from avae_jax import files
+from avae_jax import ports
 
 ENV_COORDINATOR = 'AVAE_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'AVAE_NUM_PROCESSES'
@@ -104,6 +105,20 @@ def _check_address(address: str) -> None:
     raise DistributedConfigError(
         f'the coordinator address must be host:port (e.g. 10.0.0.2:1234, the port process 0 '
         f'listens on), got {address!r}')
+
+
+def _check_port(address: str) -> None:
+  """Raises DistributedConfigError if process 0's coordinator could not listen on the port."""
+  host, _, port = address.rpartition(':')
+  # Where the coordinator listens: on loopback for a local run (see initialize), else on
+  # every interface. 'localhost' and '::1' are checked as 127.0.0.1, IPv4's loopback.
+  host = host.strip('[]')
+  bind_host = (host if host.startswith('127.') else ports.LOOPBACK) if _is_loopback(address) \
+      else ''
+  problem = ports.port_problem(int(port), bind_host)
+  if problem:
+    raise DistributedConfigError(f'process 0 cannot be the coordinator at {address}: '
+                                 f'{problem}; give another port')
 
 
 def _check_count_and_id(num: int, pid: int | None) -> None:
@@ -190,6 +205,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num == 1:
       return False
     _check_address(address)
+    if pid == 0:
+      _check_port(address)
     # The CPU backend needs gloo for collectives across processes (JAX's default today;
     # set so that it stays so). GPUs and TPUs use their own and ignore it.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

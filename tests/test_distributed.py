@@ -324,8 +324,26 @@ def test_a_port_another_program_listens_on_is_a_usage_error():
       f'launch.py: error: --port {port}: 127.0.0.1:{port} cannot be listened on (Address '
       'already in use); give another, or 0 for a free one')
   # Free again (closed): accepted.
-  import launch  # pylint: disable=g-import-not-at-top
-  assert launch.port_problem(port) is None
+  from avae_jax import ports  # pylint: disable=g-import-not-at-top
+  assert ports.port_problem(port) is None
+
+
+def test_train_py_as_process_0_on_a_port_another_program_listens_on_is_one_line(tmp_path):
+  # Without launch.py: process 0 ended with a segmentation fault in JAX's coordinator.
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'train.py'), '--config=configs/default.py',
+         f'--workdir={tmp_path / "w"}', f'--coordinator_address=localhost:{port}',
+         '--num_processes=2', '--process_id=0'],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'train.py: error: process 0 cannot be the coordinator at localhost:{port}: '
+      f'127.0.0.1:{port} cannot be listened on (Address already in use); give another port')
+  assert not (tmp_path / 'w').exists()
 
 
 def test_a_process_killed_by_a_signal_gives_the_shells_status():
