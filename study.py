@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from avae_jax import config_lib
 from avae_jax import files
 from avae_jax import study_report
 from configs import study as study_config
@@ -230,7 +231,7 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
         info = _read_run_info(info_path)
         info.pop('error', None)  # an earlier session's failure, which this one made good
         info.update(status='done', finished=os.path.getmtime(
-            os.path.join(workdir, study_report.FINAL_METRICS)))
+            os.path.join(workdir, config_lib.FINAL_METRICS_FILE)))
         _write_json(info_path, info)
       return 'done'
     return _train_held(out, settings, dataset, variant, seed, weights)

@@ -39,7 +39,7 @@ from avae_jax import models
 from avae_jax import steps
 from avae_jax import visualize
 
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = config_lib.CONFIG_FILE
 CHECKPOINT_DIR = 'checkpoints'
 
 

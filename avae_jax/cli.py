@@ -1,7 +1,7 @@
 """Command-line flags of the programs: --config, its overrides and one-line usage errors.
 
-train.py, eval.py, benchmark.py and study.py parse --config=FILE and --config.FIELD=VALUE
-with absl and ml_collections; their mistakes become one-line usage errors here.
+train.py, eval.py and benchmark.py parse --config=FILE and --config.FIELD=VALUE with absl
+and ml_collections; their mistakes (and study.py's) become one-line usage errors here.
 
 `parse_flags` is the programs' absl flags parser; `apply_overrides` applies
 --config.FIELD=VALUE overrides to a config read from a workdir's config.json (eval.py).

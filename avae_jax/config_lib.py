@@ -26,6 +26,10 @@ VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE
 TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
              2048: 'final average pooling'}
 FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
+# A workdir's records: the run's config (the trainer writes it, api and the report read
+# it) and the final evaluation's results (likewise).
+CONFIG_FILE = 'config.json'
+FINAL_METRICS_FILE = 'final_metrics.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,16 @@ def reconstruction_weights(config: ml_collections.ConfigDict) -> dict[str, float
     return {'mse': 1.0}
   return {k: float(config.loss.weights[k]) for k in RECONSTRUCTION_TERMS
           if float(config.loss.weights.get(k, 0.0)) != 0.0}
+
+
+def reconstruction_scale(config: Mapping[str, Any]) -> float:
+  """loss.reconstruction_scale, where 0 stands for H*W*C (a config or config.json's dict)."""
+  scale = float(config.get('loss', {}).get('reconstruction_scale') or 0.0)
+  if scale == 0.0:
+    # Per-image terms are pixel means; H*W*C turns them into sums, the scale at which
+    # they weigh against the KL summed over latent dims.
+    scale = float(int(config['image_size']) ** 2 * int(config['channels']))
+  return scale
 
 
 def tc_weight(config: ml_collections.ConfigDict) -> float:

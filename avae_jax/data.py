@@ -888,7 +888,8 @@ def _folder_cached(root: str, paths: list[str], geometry: dict[str, int]
   """The folder's images as a uint8 memory map, decoded now where not cached yet.
 
   None (the images are then decoded at each batch) where the cache directory lacks the
-  space or cannot be written. Unreadable images are DataErrors, all named at once.
+  space or cannot be written. Unreadable images are a DataError that counts them and names
+  the first ten.
   Processes that need the same cache at once (launch.py's) make it once: the others
   wait for it.
   """

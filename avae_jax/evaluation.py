@@ -412,7 +412,8 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
              inception_params: Any = None) -> dict[str, Any]:
   """Computes the metrics, writes metrics.json, table.md and the figures; returns the metrics.
 
-  devices: local devices for the model and the Inception network (default: all local).
+  devices: local devices for the Inception network and the batch size (default: all
+    local); the model computes on its own model.devices.
   writer: if given, the figures, the table and the scalars also go to TensorBoard.
   inception_params: Inception weights to use instead of loading config.eval's (tests).
   Values are floats and ints, plus 'fid_skipped' / 'mig_skipped' (str) when skipped.

@@ -206,7 +206,7 @@ def _writer_is_gone(name: str, pid: int) -> bool:
 def remove_dead_temporaries(directory: PathLike, skip: tuple[str, ...] = (),
                             min_age_s: float = 0.0, recursive: bool = True,
                             targets: tuple[str, ...] = ()) -> list[str]:
-  """Deletes write_bytes' temporaries under a local `directory` whose writer is gone.
+  """Deletes temporary_name's temporaries under a local `directory` whose writer is gone.
 
   A writer killed between its write and its rename (SIGKILL, a power cut) leaves its
   temporary behind; nothing else ever removes it. A temporary of a live process of this

@@ -99,11 +99,7 @@ class StepConfig:
                   **overrides: Any) -> 'StepConfig':
     """The step settings of `config` (variant switches applied, scale resolved)."""
     weights = config_lib.reconstruction_weights(config)
-    scale = float(config.loss.reconstruction_scale)
-    if scale == 0.0:
-      # Per-image terms are pixel means; H*W*C turns them into sums, the scale at which
-      # they weigh against the KL summed over latent dims.
-      scale = float(int(config.image_size) ** 2 * int(config.channels))
+    scale = config_lib.reconstruction_scale(config)
     backward = str(config.model.get('conv_backward', 'auto'))
     values = dict(
         recon_weights=tuple(sorted(weights.items())),

@@ -46,10 +46,10 @@ RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run
 STUDY_FILE = 'study.json'  # OUT/: the budget, seeds and commands of the study
 CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
-FINAL_METRICS = 'final_metrics.json'  # each run's workdir, written by the trainer at its end
 RECORDS_DIR = 'runs'  # OUT/results/runs/: the files the report is made of, in OUT's layout
 # Each run's files that the report reads (POSTERIOR_FILE is the report's own, made once).
-RUN_RECORDS = ('config.json', FINAL_METRICS, 'metrics.jsonl', RUN_FILE, POSTERIOR_FILE)
+RUN_RECORDS = (config_lib.CONFIG_FILE, config_lib.FINAL_METRICS_FILE, 'metrics.jsonl', RUN_FILE,
+               POSTERIOR_FILE)
 RUNNING = 'running'  # study_run.json's status while a session trains the run
 # Fashion-MNIST's training images, as configs/study.py counts them (configs import no
 # library module, and this one no config).
@@ -89,7 +89,7 @@ class Run:
 
   @property
   def finished(self) -> bool:
-    """The trainer wrote FINAL_METRICS."""
+    """The trainer wrote config_lib.FINAL_METRICS_FILE."""
     return self.metrics is not None
 
 
@@ -101,7 +101,7 @@ def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
 def is_finished(workdir: str) -> bool:
   """A run is finished when the trainer wrote its final metrics (Run.finished, read)."""
   # Read, not only found: the trainer evaluates a run again whose file does not parse.
-  return _read_json(os.path.join(workdir, FINAL_METRICS)) is not None
+  return _read_json(os.path.join(workdir, config_lib.FINAL_METRICS_FILE)) is not None
 
 
 def _read_json(path: str) -> Any:
@@ -124,8 +124,8 @@ def read_history(path: str) -> list[dict[str, float]]:
       if row is None:
         continue  # an empty line, a line cut by a crash, a damaged one
       step = row['step']
-      # The evaluation's scalars (eval/..., final/...) share step numbers with training rows.
-      row = {k: v for k, v in row.items() if not k.startswith(('eval/', 'final/'))}
+      # The evaluation's scalars (eval/...) share step numbers with training rows.
+      row = {k: v for k, v in row.items() if not k.startswith('eval/')}
       if len(row) > 1:
         rows.setdefault(step, {}).update(row)
   return [rows[s] for s in sorted(rows)]
@@ -140,8 +140,8 @@ def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
       for seed in range(seeds):
         wd = run_dir(out, dataset, variant, seed)
         runs.append(Run(dataset, variant, seed, wd,
-                        _read_json(os.path.join(wd, FINAL_METRICS)),
-                        _read_json(os.path.join(wd, 'config.json')),
+                        _read_json(os.path.join(wd, config_lib.FINAL_METRICS_FILE)),
+                        _read_json(os.path.join(wd, config_lib.CONFIG_FILE)),
                         read_history(os.path.join(wd, 'metrics.jsonl')),
                         _read_json(os.path.join(wd, RUN_FILE)) or {}))
   return runs
@@ -555,9 +555,8 @@ def loss_scales(run: Run) -> dict[str, Any]:
   """Each term of the objective as it enters the loss, in the last logged window of each phase."""
   cfg = run.config or {}
   loss_cfg = cfg.get('loss', {})
-  scale = float(loss_cfg.get('reconstruction_scale') or 0.0)
-  if not scale:
-    scale = float(cfg.get('image_size', 0)) ** 2 * float(cfg.get('channels', 0))
+  scale = config_lib.reconstruction_scale(cfg) if cfg else math.nan
+  kl_weight = float(loss_cfg.get('kl_weight', 1.0))
   out = {}
   for phase, rows in zip(('pretrain', 'adversarial'), _phase_rows(run)):
     if not rows:
@@ -565,7 +564,7 @@ def loss_scales(run: Run) -> dict[str, Any]:
     h = rows[-1]
     row = {'scaled_rec': scale * h.get('rec', float('nan')),
            'scaled_mse': scale * h.get('mse', float('nan')),
-           'kl': h.get('kl'), 'loss': h.get('loss')}
+           'kl': None if h.get('kl') is None else kl_weight * h['kl'], 'loss': h.get('loss')}
     if 'tc' in h:
       row['tc'] = float(loss_cfg.get('tc_weight', 1.0)) * h['tc']
     if 'gen_loss' in h:
@@ -874,15 +873,26 @@ def _gating_section(runs: Sequence[Run], dataset: str, variants: Sequence[str]) 
   return lines, warnings, unchecked
 
 
+_PIXEL_SUM = 'H·W·C'  # loss.reconstruction_scale 0: per-pixel means become sums
+
+
+def _weight_words(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
+  """L_REC's scale and λ_adv as the report names them, from a run's config."""
+  loss = (cfg or {}).get('loss', {})
+  scale = float(loss.get('reconstruction_scale') or 0.0)
+  return (f'{scale:g}' if scale else _PIXEL_SUM), f'{float(loss.get("adversarial_weight", 1.0)):g}'
+
+
 def _loss_scale_section(runs: Sequence[Run], dataset: str,
                         variants: Sequence[str]) -> _Section:
   """Each term's size in the objective, from each model's lowest seed that logged one."""
   logged = lowest_logged(runs, dataset, variants)
   shown = {v: r.seed for v, r in logged.items()}
+  rec, lam = _weight_words(next(iter(logged.values())).config if logged else None)
   lines = ['**Size of each term** as it enters the objective (last logged window of each '
            f'phase, {_seed_words(shown) if shown else "no run logged one"}): L_REC is '
-           'multiplied by H·W·C; the adversarial term is λ_adv·(−log D(x̃)) with '
-           'λ_adv = 1.',
+           f'multiplied by {rec}; the adversarial term is λ_adv·(−log D(x̃)) with '
+           f'λ_adv = {lam}.',
            '', '| model | phase | scale·L_REC | of which scale·MSE | KL | TC | '
            'λ_adv·(−log D) | adv. share of the VAE objective |',
            '|---|---|---|---|---|---|---|---|']
@@ -1028,11 +1038,13 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
     sc = loss_scales(rs[0]).get('adversarial')
     g = gating_stats(rs[0])
     if sc and 'adv' in sc:
+      rec, lam = _weight_words(rs[0].config)
       out.append(f'{NAMES[v]} (seed {rs[0].seed}): the adversarial term λ_adv·(−log D) = '
                  f'{fmt(sc["adv"], 3)} is {_share_pct(sc["adv_share"])} of the objective next to '
                  f'scale·L_REC + KL{" + γ·TC" if sc.get("tc") else ""} = '
                  f'{fmt(sc["vae_terms"], 4)} '
-                 '(λ_adv = 1, L_REC summed over pixels); '
+                 f'(λ_adv = {lam}, L_REC '
+                 f'{"summed over pixels" if rec == _PIXEL_SUM else f"times {rec}"}); '
                  f'the VAE was updated in {_share_pct(g.get("vae_updated"))} and D in '
                  f'{_share_pct(g.get("disc_updated"))} of the adversarial steps.')
   rs_s = _by(runs, dataset, 'vae_s', finished=True)

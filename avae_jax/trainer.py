@@ -39,7 +39,6 @@ from avae_jax import visualize
 from avae_jax import xla_flags
 
 CALIBRATION_FILE = 'calibration.json'
-FINAL_METRICS_FILE = 'final_metrics.json'  # the final evaluation's results
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
 # multiples of the pre-training step: docs/benchmarks.md measures, on the CPU, its step at
 # 1.9-2.4x the pre-training step's time and its compilation at 1.1-2.0x (on a GPU 1.6-2.1x
@@ -412,7 +411,7 @@ def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (pre-training, then adversarial fine-tuning) and evaluates; returns final metrics.
 
   SIGTERM or SIGINT during training (from the main thread's point of view) lets the step
@@ -523,7 +522,7 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: RunSetup,
-                        ckpt: checkpoint.Checkpointer) -> dict[str, float]:
+                        ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
   """train_and_evaluate's work, in a workdir that exists and that this run holds."""
   is_main = jax.process_index() == 0
   # On a CPU the thread count sets the order of float32 sums, so the checkpoints record it
@@ -547,14 +546,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     # train, the evaluation's results would only be written twice, and config.json stays
     # the config they were computed with.
     if is_main:
-      print(f'the run is finished: {os.path.join(workdir, FINAL_METRICS_FILE)} holds its '
+      final = os.path.join(workdir, config_lib.FINAL_METRICS_FILE)
+      print(f'the run is finished: {final} holds its '
             f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
       changes = _changed_settings(workdir, config)
       if changes:
         # Another loss given to a finished run's workdir (a loop over loss weights with
         # one workdir, say) must not pass its metrics off as the new settings'.
-        print(f'warning: settings changed since {api.CONFIG_FILE} was written, not '
-              f'applied (the run is finished; its metrics are of {api.CONFIG_FILE}\'s): '
+        print(f'warning: settings changed since {config_lib.CONFIG_FILE} was written, not '
+              f'applied (the run is finished; its metrics are of {config_lib.CONFIG_FILE}\'s): '
               + '; '.join(changes), file=sys.stderr, flush=True)
     return finished
   if restored is not None and is_main:
@@ -574,9 +574,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
   if is_main:
     changes = _changed_settings(workdir, config) if restored is not None else []
     if changes:
-      print(f'resuming with settings changed since {os.path.join(workdir, api.CONFIG_FILE)} '
+      print(f'resuming with settings changed since {os.path.join(workdir, config_lib.CONFIG_FILE)} '
             'was written: ' + '; '.join(changes), flush=True)
-    files.write_json(os.path.join(workdir, api.CONFIG_FILE), config.to_dict())
+    files.write_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
 
   total = run.total_steps
   pre = int(config.pretrain_steps)
@@ -745,7 +745,7 @@ def _write_figures(config: ml_collections.ConfigDict, workdir: str,
 def _final_metrics(workdir: str, step: int) -> dict[str, Any] | None:
   """The final evaluation's results at `step` that the workdir holds, else None."""
   try:
-    results = files.read_json(os.path.join(workdir, FINAL_METRICS_FILE))
+    results = files.read_json(os.path.join(workdir, config_lib.FINAL_METRICS_FILE))
   except (OSError, ValueError):  # none yet, or cut short: evaluated again
     return None
   return results if isinstance(results, dict) and results.get('step') == step else None
@@ -753,7 +753,7 @@ def _final_metrics(workdir: str, step: int) -> dict[str, Any] | None:
 
 def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                      vae_state: steps.TrainState, run: RunSetup,
-                     writer: summary.SummaryWriter, step: int) -> dict[str, float]:
+                     writer: summary.SummaryWriter, step: int) -> dict[str, Any]:
   """The end-of-training evaluation: the evaluation program's metrics on the eval split.
 
   step: the run's global step, which labels the results (as eval.py labels a checkpoint);
@@ -764,7 +764,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
                                 out_dir=os.path.join(workdir, 'eval'),
                                 devices=run.devices, writer=writer)
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, FINAL_METRICS_FILE), results)
+    files.write_json(os.path.join(workdir, config_lib.FINAL_METRICS_FILE), results)
     print('final metrics: ' + ', '.join(
         f'{k}={v:.5g}' for k, v in results.items() if isinstance(v, float)), flush=True)
   return results

@@ -725,7 +725,7 @@ def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
   rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
           {'step': 2, 'loss': 3.5},  # re-logged after a resume: the later value wins
           {'step': 3, 'loss': 3.0, 'kl': 1.0},
-          {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'final/rec_mse': 0.1}]
+          {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'eval/fid_pool': 9.0}]
   # Each was a traceback.
   damaged = ('\n\x9b\xff{"step": 3}\n[1]\n{"loss": 1.0}\n{"step": null}\n{"step": NaN}\n'
              '{"step": true, "loss": 9.0}\n')
@@ -1256,6 +1256,32 @@ def test_likely_reasons_name_the_seed_they_quote():
   (line,) = [r for r in study_report._reasons(runs[:-1], 'shapes', settings)
              if r.startswith('VAE-S')]
   assert line.endswith('finished seed(s)).') and 'weaker' not in line.split('β')[1], line
+
+
+def test_loss_scales_and_their_words_follow_the_runs_weights():
+  # The table left out loss.kl_weight, and the text said λ_adv = 1 and L_REC summed over
+  # pixels whatever the config said.
+  cfg = {'pretrain_steps': 10, 'image_size': 4, 'channels': 1,
+         'loss': {'kl_weight': 0.5, 'adversarial_weight': 2.0, 'reconstruction_scale': 10.0}}
+  pre = {'step': 10, 'loss': 12.0, 'rec': 0.5, 'mse': 0.25, 'kl': 2.0}
+  adv = dict(pre, step=20, gen_loss=0.75, disc_accuracy=0.6, disc_updated=1.0,
+             vae_updated=0.5)
+  run = study_report.Run('shapes', 'avae', 0, '', {'kl_mean': 2.0}, cfg, [pre, adv], {})
+  scales = study_report.loss_scales(run)['adversarial']
+  # 10 · 0.5, 10 · 0.25, 0.5 · 2, 2 · 0.75; the share 1.5 / (5 + 1 + 1.5).
+  assert (scales['scaled_rec'], scales['scaled_mse'], scales['kl'], scales['adv']) == (
+      5.0, 2.5, 1.0, 1.5)
+  assert scales['adv_share'] == pytest.approx(0.2)
+  text, _, _ = study_report._diagnostics([run], 'shapes', ['avae'])
+  assert 'L_REC is multiplied by 10; the adversarial term is λ_adv·(−log D(x̃)) with ' \
+      'λ_adv = 2.' in text
+  assert '| AVAE | adversarial | 5 | 2.5 | 1 | - | 1.5 | 20% |' in text
+  settings = {'shapes': ml_collections.ConfigDict(
+      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 10,
+       'batch_size': 64})}
+  (line,) = [r for r in study_report._reasons([run], 'shapes', settings)
+             if r.startswith('AVAE')]
+  assert '= 6 (λ_adv = 2, L_REC times 10); ' in line, line
 
 
 @pytest.mark.parametrize('variants,gating,pretraining', [
