@@ -361,4 +361,4 @@ class TrainedModel:
     if not single and x.shape[0] != 1:
       raise ValueError(f'traverse takes one image, got a batch of {x.shape[0]}')
     dims, values = visualize.traversal_axes(dims, values, self.latent_dim)
-    return _traverse(self.module, self.variables, x, dims, values.astype(np.float32))
+    return _traverse(self.module, self.variables, x, dims, values)

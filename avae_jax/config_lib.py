@@ -48,6 +48,9 @@ _SPECS = {
 }
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; raised before anything is compiled."""
 
@@ -267,9 +270,11 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
   if config.eval.grid_size < 2:
     raise ConfigError(f'eval.grid_size = {config.eval.grid_size} must be >= 2 (images per '
                       'row of the figures)')
+  # The codes are float32: a range beyond its largest number would sweep from -inf to inf.
   if (config.eval.traversal_dims < 0 or not config.eval.traversal_range > 0
-      or math.isinf(config.eval.traversal_range)):
-    raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0, got '
+      or not config.eval.traversal_range <= _FLOAT32_MAX):
+    raise ConfigError('eval.traversal_dims must be >= 0 and eval.traversal_range > 0 (at most '
+                      'float32\'s largest number, 3.4e38), got '
                       f'{config.eval.traversal_dims} and {config.eval.traversal_range}')
   # A model has latent_dim dimensions to sweep; more would silently draw fewer rows.
   if config.eval.traversal_dims > config.model.latent_dim:

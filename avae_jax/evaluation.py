@@ -576,14 +576,15 @@ def _sample_pass(model: api.TrainedModel, key: jax.Array, batch: int, n: int, sh
 def _write_outputs(out_dir: str, results: dict[str, Any], figures: dict[str, np.ndarray],
                    table: str, writer: summary.SummaryWriter | None) -> None:
   """metrics.json, table.md and the figures in out_dir, and to TensorBoard with a writer."""
+  # The numbers first: a figure that cannot be written does not lose them.
+  files.write_json(os.path.join(out_dir, METRICS_FILE), results)
+  files.write_text(os.path.join(out_dir, TABLE_FILE), table)
   for name in FIGURES:  # one not made this time (no traversal dims) goes: it is stale
     path = os.path.join(out_dir, f'{name}.png')
     if name in figures:
       visualize.save_png(path, figures[name])
     else:
       files.remove(path)
-  files.write_json(os.path.join(out_dir, METRICS_FILE), results)
-  files.write_text(os.path.join(out_dir, TABLE_FILE), table)
   if writer is not None:
     step = results['step']
     for name, image in figures.items():

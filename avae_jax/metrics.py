@@ -57,19 +57,24 @@ def unit_floats(images: Any, dtype: Any = np.float64, what: str = 'images') -> n
   Float images outside [0, 1] are refused (ValueError): sharpness scales with the square of
   the images' scale and the Inception features with it, so images on the 0..255 scale
   would give numbers without an error. NaNs pass: a diverged model's images give NaN
-  figures, which the evaluation reports as such.
+  metrics, which the evaluation reports as such.
   """
   x = np.asarray(images)
   check_image_dtype(x.dtype, what)
   if x.dtype == np.uint8:
     return x.astype(dtype) / 255.0
   x = x.astype(dtype)
-  if x.size:
+  check_floats(x, what)
+  return x
+
+
+def check_floats(x: np.ndarray, what: str) -> None:
+  """Raises ValueError for float images (not uint8) outside [0, 1]; NaNs pass."""
+  if x.size and x.dtype != np.uint8:
     # fmin and fmax skip NaNs (all NaN: NaN, nothing to check).
     lo, hi = np.fmin.reduce(x, axis=None), np.fmax.reduce(x, axis=None)
     if not np.isnan(lo):
       check_unit_range(lo, hi, what)
-  return x
 
 
 def _luma(images: np.ndarray) -> np.ndarray:

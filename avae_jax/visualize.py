@@ -21,12 +21,14 @@ from avae_jax import summary
 
 
 def _check_images(images: np.ndarray, ndim: int, what: str) -> np.ndarray:
-  """Returns `images` as an array after checking rank, channel count and dtype."""
+  """Returns `images` as an array after checking rank, channel count, dtype and range."""
   images = np.asarray(images)
   if images.ndim != ndim or images.shape[-1] not in (1, 3):
     raise ValueError(f'{what} must have {ndim} axes ending in 1 or 3 channels; '
                      f'got shape {images.shape}.')
   metrics.check_image_dtype(images.dtype, what)
+  # Floats on the 0..255 scale were clipped to an all-white figure.
+  metrics.check_floats(images, what)
   return images
 
 
@@ -73,6 +75,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes an (H, W, C) image (uint8, or float in [0, 1]) as PNG (local or gs://...)."""
   image = np.asarray(image)
   metrics.check_image_dtype(image.dtype, 'image')
+  metrics.check_floats(image, 'image')
   files.write_bytes(path, summary.encode_png(image))
 
 
@@ -131,7 +134,7 @@ def traversals(images: np.ndarray, pad: int = 1, pad_value: float = 1.0) -> np.n
 
 
 def traversal_axes(dims: Any, values: Any, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """(dims as int32 (K,), values as float64 (S,)), checked for codes of latent_dim entries.
+  """(dims as int32 (K,), values as float32 (S,)), checked for codes of latent_dim entries.
 
   A scalar counts as a list of one. Casting would make dim 0.7 dim 0 and True dim 1, and
   flattening would make a (2, 2) grid of values four values: each is a ValueError.
@@ -145,7 +148,9 @@ def traversal_axes(dims: Any, values: Any, latent_dim: int) -> tuple[np.ndarray,
                      f'dtype {values.dtype}')
   if dims.size and (dims.min() < 0 or dims.max() >= latent_dim):
     raise ValueError(f'dims {dims.tolist()} out of range for latent_dim {latent_dim}')
-  values = values.astype(np.float64).reshape(-1)
+  wide = values.astype(np.float64).reshape(-1)
+  with np.errstate(over='ignore'):  # beyond float32's range: inf, refused below
+    values = wide.astype(np.float32)
   if not np.isfinite(values).all():  # a NaN or inf code decodes to NaN images
-    raise ValueError(f'values must be finite numbers, got {values.tolist()!r}')
+    raise ValueError(f'values must be finite float32 numbers, got {wide.tolist()!r}')
   return dims.astype(np.int32).reshape(-1), values

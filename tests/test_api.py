@@ -316,8 +316,11 @@ def test_counts_and_dims_that_are_not_integers_are_rejected(model, images):
        r'values must be a list of numbers, got shape \(2, 2\)'),
       # They decoded to NaN images without a word.
       (lambda: model.traverse(images[0], [0], [0.0, float('nan')]),
-       r'values must be finite numbers, got \[0.0, nan\]'),
-      (lambda: model.traverse(images[0], [0], [float('inf')]), 'values must be finite')):
+       r'values must be finite float32 numbers, got \[0.0, nan\]'),
+      (lambda: model.traverse(images[0], [0], [float('inf')]), 'values must be finite'),
+      # Finite, but not in float32: the codes were -inf and inf, with numpy's warning.
+      (lambda: model.traverse(images[0], [0], [-1e39, 1e39]),
+       r'values must be finite float32 numbers, got \[-1e\+39, 1e\+39\]')):
     with pytest.raises(ValueError, match=message):
       call()
   # numpy integers are integers.

@@ -539,6 +539,8 @@ INVALID = [
     ('eval.grid_size', 0, r'eval\.grid_size = 0 must be >= 2'),
     ('eval.traversal_dims', -1, r'eval\.traversal_dims must be >= 0'),
     ('eval.traversal_range', 0.0, r'eval\.traversal_range > 0'),
+    ('eval.traversal_range', 1e39, r'traversal_range > 0 \(at most float32.s largest number, '
+                                   r'3\.4e38\), got 4 and 1e\+39'),
     ('eval.traversal_dims', 33, r'eval\.traversal_dims = 33 is more than the model has '
                                 r'\(model\.latent_dim = 32\)'),
     ('gabor.size', 10, r'gabor\.size = 10 must be an odd number'),

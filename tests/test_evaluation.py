@@ -543,6 +543,16 @@ def test_a_figure_not_made_again_does_not_stay_behind(tmp_path, model, source):
     assert ('Traversals: latent dimensions' in (tmp_path / 'table.md').read_text()) == expected
 
 
+def test_the_numbers_are_written_before_a_figure_that_fails(tmp_path):
+  # A figure that could not be written (a directory in its place) lost metrics.json too.
+  (tmp_path / 'samples.png' / 'x').mkdir(parents=True)
+  figures = {'samples': np.zeros((4, 4, 1), np.uint8)}
+  with pytest.raises(OSError):
+    evaluation._write_outputs(str(tmp_path), {'step': 3, 'mse': 0.5}, figures, '| t |', None)
+  assert json.loads((tmp_path / 'metrics.json').read_text()) == {'step': 3, 'mse': 0.5}
+  assert (tmp_path / 'table.md').read_text() == '| t |'
+
+
 def test_a_gs_out_dir_gets_every_file(fake_bucket, model, source):
   # eval.py on a gs:// workdir writes its outputs there, none to the local disk.
   config = test_api.tiny_config(**{'eval.fid': False})

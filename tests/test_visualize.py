@@ -114,6 +114,29 @@ def test_integer_images_other_than_uint8_are_refused(dtype, tmp_path):
   assert not (tmp_path / 'a.png').exists()
 
 
+@pytest.mark.parametrize('value, pattern', [(128.0, r'\[0, 128\] \(divide by 255\?\)'),
+                                            (-0.5, r'\[-0\.5, 0\.5\] \(clip')])
+def test_float_images_outside_the_unit_range_are_refused_and_nans_drawn_black(
+    value, pattern, tmp_path):
+  # Floats on the 0..255 scale came out as an all-white figure, without an error.
+  images = constant_images([0.5, value, 0.0, 0.25])
+  rows = images.reshape(2, 2, 2, 2, 1)
+  calls = [lambda: visualize.grid(images, ncol=2),
+           lambda: visualize.samples(images, ncol=2),
+           lambda: visualize.reconstructions(images, constant_images([0.5] * 4), n=2),
+           lambda: visualize.reconstructions(constant_images([0.5] * 4), images, n=2),
+           lambda: visualize.interpolations(rows),
+           lambda: visualize.traversals(rows),
+           lambda: visualize.save_png(tmp_path / 'a.png', images.reshape(8, 2, 1))]
+  for call in calls:
+    with pytest.raises(ValueError, match=pattern):
+      call()
+  assert not (tmp_path / 'a.png').exists()
+  # A diverged model's NaN pixels: drawn black (0), the rest as usual.
+  g = visualize.grid(constant_images([np.nan, 1.0]), ncol=2, pad=0)
+  assert g[:, :2].tolist() == [[[0], [0]], [[0], [0]]] and (g[:, 2:] == 255).all()
+
+
 def test_reconstructions_bad_counts_are_clear_errors():
   x = constant_images([0.1, 0.2, 0.3])
   with pytest.raises(ValueError, match='ncol >= 1'):
