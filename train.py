@@ -9,6 +9,7 @@ Ctrl-C during training lets the step in progress finish, checkpoints it, then st
 
 import signal
 import sys
+from typing import NoReturn
 
 # Ctrl-C while the modules below load (seconds: JAX's) ends the program as the signal does
 # by default, without a traceback through the imports; main's own handling
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
     _fail(e)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception) -> NoReturn:
   """Prints one line for an error that explains itself and exits with status 1."""
   print(f'train.py: error: {error}', file=sys.stderr, flush=True)
   sys.exit(1)

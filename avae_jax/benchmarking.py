@@ -440,9 +440,9 @@ def run_interleaved(config: ml_collections.ConfigDict, cases: Sequence[str], *, 
   return [case_row(p, times[p.name], rounds=rounds, rewarm=rewarm) for p in prepared]
 
 
-# The model the twin always builds; its command line sets only the sizes.
-# The twin's model and Gabor bank (its loss has every reconstruction term, KL, TC and the
-# generator loss: twin_problem checks those weights apart).
+# The model and Gabor bank the twin always builds (its command line sets only the sizes;
+# its loss has every reconstruction term, KL, TC and the generator loss: twin_problem
+# checks those weights apart).
 _TWIN_SETTINGS = {'variant': 'avae_s', 'model.latent_dim': 32, 'model.hidden_dim': 48,
                   'loss.tc_estimator': 'mws', 'model.dtype': 'float32', 'gabor.size': 11,
                   'gabor.sigma': 2.5, 'gabor.wavelengths': (4.0, 8.0), 'gabor.orientations': 4}

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from absl import app
 from absl import flags
@@ -113,7 +113,7 @@ def _missing_field_message(name: str, index: int, root: ml_collections.ConfigDic
   return f'{message}. {near_miss}' if near_miss else message
 
 
-def _usage_error(message: str) -> None:
+def _usage_error(message: str) -> NoReturn:
   """Exits as absl does for a flag that does not parse."""
   if '\n' in message:  # absl's layout of a message of several lines
     sys.stderr.write(f'FATAL Flags parsing error:\n{textwrap.indent(message, "  ")}\n')
@@ -184,7 +184,7 @@ def _check_config_file(spec: str) -> None:
     _usage_error(f'--config={spec}: no such file {path!r}')
 
 
-def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> None:
+def _load_error(spec: str | None, error: Exception, argv: Sequence[str]) -> NoReturn:
   """Exits with one line for an error raised while loading the --config file."""
   if isinstance(error, (AttributeError, KeyError)):
     _stop_on_unknown_field(error, argv)
@@ -205,7 +205,6 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
     config = flags.FLAGS['config'].value
   except Exception as e:  # pylint: disable=broad-except
     _load_error(spec, e, argv)
-    raise
   if config is not None:
     missing = [f for f in _TRAINING_FIELDS if f not in config]
     if missing:
@@ -318,7 +317,6 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if 'config' not in flags.FLAGS:
       raise
     _load_error(spec, e, argv)
-    raise
   if 'config' in flags.FLAGS:
     _check_training_config(spec, argv)
   return rest

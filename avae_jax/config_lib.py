@@ -26,6 +26,7 @@ VARIANT_NAMES = {'vae': 'VAE', 'avae': 'AVAE', 'vae_s': 'VAE-S', 'avae_s': 'AVAE
 TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux classifier',
              2048: 'final average pooling'}
 FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
+MIG_BINS = 20  # the histogram bins of MIG's codes (metrics.mig), named in the tables
 # A workdir's records: the run's config (the trainer writes it, api and the report read
 # it) and the final evaluation's results (likewise).
 CONFIG_FILE = 'config.json'

@@ -615,7 +615,7 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   return ds.map(lambda ex: {k: ex[k] for k in keys}).batch(256)
 
 
-def _to_bytes(x: np.ndarray) -> np.ndarray:
+def _to_uint8(x: np.ndarray) -> np.ndarray:
   """Float images in [0, 1] as the uint8 a decoded cache stores (read back as k / 255)."""
   return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -680,7 +680,7 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
       raw = batch['image'] if stretch == 1 else batch['image'] * np.uint8(stretch)
       if name == 'dsprites':
         labels.append(np.stack([batch[f'label_{f}'] for f in _DSPRITES_FACTORS], 1))
-      yield _to_bytes(_preprocess_many(list(raw), pool, **geometry))
+      yield _to_uint8(_preprocess_many(list(raw), pool, **geometry))
 
   # A unique temporary name, then an atomic rename: concurrent processes (on several
   # hosts, with a shared data_dir) never see a half-written cache.
@@ -850,7 +850,7 @@ def _folder_image(path: str, geometry: dict[str, int]) -> np.ndarray:
   """One image file preprocessed as uint8 (the cache's values); DataError naming it."""
   image = read_image(path)
   try:
-    return _to_bytes(preprocess(image, **geometry))
+    return _to_uint8(preprocess(image, **geometry))
   except DataError as e:  # an image smaller than crop_size: which one, of the folder's
     raise DataError(f'{path}: {e}') from None
 

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import flags
 from absl import logging
@@ -320,7 +320,7 @@ def before_exit_now(record: Callable[[int], None]) -> Iterator[None]:
     _BEFORE_EXIT.remove(record)
 
 
-def exit_now(code: int, message: str) -> None:
+def exit_now(code: int, message: str) -> NoReturn:
   """Prints `message` to stderr, flushes the logs and ends the process without clean-up.
 
   For a process that must not wait at exit (exit_on_error), and for Ctrl-C outside the

@@ -342,7 +342,8 @@ def format_table(results: dict[str, Any], config: ml_collections.ConfigDict,
     lines.append(f'FID: {r("fid_num_images")} real images against as many reconstructions '
                  'and as many samples (FID is biased by sample size: compare equal counts).')
   if 'mig' in results:
-    lines.append(f'MIG over {r("mig_num_images")} images (20 bins); the same codes, each '
+    lines.append(f'MIG over {r("mig_num_images")} images '
+                 f'({config_lib.MIG_BINS} bins); the same codes, each '
                  f'dimension shuffled across the images, score {_fmt(r("mig_shuffled"))} '
                  '(the estimator\'s floor at this count).')
   elif 'mig_skipped' in results:

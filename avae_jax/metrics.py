@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from avae_jax.config_lib import MIG_BINS
 from avae_jax.filters import LUMA
 
 # Images per chunk in sharpness: bounds the float64 temporaries for large batches.
@@ -245,7 +246,7 @@ def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.sum(joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])))
 
 
-def shuffled_mig(codes: Any, factors: Any, num_bins: int = 20, repeats: int = 5,
+def shuffled_mig(codes: Any, factors: Any, num_bins: int = MIG_BINS, repeats: int = 5,
                  seed: int = 0) -> float:
   """Mean MIG of `codes` with each dimension shuffled across the images on its own.
 
@@ -259,7 +260,7 @@ def shuffled_mig(codes: Any, factors: Any, num_bins: int = 20, repeats: int = 5,
                         for _ in range(repeats)]))
 
 
-def mig(codes: Any, factors: Any, num_bins: int = 20) -> float:
+def mig(codes: Any, factors: Any, num_bins: int = MIG_BINS) -> float:
   """Mutual Information Gap (Chen et al. 2018) of (N, D) codes vs (N, K) discrete factors."""
   codes = np.asarray(codes, np.float64)
   factors = np.asarray(factors)

@@ -1104,7 +1104,8 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
              'reconstructions and as many samples.' if 'fid_num_images' in m0 else
              f'FID skipped: {m0.get("fid_skipped", "not computed")}.'))
     if 'mig' in m0:
-      note += (f' MIG over {m0.get("mig_num_images")} images (20 bins); shuffling each '
+      note += (f' MIG over {m0.get("mig_num_images")} images '
+               f'({config_lib.MIG_BINS} bins); shuffling each '
                'dimension of the codes across the images gives the plug-in estimate\'s '
                'floor at that count.')
     lines.append(note)

@@ -395,8 +395,8 @@ def _figure_images(module: Any, variables: Any, x: jax.Array,
           module.apply(variables, z, train=False, method='decode'))
 
 
-def _figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
-             eval_source: data.Source, key: jax.Array) -> dict[str, np.ndarray]:
+def _training_figures(config: ml_collections.ConfigDict, vae_state: steps.TrainState,
+                      eval_source: data.Source, key: jax.Array) -> dict[str, np.ndarray]:
   """Reconstruction and random-sample grids from the current (unreplicated) VAE."""
   n = int(config.eval.grid_size)
   x = eval_source.get(np.arange(min(n, eval_source.num_examples)))
@@ -737,7 +737,7 @@ def _write_figures(config: ml_collections.ConfigDict, workdir: str,
                    writer: summary.SummaryWriter, vae_state: steps.TrainState,
                    eval_source: data.Source, key: jax.Array, step: int) -> None:
   """The training figures of `step`: to TensorBoard and to WORKDIR/images/."""
-  for name, img in _figures(config, vae_state, eval_source, key).items():
+  for name, img in _training_figures(config, vae_state, eval_source, key).items():
     writer.image(step, name, img)
     visualize.save_png(os.path.join(workdir, 'images', f'{name}_{step:07d}.png'), img)
 

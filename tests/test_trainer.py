@@ -259,7 +259,7 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
                    checkpoint_every=6)
   # The reference runs on a clock that only its steps and figures move, so that its
   # rates are exact; it writes figures every other step, 50 s each.
-  clock, make_steps, figures = _StepClock(), parallel.make_steps, trainer._figures
+  clock, make_steps, figures = _StepClock(), parallel.make_steps, trainer._training_figures
   monkeypatch.setattr(summary, 'ProgressLogger',
                       functools.partial(summary.ProgressLogger, clock=clock))
 
