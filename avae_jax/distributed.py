@@ -121,6 +121,20 @@ def _check_port(address: str) -> None:
                                  f'{problem}; give another port')
 
 
+def _check_device_counts() -> None:
+  """Raises DistributedConfigError unless every process has as many local devices.
+
+  Every process computes the same answer from the global device list. The first
+  collective (orbax's, at start-up) otherwise failed with a reshape error deep in JAX.
+  """
+  counts = [len(jax.local_devices(process_index=p)) for p in range(jax.process_count())]
+  if len(set(counts)) > 1:
+    raise DistributedConfigError(
+        'the processes have different numbers of local devices ('
+        + ', '.join(f'process {p}: {n}' for p, n in enumerate(counts))
+        + '); give every process the same (--config.cpu_devices on CPUs, the GPUs it sees)')
+
+
 def _check_count_and_id(num: int, pid: int | None) -> None:
   """Raises DistributedConfigError unless num >= 1 and pid (if given) is in [0, num)."""
   if num < 1:
@@ -216,8 +230,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       # A local run: the coordinator listens on loopback only, not on every interface.
       kwargs['coordinator_bind_address'] = address
     _start_runtime(**kwargs)
+    _check_device_counts()
   elif on_multihost_tpu() or auto:
     _start_runtime(**timeouts)
+    _check_device_counts()
   else:
     if num is not None and num > 1:
       raise DistributedConfigError(

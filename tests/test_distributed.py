@@ -346,6 +346,29 @@ def test_train_py_as_process_0_on_a_port_another_program_listens_on_is_one_line(
   assert not (tmp_path / 'w').exists()
 
 
+def test_processes_of_different_device_counts_stop_with_one_line(tmp_path):
+  # Each used one device, but orbax's first collective failed with a reshape traceback.
+  from avae_jax import ports  # pylint: disable=g-import-not-at-top
+  port = ports.free_port()
+  env_ = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env_.update(JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'train.py'), '--config=configs/default.py',
+       f'--workdir={tmp_path / "w"}', f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={p}', '--distributed_timeout_s=60',
+       '--config.num_devices=1', f'--config.cpu_devices={2 - p}'],
+      cwd=REPO, env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for p in (0, 1)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=RUN_LIMIT_S)
+    assert proc.returncode == 1 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == (
+        'train.py: error: the processes have different numbers of local devices (process 0: '
+        '2, process 1: 1); give every process the same (--config.cpu_devices on CPUs, the '
+        'GPUs it sees)'), err
+  assert not (tmp_path / 'w').exists()
+
+
 def test_a_process_killed_by_a_signal_gives_the_shells_status():
   # 128 + 9 for SIGKILL, as a shell reports it (Popen's return code is -9).
   proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -9 $$'], grace_s=0),
