@@ -497,8 +497,11 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
 
 
 def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, Any],
-                           examples: int, cpu_threads: int | None) -> None:
-  """Warns where a resumed run will differ from an uninterrupted one: backend, threads, data."""
+                           examples: int, cpu_threads: int | None, devices: int) -> None:
+  """Warns where a resumed run will differ from an uninterrupted one.
+
+  Its backend, XLA:CPU thread count, device count (all processes') or data size.
+  """
   saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
   if 'cpu_threads' in meta and (saved_threads is None) != (cpu_threads is None):
     where = {True: 'a GPU/TPU', False: 'the CPU'}
@@ -512,6 +515,12 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
           'PJRT_NPROC, NPROC or machine): the steps from here on are not bit-identical to '
           "an uninterrupted run's (README: Devices and reproducibility)", file=sys.stderr,
           flush=True)
+  saved_devices = meta.get('devices')  # absent in earlier versions
+  if saved_devices not in (None, devices):
+    # The gradients and BatchNorm statistics are then averaged in another order.
+    print(f'warning: the checkpoint was written by {saved_devices} device(s) and this run '
+          f'has {devices}: the steps from here on are not bit-identical to an uninterrupted '
+          "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
   saved_examples = meta.get('train_examples')  # absent in earlier versions
   if saved_examples not in (None, examples):
     # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.
@@ -559,7 +568,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     return finished
   if restored is not None and is_main:
     print(f'resuming from checkpoint at step {start_step}', flush=True)
-    _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads)
+    _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads,
+                           len(run.devices) * jax.process_count())
 
   # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
   # nothing was trained under the calibration, so it is made as for a new run.
@@ -603,6 +613,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
             'cpu_threads': cpu_threads,
+            'devices': len(run.devices) * jax.process_count(),
             'train_examples': run.train_source.num_examples,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]

@@ -156,7 +156,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)
   assert (step, meta['phase'], meta['data_position']) == (5, 'pretrain', 5)
-  assert meta['cpu_threads'] == threads
+  assert meta['cpu_threads'] == threads and meta['devices'] == jax.local_device_count()
   # 2. Resumes in pre-training, stops at its end: the checkpoint on the phase boundary.
   train(dict(BASE, adversarial_steps=0), workdir)
   out, err = capsys.readouterr()
@@ -586,9 +586,24 @@ def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
     ({}, None, None), ({}, 2, None)])  # {}: a checkpoint of a version before the count
 def test_a_resume_on_another_backend_or_thread_count_warns(capsys, saved, now, message):
   config = ml_collections.ConfigDict({'dataset': 'shapes'})
-  trainer._warn_of_a_changed_run(config, dict(saved, train_examples=8), 8, now)
+  trainer._warn_of_a_changed_run(config, dict(saved, train_examples=8), 8, now, devices=1)
   err = capsys.readouterr().err
   assert (message in err and 'not bit-identical' in err) if message else err == '', err
+
+
+@pytest.mark.parametrize('saved,now,warned', [(2, 1, True), (1, 4, True), (2, 2, False),
+                                              (None, 2, False)])  # None: before the count
+def test_a_resume_on_another_device_count_warns(capsys, saved, now, warned):
+  # With the same thread count (or on a GPU) it was silent, though the run then differs.
+  config = ml_collections.ConfigDict({'dataset': 'shapes'})
+  meta = {'cpu_threads': 2, 'train_examples': 8}
+  if saved is not None:
+    meta['devices'] = saved
+  trainer._warn_of_a_changed_run(config, meta, 8, 2, devices=now)
+  err = capsys.readouterr().err
+  expected = (f'warning: the checkpoint was written by {saved} device(s) and this run has '
+              f'{now}: the steps from here on are not bit-identical')
+  assert (expected in err) if warned else err == '', err
 
 
 def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys):
