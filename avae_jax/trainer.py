@@ -8,6 +8,7 @@ derived from (seed, t), so a resumed run continues exactly where the stopped one
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -274,14 +275,11 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: Run
   saved = files.read_json(path) if resumed and files.exists(path) else None
   if saved is not None:
     means = saved.get('means')
-    if means is not None:
-      weights = weights_from_term_means(config, means)
-    else:  # a file of an earlier version: the weights only, whatever loss.weights say now
-      weights = saved['weights']
-      if jax.process_index() == 0:
-        print(f'warning: {path} (of an earlier version) holds the calibrated weights but '
-              'not the term means they came from: the run resumes with those weights, and '
-              'changed loss.weights.* are not applied', file=sys.stderr, flush=True)
+    weights = _recorded_weights(config, saved)
+    if means is None and jax.process_index() == 0:
+      print(f'warning: {path} (of an earlier version) holds the calibrated weights but '
+            'not the term means they came from: the run resumes with those weights, and '
+            'changed loss.weights.* are not applied', file=sys.stderr, flush=True)
     batches = int(saved['batches'])
     if batches != int(config.calibrate.batches) and jax.process_index() == 0:
       print(f'note: the run keeps its calibration probe of {batches} batches ({path}); '
@@ -303,13 +301,42 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: Run
   if jax.process_index() == 0:
     print('calibrated reconstruction weights: ' +
           ', '.join(f'{k}={v:.4g}' for k, v in weights.items()), flush=True)
+  _set_calibration(config, weights, batches)
+  step_config = steps.StepConfig.from_config(config, dataset_size=run.train_source.num_examples)
+  return dataclasses.replace(run, step_config=step_config)
+
+
+def _recorded_weights(config: ml_collections.ConfigDict, saved: dict[str, Any]
+                      ) -> dict[str, float]:
+  """The λ's of a calibration.json record under config's w_i.
+
+  An earlier version's record holds the weights only, whatever loss.weights say now.
+  """
+  means = saved.get('means')
+  return weights_from_term_means(config, means) if means is not None else saved['weights']
+
+
+def _set_calibration(config: ml_collections.ConfigDict, weights: dict[str, float],
+                     batches: int) -> None:
+  """Writes calibrated λ's into config.loss.weights, and their probe's batch count."""
   with config.unlocked():
     for t, v in weights.items():
       config.loss.weights[t] = float(v)
     # config.json then names the probe the weights came from, as calibration.json does.
     config.calibrate.batches = batches
-  step_config = steps.StepConfig.from_config(config, dataset_size=run.train_source.num_examples)
-  return dataclasses.replace(run, step_config=step_config)
+
+
+def _as_calibrated(config: ml_collections.ConfigDict, workdir: str
+                   ) -> ml_collections.ConfigDict:
+  """`config` with the workdir's recorded calibration applied (a copy), as a resume would."""
+  path = os.path.join(workdir, CALIBRATION_FILE)
+  if not (config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss
+          and files.exists(path)):
+    return config
+  saved = files.read_json(path)
+  config = copy.deepcopy(config)
+  _set_calibration(config, _recorded_weights(config, saved), int(saved['batches']))
+  return config
 
 
 def _changed_settings(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
@@ -558,7 +585,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
       final = os.path.join(workdir, config_lib.FINAL_METRICS_FILE)
       print(f'the run is finished: {final} holds its '
             f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
-      changes = _changed_settings(workdir, config)
+      # Compared as calibrated: config.json holds the λ's, the config the w_i they came from.
+      changes = _changed_settings(workdir, _as_calibrated(config, workdir))
       if changes:
         # Another loss given to a finished run's workdir (a loop over loss weights with
         # one workdir, say) must not pass its metrics off as the new settings'.
@@ -584,8 +612,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
   if is_main:
     changes = _changed_settings(workdir, config) if restored is not None else []
     if changes:
-      print(f'resuming with settings changed since {os.path.join(workdir, config_lib.CONFIG_FILE)} '
-            'was written: ' + '; '.join(changes), flush=True)
+      saved = os.path.join(workdir, config_lib.CONFIG_FILE)
+      print(f'resuming with settings changed since {saved} was written: '
+            + '; '.join(changes), flush=True)
     files.write_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
 
   total = run.total_steps

@@ -349,6 +349,28 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
   assert committed_steps(workdir) == [12, 16, 20]
 
 
+def test_a_finished_calibrated_run_run_again_names_only_real_changes(tmp_path, capsys):
+  # Its config.json holds the calibrated λ's: compared with the w_i = 1 they came from,
+  # the same command named every reconstruction weight as a setting changed.
+  run = dict(TINY, **{'variant': 'vae_s', 'calibrate.enabled': True, 'calibrate.batches': 2,
+                      'pretrain_steps': 2, 'adversarial_steps': 0, 'log_every': 1})
+  train(run, tmp_path / 'w', evaluate=True)
+  assert 'calibrated reconstruction weights: ' in capsys.readouterr().out
+  train(run, tmp_path / 'w')
+  out, err = capsys.readouterr()
+  assert 'the run is finished: ' in out and err == ''
+  train(dict(run, **{'loss.kl_weight': 2.0}), tmp_path / 'w')
+  err = capsys.readouterr().err
+  assert err.startswith('warning: settings changed since config.json was written, not '
+                        "applied (the run is finished; its metrics are of config.json's): "
+                        'loss.kl_weight 1.0 -> 2.0'), err
+  assert 'loss.weights' not in err
+  # Another w_i is a real change: named, as the λ it would have given.
+  train(dict(run, **{'loss.weights.sobel': 2.0}), tmp_path / 'w')
+  err = capsys.readouterr().err
+  assert 'loss.weights.sobel' in err and 'loss.weights.mae' not in err, err
+
+
 def test_a_run_with_checkpoints_refuses_another_seed(reference, tmp_path):
   # Finished or not: a loop over seeds with one workdir got the first seed's metrics back,
   # and a resumed run went on under the new seed, recorded as a run of it alone.
