@@ -58,7 +58,7 @@ def link_images(source: str, folder: str, count: int) -> int:
   """Links the first `count` images of `source` into `folder`; returns how many."""
   paths = data._list_images(source)[:count]  # pylint: disable=protected-access
   if not paths:
-    raise app.UsageError(f'--folder={source} holds no images')
+    sys.exit(f'data_timings.py: error: --folder={source} holds no images')
   os.makedirs(folder)
   for i, path in enumerate(paths):
     os.symlink(os.path.abspath(path), os.path.join(folder, f'{i:06d}{os.path.splitext(path)[1]}'))
@@ -98,8 +98,9 @@ def main(argv: list[str]) -> None:
     lazy = data.load(config, 'train')
     data._folder_cached = cached  # pylint: disable=protected-access
     if lazy.num_examples < _BATCH.value:
-      raise app.UsageError(f'--batch={_BATCH.value} is more than the {lazy.num_examples} '
-                           'training images of the folder')
+      # One line: absl's UsageError would print the whole docstring before it.
+      sys.exit(f'data_timings.py: error: --batch={_BATCH.value} is more than the '
+               f'{lazy.num_examples} training images of the folder')
     rate = images_per_s(lazy, _BATCH.value, _BATCHES.value)
     print(json.dumps(dict(reader='folder_decoded_each_batch', images_per_s=round(rate, 1),
                           **common)), flush=True)
