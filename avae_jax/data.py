@@ -412,8 +412,9 @@ def cache_dirs(config: Any) -> list[str]:
           files.user_cache_dir()]
 
 
-def _not_prepared_message(name: str, data_dir: Any, detail: str) -> str:
-  """How to provide a tfds dataset that is not prepared."""
+def _not_prepared_message(name: str, data_dir: Any, detail: str, *,
+                          found_none: bool = True) -> str:
+  """How to provide a tfds dataset that is not prepared (found_none: none found there)."""
   where = data_dir or '~/tensorflow_datasets (tfds default)'
   local = {
       'celeb_a': "dataset='folder:/path/to/img_align_celeba' (the aligned JPEGs from "
@@ -425,7 +426,10 @@ def _not_prepared_message(name: str, data_dir: Any, detail: str) -> str:
       'dsprites': "dataset='arrays:/path/to/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz'",
   }[name]
   return (
-      f'tfds dataset {name!r} is not prepared in data_dir={where} ({detail}). Provide it '
+      # Another error (no network or credentials for a bucket, say) is not "not prepared".
+      f'tfds dataset {name!r} '
+      f'{"is not prepared in" if found_none else "could not be read from"} '
+      f'data_dir={where} ({detail}). Provide it '
       'in one of these ways:\n'
       f'  1. set config.data_dir to a folder or gs:// bucket that holds prepared tfds data '
       f'({name}/<version>/dataset_info.json and its record files);\n'
@@ -453,7 +457,7 @@ def _tfds_builder(config: Any, name: str):
     return tfds.builder(name, data_dir=config.get('data_dir', None), try_gcs=False)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(_not_prepared_message(name, config.get('data_dir', None),
-                                          f'{type(e).__name__}: {e}')) from e
+                                          f'{type(e).__name__}: {e}', found_none=False)) from e
 
 
 # The size assumed for a split whose size tfds does not know yet (a dataset before its
@@ -608,7 +612,8 @@ def _tfds_dataset(config: Any, builder: Any, name: str, split: str):
   except (KeyError, ValueError) as e:
     raise DataError(f'{name}: cannot read split {split!r}: {e}') from e
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(_not_prepared_message(name, data_dir, f'{type(e).__name__}: {e}')) from e
+    raise DataError(_not_prepared_message(name, data_dir, f'{type(e).__name__}: {e}',
+                                          found_none=False)) from e
   keys = ['image']
   if name == 'dsprites':
     keys += [f'label_{f}' for f in _DSPRITES_FACTORS]
