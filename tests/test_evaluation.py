@@ -454,6 +454,28 @@ def test_figures_have_the_expected_grids(evaluated):
   assert _png_size(os.path.join(out_dir, 'traversals.png')) == (side(2), side(GRID))
 
 
+def test_traversal_rows_sweep_one_dimension_over_the_whole_range(evaluated, model, source,
+                                                                 config):
+  # Each row: the first image's posterior mean with one dimension set to GRID values
+  # from -traversal_range to +traversal_range, decoded; built here from encode and decode.
+  _, out_dir = evaluated
+  with open(os.path.join(out_dir, 'table.md')) as f:
+    shown = re.search(r'latent dimensions \[([\d, ]+)\]', f.read()).group(1)
+  dims = [int(d) for d in shown.split(',')]
+  mu = np.asarray(model.encode(source.get(np.arange(1)))[0], np.float32)
+  r = float(config.eval.traversal_range)
+  grid = np.asarray(Image.open(os.path.join(out_dir, 'traversals.png')))
+  grid = grid.reshape(grid.shape[:2] + (-1,))
+  for row, d in enumerate(dims):
+    codes = np.repeat(mu, GRID, axis=0)
+    codes[:, d] = np.linspace(-r, r, GRID)
+    expected = np.round(np.clip(np.asarray(model.decode(codes)), 0, 1) * 255)
+    for col in range(GRID):
+      top, left = 1 + row * (SIDE + 1), 1 + col * (SIDE + 1)
+      tile = grid[top:top + SIDE, left:left + SIDE].astype(np.float64)
+      np.testing.assert_allclose(tile, expected[col], atol=1)
+
+
 def test_table_is_laid_out_like_table_iii(evaluated):
   results, out_dir = evaluated
   with open(os.path.join(out_dir, 'table.md')) as f:

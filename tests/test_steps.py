@@ -340,6 +340,27 @@ def test_variants_compute_their_terms():
                                              'gabor', 'kl', 'tc'}
 
 
+def test_each_model_has_adam_with_its_own_learning_rate_and_the_betas():
+  # Adam's first update is lr * sign(g) whatever the betas: two updates, by hand.
+  config = tiny_config('avae_s')
+  opt = config.optimizer
+  opt.learning_rate, opt.disc_learning_rate, opt.b1, opt.b2 = 1e-3, 4e-4, 0.6, 0.95
+  vae_state, disc_state = steps.create_train_states(config, jax.random.key(0), (16, 16, 3))
+  rng = np.random.default_rng(0)
+  for state, lr in ((vae_state, 1e-3), (disc_state, 4e-4)):
+    leaves, treedef = jax.tree.flatten(state.params)
+    g1, g2 = ([rng.normal(size=p.shape).astype(np.float32) for p in leaves] for _ in range(2))
+    s = state.tx.init(state.params)
+    _, s = state.tx.update(jax.tree.unflatten(treedef, g1), s, state.params)
+    u2, _ = state.tx.update(jax.tree.unflatten(treedef, g2), s, state.params)
+    for a, b, u in zip(g1, g2, jax.tree.leaves(u2)):
+      a, b = a.astype(np.float64), b.astype(np.float64)
+      m = 0.6 * 0.4 * a + 0.4 * b
+      v = 0.95 * 0.05 * a ** 2 + 0.05 * b ** 2
+      expected = -lr * (m / (1 - 0.6 ** 2)) / (np.sqrt(v / (1 - 0.95 ** 2)) + 1e-8)
+      np.testing.assert_allclose(np.asarray(u), expected, rtol=2e-5, atol=1e-9)
+
+
 def test_step_config_from_config():
   config = tiny_config('avae_s')
   cfg = steps.StepConfig.from_config(config, dataset_size=1234)
@@ -366,6 +387,13 @@ def test_step_config_from_config():
   config.gating.train_disc_below, config.gating.train_vae_above = 0.65, 0.45
   cfg = steps.StepConfig.from_config(config, 10)
   assert (cfg.kl_weight, cfg.tc_weight, cfg.adversarial_weight) == (0.25, 0.5, 2.0)
+  # The Gabor bank and the TC estimator from theirs (the defaults would not show either).
+  config.gabor.size, config.gabor.sigma, config.gabor.orientations = 7, 1.5, 3
+  config.gabor.wavelengths, config.loss.tc_estimator = (3.0, 5.0), 'mws'
+  cfg = steps.StepConfig.from_config(config, 10)
+  assert cfg.gabor == losses.GaborSpec(size=7, sigma=1.5, wavelengths=(3.0, 5.0),
+                                       orientations=3)
+  assert cfg.tc_estimator == 'mws'
   assert (cfg.train_disc_below, cfg.train_vae_above) == (0.65, 0.45)
 
 

@@ -28,6 +28,7 @@ from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import config_lib
 from avae_jax import data
+from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import summary
@@ -138,6 +139,31 @@ def test_same_seed_gives_bit_identical_parameters(reference, tmp_path):
   other = restore(tmp_path / 'seed1')[1]
   assert not np.array_equal(other['vae']['params']['decoder']['to_image']['kernel'],
                             reference[1]['vae']['params']['decoder']['to_image']['kernel'])
+
+
+def test_the_data_order_is_the_seeds(tmp_path, monkeypatch):
+  # Another seed already draws another initial model, which hid a data order that
+  # ignored it: the batches themselves are compared with the documented schedule's.
+  batches = []
+  real = parallel.make_steps
+
+  def spy(cfg, devices, method='pmap'):
+    fns = real(cfg, devices, method)
+
+    def pretrain(state, batch, key):
+      batches.append(np.asarray(batch).reshape((-1,) + tuple(batch.shape[-3:])))
+      return fns.pretrain(state, batch, key)
+    return fns._replace(pretrain=pretrain)
+  monkeypatch.setattr(parallel, 'make_steps', spy)
+  run = dict(TINY, seed=3, pretrain_steps=2, adversarial_steps=0)
+  train(run, tmp_path / 'w')
+  source = data.load(make_config(run), 'train')
+  assert len(batches) == 2
+  for t, batch in enumerate(batches):
+    np.testing.assert_array_equal(
+        batch, source.get(data.batch_indices(source.num_examples, 8, 3, t)))
+  assert not np.array_equal(batches[0], source.get(data.batch_indices(source.num_examples,
+                                                                      8, 0, 0)))
 
 
 def test_gated_update_counters_match_the_logged_gates(reference):
@@ -667,9 +693,12 @@ def test_a_run_failing_before_its_first_step_closes_its_checkpointer(tmp_path, m
 # ------------------------------------------------------------------ calibration
 
 
+# A Gabor bank of its own (not the default's), which the probe and the run must both use.
 CALIBRATE = dict(TINY, **{'variant': 'vae_s', 'pretrain_steps': 2, 'adversarial_steps': 0,
                           'calibrate.enabled': True, 'calibrate.batches': 3,
-                          'log_every': 1, 'checkpoint_every': 2, 'image_every': 10})
+                          'log_every': 1, 'checkpoint_every': 2, 'image_every': 10,
+                          'gabor.size': 7, 'gabor.sigma': 1.5, 'gabor.wavelengths': (3.0,),
+                          'gabor.orientations': 2})
 
 
 class _StepCalls(NamedTuple):
@@ -730,6 +759,8 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   np.testing.assert_array_equal(probe_keys, _folded_keys(0, 2, 3))
   np.testing.assert_array_equal(train_keys, _folded_keys(0, 1, 2))
   assert probe_cfg.dataset_size == train_cfg.dataset_size == 256
+  bank = losses.GaborSpec(size=7, sigma=1.5, wavelengths=(3.0,), orientations=2)
+  assert probe_cfg.gabor == train_cfg.gabor == bank
   terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
   # The probe: every term at weight 1, calibrate.batches steps.
   assert dict(probe_cfg.recon_weights) == {t: 1.0 for t in terms}
