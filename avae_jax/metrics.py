@@ -72,6 +72,8 @@ def unit_floats(images: Any, dtype: Any = np.float64, what: str = 'images') -> n
 def check_floats(x: np.ndarray, what: str) -> None:
   """Raises ValueError for float images (not uint8) outside [0, 1]; NaNs pass."""
   if x.size and x.dtype != np.uint8:
+    if x.dtype.kind != 'f':  # bfloat16 (ml_dtypes): its reduce warns of a NaN
+      x = x.astype(np.float32)
     # fmin and fmax skip NaNs (all NaN: NaN, nothing to check).
     lo, hi = np.fmin.reduce(x, axis=None), np.fmax.reduce(x, axis=None)
     if not np.isnan(lo):

@@ -555,7 +555,10 @@ def loss_scales(run: Run) -> dict[str, Any]:
   """Each term of the objective as it enters the loss, in the last logged window of each phase."""
   cfg = run.config or {}
   loss_cfg = cfg.get('loss', {})
-  scale = config_lib.reconstruction_scale(cfg) if cfg else math.nan
+  try:
+    scale = config_lib.reconstruction_scale(cfg)
+  except KeyError:  # a config without the image's size: no scale to give
+    scale = math.nan
   kl_weight = float(loss_cfg.get('kl_weight', 1.0))
   out = {}
   for phase, rows in zip(('pretrain', 'adversarial'), _phase_rows(run)):
@@ -878,9 +881,9 @@ _PIXEL_SUM = 'H·W·C'  # loss.reconstruction_scale 0: per-pixel means become su
 
 def _weight_words(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
   """L_REC's scale and λ_adv as the report names them, from a run's config."""
-  loss = (cfg or {}).get('loss', {})
-  scale = float(loss.get('reconstruction_scale') or 0.0)
-  return (f'{scale:g}' if scale else _PIXEL_SUM), f'{float(loss.get("adversarial_weight", 1.0)):g}'
+  scale = config_lib.set_reconstruction_scale(cfg or {})
+  lam = float((cfg or {}).get('loss', {}).get('adversarial_weight', 1.0))
+  return (f'{scale:g}' if scale else _PIXEL_SUM), f'{lam:g}'
 
 
 def _loss_scale_section(runs: Sequence[Run], dataset: str,
@@ -1053,12 +1056,13 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
     sc = loss_scales(rs_s[0]).get('pretrain')
     if sc and sc.get('scaled_mse'):
       k = sc['scaled_rec'] / sc['scaled_mse']
+      kl_weight = float((rs_s[0].config or {}).get('loss', {}).get('kl_weight', 1.0))
       kl_s = mean_sd(_metric(r, 'kl_mean') for r in rs_s)[0]
       kl_v = mean_sd(_metric(r, 'kl_mean') for r in rs_v)[0] if rs_v else float('nan')
       out.append(f'VAE-S (seed {rs_s[0].seed}): its calibrated L_REC is {k:.1f}× its own MSE '
                  'term at the end of pre-training (five terms, each brought to the MSE\'s '
                  'scale), so against the '
-                 f'KL it acts like a VAE with β ≈ 1/{k:.1f}: KL {fmt(kl_s)} nats vs '
+                 f'KL it acts like a VAE with β ≈ {kl_weight:g}/{k:.1f}: KL {fmt(kl_s)} nats vs '
                  f'{fmt(kl_v)} for VAE (means over {len(rs_s)} and {len(rs_v)} finished '
                  'seed(s)).' + _weaker_kl_sentence(k, kl_s, kl_v))
   return out

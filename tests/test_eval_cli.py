@@ -145,7 +145,7 @@ def test_a_bad_override_of_the_saved_config_stops_with_a_clear_message(workdir, 
 @pytest.mark.parametrize('args, phrase', [
     # The value as the next word; a negative number is a value, not a flag.
     (['--config.eval.grid_size', 'x'], '--config.eval.grid_size=x: expected an integer'),
-    (['--config.eval.traversal_range', '-2'], 'eval.traversal_range > 0, got 2 and -2.0'),
+    (['--config.eval.traversal_range', '-2'], "largest number, 3.4e38), got 2 and -2.0"),
     # absl's --noFLAG form of a boolean: false.
     (['--noconfig.eval.num_images'], '--config.eval.num_images=false: expected an integer'),
     (['--noconfig.eval.fid', '--config.eval.grid_size', '1'],

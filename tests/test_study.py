@@ -1282,6 +1282,14 @@ def test_loss_scales_and_their_words_follow_the_runs_weights():
   (line,) = [r for r in study_report._reasons([run], 'shapes', settings)
              if r.startswith('AVAE')]
   assert '= 6 (λ_adv = 2, L_REC times 10); ' in line, line
+  # VAE-S's effective β is its KL weight over its L_REC's multiple of the MSE (0.5 / 2).
+  vae_s = study_report.Run('shapes', 'vae_s', 0, '', {'kl_mean': 2.0}, cfg, [pre], {})
+  (line,) = [r for r in study_report._reasons([vae_s], 'shapes', settings)
+             if r.startswith('VAE-S')]
+  assert 'acts like a VAE with β ≈ 0.5/2.0: ' in line, line
+  # A config without the image's size has no scale: not a KeyError.
+  bare = study_report.Run('shapes', 'avae', 0, '', None, {'pretrain_steps': 10}, [pre, adv], {})
+  assert np.isnan(study_report.loss_scales(bare)['adversarial']['scaled_rec'])
 
 
 @pytest.mark.parametrize('variants,gating,pretraining', [

@@ -1,5 +1,8 @@
 """Tests for avae_jax.visualize: exact grid layout, figure order, latent helpers."""
 
+import warnings
+
+import ml_dtypes
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,6 +138,12 @@ def test_float_images_outside_the_unit_range_are_refused_and_nans_drawn_black(
   # A diverged model's NaN pixels: drawn black (0), the rest as usual.
   g = visualize.grid(constant_images([np.nan, 1.0]), ncol=2, pad=0)
   assert g[:, :2].tolist() == [[[0], [0]], [[0], [0]]] and (g[:, 2:] == 255).all()
+  # bfloat16 too, without numpy's warning of the NaN in its reduction.
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    g16 = visualize.grid(constant_images([np.nan, 1.0]).astype(ml_dtypes.bfloat16), ncol=2,
+                         pad=0)
+  np.testing.assert_array_equal(g16, g)
 
 
 def test_reconstructions_bad_counts_are_clear_errors():
