@@ -110,12 +110,14 @@ def _check_address(address: str) -> None:
 def _check_port(address: str) -> None:
   """Raises DistributedConfigError if process 0's coordinator could not listen on the port."""
   host, _, port = address.rpartition(':')
-  # Where the coordinator listens: on loopback for a local run (see initialize), else on
-  # every interface. 'localhost' and '::1' are checked as 127.0.0.1, IPv4's loopback.
+  # Where the coordinator listens: on the loopback address itself for a local run (see
+  # initialize), else on every interface. 'localhost' is checked as 127.0.0.1.
   host = host.strip('[]')
-  bind_host = (host if host.startswith('127.') else ports.LOOPBACK) if _is_loopback(address) \
-      else ''
-  problem = ports.port_problem(int(port), bind_host)
+  if not _is_loopback(address):
+    host = ''
+  elif host == 'localhost':
+    host = ports.LOOPBACK
+  problem = ports.port_problem(int(port), host)
   if problem:
     raise DistributedConfigError(f'process 0 cannot be the coordinator at {address}: '
                                  f'{problem}; give another port')

@@ -164,10 +164,6 @@ def prepare_run(config: ml_collections.ConfigDict) -> RunSetup:
     raise config_lib.ConfigError(
         f'the eval split of {config.dataset} has {eval_source.num_examples} example(s); '
         'the evaluation needs at least 2')
-  if int(config.eval.num_images) > eval_source.num_examples and jax.process_index() == 0:
-    # Said again at the evaluation; said here too, so that it is not news after training.
-    print(f'note: eval.num_images={config.eval.num_images} is more than the eval split has: '
-          f'the evaluation will use its {eval_source.num_examples} images', flush=True)
   # A crop_size larger than the images fails at the first batch: after the workdir exists.
   train_source.get(np.arange(1))
   step_config = steps.StepConfig.from_config(config, dataset_size=train_source.num_examples)
@@ -524,10 +520,11 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
 
 
 def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, Any],
-                           examples: int, cpu_threads: int | None, devices: int) -> None:
+                           examples: int, cpu_threads: int | None,
+                           layout: list[int]) -> None:
   """Warns where a resumed run will differ from an uninterrupted one.
 
-  Its backend, XLA:CPU thread count, device count (all processes') or data size.
+  Its backend, XLA:CPU thread count, devices ([processes, devices each]) or data size.
   """
   saved_threads = meta.get('cpu_threads')  # None on GPU/TPU, absent in earlier versions
   if 'cpu_threads' in meta and (saved_threads is None) != (cpu_threads is None):
@@ -542,12 +539,16 @@ def _warn_of_a_changed_run(config: ml_collections.ConfigDict, meta: dict[str, An
           'PJRT_NPROC, NPROC or machine): the steps from here on are not bit-identical to '
           "an uninterrupted run's (README: Devices and reproducibility)", file=sys.stderr,
           flush=True)
-  saved_devices = meta.get('devices')  # absent in earlier versions
-  if saved_devices not in (None, devices):
-    # The gradients and BatchNorm statistics are then averaged in another order.
-    print(f'warning: the checkpoint was written by {saved_devices} device(s) and this run '
-          f'has {devices}: the steps from here on are not bit-identical to an uninterrupted '
-          "run's (README: Devices and reproducibility)", file=sys.stderr, flush=True)
+  saved_layout = meta.get('devices')  # absent in earlier versions
+  if saved_layout not in (None, list(layout)):
+    # The gradients and BatchNorm statistics are then averaged in another order (1 x 4
+    # and 2 x 2 devices too).
+    def words(p_d: list[int]) -> str:
+      return f'{p_d[0]} process(es) x {p_d[1]} device(s)'
+    print(f'warning: the checkpoint was written by {words(saved_layout)} and this run has '
+          f'{words(layout)}: the steps from here on are not bit-identical to an '
+          "uninterrupted run's (README: Devices and reproducibility)", file=sys.stderr,
+          flush=True)
   saved_examples = meta.get('train_examples')  # absent in earlier versions
   if saved_examples not in (None, examples):
     # Each epoch's order (and a held-out eval split's rows) follow the dataset's size.
@@ -597,7 +598,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
   if restored is not None and is_main:
     print(f'resuming from checkpoint at step {start_step}', flush=True)
     _warn_of_a_changed_run(config, meta, run.train_source.num_examples, cpu_threads,
-                           len(run.devices) * jax.process_count())
+                           [jax.process_count(), len(run.devices)])
+  if is_main and int(config.eval.num_images) > run.eval_source.num_examples:
+    # Said again at the evaluation; said before training too, so that it is no news after.
+    print(f'note: eval.num_images={config.eval.num_images} is more than the eval split has: '
+          f'the evaluation will use its {run.eval_source.num_examples} images', flush=True)
 
   # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
   # nothing was trained under the calibration, so it is made as for a new run.
@@ -642,7 +647,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
             'data_position': step, 'seed': int(config.seed),
             'config_hash': config_lib.config_hash(config),
             'cpu_threads': cpu_threads,
-            'devices': len(run.devices) * jax.process_count(),
+            'devices': [jax.process_count(), len(run.devices)],
             'train_examples': run.train_source.num_examples,
             # The steps since the last log (host copies): a resumed run logs the same means.
             'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]

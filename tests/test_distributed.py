@@ -328,6 +328,46 @@ def test_a_port_another_program_listens_on_is_a_usage_error():
   assert ports.port_problem(port) is None
 
 
+def _listener(family, host):
+  """A socket listening on host:<free port>, or None where the family is unavailable."""
+  s = socket.socket(family, socket.SOCK_STREAM)
+  try:
+    s.bind((host, 0))
+  except OSError:
+    s.close()
+    return None
+  s.listen()
+  return s
+
+
+def test_process_0_checks_the_port_where_its_coordinator_listens():
+  from avae_jax import distributed  # pylint: disable=g-import-not-at-top
+  v4 = _listener(socket.AF_INET, '127.0.0.1')
+  with v4:
+    port = v4.getsockname()[1]
+    # Loopback by address or name, and every interface (a remote address): all taken.
+    for address in (f'127.0.0.1:{port}', f'localhost:{port}', f'10.0.0.2:{port}'):
+      with pytest.raises(distributed.DistributedConfigError,
+                         match=f'cannot be the coordinator at {re.escape(address)}: .*:{port} '
+                               r'cannot be listened on \(Address already in use\)'):
+        distributed._check_port(address)  # pylint: disable=protected-access
+    distributed._check_port(f'127.0.0.2:{port}')  # another loopback address: free
+    v6 = _listener(socket.AF_INET6, '::1')
+    if v6 is not None:
+      v6.close()
+      distributed._check_port(f'[::1]:{port}')  # IPv6's loopback: free
+  v6 = _listener(socket.AF_INET6, '::1')
+  if v6 is None:
+    pytest.skip('no IPv6 loopback here')
+  with v6:
+    port = v6.getsockname()[1]
+    # IPv6's loopback is checked as IPv6 (it was checked as 127.0.0.1).
+    with pytest.raises(distributed.DistributedConfigError,
+                       match=rf'\[::1\]:{port} cannot be listened on'):
+      distributed._check_port(f'[::1]:{port}')  # pylint: disable=protected-access
+    distributed._check_port(f'127.0.0.1:{port}')  # pylint: disable=protected-access
+
+
 def test_train_py_as_process_0_on_a_port_another_program_listens_on_is_one_line(tmp_path):
   # Without launch.py: process 0 ended with a segmentation fault in JAX's coordinator.
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
@@ -962,10 +1002,14 @@ def test_initialize_passes_the_timeouts_and_binds_a_local_coordinator_to_loopbac
     raise Recorded  # nothing is started
   monkeypatch.setattr(jax.distributed, 'initialize', record)
   monkeypatch.setattr(jax.config, 'update', lambda *args: None)
+  # Port 1234 may be another program's here: the port check has tests of its own.
+  checked = []
+  monkeypatch.setattr(distributed, '_check_port', checked.append)
   for address in ('127.0.0.2:1234', '10.0.0.2:1234'):
     with pytest.raises(Recorded):
       distributed.initialize(address, num_processes=2, process_id=0, timeout_s=10)
   local, remote = calls
+  assert checked == ['127.0.0.2:1234', '10.0.0.2:1234']  # process 0's, before starting
   # The shutdown timeout has a floor of distributed._MIN_SHUTDOWN_TIMEOUT_S (300 s).
   timeouts = dict(initialization_timeout=10, heartbeat_timeout_seconds=10,
                   shutdown_timeout_seconds=300)

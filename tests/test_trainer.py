@@ -182,7 +182,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)
   assert (step, meta['phase'], meta['data_position']) == (5, 'pretrain', 5)
-  assert meta['cpu_threads'] == threads and meta['devices'] == jax.local_device_count()
+  assert meta['cpu_threads'] == threads and meta['devices'] == [1, jax.local_device_count()]
   # 2. Resumes in pre-training, stops at its end: the checkpoint on the phase boundary.
   train(dict(BASE, adversarial_steps=0), workdir)
   out, err = capsys.readouterr()
@@ -634,23 +634,27 @@ def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
     ({}, None, None), ({}, 2, None)])  # {}: a checkpoint of a version before the count
 def test_a_resume_on_another_backend_or_thread_count_warns(capsys, saved, now, message):
   config = ml_collections.ConfigDict({'dataset': 'shapes'})
-  trainer._warn_of_a_changed_run(config, dict(saved, train_examples=8), 8, now, devices=1)
+  trainer._warn_of_a_changed_run(config, dict(saved, train_examples=8), 8, now,
+                                 layout=[1, 1])
   err = capsys.readouterr().err
   assert (message in err and 'not bit-identical' in err) if message else err == '', err
 
 
-@pytest.mark.parametrize('saved,now,warned', [(2, 1, True), (1, 4, True), (2, 2, False),
-                                              (None, 2, False)])  # None: before the count
-def test_a_resume_on_another_device_count_warns(capsys, saved, now, warned):
-  # With the same thread count (or on a GPU) it was silent, though the run then differs.
+@pytest.mark.parametrize('saved,now,warned', [
+    ([1, 2], [1, 1], True), ([1, 1], [1, 4], True), ([1, 4], [2, 2], True),
+    ([2, 2], [2, 2], False), (None, [1, 2], False)])  # None: before the layout was recorded
+def test_a_resume_on_other_devices_warns(capsys, saved, now, warned):
+  # With the same thread count (or on a GPU) it was silent, though the run then differs;
+  # 1 process x 4 devices and 2 x 2 average in another order too.
   config = ml_collections.ConfigDict({'dataset': 'shapes'})
   meta = {'cpu_threads': 2, 'train_examples': 8}
   if saved is not None:
     meta['devices'] = saved
-  trainer._warn_of_a_changed_run(config, meta, 8, 2, devices=now)
+  trainer._warn_of_a_changed_run(config, meta, 8, 2, layout=now)
   err = capsys.readouterr().err
-  expected = (f'warning: the checkpoint was written by {saved} device(s) and this run has '
-              f'{now}: the steps from here on are not bit-identical')
+  expected = (f'warning: the checkpoint was written by {saved[0]} process(es) x {saved[1]} '
+              f'device(s) and this run has {now[0]} process(es) x {now[1]} device(s): the '
+              'steps from here on are not bit-identical') if saved else None
   assert (expected in err) if warned else err == '', err
 
 
@@ -1059,12 +1063,20 @@ def test_invalid_settings_fail_in_prepare_run_before_anything_compiles(
   assert _listener_sees_a_fresh_jit(nothing_compiled)
 
 
-def test_more_eval_images_than_the_split_has_is_said_before_training(capsys):
-  trainer.prepare_run(make_config(dict(BASE, **{'eval.num_images': 33})))
-  assert capsys.readouterr().out == ('note: eval.num_images=33 is more than the eval split '
-                                     'has: the evaluation will use its 32 images\n')
-  trainer.prepare_run(make_config(dict(BASE, **{'eval.num_images': 32})))
-  assert capsys.readouterr().out == ''
+def test_more_eval_images_than_the_split_has_is_said_before_training(tmp_path, capsys):
+  note = ('note: eval.num_images=33 is more than the eval split has: the evaluation will '
+          'use its 32 images\n')
+  run = dict(BASE, pretrain_steps=1, adversarial_steps=0, **{'eval.num_images': 33})
+  train(run, tmp_path / 'w')
+  out = capsys.readouterr().out
+  assert note in out and out.index(note) < out.index('devices: ')
+  # A finished run, which evaluates nothing, does not promise an evaluation.
+  (tmp_path / 'w' / 'final_metrics.json').write_text('{"step": 1}')
+  train(run, tmp_path / 'w')
+  out = capsys.readouterr().out
+  assert 'the run is finished' in out and 'note: eval.num_images' not in out
+  train(dict(run, **{'eval.num_images': 32}), tmp_path / 'w2')
+  assert 'note: eval.num_images' not in capsys.readouterr().out
 
 
 def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
