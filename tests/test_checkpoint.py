@@ -199,8 +199,9 @@ def _corrupt(step_dir: pathlib.Path, how: str) -> None:
   elif how == 'meta_digit':  # still JSON, one digit changed
     path = step_dir / 'meta' / 'metadata'
     text = path.read_text()
-    assert text.count('"step": 2') == 1, text
-    path.write_text(text.replace('"step": 2', '"step": 7'))
+    field = f'"step": {step_dir.name}'
+    assert text.count(field) == 1, text
+    path.write_text(text.replace(field, '"step": 7'))
   elif how == 'manifest_digit':  # still JSON, one leaf's shape changed
     path = step_dir / 'manifest' / 'metadata'
     text = path.read_text()
@@ -224,31 +225,32 @@ def big_state(step: int) -> dict:
                                  'manifest', 'manifest_digit'])
 def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
   directory = tmp_path / 'ckpt'
+  # Three: the fallback is the step before the damaged one, not the oldest.
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
-    for step in (1, 2):
+    for step in (1, 2, 3):
       ckpt.save(step, big_state(step), {'step': step})
-  _corrupt(directory / '2', how)
+  _corrupt(directory / '3', how)
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
     with caplog.at_level(logging.WARNING, logger='absl'):
       step, state, meta = ckpt.restore(big_state(0))
-    assert (step, meta) == (1, {'step': 1})
-    assert_trees_equal(state, big_state(1))
+    assert (step, meta) == (2, {'step': 2})
+    assert_trees_equal(state, big_state(2))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert any('Checkpoint 2' in w and 'unreadable' in w for w in warnings), warnings
+    assert any('Checkpoint 3' in w and 'unreadable' in w for w in warnings), warnings
     if how in ('flip', 'meta_digit', 'manifest_digit'):
       # orbax/tensorstore read the damaged chunk or JSON without complaint; only the
       # manifest's CRCs notice (a changed shape is not taken for another model's).
       assert any('checksum' in w for w in warnings), warnings
     # An explicit request for the broken step is an error, not a silent fallback.
     with pytest.raises(checkpoint.CheckpointError):
-      ckpt.restore(big_state(0), step=2)
-    # Training resumes from 1; the next save replaces the unreadable step.
-    assert ckpt.all_steps() == [1, 2]
-    assert ckpt.save(2, big_state(22), {'step': 22})
+      ckpt.restore(big_state(0), step=3)
+    # Training resumes from 2; the next save replaces the unreadable step.
+    assert ckpt.all_steps() == [1, 2, 3]
+    assert ckpt.save(3, big_state(33), {'step': 33})
     ckpt.wait()
     step, state, meta = ckpt.restore(big_state(0))
-  assert (step, meta) == (2, {'step': 22})
-  assert_trees_equal(state, big_state(22))
+  assert (step, meta) == (3, {'step': 33})
+  assert_trees_equal(state, big_state(33))
 
 
 # Saves two steps of many arrays, damages the newer one's data files, restores; then, as

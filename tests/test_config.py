@@ -553,6 +553,12 @@ INVALID = [
 ]
 
 
+def test_as_many_traversal_dims_as_latent_dims_is_valid():
+  c = default.get_config()
+  c.eval.traversal_dims = c.model.latent_dim  # every dimension: the bound itself
+  config_lib.validate(c, num_devices=4)
+
+
 @pytest.mark.parametrize('field, value, pattern', INVALID, ids=[f'{f}={v}' for f, v, _ in INVALID])
 def test_validate_rejects_with_a_clear_message(field, value, pattern):
   c = default.get_config()

@@ -228,10 +228,11 @@ def test_vae_gradients_agree_between_backward_passes():
   # initialised under jit with the rbg PRNG: eager, threefry init took 12 s here.
   vae, _ = models.create_models(c)
   variables = jax.jit(lambda key: vae.init(key, x, eps, train=False))(jax.random.key(0, impl='rbg'))
-  grads = {}
+  grads, programs = {}, {}
   for choice in ('xla', 'custom'):
     c.model.conv_backward = choice
-    vae, _ = models.create_models(c)
+    vae, disc = models.create_models(c)
+    assert vae.conv_backward == disc.conv_backward == choice
 
     def loss(params):
       (x_rec, *_), _ = vae.apply({**variables, 'params': params}, x, eps, train=True,
@@ -239,5 +240,8 @@ def test_vae_gradients_agree_between_backward_passes():
       return jnp.mean((x_rec - x) ** 2)
 
     grads[choice] = jax.jit(jax.grad(loss))(variables['params'])
+    programs[choice] = str(jax.make_jaxpr(jax.grad(loss))(variables['params']))
+  # The choice reaches the convolutions (the same program twice would agree trivially).
+  assert programs['xla'] != programs['custom']
   for a, b in zip(jax.tree.leaves(grads['xla']), jax.tree.leaves(grads['custom'])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

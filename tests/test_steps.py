@@ -394,6 +394,12 @@ def test_step_config_from_config():
   assert cfg.gabor == losses.GaborSpec(size=7, sigma=1.5, wavelengths=(3.0, 5.0),
                                        orientations=3)
   assert cfg.tc_estimator == 'mws'
+  # The λ's of Eq. 5, each its own (set by hand or by the calibration; 0 leaves a term out).
+  weights = {'mae': 0.3, 'mse': 1.0, 'dssim': 0.0, 'sobel': 2.0, 'gabor': 0.7}
+  for term, weight in weights.items():
+    config.loss.weights[term] = weight
+  cfg = steps.StepConfig.from_config(config, 10)
+  assert dict(cfg.recon_weights) == {t: w for t, w in weights.items() if w}
   assert (cfg.train_disc_below, cfg.train_vae_above) == (0.65, 0.45)
 
 

@@ -293,6 +293,29 @@ def test_progress_eta_shares_a_stretch_over_two_phases_by_their_costs():
   assert progress.update(20).startswith('step 20/30 (66.7%) | 0.50 steps/s | ETA 0:00:30 |')
 
 
+def test_progress_eta_scales_from_a_phase_of_other_costs():
+  # Phase a (steps 1-10) costs 2 units a step and 2 to compile; b (11-20) 1 and 1; c
+  # (21-30) 4 and 6. Timed: a's first step 9 s (8 beyond a step), steps 2-5 in 4 s.
+  phases = [summary.Phase('a', 10, step_cost=2.0, compile_cost=2.0), summary.Phase('b', 20),
+            summary.Phase('c', 30, step_cost=4.0, compile_cost=6.0)]
+  progress = summary.ProgressLogger(30, 5, phases=phases, log=lambda _: None,
+                                    clock=_fake_clock([0.0, 1.0, 10.0, 14.0]))
+  progress.compiling(0)
+  progress.compiled(1)
+  # a: 5 steps x 1 s; b: 10 x 1/2 s, compiling 8 x 1/2 s; c: 10 x 4/2 s, compiling
+  # 8 x 6/2 s. 5 + 5 + 4 + 20 + 24 = 58 s.
+  assert progress.update(5) == 'step 5/30 (16.7%) | 1.00 steps/s | ETA 0:00:58 | elapsed 0:00:14'
+
+
+def test_a_phase_of_one_step_is_its_own():
+  # Its last step is its first: it was taken for the next phase's.
+  progress = summary.ProgressLogger(5, 1, phases=[summary.Phase('a', 1), summary.Phase('b', 5)],
+                                    log=lambda _: None, clock=_fake_clock([0.0, 1.0, 2.0, 3.0]))
+  assert progress.compiling(0) == 'compiling the a step ...'
+  progress.compiled(1)
+  assert progress.compiling(1) == 'compiling the b step ...'
+
+
 def test_progress_phases_must_end_at_the_total():
   with pytest.raises(ValueError, match='not at total_steps 40'):
     summary.ProgressLogger(40, 5, phases=PHASES)

@@ -298,7 +298,7 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
     return figures(*args)
 
   monkeypatch.setattr(parallel, 'make_steps', make_timed_steps)
-  monkeypatch.setattr(trainer, '_figures', slow_figures)
+  monkeypatch.setattr(trainer, '_training_figures', slow_figures)
   train(dict(overrides, image_every=2), tmp_path / 'ref')
   assert len(list((tmp_path / 'ref' / 'images').glob('reconstructions_*.png'))) == 4
   monkeypatch.undo()
