@@ -31,6 +31,7 @@ MIG_BINS = 20  # the histogram bins of MIG's codes (metrics.mig), named in the t
 # it) and the final evaluation's results (likewise).
 CONFIG_FILE = 'config.json'
 FINAL_METRICS_FILE = 'final_metrics.json'
+STUDY_FILE = 'study.json'  # study.py's --out: the budget, seeds and commands of the study
 
 
 @dataclasses.dataclass(frozen=True)

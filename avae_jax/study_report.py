@@ -43,7 +43,7 @@ FIGURE_DIR = 'results'
 POSTERIOR_FILE = 'study_posterior.json'
 RUN_LOCK = 'study_run.lock'  # held by the study.py process training a run
 # The layout of OUT: study.py writes it, the report reads it.
-STUDY_FILE = 'study.json'  # OUT/: the budget, seeds and commands of the study
+STUDY_FILE = config_lib.STUDY_FILE  # OUT/: the budget, seeds and commands of the study
 CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
 RECORDS_DIR = 'runs'  # OUT/results/runs/: the files the report is made of, in OUT's layout

@@ -454,6 +454,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:
     raise config_lib.ConfigError(problem)
+  if files.exists(os.path.join(workdir, config_lib.STUDY_FILE)):
+    # Its files (study.json, results.md, the runs' folders) would mix with a run's.
+    raise config_lib.ConfigError(
+        f'{workdir} is a study.py --out directory (it holds {config_lib.STUDY_FILE}); its '
+        'runs have theirs in it (OUT/<dataset>/<variant>/seed<k>): give train.py a workdir '
+        'of its own')
   ckpt_dir = os.path.join(workdir, api.CHECKPOINT_DIR)
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:

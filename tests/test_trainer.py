@@ -1079,6 +1079,15 @@ def test_more_eval_images_than_the_split_has_is_said_before_training(tmp_path, c
   assert 'note: eval.num_images' not in capsys.readouterr().out
 
 
+def test_a_study_output_directory_is_not_a_workdir(tmp_path):
+  # A run trained into it, its checkpoints and eval/ beside study.json and results.md.
+  (tmp_path / 'study.json').write_text('{}')
+  with pytest.raises(config_lib.ConfigError, match=f'{tmp_path} is a study.py --out '
+                     r'directory \(it holds study\.json\)'):
+    train(dict(BASE, pretrain_steps=1, adversarial_steps=0), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['study.json']
+
+
 def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
