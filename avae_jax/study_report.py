@@ -551,15 +551,19 @@ def gating_stats(run: Run) -> dict[str, Any]:
   }
 
 
+def _loss_weight(cfg: Mapping[str, Any], name: str) -> float:
+  """A run config's loss.<name> weight (kl_weight, tc_weight, ...; 1.0 where absent)."""
+  return float(cfg.get('loss', {}).get(name, 1.0))
+
+
 def loss_scales(run: Run) -> dict[str, Any]:
   """Each term of the objective as it enters the loss, in the last logged window of each phase."""
   cfg = run.config or {}
-  loss_cfg = cfg.get('loss', {})
   try:
     scale = config_lib.reconstruction_scale(cfg)
   except KeyError:  # a config without the image's size: no scale to give
     scale = math.nan
-  kl_weight = float(loss_cfg.get('kl_weight', 1.0))
+  kl_weight = _loss_weight(cfg, 'kl_weight')
   out = {}
   for phase, rows in zip(('pretrain', 'adversarial'), _phase_rows(run)):
     if not rows:
@@ -569,9 +573,9 @@ def loss_scales(run: Run) -> dict[str, Any]:
            'scaled_mse': scale * h.get('mse', float('nan')),
            'kl': None if h.get('kl') is None else kl_weight * h['kl'], 'loss': h.get('loss')}
     if 'tc' in h:
-      row['tc'] = float(loss_cfg.get('tc_weight', 1.0)) * h['tc']
+      row['tc'] = _loss_weight(cfg, 'tc_weight') * h['tc']
     if 'gen_loss' in h:
-      row['adv'] = float(loss_cfg.get('adversarial_weight', 1.0)) * h['gen_loss']
+      row['adv'] = _loss_weight(cfg, 'adversarial_weight') * h['gen_loss']
       # The VAE's own terms beside it, and the adversarial term's share of the sum.
       row['vae_terms'] = abs(row['scaled_rec']) + abs(row['kl'] or 0) + abs(row.get('tc') or 0)
       row['adv_share'] = row['adv'] / (row['vae_terms'] + row['adv'])
@@ -882,7 +886,7 @@ _PIXEL_SUM = 'H·W·C'  # loss.reconstruction_scale 0: per-pixel means become su
 def _weight_words(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
   """L_REC's scale and λ_adv as the report names them, from a run's config."""
   scale = config_lib.set_reconstruction_scale(cfg or {})
-  lam = float((cfg or {}).get('loss', {}).get('adversarial_weight', 1.0))
+  lam = _loss_weight(cfg or {}, 'adversarial_weight')
   return (f'{scale:g}' if scale else _PIXEL_SUM), f'{lam:g}'
 
 
@@ -1056,7 +1060,7 @@ def _reasons(runs: Sequence[Run], dataset: str, settings: Any) -> list[str]:
     sc = loss_scales(rs_s[0]).get('pretrain')
     if sc and sc.get('scaled_mse'):
       k = sc['scaled_rec'] / sc['scaled_mse']
-      kl_weight = float((rs_s[0].config or {}).get('loss', {}).get('kl_weight', 1.0))
+      kl_weight = _loss_weight(rs_s[0].config or {}, 'kl_weight')
       kl_s = mean_sd(_metric(r, 'kl_mean') for r in rs_s)[0]
       kl_v = mean_sd(_metric(r, 'kl_mean') for r in rs_v)[0] if rs_v else float('nan')
       out.append(f'VAE-S (seed {rs_s[0].seed}): its calibrated L_REC is {k:.1f}× its own MSE '

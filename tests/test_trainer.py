@@ -144,19 +144,11 @@ def test_same_seed_gives_bit_identical_parameters(reference, tmp_path):
 def test_the_data_order_is_the_seeds(tmp_path, monkeypatch):
   # Another seed already draws another initial model, which hid a data order that
   # ignored it: the batches themselves are compared with the documented schedule's.
-  batches = []
-  real = parallel.make_steps
-
-  def spy(cfg, devices, method='pmap'):
-    fns = real(cfg, devices, method)
-
-    def pretrain(state, batch, key):
-      batches.append(np.asarray(batch).reshape((-1,) + tuple(batch.shape[-3:])))
-      return fns.pretrain(state, batch, key)
-    return fns._replace(pretrain=pretrain)
-  monkeypatch.setattr(parallel, 'make_steps', spy)
+  calls = _spy_on_steps(monkeypatch)
   run = dict(TINY, seed=3, pretrain_steps=2, adversarial_steps=0)
   train(run, tmp_path / 'w')
+  (record,) = calls
+  batches = record.batches
   source = data.load(make_config(run), 'train')
   assert len(batches) == 2
   for t, batch in enumerate(batches):
@@ -710,20 +702,22 @@ class _StepCalls(NamedTuple):
   cfg: steps.StepConfig
   metrics: list[dict[str, Any]]  # of each pretrain call
   keys: list[np.ndarray]  # of each pretrain or adversarial call, in order
+  batches: list[np.ndarray]  # of each pretrain call, (global batch, H, W, C) on the host
 
 
 def _spy_on_steps(monkeypatch) -> list[_StepCalls]:
-  """Records every make_steps call, with the metrics and keys of its steps' calls."""
+  """Records every make_steps call, with the metrics, keys and batches of its steps' calls."""
   calls = []
   real = parallel.make_steps
 
   def spy(cfg, devices, method='pmap'):
     fns = real(cfg, devices, method)
-    record = _StepCalls(cfg, [], [])
+    record = _StepCalls(cfg, [], [], [])
     calls.append(record)
 
     def pretrain(state, batch, key):
       record.keys.append(np.asarray(key))
+      record.batches.append(np.asarray(batch).reshape((-1,) + tuple(batch.shape[-3:])))
       state, metrics = fns.pretrain(state, batch, key)
       record.metrics.append(jax.device_get(metrics))
       return state, metrics
@@ -757,7 +751,7 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   probe_lines = [line for line in logged if line.startswith('calibration: ')]
   assert probe_lines[0] == 'calibration: compiling the probe step ...'
   assert probe_lines[-1].startswith('calibration: step 3/3 (100.0%) | ')
-  (probe_cfg, probed, probe_keys), (train_cfg, _, train_keys) = calls
+  (probe_cfg, probed, probe_keys, _), (train_cfg, _, train_keys, _) = calls
   # The probe's step i draws from fold_in(calibration key, i), the run's from the train
   # key: the probe changes none of the run's randomness.
   np.testing.assert_array_equal(probe_keys, _folded_keys(0, 2, 3))
