@@ -792,6 +792,18 @@ def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str
 # The report.
 
 
+def _traversal_words(runs: Sequence[Run], dataset: str, shown: Mapping[str, int]) -> str:
+  """'from −R to R', R the eval.traversal_range of the runs whose figures are shown."""
+  ranges = sorted({float(r.config.get('eval', {}).get('traversal_range', math.nan))
+                   for r in runs if r.dataset == dataset and shown.get(r.variant) == r.seed
+                   and r.config})
+  ranges = [x for x in ranges if not math.isnan(x)]
+  if len(ranges) == 1:
+    return f'from −{ranges[0]:g} to {ranges[0]:g}'
+  # Runs of one study share the range; runs gathered from several may not.
+  return 'from −R to R (R: eval.traversal_range' + ''.join(f', {x:g}' for x in ranges) + ')'
+
+
 def _duration(seconds: float | None) -> str:
   if seconds is None:
     return '-'
@@ -885,7 +897,7 @@ _PIXEL_SUM = 'H·W·C'  # loss.reconstruction_scale 0: per-pixel means become su
 
 def _weight_words(cfg: Mapping[str, Any] | None) -> tuple[str, str]:
   """L_REC's scale and λ_adv as the report names them, from a run's config."""
-  scale = config_lib.set_reconstruction_scale(cfg or {})
+  scale = config_lib.configured_reconstruction_scale(cfg or {})
   lam = _loss_weight(cfg or {}, 'adversarial_weight')
   return (f'{scale:g}' if scale else _PIXEL_SUM), f'{lam:g}'
 
@@ -1143,7 +1155,7 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
   lines.append('Reconstructions: ground truth above its reconstruction. Samples: decode(z), '
                'z ~ N(0, I). Interpolations: linear in z between two encoded images (the '
                'images at the row ends). Traversals: one latent dimension per row (largest KL '
-               'first), from −2.5 to 2.5 around the first image\'s code.')
+               f'first), {_traversal_words(runs, d, shown)} around the first image\'s code.')
   lines.append('')
   lines.append('| | ' + ' | '.join(NAMES[v] for v in variants) + ' |')
   lines.append('|---|' + '---|' * len(variants))

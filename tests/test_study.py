@@ -563,6 +563,21 @@ def test_diagnostics_list_the_checks_they_could_not_make(tmp_path):
   assert unchecked[1].startswith('shapes AVAE seed 0: posterior collapse (')
 
 
+def test_the_figures_traversal_range_is_the_shown_runs():
+  def run(variant, seed, traversal_range):
+    return study_report.Run('shapes', variant, seed, '', {'rec_mse': 0.1},
+                            {'eval': {'traversal_range': traversal_range}}, [], {})
+
+  # Only the runs whose figures are shown count: seed 1's range is not theirs.
+  runs = [run('vae', 0, 1.5), run('vae', 1, 3.0), run('avae', 0, 1.5)]
+  shown = {'vae': 0, 'avae': 0}
+  assert study_report._traversal_words(runs, 'shapes', shown) == 'from −1.5 to 1.5'
+  assert study_report._traversal_words(runs, 'fashion_mnist', shown) == (
+      'from −R to R (R: eval.traversal_range)')
+  assert study_report._traversal_words(runs, 'shapes', {'vae': 1, 'avae': 0}) == (
+      'from −R to R (R: eval.traversal_range, 1.5, 3)')
+
+
 def test_study_file_keeps_every_command_and_the_report_one(tmp_path, monkeypatch):
   import study  # pylint: disable=g-import-not-at-top
   settings = study_config.get_config('test')
