@@ -96,9 +96,9 @@ def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.Con
 
 
 def _hash(saved: ml_collections.ConfigDict) -> str | None:
-  """config_lib.config_hash of a saved config; None if it lacks a field the hash reads."""
+  """config_lib.layout_hash of a saved config; None if it lacks a field the hash reads."""
   try:
-    return config_lib.config_hash(saved)
+    return config_lib.layout_hash(saved)
   except AttributeError:  # an older version's config.json: the checkpoint's hash decides
     return None
 
@@ -241,7 +241,7 @@ class TrainedModel:
       if saved is None:
         raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
       config = saved
-    elif saved is not None and _hash(saved) not in (None, config_lib.config_hash(config)):
+    elif saved is not None and _hash(saved) not in (None, config_lib.layout_hash(config)):
       raise IncompatibleCheckpointError(
           f'{workdir} holds another model than the config describes '
           f'({_differences(saved, config) or "settings differ"}); use the config the model '
@@ -263,7 +263,7 @@ class TrainedModel:
     if restored is None:
       raise NoCheckpointError(f'no readable checkpoint in {ckpt_dir}')
     got_step, tree, meta = restored
-    if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
+    if meta.get('config_hash') not in (None, config_lib.layout_hash(config)):
       raise IncompatibleCheckpointError(
           f'checkpoint {got_step} in {ckpt_dir} was written for another model than the '
           f'config describes (variant {config.variant}, image_size {config.image_size}); '

@@ -72,14 +72,14 @@ def reconstruction_weights(config: ml_collections.ConfigDict) -> dict[str, float
           if float(config.loss.weights.get(k, 0.0)) != 0.0}
 
 
-def set_reconstruction_scale(config: Mapping[str, Any]) -> float:
+def configured_reconstruction_scale(config: Mapping[str, Any]) -> float:
   """loss.reconstruction_scale as set: 0 (or absent) for the default, H*W*C."""
   return float(config.get('loss', {}).get('reconstruction_scale') or 0.0)
 
 
 def reconstruction_scale(config: Mapping[str, Any]) -> float:
   """loss.reconstruction_scale, where 0 stands for H*W*C (a config or config.json's dict)."""
-  scale = set_reconstruction_scale(config)
+  scale = configured_reconstruction_scale(config)
   if scale == 0.0:
     # Per-image terms are pixel means; H*W*C turns them into sums, the scale at which
     # they weigh against the KL summed over latent dims.
@@ -353,7 +353,7 @@ def layout_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
                          hidden_dim=int(m.hidden_dim)))
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
+def layout_hash(config: ml_collections.ConfigDict) -> str:
   """A short fingerprint of layout_settings, which a checkpoint records."""
   settings = layout_settings(config)
   model = settings.pop('model')

@@ -504,7 +504,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
   if restored is None:
     return None
   step, tree, meta = restored
-  if meta.get('config_hash') not in (None, config_lib.config_hash(config)):
+  if meta.get('config_hash') not in (None, config_lib.layout_hash(config)):
     raise another_model()
   if meta.get('seed') not in (None, int(config.seed)):  # None: an earlier version's
     # The seed draws the initial model, the data order and every step's noise: going on
@@ -651,7 +651,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     _check_finite_state(tree, step, last_saved)
     meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
             'data_position': step, 'seed': int(config.seed),
-            'config_hash': config_lib.config_hash(config),
+            'config_hash': config_lib.layout_hash(config),
             'cpu_threads': cpu_threads,
             'devices': [jax.process_count(), len(run.devices)],
             'train_examples': run.train_source.num_examples,

@@ -750,7 +750,7 @@ def test_the_config_hash_fingerprints_the_layout_as_saved_checkpoints_do():
   flat = {'variant': 'avae_s', 'image_size': 96, 'channels': 3, 'widths': list(m.widths),
           'latent_dim': m.latent_dim, 'hidden_dim': m.hidden_dim}
   want = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
-  assert config_lib.config_hash(config) == want
+  assert config_lib.layout_hash(config) == want
   assert config_lib.layout_settings(config) == dict(
       variant='avae_s', image_size=96, channels=3,
       model=dict(widths=[24, 48, 96, 192], latent_dim=m.latent_dim, hidden_dim=m.hidden_dim))

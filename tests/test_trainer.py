@@ -491,7 +491,7 @@ def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
   with checkpoint.Checkpointer(tmp_path / 'other' / 'checkpoints', keep=None) as ckpt:
     ckpt.save(4, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes),
               {'step': 4, 'phase': 'pretrain', 'data_position': 4, 'seed': 0,
-               'config_hash': config_lib.config_hash(config)})
+               'config_hash': config_lib.layout_hash(config)})
   # Without a config.json, the restore's reason.
   with pytest.raises(config_lib.ConfigError,
                      match='written by another model .variant/image size/widths differ; '
