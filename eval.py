@@ -171,7 +171,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: boo
           f'({api.CONFIG_FILE}): {"; ".join(changed)}; the evaluation images may include '
           'training images', file=sys.stderr, flush=True)
   source = data.load(config, 'eval')
-  out_dir = os.path.join(workdir, 'eval')
+  out_dir = os.path.join(workdir, config_lib.EVAL_DIR)
   if is_main:
     # Before the evaluation's minutes, not at its first write.
     problem = files.output_dir_problem(out_dir, 'the evaluation directory')

@@ -566,7 +566,7 @@ def main(argv: list[str]) -> None:
   # A killed write's temporaries (train.py removes those of a run it trains; a finished
   # run's record and the study's own files are written here). Those of another study
   # process sharing OUT are kept while it lives.
-  removed = files.remove_dead_temporaries(out, skip=('checkpoints', _COMPILATION_CACHE))
+  removed = files.remove_dead_temporaries(out, skip=(config_lib.CHECKPOINT_DIR, _COMPILATION_CACHE))
   if removed:
     print(f'[study] removed {len(removed)} temporary file(s) of a killed write in {out}',
           flush=True)

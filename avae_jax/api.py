@@ -40,7 +40,6 @@ from avae_jax import steps
 from avae_jax import visualize
 
 CONFIG_FILE = config_lib.CONFIG_FILE
-CHECKPOINT_DIR = 'checkpoints'
 
 
 class WorkdirError(ValueError):
@@ -57,7 +56,7 @@ class IncompatibleCheckpointError(WorkdirError):
 
 def require_checkpoint(workdir: str) -> None:
   """Raises NoCheckpointError, saying what is wrong, where WORKDIR/checkpoints has none."""
-  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  ckpt_dir = epath.Path(workdir) / config_lib.CHECKPOINT_DIR
   if ckpt_dir.exists() and not ckpt_dir.is_dir():
     raise NoCheckpointError(f'no checkpoint in {workdir}: {ckpt_dir} is a file, not the '
                             'directory of checkpoints that train.py writes')
@@ -235,7 +234,7 @@ class TrainedModel:
     # The checkpointer takes int(step): step=2.5 would restore step 2, step=True step 1.
     step = None if step is None else visualize.integer(step, 'step', 0)
     require_checkpoint(workdir)
-    ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+    ckpt_dir = epath.Path(workdir) / config_lib.CHECKPOINT_DIR
     saved = read_config(workdir, fill_defaults=config is None)
     if config is None:
       if saved is None:

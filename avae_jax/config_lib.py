@@ -28,9 +28,12 @@ TAP_NAMES = {64: 'first max pooling', 192: 'second max pooling', 768: 'pre-aux c
 FIGURES = ('reconstructions', 'samples', 'interpolations', 'traversals')
 MIG_BINS = 20  # the histogram bins of MIG's codes (metrics.mig), named in the tables
 # A workdir's records: the run's config (the trainer writes it, api and the report read
-# it) and the final evaluation's results (likewise).
+# it), its training log, its checkpoints, the final evaluation's results and its folder.
 CONFIG_FILE = 'config.json'
+TRAIN_LOG_FILE = 'metrics.jsonl'
+CHECKPOINT_DIR = 'checkpoints'
 FINAL_METRICS_FILE = 'final_metrics.json'
+EVAL_DIR = 'eval'
 STUDY_FILE = 'study.json'  # study.py's --out: the budget, seeds and commands of the study
 
 

@@ -48,7 +48,7 @@ CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
 RECORDS_DIR = 'runs'  # OUT/results/runs/: the files the report is made of, in OUT's layout
 # Each run's files that the report reads (POSTERIOR_FILE is the report's own, made once).
-RUN_RECORDS = (config_lib.CONFIG_FILE, config_lib.FINAL_METRICS_FILE, 'metrics.jsonl', RUN_FILE,
+RUN_RECORDS = (config_lib.CONFIG_FILE, config_lib.FINAL_METRICS_FILE, config_lib.TRAIN_LOG_FILE, RUN_FILE,
                POSTERIOR_FILE)
 RUNNING = 'running'  # study_run.json's status while a session trains the run
 # Fashion-MNIST's training images, as configs/study.py counts them (configs import no
@@ -142,7 +142,7 @@ def load_runs(out: str, datasets: Sequence[str], variants: Sequence[str],
         runs.append(Run(dataset, variant, seed, wd,
                         _read_json(os.path.join(wd, config_lib.FINAL_METRICS_FILE)),
                         _read_json(os.path.join(wd, config_lib.CONFIG_FILE)),
-                        read_history(os.path.join(wd, 'metrics.jsonl')),
+                        read_history(os.path.join(wd, config_lib.TRAIN_LOG_FILE)),
                         _read_json(os.path.join(wd, RUN_FILE)) or {}))
   return runs
 
@@ -779,7 +779,7 @@ def copy_model_figures(runs: Sequence[Run], dataset: str, variants: Sequence[str
     r = done[0]
     seeds[v] = r.seed
     for name in FIGURES:
-      src = os.path.join(r.workdir, 'eval', f'{name}.png')
+      src = os.path.join(r.workdir, config_lib.EVAL_DIR, f'{name}.png')
       if os.path.exists(src):
         rel = os.path.join(FIGURE_DIR, dataset, f'{v}_{name}.png')
         os.makedirs(os.path.dirname(os.path.join(fig_dir, rel)), exist_ok=True)

@@ -39,9 +39,9 @@ from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer import record_writer
 
+from avae_jax import config_lib
 from avae_jax import files
 
-METRICS_FILE = 'metrics.jsonl'
 
 
 def to_uint8(x: Any) -> np.ndarray:
@@ -170,10 +170,10 @@ class SummaryWriter:
           self.workdir, max_queue_size=100, flush_secs=flush_secs)
       # Object stores cannot append; TensorBoard events still hold everything.
       logging.warning('Not writing %s for the non-local workdir %s.',
-                      METRICS_FILE, self.workdir)
+                      config_lib.TRAIN_LOG_FILE, self.workdir)
     else:
       self._events = _LocalEventFile(self.workdir)
-      path = os.path.join(self.workdir, METRICS_FILE)
+      path = os.path.join(self.workdir, config_lib.TRAIN_LOG_FILE)
       if start_step is not None:
         _drop_lines_after(path, int(start_step))
       else:

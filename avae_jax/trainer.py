@@ -460,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'{workdir} is a study.py --out directory (it holds {config_lib.STUDY_FILE}); its '
         'runs have theirs in it (OUT/<dataset>/<variant>/seed<k>): give train.py a workdir '
         'of its own')
-  ckpt_dir = os.path.join(workdir, api.CHECKPOINT_DIR)
+  ckpt_dir = os.path.join(workdir, config_lib.CHECKPOINT_DIR)
   # Two runs on one workdir would write the same checkpoints: the second one stops here.
   try:
     with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
@@ -471,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise config_lib.ConfigError(problem)
       if is_main:
         # Orbax cleans its own temporary checkpoints when the Checkpointer opens.
-        removed = files.remove_dead_temporaries(workdir, skip=(api.CHECKPOINT_DIR,))
+        removed = files.remove_dead_temporaries(workdir, skip=(config_lib.CHECKPOINT_DIR,))
         if removed:
           print(f'removed {len(removed)} temporary file(s) of a killed write in {workdir}',
                 flush=True)
@@ -589,17 +589,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     # train, the evaluation's results would only be written twice, and config.json stays
     # the config they were computed with.
     if is_main:
-      final = os.path.join(workdir, config_lib.FINAL_METRICS_FILE)
-      print(f'the run is finished: {final} holds its '
-            f'final metrics at step {start_step} (eval.py evaluates it again)', flush=True)
-      # Compared as calibrated: config.json holds the λ's, the config the w_i they came from.
-      changes = _changed_settings(workdir, _as_calibrated(config, workdir))
-      if changes:
-        # Another loss given to a finished run's workdir (a loop over loss weights with
-        # one workdir, say) must not pass its metrics off as the new settings'.
-        print(f'warning: settings changed since {config_lib.CONFIG_FILE} was written, not '
-              f'applied (the run is finished; its metrics are of {config_lib.CONFIG_FILE}\'s): '
-              + '; '.join(changes), file=sys.stderr, flush=True)
+      _say_finished(config, workdir, start_step)
     return finished
   if restored is not None and is_main:
     print(f'resuming from checkpoint at step {start_step}', flush=True)
@@ -610,23 +600,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     print(f'note: eval.num_images={config.eval.num_images} is more than the eval split has: '
           f'the evaluation will use its {run.eval_source.num_examples} images', flush=True)
 
-  # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
-  # nothing was trained under the calibration, so it is made as for a new run.
-  trained = start_step > 0
-  if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
-    run = _apply_calibration(config, workdir, run, vae_state, keys.calibration,
-                             resumed=trained)
-  elif not trained and is_main:
-    # Left by a calibrated run that stopped before its first checkpoint: a later resume of
-    # this uncalibrated run with calibration on must be refused, not handed those λ's.
-    files.remove(os.path.join(workdir, CALIBRATION_FILE))
-  if is_main:
-    changes = _changed_settings(workdir, config) if restored is not None else []
-    if changes:
-      saved = os.path.join(workdir, config_lib.CONFIG_FILE)
-      print(f'resuming with settings changed since {saved} was written: '
-            + '; '.join(changes), flush=True)
-    files.write_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
+  run = _settle_config(config, workdir, run, vae_state, keys.calibration,
+                       start_step=start_step, resumed=restored is not None)
 
   total = run.total_steps
   pre = int(config.pretrain_steps)
@@ -649,16 +624,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     # A finite loss can still give a NaN update (a NaN gradient): the losses checked above
     # were computed before it, so the state itself is checked before it replaces a good one.
     _check_finite_state(tree, step, last_saved)
-    meta = {'step': step, 'phase': 'pretrain' if step <= pre else 'adversarial',
-            'data_position': step, 'seed': int(config.seed),
-            'config_hash': config_lib.layout_hash(config),
-            'cpu_threads': cpu_threads,
-            'devices': [jax.process_count(), len(run.devices)],
-            'train_examples': run.train_source.num_examples,
-            # The steps since the last log (host copies): a resumed run logs the same means.
-            'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}]
-                                 for s, m in pending]}
-    ckpt.save(step, tree, meta)
+    ckpt.save(step, tree, _checkpoint_meta(config, run, step, cpu_threads, pending))
     last_saved = step
 
   # Sharded over the steps' axis, as the states are: the steps take both as they come.
@@ -753,6 +719,61 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
                             step=step)
 
 
+def _say_finished(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Says that the run in `workdir` is finished, and warns of settings changed since."""
+  final = os.path.join(workdir, config_lib.FINAL_METRICS_FILE)
+  print(f'the run is finished: {final} holds its final metrics at step {step} (eval.py '
+        'evaluates it again)', flush=True)
+  # Compared as calibrated: config.json holds the λ's, the config the w_i they came from.
+  changes = _changed_settings(workdir, _as_calibrated(config, workdir))
+  if changes:
+    # Another loss given to a finished run's workdir (a loop over loss weights with one
+    # workdir, say) must not pass its metrics off as the new settings'.
+    print(f'warning: settings changed since {config_lib.CONFIG_FILE} was written, not '
+          f'applied (the run is finished; its metrics are of {config_lib.CONFIG_FILE}\'s): '
+          + '; '.join(changes), file=sys.stderr, flush=True)
+
+
+def _settle_config(config: ml_collections.ConfigDict, workdir: str, run: RunSetup,
+                   vae_state: steps.TrainState, key: jax.Array, start_step: int,
+                   resumed: bool) -> RunSetup:
+  """Calibrates the λ's (into `config`, in place) where asked, and writes config.json.
+
+  Returns the run's setup, with the calibrated loss where there is one.
+  """
+  is_main = jax.process_index() == 0
+  # At step 0 (a new run, or the checkpointed initial model of a run with nothing to train)
+  # nothing was trained under the calibration, so it is made as for a new run.
+  trained = start_step > 0
+  if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
+    run = _apply_calibration(config, workdir, run, vae_state, key, resumed=trained)
+  elif not trained and is_main:
+    # Left by a calibrated run that stopped before its first checkpoint: a later resume of
+    # this uncalibrated run with calibration on must be refused, not handed those λ's.
+    files.remove(os.path.join(workdir, CALIBRATION_FILE))
+  if is_main:
+    changes = _changed_settings(workdir, config) if resumed else []
+    if changes:
+      saved = os.path.join(workdir, config_lib.CONFIG_FILE)
+      print(f'resuming with settings changed since {saved} was written: '
+            + '; '.join(changes), flush=True)
+    files.write_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
+  return run
+
+
+def _checkpoint_meta(config: ml_collections.ConfigDict, run: RunSetup, step: int,
+                     cpu_threads: int | None, unlogged: list[tuple[int, dict[str, Any]]]
+                     ) -> dict[str, Any]:
+  """What a checkpoint records beside the states: where the run is and what it ran on."""
+  return {'step': step,
+          'phase': 'pretrain' if step <= int(config.pretrain_steps) else 'adversarial',
+          'seed': int(config.seed), 'config_hash': config_lib.layout_hash(config),
+          'cpu_threads': cpu_threads, 'devices': [jax.process_count(), len(run.devices)],
+          'train_examples': run.train_source.num_examples,
+          # The steps since the last log (host copies): a resumed run logs the same means.
+          'unlogged_metrics': [[s, {k: float(v) for k, v in m.items()}] for s, m in unlogged]}
+
+
 def _announce(config: ml_collections.ConfigDict, devices: list[jax.Device],
               cpu_threads: int | None) -> None:
   """Prints the devices line, and warns of a gating dead band (process 0)."""
@@ -812,7 +833,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str,
   """
   model = api.TrainedModel.from_state(config, vae_state, step=step, devices=run.devices)
   results = evaluation.evaluate(config, model, run.eval_source,
-                                out_dir=os.path.join(workdir, 'eval'),
+                                out_dir=os.path.join(workdir, config_lib.EVAL_DIR),
                                 devices=run.devices, writer=writer)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, config_lib.FINAL_METRICS_FILE), results)

@@ -136,7 +136,7 @@ def test_end_to_end_exits_0_and_writes_everything(e2e):
   assert committed_steps(workdir) == [12, 16, 20]
   assert not tmp_dirs(workdir)
   step, tree, meta = restore(workdir)
-  assert step == TOTAL and meta['phase'] == 'adversarial' and meta['data_position'] == TOTAL
+  assert step == TOTAL and meta['phase'] == 'adversarial' and meta['step'] == TOTAL
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
   assert restore(workdir, step=12)[2]['phase'] == 'pretrain'
 
@@ -333,7 +333,7 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_exactly(e2e, cli_e
   assert 2 <= stopped <= TOTAL
   assert committed_steps(workdir)[-1] == stopped and not tmp_dirs(workdir)
   step, _, meta = restore(workdir)
-  assert step == meta['data_position'] == stopped
+  assert step == meta['step'] == stopped
   # Every step up to the stop was logged, none after it, also as a progress line.
   assert max(m['step'] for m in read_jsonl(workdir / 'metrics.jsonl')) == stopped
   assert f'step {stopped}/{TOTAL} (' in err

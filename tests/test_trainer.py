@@ -173,7 +173,7 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
   # 1. Stops in pre-training at step 5 (not a multiple of checkpoint_every).
   train(dict(BASE, pretrain_steps=5, adversarial_steps=0), workdir)
   step, _, meta = restore(workdir)
-  assert (step, meta['phase'], meta['data_position']) == (5, 'pretrain', 5)
+  assert (step, meta['phase'], meta['step']) == (5, 'pretrain', 5)
   assert meta['cpu_threads'] == threads and meta['devices'] == [1, jax.local_device_count()]
   # 2. Resumes in pre-training, stops at its end: the checkpoint on the phase boundary.
   train(dict(BASE, adversarial_steps=0), workdir)
@@ -181,12 +181,12 @@ def test_stopped_and_resumed_in_both_phases_equals_uninterrupted(reference, tmp_
   assert 'resuming from checkpoint at step 5\n' in out
   assert 'XLA:CPU thread' not in err  # the same count as the checkpoint's
   step, _, meta = restore(workdir)
-  assert (step, meta['phase'], meta['data_position']) == (12, 'pretrain', 12)
+  assert (step, meta['phase'], meta['step']) == (12, 'pretrain', 12)
   # 3. Resumes with the first adversarial step, stops 3 steps into that phase.
   train(dict(BASE, adversarial_steps=3), workdir)
   assert 'resuming from checkpoint at step 12\n' in capsys.readouterr().out
   step, _, meta = restore(workdir)
-  assert (step, meta['phase'], meta['data_position']) == (15, 'adversarial', 15)
+  assert (step, meta['phase'], meta['step']) == (15, 'adversarial', 15)
   # 4. Resumes in the adversarial phase and finishes. Told it has another thread count
   # (which would change the float32 sums; here only the count read is changed), the
   # resume warns.
@@ -490,7 +490,7 @@ def test_checkpoints_of_another_model_are_refused(reference, tmp_path):
       config, k, (16, 16, 3))), jax.random.PRNGKey(0))
   with checkpoint.Checkpointer(tmp_path / 'other' / 'checkpoints', keep=None) as ckpt:
     ckpt.save(4, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes),
-              {'step': 4, 'phase': 'pretrain', 'data_position': 4, 'seed': 0,
+              {'step': 4, 'phase': 'pretrain', 'seed': 0,
                'config_hash': config_lib.layout_hash(config)})
   # Without a config.json, the restore's reason.
   with pytest.raises(config_lib.ConfigError,
