@@ -1280,6 +1280,11 @@ def _batch_iterator(source: Source, batch_size: int, seed: int, step: int,
     step += 1
 
 
+def image_count(setting: int, available: int) -> int:
+  """`setting` images, at most `available`; 0 or less means all of them."""
+  return available if setting <= 0 else min(int(setting), available)
+
+
 def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
                  start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(images, mask) over examples start .. min(num_images, N) - 1 in index order.
@@ -1289,8 +1294,7 @@ def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
   """
   if batch_size <= 0:
     raise DataError(f'batch_size must be > 0, got {batch_size}')
-  n = source.num_examples if not num_images or num_images <= 0 else \
-      min(int(num_images), source.num_examples)
+  n = image_count(num_images or 0, source.num_examples)
   for lo in range(int(start), n, batch_size):
     idx = np.arange(lo, min(lo + batch_size, n))
     images = source.get(idx)

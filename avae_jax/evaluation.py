@@ -75,11 +75,6 @@ REAL_FEATURES_DIR = 'fid_real_features'
 _REAL_FEATURES_FORMAT = 1
 
 
-def _image_count(setting: int, available: int) -> int:
-  """`setting` images, at most `available`; 0 or less means all of them."""
-  return available if setting <= 0 else min(setting, available)
-
-
 def _posterior_means(model: api.TrainedModel, source: data.Source, batch: int, start: int,
                      stop: int, is_main: bool) -> np.ndarray:
   """The posterior means of eval images start .. stop - 1 (encoder only)."""
@@ -365,7 +360,7 @@ def _mig_results(ev: Any, model: api.TrainedModel, eval_source: data.Source,
   # MIG needs only the codes, and many of them: its plug-in entropies are biased upwards
   # on few images (at 100, shuffled codes score as high as a trained model's).
   # 0 (or a config saved before the field) is the whole split.
-  mig_n = _image_count(int(ev.get('mig_num_images', 0)), eval_source.num_examples)
+  mig_n = data.image_count(int(ev.get('mig_num_images', 0)), eval_source.num_examples)
   codes = mu_all[:mig_n]
   if mig_n > n:
     codes = np.concatenate([codes, _posterior_means(model, eval_source, batch, n, mig_n,
@@ -423,7 +418,7 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   devices = list(jax.local_devices() if devices is None else devices)
   is_main = jax.process_index() == 0
   ev = config.eval
-  n = _image_count(int(ev.num_images), eval_source.num_examples)
+  n = data.image_count(int(ev.num_images), eval_source.num_examples)
   if n < 2:
     raise data.DataError(f'evaluation needs at least 2 images; {eval_source.name!r} has '
                          f'{eval_source.num_examples} and eval.num_images={ev.num_images}')

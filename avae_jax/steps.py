@@ -307,7 +307,7 @@ def adversarial_step(vae_state: TrainState, disc_state: TrainState, batch: Array
       lambda p: _vae_loss(p, vae_state, x, eps, cfg), vae_state.params, has_aux=True)
 
   # Discriminator forwards on the real and the fake batch (separate BatchNorm batches,
-  # as in the twin). The fake pass is linearised in both the discriminator parameters
+  # as in the PyTorch twin). The fake pass is linearised in both the discriminator parameters
   # (for its BCE step; x_rec is then a constant, i.e. under stop_gradient) and in x_rec
   # (for the generator loss, through the discriminator as it is now).
   disc_apply = disc_state.mapped_apply(cfg.axis_name)
