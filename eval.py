@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: error: {e}')
         except Exception as e:  # pylint: disable=broad-except
-          cli.exit_if_out_of_space(e, 'eval.py', 'free space and run it again')
+          cli.exit_if_file_error(e, 'eval.py', 'run it again')
           raise
   except _EXPLAINED as e:
     sys.exit(f'eval.py: error: {e}')
@@ -177,6 +177,12 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: boo
     problem = files.output_dir_problem(out_dir, 'the evaluation directory')
     if problem:
       raise api.WorkdirError(problem)
+    # Left by an evaluation killed between a write and its rename (train.py's resume
+    # removes the workdir's; an evaluation on its own must too).
+    removed = files.remove_dead_temporaries(out_dir)
+    if removed:
+      print(f'eval: removed {len(removed)} temporary file(s) of a killed write in {out_dir}',
+            flush=True)
   with summary.SummaryWriter(out_dir, enabled=is_main) as writer:
     evaluation.evaluate(config, model, source, out_dir=out_dir, devices=devices,
                         writer=writer)

@@ -290,11 +290,12 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
-    no_space = files.out_of_space(e)
-    if no_space is not None:
+    no_space, refused = files.out_of_space(e), files.denied(e)
+    if no_space is not None or refused is not None:
       # Every later run would fail the same way: the study stops (one line, main's), and
       # a rerun resumes this run from its last checkpoint.
-      status, interrupted = f'interrupted: out of disk space ({no_space})', e
+      problem = f'out of disk space ({no_space})' if no_space is not None else refused
+      status, interrupted = f'interrupted: {problem}', e
     else:
       # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
       status = f'failed: {type(e).__name__}: {e}'
@@ -432,7 +433,7 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[RunStatus
         try:
           weights = calibrate(out, settings, dataset)
         except Exception as e:  # pylint: disable=broad-except
-          if files.out_of_space(e) is not None:
+          if files.out_of_space(e) is not None or files.denied(e) is not None:
             raise  # the study stops as at a run's full disk (train_one)
           # Like a failed run: the models that need no λ's, and the other datasets, go
           # on, and the report lists the failure. Not retried each seed: it would fail
@@ -621,5 +622,4 @@ if __name__ == '__main__':
   logging.set_verbosity(logging.WARNING)
   from avae_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(cli.one_line_usage_errors(
-      main, 'study.py', out_of_space='free space and the same study.py command resumes the '
-      'study'))
+      main, 'study.py', then='run the same study.py command to resume the study'))

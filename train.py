@@ -70,9 +70,8 @@ def main(argv: list[str]) -> None:
         except _EXPLAINED as e:
           _fail(e)
         except Exception as e:  # pylint: disable=broad-except
-          cli.exit_if_out_of_space(e, 'train.py', 'the checkpoints saved so far are kept: '
-                                   'free space and run the same command to resume from the '
-                                   'latest one')
+          cli.exit_if_file_error(e, 'train.py', 'run the same command to resume from the '
+                                   'latest checkpoint (those saved so far are kept)')
           raise
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}; run the same command again to resume', file=sys.stderr,

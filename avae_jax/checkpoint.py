@@ -317,7 +317,7 @@ def _quiet_full_disk_saves() -> None:
   them, 40 lines each), asyncio reports the failed writes nobody awaited, and the closed
   loop's callbacks add tens more, before and after the save's own error reaches the
   caller (wait_until_finished), where train.py reports it in one line
-  (cli.exit_if_out_of_space). So those records are dropped, carrying a full disk's error
+  (cli.exit_if_file_error). So those records are dropped, carrying a full disk's error
   only: any other failure is logged as before.
   """
   _add_filter_once(logging.get_absl_logger(), _DropOrbaxOutOfSpaceTracebacks)

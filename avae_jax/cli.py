@@ -322,13 +322,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   return rest
 
 
-def one_line_usage_errors(main: Any, program: str,
-                          out_of_space: str | None = None) -> Any:
+def one_line_usage_errors(main: Any, program: str, then: str | None = None) -> Any:
   """`main` for app.run, ending on its app.UsageError with one line.
 
   absl would print the module's docstring and every flag's help before the message.
-  `out_of_space`: what to do after a full disk, which then ends it with one line too
-  (exit_if_out_of_space).
+  `then`: what to do once the disk has space or the file is accessible, where a write
+  fails so; that too then ends with one line (exit_if_file_error).
   """
   def run(argv: list[str]) -> Any:
     try:
@@ -336,21 +335,26 @@ def one_line_usage_errors(main: Any, program: str,
     except app.UsageError as e:
       sys.exit(f'{program}: error: {e}')
     except Exception as e:  # pylint: disable=broad-except
-      if out_of_space is not None:
-        exit_if_out_of_space(e, program, out_of_space)
+      if then is not None:
+        exit_if_file_error(e, program, then)
       raise
   return run
 
 
-def exit_if_out_of_space(error: BaseException, program: str, advice: str) -> None:
-  """Exits with one line (and `advice`) where `error`'s chain reports a full disk or quota.
+def exit_if_file_error(error: BaseException, program: str, then: str) -> None:
+  """Exits with one line where `error`'s chain reports a full disk or a refused file.
 
   A full disk fails the write in progress and then every clean-up that writes: a chain of
-  tracebacks that says less than the first failure's message (files.out_of_space).
+  tracebacks that says less than the first failure's message (files.out_of_space). A file
+  refused (no permission, immutable, a read-only file system) is named (files.denied).
+  `then`: what to do after freeing space or making the file accessible.
   """
   full = files.out_of_space(error)
   if full is not None:
-    sys.exit(f'{program}: error: out of disk space: {full}; {advice}')
+    sys.exit(f'{program}: error: out of disk space: {full}; free space and {then}')
+  refused = files.denied(error)
+  if refused is not None:
+    sys.exit(f'{program}: error: {refused}; make it accessible and {then}')
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:

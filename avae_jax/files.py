@@ -75,6 +75,49 @@ def output_dir_problem(path: PathLike, what: str) -> str | None:
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 
 
+@contextlib.contextmanager
+def naming_failures(path: PathLike) -> Iterator[None]:
+  """Names `path` in an OSError raised inside that names no file, or only its temporary.
+
+  A full disk fails a write(2) with no file name: the one-line error would not say which
+  disk filled (the workdir's, the cache's). A write-then-rename's failures name the
+  temporary (temporary_name), which the error should not send a user looking for.
+  """
+  try:
+    yield
+  except OSError as e:
+    target = os.fspath(path)
+    names = {str(n) for n in (e.filename, e.filename2) if n is not None}
+    if e.errno is None or any(_TEMPORARY.sub('', n) != target for n in names):
+      raise
+    # The same error (OSError picks the errno's subclass), naming the file; the original
+    # is left out of the chain, where out_of_space and denied would find it first.
+    raise OSError(e.errno, e.strerror, target) from None
+
+
+def denied(error: BaseException) -> OSError | None:
+  """The first exception of `error`'s chain that refused access to a file, or None.
+
+  No permission, an immutable file, a read-only file system: raised with the file's name.
+  """
+  found = None
+  for e in _chain(error):
+    if (isinstance(e, OSError) and e.filename is not None
+        and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+      found = e  # the innermost wins: it happened first
+  return found
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+  """`error` and the exceptions it was raised from or while handling, as a traceback shows."""
+  seen = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+
+
 def out_of_space(error: BaseException) -> BaseException | None:
   """The first exception of `error`'s chain that reports a full disk or quota, or None.
 
@@ -82,14 +125,11 @@ def out_of_space(error: BaseException) -> BaseException | None:
   the summaries, a figure), and each clean-up that writes raises again: the innermost
   report is the failure itself, the others its consequences.
   """
-  found, seen = None, set()
-  e: BaseException | None = error
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
+  found = None
+  for e in _chain(error):
     if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
         or any(m in str(e) for m in _NO_SPACE_MESSAGES)):
       found = e  # the innermost wins: it happened first
-    e = e.__cause__ or e.__context__
   return found
 
 
@@ -275,7 +315,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
       if remote.exists():
         remote.unlink()
     return
-  with removed_on_exit(tmp):  # also by a Ctrl-C's os._exit, which runs no `finally`
+  with removed_on_exit(tmp), naming_failures(target):  # also by a Ctrl-C's os._exit
     with open(tmp, 'wb') as f:
       f.write(data)
       f.flush()

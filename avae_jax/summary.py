@@ -131,13 +131,15 @@ class _LocalEventFile:
     os.makedirs(logdir, exist_ok=True)
     name = 'events.out.tfevents.%010d.%s.%d.%d' % (
         time.time(), socket.gethostname(), os.getpid(), next(_FILE_IDS))
-    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), 'wb'))
+    self._path = os.path.join(logdir, name)
+    self._records = record_writer.RecordWriter(open(self._path, 'wb'))
     self.add_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def add_event(self, event: event_pb2.Event) -> None:
     """Appends one event record and flushes it, so a crashed run keeps its events."""
-    self._records.write(event.SerializeToString())
-    self._records.flush()
+    with files.naming_failures(self._path):
+      self._records.write(event.SerializeToString())
+      self._records.flush()
 
   def flush(self) -> None:
     """Flushes the file (every event already is)."""
@@ -200,8 +202,9 @@ class SummaryWriter:
         summary_pb2.Summary.Value(tag=k, simple_value=v)
         for k, v in floats.items()]))
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({'step': int(step), **floats}) + '\n')
-      self._jsonl.flush()  # A crashed run still has its metrics.
+      with files.naming_failures(self._jsonl.name):
+        self._jsonl.write(json.dumps({'step': int(step), **floats}) + '\n')
+        self._jsonl.flush()  # A crashed run still has its metrics.
 
   def image(self, step: int, name: str, image: Any) -> None:
     """Writes one image ((H,W,C) uint8, or float in [0,1]) for `step`."""

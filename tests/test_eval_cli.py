@@ -10,6 +10,7 @@ import pytest
 
 from avae_jax import evaluation
 from configs import default
+from tests import processes
 from tests import test_api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,14 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   saved['num_devices'] = 512
   del saved['cpu_devices']  # as in a config.json of an earlier version
   (run / 'config.json').write_text(json.dumps(saved))
+  # An earlier evaluation killed between a write and its rename left its temporary; one
+  # of a live process (this one, say an evaluation in a notebook) is being written.
+  (run / 'eval').mkdir()
+  dead = processes.temporary_of(run / 'eval' / 'metrics.json', processes.dead_pid())
+  live = processes.temporary_of(run / 'eval' / 'table.md', os.getpid())
+  for path in (dead, live):
+    with open(path, 'w') as f:
+      f.write('{')
   # Overrides apply to the saved config, in either of absl's forms (--flag=value or
   # --flag value), as they do with --config.
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={run}',
@@ -81,6 +90,8 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   assert results['num_images'] == 4 and results['mig_num_images'] == 8
   assert results['step'] == test_api.TRAINED_STEPS
   assert f'eval: restored step {test_api.TRAINED_STEPS}' in proc.stdout
+  assert not os.path.exists(dead) and os.path.exists(live)
+  assert f'eval: removed 1 temporary file(s) of a killed write in {run / "eval"}' in proc.stdout
 
 
 def test_an_evaluation_directory_it_cannot_write_stops_with_a_clear_message(tmp_path,

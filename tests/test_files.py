@@ -393,3 +393,65 @@ def test_out_of_space_finds_the_first_full_disk_report_in_a_chain():
   looped.__context__ = ValueError('y')
   looped.__context__.__context__ = looped
   assert files.out_of_space(looped) is None
+
+
+def test_denied_finds_the_first_refused_file_in_a_chain():
+  first = PermissionError(errno.EACCES, 'Permission denied', '/w/metrics.jsonl')
+  assert files.denied(_chained(first, _closed(), _enospc())) is first
+  for code in (errno.EPERM, errno.EROFS):
+    refused = OSError(code, os.strerror(code), '/w/config.json')
+    assert files.denied(_chained(refused, _closed())) is refused
+  # Without a file it is not a file's (a signal sent to another user's process, say).
+  assert files.denied(_chained(PermissionError(errno.EPERM, 'not permitted'), _closed())) is None
+  assert files.denied(_chained(_enospc(), _closed())) is None
+
+
+def test_an_error_raised_from_none_hides_what_it_replaced():
+  # As a traceback shows it: `raise X from None` leaves the error it replaced out.
+  try:
+    try:
+      raise _enospc()
+    except OSError:
+      raise ValueError('replaced') from None  # pylint: disable=raise-missing-from
+  except ValueError as e:
+    hidden = e
+  assert hidden.__context__ is not None and files.out_of_space(hidden) is None
+  try:
+    try:
+      raise ValueError('a clean-up')
+    except ValueError as e:
+      raise OSError(errno.EROFS, 'Read-only file system', '/w/a') from e
+  except OSError as e:
+    caused = e
+  assert files.out_of_space(caused) is None and files.denied(caused) is caused
+
+
+def test_write_failures_name_the_file_not_its_temporary(tmp_path, monkeypatch):
+  target = tmp_path / 'config.json'
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')  # as write(2) says it: no name
+
+  monkeypatch.setattr(os, 'fsync', full)
+  with pytest.raises(OSError) as info:
+    files.write_bytes(target, b'{}')
+  assert str(info.value) == f"[Errno 28] No space left on device: '{target}'"
+  assert files.out_of_space(info.value) is info.value  # the one-line error names the file
+  assert os.listdir(tmp_path) == []  # and the temporary is gone
+  monkeypatch.undo()
+
+  # A rename refused (an immutable config.json) named the temporary, then the file.
+  def refused(src, dst):
+    raise PermissionError(errno.EPERM, 'Operation not permitted', src, dst)
+
+  monkeypatch.setattr(os, 'replace', refused)
+  with pytest.raises(PermissionError) as info:
+    files.write_bytes(target, b'{}')
+  assert str(info.value) == f"[Errno 1] Operation not permitted: '{target}'"
+  assert files.denied(info.value) is info.value
+  # An error that names another file keeps its names.
+  other = PermissionError(errno.EACCES, 'Permission denied', '/elsewhere')
+  with pytest.raises(PermissionError) as info:
+    with files.naming_failures(target):
+      raise other
+  assert info.value is other and other.filename == '/elsewhere'

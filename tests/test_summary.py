@@ -80,6 +80,19 @@ def test_a_resumed_run_replaces_what_the_stopped_run_logged_after_its_checkpoint
       (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='no /dev/full')
+def test_a_full_disk_under_the_log_names_the_file(tmp_path):
+  # write(2) on a full disk names no file: the one-line error must say which one filled.
+  writer = summary.SummaryWriter(str(tmp_path))
+  writer._jsonl.close()
+  writer._jsonl = open('/dev/full', 'a', encoding='utf-8')  # every write: ENOSPC
+  with pytest.raises(OSError) as info:
+    writer.scalars(1, {'loss': 1.0})
+  assert str(info.value) == "[Errno 28] No space left on device: '/dev/full'"
+  writer._jsonl = open(os.devnull, 'a', encoding='utf-8')
+  writer.close()
+
+
 def test_event_file_read_back_with_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
   image_u8 = _write_run(tmp_path)

@@ -507,37 +507,48 @@ def test_an_empty_workdir_is_a_flag_error(cli_env, program):
   assert '--workdir must not be empty' in proc.stderr and 'Traceback' not in proc.stderr
 
 
-@pytest.mark.parametrize('program, work, args, advice', [
+# What a full disk raised (then orbax's clean-up), and a refused file (then a clean-up's).
+_FILE_ERRORS = {
+    'full': ("OSError(errno.ENOSPC, 'No space left on device')",
+             """ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on "
+                       "device [os_error_code='28']")"""),
+    'denied': ("PermissionError(errno.EACCES, 'Permission denied', '/w/metrics.jsonl')",
+               "ValueError('flush of closed file')")}
+
+
+@pytest.mark.parametrize('failure', list(_FILE_ERRORS))
+@pytest.mark.parametrize('program, work, args, then', [
     ('train', 'trainer.train_and_evaluate', ['--config=configs/default.py', '--workdir=W'],
-     'the checkpoints saved so far are kept: free space and run the same command to resume '
-     'from the latest one'),
-    ('eval', 'evaluation.evaluate', ['--workdir=W'],
-     'free space and run it again'),
+     'run the same command to resume from the latest checkpoint (those saved so far are '
+     'kept)'),
+    ('eval', 'evaluation.evaluate', ['--workdir=W'], 'run it again'),
     ('study', 'trainer.train_and_evaluate',
      ['--out=W', '--budget=test', '--datasets=shapes', '--variants=vae', '--publish=false'],
-     'free space and the same study.py command resumes the study')])
-def test_a_full_disk_is_one_line(cli_env, tmp_path, program, work, args, advice):
+     'run the same study.py command to resume the study')])
+def test_a_full_disk_or_a_refused_file_is_one_line(cli_env, tmp_path, program, work, args,
+                                                   then, failure):
   # A full disk fails the write in progress, then every clean-up that writes: a chain of
   # tracebacks (an OSError, then orbax's ValueErrors) that said less than one line. The
-  # program's work is replaced by such a chain (what a 400 KiB tmpfs gave train.py).
+  # program's work is replaced by such a chain (what a 400 KiB tmpfs gave train.py). A
+  # file that cannot be written (another user's, immutable) was a traceback too.
   (tmp_path / 'w').mkdir()
   if program == 'eval':
     # A model to restore; its evaluation is the work that fails.
     run = run_cli(cli_env, tmp_path / 'w', dict(TINY, pretrain_steps=1, adversarial_steps=0))
     assert run.returncode == 0, run.stderr[-3000:]
   module, name = work.split('.')
+  error, cleanup = _FILE_ERRORS[failure]
   script = textwrap.dedent(f"""
       import errno, runpy, sys
       from avae_jax import {module}
 
-      def full(*args, **kwargs):
+      def fail(*args, **kwargs):
         try:
-          raise OSError(errno.ENOSPC, 'No space left on device')
+          raise {error}
         finally:
-          raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on "
-                           "device [os_error_code='28']")
+          raise {cleanup}
 
-      {module}.{name} = full
+      {module}.{name} = fail
       sys.argv = {[f'{program}.py'] + [a.replace('W', str(tmp_path / 'w')) for a in args]!r}
       runpy.run_path('{program}.py', run_name='__main__')
       """)
@@ -545,13 +556,17 @@ def test_a_full_disk_is_one_line(cli_env, tmp_path, program, work, args, advice)
                         capture_output=True, text=True, timeout=RUN_TIMEOUT)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  problem = {'full': 'out of disk space: [Errno 28] No space left on device',
+             'denied': "[Errno 13] Permission denied: '/w/metrics.jsonl'"}[failure]
+  advice = {'full': 'free space', 'denied': 'make it accessible'}[failure]
   assert proc.stderr.strip().splitlines()[-1] == (
-      f'{program}.py: error: out of disk space: [Errno 28] No space left on device; {advice}')
+      f'{program}.py: error: {problem}; {advice} and {then}')
   if program == 'study':
     # Recorded as stopped, not as running (which a rerun would count as a killed process).
     info = files.read_json(tmp_path / 'w' / 'shapes' / 'vae' / 'seed0' / 'study_run.json')
-    assert info['status'] == ('interrupted: out of disk space ([Errno 28] No space left on '
-                              'device)'), info
+    assert info['status'] == {
+        'full': 'interrupted: out of disk space ([Errno 28] No space left on device)',
+        'denied': f'interrupted: {problem}'}[failure], info
 
 
 def test_a_disk_filled_by_a_checkpoint_is_one_line(cli_env, tmp_path):
