@@ -242,6 +242,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+  from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
   workdir = study_report.run_dir(out, dataset, variant, seed)
   info_path = os.path.join(workdir, study_report.RUN_FILE)
   info = _read_run_info(info_path)
@@ -251,7 +252,6 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   info.update(status=study_report.RUNNING, started=time.time())
   info['alive'] = info['started']
   info.pop('finished', None)
-  from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
   threads = xla_flags.process_cpu_threads()  # on a CPU, it sets the float32 sums' order
   if threads is not None:
     info['cpu_threads'] = threads
