@@ -253,18 +253,22 @@ def test_calibrated_weights_bring_each_term_to_the_mse_scale():
 
 
 class _StepClock:
-  """A clock that only steps move: the first call 100 s (it compiles), others 1 s."""
+  """A clock that only steps move: each step function's first call 100 s (it compiles),
+  other calls 1 s."""
 
   def __init__(self):
-    self.now, self.calls = 0.0, 0
+    self.now = 0.0
 
   def __call__(self) -> float:
     return self.now
 
   def wrap(self, step_fn):
+    calls = 0
+
     def timed(*args):
-      self.now += 100.0 if self.calls == 0 else 1.0
-      self.calls += 1
+      nonlocal calls
+      self.now += 100.0 if calls == 0 else 1.0
+      calls += 1
       return step_fn(*args)
     return timed
 
@@ -306,6 +310,48 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
   # The first log's rate leaves the compiling step 1 out (with it: 4 steps in 103 s), and
   # the rates leave the figures out (with them: 3 steps in 53 s, 4 in 54 s).
   assert ref[4]['steps_per_s'] == ref[8]['steps_per_s'] == 1.0, ref
+
+
+def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(tmp_path,
+                                                                               monkeypatch):
+  # Pre-training 5 steps, adversarial 3, logs and checkpoints every 4, figures every 3:
+  # the phase's end (5) and the run's (8) fall off every interval. Each step function's
+  # first call compiles (100 s on the clock), other steps take 1 s.
+  clock, make_steps, lines = _StepClock(), parallel.make_steps, []
+  monkeypatch.setattr(summary, 'ProgressLogger', functools.partial(
+      summary.ProgressLogger, clock=clock, log=lines.append))
+
+  def make_timed_steps(*args, **kwargs):
+    fns = make_steps(*args, **kwargs)
+    return fns._replace(pretrain=clock.wrap(fns.pretrain),
+                        adversarial=clock.wrap(fns.adversarial))
+
+  monkeypatch.setattr(parallel, 'make_steps', make_timed_steps)
+  train(dict(BASE, pretrain_steps=5, adversarial_steps=3, log_every=4, image_every=3),
+        tmp_path)
+  # The pre-trained model is a checkpoint of its own, and a log row of its own.
+  assert committed_steps(tmp_path) == [4, 5, 8]
+  assert restore(tmp_path, step=5)[2]['phase'] == 'pretrain'
+  metrics = read_metrics(tmp_path)
+  assert sorted(metrics) == [4, 5, 8]
+  config = default.get_config()
+  for s, m in metrics.items():
+    assert m['learning_rate'] == config.optimizer.learning_rate
+    adversarial = s > 5
+    assert (set(DISC_KEYS) <= set(m)) if adversarial else not set(DISC_KEYS) & set(m), s
+    assert m.get('disc_learning_rate') == (
+        config.optimizer.disc_learning_rate if adversarial else None), s
+    # Each phase's compiling step is left out of the rates: row 8 is steps 7-8 in 2 s.
+    assert m['steps_per_s'] == 1.0, (s, m['steps_per_s'])
+  # The last run's figures too, off image_every.
+  assert sorted(p.name for p in (tmp_path / 'images').glob('reconstructions_*.png')) == [
+      f'reconstructions_{s:07d}.png' for s in (3, 6, 8)]
+  assert 'compiling the adversarial step ...' in lines
+  # At the phase's end the ETA is the adversarial steps at trainer.ADVERSARIAL_STEP_COST
+  # (2.2) pre-training steps each, and the compilation at ADVERSARIAL_COMPILE_COST (1.5)
+  # times pre-training's 99 s beyond a step: 3 * 2.2 * 1 s + 1.5 * 99 s = 155.1 s.
+  end = next(line for line in lines if line.startswith('step 5/8 '))
+  assert '| ETA 0:02:35 |' in end, end
 
 
 def test_running_a_finished_workdir_again_continues_with_more_steps(reference, tmp_path,
