@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -379,6 +380,35 @@ def test_round_sizes_split_the_steps():
     benchmarking.round_sizes(2, 3)
 
 
+def test_flag_checks_take_rounds_up_to_steps_and_the_twin_flags_together():
+  # round_sizes splits 3 steps over 3 rounds; a twin needs its python and its script. In a
+  # subprocess: importing benchmark.py defines its absl flags.
+  probe = """
+import sys
+from absl import app, flags
+import benchmark
+for argv in ([], ['--rounds=3'], ['--rounds=4'], ['--twin_python=py'], ['--twin_script=t.py'],
+             ['--twin_python=py', '--twin_script=t.py']):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['benchmark.py', '--steps=3', *argv])
+  try:
+    benchmark._check_run_flags()
+    print('ok')
+  except app.UsageError as e:
+    print(e)
+"""
+  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert len(lines) == 6, out.stdout
+  assert lines[:2] == ['ok', 'ok']
+  assert lines[2].startswith('--rounds must be between 1 and --steps (3), got 4')
+  for line in lines[3:5]:
+    assert line.startswith('--twin_python and --twin_script go together'), line
+  assert lines[5] == 'ok'
+
+
 def test_flops_count_the_convolutions_of_the_lowered_program():
   # A hand count: 2 FLOPs per multiply-add, 5 -> 7 channels for every tap of the 3x3
   # kernel that falls inside the 6x6 image ('SAME': a border pixel's row or column has 2
@@ -523,6 +553,46 @@ def test_add_matmul_peak_scales_with_accelerators_only():
   unmeasured = {'backend': 'gpu', 'devices': 1, 'flops_per_s': 5e9}
   benchmarking.add_matmul_peak(unmeasured, None)
   assert unmeasured['matmul_peak_flops_per_s'] is None and unmeasured['peak_fraction'] is None
+
+
+def _vm_hwm_bytes():
+  """This process's peak resident set size as /proc/self/status reports it (VmHWM, kB)."""
+  with open('/proc/self/status') as f:
+    line = next(l for l in f if l.startswith('VmHWM:'))
+  return int(line.split()[1]) * 1024
+
+
+def test_case_row_statistics_and_update_fractions_from_the_timed_steps():
+  # Times 1..10 s in shuffled order: the statistics are those of numpy over the times; the
+  # discriminator updated in every timed step, the VAE in every other one.
+  times = [float(t) for t in np.random.default_rng(0).permutation(np.arange(1, 11))]
+  config = default.get_config()
+  prepared = benchmarking.PreparedCase('adversarial_step_gated', config, jax.devices()[:1],
+                                       0.5, lambda i: None)
+  prepared.metrics = [{'disc_updated': np.float32(1.0), 'vae_updated': np.float32(i % 2)}
+                      for i in range(10)]
+  row = benchmarking.case_row(prepared, times, rounds=2, rewarm=1)
+  assert row['median_step_s'] == pytest.approx(np.median(times))
+  assert row['mean_step_s'] == pytest.approx(np.mean(times))
+  assert row['p10_step_s'] == pytest.approx(np.percentile(times, 10))  # 1.9: not the min
+  assert row['p90_step_s'] == pytest.approx(np.percentile(times, 90))  # 9.1: not the max
+  # The throughput from the mean (the gated case's times are bimodal).
+  assert row['images_per_s'] == pytest.approx(config.batch_size / np.mean(times))
+  assert row['disc_updated_fraction'] == 1.0 and row['vae_updated_fraction'] == 0.5
+  assert (row['steps'], row['rounds'], row['rewarm_steps']) == (10, 2, 1)
+  # ru_maxrss is in KiB on Linux; the row reports bytes.
+  assert row['peak_rss_bytes'] >= 0.9 * _vm_hwm_bytes()
+
+
+def test_matmul_peak_is_the_best_of_the_repeats(monkeypatch):
+  # Three repeats taking 3, 1 and 2 s: 2 n^3 FLOPs (a multiply and an add per term) in the
+  # fastest, 1 s.
+  clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
+  monkeypatch.setattr(benchmarking, 'time',
+                      types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  n = 8
+  assert benchmarking.matmul_peak_flops(n=n, repeats=3) == 2.0 * n ** 3 / 1.0
+  assert next(clock, None) is None  # every repeat timed, nothing else
 
 
 def test_table_shows_a_gpu_step_s_figures():

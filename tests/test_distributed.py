@@ -328,6 +328,36 @@ def test_a_port_another_program_listens_on_is_a_usage_error():
   assert ports.port_problem(port) is None
 
 
+def test_the_grace_period_defaults_to_the_timeout_plus_10_s():
+  # The others get as long as a peer's start-up or heartbeat timeout, and 10 s to stop.
+  import launch  # pylint: disable=g-import-not-at-top
+  args, program = launch.parse_args(['--', 'train.py'])
+  assert (args.timeout_s, args.grace_s, program) == (60, 70.0, ['train.py'])
+  args, _ = launch.parse_args(['--timeout_s=5', '--', 'train.py'])
+  assert args.grace_s == 15.0
+  args, _ = launch.parse_args(['--timeout_s=5', '--grace_s=0', '--', 'train.py'])
+  assert args.grace_s == 0.0
+
+
+def test_a_port_whose_last_connection_is_in_time_wait_is_free():
+  # The coordinator (gRPC) binds with SO_REUSEADDR, as a previous run's did: a port whose
+  # last connection the server closed first (its side in TIME_WAIT) can be listened on.
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(('127.0.0.1', 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    with socket.create_connection(('127.0.0.1', port), timeout=10):
+      server, _ = listener.accept()
+      server.close()  # first: the server's side enters TIME_WAIT
+  # A bind without SO_REUSEADDR fails: the port is in TIME_WAIT, not free outright.
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain:
+    with pytest.raises(OSError):
+      plain.bind(('127.0.0.1', port))
+  from avae_jax import ports  # pylint: disable=g-import-not-at-top
+  assert ports.port_problem(port) is None
+
+
 def _listener(family, host):
   """A socket listening on host:<free port>, or None where the family is unavailable."""
   s = socket.socket(family, socket.SOCK_STREAM)

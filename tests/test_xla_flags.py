@@ -109,6 +109,16 @@ def test_cpu_threads_reads_what_xla_reads(monkeypatch):
   assert xla_flags.cpu_threads(cpu_devices=4) == 4  # a thread per device at least
 
 
+def test_process_cpu_threads_is_none_off_the_cpu(monkeypatch):
+  # XLA:CPU's thread count says nothing about a GPU's or a TPU's steps. On the CPU: the
+  # usable cores (conftest unsets PJRT_NPROC and NPROC), a thread per device at least.
+  import jax  # pylint: disable=g-import-not-at-top
+  assert xla_flags.process_cpu_threads() == max(len(os.sched_getaffinity(0)),
+                                                jax.local_device_count())
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert xla_flags.process_cpu_threads() is None
+
+
 _GRADIENT_PROBE = """
 import hashlib, os, sys
 if sys.argv[1:] == ['pin']:  # to one core, as `taskset -c 0` does, before XLA starts
