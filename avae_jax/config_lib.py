@@ -220,7 +220,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.pretrain_steps < 0 or config.adversarial_steps < 0:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
   if config.parallel not in PARALLEL_METHODS:
-    raise ConfigError(f"parallel must be 'pmap' or 'shard_map', got {config.parallel!r}")
+    raise ConfigError(f'parallel must be one of {PARALLEL_METHODS}, got {config.parallel!r}')
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')

@@ -477,7 +477,7 @@ INVALID = [
     ('batch_size', 6, r'batch_size 6 is not divisible by the 4 devices'),
     ('pretrain_steps', -1, r'pretrain_steps and adversarial_steps must be >= 0'),
     ('adversarial_steps', -5, r'pretrain_steps and adversarial_steps must be >= 0'),
-    ('parallel', 'vmap', r"parallel must be 'pmap' or 'shard_map'"),
+    ('parallel', 'vmap', r"parallel must be one of \('pmap', 'shard_map'\), got 'vmap'"),
     ('model.dtype', 'float16', r"model\.dtype must be 'float32' or 'bfloat16'"),
     # Was checked only when the model was built, in a workdir created and locked for it.
     ('model.conv_backward', 'cutom', r"model\.conv_backward must be one of auto, xla, "
