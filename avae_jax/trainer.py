@@ -51,7 +51,13 @@ _PROBE_SEED_OFFSET = 7919
 
 
 class RunKeys(NamedTuple):
-  """The PRNG keys of a run of seed s: split from PRNGKey(s), one per use."""
+  """The PRNG keys of a run of seed s: split from PRNGKey(s), one per use.
+
+  The seed draws, besides: each epoch's data order (numpy, SeedSequence([s, epoch]); the
+  calibration probe's from s + _PROBE_SEED_OFFSET), the shapes dataset (shapes.py's
+  streams) and the final evaluation's samples (PRNGKey(s) folded with
+  evaluation._SAMPLE_KEY).
+  """
   init: jax.Array
   train: jax.Array
   calibration: jax.Array
