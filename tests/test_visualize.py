@@ -178,3 +178,18 @@ def test_reconstructions_bad_counts_are_clear_errors():
   out = visualize.reconstructions(x, x_rec, n=3)
   assert out.shape == (7, 7, 1)
   assert out[1, 1, 0] == 128 and out[4, 1, 0] == 51  # round(0.5 * 255), round(0.2 * 255)
+
+
+def test_traversal_axes_refuse_a_negative_dim():
+  # -1 would index the last latent dimension from the end, not a dimension asked for.
+  with pytest.raises(ValueError, match=r'dims \[-1\] out of range for latent_dim 4'):
+    visualize.traversal_axes([-1], [0.0], 4)
+  dims, values = visualize.traversal_axes([0, 3], [0.5], 4)  # both ends of the range
+  assert dims.tolist() == [0, 3] and values.tolist() == [0.5]
+
+
+def test_integer_accepts_its_minimum():
+  assert visualize.integer(2, 'steps', 2) == 2
+  assert visualize.integer(0, 'n', 0) == 0
+  with pytest.raises(ValueError, match='steps must be an integer >= 2, got 1'):
+    visualize.integer(1, 'steps', 2)
