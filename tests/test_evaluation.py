@@ -536,6 +536,10 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason,
   assert {f'eval/{name}' for name in evaluation.FIGURES} <= set(tags['images'])
   assert 'eval/rec_mse' in tags['scalars']
   assert acc.Scalars('eval/rec_mse')[0].step == test_api.TRAINED_STEPS
+  # The integer counts too; not the step, which is every scalar's own step.
+  assert acc.Scalars('eval/num_images')[0].value == N
+  assert acc.Scalars('eval/mig_num_images')[0].value == TINY_EVAL_SPLIT
+  assert 'eval/step' not in tags['scalars']
 
 
 @pytest.mark.parametrize('num_images', [0, 40])
@@ -597,3 +601,137 @@ def test_training_run_wrote_the_same_final_metrics(workdir, model, source):
   x = source.get(np.arange(N))
   x_rec = np.asarray(model.reconstruct(x), np.float64)
   np.testing.assert_allclose(final['rec_mse'], ((x - x_rec) ** 2).mean(), rtol=1e-4)
+
+
+def test_fid_weights_in_the_cache_are_read_with_the_default_empty_setting(
+    tmp_path, evaluated, model, source, inception_params, monkeypatch):
+  # eval.inception_weights = '' (the default config's) names the cache's file: FID runs on
+  # the weights found there, without them being passed in.
+  monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'cache'))
+  path = tmp_path / 'cache' / 'inception_fid.npz'
+  inception.save_npz(inception_params, str(path))
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': ''})
+  assert evaluation.missing_fid_weights(config) is None
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
+                                devices=jax.devices())
+  assert 'fid_skipped' not in results and FID_KEYS <= set(results)
+  for k in sorted(FID_KEYS):  # the same weights as the module's evaluation was given
+    np.testing.assert_allclose(results[k], evaluated[0][k], rtol=1e-4)
+  path.unlink()
+  assert evaluation.missing_fid_weights(config) == str(path)
+
+
+def test_missing_fid_weights_is_none_when_fid_is_off(tmp_path):
+  weights = str(tmp_path / 'nonexistent' / 'inception_fid.npz')
+  config = test_api.tiny_config(**{'eval.fid': False, 'eval.inception_weights': weights})
+  assert evaluation.missing_fid_weights(config) is None
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': weights})
+  assert evaluation.missing_fid_weights(config) == weights
+
+
+def test_a_damaged_weights_file_skips_fid_with_the_reason(tmp_path, model, source, capsys):
+  # A finished training run must not lose its evaluation over a weights file it cannot read.
+  weights = tmp_path / 'inception_fid.npz'
+  weights.write_bytes(b'not a zip archive')
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': str(weights)})
+  assert evaluation.missing_fid_weights(config) is None  # there, only unreadable
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
+                                devices=jax.devices())
+  assert results['fid_skipped'].startswith('FID Inception weights unavailable: ')
+  assert 'not an .npz of FID Inception weights' in results['fid_skipped']
+  assert set(results) == (ALL_KEYS - FID_KEYS) | {'fid_skipped'}
+  assert 'eval: FID skipped: FID Inception weights unavailable' in capsys.readouterr().out
+
+
+def test_an_eval_split_of_one_image_is_refused(tmp_path, model, source):
+  one = data.Source(source.get, 1, source.image_shape, name=source.name,
+                    factors=source.factors[:1], factor_names=source.factor_names)
+  for src, num_images in ((one, 0), (one, 6), (source, 1)):
+    config = test_api.tiny_config(**{'eval.num_images': num_images})
+    with pytest.raises(data.DataError, match='at least 2'):
+      evaluation.evaluate(config, model, src, out_dir=str(tmp_path), devices=jax.devices())
+  assert not os.listdir(tmp_path)
+
+
+def _tile(grid, row, col):
+  """The SIDE x SIDE cell (row, col) of a figure (one pixel of padding around cells)."""
+  top, left = 1 + row * (SIDE + 1), 1 + col * (SIDE + 1)
+  return grid[top:top + SIDE, left:left + SIDE].astype(np.float64)
+
+
+def test_figures_show_the_first_images_of_every_batch(tmp_path, model, source, capsys):
+  # 16 images in batches of 2 on one device: the figures take their images from the first
+  # batches, not the first batch alone.
+  config = test_api.tiny_config(**{'eval.num_images': TINY_EVAL_SPLIT, 'eval.batch_size': 2})
+  evaluation.evaluate(config, model, source, out_dir=str(tmp_path), devices=jax.devices()[:1])
+  # Exactly the split's size: no note that it is more.
+  assert 'more than the eval split has' not in capsys.readouterr().out
+  x = source.get(np.arange(TINY_EVAL_SPLIT)).astype(np.float64)
+  mu = np.asarray(model.encode(x.astype(np.float32))[0], np.float32)
+
+  def expected(images):
+    return np.round(np.clip(np.asarray(images, np.float64), 0, 1) * 255)
+
+  def figure(name):
+    with Image.open(tmp_path / f'{name}.png') as im:
+      a = np.asarray(im)
+    return a.reshape(a.shape[:2] + (-1,))
+
+  def side(cells):
+    return cells * (SIDE + 1) + 1
+  # Reconstructions: GRID * (GRID // 2) = 8 images, rows of GRID, each row of inputs above
+  # their reconstructions: 2 pairs of rows, 4 rows of cells.
+  rec = figure('reconstructions')
+  assert rec.shape[:2] == (side(4), side(GRID))
+  x_rec = expected(model.decode(mu[:8]))
+  for k in range(8):
+    pair, col = divmod(k, GRID)
+    np.testing.assert_allclose(_tile(rec, 2 * pair, col), expected(x[k]), atol=1)
+    np.testing.assert_allclose(_tile(rec, 2 * pair + 1, col), x_rec[k], atol=1)
+  # Interpolations: GRID pairs (images 0-1, 2-3, ...), each row image 2p, GRID decoded
+  # steps from mu(2p) to mu(2p + 1), image 2p + 1.
+  inter = figure('interpolations')
+  assert inter.shape[:2] == (side(GRID), side(GRID + 2))
+  t = np.linspace(0, 1, GRID, dtype=np.float32)[:, None]
+  for p in range(GRID):
+    np.testing.assert_allclose(_tile(inter, p, 0), expected(x[2 * p]), atol=1)
+    np.testing.assert_allclose(_tile(inter, p, GRID + 1), expected(x[2 * p + 1]), atol=1)
+    steps = expected(model.decode((1 - t) * mu[2 * p] + t * mu[2 * p + 1]))
+    for s in range(GRID):
+      np.testing.assert_allclose(_tile(inter, p, 1 + s), steps[s], atol=1)
+  # Samples: GRID x GRID.
+  assert figure('samples').shape[:2] == (side(GRID), side(GRID))
+
+
+def test_cached_features_of_another_shape_or_dtype_are_recomputed_and_a_hit_not_rewritten(
+    tmp_path, evaluated, config, model, source, inception_params, monkeypatch, caplog):
+  rows = _counting_inception(monkeypatch)
+
+  def evaluate():
+    del rows[:]
+    results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                                  devices=jax.devices(), inception_params=inception_params)
+    return len(rows), results
+
+  want = evaluated[0]
+  assert evaluate() == (3, want)
+  [name] = _cache_files()
+  path = os.path.join(evaluation.real_features_dir(), name)
+  with np.load(path) as z:
+    taps = {d: z[f'tap_{d}'] for d in TAPS}
+  # Whole, readable archives of the wrong content: fewer rows, or float16 values.
+  for wrong in ({d: t[:-1] for d, t in taps.items()},
+                {d: t.astype(np.float16) for d, t in taps.items()}):
+    np.savez(path, **{f'tap_{d}': t for d, t in wrong.items()})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert evaluate() == (3, want)
+    assert f'the cached Inception features {path} cannot be read' in caplog.text
+    with np.load(path) as z:  # replaced by the computed features
+      assert z['tap_2048'].shape == (N, 2048) and z['tap_2048'].dtype == np.float32
+  # A hit reads the file and leaves it as it is.
+  os.utime(path, ns=(10 ** 18,) * 2)
+  before = os.stat(path)
+  assert evaluate() == (2, want)
+  after = os.stat(path)
+  assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
