@@ -69,6 +69,31 @@ def test_random_params_taps_shapes_and_dtypes(random_params):
     np.testing.assert_allclose(again[dim], feats[dim][:3], rtol=1e-5, atol=1e-6)
 
 
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it (jit, custom rules)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if hasattr(sub, 'eqns'):
+          yield from _equations(sub)
+        elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
+          yield from _equations(sub.jaxpr)
+
+
+def test_every_product_of_the_network_runs_at_full_float32_precision(random_params):
+  # On a GPU (TF32) or a TPU (bf16 passes) the default precision would make the features,
+  # and so FID, depend on the device that computes them.
+  images = np.zeros((1, 75, 75, 3), np.float32)
+  closed = jax.make_jaxpr(inception._taps)(random_params, images)
+  products = [e for e in _equations(closed.jaxpr)
+              if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+  # 94 convolutions (pytorch-fid's network) and the resize's two matrix products.
+  assert sum(e.primitive.name == 'conv_general_dilated' for e in products) == 94
+  highest = (jax.lax.Precision.HIGHEST,) * 2
+  assert [e for e in products if e.params['precision'] != highest] == []
+
+
 def test_gray_images_are_repeated_to_rgb(random_params):
   gray = np.random.default_rng(1).random((2, 20, 24, 1)).astype(np.float32)
   a = inception.features(random_params, gray, batch_size=BATCH)
