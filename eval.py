@@ -64,6 +64,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags(argv)
 
 
+# What to do after a full disk or a refused file (cli.exit_if_file_error).
+_THEN = 'run it again'
 # Errors that say what is wrong and what to do: one message, no traceback.
 _EXPLAINED = (api.WorkdirError, config_lib.ConfigError, distributed.DistributedConfigError,
               data.DataError, checkpoint.CheckpointError)
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> None:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: error: {e}')
         except Exception as e:  # pylint: disable=broad-except
-          cli.exit_if_file_error(e, 'eval.py', 'run it again')
+          cli.exit_if_file_error(e, 'eval.py', _THEN)
           raise
   except _EXPLAINED as e:
     sys.exit(f'eval.py: error: {e}')
@@ -191,4 +193,5 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: boo
 if __name__ == '__main__':
   # Warnings only: orbax and XLA log every restore at INFO; progress lines are printed.
   logging.set_verbosity(logging.WARNING)
-  app.run(cli.one_line_usage_errors(main, 'eval.py'), flags_parser=_parse_flags)
+  app.run(cli.one_line_usage_errors(main, 'eval.py', then=_THEN),
+          flags_parser=_parse_flags)

@@ -240,6 +240,7 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
 def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
@@ -290,7 +291,9 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
-    no_space, refused = files.out_of_space(e), files.denied(e)
+    no_space = files.out_of_space(e)
+    # An image the data cannot read is the run's failure (a DataError, from its cause).
+    refused = None if isinstance(e, data.DataError) else files.denied(e)
     if no_space is not None or refused is not None:
       # Every later run would fail the same way: the study stops (one line, main's), and
       # a rerun resumes this run from its last checkpoint.
@@ -306,9 +309,10 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   try:
     _write_json(info_path, info)
   except OSError:
-    if no_space is None:
+    if no_space is None and refused is None:
       raise
-    # No room for the record either: it stays 'running', which a rerun counts as killed.
+    # No room for the record either, or no access: it stays 'running', which a rerun
+    # counts as killed; the study stops with the first error, not this one.
   if interrupted is not None:
     raise interrupted
   return status

@@ -70,8 +70,7 @@ def main(argv: list[str]) -> None:
         except _EXPLAINED as e:
           _fail(e)
         except Exception as e:  # pylint: disable=broad-except
-          cli.exit_if_file_error(e, 'train.py', 'run the same command to resume from the '
-                                   'latest checkpoint (those saved so far are kept)')
+          cli.exit_if_file_error(e, 'train.py', _THEN)
           raise
   except trainer.TrainingInterrupted as e:
     print(f'train.py: {e}; run the same command again to resume', file=sys.stderr,
@@ -79,6 +78,10 @@ def main(argv: list[str]) -> None:
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
   except _EXPLAINED as e:
     _fail(e)
+
+
+# What to do after a full disk or a refused file (cli.exit_if_file_error).
+_THEN = 'run the same command to resume from the latest checkpoint (those saved so far are kept)'
 
 
 def _fail(error: Exception) -> NoReturn:
@@ -89,5 +92,5 @@ def _fail(error: Exception) -> NoReturn:
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(cli.one_line_usage_errors(main, 'train.py'),
+  app.run(cli.one_line_usage_errors(main, 'train.py', then=_THEN),
           flags_parser=cli.parse_flags)

@@ -40,6 +40,7 @@ from avae_jax import steps
 from avae_jax import visualize
 
 CONFIG_FILE = config_lib.CONFIG_FILE
+CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 
 
 class WorkdirError(ValueError):

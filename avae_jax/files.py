@@ -81,7 +81,9 @@ def naming_failures(path: PathLike) -> Iterator[None]:
 
   A full disk fails a write(2) with no file name: the one-line error would not say which
   disk filled (the workdir's, the cache's). A write-then-rename's failures name the
-  temporary (temporary_name), which the error should not send a user looking for.
+  temporary (temporary_name), which the error should not send a user looking for; where
+  the temporary could not be made or renamed for want of access (EACCES, EROFS), the
+  folder is what refused, and is named.
   """
   try:
     yield
@@ -90,9 +92,13 @@ def naming_failures(path: PathLike) -> Iterator[None]:
     names = {str(n) for n in (e.filename, e.filename2) if n is not None}
     if e.errno is None or any(_TEMPORARY.sub('', n) != target for n in names):
       raise
-    # The same error (OSError picks the errno's subclass), naming the file; the original
-    # is left out of the chain, where out_of_space and denied would find it first.
-    raise OSError(e.errno, e.strerror, target) from None
+    if names and e.errno in (errno.EACCES, errno.EROFS):
+      target = os.path.dirname(target) or '.'
+    # The same error (OSError picks the errno's subclass) and traceback, naming the file,
+    # raised from what came before it: the unnamed original is left out of the chain,
+    # where out_of_space and denied would find it first, and nothing else is.
+    prior = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    raise OSError(e.errno, e.strerror, target).with_traceback(e.__traceback__) from prior
 
 
 def denied(error: BaseException) -> OSError | None:

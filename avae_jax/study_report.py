@@ -48,8 +48,8 @@ CALIBRATION_FILE = 'calibration.json'  # OUT/<dataset>/: the λ's its runs share
 RUN_FILE = 'study_run.json'  # each run's workdir: its sessions and status
 RECORDS_DIR = 'runs'  # OUT/results/runs/: the files the report is made of, in OUT's layout
 # Each run's files that the report reads (POSTERIOR_FILE is the report's own, made once).
-RUN_RECORDS = (config_lib.CONFIG_FILE, config_lib.FINAL_METRICS_FILE, config_lib.TRAIN_LOG_FILE, RUN_FILE,
-               POSTERIOR_FILE)
+RUN_RECORDS = (config_lib.CONFIG_FILE, config_lib.FINAL_METRICS_FILE,
+               config_lib.TRAIN_LOG_FILE, RUN_FILE, POSTERIOR_FILE)
 RUNNING = 'running'  # study_run.json's status while a session trains the run
 # Fashion-MNIST's training images, as configs/study.py counts them (configs import no
 # library module, and this one no config).

@@ -43,7 +43,6 @@ from avae_jax import config_lib
 from avae_jax import files
 
 
-
 def to_uint8(x: Any) -> np.ndarray:
   """Maps floats in [0, 1] (clipped, NaN as 0) to uint8 by rounding; uint8 passes through."""
   x = np.asarray(x)

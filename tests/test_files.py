@@ -504,3 +504,37 @@ def test_write_failures_name_the_file_not_its_temporary(tmp_path, monkeypatch):
     with files.naming_failures(target):
       raise other
   assert info.value is other and other.filename == '/elsewhere'
+
+
+def test_a_folder_that_refuses_the_temporary_is_named(tmp_path, monkeypatch):
+  # No write access to the folder: the temporary cannot be made, whatever the file's mode.
+  def refused(path, *args, **kwargs):
+    raise PermissionError(errno.EACCES, 'Permission denied', path)
+
+  monkeypatch.setattr(files, 'open', refused, raising=False)
+  with pytest.raises(PermissionError) as info:
+    files.write_bytes(tmp_path / 'run' / 'config.json', b'{}')
+  assert str(info.value) == f"[Errno 13] Permission denied: '{tmp_path / 'run'}'"
+
+
+def test_a_named_failure_keeps_what_it_was_raised_after(tmp_path, monkeypatch):
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(os, 'fsync', full)
+  # A clean-up write failing after a bug: the bug stays in the traceback's chain.
+  with pytest.raises(OSError) as info:
+    try:
+      raise KeyError('the bug')
+    finally:
+      files.write_bytes(tmp_path / 'study_run.json', b'{}')
+  assert isinstance(info.value.__cause__, KeyError)
+  assert info.value.__traceback__.tb_next is not None  # down to write_bytes' frames
+  # After a full disk reported by orbax, the clean-up's is a consequence: the first wins.
+  orbax = _orbax()
+  with pytest.raises(OSError) as info:
+    try:
+      raise orbax
+    finally:
+      files.write_bytes(tmp_path / 'study_run.json', b'{}')
+  assert files.out_of_space(info.value) is orbax

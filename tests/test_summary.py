@@ -1,5 +1,6 @@
 """Tests for avae_jax.summary: jsonl, TensorBoard events (read back), progress line."""
 
+import contextlib
 import glob
 import io
 import json
@@ -85,12 +86,16 @@ def test_a_full_disk_under_the_log_names_the_file(tmp_path):
   # write(2) on a full disk names no file: the one-line error must say which one filled.
   writer = summary.SummaryWriter(str(tmp_path))
   writer._jsonl.close()
-  writer._jsonl = open('/dev/full', 'a', encoding='utf-8')  # every write: ENOSPC
-  with pytest.raises(OSError) as info:
-    writer.scalars(1, {'loss': 1.0})
-  assert str(info.value) == "[Errno 28] No space left on device: '/dev/full'"
-  writer._jsonl = open(os.devnull, 'a', encoding='utf-8')
-  writer.close()
+  full = writer._jsonl = open('/dev/full', 'a', encoding='utf-8')  # every write: ENOSPC
+  try:
+    with pytest.raises(OSError) as info:
+      writer.scalars(1, {'loss': 1.0})
+    assert str(info.value) == "[Errno 28] No space left on device: '/dev/full'"
+  finally:
+    with contextlib.suppress(OSError):  # its buffer is still full of the line
+      full.close()
+    writer._jsonl = open(os.devnull, 'a', encoding='utf-8')
+    writer.close()
 
 
 def test_event_file_read_back_with_tensorboard(tmp_path):

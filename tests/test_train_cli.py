@@ -516,12 +516,19 @@ _FILE_ERRORS = {
                "ValueError('flush of closed file')")}
 
 
+_TRAIN_THEN = ('run the same command to resume from the latest checkpoint (those saved so '
+               'far are kept)')
+
+
 @pytest.mark.parametrize('failure', list(_FILE_ERRORS))
 @pytest.mark.parametrize('program, work, args, then', [
     ('train', 'trainer.train_and_evaluate', ['--config=configs/default.py', '--workdir=W'],
-     'run the same command to resume from the latest checkpoint (those saved so far are '
-     'kept)'),
+     _TRAIN_THEN),
+    # Before the work: the runtime's start, the workdir's config.json read.
+    ('train', 'distributed.initialize', ['--config=configs/default.py', '--workdir=W'],
+     _TRAIN_THEN),
     ('eval', 'evaluation.evaluate', ['--workdir=W'], 'run it again'),
+    ('eval', 'api.read_config', ['--workdir=W'], 'run it again'),
     ('study', 'trainer.train_and_evaluate',
      ['--out=W', '--budget=test', '--datasets=shapes', '--variants=vae', '--publish=false'],
      'run the same study.py command to resume the study')])
@@ -532,7 +539,7 @@ def test_a_full_disk_or_a_refused_file_is_one_line(cli_env, tmp_path, program, w
   # program's work is replaced by such a chain (what a 400 KiB tmpfs gave train.py). A
   # file that cannot be written (another user's, immutable) was a traceback too.
   (tmp_path / 'w').mkdir()
-  if program == 'eval':
+  if work == 'evaluation.evaluate':
     # A model to restore; its evaluation is the work that fails.
     run = run_cli(cli_env, tmp_path / 'w', dict(TINY, pretrain_steps=1, adversarial_steps=0))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -567,6 +574,32 @@ def test_a_full_disk_or_a_refused_file_is_one_line(cli_env, tmp_path, program, w
     assert info['status'] == {
         'full': 'interrupted: out of disk space ([Errno 28] No space left on device)',
         'denied': f'interrupted: {problem}'}[failure], info
+
+
+def test_an_image_the_data_cannot_read_fails_its_run_not_the_study(cli_env, tmp_path):
+  # A DataError raised from a refused image is the run's failure: the study lists it and
+  # goes on (a refused workdir file stops it, as every later run would fail too).
+  script = textwrap.dedent(f"""
+      import errno, runpy, sys
+      from avae_jax import data, trainer
+
+      def fail(*args, **kwargs):
+        try:
+          raise PermissionError(errno.EACCES, 'Permission denied', '/data/img.png')
+        except PermissionError as e:
+          raise data.DataError('cannot read /data/img.png') from e
+
+      trainer.train_and_evaluate = fail
+      sys.argv = ['study.py', '--out={tmp_path / 'w'}', '--budget=test', '--datasets=shapes',
+                  '--variants=vae', '--publish=false']
+      runpy.run_path('study.py', run_name='__main__')
+      """)
+  proc = subprocess.run([sys.executable, '-c', script], env=cli_env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
+  assert 'study.py: error:' not in proc.stderr, proc.stderr[-3000:]
+  info = files.read_json(tmp_path / 'w' / 'shapes' / 'vae' / 'seed0' / 'study_run.json')
+  assert info['status'] == 'failed: DataError: cannot read /data/img.png', info
+  assert '[study] shapes vae seed 0 FAILED: cannot read /data/img.png' in proc.stdout
 
 
 def test_a_disk_filled_by_a_checkpoint_is_one_line(cli_env, tmp_path):
