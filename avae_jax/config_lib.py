@@ -172,13 +172,51 @@ def check_model(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
   variant_spec(config.variant)
+  _validate_data(config)
+  _validate_model(config)
+  _validate_loss(config)
+  _validate_run(config, num_devices)
+  _validate_optimizer(config)
+  validate_eval(config)
+  _validate_gabor(config.gabor)
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  """validate's part: the dataset's name, channels, held-out share and crop."""
   ds = str(config.dataset)
   if not (ds in TFDS_DATASETS or ds == 'shapes' or ds.startswith('folder:')
           or ds.startswith('arrays:')):
     raise ConfigError(
         f'unknown dataset {ds!r}; choose one of {", ".join(TFDS_DATASETS)}, shapes, '
         'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')
+  if config.channels not in (1, 3):
+    raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
+  # The held-out share of folders and array files without an eval file (NaN would crash
+  # the loader with a traceback; a negative share would read as 0).
+  if not 0.0 <= config.get('eval_fraction', 0.05) < 1.0:
+    raise ConfigError(f'eval_fraction = {config.eval_fraction} must lie in [0, 1) (the '
+                      'share of the images held out for evaluation)')
+  if config.crop_size < 0:
+    raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means the largest '
+                      'centred square')
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """validate's part: the widths against the image size, BatchNorm's decay, the sizes."""
   check_model(config)
+  # The running averages' decay: outside [0, 1] (or NaN) the BatchNorm statistics that the
+  # evaluation uses diverge while the training losses, on batch statistics, look fine.
+  if not 0.0 <= config.model.bn_momentum <= 1.0:
+    raise ConfigError(f'model.bn_momentum = {config.model.bn_momentum} must lie in [0, 1] '
+                      "(the decay of BatchNorm's running averages)")
+  # A model without units fails only after compilation.
+  for name in ('latent_dim', 'hidden_dim'):
+    if config.model[name] < 1:
+      raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
+
+
+def _validate_loss(config: ml_collections.ConfigDict) -> None:
+  """validate's part: the loss's terms, weights and estimator, and the calibration."""
   # SSIM's window must fit in the image; the calibration probes every term, SSIM too.
   probes_ssim = 'dssim' in reconstruction_weights(config) or (
       variant_spec(config.variant).compound_loss and config.calibrate.enabled)
@@ -187,14 +225,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'image_size {config.image_size} is smaller than the SSIM term\'s '
         f'{SSIM_WINDOW}x{SSIM_WINDOW} window: use images of at least {SSIM_WINDOW} pixels, '
         'or switch the term off (loss.weights.dssim=0 and calibrate.enabled=False)')
-  if config.channels not in (1, 3):
-    raise ConfigError(f'channels must be 1 or 3, got {config.channels}')
-  # The data's order comes from numpy's SeedSequence, which takes no negative seed; the
-  # PRNG keys (jax.random.PRNGKey) keep only the low 32 bits of a larger one, so seed and
-  # seed + 2**32 would share parameters and keys (and from 2**63 PRNGKey overflows).
-  if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
-    raise ConfigError(f'seed = {config.seed} must be >= 0 and < 2**32 (a whole number: '
-                      'the PRNG keys take 32 bits of it)')
   for name, value in dict(config.loss.weights).items():
     if name not in RECONSTRUCTION_TERMS:
       raise ConfigError(f'loss.weights.{name} is not a reconstruction term; '
@@ -208,6 +238,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
+  if config.calibrate.enabled and config.calibrate.batches < 1:
+    raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
+                      'when calibrate.enabled (or disable the calibration)')
+
+
+def _validate_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """validate's part: the seed, batch, steps, mapping, gating and intervals."""
+  # The data's order comes from numpy's SeedSequence, which takes no negative seed; the
+  # PRNG keys (jax.random.PRNGKey) keep only the low 32 bits of a larger one, so seed and
+  # seed + 2**32 would share parameters and keys (and from 2**63 PRNGKey overflows).
+  if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+    raise ConfigError(f'seed = {config.seed} must be >= 0 and < 2**32 (a whole number: '
+                      'the PRNG keys take 32 bits of it)')
   if config.batch_size <= 0:
     raise ConfigError(f'batch_size = {config.batch_size} must be >= 1')
   if config.batch_size % num_devices:
@@ -224,22 +267,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   g = config.gating
   if not 0.0 <= g.train_vae_above <= 1.0 or not 0.0 <= g.train_disc_below <= 1.0:
     raise ConfigError('gating thresholds are accuracies and must lie in [0, 1]')
-  # The values below otherwise fail only after compilation (a modulo by zero in the loop,
-  # a model without units) or, worse, after the whole training (evaluation).
+  # Otherwise a modulo by zero in the loop, after compilation.
   for name in ('log_every', 'checkpoint_every', 'image_every', 'stop_check_every'):
     if config[name] < 1:
       raise ConfigError(f'{name} = {config[name]} must be >= 1 (a number of steps)')
   if config.keep_checkpoints < 0:
     raise ConfigError(f'keep_checkpoints = {config.keep_checkpoints} is negative; '
                       'use 0 to keep every checkpoint')
-  # The running averages' decay: outside [0, 1] (or NaN) the BatchNorm statistics that the
-  # evaluation uses diverge while the training losses, on batch statistics, look fine.
-  if not 0.0 <= config.model.bn_momentum <= 1.0:
-    raise ConfigError(f'model.bn_momentum = {config.model.bn_momentum} must lie in [0, 1] '
-                      "(the decay of BatchNorm's running averages)")
-  for name in ('latent_dim', 'hidden_dim'):
-    if config.model[name] < 1:
-      raise ConfigError(f'model.{name} = {config.model[name]} must be >= 1')
+
+
+def _validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  """validate's part: Adam's learning rates and decays."""
   for name in ('learning_rate', 'disc_learning_rate'):
     _check_nonnegative(f'optimizer.{name}', config.optimizer[name])
   for name in ('b1', 'b2'):
@@ -247,19 +285,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not 0.0 <= config.optimizer[name] < 1.0:
       raise ConfigError(f'optimizer.{name} = {config.optimizer[name]} must lie in [0, 1) '
                         "(Adam's decay rate)")
-  # The held-out share of folders and array files without an eval file (NaN would crash
-  # the loader with a traceback; a negative share would read as 0).
-  if not 0.0 <= config.get('eval_fraction', 0.05) < 1.0:
-    raise ConfigError(f'eval_fraction = {config.eval_fraction} must lie in [0, 1) (the '
-                      'share of the images held out for evaluation)')
-  if config.crop_size < 0:
-    raise ConfigError(f'crop_size = {config.crop_size} is negative; 0 means the largest '
-                      'centred square')
-  if config.calibrate.enabled and config.calibrate.batches < 1:
-    raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
-                      'when calibrate.enabled (or disable the calibration)')
-  validate_eval(config)
-  _validate_gabor(config.gabor)
 
 
 def validate_eval(config: ml_collections.ConfigDict) -> None:
