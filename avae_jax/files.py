@@ -97,8 +97,7 @@ def naming_failures(path: PathLike) -> Iterator[None]:
     # The same error (OSError picks the errno's subclass) and traceback, naming the file,
     # raised from what came before it: the unnamed original is left out of the chain,
     # where out_of_space and denied would find it first, and nothing else is.
-    prior = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
-    raise OSError(e.errno, e.strerror, target).with_traceback(e.__traceback__) from prior
+    raise OSError(e.errno, e.strerror, target).with_traceback(e.__traceback__) from _before(e)
 
 
 def denied(error: BaseException) -> OSError | None:
@@ -106,22 +105,31 @@ def denied(error: BaseException) -> OSError | None:
 
   No permission, an immutable file, a read-only file system: raised with the file's name.
   """
-  found = None
-  for e in _chain(error):
-    if (isinstance(e, OSError) and e.filename is not None
-        and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
-      found = e  # the innermost wins: it happened first
-  return found
+  return _innermost(error, lambda e: isinstance(e, OSError) and e.filename is not None
+                    and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-  """`error` and the exceptions it was raised from or while handling, as a traceback shows."""
-  seen = set()
+def _before(error: BaseException) -> BaseException | None:
+  """The exception `error` was raised from or while handling, as a traceback shows it."""
+  if error.__cause__ is not None or error.__suppress_context__:
+    return error.__cause__
+  return error.__context__
+
+
+def _innermost(error: BaseException, matches: Callable[[BaseException], bool]
+               ) -> BaseException | None:
+  """The innermost exception of `error`'s chain (_before) that `matches`, or None.
+
+  The innermost happened first; the others are its consequences (clean-ups that failed).
+  """
+  found, seen = None, set()
   e: BaseException | None = error
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    yield e
-    e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    if matches(e):
+      found = e
+    e = _before(e)
+  return found
 
 
 def out_of_space(error: BaseException) -> BaseException | None:
@@ -131,12 +139,9 @@ def out_of_space(error: BaseException) -> BaseException | None:
   the summaries, a figure), and each clean-up that writes raises again: the innermost
   report is the failure itself, the others its consequences.
   """
-  found = None
-  for e in _chain(error):
-    if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-        or any(m in str(e) for m in _NO_SPACE_MESSAGES)):
-      found = e  # the innermost wins: it happened first
-  return found
+  return _innermost(error, lambda e: (
+      (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+      or any(m in str(e) for m in _NO_SPACE_MESSAGES)))
 
 
 def exists(path: PathLike) -> bool:
