@@ -240,7 +240,6 @@ def train_one(out: str, settings: Any, dataset: str, variant: str, seed: int,
 def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
                 weights: dict[str, float] | None) -> str:
   """train_one's work, in a workdir whose study_report.RUN_LOCK this process holds."""
-  from avae_jax import data  # pylint: disable=g-import-not-at-top
   from avae_jax import distributed  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
@@ -263,7 +262,7 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
         + (' (resuming)' if info['sessions'] > 1 else ''), flush=True)
   started = time.monotonic()
   status = 'done'
-  interrupted = no_space = None
+  interrupted = stopper = None
 
   def ended(status: str) -> float:
     """Records the session's end in `info` (the caller writes it); returns its seconds."""
@@ -291,14 +290,11 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   except trainer.TrainingInterrupted as e:  # checkpointed: the study stops, a rerun resumes
     status, interrupted = f'interrupted: {e}', e
   except Exception as e:  # pylint: disable=broad-except
-    no_space = files.out_of_space(e)
-    # An image the data cannot read is the run's failure (a DataError, from its cause).
-    refused = None if isinstance(e, data.DataError) else files.denied(e)
-    if no_space is not None or refused is not None:
+    stopper = _stops_the_study(e)
+    if stopper is not None:
       # Every later run would fail the same way: the study stops (one line, main's), and
       # a rerun resumes this run from its last checkpoint.
-      problem = f'out of disk space ({no_space})' if no_space is not None else refused
-      status, interrupted = f'interrupted: {problem}', e
+      status, interrupted = f'interrupted: {stopper}', e
     else:
       # One failed run (e.g. a NaN) must not stop the other runs; the report lists it.
       status = f'failed: {type(e).__name__}: {e}'
@@ -309,13 +305,24 @@ def _train_held(out: str, settings: Any, dataset: str, variant: str, seed: int,
   try:
     _write_json(info_path, info)
   except OSError:
-    if no_space is None and refused is None:
+    if stopper is None:
       raise
     # No room for the record either, or no access: it stays 'running', which a rerun
     # counts as killed; the study stops with the first error, not this one.
   if interrupted is not None:
     raise interrupted
   return status
+
+
+def _stops_the_study(error: BaseException) -> str | None:
+  """What in error stops the whole study (a full disk, a refused file); None: its run only."""
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
+  no_space = files.out_of_space(error)
+  if no_space is not None:
+    return f'out of disk space ({no_space})'
+  # An image the data cannot read fails its run (a DataError, from its cause), not the
+  # study; a refused workdir file would fail every later run too.
+  return None if isinstance(error, data.DataError) else files.denied(error)
 
 
 def _recorded_as_running(info_path: str) -> bool:
@@ -437,8 +444,8 @@ def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[RunStatus
         try:
           weights = calibrate(out, settings, dataset)
         except Exception as e:  # pylint: disable=broad-except
-          if files.out_of_space(e) is not None or files.denied(e) is not None:
-            raise  # the study stops as at a run's full disk (train_one)
+          if _stops_the_study(e) is not None:
+            raise  # as at a run's full disk (train_one)
           # Like a failed run: the models that need no λ's, and the other datasets, go
           # on, and the report lists the failure. Not retried each seed: it would fail
           # again, minutes each time.

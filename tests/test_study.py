@@ -1,5 +1,6 @@
 """The study command end to end on the tiny 'test' budget, and the report's arithmetic."""
 
+import errno
 import gzip
 import json
 import os
@@ -906,6 +907,65 @@ def test_a_failed_calibration_fails_its_datasets_compound_loss_runs_only(tmp_pat
   # The report's list of unfinished runs gives the reason.
   info = json.loads((tmp_path / 'shapes' / 'vae_s' / 'seed1' / 'study_run.json').read_text())
   assert info['status'] == failed
+
+
+@pytest.mark.parametrize('refused', ['image', 'workdir file'])
+def test_a_refused_file_in_a_calibration_stops_the_study_unless_an_image(tmp_path,
+                                                                          monkeypatch,
+                                                                          refused):
+  # As in a run (train_one): an image the data cannot read fails what needed it, while a
+  # workdir file refused (or a full disk) would fail every later run too.
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import data  # pylint: disable=g-import-not-at-top
+  denied = PermissionError(errno.EACCES, 'Permission denied', '/somewhere/file')
+
+  def calibrate(out, settings, dataset):
+    del out, settings, dataset
+    if refused == 'workdir file':
+      raise denied
+    raise data.DataError('cannot read /somewhere/file') from denied
+  monkeypatch.setattr(study, 'calibrate', calibrate)
+  monkeypatch.setattr(study, 'train_one', lambda *args: 'done')
+  settings = study_config.get_config('test')
+  settings.seeds = 1
+  settings.datasets = 'shapes'
+  settings.variants = 'vae,vae_s'
+  if refused == 'workdir file':
+    with pytest.raises(PermissionError):
+      study.run_study(str(tmp_path), settings)
+    assert not (tmp_path / 'shapes' / 'vae_s' / 'seed0' / 'study_run.json').exists()
+  else:
+    statuses = study.run_study(str(tmp_path), settings)
+    assert [s.status for s in statuses] == [
+        'done', 'failed: calibration of shapes: DataError: cannot read /somewhere/file']
+
+
+@pytest.mark.parametrize('ending', ['done', 'interrupted'])
+def test_a_run_record_that_cannot_be_written_is_the_error(tmp_path, monkeypatch, ending):
+  # After a run that ended well (or was interrupted), the record's own write error is
+  # what stops the study: the record still says 'running'.
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def train(config, workdir):
+    del config, workdir
+    if ending == 'interrupted':
+      raise trainer.TrainingInterrupted(signal.SIGTERM, 7)
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train)
+  writes = []
+  write_json = study._write_json  # pylint: disable=protected-access
+
+  def write_once(path, value):
+    writes.append(value['status'])
+    if len(writes) > 1:
+      raise PermissionError(errno.EACCES, 'Permission denied', path)
+    write_json(path, value)
+  monkeypatch.setattr(study, '_write_json', write_once)
+  with pytest.raises(PermissionError):
+    study.train_one(str(tmp_path), study_config.get_config('test'), 'shapes', 'vae', 0, None)
+  assert writes[0] == study_report.RUNNING and writes[-1].startswith(ending), writes
+  info = json.loads((tmp_path / 'shapes' / 'vae' / 'seed0' / 'study_run.json').read_text())
+  assert info['status'] == study_report.RUNNING
 
 
 def test_a_study_with_a_failed_run_exits_with_status_1(tmp_path, monkeypatch, capsys):
