@@ -246,7 +246,8 @@ class _DropUnretrievedCheckpointErrors(std_logging.Filter):
   """Drops asyncio's reports of checkpoint errors nobody awaited (see the two below).
 
   Those of failed reads name a checkpoint directory read here; those of a save that
-  filled the disk (the metadata's writes, say) report a full disk, whatever the path.
+  filled the disk or was refused (the metadata's writes, say) report that, whatever the
+  path.
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
@@ -254,7 +255,7 @@ class _DropUnretrievedCheckpointErrors(std_logging.Filter):
     if not record.getMessage().partition('\n')[0].endswith('exception was never retrieved'):
       return True
     error = record.exc_info[1] if record.exc_info else None
-    if error is not None and files.out_of_space(error) is not None:
+    if error is not None and _full_or_refused(error):
       return False
     return not any(d in str(error) for d in _READ_DIRECTORIES)
 
@@ -301,26 +302,33 @@ def _add_filter_once(logger: std_logging.Logger, kind: type[std_logging.Filter])
     logger.addFilter(kind())
 
 
-class _DropOrbaxOutOfSpaceTracebacks(std_logging.Filter):
-  """Drops orbax's logged tracebacks of a full disk (see _quiet_full_disk_saves)."""
+def _full_or_refused(error: BaseException) -> bool:
+  """Whether `error`'s chain reports a full disk or a refused file (cli.exit_if_file_error)."""
+  return files.out_of_space(error) is not None or files.denied(error) is not None
+
+
+class _DropOrbaxFileErrorTracebacks(std_logging.Filter):
+  """Drops orbax's logged tracebacks of a full disk or refused file (_quiet_failed_saves)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
-    return not (from_orbax and error is not None and files.out_of_space(error) is not None)
+    return not (from_orbax and error is not None and _full_or_refused(error))
 
 
-def _quiet_full_disk_saves() -> None:
-  """Silences the noise of a save that fills the disk (once per process, for good).
+def _quiet_failed_saves() -> None:
+  """Silences the noise of a save that fills the disk or is refused (once per process).
 
   orbax's background threads each log the failed write with its traceback (three of
   them, 40 lines each), asyncio reports the failed writes nobody awaited, and the closed
   loop's callbacks add tens more, before and after the save's own error reaches the
   caller (wait_until_finished), where train.py reports it in one line
-  (cli.exit_if_file_error). So those records are dropped, carrying a full disk's error
-  only: any other failure is logged as before.
+  (cli.exit_if_file_error). A checkpoint folder that refuses the save (made read-only or
+  immutable during training) gives two such tracebacks. So those records are dropped,
+  carrying a full disk's or a refused file's error only: any other failure is logged as
+  before.
   """
-  _add_filter_once(logging.get_absl_logger(), _DropOrbaxOutOfSpaceTracebacks)
+  _add_filter_once(logging.get_absl_logger(), _DropOrbaxFileErrorTracebacks)
   _add_filter_once(std_logging.getLogger('asyncio'), _DropUnretrievedCheckpointErrors)
   _drop_closed_loop_callbacks()
   # The writes the failed save never started, garbage-collected at the process's exit
@@ -388,7 +396,7 @@ class Checkpointer:
     finally:
       logging.get_absl_logger().removeFilter(read_only_notice)
     if not read_only:
-      _quiet_full_disk_saves()
+      _quiet_failed_saves()
     self._sharding = _replicated_sharding()
     self._bad_steps: set[int] = set()
     self._closed = False

@@ -322,6 +322,71 @@ def test_a_failed_read_of_many_arrays_prints_only_the_warning(tmp_path):
   assert 'an error of something else' in proc.stderr
 
 
+_CHILD_SAVING_INTO_AN_IMMUTABLE_FOLDER = textwrap.dedent('''
+    import os, subprocess, sys
+    import numpy as np
+    from avae_jax import checkpoint
+
+    directory = sys.argv[1]
+    with checkpoint.Checkpointer(directory, keep=3) as ckpt:
+      ckpt.save(1, {'w': np.ones((64, 64), np.float32)}, {})
+      ckpt.wait()
+      subprocess.run(['chattr', '+i', directory], check=True)
+      try:
+        ckpt.save(2, {'w': np.zeros((64, 64), np.float32)}, {})
+        ckpt.wait()
+      except PermissionError as e:
+        print('refused', e.filename)
+      finally:
+        subprocess.run(['chattr', '-i', directory], check=True)
+    # orbax's signalling threads of the refused save wait for signals that never come, up
+    # to orbax's timeout, and the interpreter's exit waits for them (train.py's does not).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+''')
+
+
+def test_a_save_the_folder_refuses_logs_no_tracebacks(tmp_path):
+  # A checkpoint folder made immutable (or read-only) during training: orbax's background
+  # threads logged the refused rename with its traceback, twice, before the error that
+  # train.py reports in one line (cli.exit_if_file_error).
+  probe = tmp_path / 'probe'
+  probe.mkdir()
+  if subprocess.run(['chattr', '+i', str(probe)], capture_output=True,
+                    check=False).returncode != 0:
+    pytest.skip('chattr +i needs root and a file system that has the attribute')
+  subprocess.run(['chattr', '-i', str(probe)], check=True)
+  script = tmp_path / 'child.py'
+  script.write_text(_CHILD_SAVING_INTO_AN_IMMUTABLE_FOLDER)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  try:
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / 'ckpt')], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  finally:
+    subprocess.run(['chattr', '-i', str(tmp_path / 'ckpt')], capture_output=True,
+                   check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'refused {tmp_path / "ckpt" / "2"}{TMP_SUFFIX}' in proc.stdout, proc.stdout
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('error, where, logged', [
+    (PermissionError(1, 'Operation not permitted', '/c/2.tmp'), '/orbax/', False),
+    (OSError(28, 'No space left on device'), '/orbax/', False),
+    (ValueError('a bug'), '/orbax/', True),
+    (PermissionError(1, 'Operation not permitted', '/c/2.tmp'), '/elsewhere/', True)])
+def test_only_orbaxs_full_disk_and_refused_file_tracebacks_are_dropped(error, where,
+                                                                        logged):
+  try:
+    raise error
+  except OSError if isinstance(error, OSError) else ValueError:
+    record = logging.LogRecord('absl', logging.ERROR, f'/site{where}manager.py', 1,
+                               'save failed', (), sys.exc_info())
+  drop = checkpoint._DropOrbaxFileErrorTracebacks()  # pylint: disable=protected-access
+  assert drop.filter(record) is logged
+
+
 def test_no_readable_checkpoint_raises(tmp_path):
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
