@@ -241,7 +241,7 @@ class TrainedModel:
       if saved is None:
         raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
       config = saved
-    elif saved is not None and _hash(saved) not in (None, config_lib.layout_hash(config)):
+    elif saved is not None and not config_lib.same_layout(_hash(saved), config):
       raise IncompatibleCheckpointError(
           f'{workdir} holds another model than the config describes '
           f'({_differences(saved, config) or "settings differ"}); use the config the model '
@@ -263,7 +263,7 @@ class TrainedModel:
     if restored is None:
       raise NoCheckpointError(f'no readable checkpoint in {ckpt_dir}')
     got_step, tree, meta = restored
-    if meta.get('config_hash') not in (None, config_lib.layout_hash(config)):
+    if not config_lib.same_layout(meta.get('config_hash'), config):
       raise IncompatibleCheckpointError(
           f'checkpoint {got_step} in {ckpt_dir} was written for another model than the '
           f'config describes (variant {config.variant}, image_size {config.image_size}); '

@@ -387,3 +387,8 @@ def layout_hash(config: ml_collections.ConfigDict) -> str:
   model = settings.pop('model')
   keys = {**settings, **model}  # flat, as the checkpoints of earlier runs were fingerprinted
   return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_layout(recorded: str | None, config: ml_collections.ConfigDict) -> bool:
+  """Whether a recorded layout_hash is config's; None (an earlier version recorded none) is."""
+  return recorded in (None, layout_hash(config))

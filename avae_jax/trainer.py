@@ -510,7 +510,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
   if restored is None:
     return None
   step, tree, meta = restored
-  if meta.get('config_hash') not in (None, config_lib.layout_hash(config)):
+  if not config_lib.same_layout(meta.get('config_hash'), config):
     raise another_model()
   if meta.get('seed') not in (None, int(config.seed)):  # None: an earlier version's
     # The seed draws the initial model, the data order and every step's noise: going on
