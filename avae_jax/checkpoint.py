@@ -385,6 +385,11 @@ class Checkpointer:
         # A previous run killed mid-save leaves `<step>.orbax-checkpoint-tmp`.
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
+        # The step's directories made in save(), not in a background thread: when that
+        # thread's mkdir is refused (an immutable or read-only checkpoint folder), the
+        # save's other threads wait for its signal for orbax's timeout (20 minutes), and
+        # so does the process's exit.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         # Read-only: 0, as orbax would set it itself (with a warning).
         save_interval_steps=0 if read_only else 1,
     )
