@@ -322,7 +322,8 @@ def _stops_the_study(error: BaseException) -> str | None:
     return f'out of disk space ({no_space})'
   # An image the data cannot read fails its run (a DataError, from its cause), not the
   # study; a refused workdir file would fail every later run too.
-  return None if isinstance(error, data.DataError) else files.denied(error)
+  refused = None if isinstance(error, data.DataError) else files.denied(error)
+  return None if refused is None else str(refused)
 
 
 def _recorded_as_running(info_path: str) -> bool:
