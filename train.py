@@ -43,6 +43,10 @@ _EXPLAINED = (config_lib.ConfigError, distributed.DistributedConfigError, data.D
               trainer.NonFiniteLossError, checkpoint.CheckpointError)
 
 
+# What to do after a full disk or a refused file (cli.exit_if_file_error).
+_THEN = 'run the same command to resume from the latest checkpoint (those saved so far are kept)'
+
+
 _INTERRUPTED = ('train.py: interrupted by Ctrl-C; the checkpoints saved so far are kept, and '
                 'the same command resumes from the latest one')
 
@@ -78,10 +82,6 @@ def main(argv: list[str]) -> None:
     sys.exit(128 + e.signum)  # the shell's status for death by that signal
   except _EXPLAINED as e:
     _fail(e)
-
-
-# What to do after a full disk or a refused file (cli.exit_if_file_error).
-_THEN = 'run the same command to resume from the latest checkpoint (those saved so far are kept)'
 
 
 def _fail(error: Exception) -> NoReturn:
