@@ -1172,10 +1172,14 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
     if parts['train'] and parts['eval']:
       logging.info('arrays:%s: train split from %s, eval split from %s', spec,
                    ', '.join(sources['train']), ', '.join(sources['eval']))
-    else:
+    elif parts['train']:
       logging.info('arrays:%s: no file is named as an eval split (a word %s of its name), '
                    'so eval is held out of %s (eval_fraction)', spec,
-                   '/'.join(sorted(EVAL_TOKENS)), ', '.join(sources['train'] or sources['eval']))
+                   '/'.join(sorted(EVAL_TOKENS)), ', '.join(sources['train']))
+    else:  # a test set trained on is more likely a slip than a choice
+      logging.warning('arrays:%s: every file is named as an eval split (%s), so the model '
+                      'trains on their images and eval is held out of them (eval_fraction)',
+                      spec, ', '.join(sources['eval']))
 
   def join(xs: list[np.ndarray]) -> np.ndarray:
     if len(xs) == 1:

@@ -656,6 +656,14 @@ def test_arrays_log_which_file_went_to_which_split(tmp_path, caplog):
   assert caplog.messages == [f'arrays:{tmp_path}: train split from x_train.npy, eval split '
                              'from x_test.npy']
   np.testing.assert_array_equal(data.load(cfg, 'eval').get(np.arange(4))[..., 0], floats)
+  caplog.clear()
+  # Test images only: trained on, which the log says as a warning, not as "no file is named".
+  (tmp_path / 'x_train.npy').unlink()
+  assert data.load(cfg, 'train').num_examples == 3
+  assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+      (logging.WARNING, f'arrays:{tmp_path}: every file is named as an eval split '
+       '(x_test.npy), so the model trains on their images and eval is held out of them '
+       '(eval_fraction)')]
 
 
 def test_arrays_npz_keys(tmp_path):
