@@ -781,9 +781,13 @@ def _folder_rows(names: list[str], split: str, fraction: float, what: str) -> np
   by_name = bool(marked.any() and not marked.all())
   several = len(set(dirs)) > 1
   if split == 'train':  # once per run, as for arrays:
-    logging.info('%s: the eval split is %s', what,
-                 'the directories named as one' if by_name else
-                 f'held out ({"at random" if several else "the last files"}, eval_fraction)')
+    held_out = f'held out ({"at random" if several else "the last files"}, eval_fraction)'
+    if marked.all():  # as arrays: warns
+      logging.warning('%s: every image is below a directory named as an eval split, so the '
+                      'model trains on them and the eval split is %s', what, held_out)
+    else:
+      logging.info('%s: the eval split is %s', what,
+                   'the directories named as one' if by_name else held_out)
   if not by_name:
     return _holdout_rows(len(names), split, fraction, what, shuffled=several)
   if split != 'eval':

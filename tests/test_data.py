@@ -136,7 +136,7 @@ def _values(source):
   return [int(round(v * 255)) for v in source.get(np.arange(len(source)))[:, 0, 0, 0]]
 
 
-def test_folder_directories_named_as_splits_are_the_splits(tmp_path):
+def test_folder_directories_named_as_splits_are_the_splits(tmp_path, caplog):
   names = ['test/cat/0.png', 'test/dog/1.png', 'test/dog/2.png', 'train/cat/3.png',
            'train/dog/4.png', 'train/dog/5.png', 'train/dog/6.png']
   value = _folder_of_values(tmp_path / 'pets', names)
@@ -155,12 +155,18 @@ def test_folder_directories_named_as_splits_are_the_splits(tmp_path):
   assert _values(data.load(cfg, 'eval')) == [value['Val/0.png']]
   assert _values(data.load(cfg, 'train')) == [value[n] for n in names[1:]]
   # Every image below test/: no train split by name, so eval is held out as without one
-  # (the last half of one directory's files).
+  # (the last half of one directory's files), and the log warns that test images train.
   names = [f'test/{i}.png' for i in range(4)]
   value = _folder_of_values(tmp_path / 'only_test', names)
   cfg = _config(dataset=f'folder:{tmp_path / "only_test"}', channels=1, eval_fraction=0.5)
   assert _values(data.load(cfg, 'eval')) == [value[n] for n in names[2:]]
+  caplog.set_level(logging.INFO, logger='absl')
+  caplog.clear()
   assert _values(data.load(cfg, 'train')) == [value[n] for n in names[:2]]
+  assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+      (logging.WARNING, f'folder {tmp_path / "only_test"}: every image is below a directory '
+       'named as an eval split, so the model trains on them and the eval split is held out '
+       '(the last files, eval_fraction)')]
 
 
 def test_folder_of_several_directories_holds_out_a_random_fraction(tmp_path):
