@@ -14,9 +14,11 @@ and the PNG figures (also to TensorBoard under WORKDIR/eval). FID needs the Ince
 `python -m avae_jax.inception fetch` (without them FID is skipped with that advice).
 """
 
+import contextlib
 import os
 import signal
 import sys
+from typing import Iterator
 import warnings
 
 # Ctrl-C while the modules below load (seconds: JAX's) ends the program as the signal does
@@ -71,6 +73,18 @@ _EXPLAINED = (api.WorkdirError, config_lib.ConfigError, distributed.DistributedC
               data.DataError, checkpoint.CheckpointError)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(show: bool = True) -> Iterator[None]:
+  """Prints the library's warnings inside as eval.py's one-line warnings (where `show`)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    try:
+      yield
+    finally:
+      for w in caught if show else ():
+        print(f'eval.py: warning: {w.message}', file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
   """Restores the model, evaluates it on the eval split and writes WORKDIR/eval."""
   if len(argv) > 1:
@@ -88,14 +102,11 @@ def main(argv: list[str]) -> None:
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):
-      from_workdir = config is None
-      if from_workdir:
-        # The library's warning for missing fields, as one line of this program's.
-        with warnings.catch_warnings(record=True) as caught:
-          warnings.simplefilter('always')
+      # Whether num_devices is config.json's: the training machine's count.
+      saved_devices = False
+      if config is None:
+        with _warnings_as_lines():  # the fields an older version's file lacks
           config = api.read_config(workdir, fill_defaults=True)
-        for w in caught:
-          print(f'eval.py: warning: {w.message}', file=sys.stderr, flush=True)
         if config is None:
           # An untrained workdir (a first run stopped before its first checkpoint) has no
           # config either: what it lacks first is the model.
@@ -103,13 +114,14 @@ def main(argv: list[str]) -> None:
           raise api.WorkdirError(f'{workdir} has no {api.CONFIG_FILE} (written by train.py); '
                                  'pass the training config with --config=...')
         cli.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
+        saved_devices = '--config.num_devices' not in dict(_SAVED_CONFIG_OVERRIDES)
       config_lib.validate_eval(config)
       xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
       distributed.initialize()
       # With several processes, one that fails alone ends at once (see train.py).
       with distributed.exit_on_error():
         try:
-          _evaluate(config, workdir, from_workdir)
+          _evaluate(config, workdir, saved_devices)
         except _EXPLAINED as e:
           # Raised here, inside exit_on_error, as SystemExit: that prints no traceback.
           sys.exit(f'eval.py: error: {e}')
@@ -130,7 +142,11 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
   As 'field old -> new', against WORKDIR/config.json (nothing where it has none readable).
   """
   try:
-    saved = api.read_config(workdir)
+    # A field an older version's file lacks had its default's meaning (a missing crop_size
+    # was no crop); read_config names such fields where the file is the config.
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      saved = api.read_config(workdir, fill_defaults=True)
   except api.WorkdirError:
     return []
   if saved is None:
@@ -150,18 +166,22 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
   return [f'{k} {a!r} -> {b!r}' for k, a, b in config_lib.differences(pick(saved), pick(config))]
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str, from_workdir: bool) -> None:
-  """main's work once the config is known and the distributed runtime is up."""
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, saved_devices: bool) -> None:
+  """main's work once the config is known and the distributed runtime is up.
+
+  `saved_devices`: config.num_devices is config.json's (not one the command line gave).
+  """
   is_main = jax.process_index() == 0  # prints and writes, as in the evaluation itself
   available = len(jax.local_devices())
-  if from_workdir and int(config.num_devices) > available:
+  if saved_devices and int(config.num_devices) > available:
     # The saved count is the training machine's; the evaluation runs on any count.
     if is_main:
       print(f'eval: {api.CONFIG_FILE} asks for num_devices={config.num_devices}, this '
             f'machine has {available}: using all {available}', flush=True)
     config.num_devices = 0
   devices = parallel.local_devices(config)
-  model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
+  with _warnings_as_lines(is_main):  # a damaged config.json beside a given config
+    model = api.TrainedModel.load(workdir, step=_STEP.value, config=config, devices=devices)
   if is_main:
     print(f'eval: restored step {model.step} from {workdir}', flush=True)
   # After the load, which refuses a config whose model does not match the checkpoint's.

@@ -236,16 +236,22 @@ class TrainedModel:
     step = None if step is None else visualize.integer(step, 'step', 0)
     require_checkpoint(workdir)
     ckpt_dir = epath.Path(workdir) / config_lib.CHECKPOINT_DIR
-    saved = read_config(workdir, fill_defaults=config is None)
     if config is None:
-      if saved is None:
+      config = read_config(workdir, fill_defaults=True)
+      if config is None:
         raise WorkdirError(f'{workdir} has no {CONFIG_FILE}; pass the training config')
-      config = saved
-    elif saved is not None and not config_lib.same_layout(_hash(saved), config):
-      raise IncompatibleCheckpointError(
-          f'{workdir} holds another model than the config describes '
-          f'({_differences(saved, config) or "settings differ"}); use the config the model '
-          'was trained with')
+    else:
+      try:
+        saved = read_config(workdir)
+      except WorkdirError as e:
+        # The given config builds the model; the checkpoint's own fingerprint checks it.
+        warnings.warn(f'{e}; using the given config', stacklevel=2)
+        saved = None
+      if saved is not None and not config_lib.same_layout(_hash(saved), config):
+        raise IncompatibleCheckpointError(
+            f'{workdir} holds another model than the config describes '
+            f'({_differences(saved, config) or "settings differ"}); use the config the '
+            'model was trained with')
     template = _state_template(config)
     ckpt = checkpoint.Checkpointer(str(ckpt_dir), keep=None, async_save=False, read_only=True)
     try:

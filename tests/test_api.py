@@ -399,6 +399,20 @@ def test_a_config_json_of_an_older_version_gets_the_default_values(tmp_path, wor
   assert 'hidden_dim' not in api.read_config(str(old)).model
 
 
+def test_a_damaged_config_json_is_warned_about_when_a_config_is_given(tmp_path, workdir):
+  # The given config does not need the file; it was refused all the same (eval.py too).
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  (run / api.CONFIG_FILE).write_text('{"variant": ')
+  with pytest.warns(UserWarning, match='is not a readable config .*; using the given config'):
+    assert api.TrainedModel.load(str(run), config=tiny_config()).step == TRAINED_STEPS
+  # The checkpoint still refuses another model, and without a config the file is needed.
+  with pytest.warns(UserWarning), pytest.raises(api.IncompatibleCheckpointError):
+    api.TrainedModel.load(str(run), config=tiny_config(variant='vae_s'))
+  with pytest.raises(api.WorkdirError, match='is not a readable config'):
+    api.TrainedModel.load(str(run))
+
+
 @pytest.mark.parametrize('change, named', [
     ({'image_size': 32}, 'image_size'),
     ({'variant': 'vae_s'}, 'variant'),

@@ -94,6 +94,29 @@ def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   assert f'eval: removed 1 temporary file(s) of a killed write in {run / "eval"}' in proc.stdout
 
 
+def test_a_damaged_config_json_beside_a_given_config_is_one_warning(tmp_path, workdir):
+  # It stopped the evaluation, although --config needs no config.json.
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  (run / 'config.json').write_text('{"variant": ')
+  proc = _eval(run, '--config.eval.num_images=4')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  warning, = [line for line in proc.stderr.splitlines() if 'config.json' in line]
+  assert warning.startswith(f'eval.py: warning: {run / "config.json"} is not a readable '
+                            'config (JSON): ') and warning.endswith('; using the given config')
+  assert 'UserWarning' not in proc.stderr
+  assert (run / 'eval' / 'metrics.json').exists()
+
+
+def test_a_device_count_given_without_config_is_not_replaced(workdir):
+  # It was taken for config.json's and replaced by this machine's count.
+  proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}',
+                         '--config.num_devices=512'], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, check=False)
+  _assert_clean_failure(proc, 'num_devices=512 but only')
+  assert 'asks for num_devices' not in proc.stdout
+
+
 def test_an_evaluation_directory_it_cannot_write_stops_with_a_clear_message(tmp_path,
                                                                             workdir):
   # WORKDIR/eval a file: the SummaryWriter's OSError was a traceback, as was a read-only
@@ -228,6 +251,15 @@ def settings(dataset, changes):
   return c
 
 results = {{}}
+# A config.json of an older version, without crop_size: it cropped nothing.
+workdir = os.path.join({str(tmp_path)!r}, 'old')
+os.makedirs(workdir)
+saved = settings('mnist', {{}}).to_dict()
+del saved['crop_size']
+with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  json.dump(saved, f)
+results['old'] = [cli._other_data_settings(workdir, settings('mnist', changes))
+                  for changes in ({{}}, {{'crop_size': 20}})]
 for dataset in ('mnist', 'shapes'):
   workdir = os.path.join({str(tmp_path)!r}, dataset)
   os.makedirs(workdir)
@@ -245,3 +277,5 @@ print(json.dumps(results))
   assert results['mnist'] == [[], [split]]
   # shapes has no splits: its eval images are drawn from the seed and num_eval alone.
   assert results['shapes'] == [['shapes.num_eval 1024 -> 100'], []]
+  # Not 'crop_size None -> 0' for a field the file lacks, but a real change.
+  assert results['old'] == [[], ['crop_size 0 -> 20']]
