@@ -106,6 +106,24 @@ def test_a_publish_dir_that_is_a_file_is_a_usage_error_before_the_study(tmp_path
   assert 'Traceback' not in proc.stderr and not os.listdir(tmp_path / 'out')
 
 
+@pytest.mark.parametrize('out', ['docs/results/runs', 'docs'])
+def test_an_out_that_publishing_would_replace_is_a_usage_error(tmp_path, out):
+  # Publishing deletes DOCS/results before copying OUT/results there: a report remade from
+  # the published records lost them, and ended with a FileNotFoundError traceback.
+  out = tmp_path / out
+  out.mkdir(parents=True)
+  (out / study_report.STUDY_FILE).write_text('{}')
+  proc = _study(f'--out={out}', '--budget=test', '--report_only', '--publish',
+                f'--publish_dir={tmp_path / "docs"}', check=False)
+  assert proc.returncode == 1
+  where = ('the --publish_dir' if out == tmp_path / 'docs'
+           else f'in {tmp_path / "docs" / "results"}')
+  assert (f'--out={out} is {where}, which publishing replaces with the report\'s figures and '
+          'records') in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert os.listdir(out) == [study_report.STUDY_FILE]
+
+
 def test_a_negative_max_hours_is_a_usage_error(tmp_path):
   proc = _study(f'--out={tmp_path}', '--budget=test', '--max_hours=-1', check=False)
   assert proc.returncode == 1
