@@ -36,8 +36,10 @@ _IMAGES = flags.DEFINE_integer('images', 1024, 'images timed (of --folder, or ma
                                lower_bound=1)
 _BATCH = flags.DEFINE_integer('batch', 64, 'images per batch', lower_bound=1)
 _BATCHES = flags.DEFINE_integer('batches', 20, 'timed batches per reader', lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 96, 'side of the preprocessed images')
-_CROP_SIZE = flags.DEFINE_integer('crop_size', 148, 'centre crop before resizing (0: largest)')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 96, 'side of the preprocessed images',
+                                   lower_bound=1)
+_CROP_SIZE = flags.DEFINE_integer('crop_size', 148, 'centre crop before resizing (0: largest)',
+                                  lower_bound=0)
 _CHANNELS = flags.DEFINE_integer('channels', 3, '1 or 3')
 
 
@@ -77,8 +79,19 @@ def images_per_s(source: data.Source, batch: int, batches: int) -> float:
 
 
 def main(argv: list[str]) -> None:
-  """Prints the three readers' rates."""
-  del argv
+  """Prints the three readers' rates; a setting the data refuses is one line, as it says."""
+  if len(argv) > 1:
+    # A folder given without --folder= would time the made-up images instead.
+    sys.exit(f'data_timings.py: error: unexpected arguments {argv[1:]} (a folder is '
+             '--folder=DIR)')
+  try:
+    _time_readers()
+  except data.DataError as e:  # --channels=2, a crop larger than the images
+    sys.exit(f'data_timings.py: error: {e}')
+
+
+def _time_readers() -> None:
+  """main's work: prints one JSON line per reader."""
   with tempfile.TemporaryDirectory() as tmp:
     folder = os.path.join(tmp, 'images')
     if _FOLDER.value:
@@ -95,8 +108,10 @@ def main(argv: list[str]) -> None:
 
     cached = data._folder_cached  # pylint: disable=protected-access
     data._folder_cached = lambda *args: None  # pylint: disable=protected-access
-    lazy = data.load(config, 'train')
-    data._folder_cached = cached  # pylint: disable=protected-access
+    try:
+      lazy = data.load(config, 'train')
+    finally:
+      data._folder_cached = cached  # pylint: disable=protected-access
     if lazy.num_examples < _BATCH.value:
       # One line: absl's UsageError would print the whole docstring before it.
       sys.exit(f'data_timings.py: error: --batch={_BATCH.value} is more than the '

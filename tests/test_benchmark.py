@@ -666,6 +666,23 @@ def test_data_timings_script_times_three_readers_without_touching_the_users_cach
   assert '--batch=8 is more than the 3 training images' in too_big.stderr
 
 
+@pytest.mark.parametrize('args, message', [
+    # A folder without --folder=: the made-up images were timed instead.
+    (['images_dir'], "unexpected arguments ['images_dir'] (a folder is --folder=DIR)"),
+    (['--channels=2'], 'config.channels must be 1 (grayscale) or 3 (RGB), got 2'),
+    (['--crop_size=500'], 'crop_size 500 is larger than the image (218x178)'),
+    (['--image_size=0'], '--image_size=0: 0 is not a positive integer'),
+    (['--crop_size=-5'], '--crop_size=-5: -5 is not a non-negative integer'),
+])
+def test_data_timings_refuses_what_it_cannot_time_in_one_line(tmp_path, args, message):
+  env = dict(os.environ, HOME=str(tmp_path), JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, os.path.join('scripts', 'data_timings.py'),
+                        '--images=4', '--batch=2', '--batches=1', *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr, out.stderr[-4000:]
+  assert message in out.stderr and not out.stdout.strip()
+
+
 @pytest.mark.parametrize('flag', ['--batch=0', '--batch=-1', '--repeats=0'])
 def test_op_timings_refuses_a_batch_or_repeats_below_one(flag):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
