@@ -223,7 +223,7 @@ def _replicated_sharding() -> NamedSharding:
   return NamedSharding(Mesh(np.array(devices), ('process',)), PartitionSpec())
 
 
-def _all_processes_agree(ok: bool) -> bool:
+def all_processes_agree(ok: bool) -> bool:
   """Returns True iff `ok` holds on every process (collective when multi-process)."""
   if jax.process_count() == 1:
     return ok
@@ -545,7 +545,7 @@ class Checkpointer:
       raise ValueError(str(e)) from None
     except Exception as e:  # pylint: disable=broad-exception-caught
       error = e
-    if not _all_processes_agree(error is None) and error is None:
+    if not all_processes_agree(error is None) and error is None:
       read, error = None, CheckpointError('another process could not read it')
     return read, error
 
@@ -607,7 +607,7 @@ class Checkpointer:
   def _deleted(self, step: int) -> bool:
     """Whether checkpoint `step` is gone from the directory on every process."""
     self._manager.reload()
-    return _all_processes_agree(step not in self.all_steps())
+    return all_processes_agree(step not in self.all_steps())
 
   def _restore_step(self, step: int, names: list[tuple[str, ...]],
                     specs: list[_LeafSpec]) -> tuple[list[Any], dict]:

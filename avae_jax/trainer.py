@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from absl import logging
 import jax
@@ -467,27 +467,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'runs have theirs in it (OUT/<dataset>/<variant>/seed<k>): give train.py a workdir '
         'of its own')
   ckpt_dir = os.path.join(workdir, config_lib.CHECKPOINT_DIR)
-  # Two runs on one workdir would write the same checkpoints: the second one stops here.
-  try:
-    with files.exclusive(workdir, 'train.py') if is_main else contextlib.nullcontext():
-      # Checked too (in the workdir this run holds): a file in its place failed the first
-      # save, after the steps up to it had run.
-      problem = files.output_dir_problem(ckpt_dir, 'the checkpoint directory')
-      if problem:
-        raise config_lib.ConfigError(problem)
-      if is_main:
-        # Orbax cleans its own temporary checkpoints when the Checkpointer opens.
-        removed = files.remove_dead_temporaries(workdir, skip=(config_lib.CHECKPOINT_DIR,))
-        if removed:
-          print(f'removed {len(removed)} temporary file(s) of a killed write in {workdir}',
-                flush=True)
-      # Closed on every way out, failures too (a study or a notebook goes on in this
-      # process); the loop closes it before the evaluation, and closing twice is harmless.
-      with checkpoint.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints)) as ckpt:
-        return _train_and_evaluate(config, workdir, run, ckpt)
-  except files.LockedError as e:
-    raise config_lib.ConfigError(f'{e}; wait for that run to end, stop it, or use another '
-                                 'workdir') from None
+  with _run_lock(workdir):
+    # Checked too (in the workdir this run holds): a file in its place failed the first
+    # save, after the steps up to it had run.
+    problem = files.output_dir_problem(ckpt_dir, 'the checkpoint directory')
+    if problem:
+      raise config_lib.ConfigError(problem)
+    if is_main:
+      # Orbax cleans its own temporary checkpoints when the Checkpointer opens.
+      removed = files.remove_dead_temporaries(workdir, skip=(config_lib.CHECKPOINT_DIR,))
+      if removed:
+        print(f'removed {len(removed)} temporary file(s) of a killed write in {workdir}',
+              flush=True)
+    # Closed on every way out, failures too (a study or a notebook goes on in this
+    # process); the loop closes it before the evaluation, and closing twice is harmless.
+    with checkpoint.Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints)) as ckpt:
+      return _train_and_evaluate(config, workdir, run, ckpt)
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: str) -> Iterator[None]:
+  """Process 0 holds the workdir's lock inside; ConfigError on every process if it is taken.
+
+  Two runs on one workdir would write the same checkpoints: the second one stops here. Its
+  other processes stop with the same error (left to go on, they were aborted by the JAX
+  runtime in the checkpointer's first collective, with a stack dump, once process 0 left).
+  """
+  with contextlib.ExitStack() as stack:
+    taken = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(files.exclusive(workdir, 'train.py'))
+      except files.LockedError as e:
+        taken = str(e)
+    if not checkpoint.all_processes_agree(taken is None):
+      raise config_lib.ConfigError(
+          f'{taken or workdir + " is in use by another run (process 0 names it)"}; wait for '
+          'that run to end, stop it, or use another workdir')
+    yield
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, total_steps: int,

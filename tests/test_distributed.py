@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from avae_jax import files
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch.py')
 
@@ -952,6 +954,22 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
   assert 'OSError: a read error injected into process 1' in result.stdout
   assert '[p1] process 1 of 2 failed; exiting now' in result.stdout
   assert '[launch] process 1 exited with code 1' in result.stdout, result.stdout[-6000:]
+
+
+def test_a_workdir_in_use_stops_every_process_with_one_line(env, tmp_path):
+  # Process 0 alone holds the lock: the other went on into the checkpointer's collective
+  # and was aborted there by the JAX runtime, with a stack dump, once process 0 had left.
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with files.exclusive(workdir, 'the test'):
+    result = _launch(env, 2, 1, ['train.py', *_cli(OVERRIDES), f'--workdir={workdir}'])
+  assert result.returncode == 1, result.stdout[-6000:]
+  held = f'{workdir} is in use by the test (pid {os.getpid()} on '
+  assert f'[p0] train.py: error: {held}' in result.stdout, result.stdout[-6000:]
+  assert (f'[p1] train.py: error: {workdir} is in use by another run (process 0 names it); '
+          'wait for that run to end') in result.stdout, result.stdout[-6000:]
+  assert 'Check failure' not in result.stdout and 'Fatal Python error' not in result.stdout
+  assert '[launch] process 1 was killed' not in result.stdout
 
 
 def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
