@@ -26,8 +26,6 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from avae_jax import files
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch.py')
 
@@ -959,6 +957,8 @@ def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
 def test_a_workdir_in_use_stops_every_process_with_one_line(env, tmp_path):
   # Process 0 alone holds the lock: the other went on into the checkpointer's collective
   # and was aborted there by the JAX runtime, with a stack dump, once process 0 had left.
+  # (Imported here: this file also runs as a worker script, without the repository's path.)
+  from avae_jax import files  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   workdir.mkdir()
   with files.exclusive(workdir, 'the test'):
