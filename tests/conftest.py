@@ -2,6 +2,14 @@
 run for real."""
 
 import os
+import signal
+
+# A shell starts its background jobs with SIGINT ignored, which every child inherits: the
+# Ctrl-C tests would signal processes that do not hear it (and wait for them in vain).
+# A handler is not inherited (exec resets it to the default), so the tests' processes and
+# the programs they start get Ctrl-C however pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -468,28 +468,14 @@ def test_a_program_that_cannot_be_run_is_a_clear_error(tmp_path):
   assert 'Permission denied' in denied.stderr
 
 
-def popen_with_sigint(*args: Any, **kwargs: Any) -> subprocess.Popen:
-  """Popen whose process gets Ctrl-C even when pytest runs as a background job.
-
-  A shell starts background jobs with SIGINT ignored, which a child inherits; a handler
-  is not inherited (exec resets it to the default). No preexec_fn: forking a process
-  that runs JAX's threads is unsafe.
-  """
-  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    return subprocess.Popen(*args, **kwargs)
-  finally:
-    signal.signal(signal.SIGINT, previous)
-
-
 def _start_until_ready(tmp_path, program: str, args: list[str],
                        **launch_kwargs: Any) -> tuple[subprocess.Popen, list[str]]:
   """`program` under the launcher on 2 processes (output merged) and its lines, once both
   printed 'ready'."""
   script = tmp_path / 'program.py'
   script.write_text(program)
-  launcher = popen_with_sigint(_launch_args(2, 1, [str(script), *args], **launch_kwargs),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  launcher = subprocess.Popen(_launch_args(2, 1, [str(script), *args], **launch_kwargs),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines: list[str] = []
   try:
     while len(set(re.findall(r'^\[p(\d)\] ready', ''.join(lines), re.M))) < 2:
@@ -624,9 +610,9 @@ def test_ctrl_c_during_a_gc_callback_ends_the_program(tmp_path, mode):
   script = tmp_path / 'program.py'
   script.write_text(_GC_PROGRAM)
   stop = tmp_path / 'stop'
-  proc = popen_with_sigint([sys.executable, str(script), mode, str(stop)], cwd=REPO,
-                           env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, str(script), mode, str(stop)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == 'ready\n'
     time.sleep(0.5)  # into the loop
@@ -858,7 +844,7 @@ def _interrupt_long_run(env_: dict[str, str], workdir: str, devices: int,
   """
   long_run = dict(OVERRIDES, adversarial_steps=100000, checkpoint_every=100000,
                   **(overrides or {}))
-  proc = popen_with_sigint(
+  proc = subprocess.Popen(
       _launch_args(2, devices, ['train.py', *_cli(long_run), f'--workdir={workdir}'],
                    **launch_kwargs),
       cwd=REPO, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

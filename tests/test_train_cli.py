@@ -220,13 +220,10 @@ def _signal_when(env, workdir, ready, sig, overrides=None, *, wrapper=()):
   `wrapper`: a script and its arguments that run train.py's command line (below).
   Returns the exit status (-sig if the signal killed the process).
   """
-  from tests import test_distributed  # pylint: disable=g-import-not-at-top
   args = cli_args(workdir, BASE if overrides is None else overrides)
   args[1:1] = [str(a) for a in wrapper]
   with open(workdir / 'killed.out', 'a') as out, open(workdir / 'killed.err', 'a') as err:
-    # SIGINT reaches the run even when pytest itself runs as a background job.
-    proc = test_distributed.popen_with_sigint(args, env=env, cwd=ROOT, stdout=out,
-                                              stderr=err)
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=err)
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
       while proc.poll() is None and time.monotonic() < deadline:
@@ -393,13 +390,11 @@ def test_ctrl_c_while_the_modules_load_ends_without_a_traceback(cli_env, tmp_pat
   # SIGINT: Python's own raised KeyboardInterrupt inside an import there, with a
   # traceback. A process that was already past its imports (main catches SIGINT again)
   # ends with main's one line instead.
-  from tests import test_distributed  # pylint: disable=g-import-not-at-top
   args = [sys.executable, program, '--config=configs/default.py']
   if program == 'train.py':
     args.append(f'--workdir={tmp_path / "w"}')
-  proc = test_distributed.popen_with_sigint(args, env=cli_env, cwd=ROOT,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)
+  proc = subprocess.Popen(args, env=cli_env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   try:
     sent = False
     deadline = time.monotonic() + 120
