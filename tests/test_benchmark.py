@@ -236,8 +236,10 @@ def test_ctrl_c_is_one_line_and_status_130():
       assert line, 'benchmark.py ended before compiling'
       line = proc.stderr.readline()
     proc.send_signal(signal.SIGINT)  # in the timed steps
+    # Waited for before reading: a run that did not stop would be read to its end.
+    status = proc.wait(timeout=60)
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, err
+    assert status == 130, err
   finally:
     proc.kill()
   assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
@@ -263,8 +265,9 @@ def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
       time.sleep(0.1)
     twin = int(pid_file.read_text())
     proc.send_signal(signal.SIGINT)  # to benchmark.py alone, as `kill -INT` sends it
+    status = proc.wait(timeout=60)  # before reading, as above
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130, err
+    assert status == 130, err
   finally:
     proc.kill()
   assert 'benchmark.py: interrupted by Ctrl-C' in err and 'Traceback' not in err, err
