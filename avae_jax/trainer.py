@@ -34,6 +34,7 @@ from avae_jax import files
 from avae_jax import inception
 from avae_jax import losses
 from avae_jax import parallel
+from avae_jax import prefetch
 from avae_jax import steps
 from avae_jax import summary
 from avae_jax import visualize
@@ -243,7 +244,7 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
       total_steps=k, every=int(config.log_every), enabled=jax.process_index() == 0,
       phases=[summary.Phase('probe', k)], log=lambda line: logging.info('calibration: %s', line))
   history = []
-  with data.prefetch_to_devices(batches, devices, axis_name=probe_cfg.axis_name) as it:
+  with prefetch.to_devices(batches, devices, axis_name=probe_cfg.axis_name) as it:
     for i in range(k):
       if i == 0:
         progress.compiling(0)
@@ -651,7 +652,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Ru
     last_saved = step
 
   # Sharded over the steps' axis, as the states are: the steps take both as they come.
-  batches = data.prefetch_to_devices(
+  batches = prefetch.to_devices(
       _train_batches(config, run.train_source, run.devices, int(config.seed),
                      start_step), run.devices, axis_name=run.step_config.axis_name)
   progress = summary.ProgressLogger(

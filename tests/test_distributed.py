@@ -767,6 +767,7 @@ def _gating_worker() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from avae_jax import data  # pylint: disable=g-import-not-at-top
   from avae_jax import parallel  # pylint: disable=g-import-not-at-top
+  from avae_jax import prefetch  # pylint: disable=g-import-not-at-top
   from avae_jax import steps  # pylint: disable=g-import-not-at-top
   from avae_jax import trainer  # pylint: disable=g-import-not-at-top
 
@@ -778,7 +779,7 @@ def _gating_worker() -> None:
     fns = parallel.make_steps(cfg, devices, method=method)
     vae, disc = steps.create_train_states(config, jax.random.PRNGKey(0), source.image_shape)
     r_vae, r_disc = parallel.replicate(vae, devices), parallel.replicate(disc, devices)
-    batches = data.prefetch_to_devices(
+    batches = prefetch.to_devices(
         data.batches(source, batch_size=config.batch_size, seed=config.seed,
                      process_index=jax.process_index(), process_count=jax.process_count(),
                      num_local_devices=len(devices)), devices)

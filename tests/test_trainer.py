@@ -121,7 +121,7 @@ def test_a_finished_run_leaves_no_producer_thread_and_each_step_gets_its_key(tmp
   before = {t for t in threading.enumerate() if t.is_alive()}
   train(dict(BASE, pretrain_steps=2, adversarial_steps=2, checkpoint_every=2), tmp_path / 'run')
   left = {t for t in threading.enumerate() if t.is_alive()} - before
-  assert not [t.name for t in left if t.name == 'prefetch_to_devices']
+  assert not [t.name for t in left if t.name == 'prefetch.to_devices']
   # Step s (pre-training and adversarial alike) draws from fold_in(train key, s): a key
   # reused across steps would draw the same noise at each.
   (run,) = calls
