@@ -132,8 +132,10 @@ class Launcher:
     self._threads: list[threading.Thread] = []
 
   @staticmethod
-  def _write(sink: IO[str], text: str) -> bool:
+  def _write(sink: IO[str] | None, text: str) -> bool:
     """Writes and flushes `text`; False where `sink` is gone (a closed pipe: `| head`)."""
+    if sink is None:  # sys.stdout or sys.stderr of a program started with it closed (`>&-`)
+      return False
     try:
       sink.write(text)
       sink.flush()

@@ -83,8 +83,9 @@ def reexec() -> None:
     return
   env = dict(os.environ)
   env['GLIBC_TUNABLES'] = with_tunable(env.get('GLIBC_TUNABLES', ''))
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:  # None: closed when the program started (`>&-`)
+      stream.flush()
   try:
     os.execve(sys.executable, sys.orig_argv, env)
   except OSError as e:

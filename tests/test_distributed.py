@@ -447,6 +447,17 @@ def test_a_process_killed_by_a_signal_gives_the_shells_status():
   assert '[launch] process 0 was killed by SIGKILL' in proc.stderr
 
 
+def test_a_launcher_started_with_stdout_closed_reads_its_processes_to_the_end(tmp_path):
+  # Its output thread failed on the closed stdout (None) and stopped reading: the
+  # processes blocked on a full pipe, and the launcher waited for them for good.
+  script = tmp_path / 'chatty.py'
+  script.write_text('for i in range(20000):\n  print("line", i)\n')
+  done = subprocess.run(['sh', '-c', 'exec "$@" >&-', 'sh',
+                         *_launch_args(1, 1, [str(script)])],
+                        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 0 and 'Traceback' not in done.stderr, done.stderr
+
+
 def test_a_program_that_cannot_be_run_is_a_clear_error(tmp_path):
   # It was Popen's traceback, with exit status 1.
   missing = subprocess.run(_launch_args(2, 1, [str(tmp_path / 'no_such_program'), 'x']),

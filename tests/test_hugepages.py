@@ -139,3 +139,18 @@ def test_a_program_read_from_stdin_runs_on_without_the_restart():
     assert len(lines) == 2, lines
     pid = lines[0].split()[1]
     assert lines == [f'start {pid}', f"after {pid} None {args[1:]}"]
+
+
+def test_a_program_started_with_stdout_or_stderr_closed_restarts(tmp_path):
+  # sys.stdout (or sys.stderr) is None then: flushing it before the restart ended every
+  # program at start-up with an AttributeError.
+  if not _can_restart():
+    pytest.skip('no restart here: glibc < 2.35, another C library, or no THP')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  code = ('import os, sys\nfrom avae_jax import hugepages\nhugepages.reexec()\n'
+          'open(sys.argv[1], "w").write(os.environ["GLIBC_TUNABLES"])')
+  for closed in ('>&-', '2>&-'):
+    marker = tmp_path / f'tunables{len(closed)}'
+    subprocess.run(['sh', '-c', f'exec "$0" -c "$1" "$2" {closed}', sys.executable, code,
+                    str(marker)], cwd=ROOT, env=env, timeout=60, check=True)
+    assert marker.read_text() == _ON, closed
