@@ -85,10 +85,10 @@ _CASES = flags.DEFINE_list('cases', list(benchmarking.CASES),
 _PEAK_N = flags.DEFINE_integer('matmul_peak_n', 2048,
                                'Side of the square float32 matmul timed for the peak rate '
                                '(0 skips it; peak_fraction is then null).', lower_bound=0)
-_TWIN_PYTHON = flags.DEFINE_string('twin_python', '',
-                                   'Python of a venv with torch: also run the PyTorch twin.')
-_TWIN_SCRIPT = flags.DEFINE_string('twin_script', '', 'Path of torch_twin.py.')
-_PROFILE_DIR = flags.DEFINE_string(
+_TWIN_PYTHON = cli.define_path_flag('twin_python', '',
+                                    'Python of a venv with torch: also run the PyTorch twin.')
+_TWIN_SCRIPT = cli.define_path_flag('twin_script', '', 'Path of torch_twin.py.')
+_PROFILE_DIR = cli.define_path_flag(
     'profile_dir', '', 'Also trace --profile_steps steps of each case, after its timed ones, '
     'with jax.profiler into DIR/<case> (TensorBoard\'s profile plugin, ui.perfetto.dev).')
 _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps per case in the trace.',
@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
+  cli.survive_a_gone_reader()  # `| head`: the work goes on, its output dropped
   # Ctrl-C ends the run at once with one line (a KeyboardInterrupt in a compilation gives
   # a traceback, and at times a segmentation fault; see distributed.exit_on_interrupt).
   with distributed.exit_on_interrupt('benchmark.py: interrupted by Ctrl-C'):

@@ -90,6 +90,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
+  cli.survive_a_gone_reader()  # `| head`: the work goes on, its output dropped
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   summary.quiet_library_logs()
@@ -115,6 +116,8 @@ def main(argv: list[str]) -> None:
                                  'pass the training config with --config=...')
         cli.apply_overrides(config, _SAVED_CONFIG_OVERRIDES)
         saved_devices = '--config.num_devices' not in dict(_SAVED_CONFIG_OVERRIDES)
+      # Relative paths (a --config's, or an older config.json's) name this directory's.
+      config_lib.make_paths_absolute(config)
       config_lib.validate_eval(config)
       xla_flags.apply(cpu_devices=config_lib.cpu_devices(config))
       distributed.initialize()
@@ -151,6 +154,7 @@ def _other_data_settings(workdir: str, config: ml_collections.ConfigDict) -> lis
     return []
   if saved is None:
     return []
+  config_lib.make_paths_absolute(saved)  # as `config`'s were (an older file's are relative)
   on_shapes = config.dataset == 'shapes'
   # The shapes images are rendered at their size: no splits, fraction or crop to change.
   fields = ('dataset', 'seed') if on_shapes else _DATA_FIELDS

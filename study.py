@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from avae_jax import cli
 from avae_jax import config_lib
 from avae_jax import files
 from avae_jax import study_report
@@ -39,7 +40,7 @@ from configs import study as study_config
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
-_OUT = flags.DEFINE_string('out', None, 'Study directory: one workdir per run, and the report.')
+_OUT = cli.define_path_flag('out', None, 'Study directory: one workdir per run, and the report.')
 _BUDGET = flags.DEFINE_enum('budget', None, ['cpu', 'accelerator', 'test'],
                             'Budget of configs/study.py (default: the one OUT/study.json '
                             'records, else cpu).')
@@ -53,9 +54,9 @@ _VARIANTS = flags.DEFINE_list('variants', None,
 _PUBLISH = flags.DEFINE_boolean(
     'publish', None, 'Copy the report to docs/results.md and docs/results/ (default: for the '
     'cpu and accelerator budgets when every dataset, model and seed has finished).')
-_PUBLISH_DIR = flags.DEFINE_string('publish_dir', os.path.join(_REPO, 'docs'),
-                                   'Where --publish copies results.md and results/.')
-_NOTES = flags.DEFINE_string(
+_PUBLISH_DIR = cli.define_path_flag('publish_dir', os.path.join(_REPO, 'docs'),
+                                    'Where --publish copies results.md and results/.')
+_NOTES = cli.define_path_flag(
     'notes', None, 'A markdown file with the discussion of this run\'s numbers, included in '
     'the report (default: OUT/discussion.md if it exists).')
 _REPORT_ONLY = flags.DEFINE_boolean('report_only', False,
@@ -571,6 +572,7 @@ def main(argv: list[str]) -> None:
   _check_flags(argv)
   from avae_jax import hugepages  # pylint: disable=g-import-not-at-top
   hugepages.reexec()  # first: a restart repeats everything before it
+  cli.survive_a_gone_reader()  # `| head`: the study goes on, its output dropped
   from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.apply()
   from avae_jax import summary  # pylint: disable=g-import-not-at-top
@@ -644,6 +646,5 @@ def _host() -> dict[str, Any]:
 if __name__ == '__main__':
   flags.mark_flags_as_required(['out'])
   logging.set_verbosity(logging.WARNING)
-  from avae_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(cli.one_line_usage_errors(
       main, 'study.py', then='run the same study.py command to resume the study'))

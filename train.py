@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.reexec()  # first: a restart repeats everything before it
+  cli.survive_a_gone_reader()  # `| head`: the work goes on, its output dropped
   config = flags.FLAGS.config
   try:
     # Ctrl-C outside the training loop (start-up, calibration, evaluation), or a second

@@ -432,9 +432,30 @@ def apply_overrides(config: ml_collections.ConfigDict,
     node[leaf] = _override_value(name, text, node[leaf])
 
 
+class _PathParser(flags.ArgumentParser):
+  """A path flag's value with `~` expanded: a shell leaves it in `--workdir=~/run`."""
+
+  syntactic_help = 'a path'
+
+  def parse(self, argument: str | None) -> str | None:
+    """The argument with `~` or `~user` at its start expanded."""
+    return None if argument is None else os.path.expanduser(argument)
+
+  def flag_type(self) -> str:
+    """Listed as a string flag in --help."""
+    return 'string'
+
+
+def define_path_flag(name: str, default: str | None, help_string: str,
+                     flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+  """A string flag naming a file or directory, `~` expanded as the shell would."""
+  return flags.DEFINE(_PathParser(), name, default, help_string, flag_values=flag_values,
+                      serializer=flags.ArgumentSerializer())
+
+
 def define_workdir_flag(help_string: str) -> flags.FlagHolder:
   """The required --workdir flag of train.py and eval.py; an empty value is a flag error."""
-  holder = flags.DEFINE_string('workdir', None, help_string)
+  holder = define_path_flag('workdir', None, help_string)
   flags.mark_flag_as_required('workdir')
   # An empty --workdir= passes the required check and would fail later, naming no
   # directory.
@@ -455,3 +476,56 @@ def define_config_file(name: str, default: str | None, help_string: str,
   except (AttributeError, KeyError) as e:
     _stop_on_unknown_field(e, sys.argv)
     raise
+
+
+class _ReaderGoneStream:
+  """A program's stdout or stderr that goes on, writing to /dev/null, once its reader goes.
+
+  Writing to a pipe whose reader has exited (`train.py | head -3`, a `tee` killed with the
+  job) raises BrokenPipeError wherever the program happens to print: a progress line
+  would end the training or the evaluation before its files are written.
+  """
+
+  def __init__(self, stream: Any):
+    """Wraps `stream` (sys.stdout or sys.stderr)."""
+    self._stream = stream
+
+  def _to_devnull(self) -> None:
+    """Points the stream's descriptor at /dev/null: the reader will read nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+      os.dup2(devnull, self._stream.fileno())
+    finally:
+      os.close(devnull)
+
+  def write(self, text: str) -> int:
+    """Writes `text`, or drops it once the reader has gone."""
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._to_devnull()
+      return len(text)
+
+  def flush(self) -> None:
+    """Flushes; the buffered text goes to /dev/null once the reader has gone."""
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._to_devnull()
+      self._stream.flush()
+
+  def __getattr__(self, name: str) -> Any:
+    """Everything else as the wrapped stream has it."""
+    return getattr(self._stream, name)
+
+
+def survive_a_gone_reader() -> None:
+  """Makes the program's stdout and stderr drop their output once their reader has gone.
+
+  The programs call it first thing (after hugepages.reexec): their work, checkpoints and
+  files go on without the output's reader. A closed stream (None: `>&-`) stays closed.
+  """
+  for name in ('stdout', 'stderr'):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _ReaderGoneStream):
+      setattr(sys, name, _ReaderGoneStream(stream))

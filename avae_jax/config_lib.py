@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -181,11 +182,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _validate_gabor(config.gabor)
 
 
+DATASET_PATH_PREFIXES = ('folder:', 'arrays:')
+
+
+def _absolute(path: str) -> str:
+  """A relative local path joined to the current directory; others (`~`, gs://) as given."""
+  if not path or '://' in path or path.startswith('~') or os.path.isabs(path):
+    return path
+  return os.path.abspath(path) + (os.sep if path.endswith(os.sep) else '')
+
+
+def make_paths_absolute(config: ml_collections.ConfigDict) -> None:
+  """Joins the config's relative local paths to the current directory, in place.
+
+  config.json then names the same files to eval.py and api.load from any directory: a
+  relative path would be read against theirs (dataset folder:/arrays:, data_dir,
+  eval.inception_weights).
+  """
+  ds = str(config.dataset)
+  for prefix in DATASET_PATH_PREFIXES:
+    if ds.startswith(prefix):
+      config.dataset = prefix + _absolute(ds[len(prefix):])
+  if config.get('data_dir'):
+    config.data_dir = _absolute(str(config.data_dir))
+  if config.get('eval') is not None and config.eval.get('inception_weights'):
+    config.eval.inception_weights = _absolute(str(config.eval.inception_weights))
+
+
 def _validate_data(config: ml_collections.ConfigDict) -> None:
   """validate's part: the dataset's name, channels, held-out share and crop."""
   ds = str(config.dataset)
-  if not (ds in TFDS_DATASETS or ds == 'shapes' or ds.startswith('folder:')
-          or ds.startswith('arrays:')):
+  if not (ds in TFDS_DATASETS or ds == 'shapes' or ds.startswith(DATASET_PATH_PREFIXES)):
     raise ConfigError(
         f'unknown dataset {ds!r}; choose one of {", ".join(TFDS_DATASETS)}, shapes, '
         'folder:PATH (a folder of images) or arrays:PATH (.npy, .npz, idx, idx.gz)')

@@ -128,8 +128,13 @@ class _StopSignals:
     self.signum = signum
     when = ('after this step' if jax.process_count() == 1 else
             f'at the next step the processes agree on (every {self.check_every} steps)')
-    print(f'{signal.Signals(signum).name}: stopping {when} with a checkpoint '
-          '(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
+    try:
+      print(f'{signal.Signals(signum).name}: stopping {when} with a checkpoint '
+            '(Ctrl-C again to stop at once)', file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+      # A stderr whose reader has gone (a `| tee` the job's SIGTERM ended first): an
+      # exception from here would surface in the step and lose the checkpoint.
+      pass
 
   def agreed(self, step: int, logged: bool) -> int | None:
     """The signal to stop after `step`, the same in every process, or None.
@@ -450,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it returns the final metrics the workdir holds.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+  config_lib.make_paths_absolute(config)  # as config.json records them
   run = prepare_run(config)
   is_main = jax.process_index() == 0
   weights = evaluation.missing_fid_weights(config)

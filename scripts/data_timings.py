@@ -28,10 +28,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from avae_jax import cli  # pylint: disable=wrong-import-position
 from avae_jax import data  # pylint: disable=wrong-import-position
 from configs import celeba  # pylint: disable=wrong-import-position
 
-_FOLDER = flags.DEFINE_string('folder', None, 'folder of images (default: made up)')
+_FOLDER = cli.define_path_flag('folder', None, 'folder of images (default: made up)')
 _IMAGES = flags.DEFINE_integer('images', 1024, 'images timed (of --folder, or made up)',
                                lower_bound=1)
 _BATCH = flags.DEFINE_integer('batch', 64, 'images per batch', lower_bound=1)

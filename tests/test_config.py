@@ -754,3 +754,50 @@ def test_the_config_hash_fingerprints_the_layout_as_saved_checkpoints_do():
   assert config_lib.layout_settings(config) == dict(
       variant='avae_s', image_size=96, channels=3,
       model=dict(widths=[24, 48, 96, 192], latent_dim=m.latent_dim, hidden_dim=m.hidden_dim))
+
+
+def test_relative_local_paths_are_joined_to_the_current_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  here = str(tmp_path)
+  cases = [('folder:imgs', f'folder:{here}/imgs'), ('arrays:./d/', f'arrays:{here}/d/'),
+           ('arrays:x/*.npy', f'arrays:{here}/x/*.npy'), ('folder:/abs/imgs', 'folder:/abs/imgs'),
+           ('folder:~/imgs', 'folder:~/imgs'), ('arrays:gs://b/x.npz', 'arrays:gs://b/x.npz'),
+           ('shapes', 'shapes'), ('mnist', 'mnist')]
+  for given, recorded in cases:
+    c = default.get_config()
+    c.dataset = given
+    config_lib.make_paths_absolute(c)
+    assert c.dataset == recorded, given
+  c = default.get_config()
+  c.data_dir, c.eval.inception_weights = 'tfds', 'w/pt_inception.npz'
+  config_lib.make_paths_absolute(c)
+  assert (c.data_dir, c.eval.inception_weights) == (f'{here}/tfds', f'{here}/w/pt_inception.npz')
+  c = default.get_config()  # unset: still unset (tfds' default, the cache folder)
+  config_lib.make_paths_absolute(c)
+  assert c.data_dir is None and c.eval.inception_weights == ''
+
+
+def test_a_path_flag_expands_the_home_directory(monkeypatch):
+  # bash leaves `~` in --workdir=~/run: a folder named '~' was made in the current one.
+  monkeypatch.setenv('HOME', '/home/someone')
+  values = flags.FlagValues()
+  holder = cli.define_path_flag('out', None, 'a path', flag_values=values)
+  values(['prog', '--out=~/run'])
+  assert holder.value == '/home/someone/run'
+  values(['prog', '--out=runs/~x'])
+  assert holder.value == 'runs/~x'
+
+
+def test_output_to_a_gone_reader_is_dropped_and_the_program_goes_on():
+  read_end, write_end = os.pipe()
+  os.close(read_end)  # the reader has gone (`| head` has exited)
+  stream = open(write_end, 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+  wrapped = cli._ReaderGoneStream(stream)  # pylint: disable=protected-access
+  try:
+    with pytest.raises(BrokenPipeError):  # what a plain print would raise
+      print('x' * 10, file=stream, flush=True)
+    print('progress', file=wrapped, flush=True)
+    print('more', file=wrapped, flush=True)
+    assert os.path.realpath(f'/proc/self/fd/{write_end}') == os.devnull
+  finally:
+    wrapped.close()

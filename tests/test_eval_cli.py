@@ -56,6 +56,29 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   assert 'images and reconstructions' in proc.stdout  # progress lines
 
 
+def test_a_reader_gone_after_the_first_line_loses_no_result(tmp_path, workdir):
+  # `eval.py | head -1`: the next progress line raised BrokenPipeError, and the evaluation
+  # ended before writing metrics.json. And `~` in --workdir=~/run is the home directory
+  # (a shell leaves it there).
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))
+  cmd = [sys.executable, 'eval.py', '--config=configs/default.py', '--workdir=~/run',
+         *test_api.cli_flags()]
+  with open(tmp_path / 'err', 'w') as err:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, HOME=str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+      first = proc.stdout.readline()
+      proc.stdout.close()  # as `head -1` exits
+      status = proc.wait(timeout=300)
+    finally:
+      proc.kill()
+  err = (tmp_path / 'err').read_text()
+  assert status == 0 and 'Traceback' not in err, first + err[-3000:]
+  assert first.startswith('eval: ')
+  assert json.loads((run / 'eval' / 'metrics.json').read_text())['step'] == 2
+
+
 def test_without_config_the_workdirs_own_is_used(tmp_path, workdir):
   run = tmp_path / 'run'
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns('eval'))

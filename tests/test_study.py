@@ -703,13 +703,13 @@ def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
 
 
 def _study_main(monkeypatch, flag_args, raises):
-  """study.main in this process with FLAG_ARGS, its start-up (huge pages, XLA flags, log
-  settings) stubbed out; returns the ExceptionInfo of the `raises` it must raise."""
+  """study.main in this process with FLAG_ARGS, its start-up (huge pages, output streams,
+  XLA flags, log settings) stubbed out; returns the ExceptionInfo of the `raises` it must raise."""
   import study  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from avae_jax import hugepages, summary  # pylint: disable=g-import-not-at-top
-  for module, name in ((hugepages, 'reexec'), (xla_flags, 'apply'),
-                       (summary, 'quiet_library_logs')):
+  from avae_jax import cli, hugepages, summary  # pylint: disable=g-import-not-at-top
+  for module, name in ((hugepages, 'reexec'), (cli, 'survive_a_gone_reader'),
+                       (xla_flags, 'apply'), (summary, 'quiet_library_logs')):
     monkeypatch.setattr(module, name, lambda *args: None)
   monkeypatch.setattr(sys, 'argv', ['study.py'])
   flags.FLAGS(['study.py', *flag_args])

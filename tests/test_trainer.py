@@ -10,12 +10,14 @@ replaced by a no-op.
 """
 
 import functools
+import io
 import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -696,17 +698,24 @@ def test_a_resume_on_other_devices_warns(capsys, saved, now, warned):
   assert (expected in err) if warned else err == '', err
 
 
-def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys):
+def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys, monkeypatch):
   # Files added to an arrays: or folder: dataset between the stop and the resume change
   # every epoch's order and the held-out eval rows: not silent.
   images = np.random.default_rng(0).integers(0, 256, (80, 16, 16, 3), np.uint8)
   np.save(tmp_path / 'x.npy', images[:64])
-  run = dict(TINY, dataset=f'arrays:{tmp_path / "x.npy"}', eval_fraction=0.25,
+  # Given relative to the current directory, recorded absolute: eval.py and api.load read
+  # config.json from any directory.
+  monkeypatch.chdir(tmp_path)
+  run = dict(TINY, dataset='arrays:x.npy', eval_fraction=0.25,
              pretrain_steps=1, adversarial_steps=0, log_every=1)
   train(run, tmp_path / 'w')
+  saved = json.loads((tmp_path / 'w' / 'config.json').read_text())
+  assert saved['dataset'] == f'arrays:{tmp_path / "x.npy"}'
   assert restore(tmp_path / 'w', run)[2]['train_examples'] == 48
   train(dict(run, pretrain_steps=2), tmp_path / 'w')
-  assert 'training examples' not in capsys.readouterr().err
+  err = capsys.readouterr().err
+  # The same relative path again is no change of settings.
+  assert 'training examples' not in err and 'arrays:x.npy' not in err, err
   np.save(tmp_path / 'x.npy', images)
   train(dict(run, pretrain_steps=3), tmp_path / 'w')
   assert ('warning: the checkpoint was written with 48 training examples and '
@@ -1141,6 +1150,22 @@ def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   finally:
     stop.restore()
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_stop_signal_with_a_gone_stderr_reader_is_still_recorded(monkeypatch):
+  # Behind `| tee`, a job's SIGTERM ends tee first: the handler's line then raised
+  # BrokenPipeError inside the step in progress, and the stop's checkpoint was lost.
+  class GoneReader(io.StringIO):
+    def write(self, text):
+      raise BrokenPipeError(32, 'Broken pipe')
+  monkeypatch.setattr(sys, 'stderr', GoneReader())
+  stop = trainer._StopSignals(check_every=10)  # pylint: disable=protected-access
+  stop.install()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)  # handled before os.kill returns (main thread)
+    assert stop.agreed(1, logged=False) == signal.SIGTERM
+  finally:
+    stop.restore()
 
 
 def test_an_ignored_ctrl_c_stays_ignored_in_the_training_loop():
