@@ -87,6 +87,8 @@ def _grad_of_sum_of_squares(f: Callable[[jax.Array], jax.Array]) -> Callable:
   return jax.grad(lambda x: jnp.sum(jnp.square(f(x))))
 
 
+# The losses' private building blocks are what this script times, one by one.
+# pylint: disable=protected-access
 def main(argv: list[str]) -> None:
   """Prints one line per operation."""
   del argv
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> None:
   rows.append(('SSIM window, depthwise convolutions', median_ms(
       _grad_of_sum_of_squares(lambda m: _depthwise_blur(m, taps)), moments)))
   rows.append(('SSIM window, banded matrix products', median_ms(
-      _grad_of_sum_of_squares(lambda m: losses._separable_blur(m, taps)),  # pylint: disable=protected-access
+      _grad_of_sum_of_squares(lambda m: losses._separable_blur(m, taps)),
       moments)))
 
   # Sobel's 3x3 kernels in the middle of the Gabor kernels' 11x11 grid: one bank of ten.
@@ -115,13 +117,13 @@ def main(argv: list[str]) -> None:
             g, kernel, (1, 1), ((5, 5), (5, 5)), dimension_numbers=_DIMS,
             precision=jax.lax.Precision.HIGHEST)), gray)))
     rows.append((f'Sobel + Gabor bank {side}x{side}, separable products', median_ms(
-        _grad_of_sum_of_squares(lambda g: losses._responses(g, bank)),  # pylint: disable=protected-access
+        _grad_of_sum_of_squares(lambda g: losses._responses(g, bank)),
         gray)))
     # What the losses compute instead: the mean squared responses as quadratic forms
     # (value and gradient of the Sobel and the Gabor loss, the target all zeros).
     zeros = jnp.zeros_like(gray)
     rows.append((f'Sobel + Gabor losses {side}x{side}, Gram products (losses.py)', median_ms(
-        jax.grad(lambda g: sum(jnp.sum(e) for e in losses._response_energies(  # pylint: disable=protected-access
+        jax.grad(lambda g: sum(jnp.sum(e) for e in losses._response_energies(
             zeros, g, [filters.sobel_kernels(), gabor]))), gray)))
 
   h = jax.random.normal(key, (b, 96, 96, 24))
