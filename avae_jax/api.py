@@ -214,6 +214,11 @@ class TrainedModel:
     The state's own count lags behind a run's global step once gated adversarial steps
     skip the VAE's update; the trainer passes the global step.
     """
+    if np.ndim(vae_state.step) != 0:
+      # A replicated state's parameters carry the devices' axis, which the model would
+      # only refuse at its first use, deep in flax.
+      raise ValueError(f'vae_state is replicated (its step has shape '
+                       f'{np.shape(vae_state.step)}): pass parallel.unreplicate(vae_state)')
     if step is None:
       step = int(np.asarray(jax.device_get(vae_state.step)))
     return cls(config, vae_state.params, vae_state.batch_stats, step=step, devices=devices)

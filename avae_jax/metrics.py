@@ -107,8 +107,11 @@ def sharpness(images: Any) -> np.ndarray:
 
 def _flat_pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
   x, y = unit_floats(x), unit_floats(y)
-  if x.ndim < 1:
-    raise ValueError(f'need a batch of images (leading axis), got shape {x.shape}')
+  if x.ndim not in (2, 4):
+    # Any leading axis would pass for the batch: one (H, W, C) image gave a value per row.
+    hint = ' (one image: pass image[None])' if x.ndim == 3 else ''
+    raise ValueError(f'expected a batch of NHWC images (B, H, W, C) or of flattened ones '
+                     f'(B, D), got shape {x.shape}{hint}')
   if x.shape != y.shape:
     raise ValueError(f'shape mismatch: {x.shape} vs {y.shape}')
   # The size of an image, not -1, which an empty batch cannot resolve.

@@ -18,6 +18,7 @@ import pytest
 from avae_jax import api
 from avae_jax import checkpoint
 from avae_jax import data
+from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import trainer
 from configs import default
@@ -350,6 +351,12 @@ def test_from_state(images):
   mu, logvar = m.encode(images)
   assert mu.shape == (8, 4) and logvar.shape == (8, 4)
   assert _np(m.reconstruct(images)).shape == (8, 16, 16, 3)
+  # The training loop's state is replicated: said at once, not at the first use in flax.
+  replicated = parallel.replicate(vae_state, jax.devices()[:2])
+  for step in (None, 5):
+    with pytest.raises(ValueError, match=r'vae_state is replicated \(its step has shape '
+                       r'\(2,\)\): pass parallel.unreplicate\(vae_state\)'):
+      api.TrainedModel.from_state(config, replicated, step=step)
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path, workdir):

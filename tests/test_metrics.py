@@ -89,8 +89,12 @@ def test_sharpness_rejects_bad_shapes():
 
 def test_pairs_without_a_batch_axis_or_of_other_shapes_are_refused():
   for call in (metrics.mse, metrics.cosine_similarity):
-    with pytest.raises(ValueError, match=r'need a batch of images .* shape \(\)'):
+    with pytest.raises(ValueError, match=r'expected a batch of NHWC .* shape \(\)$'):
       call(np.float32(0.5), np.float32(0.5))
+    # One image: its rows were taken for the batch (a value per row, the cosines wrong).
+    image = np.random.default_rng(0).random((4, 4, 3))
+    with pytest.raises(ValueError, match=r'shape \(4, 4, 3\) \(one image: pass image\[None\]\)'):
+      call(image, image[::-1])
     with pytest.raises(ValueError, match=r'shape mismatch: \(2, 3\) vs \(2, 4\)'):
       call(np.zeros((2, 3)), np.zeros((2, 4)))
 
