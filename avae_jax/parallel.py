@@ -104,7 +104,8 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
 
   pretrain(vae_state, batch, key) -> (vae_state, metrics) and
   adversarial(vae_state, disc_state, batch, key) -> (vae_state, disc_state, metrics).
-  The state arguments are donated: do not use them after the call.
+  The state arguments are donated: do not use them after the call. A state without the
+  devices' axis, or a batch without it, is a ValueError that says so.
   """
   # Multi-process: map over the same devices of every process, not only ours.
   devices = distributed.global_devices(devices)
@@ -119,27 +120,17 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
                            out_axes=(0, 0, None), devices=devices, donate_argnums=(0, 1))
   elif method == 'shard_map':
     mesh = _mesh(devices, axis)
-    num = len(devices)
 
-    def device_rows(batch):
-      """The device's rows of its (1, per_device, ...) block of the batch."""
-      # A leading axis of k * num rows (not num) splits into blocks of k, and batch[0]
-      # would drop all but the first row of each: pmap refuses such a batch, so must this.
-      if batch.shape[0] != 1:
-        raise ValueError(
-            f'batch of shape {(batch.shape[0] * num,) + tuple(batch.shape[1:])}: the leading '
-            f'axis must be the number of devices ({num}), shaped (devices, per_device, H, '
-            'W, C)')
-      return batch[0]
-
-    # Each device sees its (1, ...) block of the stacked states and batch.
+    # Each device sees its (1, ...) block of the stacked states and batch (one row per
+    # device: _Checked refuses a batch of k rows per device, whose blocks batch[0] would
+    # cut to their first rows).
     def pre_block(vae_state, batch, key):
-      vae_state, metrics = pre(_squeeze(vae_state), device_rows(batch), key)
+      vae_state, metrics = pre(_squeeze(vae_state), batch[0], key)
       return _expand(vae_state), metrics
 
     def adv_block(vae_state, disc_state, batch, key):
       vae_state, disc_state, metrics = adv(_squeeze(vae_state), _squeeze(disc_state),
-                                           device_rows(batch), key)
+                                           batch[0], key)
       return _expand(vae_state), _expand(disc_state), metrics
 
     pretrain = jax.jit(
@@ -152,4 +143,39 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
         donate_argnums=(0, 1))
   else:
     raise ValueError(f'method must be one of {config_lib.PARALLEL_METHODS}, got {method!r}')
-  return Steps(pretrain=pretrain, adversarial=adversarial)
+  return Steps(pretrain=_Checked(pretrain, len(devices), states=1),
+               adversarial=_Checked(adversarial, len(devices), states=2))
+
+
+class _Checked:
+  """A mapped step that names the two easy mistakes in its arguments before JAX does.
+
+  (pmap's own errors for them are an IndexError and an axis that cannot be squeezed.)
+  """
+
+  def __init__(self, fn: Any, num_devices: int, states: int):
+    """Wraps `fn`, whose first `states` arguments are train states, then the batch."""
+    self._fn, self._num, self._states = fn, num_devices, states
+
+  def _check(self, args: tuple[Any, ...]) -> None:
+    """Raises ValueError for a state without the device axis or a batch without it."""
+    n = self._num
+    for state in args[:self._states]:
+      if np.shape(state.step) != (n,):
+        raise ValueError(f'a train state whose step has shape {np.shape(state.step)}: the '
+                         f'mapped steps take states replicated over the {n} devices '
+                         '(parallel.replicate(state, devices))')
+    batch = args[self._states]
+    if np.shape(batch)[:1] != (n,):
+      raise ValueError(f'batch of shape {np.shape(batch)}: the leading axis must be the '
+                       f'number of devices ({n}), shaped (devices, per_device, H, W, C)')
+
+  def __call__(self, *args: Any) -> Any:
+    """The step, after the check."""
+    self._check(args)
+    return self._fn(*args)
+
+  def lower(self, *args: Any) -> Any:
+    """The step's lowering for these arguments (cost analysis), after the check."""
+    self._check(args)
+    return self._fn.lower(*args)

@@ -163,3 +163,27 @@ def test_a_batch_not_shaped_one_row_per_device_is_an_error(method):
   with pytest.raises(ValueError):
     fns.pretrain(parallel.replicate(vae_state, devs), x.reshape((8, 1) + x.shape[1:]),
                  jax.random.key(7))
+
+
+@pytest.mark.parametrize('method', ['pmap', 'shard_map'])
+def test_a_state_or_batch_without_the_devices_axis_is_named(method):
+  # pmap's own errors were an IndexError and an axis that cannot be squeezed; shard_map
+  # took a batch of 2k rows on 2 devices as blocks of k and trained on their first rows.
+  _, vae_state, disc_state, x = setup()
+  devs = jax.devices()[:2]
+  fns = parallel.make_steps(step_config('pretrain'), devs, method)
+  key = jax.random.key(7)
+  r_vae, r_disc = parallel.replicate(vae_state, devs), parallel.replicate(disc_state, devs)
+  batch = x.reshape((2, -1) + x.shape[1:])
+  state_error = (r'a train state whose step has shape \(\): the mapped steps take states '
+                 r'replicated over the 2 devices \(parallel.replicate\(state, devices\)\)')
+  with pytest.raises(ValueError, match=state_error):
+    fns.pretrain(vae_state, batch, key)
+  with pytest.raises(ValueError, match=state_error):
+    fns.adversarial(r_vae, disc_state, batch, key)
+  for wrong in (x, x.reshape((4, -1) + x.shape[1:])):
+    with pytest.raises(ValueError, match=rf'batch of shape \({wrong.shape[0]}, .*\): the '
+                       r'leading axis must be the number of devices \(2\)'):
+      fns.pretrain(r_vae, wrong, key)
+    with pytest.raises(ValueError, match=r'the leading axis must be the number of devices'):
+      fns.adversarial(r_vae, r_disc, wrong, key)
