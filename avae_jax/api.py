@@ -73,7 +73,7 @@ def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.Con
   With fill_defaults, fields the file lacks (a workdir of an older version, written
   before they existed) get configs/default.py's values, with a warning naming them.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
   if not files.exists(path):
     return None
   try:
@@ -236,7 +236,7 @@ class TrainedModel:
     reason, or checkpoint.CheckpointError when the checkpoint asked for (or, without
     `step`, every one) cannot be read.
     """
-    workdir = str(workdir)
+    workdir = os.path.expanduser(str(workdir))  # '~/runs/a', as the programs' --workdir
     # The checkpointer takes int(step): step=2.5 would restore step 2, step=True step 1.
     step = None if step is None else visualize.integer(step, 'step', 0)
     require_checkpoint(workdir)

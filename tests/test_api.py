@@ -335,6 +335,14 @@ def test_counts_and_dims_that_are_not_integers_are_rejected(model, images):
       _np(model.traverse(images[0], [1], [-1.0, 0.5])))
 
 
+def test_a_workdir_under_home_may_be_named_with_a_tilde(workdir, monkeypatch):
+  # As the programs' --workdir=~/...: it said there was no checkpoint in '~/...'.
+  monkeypatch.setenv('HOME', os.path.dirname(workdir))
+  name = '~/' + os.path.basename(workdir)
+  assert api.TrainedModel.load(name).step == api.TrainedModel.load(workdir).step
+  assert api.read_config(name).to_dict() == api.read_config(workdir).to_dict()
+
+
 def test_an_empty_device_list_is_refused(workdir):
   # It failed inside jax's Mesh with an IndexError.
   with pytest.raises(ValueError, match='devices must name at least one device'):
