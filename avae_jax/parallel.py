@@ -99,6 +99,46 @@ def _expand(tree: Any) -> Any:
   return jax.tree.map(lambda leaf: leaf[None], tree)
 
 
+class _Checked:
+  """A mapped step that names the two easy mistakes in its arguments before JAX does.
+
+  (pmap's own errors for them are an IndexError and an axis that cannot be squeezed.)
+  """
+
+  def __init__(self, fn: Any, devices: Sequence[Any], states: int):
+    """Wraps `fn` over `devices`: its first `states` arguments are states, then the batch."""
+    self._fn, self._states = fn, states
+    # With several processes, the leading axis of an argument is every process's devices
+    # (a global array) or this process's (pmap's view of its own rows).
+    here = jax.process_index()
+    self._sizes = sorted({len(devices), sum(d.process_index == here for d in devices)},
+                         reverse=True)
+    self._count = ' or '.join(map(str, self._sizes))
+
+  def _check(self, args: tuple[Any, ...]) -> None:
+    """Raises ValueError for a state without the device axis or a batch without it."""
+    for state in args[:self._states]:
+      if np.shape(state.step) not in [(n,) for n in self._sizes]:
+        raise ValueError(f'a train state whose step has shape {np.shape(state.step)}: the '
+                         f'mapped steps take states replicated over the {self._count} '
+                         'devices (parallel.replicate(state, devices))')
+    batch = args[self._states]
+    if np.shape(batch)[:1] not in [(n,) for n in self._sizes]:
+      raise ValueError(f'batch of shape {np.shape(batch)}: the leading axis must be the '
+                       f'number of devices ({self._count}), shaped (devices, per_device, H, '
+                       'W, C)')
+
+  def __call__(self, *args: Any) -> Any:
+    """The step, after the check."""
+    self._check(args)
+    return self._fn(*args)
+
+  def lower(self, *args: Any) -> Any:
+    """The step's lowering for these arguments (cost analysis), after the check."""
+    self._check(args)
+    return self._fn.lower(*args)
+
+
 def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pmap') -> Steps:
   """The pretrain and adversarial steps mapped over `devices` with pmap or shard_map.
 
@@ -143,39 +183,5 @@ def make_steps(cfg: steps.StepConfig, devices: Sequence[Any], method: str = 'pma
         donate_argnums=(0, 1))
   else:
     raise ValueError(f'method must be one of {config_lib.PARALLEL_METHODS}, got {method!r}')
-  return Steps(pretrain=_Checked(pretrain, len(devices), states=1),
-               adversarial=_Checked(adversarial, len(devices), states=2))
-
-
-class _Checked:
-  """A mapped step that names the two easy mistakes in its arguments before JAX does.
-
-  (pmap's own errors for them are an IndexError and an axis that cannot be squeezed.)
-  """
-
-  def __init__(self, fn: Any, num_devices: int, states: int):
-    """Wraps `fn`, whose first `states` arguments are train states, then the batch."""
-    self._fn, self._num, self._states = fn, num_devices, states
-
-  def _check(self, args: tuple[Any, ...]) -> None:
-    """Raises ValueError for a state without the device axis or a batch without it."""
-    n = self._num
-    for state in args[:self._states]:
-      if np.shape(state.step) != (n,):
-        raise ValueError(f'a train state whose step has shape {np.shape(state.step)}: the '
-                         f'mapped steps take states replicated over the {n} devices '
-                         '(parallel.replicate(state, devices))')
-    batch = args[self._states]
-    if np.shape(batch)[:1] != (n,):
-      raise ValueError(f'batch of shape {np.shape(batch)}: the leading axis must be the '
-                       f'number of devices ({n}), shaped (devices, per_device, H, W, C)')
-
-  def __call__(self, *args: Any) -> Any:
-    """The step, after the check."""
-    self._check(args)
-    return self._fn(*args)
-
-  def lower(self, *args: Any) -> Any:
-    """The step's lowering for these arguments (cost analysis), after the check."""
-    self._check(args)
-    return self._fn.lower(*args)
+  return Steps(pretrain=_Checked(pretrain, devices, states=1),
+               adversarial=_Checked(adversarial, devices, states=2))
