@@ -77,14 +77,11 @@ def _config(overrides: dict[str, Any]):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory) -> dict[str, str]:
-  """The launcher's environment: a shared compilation cache and quick CPU compilation."""
+  """The launcher's environment: a shared compilation cache (and conftest's XLA_FLAGS)."""
   e = dict(os.environ)
   e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
   e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-  # launch.py replaces the device count and keeps the rest.
-  e['XLA_FLAGS'] = (e.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
-                    ' --xla_llvm_disable_expensive_passes=true')
   e['TF_CPP_MIN_LOG_LEVEL'] = '2'
   return e
 
