@@ -21,7 +21,7 @@ from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-impo
 
 # Quick compilation: most of the suite's time is XLA compiling tiny programs. LLVM at
 # optimisation level 0 and XLA:CPU's earlier fusion emitters compile the tiny
-# adversarial step in 4 s instead of 13 (one core) and the suite runs in 12.6 min
+# adversarial step in 4 s instead of 13 (one core) and the suite runs in 12.6-13.9 min
 # instead of 18.8 on 2 cores. The HLO programs are the same; the generated code's float
 # results may differ from the default build's in the last bits (the Inception network's
 # features do, the training steps compared did not), so the bit-identity tests compare
