@@ -243,7 +243,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_loss(config: ml_collections.ConfigDict) -> None:
-  """validate's part: the loss's terms, weights and estimator, and the calibration."""
+  """validate's part: the loss's terms (the calibration's too), weights and estimator."""
   # SSIM's window must fit in the image; the calibration probes every term, SSIM too.
   probes_ssim = 'dssim' in reconstruction_weights(config) or (
       variant_spec(config.variant).compound_loss and config.calibrate.enabled)
@@ -265,13 +265,10 @@ def _validate_loss(config: ml_collections.ConfigDict) -> None:
   if config.loss.tc_estimator not in TC_ESTIMATORS:
     raise ConfigError(f'loss.tc_estimator must be one of {TC_ESTIMATORS}, '
                       f'got {config.loss.tc_estimator!r}')
-  if config.calibrate.enabled and config.calibrate.batches < 1:
-    raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
-                      'when calibrate.enabled (or disable the calibration)')
 
 
 def _validate_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """validate's part: the seed, batch, steps, mapping, gating and intervals."""
+  """validate's part: the seed, batch, steps, calibration, mapping, gating, intervals."""
   # The data's order comes from numpy's SeedSequence, which takes no negative seed; the
   # PRNG keys (jax.random.PRNGKey) keep only the low 32 bits of a larger one, so seed and
   # seed + 2**32 would share parameters and keys (and from 2**63 PRNGKey overflows).
@@ -289,6 +286,13 @@ def _validate_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       'estimator needs a batch of at least 2 (or loss.tc_estimator=mws)')
   if config.pretrain_steps < 0 or config.adversarial_steps < 0:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
+  # After the batch size's own checks: the dataset configs compute this count (one
+  # epoch) from it, and a bad batch size was reported as a bad calibrate.batches.
+  if config.calibrate.enabled and config.calibrate.batches < 1:
+    raise ConfigError(f'calibrate.batches = {config.calibrate.batches} must be >= 1 '
+                      'when calibrate.enabled (or disable the calibration); where a config '
+                      'computes it as one epoch of batches (configs/mnist.py, celeba.py): '
+                      f'is batch_size {config.batch_size} larger than the training split?')
   if config.parallel not in PARALLEL_METHODS:
     raise ConfigError(f'parallel must be one of {PARALLEL_METHODS}, got {config.parallel!r}')
   g = config.gating

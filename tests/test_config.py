@@ -390,6 +390,20 @@ def test_dataset_configs_count_epochs_at_any_batch_size(spec, train_examples, ep
   assert (c.pretrain_steps, c.adversarial_steps) == (10, epochs[1] * train_examples // 256)
 
 
+@pytest.mark.parametrize('spec', ['mnist.py', 'celeba.py'])
+def test_a_bad_batch_size_of_a_dataset_config_is_named_not_the_count_it_computes(spec):
+  # The dataset configs compute calibrate.batches (one epoch) from the batch size: a
+  # negative batch size was reported as a negative calibrate.batches, the user's field
+  # unnamed.
+  c = load_config_file(spec, '--config.batch_size=-64')
+  with pytest.raises(config_lib.ConfigError, match=r'^batch_size = -64 must be >= 1$'):
+    config_lib.validate(c, num_devices=1)
+  c = load_config_file(spec, '--config.batch_size=1000000')
+  with pytest.raises(config_lib.ConfigError, match=r'calibrate\.batches = 0 must be >= 1 .*'
+                     r'is batch_size 1000000 larger than the training split\?'):
+    config_lib.validate(c, num_devices=1)
+
+
 def test_a_zero_batch_size_of_a_dataset_config_is_one_line():
   proc = subprocess.run([sys.executable, 'train.py', '--config=configs/mnist.py',
                          '--config.batch_size=0', '--workdir=unused'], cwd=ROOT,
