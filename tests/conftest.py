@@ -19,16 +19,13 @@ from importlib import metadata  # pylint: disable=g-import-not-at-top,wrong-impo
 
 from avae_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Quick compilation: most of the suite's time is XLA compiling tiny programs. LLVM at
-# optimisation level 0 and XLA:CPU's earlier fusion emitters compile the tiny
-# adversarial step in 4 s instead of 13 (one core) and the suite runs in 12.6-13.9 min
-# instead of 18.8 on 2 cores. The HLO programs are the same; the generated code's float
-# results may differ from the default build's in the last bits (the Inception network's
-# features do, the training steps compared did not), so the bit-identity tests compare
-# runs of this build with each other. A flag set in XLA_FLAGS keeps its value:
-# --xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true is the programs'
-# own build. Only for the jaxlib series these flags were measured with (an XLA that does
-# not know a flag refuses to start).
+# Quick compilation (README, Tests): most of the suite's time is XLA compiling tiny
+# programs, about 3x faster at LLVM optimisation level 0 with XLA:CPU's earlier fusion
+# emitters (the suite: 12-14 min instead of 19 on 2 cores). The HLO is the same; float
+# results may differ from the default build's in the last bits, so the bit-identity
+# tests compare runs of this build with each other. A flag set in XLA_FLAGS keeps its
+# value. Only for the jaxlib series these flags were measured with (an XLA that does not
+# know a flag refuses to start).
 QUICK_COMPILE_FLAGS = {'xla_backend_optimization_level': '0',
                        'xla_cpu_use_fusion_emitters': 'false'}
 _quick = metadata.version('jaxlib').startswith(xla_flags.JAXLIB_SERIES)
