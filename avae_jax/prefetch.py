@@ -50,17 +50,17 @@ class DevicePrefetcher:
   def __init__(self, iterator: Iterator[Any], devices: Sequence[Any], size: int = 2,
                axis_name: str = 'batch'):
     """Starts the producer thread (arguments as to_devices takes them)."""
-    self._devices = list(devices)
-    if not self._devices:
+    devices = list(devices)
+    if not devices:
       raise ValueError('prefetch.to_devices needs at least one device')
     # Multi-process: one global array over the same devices of every process (the mesh
     # that parallel.make_steps maps over), assembled from each process's own rows.
-    mesh = sharding.Mesh(np.array(distributed.global_devices(self._devices)), (axis_name,))
-    self._sharding = sharding.NamedSharding(mesh, sharding.PartitionSpec(axis_name))
+    mesh = sharding.Mesh(np.array(distributed.global_devices(devices)), (axis_name,))
+    shard = sharding.NamedSharding(mesh, sharding.PartitionSpec(axis_name))
+    count, multiprocess = len(devices), jax.process_count() > 1
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(size)))
     self._stop = threading.Event()
     self._done = False
-    shard, count, multiprocess = self._sharding, len(self._devices), jax.process_count() > 1
 
     def leaf_to_devices(x: Any) -> Any:
       x = np.asarray(x)
