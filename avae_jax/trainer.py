@@ -456,6 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
   config_lib.make_paths_absolute(config)  # as config.json records them
+  workdir = os.path.expanduser(workdir)  # '~/runs/a', as train.py's --workdir
   run = prepare_run(config)
   is_main = jax.process_index() == 0
   weights = evaluation.missing_fid_weights(config)

@@ -378,6 +378,19 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
   assert (tmp_path / 'w2' / 'config.json').read_text() == saved
 
 
+def test_a_workdir_under_the_home_directory_is_expanded(reference, tmp_path, monkeypatch,
+                                                        capsys):
+  # '~/w' from Python, as train.py's --workdir=~/w: the run in the home directory, not a
+  # new one in a folder named '~' under the current directory.
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(reference[0], tmp_path / 'home' / 'w')
+  train(BASE, '~/w')
+  assert f'resuming from checkpoint at step {TOTAL}\n' in capsys.readouterr().out
+  assert committed_steps(tmp_path / 'home' / 'w') == [12, 16, 20]
+  assert not (tmp_path / '~').exists()
+
+
 def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, capsys):
   # The reference's evaluation was a no-op (no final_metrics.json), as if the run had
   # stopped during it: running again evaluates it.
