@@ -556,17 +556,6 @@ def _report_and_publish(out: str, settings: Any) -> None:
               flush=True)
 
 
-def _published_over_out(out: str, docs: str) -> str | None:
-  """Why publishing to DOCS would delete OUT's own files (None: it would not)."""
-  real, docs = os.path.realpath(out), os.path.realpath(docs)
-  replaced = os.path.join(docs, study_report.FIGURE_DIR)  # deleted, then copied from OUT
-  if real == docs or real == replaced or real.startswith(replaced + os.sep):
-    where = 'the --publish_dir' if real == docs else f'in {replaced}'
-    return (f'--out={out} is {where}, which publishing replaces with the report\'s figures '
-            'and records: copy the runs elsewhere first (or --publish=false)')
-  return None
-
-
 def main(argv: list[str]) -> None:
   """Runs the study (or only its report) and publishes the report if asked."""
   _check_flags(argv)
@@ -587,7 +576,7 @@ def main(argv: list[str]) -> None:
   if not problem and (_PUBLISH.value or (_PUBLISH.value is None and settings.budget != 'test')):
     # Now, not when the report is published: after the whole study.
     problem = (files.output_dir_problem(_PUBLISH_DIR.value, 'the --publish_dir')
-               or _published_over_out(out, _PUBLISH_DIR.value))
+               or study_report.publish_problem(out, _PUBLISH_DIR.value))
   if problem:
     raise app.UsageError(problem)
   # A killed write's temporaries (train.py removes those of a run it trains; a finished

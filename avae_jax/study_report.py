@@ -1360,14 +1360,29 @@ def published_notes(docs: str) -> str:
   return os.path.join(docs, FIGURE_DIR, 'discussion.md')
 
 
+def publish_problem(out: str, docs: str) -> str | None:
+  """Why publishing OUT to DOCS would delete OUT's own files (None: it would not)."""
+  real, docs = os.path.realpath(out), os.path.realpath(docs)
+  replaced = os.path.join(docs, FIGURE_DIR)  # deleted, then copied from OUT
+  if real == docs or real == replaced or real.startswith(replaced + os.sep):
+    where = 'the --publish_dir' if real == docs else f'in {replaced}'
+    return (f'--out={out} is {where}, which publishing replaces with the report\'s figures '
+            'and records: copy the runs elsewhere first (or --publish=false)')
+  return None
+
+
 def publish(out: str, docs: str, notes_path: str | None = None) -> str:
   """Copies OUT/results.md to DOCS/results.md and OUT/results/ to DOCS/results/.
 
   The discussion file, if any, is kept beside the figures as DOCS/results/discussion.md,
   so the published report can be regenerated with --notes=docs/results/discussion.md.
   Without one, the discussion published before stays there: someone's writing, which a
-  report without notes has no replacement for.
+  report without notes has no replacement for. Raises ValueError where DOCS's figures
+  folder would replace OUT itself (publish_problem).
   """
+  problem = publish_problem(out, docs)
+  if problem:
+    raise ValueError(problem)
   kept = published_notes(docs)
   notes = None
   if notes_path:

@@ -158,6 +158,18 @@ def test_publishing_without_notes_keeps_the_published_discussion(tmp_path):
   assert (docs / 'results' / 'discussion.md').read_text() == 'a new discussion\n'
 
 
+def test_publish_refuses_to_replace_its_own_input(tmp_path):
+  # Called from Python too (not only after study.py's flag check): DOCS/results is deleted
+  # before OUT/results is copied there, so OUT inside it would lose its records.
+  docs = tmp_path / 'docs'
+  for out in (docs, docs / 'results' / 'runs'):
+    (out / 'results').mkdir(parents=True, exist_ok=True)
+    (out / 'results.md').write_text('the report\n')
+    with pytest.raises(ValueError, match='which publishing replaces'):
+      study_report.publish(str(out), str(docs))
+    assert (out / 'results.md').read_text() == 'the report\n'
+
+
 def test_an_empty_out_is_a_usage_error(tmp_path):
   # abspath('') is the working directory: the study went into wherever it was started.
   proc = _finish(_start_study('--out=', '--budget=test', '--datasets=shapes', '--variants=vae',
