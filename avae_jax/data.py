@@ -153,10 +153,12 @@ class Source:
   def subset(self, rows: np.ndarray, name: str | None = None) -> 'Source':
     """A Source of the given rows of this one, in that order."""
     rows = np.asarray(rows, dtype=np.int64)
-    return Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
-                  name=name or self.name,
-                  factors=None if self.factors is None else self.factors[rows],
-                  factor_names=self.factor_names)
+    sub = Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
+                 name=name or self.name,
+                 factors=None if self.factors is None else self.factors[rows],
+                 factor_names=self.factor_names)
+    sub.files = None if self.files is None else [self.files[r] for r in rows]
+    return sub
 
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.
@@ -207,7 +209,8 @@ def crop_box(height: int, width: int, crop_size: int) -> tuple[int, int, int]:
 def resize(image: np.ndarray, size: int) -> np.ndarray:
   """Antialiased bilinear resize of one (h, w, c) image to (size, size, c).
 
-  Floats and uint8 images of 1 or 3 channels keep their dtype; others come back float32.
+  Floats, and uint8 images of 1 or 3 channels, keep their dtype; other images come back
+  float32, except one already of that size, which comes back as it is.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w, c = image.shape
@@ -342,7 +345,7 @@ def load_splits(config: Any) -> tuple[Source, Source]:
   """The configured dataset's train and eval splits; each array file is read once for both.
 
   A .npz or idx file is read whole (neither can be memory-mapped) and each split's Source
-  keeps the array it came from: loaded one after the other, the two splits held the
+  keeps the array it came from: loaded one after the other, the two splits would hold the
   dSprites release (3 GB) twice.
   """
   memo: dict[str, Any] = {}
@@ -531,7 +534,6 @@ def _load_tfds(config: Any, split: str) -> Source:
                   factor_names=_DSPRITES_FACTORS if factors is not None else ())
   if not holdout:
     return source
-  # dSprites is stored in factor order, so a tail would be one corner of factor space.
   rows = _holdout_rows(len(images), split, fraction, name, shuffled=True)
   return source.subset(rows, name=f'{name}/{tfds_split}:{split}')
 
@@ -1046,25 +1048,25 @@ def _array_files(spec: str) -> list[str]:
   if os.path.isfile(spec):
     return [spec]
   if os.path.isdir(spec):
-    files = [os.path.join(spec, f) for f in sorted(os.listdir(spec))
+    paths = [os.path.join(spec, f) for f in sorted(os.listdir(spec))
              if os.path.isfile(os.path.join(spec, f))]
   elif any(ch in spec for ch in '*?['):
-    files = sorted(f for f in glob_lib.glob(spec) if os.path.isfile(f))
+    paths = sorted(f for f in glob_lib.glob(spec) if os.path.isfile(f))
   else:
     raise DataError(f'arrays path {spec!r} does not exist (dataset=arrays:PATH with PATH a '
                     '.npy/.npz/idx/idx.gz file, a directory of them, or a glob)')
-  files = [f for f in files if _is_array_file(os.path.basename(f))
+  paths = [f for f in paths if _is_array_file(os.path.basename(f))
            and not re.search(r'(?<!un)label', os.path.basename(f).lower())]
-  if not files:
+  if not paths:
     raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
   # An idx.gz beside its unpacked copy (gunzip -k) holds the same images: read once,
   # not concatenated into a split with every image twice.
-  packed = [f for f in files if f.lower().endswith('.gz') and f[:-3] in files]
+  packed = [f for f in paths if f.lower().endswith('.gz') and f[:-3] in paths]
   if packed:
     logging.info('arrays:%s: reading %s, not the gzipped copies %s', spec,
                  ', '.join(os.path.basename(f[:-3]) for f in packed),
                  ', '.join(os.path.basename(f) for f in packed))
-  return [f for f in files if f not in packed]
+  return [f for f in paths if f not in packed]
 
 
 _NPZ_IMAGE_KEYS = ('image', 'images', 'imgs', 'x')
@@ -1097,8 +1099,6 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return {s: np.concatenate(v) if len(v) > 1 else v[0] for s, v in out.items()}, None
       if len(keys) == 1:
         return {'all': z[keys[0]]}, None
-  except DataError:
-    raise
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'cannot read arrays file {path}: {type(e).__name__}: {e}') from e
   raise DataError(f'{path}: no image array; name it one of {", ".join(_NPZ_IMAGE_KEYS)} '
@@ -1152,12 +1152,12 @@ def _check_images(x: np.ndarray, what: str) -> tuple[np.ndarray, float]:
 
 def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> Source:
   """Images from .npy/.npz/idx files; split by file names or a held-out tail."""
-  files = _array_files(spec)
+  paths = _array_files(spec)
   parts: dict[str, list[np.ndarray]] = {'train': [], 'eval': []}
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
   sources: dict[str, list[str]] = {'train': [], 'eval': []}
   scales: dict[str, float] = {}
-  for path in files:
+  for path in paths:
     if path not in memo:
       memo[path] = _read_array_file(path)
     arrays, factors = memo[path]
@@ -1169,7 +1169,7 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
       factor_parts[dest].append(factors)
       sources[dest].append(os.path.basename(path) + ('' if key == 'all' else f'[{key}]'))
   if not parts['train'] and not parts['eval']:
-    raise DataError(f'no images in {files}')
+    raise DataError(f'no images in {paths}')
   if split == 'train':  # once per run: which file went where is easy to get wrong
     if parts['train'] and parts['eval']:
       logging.info('arrays:%s: train split from %s, eval split from %s', spec,
@@ -1226,11 +1226,20 @@ def _permutation(seed: int, epoch: int, num: int) -> np.ndarray:
   return rng.permutation(num)
 
 
+def _steps_per_epoch(num_examples: int, batch_size: int, name: str = '') -> int:
+  """Whole batches per epoch (the remainder is dropped); an error where there are none."""
+  if batch_size <= 0:
+    raise DataError(f'batch_size must be > 0, got {batch_size}')
+  steps = num_examples // batch_size
+  if steps == 0:
+    raise DataError(f'batch_size {batch_size} is larger than the {num_examples} examples of '
+                    f'{name or "the dataset"}')
+  return steps
+
+
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
   """Indices of global batch `step`: slice t of permutation(seed, epoch), remainder dropped."""
-  steps_per_epoch = num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise DataError(f'batch_size {batch_size} is larger than the {num_examples} examples')
+  steps_per_epoch = _steps_per_epoch(num_examples, batch_size)
   seed = _check_seed(seed)
   epoch, t = divmod(int(step), steps_per_epoch)
   return _permutation(seed, epoch, num_examples)[t * batch_size:(t + 1) * batch_size]
@@ -1247,8 +1256,7 @@ def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
   batch and takes its contiguous 1/process_count slice of it; resuming at start_step
   computes that step's indices directly.
   """
-  if batch_size <= 0:
-    raise DataError(f'batch_size must be > 0, got {batch_size}')
+  steps_per_epoch = _steps_per_epoch(source.num_examples, batch_size, source.name)
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise DataError(f'process_index {process_index} is not in [0, {process_count})')
   if batch_size % process_count:
@@ -1261,11 +1269,6 @@ def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
   if start_step < 0:
     raise DataError(f'start_step must be >= 0, got {start_step}')
   seed = _check_seed(seed)
-  num = source.num_examples
-  steps_per_epoch = num // batch_size
-  if steps_per_epoch == 0:
-    raise DataError(f'batch_size {batch_size} is larger than the {num} examples of '
-                    f'{source.name or "the dataset"}')
   per_device = local // num_local_devices
   lo, hi = process_index * local, (process_index + 1) * local
   return _batch_iterator(source, batch_size, seed, int(start_step), steps_per_epoch,

@@ -354,6 +354,7 @@ def test_a_folder_is_decoded_once_into_a_cache_that_gives_the_same_images(
   again = data.load(config, 'eval')
   np.testing.assert_array_equal(again.get([1, 0]), ev.get([1, 0]))
   assert again.files == ev.files == [str(tmp_path / 'faces' / n) for n in names[4:]]
+  assert ev.subset(np.array([1, 0])).files == ev.files[::-1]
   assert _folder_cache_files() == sorted(before + added)
   monkeypatch.undo()
   # Decoded at each batch instead (no cache), the values are the same bits.
@@ -1311,6 +1312,13 @@ def test_batches_validate_sizes():
     data.batches(src, batch_size=4, seed=-1)
   with pytest.raises(data.DataError, match='seed must be >= 0'):
     data.batch_indices(20, 4, -3, 0)
+  # The same checks of the batch size for both (batch_size 0 was a ZeroDivisionError).
+  for size, message in ((0, 'batch_size must be > 0, got 0'),
+                        (32, 'batch_size 32 is larger than the 20 examples')):
+    with pytest.raises(data.DataError, match=message):
+      data.batch_indices(20, size, 0, 0)
+    with pytest.raises(data.DataError, match=message):
+      data.batches(src, batch_size=size, seed=0)
 
 
 def test_eval_batches_pad_and_mask():
