@@ -105,8 +105,8 @@ def structured_batches(num: int, batch_size: int, image_size: int, channels: int
                        seed: int = 0) -> np.ndarray:
   """(num, batch, H, W, C) float32 images of random filled rectangles and discs on black.
 
-  A stand-in for real data when avae_jax.data is unavailable: images with edges and flat
-  regions, so that the discriminator's accuracy (and with it the gating) moves as on
+  A stand-in for the config's data where it cannot be read (load_batches): images with
+  edges and flat regions, so that the discriminator's accuracy (and with it the gating) moves as on
   real data, unlike on uniform noise.
   """
   rng = np.random.default_rng(seed)
@@ -140,7 +140,7 @@ def load_batches(config: ml_collections.ConfigDict, num: int) -> tuple[np.ndarra
     print(f'benchmark: data unavailable ({e}); using synthetic structured images',
           file=sys.stderr)
     return structured_batches(num, b, size, channels), DEFAULT_DATASET_SIZE, 'synthetic'
-  images = source.get(np.arange(num * b) % source.num_examples).astype(np.float32)
+  images = source.get(np.arange(num * b) % source.num_examples)  # float32
   return (images.reshape((num, b, size, size, channels)), int(source.num_examples),
           str(config.dataset))
 

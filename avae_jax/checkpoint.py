@@ -9,9 +9,9 @@ One checkpoint is one step directory `<directory>/<step>/` (the trainer's direct
              structure of the template it is given; typed PRNG keys
              (jax.random.key) are stored as their key_data, zero-size arrays
              only in the manifest (no state/ when every leaf is empty);
-  meta/      the caller's JSON (the trainer's: step, phase, data position, seed, config
-             hash, XLA:CPU thread count, training-set size, the metrics not yet
-             logged);
+  meta/      the caller's JSON (the trainer's: step, phase, seed, config hash, XLA:CPU
+             thread count, process and device counts, training-set size, the
+             metrics not yet logged);
   manifest/  JSON written by this module: path, shape, dtype and CRC-32 of
              every leaf (and a key's implementation), the CRC-32 of meta and
              the CRC-32 of the manifest's own other fields, checked on restore.

