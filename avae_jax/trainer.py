@@ -268,19 +268,19 @@ def probe_term_means(config: ml_collections.ConfigDict, vae_state: steps.TrainSt
 
 def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: RunSetup,
                        vae_state: steps.TrainState, key: jax.Array, *,
-                       resumed: bool) -> RunSetup:
+                       trained: bool) -> RunSetup:
   """Sets config.loss.weights from the calibration; returns the setup with its new step config.
 
   The calibration runs once per workdir and is recorded there; config.calibrate.batches
-  is set to its probe's, so that config.json names it too. A new run probes (a
-  calibration.json without checkpoints is left from a run that stopped before its first
-  one, perhaps with other settings). A resumed run reuses the probe's term means with the
-  configured w_i, so that changed loss weights take effect (and are named as changed). A
-  resumed run without calibration.json started without calibration: probing its trained
-  state now would change the objective halfway, so that is refused.
+  is set to its probe's, so that config.json names it too. A run with no trained steps
+  probes (a calibration.json there is left from a run that stopped before training, perhaps
+  with other settings). A `trained` run reuses the probe's term means with the configured
+  w_i, so that changed loss weights take effect (and are named as changed). A trained run
+  without calibration.json started without calibration: probing its trained state now
+  would change the objective halfway, so that is refused.
   """
   path = os.path.join(workdir, CALIBRATION_FILE)
-  saved = files.read_json(path) if resumed and files.exists(path) else None
+  saved = files.read_json(path) if trained and files.exists(path) else None
   if saved is not None:
     means = saved.get('means')
     weights = _recorded_weights(config, saved)
@@ -293,7 +293,7 @@ def _apply_calibration(config: ml_collections.ConfigDict, workdir: str, run: Run
       print(f'note: the run keeps its calibration probe of {batches} batches ({path}); '
             f'calibrate.batches={config.calibrate.batches} applies to new runs only',
             file=sys.stderr, flush=True)
-  elif resumed:
+  elif trained:
     raise config_lib.ConfigError(
         f'the run in {workdir} started without the loss-weight calibration (it has no '
         'calibration.json); resume it with --config.calibrate.enabled=False, or use a new '
@@ -459,11 +459,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.expanduser(workdir)  # '~/runs/a', as train.py's --workdir
   run = prepare_run(config)
   is_main = jax.process_index() == 0
-  weights = evaluation.missing_fid_weights(config)
-  if is_main and weights:  # said now, not after the calibration and days of training
-    print(f'warning: the FID Inception weights are not at {weights}: the final evaluation '
-          'will skip FID (eval.py can add it later)\n'
-          + inception.how_to_get_weights(weights),
+  missing_fid_path = evaluation.missing_fid_weights(config)
+  if is_main and missing_fid_path:  # said now, not after the calibration and days of training
+    print(f'warning: the FID Inception weights are not at {missing_fid_path}: the final '
+          'evaluation will skip FID (eval.py can add it later)\n'
+          + inception.how_to_get_weights(missing_fid_path),
           file=sys.stderr, flush=True)
   problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:
@@ -476,8 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'of its own')
   ckpt_dir = os.path.join(workdir, config_lib.CHECKPOINT_DIR)
   with _run_lock(workdir):
-    # Checked too (in the workdir this run holds): a file in its place failed the first
-    # save, after the steps up to it had run.
+    # Checked too (in the workdir this run holds): a file in its place would fail the
+    # first save, after the steps up to it had run.
     problem = files.output_dir_problem(ckpt_dir, 'the checkpoint directory')
     if problem:
       raise config_lib.ConfigError(problem)
@@ -498,7 +498,7 @@ def _run_lock(workdir: str) -> Iterator[None]:
   """Process 0 holds the workdir's lock inside; ConfigError on every process if it is taken.
 
   Two runs on one workdir would write the same checkpoints: the second one stops here. Its
-  other processes stop with the same error (left to go on, they were aborted by the JAX
+  other processes stop with the same error (left to go on, they would be aborted by the JAX
   runtime in the checkpointer's first collective, with a stack dump, once process 0 left).
   """
   with contextlib.ExitStack() as stack:
@@ -777,7 +777,7 @@ def _settle_config(config: ml_collections.ConfigDict, workdir: str, run: RunSetu
   # nothing was trained under the calibration, so it is made as for a new run.
   trained = start_step > 0
   if config.calibrate.enabled and config_lib.variant_spec(config.variant).compound_loss:
-    run = _apply_calibration(config, workdir, run, vae_state, key, resumed=trained)
+    run = _apply_calibration(config, workdir, run, vae_state, key, trained=trained)
   elif not trained and is_main:
     # Left by a calibrated run that stopped before its first checkpoint: a later resume of
     # this uncalibrated run with calibration on must be refused, not handed those λ's.
