@@ -407,7 +407,7 @@ def check_datasets(settings: Any) -> None:
   otherwise fail its runs one by one, or stop the study at its calibration, hours in.
   """
   from avae_jax import data  # pylint: disable=g-import-not-at-top
-  for dataset in settings.datasets.split(','):
+  for dataset in study_report.setting_list(settings, 'datasets'):
     config = study_config.run_config(settings, dataset, 'vae', 0)
     try:
       data.load_splits(config)
@@ -427,8 +427,8 @@ class RunStatus(NamedTuple):
 
 def run_study(out: str, settings: Any, max_hours: float = 0.0) -> list[RunStatus]:
   """Trains every missing run, seed-major so that early seeds complete first."""
-  datasets = settings.datasets.split(',')
-  variants = settings.variants.split(',')
+  datasets = study_report.setting_list(settings, 'datasets')
+  variants = study_report.setting_list(settings, 'variants')
   started = time.monotonic()
   statuses = []
   calibration_failed: dict[str, str] = {}
@@ -531,8 +531,9 @@ def _report_and_publish(out: str, settings: Any) -> None:
   with _shared_files_lock(out):
     report = study_report.write_report(out, settings, notes_path=notes, host=_host())
     print(f'[study] wrote {report}', flush=True)
-    runs = [(d, v, seed) for d in settings.datasets.split(',')
-            for v in settings.variants.split(',') for seed in range(int(settings.seeds))]
+    runs = [(d, v, seed) for d in study_report.setting_list(settings, 'datasets')
+            for v in study_report.setting_list(settings, 'variants')
+            for seed in range(int(settings.seeds))]
     finished = sum(study_report.is_finished(study_report.run_dir(out, *run)) for run in runs)
     publish = _PUBLISH.value
     if publish is None and settings.budget != 'test':

@@ -283,7 +283,7 @@ def _write_real_features(path: str, taps: dict[int, np.ndarray]) -> None:
                     'next evaluation computes them again', path, e)
 
 
-def _kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+def kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
   """KL(q(z_j|x) || N(0, 1)) per latent dimension, averaged over the images."""
   mu, logvar = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
   return np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1.0 - logvar), axis=0)
@@ -468,7 +468,7 @@ def evaluate(config: ml_collections.ConfigDict, model: api.TrainedModel,
   results['rec_cosine_similarity'], results['rec_cosine_similarity_std'] = _mean_std(
       images.cosine)
   results['sample_sharpness_mean'], results['sample_sharpness_std'] = _mean_std(sample_sharp)
-  kl = _kl_per_dim(images.mu, images.logvar)
+  kl = kl_per_dim(images.mu, images.logvar)
   results['kl_mean'] = float(np.sum(kl))
 
   if fid_skipped:

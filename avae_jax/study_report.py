@@ -93,6 +93,11 @@ class Run:
     return self.metrics is not None
 
 
+def setting_list(settings: Any, field: str) -> list[str]:
+  """The names in a comma-separated study setting ('datasets' or 'variants')."""
+  return [name for name in str(settings[field]).split(',') if name]
+
+
 def run_dir(out: str, dataset: str, variant: str, seed: int) -> str:
   """The workdir of one run."""
   return os.path.join(out, dataset, variant, f'seed{seed}')
@@ -595,13 +600,15 @@ def posterior_stats(run: Run) -> dict[str, Any] | None:
     # Imported here: reading a finished study's numbers needs no jax.
     from avae_jax import api  # pylint: disable=g-import-not-at-top
     from avae_jax import data  # pylint: disable=g-import-not-at-top
+    from avae_jax import evaluation  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     model = api.TrainedModel.load(run.workdir, devices=jax.local_devices()[:1])
     config = model.config
     source = data.load(config, 'eval')
-    n = min(int(config.eval.num_images), source.num_examples)
+    # The images the run's evaluation used (eval.num_images 0: all of them).
+    n = data.image_count(int(config.eval.num_images), source.num_examples)
     if n < 1:
-      return {'error': 'eval.num_images is 0'}
+      return {'error': f'the eval split of {source.name!r} has no images'}
     mus, logvars = [], []
     for x, mask in data.eval_batches(source, min(128, n), n):
       mu, logvar = model.encode(x)
@@ -611,7 +618,7 @@ def posterior_stats(run: Run) -> dict[str, Any] | None:
   except Exception as e:  # pylint: disable=broad-except
     return {'error': f'{type(e).__name__}: {e}'}
   mu, logvar = np.concatenate(mus), np.concatenate(logvars)
-  kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1.0 - logvar), axis=0)
+  kl = evaluation.kl_per_dim(mu, logvar)
   var_mu = np.var(mu, axis=0)
   stats = {'kl_per_dim': [float(v) for v in kl], 'var_mu': [float(v) for v in var_mu],
            'active': int(np.sum(var_mu > ACTIVE_THRESHOLD)), 'latent_dim': int(mu.shape[1]),
@@ -1184,8 +1191,8 @@ def _dataset_section(runs: Sequence[Run], d: str, variants: Sequence[str], setti
 def _header(runs: Sequence[Run], settings: Any, study: Mapping[str, Any],
             calib: Mapping[str, Any], host: Mapping[str, Any] | None) -> list[str]:
   """The title, what made the report and at what cost, the host, and unfinished runs."""
-  datasets = [d for d in str(settings.datasets).split(',') if d]
-  variants = [v for v in str(settings.variants).split(',') if v]
+  datasets = setting_list(settings, 'datasets')
+  variants = setting_list(settings, 'variants')
   finished = [r for r in runs if r.finished]
   walls = [wall_time(r.info) for r in runs]
   train_s = sum(w for w, _ in walls)
@@ -1301,8 +1308,8 @@ def _settings_section(runs: Sequence[Run], settings: Any, datasets: Sequence[str
 def write_report(out: str, settings: Any, notes_path: str | None = None,
                  host: dict[str, Any] | None = None) -> str:
   """Writes OUT/results.md and OUT/results/*.png from the study's runs; returns the path."""
-  datasets = [d for d in str(settings.datasets).split(',') if d]
-  variants = [v for v in str(settings.variants).split(',') if v]
+  datasets = setting_list(settings, 'datasets')
+  variants = setting_list(settings, 'variants')
   runs = load_runs(out, datasets, variants, int(settings.seeds))
   fig_root = os.path.join(out, FIGURE_DIR)
   if os.path.isdir(fig_root):

@@ -271,7 +271,7 @@ def test_report_has_every_table(study_dir):
   assert 'max |Δ|' not in text
 
 
-def test_posterior_statistics_are_those_of_the_evaluation_images(study_dir):
+def test_posterior_statistics_are_those_of_the_evaluation_images(study_dir, tmp_path):
   out, _ = study_dir
   workdir = study_report.run_dir(out, 'shapes', 'vae', 0)
   with open(os.path.join(workdir, study_report.POSTERIOR_FILE)) as f:
@@ -288,6 +288,17 @@ def test_posterior_statistics_are_those_of_the_evaluation_images(study_dir):
   np.testing.assert_allclose(got['kl_per_dim'], kl, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got['var_mu'], var_mu, rtol=1e-5, atol=1e-9)
   assert got['active'] == int(np.sum(var_mu > 0.01))  # Burda et al.'s threshold
+  # eval.num_images 0 is all of the split, as the evaluation reads it: the report made
+  # no check there ('eval.num_images is 0').
+  copy = tmp_path / 'seed0'
+  shutil.copytree(workdir, copy)
+  os.remove(copy / study_report.POSTERIOR_FILE)
+  config = json.loads((copy / 'config.json').read_text())
+  config['eval']['num_images'] = 0
+  (copy / 'config.json').write_text(json.dumps(config))
+  run = study_report.Run('shapes', 'vae', 0, str(copy), metrics={}, config=config,
+                         history=[], info={})
+  assert study_report.posterior_stats(run)['num_images'] == len(source)
 
 
 def test_report_has_every_figure(study_dir):
