@@ -260,6 +260,9 @@ def test_frechet_of_features_against_scipy_and_the_covariances(n1, n2, d):
 def test_frechet_of_features_identical_and_bad_input():
   x = np.random.default_rng(8).standard_normal((10, 32))
   assert metrics.frechet_distance_of_features(x, x.copy()) == 0.0
+  for seed in range(10):  # fewer images than dimensions: rounding gave up to 1e-11
+    f = np.random.default_rng(seed).standard_normal((64, 256))
+    assert metrics.frechet_distance_of_features(f, f.copy()) == 0.0, seed
   assert 0.0 <= metrics.frechet_distance_of_features(x, x * (1 + 1e-15)) < 1e-9
   for a, b in [(x, x[:, :31]), (x[:1], x), (x[0], x)]:
     with pytest.raises(ValueError, match='expected'):
@@ -303,6 +306,10 @@ def test_mig_matches_loop_reference():
   for bins in (5, 20):
     assert metrics.mig(codes, factors, num_bins=bins) == pytest.approx(
         _mig_reference(codes, factors, bins), rel=1e-10)
+  # The default, named in the tables: 20 bins (Chen et al.'s and disentanglement_lib's).
+  assert metrics.mig(codes, factors) == pytest.approx(_mig_reference(codes, factors, 20),
+                                                      rel=1e-10)
+  assert metrics.mig(codes, factors) != pytest.approx(_mig_reference(codes, factors, 21))
 
 
 def test_mig_extremes():
@@ -341,6 +348,12 @@ def test_shuffled_mig_is_the_floor_of_codes_that_carry_nothing():
   assert metrics.mig(copied, factors) > 0.97
   assert metrics.shuffled_mig(copied, factors) < 0.02
   np.testing.assert_array_equal(copied, kept)  # shuffles a copy
+  # Each dimension on its own: a factor copied into two dimensions has no gap (both carry
+  # the same information) and keeps none when the rows are shuffled together; shuffled
+  # apart, the two dimensions' chance information differs and the floor is above 0.
+  doubled = np.stack([factors[:, 0], factors[:, 0] * 2.0], 1).astype(np.float64)
+  assert metrics.mig(doubled, factors[:, :1]) == 0.0
+  assert metrics.shuffled_mig(doubled, factors[:, :1]) > 0.0
   # Codes already independent of the factors: shuffling changes nothing in distribution,
   # so the floor is the MIG of fresh independent codes (averaged over draws), and it falls
   # as the image count grows (the plug-in estimate's bias).

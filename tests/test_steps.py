@@ -194,7 +194,8 @@ def test_gate_compares_counts_exactly():
   # Reference: exact rational accuracies against the decimal thresholds the config writes
   # (Fraction of the threshold's shortest repr, 0.1 -> 1/10), strict as in Algorithm 1.
   for total in (16, 40, 128, 130):
-    for below, above in ((0.7, 0.5), (0.1, 0.9), (1 / 3, 2 / 3), (0.5, 0.5), (0.3, 0.3)):
+    for below, above in ((0.7, 0.5), (0.1, 0.9), (1 / 3, 2 / 3), (0.5, 0.5), (0.3, 0.3),
+                         (0.0, 1.0), (1.0, 0.0)):  # the ends: never, or all but one count
       counts = np.arange(total + 1)
       update_disc, update_vae = steps.gate(jnp.asarray(counts), total, below, above)
       acc = [Fraction(int(c), total) for c in counts]
@@ -429,6 +430,12 @@ def test_the_tc_weight_scales_the_total_correlation_in_the_loss(monkeypatch):
   assert calls == {0.5: 1, 0.0: 0} and 'tc' not in m[0.0] and abs(m[0.5]['tc']) > 1e-3
   assert m[0.5]['loss'] - m[0.0]['loss'] == pytest.approx(0.5 * m[0.5]['tc'], rel=1e-4,
                                                           abs=1e-5)
+  # reconstruction_scale multiplies L_REC in the loss; the logged 'rec' is before it.
+  c = dataclasses.replace(cfg, tc_weight=0.0, reconstruction_scale=3.0)
+  _, metrics = mapped(c).pretrain(parallel.replicate(vae_state, devs), split(x), key)
+  scaled = {k: float(v) for k, v in metrics.items()}
+  assert scaled['rec'] == pytest.approx(m[0.0]['rec'], rel=1e-6)
+  assert scaled['loss'] == pytest.approx(3.0 * scaled['rec'] + 0.25 * scaled['kl'], rel=1e-5)
 
 
 def test_create_train_states_rejects_mismatched_images():
