@@ -551,7 +551,9 @@ def test_reconstruction_loss_is_the_weighted_sum_of_the_public_terms():
   img = _natural('astronaut')[:32, :32]
   x = jnp.asarray(np.stack([img, _distorted(img, 'blur')]), jnp.float32)
   y = jnp.asarray(np.stack([_distorted(img, 'noise'), img]), jnp.float32)
-  weights = {'mae': 0.5, 'mse': 2.0, 'dssim': 1.5, 'sobel': 0.25, 'gabor': 3.0}
+  # Any nonzero weight is applied, a negative one too (the configs refuse those; the
+  # function itself is the plain weighted sum).
+  weights = {'mae': -0.5, 'mse': 2.0, 'dssim': 1.5, 'sobel': 0.25, 'gabor': 3.0}
   total, terms = losses.reconstruction_loss(x, y, weights)
   bank = filters.gabor_bank(11, 2.5, (4.0, 8.0), 4)
   ref = {'mae': losses.mae(x, y), 'mse': losses.mse(x, y), 'dssim': losses.dssim(x, y),
