@@ -354,6 +354,14 @@ def test_shuffled_mig_is_the_floor_of_codes_that_carry_nothing():
   doubled = np.stack([factors[:, 0], factors[:, 0] * 2.0], 1).astype(np.float64)
   assert metrics.mig(doubled, factors[:, :1]) == 0.0
   assert metrics.shuffled_mig(doubled, factors[:, :1]) > 0.0
+  # Its value: the mean over the repeats of the loop reference's MIG of numpy's
+  # per-column shuffles (Generator.permuted along the images) from the seed.
+  few = copied[:300]
+  shuffle = np.random.default_rng(4)
+  want = np.mean([_mig_reference(shuffle.permuted(few, axis=0), factors[:300], 20)
+                  for _ in range(3)])
+  assert metrics.shuffled_mig(few, factors[:300], repeats=3, seed=4) == pytest.approx(
+      want, rel=1e-10)
   # Codes already independent of the factors: shuffling changes nothing in distribution,
   # so the floor is the MIG of fresh independent codes (averaged over draws), and it falls
   # as the image count grows (the plug-in estimate's bias).
