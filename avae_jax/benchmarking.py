@@ -106,8 +106,8 @@ def structured_batches(num: int, batch_size: int, image_size: int, channels: int
   """(num, batch, H, W, C) float32 images of random filled rectangles and discs on black.
 
   A stand-in for the config's data where it cannot be read (load_batches): images with
-  edges and flat regions, so that the discriminator's accuracy (and with it the gating) moves as on
-  real data, unlike on uniform noise.
+  edges and flat regions, so that the discriminator's accuracy (and with it the gating)
+  moves as on real data, unlike on uniform noise.
   """
   rng = np.random.default_rng(seed)
   n = num * batch_size
