@@ -539,6 +539,7 @@ INVALID = [
     ('optimizer.b2', 1.0, r'optimizer\.b2 = 1\.0 must lie in \[0, 1\)'),
     ('optimizer.b1', -0.1, r'optimizer\.b1 = -0\.1 must lie in \[0, 1\)'),
     ('crop_size', -2, r'crop_size = -2 is negative'),
+    ('crop_size', -1, r'crop_size = -1 is negative'),
     ('eval_fraction', float('nan'), r'eval_fraction = nan must lie in \[0, 1\)'),
     ('eval_fraction', -0.2, r'eval_fraction = -0\.2 must lie in \[0, 1\)'),
     ('eval_fraction', 1.0, r'eval_fraction = 1\.0 must lie in \[0, 1\)'),
@@ -561,10 +562,19 @@ INVALID = [
     ('gabor.size', 0, r'gabor\.size = 0 must be an odd number'),
     ('gabor.size', 1, r'gabor\.size = 1 must be an odd number >= 3'),
     ('gabor.sigma', 0.0, r'gabor\.sigma = 0\.0 must be > 0'),
+    ('gabor.sigma', float('inf'), r'gabor\.sigma = inf must be > 0 and finite'),
     ('gabor.orientations', 0, r'gabor\.orientations = 0 must be a whole number >= 1'),
     ('gabor.wavelengths', (), r'gabor\.wavelengths = \(\) must name at least one'),
     ('gabor.wavelengths', (4.0, -8.0), r'gabor\.wavelengths = \(4\.0, -8\.0\).*each > 0'),
 ]
+
+
+def test_differences_are_listed_by_field_name():
+  # The changed settings that the trainer, eval.py and the API name, in one order.
+  old = {'z': 1, 'a': {'y': 1, 'b': 2}, 'm': 3}
+  new = {'z': 2, 'a': {'y': 0, 'b': 3}, 'm': 3, 'c': 4}
+  assert config_lib.differences(old, new) == [
+      ('a.b', 2, 3), ('a.y', 1, 0), ('c', None, 4), ('z', 1, 2)]
 
 
 def test_as_many_traversal_dims_as_latent_dims_is_valid():

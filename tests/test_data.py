@@ -43,9 +43,12 @@ def _config(**kw):
 
 
 @pytest.fixture(autouse=True)
-def _no_env_cache(monkeypatch):
-  # Keep the tfds cache inside each test's data_dir.
+def _no_env_cache(monkeypatch, tmp_path_factory):
+  # Keep the tfds cache inside each test's data_dir, and the fallback ~/.cache/avae_jax in
+  # a home of the test's own: a cache the user's runs (or an earlier test) left there
+  # would serve a test's dataset instead of its data_dir.
   monkeypatch.delenv('AVAE_JAX_CACHE', raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path_factory.mktemp('home')))
 
 
 # --------------------------------------------------------------------------- geometry
@@ -165,6 +168,11 @@ def test_folder_directories_named_as_splits_are_the_splits(tmp_path, caplog):
       (logging.WARNING, f'folder {tmp_path / "only_test"}: every image is below a directory '
        'named as an eval split, so the model trains on them and the eval split is held out '
        '(the last files, eval_fraction)')]
+  # An eval split of one directory keeps its files' name order.
+  names = [f'test/{i}.png' for i in range(5)] + ['train/5.png']
+  value = _folder_of_values(tmp_path / 'one_test_dir', names)
+  cfg = _config(dataset=f'folder:{tmp_path / "one_test_dir"}', channels=1)
+  assert _values(data.load(cfg, 'eval')) == [value[n] for n in names[:5]]
 
 
 def test_folder_of_several_directories_holds_out_a_random_fraction(tmp_path):
@@ -641,6 +649,51 @@ def test_arrays_npy_tail_split(tmp_path):
   _close(ev.get([4, 0])[..., 0], x[[19, 15]] / np.float32(255))
 
 
+@pytest.mark.parametrize('num, fraction, n_eval', [(30, 0.05, 2), (10, 0.05, 1), (20, 0.25, 5)])
+def test_a_held_out_eval_split_is_the_nearest_count_and_at_least_one(tmp_path, num, fraction,
+                                                                     n_eval):
+  # round(num * eval_fraction) (30 * 0.05 = 1.5 -> 2), at least 1 (10 * 0.05 = 0.5 -> 1).
+  np.save(tmp_path / 'x.npy', np.zeros((num, 16, 16), np.uint8))
+  cfg = _config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1, eval_fraction=fraction)
+  assert (len(data.load(cfg, 'train')), len(data.load(cfg, 'eval'))) == (num - n_eval, n_eval)
+
+
+@pytest.mark.parametrize('num, fraction', [(1, 0.05), (10, 0.95)])
+def test_a_held_out_eval_split_must_leave_images_to_train_on(tmp_path, num, fraction):
+  # An error now, not a batch-size error about an empty training split later.
+  np.save(tmp_path / 'x.npy', np.zeros((num, 16, 16), np.uint8))
+  cfg = _config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1, eval_fraction=fraction)
+  with pytest.raises(data.DataError, match=f'{num} examples are too few to hold out'):
+    data.load(cfg, 'train')
+
+
+def test_arrays_of_the_image_size_are_still_cropped(tmp_path):
+  # crop_size takes the centre and scales it to image_size, whatever the stored size.
+  x = np.zeros((2, 16, 16), np.uint8)
+  x[:, 4:12, 4:12] = 200  # the centre 8x8, black around it
+  np.save(tmp_path / 'x.npy', x)
+  cfg = _config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1, crop_size=8,
+                eval_fraction=0.0)
+  _close(data.load(cfg, 'train').get([0, 1]), np.full((2, 16, 16, 1), 200 / 255, np.float32))
+
+
+def test_npz_keys_of_one_split_are_joined_in_name_order(tmp_path):
+  first, second = (np.full((2, 16, 16), v, np.uint8) for v in (10, 20))
+  np.savez(tmp_path / 'a.npz', x_train=second, images_train=first)  # stored in this order
+  cfg = _config(dataset=f'arrays:{tmp_path / "a.npz"}', channels=1, eval_fraction=0.0)
+  _close(data.load(cfg, 'train').get(np.arange(4))[:, 0, 0, 0], np.array([10, 10, 20, 20]) / 255)
+
+
+def test_several_dsprites_files_in_one_split_have_no_factors(tmp_path):
+  # Each file's factors are its own rows': a split joined from two has none to give.
+  for k in range(2):
+    np.savez(tmp_path / f'dsprites{k}.npz', imgs=np.zeros((4, 16, 16), np.uint8),
+             latents_classes=np.zeros((4, 6), np.int64))
+  cfg = _config(dataset=f'arrays:{tmp_path}', channels=1, eval_fraction=0.0)
+  src = data.load(cfg, 'train')
+  assert len(src) == 8 and src.factors is None and src.factor_names == ()
+
+
 def test_arrays_log_which_file_went_to_which_split(tmp_path, caplog):
   caplog.set_level(logging.INFO, logger='absl')  # its level, whatever flags set it to
   np.save(tmp_path / 'x_train.npy', np.zeros((12, 16, 16), np.uint8))
@@ -1041,6 +1094,8 @@ def test_tfds_dsprites_factors_and_held_out_eval(tmp_path):
     train, ev = data.load(cfg, 'train'), data.load(cfg, 'eval')
     raw = list(tfds.as_numpy(tfds.load('dsprites', split='train', data_dir=str(tmp_path))))
   assert (train.num_examples, ev.num_examples) == (15, 5)
+  # dSprites has a train split only: both are held out of it, not read from 'test'.
+  assert (train.name, ev.name) == ('dsprites/train:train', 'dsprites/train:eval')
   assert train.factor_names == ('shape', 'scale', 'orientation', 'x_position', 'y_position')
   labels = np.array([[ex[f'label_{k}'] for k in train.factor_names] for ex in raw])
   images = np.stack([ex['image'] for ex in raw]).astype(np.float32)  # 0/1 -> black/white
@@ -1312,6 +1367,8 @@ def test_batches_validate_sizes():
     data.batches(src, batch_size=4, seed=-1)
   with pytest.raises(data.DataError, match='seed must be >= 0'):
     data.batch_indices(20, 4, -3, 0)
+  with pytest.raises(data.DataError, match='start_step must be >= 0, got -1'):
+    data.batches(src, batch_size=4, seed=0, start_step=-1)
   # The same checks of the batch size for both (batch_size 0 was a ZeroDivisionError).
   for size, message in ((0, 'batch_size must be > 0, got 0'),
                         (32, 'batch_size 32 is larger than the 20 examples')):

@@ -176,6 +176,22 @@ def test_antialiased_edges_and_inside_the_image():
   assert partial.sum(axis=(1, 2)).min() > 0  # supersampling leaves fractional edge pixels
 
 
+def test_stored_pixels_are_the_rendered_coverage_rounded_to_bytes():
+  # Rounded, not truncated: an edge pixel's 0.999 of 255 is 255, not 254.
+  f = shapes.sample_factors(2, 'train', 50, 100)
+  rendered = shapes.render(f, SIZE) * 255.0
+  np.testing.assert_array_equal(shapes.render_uint8(f, SIZE), np.round(rendered))
+  assert (np.round(rendered) != np.floor(rendered)).any()  # the sample tells them apart
+
+
+def test_an_empty_split_is_refused():
+  for field in ('num_train', 'num_eval'):
+    config = _config()
+    config.shapes[field] = 0
+    with pytest.raises(data.DataError, match=f'config.shapes.{field} must be > 0, got 0'):
+      data.load(config, 'train' if field == 'num_train' else 'eval')
+
+
 def test_grayscale_load():
   src = data.load(_config(channels=1), 'eval')
   assert src.get(np.arange(3)).shape == (3, SIZE, SIZE, 1)

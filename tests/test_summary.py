@@ -79,6 +79,14 @@ def test_a_resumed_run_replaces_what_the_stopped_run_logged_after_its_checkpoint
   acc.Reload()
   assert [(e.step, e.value) for e in acc.Scalars('loss')] == [
       (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+  # Only a line cut short after whole ones: dropped too, not joined to the next record.
+  (tmp_path / 'cut').mkdir()
+  cut = tmp_path / 'cut' / 'metrics.jsonl'
+  cut.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+  with summary.SummaryWriter(tmp_path / 'cut', start_step=1) as writer:
+    writer.scalars(2, {'loss': 2.0})
+  assert [json.loads(line) for line in cut.read_text().splitlines()] == [
+      {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 2.0}]
 
 
 @pytest.mark.skipif(not os.path.exists('/dev/full'), reason='no /dev/full')

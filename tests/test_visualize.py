@@ -186,6 +186,13 @@ def test_traversal_axes_refuse_a_negative_dim():
     visualize.traversal_axes([-1], [0.0], 4)
   dims, values = visualize.traversal_axes([0, 3], [0.5], 4)  # both ends of the range
   assert dims.tolist() == [0, 3] and values.tolist() == [0.5]
+  # One past the end: JAX drops an out-of-range update, so its row would not change.
+  with pytest.raises(ValueError, match=r'dims \[4\] out of range for latent_dim 4'):
+    visualize.traversal_axes([4], [0.0], 4)
+  # Values that are not finite in float32 (inf, or past its range) decode to NaN images.
+  for value in (np.inf, 1e39):
+    with pytest.raises(ValueError, match='values must be finite float32 numbers'):
+      visualize.traversal_axes([0], [value], 4)
 
 
 def test_integer_accepts_its_minimum():
