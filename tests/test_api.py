@@ -196,6 +196,10 @@ def test_interpolation_endpoints_and_midpoint(model, images):
     with pytest.raises(ValueError, match='x0 and x1 must both be one image .* or both '
                        'batches'):
       model.interpolate(x0, x1, 3)
+  # Batches of other lengths: an error, not x0's pair repeated (or JAX's own error).
+  for x0, x1 in ((images[:1], images[1:4]), (images[:2], images[2:5])):
+    with pytest.raises(ValueError, match='differ in shape'):
+      model.interpolate(x0, x1, 3)
 
 
 def test_traversal_changes_only_the_chosen_dims(model, images):
@@ -211,6 +215,10 @@ def test_traversal_changes_only_the_chosen_dims(model, images):
   # Setting dim 2 to its own posterior mean gives back the reconstruction.
   np.testing.assert_allclose(out[0, 1], _np(model.reconstruct(images[:1]))[0], atol=1e-5)
   assert not np.allclose(out[0, 0], out[0, 2])
+  # A batch of one is one image; a larger batch is refused, not traversed per image.
+  np.testing.assert_allclose(_np(model.traverse(images[:1], dims, values)), out, atol=1e-6)
+  with pytest.raises(ValueError, match='traverse takes one image, got a batch of 2'):
+    model.traverse(images[:2], dims, values)
 
 
 def test_pil_images_and_lists_are_taken_by_every_method(model, images):
@@ -356,6 +364,8 @@ def test_from_state(images):
   assert m.step == 0
   # A run's global step labels it where the state's own update count lags behind.
   assert api.TrainedModel.from_state(config, vae_state, step=7).step == 7
+  # Without step=, the state's own update count.
+  assert api.TrainedModel.from_state(config, vae_state.replace(step=3)).step == 3
   mu, logvar = m.encode(images)
   assert mu.shape == (8, 4) and logvar.shape == (8, 4)
   assert _np(m.reconstruct(images)).shape == (8, 16, 16, 3)

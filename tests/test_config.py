@@ -295,6 +295,8 @@ def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
   # Booleans in absl's words, as with a --config file.
   cli.apply_overrides(c, [('--config.eval.fid', 'T'), ('--config.calibrate.enabled', 'f')])
   assert c.eval.fid is True and c.calibrate.enabled is False
+  cli.apply_overrides(c, [('--config.eval.fid', '0'), ('--config.calibrate.enabled', '1')])
+  assert c.eval.fid is False and c.calibrate.enabled is True
   for override, message in [('--config.eval.num_images=many', 'expected an integer'),
                             ('--config.eval.fid=maybe', 'expected true or false'),
                             ('--config.eval.fid=yes', 'expected true or false'),  # as absl

@@ -428,6 +428,19 @@ def test_a_finished_run_is_not_trained_or_evaluated_again(reference, tmp_path, c
   assert committed_steps(workdir) == [12, 16, 20]
 
 
+def test_final_metrics_of_another_step_are_not_this_runs(reference, tmp_path, monkeypatch):
+  # A run continued with more steps and stopped in its final evaluation holds the final
+  # metrics of its earlier end: the model at the checkpoint is evaluated, not skipped.
+  workdir = tmp_path / 'w'
+  shutil.copytree(reference[0], workdir)
+  (workdir / 'final_metrics.json').write_text(json.dumps({'step': TOTAL - 8, 'rec_mse': 0.5}))
+  evaluated = []
+  monkeypatch.setattr(trainer, 'final_evaluation',
+                      lambda *args, step: evaluated.append(step) or {'step': step})
+  assert trainer.train_and_evaluate(make_config(BASE), str(workdir)) == {'step': TOTAL}
+  assert evaluated == [TOTAL]
+
+
 def test_a_finished_calibrated_run_run_again_names_only_real_changes(tmp_path, capsys):
   # Its config.json holds the calibrated λ's: compared with the w_i = 1 they came from,
   # the same command named every reconstruction weight as a setting changed.
@@ -1125,6 +1138,11 @@ def test_invalid_settings_fail_in_prepare_run_before_anything_compiles(
   assert _listener_sees_a_fresh_jit(nothing_compiled)
 
 
+def test_a_batch_of_the_whole_training_split_is_valid():
+  run = trainer.prepare_run(make_config(dict(BASE, **{'shapes.num_train': BASE['batch_size']})))
+  assert run.train_source.num_examples == BASE['batch_size']
+
+
 def test_more_eval_images_than_the_split_has_is_said_before_training(tmp_path, capsys):
   note = ('note: eval.num_images=33 is more than the eval split has: the evaluation will '
           'use its 32 images\n')
@@ -1157,6 +1175,9 @@ def test_stop_signals_record_the_first_and_a_second_ctrl_c_interrupts():
   try:
     assert stop.agreed(1, logged=False) is None
     os.kill(os.getpid(), signal.SIGTERM)  # handled before os.kill returns (main thread)
+    assert stop.agreed(1, logged=False) == signal.SIGTERM
+    # A second SIGTERM (a scheduler that repeats it) still waits for the checkpoint.
+    os.kill(os.getpid(), signal.SIGTERM)
     assert stop.agreed(1, logged=False) == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
