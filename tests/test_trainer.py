@@ -369,12 +369,12 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
   train(BASE, tmp_path / 'w2')
   assert committed_steps(tmp_path / 'w2') == [12, 16, 20]
   assert_trees_equal(restore(tmp_path / 'w2')[1], reference[1])
-  # Fewer steps than the checkpoint's: refused, config.json left as it was. It evaluated
-  # the step-20 model and recorded the smaller counts.
+  # Fewer steps than the checkpoint's (one is enough): refused, config.json left as it
+  # was. It evaluated the step-20 model and recorded the smaller counts.
   saved = (tmp_path / 'w2' / 'config.json').read_text()
   with pytest.raises(config_lib.ConfigError,
-                     match=f'at step {TOTAL}, past the {TOTAL - 2} steps this config trains'):
-    train(dict(BASE, adversarial_steps=BASE['adversarial_steps'] - 2), tmp_path / 'w2')
+                     match=f'at step {TOTAL}, past the {TOTAL - 1} steps this config trains'):
+    train(dict(BASE, adversarial_steps=BASE['adversarial_steps'] - 1), tmp_path / 'w2')
   assert (tmp_path / 'w2' / 'config.json').read_text() == saved
 
 
