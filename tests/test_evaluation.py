@@ -16,6 +16,7 @@ import time
 
 from PIL import Image
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -413,6 +414,20 @@ def test_a_damaged_cache_file_is_replaced_and_an_unwritable_cache_is_warned_abou
   written = os.stat(path).st_mtime_ns
   assert evaluate(test_api.tiny_config(**{'eval.cache_real_features': False})) == (3, want)
   assert os.stat(path).st_mtime_ns == written and _cache_files() == [name]
+
+
+def test_mig_over_fewer_images_than_the_split_pairs_each_code_with_its_factors(source):
+  # eval.mig_num_images below the images already encoded: the first codes and the first
+  # images' factors (no model call is needed for them).
+  codes = np.random.default_rng(3).standard_normal((TINY_EVAL_SPLIT, 4))
+  codes[:, 0] += source.factors[:, 1]  # the first dimension follows a factor
+  ev = ml_collections.ConfigDict({'mig_num_images': 10})
+  mig_results = evaluation._mig_results  # pylint: disable=protected-access
+  got = mig_results(ev, None, source, codes, 8, TINY_EVAL_SPLIT, False)
+  factors = source.factors[:10]
+  assert got['mig_num_images'] == 10
+  assert got['mig'] == pytest.approx(metrics.mig(codes[:10], factors), abs=1e-12)
+  assert got['mig'] != pytest.approx(metrics.mig(codes[:10], source.factors[-10:]))
 
 
 def test_mig_and_traversal_dims_use_the_posterior_means(evaluated, model, source):
