@@ -116,11 +116,12 @@ class Source:
 
   def __init__(self, read: Callable[[np.ndarray], np.ndarray], num_examples: int,
                image_shape: tuple[int, int, int], *, name: str = '',
-               factors: np.ndarray | None = None, factor_names: Sequence[str] = ()):
+               factors: np.ndarray | None = None, factor_names: Sequence[str] = (),
+               files: Sequence[str] | None = None):
     """`read(indices)` gives those images; `factors` (n, F) ground-truth factor indices.
 
     factor_names name the F factors; sources without factors (most datasets) leave both
-    out.
+    out. `files` (folder sources) names the image file behind each index.
     """
     self._read = read
     self.num_examples = int(num_examples)
@@ -128,7 +129,7 @@ class Source:
     self.name = name
     self.factors = factors
     self.factor_names = tuple(factor_names)
-    self.files: list[str] | None = None  # folder sources: the file behind each index
+    self.files: list[str] | None = None if files is None else list(files)
 
   def __len__(self) -> int:
     """The number of examples."""
@@ -153,12 +154,11 @@ class Source:
   def subset(self, rows: np.ndarray, name: str | None = None) -> 'Source':
     """A Source of the given rows of this one, in that order."""
     rows = np.asarray(rows, dtype=np.int64)
-    sub = Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
-                 name=name or self.name,
-                 factors=None if self.factors is None else self.factors[rows],
-                 factor_names=self.factor_names)
-    sub.files = None if self.files is None else [self.files[r] for r in rows]
-    return sub
+    return Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
+                  name=name or self.name,
+                  factors=None if self.factors is None else self.factors[rows],
+                  factor_names=self.factor_names,
+                  files=None if self.files is None else [self.files[r] for r in rows])
 
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.
@@ -825,8 +825,8 @@ def _load_folder(config: Any, root: str, split: str, memo: dict[str, Any]) -> So
   chosen = [paths[i] for i in rows]
   name = f'folder:{root}:{split}'
   if cached is not None:
-    source = Source(_array_reader(cached, 1.0 / 255.0), len(paths),
-                    _image_shape(geometry)).subset(rows, name=name)
+    source = Source(_array_reader(cached, 1.0 / 255.0), len(paths), _image_shape(geometry),
+                    files=paths).subset(rows, name=name)
   else:
     read_image(paths[0])  # fail now, not at the first batch, if the images are unreadable
     pool: list[concurrent.futures.ThreadPoolExecutor] = []
@@ -838,8 +838,7 @@ def _load_folder(config: Any, root: str, split: str, memo: dict[str, Any]) -> So
                           pool[0])
       return images.astype(np.float32) * np.float32(1.0 / 255.0)  # as the cache reads
 
-    source = Source(read, len(chosen), _image_shape(geometry), name=name)
-  source.files = chosen
+    source = Source(read, len(chosen), _image_shape(geometry), name=name, files=chosen)
   return source
 
 
