@@ -613,6 +613,10 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
     np.savez(f, x=np.zeros(3))
   with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
     read_cache(*os.path.split(path[:-4]), 'mnist')
+  for array in (np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16, 1), np.int16)):
+    np.save(path, array)  # a whole .npy, but not a uint8 stack of images
+    with pytest.raises(data.DataError, match=r'is damaged .*not uint8 images'):
+      read_cache(*os.path.split(path[:-4]), 'mnist')
 
 
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):

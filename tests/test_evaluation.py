@@ -318,6 +318,17 @@ def test_the_cache_file_is_named_by_the_cpu_thread_count_too(source, monkeypatch
   assert len(paths) == 2
 
 
+def test_the_cache_file_is_named_by_the_batch_sizes_and_the_image_count(source):
+  # Each decides how the features' sums are split, or which images they are of.
+  params = {'w': np.ones(3, np.float32)}
+  path = evaluation._real_features_path  # pylint: disable=protected-access
+  devices = jax.devices()[:1]
+  names = {path(params, source, batch, n, inception_batch, devices)
+           for batch, n, inception_batch in ((8, N, 8), (4, N, 8), (8, N - 1, 8), (8, N, 2))}
+  assert len(names) == 4
+  assert path(params, source, 8, N, 8, devices) == path(params, source, 8, N, 8, devices)
+
+
 def _modified_source(source, index, change):
   """`source` with the first pixel of image `index` replaced by change(pixel)."""
   def read(idx):
@@ -446,6 +457,26 @@ def test_mig_and_traversal_dims_use_the_posterior_means(evaluated, model, source
     table = f.read()
   shown = re.search(r'latent dimensions \[([\d, ]+)\]', table).group(1)
   assert [int(d) for d in shown.split(',')] == list(np.argsort(-kl)[:2])
+
+
+def test_samples_follow_the_seed_and_traversals_take_every_dim_by_kl(tmp_path, model, source):
+  config = test_api.tiny_config(**{'seed': 5, 'eval.traversal_dims': 4})
+  results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path),
+                                devices=jax.devices()[:1])
+  # The samples' codes are drawn from config.seed (as in
+  # test_image_metrics_against_independent_computation, which runs seed 0).
+  key = jax.random.fold_in(jax.random.PRNGKey(5), evaluation._SAMPLE_KEY)
+  z = jax.random.normal(key, (max(N, GRID * GRID), model.latent_dim), np.float32)[:N]
+  samples = _laplacian_variance(model.decode(z))
+  np.testing.assert_allclose(results['sample_sharpness_mean'], samples.mean(), rtol=1e-4)
+  # All 4 dimensions, largest average KL first: not in index order for this model.
+  mu, logvar = (np.asarray(a, np.float64) for a in model.encode(source.get(np.arange(N))))
+  kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar), axis=0)
+  by_kl = [int(d) for d in np.argsort(-kl)]
+  assert by_kl != sorted(by_kl), 'the tiny model no longer tells the two orders apart'
+  with open(tmp_path / 'table.md') as f:
+    shown = re.search(r'latent dimensions \[([\d, ]+)\]', f.read()).group(1)
+  assert [int(d) for d in shown.split(',')] == by_kl
 
 
 def _png_size(path):
