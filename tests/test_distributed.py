@@ -750,6 +750,9 @@ def test_two_processes_train_like_one_process(one_process_run, two_process_run):
                                  err_msg=f'{name} at step {step}')
   # The adversarial steps ran, with the same gating decisions.
   assert 'disc_updated' in one[TOTAL_STEPS]
+  # Each process says its part of the batch: 8 images over 2 x 2 devices.
+  assert re.search(r'\[p0\] devices: 2 cpu x 2 process\(es\), \w+, 2 images per device and '
+                   'step', output), output[:3000]
 
   # Adam's moments of near-cancelling gradient entries (an encoder bias) carry the
   # rounding of the other summation order furthest: 3e-4 of the leaf's largest entry.

@@ -329,20 +329,20 @@ def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(t
                         adversarial=clock.wrap(fns.adversarial))
 
   monkeypatch.setattr(parallel, 'make_steps', make_timed_steps)
-  train(dict(BASE, pretrain_steps=5, adversarial_steps=3, log_every=4, image_every=3),
-        tmp_path)
+  # The discriminator's learning rate other than the VAE's, so that each is logged as its own.
+  run = dict(BASE, pretrain_steps=5, adversarial_steps=3, log_every=4, image_every=3,
+             **{'optimizer.disc_learning_rate': 2e-4})
+  train(run, tmp_path)
   # The pre-trained model is a checkpoint of its own, and a log row of its own.
   assert committed_steps(tmp_path) == [4, 5, 8]
   assert restore(tmp_path, step=5)[2]['phase'] == 'pretrain'
   metrics = read_metrics(tmp_path)
   assert sorted(metrics) == [4, 5, 8]
-  config = default.get_config()
   for s, m in metrics.items():
-    assert m['learning_rate'] == config.optimizer.learning_rate
+    assert m['learning_rate'] == default.get_config().optimizer.learning_rate == 1e-3
     adversarial = s > 5
     assert (set(DISC_KEYS) <= set(m)) if adversarial else not set(DISC_KEYS) & set(m), s
-    assert m.get('disc_learning_rate') == (
-        config.optimizer.disc_learning_rate if adversarial else None), s
+    assert m.get('disc_learning_rate') == (2e-4 if adversarial else None), s
     # Each phase's compiling step is left out of the rates: row 8 is steps 7-8 in 2 s.
     assert m['steps_per_s'] == 1.0, (s, m['steps_per_s'])
   # The last run's figures too, off image_every.
@@ -354,6 +354,20 @@ def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(t
   # times pre-training's 99 s beyond a step: 3 * 2.2 * 1 s + 1.5 * 99 s = 155.1 s.
   end = next(line for line in lines if line.startswith('step 5/8 '))
   assert '| ETA 0:02:35 |' in end, end
+
+
+def test_training_figures_show_the_first_eval_images_and_half_a_grid_of_samples():
+  config = make_config(dict(TINY, **{'eval.grid_size': 4}))
+  vae, _ = steps.create_train_states(config, jax.random.PRNGKey(0), (16, 16, 3))
+  source = data.load(config, 'eval')
+  figures = trainer._training_figures(config, vae, source, jax.random.PRNGKey(1))
+  cell = 16 + 1  # a pixel of padding around each cell
+  # The first 4 eval images above their reconstructions: two rows of four.
+  assert figures['reconstructions'].shape == (2 * cell + 1, 4 * cell + 1, 3)
+  first = np.round(source.get(np.arange(1))[0] * 255)
+  np.testing.assert_array_equal(figures['reconstructions'][1:1 + 16, 1:1 + 16], first)
+  # 4 * 4 / 2 = 8 samples: a snapshot half the size of the evaluation's grid.
+  assert figures['samples'].shape == (2 * cell + 1, 4 * cell + 1, 3)
 
 
 def test_running_a_finished_workdir_again_continues_with_more_steps(reference, tmp_path,
@@ -633,10 +647,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
 
 
-def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, monkeypatch):
+def test_a_non_finite_loss_between_logs_is_caught_before_the_checkpoint(tmp_path):
+  # Logs every 6 steps, checkpoints every step: the save after step 1's non-finite loss
+  # checks the losses since the last log before the state (whose update may be finite).
+  overrides = dict(TINY, **{'optimizer.learning_rate': 1e30, 'pretrain_steps': 6,
+                            'adversarial_steps': 0, 'checkpoint_every': 1, 'log_every': 6})
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'non-finite \w+ = (nan|inf|-inf) at step 1; .*last checkpoint'):
+    train(overrides, tmp_path)
+  assert committed_steps(tmp_path) == [1]
+
+
+@pytest.mark.parametrize('resumed', [False, True], ids=['fresh', 'resumed'])
+def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, monkeypatch,
+                                                                     resumed):
   # A NaN gradient under finite losses (here injected into the fourth step's update):
   # the checkpoint due after that step would have held NaN parameters and replaced the
-  # good one; the next step's NaN loss then said "the last checkpoint is kept".
+  # good one; the next step's NaN loss then said "the last checkpoint is kept". Resumed:
+  # the first two steps are a run of their own, whose checkpoint the message names.
+  overrides = dict(TINY, **{'pretrain_steps': 6, 'adversarial_steps': 0,
+                            'checkpoint_every': 2, 'log_every': 1})
+  if resumed:
+    train(dict(overrides, pretrain_steps=2), tmp_path)
   real = parallel.make_steps
 
   def make_steps(cfg, devices, method='pmap'):
@@ -646,14 +678,12 @@ def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, m
     def pretrain(state, batch, key):
       state, metrics = fns.pretrain(state, batch, key)
       calls.append(None)
-      if len(calls) == 4:
+      if len(calls) == (2 if resumed else 4):
         state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
       return state, metrics
     return fns._replace(pretrain=pretrain)
 
   monkeypatch.setattr(parallel, 'make_steps', make_steps)
-  overrides = dict(TINY, **{'pretrain_steps': 6, 'adversarial_steps': 0,
-                            'checkpoint_every': 2, 'log_every': 1})
   with pytest.raises(trainer.NonFiniteLossError,
                      match=r"non-finite values in \['vae'\]\['params'\].* after the update "
                            r'of step 3, whose losses were finite.*the last checkpoint '
@@ -668,22 +698,23 @@ def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, m
 
 def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
     reference, tmp_path, monkeypatch, capsys):
-  # The seventh batch cannot be read (as a truncated image file would fail): the six
-  # steps done are checkpointed before the error, and once the file is readable again
-  # the resumed run ends bit-identical to the uninterrupted one.
+  # The sixth batch cannot be read (as a truncated image file would fail): the five
+  # steps done (one since the checkpoint of step 4) are checkpointed before the error,
+  # and once the file is readable again the resumed run ends bit-identical to the
+  # uninterrupted one.
   real_batches = data.batches
 
   def failing_batches(*args, **kwargs):
     for t, batch in enumerate(real_batches(*args, **kwargs), kwargs['start_step']):
-      if t == 6:
+      if t == 5:
         raise data.DataError('cannot read image img005.png: image file is truncated')
       yield batch
 
   monkeypatch.setattr(data, 'batches', failing_batches)
   with pytest.raises(data.DataError, match='truncated'):
     train(BASE, tmp_path)
-  assert 'data error at step 6: the checkpoint of step 6 is saved' in capsys.readouterr().err
-  assert committed_steps(tmp_path) == [4, 6]
+  assert 'data error at step 5: the checkpoint of step 5 is saved' in capsys.readouterr().err
+  assert committed_steps(tmp_path) == [4, 5]
   assert not open_files_under(tmp_path)
   monkeypatch.setattr(data, 'batches', real_batches)
   train(BASE, tmp_path)
@@ -832,12 +863,16 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   probe_lines = [line for line in logged if line.startswith('calibration: ')]
   assert probe_lines[0] == 'calibration: compiling the probe step ...'
   assert probe_lines[-1].startswith('calibration: step 3/3 (100.0%) | ')
-  (probe_cfg, probed, probe_keys, _), (train_cfg, _, train_keys, _) = calls
+  (probe_cfg, probed, probe_keys, probe_batches), (train_cfg, _, train_keys, _) = calls
   # The probe's step i draws from fold_in(calibration key, i), the run's from the train
   # key: the probe changes none of the run's randomness.
   np.testing.assert_array_equal(probe_keys, _folded_keys(0, 2, 3))
   np.testing.assert_array_equal(train_keys, _folded_keys(0, 1, 2))
   assert probe_cfg.dataset_size == train_cfg.dataset_size == 256
+  # Its batches are those of seed 0 + 7919 (RunKeys' documented offset): not the run's.
+  source = data.load(make_config(CALIBRATE), 'train')
+  for t, batch in enumerate(probe_batches):
+    np.testing.assert_array_equal(batch, source.get(data.batch_indices(256, 8, 7919, t)))
   bank = losses.GaborSpec(size=7, sigma=1.5, wavelengths=(3.0,), orientations=2)
   assert probe_cfg.gabor == train_cfg.gabor == bank
   terms = ('mae', 'mse', 'dssim', 'sobel', 'gabor')
