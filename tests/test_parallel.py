@@ -10,26 +10,14 @@ import pytest
 from avae_jax import config_lib
 from avae_jax import parallel
 from avae_jax import steps
-from configs import default
+from tests import test_steps
 
-BATCH = 8
-
-
-def tiny_config():
-  c = default.get_config()
-  c.variant = 'avae_s'  # every loss term, TC across devices
-  c.image_size = 16
-  c.channels = 3
-  c.model.widths = (4, 8)
-  c.model.latent_dim = 4
-  c.model.hidden_dim = 8
-  c.batch_size = BATCH
-  return c
+BATCH = test_steps.BATCH
 
 
 @functools.lru_cache(maxsize=None)
 def setup():
-  config = tiny_config()
+  config = test_steps.tiny_config()  # AVAE-S: every loss term, TC across devices
   vae_state, disc_state = steps.create_train_states(config, jax.random.key(0, impl='rbg'),
                                                     (16, 16, 3))
   x = np.random.default_rng(0).uniform(size=(BATCH, 16, 16, 3)).astype(np.float32)

@@ -24,22 +24,15 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from avae_jax import checkpoint
 from avae_jax import files
-from avae_jax import steps
+from tests import test_trainer
 from tests.trees import assert_trees_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The default config shrunk to seconds; the same run as test_trainer.BASE.
-TINY = {
-    'image_size': 16, 'model.widths': (4, 8), 'model.latent_dim': 4, 'model.hidden_dim': 8,
-    'batch_size': 8, 'shapes.num_train': 256, 'shapes.num_eval': 32,
-    'eval.num_images': 32, 'eval.fid': False, 'calibrate.enabled': False,
-}
-BASE = dict(TINY, **{'pretrain_steps': 12, 'adversarial_steps': 8, 'log_every': 1,
-                     'checkpoint_every': 4, 'image_every': 10})
-TOTAL = 20
+# The default config shrunk to seconds, and test_trainer's run of it (restored as there).
+TINY, BASE, TOTAL = test_trainer.TINY, test_trainer.BASE, test_trainer.TOTAL
+restore = test_trainer.restore
 RUN_TIMEOUT = 600   # a bound for a whole training subprocess, not a speed requirement
 FAIL_TIMEOUT = 60   # a bound for a run that must stop at validation (nothing compiled)
 
@@ -81,22 +74,6 @@ COMPILE_MARKERS = ('Compiling ', 'Finished tracing')
 def compiled_something(stderr):
   """Whether jax logged a trace or a compilation (JAX_LOG_COMPILES=1)."""
   return any(m in stderr for m in COMPILE_MARKERS)
-
-
-_TEMPLATES = {}
-
-
-def restore(workdir, step=None):
-  """(step, {'vae': ..., 'disc': ...} host arrays, meta) of a workdir's checkpoint."""
-  if 'base' not in _TEMPLATES:
-    from tests import test_trainer  # pylint: disable=g-import-not-at-top
-    # Shapes and dtypes only (jax.eval_shape): nothing is compiled for the template.
-    _TEMPLATES['base'] = jax.eval_shape(lambda key: steps.state_tree(
-        *steps.create_train_states(test_trainer.make_config(BASE), key, (16, 16, 3))),
-        jax.random.PRNGKey(0))
-  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=None,
-                               read_only=True) as ckpt:
-    return ckpt.restore(_TEMPLATES['base'], step=step)
 
 
 def committed_steps(workdir):
