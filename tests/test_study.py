@@ -501,6 +501,28 @@ def test_claims_point_the_way_the_paper_means():
     expected = 'lower' if claim.key.startswith('fid_') else better[claim.key]
     assert claim.better == expected, claim
   assert {c.key for c in claims} >= set(better) | {'fid_rec_2048', 'fid_sample_2048'}
+  # The text's "improved the FID in all cases": the reconstructions' at the three other
+  # layers too (d = 2048's are the pairs' rows).
+  assert {c.key for c in claims if c.a == 'avae_s' and c.b == 'vae'} == {
+      f'fid_rec_{d}' for d in (64, 192, 768)}
+  # Only the paper's "equal or" orderings (Table III's MSE and cosine similarity) let a
+  # difference within EQUAL_TOLERANCE count as holding.
+  for claim in claims:
+    assert claim.or_equal == (' equal or ' in claim.text), claim
+  assert sum(c.or_equal for c in claims) == 6
+  # MIG needs ground-truth factors: its claims are made on shapes only.
+  table, results = study_report.claims_table([], 'fashion_mnist')
+  assert 'MIG' not in table and len(results) == len(claims) - 2
+  assert [c.key for c, _ in study_report.claims_table([], 'shapes')[1]].count('mig') == 2
+
+
+def test_the_papers_relative_change_is_a_over_b():
+  # Table III's MSE: VAE-S 0.009412 against VAE 0.010207, 7.8% lower.
+  runs = [_run('vae_s', 0, rec_mse=0.02), _run('vae', 0, rec_mse=0.01)]
+  table, _ = study_report.claims_table(runs, 'shapes')
+  [row] = [l for l in table.splitlines() if l.startswith('| VAE-S MSE equal or lower than VAE')]
+  assert row.split('|')[2].strip() == f'{100 * (0.009412 / 0.010207 - 1):+.1f}%' == '-7.8%'
+  assert row.split('|')[5].strip() == '+100.0%'  # this study's: 0.02 against 0.01
 
 
 def test_table_iii_rows_read_their_own_metrics():
@@ -543,6 +565,16 @@ def test_check_claim_pairs_seeds():
   assert r['verdict'] == 'mixed: 1/3 seeds hold, the mean does not'
   # The paired difference is a - b whichever way is better (the table's "Δ (a − b)").
   assert r['diff_mean'] == pytest.approx(1 / 3) and r['wins'] == 1
+  # A seed with equal values is no win, and the seeds' mean (not their median) is the
+  # mixed verdict's: differences +1, +1, -5.
+  runs = [_run('vae_s', s, x=v) for s, v in enumerate((1.0, 2.0, 3.0))]
+  runs += [_run('vae', s, x=v) for s, v in enumerate((1.0, 1.0, 2.0))]
+  r = study_report.check_claim(runs, 'shapes', claim)
+  assert r['wins'] == 2 and r['verdict'] == 'mixed: 2/3 seeds hold, the mean holds'
+  runs = [_run('vae_s', s, x=v) for s, v in enumerate((1.0, 2.0, 0.0))]
+  runs += [_run('vae', s, x=v) for s, v in enumerate((0.0, 1.0, 5.0))]
+  r = study_report.check_claim(runs, 'shapes', claim)
+  assert r['verdict'] == 'mixed: 2/3 seeds hold, the mean does not'
   # "Equal or lower" with a 0.5% increase on every seed counts as equal.
   runs = [_run('avae', s, m=1.005) for s in range(2)] + [_run('vae', s, m=1.0) for s in range(2)]
   eq = study_report.Claim('t', 'm', 'lower', 'avae', 'vae', or_equal=True)
@@ -591,6 +623,7 @@ def test_percentages_keep_small_differences_visible():
   assert study_report._signed_pct(0.0004596) == '+0.046%'
   assert study_report._signed_pct(-0.0009) == '-0.09%'
   assert study_report._signed_pct(0.123) == '+12.3%' and study_report._signed_pct(0.0) == '+0.0%'
+  assert study_report._signed_pct(0.00456) == '+0.5%'  # from 0.1% on: one decimal
   assert study_report._signed_pct(float('nan')) == '-'
 
 
