@@ -1405,6 +1405,15 @@ def test_likely_reasons_name_the_seed_they_quote():
   (line,) = [r for r in study_report._reasons(runs[:-1], 'shapes', settings)
              if r.startswith('VAE-S')]
   assert line.endswith('finished seed(s)).') and 'weaker' not in line.split('β')[1], line
+  # L_REC at 0.8x the MSE (a KL weighted more, not less) under a KL above VAE's: the
+  # sentence said "Its KL is not above VAE's here".
+  low = dict(pre, rec=0.2)
+  runs = [study_report.Run('shapes', 'vae_s', 0, '', {'kl_mean': 6.0}, cfg, [low], {}),
+          study_report.Run('shapes', 'vae', 0, '', {'kl_mean': 3.0}, cfg, [pre], {})]
+  (line,) = [r for r in study_report._reasons(runs, 'shapes', settings)
+             if r.startswith('VAE-S')]
+  assert 'is 0.8× its own MSE' in line and line.endswith(
+      'KL 6 nats vs 3 for VAE (means over 1 and 1 finished seed(s)).'), line
 
 
 def test_loss_scales_and_their_words_follow_the_runs_weights():
