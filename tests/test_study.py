@@ -26,6 +26,7 @@ from avae_jax import xla_flags
 from avae_jax import study_report
 from configs import study as study_config
 from tests import processes
+from tests import test_api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -647,6 +648,10 @@ def test_the_figures_traversal_range_is_the_shown_runs():
   runs = [run('vae', 0, 1.5), run('vae', 1, 3.0), run('avae', 0, 1.5)]
   shown = {'vae': 0, 'avae': 0}
   assert study_report._traversal_words(runs, 'shapes', shown) == 'from −1.5 to 1.5'
+  # A shown run whose config.json is missing gives no range (and no error).
+  no_config = study_report.Run('shapes', 'vae_s', 0, '', {'rec_mse': 0.1}, None, [], {})
+  assert study_report._traversal_words(runs + [no_config], 'shapes',
+                                       dict(shown, vae_s=0)) == 'from −1.5 to 1.5'
   assert study_report._traversal_words(runs, 'fashion_mnist', shown) == (
       'from −R to R (R: eval.traversal_range)')
   assert study_report._traversal_words(runs, 'shapes', {'vae': 1, 'avae': 0}) == (
@@ -812,7 +817,8 @@ def test_report_only_cannot_raise_the_seed_count(tmp_path, monkeypatch):
 
 def test_read_history_merges_resumed_and_drops_eval_rows(tmp_path):
   path = tmp_path / 'metrics.jsonl'
-  rows = [{'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
+  rows = [{'step': 0, 'eval/rec_mse': 0.2},  # an evaluation at a step no training row has
+          {'step': 1, 'loss': 5.0}, {'step': 2, 'loss': 4.0},
           {'step': 2, 'loss': 3.5},  # re-logged after a resume: the later value wins
           {'step': 3, 'loss': 3.0, 'kl': 1.0},
           {'step': 3, 'eval/rec_mse': 0.1}, {'step': 3, 'eval/fid_pool': 9.0}]
@@ -1416,6 +1422,138 @@ def test_likely_reasons_name_the_seed_they_quote():
       'KL 6 nats vs 3 for VAE (means over 1 and 1 finished seed(s)).'), line
 
 
+def test_durations_are_rounded_to_the_second_shown():
+  duration = study_report._duration  # pylint: disable=protected-access
+  assert [duration(x) for x in (None, 45.2, 59.6, 125.0, 3599.6, 7261.0)] == [
+      '-', '45s', '1m00s', '2m05s', '1h00m', '2h01m']
+
+
+def _adversarial_run(seed=0, **last_window):
+  """A finished AVAE run on shapes: 10 pre-training steps, one adversarial window to 30."""
+  window = {'step': 30, 'disc_updated': 0.5, 'vae_updated': 0.5, 'disc_accuracy': 0.6,
+            **last_window}
+  return study_report.Run('shapes', 'avae', seed, '', {'rec_mse': 0.1},
+                          {'pretrain_steps': 10}, [{'step': 10, 'loss': 1.0}, window], {})
+
+
+def test_a_gated_update_that_ran_in_under_5_percent_of_the_steps_warns():
+  gating = study_report._gating_section  # pylint: disable=protected-access
+  runs = [_adversarial_run(0, disc_updated=0.06, vae_updated=0.04)]
+  _, warnings, _ = gating(runs, 'shapes', ['avae'])
+  assert warnings == ['shapes AVAE seed 0: vae_updated ran in only 4% of the adversarial steps '
+                      '(gating stuck)']
+
+
+def test_one_active_latent_dimension_or_none_warns_of_posterior_collapse(tmp_path):
+  section = study_report._posterior_section  # pylint: disable=protected-access
+  runs = []
+  for seed, active in enumerate((0, 1, 2)):
+    workdir = tmp_path / f'seed{seed}'
+    workdir.mkdir()
+    # The statistics as the report caches them: read, not computed again.
+    (workdir / study_report.POSTERIOR_FILE).write_text(json.dumps(
+        {'kl_per_dim': [1.0, 0.5], 'var_mu': [0.5, 0.001], 'active': active,
+         'latent_dim': 2, 'num_images': 10}))
+    runs.append(study_report.Run('shapes', 'vae', seed, str(workdir), {'rec_mse': 0.1}, {},
+                                 [], {}))
+  _, warnings, unchecked = section(runs, 'shapes', ['vae'])
+  assert warnings == [f'shapes VAE seed {s}: {s} active latent dimension(s): posterior collapse'
+                      for s in (0, 1)]
+  assert unchecked == []
+
+
+def test_posterior_statistics_cover_every_eval_image_past_one_batch(tmp_path, monkeypatch):
+  # 200 evaluation images: a batch of 128 and a padded one of 72. A stand-in encoder
+  # whose code dimensions have variances 0.5, 0.05 and 0.005 over the images: two are
+  # active at Burda et al.'s 0.01.
+  config = test_api.tiny_config(**{'shapes.num_eval': 200, 'eval.num_images': 0})
+  images = data.load(config, 'eval').get(np.arange(200))
+  brightness = np.asarray(images, np.float64).reshape(200, -1).mean(1)
+  scales = np.sqrt(np.array([0.5, 0.05, 0.005]) / brightness.var())
+
+  class Encoder:
+    def __init__(self):
+      self.config = config
+
+    def encode(self, x):
+      m = np.asarray(x, np.float64).reshape(len(x), -1).mean(1)
+      return m[:, None] * scales, np.full((len(x), 3), -1.0)
+
+  monkeypatch.setattr(api.TrainedModel, 'load', lambda *args, **kwargs: Encoder())
+  run = study_report.Run('shapes', 'vae', 0, str(tmp_path), {'rec_mse': 0.1}, {}, [], {})
+  got = study_report.posterior_stats(run)
+  mu = brightness[:, None] * scales
+  assert (got['num_images'], got['latent_dim'], got['active']) == (200, 3, 2)
+  np.testing.assert_allclose(got['var_mu'], [0.5, 0.05, 0.005], rtol=1e-9)
+  kl = (0.5 * (mu ** 2 + np.exp(-1.0) - 1.0 + 1.0)).mean(0)
+  np.testing.assert_allclose(got['kl_per_dim'], kl, rtol=1e-9)
+
+
+def test_the_header_says_at_least_where_any_run_time_is_a_lower_bound():
+  settings = study_config.get_config('test')
+  header = study_report._header  # pylint: disable=protected-access
+  runs = [study_report.Run('shapes', 'vae', 0, '', {}, {}, [], {'wall_s': 60.0}),
+          study_report.Run('shapes', 'avae', 0, '', None, {}, [],
+                           {'wall_s': 30.0, 'killed_sessions': 1})]
+  command = 'python study.py --out=o'
+  lines = header(runs, settings, {'commands': [command], 'report_command': command}, {}, None)
+  assert 'training and evaluation took at least 1m30s in total' in lines[2]
+  # The report made by one of the study's own commands: said once.
+  assert lines[2].startswith(f'Generated by `{command}` (budget')
+  lines = header(runs[:1], settings, {'commands': [command],
+                                      'report_command': command + ' --report_only'}, {}, None)
+  assert 'took 1m00s in total' in lines[2]
+  assert lines[2].startswith(f'Runs by `{command}`; this report by `{command} --report_only`')
+
+
+def test_the_settings_show_avae_s_config_where_it_has_one():
+  settings = study_config.get_config('test')
+  runs = [study_report.Run('shapes', v, 0, '', {}, {'variant': v}, [], {})
+          for v in ('vae', 'avae_s', 'avae')]
+  text = '\n'.join(study_report._settings_section(runs, settings, ['shapes']))
+  assert 'Full trainer config of shapes / AVAE-S / seed 0' in text
+  text = '\n'.join(study_report._settings_section(runs[:1], settings, ['shapes']))
+  assert 'Full trainer config of shapes / VAE / seed 0' in text
+
+
+def test_the_budget_counts_the_epochs_of_pre_training():
+  settings = {'shapes': ml_collections.ConfigDict(
+      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 30,
+       'batch_size': 64})}
+  budget = study_report._reasons([], 'shapes', settings)[0]
+  assert budget.startswith('Budget: 10 pre-training steps (1.00 epochs) and 30 adversarial '
+                           'steps at batch 64'), budget
+
+
+def test_the_figures_are_the_lowest_finished_seeds_and_a_report_drops_old_ones(tmp_path):
+  runs = []
+  for seed in (2, 1, 0):
+    workdir = tmp_path / 'out' / f'seed{seed}'
+    (workdir / 'eval').mkdir(parents=True)
+    (workdir / 'eval' / 'samples.png').write_bytes(f'seed {seed}'.encode())
+    runs.append(study_report.Run('shapes', 'vae', seed, str(workdir),
+                                 None if seed == 0 else {'rec_mse': 0.1}, {}, [], {}))
+  paths, seeds = study_report.copy_model_figures(runs, 'shapes', ['vae'], str(tmp_path / 'f'))
+  assert seeds == {'vae': 1}
+  assert (tmp_path / 'f' / paths[('vae', 'samples')]).read_bytes() == b'seed 1'
+  # A report made again starts its figures folder afresh: a figure of a model no longer
+  # in the study would stay published.
+  out = tmp_path / 'study'
+  stale = out / study_report.FIGURE_DIR / 'shapes' / 'old_samples.png'
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes(b'old')
+  study_report.write_report(str(out), study_config.get_config('test'))
+  assert (out / study_report.REPORT).exists() and not stale.exists()
+
+
+def test_a_publish_dir_beside_out_is_no_problem(tmp_path):
+  docs = tmp_path / 'docs'
+  inside = docs / study_report.FIGURE_DIR / 'study'
+  assert study_report.publish_problem(str(inside), str(docs)) is not None
+  beside = docs / (study_report.FIGURE_DIR + '_study')  # a name that only starts alike
+  assert study_report.publish_problem(str(beside), str(docs)) is None
+
+
 def test_loss_scales_and_their_words_follow_the_runs_weights():
   # The table left out loss.kl_weight, and the text said λ_adv = 1 and L_REC summed over
   # pixels whatever the config said.
@@ -1445,6 +1583,13 @@ def test_loss_scales_and_their_words_follow_the_runs_weights():
   (line,) = [r for r in study_report._reasons([vae_s], 'shapes', settings)
              if r.startswith('VAE-S')]
   assert 'acts like a VAE with β ≈ 0.5/2.0: ' in line, line
+  # AVAE-S's TC (γ = 2 · 0.5) counts among the VAE's terms: the share 1.5 / (5 + 1 + 1 + 1.5).
+  tc_cfg = dict(cfg, loss=dict(cfg['loss'], tc_weight=2.0))
+  tc_run = study_report.Run('shapes', 'avae_s', 0, '', {'kl_mean': 2.0}, tc_cfg,
+                            [dict(pre, tc=0.5), dict(adv, tc=0.5)], {})
+  scales = study_report.loss_scales(tc_run)['adversarial']
+  assert (scales['tc'], scales['vae_terms']) == (1.0, 7.0)
+  assert scales['adv_share'] == pytest.approx(1.5 / 8.5)
   # A config without the image's size has no scale: not a KeyError.
   bare = study_report.Run('shapes', 'avae', 0, '', None, {'pretrain_steps': 10}, [pre, adv], {})
   assert np.isnan(study_report.loss_scales(bare)['adversarial']['scaled_rec'])
