@@ -1,5 +1,6 @@
 """The study command end to end on the tiny 'test' budget, and the report's arithmetic."""
 
+import contextlib
 import errno
 import gzip
 import json
@@ -266,6 +267,9 @@ def test_report_has_every_table(study_dir):
   assert [r[0] for r in lam[2:]] == ['shapes', 'fashion_mnist']
   for r in lam[2:]:
     assert r[3] == '1' and all(_is_number(c) for c in r[2:])
+  # Probed once per dataset, from seed 0's initial model, for every seed's runs.
+  for ds in ('shapes', 'fashion_mnist'):
+    assert json.loads(_read(os.path.join(out, ds, 'calibration.json')))['seed'] == 0
   # Each adversarial model's pre-training is its base model's, on both datasets.
   for pair in ('AVAE vs VAE', 'AVAE-S vs VAE-S'):
     assert text.count(f'{pair} seed 0: identical logs') == 2, pair
@@ -763,23 +767,97 @@ def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
     study.check_datasets(settings)
 
 
-def _study_main(monkeypatch, flag_args, raises):
-  """study.main in this process with FLAG_ARGS, its start-up (huge pages, output streams,
-  XLA flags, log settings) stubbed out; returns the ExceptionInfo of the `raises` it must raise."""
+@contextlib.contextmanager
+def _study_flags(monkeypatch, flag_args):
+  """study.py's flags parsed from FLAG_ARGS in this process, its start-up (huge pages,
+  output streams, XLA flags, log settings, the compilation cache) stubbed out."""
   import study  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from avae_jax import cli, hugepages, summary  # pylint: disable=g-import-not-at-top
   for module, name in ((hugepages, 'reexec'), (cli, 'survive_a_gone_reader'),
-                       (xla_flags, 'apply'), (summary, 'quiet_library_logs')):
+                       (xla_flags, 'apply'), (summary, 'quiet_library_logs'),
+                       (study, '_enable_compilation_cache')):
     monkeypatch.setattr(module, name, lambda *args: None)
   monkeypatch.setattr(sys, 'argv', ['study.py'])
   flags.FLAGS(['study.py', *flag_args])
   try:
-    with pytest.raises(raises) as info:
-      study.main(['study.py'])
+    yield
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def _study_main(monkeypatch, flag_args, raises):
+  """study.main in this process (_study_flags); returns the ExceptionInfo of the `raises`
+  it must raise."""
+  import study  # pylint: disable=g-import-not-at-top
+  with _study_flags(monkeypatch, flag_args), pytest.raises(raises) as info:
+    study.main(['study.py'])
   return info
+
+
+def test_the_settings_flags_are_checked_and_put_in_canonical_order(monkeypatch):
+  import study  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def settings(*flag_args):
+    with _study_flags(monkeypatch, ['--out=o', *flag_args]):
+      return study.settings_from_flags('test')
+  s = settings('--datasets=fashion_mnist,shapes', '--variants=avae_s,vae', '--seeds=2')
+  assert (s.datasets, s.variants, s.seeds) == ('shapes,fashion_mnist', 'vae,avae_s', 2)
+  for flag_args, message in ((['--seeds=0'], '--seeds must be >= 1'),
+                             (['--datasets='], '--datasets takes names from'),
+                             (['--variants=vae,gan'], "--variants takes names from .*'gan'")):
+    with pytest.raises(app.UsageError, match=message):
+      settings(*flag_args)
+
+
+def test_a_study_interrupted_in_a_run_exits_with_the_signals_status(tmp_path, monkeypatch,
+                                                                    capsys):
+  import study  # pylint: disable=g-import-not-at-top
+  from avae_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def run_study(*args):
+    raise trainer.TrainingInterrupted(signal.SIGTERM, 7)
+  monkeypatch.setattr(study, 'run_study', run_study)
+  monkeypatch.setattr(study, 'check_datasets', lambda settings: None)
+  info = _study_main(monkeypatch, [f'--out={tmp_path}', '--budget=test', '--publish=false'],
+                     SystemExit)
+  assert info.value.code == 128 + signal.SIGTERM
+  assert 'the same study.py command resumes the study' in capsys.readouterr().err
+
+
+def test_a_test_budget_study_is_not_published_unless_asked(tmp_path, monkeypatch, capsys):
+  # Its report would replace the checkout's docs/results.md.
+  import study  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(study, 'run_study', lambda *args: [])
+  monkeypatch.setattr(study, 'check_datasets', lambda settings: None)
+  docs = tmp_path / 'docs'
+  with _study_flags(monkeypatch, [f'--out={tmp_path / "out"}', '--budget=test',
+                                  f'--publish_dir={docs}']):
+    study.main(['study.py'])
+  assert (tmp_path / 'out' / study_report.REPORT).exists() and not docs.exists()
+  assert 'publish' not in capsys.readouterr().err
+
+
+def test_a_study_is_partial_while_any_run_has_not_finished():
+  import study  # pylint: disable=g-import-not-at-top
+  whole = study_config.get_config('test')  # 2 datasets x 4 models x 1 seed
+  assert study._partial(whole, 8, 8) == ''
+  assert study._partial(whole, 7, 8) == '1 of its 8 runs have not finished'
+
+
+def test_a_report_without_seeds_keeps_the_studys_fewer_seeds_than_its_budget(
+    tmp_path, monkeypatch):
+  # A cpu-budget study (3 seeds) begun with --seeds=1: a plain --report_only reports its
+  # one seed (the budget's 3 would be refused as raising the count).
+  import study  # pylint: disable=g-import-not-at-top
+  settings = study_config.get_config('cpu')
+  settings.seeds = 1
+  monkeypatch.setattr(sys, 'argv', ['study.py', f'--out={tmp_path}', '--seeds=1'])
+  study.check_study_file(str(tmp_path), settings)
+  with _study_flags(monkeypatch, [f'--out={tmp_path}', '--report_only', '--publish=false']):
+    study.main(['study.py'])
+  assert '× 1 seed(s)' in _read(tmp_path / study_report.REPORT)
 
 
 def test_a_study_stopped_by_its_datasets_records_nothing(tmp_path, monkeypatch):
@@ -1176,9 +1254,16 @@ def test_a_run_another_process_trains_is_skipped_not_failed(tmp_path, monkeypatc
   assert status.startswith('skipped: being trained by another process (')
   assert calls == [] and (workdir / 'study_run.json').read_text() == info
   # Finished by the other process between the first check and the lock: not redone.
-  checks = iter([False, True])
+  checks, is_finished = iter([False, True]), study_report.is_finished
   monkeypatch.setattr(study_report, 'is_finished', lambda workdir: next(checks))
   assert study.train_one(str(tmp_path), settings, 'shapes', 'vae', 0, None) == 'done'
+  assert calls == []
+  # Finished, and its process still holds the lock to record the end: done, not skipped.
+  monkeypatch.setattr(study_report, 'is_finished', is_finished)
+  (workdir / 'final_metrics.json').write_text('{}')
+  (workdir / 'study_run.json').write_text('{"sessions": 1, "status": "running"}')
+  with files.exclusive(str(workdir), 'study.py', lock_file='study_run.lock'):
+    assert study.train_one(str(tmp_path), settings, 'shapes', 'vae', 0, None) == 'done'
   assert calls == []
 
 
