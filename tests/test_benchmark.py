@@ -316,6 +316,18 @@ def test_twin_problem_names_what_the_twin_cannot_compare():
   assert 'not beside JAX on tpu' in benchmarking.twin_problem(sys.executable, script, c, 'tpu')
 
 
+def test_batches_of_a_readable_dataset_cycle_its_images_and_give_its_size():
+  # 3 batches of 8 from 20 training images: the TC estimator's N is the split's size.
+  config = default.get_config()
+  config.update(image_size=16, batch_size=8)
+  config.shapes.num_train = 20
+  batches, size, description = benchmarking.load_batches(config, 3)
+  assert (batches.shape, size, description) == ((3, 8, 16, 16, 3), 20, 'shapes')
+  flat = batches.reshape(24, -1)
+  np.testing.assert_array_equal(flat[20:], flat[:4])
+  assert not np.array_equal(flat[0], flat[1])
+
+
 def test_a_dataset_that_cannot_be_read_gives_synthetic_batches(tmp_path, capsys):
   # MNIST from an empty tfds directory is not prepared: timed on images of its shape.
   config = default.get_config()
@@ -362,6 +374,7 @@ def test_a_twin_that_fails_to_start_stops_interleaved_rounds_before_compiling(tm
     ('{"pretrain_step_s": 0.1, ', "last JSON line does not parse"),
     ('{"foo": 1}', 'lacks numbers for pretrain_step_s, adversarial_step_s'),
     ('{"pretrain_step_s": 0.1, "adversarial_step_s": "0.2"}', 'lacks numbers'),
+    ('{"pretrain_step_s": true, "adversarial_step_s": 0.2}', 'lacks numbers'),
 ])
 def test_a_twin_whose_json_cannot_be_compared_is_an_error(tmp_path, printed, message):
   # A traceback, or a run that exited 0 with no comparison at all.
@@ -373,6 +386,15 @@ def test_a_twin_whose_json_cannot_be_compared_is_an_error(tmp_path, printed, mes
   fake = os.path.join(ROOT, 'tests', 'fixtures', 'fake_twin.py')
   assert benchmarking.run_twin(sys.executable, fake, default.get_config(), 1, 0)[
       'pretrain_step_s'] > 0
+
+
+def test_the_twins_result_is_its_last_json_line(tmp_path):
+  # Lines before it (a progress line in JSON, say) are not the result.
+  script = tmp_path / 'twin.py'
+  script.write_text('print(\'{"pretrain_step_s": 9.0, "adversarial_step_s": 9.0}\')\n'
+                    'print(\'{"pretrain_step_s": 0.1, "adversarial_step_s": 0.2}\')\n')
+  result = benchmarking.run_twin(sys.executable, str(script), default.get_config(), 1, 0)
+  assert (result['pretrain_step_s'], result['adversarial_step_s']) == (0.1, 0.2)
 
 
 def test_round_sizes_split_the_steps():
@@ -567,12 +589,12 @@ def _vm_hwm_bytes():
 
 def test_case_row_statistics_and_update_fractions_from_the_timed_steps():
   # Times 1..10 s in shuffled order: the statistics are those of numpy over the times; the
-  # discriminator updated in every timed step, the VAE in every other one.
+  # discriminator updated in every timed step but the first, the VAE in every other one.
   times = [float(t) for t in np.random.default_rng(0).permutation(np.arange(1, 11))]
   config = default.get_config()
   prepared = benchmarking.PreparedCase('adversarial_step_gated', config, jax.devices()[:1],
                                        0.5, lambda i: None)
-  prepared.metrics = [{'disc_updated': np.float32(1.0), 'vae_updated': np.float32(i % 2)}
+  prepared.metrics = [{'disc_updated': np.float32(i > 0), 'vae_updated': np.float32(i % 2)}
                       for i in range(10)]
   row = benchmarking.case_row(prepared, times, rounds=2, rewarm=1)
   assert row['median_step_s'] == pytest.approx(np.median(times))
@@ -581,7 +603,8 @@ def test_case_row_statistics_and_update_fractions_from_the_timed_steps():
   assert row['p90_step_s'] == pytest.approx(np.percentile(times, 90))  # 9.1: not the max
   # The throughput from the mean (the gated case's times are bimodal).
   assert row['images_per_s'] == pytest.approx(config.batch_size / np.mean(times))
-  assert row['disc_updated_fraction'] == 1.0 and row['vae_updated_fraction'] == 0.5
+  assert row['disc_updated_fraction'] == pytest.approx(0.9)
+  assert row['vae_updated_fraction'] == 0.5
   assert (row['steps'], row['rounds'], row['rewarm_steps']) == (10, 2, 1)
   # ru_maxrss is in KiB on Linux; the row reports bytes.
   assert row['peak_rss_bytes'] >= 0.9 * _vm_hwm_bytes()
@@ -616,6 +639,55 @@ def test_table_shows_a_gpu_step_s_figures():
   assert line[-3:] == ['0.085%', '0.0139', '2.25']
   row['peak_fraction'] = 0.18
   assert '18%' in benchmarking.format_table([row]).splitlines()[2].split()
+  row['peak_fraction'] = 0.053  # from 1% on, whole percent
+  assert '5%' in benchmarking.format_table([row]).splitlines()[2].split()
+
+
+def test_peak_device_memory_is_the_largest_devices():
+  def device(stats):
+    def memory_stats():
+      if isinstance(stats, Exception):
+        raise stats
+      return stats
+    return types.SimpleNamespace(memory_stats=memory_stats)
+  devices = [device({'peak_bytes_in_use': 5}), device({'peak_bytes_in_use': 7}),
+             device(None), device({'bytes_in_use': 9}), device(RuntimeError('no stats'))]
+  assert benchmarking._peak_memory(devices) == 7
+  assert benchmarking._peak_memory(devices[2:]) is None  # a CPU's
+
+
+def test_each_step_takes_the_next_batch_and_key(monkeypatch):
+  # The steps cycle through the batches (the gated case's decisions follow the data),
+  # each with the key folded from its call index.
+  from avae_jax import parallel  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  class Lowered:
+    def compile(self):
+      def step(state, x, key):
+        seen.append((float(x[0, 0, 0, 0, 0]), np.asarray(key)))
+        return state, {}
+      return step
+
+    def cost_analysis(self):
+      return {'flops': 1.0}
+
+  lower = types.SimpleNamespace(lower=lambda *args: Lowered())
+  monkeypatch.setattr(parallel, 'make_steps',
+                      lambda *args, **kwargs: types.SimpleNamespace(pretrain=lower))
+  config = default.get_config()
+  config.update(image_size=16, batch_size=2, seed=3)
+  config.model.update(widths=(4, 8), latent_dim=4, hidden_dim=8)
+  batches = np.arange(3, dtype=np.float32)[:, None, None, None, None] * np.ones(
+      (3, 2, 16, 16, 3), np.float32)
+  prepared = benchmarking.prepare_case(config, 'pretrain_step', steps=4, warmup=1,
+                                       devices=jax.devices()[:1], batches=batches,
+                                       dataset_size=100)
+  prepared.time_steps(4)
+  assert [x for x, _ in seen] == [0.0, 1.0, 2.0, 0.0, 1.0]
+  base = jax.random.PRNGKey(4)  # seed + 1
+  for i, (_, key) in enumerate(seen):
+    np.testing.assert_array_equal(key, np.asarray(jax.random.fold_in(base, i)))
 
 
 def test_op_timings_script_times_every_operation():

@@ -165,11 +165,13 @@ def test_a_torchscript_file_without_layer_attributes_is_a_value_error():
 
 def synthetic_state_dict():
   """A pytorch-fid state dict: OIHW kernels of distinct values, four different vectors per
-  BatchNorm, and a classifier that the conversion leaves out."""
+  BatchNorm, and tensors that the conversion leaves out."""
   shapes = inception._param_shapes()
   rng = np.random.default_rng(0)
-  sd = {'fc.weight': np.zeros((2, 2), np.float32)}  # the classifier is left out
+  # The classifier, the auxiliary head and BatchNorm's step counters are left out.
+  sd = {'fc.weight': np.zeros((2, 2), np.float32), 'AuxLogits.fc.bias': np.zeros(2, np.float32)}
   for tv_name, _ in inception._layer_pairs():
+    sd[f'{tv_name}.bn.num_batches_tracked'] = np.array(0, np.int64)
     h, w, i, o = shapes[tv_name.replace('.', '/') + '/kernel']
     sd[f'{tv_name}.conv.weight'] = np.arange(o * i * h * w, dtype=np.float32).reshape(
         o, i, h, w)
@@ -240,6 +242,17 @@ def test_torchscript_conversion_puts_every_tensor_in_its_place():
     np.testing.assert_array_equal(layer['mean'], vectors['mean'])
     np.testing.assert_array_equal(layer['var'], vectors['var'])
     np.testing.assert_array_equal(layer['scale'], np.ones(o, np.float32))
+
+
+def test_a_state_dict_saved_under_a_state_dict_key_is_converted(tmp_path, monkeypatch):
+  # torch.save({'state_dict': model.state_dict()}), as training scripts save checkpoints.
+  sd = synthetic_state_dict()
+  monkeypatch.setattr(inception, 'load_torch_file', lambda path: {'state_dict': sd})
+  path = tmp_path / 'wrapped.pth'
+  path.write_bytes(b'read by the load_torch_file above')
+  params = inception.load_params(str(path))
+  np.testing.assert_array_equal(params['Conv2d_1a_3x3']['mean'],
+                                sd['Conv2d_1a_3x3.bn.running_mean'])
 
 
 def test_a_torchscript_file_of_other_geometry_is_refused():
@@ -381,15 +394,16 @@ class _Global:
 
 class _Storage:
 
-  def __init__(self, key, numel):
-    self.key, self.numel = key, numel
+  def __init__(self, key, numel, view=None):
+    self.key, self.numel, self.view = key, numel, view
 
 
 class _Tensor:
-  """Pickles like a contiguous float32 torch tensor over storage `key`."""
+  """Pickles like a contiguous float32 torch tensor over storage `key` (or over a view of
+  it: (view key, offset, size), as pre-1.6 torch saved slices of a storage)."""
 
-  def __init__(self, key, numel, size):
-    self.storage, self.size = _Storage(key, numel), size
+  def __init__(self, key, numel, size, view=None):
+    self.storage, self.size = _Storage(key, numel, view), size
 
   def __reduce__(self):
     stride = tuple(int(np.prod(self.size[i + 1:])) for i in range(len(self.size)))
@@ -408,7 +422,8 @@ class _TorchPickler(pickle._Pickler):  # the Python pickler: its dispatch table 
 
   def persistent_id(self, obj):
     if isinstance(obj, _Storage):
-      return ('storage', _Global('torch', 'FloatStorage'), obj.key, 'cpu', obj.numel, None)
+      return ('storage', _Global('torch', 'FloatStorage'), obj.key, 'cpu', obj.numel,
+              obj.view)
     return None
 
 
@@ -450,6 +465,16 @@ def test_legacy_torch_files_load_and_damaged_ones_raise_value_errors(tmp_path):
     with pytest.raises(ValueError, match=message):
       inception.load_torch_file(str(path))
       pytest.fail(what)
+
+
+def test_a_legacy_tensor_over_a_view_of_its_storage_reads_the_views_elements(tmp_path):
+  path = tmp_path / 'w.pth'
+  tensors = {'w': _Tensor('0', 1000, (10, 100)),
+             'v': _Tensor('0', 1000, (2, 50), view=('1', 300, 100))}
+  path.write_bytes(legacy_torch_file(tensors, 1000))
+  loaded = inception.load_torch_file(str(path))
+  np.testing.assert_array_equal(loaded['v'], np.arange(300, 400, dtype=np.float32).reshape(2, 50))
+  np.testing.assert_array_equal(loaded['w'], np.arange(1000, dtype=np.float32).reshape(10, 100))
 
 
 def test_a_tensor_one_element_past_its_storage_is_refused(tmp_path):

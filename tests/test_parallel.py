@@ -45,13 +45,16 @@ def run(kind, method, num_devices):
   batch = x.reshape((num_devices, -1) + x.shape[1:])
   key = jax.random.key(7)
   r_vae = parallel.replicate(vae_state, devs)
+  given = [r_vae]
   if kind == 'pretrain':
     r_vae, metrics = fns.pretrain(r_vae, batch, key)
     states = (r_vae,)
   else:
-    r_vae, r_disc, metrics = fns.adversarial(r_vae, parallel.replicate(disc_state, devs),
-                                             batch, key)
+    given.append(parallel.replicate(disc_state, devs))
+    r_vae, r_disc, metrics = fns.adversarial(*given, batch, key)
     states = (r_vae, r_disc)
+  # The states given were donated: the step reused their memory for its outputs.
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given))
   for v in metrics.values():
     assert v.shape == ()  # averaged over devices: no device axis
   # Every device holds the same state.
@@ -167,6 +170,8 @@ def test_a_state_or_batch_without_the_devices_axis_is_named(method):
                  r'replicated over the 2 devices \(parallel.replicate\(state, devices\)\)')
   with pytest.raises(ValueError, match=state_error):
     fns.pretrain(vae_state, batch, key)
+  with pytest.raises(ValueError, match=state_error):  # the benchmark's ahead-of-time path
+    fns.pretrain.lower(vae_state, batch, key)
   with pytest.raises(ValueError, match=state_error):
     fns.adversarial(r_vae, disc_state, batch, key)
   for wrong in (x, x.reshape((4, -1) + x.shape[1:])):
