@@ -307,6 +307,23 @@ def test_the_images_features_are_cached_and_read_with_the_same_bits(
   assert _cache_files() == [name]
 
 
+def test_inception_batches_are_per_device_and_a_config_without_the_cache_field_caches(
+    tmp_path, model, source, inception_params, monkeypatch):
+  sizes, real = [], inception.features
+
+  def features(params, images, **kwargs):
+    sizes.append(kwargs['batch_size'])
+    return real(params, images, **kwargs)
+  monkeypatch.setattr(inception, 'features', features)
+  # A config saved before eval.cache_real_features existed: the cache is used.
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_batch_size': 1})
+  del config.eval['cache_real_features']
+  evaluation.evaluate(config, model, source, out_dir=str(tmp_path), devices=jax.devices()[:2],
+                      inception_params=inception_params)
+  assert sizes == [2, 2, 2]  # eval.inception_batch_size images on each of 2 devices
+  assert len(_cache_files()) == 1
+
+
 def test_the_cache_file_is_named_by_the_cpu_thread_count_too(source, monkeypatch):
   # XLA:CPU's thread count decides the order of its sums, hence the features' last bits.
   params = {'w': np.ones(3, np.float32)}
@@ -327,6 +344,24 @@ def test_the_cache_file_is_named_by_the_batch_sizes_and_the_image_count(source):
            for batch, n, inception_batch in ((8, N, 8), (4, N, 8), (8, N - 1, 8), (8, N, 2))}
   assert len(names) == 4
   assert path(params, source, 8, N, 8, devices) == path(params, source, 8, N, 8, devices)
+
+
+def test_the_cache_file_is_named_by_the_devices_flags_precision_and_cpu(source, monkeypatch):
+  # Each can change the order of the features' sums, hence their last bits.
+  params = {'w': np.ones(3, np.float32)}
+  path = evaluation._real_features_path  # pylint: disable=protected-access
+
+  def name():
+    return path(params, source, 8, N, 8, jax.devices()[:1])
+  names = {name(), path(params, source, 8, N, 8, jax.devices()[:2])}
+  monkeypatch.setenv('XLA_FLAGS',
+                     os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_fast_math=false')
+  names.add(name())
+  monkeypatch.setattr(evaluation, '_cpu_model', lambda: 'another CPU')
+  names.add(name())
+  with jax.default_matmul_precision('float32'):
+    names.add(name())
+  assert len(names) == 5
 
 
 def _modified_source(source, index, change):
@@ -588,7 +623,7 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason,
   assert 'eval/step' not in tags['scalars']
 
 
-@pytest.mark.parametrize('num_images', [0, 40])
+@pytest.mark.parametrize('num_images', [0, TINY_EVAL_SPLIT, 40])
 def test_num_images_0_or_more_than_the_split_takes_the_whole_split(tmp_path, model, source,
                                                                    num_images, capsys):
   config = test_api.tiny_config(**{'eval.num_images': num_images})
@@ -597,7 +632,8 @@ def test_num_images_0_or_more_than_the_split_takes_the_whole_split(tmp_path, mod
   assert results['num_images'] == source.num_examples == TINY_EVAL_SPLIT
   # More than the split: said (FID is comparable only at equal counts), not silent.
   assert (f'eval: eval.num_images={num_images} is more than the eval split has: using its '
-          f'{TINY_EVAL_SPLIT} images\n' in capsys.readouterr().out) == (num_images > 0)
+          f'{TINY_EVAL_SPLIT} images\n' in capsys.readouterr().out) == (
+              num_images > TINY_EVAL_SPLIT)
   x = source.get(np.arange(TINY_EVAL_SPLIT))
   mse = np.mean((np.asarray(model.decode(model.encode(x)[0]), np.float64) - x) ** 2,
                 axis=(1, 2, 3))
