@@ -283,6 +283,14 @@ with open(os.path.join(workdir, 'config.json'), 'w') as f:
   json.dump(saved, f)
 results['old'] = [cli._other_data_settings(workdir, settings('mnist', changes))
                   for changes in ({{}}, {{'crop_size': 20}})]
+# An older version saved a folder dataset's path as given: relative to the run's directory
+# (this one), which the command line's absolute path names too.
+workdir = os.path.join({str(tmp_path)!r}, 'relative')
+os.makedirs(workdir)
+with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  f.write(settings('folder:imgs', {{}}).to_json())
+results['relative'] = cli._other_data_settings(
+    workdir, settings('folder:' + os.path.abspath('imgs'), {{}}))
 for dataset in ('mnist', 'shapes'):
   workdir = os.path.join({str(tmp_path)!r}, dataset)
   os.makedirs(workdir)
@@ -298,6 +306,7 @@ print(json.dumps(results))
   results = json.loads(proc.stdout.splitlines()[-1])
   split = f"eval_split {default.get_config().eval_split!r} -> 'x'"
   assert results['mnist'] == [[], [split]]
+  assert results['relative'] == []
   # shapes has no splits: its eval images are drawn from the seed and num_eval alone.
   assert results['shapes'] == [['shapes.num_eval 1024 -> 100'], []]
   # Not 'crop_size None -> 0' for a field the file lacks, but a real change.
