@@ -59,9 +59,9 @@ def to_uint8_image(image: Any) -> np.ndarray:
     array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
     raise ValueError(f'Expected an (H, W, C) image with C in 1, 3, 4; got {array.shape}.')
-  # bfloat16 (ml_dtypes) is not a numpy number; its name says what it is.
+  # bfloat16 (ml_dtypes) is not a numpy number; its name says what it is. (Nor is bool.)
   numeric = np.issubdtype(array.dtype, np.number) or array.dtype.name == 'bfloat16'
-  if array.dtype != np.uint8 and (array.dtype == bool or not numeric):
+  if array.dtype != np.uint8 and not numeric:
     raise ValueError(f'Expected a uint8 or float image; got {array.dtype}.')
   return to_uint8(array)
 

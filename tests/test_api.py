@@ -380,6 +380,10 @@ def test_from_state(images):
 def test_no_checkpoint_is_a_clear_error(tmp_path, workdir):
   with pytest.raises(api.NoCheckpointError, match='no checkpoint in'):
     api.TrainedModel.load(str(tmp_path))
+  # A checkpoints folder without a step in it (a run stopped before its first save).
+  (tmp_path / 'checkpoints' / 'not_a_step').mkdir(parents=True)
+  with pytest.raises(api.NoCheckpointError, match='train a model there first'):
+    api.require_checkpoint(str(tmp_path))
   with pytest.raises(api.NoCheckpointError, match='step 7'):
     api.TrainedModel.load(workdir, step=7)
 

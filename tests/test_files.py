@@ -515,6 +515,18 @@ def test_a_folder_that_refuses_the_temporary_is_named(tmp_path, monkeypatch):
   with pytest.raises(PermissionError) as info:
     files.write_bytes(tmp_path / 'run' / 'config.json', b'{}')
   assert str(info.value) == f"[Errno 13] Permission denied: '{tmp_path / 'run'}'"
+  # A bare file name: the working directory refused.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(PermissionError) as info:
+    files.write_bytes('config.json', b'{}')
+  assert str(info.value) == "[Errno 13] Permission denied: '.'"
+
+
+def test_any_uri_is_remote_and_a_path_is_not():
+  for uri in ('gs://bucket/run', 's3://bucket/run', 'https://host/x'):
+    assert files.is_remote(uri), uri
+  for path in ('run', '/tmp/run', 'gs:run', '~/gs/run'):
+    assert not files.is_remote(path), path
 
 
 def test_a_named_failure_keeps_what_it_was_raised_after(tmp_path, monkeypatch):

@@ -187,6 +187,11 @@ def test_bad_inputs(tmp_path):
         writer.scalars(1, {'loss': value})
     with pytest.raises(ValueError, match='H, W, C'):
       writer.image(1, 'x', np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match='uint8 or float image; got bool'):
+      writer.image(1, 'x', np.ones((2, 2, 1), bool))
+  # RGBA is an image too.
+  with Image.open(io.BytesIO(summary.encode_png(np.full((2, 3, 4), 0.5)))) as im:
+    assert (im.mode, im.size) == ('RGBA', (3, 2))
 
 
 def test_to_uint8_image():
@@ -235,6 +240,10 @@ def test_progress_logger_resumed_and_disabled():
   quiet = summary.ProgressLogger(1000, 100, enabled=False, clock=lambda: 0.0)
   assert quiet.update(100) is None
   assert quiet.compiling(0) is None
+  # A run resumed at its last step has no step left to compile: no line.
+  done = summary.ProgressLogger(1000, 100, start_step=1000, clock=lambda: 0.0,
+                                log=lambda _: pytest.fail('logged'))
+  assert done.compiling(1000) is None
 
 
 # Pre-training steps 1-12, adversarial steps 13-32 at twice the time per step and twice
@@ -345,6 +354,9 @@ def test_a_phase_of_one_step_is_its_own():
 def test_progress_phases_must_end_at_the_total():
   with pytest.raises(ValueError, match='not at total_steps 40'):
     summary.ProgressLogger(40, 5, phases=PHASES)
+  for costs in ({'step_cost': 0.0}, {'compile_cost': 0.0}):
+    with pytest.raises(ValueError, match="phase 'b': the costs must be positive"):
+      summary.ProgressLogger(32, 5, phases=[PHASES[0], summary.Phase('b', 32, **costs)])
   with pytest.raises(ValueError, match='before the phase ahead'):
     summary.ProgressLogger(32, 5, phases=PHASES[::-1])
   # An empty phase (no adversarial steps) is dropped.
