@@ -324,43 +324,40 @@ def test_inception_batches_are_per_device_and_a_config_without_the_cache_field_c
   assert len(_cache_files()) == 1
 
 
+def _cache_name(source, batch=8, n=N, inception_batch=8, devices=1):
+  """The features cache file of N images of `source` under stand-in weights."""
+  params = {'w': np.ones(3, np.float32)}
+  return evaluation._real_features_path(  # pylint: disable=protected-access
+      params, source, batch, n, inception_batch, jax.devices()[:devices])
+
+
 def test_the_cache_file_is_named_by_the_cpu_thread_count_too(source, monkeypatch):
   # XLA:CPU's thread count decides the order of its sums, hence the features' last bits.
-  params = {'w': np.ones(3, np.float32)}
   paths = set()
   for threads in ('8', '16', '16'):  # at least a thread per device (4 here): xla_flags
     monkeypatch.setenv('PJRT_NPROC', threads)
-    paths.add(evaluation._real_features_path(  # pylint: disable=protected-access
-        params, source, 8, N, 8, jax.devices()[:1]))
+    paths.add(_cache_name(source))
   assert len(paths) == 2
 
 
 def test_the_cache_file_is_named_by_the_batch_sizes_and_the_image_count(source):
   # Each decides how the features' sums are split, or which images they are of.
-  params = {'w': np.ones(3, np.float32)}
-  path = evaluation._real_features_path  # pylint: disable=protected-access
-  devices = jax.devices()[:1]
-  names = {path(params, source, batch, n, inception_batch, devices)
-           for batch, n, inception_batch in ((8, N, 8), (4, N, 8), (8, N - 1, 8), (8, N, 2))}
+  names = {_cache_name(source), _cache_name(source, batch=4), _cache_name(source, n=N - 1),
+           _cache_name(source, inception_batch=2)}
   assert len(names) == 4
-  assert path(params, source, 8, N, 8, devices) == path(params, source, 8, N, 8, devices)
+  assert _cache_name(source) == _cache_name(source)
 
 
 def test_the_cache_file_is_named_by_the_devices_flags_precision_and_cpu(source, monkeypatch):
   # Each can change the order of the features' sums, hence their last bits.
-  params = {'w': np.ones(3, np.float32)}
-  path = evaluation._real_features_path  # pylint: disable=protected-access
-
-  def name():
-    return path(params, source, 8, N, 8, jax.devices()[:1])
-  names = {name(), path(params, source, 8, N, 8, jax.devices()[:2])}
+  names = {_cache_name(source), _cache_name(source, devices=2)}
   monkeypatch.setenv('XLA_FLAGS',
                      os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_fast_math=false')
-  names.add(name())
+  names.add(_cache_name(source))
   monkeypatch.setattr(evaluation, '_cpu_model', lambda: 'another CPU')
-  names.add(name())
+  names.add(_cache_name(source))
   with jax.default_matmul_precision('float32'):
-    names.add(name())
+    names.add(_cache_name(source))
   assert len(names) == 5
 
 
