@@ -1455,6 +1455,13 @@ def test_loss_scales_and_thick_curves_use_the_lowest_seed_that_logged(tmp_path, 
   assert titles[-1].endswith('(per logged window; thick: seed 1 of each model)')
 
 
+def _shapes_settings(adversarial_steps=10):
+  """The study settings of shapes that _reasons reads: 10 pre-training steps of 64 of 640."""
+  return {'shapes': ml_collections.ConfigDict(
+      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10,
+       'adversarial_steps': adversarial_steps, 'batch_size': 64})}
+
+
 def test_likely_reasons_name_the_seed_they_quote():
   # AVAE seed 0 logged an adversarial window but did not finish: the loss-scale table
   # quotes seed 0, the reasons seed 1, and each says which.
@@ -1467,9 +1474,7 @@ def test_likely_reasons_name_the_seed_they_quote():
     return study_report.Run('shapes', variant, seed, '', {'kl_mean': 2.0} if finished else None,
                             cfg, [pre, adv], {})
   runs = [run('avae', 0, 0.5, False), run('avae', 1, 0.7, True)]
-  settings = {'shapes': ml_collections.ConfigDict(
-      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 10,
-       'batch_size': 64})}
+  settings = _shapes_settings()
   text, _, _ = study_report._diagnostics(runs, 'shapes', ['avae'])
   assert '| AVAE | adversarial | 8 | 4 | 2 | - | 0.5 |' in text
   reasons = study_report._reasons(runs, 'shapes', settings)
@@ -1602,9 +1607,7 @@ def test_the_settings_show_avae_s_config_where_it_has_one():
 
 
 def test_the_budget_counts_the_epochs_of_pre_training():
-  settings = {'shapes': ml_collections.ConfigDict(
-      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 30,
-       'batch_size': 64})}
+  settings = _shapes_settings(adversarial_steps=30)
   budget = study_report._reasons([], 'shapes', settings)[0]
   assert budget.startswith('Budget: 10 pre-training steps (1.00 epochs) and 30 adversarial '
                            'steps at batch 64'), budget
@@ -1657,9 +1660,7 @@ def test_loss_scales_and_their_words_follow_the_runs_weights():
   assert 'L_REC is multiplied by 10; the adversarial term is λ_adv·(−log D(x̃)) with ' \
       'λ_adv = 2.' in text
   assert '| AVAE | adversarial | 5 | 2.5 | 1 | - | 1.5 | 20% |' in text
-  settings = {'shapes': ml_collections.ConfigDict(
-      {'dataset': 'shapes', 'num_train': 640, 'pretrain_steps': 10, 'adversarial_steps': 10,
-       'batch_size': 64})}
+  settings = _shapes_settings()
   (line,) = [r for r in study_report._reasons([run], 'shapes', settings)
              if r.startswith('AVAE')]
   assert '= 6 (λ_adv = 2, L_REC times 10); ' in line, line
