@@ -1518,18 +1518,13 @@ def test_durations_are_rounded_to_the_second_shown():
       '-', '45s', '1m00s', '2m05s', '1h00m', '2h01m']
 
 
-def _adversarial_run(seed=0, **last_window):
-  """A finished AVAE run on shapes: 10 pre-training steps, one adversarial window to 30."""
-  window = {'step': 30, 'disc_updated': 0.5, 'vae_updated': 0.5, 'disc_accuracy': 0.6,
-            **last_window}
-  return study_report.Run('shapes', 'avae', seed, '', {'rec_mse': 0.1},
-                          {'pretrain_steps': 10}, [{'step': 10, 'loss': 1.0}, window], {})
-
-
 def test_a_gated_update_that_ran_in_under_5_percent_of_the_steps_warns():
+  # A finished AVAE run: 10 pre-training steps, one adversarial window to step 30.
+  window = {'step': 30, 'disc_updated': 0.06, 'vae_updated': 0.04, 'disc_accuracy': 0.6}
+  run = study_report.Run('shapes', 'avae', 0, '', {'rec_mse': 0.1}, {'pretrain_steps': 10},
+                         [{'step': 10, 'loss': 1.0}, window], {})
   gating = study_report._gating_section  # pylint: disable=protected-access
-  runs = [_adversarial_run(0, disc_updated=0.06, vae_updated=0.04)]
-  _, warnings, _ = gating(runs, 'shapes', ['avae'])
+  _, warnings, _ = gating([run], 'shapes', ['avae'])
   assert warnings == ['shapes AVAE seed 0: vae_updated ran in only 4% of the adversarial steps '
                       '(gating stuck)']
 
@@ -1560,6 +1555,7 @@ def test_posterior_statistics_cover_every_eval_image_past_one_batch(tmp_path, mo
   images = data.load(config, 'eval').get(np.arange(200))
   brightness = np.asarray(images, np.float64).reshape(200, -1).mean(1)
   scales = np.sqrt(np.array([0.5, 0.05, 0.005]) / brightness.var())
+  logvar = -1.0
 
   class Encoder:
     def __init__(self):
@@ -1567,7 +1563,7 @@ def test_posterior_statistics_cover_every_eval_image_past_one_batch(tmp_path, mo
 
     def encode(self, x):
       m = np.asarray(x, np.float64).reshape(len(x), -1).mean(1)
-      return m[:, None] * scales, np.full((len(x), 3), -1.0)
+      return m[:, None] * scales, np.full((len(x), 3), logvar)
 
   monkeypatch.setattr(api.TrainedModel, 'load', lambda *args, **kwargs: Encoder())
   run = study_report.Run('shapes', 'vae', 0, str(tmp_path), {'rec_mse': 0.1}, {}, [], {})
@@ -1575,7 +1571,7 @@ def test_posterior_statistics_cover_every_eval_image_past_one_batch(tmp_path, mo
   mu = brightness[:, None] * scales
   assert (got['num_images'], got['latent_dim'], got['active']) == (200, 3, 2)
   np.testing.assert_allclose(got['var_mu'], [0.5, 0.05, 0.005], rtol=1e-9)
-  kl = (0.5 * (mu ** 2 + np.exp(-1.0) - 1.0 + 1.0)).mean(0)
+  kl = (0.5 * (mu ** 2 + np.exp(logvar) - 1.0 - logvar)).mean(0)
   np.testing.assert_allclose(got['kl_per_dim'], kl, rtol=1e-9)
 
 
