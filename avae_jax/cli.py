@@ -212,9 +212,10 @@ def _check_training_config(spec: str | None, argv: Sequence[str]) -> None:
                    f'{", ".join(missing)}); see configs/default.py')
     try:  # fields computed from others (the dataset configs' epochs of batch_size)
       config.to_dict()
-    except ArithmeticError as e:
+    except ArithmeticError as e:  # a division by zero, or an overflow
+      hint = '; is --config.batch_size 0?' if isinstance(e, ZeroDivisionError) else ''
       _usage_error(f'--config={spec}: a field computed from others cannot be computed '
-                   f'({e}); is --config.batch_size 0?')
+                   f'({e}){hint}')
 
 
 # How ml_collections starts the message of an error raised by a config file's get_config.

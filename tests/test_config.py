@@ -3,6 +3,7 @@ invalid value stops with a ConfigError that names the field, before anything is 
 
 import ast
 import hashlib
+import io
 import json
 import os
 import re
@@ -239,6 +240,9 @@ def test_repeated_overrides_in_every_form_of_absls_keep_the_last():
   c = load_config_file('default.py', *kept[1:])
   assert (tuple(c.model.widths), c.batch_size, c.loss.kl_weight, c.eval.fid) == (
       (2, 4), 32, -1.5, False)
+  # A value given to --noconfig.FIELD is left for absl to refuse, not made a false.
+  assert cli.joined_overrides(['x', '--noconfig.eval.fid=true']) == [
+      'x', '--noconfig.eval.fid=true']
   # A flag after an override is no value of it; after '--' nothing is an override.
   assert cli.joined_overrides(
       ['x', '--config.eval.fid', '--workdir=w', '--', '--config.seed', '3']) == [
@@ -276,6 +280,15 @@ def test_config_spec_reads_every_form_of_the_flag(tmp_path):
   assert proc.returncode == 1
   assert 'eval.num_images = 1: the evaluation needs at least 2 images' in proc.stderr, (
       proc.stderr[-2000:])
+
+
+def test_an_override_of_a_field_that_is_none_in_a_loaded_config_is_its_text():
+  # A config.json keeps an unset data_dir as null: eval.py's --config.data_dir=DIR (no
+  # Python literal) must set the folder, as --config.data_dir does with a config file.
+  c = ml_collections.ConfigDict(json.loads(default.get_config().to_json()))
+  assert c.data_dir is None
+  cli.apply_overrides(c, [('--config.data_dir', '/data/tfds')])
+  assert c.data_dir == '/data/tfds'
 
 
 def test_overrides_of_a_loaded_config_parse_as_the_fields_types():
@@ -414,6 +427,25 @@ def test_a_zero_batch_size_of_a_dataset_config_is_one_line():
   assert ('FATAL Flags parsing error: --config=configs/mnist.py: a field computed from '
           'others cannot be computed (integer division or modulo by zero); is '
           '--config.batch_size 0?') in proc.stderr
+
+
+def test_an_overflow_in_a_computed_field_is_one_line_without_the_zero_hint(tmp_path):
+  # A field computed by a power of batch_size: float overflow is an ArithmeticError too.
+  (tmp_path / 'power.py').write_text(
+      'from configs import default\n'
+      'def get_config():\n'
+      '  c = default.get_config()\n'
+      "  c.scale = c.get_ref('batch_size') * 1.0\n"
+      "  c.big = c.get_ref('scale') ** 100\n"
+      '  return c\n')
+  proc = subprocess.run([sys.executable, 'train.py', f'--config={tmp_path / "power.py"}',
+                         '--config.batch_size=10000', f'--workdir={tmp_path / "w"}'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert (f'FATAL Flags parsing error: --config={tmp_path / "power.py"}: a field computed '
+          "from others cannot be computed ((34, 'Numerical result out of range'))\n"
+          in proc.stderr), proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'w')
 
 
 def test_mnist_configs_are_28x28_gray_with_two_stages():
@@ -827,3 +859,35 @@ def test_output_to_a_gone_reader_is_dropped_and_the_program_goes_on():
     assert os.path.realpath(f'/proc/self/fd/{write_end}') == os.devnull
   finally:
     wrapped.close()
+
+
+def test_both_output_streams_survive_a_gone_reader_once(monkeypatch):
+  # `train.py 2>&1 | head` loses stderr's reader as well; a closed stream stays closed.
+  out, err = io.StringIO(), io.StringIO()
+  monkeypatch.setattr(sys, 'stdout', out)
+  monkeypatch.setattr(sys, 'stderr', err)
+  cli.survive_a_gone_reader()
+  cli.survive_a_gone_reader()  # a second call wraps nothing twice
+  for stream, inner in ((sys.stdout, out), (sys.stderr, err)):
+    assert isinstance(stream, cli._ReaderGoneStream)  # pylint: disable=protected-access
+    assert stream._stream is inner  # pylint: disable=protected-access
+  monkeypatch.setattr(sys, 'stderr', None)
+  cli.survive_a_gone_reader()
+  assert sys.stderr is None
+
+
+def test_a_config_argument_may_hold_a_colon(tmp_path):
+  # FILE:ARG splits at the first ':' (as ml_collections does): ARG may be a path.
+  (tmp_path / 'data.py').write_text(
+      'from configs import default\n'
+      'def get_config(dataset):\n'
+      '  c = default.get_config()\n'
+      '  c.dataset = dataset\n'
+      '  return c\n')
+  spec = f'{tmp_path / "data.py"}:folder:/data/images'
+  cli._check_config_file(spec)  # pylint: disable=protected-access
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                  sys_argv=['x', f'--config={spec}'])
+  values(['x', f'--config={spec}'])
+  assert values.config.dataset == 'folder:/data/images'
