@@ -388,6 +388,14 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, workdir):
     api.TrainedModel.load(workdir, step=7)
 
 
+def test_checkpoints_pruned_while_they_are_read_are_no_checkpoint(workdir, monkeypatch):
+  # A run training in the workdir deleted every step the reader had listed: the
+  # checkpointer finds none left (None), which is no model to load, not a TypeError.
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore', lambda *args, **kwargs: None)
+  with pytest.raises(api.NoCheckpointError, match='no readable checkpoint in'):
+    api.TrainedModel.load(workdir)
+
+
 def test_a_step_that_is_not_an_integer_is_rejected(workdir):
   # It was truncated: step=1.5 restored step 1, step=True step 1 too.
   for step in (1.5, True, '1'):
@@ -422,6 +430,8 @@ def test_a_config_json_of_an_older_version_gets_the_default_values(tmp_path, wor
   del fields['model']['hidden_dim']
   path.write_text(json.dumps(fields))
   assert api.TrainedModel.load(str(old), config=tiny_config()).step == TRAINED_STEPS
+  # Nor can its model settings be compared with a config's: no difference is claimed.
+  assert api.model_differences(str(old), tiny_config(variant='vae_s')) is None
   with pytest.raises(api.IncompatibleCheckpointError):
     api.TrainedModel.load(str(old), config=tiny_config(variant='vae_s'))
   # Read as it is, the file keeps what it has.

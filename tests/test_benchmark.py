@@ -182,6 +182,11 @@ def test_unknown_case_and_bad_rounds_are_usage_errors(tmp_path):
   out = _run(TINY + ['--rewarm=-1'])
   assert out.returncode != 0
   assert '--rewarm' in out.stderr and not out.stdout.strip()
+  # benchmark.py has a default config file: an override alone applies to it (train.py
+  # asks for the file), so a bad one is that file's error.
+  out = _run(['--config.variant=vea'])
+  assert out.returncode != 0 and not out.stdout.strip()
+  assert "unknown variant 'vea'" in out.stderr, out.stderr[-2000:]
   out = _run(TINY + ['--cases=pretrain_step,pretrain_step'])
   assert out.returncode != 0
   assert '--cases must name each case once' in out.stderr and not out.stdout.strip()

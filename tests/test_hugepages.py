@@ -154,3 +154,17 @@ def test_a_program_started_with_stdout_or_stderr_closed_restarts(tmp_path):
     subprocess.run(['sh', '-c', f'exec "$0" -c "$1" "$2" {closed}', sys.executable, code,
                     str(marker)], cwd=ROOT, env=env, timeout=60, check=True)
     assert marker.read_text() == _ON, closed
+
+
+def test_a_restart_the_system_refuses_is_one_line_and_the_program_goes_on(monkeypatch, capsys):
+  # An interpreter that cannot be executed again (a sandbox's seccomp filter, a deleted
+  # venv): still correct without huge pages, only slower.
+  def refused(*args):
+    raise PermissionError(1, 'Operation not permitted')
+  monkeypatch.setattr(hugepages, 'should_reexec', lambda *args: True)
+  monkeypatch.setattr(sys, 'argv', ['train.py'])
+  monkeypatch.setattr(os, 'execve', refused)
+  hugepages.reexec()
+  assert capsys.readouterr().err == (
+      f'avae_jax: could not restart with {hugepages.TUNABLE}=1 ([Errno 1] Operation not '
+      'permitted); continuing without it\n')
