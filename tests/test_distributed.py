@@ -670,6 +670,28 @@ def test_a_keyboard_interrupt_in_a_multi_process_run_is_no_failure(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+def test_an_exit_of_one_process_of_several_ends_it_at_once_with_its_status():
+  # sys.exit(message or status) in one process: it would wait at exit for its peers while
+  # they wait for it in a collective. A clean exit (status 0) is left to end normally.
+  for code, status, last in (('"no space left on the device"', 1, 'no space left on the '
+                              'device'), ('3', 3, None), ('0', 0, None)):
+    program = ('import jax\n'
+               'from avae_jax import distributed\n'
+               'jax.process_count = lambda: 2\n'
+               'with distributed.exit_on_error():\n'
+               f'  raise SystemExit({code})\n')
+    proc = subprocess.run([sys.executable, '-c', program], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == status, proc.stderr
+    assert 'Traceback' not in proc.stderr
+    if status:
+      expected = ([last] if last else []) + [
+          'process 0 of 2 failed; exiting now so that the other processes stop too']
+      assert proc.stderr.splitlines()[-len(expected):] == expected, proc.stderr
+    else:
+      assert 'failed' not in proc.stderr, proc.stderr
+
+
 def test_a_command_line_flag_overrides_its_variable_false_included():
   # --nodistributed_auto read as "not given", so AVAE_DISTRIBUTED_AUTO=1 still won.
   program = ('import sys; from absl import flags; from avae_jax import distributed; '
@@ -697,6 +719,10 @@ def test_initialize_is_a_no_op_for_one_process_and_rejects_incomplete_settings(m
   for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
                distributed.ENV_PROCESS_ID, distributed.ENV_AUTO, 'TPU_WORKER_HOSTNAMES'):
     monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
+  # A variable set to nothing (`AVAE_NUM_PROCESSES= python train.py`) is one not set.
+  monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, '')
+  monkeypatch.setenv(distributed.ENV_COORDINATOR, '')
   assert distributed.initialize() is False
   # One process named explicitly: nothing to start either.
   assert distributed.initialize('127.0.0.1:1234', num_processes=1, process_id=0) is False
