@@ -68,7 +68,7 @@ def program_command(program: Sequence[str]) -> list[str]:
   if not program:
     raise ValueError('no program given: launch.py [flags] -- train.py ARGS...')
   if program[0].endswith('.py'):
-    return [sys.executable, '-u', *program]
+    return [sys.executable, *program]  # unbuffered: PYTHONUNBUFFERED (process_env)
   return list(program)
 
 

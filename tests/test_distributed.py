@@ -222,8 +222,9 @@ def two_process_run(runs) -> tuple[str, str]:
 _PROGRAM = '''
 import os, signal, sys, time
 p = int(os.environ['AVAE_PROCESS_ID'])
+# Not flushed: the launcher runs its processes unbuffered, so a line shows when printed.
 print('hello', p, os.environ['AVAE_NUM_PROCESSES'], os.environ['AVAE_COORDINATOR_ADDRESS'],
-      os.environ['XLA_FLAGS'], os.environ['AVAE_DISTRIBUTED_TIMEOUT_S'], flush=True)
+      os.environ['XLA_FLAGS'], os.environ['AVAE_DISTRIBUTED_TIMEOUT_S'])
 print('to stderr', p, file=sys.stderr, flush=True)
 mode = sys.argv[1]
 if mode == 'spam':  # far more than a pipe holds
@@ -247,7 +248,8 @@ if mode == 'term':
 def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
-  env_ = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=7 --foo')
+  env_ = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+  env_['XLA_FLAGS'] = '--xla_force_host_platform_device_count=7 --foo'
 
   ok = subprocess.run(_launch_args(3, 2, [str(script), 'ok'], timeout_s=17), env=env_,
                       capture_output=True, text=True, timeout=60, check=False)
@@ -269,6 +271,8 @@ def test_launcher_prefixes_lines_and_stops_the_rest_when_one_fails(tmp_path):
   # Process 0 slept on; the launcher ended it after the grace period.
   assert 'terminating processes [0]' in failed.stderr
   assert re.search(r'\[launch\] process 0 was killed by SIG(TERM|KILL)', failed.stderr)
+  # Its line came through before it was killed (buffered, it would have been lost).
+  assert failed.stdout.startswith('[p0] hello 0 2 ') or '\n[p0] hello 0 2 ' in failed.stdout
 
 
 @pytest.mark.parametrize('merged', [False, True])
@@ -295,10 +299,12 @@ def test_the_processes_run_to_the_end_when_the_launchers_output_is_closed(tmp_pa
     (['train.py', '--workdir=w'], 'give the program after --: launch.py [options] -- '
                                   'train.py --workdir=w'),
     (['--num_processs=2', '--', 'train.py'], 'unrecognized arguments: --num_processs=2'),
+    # A word before the '--' of a given program is a stray one, not the program.
+    (['eval.py', '--', 'train.py'], 'unrecognized arguments: eval.py'),
     (['--timeout_s=0', '--', 'train.py'], '--timeout_s must be >= 1'),
     (['--grace_s=-1', '--', 'train.py'], '--grace_s must be >= 0'),
     (['--grace_s=nan', '--', 'train.py'], '--grace_s must be >= 0'),
-    (['--port=70000', '--', 'train.py'], '--port must be in 0..65535'),
+    (['--port=65536', '--', 'train.py'], '--port must be in 0..65535'),
 ])
 def test_launcher_usage_errors(flags, message):
   proc = subprocess.run([sys.executable, LAUNCH, *flags], capture_output=True, text=True,
@@ -334,6 +340,15 @@ def test_the_grace_period_defaults_to_the_timeout_plus_10_s():
   assert args.grace_s == 15.0
   args, _ = launch.parse_args(['--timeout_s=5', '--grace_s=0', '--', 'train.py'])
   assert args.grace_s == 0.0
+
+
+def test_a_launcher_of_no_processes_or_no_devices_is_refused():
+  # launch.Launcher is the launcher's API too, without parse_args' checks before it.
+  import launch  # pylint: disable=g-import-not-at-top
+  for num, devices in ((0, 1), (1, 0)):
+    with pytest.raises(ValueError, match='num_processes and devices_per_process must be >= 1'):
+      launch.Launcher(['train.py'], num_processes=num, devices_per_process=devices,
+                      timeout_s=None, grace_s=0.0)
 
 
 def test_a_port_whose_last_connection_is_in_time_wait_is_free():
@@ -437,11 +452,11 @@ def test_processes_of_different_device_counts_stop_with_one_line(tmp_path):
 
 
 def test_a_process_killed_by_a_signal_gives_the_shells_status():
-  # 128 + 9 for SIGKILL, as a shell reports it (Popen's return code is -9).
-  proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -9 $$'], grace_s=0),
+  # 128 + 1 for SIGHUP, as a shell reports it (Popen's return code is -1, no exit code).
+  proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -1 $$'], grace_s=0),
                         capture_output=True, text=True, timeout=60, check=False)
-  assert proc.returncode == 137, proc.stderr
-  assert '[launch] process 0 was killed by SIGKILL' in proc.stderr
+  assert proc.returncode == 129, proc.stderr
+  assert '[launch] process 0 was killed by SIGHUP' in proc.stderr
 
 
 def test_a_launcher_started_with_stdout_closed_reads_its_processes_to_the_end(tmp_path):
