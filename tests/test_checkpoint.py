@@ -5,11 +5,13 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 from absl import logging as absl_logging
 import jax
@@ -126,6 +128,17 @@ def test_existing_and_newer_steps(tmp_path):
     assert ckpt.all_steps() == [1]
 
 
+def test_a_forced_save_right_after_an_async_one_replaces_it(tmp_path):
+  # The step being replaced was deleted while its background write still went on: the
+  # forced save failed with orbax's NOT_FOUND error.
+  state = {'w': np.ones((1024, 256), np.float32)}  # 1 MiB: still writing at the next call
+  with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None) as ckpt:
+    assert ckpt.save(1, state, {'v': 'a'})
+    assert ckpt.save(1, state, {'v': 'b'}, force=True)
+    ckpt.wait()
+    assert ckpt.all_steps() == [1] and ckpt.restore(state)[2] == {'v': 'b'}
+
+
 def test_synchronous_and_read_only(tmp_path):
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=1, read_only=True) as reader:
@@ -155,6 +168,21 @@ def test_a_read_only_open_logs_no_warning(tmp_path, caplog):
   assert 'said someone else' in caplog.text
 
 
+def test_a_killed_saves_leftover_is_removed_by_a_writer_not_a_reader(tmp_path):
+  # A run killed mid-save leaves <step>.orbax-checkpoint-tmp; a reader beside a running
+  # training (eval.py) must not remove that run's save in progress.
+  directory = tmp_path / 'ckpt'
+  leftover = directory / f'3{TMP_SUFFIX}'
+  leftover.mkdir(parents=True)
+  with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    assert reader.restore(big_state(0)) is None
+  assert leftover.is_dir()
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as writer:
+    assert writer.save(1, big_state(1), {})
+  assert not leftover.exists()
+  assert sorted(p.name for p in directory.iterdir()) == ['1']
+
+
 def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
   with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=3) as ckpt:
     ckpt.save(1, make_state(1), {})
@@ -166,6 +194,11 @@ def test_template_mismatch_is_an_error_not_a_fallback(tmp_path):
     del template['vae']['params']['Conv_0']
     with pytest.raises(ValueError, match='not in the template'):
       ckpt.restore(template)
+    # Five problems are named, and how many more there are.
+    others = {f'x{i}': np.zeros(1, np.float32) for i in range(7)}
+    saved = len(jax.tree.leaves(make_state(0)))
+    with pytest.raises(ValueError, match=rf'x4 not in the checkpoint \(and {saved + 2} more\)$'):
+      ckpt.restore(others)
 
 
 def test_meta_must_be_json(tmp_path):
@@ -240,7 +273,8 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
     if how in ('flip', 'meta_digit', 'manifest_digit'):
       # orbax/tensorstore read the damaged chunk or JSON without complaint; only the
       # manifest's CRCs notice (a changed shape is not taken for another model's).
-      assert any('checksum' in w for w in warnings), warnings
+      assert any('CorruptCheckpointError: ' in w and 'checksum' in w for w in warnings), (
+          warnings)
     # An explicit request for the broken step is an error, not a silent fallback.
     with pytest.raises(checkpoint.CheckpointError):
       ckpt.restore(big_state(0), step=3)
@@ -249,6 +283,10 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
     assert ckpt.save(3, big_state(33), {'step': 33})
     ckpt.wait()
     step, state, meta = ckpt.restore(big_state(0))
+    # That step is no longer unreadable: the save after it keeps it (and prunes step 1).
+    assert ckpt.save(4, big_state(4), {'step': 4})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3, 4]
   assert (step, meta) == (3, {'step': 33})
   assert_trees_equal(state, big_state(33))
 
@@ -610,6 +648,9 @@ def test_paths_that_orbax_would_merge_are_refused(tmp_path):
   with checkpoint.Checkpointer(tmp_path / 'ckpt', keep=None, async_save=False) as ckpt:
     with pytest.raises(ValueError, match="'a.b'"):
       ckpt.save(1, state, {})
+    # Nor can a bare array be named.
+    with pytest.raises(ValueError, match='must be a container .* not a bare array'):
+      ckpt.save(1, np.ones(3, np.float32), {})
     assert ckpt.all_steps() == []
     # A dot or a slash inside a key of its own is fine.
     state = {'a.b': np.ones(2, np.float32), 'c/d': np.full(2, 2, np.float32)}
@@ -723,6 +764,23 @@ def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path):
   assert_trees_equal(state, big_state(2))
 
 
+def test_a_reader_whose_every_checkpoint_is_deleted_while_read_finds_none(tmp_path):
+  # The run training there deleted its only step meanwhile (a restart from scratch):
+  # no checkpoint, not an unreadable one.
+  directory = tmp_path / 'ckpt'
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as writer:
+    writer.save(1, big_state(1), {})
+  with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    read_step = reader._restore_step
+
+    def read_while_removed(step, names, specs):
+      shutil.rmtree(directory / str(step))
+      return read_step(step, names, specs)
+
+    reader._restore_step = read_while_removed
+    assert reader.restore(big_state(0)) is None
+
+
 def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
   # Checkpoints written before the manifest held meta's CRC-32 and its own.
   directory = tmp_path / 'ckpt'
@@ -736,6 +794,32 @@ def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
     step, state, meta = reader.restore(big_state(0))
   assert (step, meta) == (1, META)
   assert_trees_equal(state, big_state(1))
+  # Without that checksum, a meta that is no JSON object is damage still: step 1 is taken.
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
+    ckpt.save(2, big_state(2), META)
+  path = directory / '2' / 'manifest' / 'metadata'
+  manifest = json.loads(path.read_text())
+  del manifest['meta_crc32'], manifest['crc32']
+  path.write_text(json.dumps(manifest))
+  (directory / '2' / 'meta' / 'metadata').write_text('[1]')
+  with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
+    assert reader.restore(big_state(0))[0] == 1
+
+
+def test_the_checksums_on_disk_are_crc32s_of_the_bytes_and_of_sorted_json(tmp_path):
+  # The format other versions read: a checksum computed otherwise would make every
+  # checkpoint of the versions before it unreadable.
+  directory = tmp_path / 'ckpt'
+  state = big_state(1)
+  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
+    ckpt.save(1, state, META)
+  manifest = json.loads((directory / '1' / 'manifest' / 'metadata').read_text())
+  body = {k: v for k, v in manifest.items() if k != 'crc32'}
+  assert manifest['crc32'] == zlib.crc32(json.dumps(body, sort_keys=True).encode())
+  assert manifest['meta_crc32'] == zlib.crc32(json.dumps(META, sort_keys=True).encode())
+  crcs = {tuple(e['path']): e['crc32'] for e in manifest['leaves']}
+  assert crcs == {('params', 'w'): zlib.crc32(state['params']['w'].tobytes()),
+                  ('step',): zlib.crc32(state['step'].tobytes())}
 
 
 def test_is_prng_key():
