@@ -25,6 +25,7 @@ from PIL import Image
 
 from avae_jax import data
 from avae_jax import files
+from avae_jax import shapes
 from configs import default
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -97,6 +98,9 @@ def test_convert_channels():
   np.testing.assert_array_equal(data.convert_channels(gray, 3), np.repeat(gray, 3, -1))
   with pytest.raises(data.DataError, match='channels'):
     data.convert_channels(np.zeros((1, 4, 4, 2), np.float32), 3)
+  # An RGBA array given to preprocess is refused as such, not converted.
+  with pytest.raises(data.DataError, match=r'bad image channels: shape \(8, 8, 4\)'):
+    data.preprocess(np.zeros((8, 8, 4), np.uint8), image_size=8, crop_size=0, channels=3)
 
 
 # --------------------------------------------------------------------------- folder
@@ -231,12 +235,27 @@ def test_folder_channel_conversion(tmp_path):
 def test_sixteen_bit_gray_pngs_are_scaled_to_bytes(tmp_path):
   # round(a / 65535 * 255); none a multiple of 257, which a wrong scale would wrap back.
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  a = np.array([[0, 1000], [30000, 65535]], np.uint16)
+  # 33025 / 65535 * 255 = 128.502 rounds up (by 65536 it would be 128.498: down).
+  a = np.array([[0, 1000], [30000, 65535], [33025, 33024]], np.uint16)
   Image.fromarray(a).save(tmp_path / 'deep.png')
   with Image.open(tmp_path / 'deep.png') as im:
     assert im.mode.startswith('I;16') or im.mode == 'I', im.mode
   np.testing.assert_array_equal(data.read_image(str(tmp_path / 'deep.png'))[..., 0],
-                                [[0, 4], [117, 255]])
+                                [[0, 4], [117, 255], [129, 128]])
+
+
+def test_palette_images_are_read_as_their_rgb_colours(tmp_path):
+  # A GIF or an indexed PNG (PIL mode P): each pixel is its palette entry's colour.
+  palette = [255, 0, 0, 0, 128, 255, 10, 20, 30]
+  index = np.array([[0, 1], [2, 1]], np.uint8)
+  im = Image.new('P', (2, 2))
+  im.putpalette(palette)
+  im.putdata(index.reshape(-1).tolist())
+  im.save(tmp_path / 'indexed.png')
+  with Image.open(tmp_path / 'indexed.png') as back:
+    assert back.mode == 'P'
+  colours = np.array(palette, np.uint8).reshape(3, 3)
+  np.testing.assert_array_equal(data.read_image(str(tmp_path / 'indexed.png')), colours[index])
 
 
 def test_a_cameras_exif_orientation_is_applied(tmp_path):
@@ -434,6 +453,15 @@ def test_a_folder_without_room_for_its_cache_is_decoded_at_each_batch(tmp_path, 
   with caplog.at_level(logging.WARNING):
     assert _values(data.load(config)) == [90, 30]
   assert f'no decoded cache (cannot write to {tmp_path / "not_a_dir"}' in caplog.text
+  # A split's source lists the files of that split only.
+  half = _config(dataset=f'folder:{tmp_path / "d"}', channels=1, eval_fraction=0.5)
+  train, ev = data.load(half, 'train'), data.load(half, 'eval')
+  assert len(train.files) == len(ev.files) == 1
+  assert sorted(train.files + ev.files) == [str(tmp_path / 'd' / n) for n in ('a.png', 'b.png')]
+  # Images that cannot be read fail the load, not the first batch.
+  (tmp_path / 'd' / '0.png').write_bytes(b'not a png')
+  with pytest.raises(data.DataError, match=r'cannot read image .*0\.png'):
+    data.load(config)
 
 
 @pytest.mark.parametrize('expected', [5, None])
@@ -671,6 +699,14 @@ def test_a_held_out_eval_split_must_leave_images_to_train_on(tmp_path, num, frac
     data.load(cfg, 'train')
 
 
+def test_a_file_without_an_eval_split_and_no_held_out_fraction_has_no_eval(tmp_path):
+  np.save(tmp_path / 'x.npy', np.zeros((10, 16, 16), np.uint8))
+  cfg = _config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1, eval_fraction=0.0)
+  assert data.load(cfg, 'train').num_examples == 10
+  with pytest.raises(data.DataError, match='has no eval split and eval_fraction is 0'):
+    data.load(cfg, 'eval')
+
+
 def test_arrays_of_the_image_size_are_still_cropped(tmp_path):
   # crop_size takes the centre and scales it to image_size, whatever the stored size.
   x = np.zeros((2, 16, 16), np.uint8)
@@ -872,12 +908,44 @@ def test_arrays_errors(tmp_path):
     (tmp_path / 'x.idx').write_bytes(magic + b'\x00' * 12)
     with pytest.raises(data.DataError, match='not an idx file'):
       data.load(_config(dataset=f'arrays:{tmp_path / "x.idx"}'))
+  (tmp_path / 'cut.idx').write_bytes(_idx_bytes(np.zeros((2, 4, 4), np.uint8), 0x08)[:10])
+  with pytest.raises(data.DataError, match='cut.idx: idx header truncated'):
+    data.read_idx(str(tmp_path / 'cut.idx'))
   (tmp_path / 'short.idx').write_bytes(_idx_bytes(np.zeros((2, 4, 4), np.uint8), 0x08)[:-5])
   with pytest.raises(data.DataError, match='truncated'):
     data.load(_config(dataset=f'arrays:{tmp_path / "short.idx"}'))
   (tmp_path / 'emptydir').mkdir()
   with pytest.raises(data.DataError, match='no array files'):
     data.load(_config(dataset=f'arrays:{tmp_path / "emptydir"}'))
+  # Several arrays none of which is named as images: no guess.
+  np.savez(tmp_path / 'unnamed.npz', a=np.zeros((4, 8, 8), np.uint8),
+           b=np.zeros((4, 8, 8), np.uint8))
+  with pytest.raises(data.DataError, match=r"no image array; .* found keys \['a', 'b'\]"):
+    data.load(_config(dataset=f'arrays:{tmp_path / "unnamed.npz"}'))
+  # Files of one split in different dtypes would be served with one scale.
+  mixed = tmp_path / 'mixed'
+  mixed.mkdir()
+  np.save(mixed / 'train_a.npy', np.zeros((4, 8, 8), np.uint8))
+  np.save(mixed / 'train_b.npy', np.zeros((4, 8, 8), np.float32))
+  with pytest.raises(data.DataError, match='differ in image shape or dtype'):
+    data.load(_config(dataset=f'arrays:{mixed}', channels=1))
+
+
+def test_arrays_of_bools_and_other_names_and_globs(tmp_path):
+  # Bool images (masks) are 0/1; an idx file named with underscores is an idx file; a
+  # glob may use ? and [...].
+  masks = np.random.default_rng(3).random((6, 16, 16)) > 0.5
+  np.save(tmp_path / 'masks.npy', masks)
+  src = data.load(_config(dataset=f'arrays:{tmp_path / "masks.npy"}', channels=1,
+                          eval_fraction=0.0))
+  np.testing.assert_array_equal(src.get(np.arange(6))[..., 0], masks.astype(np.float32))
+  d = tmp_path / 'idx'
+  d.mkdir()
+  digits = np.random.default_rng(4).integers(0, 256, (5, 16, 16)).astype(np.uint8)
+  (d / 'digits_idx3_ubyte').write_bytes(_idx_bytes(digits, 0x08))
+  for spec in (d, d / 'digits_idx?_ubyte', d / 'digits_idx[0-9]_ubyte'):
+    src = data.load(_config(dataset=f'arrays:{spec}', channels=1, eval_fraction=0.0))
+    _close(src.get(np.arange(5))[..., 0], digits / np.float32(255))
 
 
 @pytest.mark.skipif(not os.path.exists('/usr/share/datasets/fashion-mnist/'
@@ -909,6 +977,16 @@ def test_float_arrays_are_range_checked_beyond_their_first_rows(tmp_path, monkey
   assert source.get(np.arange(280)).max() <= 1.0
   with pytest.raises(data.DataError, match=r'mixed\.npy: float images must lie in \[0, 1\]'):
     source.get([3, 290])
+
+
+def test_float_arrays_are_range_checked_past_the_first_chunk_of_rows(tmp_path):
+  # Rows are scanned 4096 at a time: the first chunk is not the only one.
+  x = np.zeros((4100, 2, 2), np.float32)
+  x[4098] = 2.0
+  np.save(tmp_path / 'long.npy', x)
+  with pytest.raises(data.DataError, match=r'float images must lie in \[0, 1\]'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "long.npy"}', image_size=2,
+                      eval_fraction=0.0))
 
 
 def test_float_arrays_with_nan_are_refused(tmp_path, monkeypatch):
@@ -1034,7 +1112,8 @@ def test_tfds_an_overlap_in_a_dataset_of_one_split_advises_a_held_out_fraction(t
     ('train[:90%]', 'train[90%:]', False), ('train[:90%]', 'train[85%:]', True),
     ('train', 'test', False), ('train[:50%]+test[10:20]', 'test[:10]', False),
     ('train[:50%]+test[10:20]', 'test[19:]', True), ('train[:900]', 'train[-100:]', False),
-    ('train[:901]', 'train[-100:]', True), ('train[:1%]', 'train[10:]', False)])
+    ('train[:901]', 'train[-100:]', True), ('train[:1%]', 'train[10:]', False),
+    ('train[:1]', 'train', True)])
 def test_tfds_split_overlap_from_the_split_sizes(train_split, eval_split, shared):
   # train has 1000 examples and test 100: train[-100:] is 900..999, train[:1%] is 0..9.
   tfds = _tfds()
@@ -1050,7 +1129,8 @@ def test_tfds_split_overlap_from_the_split_sizes(train_split, eval_split, shared
 @pytest.mark.parametrize('train_split,eval_split,shared', [
     ('train[:90%]', 'train[90%:]', False), ('train[:60%]', 'train[50%:]', True),
     ('train[:-99]', 'train[-100:]', True), ('train[:-100]', 'train[-100:]', False),
-    ('train', 'test', False), ('train+test[:5]', 'test[5:]', False)])
+    ('train', 'test', False), ('train+test[:5]', 'test[5:]', False),
+    ('train[:abc]', 'train', False)])  # malformed: left to tfds to name when it reads it
 def test_tfds_split_overlap_before_the_sizes_are_known(train_split, eval_split, shared):
   # A dataset not downloaded yet lists no splits: slices compare at any size.
   _tfds()
@@ -1106,9 +1186,17 @@ def test_tfds_dsprites_factors_and_held_out_eval(tmp_path):
   all_factors = np.concatenate([train.factors, ev.factors])
   all_images = np.concatenate([train.get(np.arange(15)), ev.get(np.arange(5))])
   # Train and eval partition the split: match every served image to its raw row.
-  matched = sorted(int(np.flatnonzero((labels == f).all(1) & (images == im).all((1, 2, 3)))[0])
-                   for f, im in zip(all_factors, all_images))
-  assert matched == list(range(20))
+  matched = [int(np.flatnonzero((labels == f).all(1) & (images == im).all((1, 2, 3)))[0])
+             for f, im in zip(all_factors, all_images)]
+  assert sorted(matched) == list(range(20))
+  # Eval is a random subset (dSprites is stored in factor order), not the last rows.
+  assert sorted(matched[15:]) != list(range(15, 20))
+  # Without a held-out fraction there is no eval split to take.
+  cfg.eval_fraction = 0.0
+  with tfds.testing.mock_data(num_examples=20, max_value=2):
+    with pytest.raises(data.DataError, match="dsprites has no split 'test' .* and "
+                       'eval_fraction is 0'):
+      data.load(cfg, 'train')
 
 
 
@@ -1199,12 +1287,44 @@ def test_tfds_cache_writer_leaves_another_writers_file_alone(tmp_path):
   assert theirs.read_bytes() == b'half of a cache'
 
 
+def test_the_decoded_tfds_caches_are_looked_for_where_the_readme_says(tmp_path, monkeypatch):
+  # $AVAE_JAX_CACHE alone if set; else <data_dir>/avae_jax_cache for a local data_dir, then
+  # ~/.cache/avae_jax (a bucket's data_dir has no local folder to hold it).
+  home = os.path.join(os.environ['HOME'], '.cache', 'avae_jax')
+  assert data.cache_dirs(_config()) == [home]
+  assert data.cache_dirs(_config(data_dir=str(tmp_path))) == [
+      str(tmp_path / 'avae_jax_cache'), home]
+  assert data.cache_dirs(_config(data_dir='gs://bucket/tfds')) == [home]
+  monkeypatch.setenv('AVAE_JAX_CACHE', str(tmp_path / 'mine'))
+  assert data.cache_dirs(_config(data_dir=str(tmp_path))) == [str(tmp_path / 'mine')]
+
+
+def test_a_decoded_tfds_cache_is_named_by_its_version_split_and_geometry():
+  # Another version of the dataset, or another crop, must not be served the old images.
+  def name(version='3.0.1', split='train', image_size=16, channels=1, crop_size=0):
+    builder = type('Builder', (), {'version': version})
+    geometry = dict(image_size=image_size, channels=channels, crop_size=crop_size)
+    return data._cache_name(builder, 'mnist', split, geometry)
+  names = {name(), name(version='3.0.2'), name(split='test'), name(image_size=32),
+           name(channels=3), name(crop_size=20)}
+  assert len(names) == 6 and name() == name()
+
+
+def test_shapes_needs_images_large_enough_to_tell_its_factors_apart():
+  small = _config(image_size=shapes.MIN_IMAGE_SIZE - 1)
+  with pytest.raises(data.DataError, match=r'shapes needs image_size >= 12, got 11'):
+    data.load(small)
+  ok = _config(image_size=shapes.MIN_IMAGE_SIZE)
+  ok.shapes.num_train, ok.shapes.num_eval = 16, 8
+  assert data.load(ok).get([0]).shape == (1, 12, 12, 3)
+
+
 def test_unknown_dataset_and_bad_channels():
   with pytest.raises(data.DataError, match='unknown dataset'):
     data.load(_config(dataset='imagenet'))
   with pytest.raises(data.DataError, match='channels'):
     data.load(_config(channels=2))
-  with pytest.raises(data.DataError, match='split'):
+  with pytest.raises(data.DataError, match=r"^split must be 'train' or 'eval', got 'test'$"):
     data.load(_config(), 'test')
 
 
@@ -1225,6 +1345,18 @@ def _ids(batch):
 
 def _take(it, k):
   return [next(it) for _ in range(k)]
+
+
+def test_a_source_refuses_indices_out_of_range_and_a_read_of_another_shape():
+  src = _index_source(5)
+  for bad in ([-1], [5], [0, 7]):
+    with pytest.raises(IndexError, match=r"out of range \[0, 5\) for 'index'"):
+      src.get(bad)
+  wrong = data.Source(lambda idx: np.zeros((len(idx), 3, 2, 1), np.float32), 5, (2, 2, 1),
+                      name='wrong')
+  with pytest.raises(data.DataError,
+                     match=r'wrong: read \(2, 3, 2, 1\), expected \(2, 2, 2, 1\)'):
+    wrong.get([0, 1])
 
 
 def test_batches_follow_the_documented_schedule():
@@ -1362,6 +1494,9 @@ def test_batches_validate_sizes():
   src = _index_source(20)
   with pytest.raises(data.DataError, match='processes'):
     data.batches(src, batch_size=9, seed=0, process_count=2)
+  for index in (-1, 2):
+    with pytest.raises(data.DataError, match=rf'process_index {index} is not in \[0, 2\)'):
+      data.batches(src, batch_size=8, seed=0, process_index=index, process_count=2)
   with pytest.raises(data.DataError, match='local devices'):
     data.batches(src, batch_size=8, seed=0, num_local_devices=3)
   with pytest.raises(data.DataError, match='larger than'):
@@ -1391,6 +1526,8 @@ def test_eval_batches_pad_and_mask():
   assert np.all(out[-1][0][2:] == 0) and out[-1][0].shape == (4, 2, 2, 1)
   assert len(list(data.eval_batches(src, 4, 6))) == 2
   assert sum(m.sum() for _, m in data.eval_batches(src, 4, 0)) == 10
+  with pytest.raises(data.DataError, match='batch_size must be > 0, got 0'):
+    next(data.eval_batches(src, 0))
   # From a start index: examples 6 .. 9, one full batch of 3 and a padded one.
   out = list(data.eval_batches(src, 3, 0, start=6))
   np.testing.assert_array_equal(np.concatenate([_ids(x)[m] for x, m in out]), np.arange(6, 10))
