@@ -421,6 +421,24 @@ def test_only_orbaxs_full_disk_and_refused_file_tracebacks_are_dropped(error, wh
   assert drop.filter(record) is logged
 
 
+@pytest.mark.parametrize('error, message, logged', [
+    (OSError(28, 'No space left on device', '/anywhere/x'), 'Task', False),
+    (PermissionError(1, 'Operation not permitted', '/anywhere/x'), 'Future', False),
+    (ValueError('reading /runs/a/checkpoints/3 failed'), 'Future', False),
+    (ValueError('a bug'), 'Future', True),
+    (OSError(28, 'No space left on device'), None, True)])
+def test_only_unretrieved_errors_of_a_full_disk_or_a_read_checkpoint_are_dropped(
+    monkeypatch, error, message, logged):
+  # asyncio's report of a future whose error nobody awaited: a save's full disk or refused
+  # file wherever it happened, a read's error where it names a checkpoint read here.
+  monkeypatch.setattr(checkpoint, '_READ_DIRECTORIES', {'/runs/a/checkpoints'})
+  text = f'{message} exception was never retrieved\nfuture: <...>' if message else 'other'
+  record = logging.LogRecord('asyncio', logging.ERROR, '/asyncio/base_events.py', 1, text,
+                             (), (type(error), error, None))
+  drop = checkpoint._DropUnretrievedCheckpointErrors()  # pylint: disable=protected-access
+  assert drop.filter(record) is logged
+
+
 def test_no_readable_checkpoint_raises(tmp_path):
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
