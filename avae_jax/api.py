@@ -191,7 +191,7 @@ class TrainedModel:
     """Builds the VAE of `config` around the given variables (see load / from_state)."""
     self.config = config
     self.step = None if step is None else int(step)
-    self.module, _ = models.create_models(config, axis_name=None)
+    self.module, _ = models.create_models(config)
     self.image_shape = (int(config.image_size), int(config.image_size), int(config.channels))
     self.latent_dim = int(config.model.latent_dim)
     self.devices = list(jax.local_devices() if devices is None else devices)

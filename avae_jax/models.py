@@ -280,13 +280,15 @@ class VAE(nn.Module):
     return self.decode(z, train), z, mu, logvar
 
 
-def create_models(config: ml_collections.ConfigDict,
-                  axis_name: str | None = None) -> tuple[VAE, Discriminator]:
-  """The VAE and discriminator of `config.model`; ConfigError for a model that cannot be built."""
+def create_models(config: ml_collections.ConfigDict) -> tuple[VAE, Discriminator]:
+  """The VAE and discriminator of `config.model`; ConfigError for a model that cannot be built.
+
+  Their BatchNorm has no axis name: the mapped steps bind theirs (TrainState.mapped_apply).
+  """
   widths, dtype, backward = config_lib.check_model(config)
   common = dict(hidden_dim=int(config.model.hidden_dim),
                 bn_momentum=float(config.model.bn_momentum),
-                axis_name=axis_name, dtype=jnp.dtype(dtype), conv_backward=backward)
+                dtype=jnp.dtype(dtype), conv_backward=backward)
   vae = VAE(widths, int(config.image_size), int(config.channels),
             int(config.model.latent_dim), **common)
   disc = Discriminator(widths, **common)

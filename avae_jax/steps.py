@@ -151,7 +151,7 @@ def create_train_states(config: ml_collections.ConfigDict, key: Array,
     raise config_lib.ConfigError(
         f'the data has images of shape {tuple(image_shape)} but the config asks for '
         f'{expected} (image_size, image_size, channels)')
-  vae, disc = models.create_models(config, axis_name=None)
+  vae, disc = models.create_models(config)
   # Under a transformation (jax.eval_shape of a checkpoint's template) the initialisation
   # is traced into the caller's program, which takes no compiler options of its own.
   traced = isinstance(key, jax.core.Tracer)
