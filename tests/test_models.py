@@ -157,6 +157,10 @@ def test_encoder_rejects_input_of_wrong_size():
   enc = models.Encoder((4, 8), latent_dim=4, hidden_dim=8)
   with pytest.raises(config_lib.ConfigError, match='image_size 18'):
     jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((2, 18, 18, 3)), train=False))
+  # The width is checked as well as the height (a non-square input called directly).
+  disc = models.Discriminator((4, 8), hidden_dim=8)
+  with pytest.raises(config_lib.ConfigError, match='image_size 18'):
+    jax.eval_shape(lambda: disc.init(jax.random.key(0), jnp.zeros((2, 16, 18, 3)), train=False))
 
 
 def test_vae_rejects_wrong_channels():

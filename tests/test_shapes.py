@@ -213,10 +213,24 @@ def test_bad_factors_raise():
     shapes.sample_factors(-2, 'eval', 3, 3)
   with pytest.raises(data.DataError, match=r'^the data seed must be >= 0 \(config.seed\)'):
     data.load(_config(seed=-1), 'eval')
+  # Rows of another length, and a negative index (it would wrap to the last value).
+  for factors in (np.zeros((1, 5), np.int64), np.zeros((1, 7), np.int64)):
+    with pytest.raises(ValueError, match=r'factors must be \(N, 6\)'):
+      shapes.coverage(factors, SIZE)
+  with pytest.raises(ValueError, match='factor indices out of range'):
+    shapes.coverage(np.array([[0, 0, 0, 0, 0, -1]]), SIZE)
+  for channels in (2, 4):
+    with pytest.raises(ValueError, match=f'channels must be 1 or 3, got {channels}'):
+      shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), SIZE, channels=channels)
+
+
+def test_the_factor_values_handed_out_are_copies():
+  shapes.factor_values()[1][:] = 0.0  # a caller's change to its scales
+  assert (shapes.factor_values()[1] > 0).all()
 
 
 @pytest.mark.parametrize('kwargs', [
-    dict(image_size=0), dict(image_size=-3), dict(image_size=5.5),
+    dict(image_size=0), dict(image_size=-3), dict(image_size=5.5), dict(image_size=True),
     dict(image_size=SIZE, supersample=0), dict(image_size=SIZE, supersample=-2)])
 def test_bad_sizes_raise_naming_the_size(kwargs):
   # 0 gave empty images, 5.5 images of side 5, supersample -2 the samples of 2, and
@@ -237,6 +251,14 @@ def test_every_combination_is_its_own_image_from_the_smallest_size_allowed():
   with pytest.raises(data.DataError, match=rf'^shapes needs image_size >= '
                                            rf'{shapes.MIN_IMAGE_SIZE}, got 8: smaller'):
     data.load(_config(image_size=8), 'train')
+
+
+def test_images_smaller_than_a_shapes_window_render():
+  # The sampling window is clipped to the image (at one pixel it was an IndexError).
+  for size in (1, 2):
+    image = shapes.coverage(np.array([[0, 3, 0, 4, 4, 0]]), size)
+    assert image.shape == (1, size, size) and 0 <= image.min() and image.max() <= 1
+    assert image.sum() > 0
 
 
 def test_small_whole_sizes_render():

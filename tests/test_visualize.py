@@ -195,6 +195,34 @@ def test_traversal_axes_refuse_a_negative_dim():
       visualize.traversal_axes([0], [value], 4)
 
 
+def test_figures_refuse_bad_shapes_and_sizes_with_their_own_message():
+  x = constant_images([0.1, 0.2])
+  for images in (np.zeros((1, 2, 2, 4), np.float32), np.zeros((1, 1, 2, 2, 1), np.float32)):
+    with pytest.raises(ValueError, match=r'images must have 4 axes ending in 1 or 3 channels'):
+      visualize.grid(images, 1)
+  for ncol, pad in ((0, 1), (2, -1)):
+    with pytest.raises(ValueError, match=rf'Need ncol >= 1 and pad >= 0; got {ncol}, {pad}'):
+      visualize.grid(x, ncol, pad=pad)
+  # Gray reconstructions beside RGB inputs are no pairs of one image.
+  with pytest.raises(ValueError, match='differ in image shape'):
+    visualize.reconstructions(constant_images([0.1], c=3), x, n=1)
+  # The border of samples takes pad_value, as every figure's does.
+  assert visualize.samples(x, 2, pad_value=0.0)[0, 0, 0] == 0
+
+
+def test_traversal_axes_take_scalars_as_lists_of_one_and_refuse_booleans():
+  dims, values = visualize.traversal_axes(1, 0.5, 4)
+  assert dims.shape == (1,) and values.shape == (1,)
+  assert (dims.tolist(), values.tolist()) == ([1], [0.5])
+  with pytest.raises(ValueError, match='values must be a list of numbers'):
+    visualize.traversal_axes([0], [True, False], 4)
+  # A value past float32's range is refused without numpy's overflow warning first.
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    with pytest.raises(ValueError, match='values must be finite float32 numbers'):
+      visualize.traversal_axes([0], [1e39], 4)
+
+
 def test_integer_accepts_its_minimum():
   assert visualize.integer(2, 'steps', 2) == 2
   assert visualize.integer(0, 'n', 0) == 0
