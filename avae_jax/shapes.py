@@ -73,7 +73,11 @@ def sample_factors(seed: int, split: str, num_train: int, num_eval: int) -> np.n
   """(num, 6) int32 factor indices of `split` (num_train or num_eval rows), from the seed.
 
   Eval is num_eval distinct combinations, a random sample without replacement (at most
-  half of all combinations); train is num_train uniform draws from the other ones.
+  half of all combinations); train is num_train uniform draws from the other ones. The
+  draws, fixed for reproducibility: number the combinations in row-major order of
+  factor_sizes(); eval is the first num_eval of the permutation that
+  numpy.random.default_rng(SeedSequence([seed, 2])) makes of them, and train indexes the
+  others, in increasing order, with default_rng(SeedSequence([seed, 0])).integers.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")

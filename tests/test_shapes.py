@@ -47,6 +47,17 @@ def test_load_deterministic_and_splits_differ():
   assert not np.array_equal(a.factors, other.factors)
 
 
+def test_the_splits_are_the_documented_draws_of_the_seed():
+  # sample_factors' docstring, in numpy: the runs of a seed are reproduced by the numbers.
+  sizes = (4, 4, 5, 8, 8, 6)
+  order = np.random.default_rng(np.random.SeedSequence([7, 2])).permutation(30720)
+  others = np.sort(order[25:])
+  picks = np.random.default_rng(np.random.SeedSequence([7, 0])).integers(0, len(others), 40)
+  for split, flat in (('eval', order[:25]), ('train', others[picks])):
+    expected = np.stack(np.unravel_index(flat, sizes), axis=1)
+    np.testing.assert_array_equal(shapes.sample_factors(7, split, 40, 25), expected)
+
+
 def _rows(factors):
   """The factor rows as a set of tuples."""
   return {tuple(f) for f in factors.tolist()}
