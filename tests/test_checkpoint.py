@@ -799,26 +799,26 @@ def test_a_reader_whose_every_checkpoint_is_deleted_while_read_finds_none(tmp_pa
     assert reader.restore(big_state(0)) is None
 
 
-def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
-  # Checkpoints written before the manifest held meta's CRC-32 and its own.
-  directory = tmp_path / 'ckpt'
+def _save_without_the_manifests_checksums(directory: pathlib.Path, step: int) -> None:
+  """Saves big_state(step) with META as versions before meta's CRC-32 and its own did."""
   with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
-    ckpt.save(1, big_state(1), META)
-  path = directory / '1' / 'manifest' / 'metadata'
+    ckpt.save(step, big_state(step), META)
+  path = directory / str(step) / 'manifest' / 'metadata'
   manifest = json.loads(path.read_text())
   del manifest['meta_crc32'], manifest['crc32']
   path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_without_the_meta_checksum_still_restores(tmp_path):
+  # Checkpoints written before the manifest held meta's CRC-32 and its own.
+  directory = tmp_path / 'ckpt'
+  _save_without_the_manifests_checksums(directory, 1)
   with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
     step, state, meta = reader.restore(big_state(0))
   assert (step, meta) == (1, META)
   assert_trees_equal(state, big_state(1))
   # Without that checksum, a meta that is no JSON object is damage still: step 1 is taken.
-  with checkpoint.Checkpointer(directory, keep=None, async_save=False) as ckpt:
-    ckpt.save(2, big_state(2), META)
-  path = directory / '2' / 'manifest' / 'metadata'
-  manifest = json.loads(path.read_text())
-  del manifest['meta_crc32'], manifest['crc32']
-  path.write_text(json.dumps(manifest))
+  _save_without_the_manifests_checksums(directory, 2)
   (directory / '2' / 'meta' / 'metadata').write_text('[1]')
   with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
     assert reader.restore(big_state(0))[0] == 1
