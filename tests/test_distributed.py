@@ -452,11 +452,15 @@ def test_processes_of_different_device_counts_stop_with_one_line(tmp_path):
 
 
 def test_a_process_killed_by_a_signal_gives_the_shells_status():
-  # 128 + 1 for SIGHUP, as a shell reports it (Popen's return code is -1, no exit code).
-  proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -1 $$'], grace_s=0),
+  # 128 + 9 for SIGKILL, as a shell reports it (Popen's return code is -9).
+  proc = subprocess.run(_launch_args(1, 1, ['/bin/sh', '-c', 'kill -9 $$'], grace_s=0),
                         capture_output=True, text=True, timeout=60, check=False)
-  assert proc.returncode == 129, proc.stderr
-  assert '[launch] process 0 was killed by SIGHUP' in proc.stderr
+  assert proc.returncode == 137, proc.stderr
+  assert '[launch] process 0 was killed by SIGKILL' in proc.stderr
+  # Signal 1 too (Popen's -1): a SIGHUP sent to the shell is ignored under `nohup`.
+  import launch  # pylint: disable=g-import-not-at-top
+  assert launch.describe_exit(-1) == 'was killed by SIGHUP'
+  assert launch.describe_exit(0) == 'exited with code 0'
 
 
 def test_a_launcher_started_with_stdout_closed_reads_its_processes_to_the_end(tmp_path):
