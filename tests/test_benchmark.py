@@ -35,11 +35,20 @@ FAKE_TWIN = [f'--twin_python={sys.executable}',
              '--twin_script=' + os.path.join('tests', 'fixtures', 'fake_twin.py')]
 
 
+def _xla_flags(devices=1):
+  """XLA_FLAGS for benchmark.py: DEVICES CPU devices (None: no count, so that the config's
+  cpu_devices decides) and conftest's quick compilation, without the CPU_FLAGS that
+  benchmark.py must add itself."""
+  own = (xla_flags.DEVICE_COUNT_FLAG, *xla_flags.CPU_FLAGS)
+  words = [f'--{xla_flags.DEVICE_COUNT_FLAG}={devices}'] if devices else []
+  return ' '.join(words + [w for w in os.environ.get('XLA_FLAGS', '').split()
+                           if w.lstrip('-').split('=')[0] not in own])
+
+
 def _run(args, devices=1, **env_vars):
   """benchmark.py with ARGS, XLA_FLAGS forcing DEVICES CPU devices (None: no count)."""
   env = dict(os.environ, **env_vars)
-  env['XLA_FLAGS'] = '' if devices is None else \
-      f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = _xla_flags(devices)
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, 'benchmark.py'] + args, cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
@@ -228,7 +237,7 @@ def test_a_bad_config_is_one_line_before_compiling(override, message):
 def test_ctrl_c_is_one_line_and_status_130():
   # It was a KeyboardInterrupt traceback, and during a compilation at times a
   # segmentation fault (status 139).
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
              JAX_PLATFORMS='cpu')
   # With rounds, a case says when it has compiled, before its timed steps.
   args = [a for a in TINY if not a.startswith('--steps')] + [
@@ -256,7 +265,7 @@ def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
   slow_twin = tmp_path / 'slow_twin.py'
   slow_twin.write_text(f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))'
                        '\ntime.sleep(300)\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
              JAX_PLATFORMS='cpu')
   # With one round the twin runs first, before anything is compiled.
   proc = subprocess.Popen([sys.executable, 'benchmark.py', *TINY, '--cases=pretrain_step',
@@ -696,7 +705,7 @@ def test_each_step_takes_the_next_batch_and_key(monkeypatch):
 
 
 def test_op_timings_script_times_every_operation():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, os.path.join('scripts', 'op_timings.py'),
                         '--batch=1', '--repeats=1'], cwd=ROOT, env=env,
