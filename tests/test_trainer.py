@@ -120,6 +120,12 @@ def reference(tmp_path_factory):
 def test_a_finished_run_leaves_no_producer_thread_and_each_step_gets_its_key(tmp_path,
                                                                             monkeypatch):
   calls = _spy_on_steps(monkeypatch)
+  figure_keys, real_figures = [], trainer._training_figures
+
+  def figures(config, vae_state, eval_source, key):
+    figure_keys.append(np.asarray(key))
+    return real_figures(config, vae_state, eval_source, key)
+  monkeypatch.setattr(trainer, '_training_figures', figures)
   before = {t for t in threading.enumerate() if t.is_alive()}
   train(dict(BASE, pretrain_steps=2, adversarial_steps=2, checkpoint_every=2), tmp_path / 'run')
   left = {t for t in threading.enumerate() if t.is_alive()} - before
@@ -129,6 +135,9 @@ def test_a_finished_run_leaves_no_producer_thread_and_each_step_gets_its_key(tmp
   (run,) = calls
   np.testing.assert_array_equal(run.keys, _folded_keys(0, 1, 4))
   assert len({k.tobytes() for k in run.keys}) == 4
+  # The figures of step 4 (the last; image_every is 10) draw their samples from
+  # fold_in(figures key, 4), the fourth key of the split: none of the steps' keys.
+  np.testing.assert_array_equal(figure_keys, _folded_keys(0, 3, 5)[4:])
   # The total correlation's N is the training split's size, not the batch's or eval's.
   assert run.cfg.dataset_size == 256
 
@@ -303,8 +312,15 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
   train(overrides, tmp_path / 'w')
   assert committed_steps(tmp_path / 'w') == [6, 8]
   shutil.rmtree(tmp_path / 'w' / 'checkpoints' / '8')
+  # The resume on the clock too: its first step (7) compiles, so its row 8's rate is step 8
+  # alone, 1 s; the 6 steps of the checkpoint it starts from are not timed as its own.
+  monkeypatch.setattr(summary, 'ProgressLogger',
+                      functools.partial(summary.ProgressLogger, clock=clock))
+  monkeypatch.setattr(parallel, 'make_steps', make_timed_steps)
   train(overrides, tmp_path / 'w')
+  monkeypatch.undo()
   ref, resumed = read_metrics(tmp_path / 'ref'), read_metrics(tmp_path / 'w')
+  assert resumed[8]['steps_per_s'] == 1.0, resumed[8]
   assert sorted(ref) == sorted(resumed) == [4, 8]
   for s in (4, 8):
     for k in LOSS_KEYS:
@@ -316,9 +332,9 @@ def test_a_resume_between_logs_logs_the_uninterrupted_runs_means(tmp_path, monke
 
 def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(tmp_path,
                                                                                monkeypatch):
-  # Pre-training 5 steps, adversarial 3, logs and checkpoints every 4, figures every 3:
-  # the phase's end (5) and the run's (8) fall off every interval. Each step function's
-  # first call compiles (100 s on the clock), other steps take 1 s.
+  # Pre-training 5 steps, adversarial 4, logs, checkpoints and figures every 4: the phase's
+  # end (5) and the run's (9) fall off every interval. Each step function's first call
+  # compiles (100 s on the clock), other steps take 1 s.
   clock, make_steps, lines = _StepClock(), parallel.make_steps, []
   monkeypatch.setattr(summary, 'ProgressLogger', functools.partial(
       summary.ProgressLogger, clock=clock, log=lines.append))
@@ -330,14 +346,15 @@ def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(t
 
   monkeypatch.setattr(parallel, 'make_steps', make_timed_steps)
   # The discriminator's learning rate other than the VAE's, so that each is logged as its own.
-  run = dict(BASE, pretrain_steps=5, adversarial_steps=3, log_every=4, image_every=3,
+  run = dict(BASE, pretrain_steps=5, adversarial_steps=4, log_every=4, image_every=4,
              **{'optimizer.disc_learning_rate': 2e-4})
   train(run, tmp_path)
-  # The pre-trained model is a checkpoint of its own, and a log row of its own.
-  assert committed_steps(tmp_path) == [4, 5, 8]
+  # The pre-trained model is a checkpoint of its own, and a log row of its own; so is the
+  # run's last step (keep_checkpoints = 3 has removed the checkpoint of step 4).
+  assert committed_steps(tmp_path) == [5, 8, 9]
   assert restore(tmp_path, step=5)[2]['phase'] == 'pretrain'
   metrics = read_metrics(tmp_path)
-  assert sorted(metrics) == [4, 5, 8]
+  assert sorted(metrics) == [4, 5, 8, 9]
   for s, m in metrics.items():
     assert m['learning_rate'] == default.get_config().optimizer.learning_rate == 1e-3
     adversarial = s > 5
@@ -347,13 +364,13 @@ def test_the_phase_boundary_off_the_intervals_is_logged_checkpointed_and_timed(t
     assert m['steps_per_s'] == 1.0, (s, m['steps_per_s'])
   # The last run's figures too, off image_every.
   assert sorted(p.name for p in (tmp_path / 'images').glob('reconstructions_*.png')) == [
-      f'reconstructions_{s:07d}.png' for s in (3, 6, 8)]
+      f'reconstructions_{s:07d}.png' for s in (4, 8, 9)]
   assert 'compiling the adversarial step ...' in lines
   # At the phase's end the ETA is the adversarial steps at trainer.ADVERSARIAL_STEP_COST
   # (2.2) pre-training steps each, and the compilation at ADVERSARIAL_COMPILE_COST (1.5)
-  # times pre-training's 99 s beyond a step: 3 * 2.2 * 1 s + 1.5 * 99 s = 155.1 s.
-  end = next(line for line in lines if line.startswith('step 5/8 '))
-  assert '| ETA 0:02:35 |' in end, end
+  # times pre-training's 99 s beyond a step: 4 * 2.2 * 1 s + 1.5 * 99 s = 157.3 s.
+  end = next(line for line in lines if line.startswith('step 5/9 '))
+  assert '| ETA 0:02:37 |' in end, end
 
 
 def test_training_figures_show_the_first_eval_images_and_half_a_grid_of_samples():
@@ -386,8 +403,11 @@ def test_running_a_finished_workdir_again_continues_with_more_steps(reference, t
   # Fewer steps than the checkpoint's (one is enough): refused, config.json left as it
   # was. It evaluated the step-20 model and recorded the smaller counts.
   saved = (tmp_path / 'w2' / 'config.json').read_text()
+  # The message splits the count into its phases' and says how many steps continue the run.
   with pytest.raises(config_lib.ConfigError,
-                     match=f'at step {TOTAL}, past the {TOTAL - 1} steps this config trains'):
+                     match=re.escape(f'at step {TOTAL}, past the {TOTAL - 1} steps this config '
+                                     'trains (pretrain_steps 12 + adversarial_steps 7); give '
+                                     f'at least {TOTAL} steps to continue the run')):
     train(dict(BASE, adversarial_steps=BASE['adversarial_steps'] - 1), tmp_path / 'w2')
   assert (tmp_path / 'w2' / 'config.json').read_text() == saved
 
@@ -696,6 +716,23 @@ def test_a_non_finite_update_after_finite_losses_is_not_checkpointed(tmp_path, m
   assert not open_files_under(tmp_path)
 
 
+def test_a_non_finite_state_names_the_checkpoint_kept_or_that_there_is_none():
+  """The NaN-state message says which checkpoint the run keeps: none before its first
+  save, the initial model's by its step 0 (not as none)."""
+  tree = {'vae': {'params': {'w': np.array([1.0, np.nan], np.float32)},
+                  'step': np.array(3, np.int32)}}
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=re.escape("non-finite values in ['vae']['params']['w'] after the "
+                                     'update of step 2, whose losses were finite') +
+                     '.*this state is not checkpointed and no checkpoint is written\\. '):
+    trainer._check_finite_state(tree, 3, None)
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'not checkpointed and the last checkpoint \(step 0\) is kept\. '):
+    trainer._check_finite_state(tree, 3, 0)
+  # A finite state (an integer step counter beside it) passes.
+  trainer._check_finite_state({'w': np.ones(2, np.float32), 'step': np.array(3)}, 3, None)
+
+
 def test_an_unreadable_image_keeps_the_steps_done_and_the_resume_is_identical(
     reference, tmp_path, monkeypatch, capsys):
   # The sixth batch cannot be read (as a truncated image file would fail): the five
@@ -739,6 +776,8 @@ def test_a_resume_on_another_backend_or_thread_count_warns(capsys, saved, now, m
 
 @pytest.mark.parametrize('saved,now,warned', [
     ([1, 2], [1, 1], True), ([1, 1], [1, 4], True), ([1, 4], [2, 2], True),
+    # Another process count alone (2 devices each): 2 and 4 devices in all.
+    ([1, 2], [2, 2], True),
     ([2, 2], [2, 2], False), (None, [1, 2], False)])  # None: before the layout was recorded
 def test_a_resume_on_other_devices_warns(capsys, saved, now, warned):
   # With the same thread count (or on a GPU) it was silent, though the run then differs;
@@ -777,6 +816,22 @@ def test_a_resume_on_a_dataset_of_another_size_warns(tmp_path, capsys, monkeypat
   train(dict(run, pretrain_steps=3), tmp_path / 'w')
   assert ('warning: the checkpoint was written with 48 training examples and '
           f'arrays:{tmp_path / "x.npy"} now has 60: the data order') in capsys.readouterr().err
+
+
+def test_a_resume_on_a_dataset_that_shrank_warns_too(capsys):
+  """Files removed between the stop and the resume change the data order as files added
+  do: any other training-example count warns, a smaller one too."""
+  config = ml_collections.ConfigDict({'dataset': 'arrays:/data/x.npy'})
+  meta = {'cpu_threads': 2, 'devices': [1, 1], 'train_examples': 60}
+  trainer._warn_of_a_changed_run(config, meta, 48, 2, layout=[1, 1])
+  assert ('warning: the checkpoint was written with 60 training examples and '
+          'arrays:/data/x.npy now has 48: the data order') in capsys.readouterr().err
+  for now in (60, 64):
+    trainer._warn_of_a_changed_run(config, dict(meta, train_examples=now), now, 2,
+                                   layout=[1, 1])
+    assert capsys.readouterr().err == ''
+  trainer._warn_of_a_changed_run(config, dict(meta, train_examples=60), 64, 2, layout=[1, 1])
+  assert 'written with 60 training examples' in capsys.readouterr().err
 
 
 def test_a_run_failing_before_its_first_step_closes_its_checkpointer(tmp_path, monkeypatch):
@@ -915,8 +970,10 @@ def test_calibration_equalises_the_probed_terms(tmp_path, monkeypatch, capsys):
   del calls[:]
   train(dict(CALIBRATE, pretrain_steps=3), tmp_path)
   assert len(calls) == 1 and dict(calls[0].cfg.recon_weights) == weights
-  out = capsys.readouterr().out
+  out, err = capsys.readouterr()
   assert 'calibrated reconstruction weights: ' in out
+  # The probe length is unchanged (3 batches): no note that the run keeps its probe.
+  assert 'calibration probe' not in err, err
   changed = [s for s in out.splitlines() if s.startswith('resuming with settings changed')]
   assert len(changed) == 1 and changed[0].endswith(': pretrain_steps 2 -> 3')
   # Switching the calibration off on resume changes the objective: said, not silent.
@@ -974,8 +1031,10 @@ def test_calibration_follows_changed_weights_and_new_runs_probe_again(tmp_path, 
   np.testing.assert_allclose(used['sobel'], 2.0 * saved['weights']['sobel'], rtol=1e-12)
   for t in ('mae', 'mse', 'dssim'):
     assert used[t] == saved['weights'][t]
-  changed = [s for s in capsys.readouterr().out.splitlines()
-             if s.startswith('resuming with settings changed')]
+  out, err = capsys.readouterr()
+  # A record with its means applies the new weights: no warning that they are not applied.
+  assert 'not applied' not in err, err
+  changed = [s for s in out.splitlines() if s.startswith('resuming with settings changed')]
   assert len(changed) == 1
   assert f"loss.weights.gabor {saved['weights']['gabor']!r} -> 0.0" in changed[0]
   assert 'loss.weights.sobel' in changed[0]
