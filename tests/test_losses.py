@@ -89,6 +89,18 @@ def test_ssim_with_other_window_sizes_matches_dm_pix(filter_size):
   np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
+def test_ssim_max_val_scales_both_constants_as_skimage_data_range():
+  """max_val L sets C1 = (k1 L)^2 and C2 = (k2 L)^2: images in [0, 2] at max_val=2 match
+  scikit-image's SSIM with data_range=2 (a darkened copy makes C1 matter, noise C2)."""
+  img = 2.0 * _natural('astronaut')[:32, :32]
+  others = [_distorted(img / 2.0, 'noise') * 2.0, 0.5 * img]
+  ours = np.asarray(losses.ssim(*_f32(np.stack([img, img]), np.stack(others)), max_val=2.0))
+  ref = [structural_similarity(img, o, gaussian_weights=True, sigma=1.5,
+                               use_sample_covariance=False, data_range=2.0, channel_axis=-1)
+         for o in others]
+  np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
 def test_ssim_gradient_matches_dm_pix():
   # dm-pix computes SSIM with a depthwise convolution: its autodiff gradient is an
   # independent reference for the banded-matrix form's (with respect to both images).
@@ -468,6 +480,15 @@ def test_mss_weights_rows_are_distributions_from_the_paper():
     losses.mss_log_weights(1, 4)
   with pytest.raises(ValueError):
     losses.total_correlation(*_f32(*_posteriors(0)), 100, 'mxx')
+
+
+def test_mss_weights_refuse_a_dataset_one_point_smaller_than_the_batch():
+  """N = M - 1 is refused with mss_log_weights' own message, not math.log's domain error.
+
+  By hand: with K = M - 1 = N the smaller stratum would hold N/K - 1 = 0 points.
+  """
+  with pytest.raises(ValueError, match='dataset_size 7 is smaller than the batch 8'):
+    losses.mss_log_weights(8, 7)
 
 
 def _large_batch(seed, m, correlation, dims):
