@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import types
 
 import jax
 import numpy as np
@@ -180,3 +181,41 @@ def test_a_state_or_batch_without_the_devices_axis_is_named(method):
       fns.pretrain(r_vae, wrong, key)
     with pytest.raises(ValueError, match=r'the leading axis must be the number of devices'):
       fns.adversarial(r_vae, r_disc, wrong, key)
+
+
+def test_local_devices_counts_and_order():
+  """num_devices=0 is all local devices, n the first n in order; more, or a negative count,
+  is a ConfigError."""
+  devs = jax.local_devices()
+  assert len(devs) == 4  # conftest's forced CPU devices
+
+  def local_devices(n):
+    return parallel.local_devices(types.SimpleNamespace(num_devices=n))
+  assert local_devices(0) == local_devices(4) == devs
+  assert local_devices(2) == devs[:2]
+  with pytest.raises(config_lib.ConfigError, match='num_devices=5 but only 4 local devices'):
+    local_devices(5)
+  with pytest.raises(config_lib.ConfigError, match='num_devices = -1 is negative'):
+    local_devices(-1)
+
+
+def test_replicate_puts_one_row_on_each_device():
+  """Replicated leaves are split over the devices along the new axis, row d on device d
+  (the layout the mapped steps take), not a full copy of all rows on each device."""
+  devs = jax.devices()[:4]
+  rep = parallel.replicate({'a': np.arange(6, dtype=np.float32).reshape(2, 3)}, devs)
+  assert [s.data.shape for s in rep['a'].addressable_shards] == [(1, 2, 3)] * 4
+  shards = sorted(rep['a'].addressable_shards, key=lambda s: s.index[0].start)
+  assert [s.device for s in shards] == devs
+  assert [s.index[0].start for s in shards] == [0, 1, 2, 3]
+
+
+def test_replicate_keeps_a_key_of_another_impl():
+  """A typed key of a non-default impl (rbg, 4 words) keeps its impl and data."""
+  devs = jax.devices()[:4]
+  key = jax.random.key(3, impl='rbg')
+  rep = parallel.replicate({'key': key}, devs)
+  assert jax.random.key_impl(rep['key']) == jax.random.key_impl(key)
+  back = parallel.unreplicate(rep)
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(back['key'])),
+                                np.asarray(jax.random.key_data(key)))

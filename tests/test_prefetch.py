@@ -89,3 +89,48 @@ def test_prefetcher_dropped_without_close_stops_its_thread():
   gc.collect()
   thread.join(timeout=60)  # generous: the producer may be mid-batch on a loaded machine
   assert not thread.is_alive()
+
+
+def test_prefetch_ends_and_stays_ended_in_order():
+  """The batches come in their order, each once, then StopIteration on every next()."""
+  batches = [np.full((1, 2), i, np.float32) for i in range(4)]
+  it = prefetch.to_devices(iter(batches), jax.devices()[:1], size=1)
+  assert [float(np.asarray(x)[0, 0]) for x in it] == [0.0, 1.0, 2.0, 3.0]
+  ended = []
+
+  def again():  # a loop over it again, or a next() after the end (in a thread: not a hang)
+    for _ in range(2):
+      try:
+        next(it)
+      except StopIteration:
+        ended.append(True)
+  thread = threading.Thread(target=again, daemon=True)
+  thread.start()
+  thread.join(timeout=10)  # immediate: nothing is left to wait for after the end
+  assert ended == [True, True]
+
+
+def test_prefetch_size_zero_still_reads_one_batch_ahead_at_most():
+  """size is at least 1: size=0 is not an unbounded queue that reads the input ahead."""
+  pulled = []
+
+  def counted():
+    for i in range(100):
+      pulled.append(i)
+      yield np.full((1, 2), i, np.float32)
+  with prefetch.to_devices(counted(), jax.devices()[:1], size=0) as it:
+    np.testing.assert_array_equal(np.asarray(next(it)), [[0.0, 0.0]])
+    # The batch taken, one in the queue and one waiting to be put.
+    deadline = time.monotonic() + 60
+    while len(pulled) < 1 + 1 + 1 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.5)
+    assert len(pulled) == 1 + 1 + 1, len(pulled)
+
+
+def test_prefetch_a_scalar_leaf_is_named():
+  """A leaf without the device axis (a scalar) is the ValueError naming the leading axis."""
+  it = prefetch.to_devices(iter([{'x': np.zeros((1, 2)), 'n': np.float32(3)}]),
+                           jax.devices()[:1])
+  with pytest.raises(ValueError, match=r'leading axis of a batch leaf is \(\), expected 1'):
+    next(it)

@@ -363,3 +363,22 @@ def test_progress_phases_must_end_at_the_total():
   progress = summary.ProgressLogger(12, 5, phases=[PHASES[0], summary.Phase('adversarial', 12)],
                                     log=lambda _: None, clock=_fake_clock([0.0, 1.0]))
   assert progress.compiling(0) == 'compiling the pre-training step ...'
+
+
+def test_progress_eta_of_a_phase_not_started_scales_from_the_phase_timed_last():
+  """With two phases timed, a third not started takes the step time and the compiling
+  time (beyond a step) of the phase timed last, b, not of a, each scaled by c's costs."""
+  phases = [summary.Phase('a', 10), summary.Phase('b', 20, step_cost=2.0, compile_cost=2.0),
+            summary.Phase('c', 30, step_cost=4.0, compile_cost=4.0)]
+  progress = summary.ProgressLogger(
+      30, 10, phases=phases, log=lambda _: None,
+      clock=_fake_clock([0.0, 0.0, 10.0, 19.0, 19.0, 60.0, 72.0]))
+  progress.compiling(0)
+  progress.compiled(1)  # t=10: a's first step took 10 s; steps 2-10 in 9 s (1 s each)
+  progress.update(10)
+  progress.compiling(10)
+  progress.compiled(11)  # t=60: b's first step took 41 s, 38 s beyond a step of 3 s
+  # Steps 12-15 in 12 s: 3 s per b step (not a's 1 s scaled by 2). Left: 5 b steps (15 s),
+  # 10 c steps at 3 * 4/2 = 6 s (60 s), c's compilation 38 * 4/2 (76 s): 151 s.
+  assert progress.update(15, force=True) == (
+      'step 15/30 (50.0%) | 0.33 steps/s | ETA 0:02:31 | elapsed 0:01:12')
