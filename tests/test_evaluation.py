@@ -248,6 +248,40 @@ def test_fid_of_reconstructions_and_samples_against_independent_computation(
                                _fid_via_svd(fx[d][:N], fs[d][:N]), rtol=2e-3, atol=1e-6)
 
 
+def test_samples_figure_shows_grid_squared_samples_of_the_evaluation_key(evaluated, model):
+  """samples.png holds GRID * GRID samples, row by row: the decoded first GRID**2 codes drawn
+  at once from the evaluation's key, not only the N samples the metrics use."""
+  _, out_dir = evaluated
+  key = jax.random.fold_in(jax.random.PRNGKey(0), evaluation._SAMPLE_KEY)  # seed 0
+  z = jax.random.normal(key, (max(N, GRID * GRID), model.latent_dim), np.float32)
+  expected = np.round(np.clip(np.asarray(model.decode(z[:GRID * GRID]), np.float64), 0, 1)
+                      * 255)
+  with Image.open(os.path.join(out_dir, 'samples.png')) as im:
+    grid = np.asarray(im)
+  grid = grid.reshape(grid.shape[:2] + (-1,))
+  for k in range(GRID * GRID):
+    row, col = divmod(k, GRID)
+    np.testing.assert_allclose(_tile(grid, row, col), expected[k], atol=1)
+
+
+def test_each_fid_compares_n_real_images_with_n_reconstructions_or_samples(
+    tmp_path, model, source, inception_params, monkeypatch):
+  """Every Frechet distance gets the features of exactly N images on each side: the padding
+  of the last batch (8 - N rows) goes into none of the three feature sets."""
+  shapes = []
+  real_distance = metrics.frechet_distance_of_features
+
+  def distance(f1, f2):
+    shapes.append((np.shape(f1), np.shape(f2)))
+    return real_distance(f1, f2)
+  monkeypatch.setattr(metrics, 'frechet_distance_of_features', distance)
+  config = test_api.tiny_config(**{'eval.fid': True, 'eval.cache_real_features': False})
+  evaluation.evaluate(config, model, source, out_dir=str(tmp_path), devices=jax.devices(),
+                      inception_params=inception_params)
+  # The reconstructions' and the samples' distance at each tap.
+  assert sorted(shapes) == sorted([((N, d), (N, d)) for d in TAPS] * 2)
+
+
 def _counting_inception(monkeypatch):
   """Replaces inception.features with one that records the rows of each call's images."""
   rows = []
