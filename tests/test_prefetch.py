@@ -58,22 +58,24 @@ def test_prefetch_close_stops_the_thread():
     next(it)
 
 
-def test_prefetch_reads_at_most_size_batches_ahead():
+# size 0 is size 1, not a queue without a bound that reads the whole input ahead.
+@pytest.mark.parametrize('size,queued', [(2, 2), (0, 1)])
+def test_prefetch_reads_at_most_size_batches_ahead(size, queued):
   pulled = []
 
   def counted():
     for i in range(100):
       pulled.append(i)
       yield np.full((1, 2), i, np.float32)
-  with prefetch.to_devices(counted(), jax.devices()[:1], size=2) as it:
+  with prefetch.to_devices(counted(), jax.devices()[:1], size=size) as it:
     np.testing.assert_array_equal(np.asarray(next(it)), [[0.0, 0.0]])
-    # The producer runs ahead as far as it may: the batch taken, `size` in the queue and
+    # The producer runs ahead as far as it may: the batch taken, `queued` in the queue and
     # one waiting to be put; then no further.
     deadline = time.monotonic() + 60
-    while len(pulled) < 1 + 2 + 1 and time.monotonic() < deadline:
+    while len(pulled) < 1 + queued + 1 and time.monotonic() < deadline:
       time.sleep(0.01)
     time.sleep(0.5)
-    assert len(pulled) == 1 + 2 + 1, len(pulled)
+    assert len(pulled) == 1 + queued + 1, len(pulled)
     np.testing.assert_array_equal(np.asarray(next(it)), [[1.0, 1.0]])
 
 
@@ -108,24 +110,6 @@ def test_prefetch_ends_and_stays_ended_in_order():
   thread.start()
   thread.join(timeout=10)  # immediate: nothing is left to wait for after the end
   assert ended == [True, True]
-
-
-def test_prefetch_size_zero_still_reads_one_batch_ahead_at_most():
-  """size is at least 1: size=0 is not an unbounded queue that reads the input ahead."""
-  pulled = []
-
-  def counted():
-    for i in range(100):
-      pulled.append(i)
-      yield np.full((1, 2), i, np.float32)
-  with prefetch.to_devices(counted(), jax.devices()[:1], size=0) as it:
-    np.testing.assert_array_equal(np.asarray(next(it)), [[0.0, 0.0]])
-    # The batch taken, one in the queue and one waiting to be put.
-    deadline = time.monotonic() + 60
-    while len(pulled) < 1 + 1 + 1 and time.monotonic() < deadline:
-      time.sleep(0.01)
-    time.sleep(0.5)
-    assert len(pulled) == 1 + 1 + 1, len(pulled)
 
 
 def test_prefetch_a_scalar_leaf_is_named():
