@@ -624,6 +624,22 @@ def test_case_row_statistics_and_update_fractions_from_the_timed_steps():
   assert row['peak_rss_bytes'] >= 0.9 * _vm_hwm_bytes()
 
 
+def test_case_row_rates_take_the_median_or_the_mean_and_count_every_devices_flops():
+  """Skewed times (median 1 s, mean 2.8 s): the FLOP rate from the median, images/s from
+  the mean; the FLOPs are one device's count times the devices."""
+  config = default.get_config()
+  config.batch_size = 14
+  device = jax.devices()[0]
+  # Two entries of one device: the row counts the devices it was given.
+  prepared = benchmarking.PreparedCase('pretrain_step', config, [device, device], 0.5,
+                                       lambda i: None, flops=3e9)
+  row = benchmarking.case_row(prepared, [1.0, 10.0, 1.0, 1.0, 1.0], rounds=1)
+  assert row['median_step_s'] == 1.0 and row['mean_step_s'] == pytest.approx(2.8)
+  assert row['images_per_s'] == pytest.approx(14 / 2.8)  # 5, not 14 / 1
+  assert row['devices'] == 2 and row['flops'] == 6e9
+  assert row['flops_per_s'] == pytest.approx(6e9 / 1.0)
+
+
 def test_matmul_peak_is_the_best_of_the_repeats(monkeypatch):
   # Three repeats taking 3, 1 and 2 s: 2 n^3 FLOPs (a multiply and an add per term) in the
   # fastest, 1 s.
@@ -655,6 +671,12 @@ def test_table_shows_a_gpu_step_s_figures():
   assert '18%' in benchmarking.format_table([row]).splitlines()[2].split()
   row['peak_fraction'] = 0.053  # from 1% on, whole percent
   assert '5%' in benchmarking.format_table([row]).splitlines()[2].split()
+  row['peak_fraction'] = 0.005  # below 1%: two significant digits, not a rounded '0%'
+  assert '0.5%' in benchmarking.format_table([row]).splitlines()[2].split()
+  # One round: the footer names no interleaved rounds.
+  footer = benchmarking.format_table([row]).splitlines()[-1]
+  assert '50 timed steps; matmul peak 410000.0 GFLOP/s' in footer, footer
+  assert 'interleaved' not in footer, footer
 
 
 def test_peak_device_memory_is_the_largest_devices():

@@ -388,5 +388,6 @@ def test_mig_refuses_non_finite_codes_naming_them(bad):
   rng = np.random.default_rng(10)
   codes = rng.standard_normal((50, 3))
   codes[[3, 7], 1] = bad
+  codes[3, 2] = bad  # two in one image: the images are counted, not the values
   with pytest.raises(ValueError, match='codes of 2 of 50 images hold NaN or inf'):
     metrics.mig(codes, np.arange(50) % 3)
