@@ -883,3 +883,90 @@ def test_a_config_argument_may_hold_a_colon(tmp_path):
   cli._check_config_file(spec)  # pylint: disable=protected-access
   # load_config_file's join keeps the absolute path as it is.
   assert load_config_file(spec).dataset == 'folder:/data/images'
+
+
+def test_a_config_flag_without_its_file_at_the_end_reads_as_no_file():
+  """A bare --config as the last word has no FILE after it: no spec, not an IndexError."""
+  assert cli.config_spec(['train.py', '--workdir=w', '--config']) is None
+  assert cli.config_spec(['train.py', '--config=a.py', '-config']) == 'a.py'
+
+
+def test_override_words_for_false_are_read_in_any_case():
+  """absl reads a boolean's words in any case: FALSE and F are false, as TRUE and T true."""
+  c = default.get_config()
+  for text in ('False', 'FALSE', 'F'):
+    c.eval.fid = True
+    cli.apply_overrides(c, [('--config.eval.fid', text)])
+    assert c.eval.fid is False, text
+
+
+def test_an_override_of_a_number_field_keeps_its_type_and_value():
+  """A float field takes 0.5 as 0.5; an integer field refuses 2.5, not truncating it to 2."""
+  c = default.get_config()
+  cli.apply_overrides(c, [('--config.loss.kl_weight', '0.5'),
+                          ('--config.optimizer.b1', '1e-1')])
+  assert (c.loss.kl_weight, c.optimizer.b1) == (0.5, 0.1)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^--config\.eval\.num_images=2\.5: expected an integer$'):
+    cli.apply_overrides(c, [('--config.eval.num_images', '2.5')])
+
+
+def test_an_override_without_a_value_of_a_loaded_config_is_a_config_error():
+  """eval.py's --config.batch_size with no value (a non-bool field) names the =VALUE form."""
+  c = default.get_config()
+  with pytest.raises(config_lib.ConfigError, match=r'^--config\.batch_size needs a value '
+                     r'\(--config\.batch_size=VALUE\)$'):
+    cli.apply_overrides(c, [('--config.batch_size', None)])
+
+
+def test_a_bad_tuple_override_of_a_json_config_shows_the_tuple_form():
+  """config.json keeps widths as a JSON list; the message still shows a Python tuple."""
+  c = ml_collections.ConfigDict({'model': {'widths': [4, 8]}})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^--config\.model\.widths=\(4,x\): expected a tuple such as '
+                     r'\(4, 8\)$'):
+    cli.apply_overrides(c, [('--config.model.widths', '(4,x)')])
+
+
+def test_the_largest_float32_is_a_valid_traversal_range():
+  """eval.traversal_range may be float32's largest number itself (the bound is inclusive)."""
+  c = default.get_config()
+  c.eval.traversal_range = 3.4028234663852886e38  # (2 - 2**-23) * 2**127
+  assert c.eval.traversal_range == (2 - 2**-23) * 2.0**127
+  config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize('field, value, pattern', [
+    ('gabor.wavelengths', (0.0, 4.0), r'gabor\.wavelengths = \(0\.0, 4\.0\).*each > 0'),
+    ('gabor.orientations', True, r'gabor\.orientations = True must be a whole number'),
+    ('seed', True, r'seed = True must be >= 0'),
+])
+def test_validate_rejects_a_zero_wavelength_and_bools_for_whole_numbers(field, value, pattern):
+  """A wavelength of 0 (a division by zero in the bank) and True as a count are refused."""
+  c = default.get_config().to_dict()
+  *parents, leaf = field.split('.')
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=pattern):
+    config_lib.validate(ml_collections.ConfigDict(c), num_devices=1)
+
+
+def test_differences_name_fields_nested_deeper_and_ignore_list_or_tuple():
+  """A field two groups down keeps its full dotted name; a JSON list equals its tuple."""
+  old = {'loss': {'weights': {'gabor': 1.0}}, 'model': {'widths': [4, 8]}}
+  new = {'loss': {'weights': {'gabor': 0.5}}, 'model': {'widths': (4, 8)}}
+  assert config_lib.differences(old, new) == [('loss.weights.gabor', 1.0, 0.5)]
+
+
+def test_cpu_devices_zero_is_valid_and_a_negative_count_is_refused():
+  """cpu_devices 0 (or absent) keeps one CPU device; -1 is a ConfigError naming it."""
+  c = default.get_config()
+  c.cpu_devices = 0
+  assert config_lib.cpu_devices(c) == 0
+  assert config_lib.cpu_devices(ml_collections.ConfigDict({})) == 0
+  c.cpu_devices = -1
+  with pytest.raises(config_lib.ConfigError, match=r'^cpu_devices = -1 is negative'):
+    config_lib.cpu_devices(c)
+
