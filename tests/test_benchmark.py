@@ -237,8 +237,7 @@ def test_a_bad_config_is_one_line_before_compiling(override, message):
 def test_ctrl_c_is_one_line_and_status_130():
   # It was a KeyboardInterrupt traceback, and during a compilation at times a
   # segmentation fault (status 139).
-  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(), JAX_PLATFORMS='cpu')
   # With rounds, a case says when it has compiled, before its timed steps.
   args = [a for a in TINY if not a.startswith('--steps')] + [
       '--steps=100000', '--rounds=2', '--cases=pretrain_step']
@@ -265,8 +264,7 @@ def test_ctrl_c_while_the_twin_runs_stops_the_twin_too(tmp_path):
   slow_twin = tmp_path / 'slow_twin.py'
   slow_twin.write_text(f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))'
                        '\ntime.sleep(300)\n')
-  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(), JAX_PLATFORMS='cpu')
   # With one round the twin runs first, before anything is compiled.
   proc = subprocess.Popen([sys.executable, 'benchmark.py', *TINY, '--cases=pretrain_step',
                            f'--twin_python={sys.executable}', f'--twin_script={slow_twin}'],
@@ -727,8 +725,7 @@ def test_each_step_takes_the_next_batch_and_key(monkeypatch):
 
 
 def test_op_timings_script_times_every_operation():
-  env = dict(os.environ, XLA_FLAGS=_xla_flags(),
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(), JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, os.path.join('scripts', 'op_timings.py'),
                         '--batch=1', '--repeats=1'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
