@@ -497,6 +497,19 @@ def test_table_iii_cells_over_fewer_seeds_than_finished_say_so():
   assert row.endswith('| - | - | - |')
 
 
+def test_table_iii_counts_finished_runs_only_and_shows_fid_any_run_has():
+  """An unfinished run is not a seed a cell is short of: no '(n=...)' for it. A run
+  whose metrics lack FID leaves the FID rows to the runs that have them (not 'skipped')."""
+  unfinished = study_report.Run('shapes', 'vae', 2, '', None, {}, [], {})
+  fid = {f'fid_rec_{d}': 5.0 for d in study_report.TAPS}
+  runs = [_run('vae', 0, rec_mse=0.1, **fid), _run('vae', 1, rec_mse=0.3), unfinished]
+  lines = study_report.table_iii(runs, 'shapes', ['vae']).splitlines()
+  [row] = [l for l in lines if l.startswith('| Mean Squared Error')]
+  assert row == f'| Mean Squared Error | 0 | 0.2 ± {statistics.stdev([0.1, 0.3]):.2g} |'
+  [row] = [l for l in lines if l.startswith('| FID') and '2048' in l and 'reconstr' in l]
+  assert row.endswith('| - | 5 (n=1) |'), row
+
+
 def test_claims_point_the_way_the_paper_means():
   # Sharper, more similar and more disentangled is better; error and distance are worse.
   better = {'rec_sharpness_mean': 'higher', 'sample_sharpness_mean': 'higher',
@@ -622,6 +635,59 @@ def test_check_claim_skips_nan_and_measures_cosine_from_one():
     runs = ([_run('avae', s, **{key: cos}) for s in range(3)]
             + [_run('vae', s, **{key: 0.93}) for s in range(3)])
     assert study_report.check_claim(runs, 'shapes', claim)['verdict'] == verdict
+
+
+def test_claims_compare_each_model_with_the_one_the_paper_does():
+  """Each ordering puts the paper's better model first: the compound loss (VAE-S) against
+  VAE, fine-tuning (AVAE, AVAE-S) against its base model (VAE, VAE-S), the TC term's MIG
+  (VAE-S, AVAE-S) against VAE and AVAE."""
+  pairs = {('vae_s', 'vae'), ('avae', 'vae'), ('avae_s', 'vae_s')}
+  claims = study_report.claims()
+  for key in ('rec_sharpness_mean', 'sample_sharpness_mean', 'rec_mse',
+              'rec_cosine_similarity', 'fid_sample_2048', 'fid_rec_2048'):
+    assert {(c.a, c.b) for c in claims if c.key == key} == pairs, key
+  assert {(c.a, c.b) for c in claims if c.key == 'mig'} == {('vae_s', 'vae'),
+                                                             ('avae_s', 'avae')}
+
+
+def test_check_claim_reports_each_models_mean_and_drops_a_nan_of_b():
+  """a_mean is the claim's first model's mean, b_mean its second's; a seed whose second
+  model has a NaN is left out of the pairs, as one whose first model has one."""
+  runs = [_run('vae_s', 0, x=3.0), _run('vae_s', 1, x=5.0), _run('vae_s', 2, x=7.0),
+          _run('vae', 0, x=1.0), _run('vae', 1, x=2.0), _run('vae', 2, x=float('nan'))]
+  claim = study_report.Claim('t', 'x', 'higher', 'vae_s', 'vae')
+  r = study_report.check_claim(runs, 'shapes', claim)
+  # Seeds 0 and 1 only: a = 3, 5 (mean 4), b = 1, 2 (mean 1.5).
+  assert r['n'] == 2 and r['wins'] == 2
+  assert (r['a_mean'], r['b_mean']) == (4.0, 1.5)
+  assert r['diff_mean'] == pytest.approx(2.5)
+  table, _ = study_report.claims_table(
+      [_run('vae_s', 0, rec_sharpness_mean=3.0), _run('vae', 0, rec_sharpness_mean=1.0)],
+      'shapes')
+  [row] = [l for l in table.splitlines() if l.startswith('| VAE-S reconstructions sharper')]
+  assert row.split('|')[3].strip() == '3 vs 1'
+
+
+def test_a_mixed_claim_whose_mean_difference_is_zero_does_not_hold_on_the_mean():
+  """Seeds disagreeing with differences +1 and -1: the mean (0) does not point the paper's
+  way, so the mixed verdict says the mean does not hold."""
+  runs = [_run('vae_s', 0, x=2.0), _run('vae_s', 1, x=1.0),
+          _run('vae', 0, x=1.0), _run('vae', 1, x=2.0)]
+  claim = study_report.Claim('t', 'x', 'higher', 'vae_s', 'vae')
+  r = study_report.check_claim(runs, 'shapes', claim)
+  assert r['verdict'] == 'mixed: 1/2 seeds hold, the mean does not'
+
+
+def test_equal_cosine_is_measured_against_the_second_models_distance_to_one():
+  """"Equal or higher" cosine: 1 - cos of a is compared relative to 1 - cos of b. Gaps
+  0.101005 against 0.1 are 1.005% larger (not equal within 1%), though 0.1 is only
+  0.995% below 0.101005."""
+  key = 'rec_cosine_similarity'
+  claim = study_report.Claim('t', key, 'higher', 'avae', 'vae', or_equal=True)
+  runs = ([_run('avae', s, **{key: 1.0 - 0.101005}) for s in range(2)]
+          + [_run('vae', s, **{key: 0.9}) for s in range(2)])
+  assert study_report.check_claim(runs, 'shapes', claim)['verdict'] == \
+      'does not hold (every seed)'
 
 
 def test_percentages_keep_small_differences_visible():
@@ -754,6 +820,19 @@ def test_ground_truth_is_per_seed_where_the_eval_sets_differ(tmp_path):
   row = [l for l in study_report.table_iii(fashion, 'fashion_mnist', ['vae']).splitlines()
          if 'harpness' in l][0]
   assert '| 0.02 |' in row
+
+
+def test_reconstructions_as_sharp_as_the_data_are_not_called_sharper(tmp_path):
+  """The sharpness check names a model only where its reconstructions are sharper than
+  the data on average: equal sharpness (difference 0) is not sharper."""
+  def run(seed, gt, rec):
+    metrics = {'gt_sharpness_mean': gt, 'rec_sharpness_mean': rec}
+    return study_report.Run('shapes', 'vae', seed, str(tmp_path), metrics, {}, [], {})
+  section = study_report._sharpness_section  # pylint: disable=protected-access
+  lines, _, _ = section([run(0, 0.02, 0.02), run(1, 0.03, 0.03)], 'shapes', ['vae'])
+  assert 'no model\'s reconstructions are sharper than the data' in lines[0], lines
+  lines, _, _ = section([run(0, 0.02, 0.025), run(1, 0.03, 0.03)], 'shapes', ['vae'])
+  assert 'reconstructions sharper than the data: VAE (' in lines[0], lines
 
 
 def test_a_dataset_that_cannot_be_read_stops_the_study_before_any_run():
@@ -1510,6 +1589,18 @@ def test_likely_reasons_name_the_seed_they_quote():
              if r.startswith('VAE-S')]
   assert 'is 0.8× its own MSE' in line and line.endswith(
       'KL 6 nats vs 3 for VAE (means over 1 and 1 finished seed(s)).'), line
+
+
+def test_a_vae_s_kl_equal_to_vaes_is_not_above_it():
+  """VAE-S's KL equal to VAE's is not above it: the reasons do not blame a weaker KL."""
+  cfg = {'pretrain_steps': 10, 'image_size': 4, 'channels': 1}
+  pre = {'step': 10, 'loss': 12.0, 'rec': 0.5, 'mse': 0.25, 'kl': 2.0}
+  runs = [study_report.Run('shapes', 'vae_s', 0, '', {'kl_mean': 3.0}, cfg, [pre], {}),
+          study_report.Run('shapes', 'vae', 0, '', {'kl_mean': 3.0}, cfg, [pre], {})]
+  (line,) = [r for r in study_report._reasons(runs, 'shapes', _shapes_settings())
+             if r.startswith('VAE-S')]
+  assert line.endswith("Its KL is not above VAE's here, so the data do not show this weaker "
+                       'KL at work.'), line
 
 
 def test_durations_are_rounded_to_the_second_shown():
