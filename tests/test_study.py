@@ -822,12 +822,11 @@ def test_ground_truth_is_per_seed_where_the_eval_sets_differ(tmp_path):
   assert '| 0.02 |' in row
 
 
-def test_reconstructions_as_sharp_as_the_data_are_not_called_sharper(tmp_path):
+def test_reconstructions_as_sharp_as_the_data_are_not_called_sharper():
   """The sharpness check names a model only where its reconstructions are sharper than
   the data on average: equal sharpness (difference 0) is not sharper."""
   def run(seed, gt, rec):
-    metrics = {'gt_sharpness_mean': gt, 'rec_sharpness_mean': rec}
-    return study_report.Run('shapes', 'vae', seed, str(tmp_path), metrics, {}, [], {})
+    return _run('vae', seed, gt_sharpness_mean=gt, rec_sharpness_mean=rec)
   section = study_report._sharpness_section  # pylint: disable=protected-access
   lines, _, _ = section([run(0, 0.02, 0.02), run(1, 0.03, 0.03)], 'shapes', ['vae'])
   assert 'no model\'s reconstructions are sharper than the data' in lines[0], lines
