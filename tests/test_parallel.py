@@ -120,16 +120,22 @@ def test_replicate_unreplicate_round_trip():
   tree = {'a': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.int32(5)}
   rep = parallel.replicate(tree, devs)
   assert rep['a'].shape == (4, 2, 3) and rep['b'].shape == (4,)
-  assert {s.device for s in rep['a'].addressable_shards} == set(devs)
+  # Split along the new axis, row d on device d (the layout the mapped steps take), not a
+  # full copy of all rows on each device.
+  shards = sorted(rep['a'].addressable_shards, key=lambda s: s.index[0].start)
+  assert [s.device for s in shards] == devs
+  assert [(s.index[0].start, s.data.shape) for s in shards] == [(d, (1, 2, 3)) for d in range(4)]
   back = parallel.unreplicate(rep)
   np.testing.assert_array_equal(np.asarray(back['a']), tree['a'])
   assert int(back['b']) == 5
 
 
-def test_replicate_typed_prng_keys():
+# rbg: a key of another impl than the default, and of 4 words, not 2.
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_replicate_typed_prng_keys(impl):
   # np.asarray of a typed key raised TypeError.
   devs = jax.devices()[:4]
-  key = jax.random.key(3, impl='threefry2x32')
+  key = jax.random.key(3, impl=impl)
   rep = parallel.replicate({'key': key, 'x': np.float32(1)}, devs)
   assert rep['key'].shape == (4,) and jax.random.key_impl(rep['key']) == jax.random.key_impl(key)
   assert {s.device for s in rep['key'].addressable_shards} == set(devs)
@@ -198,24 +204,3 @@ def test_local_devices_counts_and_order():
   with pytest.raises(config_lib.ConfigError, match='num_devices = -1 is negative'):
     local_devices(-1)
 
-
-def test_replicate_puts_one_row_on_each_device():
-  """Replicated leaves are split over the devices along the new axis, row d on device d
-  (the layout the mapped steps take), not a full copy of all rows on each device."""
-  devs = jax.devices()[:4]
-  rep = parallel.replicate({'a': np.arange(6, dtype=np.float32).reshape(2, 3)}, devs)
-  assert [s.data.shape for s in rep['a'].addressable_shards] == [(1, 2, 3)] * 4
-  shards = sorted(rep['a'].addressable_shards, key=lambda s: s.index[0].start)
-  assert [s.device for s in shards] == devs
-  assert [s.index[0].start for s in shards] == [0, 1, 2, 3]
-
-
-def test_replicate_keeps_a_key_of_another_impl():
-  """A typed key of a non-default impl (rbg, 4 words) keeps its impl and data."""
-  devs = jax.devices()[:4]
-  key = jax.random.key(3, impl='rbg')
-  rep = parallel.replicate({'key': key}, devs)
-  assert jax.random.key_impl(rep['key']) == jax.random.key_impl(key)
-  back = parallel.unreplicate(rep)
-  np.testing.assert_array_equal(np.asarray(jax.random.key_data(back['key'])),
-                                np.asarray(jax.random.key_data(key)))
