@@ -59,6 +59,13 @@ def _luma_np(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- SSIM
 
 
+def _skimage_ssim(x, y, data_range=1.0, channel_axis=None):
+  """scikit-image's SSIM with the Gaussian window and population statistics of ours."""
+  return structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                               use_sample_covariance=False, data_range=data_range,
+                               channel_axis=channel_axis)
+
+
 @pytest.mark.parametrize('name', ['astronaut', 'camera'])
 def test_ssim_matches_skimage_and_dm_pix_on_natural_images(name):
   img = _natural(name)
@@ -69,9 +76,7 @@ def test_ssim_matches_skimage_and_dm_pix_on_natural_images(name):
   # skimage averages the map over the valid region only (it crops (win_size - 1) // 2 = 5
   # pixels on each side, win_size = 2 * int(3.5 * 1.5 + 0.5) + 1 = 11), per channel then
   # over channels: the same mean as a valid-padded 11x11 window.
-  ref = np.array([structural_similarity(
-      img, o, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-      data_range=1.0, channel_axis=-1) for o in others])
+  ref = np.array([_skimage_ssim(img, o, channel_axis=-1) for o in others])
   np.testing.assert_allclose(ours, ref, atol=2e-5)
   pix = np.asarray(dm_pix.ssim(*_f32(x, y)))
   np.testing.assert_allclose(ours, pix, atol=2e-5)
@@ -95,9 +100,7 @@ def test_ssim_max_val_scales_both_constants_as_skimage_data_range():
   img = 2.0 * _natural('astronaut')[:32, :32]
   others = [_distorted(img / 2.0, 'noise') * 2.0, 0.5 * img]
   ours = np.asarray(losses.ssim(*_f32(np.stack([img, img]), np.stack(others)), max_val=2.0))
-  ref = [structural_similarity(img, o, gaussian_weights=True, sigma=1.5,
-                               use_sample_covariance=False, data_range=2.0, channel_axis=-1)
-         for o in others]
+  ref = [_skimage_ssim(img, o, data_range=2.0, channel_axis=-1) for o in others]
   np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
@@ -112,10 +115,6 @@ def test_ssim_gradient_matches_dm_pix():
     ref = np.asarray(jax.grad(lambda a, b: dm_pix.ssim(a, b).sum(), argnum)(*_f32(x, y)))
     assert np.abs(ref).max() > 1e-4
     np.testing.assert_allclose(ours, ref, atol=2e-3 * np.abs(ref).max())
-
-def _skimage_ssim(x, y):
-  return structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
-                               use_sample_covariance=False, data_range=1.0)
 
 
 @pytest.mark.parametrize('case', ['flat', 'low_contrast'])
