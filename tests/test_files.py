@@ -81,7 +81,6 @@ def test_concurrent_writers_of_one_file_leave_one_whole_file(tmp_path):
   assert os.listdir(tmp_path / 'eval') == ['metrics.json']
 
 
-
 @pytest.mark.parametrize('kind', ['bytes', 'text'])
 def test_a_write_that_fails_halfway_keeps_the_previous_file_whole(tmp_path, kind):
   # A full disk, made here with a 4 KiB file-size limit: write_bytes (the figures) opened

@@ -70,7 +70,6 @@ def test_sobel_sign_convention_on_ramps():
   np.testing.assert_allclose(ndimage.correlate(ramp_down, k[1])[inner], 8.0)
 
 
-
 def test_gabor_bank_matches_skimage_real_part():
   size, sigma, wavelengths, orientations = 11, 2.5, (4.0, 8.0), 4
   bank = filters.gabor_bank(size, sigma, wavelengths, orientations)

@@ -82,7 +82,6 @@ def test_ssim_matches_skimage_and_dm_pix_on_natural_images(name):
   np.testing.assert_allclose(ours, pix, atol=2e-5)
 
 
-
 @pytest.mark.parametrize('filter_size', [10, 9])
 def test_ssim_with_other_window_sizes_matches_dm_pix(filter_size):
   # dm-pix's Gaussian window is symmetric for even sizes too (taps at n - (size - 1) / 2).
