@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Callable
 import zlib
 
 from absl import logging as absl_logging
@@ -676,24 +677,35 @@ def test_paths_that_orbax_would_merge_are_refused(tmp_path):
     assert_trees_equal(ckpt.restore(state)[1], state)
 
 
-def test_reader_whose_checkpoint_is_pruned_while_read_takes_the_new_one(tmp_path, caplog):
+def _while_reading(monkeypatch, reader: checkpoint.Checkpointer,
+                   action: Callable[[int], None]) -> None:
+  """Makes `reader` call action(step) as it starts to read each step: a run meanwhile."""
+  read_step = reader._restore_step  # pylint: disable=protected-access
+
+  def read(step, names, specs):
+    action(step)
+    return read_step(step, names, specs)
+
+  monkeypatch.setattr(reader, '_restore_step', read)
+
+
+def test_reader_whose_checkpoint_is_pruned_while_read_takes_the_new_one(
+    tmp_path, caplog, monkeypatch):
   # eval.py beside a training run with keep=1: the run commits step 2 and prunes step 1
   # while the reader is reading step 1.
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=1, async_save=False) as writer, \
        checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
     writer.save(1, big_state(1), {'step': 1})
-    read_step = reader._restore_step
     trainer_steps = [2]  # the steps the run commits during the next restore
 
-    def read_while_pruned(step, names, specs):
+    def prune(step):
       if trainer_steps and step == writer.latest_step():  # pruned while it is read
         s = trainer_steps.pop(0)
         assert writer.save(s, big_state(s), {'step': s})
         assert writer.all_steps() == [s] and not (directory / str(step)).exists()
-      return read_step(step, names, specs)
 
-    reader._restore_step = read_while_pruned
+    _while_reading(monkeypatch, reader, prune)
     with caplog.at_level(logging.WARNING, logger='absl'):
       step, state, meta = reader.restore(big_state(0))
     assert (step, meta) == (2, {'step': 2})
@@ -761,41 +773,34 @@ def test_zero_size_leaves_and_a_state_without_arrays(tmp_path):
     assert (step, meta) == (2, {'a': 2}) and restored['empty'].shape == (0,)
 
 
-def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path):
+def test_reader_whose_checkpoint_is_half_deleted_takes_the_newer_one(tmp_path, monkeypatch):
   # orbax deletes a pruned step file by file: the reader can fail on a step that is still
   # listed, while the run has committed a newer one.
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=None, async_save=False) as writer, \
        checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
     writer.save(1, big_state(1), {'step': 1})
-    read_step = reader._restore_step
 
-    def read_while_deleted(step, names, specs):
+    def save_and_delete(step):
       if step == 1:
         assert writer.save(2, big_state(2), {'step': 2})
         _corrupt(directory / '1', 'delete')
-      return read_step(step, names, specs)
 
-    reader._restore_step = read_while_deleted
+    _while_reading(monkeypatch, reader, save_and_delete)
     step, state, meta = reader.restore(big_state(0))
   assert (step, meta) == (2, {'step': 2})
   assert_trees_equal(state, big_state(2))
 
 
-def test_a_reader_whose_every_checkpoint_is_deleted_while_read_finds_none(tmp_path):
+def test_a_reader_whose_every_checkpoint_is_deleted_while_read_finds_none(
+    tmp_path, monkeypatch):
   # The run training there deleted its only step meanwhile (a restart from scratch):
   # no checkpoint, not an unreadable one.
   directory = tmp_path / 'ckpt'
   with checkpoint.Checkpointer(directory, keep=None, async_save=False) as writer:
     writer.save(1, big_state(1), {})
   with checkpoint.Checkpointer(directory, keep=None, read_only=True) as reader:
-    read_step = reader._restore_step
-
-    def read_while_removed(step, names, specs):
-      shutil.rmtree(directory / str(step))
-      return read_step(step, names, specs)
-
-    reader._restore_step = read_while_removed
+    _while_reading(monkeypatch, reader, lambda step: shutil.rmtree(directory / str(step)))
     assert reader.restore(big_state(0)) is None
 
 
