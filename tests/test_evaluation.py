@@ -282,17 +282,17 @@ def test_each_fid_compares_n_real_images_with_n_reconstructions_or_samples(
   assert sorted(shapes) == sorted([((N, d), (N, d)) for d in TAPS] * 2)
 
 
-def _counting_inception(monkeypatch):
-  """Replaces inception.features with one that records the rows of each call's images."""
-  rows = []
+def _counting_inception(monkeypatch, record=lambda images, kwargs: len(images)):
+  """Replaces inception.features with one that lists record(images, kwargs) of its calls."""
+  records = []
   real_features = inception.features
 
   def features(params, images, **kwargs):
-    rows.append(len(images))
+    records.append(record(images, kwargs))
     return real_features(params, images, **kwargs)
 
   monkeypatch.setattr(inception, 'features', features)
-  return rows
+  return records
 
 
 def test_the_padding_of_the_last_batch_is_not_run_through_inception(
@@ -343,12 +343,7 @@ def test_the_images_features_are_cached_and_read_with_the_same_bits(
 
 def test_inception_batches_are_per_device_and_a_config_without_the_cache_field_caches(
     tmp_path, model, source, inception_params, monkeypatch):
-  sizes, real = [], inception.features
-
-  def features(params, images, **kwargs):
-    sizes.append(kwargs['batch_size'])
-    return real(params, images, **kwargs)
-  monkeypatch.setattr(inception, 'features', features)
+  sizes = _counting_inception(monkeypatch, lambda images, kwargs: kwargs['batch_size'])
   # A config saved before eval.cache_real_features existed: the cache is used.
   config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_batch_size': 1})
   del config.eval['cache_real_features']
