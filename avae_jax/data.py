@@ -876,9 +876,10 @@ def _folder_cache_stem(root: str, paths: list[str], geometry: dict[str, int]) ->
   for path in paths:
     try:
       st = os.stat(path)
-    except OSError as e:  # a broken link (a git-annex file not fetched), or deleted since
-      raise DataError(f'cannot read image {path}: {e.strerror or e}') from None
-    digest.update(f'{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+      entry = f'{st.st_size}\0{st.st_mtime_ns}'
+    except OSError:  # a broken link (a git-annex file not fetched), or deleted since:
+      entry = 'unreadable'  # the decoding names it with the folder's other bad images
+    digest.update(f'{os.path.relpath(path, root)}\0{entry}\n'.encode())
   # The name's first 64 characters: a file name has at most 255.
   folder = re.sub(r'[^A-Za-z0-9_.-]+', '_', os.path.basename(real))[:64]
   return (f'folder-{folder}-{digest.hexdigest()[:16]}-{geometry["image_size"]}px-'
