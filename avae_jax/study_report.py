@@ -1301,9 +1301,10 @@ def _settings_section(runs: Sequence[Run], settings: Any, datasets: Sequence[str
     lines += [f'<details><summary>Full trainer config of {d} / {NAMES[cfg.variant]} / seed '
               f'{cfg.seed} (config.json)</summary>', '', '```json',
               json.dumps(cfg.config, indent=1, sort_keys=True), '```', '', '</details>', '']
-  lines += ['Rerun: `python study.py --out=DIR --budget=' + str(settings.budget) + '` (add '
-            '`--seeds`, `--datasets` as above); rerunning on the same DIR skips finished runs '
-            'and resumes the others. `--report_only` rewrites this report from DIR.', '']
+  lines += [f'Rerun: `python study.py --out=DIR --budget={settings.budget} '
+            f'--seeds={settings.seeds} --datasets={",".join(datasets)}`; rerunning on the '
+            'same DIR skips finished runs and resumes the others. `--report_only` rewrites '
+            'this report from DIR.', '']
   return lines
 
 

@@ -226,6 +226,10 @@ def test_report_has_every_table(study_dir):
     assert f'--budget=test --datasets={ds}`' in first
   assert re.search(r'this report by `python study\.py --out=\S+ --budget=test '
                    r'--report_only` \(budget `test`', first), first
+  # The last line reruns the whole study: its budget, seed count and datasets.
+  assert text.rstrip().splitlines()[-1].startswith(
+      'Rerun: `python study.py --out=DIR --budget=test --seeds=1 '
+      '--datasets=shapes,fashion_mnist`; rerunning')
   # The pairing of the models' seeds, as the claims use it.
   assert "AVAE seed k is VAE seed k fine-tuned; VAE-S seed k shares VAE seed k's" in text
   # Every defect check could be made (at this budget posterior collapse fires).
