@@ -970,14 +970,14 @@ def _decode_folder(what: str, paths: list[str], geometry: dict[str, int], path: 
   def chunks(pool: concurrent.futures.Executor) -> Iterator[np.ndarray]:
     for lo in range(0, len(paths), 256):
       yield _stack_map(decode, paths[lo:lo + 256], pool)
+    if bad:  # raised here, before the writer logs a cache made
+      named = [message for _, message in sorted(bad)]
+      raise DataError(f'{what}: {len(bad)} image(s) cannot be used; replace or remove '
+                      'them: ' + '; '.join(named[:10]) + ('; ...' if len(bad) > 10 else ''))
 
   with files.removed_on_exit(files.temporary_name(path)) as tmp:
     with _thread_pool() as pool:
       _write_npy(chunks(pool), tmp, shape, len(paths), what)
-    if bad:
-      named = [message for _, message in sorted(bad)]
-      raise DataError(f'{what}: {len(bad)} image(s) cannot be used; replace or remove '
-                      'them: ' + '; '.join(named[:10]) + ('; ...' if len(bad) > 10 else ''))
     os.replace(tmp, path)
 
 

@@ -649,7 +649,7 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
       read_cache(*os.path.split(path[:-4]), 'mnist')
 
 
-def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):
+def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path, caplog):
   folder = tmp_path / 'd'
   _write_png(str(folder / 'a.png'), np.zeros((16, 16), np.uint8))
   for name in ('b.png', 'c.jpg'):
@@ -662,8 +662,13 @@ def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path):
   with pytest.raises(data.DataError, match=r'3 image\(s\) cannot be used.*cannot read image '
                      r'.*b\.png.*; cannot read image .*c\.jpg.*; cannot read image .*e\.png: '
                      r'.*No such file'):
-    data.load(_config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0))
+    with caplog.at_level(logging.INFO, logger='absl'):
+      data.load(_config(dataset=f'folder:{folder}', channels=1, eval_fraction=0.0))
   assert _folder_cache_files() == before  # nor a temporary file
+  # Nor a log line that says one was made.
+  logged = [r.getMessage() for r in caplog.records]
+  assert any('decoding 5 images once' in m for m in logged), logged
+  assert not any('decoded into the cache' in m for m in logged), logged
 
 
 # --------------------------------------------------------------------------- arrays
