@@ -192,7 +192,8 @@ def test_to_gray_mae_mse():
                              rtol=1e-5)
   np.testing.assert_allclose(losses.mse(*_f32(x, y)), ((x - y) ** 2).mean(axis=(1, 2, 3)),
                              rtol=1e-5)
-  with pytest.raises(ValueError):
+  # Matched: without the check, the luma product's own shape error is a ValueError too.
+  with pytest.raises(ValueError, match='to_gray needs 1 or 3 channels, got 2'):
     losses.to_gray(jnp.zeros((1, 4, 4, 2)))
   # Integer pixels (0..255) would be read as [0, 1] values: refused.
   with pytest.raises(ValueError, match='floating-point images in \\[0, 1\\].*uint8'):

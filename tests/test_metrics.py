@@ -223,9 +223,11 @@ def test_frechet_identical_and_near_identical_stats():
 
 
 def test_frechet_rejects_bad_input():
-  with pytest.raises(ValueError):
+  # The messages are matched: numpy's broadcasting error and LinAlgError ('SVD did not
+  # converge') are ValueErrors too, and would pass a bare pytest.raises(ValueError).
+  with pytest.raises(ValueError, match=r'inconsistent shapes: \(3,\) \(3, 3\) \(2,\)'):
     metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='statistics contain NaN or inf'):
     metrics.frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
 
 
