@@ -849,6 +849,11 @@ _FOLDER_CACHE_FORMAT = 'v1'
 _FOLDER_CACHE_HEADROOM = 1 << 30
 
 
+def _first_ten(messages: list[str]) -> str:
+  """The first ten messages joined by '; ', and '; ...' after them where there are more."""
+  return '; '.join(messages[:10]) + ('; ...' if len(messages) > 10 else '')
+
+
 def _folder_cache_dir() -> str:
   """Where folders' decoded caches go: the user's cache directory (files.user_cache_dir)."""
   return files.user_cache_dir()
@@ -973,7 +978,7 @@ def _decode_folder(what: str, paths: list[str], geometry: dict[str, int], path: 
     if bad:  # raised here, before the writer logs a cache made
       named = [message for _, message in sorted(bad)]
       raise DataError(f'{what}: {len(bad)} image(s) cannot be used; replace or remove '
-                      'them: ' + '; '.join(named[:10]) + ('; ...' if len(bad) > 10 else ''))
+                      f'them: {_first_ten(named)}')
 
   with files.removed_on_exit(files.temporary_name(path)) as tmp:
     with _thread_pool() as pool:
@@ -1111,9 +1116,14 @@ def _read_array_file(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | Non
     return _read_npz(path)
   if path.lower().endswith('.npy'):
     try:
-      return {'all': np.load(path, mmap_mode='r', allow_pickle=False)}, None
+      x = np.load(path, mmap_mode='r', allow_pickle=False)
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(f'cannot read arrays file {path}: {type(e).__name__}: {e}') from e
+    if not isinstance(x, np.ndarray):  # np.load goes by the content: a .npz renamed .npy
+      x.close()
+      raise DataError(f'{path} is a .npz archive (a zip of arrays), not a .npy array: '
+                      'rename it to .npz')
+    return {'all': x}, None
   return {'all': read_idx(path)}, None
 
 
@@ -1157,17 +1167,27 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
   factor_parts: dict[str, list[np.ndarray | None]] = {'train': [], 'eval': []}
   sources: dict[str, list[str]] = {'train': [], 'eval': []}
   scales: dict[str, float] = {}
+  # Every file is read and checked before the error: one run names all the bad ones.
+  problems: list[str] = []
   for path in paths:
-    if path not in memo:
-      memo[path] = _read_array_file(path)
-    arrays, factors = memo[path]
-    for key, x in arrays.items():
-      dest = key if key in ('train', 'eval') else (
-          'eval' if _is_eval_name(os.path.basename(path)) else 'train')
-      x, scales[dest] = _check_images(x, path)
-      parts[dest].append(x)
-      factor_parts[dest].append(factors)
-      sources[dest].append(os.path.basename(path) + ('' if key == 'all' else f'[{key}]'))
+    try:
+      if path not in memo:
+        memo[path] = _read_array_file(path)
+      arrays, factors = memo[path]
+      for key, x in arrays.items():
+        dest = key if key in ('train', 'eval') else (
+            'eval' if _is_eval_name(os.path.basename(path)) else 'train')
+        x, scales[dest] = _check_images(x, path)
+        parts[dest].append(x)
+        factor_parts[dest].append(factors)
+        sources[dest].append(os.path.basename(path) + ('' if key == 'all' else f'[{key}]'))
+    except DataError as e:
+      problems.append(str(e))
+  if len(problems) == 1:
+    raise DataError(problems[0])
+  if problems:
+    raise DataError(f'arrays:{spec}: {len(problems)} files cannot be used; fix them, or leave '
+                    f'them out with a narrower PATH (a glob): {_first_ten(problems)}')
   if not parts['train'] and not parts['eval']:
     raise DataError(f'no images in {paths}')
   if split == 'train':  # once per run: which file went where is easy to get wrong
@@ -1183,17 +1203,18 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
                       'trains on their images and eval is held out of them (eval_fraction)',
                       spec, ', '.join(sources['eval']))
 
-  def join(xs: list[np.ndarray]) -> np.ndarray:
+  def join(xs: list[np.ndarray], names: list[str]) -> np.ndarray:
     if len(xs) == 1:
       return xs[0]
     if len({(x.shape[1:], x.dtype) for x in xs}) > 1:
-      raise DataError(f'array files at {spec!r} differ in image shape or dtype: '
-                      f'{[(x.shape, str(x.dtype)) for x in xs]}')
+      # By name: which file is the odd one is what the user has to find.
+      raise DataError(f'array files at {spec!r} differ in image shape or dtype: ' + ', '.join(
+          f'{n} {x.shape} {x.dtype}' for n, x in zip(names, xs)))
     return np.concatenate(xs)
 
   both = bool(parts['eval'] and parts['train'])
   part = split if both else ('train' if parts['train'] else 'eval')
-  images = join(parts[part])
+  images = join(parts[part], sources[part])
   # Factors only come with a single dSprites file.
   factors = factor_parts[part][0] if len(factor_parts[part]) == 1 else None
   rows = None if both else _holdout_rows(

@@ -938,8 +938,29 @@ def test_arrays_errors(tmp_path):
   mixed.mkdir()
   np.save(mixed / 'train_a.npy', np.zeros((4, 8, 8), np.uint8))
   np.save(mixed / 'train_b.npy', np.zeros((4, 8, 8), np.float32))
-  with pytest.raises(data.DataError, match='differ in image shape or dtype'):
+  # Named by file: which is the odd one is what the user has to find.
+  with pytest.raises(data.DataError, match=r'differ in image shape or dtype: train_a\.npy '
+                     r'\(4, 8, 8, 1\) uint8, train_b\.npy \(4, 8, 8, 1\) float32'):
     data.load(_config(dataset=f'arrays:{mixed}', channels=1))
+
+
+def test_arrays_errors_name_every_bad_file_at_once(tmp_path):
+  # One run names them all, instead of one run per bad file.
+  np.save(tmp_path / 'a.npy', np.zeros((4, 8, 8), np.int64))
+  np.save(tmp_path / 'b.npy', np.full((4, 8, 8), 200.0, np.float32))
+  np.save(tmp_path / 'c.npy', np.zeros((4, 8, 8), np.uint8))
+  np.save(tmp_path / 'y_test.npy', np.zeros(4))
+  with pytest.raises(data.DataError, match=r'3 files cannot be used.*a\.npy: dtype int64.*'
+                     r'b\.npy: float images.*y_test\.npy: shape \(4,\)'):
+    data.load_splits(_config(dataset=f'arrays:{tmp_path}', channels=1))
+
+
+def test_arrays_npz_named_npy_is_a_data_error(tmp_path):
+  # np.load reads a zip whatever its name; it is not an array to check as images.
+  np.savez(tmp_path / 'x.npz', x=np.zeros((4, 8, 8), np.uint8))
+  os.replace(tmp_path / 'x.npz', tmp_path / 'x.npy')
+  with pytest.raises(data.DataError, match=r'x\.npy is a \.npz archive .*rename it to \.npz'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1))
 
 
 def test_arrays_of_bools_and_other_names_and_globs(tmp_path):
