@@ -1060,10 +1060,17 @@ def _array_files(spec: str) -> list[str]:
   else:
     raise DataError(f'arrays path {spec!r} does not exist (dataset=arrays:PATH with PATH a '
                     '.npy/.npz/idx/idx.gz file, a directory of them, or a glob)')
-  paths = [f for f in paths if _is_array_file(os.path.basename(f))
-           and not re.search(r'(?<!un)label', os.path.basename(f).lower())]
+  arrays = [f for f in paths if _is_array_file(os.path.basename(f))]
+  paths = [f for f in arrays if not re.search(r'(?<!un)label', os.path.basename(f).lower())]
   if not paths:
-    raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}')
+    # What was there instead, as the user may not expect either rule.
+    labels = ', '.join(os.path.basename(f) for f in arrays)
+    subdirs = os.path.isdir(spec) and any(
+        os.path.isdir(os.path.join(spec, f)) for f in os.listdir(spec))
+    raise DataError(f'no array files (.npy, .npz, *.idx, *-idx3-ubyte[.gz]) at {spec!r}'
+                    + (f'; files named as labels are skipped: {labels}' if labels else '')
+                    + ('; subdirectories are not searched: name one, or a glob'
+                       if subdirs else ''))
   # An idx.gz beside its unpacked copy (gunzip -k) holds the same images: read once,
   # not concatenated into a split with every image twice.
   packed = [f for f in paths if f.lower().endswith('.gz') and f[:-3] in paths]

@@ -926,7 +926,14 @@ def test_arrays_errors(tmp_path):
   with pytest.raises(data.DataError, match='truncated'):
     data.load(_config(dataset=f'arrays:{tmp_path / "short.idx"}'))
   (tmp_path / 'emptydir').mkdir()
-  with pytest.raises(data.DataError, match='no array files'):
+  with pytest.raises(data.DataError, match=r"no array files \(.*\) at '[^']*emptydir'$"):
+    data.load(_config(dataset=f'arrays:{tmp_path / "emptydir"}'))
+  # A directory of labels alone, or of subdirectories: the message says what it skipped.
+  (tmp_path / 'emptydir' / 'sub').mkdir()
+  np.save(tmp_path / 'emptydir' / 'sub' / 'x.npy', np.zeros((4, 8, 8), np.uint8))
+  (tmp_path / 'emptydir' / 'train-labels-idx1-ubyte').write_bytes(b'')
+  with pytest.raises(data.DataError, match=r"emptydir'; files named as labels are skipped: "
+                     r'train-labels-idx1-ubyte; subdirectories are not searched: name one'):
     data.load(_config(dataset=f'arrays:{tmp_path / "emptydir"}'))
   # Several arrays none of which is named as images: no guess.
   np.savez(tmp_path / 'unnamed.npz', a=np.zeros((4, 8, 8), np.uint8),
