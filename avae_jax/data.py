@@ -1125,7 +1125,14 @@ def _read_array_file(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | Non
     try:
       x = np.load(path, mmap_mode='r', allow_pickle=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f'cannot read arrays file {path}: {type(e).__name__}: {e}') from e
+      reason = f'{type(e).__name__}: {e}'
+      if isinstance(e, ValueError):
+        with open(path, 'rb') as f:
+          if f.read(6) != b'\x93NUMPY':
+            # numpy takes any other content for a pickle, and its advice (allow_pickle)
+            # is not the user's to take.
+            reason = 'not a .npy array (it lacks the .npy header)'
+      raise DataError(f'cannot read arrays file {path}: {reason}') from e
     if not isinstance(x, np.ndarray):  # np.load goes by the content: a .npz renamed .npy
       x.close()
       raise DataError(f'{path} is a .npz archive (a zip of arrays), not a .npy array: '

@@ -962,12 +962,17 @@ def test_arrays_errors_name_every_bad_file_at_once(tmp_path):
     data.load_splits(_config(dataset=f'arrays:{tmp_path}', channels=1))
 
 
-def test_arrays_npz_named_npy_is_a_data_error(tmp_path):
+def test_arrays_npz_or_text_named_npy_is_a_data_error(tmp_path):
   # np.load reads a zip whatever its name; it is not an array to check as images.
   np.savez(tmp_path / 'x.npz', x=np.zeros((4, 8, 8), np.uint8))
   os.replace(tmp_path / 'x.npz', tmp_path / 'x.npy')
   with pytest.raises(data.DataError, match=r'x\.npy is a \.npz archive .*rename it to \.npz'):
     data.load(_config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1))
+  # Any other content is a pickle to np.load, refused with advice the user cannot take.
+  (tmp_path / 't.npy').write_text('0 1 2\n')
+  with pytest.raises(data.DataError, match=r't\.npy: not a \.npy array \(it lacks the \.npy '
+                     r'header\)$'):
+    data.load(_config(dataset=f'arrays:{tmp_path / "t.npy"}', channels=1))
 
 
 def test_arrays_of_bools_and_other_names_and_globs(tmp_path):
