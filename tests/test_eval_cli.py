@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from avae_jax import evaluation
 from configs import default
 from tests import processes
 from tests import test_api
@@ -49,7 +48,8 @@ def test_eval_writes_metrics_table_and_figures(tmp_path, workdir):
   assert results['num_images'] == test_api.TINY['eval.num_images']
   assert results['fid_skipped'] == 'config.eval.fid is False'
   assert 'mig' in results and 'rec_mse' in results and 'sample_sharpness_mean' in results
-  for name in evaluation.FIGURES:
+  # The four figures named here: evaluation.FIGURES is the code under test's own list.
+  for name in ('reconstructions', 'samples', 'interpolations', 'traversals'):
     assert (out / f'{name}.png').stat().st_size > 0
   assert '| Metric | Ground Truth | VAE |' in (out / 'table.md').read_text()
   assert 'eval: restored step 1' in proc.stdout
