@@ -509,11 +509,14 @@ def test_npz_round_trip_cli_and_shape_check(random_params, tmp_path):
   broken = dict(flat_a)
   broken['Mixed_6a/branch3x3/kernel'] = broken['Mixed_6a/branch3x3/kernel'][:, :, :10]
   np.savez(str(tmp_path / 'broken.npz'), **broken)
-  with pytest.raises(ValueError, match='wrong shape'):
+  # Every mismatch message holds the words 'missing' and 'wrong shape': the key is matched.
+  with pytest.raises(ValueError, match=r"missing \[\], unexpected \[\], wrong shape "
+                     r"\[\('Mixed_6a/branch3x3/kernel', \(3, 3, 10, 384\), \(3, 3, 288, 384\)\)\]"):
     inception.load_params(str(tmp_path / 'broken.npz'))
   del broken['Mixed_6a/branch3x3/kernel']
   np.savez(str(tmp_path / 'missing.npz'), **broken)
-  with pytest.raises(ValueError, match='missing'):
+  with pytest.raises(ValueError, match=r"missing \['Mixed_6a/branch3x3/kernel'\], "
+                     r'unexpected \[\], wrong shape \[\]$'):
     inception.load_params(str(tmp_path / 'missing.npz'))
 
 

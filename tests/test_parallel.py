@@ -158,7 +158,9 @@ def test_a_batch_not_shaped_one_row_per_device_is_an_error(method):
   _, vae_state, _, x = setup()
   devs = jax.devices()[:4]
   fns = parallel.make_steps(step_config('pretrain'), devs, method)
-  with pytest.raises(ValueError):
+  # pmap's own refusal is a ValueError too: the message is the module's.
+  with pytest.raises(ValueError, match=r'batch of shape \(8, 1, .*\): the leading axis must '
+                     r'be the number of devices \(4\)'):
     fns.pretrain(parallel.replicate(vae_state, devs), x.reshape((8, 1) + x.shape[1:]),
                  jax.random.key(7))
 
