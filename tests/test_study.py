@@ -1051,11 +1051,13 @@ def test_checks_of_runs_not_finished_are_reported_as_not_made():
 
 
 def test_budgets_are_identical_across_models():
-  for budget in study_config.BUDGETS:
+  # The budgets, datasets and models as written, not configs/study.py's own lists: a
+  # budget dropped from BUDGETS would pass here (and study.py --budget=accelerator fail).
+  for budget in ('cpu', 'accelerator', 'test'):
     s = study_config.get_config(budget)
-    for ds in study_config.DATASETS:
+    for ds in ('shapes', 'fashion_mnist'):
       cfgs = [study_config.run_config(s, ds, v, 1, {'mse': 1.0, 'mae': 2.0})
-              for v in study_config.VARIANTS]
+              for v in ('vae', 'avae', 'vae_s', 'avae_s')]
       flat = [c.to_dict() for c in cfgs]
       for f in flat:
         f.pop('variant')
