@@ -197,6 +197,9 @@ class TrainedModel:
     self.devices = list(jax.local_devices() if devices is None else devices)
     if not self.devices:
       raise ValueError('devices must name at least one device (None: the local devices)')
+    if len(set(self.devices)) != len(self.devices):
+      # A mesh accepts it, but a batch split over it fails later, deep in jax's device_put.
+      raise ValueError(f'devices names a device more than once: {self.devices}')
     mesh = Mesh(np.asarray(self.devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._split = NamedSharding(mesh, PartitionSpec('batch'))
@@ -319,6 +322,11 @@ class TrainedModel:
     # As _images takes them: PIL images and nested lists become arrays before indexing.
     x = x if isinstance(x, jax.Array) else np.asarray(x)
     single = x.ndim == 3
+    if single and tuple(x.shape) != self.image_shape:
+      # Checked here: _images would name the shape with the batch axis added to it.
+      raise ValueError(f'{what} must be one image ({", ".join(map(str, self.image_shape))}) '
+                       f'or a batch (B, {", ".join(map(str, self.image_shape))}) of images '
+                       f'in [0, 1] for this model; got shape {tuple(x.shape)}')
     return self._images(x[None] if single else x, what), single
 
   # ------------------------------------------------------------------------- public

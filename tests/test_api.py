@@ -351,10 +351,20 @@ def test_a_workdir_under_home_may_be_named_with_a_tilde(workdir, monkeypatch):
   assert api.read_config(name).to_dict() == api.read_config(workdir).to_dict()
 
 
-def test_an_empty_device_list_is_refused(workdir):
+def test_an_empty_or_repeated_device_list_is_refused(workdir):
   # It failed inside jax's Mesh with an IndexError.
   with pytest.raises(ValueError, match='devices must name at least one device'):
     api.TrainedModel.load(workdir, devices=[])
+  # It loaded, then a batch split over the list failed in jax's device_put (safe_zip).
+  with pytest.raises(ValueError, match='names a device more than once'):
+    api.TrainedModel.load(workdir, devices=[jax.devices()[0]] * 2)
+
+
+def test_a_single_image_of_another_shape_is_named_with_its_own_shape(model, images):
+  # It said "got shape (1, 16, 16, 1)": the batch axis the method adds, not the caller's.
+  for f in (lambda x: model.interpolate(images[0], x, 3), lambda x: model.traverse(x, 0, 1.0)):
+    with pytest.raises(ValueError, match=r'got shape \(16, 16, 1\)'):
+      f(images[0][..., :1])
 
 
 def test_from_state(images):
