@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -349,6 +350,14 @@ def test_a_workdir_under_home_may_be_named_with_a_tilde(workdir, monkeypatch):
   name = '~/' + os.path.basename(workdir)
   assert api.TrainedModel.load(name).step == api.TrainedModel.load(workdir).step
   assert api.read_config(name).to_dict() == api.read_config(workdir).to_dict()
+
+
+def test_a_file_given_as_the_workdir_is_named(workdir):
+  # It said "no checkpoint in WORKDIR/config.json/checkpoints", and read_config None.
+  path = os.path.join(workdir, 'config.json')
+  for f in (api.TrainedModel.load, api.read_config):
+    with pytest.raises(api.WorkdirError, match=f'^{re.escape(path)} is a file, not a workdir'):
+      f(path)
 
 
 def test_an_empty_or_repeated_device_list_is_refused(workdir):
