@@ -59,8 +59,7 @@ def _refuse_a_file(workdir: str) -> None:
   """Raises WorkdirError where WORKDIR is a file (its config.json, say), not a directory."""
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
-    raise WorkdirError(f'{workdir} is a file, not a workdir (the --workdir of a train.py '
-                       'run)')
+    raise WorkdirError(f'{workdir} is a file, not a workdir (the --workdir of a train.py run)')
 
 
 def require_checkpoint(workdir: str) -> None:
@@ -334,9 +333,9 @@ class TrainedModel:
     single = x.ndim == 3
     if single and tuple(x.shape) != self.image_shape:
       # Checked here: _images would name the shape with the batch axis added to it.
-      raise ValueError(f'{what} must be one image ({", ".join(map(str, self.image_shape))}) '
-                       f'or a batch (B, {", ".join(map(str, self.image_shape))}) of images '
-                       f'in [0, 1] for this model; got shape {tuple(x.shape)}')
+      hwc = ', '.join(map(str, self.image_shape))
+      raise ValueError(f'{what} must be one image ({hwc}) or a batch (B, {hwc}) of images in '
+                       f'[0, 1] for this model; got shape {tuple(x.shape)}')
     return self._images(x[None] if single else x, what), single
 
   # ------------------------------------------------------------------------- public
