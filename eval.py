@@ -96,10 +96,8 @@ def main(argv: list[str]) -> None:
   summary.quiet_library_logs()
   if not files.exists(workdir):
     sys.exit(f'eval.py: error: {workdir} does not exist (the --workdir of a train.py run)')
-  if not files.is_remote(workdir) and not os.path.isdir(workdir):
-    sys.exit(f'eval.py: error: {workdir} is a file, not a directory (the --workdir of a '
-             'train.py run)')
   try:
+    api.refuse_a_file(workdir)
     # Ctrl-C ends the evaluation at once (a KeyboardInterrupt can be lost, see
     # distributed.exit_on_interrupt).
     with distributed.exit_on_interrupt('eval.py: interrupted by Ctrl-C'):

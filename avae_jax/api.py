@@ -55,16 +55,17 @@ class IncompatibleCheckpointError(WorkdirError):
   """The checkpoint was written by another model (variant, image size, widths, ...)."""
 
 
-def _refuse_a_file(workdir: str) -> None:
+def refuse_a_file(workdir: str) -> None:
   """Raises WorkdirError where WORKDIR is a file (its config.json, say), not a directory."""
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
-    raise WorkdirError(f'{workdir} is a file, not a workdir (the --workdir of a train.py run)')
+    raise WorkdirError(f'{workdir} is a file, not a directory '
+                       '(the --workdir of a train.py run)')
 
 
 def require_checkpoint(workdir: str) -> None:
   """Raises NoCheckpointError, saying what is wrong, where WORKDIR/checkpoints has none."""
-  _refuse_a_file(workdir)
+  refuse_a_file(workdir)
   ckpt_dir = epath.Path(workdir) / config_lib.CHECKPOINT_DIR
   if ckpt_dir.exists() and not ckpt_dir.is_dir():
     raise NoCheckpointError(f'no checkpoint in {workdir}: {ckpt_dir} is a file, not the '
@@ -81,7 +82,7 @@ def read_config(workdir: str, fill_defaults: bool = False) -> ml_collections.Con
   With fill_defaults, fields the file lacks (a workdir of an older version, written
   before they existed) get configs/default.py's values, with a warning naming them.
   """
-  _refuse_a_file(os.path.expanduser(workdir))
+  refuse_a_file(os.path.expanduser(workdir))
   path = os.path.join(os.path.expanduser(workdir), CONFIG_FILE)
   if not files.exists(path):
     return None

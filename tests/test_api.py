@@ -356,7 +356,8 @@ def test_a_file_given_as_the_workdir_is_named(workdir):
   # It said "no checkpoint in WORKDIR/config.json/checkpoints", and read_config None.
   path = os.path.join(workdir, 'config.json')
   for f in (api.TrainedModel.load, api.read_config):
-    with pytest.raises(api.WorkdirError, match=f'^{re.escape(path)} is a file, not a workdir'):
+    with pytest.raises(api.WorkdirError,
+                       match=f'^{re.escape(path)} is a file, not a directory \\(the --workdir'):
       f(path)
 
 
