@@ -943,14 +943,10 @@ def test_the_largest_float32_is_a_valid_traversal_range():
 ])
 def test_validate_rejects_a_zero_wavelength_and_bools_for_whole_numbers(field, value, pattern):
   """A wavelength of 0 (a division by zero in the bank) and True as a count are refused."""
-  c = default.get_config().to_dict()
-  *parents, leaf = field.split('.')
-  node = c
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  c = default.get_config()
+  set_path(c, field, value)
   with pytest.raises(config_lib.ConfigError, match=pattern):
-    config_lib.validate(ml_collections.ConfigDict(c), num_devices=1)
+    config_lib.validate(c, num_devices=1)
 
 
 def test_differences_name_fields_nested_deeper_and_ignore_list_or_tuple():
