@@ -23,6 +23,7 @@ from avae_jax import parallel
 from avae_jax import steps
 from avae_jax import trainer
 from configs import default
+from tests import test_config
 
 # The tiny model every evaluation test uses, as config overrides (also passed to eval.py).
 TINY = {
@@ -52,11 +53,7 @@ def tiny_config(**changes):
   """The default config with TINY (and `changes`, dotted names) applied."""
   config = default.get_config()
   for name, value in {**TINY, **changes}.items():
-    node = config
-    *parents, leaf = name.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    test_config.set_path(config, name, value)
   return config
 
 
