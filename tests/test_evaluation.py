@@ -264,17 +264,25 @@ def test_samples_figure_shows_grid_squared_samples_of_the_evaluation_key(evaluat
     np.testing.assert_allclose(_tile(grid, row, col), expected[k], atol=1)
 
 
+def _record_calls(monkeypatch, module, name, record):
+  """Replaces module.NAME with a wrapper that lists record(*args, **kwargs) of its calls."""
+  records = []
+  real = getattr(module, name)
+
+  def wrapper(*args, **kwargs):
+    records.append(record(*args, **kwargs))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, wrapper)
+  return records
+
+
 def test_each_fid_compares_n_real_images_with_n_reconstructions_or_samples(
     tmp_path, model, source, inception_params, monkeypatch):
   """Every Frechet distance gets the features of exactly N images on each side: the padding
   of the last batch (8 - N rows) goes into none of the three feature sets."""
-  shapes = []
-  real_distance = metrics.frechet_distance_of_features
-
-  def distance(f1, f2):
-    shapes.append((np.shape(f1), np.shape(f2)))
-    return real_distance(f1, f2)
-  monkeypatch.setattr(metrics, 'frechet_distance_of_features', distance)
+  shapes = _record_calls(monkeypatch, metrics, 'frechet_distance_of_features',
+                         lambda f1, f2: (np.shape(f1), np.shape(f2)))
   config = test_api.tiny_config(**{'eval.fid': True, 'eval.cache_real_features': False})
   evaluation.evaluate(config, model, source, out_dir=str(tmp_path), devices=jax.devices(),
                       inception_params=inception_params)
@@ -284,15 +292,8 @@ def test_each_fid_compares_n_real_images_with_n_reconstructions_or_samples(
 
 def _counting_inception(monkeypatch, record=lambda images, kwargs: len(images)):
   """Replaces inception.features with one that lists record(images, kwargs) of its calls."""
-  records = []
-  real_features = inception.features
-
-  def features(params, images, **kwargs):
-    records.append(record(images, kwargs))
-    return real_features(params, images, **kwargs)
-
-  monkeypatch.setattr(inception, 'features', features)
-  return records
+  return _record_calls(monkeypatch, inception, 'features',
+                       lambda params, images, **kwargs: record(images, kwargs))
 
 
 def test_the_padding_of_the_last_batch_is_not_run_through_inception(
