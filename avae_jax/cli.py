@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import errno
 import os
 import re
 import sys
@@ -343,12 +344,13 @@ def one_line_usage_errors(main: Any, program: str, then: str | None = None) -> A
 
 
 def exit_if_file_error(error: BaseException, program: str, then: str) -> None:
-  """Exits with one line where `error`'s chain reports a full disk or a refused file.
+  """Exits with one line where `error`'s chain reports a full disk, a refused or blocked file.
 
   A full disk fails the write in progress and then every clean-up that writes: a chain of
   tracebacks that says less than the first failure's message (files.out_of_space). A file
-  refused (no permission, immutable, a read-only file system) is named (files.denied).
-  `then`: what to do after freeing space or making the file accessible.
+  refused (no permission, immutable, a read-only file system) is named (files.denied), and
+  so is a directory where a file goes or the reverse (files.in_the_way).
+  `then`: what to do after freeing space, making the file accessible or moving it aside.
   """
   full = files.out_of_space(error)
   if full is not None:
@@ -356,6 +358,19 @@ def exit_if_file_error(error: BaseException, program: str, then: str) -> None:
   refused = files.denied(error)
   if refused is not None:
     sys.exit(f'{program}: error: {refused}; make it accessible and {then}')
+  blocked = files.in_the_way(error)
+  if blocked is not None:
+    path = os.fspath(blocked.filename)
+    if blocked.errno == errno.EISDIR:
+      sys.exit(f'{program}: error: {path} is a directory, where a file goes; move it aside '
+               f'and {then}')
+    # ENOTDIR names the path that was opened, EEXIST the directory that was to be made:
+    # what is in the way is that path or a file above it.
+    in_way = path
+    while in_way != os.path.dirname(in_way) and not os.path.isfile(in_way):
+      in_way = os.path.dirname(in_way)
+    where = f'{in_way} is a file' if os.path.isfile(in_way) else f'a file on the path {path} is'
+    sys.exit(f'{program}: error: {where} where a directory goes; move it aside and {then}')
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:

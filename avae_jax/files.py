@@ -109,6 +109,17 @@ def denied(error: BaseException) -> OSError | None:
                     and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS))
 
 
+def in_the_way(error: BaseException) -> OSError | None:
+  """The first exception of `error`'s chain that found a directory or a file in the way, or None.
+
+  A directory at a file's path (EISDIR), a file where a path needs a directory (ENOTDIR),
+  or where a directory was to be made (EEXIST): raised with the path that was to be opened
+  or made.
+  """
+  return _innermost(error, lambda e: isinstance(e, OSError) and e.filename is not None
+                    and e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST))
+
+
 def _before(error: BaseException) -> BaseException | None:
   """The exception `error` was raised from or while handling, as a traceback shows it."""
   if error.__cause__ is not None or error.__suppress_context__:

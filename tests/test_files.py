@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 
 from avae_jax import api
+from avae_jax import cli
 from avae_jax import files
 from avae_jax import visualize
 from tests import processes
@@ -452,6 +453,40 @@ def test_denied_finds_the_first_refused_file_in_a_chain():
   # Without a file it is not a file's (a signal sent to another user's process, say).
   assert files.denied(_chained(PermissionError(errno.EPERM, 'not permitted'), _closed())) is None
   assert files.denied(_chained(_enospc(), _closed())) is None
+
+
+def _raised(fn, *args):
+  """The OSError that fn(*args) raises (a real one, with the system's errno and name)."""
+  with pytest.raises(OSError) as info:
+    fn(*args)
+  return info.value
+
+
+def test_in_the_way_finds_a_directory_or_file_where_the_other_goes(tmp_path):
+  (tmp_path / 'images').write_text('x')
+  (tmp_path / 'metrics.json').mkdir()
+  cases = [  # (the error, what exit_if_file_error says of it)
+      (_raised(open, tmp_path / 'metrics.json', 'w'),
+       f'{tmp_path / "metrics.json"} is a directory, where a file goes; move it aside and '
+       'run it again'),
+      (_raised(open, tmp_path / 'images' / 'step_1.png', 'w'),
+       f'{tmp_path / "images"} is a file where a directory goes; move it aside and run it '
+       'again'),
+      (_raised(os.makedirs, tmp_path / 'images', 0o777, True),
+       f'{tmp_path / "images"} is a file where a directory goes; move it aside and run it '
+       'again'),
+  ]
+  assert [e.errno for e, _ in cases] == [errno.EISDIR, errno.ENOTDIR, errno.EEXIST]
+  for error, message in cases:
+    chain = _chained(error, _closed())
+    assert files.in_the_way(chain) is error
+    with pytest.raises(SystemExit) as info:
+      cli.exit_if_file_error(chain, 'eval.py', 'run it again')
+    assert str(info.value.code) == f'eval.py: error: {message}'
+  # Without a file it names nothing; other errors are not its.
+  assert files.in_the_way(OSError(errno.EISDIR, 'Is a directory')) is None
+  assert files.in_the_way(_chained(_enospc(), _closed())) is None
+  cli.exit_if_file_error(_closed(), 'eval.py', 'run it again')  # returns: not a file error
 
 
 def test_an_error_raised_from_none_hides_what_it_replaced():
