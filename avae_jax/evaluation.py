@@ -136,12 +136,14 @@ class _Progress:
     print(line, flush=True)
 
 
-def missing_fid_weights(config: ml_collections.ConfigDict) -> str | None:
-  """The FID weights file the evaluation would read, if FID is on and the file is missing."""
+def fid_weights_problem(config: ml_collections.ConfigDict) -> str | None:
+  """Why the evaluation would find no FID weights file (inception.weights_problem), or None.
+
+  None too where FID is off.
+  """
   if not bool(config.eval.fid):
     return None
-  path = inception.weights_path(_weights_setting(config))
-  return None if os.path.exists(path) else path
+  return inception.weights_problem(_weights_setting(config))
 
 
 def _weights_setting(config: ml_collections.ConfigDict) -> str | None:
@@ -161,7 +163,7 @@ def _inception_params(config: ml_collections.ConfigDict, override: Any,
     # A finished training run must not lose its evaluation over missing weights.
     try:
       params = inception.load_params(setting)
-    except FileNotFoundError as e:  # its message names the file and how to get it
+    except (FileNotFoundError, IsADirectoryError) as e:  # its message says what to do
       return None, str(e)
     except (OSError, ValueError) as e:
       return None, (f'FID Inception weights unavailable: {e}\n'

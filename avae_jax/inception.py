@@ -719,12 +719,24 @@ def weights_path(path: str | None = None) -> str:
   return default_path() if path is None else os.path.expanduser(path)
 
 
+def weights_problem(path: str | None = None) -> str | None:
+  """Why load_params(path) finds no weights file (none there, a directory), with the fix."""
+  path = weights_path(path)
+  if not os.path.exists(path):
+    return f'FID Inception weights not found: {path}\n{how_to_get_weights(path)}'
+  if os.path.isdir(path):  # the advice for a missing file would convert onto the directory
+    return (f'FID Inception weights: {path} is a directory; name the weights file, e.g. '
+            f'{os.path.join(path, NPZ_NAME)}, which `python -m avae_jax.inception fetch '
+            f'--cache {path}` writes')
+  return None
+
+
 def load_params(path: str | None = None) -> dict[str, Any]:
   """Loads FID Inception params from .npz, pytorch-fid .pth or TorchScript default_1.pt."""
   path = weights_path(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'FID Inception weights not found: {path}\n'
-                            f'{how_to_get_weights(path)}')
+  problem = weights_problem(path)
+  if problem is not None:
+    raise (IsADirectoryError if os.path.isdir(path) else FileNotFoundError)(problem)
   if path.endswith('.npz') or _is_npz_archive(path):
     return _load_npz(path)
   obj = load_torch_file(path)

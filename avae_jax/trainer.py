@@ -31,7 +31,6 @@ from avae_jax import config_lib
 from avae_jax import data
 from avae_jax import evaluation
 from avae_jax import files
-from avae_jax import inception
 from avae_jax import losses
 from avae_jax import parallel
 from avae_jax import prefetch
@@ -459,12 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.expanduser(workdir)  # '~/runs/a', as train.py's --workdir
   run = prepare_run(config)
   is_main = jax.process_index() == 0
-  missing_fid_path = evaluation.missing_fid_weights(config)
-  if is_main and missing_fid_path:  # said now, not after the calibration and days of training
-    print(f'warning: the FID Inception weights are not at {missing_fid_path}: the final '
-          'evaluation will skip FID (eval.py can add it later)\n'
-          + inception.how_to_get_weights(missing_fid_path),
-          file=sys.stderr, flush=True)
+  fid_problem = evaluation.fid_weights_problem(config)
+  if is_main and fid_problem:  # said now, not after the calibration and days of training
+    print('warning: the final evaluation will skip FID (eval.py can add it later): '
+          + fid_problem, file=sys.stderr, flush=True)
   problem = files.output_dir_problem(workdir, 'the workdir')
   if problem:
     raise config_lib.ConfigError(problem)

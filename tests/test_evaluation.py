@@ -613,6 +613,11 @@ def test_table_is_laid_out_like_table_iii(evaluated):
     ({'eval.inception_weights': '/nonexistent/inception_fid.npz'},
      'python -m avae_jax.inception fetch'),
     ({'eval.fid': False}, 'config.eval.fid is False'),
+    # A directory: not the advice for a missing file, which would convert onto it.
+    ({'eval.inception_weights': os.sep},
+     f'FID Inception weights: {os.sep} is a directory; name the weights file, e.g. '
+     f'{os.sep}inception_fid.npz, which `python -m avae_jax.inception fetch --cache {os.sep}` '
+     'writes'),
 ])
 def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason, capsys):
   config = test_api.tiny_config(**{'eval.fid': True, **change})
@@ -621,7 +626,9 @@ def test_fid_is_skipped_with_the_reason(tmp_path, model, source, change, reason,
                                 devices=jax.devices(), writer=writer)
   writer.close()
   assert reason in results['fid_skipped']
-  if change.get('eval.inception_weights'):  # said once
+  if change.get('eval.inception_weights') == os.sep:
+    assert results['fid_skipped'] == reason
+  elif change.get('eval.inception_weights'):  # said once
     assert results['fid_skipped'].startswith(
         'FID Inception weights not found: /nonexistent/inception_fid.npz\n')
   # The stages that run are announced; no FID stage, and no Inception network to compile.
@@ -720,22 +727,25 @@ def test_fid_weights_in_the_cache_are_read_with_the_default_empty_setting(
   path = tmp_path / 'cache' / 'inception_fid.npz'
   inception.save_npz(inception_params, str(path))
   config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': ''})
-  assert evaluation.missing_fid_weights(config) is None
+  assert evaluation.fid_weights_problem(config) is None
   results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
                                 devices=jax.devices())
   assert 'fid_skipped' not in results and FID_KEYS <= set(results)
   for k in sorted(FID_KEYS):  # the same weights as the module's evaluation was given
     np.testing.assert_allclose(results[k], evaluated[0][k], rtol=1e-4)
   path.unlink()
-  assert evaluation.missing_fid_weights(config) == str(path)
+  assert evaluation.fid_weights_problem(config).startswith(
+      f'FID Inception weights not found: {path}\n')
 
 
-def test_missing_fid_weights_is_none_when_fid_is_off(tmp_path):
+def test_missing_fid_weights_are_no_problem_when_fid_is_off(tmp_path):
   weights = str(tmp_path / 'nonexistent' / 'inception_fid.npz')
   config = test_api.tiny_config(**{'eval.fid': False, 'eval.inception_weights': weights})
-  assert evaluation.missing_fid_weights(config) is None
+  assert evaluation.fid_weights_problem(config) is None
   config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': weights})
-  assert evaluation.missing_fid_weights(config) == weights
+  assert evaluation.fid_weights_problem(config) == inception.weights_problem(weights)
+  assert inception.weights_problem(weights).startswith(
+      f'FID Inception weights not found: {weights}\nWrite them there with\n')
 
 
 def test_a_damaged_weights_file_skips_fid_with_the_reason(tmp_path, model, source, capsys):
@@ -743,7 +753,7 @@ def test_a_damaged_weights_file_skips_fid_with_the_reason(tmp_path, model, sourc
   weights = tmp_path / 'inception_fid.npz'
   weights.write_bytes(b'not a zip archive')
   config = test_api.tiny_config(**{'eval.fid': True, 'eval.inception_weights': str(weights)})
-  assert evaluation.missing_fid_weights(config) is None  # there, only unreadable
+  assert evaluation.fid_weights_problem(config) is None  # there, only unreadable
   results = evaluation.evaluate(config, model, source, out_dir=str(tmp_path / 'eval'),
                                 devices=jax.devices())
   assert results['fid_skipped'].startswith('FID Inception weights unavailable: ')

@@ -286,6 +286,13 @@ def test_missing_weights_message(tmp_path, monkeypatch):
   assert str(e.value).startswith(
       f'FID Inception weights not found: {tmp_path / "cache" / inception.NPZ_NAME}\n'
       'Get the FID Inception weights with\n  python -m avae_jax.inception fetch [--cache DIR]\n')
+  # A directory: the file to name in it (the advice above would convert onto it).
+  with pytest.raises(IsADirectoryError) as e:
+    inception.load_params(str(tmp_path))
+  assert str(e.value) == (
+      f'FID Inception weights: {tmp_path} is a directory; name the weights file, e.g. '
+      f'{tmp_path / inception.NPZ_NAME}, which `python -m avae_jax.inception fetch --cache '
+      f'{tmp_path}` writes')
 
 
 @pytest.mark.parametrize('name, content, message', [

@@ -557,10 +557,17 @@ def test_missing_fid_weights_are_warned_about_before_training(reference, tmp_pat
   train(dict(BASE, **{'eval.fid': True, 'eval.inception_weights': str(missing)}),
         tmp_path / 'w')
   # How to write that file (`inception fetch` writes the cache's, which is not read).
-  assert (f'warning: the FID Inception weights are not at {missing}: the final evaluation '
-          'will skip FID (eval.py can add it later)\nWrite them there with\n'
+  assert ('warning: the final evaluation will skip FID (eval.py can add it later): FID '
+          f'Inception weights not found: {missing}\nWrite them there with\n'
           f'  python -m avae_jax.inception convert SRC {missing}\n'
           in capsys.readouterr().err)
+  # A directory named instead of the file: said too, with the file's name in it.
+  train(dict(BASE, **{'eval.fid': True, 'eval.inception_weights': str(tmp_path)}),
+        tmp_path / 'w')
+  assert ('warning: the final evaluation will skip FID (eval.py can add it later): FID '
+          f'Inception weights: {tmp_path} is a directory; name the weights file, e.g. '
+          f'{tmp_path / "inception_fid.npz"}, which `python -m avae_jax.inception fetch '
+          f'--cache {tmp_path}` writes\n' in capsys.readouterr().err)
 
 
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
