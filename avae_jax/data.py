@@ -1235,6 +1235,10 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
       len(images), split, _eval_fraction(config), f'arrays:{spec}',
       shuffled=factors is not None)
   geometry = _geometry(config)
+  try:  # now, naming the files, rather than at the first batch
+    crop_box(images.shape[1], images.shape[2], geometry['crop_size'])
+  except DataError as e:
+    raise DataError(f'arrays:{spec} ({", ".join(sources[part])}): {e}') from None
   transform = None
   if images.shape[1:] != _image_shape(geometry) or geometry['crop_size']:
     transform = lambda x: _preprocess_many(list(x), None, scale=1.0, **geometry)

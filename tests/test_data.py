@@ -726,6 +726,13 @@ def test_arrays_of_the_image_size_are_still_cropped(tmp_path):
   cfg = _config(dataset=f'arrays:{tmp_path / "x.npy"}', channels=1, crop_size=8,
                 eval_fraction=0.0)
   _close(data.load(cfg, 'train').get([0, 1]), np.full((2, 16, 16, 1), 200 / 255, np.float32))
+  # One larger than the images: said at load, naming the file (it named none).
+  cfg.crop_size = 17
+  with pytest.raises(data.DataError) as info:
+    data.load(cfg, 'train')
+  assert str(info.value) == (f'arrays:{tmp_path / "x.npy"} (x.npy): crop_size 17 is larger '
+                             'than the image (16x16); choose crop_size <= the shorter side, '
+                             'or 0 for the largest square')
 
 
 def test_npz_keys_of_one_split_are_joined_in_name_order(tmp_path):
