@@ -355,6 +355,17 @@ class _DropMessage(std_logging.Filter):
     return not record.getMessage().startswith(self._prefix)
 
 
+class _DropMissingMetadataNotes(_DropMessage):
+  """Drops orbax's warning, from each of its reader threads, that a step has no metadata.
+
+  Such a step (an empty folder, one copied in part) is reported once, as unreadable, by
+  restore, which passes over it; one that reads without the file needs no note.
+  """
+
+  def __init__(self):
+    super().__init__('Metadata file does not exist')
+
+
 class Checkpointer:
   """Saves and restores (state, meta) by step in one directory, keeping the last `keep`."""
 
@@ -393,6 +404,7 @@ class Checkpointer:
         # Read-only: 0, as orbax would set it itself (with a warning).
         save_interval_steps=0 if read_only else 1,
     )
+    _add_filter_once(logging.get_absl_logger(), _DropMissingMetadataNotes)  # opening reads
     # orbax warns on every read-only open; for an evaluator that is the intent, not news.
     read_only_notice = _DropMessage('Given directory is read only')
     logging.get_absl_logger().addFilter(read_only_notice)

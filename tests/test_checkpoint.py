@@ -251,6 +251,9 @@ def _corrupt(step_dir: pathlib.Path, how: str) -> None:
     for p in sorted((step_dir / 'manifest').rglob('*'), reverse=True):
       p.unlink() if p.is_file() else p.rmdir()
     (step_dir / 'manifest').rmdir()
+  elif how == 'empty':  # the folder alone, as a copy cut short at its start leaves it
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
   else:
     raise ValueError(how)
 
@@ -262,7 +265,7 @@ def big_state(step: int) -> dict:
 
 
 @pytest.mark.parametrize('how', ['flip', 'truncate', 'delete', 'meta', 'meta_digit',
-                                 'manifest', 'manifest_digit'])
+                                 'manifest', 'manifest_digit', 'empty'])
 def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
   directory = tmp_path / 'ckpt'
   # Three: the fallback is the step before the damaged one, not the oldest.
@@ -270,13 +273,18 @@ def test_corrupted_latest_falls_back_with_warning(tmp_path, caplog, how):
     for step in (1, 2, 3):
       ckpt.save(step, big_state(step), {'step': step})
   _corrupt(directory / '3', how)
+  caplog.set_level(logging.WARNING, logger='absl')  # the open too (orbax reads the steps)
   with checkpoint.Checkpointer(directory, keep=3) as ckpt:
-    with caplog.at_level(logging.WARNING, logger='absl'):
-      step, state, meta = ckpt.restore(big_state(0))
+    step, state, meta = ckpt.restore(big_state(0))
     assert (step, meta) == (2, {'step': 2})
     assert_trees_equal(state, big_state(2))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any('Checkpoint 3' in w and 'unreadable' in w for w in warnings), warnings
+    if how == 'empty':  # said once, not also by each of orbax's reader threads
+      assert [w.split(' (')[0] for w in warnings] == [
+          f'Checkpoint 3 in {directory} is unreadable',
+          f'Restored checkpoint 2 from {directory} instead of the unreadable newer [3].'], (
+              warnings)
     if how in ('flip', 'meta_digit', 'manifest_digit'):
       # orbax/tensorstore read the damaged chunk or JSON without complaint; only the
       # manifest's CRCs notice (a changed shape is not taken for another model's).
