@@ -550,30 +550,43 @@ def _cache_name(builder: Any, name: str, split: str, geometry: dict[str, int]) -
           f'{_CACHE_FORMAT.get(name, "v1")}')
 
 
-def _read_cache(directory: str, stem: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-  """(images uint8 memmap, dSprites' factors or None) of a cached split; DataError if damaged."""
+def _open_cache(directory: str, stem: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """(images uint8 memmap, dSprites' factors or None) of a cached split, as it is on disk."""
   path = os.path.join(directory, stem + '.npy')
+  images = np.lib.format.open_memmap(path, mode='r')  # a .npy only: no pickles, no zips
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f'{images.dtype} array of shape {images.shape}, not uint8 images')
+  if name != 'dsprites':
+    return images, None
+  with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
+    return images, z['factors']
+
+
+def _read_cache(directory: str, stem: str, name: str, warn: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None] | None:
+  """_open_cache's result, or None if the cache is damaged (then made anew by the caller).
+
+  Warned about where `warn`, as a damaged folder cache is (_folder_cache_file).
+  """
   try:
-    images = np.lib.format.open_memmap(path, mode='r')  # a .npy only: no pickles, no zips
-    if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f'{images.dtype} array of shape {images.shape}, not uint8 images')
-    if name != 'dsprites':
-      return images, None
-    with np.load(os.path.join(directory, stem + '-factors.npz')) as z:
-      return images, z['factors']
-  except (OSError, ValueError, EOFError) as e:  # truncated by a crash of its disk, say
-    raise DataError(f'the decoded cache {path} is damaged ({e}); delete it and run again, '
-                    'and it is made anew') from e
+    return _open_cache(directory, stem, name)
+  except (OSError, ValueError, EOFError, KeyError) as e:  # cut short by a crash, say
+    if warn:
+      logging.warning('the decoded cache %s is damaged (%s) and is not used; the split is '
+                      'decoded again', os.path.join(directory, stem + '.npy'), e)
+    return None
 
 
 def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dict[str, int]
                  ) -> tuple[np.ndarray, np.ndarray | None]:
-  """(images uint8 memmap, factors or None) from the cache, building it if absent."""
+  """(images uint8 memmap, factors or None) from the cache, building it if absent or damaged."""
   stem = _cache_name(builder, name, split, geometry)
   for d in cache_dirs(config):
     if os.path.exists(os.path.join(d, stem + '.npy')):
       files.remove_killed_cache_writes(d, _CACHE_SUFFIXES)
-      return _read_cache(d, stem, name)
+      cached = _read_cache(d, stem, name)
+      if cached is not None:
+        return cached
 
   dataset = _tfds_dataset(config, builder, name, split)
   try:
@@ -587,8 +600,11 @@ def _tfds_cached(config: Any, builder: Any, name: str, split: str, geometry: dic
       # Processes that need the split at once (launch.py's) decode it once.
       with files.exclusive(d, f'the decoding of {name} {split}', wait=True,
                            lock_file=stem + '.lock'):
-        if os.path.exists(os.path.join(d, stem + '.npy')):  # made while this one waited
-          return _read_cache(d, stem, name)
+        # Made while this one waited? (A damaged one was reported above.)
+        cached = (_read_cache(d, stem, name, warn=False)
+                  if os.path.exists(os.path.join(d, stem + '.npy')) else None)
+        if cached is not None:
+          return cached
         return _write_cache(dataset, d, stem, name, geometry, expected)
     except OSError as e:  # not writable: try the next place
       last_error = e
@@ -699,7 +715,7 @@ def _write_cache(dataset: Any, directory: str, stem: str, name: str,
           np.savez(f, factors=np.concatenate(labels).astype(np.int32))
         os.replace(ftmp, factors)
     os.replace(tmp, path)
-  return _read_cache(directory, stem, name)
+  return _open_cache(directory, stem, name)
 
 
 # ------------------------------------------------------------------------ folder

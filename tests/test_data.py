@@ -633,20 +633,15 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
       assert _values(data.load(config)) == [60, 70]
     assert 'is damaged (unreadable: ' in caplog.text
     assert os.path.getsize(path) == 128 + 2 * 16 * 16
-  # A tfds cache so damaged is an error that names it.
+  # The tfds caches' reader takes a whole .npy of other images for damaged too (cut short
+  # or not a .npy: test_tfds_damaged_cache_is_decoded_again).
   read_cache = data._read_cache  # pylint: disable=protected-access
-  with open(path, 'r+b') as f:
-    f.truncate(10)
-  with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
-    read_cache(*os.path.split(path[:-4]), 'mnist')
-  with open(path, 'wb') as f:
-    np.savez(f, x=np.zeros(3))
-  with pytest.raises(data.DataError, match=r'is damaged .*delete it and run again'):
-    read_cache(*os.path.split(path[:-4]), 'mnist')
   for array in (np.zeros((2, 16, 16), np.uint8), np.zeros((2, 16, 16, 1), np.int16)):
     np.save(path, array)  # a whole .npy, but not a uint8 stack of images
-    with pytest.raises(data.DataError, match=r'is damaged .*not uint8 images'):
-      read_cache(*os.path.split(path[:-4]), 'mnist')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert read_cache(*os.path.split(path[:-4]), 'mnist') is None
+    assert f'the decoded cache {path} is damaged ({array.dtype} array of shape ' in caplog.text
 
 
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path, caplog):
@@ -1074,6 +1069,35 @@ def test_tfds_mnist_exact_and_cached(tmp_path):
   # Outside the mock the dataset is not prepared: the cache alone serves it.
   again = data.load(cfg, 'train')
   np.testing.assert_array_equal(again.get([3, 1]), src.get([3, 1]))
+
+
+def test_tfds_damaged_cache_is_decoded_again(tmp_path, caplog):
+  # It was an error asking to delete the file (a damaged folder cache is made anew).
+  tfds = _tfds()
+  cfg = _config(dataset='mnist', data_dir=str(tmp_path), image_size=28, channels=1)
+  with tfds.testing.mock_data(num_examples=12):
+    want = data.load(cfg, 'train').get(np.arange(12))
+  (path,) = (tmp_path / 'avae_jax_cache').glob('mnist-*.npy')
+  size = path.stat().st_size
+  for damage in ('truncate', 'npz'):
+    if damage == 'truncate':  # cut short, as a crash of its disk might leave it
+      with open(path, 'r+b') as f:
+        f.truncate(size - 100)
+    else:  # not a .npy at all
+      with open(path, 'wb') as f:
+        np.savez(f, x=np.zeros(3))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), tfds.testing.mock_data(num_examples=12):
+      again = data.load(cfg, 'train')
+    assert caplog.text.count(f'the decoded cache {path} is damaged (') == 1, caplog.text
+    assert 'and is not used; the split is decoded again' in caplog.text
+    np.testing.assert_array_equal(again.get(np.arange(12)), want)
+    assert path.stat().st_size == size  # whole again
+  # Where the dataset is not prepared, the decoding says so.
+  with open(path, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(data.DataError, match="tfds dataset 'mnist' is not prepared"):
+    data.load(cfg, 'train')
 
 
 def test_tfds_processes_that_need_a_split_at_once_decode_it_once(tmp_path, monkeypatch):
