@@ -113,11 +113,12 @@ def in_the_way(error: BaseException) -> OSError | None:
   """The first exception of `error`'s chain that found a directory or a file in the way, or None.
 
   A directory at a file's path (EISDIR), a file where a path needs a directory (ENOTDIR),
-  or where a directory was to be made (EEXIST): raised with the path that was to be opened
-  or made.
+  or where a directory was to be made (EEXIST naming a file): raised with the path that was
+  to be opened or made.
   """
-  return _innermost(error, lambda e: isinstance(e, OSError) and e.filename is not None
-                    and e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST))
+  return _innermost(error, lambda e: isinstance(e, OSError) and e.filename is not None and (
+      e.errno in (errno.EISDIR, errno.ENOTDIR)
+      or e.errno == errno.EEXIST and os.path.isfile(e.filename)))
 
 
 def _before(error: BaseException) -> BaseException | None:

@@ -483,8 +483,9 @@ def test_in_the_way_finds_a_directory_or_file_where_the_other_goes(tmp_path):
     with pytest.raises(SystemExit) as info:
       cli.exit_if_file_error(chain, 'eval.py', 'run it again')
     assert str(info.value.code) == f'eval.py: error: {message}'
-  # Without a file it names nothing; other errors are not its.
+  # Without a file it names nothing; other errors are not its (a directory that exists).
   assert files.in_the_way(OSError(errno.EISDIR, 'Is a directory')) is None
+  assert files.in_the_way(_raised(os.mkdir, tmp_path / 'metrics.json')) is None
   assert files.in_the_way(_chained(_enospc(), _closed())) is None
   cli.exit_if_file_error(_closed(), 'eval.py', 'run it again')  # returns: not a file error
 
