@@ -141,7 +141,7 @@ class Source:
 
   def get(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
     """Images at `indices` (any order, repeats allowed): float32 (n, H, W, C) in [0, 1]."""
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = _integer_indices(indices, 'indices').reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
       raise IndexError(f'indices out of range [0, {self.num_examples}) for {self.name!r}')
     if not idx.size:
@@ -153,12 +153,23 @@ class Source:
 
   def subset(self, rows: np.ndarray, name: str | None = None) -> 'Source':
     """A Source of the given rows of this one, in that order."""
-    rows = np.asarray(rows, dtype=np.int64)
+    rows = _integer_indices(rows, 'rows')
     return Source(lambda idx: self._read(rows[idx]), len(rows), self.image_shape,
                   name=name or self.name,
                   factors=None if self.factors is None else self.factors[rows],
                   factor_names=self.factor_names,
                   files=None if self.files is None else [self.files[r] for r in rows])
+
+
+def _integer_indices(values: Any, what: str) -> np.ndarray:
+  """`values` as int64 indices; IndexError for booleans and non-integer numbers."""
+  array = np.asarray(values)
+  # A cast would read a boolean mask as the indices 0 and 1 (one image per mask entry)
+  # and truncate 2.7 to 2. An empty list is float64 to numpy, and selects nothing.
+  if array.size and array.dtype.kind not in 'iu':
+    hint = ' (a boolean mask: pass np.flatnonzero(mask))' if array.dtype.kind == 'b' else ''
+    raise IndexError(f'{what} must be integers, got dtype {array.dtype}{hint}')
+  return array.astype(np.int64)
 
 
 # Float image files are checked to lie in [0, 1] row by row up to this size at load time.

@@ -501,6 +501,12 @@ def total_correlation(z: Array, mu: Array, logvar: Array, dataset_size: int,
   if dataset_size < big_m:
     raise ValueError(f'dataset_size {dataset_size} is smaller than the batch of {big_m} '
                      'posteriors')
+  # mss gives sample i the weights of posterior row_offset + i: a row past the M posteriors
+  # has no own posterior, and its weights do not sum to 1 (a wrong value, no error).
+  offset = int(row_offset) if isinstance(row_offset, (int, np.integer)) else 0
+  if estimator == 'mss' and offset + m > big_m:
+    raise ValueError(f'the mss estimator needs a posterior for each sample: samples '
+                     f'{offset}..{offset + m - 1} of {big_m} posteriors')
   # log q(z_i[d] | n_j[d]) for every sample i, posterior j, latent dim d: (m, M, D).
   log_q = _log_normal(z[:, None, :], mu[None], logvar[None])
   if estimator == 'mws':

@@ -1433,6 +1433,20 @@ def test_a_source_refuses_indices_out_of_range_and_a_read_of_another_shape():
     wrong.get([0, 1])
 
 
+def test_a_source_refuses_boolean_masks_and_non_integer_indices():
+  # A cast to int64 read a mask as the indices 0 and 1 and truncated 2.7 to 2.
+  src = _index_source(5)
+  mask = np.array([False, False, True, False, True])
+  for select in (src.get, src.subset):
+    with pytest.raises(IndexError, match=r'must be integers, got dtype bool \(a boolean mask'):
+      select(mask)
+    with pytest.raises(IndexError, match='must be integers, got dtype float64'):
+      select([2.7])
+  np.testing.assert_array_equal(_ids(src.get(np.flatnonzero(mask))), [2, 4])
+  np.testing.assert_array_equal(_ids(src.subset(np.int32([4, 1])).get([0, 1])), [4, 1])
+  assert src.get([]).shape[0] == 0 and len(src.subset([])) == 0
+
+
 def test_batches_follow_the_documented_schedule():
   src = _index_source(50)
   got = _take(data.batches(src, batch_size=8, seed=5), 13)  # 6 per epoch: into epoch 2

@@ -481,6 +481,19 @@ def test_mss_weights_rows_are_distributions_from_the_paper():
     losses.total_correlation(*_f32(*_posteriors(0)), 100, 'mxx')
 
 
+def test_mss_tc_refuses_more_samples_than_posteriors():
+  # Rows past the posteriors had weights summing to 1.32, not 1, and gave a value.
+  rng = np.random.default_rng(3)
+  mu, logvar = (jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(2))
+  z = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  with pytest.raises(ValueError, match=r'samples 0\.\.7 of 4 posteriors'):
+    losses.total_correlation(z, mu, logvar, 100, 'mss')
+  with pytest.raises(ValueError, match=r'samples 3\.\.6 of 4 posteriors'):
+    losses.total_correlation(z[:4], mu, logvar, 100, 'mss', row_offset=3)
+  assert np.isfinite(losses.total_correlation(z[:2], mu, logvar, 100, 'mss', row_offset=2))
+  assert np.isfinite(losses.total_correlation(z, mu, logvar, 100, 'mws'))
+
+
 def test_mss_weights_refuse_a_dataset_one_point_smaller_than_the_batch():
   """N = M - 1 is refused with mss_log_weights' own message, not math.log's domain error.
 
