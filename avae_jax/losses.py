@@ -415,7 +415,7 @@ def reconstruction_loss(x: Array, x_rec: Array,
 
 
 def _as_latents(*arrays: Array) -> list[Array]:
-  """Latent statistics as float32, whatever float type they come in (bfloat16 too)."""
+  """Latent statistics as float32 at least (bfloat16 and float16 raised; float64 kept)."""
   # The encoder's heads give float32, but a caller may pass bfloat16: its 8-bit mantissa
   # cannot hold exp(logvar) - 1 - logvar near the prior (a 60% error in the KL, which can
   # go negative) nor the large log densities that the TC's logsumexps compare.
@@ -423,7 +423,10 @@ def _as_latents(*arrays: Array) -> list[Array]:
 
 
 def kl_divergence(mu: Array, logvar: Array) -> Array:
-  """Analytic KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims (B,), float32."""
+  """Analytic KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims (B,).
+
+  float32, or float64 where the inputs are (_as_latents).
+  """
   chex.assert_rank([mu, logvar], 2)
   chex.assert_equal_shape([mu, logvar])
   mu, logvar = _as_latents(mu, logvar)
