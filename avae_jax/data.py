@@ -66,6 +66,7 @@ import gzip
 import hashlib
 import io
 import math
+import numbers
 import os
 import re
 import shutil
@@ -1279,11 +1280,19 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
 # ------------------------------------------------------------------------ batching
 
 
+def _whole(value: Any, what: str) -> int:
+  """`value` as an int; DataError for other numbers (0.5, True), which int() would cut."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise DataError(f'{what} must be an integer, got {value!r}')
+  return int(value)
+
+
 def _check_seed(seed: int) -> int:
-  """Returns seed as an int if it is >= 0, else raises DataError."""
-  if int(seed) < 0:  # numpy's SeedSequence takes no negative entropy
+  """Returns seed as an int if it is a whole number >= 0, else raises DataError."""
+  seed = _whole(seed, 'the data seed (config.seed)')
+  if seed < 0:  # numpy's SeedSequence takes no negative entropy
     raise DataError(f'the data seed must be >= 0 (config.seed), got {seed}')
-  return int(seed)
+  return seed
 
 
 def _permutation(seed: int, epoch: int, num: int) -> np.ndarray:
@@ -1322,6 +1331,12 @@ def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
   batch and takes its contiguous 1/process_count slice of it; resuming at start_step
   computes that step's indices directly.
   """
+  # Whole numbers: a seed or step of 0.5 would run as 0, a batch of 8.0 fail inside.
+  batch_size, start_step, process_index, process_count, num_local_devices = (
+      _whole(v, name) for v, name in ((batch_size, 'batch_size'), (start_step, 'start_step'),
+                                      (process_index, 'process_index'),
+                                      (process_count, 'process_count'),
+                                      (num_local_devices, 'num_local_devices')))
   steps_per_epoch = _steps_per_epoch(source.num_examples, batch_size, source.name)
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise DataError(f'process_index {process_index} is not in [0, {process_count})')
@@ -1337,7 +1352,7 @@ def batches(source: Source, *, batch_size: int, seed: int, start_step: int = 0,
   seed = _check_seed(seed)
   per_device = local // num_local_devices
   lo, hi = process_index * local, (process_index + 1) * local
-  return _batch_iterator(source, batch_size, seed, int(start_step), steps_per_epoch,
+  return _batch_iterator(source, batch_size, seed, start_step, steps_per_epoch,
                          lo, hi, num_local_devices, per_device)
 
 
@@ -1367,10 +1382,11 @@ def eval_batches(source: Source, batch_size: int, num_images: int | None = None,
   Every batch has exactly batch_size rows (static shapes, one compilation); the last is
   padded with zero images whose mask entries are False. num_images None or <= 0 = all.
   """
+  batch_size, start = _whole(batch_size, 'batch_size'), _whole(start, 'start')
   if batch_size <= 0:
     raise DataError(f'batch_size must be > 0, got {batch_size}')
-  n = image_count(num_images or 0, source.num_examples)
-  for lo in range(int(start), n, batch_size):
+  n = image_count(_whole(num_images or 0, 'num_images'), source.num_examples)
+  for lo in range(start, n, batch_size):
     idx = np.arange(lo, min(lo + batch_size, n))
     images = source.get(idx)
     mask = np.zeros(batch_size, bool)

@@ -1602,6 +1602,26 @@ def test_batches_validate_sizes():
       data.batch_indices(20, size, 0, 0)
     with pytest.raises(data.DataError, match=message):
       data.batches(src, batch_size=size, seed=0)
+  # Whole numbers only: a seed or start of 0.5 ran as 0, a batch of 4.0 failed inside numpy.
+  for kwargs, message in (({'seed': 0.5}, 'the data seed (config.seed) must be an integer, '
+                           'got 0.5'),
+                          ({'seed': True}, 'the data seed (config.seed) must be an integer, '
+                           'got True'),
+                          ({'start_step': 1.5}, 'start_step must be an integer, got 1.5'),
+                          ({'batch_size': 4.0}, 'batch_size must be an integer, got 4.0'),
+                          ({'num_local_devices': 2.0},
+                           'num_local_devices must be an integer, got 2.0')):
+    with pytest.raises(data.DataError) as info:
+      data.batches(src, **{'batch_size': 4, 'seed': 0, **kwargs})
+    assert str(info.value) == message
+  assert _ids(next(data.batches(src, batch_size=np.int32(4), seed=np.uint8(0),
+                                start_step=np.int64(0)))).shape == (4,)
+  for args, message in (((4.0,), 'batch_size must be an integer, got 4.0'),
+                        ((4, 2.5), 'num_images must be an integer, got 2.5'),
+                        ((4, None, 1.0), 'start must be an integer, got 1.0')):
+    with pytest.raises(data.DataError) as info:
+      next(data.eval_batches(src, *args))
+    assert str(info.value) == message
 
 
 def test_eval_batches_pad_and_mask():
