@@ -135,8 +135,9 @@ def to_devices(iterator: Iterator[Any], devices: Sequence[Any], size: int = 2,
   distributed.global_devices(devices) (NamedSharding(Mesh(..., (axis_name,)), P(axis_name)),
   what jax.device_put_sharded became): on one process that mesh is `devices`; with
   several, this process's rows are its slice of one global array over every process's
-  devices. pmap and shard_map over that mesh take it without copies. At most `size`
-  batches wait on the devices. An exception in the producer is re-raised by next();
-  close() (or leaving a `with` block) stops the thread.
+  devices. pmap and shard_map over that mesh take it without copies. At most `size` + 1
+  batches wait on the devices (`size` queued, one put while the queue is full). An
+  exception in the producer is re-raised by next(); close() (or leaving a `with` block)
+  stops the thread.
   """
   return DevicePrefetcher(iterator, devices, size=size, axis_name=axis_name)

@@ -59,9 +59,10 @@ def to_uint8_image(image: Any) -> np.ndarray:
     array = array[..., None]
   if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
     raise ValueError(f'Expected an (H, W, C) image with C in 1, 3, 4; got {array.shape}.')
-  # bfloat16 (ml_dtypes) is not a numpy number; its name says what it is. (Nor is bool.)
-  numeric = np.issubdtype(array.dtype, np.number) or array.dtype.name == 'bfloat16'
-  if array.dtype != np.uint8 and not numeric:
+  # bfloat16 (ml_dtypes) is not a numpy floating type; its name says what it is. Other
+  # integer types are refused: an int32 image of 0..255 read as [0, 1] came out binary.
+  floating = np.issubdtype(array.dtype, np.floating) or array.dtype.name == 'bfloat16'
+  if array.dtype != np.uint8 and not floating:
     raise ValueError(f'Expected a uint8 or float image; got {array.dtype}.')
   return to_uint8(array)
 

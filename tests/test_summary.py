@@ -189,6 +189,10 @@ def test_bad_inputs(tmp_path):
       writer.image(1, 'x', np.zeros((2, 2, 2), np.float32))
     with pytest.raises(ValueError, match='uint8 or float image; got bool'):
       writer.image(1, 'x', np.ones((2, 2, 1), bool))
+    # An integer image of 0..255 that is not uint8 is not a float in [0, 1] either.
+    for dtype in (np.int32, np.uint16):
+      with pytest.raises(ValueError, match=f'uint8 or float image; got {np.dtype(dtype)}'):
+        writer.image(1, 'x', np.full((2, 2, 1), 128, dtype))
   # RGBA is an image too.
   with Image.open(io.BytesIO(summary.encode_png(np.full((2, 3, 4), 0.5)))) as im:
     assert (im.mode, im.size) == ('RGBA', (3, 2))
