@@ -403,3 +403,20 @@ def test_upsample_nearest_values_and_gradient(factor):
   block_sums = g.reshape(2, 3, factor, 4, factor, 5).sum(axis=(2, 4))
   _, vjp = jax.vjp(lambda x: models.upsample_nearest(x, factor), jnp.asarray(x))
   np.testing.assert_allclose(vjp(jnp.asarray(g))[0], block_sums, rtol=1e-6, atol=1e-6)
+
+
+def test_the_decoder_differentiates_in_reverse_mode_only():
+  # As the README says (Library API): the custom_vjp rules take jax.jacrev, not jax.jacfwd.
+  vae, _, v_vars, _, _, _, _ = _setup(16, 3, (4, 8))
+  z = jnp.asarray(np.random.default_rng(2).normal(size=(1, 4)), jnp.float32)
+  decode = lambda z: vae.apply(v_vars, z, train=False, method='decode')
+  jacobian = np.asarray(jax.jacrev(decode)(z))
+  assert jacobian.shape == (1, 16, 16, 3, 1, 4)
+  # Column k against a central difference of the decoder along latent k.
+  h = 1e-4  # small: the ReLUs are piecewise linear
+  for k in range(4):
+    step = jnp.zeros((1, 4)).at[0, k].set(h)
+    numeric = (np.asarray(decode(z + step)) - np.asarray(decode(z - step))) / (2 * h)
+    np.testing.assert_allclose(jacobian[..., 0, k], numeric, atol=2e-3)
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    jax.jacfwd(decode)(z)
