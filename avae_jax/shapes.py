@@ -81,19 +81,19 @@ def sample_factors(seed: int, split: str, num_train: int, num_eval: int) -> np.n
   """
   if split not in SPLITS:
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-  if int(seed) < 0:
-    raise ValueError(f'seed must be >= 0, got {seed}')
+  seed = _check_int('seed', seed, 0)
+  num_train, num_eval = _check_int('num_train', num_train, 0), _check_int('num_eval', num_eval, 0)
   total = num_combinations()
   if not 0 < num_eval <= total // 2:
     raise ValueError(f'num_eval must be in 1..{total // 2} (at most half of the {total} '
                      f'distinct images are held out), got {num_eval}')
   held_out = np.random.default_rng(
-      np.random.SeedSequence([int(seed), _HELD_OUT_STREAM])).permutation(total)
+      np.random.SeedSequence([seed, _HELD_OUT_STREAM])).permutation(total)
   if split == 'eval':
     flat = held_out[:num_eval]
   else:
     rest = np.sort(held_out[num_eval:])
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TRAIN_STREAM]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _TRAIN_STREAM]))
     flat = rest[rng.integers(0, len(rest), size=num_train)]
   return np.stack(np.unravel_index(flat, factor_sizes()), axis=1).astype(np.int32)
 
@@ -144,24 +144,28 @@ def sample_offsets(supersample: int) -> tuple[np.ndarray, np.ndarray]:
   return ((k + 0.5) / n).astype(np.float32), (((best_g * k) % n + 0.5) / n).astype(np.float32)
 
 
-def _check_positive_int(name: str, value: int) -> int:
-  """`value` as an int; ValueError unless it is a whole number >= 1."""
+def _check_int(name: str, value: int, minimum: int = 1) -> int:
+  """`value` as an int; ValueError unless it is a whole number >= minimum."""
   # numpy failed on a negative size with 'negative dimensions', divided by zero at
-  # supersample 0, and took 0, 5.5 or a negative supersample without a word.
+  # supersample 0, and took 0, 5.5 or a negative supersample without a word (and a seed
+  # of 1.7 as 1).
   whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-  if not whole or value < 1:
-    raise ValueError(f'{name} must be a whole number >= 1, got {value!r}')
+  if not whole or value < minimum:
+    raise ValueError(f'{name} must be a whole number >= {minimum}, got {value!r}')
   return int(value)
 
 
 def coverage(factors: np.ndarray, image_size: int, supersample: int = 4,
              chunk: int = 256) -> np.ndarray:
   """(N, S, S) float32 fraction of each pixel covered by the shape of each factor row."""
-  image_size = _check_positive_int('image_size', image_size)
-  supersample = _check_positive_int('supersample', supersample)
+  image_size = _check_int('image_size', image_size)
+  supersample = _check_int('supersample', supersample)
+  chunk = _check_int('chunk', chunk)  # a step of 0 or less: no rows, or range()'s error
   factors = np.asarray(factors)
   if factors.ndim != 2 or factors.shape[1] != len(FACTOR_NAMES):
     raise ValueError(f'factors must be (N, {len(FACTOR_NAMES)}), got {factors.shape}')
+  if factors.size and factors.dtype.kind not in 'iu':  # numpy indexes with integers only
+    raise ValueError(f'factors must be integer indices, got dtype {factors.dtype}')
   sizes = np.array(factor_sizes())
   if factors.size and (factors.min() < 0 or np.any(factors.max(axis=0) >= sizes)):
     raise ValueError(f'factor indices out of range; sizes are {tuple(sizes)}')

@@ -220,8 +220,17 @@ def test_bad_factors_raise():
   with pytest.raises(data.DataError, match='num_eval must be in 1..15360'):
     data.load(no_eval, 'train')
   # A negative seed is named as such (it read 'config.shapes.expected non-negative integer').
-  with pytest.raises(ValueError, match='seed must be >= 0, got -2'):
+  with pytest.raises(ValueError, match='^seed must be a whole number >= 0, got -2$'):
     shapes.sample_factors(-2, 'eval', 3, 3)
+  # Nor a fraction (a seed of 1.7 drew seed 1's factors; 2.5 images failed inside numpy).
+  for args, message in (((1.7, 'eval', 3, 3), 'seed must be a whole number >= 0, got 1.7'),
+                        ((0, 'train', 2.5, 3), 'num_train must be a whole number >= 0, got 2.5'),
+                        ((0, 'train', -5, 3), 'num_train must be a whole number >= 0, got -5'),
+                        ((0, 'eval', 3, 100.0), 'num_eval must be a whole number >= 0, got 100.0')):
+    with pytest.raises(ValueError) as info:
+      shapes.sample_factors(*args)
+    assert str(info.value) == message
+  assert len(shapes.sample_factors(np.int64(1), 'train', np.int32(0), 3)) == 0
   with pytest.raises(data.DataError, match=r'^the data seed must be >= 0 \(config.seed\)'):
     data.load(_config(seed=-1), 'eval')
   # Rows of another length, and a negative index (it would wrap to the last value).
@@ -230,6 +239,9 @@ def test_bad_factors_raise():
       shapes.coverage(factors, SIZE)
   with pytest.raises(ValueError, match='factor indices out of range'):
     shapes.coverage(np.array([[0, 0, 0, 0, 0, -1]]), SIZE)
+  # Float indices, even whole ones, failed inside numpy's indexing.
+  with pytest.raises(ValueError, match='^factors must be integer indices, got dtype float64$'):
+    shapes.render(np.array([[0, 1.0, 0, 0, 0, 0]]), SIZE)
   for channels in (2, 4):
     with pytest.raises(ValueError, match=f'channels must be 1 or 3, got {channels}'):
       shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), SIZE, channels=channels)
@@ -242,13 +254,16 @@ def test_the_factor_values_handed_out_are_copies():
 
 @pytest.mark.parametrize('kwargs', [
     dict(image_size=0), dict(image_size=-3), dict(image_size=5.5), dict(image_size=True),
-    dict(image_size=SIZE, supersample=0), dict(image_size=SIZE, supersample=-2)])
+    dict(image_size=SIZE, supersample=0), dict(image_size=SIZE, supersample=-2),
+    dict(image_size=SIZE, chunk=0), dict(image_size=SIZE, chunk=-1)])
 def test_bad_sizes_raise_naming_the_size(kwargs):
   # 0 gave empty images, 5.5 images of side 5, supersample -2 the samples of 2, and
-  # supersample 0 a ZeroDivisionError; -3 failed inside numpy with 'negative dimensions'.
-  name = 'supersample' if 'supersample' in kwargs else 'image_size'
+  # supersample 0 a ZeroDivisionError; -3 failed inside numpy with 'negative dimensions';
+  # a chunk of -1 gave blank images, one of 0 range()'s error.
+  name = next((k for k in ('supersample', 'chunk') if k in kwargs), 'image_size')
+  draw = shapes.coverage if name == 'chunk' else shapes.render
   with pytest.raises(ValueError, match=rf'^{name} must be a whole number >= 1, got '):
-    shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), **kwargs)
+    draw(np.array([[0, 3, 0, 4, 4, 0]]), **kwargs)
 
 
 def test_every_combination_is_its_own_image_from_the_smallest_size_allowed():
