@@ -18,8 +18,10 @@ LUMA = (0.299, 0.587, 0.114)
 
 def gaussian_kernel_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   """Normalised, symmetric 1-D Gaussian (size,) centred on (size - 1) / 2; SSIM's factor."""
-  if size < 1 or sigma <= 0:
-    raise ValueError(f'need size >= 1 and sigma > 0, got size={size}, sigma={sigma}')
+  # NaN fails `0 < sigma` too; a fractional size would make an asymmetric window.
+  if not isinstance(size, (int, np.integer)) or size < 1 or not 0 < sigma < math.inf:
+    raise ValueError(f'need a whole size >= 1 and a finite sigma > 0, got size={size!r}, '
+                     f'sigma={sigma}')
   # (size - 1) / 2 is size // 2 for odd sizes; for even ones it keeps the window
   # symmetric (centred between two taps), as dm_pix.ssim and scipy's window are.
   r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
@@ -44,10 +46,13 @@ def gabor_bank(size: int = 11, sigma: float = 2.5,
   """
   if size < 1 or size % 2 == 0:
     raise ValueError(f'Gabor size must be odd and positive, got {size}')
-  if sigma <= 0 or orientations < 1 or not wavelengths or min(wavelengths) <= 0:
-    raise ValueError('need sigma > 0, orientations >= 1 and at least one wavelength, '
-                     f'each > 0; got sigma={sigma}, orientations={orientations}, '
-                     f'wavelengths={tuple(wavelengths)}')
+  wavelengths = tuple(float(w) for w in wavelengths)  # an array or a generator too
+  # Written so that NaN fails every comparison (a NaN kernel, a NaN loss otherwise).
+  if (not 0 < sigma < math.inf or orientations < 1 or not wavelengths
+      or not all(0 < w < math.inf for w in wavelengths)):
+    raise ValueError('need a finite sigma > 0, orientations >= 1 and at least one '
+                     f'wavelength, each finite and > 0; got sigma={sigma}, '
+                     f'orientations={orientations}, wavelengths={wavelengths}')
   r = np.arange(size, dtype=np.float64) - size // 2
   y, x = np.meshgrid(r, r, indexing='ij')
   kernels = []

@@ -39,8 +39,12 @@ def test_even_gaussian_window_is_symmetric_like_scipy(size, sigma):
 
 
 def test_gaussian_window_rejects_bad_sigma():
-  with pytest.raises(ValueError):
-    filters.gaussian_kernel_1d(11, 0.0)
+  # NaN gave a window of NaNs, 5.5 six asymmetric taps.
+  for size, sigma in ((11, 0.0), (5, math.nan), (5, math.inf), (5.5, 1.0), (0, 1.0)):
+    with pytest.raises(ValueError) as info:
+      filters.gaussian_kernel_1d(size, sigma)
+    assert str(info.value) == ('need a whole size >= 1 and a finite sigma > 0, got '
+                               f'size={size!r}, sigma={sigma}')
 
 
 def _image(seed=0, shape=(12, 15)):
@@ -114,6 +118,13 @@ def test_gabor_bank_rejects_bad_settings():
   with pytest.raises(ValueError, match='odd'):
     filters.gabor_bank(size=10)
   # A zero wavelength divides by zero; a negative one mirrors the bank without a word.
-  for wavelengths in ((4.0, 0.0), (-4.0,)):
-    with pytest.raises(ValueError, match='each > 0'):
+  for wavelengths in ((4.0, 0.0), (-4.0,), (math.nan,), ()):
+    with pytest.raises(ValueError, match='each finite and > 0'):
       filters.gabor_bank(wavelengths=wavelengths)
+  with pytest.raises(ValueError, match=r'finite sigma > 0.*got sigma=nan'):
+    filters.gabor_bank(sigma=math.nan)  # a bank of NaNs
+  # An array or a generator of wavelengths is the same bank (the array failed on its
+  # truth value, the generator on an empty stack).
+  want = filters.gabor_bank(wavelengths=(4.0, 8.0))
+  np.testing.assert_array_equal(filters.gabor_bank(wavelengths=np.array([4.0, 8.0])), want)
+  np.testing.assert_array_equal(filters.gabor_bank(wavelengths=(w for w in (4, 8))), want)
