@@ -300,14 +300,6 @@ def test_bad_inputs_are_rejected(model, images):
   with pytest.raises(ValueError, match='z must be real numbers, got dtype complex64'):
     model.decode(np.full((2, 4), 1j, np.complex64))
   assert model.decode(np.zeros((2, 4), np.int32)).shape == (2, 16, 16, 3)
-  # Non-finite codes decoded to NaN images; float64 beyond float32's range is infinite there.
-  for z, bad in ((np.array([[np.nan, 0, np.inf, 0]] * 2), 4),
-                 (jax.numpy.full((2, 4), -np.inf).at[:, 1:].set(0.0), 2),
-                 (np.array([[1e39, 0, 0, 0]]), 1)):
-    with pytest.raises(ValueError) as info:
-      model.decode(z)
-    assert str(info.value) == (f'z must hold finite float32 numbers; got {bad} NaN or '
-                               "infinite value(s) (float32's largest number is 3.4e38)")
   assert model.decode(jax.numpy.zeros((2, 4), jax.numpy.bfloat16)).shape == (2, 16, 16, 3)
   with pytest.raises(ValueError, match='out of range'):
     model.traverse(images[0], [4], [0.0])
