@@ -65,12 +65,7 @@ def _field_path(name: str) -> list[str]:
 
 def _node(config: ml_collections.ConfigDict, parts: Sequence[str]) -> Any:
   """The field or group at the path `parts` of `config`, or None where there is none."""
-  node = config
-  for part in parts:
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      return None
-    node = node[part]
-  return node
+  return config_lib.lookup(config, parts)[1]
 
 
 def _paths_named(config: ml_collections.ConfigDict, field: str,

@@ -9,7 +9,7 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -152,7 +152,12 @@ def check_image_size(image_size: int, widths: tuple[int, ...] | list[int]) -> in
 
 def check_model(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str, str]:
   """(widths, dtype, conv_backward) of config.model, checked with the image size."""
-  widths = tuple(config.model.widths)
+  widths = config.model.widths
+  if not isinstance(widths, (tuple, list)):
+    # `widths = (16)` in a config file is the number 16, not a tuple of one.
+    raise ConfigError(f'model.widths = {widths!r} must be a tuple of stage widths, e.g. '
+                      f'({widths},) with its comma for one stage')
+  widths = tuple(widths)
   if any(not _is_int(w) or w < 1 for w in widths):
     # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
     shown = repr(widths[0]) if len(widths) == 1 and isinstance(widths[0], str) else widths
@@ -170,8 +175,63 @@ def check_model(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str
   return widths, dtype, backward
 
 
+# Fields a config may lack: the code reads them with their defaults (configs written before
+# they existed). Any other field of configs/default.py that a config lacks is refused.
+OPTIONAL_FIELDS = ('data_dir', 'download', 'eval_fraction', 'cpu_devices',
+                   'model.conv_backward', 'eval.mig_num_images', 'eval.inception_batch_size',
+                   'eval.inception_weights', 'eval.cache_real_features')
+# Fields that count things (pixels, images, steps, units): a float such as 4.0 or 2.5 would
+# pass the range checks and fail in JAX after training (a latent size), or be truncated
+# (the seed has a check of its own, with its range).
+INT_FIELDS = ('image_size', 'channels', 'crop_size', 'batch_size', 'pretrain_steps',
+              'adversarial_steps', 'num_devices', 'cpu_devices', 'log_every', 'image_every',
+              'checkpoint_every', 'keep_checkpoints', 'stop_check_every',
+              'shapes.num_train', 'shapes.num_eval', 'model.latent_dim', 'model.hidden_dim',
+              'calibrate.batches', 'gabor.size', 'gabor.orientations', 'eval.num_images',
+              'eval.mig_num_images', 'eval.batch_size', 'eval.inception_batch_size',
+              'eval.grid_size', 'eval.traversal_dims')
+
+
+def lookup(config: ml_collections.ConfigDict, parts: Sequence[str]) -> tuple[bool, Any]:
+  """(whether `config` has the field or group at the path `parts`, its value or None)."""
+  node: Any = config
+  for part in parts:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config without configs/default.py's fields, or with unset or fractional counts.
+
+  Without this a config file that omits a field, or leaves a placeholder unset, stopped
+  with a KeyError or TypeError traceback from the checks below.
+  """
+  from configs import default  # pylint: disable=g-import-not-at-top
+  reference = flatten(default.get_config().to_dict())
+  # A reconstruction term left out of loss.weights is switched off (weight 0).
+  missing = [k for k in reference if k not in OPTIONAL_FIELDS
+             and not k.startswith('loss.weights.') and not lookup(config, k.split('.'))[0]]
+  if missing:
+    raise ConfigError(f'the config has no {", ".join(missing)}: start it from '
+                      'configs/default.py\'s get_config(), which holds every field')
+  for name, default_value in reference.items():
+    present, value = lookup(config, name.split('.'))
+    if present and value is None and default_value is not None:
+      raise ConfigError(f'{name} is not set (a placeholder left empty): give it a value, '
+                        f'e.g. --config.{name}=VALUE')
+  for name in INT_FIELDS:
+    present, value = lookup(config, name.split('.'))
+    if not present:
+      continue
+    if not _is_int(value):
+      raise ConfigError(f'{name} = {value!r} must be a whole number of type int')
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
+  _check_fields(config)
   variant_spec(config.variant)
   _validate_data(config)
   _validate_model(config)
@@ -275,15 +335,15 @@ def _validate_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
     raise ConfigError(f'seed = {config.seed} must be >= 0 and < 2**32 (a whole number: '
                       'the PRNG keys take 32 bits of it)')
-  if config.batch_size <= 0:
-    raise ConfigError(f'batch_size = {config.batch_size} must be >= 1')
+  # BatchNorm normalises with the batch's statistics (the global batch's, over the
+  # devices): over one image every feature is 0, so every image would get the same code
+  # and KL 0. (A batch of one device's share is fine.)
+  if config.batch_size < 2:
+    raise ConfigError(f'batch_size = {config.batch_size} must be >= 2 (BatchNorm normalises '
+                      'over the batch: over one image every image gets the same code)')
   if config.batch_size % num_devices:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
                       f'{num_devices} devices in use; the batch is split evenly across them')
-  # MSS splits the dataset into one stratum per other member of the (global) batch.
-  if tc_weight(config) and config.loss.tc_estimator == 'mss' and config.batch_size < 2:
-    raise ConfigError(f'batch_size {config.batch_size}: the minibatch-stratified TC '
-                      'estimator needs a batch of at least 2 (or loss.tc_estimator=mws)')
   if config.pretrain_steps < 0 or config.adversarial_steps < 0:
     raise ConfigError('pretrain_steps and adversarial_steps must be >= 0')
   # After the batch size's own checks: the dataset configs compute this count (one
@@ -377,7 +437,12 @@ def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
   if not _is_int(gabor.orientations) or gabor.orientations < 1:
     raise ConfigError(f'gabor.orientations = {gabor.orientations} must be a whole number '
                       '>= 1')
-  wavelengths = tuple(gabor.wavelengths)
+  wavelengths = gabor.wavelengths
+  if not isinstance(wavelengths, (tuple, list)):
+    # `wavelengths = (4.0)` in a config file is the number 4.0, not a tuple of one.
+    raise ConfigError(f'gabor.wavelengths = {wavelengths!r} must be a tuple of wavelengths, '
+                      f'e.g. ({wavelengths},) with its comma for one')
+  wavelengths = tuple(wavelengths)
   if not wavelengths or any(not _is_real(w) or not 0 < w < math.inf for w in wavelengths):
     # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
     shown = (repr(wavelengths[0]) if len(wavelengths) == 1 and isinstance(wavelengths[0], str)
