@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -227,6 +228,24 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       continue
     if not _is_int(value):
       raise ConfigError(f'{name} = {value!r} must be a whole number of type int')
+
+
+def unread_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The config's fields that configs/default.py lacks, which no code reads.
+
+  Each with the closest field that it lacks, where one is close: a misspelt field in a
+  config file ('model.latent_dims (model.latent_dim?)') leaves the field it meant as it
+  was, where a misspelt --config. override is refused. A helper field of the user's own
+  (a value other fields refer to) is listed too: a warning, not an error.
+  """
+  from configs import default  # pylint: disable=g-import-not-at-top
+  known = list(flatten(default.get_config().to_dict()))
+  unread = []
+  for name in flatten(config.to_dict()):
+    if name not in known and not name.startswith('loss.weights.'):  # those are checked
+      close = difflib.get_close_matches(name, known, n=1)
+      unread.append(f'{name} ({close[0]}?)' if close else name)
+  return unread
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

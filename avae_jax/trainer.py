@@ -458,6 +458,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.expanduser(workdir)  # '~/runs/a', as train.py's --workdir
   run = prepare_run(config)
   is_main = jax.process_index() == 0
+  unread = config_lib.unread_fields(config)
+  if is_main and unread:  # a misspelt field in a config file: its intended one unchanged
+    print(f'warning: no code reads the config field(s) {", ".join(unread)}; a misspelt field '
+          'leaves the one it meant at its value', file=sys.stderr, flush=True)
   fid_problem = evaluation.fid_weights_problem(config)
   if is_main and fid_problem:  # said now, not after the calibration and days of training
     print('warning: the final evaluation will skip FID (eval.py can add it later): '

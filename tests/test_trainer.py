@@ -570,6 +570,22 @@ def test_missing_fid_weights_are_warned_about_before_training(reference, tmp_pat
           f'--cache {tmp_path}` writes\n' in capsys.readouterr().err)
 
 
+def test_fields_no_code_reads_are_warned_about_before_training(reference, tmp_path, capsys,
+                                                              monkeypatch):
+  # A misspelt field of a config file was kept without a word, the one it meant unchanged.
+  shutil.copytree(reference[0], tmp_path / 'w')
+  train(BASE, tmp_path / 'w')  # the configs' own fields: nothing to say
+  assert 'no code reads' not in capsys.readouterr().err
+  config = make_config(BASE)
+  config.model.latent_dims = 16
+  config.my_scale = 2.0
+  monkeypatch.setattr(trainer, 'final_evaluation', lambda *args, **kwargs: {})
+  trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert ('warning: no code reads the config field(s) model.latent_dims (model.latent_dim?), '
+          'my_scale; a misspelt field leaves the one it meant at its value\n'
+          in capsys.readouterr().err)
+
+
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
   # As on a read-only file system (root ignores permission bits, so the test stands in
   # for the kernel's answer); the lock file would fail with a traceback.
