@@ -39,8 +39,11 @@ def local_devices(config: Any) -> list[Any]:
                                  'for all local devices')
   n = int(config.num_devices) or len(devs)
   if n > len(devs):
+    # On the CPU the count is cpu_devices' (one device unless the host is split).
+    split = (f' (on the CPU, --config.cpu_devices={n} splits the host into {n})'
+             if devs[0].platform == 'cpu' else '')
     raise config_lib.ConfigError(
-        f'num_devices={n} but only {len(devs)} local devices exist')
+        f'num_devices={n} but only {len(devs)} local device(s) exist{split}')
   return devs[:n]
 
 
