@@ -43,7 +43,7 @@ def local_devices(config: Any) -> list[Any]:
     split = (f' (on the CPU, --config.cpu_devices={n} splits the host into {n})'
              if devs[0].platform == 'cpu' else '')
     raise config_lib.ConfigError(
-        f'num_devices={n} but only {len(devs)} local device(s) exist{split}')
+        f'num_devices={n} is more than the {len(devs)} local device(s){split}')
   return devs[:n]
 
 

@@ -1216,7 +1216,7 @@ INVALID = [
     ('batch vs chosen devices', {'batch_size': 9, 'num_devices': 2}, config_lib.ConfigError,
      'batch_size 9 is not divisible by the 2 devices'),
     ('too many devices', {'num_devices': 5}, config_lib.ConfigError,
-     r'^num_devices=5 but only 4 local device\(s\) exist \(on the CPU, '
+     r'^num_devices=5 is more than the 4 local device\(s\) \(on the CPU, '
      r'--config\.cpu_devices=5 splits the host into 5\)$'),
     ('zero interval', {'log_every': 0}, config_lib.ConfigError, 'log_every = 0 must be >= 1'),
     ('batch larger than the data', {'shapes.num_train': 4}, config_lib.ConfigError,
