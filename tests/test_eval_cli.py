@@ -136,7 +136,7 @@ def test_a_device_count_given_without_config_is_not_replaced(workdir):
   proc = subprocess.run([sys.executable, 'eval.py', f'--workdir={workdir}',
                          '--config.num_devices=512'], cwd=REPO, capture_output=True,
                         text=True, timeout=300, check=False)
-  _assert_clean_failure(proc, 'num_devices=512 but only')
+  _assert_clean_failure(proc, 'num_devices=512 is more than the 4 local device(s)')
   assert 'asks for num_devices' not in proc.stdout
 
 
