@@ -756,7 +756,8 @@ def test_local_devices_follows_num_devices():
   c.num_devices = 1
   assert parallel.local_devices(c) == jax.local_devices()[:1]
   c.num_devices = len(jax.local_devices()) + 1
-  with pytest.raises(config_lib.ConfigError, match=r'local device\(s\) \(on the CPU, --config\.cpu_devices='):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'local device\(s\) \(on the CPU, --config\.cpu_devices='):
     parallel.local_devices(c)
   c.num_devices = -1  # would otherwise slice off the last device
   with pytest.raises(config_lib.ConfigError, match=r'num_devices = -1 is negative; use 0'):

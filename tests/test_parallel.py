@@ -201,7 +201,8 @@ def test_local_devices_counts_and_order():
     return parallel.local_devices(types.SimpleNamespace(num_devices=n))
   assert local_devices(0) == local_devices(4) == devs
   assert local_devices(2) == devs[:2]
-  with pytest.raises(config_lib.ConfigError, match=r'^num_devices=5 is more than the 4 local device\(s\) \(on the CPU'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^num_devices=5 is more than the 4 local device\(s\) \(on the CPU'):
     local_devices(5)
   with pytest.raises(config_lib.ConfigError, match='num_devices = -1 is negative'):
     local_devices(-1)
