@@ -159,7 +159,7 @@ def check_model(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str
     raise ConfigError(f'model.widths = {widths!r} must be a tuple of stage widths, e.g. '
                       f'({widths},) with its comma for one stage')
   widths = tuple(widths)
-  if any(not _is_int(w) or w < 1 for w in widths):
+  if any(not is_int(w) or w < 1 for w in widths):
     # ml_collections keeps an override it cannot parse as a tuple of its text: show the text.
     shown = repr(widths[0]) if len(widths) == 1 and isinstance(widths[0], str) else widths
     raise ConfigError(f'model.widths {shown} must all be whole numbers >= 1 (channels of '
@@ -203,14 +203,19 @@ def lookup(config: ml_collections.ConfigDict, parts: Sequence[str]) -> tuple[boo
   return True, node
 
 
+def _default_fields() -> dict[str, Any]:
+  """configs/default.py's fields, flattened ('model.latent_dim': 32): every field there is."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return flatten(default.get_config().to_dict())
+
+
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses a config without configs/default.py's fields, or with unset or fractional counts.
 
   Without this a config file that omits a field, or leaves a placeholder unset, stopped
   with a KeyError or TypeError traceback from the checks below.
   """
-  from configs import default  # pylint: disable=g-import-not-at-top
-  reference = flatten(default.get_config().to_dict())
+  reference = _default_fields()
   # A reconstruction term left out of loss.weights is switched off (weight 0).
   missing = [k for k in reference if k not in OPTIONAL_FIELDS
              and not k.startswith('loss.weights.') and not lookup(config, k.split('.'))[0]]
@@ -226,7 +231,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     present, value = lookup(config, name.split('.'))
     if not present:
       continue
-    if not _is_int(value):
+    if not is_int(value):
       raise ConfigError(f'{name} = {value!r} must be a whole number of type int')
 
 
@@ -238,8 +243,7 @@ def unread_fields(config: ml_collections.ConfigDict) -> list[str]:
   was, where a misspelt --config. override is refused. A helper field of the user's own
   (a value other fields refer to) is listed too: a warning, not an error.
   """
-  from configs import default  # pylint: disable=g-import-not-at-top
-  known = list(flatten(default.get_config().to_dict()))
+  known = list(_default_fields())
   unread = []
   for name in flatten(config.to_dict()):
     if name not in known and not name.startswith('loss.weights.'):  # those are checked
@@ -351,7 +355,7 @@ def _validate_run(config: ml_collections.ConfigDict, num_devices: int) -> None:
   # The data's order comes from numpy's SeedSequence, which takes no negative seed; the
   # PRNG keys (jax.random.PRNGKey) keep only the low 32 bits of a larger one, so seed and
   # seed + 2**32 would share parameters and keys (and from 2**63 PRNGKey overflows).
-  if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+  if not is_int(config.seed) or not 0 <= config.seed < 2**32:
     raise ConfigError(f'seed = {config.seed} must be >= 0 and < 2**32 (a whole number: '
                       'the PRNG keys take 32 bits of it)')
   # BatchNorm normalises with the batch's statistics (the global batch's, over the
@@ -435,7 +439,7 @@ def _check_nonnegative(name: str, value: float) -> None:
     raise ConfigError(f'{name} = {value} is infinite; it must be a finite number >= 0')
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   """Whether value is a whole number of an integer type (not a float, not a bool)."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -447,13 +451,13 @@ def _is_real(value: Any) -> bool:
 
 def _validate_gabor(gabor: ml_collections.ConfigDict) -> None:
   """Checks the Gabor bank's settings (filters.gabor_bank would fail after start-up)."""
-  if not _is_int(gabor.size) or gabor.size < 3 or gabor.size % 2 == 0:
+  if not is_int(gabor.size) or gabor.size < 3 or gabor.size % 2 == 0:
     # A 1x1 kernel minus its mean is zero: L_Gabor would be 0 whatever the images.
     raise ConfigError(f'gabor.size = {gabor.size} must be an odd number >= 3 (the kernel '
                       'has a centre pixel and a neighbourhood)')
   if not 0 < gabor.sigma < math.inf:  # NaN too: a NaN filter bank, a NaN loss
     raise ConfigError(f'gabor.sigma = {gabor.sigma} must be > 0 and finite')
-  if not _is_int(gabor.orientations) or gabor.orientations < 1:
+  if not is_int(gabor.orientations) or gabor.orientations < 1:
     raise ConfigError(f'gabor.orientations = {gabor.orientations} must be a whole number '
                       '>= 1')
   wavelengths = gabor.wavelengths

@@ -66,7 +66,6 @@ import gzip
 import hashlib
 import io
 import math
-import numbers
 import os
 import re
 import shutil
@@ -1282,7 +1281,7 @@ def _load_arrays(config: Any, spec: str, split: str, memo: dict[str, Any]) -> So
 
 def _whole(value: Any, what: str) -> int:
   """`value` as an int; DataError for other numbers (0.5, True), which int() would cut."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+  if not config_lib.is_int(value):
     raise DataError(f'{what} must be an integer, got {value!r}')
   return int(value)
 
