@@ -254,15 +254,25 @@ def unread_fields(config: ml_collections.ConfigDict) -> list[str]:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
+  # These two alone: the checks below read the fields and the variant they check.
   _check_fields(config)
   variant_spec(config.variant)
-  _validate_data(config)
-  _validate_model(config)
-  _validate_loss(config)
-  _validate_run(config, num_devices)
-  _validate_optimizer(config)
-  validate_eval(config)
-  _validate_gabor(config.gabor)
+  problems = []
+  # Each group stops at its first problem; the groups' problems are reported together, so
+  # that a config with several mistakes does not take one run per mistake.
+  for check, args in ((_validate_data, (config,)), (_validate_model, (config,)),
+                      (_validate_loss, (config,)), (_validate_run, (config, num_devices)),
+                      (_validate_optimizer, (config,)), (validate_eval, (config,)),
+                      (_validate_gabor, (config.gabor,))):
+    try:
+      check(*args)
+    except ConfigError as e:
+      problems.append(str(e))
+  if len(problems) == 1:
+    raise ConfigError(problems[0])
+  if problems:
+    raise ConfigError(f'{len(problems)} problems in the config:\n' +
+                      '\n'.join(f'  - {p}' for p in problems))
 
 
 DATASET_PATH_PREFIXES = ('folder:', 'arrays:')

@@ -624,6 +624,22 @@ def test_validate_rejects_with_a_clear_message(field, value, pattern):
     config_lib.validate(c, num_devices=4)
 
 
+def test_validate_names_every_group_s_problem_at_once():
+  # Three mistakes in three groups of settings: one run names all three, in order.
+  c = default.get_config()
+  c.batch_size, c.optimizer.b1, c.eval.grid_size = 1, 1.5, 1
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c, num_devices=1)
+  lines = str(e.value).splitlines()
+  assert lines[0] == '3 problems in the config:'
+  assert [line[:16] for line in lines[1:]] == [
+      '  - batch_size =', '  - optimizer.b1', '  - eval.grid_si']
+  c.optimizer.b1, c.eval.grid_size = 0.9, 2  # one mistake: its message alone
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c, num_devices=1)
+  assert str(e.value).startswith('batch_size = 1 must be >= 2')
+
+
 def test_each_conv_backward_choice_means_what_the_readme_says():
   # custom everywhere, xla nowhere, auto on the CPU only (these tests run on the CPU).
   from avae_jax import conv  # pylint: disable=g-import-not-at-top
