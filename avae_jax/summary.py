@@ -195,8 +195,12 @@ class SummaryWriter:
     """Writes scalar metrics (Python/numpy/jax scalars) for `step`."""
     if not self.enabled:
       return
-    if 'step' in values:
+    names = [str(k) for k in values]
+    if 'step' in names:
       raise ValueError("'step' is reserved for the step number.")
+    if len(set(names)) < len(names):  # 1 and '1': one tag, one of the values lost
+      twice = sorted({n for n in names if names.count(n) > 1})
+      raise ValueError(f'keys that name the same metric: {", ".join(twice)}')
     floats = {str(k): _scalar(k, v) for k, v in values.items()}
     self._write(step, summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v)

@@ -182,6 +182,8 @@ def test_bad_inputs(tmp_path):
       writer.scalars(1, {'loss': np.zeros(3)})
     with pytest.raises(ValueError, match='reserved'):
       writer.scalars(1, {'step': 3})
+    with pytest.raises(ValueError, match='keys that name the same metric: 1$'):
+      writer.scalars(1, {1: 0.5, '1': 0.25, 'loss': 1.0})
     for value in (None, 'high', 1j):
       with pytest.raises(ValueError, match=r"Metric 'loss' is not a number: "):
         writer.scalars(1, {'loss': value})
