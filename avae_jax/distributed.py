@@ -268,6 +268,12 @@ def global_devices(local: Sequence[Any]) -> list[Any]:
   data.batches() gives it. On one process this returns `local` unchanged.
   """
   local = list(local)
+  # JAX's own errors for these come from deep in the mesh's set-up (an IndexError, a
+  # safe_zip length mismatch).
+  if not local:
+    raise ValueError('no devices given: name at least one (jax.local_devices())')
+  if len(set(local)) < len(local):
+    raise ValueError(f'a device is named twice in {local}: each device holds one share')
   if jax.process_count() == 1:
     return local
   mine = jax.local_devices()

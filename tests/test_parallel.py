@@ -128,6 +128,11 @@ def test_replicate_unreplicate_round_trip():
   back = parallel.unreplicate(rep)
   np.testing.assert_array_equal(np.asarray(back['a']), tree['a'])
   assert int(back['b']) == 5
+  # No devices, or one twice: one message each (JAX failed deep in the mesh's set-up).
+  with pytest.raises(ValueError, match='no devices given'):
+    parallel.replicate(tree, [])
+  with pytest.raises(ValueError, match='a device is named twice'):
+    parallel.replicate(tree, [devs[0], devs[1], devs[0]])
 
 
 # rbg: a key of another impl than the default, and of 4 words, not 2.
