@@ -980,14 +980,15 @@ runpy.run_path(os.path.join({repo!r}, 'train.py'), run_name='__main__')
 '''
 
 
-def test_a_process_that_fails_alone_exits_at_once(env, tmp_path):
+def test_a_process_that_fails_alone_exits_at_once(env, two_process_run, tmp_path):
+  del two_process_run  # only for its compiled programs in the cache (the same 2 x 2 devices)
   # Left to end normally, it would wait in JAX's shutdown barrier for its peer (300 s)
   # while the peer waits for it in a collective: the launcher would see neither end.
   script = tmp_path / 'train_failing.py'
   script.write_text(_FAILING_TRAIN.format(repo=REPO))
   # The launcher then ends process 0 after a short grace period (the long start-up timeout
   # leaves a loaded machine time to start both processes).
-  result = _launch(env, 2, 1, [str(script), *_cli(OVERRIDES), f'--workdir={tmp_path / "run"}'],
+  result = _launch(env, 2, 2, [str(script), *_cli(OVERRIDES), f'--workdir={tmp_path / "run"}'],
                    timeout_s=TIMEOUT_S, grace_s=1)
   assert result.returncode != 0
   assert 'OSError: a read error injected into process 1' in result.stdout
@@ -1013,12 +1014,14 @@ def test_a_workdir_in_use_stops_every_process_with_one_line(env, tmp_path):
   assert '[launch] process 1 was killed' not in result.stdout
 
 
-def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, tmp_path):
+def test_ctrl_c_stops_every_training_process_at_one_checkpointed_step(env, two_process_run,
+                                                                       tmp_path):
+  del two_process_run  # only for its compiled programs in the cache (the same 2 x 2 devices)
   workdir = str(tmp_path / 'run')
   # Logs only at the phase end (step 2): the processes agree on the stop every 3 steps
   # instead, not at a log step that never comes.
   returncode, output = _interrupt_long_run(
-      env, workdir, 1, lambda proc, out: proc.send_signal(signal.SIGINT),  # Ctrl-C
+      env, workdir, 2, lambda proc, out: proc.send_signal(signal.SIGINT),  # Ctrl-C
       overrides={'log_every': 100000, 'stop_check_every': 3})
   # The launcher ends its processes with SIGTERM; each checkpoints and stops with the
   # signal's message and status (not a traceback and status 1), at one agreed step.
