@@ -43,7 +43,7 @@ CALIBRATION_FILE = 'calibration.json'
 # The progress ETA's estimate of the adversarial phase until its own steps are timed, as
 # multiples of the pre-training step: docs/benchmarks.md measures, on the CPU, its step at
 # 1.9-2.4x the pre-training step's time and its compilation at 1.1-2.0x (on a GPU 1.6-2.1x
-# and 0.4-0.7x, where the first estimate is rougher).
+# and 0.3-0.7x, where the first estimate is rougher).
 ADVERSARIAL_STEP_COST = 2.2
 ADVERSARIAL_COMPILE_COST = 1.5
 # Added to the seed for the calibration probe's batch order, so that it is not the run's.
