@@ -252,6 +252,20 @@ def unread_fields(config: ml_collections.ConfigDict) -> list[str]:
   return unread
 
 
+# The procedural dataset draws its own held-out images at the config's size: it has no
+# splits to name and nothing to crop.
+_SHAPES_IGNORES = ('crop_size', 'train_split', 'eval_split', 'eval_fraction')
+
+
+def ignored_settings(config: ml_collections.ConfigDict) -> list[str]:
+  """'field=value' for each field set away from its default that the dataset does not use."""
+  if str(config.dataset) != 'shapes':
+    return []
+  defaults = _default_fields()
+  return [f'{name}={config[name]!r}' for name in _SHAPES_IGNORES
+          if name in config and config[name] != defaults[name]]
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks every value that would otherwise fail late; raises ConfigError with the fix."""
   # These two alone: the checks below read the fields and the variant they check.

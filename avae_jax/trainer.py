@@ -462,6 +462,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main and unread:  # a misspelt field in a config file: its intended one unchanged
     print(f'warning: no code reads the config field(s) {", ".join(unread)}; a misspelt field '
           'leaves the one it meant at its value', file=sys.stderr, flush=True)
+  ignored = config_lib.ignored_settings(config)
+  if is_main and ignored:  # a crop that a user believes applied
+    print(f'warning: dataset {config.dataset!r} does not use {", ".join(ignored)} (it has no '
+          'splits and nothing to crop)', file=sys.stderr, flush=True)
   fid_problem = evaluation.fid_weights_problem(config)
   if is_main and fid_problem:  # said now, not after the calibration and days of training
     print('warning: the final evaluation will skip FID (eval.py can add it later): '

@@ -640,6 +640,16 @@ def test_validate_names_every_group_s_problem_at_once():
   assert str(e.value).startswith('batch_size = 1 must be >= 2')
 
 
+def test_settings_that_the_dataset_ignores_are_named_for_shapes_only():
+  c = default.get_config()
+  assert config_lib.ignored_settings(c) == []  # the defaults: nothing set
+  c.crop_size, c.train_split, c.eval_fraction = 20, 'train[:50%]', 0.1
+  assert config_lib.ignored_settings(c) == [
+      'crop_size=20', "train_split='train[:50%]'", 'eval_fraction=0.1']
+  c.dataset = 'folder:/data/faces'  # a folder crops and holds out eval_fraction
+  assert config_lib.ignored_settings(c) == []
+
+
 def test_each_conv_backward_choice_means_what_the_readme_says():
   # custom everywhere, xla nowhere, auto on the CPU only (these tests run on the CPU).
   from avae_jax import conv  # pylint: disable=g-import-not-at-top

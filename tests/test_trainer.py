@@ -575,15 +575,20 @@ def test_fields_no_code_reads_are_warned_about_before_training(reference, tmp_pa
   # A misspelt field of a config file was kept without a word, the one it meant unchanged.
   shutil.copytree(reference[0], tmp_path / 'w')
   train(BASE, tmp_path / 'w')  # the configs' own fields: nothing to say
-  assert 'no code reads' not in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'no code reads' not in err and 'does not use' not in err
   config = make_config(BASE)
   config.model.latent_dims = 16
   config.my_scale = 2.0
+  # And fields that shapes does not use, set as if they applied (eval_fraction as default).
+  config.crop_size, config.eval_split = 20, 'validation'
   monkeypatch.setattr(trainer, 'final_evaluation', lambda *args, **kwargs: {})
   trainer.train_and_evaluate(config, str(tmp_path / 'w'))
+  err = capsys.readouterr().err
   assert ('warning: no code reads the config field(s) model.latent_dims (model.latent_dim?), '
-          'my_scale; a misspelt field leaves the one it meant at its value\n'
-          in capsys.readouterr().err)
+          'my_scale; a misspelt field leaves the one it meant at its value\n' in err)
+  assert ("warning: dataset 'shapes' does not use crop_size=20, eval_split='validation' (it "
+          'has no splits and nothing to crop)\n' in err)
 
 
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
