@@ -70,6 +70,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -581,7 +582,8 @@ def _read_cache(directory: str, stem: str, name: str, warn: bool = True
   """
   try:
     return _open_cache(directory, stem, name)
-  except (OSError, ValueError, EOFError, KeyError) as e:  # cut short by a crash, say
+  # Cut short by a crash, say; dSprites' factors .npz so cut is a zip without its directory.
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
     if warn:
       logging.warning('the decoded cache %s is damaged (%s) and is not used; the split is '
                       'decoded again', os.path.join(directory, stem + '.npy'), e)

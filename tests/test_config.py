@@ -748,6 +748,23 @@ def test_counts_must_be_ints():
     config_lib.validate(ml_collections.ConfigDict(fields), num_devices=1)
 
 
+def test_every_count_of_the_default_config_refuses_a_float():
+  # Each int field of configs/default.py, not only the three above: a count left out of
+  # the checks (eval.grid_size = 4.0, say) would pass the range checks and fail later.
+  counts = {k: v for k, v in config_lib.flatten(default.get_config().to_dict()).items()
+            if isinstance(v, int) and not isinstance(v, bool)}
+  assert len(counts) > 20
+  for path, value in counts.items():
+    fields = default.get_config().to_dict()
+    *groups, leaf = path.split('.')
+    node = fields
+    for group in groups:
+      node = node[group]
+    node[leaf] = float(value)
+    with pytest.raises(config_lib.ConfigError, match=rf'^{re.escape(path)} = .*whole number'):
+      config_lib.validate(ml_collections.ConfigDict(fields), num_devices=1)
+
+
 @pytest.mark.parametrize('path, value, pattern', [
     ('model.widths', 16, r'model\.widths = 16 must be a tuple .* \(16,\) with its comma'),
     ('gabor.wavelengths', 4.0, r'gabor\.wavelengths = 4\.0 must be a tuple .* \(4\.0,\)')])

@@ -644,6 +644,27 @@ def test_a_damaged_cache_is_made_again(tmp_path, caplog):
     assert f'the decoded cache {path} is damaged ({array.dtype} array of shape ' in caplog.text
 
 
+def test_a_damaged_dsprites_factors_file_counts_as_a_damaged_cache(tmp_path, caplog):
+  # dSprites' cache has a second file, the factors' .npz: one cut short (a zip without its
+  # directory) or without its array is damaged too, not a BadZipFile or KeyError traceback.
+  read_cache = data._read_cache  # pylint: disable=protected-access
+  np.save(tmp_path / 'c.npy', np.zeros((2, 8, 8, 1), np.uint8))
+  factors = tmp_path / 'c-factors.npz'
+  np.savez(factors, factors=np.zeros((2, 6), np.int32))
+  images, got = read_cache(str(tmp_path), 'c', 'dsprites')
+  assert images.shape == (2, 8, 8, 1) and got.shape == (2, 6)
+  whole = factors.read_bytes()
+  for damage in ('truncate', 'no factors'):
+    if damage == 'truncate':  # cut short, as a crash of its disk might leave it
+      factors.write_bytes(whole[:-30])
+    else:
+      np.savez(factors, other=np.zeros(3))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert read_cache(str(tmp_path), 'c', 'dsprites') is None
+    assert f'the decoded cache {tmp_path / "c.npy"} is damaged (' in caplog.text
+
+
 def test_unreadable_images_are_named_together_and_leave_no_cache(tmp_path, caplog):
   folder = tmp_path / 'd'
   _write_png(str(folder / 'a.png'), np.zeros((16, 16), np.uint8))
@@ -1610,7 +1631,10 @@ def test_batches_validate_sizes():
                           ({'start_step': 1.5}, 'start_step must be an integer, got 1.5'),
                           ({'batch_size': 4.0}, 'batch_size must be an integer, got 4.0'),
                           ({'num_local_devices': 2.0},
-                           'num_local_devices must be an integer, got 2.0')):
+                           'num_local_devices must be an integer, got 2.0'),
+                          ({'process_index': 0.5}, 'process_index must be an integer, got 0.5'),
+                          ({'process_count': 1.5},
+                           'process_count must be an integer, got 1.5')):
     with pytest.raises(data.DataError) as info:
       data.batches(src, **{'batch_size': 4, 'seed': 0, **kwargs})
     assert str(info.value) == message

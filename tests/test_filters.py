@@ -118,11 +118,13 @@ def test_gabor_bank_rejects_bad_settings():
   with pytest.raises(ValueError, match='odd'):
     filters.gabor_bank(size=10)
   # A zero wavelength divides by zero; a negative one mirrors the bank without a word.
-  for wavelengths in ((4.0, 0.0), (-4.0,), (math.nan,), ()):
+  for wavelengths in ((4.0, 0.0), (-4.0,), (math.nan,), (4.0, math.inf), ()):
     with pytest.raises(ValueError, match='each finite and > 0'):
       filters.gabor_bank(wavelengths=wavelengths)
   with pytest.raises(ValueError, match=r'finite sigma > 0.*got sigma=nan'):
     filters.gabor_bank(sigma=math.nan)  # a bank of NaNs
+  with pytest.raises(ValueError, match=r'finite sigma > 0.*got sigma=inf'):
+    filters.gabor_bank(sigma=math.inf)  # a flat envelope: no Gabor filter
   # An array or a generator of wavelengths is the same bank (the array failed on its
   # truth value, the generator on an empty stack).
   want = filters.gabor_bank(wavelengths=(4.0, 8.0))

@@ -242,6 +242,8 @@ def test_bad_factors_raise():
   # Float indices, even whole ones, failed inside numpy's indexing.
   with pytest.raises(ValueError, match='^factors must be integer indices, got dtype float64$'):
     shapes.render(np.array([[0, 1.0, 0, 0, 0, 0]]), SIZE)
+  # No rows at all are no images, whatever their dtype (np.zeros((0, 6)) is float64).
+  assert shapes.render(np.zeros((0, 6)), SIZE).shape == (0, SIZE, SIZE, 3)
   for channels in (2, 4):
     with pytest.raises(ValueError, match=f'channels must be 1 or 3, got {channels}'):
       shapes.render(np.array([[0, 3, 0, 4, 4, 0]]), SIZE, channels=channels)
